@@ -1,0 +1,53 @@
+# relaynet — the two commands of the quick start are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: all venv peers demo test test-fast bench clean distclean
+
+all: venv
+
+# The virtualenv with relaynet installed in development mode (compat mode puts
+# the source tree on sys.path, so twistd finds twisted/plugins/relaynet_plugin.py).
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+# Real peers for interop tests and benchmarks: Debian's postfix (smtp-source,
+# smtp-sink) and swaks. No system MTA gets configured ("No configuration").
+peers:
+	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null; then \
+	  echo "peers: postfix, smtp-source, smtp-sink and swaks are installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks >/dev/null && \
+	  echo "peers: installed postfix and swaks"; \
+	else \
+	  echo "peers: not root or no apt-get: install postfix and swaks yourself; tests needing them will be skipped" >&2; \
+	fi
+
+demo: venv
+	$(PY) -m relaynet.demo
+
+test: venv peers
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: venv peers
+	$(PY) bench/accept.py
+
+clean:
+	rm -rf var build *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

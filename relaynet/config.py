@@ -1,0 +1,453 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Node configuration: TOML (stdlib L{tomllib}) into frozen attrs classes.
+
+Every error names the file, the dotted key and what is wrong. Unknown keys are
+errors. Relative paths in a file are taken relative to that file's directory;
+the embedded default (no file) is relative to the working directory, so
+C{twistd -n relaynet} in an empty directory is a working mail drop under
+C{./var/relaynet}.
+
+The format is documented in C{docs/config.md}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+from attrs import field, frozen
+
+T = TypeVar("T")
+
+LISTENER_MODES = ("relay",)
+ROUTE_ACTIONS = ("local", "relay", "reject")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is invalid.
+
+    @ivar source: the file (or C{<default>}) the error is in.
+    @ivar key: the dotted key, e.g. C{limits.max_message_size}.
+    @ivar problem: what is wrong with it.
+    """
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+@frozen
+class Listener:
+    """
+    One listening endpoint.
+
+    @ivar endpoint: a Twisted server endpoint string.
+    @ivar mode: what the listener is for (C{relay}).
+    """
+
+    endpoint: str
+    mode: str = "relay"
+
+
+@frozen
+class Limits:
+    """
+    Intake limits, with RFC 5321 / Postfix-like defaults.
+    """
+
+    max_message_size: int = 10_240_000
+    max_recipients: int = 1000
+    max_hops: int = 50
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_line_length: int = 1000
+    max_command_length: int = 2048
+    max_errors: int = 20
+
+
+@frozen
+class LocalDelivery:
+    """
+    Local domains and their mailboxes.
+
+    @ivar mailroot: directory holding C{<domain>/<user>/Maildir}.
+    @ivar domains: domains delivered here (lower case).
+    @ivar catch_all: accept any local part of a local domain.
+    @ivar users: known users; C{"name"} is valid in every local domain,
+        C{"name@domain"} only in that one.
+    @ivar aliases: address or bare local part -> list of target addresses or
+        bare local parts.
+    """
+
+    mailroot: Path
+    domains: tuple[str, ...] = ()
+    catch_all: bool = False
+    users: frozenset[str] = frozenset()
+    aliases: Mapping[str, tuple[str, ...]] = field(factory=dict)
+
+
+@frozen
+class NextHop:
+    """A next hop of a relay route: an endpoint string and an MX-like priority."""
+
+    endpoint: str
+    priority: int = 10
+
+
+@frozen
+class RouteRule:
+    """
+    One routing rule: the first rule whose pattern matches a recipient's domain
+    decides what happens to it.
+    """
+
+    domains: tuple[str, ...]
+    action: str
+    next_hops: tuple[NextHop, ...] = ()
+    code: int = 550
+    enhanced: str = "5.7.1"
+    text: str = "Relay access denied"
+
+
+@frozen
+class NodeConfig:
+    """
+    The whole configuration of one node.
+    """
+
+    name: str
+    hostname: str
+    spool: Path
+    listeners: tuple[Listener, ...]
+    limits: Limits
+    local: LocalDelivery
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    routes: tuple[RouteRule, ...]
+    source: str = "<default>"
+
+    @property
+    def queue_dir(self) -> Path:
+        """The maildir queue, C{<spool>/queue}."""
+        return self.spool / "queue"
+
+    @property
+    def event_log(self) -> Path:
+        """The JSON lines event log, C{<spool>/events.jsonl}."""
+        return self.spool / "events.jsonl"
+
+
+class _Table:
+    """
+    A TOML table being read: typed access with full key names, and a check
+    that every key was used.
+    """
+
+    def __init__(self, source: str, prefix: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(source, prefix or "<top>", "must be a table")
+        self.source = source
+        self.prefix = prefix
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def get(
+        self,
+        name: str,
+        kind: type | tuple[type, ...],
+        default: Any,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.error(name, f"must be {names}, not {type(value).__name__}")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise self.error(name, problem)
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(name, list, None)
+        if value is None:
+            return default
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(self.source, f"{self.key(name)}[{i}]", "must be a string")
+        return tuple(value)
+
+    def sub(self, name: str) -> "_Table":
+        self.used.add(name)
+        return _Table(self.source, self.key(name), self.data.get(name, {}))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _domain_pattern(source: str, key: str, pattern: str) -> str:
+    pattern = pattern.strip().lower().rstrip(".")
+    if pattern == "*":
+        return pattern
+    body = pattern[2:] if pattern.startswith("*.") else pattern
+    if not body or "*" in body or " " in body or ".." in body:
+        raise ConfigError(source, key, f"{pattern!r} is not a domain, '*.domain' or '*'")
+    return pattern
+
+
+def _resolve(base: Path | None, value: str) -> Path:
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path
+
+
+def _parse_listener(source: str, key: str, data: Any) -> Listener:
+    table = _Table(source, key, data)
+    endpoint = table.get("endpoint", str, None)
+    if not endpoint:
+        raise table.error("endpoint", "is required (e.g. 'tcp:2525:interface=127.0.0.1')")
+    mode = table.get(
+        "mode", str, "relay",
+        lambda v: None if v in LISTENER_MODES else f"must be one of {', '.join(LISTENER_MODES)}",
+    )
+    table.finish()
+    return Listener(endpoint=endpoint, mode=mode)
+
+
+def _parse_route(source: str, key: str, data: Any) -> RouteRule:
+    table = _Table(source, key, data)
+    domains = table.strings("domains", ())
+    if not domains:
+        raise table.error("domains", "is required: a list of 'domain', '*.domain' or '*'")
+    domains = tuple(
+        _domain_pattern(source, f"{key}.domains[{i}]", d) for i, d in enumerate(domains)
+    )
+    action = table.get(
+        "action", str, None,
+        lambda v: None if v in ROUTE_ACTIONS else f"must be one of {', '.join(ROUTE_ACTIONS)}",
+    )
+    if action is None:
+        raise table.error("action", f"is required: one of {', '.join(ROUTE_ACTIONS)}")
+    hops: list[NextHop] = []
+    for i, hop in enumerate(table.get("next_hops", list, [])):
+        hkey = f"{key}.next_hops[{i}]"
+        if isinstance(hop, str):
+            hops.append(NextHop(endpoint=hop))
+            continue
+        htable = _Table(source, hkey, hop)
+        endpoint = htable.get("endpoint", str, None)
+        if not endpoint:
+            raise htable.error("endpoint", "is required")
+        priority = htable.get("priority", int, 10)
+        htable.finish()
+        hops.append(NextHop(endpoint=endpoint, priority=priority))
+    if action == "relay" and not hops:
+        raise table.error("next_hops", "a relay route needs at least one next hop")
+    code = table.get(
+        "code", int, 550,
+        lambda v: None if 400 <= v <= 599 else "must be a 4xx or 5xx reply code",
+    )
+    enhanced = table.get("enhanced", str, f"{code // 100}.7.1")
+    if not enhanced.startswith(f"{code // 100}."):
+        raise table.error("enhanced", f"must agree with code {code} (class {code // 100})")
+    text = table.get("text", str, "Relay access denied")
+    table.finish()
+    return RouteRule(
+        domains=domains, action=action, next_hops=tuple(hops),
+        code=code, enhanced=enhanced, text=text,
+    )
+
+
+def parse_config(
+    data: Mapping[str, Any], source: str = "<default>", base: Path | None = None
+) -> NodeConfig:
+    """
+    Build a L{NodeConfig} from parsed TOML.
+
+    @param data: the parsed TOML document.
+    @param source: the file name, for error messages.
+    @param base: the directory relative paths are resolved against (C{None}: the
+        working directory).
+    @raise ConfigError: on the first problem found.
+    """
+    top = _Table(source, "", dict(data))
+
+    node = top.sub("node")
+    name = node.get("name", str, "relaynet")
+    hostname = node.get("hostname", str, None) or socket.gethostname() or "localhost"
+    spool = _resolve(base, node.get("spool", str, "var/relaynet"))
+    node.finish()
+
+    listeners_data = top.get("listener", list, [{"endpoint": "tcp:2525:interface=127.0.0.1"}])
+    listeners = tuple(
+        _parse_listener(source, f"listener[{i}]", item) for i, item in enumerate(listeners_data)
+    )
+
+    lim = top.sub("limits")
+    defaults = Limits()
+    limits = Limits(
+        max_message_size=lim.get("max_message_size", int, defaults.max_message_size, _positive),
+        max_recipients=lim.get(
+            "max_recipients", int, defaults.max_recipients,
+            lambda v: None if v >= 100 else "must be at least 100 (RFC 5321 4.5.3.1.8)",
+        ),
+        max_hops=lim.get("max_hops", int, defaults.max_hops, _positive),
+        idle_timeout=float(lim.get("idle_timeout", (int, float), defaults.idle_timeout, _positive)),
+        data_timeout=float(lim.get("data_timeout", (int, float), defaults.data_timeout, _positive)),
+        max_line_length=lim.get(
+            "max_line_length", int, defaults.max_line_length,
+            lambda v: None if v >= 1000 else "must be at least 1000 (RFC 5321 4.5.3.1.6)",
+        ),
+        max_command_length=lim.get(
+            "max_command_length", int, defaults.max_command_length,
+            lambda v: None if v >= 512 else "must be at least 512 (RFC 5321 4.5.3.1.4)",
+        ),
+        max_errors=lim.get("max_errors", int, defaults.max_errors, _positive),
+    )
+    lim.finish()
+
+    loc = top.sub("local")
+    has_local = "local" in data
+    mailroot = _resolve(base, loc.get("mailroot", str, "")) if "mailroot" in loc.data else spool / "mailboxes"
+    domains = tuple(
+        _domain_pattern(source, f"local.domains[{i}]", d)
+        for i, d in enumerate(loc.strings("domains", () if has_local else ("localhost",)))
+    )
+    for i, d in enumerate(domains):
+        if "*" in d:
+            raise ConfigError(source, f"local.domains[{i}]", "local domains cannot be wildcards")
+    catch_all = loc.get("catch_all", bool, not has_local)
+    users = frozenset(u.lower() for u in loc.strings("users", ()))
+    aliases_data = loc.get("aliases", dict, {})
+    aliases: dict[str, tuple[str, ...]] = {}
+    for alias, target in aliases_data.items():
+        akey = f"local.aliases.{alias}"
+        if isinstance(target, str):
+            targets: tuple[str, ...] = (target,)
+        elif isinstance(target, list) and target and all(isinstance(t, str) for t in target):
+            targets = tuple(target)
+        else:
+            raise ConfigError(source, akey, "must be an address or a non-empty list of addresses")
+        aliases[alias.lower()] = tuple(t.lower() for t in targets)
+    loc.finish()
+    local = LocalDelivery(
+        mailroot=mailroot, domains=domains, catch_all=catch_all, users=users, aliases=aliases
+    )
+
+    relay = top.sub("relay")
+    nets = []
+    for i, net in enumerate(relay.strings("trusted_networks", ("127.0.0.0/8", "::1/128"))):
+        try:
+            nets.append(ipaddress.ip_network(net, strict=False))
+        except ValueError as e:
+            raise ConfigError(source, f"relay.trusted_networks[{i}]", str(e)) from None
+    relay.finish()
+
+    routes = tuple(
+        _parse_route(source, f"route[{i}]", item)
+        for i, item in enumerate(top.get("route", list, []))
+    )
+    top.finish()
+
+    return NodeConfig(
+        name=name, hostname=hostname, spool=spool, listeners=listeners, limits=limits,
+        local=local, trusted_networks=tuple(nets), routes=routes, source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
+    """
+    Load a node configuration file, or the embedded default when C{path} is
+    C{None}.
+
+    @raise ConfigError: the file cannot be read, is not TOML, or is invalid.
+    """
+    if path is None:
+        return parse_config({})
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(p), "<file>", f"cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), "<file>", f"not UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), "<file>", f"invalid TOML: {e}") from None
+    return parse_config(data, source=str(p), base=p.resolve().parent)
+
+
+def describe(config: NodeConfig) -> str:
+    """
+    Render the effective configuration as TOML-like text for
+    C{relaynet check-config}.
+    """
+    lines = [
+        f"# effective configuration from {config.source}",
+        "[node]",
+        f"name = {config.name!r}",
+        f"hostname = {config.hostname!r}",
+        f"spool = {str(config.spool)!r}",
+        "",
+    ]
+    for lst in config.listeners:
+        lines += ["[[listener]]", f"endpoint = {lst.endpoint!r}", f"mode = {lst.mode!r}", ""]
+    lines.append("[limits]")
+    for name in Limits.__attrs_attrs__:  # type: ignore[attr-defined]
+        lines.append(f"{name.name} = {getattr(config.limits, name.name)!r}")
+    lines += [
+        "",
+        "[relay]",
+        f"trusted_networks = {[str(n) for n in config.trusted_networks]!r}",
+        "",
+        "[local]",
+        f"mailroot = {str(config.local.mailroot)!r}",
+        f"domains = {list(config.local.domains)!r}",
+        f"catch_all = {str(config.local.catch_all).lower()}",
+        f"users = {sorted(config.local.users)!r}",
+    ]
+    if config.local.aliases:
+        lines.append("[local.aliases]")
+        for alias, targets in sorted(config.local.aliases.items()):
+            lines.append(f"{alias!r} = {list(targets)!r}")
+    for rule in config.routes:
+        lines += ["", "[[route]]", f"domains = {list(rule.domains)!r}", f"action = {rule.action!r}"]
+        if rule.next_hops:
+            hops = ", ".join(
+                f"{{ endpoint = {h.endpoint!r}, priority = {h.priority} }}" for h in rule.next_hops
+            )
+            lines.append(f"next_hops = [{hops}]")
+        if rule.action == "reject":
+            lines.append(f"code = {rule.code}")
+            lines.append(f"enhanced = {rule.enhanced!r}")
+            lines.append(f"text = {rule.text!r}")
+    return "\n".join(lines).replace("'", '"') + "\n"

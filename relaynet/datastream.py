@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_datastream -*-
+"""
+The SMTP DATA state machine, as a pure byte scanner (no reactor, no I/O).
+
+L{DataScanner} is fed whatever the transport delivered after the C{354} reply.
+It works on whole buffers, not a Python call per line: the end of data and
+dot-stuffed lines are found with C{bytes.find}, bare CR/LF by counting, and
+over-long lines with one regular-expression search, so a 100 KB message costs a
+handful of C-level scans.
+
+Rules (RFC 5321 4.1.1.4, 4.5.2 and the SMTP smuggling advisories of 2023):
+ - only C{<CRLF>.<CRLF>} ends the data (also C{.<CRLF>} as the very first line);
+   a bare LF or CR never ends a line, so C{\\n.\\n}, C{\\r.\\r} and the like
+   are just content;
+ - a leading C{.} of a line is removed (dot-unstuffing);
+ - a bare LF or bare CR anywhere in the data is recorded (the intake rejects the
+   message, like Postfix's C{smtpd_forbid_bare_newline = reject});
+ - a line longer than the limit (including its CRLF) is recorded; the scanner
+   keeps reading to the end of data, so the rest of the body never runs as SMTP
+   commands (a C{twisted.mail} defect);
+ - the size of the unstuffed body is counted; bytes past the size limit are not
+   returned (memory stays bounded), the rest is still scanned for the end;
+ - C{Received:} header fields are counted, for the hop limit.
+"""
+
+from __future__ import annotations
+
+import re
+
+from attrs import define, field
+
+_RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.IGNORECASE)
+_HEADER_CAP = 1 << 20
+
+
+@define
+class DataScanner:
+    """
+    Incremental scanner of the DATA phase.
+
+    @ivar max_line_length: the longest allowed line, CRLF included.
+    @ivar max_size: the largest allowed unstuffed message, in octets.
+    @ivar size: octets of unstuffed message seen so far (also past the limit).
+    @ivar too_big: C{size} went past C{max_size}.
+    @ivar long_line: a line was longer than C{max_line_length}.
+    @ivar bare_lf: a LF not preceded by CR was seen.
+    @ivar bare_cr: a CR not followed by LF was seen.
+    @ivar received_count: C{Received:} header fields seen in the header section.
+    @ivar done: the end of data was found.
+    """
+
+    max_line_length: int = 1000
+    max_size: int = 10_240_000
+    size: int = 0
+    too_big: bool = False
+    long_line: bool = False
+    bare_lf: bool = False
+    bare_cr: bool = False
+    received_count: int = 0
+    done: bool = False
+    _pending: bytes = b""
+    _bol: bool = True
+    _headers: bytearray | None = field(factory=bytearray)
+    _long_re: re.Pattern[bytes] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._long_re = re.compile(rb"[^\r\n]{%d}" % (self.max_line_length - 1,))
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """
+        Scan more of the data stream.
+
+        @param data: bytes as they came off the wire.
+        @return: C{(body, rest)}: C{body} is unstuffed message content to store
+            (empty once the size limit is passed); C{rest} is C{None} while the
+            end of data has not been seen, else the bytes that followed the
+            terminating C{.<CRLF>} (pipelined commands).
+        """
+        if self.done:
+            raise RuntimeError("DataScanner fed after the end of data")
+        buf = self._pending + data if self._pending else data
+        last = buf.rfind(b"\r\n")
+        if last < 0:
+            self._pending = self._hold(buf)
+            return b"", None
+        region = buf[: last + 2]
+        tail = buf[last + 2 :]
+        body, rest = self._scan(region)
+        if rest is not None:
+            self.done = True
+            self._pending = b""
+            return self._account(body), rest + tail
+        self._pending = self._hold(tail)
+        return self._account(body), None
+
+    def _hold(self, partial: bytes) -> bytes:
+        """
+        Keep an incomplete line for the next feed, unless it is already too
+        long: then record that and drop it (only a trailing CR is kept, as it
+        may start the CRLF), so memory stays bounded.
+        """
+        if len(partial) < self.max_line_length:
+            return partial
+        self.long_line = True
+        if b"\n" in partial.replace(b"\r\n", b""):
+            self.bare_lf = True
+        self._bol = False
+        self.size += len(partial)
+        self.too_big = self.too_big or self.size > self.max_size
+        return b"\r" if partial.endswith(b"\r") else b""
+
+    def _scan(self, region: bytes) -> tuple[bytes, bytes | None]:
+        """
+        Unstuff a run of whole lines and look for the end of data in it.
+
+        @return: C{(body, rest)}, C{rest} being what followed the end marker or
+            C{None} when there was none.
+        """
+        pieces = []
+        start = 0
+        if self._bol and region[:1] == b".":
+            cand = 0
+        else:
+            j = region.find(b"\r\n.")
+            cand = j + 2 if j >= 0 else -1
+        self._bol = True
+        rest = None
+        while cand >= 0:
+            if region.startswith(b".\r\n", cand):
+                pieces.append(region[start:cand])
+                rest = region[cand + 3 :]
+                self._check(region[:cand])
+                break
+            pieces.append(region[start:cand])
+            start = cand + 1
+            j = region.find(b"\r\n.", cand + 1)
+            cand = j + 2 if j >= 0 else -1
+        else:
+            pieces.append(region[start:])
+            self._check(region)
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return body, rest
+
+    def _check(self, raw: bytes) -> None:
+        """Record bare CR/LF and over-long lines in a run of raw lines."""
+        crlf = raw.count(b"\r\n")
+        if raw.count(b"\n") != crlf:
+            self.bare_lf = True
+        if raw.count(b"\r") != crlf:
+            self.bare_cr = True
+        if len(raw) >= self.max_line_length - 1 and self._long_re.search(raw):
+            self.long_line = True
+
+    def _account(self, body: bytes) -> bytes:
+        """Count C{body} against the size limit and the header section."""
+        if not body:
+            return body
+        self.size += len(body)
+        if self._headers is not None:
+            self._headers += body
+            end = self._headers.find(b"\r\n\r\n")
+            if self._headers.startswith(b"\r\n"):
+                end = 0
+            if end >= 0 or len(self._headers) > _HEADER_CAP:
+                section = bytes(self._headers[: end if end >= 0 else _HEADER_CAP])
+                self.received_count = len(_RECEIVED.findall(section))
+                self._headers = None
+        if self.size > self.max_size:
+            self.too_big = True
+            return b""
+        return body
+
+    def finish_headers(self) -> None:
+        """
+        At the end of data, count C{Received:} fields of a message that has no
+        body (so the header section never ended with an empty line).
+        """
+        if self._headers is not None:
+            self.received_count = len(_RECEIVED.findall(bytes(self._headers)))
+            self._headers = None
+
+    @property
+    def ok(self) -> bool:
+        """C{True} when nothing in the data calls for rejecting the message."""
+        return not (self.too_big or self.long_line or self.bare_lf or self.bare_cr)

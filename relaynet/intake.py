@@ -1,0 +1,587 @@
+# -*- test-case-name: tests.test_intake -*-
+"""
+The server side: Twisted's ESMTP server, subclassed to be a correct relay intake.
+
+L{RelayESMTP} keeps Twisted's command dispatch (C{do_*}/C{ext_*} through
+C{lookupMethod}), reply writer, greeting and timeout machinery, and replaces
+what C{twisted.mail.smtp} gets wrong (see C{shared/TWISTED-TRAPS.md}):
+
+ - input is buffered by us, not by C{LineOnlyReceiver}: one command is handled
+   at a time and the rest waits (and the transport is paused) while a reply is
+   outstanding, so pipelining works with asynchronous steps (trap 2);
+ - the DATA phase is a bulk byte scanner (L{DataScanner}): only CRLF.CRLF ends
+   it, bare CR/LF and over-long lines are caught and the message refused after
+   the final dot, never run as commands (traps 4, 5); the body is stored
+   byte-exact, nothing inserted (trap 13);
+ - one spool entry per transaction with every accepted recipient, streamed to
+   disk (trap 1), acknowledged with 250 only once durable, and a storage failure
+   is a 451, not a 550 (trap 3);
+ - every reply carries an RFC 3463 enhanced status code, ESMTP parameters are
+   parsed and enforced (SIZE, BODY, SMTPUTF8; unknown ones get 555), NOOP,
+   VRFY, HELP exist, MAIL needs HELO/EHLO first (traps 8, 9, 10);
+ - non-ASCII or NUL bytes in commands get a reply, not an exception (trap 11);
+ - our own C{Received:} header (trap 12); separate idle and DATA timeouts,
+   closing with 421, and no unguarded C{getPeer().host} (trap 14).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any, Callable
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from relaynet.config import Listener, NodeConfig
+from relaynet.datastream import DataScanner
+from relaynet.events import EventLog
+from relaynet.policy import check_recipient
+from relaynet.smtpparse import CommandError, MailRequest, parse_mail, parse_rcpt
+from relaynet.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+_VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
+_HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*(<[^>\r\n]{1,250}>)")
+_PAUSE_ABOVE = 256 * 1024
+
+HELP_TEXT = (
+    "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
+    "See RFC 5321; relaynet ESMTP relay",
+)
+
+
+@define
+class Intake:
+    """
+    What every session of a node's listeners shares.
+
+    @ivar queued: called with each L{QueueEntry} once it is durable.
+    """
+
+    config: NodeConfig
+    spool: Spool
+    events: EventLog
+    reactor: "IReactorTime"
+    queued: Callable[[QueueEntry], None] = lambda entry: None
+    now: Callable[[], float] = time.time
+    sessions: set["RelayESMTP"] = field(factory=set)
+    accepting: bool = True
+
+
+@define
+class Transaction:
+    """One mail transaction: MAIL, its accepted RCPTs, then DATA."""
+
+    mail: MailRequest
+    recipients: list[Recipient] = field(factory=list)
+
+
+def ip_literal(ip: str) -> str:
+    """C{[192.0.2.1]} or C{[IPv6:2001:db8::1]}, as in a Received header."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+class RelayESMTP(smtp.ESMTP):
+    """
+    One SMTP session of the relay intake.
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, intake: Intake, listener: Listener) -> None:
+        smtp.ESMTP.__init__(self, chal={}, contextFactory=None)
+        self.intake = intake
+        self.listener = listener
+        limits = intake.config.limits
+        self.limits = limits
+        self.host = intake.config.hostname
+        self.timeout = limits.idle_timeout
+        self.callLater = intake.reactor.callLater  # TimeoutMixin's clock
+        self._inbuf = b""
+        self._waiting = False
+        self._processing = False
+        self._closing = False
+        self._paused = False
+        self._discarding = False
+        self._errors = 0
+        self._helo_name: str | None = None
+        self._esmtp = False
+        self._txn: Transaction | None = None
+        self._scanner: DataScanner | None = None
+        self._writer: SpoolWriter | None = None
+        self._data_txn: Transaction | None = None
+        self._shutdown_after_reply = False
+        self.client_ip = "unknown"
+        self.client_port = 0
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = str(getattr(peer, "host", "unknown"))
+        self.client_port = int(getattr(peer, "port", 0) or 0)
+        self.intake.sessions.add(self)
+        if not self.intake.accepting:
+            self.reply(421, "4.3.2", f"{self.intake.config.hostname} Service shutting down")
+            self._close()
+            return
+        smtp.ESMTP.connectionMade(self)
+
+    def greeting(self) -> bytes:
+        return self.host + b" ESMTP relaynet"
+
+    def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[assignment]
+        self.intake.sessions.discard(self)
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._scanner = None
+        self._closing = True
+        smtp.ESMTP.connectionLost(self, reason)
+
+    def timeoutConnection(self) -> None:
+        self.reply(421, "4.4.2", f"{self.intake.config.hostname} Error: timeout exceeded")
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._inbuf = b""
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    @property
+    def idle(self) -> bool:
+        """No transaction, DATA or reply is in progress."""
+        return self._txn is None and self._scanner is None and not self._waiting
+
+    def shutdown(self) -> None:
+        """
+        The node is stopping: close now with 421 if idle, else right after the
+        current transaction's reply.
+        """
+        if self._closing:
+            return
+        if self.idle:
+            self.reply(421, "4.3.2", f"{self.intake.config.hostname} Service shutting down")
+            self._close()
+        else:
+            self._shutdown_after_reply = True
+
+    # -- replies ---------------------------------------------------------
+
+    def reply(self, code: int, enhanced: str, text: str) -> None:
+        """
+        Send one reply with its enhanced status code (RFC 2034/3463). Counts
+        client errors and hangs up (421) after too many.
+        """
+        if self._closing:
+            return
+        self.sendCode(code, f"{enhanced} {text}".encode("utf-8", "replace"))
+        if code >= 500 or code in (421,):
+            self._errors += 1
+            if code != 421 and self._errors >= self.limits.max_errors:
+                self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many errors")
+                self._close()
+
+    # -- input -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._inbuf += data
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._inbuf and not self._waiting and not self._closing:
+                if self._scanner is not None:
+                    data, self._inbuf = self._inbuf, b""
+                    self._data_received(data)
+                    continue
+                nl = self._inbuf.find(b"\n")
+                if nl < 0:
+                    if len(self._inbuf) > self.limits.max_command_length:
+                        self._discarding = True
+                        self._inbuf = b""
+                    break
+                line, self._inbuf = self._inbuf[:nl], self._inbuf[nl + 1 :]
+                if self._discarding or nl > self.limits.max_command_length:
+                    self._discarding = False
+                    self.reply(500, "5.5.2", "Error: command line too long")
+                    continue
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                self._command(line)
+        finally:
+            self._processing = False
+        if self._waiting and not self._paused and len(self._inbuf) > _PAUSE_ABOVE:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and not self._waiting:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _command(self, line: bytes) -> None:
+        parts = line.strip(b" \t").split(None, 1)
+        if not parts:
+            self.reply(500, "5.5.2", "Error: bad syntax")
+            return
+        verb = parts[0]
+        arg = parts[1] if len(parts) == 2 else b""
+        if not _VERB.match(verb):
+            self.reply(502, "5.5.2", "Error: command not recognized")
+            return
+        method = self.lookupMethod(verb) or self.do_UNKNOWN
+        try:
+            result = method(arg)
+        except Exception:
+            self.log.failure("Error handling {verb}", verb=verb.decode("ascii"))
+            self.reply(451, "4.3.0", "Error: local error in processing")
+            return
+        if isinstance(result, Deferred):
+            self._wait_for(result)
+
+    def _wait_for(self, d: Deferred[Any]) -> None:
+        """Hold further input until C{d} fires (its callbacks send the reply)."""
+        self._waiting = True
+
+        def resume(result: object) -> None:
+            self._waiting = False
+            if isinstance(result, Failure):
+                self.log.failure("Unhandled error in a command", result)
+                self.reply(451, "4.3.0", "Error: local error in processing")
+            if self._shutdown_after_reply and self.idle:
+                self.shutdown()
+                return
+            if not self._closing:
+                self._process()
+
+        d.addBoth(resume)
+
+    # -- commands --------------------------------------------------------
+
+    def do_UNKNOWN(self, rest: bytes) -> None:
+        self.reply(502, "5.5.2", "Error: command not recognized")
+
+    def _helo_arg(self, rest: bytes, verb: str) -> str | None:
+        name = rest.strip().split(None, 1)[0] if rest.strip() else b""
+        if not name:
+            self.reply(501, "5.5.4", f"Syntax: {verb} hostname")
+            return None
+        return _HELO_SAFE.sub("?", name.decode("ascii", "replace"))[:255]
+
+    def do_HELO(self, rest: bytes) -> None:
+        name = self._helo_arg(rest, "HELO")
+        if name is None:
+            return
+        self._helo_name, self._esmtp, self._txn = name, False, None
+        self.sendCode(250, self.host)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        name = self._helo_arg(rest, "EHLO")
+        if name is None:
+            return
+        self._helo_name, self._esmtp, self._txn = name, True, None
+        lines = [self.host] + [k + (b" " + b" ".join(v) if v else b"") for k, v in self.extensions().items()]
+        self.sendCode(250, b"\n".join(lines))
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        return {
+            b"PIPELINING": None,
+            b"SIZE": [str(self.limits.max_message_size).encode()],
+            b"ENHANCEDSTATUSCODES": None,
+            b"8BITMIME": None,
+            b"SMTPUTF8": None,
+        }
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        self.reply(454, "4.7.0", "TLS not available")
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        self.reply(503, "5.5.1", "Error: authentication not enabled")
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.reply(250, "2.0.0", "Ok")
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._txn = None
+        self.reply(250, "2.0.0", "Ok")
+
+    def do_VRFY(self, rest: bytes) -> None:
+        if not rest.strip():
+            self.reply(501, "5.5.4", "Syntax: VRFY address")
+            return
+        self.reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_HELP(self, rest: bytes) -> None:
+        self.sendCode(214, "\n".join(f"2.0.0 {t}" for t in HELP_TEXT).encode())
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.reply(221, "2.0.0", "Bye")
+        self._close()
+
+    def do_MAIL(self, rest: bytes) -> None:
+        if self._helo_name is None:
+            self.reply(503, "5.5.1", "Error: send HELO/EHLO first")
+            return
+        if self._txn is not None:
+            self.reply(503, "5.5.1", "Error: nested MAIL command")
+            return
+        try:
+            mail = parse_mail(
+                rest, size_limit=self.limits.max_message_size, smtputf8_allowed=self._esmtp
+            )
+            if not self._esmtp and (mail.size is not None or mail.body is not None):
+                raise CommandError(555, "5.5.4", "ESMTP parameters need EHLO")
+        except CommandError as e:
+            self.reply(e.code, e.enhanced, e.text)
+            return
+        self._txn = Transaction(mail)
+        self.reply(250, "2.1.0", "Ok")
+
+    def do_RCPT(self, rest: bytes) -> None:
+        txn = self._txn
+        if txn is None:
+            self.reply(503, "5.5.1", "Error: need MAIL command")
+            return
+        try:
+            req = parse_rcpt(rest, smtputf8=txn.mail.smtputf8)
+        except CommandError as e:
+            self.reply(e.code, e.enhanced, e.text)
+            return
+        if len(txn.recipients) >= self.limits.max_recipients:
+            self.reply(452, "4.5.3", "Error: too many recipients")
+            return
+        box = req.recipient
+        verdict = check_recipient(
+            self.intake.config, box.local, box.domain, self.client_ip, self.authenticated
+        )
+        if not verdict.accepted:
+            self.reply(verdict.code, verdict.enhanced, verdict.text)
+            return
+        address = str(box)
+        if not box.domain and self.intake.config.local.domains:
+            address = f"{box.local}@{self.intake.config.local.domains[0]}"
+        if all(r.address != address for r in txn.recipients):
+            txn.recipients.append(
+                Recipient(address=address, route=verdict.route, notify=req.notify, orcpt=req.orcpt)
+            )
+        self.reply(250, "2.1.5", "Ok")
+
+    def do_DATA(self, rest: bytes) -> None:
+        txn = self._txn
+        if txn is None:
+            self.reply(503, "5.5.1", "Error: need MAIL command")
+            return
+        if not txn.recipients:
+            self.reply(554, "5.5.1", "Error: no valid recipients")
+            return
+        if rest.strip():
+            self.reply(501, "5.5.4", "Syntax: DATA")
+            return
+        spool = self.intake.spool
+        mail = txn.mail
+        envelope = Envelope(
+            queue_id=spool.new_id(),
+            sender=str(mail.sender),
+            recipients=tuple(txn.recipients),
+            arrival=self.intake.now(),
+            params={
+                "size": mail.size, "body": mail.body, "smtputf8": mail.smtputf8,
+                "ret": mail.ret, "envid": mail.envid,
+            },
+            client={
+                "helo": self._helo_name, "ip": self.client_ip, "port": self.client_port,
+                "protocol": self.protocol_name(mail.smtputf8), "listener": self.listener.endpoint,
+            },
+            node=self.intake.config.name,
+        )
+        try:
+            writer = spool.begin(envelope)
+            writer.write(self.received_header(envelope))
+        except (SpoolError, OSError) as e:
+            self.log.error("Cannot create queue file: {error}", error=str(e))
+            self._txn = None
+            self.reply(451, "4.3.0", "Error: queue file write error")
+            return
+        self._writer = writer
+        self._data_txn = txn
+        self._scanner = DataScanner(
+            max_line_length=self.limits.max_line_length, max_size=self.limits.max_message_size
+        )
+        self.setTimeout(self.limits.data_timeout)
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def protocol_name(self, smtputf8: bool = False) -> str:
+        """The C{with} protocol of RFC 3848 / RFC 6531 for the Received header."""
+        base = ("UTF8SMTP" if smtputf8 else "ESMTP") if self._esmtp else "SMTP"
+        suffix = ("S" if self.startedTLS else "") + ("A" if self.authenticated else "")
+        if base == "SMTP" and not suffix:
+            return "SMTP"
+        if base == "SMTP":
+            base = "ESMTP"
+        return base + suffix
+
+    def received_header(self, envelope: Envelope) -> bytes:
+        """Our C{Received:} trace field (RFC 5321 4.4), folded, CRLF-ended."""
+        rcpt = ""
+        if len(envelope.recipients) == 1:
+            rcpt = f"\r\n\tfor <{envelope.recipients[0].address}>"
+        date = formatdate(envelope.arrival, localtime=True)
+        return (
+            f"Received: from {self._helo_name} ({ip_literal(self.client_ip)})\r\n"
+            f"\tby {self.intake.config.hostname} (relaynet) with {envelope.client['protocol']}"
+            f" id {envelope.queue_id}{rcpt}; {date}\r\n"
+        ).encode("utf-8")
+
+    # -- DATA ------------------------------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        scanner = self._scanner
+        assert scanner is not None
+        body, rest = scanner.feed(data)
+        writer = self._writer
+        if writer is not None:
+            if scanner.received_count + 1 > self.limits.max_hops or not scanner.ok:
+                writer.abort()
+                self._writer = writer = None
+            elif body:
+                try:
+                    writer.write(body)
+                except OSError as e:
+                    self.log.error("Queue file write failed: {error}", error=str(e))
+                    writer.abort()
+                    self._writer = writer = None
+        if rest is None:
+            return
+        self._inbuf = rest + self._inbuf
+        self._scanner = None
+        self._writer = None
+        txn, self._data_txn, self._txn = self._data_txn, None, None
+        self.setTimeout(self.limits.idle_timeout)
+        scanner.finish_headers()
+        hops = scanner.received_count + 1
+        refusal = self._refusal(scanner, hops)
+        if refusal is not None or writer is None:
+            if writer is not None:
+                writer.abort()
+            code, enhanced, text = refusal or (451, "4.3.0", "Error: queue file write error")
+            self.reply(code, enhanced, text)
+            if self._shutdown_after_reply:
+                self.shutdown()
+            return
+        assert txn is not None
+        self._wait_for(self._commit(writer, hops))
+
+    def _refusal(self, scanner: DataScanner, hops: int) -> tuple[int, str, str] | None:
+        if scanner.too_big:
+            return 552, "5.3.4", "Error: message file too big"
+        if scanner.bare_lf or scanner.bare_cr:
+            return 550, "5.5.2", "Error: bare <CR> or <LF> received; lines must end with <CR><LF>"
+        if scanner.long_line:
+            return 554, "5.6.0", f"Error: line longer than {self.limits.max_line_length} octets"
+        if hops > self.limits.max_hops:
+            return 554, "5.4.6", f"Error: too many hops ({hops} Received headers)"
+        return None
+
+    def _commit(self, writer: SpoolWriter, hops: int) -> Deferred[None]:
+        d = maybeDeferred(writer.commit, hops)
+
+        def committed(entry: QueueEntry) -> None:
+            self.reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
+            env = entry.envelope
+            self.intake.events.emit(
+                "received", queue_id=entry.queue_id, message_id=_message_id(entry),
+                sender=env.sender, recipients=[r.address for r in env.recipients],
+                size=env.size, client=self.client_ip, helo=self._helo_name,
+                protocol=env.client.get("protocol"), hops=hops,
+            )
+            self.intake.queued(entry)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("Queue commit failed", failure)
+            self.reply(451, "4.3.0", "Error: queue file write error")
+
+        d.addCallbacks(committed, failed)
+        return d
+
+
+def _message_id(entry: QueueEntry) -> str | None:
+    """The Message-ID of a just-committed message, from its first 8 KiB."""
+    try:
+        with open(entry.path, "rb") as f:
+            f.seek(entry.body_offset)
+            head = f.read(8192)
+    except OSError:
+        return None
+    m = _MESSAGE_ID.search(head)
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
+class RelayFactory(smtp.SMTPFactory):
+    """
+    Builds L{RelayESMTP} sessions for one listener.
+    """
+
+    def __init__(self, intake: Intake, listener: Listener) -> None:
+        smtp.SMTPFactory.__init__(self)
+        self.intake = intake
+        self.listener = listener
+        self.domain = intake.config.hostname.encode("ascii", "replace")
+
+    def buildProtocol(self, addr: Any) -> RelayESMTP:
+        p = RelayESMTP(self.intake, self.listener)
+        p.factory = self
+        p.portal = self.portal
+        return p
+
+
+def drain(intake: Intake, reactor: "IReactorTime", grace: float = 10.0) -> Deferred[None]:
+    """
+    Stop intake: refuse new sessions, close idle ones with 421, let running
+    transactions finish for up to C{grace} seconds, then drop what is left (an
+    unacknowledged message is never committed after that).
+
+    @return: a Deferred firing once every session is gone.
+    """
+    intake.accepting = False
+    for s in list(intake.sessions):
+        s.shutdown()
+    if not intake.sessions:
+        return succeed(None)
+    done: Deferred[None] = Deferred()
+    deadline = reactor.seconds() + grace
+
+    def check() -> None:
+        if not intake.sessions:
+            done.callback(None)
+            return
+        if reactor.seconds() >= deadline:
+            for s in list(intake.sessions):
+                s.reply(421, "4.3.2", "Service shutting down")
+                if s._writer is not None:
+                    s._writer.abort()
+                    s._writer = None
+                s.transport.abortConnection()
+            done.callback(None)
+            return
+        reactor.callLater(0.05, check)
+
+    check()
+    return done

@@ -1,0 +1,570 @@
+# -*- test-case-name: tests.test_spool -*-
+"""
+The on-disk queue: a maildir with JSON envelopes and a durable commit.
+
+Layout under the queue directory (see C{docs/spool-format.md}):
+
+    tmp/ID        a message being received (never trusted after a crash)
+    new/ID        a committed queue file: header record, envelope, message
+    state/ID      per-recipient outcomes, replaced atomically after attempts
+    tmp/ID.state  a state file being written
+
+A queue file is::
+
+    RELAYNET-QUEUE 1 <envelope length:10> <message size:12> <hops:4>\\n
+    <envelope JSON, one line>\\n
+    <message bytes exactly as stored: Received: first, CRLF line ends>
+
+The header record has a fixed width so the final size and hop count can be
+written in place once DATA ends (Postfix does the same with its size record).
+
+Commit: the message streams into C{tmp/ID} on the reactor thread (page-cache
+writes); at the final dot the header is filled in, the file is fsynced and
+renamed into C{new/} in a worker thread, and the C{new/} directory is fsynced by
+a group commit shared by every message renamed meanwhile. Only then does the
+returned Deferred fire (and the intake say 250). Many sessions finishing DATA
+together share directory flushes, and their file fsyncs run in parallel
+threads, which the filesystem journal batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+from attrs import define, evolve, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+FORMAT_VERSION = 1
+_MAGIC = b"RELAYNET-QUEUE"
+HEADER_LEN = len(b"%s %d %010d %012d %04d\n" % (_MAGIC, FORMAT_VERSION, 0, 0, 0))
+_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
+
+
+class SpoolError(Exception):
+    """The spool could not store or read a message (a transient, 4xx failure)."""
+
+
+class CorruptQueueFile(SpoolError):
+    """A file in C{new/} does not parse as a queue file."""
+
+
+@frozen
+class Recipient:
+    """
+    One envelope recipient.
+
+    @ivar address: the mailbox, C{local@domain}.
+    @ivar route: where it goes (C{local}, or a relay route's name).
+    @ivar notify: RFC 3461 NOTIFY values, or C{None}.
+    @ivar orcpt: RFC 3461 ORCPT, or C{None}.
+    """
+
+    address: str
+    route: str = "local"
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "route": self.route,
+            "notify": list(self.notify) if self.notify is not None else None,
+            "orcpt": self.orcpt,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Recipient":
+        notify = data.get("notify")
+        return cls(
+            address=data["address"],
+            route=data.get("route", "local"),
+            notify=tuple(notify) if notify is not None else None,
+            orcpt=data.get("orcpt"),
+        )
+
+
+@frozen
+class Envelope:
+    """
+    Everything about a message but its bytes.
+
+    @ivar queue_id: the spool id, also named in the 250 reply.
+    @ivar sender: the reverse path (C{""} for the null sender).
+    @ivar recipients: accepted recipients, in RCPT order.
+    @ivar arrival: arrival time (Unix seconds).
+    @ivar params: ESMTP MAIL parameters (C{size}, C{body}, C{smtputf8},
+        C{ret}, C{envid}).
+    @ivar client: who sent it (C{helo}, C{ip}, C{port}, C{protocol}, ...).
+    @ivar node: the name of the node that accepted it.
+    @ivar size: message size in octets (as stored), filled at commit.
+    @ivar hops: C{Received:} fields in the message (ours included).
+    """
+
+    queue_id: str
+    sender: str
+    recipients: tuple[Recipient, ...]
+    arrival: float
+    params: dict[str, Any] = field(factory=dict)
+    client: dict[str, Any] = field(factory=dict)
+    node: str = ""
+    size: int = 0
+    hops: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "queue_id": self.queue_id,
+            "sender": self.sender,
+            "recipients": [r.to_json() for r in self.recipients],
+            "arrival": self.arrival,
+            "params": self.params,
+            "client": self.client,
+            "node": self.node,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], size: int = 0, hops: int = 0) -> "Envelope":
+        if data.get("version") != FORMAT_VERSION:
+            raise CorruptQueueFile(f"unsupported envelope version {data.get('version')!r}")
+        return cls(
+            queue_id=data["queue_id"],
+            sender=data["sender"],
+            recipients=tuple(Recipient.from_json(r) for r in data["recipients"]),
+            arrival=float(data["arrival"]),
+            params=dict(data.get("params") or {}),
+            client=dict(data.get("client") or {}),
+            node=data.get("node", ""),
+            size=size,
+            hops=hops,
+        )
+
+
+@define
+class RecipientState:
+    """
+    The recorded outcome of delivery attempts for one recipient.
+
+    @ivar status: C{pending}, C{deferred}, C{delivered}, C{relayed} or
+        C{bounced}.
+    """
+
+    status: str = "pending"
+    attempts: int = 0
+    last_attempt: float | None = None
+    dsn: str | None = None
+    diagnostic: str | None = None
+
+    @property
+    def final(self) -> bool:
+        """Nothing more is to be done for this recipient."""
+        return self.status in ("delivered", "relayed", "bounced")
+
+
+@define
+class QueueState:
+    """Per-recipient outcomes of one queued message, plus scheduling."""
+
+    recipients: dict[str, RecipientState] = field(factory=dict)
+    next_attempt: float | None = None
+    held: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "next_attempt": self.next_attempt,
+            "held": self.held,
+            "recipients": {
+                a: {
+                    "status": s.status, "attempts": s.attempts,
+                    "last_attempt": s.last_attempt, "dsn": s.dsn, "diagnostic": s.diagnostic,
+                }
+                for a, s in self.recipients.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "QueueState":
+        return cls(
+            recipients={a: RecipientState(**s) for a, s in data.get("recipients", {}).items()},
+            next_attempt=data.get("next_attempt"),
+            held=bool(data.get("held", False)),
+        )
+
+
+@define
+class QueueEntry:
+    """A committed message: its envelope, recorded state and file."""
+
+    envelope: Envelope
+    state: QueueState
+    path: Path
+    body_offset: int
+
+    @property
+    def queue_id(self) -> str:
+        return self.envelope.queue_id
+
+    def pending_recipients(self) -> list[Recipient]:
+        """Recipients that have no final outcome recorded yet."""
+        out = []
+        for r in self.envelope.recipients:
+            st = self.state.recipients.get(r.address)
+            if st is None or not st.final:
+                out.append(r)
+        return out
+
+    def open_message(self) -> BinaryIO:
+        """
+        Open the stored message, positioned at its first byte. Blocking: call
+        from a worker thread.
+        """
+        f = open(self.path, "rb")
+        f.seek(self.body_offset)
+        return f
+
+
+def _header(env_len: int, size: int, hops: int) -> bytes:
+    return b"%s %d %010d %012d %04d\n" % (_MAGIC, FORMAT_VERSION, env_len, size, min(hops, 9999))
+
+
+def read_queue_file(path: Path) -> tuple[Envelope, int]:
+    """
+    Parse the header record and envelope of a queue file (blocking).
+
+    @return: the envelope and the offset of the message's first byte.
+    @raise CorruptQueueFile: the file is not a complete queue file.
+    """
+    with open(path, "rb") as f:
+        head = f.read(HEADER_LEN)
+        parts = head.split()
+        if len(head) != HEADER_LEN or len(parts) != 5 or parts[0] != _MAGIC:
+            raise CorruptQueueFile(f"{path}: bad header record")
+        try:
+            env_len, size, hops = int(parts[2]), int(parts[3]), int(parts[4])
+        except ValueError:
+            raise CorruptQueueFile(f"{path}: bad header record") from None
+        raw = f.read(env_len)
+        if len(raw) != env_len:
+            raise CorruptQueueFile(f"{path}: truncated envelope")
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise CorruptQueueFile(f"{path}: envelope is not JSON: {e}") from None
+    return Envelope.from_json(data, size=size, hops=hops), HEADER_LEN + env_len + 1
+
+
+def fsync_dir(path: Path | str) -> None:
+    """fsync a directory, making the renames and unlinks in it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class GroupSync:
+    """
+    Coalesce fsyncs of one directory: every caller that asks while a flush is
+    running is served by the next flush, one for all of them.
+    """
+
+    def __init__(self, path: Path, run: Callable[[Callable[[], None]], Deferred[None]]) -> None:
+        self._path = path
+        self._run = run
+        self._waiting: list[Deferred[None]] = []
+        self._busy = False
+        self.flushes = 0
+        self.synced = 0
+
+    def sync(self) -> Deferred[None]:
+        """@return: a Deferred that fires once the directory has been fsynced."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        if not self._busy:
+            self._start()
+        return d
+
+    def _start(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        self.flushes += 1
+        self.synced += len(batch)
+
+        def done(result: object) -> None:
+            self._busy = False
+            if self._waiting:
+                self._start()
+            for d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+
+        self._run(lambda: fsync_dir(self._path)).addBoth(done)
+
+
+class SpoolWriter:
+    """
+    One message being received into C{tmp/}. Created by L{Spool.begin}.
+    """
+
+    def __init__(self, spool: "Spool", envelope: Envelope) -> None:
+        self.spool = spool
+        self.envelope = envelope
+        self.tmp_path = spool.tmp_dir / envelope.queue_id
+        env = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
+        self._env = env
+        self._file: BinaryIO | None = open(self.tmp_path, "xb", buffering=256 * 1024)
+        os.fchmod(self._file.fileno(), 0o600)
+        self._file.write(_header(len(env), 0, 0))
+        self._file.write(env + b"\n")
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        """Append message bytes (page-cache write; no fsync)."""
+        assert self._file is not None
+        self._file.write(data)
+        self.size += len(data)
+
+    def abort(self) -> None:
+        """Drop the message: close and unlink the temporary file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+
+    def commit(self, hops: int) -> Deferred[QueueEntry]:
+        """
+        Make the message durable and visible in C{new/}.
+
+        @param hops: C{Received:} fields in the message, ours included.
+        @return: a Deferred firing with the L{QueueEntry} once file and directory
+            are fsynced; failing with L{SpoolError} on any I/O error, after which
+            nothing is left in C{new/}.
+        """
+        f = self._file
+        assert f is not None
+        self._file = None
+        header = _header(len(self._env), self.size, hops)
+        new_path = self.spool.new_dir / self.envelope.queue_id
+        try:
+            f.flush()
+        except OSError as e:
+            f.close()
+            self._unlink()
+            raise SpoolError(str(e)) from e
+        fd = f.fileno()
+
+        def durable() -> None:
+            try:
+                os.pwrite(fd, header, 0)
+                os.fsync(fd)
+            finally:
+                f.close()
+            os.rename(self.tmp_path, new_path)
+
+        def failed(failure: Any) -> Any:
+            self._unlink()
+            return failure
+
+        d = self.spool._in_thread(durable)
+        d.addErrback(failed)
+        d.addCallback(lambda _: self.spool._new_sync.sync())
+
+        def undo(failure: Any) -> Any:
+            # The directory flush failed: the rename may not be durable, so we
+            # must not acknowledge; take the file back out of new/.
+            try:
+                os.rename(new_path, self.tmp_path)
+            except OSError:
+                pass
+            self._unlink()
+            return failure
+
+        d.addErrback(undo)
+        d.addCallback(
+            lambda _: QueueEntry(
+                envelope=evolve(self.envelope, size=self.size, hops=hops),
+                state=QueueState(),
+                path=new_path,
+                body_offset=HEADER_LEN + len(self._env) + 1,
+            )
+        )
+
+        def wrap(failure: Any) -> Any:
+            if failure.check(SpoolError):
+                return failure
+            raise SpoolError(str(failure.value))
+
+        d.addErrback(wrap)
+        return d
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(self.tmp_path)
+        except OSError:
+            pass
+
+
+class Spool:
+    """
+    The maildir queue of one node.
+
+    @ivar root: the queue directory.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        root: Path,
+        reactor: IReactorFromThreads,
+        threadpool: ThreadPool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.new_dir = self.root / "new"
+        self.state_dir = self.root / "state"
+        self._reactor = reactor
+        self._pool = threadpool
+        self._clock = clock
+        self._new_sync = GroupSync(self.new_dir, self._in_thread)
+        self._state_sync = GroupSync(self.state_dir, self._in_thread)
+        self._counter = 0
+
+    def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._pool, f)  # type: ignore[arg-type]
+
+    @property
+    def group_commit_stats(self) -> tuple[int, int]:
+        """C{(directory flushes, messages committed by them)} so far."""
+        return self._new_sync.flushes, self._new_sync.synced
+
+    def new_id(self) -> str:
+        """
+        A fresh queue id: time-ordered, unique within this spool, and safe as a
+        file name (like Postfix's long queue ids).
+        """
+        self._counter += 1
+        t = int(self._clock() * 1_000_000)
+        n = t * 1000 + (self._counter % 1000)
+        chars = []
+        while n:
+            n, r = divmod(n, len(_ID_ALPHABET))
+            chars.append(_ID_ALPHABET[r])
+        return "".join(reversed(chars)) + secrets.token_hex(2).upper()
+
+    def prepare(self) -> None:
+        """
+        Create the directories (mode 0700) and remove what a crash left in
+        C{tmp/}. Blocking; run before the node accepts connections.
+        """
+        for d in (self.root, self.tmp_dir, self.new_dir, self.state_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for p in self.tmp_dir.iterdir():
+            p.unlink()
+        fsync_dir(self.tmp_dir)
+
+    def recover(self) -> Iterator[QueueEntry]:
+        """
+        Yield every committed message with its recorded state (blocking). State
+        files without a queue file (left by a crash during removal) are
+        removed; corrupt queue files are moved aside to C{corrupt/}.
+        """
+        names = set()
+        for p in sorted(self.new_dir.iterdir()):
+            try:
+                envelope, offset = read_queue_file(p)
+            except CorruptQueueFile as e:
+                self.log.error("Moving aside corrupt queue file: {error}", error=str(e))
+                aside = self.root / "corrupt"
+                aside.mkdir(mode=0o700, exist_ok=True)
+                os.rename(p, aside / p.name)
+                continue
+            names.add(p.name)
+            yield QueueEntry(envelope, self._read_state(p.name), p, offset)
+        for p in self.state_dir.iterdir():
+            if p.name not in names:
+                p.unlink()
+
+    def _read_state(self, queue_id: str) -> QueueState:
+        try:
+            raw = (self.state_dir / queue_id).read_bytes()
+        except FileNotFoundError:
+            return QueueState()
+        try:
+            return QueueState.from_json(json.loads(raw))
+        except (ValueError, TypeError, KeyError):
+            self.log.error("Ignoring unreadable state file for {queue_id}", queue_id=queue_id)
+            return QueueState()
+
+    def begin(self, envelope: Envelope) -> SpoolWriter:
+        """
+        Start receiving a message into C{tmp/}.
+
+        @raise SpoolError: the temporary file cannot be created.
+        """
+        try:
+            return SpoolWriter(self, envelope)
+        except OSError as e:
+            raise SpoolError(str(e)) from e
+
+    def record(self, entry: QueueEntry) -> Deferred[None]:
+        """
+        Durably replace the state file of C{entry} with C{entry.state}.
+        """
+        data = json.dumps(entry.state.to_json(), separators=(",", ":")).encode()
+        qid = entry.queue_id
+        tmp = self.tmp_dir / (qid + ".state")
+        final = self.state_dir / qid
+
+        def write() -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+
+        d = self._in_thread(write)
+        d.addCallback(lambda _: self._state_sync.sync())
+        return d
+
+    def remove(self, entry: QueueEntry) -> Deferred[None]:
+        """
+        Retire a message whose recipients are all final: unlink its queue file
+        (then its state file) and flush C{new/}.
+        """
+
+        def unlink() -> None:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+            try:
+                os.unlink(self.state_dir / entry.queue_id)
+            except FileNotFoundError:
+                pass
+
+        d = self._in_thread(unlink)
+        d.addCallback(lambda _: self._new_sync.sync())
+        return d
+
+    def count(self) -> int:
+        """Committed messages on disk (blocking directory listing)."""
+        return sum(1 for _ in os.scandir(self.new_dir))
