@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -40,7 +42,9 @@ def envelope(spool: Spool, *rcpts: str) -> Envelope:
 
 class SpoolTests(TestCase):
     def setUp(self) -> None:
-        self.root = Path(self.mktemp())
+        tmp = tempfile.mkdtemp(prefix="relaynet-spool-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.root = Path(tmp) / "queue"
         self.pool = ThreadPool(minthreads=1, maxthreads=8)
         self.pool.start()
         self.addCleanup(self.pool.stop)
