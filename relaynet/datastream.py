@@ -30,6 +30,7 @@ import re
 from attrs import define, field
 
 _RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.IGNORECASE)
+_MESSAGE_ID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:[ \t]*(?:\r\n[ \t]+)?(<[^>\r\n]{1,250}>)", re.IGNORECASE)
 _HEADER_CAP = 1 << 20
 
 
@@ -46,6 +47,7 @@ class DataScanner:
     @ivar bare_lf: a LF not preceded by CR was seen.
     @ivar bare_cr: a CR not followed by LF was seen.
     @ivar received_count: C{Received:} header fields seen in the header section.
+    @ivar message_id: the C{Message-ID:} of the header section, if any.
     @ivar done: the end of data was found.
     """
 
@@ -57,6 +59,7 @@ class DataScanner:
     bare_lf: bool = False
     bare_cr: bool = False
     received_count: int = 0
+    message_id: str | None = None
     done: bool = False
     _pending: bytes = b""
     _bol: bool = True
@@ -162,9 +165,7 @@ class DataScanner:
             if self._headers.startswith(b"\r\n"):
                 end = 0
             if end >= 0 or len(self._headers) > _HEADER_CAP:
-                section = bytes(self._headers[: end if end >= 0 else _HEADER_CAP])
-                self.received_count = len(_RECEIVED.findall(section))
-                self._headers = None
+                self._read_headers(bytes(self._headers[: end if end >= 0 else _HEADER_CAP]))
         if self.size > self.max_size:
             self.too_big = True
             return b""
@@ -176,10 +177,47 @@ class DataScanner:
         body (so the header section never ended with an empty line).
         """
         if self._headers is not None:
-            self.received_count = len(_RECEIVED.findall(bytes(self._headers)))
-            self._headers = None
+            self._read_headers(bytes(self._headers))
+
+    def _read_headers(self, section: bytes) -> None:
+        self.received_count = len(_RECEIVED.findall(section))
+        m = _MESSAGE_ID.search(section)
+        if m:
+            self.message_id = m.group(1).decode("utf-8", "replace")
+        self._headers = None
 
     @property
     def ok(self) -> bool:
         """C{True} when nothing in the data calls for rejecting the message."""
         return not (self.too_big or self.long_line or self.bare_lf or self.bare_cr)
+
+
+@define
+class DotStuffer:
+    """
+    The sending side of DATA: dot-stuff a stored message (CRLF line ends) for
+    the wire, chunk by chunk, correctly at chunk boundaries and on the first
+    line (C{twisted.mail}'s client misses both, trap 16).
+    """
+
+    _at_bol: bool = True
+    _after_cr: bool = False
+    last: bytes = b""
+
+    def stuff(self, chunk: bytes) -> bytes:
+        """Return C{chunk} with a dot added before every line-initial dot."""
+        if not chunk:
+            return chunk
+        if self._at_bol and chunk[:1] == b".":
+            chunk = b"." + chunk
+        elif self._after_cr and chunk[:2] == b"\n.":
+            chunk = b"\n." + chunk[1:]
+        chunk = chunk.replace(b"\r\n.", b"\r\n..")
+        self._at_bol = chunk.endswith(b"\r\n") or (chunk == b"\n" and self._after_cr)
+        self._after_cr = chunk.endswith(b"\r")
+        self.last = chunk[-2:]
+        return chunk
+
+    def terminator(self) -> bytes:
+        """The end of data: C{.<CRLF>}, after a CRLF if the message lacks one."""
+        return b".\r\n" if self._at_bol else b"\r\n.\r\n"

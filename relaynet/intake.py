@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
-_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*(<[^>\r\n]{1,250}>)")
 _PAUSE_ABOVE = 256 * 1024
 
 HELP_TEXT = (
@@ -70,7 +69,8 @@ class Intake:
     spool: Spool
     events: EventLog
     reactor: "IReactorTime"
-    queued: Callable[[QueueEntry], None] = lambda entry: None
+    queued: Callable[[QueueEntry], object] = lambda entry: None
+    cut_through: Callable[[QueueEntry], Deferred[tuple[int, str, str]]] | None = None
     now: Callable[[], float] = time.time
     sessions: set["RelayESMTP"] = field(factory=set)
     accepting: bool = True
@@ -162,6 +162,23 @@ class RelayESMTP(smtp.ESMTP):
         self.transport.loseConnection()
 
     @property
+    def waiting(self) -> bool:
+        """A reply of ours (commit, cut-through) is outstanding."""
+        return self._waiting
+
+    def abort(self) -> None:
+        """Drop the session now: 421, discard any message being received."""
+        self.reply(421, "4.3.2", f"{self.intake.config.hostname} Service shutting down")
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._scanner = None
+        self._closing = True
+        self.setTimeout(None)
+        self.intake.sessions.discard(self)
+        self.transport.abortConnection()
+
+    @property
     def idle(self) -> bool:
         """No transaction, DATA or reply is in progress."""
         return self._txn is None and self._scanner is None and not self._waiting
@@ -184,14 +201,15 @@ class RelayESMTP(smtp.ESMTP):
     def reply(self, code: int, enhanced: str, text: str) -> None:
         """
         Send one reply with its enhanced status code (RFC 2034/3463). Counts
-        client errors and hangs up (421) after too many.
+        the client's errors (4xx and 5xx, but not our own local failures, 421
+        and 451) and hangs up (421) after too many.
         """
         if self._closing:
             return
         self.sendCode(code, f"{enhanced} {text}".encode("utf-8", "replace"))
-        if code >= 500 or code in (421,):
+        if code >= 400 and code not in (421, 451):
             self._errors += 1
-            if code != 421 and self._errors >= self.limits.max_errors:
+            if self._errors >= self.limits.max_errors:
                 self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many errors")
                 self._close()
 
@@ -216,18 +234,20 @@ class RelayESMTP(smtp.ESMTP):
                     continue
                 nl = self._inbuf.find(b"\n")
                 if nl < 0:
-                    if len(self._inbuf) > self.limits.max_command_length:
+                    if len(self._inbuf) >= self.limits.max_command_length:
                         self._discarding = True
                         self._inbuf = b""
                     break
                 line, self._inbuf = self._inbuf[:nl], self._inbuf[nl + 1 :]
-                if self._discarding or nl > self.limits.max_command_length:
+                if self._discarding or nl + 1 > self.limits.max_command_length:
                     self._discarding = False
                     self.reply(500, "5.5.2", "Error: command line too long")
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
                 self._command(line)
+                if self._shutdown_after_reply and self.idle:
+                    self.shutdown()
         finally:
             self._processing = False
         if self._waiting and not self._paused and len(self._inbuf) > _PAUSE_ABOVE:
@@ -258,11 +278,17 @@ class RelayESMTP(smtp.ESMTP):
             self._wait_for(result)
 
     def _wait_for(self, d: Deferred[Any]) -> None:
-        """Hold further input until C{d} fires (its callbacks send the reply)."""
+        """
+        Hold further input until C{d} fires (its callbacks send the reply). The
+        idle timer is off meanwhile: the wait is ours, not the client's.
+        """
         self._waiting = True
+        self.setTimeout(None)
 
         def resume(result: object) -> None:
             self._waiting = False
+            if not self._closing:
+                self.setTimeout(self.limits.idle_timeout)
             if isinstance(result, Failure):
                 self.log.failure("Unhandled error in a command", result)
                 self.reply(451, "4.3.0", "Error: local error in processing")
@@ -308,6 +334,7 @@ class RelayESMTP(smtp.ESMTP):
             b"ENHANCEDSTATUSCODES": None,
             b"8BITMIME": None,
             b"SMTPUTF8": None,
+            b"DSN": None,
         }
 
     def ext_STARTTLS(self, rest: bytes) -> None:
@@ -487,7 +514,7 @@ class RelayESMTP(smtp.ESMTP):
                 self.shutdown()
             return
         assert txn is not None
-        self._wait_for(self._commit(writer, hops))
+        self._wait_for(self._commit(writer, hops, scanner.message_id))
 
     def _refusal(self, scanner: DataScanner, hops: int) -> tuple[int, str, str] | None:
         if scanner.too_big:
@@ -500,19 +527,38 @@ class RelayESMTP(smtp.ESMTP):
             return 554, "5.4.6", f"Error: too many hops ({hops} Received headers)"
         return None
 
-    def _commit(self, writer: SpoolWriter, hops: int) -> Deferred[None]:
+    def _commit(self, writer: SpoolWriter, hops: int, message_id: str | None) -> Deferred[None]:
         d = maybeDeferred(writer.commit, hops)
 
-        def committed(entry: QueueEntry) -> None:
-            self.reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
+        def committed(entry: QueueEntry) -> Deferred[None] | None:
+            # The message is durable: from here on nothing may turn into a
+            # failure reply (the client would send it again).
             env = entry.envelope
-            self.intake.events.emit(
-                "received", queue_id=entry.queue_id, message_id=_message_id(entry),
-                sender=env.sender, recipients=[r.address for r in env.recipients],
-                size=env.size, client=self.client_ip, helo=self._helo_name,
-                protocol=env.client.get("protocol"), hops=hops,
-            )
-            self.intake.queued(entry)
+            try:
+                self.intake.events.emit(
+                    "received", queue_id=entry.queue_id, message_id=message_id,
+                    sender=env.sender, recipients=[r.address for r in env.recipients],
+                    size=env.size, client=self.client_ip, client_port=self.client_port,
+                    helo=self._helo_name, protocol=env.client.get("protocol"), hops=hops,
+                )
+            except Exception:
+                self.log.failure("Could not log the received event of {queue_id}", queue_id=entry.queue_id)
+            if self.intake.cut_through is not None and _wants_cut_through(self.intake.config, env):
+                ok = (250, "2.0.0", f"Ok: queued as {entry.queue_id}")
+
+                def fallback(failure: Failure) -> tuple[int, str, str]:
+                    self.log.failure("Cut-through attempt failed", failure)
+                    return ok
+
+                return self.intake.cut_through(entry).addErrback(fallback).addCallback(
+                    lambda r: self.reply(*r)
+                )
+            self.reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
+            try:
+                self.intake.queued(entry)
+            except Exception:
+                self.log.failure("Could not schedule {queue_id}", queue_id=entry.queue_id)
+            return None
 
         def failed(failure: Failure) -> None:
             self.log.failure("Queue commit failed", failure)
@@ -522,16 +568,18 @@ class RelayESMTP(smtp.ESMTP):
         return d
 
 
-def _message_id(entry: QueueEntry) -> str | None:
-    """The Message-ID of a just-committed message, from its first 8 KiB."""
-    try:
-        with open(entry.path, "rb") as f:
-            f.seek(entry.body_offset)
-            head = f.read(8192)
-    except OSError:
-        return None
-    m = _MESSAGE_ID.search(head)
-    return m.group(1).decode("utf-8", "replace") if m else None
+def _wants_cut_through(config: NodeConfig, env: Envelope) -> bool:
+    """Every recipient is on a relay route with C{ack = "cut-through"}."""
+    for r in env.recipients:
+        kind, _, index = r.route.partition(":")
+        if kind != "relay":
+            return False
+        try:
+            if config.routes[int(index)].ack != "cut-through":
+                return False
+        except (ValueError, IndexError):
+            return False
+    return True
 
 
 class RelayFactory(smtp.SMTPFactory):
@@ -555,8 +603,12 @@ class RelayFactory(smtp.SMTPFactory):
 def drain(intake: Intake, reactor: "IReactorTime", grace: float = 10.0) -> Deferred[None]:
     """
     Stop intake: refuse new sessions, close idle ones with 421, let running
-    transactions finish for up to C{grace} seconds, then drop what is left (an
-    unacknowledged message is never committed after that).
+    transactions finish for up to C{grace} seconds, then close the rest with
+    421. A session whose message is being committed (or cut through) at that
+    moment is let finish, so that it gets its 250: an unacknowledged message is
+    never committed after the deadline. Only if that takes another C{grace}
+    seconds is it dropped too (the message may then be delivered and the
+    client retry: a duplicate, never a loss).
 
     @return: a Deferred firing once every session is gone.
     """
@@ -566,21 +618,21 @@ def drain(intake: Intake, reactor: "IReactorTime", grace: float = 10.0) -> Defer
     if not intake.sessions:
         return succeed(None)
     done: Deferred[None] = Deferred()
-    deadline = reactor.seconds() + grace
+    soft = reactor.seconds() + grace
+    hard = soft + grace
 
     def check() -> None:
         if not intake.sessions:
             done.callback(None)
             return
-        if reactor.seconds() >= deadline:
+        now = reactor.seconds()
+        if now >= soft:
             for s in list(intake.sessions):
-                s.reply(421, "4.3.2", "Service shutting down")
-                if s._writer is not None:
-                    s._writer.abort()
-                    s._writer = None
-                s.transport.abortConnection()
-            done.callback(None)
-            return
+                if now >= hard or not s.waiting:
+                    s.abort()
+            if not intake.sessions:
+                done.callback(None)
+                return
         reactor.callLater(0.05, check)
 
     check()

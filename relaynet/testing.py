@@ -1,0 +1,351 @@
+# -*- test-case-name: tests.test_intake -*-
+"""
+Public test helpers: run the relay intake in memory, deterministically.
+
+ - L{ManualThreadPool} stands in for L{twisted.python.threadpool.ThreadPool}
+   under L{twisted.internet.threads.deferToThreadPool}: work is queued and run
+   by the test, in the test's thread, when it says so.
+ - L{ThreadlessReactor} is a L{MemoryReactorClock} whose C{callFromThread}
+   calls at once (the "threads" of a L{ManualThreadPool} are the test's own).
+ - L{make_config}, L{make_intake} and L{connect} build a node's intake over a
+   real on-disk L{Spool} and one L{RelayESMTP} session over a
+   L{StringTransport}; L{send}, L{take_replies} and L{take_lines} talk to it.
+ - L{spooled} reads back what was committed to the spool's C{new/}.
+
+Nothing here touches the global reactor, a socket or a real thread.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from attrs import define, field, frozen
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IReactorFromThreads
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaynet.config import Listener, NodeConfig, parse_config
+from relaynet.events import EventLog
+from relaynet.intake import Intake, RelayESMTP, RelayFactory
+from relaynet.spool import Envelope, QueueEntry, Spool, read_queue_file
+
+__all__ = [
+    "EPOCH", "ManualThreadPool", "RecordingIntake", "Reply", "SpooledMessage",
+    "ThreadlessReactor", "connect", "make_config", "make_intake", "send",
+    "spooled", "take_lines", "take_replies",
+]
+
+EPOCH = 1_750_000_000.0
+"""Where the clock of L{make_intake}'s reactor starts (a fixed, realistic time)."""
+
+Reply = tuple[int, str]
+"""One SMTP reply: its code and its text (lines of a multi-line reply joined by C{\\n})."""
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)\Z", re.DOTALL)
+
+
+class ManualThreadPool:
+    """
+    A stand-in for L{twisted.python.threadpool.ThreadPool} that runs work only
+    when the test asks, in the test's own thread.
+
+    @ivar immediate: if C{True}, work runs as soon as it is submitted.
+    @ivar started: L{start} was called and L{stop} was not, for tests that
+        check the pool's lifecycle.
+    @ivar ran: how many work items have been run so far.
+    """
+
+    def __init__(self, immediate: bool = False) -> None:
+        """
+        @param immediate: see L{ManualThreadPool.immediate}.
+        """
+        self.immediate = immediate
+        self.started = False
+        self.ran = 0
+        self._queue: deque[tuple[Callable[[bool, Any], object] | None, Callable[[], Any]]] = deque()
+
+    def start(self) -> None:
+        """Nothing to start; records that the pool is started."""
+        self.started = True
+
+    def stop(self) -> None:
+        """Nothing to stop; queued work stays queued."""
+        self.started = False
+
+    @property
+    def pending(self) -> int:
+        """The number of work items queued and not yet run."""
+        return len(self._queue)
+
+    def callInThreadWithCallback(
+        self,
+        onResult: Callable[[bool, Any], object] | None,
+        func: Callable[..., Any],
+        *args: Any,
+        **kw: Any,
+    ) -> None:
+        """
+        Queue C{func(*args, **kw)}; once run, C{onResult} gets C{(True, result)}
+        or C{(False, Failure)}, as from a real thread pool.
+        """
+        self._queue.append((onResult, lambda: func(*args, **kw)))
+        if self.immediate:
+            self.run_all()
+
+    def callInThread(self, func: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Queue C{func(*args, **kw)}, ignoring its result."""
+        self.callInThreadWithCallback(None, func, *args, **kw)
+
+    def run_one(self) -> bool:
+        """
+        Run the oldest queued work item and deliver its result.
+
+        @return: C{False} if nothing was queued.
+        """
+        if not self._queue:
+            return False
+        on_result, work = self._queue.popleft()
+        try:
+            result = work()
+            ok = True
+        except BaseException:
+            result = Failure()
+            ok = False
+        self.ran += 1
+        if on_result is not None:
+            on_result(ok, result)
+        return True
+
+    def run_all(self) -> int:
+        """
+        Run queued work in order, including work queued while running, until
+        none is left.
+
+        @return: how many items were run.
+        """
+        n = 0
+        while self.run_one():
+            n += 1
+        return n
+
+
+@implementer(IReactorFromThreads)
+class ThreadlessReactor(MemoryReactorClock):
+    """
+    A L{MemoryReactorClock} for code that hands work to a thread pool: with a
+    L{ManualThreadPool} the "thread" is the caller's, so C{callFromThread}
+    calls at once.
+    """
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Call C{f(*args, **kw)} now."""
+        f(*args, **kw)
+
+
+@define
+class RecordingIntake(Intake):
+    """
+    An L{Intake} that records every durable L{QueueEntry} it is told about.
+
+    @ivar queued_entries: entries passed to C{queued}, in order.
+    """
+
+    queued_entries: list[QueueEntry] = field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.queued = self.queued_entries.append
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_config(
+    tmp_path: Path,
+    config_overrides: Mapping[str, Any] | None = None,
+    toml: str | None = None,
+) -> NodeConfig:
+    """
+    A node configuration for tests: node C{test}, hostname C{relay.test},
+    spool under C{tmp_path}, local domain C{localhost} with a catch-all, and
+    trusted network C{127.0.0.0/8}.
+
+    @param toml: TOML text merged over those defaults (tables merge key by key).
+    @param config_overrides: parsed-TOML data merged over the result, e.g.
+        C{{"limits": {"max_hops": 3}}}.
+    @raise relaynet.config.ConfigError: the result is not a valid configuration.
+    """
+    data: dict[str, Any] = {
+        "node": {"name": "test", "hostname": "relay.test", "spool": str(tmp_path)},
+        "local": {"domains": ["localhost"], "catch_all": True},
+        "relay": {"trusted_networks": ["127.0.0.0/8"]},
+    }
+    if toml is not None:
+        data = _merge(data, tomllib.loads(toml))
+    if config_overrides is not None:
+        data = _merge(data, config_overrides)
+    return parse_config(data, source="<test>", base=tmp_path)
+
+
+def make_intake(
+    tmp_path: Path,
+    config_overrides: Mapping[str, Any] | None = None,
+    toml: str | None = None,
+) -> tuple[RecordingIntake, ThreadlessReactor, ManualThreadPool]:
+    """
+    Build an intake over a real spool on disk under C{tmp_path}.
+
+    The reactor's clock starts at L{EPOCH} and is also the spool's and the
+    intake's clock. Commits wait for the returned pool: nothing is durable
+    (and no 250 is sent) until the test runs it.
+
+    @param config_overrides: see L{make_config}.
+    @param toml: see L{make_config}.
+    @return: C{(intake, reactor, pool)}; C{intake.queued_entries} lists what
+        was acknowledged.
+    """
+    config = make_config(tmp_path, config_overrides, toml)
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    pool = ManualThreadPool()
+    spool = Spool(config.queue_dir, reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
+    spool.prepare()
+    intake = RecordingIntake(
+        config=config,
+        spool=spool,
+        events=EventLog(None, config.name, clock=reactor.seconds),
+        reactor=reactor,
+        now=reactor.seconds,
+    )
+    return intake, reactor, pool
+
+
+def _address(peer: tuple[str, int] | IAddress) -> IAddress:
+    if isinstance(peer, tuple):
+        host, port = peer
+        kind = IPv6Address if ":" in host else IPv4Address
+        return kind("TCP", host, port)
+    return peer
+
+
+def connect(
+    intake: Intake,
+    listener: Listener | None = None,
+    peer: tuple[str, int] | IAddress = ("127.0.0.1", 40000),
+) -> tuple[RelayESMTP, StringTransport]:
+    """
+    Open one SMTP session on C{intake}, as a client at C{peer} would.
+
+    @param listener: the listener it arrives on (default: the first configured).
+    @param peer: C{(host, port)} (an IPv4 or IPv6 TCP address) or any address.
+    @return: the connected protocol (the greeting is already written) and its
+        transport.
+    """
+    if listener is None:
+        listener = intake.config.listeners[0]
+    address = _address(peer)
+    protocol = RelayFactory(intake, listener).buildProtocol(address)
+    transport = StringTransport(
+        peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 2525)
+    )
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def take_lines(transport: StringTransport) -> list[bytes]:
+    """
+    Read and clear the complete lines written to C{transport} (without their
+    CRLF). An incomplete last line stays in the transport.
+    """
+    data = transport.value()
+    transport.clear()
+    *lines, tail = data.split(b"\r\n")
+    if tail:
+        transport.write(tail)
+    return lines
+
+
+def take_replies(transport: StringTransport) -> list[Reply]:
+    """
+    Read and clear the complete replies written to C{transport}.
+
+    @raise ValueError: a line is not C{NNN text} / C{NNN-text}, or the lines
+        of a multi-line reply disagree on their code.
+    """
+    replies: list[Reply] = []
+    code: int | None = None
+    texts: list[str] = []
+    unfinished: list[bytes] = []
+    for line in take_lines(transport):
+        m = _REPLY_LINE.match(line)
+        if m is None:
+            raise ValueError(f"not an SMTP reply line: {line!r}")
+        this = int(m.group(1))
+        if code is not None and this != code:
+            raise ValueError(f"multi-line reply changes code: {line!r}")
+        code = this
+        texts.append(m.group(3).decode("utf-8", "replace"))
+        unfinished.append(line)
+        if m.group(2) == b" ":
+            replies.append((code, "\n".join(texts)))
+            code, texts, unfinished = None, [], []
+    if unfinished:
+        # An unfinished multi-line reply: keep it for the next read.
+        rest = transport.value()
+        transport.clear()
+        transport.write(b"".join(line + b"\r\n" for line in unfinished) + rest)
+    return replies
+
+
+def send(protocol: RelayESMTP, transport: StringTransport, data: bytes) -> list[Reply]:
+    """
+    Deliver C{data} to C{protocol} as one read and return the replies written
+    by then (read and cleared from C{transport}).
+    """
+    protocol.dataReceived(data)
+    return take_replies(transport)
+
+
+@frozen
+class SpooledMessage:
+    """
+    A message committed to a spool's C{new/}.
+
+    @ivar path: its queue file.
+    @ivar envelope: its envelope, with size and hop count from the header record.
+    @ivar message: the stored message, our C{Received:} header first.
+    """
+
+    path: Path
+    envelope: Envelope
+    message: bytes
+
+    @property
+    def queue_id(self) -> str:
+        """The queue id, which is also the file name."""
+        return self.envelope.queue_id
+
+
+def spooled(spool: Spool) -> list[SpooledMessage]:
+    """
+    Read every queue file in C{spool}'s C{new/}, in queue id (arrival) order.
+
+    @raise relaynet.spool.CorruptQueueFile: a file there is not a queue file.
+    """
+    out = []
+    for path in sorted(spool.new_dir.iterdir()):
+        envelope, offset = read_queue_file(path)
+        out.append(SpooledMessage(path, envelope, path.read_bytes()[offset:]))
+    return out
