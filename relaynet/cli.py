@@ -2,7 +2,8 @@
 """
 The C{relaynet} command.
 
-    relaynet check-config [FILE]   validate a node config, print the effective one
+    relaynet check-config [FILE]         validate a node config, print the effective one
+    relaynet route CONFIG ADDRESS...     how each address would be routed, and why
     relaynet version
 """
 
@@ -25,6 +26,32 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route(args: argparse.Namespace) -> int:
+    from relaynet.routing import explain
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"relaynet: {e}", file=sys.stderr)
+        return 1
+    worst = 0
+    for address in args.address:
+        ex = explain(config, address, client_ip=args.client)
+        print(f"{address}: {'accepted' if ex.accepted else 'refused'} ({ex.reply})")
+        print(f"  why: {ex.why}")
+        if ex.rule is not None:
+            if ex.rule.action == "relay":
+                for hop in ex.hops:
+                    print(f"  next hop: {hop.endpoint} (priority {hop.priority})")
+                print(f"  ack: {ex.rule.ack}; tls: {ex.rule.tls}; concurrency: {ex.rule.concurrency}"
+                      + (f"; source address: {ex.rule.source_address}" if ex.rule.source_address else ""))
+            elif ex.rule.action == "mx":
+                print(f"  next hops: the MX hosts of the domain (port {ex.rule.mx_port})")
+        if not ex.accepted:
+            worst = 1
+    return worst
+
+
 def _version(args: argparse.Namespace) -> int:
     print(f"relaynet {__version__}")
     return 0
@@ -41,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", nargs="?", help="node config (TOML); omitted: the embedded default")
     p.set_defaults(func=_check_config)
+    p = sub.add_parser("route", help="show how addresses would be routed, and why")
+    p.add_argument("config", help="node config (TOML)")
+    p.add_argument("address", nargs="+", help="recipient address(es)")
+    p.add_argument("--client", default="127.0.0.1",
+                   help="client IP to decide relay permission for (default 127.0.0.1)")
+    p.set_defaults(func=_route)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_version)
     return parser

@@ -25,7 +25,9 @@ from attrs import field, frozen
 T = TypeVar("T")
 
 LISTENER_MODES = ("relay",)
-ROUTE_ACTIONS = ("local", "relay", "reject")
+ROUTE_ACTIONS = ("local", "relay", "mx", "reject")
+ACK_MODES = ("queued", "cut-through")
+TLS_POLICIES = ("none", "opportunistic", "required", "verify")
 
 
 class ConfigError(Exception):
@@ -115,6 +117,43 @@ class RouteRule:
     code: int = 550
     enhanced: str = "5.7.1"
     text: str = "Relay access denied"
+    ack: str = "queued"
+    concurrency: int = 20
+    source_address: str | None = None
+    tls: str = "none"
+    mx_port: int = 25
+
+
+@frozen
+class QueuePolicy:
+    """
+    Retry, lifetime and notification settings (Postfix-like defaults).
+    """
+
+    minimal_backoff: float = 300.0
+    maximal_backoff: float = 4000.0
+    lifetime: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0
+    concurrency: int = 64
+
+
+@frozen
+class Outbound:
+    """
+    The SMTP client: per-step timeouts (RFC 5321 4.5.3.2) and connection reuse.
+    """
+
+    connect_timeout: float = 30.0
+    helo_timeout: float = 300.0
+    mail_timeout: float = 300.0
+    rcpt_timeout: float = 300.0
+    data_timeout: float = 120.0
+    data_block_timeout: float = 180.0
+    data_done_timeout: float = 600.0
+    connection_reuse: bool = True
+    reuse_idle_time: float = 2.0
+    max_messages_per_connection: int = 1000
+    helo_name: str | None = None
 
 
 @frozen
@@ -131,6 +170,9 @@ class NodeConfig:
     local: LocalDelivery
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     routes: tuple[RouteRule, ...]
+    queue: QueuePolicy = QueuePolicy()
+    outbound: Outbound = Outbound()
+    dns_servers: tuple[tuple[str, int], ...] = ()
     source: str = "<default>"
 
     @property
@@ -269,7 +311,7 @@ def _parse_route(source: str, key: str, data: Any) -> RouteRule:
         priority = htable.get("priority", int, 10)
         htable.finish()
         hops.append(NextHop(endpoint=endpoint, priority=priority))
-    if action == "relay" and not hops:
+    if action in ("relay",) and not hops:
         raise table.error("next_hops", "a relay route needs at least one next hop")
     code = table.get(
         "code", int, 550,
@@ -279,11 +321,76 @@ def _parse_route(source: str, key: str, data: Any) -> RouteRule:
     if not enhanced.startswith(f"{code // 100}."):
         raise table.error("enhanced", f"must agree with code {code} (class {code // 100})")
     text = table.get("text", str, "Relay access denied")
+    ack = table.get(
+        "ack", str, "queued",
+        lambda v: None if v in ACK_MODES else f"must be one of {', '.join(ACK_MODES)}",
+    )
+    concurrency = table.get("concurrency", int, 20, _positive)
+    source_address = table.get("source_address", str, None, _ip_literal)
+    tls = table.get(
+        "tls", str, "none",
+        lambda v: None if v in TLS_POLICIES else f"must be one of {', '.join(TLS_POLICIES)}",
+    )
+    mx_port = table.get("mx_port", int, 25, lambda v: None if 0 < v < 65536 else "must be a port")
     table.finish()
     return RouteRule(
         domains=domains, action=action, next_hops=tuple(hops),
-        code=code, enhanced=enhanced, text=text,
+        code=code, enhanced=enhanced, text=text, ack=ack, concurrency=concurrency,
+        source_address=source_address, tls=tls, mx_port=mx_port,
     )
+
+
+def _ip_literal(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not an IP address"
+    return None
+
+
+def _host_port(value: str, default_port: int) -> tuple[str, int] | None:
+    """Parse C{IP}, C{IPv4:port}, C{IPv6} or C{[IPv6]:port}."""
+    host, port = value, default_port
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        if rest:
+            if not rest[1:].isdigit():
+                return None
+            port = int(rest[1:])
+    elif value.count(":") == 1:
+        host, _, p = value.partition(":")
+        if not p.isdigit():
+            return None
+        port = int(p)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, port) if 0 < port < 65536 else None
+
+
+def _endpoint_address(endpoint: str) -> tuple[str, int] | None:
+    """
+    C{(host, port)} of a TCP endpoint string (client or server form), or
+    C{None} when it is not TCP or cannot be read.
+    """
+    parts = endpoint.split(":")
+    if parts[0] not in ("tcp", "tcp6"):
+        return None
+    args = [p for p in parts[1:] if "=" not in p]
+    kw = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    try:
+        if "port" in kw:
+            return kw.get("host", kw.get("interface", "")), int(kw["port"])
+        if len(args) >= 2:
+            return args[0], int(args[1])
+        if len(args) == 1:
+            return kw.get("interface", ""), int(args[0])
+    except ValueError:
+        return None
+    return None
 
 
 def parse_config(
@@ -375,12 +482,79 @@ def parse_config(
         _parse_route(source, f"route[{i}]", item)
         for i, item in enumerate(top.get("route", list, []))
     )
+    _check_loops(source, listeners, routes)
+
+    q = top.sub("queue")
+    qd = QueuePolicy()
+    queue = QueuePolicy(
+        minimal_backoff=float(q.get("minimal_backoff", (int, float), qd.minimal_backoff, _positive)),
+        maximal_backoff=float(q.get("maximal_backoff", (int, float), qd.maximal_backoff, _positive)),
+        lifetime=float(q.get("lifetime", (int, float), qd.lifetime, _positive)),
+        delay_warning=float(q.get(
+            "delay_warning", (int, float), qd.delay_warning,
+            lambda v: None if v >= 0 else "must be 0 (off) or positive",
+        )),
+        concurrency=q.get("concurrency", int, qd.concurrency, _positive),
+    )
+    if queue.maximal_backoff < queue.minimal_backoff:
+        raise ConfigError(source, "queue.maximal_backoff", "must not be below queue.minimal_backoff")
+    q.finish()
+
+    o = top.sub("outbound")
+    od = Outbound()
+    timeouts = {
+        name: float(o.get(name, (int, float), getattr(od, name), _positive))
+        for name in (
+            "connect_timeout", "helo_timeout", "mail_timeout", "rcpt_timeout",
+            "data_timeout", "data_block_timeout", "data_done_timeout", "reuse_idle_time",
+        )
+    }
+    outbound = Outbound(
+        connection_reuse=o.get("connection_reuse", bool, od.connection_reuse),
+        max_messages_per_connection=o.get(
+            "max_messages_per_connection", int, od.max_messages_per_connection, _positive
+        ),
+        helo_name=o.get("helo_name", str, None),
+        **timeouts,
+    )
+    o.finish()
+
+    dns = top.sub("dns")
+    servers = []
+    for i, server in enumerate(dns.strings("servers", ())):
+        parsed = _host_port(server, 53)
+        if parsed is None:
+            raise ConfigError(source, f"dns.servers[{i}]", f"{server!r} is not IP, IP:port or [IPv6]:port")
+        servers.append(parsed)
+    dns.finish()
     top.finish()
 
     return NodeConfig(
         name=name, hostname=hostname, spool=spool, listeners=listeners, limits=limits,
-        local=local, trusted_networks=tuple(nets), routes=routes, source=source,
+        local=local, trusted_networks=tuple(nets), routes=routes, queue=queue,
+        outbound=outbound, dns_servers=tuple(servers), source=source,
     )
+
+
+def _check_loops(source: str, listeners: tuple[Listener, ...], routes: tuple[RouteRule, ...]) -> None:
+    """A relay route whose next hop is one of our own listeners is a mail loop."""
+    ours = set()
+    for lst in listeners:
+        addr = _endpoint_address(lst.endpoint)
+        if addr is not None and addr[1] != 0:
+            ours.add(addr)
+    for i, rule in enumerate(routes):
+        for j, hop in enumerate(rule.next_hops):
+            addr = _endpoint_address(hop.endpoint)
+            if addr is None:
+                continue
+            host, port = addr
+            for lhost, lport in ours:
+                if port == lport and (host == lhost or lhost in ("", "0.0.0.0", "::")):
+                    raise ConfigError(
+                        source, f"route[{i}].next_hops[{j}]",
+                        f"{hop.endpoint!r} is this node's own listener: a mail loop",
+                    )
 
 
 def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:

@@ -62,7 +62,7 @@ class RelayNode(MultiService):
         self.runner = QueueRunner(config, self.spool, self.events, self.reactor, self.pool)
         self.intake = Intake(
             config=config, spool=self.spool, events=self.events, reactor=self.reactor,
-            queued=self.runner.enqueue,
+            queued=self.runner.enqueue, cut_through=self.runner.cut_through,
         )
         self.runner.start(recovered)
         self.log.info(

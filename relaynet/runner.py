@@ -1,12 +1,20 @@
-# -*- test-case-name: tests.test_node -*-
+# -*- test-case-name: tests.test_forwarding -*-
 """
 The queue runner: takes committed messages and delivers them.
 
 A message is attempted as soon as it is committed (no waiting for a queue
-scan), and again when its retry time comes. Local recipients are delivered
-into Maildirs in worker threads. After each attempt the outcomes are recorded
-durably (state file) before anything else happens; a message whose recipients
-are all final is removed from the spool.
+scan), and again when its retry time comes. For each attempt the pending
+recipients are grouped by route: local ones are written into Maildirs in a
+worker thread; relayed ones go to the route's next hops in priority order
+(equal priorities share the load, a transient failure moves the recipient on
+to the next hop: failover), or to the MX hosts of an C{mx} route.
+
+Outcomes per recipient: 2xx done; 4xx, connection failure or timeout:
+deferred with exponential backoff (L{RetryPolicy}); 5xx: bounced. A message
+past its lifetime bounces with 4.4.7. Delivery status notifications (RFC 3464)
+are queued before the outcome that causes them is recorded, and the outcome is
+recorded durably (state file, or removal of the message) before anything else
+happens, so a crash can only repeat an attempt or a DSN, never lose one.
 """
 
 from __future__ import annotations
@@ -14,17 +22,61 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from attrs import frozen
+from twisted.internet.defer import (
+    Deferred,
+    DeferredSemaphore,
+    gatherResults,
+    inlineCallbacks,
+    succeed,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relaynet.config import NodeConfig
+from relaynet.bounce import RecipientReport, build_dsn, is_bounce_worthy, split_headers
+from relaynet.config import NextHop, NodeConfig, RouteRule
 from relaynet.events import EventLog
-from relaynet.mailbox import LocalResult, deliver_local
+from relaynet.mailbox import deliver_local
+from relaynet.outbound import DeliveryResult, OutboundManager
+from relaynet.policy import check_recipient
+from relaynet.routing import order_hops
 from relaynet.scheduler import RetryPolicy
-from relaynet.spool import QueueEntry, RecipientState, Spool
+from relaynet.spool import Envelope, QueueEntry, Recipient, RecipientState, Spool
+
+
+@frozen
+class Outcome:
+    """
+    The result of one attempt for one recipient.
+
+    @ivar status: C{delivered} (local), C{relayed}, C{deferred} or C{bounced}.
+    @ivar event: the event name: C{delivered}, C{sent}, C{deferred},
+        C{bounced} or C{expired}.
+    """
+
+    address: str
+    status: str
+    event: str
+    dsn: str
+    diagnostic: str = ""
+    remote: str | None = None
+    dsn_peer: bool = False
+    code: int = 0
+    text: str = ""
+
+    @classmethod
+    def from_result(cls, res: DeliveryResult) -> "Outcome":
+        status, event = (
+            ("relayed", "sent") if res.ok
+            else ("bounced", "bounced") if res.permanent
+            else ("deferred", "deferred")
+        )
+        return cls(
+            res.address, status, event, res.enhanced, res.diagnostic, res.remote,
+            res.dsn_peer and res.ok, res.code, res.text,
+        )
 
 
 class QueueRunner:
@@ -43,23 +95,31 @@ class QueueRunner:
         events: EventLog,
         reactor: Any,
         threadpool: ThreadPool,
-        policy: RetryPolicy = RetryPolicy(),
-        concurrency: int = 8,
+        outbound: OutboundManager | None = None,
         now: Callable[[], float] = time.time,
+        resolver: Any = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.events = events
-        self.reactor: IReactorTime = reactor
-        self._threads_reactor: IReactorFromThreads = reactor
+        self.reactor = reactor
         self.pool = threadpool
-        self.policy = policy
+        q = config.queue
+        self.policy = RetryPolicy(
+            minimal_backoff=q.minimal_backoff, maximal_backoff=q.maximal_backoff, lifetime=q.lifetime
+        )
         self.now = now
+        self.outbound = outbound or OutboundManager(
+            reactor, config.outbound, config.outbound.helo_name or config.hostname
+        )
+        self._resolver = resolver
         self.entries: dict[str, QueueEntry] = {}
-        self._timers: dict[str, IDelayedCall] = {}
-        self._busy: dict[str, Deferred[None]] = {}
-        self._sem = DeferredSemaphore(concurrency)
+        self._timers: dict[str, Any] = {}
+        self._busy: dict[str, Deferred[list[Outcome]]] = {}
+        self._sem = DeferredSemaphore(q.concurrency)
         self._running = False
+
+    # -- lifecycle -------------------------------------------------------
 
     def start(self, entries: list[QueueEntry]) -> None:
         """Take over recovered messages and begin delivering."""
@@ -78,18 +138,56 @@ class QueueRunner:
             if t.active():
                 t.cancel()
         self._timers.clear()
+        self.outbound.close()
         running = list(self._busy.values())
         if not running:
             return succeed(None)
-        from twisted.internet.defer import gatherResults
-
         return gatherResults(running, consumeErrors=True).addBoth(lambda _: None)
 
-    def enqueue(self, entry: QueueEntry) -> None:
-        """A message was just committed: deliver it now."""
+    def enqueue(self, entry: QueueEntry) -> Deferred[list[Outcome]] | None:
+        """
+        A message was just committed: deliver it now.
+
+        @return: a Deferred firing with the attempt's outcomes (after they are
+            recorded), or C{None} if the runner is stopped.
+        """
         self.entries[entry.queue_id] = entry
         if self._running:
-            self._attempt(entry)
+            return self._attempt(entry)
+        return None
+
+    def cut_through(self, entry: QueueEntry) -> Deferred[tuple[int, str, str]]:
+        """
+        Deliver a just-committed message at once and derive the reply to the
+        client's final dot from the next hops' answers (C{ack = "cut-through"}):
+        every recipient accepted: 250; every recipient refused permanently: the
+        next hop's 5xx, and the message is dropped without a bounce (the client
+        has the refusal); anything else (deferrals, mixed results, no next hop
+        reachable): 250, and the message stays queued (store-and-forward).
+        """
+        self.entries[entry.queue_id] = entry
+        d = self._attempt(entry, cut_through=True)
+        qid = entry.queue_id
+
+        def reply(outcomes: list[Outcome]) -> tuple[int, str, str]:
+            if outcomes and all(o.status == "bounced" and o.code >= 500 for o in outcomes):
+                o = outcomes[0]
+                return o.code, o.dsn, f"{o.text} (from {o.remote})"
+            if outcomes and all(o.status in ("relayed", "delivered") for o in outcomes):
+                o = outcomes[0]
+                return 250, "2.0.0", f"Ok: queued as {qid}; relayed: {o.code} {o.dsn} {o.text}".rstrip()
+            return 250, "2.0.0", f"Ok: queued as {qid}"
+
+        return d.addCallback(reply)
+
+    def flush(self) -> int:
+        """Attempt every queued message now; return how many."""
+        n = 0
+        for entry in list(self.entries.values()):
+            if not entry.state.held:
+                self._schedule(entry, 0)
+                n += 1
+        return n
 
     def _schedule(self, entry: QueueEntry, delay: float) -> None:
         qid = entry.queue_id
@@ -104,66 +202,328 @@ class QueueRunner:
         if entry is not None and self._running:
             self._attempt(entry)
 
-    def _attempt(self, entry: QueueEntry) -> None:
+    def _attempt(self, entry: QueueEntry, cut_through: bool = False) -> Deferred[list[Outcome]]:
         qid = entry.queue_id
         if qid in self._busy:
-            return
-        d = self._sem.run(self._deliver, entry)
+            return self._busy[qid]
+        d = self._sem.run(self._deliver, entry, cut_through)
         self._busy[qid] = d
 
-        def done(result: object) -> None:
+        def done(result: object) -> object:
             self._busy.pop(qid, None)
-            if hasattr(result, "getTraceback"):
-                self.log.failure("Delivery attempt of {queue_id} failed", result, queue_id=qid)  # type: ignore[arg-type]
+            if isinstance(result, Failure):
+                self.log.failure("Delivery attempt of {queue_id} failed", result, queue_id=qid)
                 if self._running and qid in self.entries:
                     self._schedule(entry, self.policy.minimal_backoff)
+                return []
+            return result
 
         d.addBoth(done)
-
-    def _deliver(self, entry: QueueEntry) -> Deferred[None]:
-        pending = entry.pending_recipients()
-        local = [r.address for r in pending if r.route == "local"]
-        if not local:
-            return succeed(None)
-        d: Deferred[list[LocalResult]] = deferToThreadPool(
-            self._threads_reactor, self.pool, deliver_local, self.config.local, entry, local
-        )
-        d.addCallback(self._record, entry)
         return d
 
-    def _record(self, results: list[LocalResult], entry: QueueEntry) -> Deferred[None]:
+    # -- one attempt -----------------------------------------------------
+
+    @inlineCallbacks
+    def _deliver(self, entry: QueueEntry, cut_through: bool = False) -> Any:
+        now = self.now()
+        pending = entry.pending_recipients()
+        if not pending:
+            yield self.spool.remove(entry)
+            self.entries.pop(entry.queue_id, None)
+            return []
+        if self.policy.expired(entry.envelope.arrival, now):
+            outcomes = []
+            for r in pending:
+                st = entry.state.recipients.get(r.address)
+                last = st.diagnostic if st and st.diagnostic else "no attempt succeeded"
+                outcomes.append(Outcome(
+                    r.address, "bounced", "expired", "4.4.7",
+                    f"delivery time expired (message queued for {int(now - entry.envelope.arrival)} s):"
+                    f" last error: {last}", st.remote if st else None,
+                ))
+        else:
+            groups: dict[str, list[Recipient]] = {}
+            for r in pending:
+                groups.setdefault(r.route, []).append(r)
+            parts = []
+            for route, rcpts in groups.items():
+                if route == "local":
+                    parts.append(self._local(entry, rcpts))
+                else:
+                    parts.append(self._relay_route(entry, route, rcpts))
+            results = yield gatherResults(parts, consumeErrors=True)
+            outcomes = [o for part in results for o in part]
+        refused = cut_through and outcomes and all(
+            o.status == "bounced" and o.code >= 500 for o in outcomes
+        )
+        yield self._record(entry, outcomes, notify_failures=not refused)
+        return outcomes
+
+    def _local(self, entry: QueueEntry, rcpts: list[Recipient]) -> Deferred[list[Outcome]]:
+        d = deferToThreadPool(
+            self.reactor, self.pool, deliver_local, self.config.local, entry, [r.address for r in rcpts]
+        )
+
+        def convert(results: list[Any]) -> list[Outcome]:
+            out = []
+            for res in results:
+                if res.ok:
+                    out.append(Outcome(res.address, "delivered", "delivered", "2.0.0", "delivered to maildir", "local"))
+                elif res.permanent:
+                    out.append(Outcome(res.address, "bounced", "bounced", res.dsn, res.diagnostic, "local"))
+                else:
+                    out.append(Outcome(res.address, "deferred", "deferred", res.dsn, res.diagnostic, "local"))
+            return out
+
+        return d.addCallback(convert)
+
+    def _rule(self, route: str) -> RouteRule | None:
+        kind, _, index = route.partition(":")
+        try:
+            return self.config.routes[int(index)] if kind == "relay" else None
+        except (ValueError, IndexError):
+            return None
+
+    @inlineCallbacks
+    def _relay_route(self, entry: QueueEntry, route: str, rcpts: list[Recipient]) -> Any:
+        rule = self._rule(route)
+        if rule is None or rule.action in ("local", "reject"):
+            # The routing table changed since the message was accepted: route
+            # the recipients again.
+            rerouted: dict[str, list[Recipient]] = {}
+            local = []
+            for r in rcpts:
+                lp, _, dom = r.address.rpartition("@")
+                v = check_recipient(self.config, lp, dom, "127.0.0.1", authenticated=True)
+                if v.accepted and v.route == "local":
+                    local.append(r)
+                elif v.accepted and self._rule(v.route) is not None and self._rule(v.route).action in ("relay", "mx"):  # type: ignore[union-attr]
+                    rerouted.setdefault(v.route, []).append(r)
+                else:
+                    rerouted.setdefault("", []).append(r)
+            out: list[Outcome] = []
+            if local:
+                out += yield self._local(entry, local)
+            for rroute, rs in rerouted.items():
+                if not rroute:
+                    out += [Outcome(r.address, "bounced", "bounced", "5.4.4",
+                                    "no route to the recipient's domain any more") for r in rs]
+                else:
+                    out += yield self._relay_route(entry, rroute, rs)
+            return out
+        if rule.action == "mx":
+            by_domain: dict[str, list[Recipient]] = {}
+            for r in rcpts:
+                by_domain.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
+            out = []
+            for domain, rs in by_domain.items():
+                hops_or_error = yield self._mx_hops(domain, rule)
+                if isinstance(hops_or_error, tuple):
+                    status, dsn, text = hops_or_error
+                    out += [Outcome(r.address, status, status if status == "deferred" else "bounced",
+                                    dsn, text) for r in rs]
+                else:
+                    out += yield self._try_hops(entry, rule, hops_or_error, rs)
+            return out
+        result = yield self._try_hops(entry, rule, order_hops(rule.next_hops), rcpts)
+        return result
+
+    @inlineCallbacks
+    def _try_hops(
+        self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient]
+    ) -> Any:
+        remaining = list(rcpts)
+        final: dict[str, Outcome] = {}
+        last: dict[str, Outcome] = {}
+        for hop in hops:
+            results = yield self.outbound.deliver(
+                hop.endpoint, entry, remaining, rule.concurrency, rule.source_address
+            )
+            by_addr = {r.address: r for r in results}
+            still = []
+            for r in remaining:
+                res = by_addr.get(r.address)
+                if res is None:
+                    continue
+                o = Outcome.from_result(res)
+                if o.status == "deferred":
+                    last[r.address] = o
+                    still.append(r)
+                else:
+                    final[r.address] = o
+            remaining = still
+            if not remaining:
+                break
+        for r in remaining:
+            final[r.address] = last.get(r.address) or Outcome(
+                r.address, "deferred", "deferred", "4.4.1", "no next hop could be reached"
+            )
+        return [final[r.address] for r in rcpts if r.address in final]
+
+    def _mx_hops(self, domain: str, rule: RouteRule) -> Deferred[Any]:
+        """
+        The next hops for C{domain} from DNS: MX records by preference (RFC
+        5321 5.1), the domain's own address when it has no MX, nothing for a
+        null MX (RFC 7505).
+
+        @return: a Deferred firing with a list of L{NextHop}, or with
+            C{(status, dsn, text)} when there is nowhere to go.
+        """
+        from twisted.names import dns, error
+
+        resolver = self.resolver()
+
+        @inlineCallbacks
+        def lookup() -> Any:
+            try:
+                answers, _, _ = yield resolver.lookupMailExchange(domain)
+            except error.DNSNameError:
+                return ("bounced", "5.1.2", f"Host or domain name not found: {domain}")
+            except Exception as e:
+                return ("deferred", "4.4.3", f"DNS lookup of MX {domain} failed: {e.__class__.__name__}")
+            mxs = sorted(
+                (a.payload.preference, str(a.payload.name)) for a in answers if a.type == dns.MX
+            )
+            if len(mxs) == 1 and mxs[0][1] in ("", "."):
+                return ("bounced", "5.1.10", f"{domain} accepts no mail (null MX)")
+            if not mxs:
+                mxs = [(0, domain)]
+            hops = []
+            for pref, host in mxs:
+                try:
+                    ip = yield resolver.getHostByName(host)
+                except Exception:
+                    continue
+                literal = ip.replace(":", "\\:")
+                hops.append(NextHop(endpoint=f"tcp:{literal}:{rule.mx_port}", priority=pref))
+            if not hops:
+                return ("deferred", "4.4.3", f"no address for the mail exchangers of {domain}")
+            return order_hops(hops)
+
+        return lookup()
+
+    def resolver(self) -> Any:
+        """The DNS resolver: C{[dns].servers}, else the system's."""
+        if self._resolver is None:
+            from twisted.names import client
+
+            servers = list(self.config.dns_servers) or None
+            self._resolver = client.createResolver(servers=servers, reactor=self.reactor)
+        return self._resolver
+
+    # -- recording and notifications ------------------------------------
+
+    @inlineCallbacks
+    def _record(self, entry: QueueEntry, outcomes: list[Outcome], notify_failures: bool = True) -> Any:
         now = self.now()
         env = entry.envelope
+        by_addr = {r.address: r for r in env.recipients}
+        reports: dict[str, list[RecipientReport]] = {}
+        warn = (
+            self.config.queue.delay_warning > 0
+            and not entry.state.delay_warned
+            and now - env.arrival >= self.config.queue.delay_warning
+        )
+        for o in outcomes:
+            rcpt = by_addr.get(o.address)
+            notify = rcpt.notify if rcpt else None
+            action = {"bounced": "failed", "delivered": "delivered", "relayed": "relayed",
+                      "deferred": "delayed"}[o.status]
+            if o.status == "relayed" and o.dsn_peer:
+                action = ""  # the next hop takes over DSN duties
+            if o.status == "bounced" and not notify_failures:
+                action = ""
+            if o.status == "deferred" and not warn:
+                action = ""
+            if action and is_bounce_worthy(env.sender, notify, action):
+                reports.setdefault(action, []).append(RecipientReport(
+                    address=o.address, action=action, status=o.dsn,
+                    original_recipient=rcpt.orcpt if rcpt else None,
+                    remote_mta=o.remote if o.remote and o.remote != "local" else None,
+                    diagnostic=o.diagnostic or None, last_attempt=now,
+                ))
+        for action, reps in reports.items():
+            try:
+                yield self._send_dsn(entry, reps)
+            except Exception:
+                self.log.failure("Could not queue a DSN for {queue_id}", queue_id=entry.queue_id)
+        if warn and "delayed" in reports:
+            entry.state.delay_warned = True
+
         retry = False
-        for res in results:
-            st = entry.state.recipients.setdefault(res.address, RecipientState())
+        for o in outcomes:
+            st = entry.state.recipients.setdefault(o.address, RecipientState())
             st.attempts += 1
             st.last_attempt = now
-            st.dsn = res.dsn
-            st.diagnostic = res.diagnostic or None
-            if res.ok:
-                st.status = "delivered"
-                event = "delivered"
-            elif res.permanent:
-                st.status = "bounced"
-                event = "bounced"
-            else:
-                st.status = "deferred"
-                event = "deferred"
-                retry = True
+            st.dsn = o.dsn
+            st.diagnostic = o.diagnostic or None
+            st.remote = o.remote
+            st.status = o.status
+            retry = retry or o.status == "deferred"
             self.events.emit(
-                event, queue_id=entry.queue_id, sender=env.sender, recipient=res.address,
-                relay="local", delay=round(now - env.arrival, 6), dsn=res.dsn,
-                status=event, diagnostic=res.diagnostic or None,
+                o.event, queue_id=entry.queue_id, sender=env.sender, recipient=o.address,
+                relay=o.remote, delay=round(now - env.arrival, 6), dsn=o.dsn, status=o.event,
+                diagnostic=o.diagnostic or None, hops=env.hops,
             )
         if not entry.pending_recipients():
             self.entries.pop(entry.queue_id, None)
-            return self.spool.remove(entry)
+            yield self.spool.remove(entry)
+            return
         if retry:
             attempts = max(s.attempts for s in entry.state.recipients.values())
-            delay = self.policy.delay(attempts)
+            delay = min(self.policy.delay(attempts), max(0.0, env.arrival + self.policy.lifetime - now))
             entry.state.next_attempt = now + delay
-            d = self.spool.record(entry)
-            d.addCallback(lambda _: self._running and self._schedule(entry, delay))
-            return d
-        return self.spool.record(entry)
+            yield self.spool.record(entry)
+            if self._running and not entry.state.held:
+                self._schedule(entry, delay)
+            return
+        yield self.spool.record(entry)
+
+    @inlineCallbacks
+    def _send_dsn(self, entry: QueueEntry, reports: list[RecipientReport]) -> Any:
+        env = entry.envelope
+        lp, _, domain = env.sender.rpartition("@")
+        verdict = check_recipient(self.config, lp, domain.lower(), "127.0.0.1", authenticated=True)
+        if not verdict.accepted:
+            self.log.warn(
+                "Cannot return a DSN for {queue_id} to <{sender}>: {reply}",
+                queue_id=entry.queue_id, sender=env.sender, reply=verdict.text,
+            )
+            return
+        ret_full = env.params.get("ret") != "HDRS"
+        config = self.config
+
+        def compose() -> bytes:
+            with entry.open_message() as f:
+                headers, body_start = split_headers(f.read(1 << 20))
+            body = entry.open_message(skip=body_start) if ret_full else None
+            try:
+                return build_dsn(
+                    reporting_mta=config.hostname, sender=env.sender, original_headers=headers,
+                    original_body=body, reports=reports, arrival=env.arrival,
+                    envid=env.params.get("envid"), queue_id=entry.queue_id, now=self.now(),
+                )
+            finally:
+                if body is not None:
+                    body.close()
+
+        data = yield deferToThreadPool(self.reactor, self.pool, compose)
+        dsn_env = Envelope(
+            queue_id=self.spool.new_id(),
+            sender="",
+            recipients=(Recipient(address=env.sender, route=verdict.route),),
+            arrival=self.now(),
+            params={"body": None if data.isascii() else "8BITMIME",
+                    "smtputf8": not env.sender.isascii()},
+            client={"protocol": "local", "helo": config.hostname, "ip": "127.0.0.1",
+                    "dsn_for": entry.queue_id},
+            node=config.name,
+        )
+        writer = self.spool.begin(dsn_env)
+        writer.write(data)
+        new = yield writer.commit(hops=0)
+        self.events.emit(
+            "dsn", queue_id=new.queue_id, sender="", recipient=env.sender,
+            original_queue_id=entry.queue_id, action=reports[0].action,
+        )
+        self.enqueue(new)

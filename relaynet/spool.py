@@ -156,6 +156,7 @@ class RecipientState:
 
     @ivar status: C{pending}, C{deferred}, C{delivered}, C{relayed} or
         C{bounced}.
+    @ivar remote: the next hop of the last attempt, if any.
     """
 
     status: str = "pending"
@@ -163,6 +164,7 @@ class RecipientState:
     last_attempt: float | None = None
     dsn: str | None = None
     diagnostic: str | None = None
+    remote: str | None = None
 
     @property
     def final(self) -> bool:
@@ -177,16 +179,19 @@ class QueueState:
     recipients: dict[str, RecipientState] = field(factory=dict)
     next_attempt: float | None = None
     held: bool = False
+    delay_warned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": FORMAT_VERSION,
             "next_attempt": self.next_attempt,
             "held": self.held,
+            "delay_warned": self.delay_warned,
             "recipients": {
                 a: {
                     "status": s.status, "attempts": s.attempts,
                     "last_attempt": s.last_attempt, "dsn": s.dsn, "diagnostic": s.diagnostic,
+                    "remote": s.remote,
                 }
                 for a, s in self.recipients.items()
             },
@@ -198,6 +203,7 @@ class QueueState:
             recipients={a: RecipientState(**s) for a, s in data.get("recipients", {}).items()},
             next_attempt=data.get("next_attempt"),
             held=bool(data.get("held", False)),
+            delay_warned=bool(data.get("delay_warned", False)),
         )
 
 
@@ -223,14 +229,39 @@ class QueueEntry:
                 out.append(r)
         return out
 
-    def open_message(self) -> BinaryIO:
+    def open_message(self, skip: int = 0) -> BoundedReader:
         """
-        Open the stored message, positioned at its first byte. Blocking: call
-        from a worker thread.
+        Open the stored message, positioned C{skip} bytes after its first byte,
+        bounded to its recorded size.
         """
         f = open(self.path, "rb")
-        f.seek(self.body_offset)
-        return f
+        f.seek(self.body_offset + skip)
+        return BoundedReader(f, self.envelope.size - skip)
+
+
+class BoundedReader:
+    """A file view that returns at most C{size} more bytes, then EOF."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self._left = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "BoundedReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
 
 
 def _header(env_len: int, size: int, hops: int) -> bytes:

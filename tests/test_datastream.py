@@ -211,3 +211,38 @@ def test_message_id_like_content_untouched() -> None:
     body, _ = s.feed(b"no colon on this first line\r\nsecond\r\n.\r\n")
     assert body == b"no colon on this first line\r\nsecond\r\n"
     assert re.match(rb"no colon", body)
+
+
+from relaynet.datastream import DotStuffer  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_pieces, max_size=60), st.lists(st.integers(1, 30), min_size=1, max_size=10))
+def test_stuffer_round_trip(parts: list[bytes], cuts: list[int]) -> None:
+    """
+    Whatever the chunking, a message stuffed by L{DotStuffer} and ended with
+    its terminator is read back by L{DataScanner} byte-exact (for messages with
+    CRLF line ends only), and the data ends exactly at the terminator.
+    """
+    message = b"".join(parts).replace(b"\r", b"").replace(b"\n", b"\r\n")
+    chunks, pos, i = [], 0, 0
+    while pos < len(message):
+        n = cuts[i % len(cuts)]
+        chunks.append(message[pos : pos + n])
+        pos += n
+        i += 1
+    s = DotStuffer()
+    wire = b"".join(s.stuff(c) for c in chunks) + s.terminator()
+    scanner = DataScanner(max_line_length=10**6)
+    body, rest = scanner.feed(wire + b"NEXT")
+    assert rest == b"NEXT"
+    expected = message if message.endswith(b"\r\n") or not message else message + b"\r\n"
+    assert body == expected
+
+
+def test_stuffer_first_line_and_boundary() -> None:
+    """A dot on the first line and one right after a chunk boundary are stuffed."""
+    s = DotStuffer()
+    out = s.stuff(b".first\r") + s.stuff(b"\n.second\r\n") + s.stuff(b".third\r\n")
+    assert out == b"..first\r\n..second\r\n..third\r\n"
+    assert s.terminator() == b".\r\n"

@@ -1,0 +1,584 @@
+# -*- test-case-name: tests.test_outbound -*-
+"""
+The client side: Twisted's ESMTP client, subclassed into a relay's delivery
+agent, and a connection pool per next hop.
+
+L{RelayClient} keeps C{ESMTPClient}'s greeting/EHLO/STARTTLS/AUTH machinery and
+reply parser, and replaces the mail transaction (traps 16-20 of
+C{shared/TWISTED-TRAPS.md}):
+
+ - MAIL carries SIZE, BODY=8BITMIME, SMTPUTF8 and DSN parameters when the peer
+   offers them; RCPT carries NOTIFY/ORCPT; with PIPELINING, MAIL, every RCPT
+   and DATA go out in one write;
+ - an 8-bit message is never sent to a peer without 8BITMIME (RFC 6152), nor an
+   SMTPUTF8 one to a peer without SMTPUTF8 (RFC 6531), nor one over the peer's
+   SIZE: those recipients fail permanently;
+ - the body is dot-stuffed correctly across chunk boundaries and on its first
+   line, from the stored CRLF message (trap 16);
+ - plaintext that arrived with the 220 to STARTTLS is discarded (trap 17);
+ - every step has a timeout (RFC 5321 4.5.3.2), and a failure never triggers
+   an immediate reconnect (trap 18);
+ - each recipient gets its own result from its own RCPT reply or from the
+   reply to the final dot (trap 19);
+ - one connection carries many messages in turn (trap 20: connection reuse).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+
+from relaynet.config import Outbound
+from relaynet.datastream import DotStuffer
+from relaynet.smtpparse import xtext_encode
+from relaynet.spool import QueueEntry, Recipient
+
+_ENHANCED = __import__("re").compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+
+
+@frozen
+class DeliveryResult:
+    """
+    The outcome of one recipient at one next hop.
+
+    @ivar code: the SMTP reply code (C{0} for no reply: connection problems).
+    @ivar enhanced: an RFC 3463 status.
+    @ivar text: the reply text (or what went wrong).
+    @ivar remote: the next hop, for DSNs and events.
+    @ivar dsn_peer: the peer supports DSN (so it reports success itself).
+    """
+
+    address: str
+    code: int
+    enhanced: str
+    text: str
+    remote: str
+    dsn_peer: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    @property
+    def diagnostic(self) -> str:
+        """The reply as a DSN Diagnostic-Code would show it."""
+        if self.code:
+            return f"{self.code} {self.enhanced} {self.text}"
+        return self.text
+
+
+def reply_status(code: int, resp: bytes) -> tuple[str, str]:
+    """
+    Split a reply text into its enhanced code and text; invent a code from the
+    reply class when the peer sent none.
+    """
+    first = resp.split(b"\n", 1)[0]
+    m = _ENHANCED.match(first)
+    text = b" ".join(resp.split(b"\n")).decode("utf-8", "replace")
+    if m and m.group(1) == str(code // 100).encode():
+        return m.group(0).strip().decode(), text[m.end():].strip() if m.end() <= len(text) else text
+    cls = code // 100
+    default = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(cls, "4.0.0")
+    return default, text
+
+
+@define
+class Job:
+    """One message to some of its recipients, waiting for a connection."""
+
+    entry: QueueEntry
+    recipients: list[Recipient]
+    deferred: Deferred[list[DeliveryResult]] = field(factory=Deferred)
+
+    def fail(self, code: int, enhanced: str, text: str, remote: str) -> None:
+        if not self.deferred.called:
+            self.deferred.callback(
+                [DeliveryResult(r.address, code, enhanced, text, remote) for r in self.recipients]
+            )
+
+
+def _addr(address: str) -> bytes:
+    return b"<" + address.encode("utf-8") + b">"
+
+
+class RelayClient(smtp.ESMTPClient):
+    """
+    One outbound connection to one next hop; takes jobs from its L{HopPool}
+    until there are none (or reuse is off), then QUITs.
+    """
+
+    debug = False
+    log = Logger()
+
+    def __init__(self, pool: "HopPool") -> None:
+        smtp.ESMTPClient.__init__(self, secret=None, contextFactory=None, identity=pool.helo_name)
+        self.pool = pool
+        self.timeouts = pool.timeouts
+        self.timeout = pool.timeouts.helo_timeout
+        self.callLater = pool.reactor.callLater
+        self.peer_ext: dict[bytes, bytes | None] = {}
+        self.job: Job | None = None
+        self._pending: deque[tuple[str, Recipient | None]] = deque()
+        self._rcpt_results: dict[str, DeliveryResult] = {}
+        self._accepted: list[Recipient] = []
+        self._mail_reply: tuple[int, bytes] | None = None
+        self._sent = 0
+        self._needs_rset = False
+        self._quitting = False
+
+    # -- connection and capabilities -------------------------------------
+
+    def connectionMade(self) -> None:
+        smtp.ESMTPClient.connectionMade(self)
+        self.pool.connected(self)
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        self.peer_ext = {}
+        for line in resp.splitlines()[1:]:
+            parts = line.split(None, 1)
+            if parts:
+                self.peer_ext[parts[0].upper()] = parts[1] if len(parts) > 1 else None
+        smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        # Anything the server sent after its 220 came in cleartext; it must not
+        # be read as if it had come over TLS (trap 17).
+        self.clearLineBuffer()
+        smtp.ESMTPClient.esmtpState_starttls(self, code, resp)
+
+    def smtpConnectionFailed(self, code: int, resp: bytes) -> None:
+        enhanced, text = reply_status(code, resp)
+        self._end_connection(code if code >= 400 else 421, enhanced, f"greeting: {text}")
+
+    def sendError(self, exc: Exception) -> None:
+        code = getattr(exc, "code", -1)
+        resp = getattr(exc, "resp", b"")
+        if isinstance(resp, str):
+            resp = resp.encode("utf-8", "replace")
+        if code >= 400:
+            enhanced, text = reply_status(code, resp)
+        else:
+            code, enhanced, text = 0, "4.4.2", resp.decode("utf-8", "replace") or str(exc)
+        self._end_connection(code, enhanced, text)
+
+    def timeoutConnection(self) -> None:
+        self._end_connection(0, "4.4.2", f"timeout talking to {self.pool.name}")
+
+    def _end_connection(self, code: int, enhanced: str, text: str) -> None:
+        """A fault that ends the session: fail the current job, drop the line."""
+        job, self.job = self.job, None
+        if code and not (400 <= code < 600):
+            code = 0
+        if code >= 500 and job is not None and self._mail_reply is None:
+            # A 5xx greeting/EHLO refusal is about the session, not the
+            # recipients: treat it as transient so failover/retry happen.
+            code, enhanced = 421, "4" + enhanced[1:]
+        if job is not None:
+            job.fail(code, enhanced, text, self.pool.name)
+        self._quitting = True
+        self.setTimeout(None)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[assignment]
+        smtp.ESMTPClient.connectionLost(self, reason)
+        job, self.job = self.job, None
+        if job is not None:
+            job.fail(0, "4.4.2", f"lost connection with {self.pool.name}", self.pool.name)
+        self.pool.disconnected(self)
+
+    # -- transactions ----------------------------------------------------
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        """Entry point after EHLO/TLS/AUTH and after each message: next job."""
+        self._next()
+
+    def _next(self) -> None:
+        if self._quitting:
+            return
+        job = None
+        if self.pool.reuse or self._sent == 0:
+            if self._sent < self.pool.timeouts.max_messages_per_connection:
+                job = self.pool.take(self)
+        if job is None:
+            if self.pool.reuse and self._sent < self.pool.timeouts.max_messages_per_connection:
+                self.pool.idle(self)
+                return
+            self.quit()
+            return
+        self.start(job)
+
+    def quit(self) -> None:
+        """End the session politely."""
+        self._quitting = True
+        self.job = None
+        self.setTimeout(self.timeouts.helo_timeout)
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self.smtpState_disconnect
+        self.sendLine(b"QUIT")
+
+    def start(self, job: Job) -> None:
+        """Send one message to its recipients on this connection."""
+        self.job = job
+        env = job.entry.envelope
+        ext = self.peer_ext
+        params = env.params
+        remote = self.pool.name
+        problem = None
+        if params.get("body") == "8BITMIME" and b"8BITMIME" not in ext:
+            problem = ("5.6.3", f"{remote} does not support 8BITMIME; 8-bit message not sent (RFC 6152)")
+        elif params.get("smtputf8") and b"SMTPUTF8" not in ext:
+            problem = ("5.6.7", f"{remote} does not support SMTPUTF8 (RFC 6531)")
+        elif b"SIZE" in ext:
+            try:
+                limit = int((ext[b"SIZE"] or b"0").split()[0])
+            except ValueError:
+                limit = 0
+            if limit and env.size > limit:
+                problem = ("5.3.4", f"message size {env.size} exceeds the limit {limit} of {remote}")
+        if problem is not None:
+            self.job = None
+            job.fail(554, problem[0], problem[1], remote)
+            self._sent += 1
+            self._next()
+            return
+        dsn = b"DSN" in ext
+        mail = b"MAIL FROM:" + _addr(env.sender)
+        if b"SIZE" in ext:
+            mail += b" SIZE=%d" % env.size
+        if params.get("body") == "8BITMIME":
+            mail += b" BODY=8BITMIME"
+        if params.get("smtputf8"):
+            mail += b" SMTPUTF8"
+        if dsn and params.get("ret"):
+            mail += b" RET=" + params["ret"].encode()
+        if dsn and params.get("envid"):
+            mail += b" ENVID=" + xtext_encode(params["envid"]).encode()
+        lines = [mail]
+        self._pending = deque([("MAIL", None)])
+        for r in job.recipients:
+            rcpt = b"RCPT TO:" + _addr(r.address)
+            if dsn and r.notify:
+                rcpt += b" NOTIFY=" + ",".join(r.notify).encode()
+            if dsn and r.orcpt:
+                addr_type, _, orig = r.orcpt.partition(";")
+                rcpt += b" ORCPT=" + addr_type.encode() + b";" + xtext_encode(orig).encode()
+            lines.append(rcpt)
+            self._pending.append(("RCPT", r))
+        lines.append(b"DATA")
+        self._pending.append(("DATA", None))
+        self._rcpt_results = {}
+        self._accepted = []
+        self._mail_reply = None
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self._on_reply
+        if self._needs_rset:
+            self._pending.appendleft(("RSET", None))
+            lines.insert(0, b"RSET")
+            self._needs_rset = False
+        self._pipelined = b"PIPELINING" in ext
+        self.setTimeout(self.timeouts.mail_timeout)
+        if self._pipelined:
+            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        else:
+            self._unsent = deque(lines[1:])
+            self.sendLine(lines[0])
+
+    def _send_next(self) -> None:
+        """Without PIPELINING: send the next command of the transaction."""
+        if self._pipelined or not self._unsent:
+            return
+        line = self._unsent.popleft()
+        self.setTimeout(self.timeouts.data_timeout if line == b"DATA" else self.timeouts.rcpt_timeout)
+        self.sendLine(line)
+
+    def _on_reply(self, code: int, resp: bytes) -> None:
+        job = self.job
+        if job is None or not self._pending:
+            return
+        kind, rcpt = self._pending.popleft()
+        ok = 200 <= code < 300
+        if kind == "RSET":
+            self._send_next()
+            return
+        if kind == "MAIL":
+            self._mail_reply = (code, resp)
+            if ok:
+                self._send_next()
+                return
+            self._needs_rset = True
+            if not self._pipelined:
+                self._complete(code, resp)
+            return
+        mail_code, mail_resp = self._mail_reply or (0, b"")
+        mail_ok = 200 <= mail_code < 300
+        if kind == "RCPT":
+            assert rcpt is not None
+            if mail_ok:
+                if ok:
+                    self._accepted.append(rcpt)
+                else:
+                    enhanced, text = reply_status(code, resp)
+                    self._rcpt_results[rcpt.address] = DeliveryResult(
+                        rcpt.address, code, enhanced, text, self.pool.name, b"DSN" in self.peer_ext
+                    )
+            if not self._pipelined:
+                if self._unsent and self._unsent[0] == b"DATA" and not self._accepted:
+                    self._needs_rset = True
+                    self._complete(code, resp)
+                    return
+                self._send_next()
+            return
+        if kind == "DATA":
+            if code == 354 and mail_ok and self._accepted:
+                self._send_body(job)
+            elif code == 354:
+                # Pipelined DATA accepted though no recipient was: end an empty
+                # message (RFC 2920 3.1) and disregard its reply.
+                self._pending.append(("EMPTY", None))
+                self.sendLine(b".")
+            else:
+                self._needs_rset = True
+                self._complete(*((code, resp) if mail_ok else (mail_code, mail_resp)))
+            return
+        if kind == "EMPTY":
+            self._needs_rset = True
+            self._complete(*((0, b"") if mail_ok else (mail_code, mail_resp)))
+            return
+        if kind == "DOT":
+            self._complete(code, resp)
+
+    def _send_body(self, job: Job) -> None:
+        self.setTimeout(self.timeouts.data_block_timeout)
+        stuffer = DotStuffer()
+
+        def transform(chunk: bytes) -> bytes:
+            self.resetTimeout()
+            return stuffer.stuff(chunk)
+
+        try:
+            f = job.entry.open_message()
+        except OSError as e:
+            self._end_connection(0, "4.3.0", f"cannot read queue file: {e}")
+            return
+        reader = f
+
+        def sent(_: object) -> None:
+            f.close()
+            self.setTimeout(self.timeouts.data_done_timeout)
+            self._pending.append(("DOT", None))
+            self.transport.write(stuffer.terminator())
+
+        def failed(reason: Failure) -> None:
+            f.close()
+            self._end_connection(0, "4.4.2", f"error sending message body: {reason.value}")
+
+        FileSender().beginFileTransfer(reader, self.transport, transform).addCallbacks(sent, failed)
+
+    def _complete(self, code: int, resp: bytes) -> None:
+        """The transaction is over: one result per recipient, then the next job."""
+        job, self.job = self.job, None
+        if job is None:
+            return
+        self._pending.clear()
+        dsn = b"DSN" in self.peer_ext
+        enhanced, text = reply_status(code, resp) if code else ("4.4.2", "no reply")
+        results = []
+        for r in job.recipients:
+            res = self._rcpt_results.get(r.address)
+            if res is None:
+                if code:
+                    res = DeliveryResult(r.address, code, enhanced, text, self.pool.name, dsn)
+                else:
+                    res = DeliveryResult(r.address, 0, "4.4.2", "no recipient accepted", self.pool.name, dsn)
+            results.append(res)
+        self._sent += 1
+        job.deferred.callback(results)
+        self.setTimeout(self.timeouts.mail_timeout)
+        self._next()
+
+
+class _Factory(ClientFactory):
+    def __init__(self, pool: "HopPool") -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: Any) -> RelayClient:
+        p = RelayClient(self.pool)
+        p.factory = self
+        return p
+
+
+class HopPool:
+    """
+    The connections to one next hop: a queue of jobs, up to C{concurrency}
+    connections, each carrying jobs in turn, idle ones kept for
+    C{reuse_idle_time} seconds (like Postfix's connection cache).
+
+    A connection attempt that fails while no connection to the hop is up fails
+    every queued job at once (the hop is down: the scheduler fails over or
+    defers); it is never retried immediately (trap 18).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoint: str,
+        reactor: Any,
+        timeouts: Outbound,
+        helo_name: str,
+        concurrency: int = 20,
+        source_address: str | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.name = _hop_name(endpoint)
+        self.reactor = reactor
+        self.timeouts = timeouts
+        self.helo_name = helo_name.encode("ascii", "replace")
+        self.concurrency = concurrency
+        self.reuse = timeouts.connection_reuse
+        ep = endpoint
+        if source_address and ep.split(":", 1)[0] in ("tcp", "tcp6") and "bindAddress" not in ep:
+            ep += f":bindAddress={source_address}"
+        self._endpoint = clientFromString(reactor, ep)
+        self.queue: deque[Job] = deque()
+        self.clients: set[RelayClient] = set()
+        self._idle: dict[RelayClient, Any] = {}
+        self._connecting = 0
+        self.connections_made = 0
+
+    def submit(self, entry: QueueEntry, recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
+        """Queue delivery of C{entry} to C{recipients} through this hop."""
+        job = Job(entry, list(recipients))
+        self.queue.append(job)
+        self._kick()
+        return job.deferred
+
+    def _kick(self) -> None:
+        while self.queue and self._idle:
+            client, timer = self._idle.popitem()
+            if timer.active():
+                timer.cancel()
+            client.start(self.queue.popleft())
+        busy = len(self.clients) + self._connecting
+        want = min(len(self.queue), self.concurrency - busy)
+        for _ in range(max(0, want - self._connecting)):
+            self._connect()
+
+    def _connect(self) -> None:
+        self._connecting += 1
+        d = self._endpoint.connect(_Factory(self))
+        d.addTimeout(self.timeouts.connect_timeout, self.reactor)
+
+        def done(proto: object) -> None:
+            self._connecting -= 1
+
+        def failed(reason: Failure) -> None:
+            self._connecting -= 1
+            if reason.check(DeferredTimeout):
+                text = f"connect to {self.name}: timed out"
+            else:
+                text = f"connect to {self.name}: {reason.getErrorMessage()}"
+            if not self.clients and not self._connecting:
+                while self.queue:
+                    self.queue.popleft().fail(0, "4.4.1", text, self.name)
+
+        d.addCallbacks(done, failed)
+
+    def connected(self, client: RelayClient) -> None:
+        self.clients.add(client)
+        self.connections_made += 1
+
+    def disconnected(self, client: RelayClient) -> None:
+        self.clients.discard(client)
+        timer = self._idle.pop(client, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self.queue:
+            self._kick()
+
+    def take(self, client: RelayClient) -> Job | None:
+        """The next job for C{client}, if any."""
+        return self.queue.popleft() if self.queue else None
+
+    def idle(self, client: RelayClient) -> None:
+        """C{client} has nothing to do: keep it briefly for reuse."""
+        self._idle[client] = self.reactor.callLater(
+            self.timeouts.reuse_idle_time, self._expire, client
+        )
+
+    def _expire(self, client: RelayClient) -> None:
+        if self._idle.pop(client, None) is not None:
+            client.quit()
+
+    def close(self) -> None:
+        """QUIT idle connections and fail queued jobs (node stopping)."""
+        for client, timer in list(self._idle.items()):
+            if timer.active():
+                timer.cancel()
+            client.quit()
+        self._idle.clear()
+        while self.queue:
+            self.queue.popleft().fail(0, "4.3.2", "node shutting down", self.name)
+
+
+def _hop_name(endpoint: str) -> str:
+    """A readable C{host:port} for an endpoint string."""
+    parts = endpoint.split(":")
+    args = [p for p in parts[1:] if "=" not in p]
+    kw = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    host = kw.get("host") or (args[0] if args else "?")
+    port = kw.get("port") or (args[1] if len(args) > 1 else "?")
+    return f"{host}:{port}"
+
+
+class OutboundManager:
+    """All hop pools of a node, created on first use."""
+
+    def __init__(self, reactor: Any, timeouts: Outbound, helo_name: str) -> None:
+        self.reactor = reactor
+        self.timeouts = timeouts
+        self.helo_name = helo_name
+        self.pools: dict[tuple[str, str | None], HopPool] = {}
+
+    def pool(self, endpoint: str, concurrency: int = 20, source_address: str | None = None) -> HopPool:
+        key = (endpoint, source_address)
+        p = self.pools.get(key)
+        if p is None:
+            p = self.pools[key] = HopPool(
+                endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address
+            )
+        return p
+
+    def deliver(
+        self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
+        concurrency: int = 20, source_address: str | None = None,
+    ) -> Deferred[list[DeliveryResult]]:
+        """Deliver C{entry} to C{recipients} through the hop at C{endpoint}."""
+        return self.pool(endpoint, concurrency, source_address).submit(entry, recipients)
+
+    def close(self) -> None:
+        for p in self.pools.values():
+            p.close()
+
+    @property
+    def connections_made(self) -> int:
+        return sum(p.connections_made for p in self.pools.values())
+
+
+__all__ = [
+    "DeliveryResult", "RelayClient", "HopPool", "OutboundManager", "reply_status", "Job",
+]
