@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", default="127.0.0.1",
                    help="client IP to decide relay permission for (default 127.0.0.1)")
     p.set_defaults(func=_route)
+    from relaynet.lab.cli import add_lab_parser
+
+    add_lab_parser(sub)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_version)
     return parser
