@@ -46,7 +46,8 @@ class EventLog:
         self.log.info(
             "{event} queue_id={queue_id} from=<{sender}> to=<{recipient}> status={status}",
             event=event, queue_id=fields.get("queue_id"), sender=fields.get("sender", ""),
-            recipient=fields.get("recipient", ""), status=fields.get("status", event),
+            recipient=fields.get("recipient") or ",".join(fields.get("recipients") or ()),
+            status=fields.get("status", event),
         )
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from attrs import frozen
 
 from relaynet.config import LocalDelivery
 from relaynet.policy import resolve_local
-from relaynet.spool import QueueEntry, fsync_dir
+from relaynet.spool import QueueEntry, fsync_dir, makedirs_durable
 
 _counter = itertools.count()
 
@@ -52,9 +52,14 @@ def maildir_for(local: LocalDelivery, domain: str, user: str) -> Path:
 
 
 def ensure_maildir(path: Path) -> None:
-    """Create a Maildir (tmp, new, cur; mode 0700) if missing."""
+    """
+    Create a Maildir (tmp, new, cur; mode 0700) if missing, durably (each new
+    directory's parent is fsynced).
+    """
+    if (path / "new").is_dir() and (path / "tmp").is_dir() and (path / "cur").is_dir():
+        return
     for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        makedirs_durable(path / sub)
 
 
 def unique_name(hostname: str | None = None) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import secrets
 import time
 from pathlib import Path
@@ -291,7 +292,34 @@ def read_queue_file(path: Path) -> tuple[Envelope, int]:
             data = json.loads(raw)
         except ValueError as e:
             raise CorruptQueueFile(f"{path}: envelope is not JSON: {e}") from None
-    return Envelope.from_json(data, size=size, hops=hops), HEADER_LEN + env_len + 1
+    try:
+        envelope = Envelope.from_json(data, size=size, hops=hops)
+    except CorruptQueueFile:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptQueueFile(f"{path}: not an envelope: {e!r}") from None
+    return envelope, HEADER_LEN + env_len + 1
+
+
+def makedirs_durable(path: Path, mode: int = 0o700) -> None:
+    """
+    Create C{path} and missing parents like C{mkdir -p}, fsyncing the parent of
+    each directory created, so the new directory survives a power loss.
+    """
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=mode)
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -505,9 +533,12 @@ class Spool:
         C{tmp/}. Blocking; run before the node accepts connections.
         """
         for d in (self.root, self.tmp_dir, self.new_dir, self.state_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            makedirs_durable(d)
         for p in self.tmp_dir.iterdir():
-            p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         fsync_dir(self.tmp_dir)
 
     def recover(self) -> Iterator[QueueEntry]:
