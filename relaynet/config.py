@@ -24,7 +24,8 @@ from attrs import field, frozen
 
 T = TypeVar("T")
 
-LISTENER_MODES = ("relay",)
+LISTENER_MODES = ("relay", "submission", "submissions")
+BARE_NEWLINES = ("reject", "normalize")
 ROUTE_ACTIONS = ("local", "relay", "mx", "reject")
 ACK_MODES = ("queued", "cut-through")
 TLS_POLICIES = ("none", "opportunistic", "required", "verify")
@@ -52,7 +53,10 @@ class Listener:
     One listening endpoint.
 
     @ivar endpoint: a Twisted server endpoint string.
-    @ivar mode: what the listener is for (C{relay}).
+    @ivar mode: C{relay} (port 25 style: STARTTLS offered when C{[tls]} is
+        set), C{submission} (RFC 6409, port 587: AUTH required before MAIL,
+        offered only over TLS) or C{submissions} (port 465: implicit TLS, AUTH
+        required).
     """
 
     endpoint: str
@@ -73,6 +77,34 @@ class Limits:
     max_line_length: int = 1000
     max_command_length: int = 2048
     max_errors: int = 20
+    max_connections: int = 500
+    max_connections_per_ip: int = 50
+    bare_newlines: str = "reject"
+
+
+@frozen
+class TLSSettings:
+    """
+    Certificate and key for the node's listeners, and the CA bundle that
+    C{tls = "verify"} routes check next hops against.
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca_file: Path | None = None
+
+
+@frozen
+class AuthSettings:
+    """
+    SMTP AUTH (submission): the password file, failure handling and which
+    envelope senders each user may use.
+    """
+
+    password_file: Path | None = None
+    max_failures: int = 3
+    failure_delay: float = 1.0
+    senders: Mapping[str, tuple[str, ...]] = field(factory=dict)
 
 
 @frozen
@@ -173,6 +205,8 @@ class NodeConfig:
     queue: QueuePolicy = QueuePolicy()
     outbound: Outbound = Outbound()
     dns_servers: tuple[tuple[str, int], ...] = ()
+    tls: TLSSettings = TLSSettings()
+    auth: AuthSettings = AuthSettings()
     source: str = "<default>"
 
     @property
@@ -438,6 +472,14 @@ def parse_config(
             lambda v: None if v >= 512 else "must be at least 512 (RFC 5321 4.5.3.1.4)",
         ),
         max_errors=lim.get("max_errors", int, defaults.max_errors, _positive),
+        max_connections=lim.get("max_connections", int, defaults.max_connections, _positive),
+        max_connections_per_ip=lim.get(
+            "max_connections_per_ip", int, defaults.max_connections_per_ip, _positive
+        ),
+        bare_newlines=lim.get(
+            "bare_newlines", str, defaults.bare_newlines,
+            lambda v: None if v in BARE_NEWLINES else f"must be one of {', '.join(BARE_NEWLINES)}",
+        ),
     )
     lim.finish()
 
@@ -527,12 +569,47 @@ def parse_config(
             raise ConfigError(source, f"dns.servers[{i}]", f"{server!r} is not IP, IP:port or [IPv6]:port")
         servers.append(parsed)
     dns.finish()
+
+    t = top.sub("tls")
+    tls = TLSSettings(
+        cert=_resolve(base, t.get("cert", str, "")) if "cert" in t.data else None,
+        key=_resolve(base, t.get("key", str, "")) if "key" in t.data else None,
+        ca_file=_resolve(base, t.get("ca_file", str, "")) if "ca_file" in t.data else None,
+    )
+    t.finish()
+    if (tls.cert is None) != (tls.key is None):
+        raise ConfigError(source, "tls.cert" if tls.cert is None else "tls.key",
+                          "cert and key go together")
+    for i, lst in enumerate(listeners):
+        if lst.mode in ("submission", "submissions") and tls.cert is None:
+            raise ConfigError(source, f"listener[{i}].mode",
+                              f"{lst.mode} needs [tls] cert and key (AUTH is only offered over TLS)")
+    a = top.sub("auth")
+    senders_data = a.get("senders", dict, {})
+    senders: dict[str, tuple[str, ...]] = {}
+    for user, value in senders_data.items():
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, f"auth.senders.{user}", "must be an address, '@domain' or a list of them")
+        senders[user] = tuple(v.lower() for v in value)
+    auth = AuthSettings(
+        password_file=_resolve(base, a.get("password_file", str, "")) if "password_file" in a.data else None,
+        max_failures=a.get("max_failures", int, 3, _positive),
+        failure_delay=float(a.get("failure_delay", (int, float), 1.0,
+                                  lambda v: None if v >= 0 else "must not be negative")),
+        senders=senders,
+    )
+    a.finish()
+    for i, lst in enumerate(listeners):
+        if lst.mode in ("submission", "submissions") and auth.password_file is None:
+            raise ConfigError(source, f"listener[{i}].mode", f"{lst.mode} needs [auth] password_file")
     top.finish()
 
     return NodeConfig(
         name=name, hostname=hostname, spool=spool, listeners=listeners, limits=limits,
         local=local, trusted_networks=tuple(nets), routes=routes, queue=queue,
-        outbound=outbound, dns_servers=tuple(servers), source=source,
+        outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, source=source,
     )
 
 

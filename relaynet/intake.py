@@ -26,23 +26,32 @@ what C{twisted.mail.smtp} gets wrong (see C{shared/TWISTED-TRAPS.md}):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable
 
 from attrs import define, field
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
+from zope.interface import implementer
+
+from relaynet.auth import IRelayUser, may_send_as
 from relaynet.config import Listener, NodeConfig
 from relaynet.datastream import DataScanner
 from relaynet.events import EventLog
 from relaynet.policy import check_recipient
 from relaynet.smtpparse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
+from relaynet.tls import connection_info
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -50,6 +59,7 @@ if TYPE_CHECKING:
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _PAUSE_ABOVE = 256 * 1024
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 HELP_TEXT = (
     "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
@@ -72,7 +82,11 @@ class Intake:
     queued: Callable[[QueueEntry], object] = lambda entry: None
     cut_through: Callable[[QueueEntry], Deferred[tuple[int, str, str]]] | None = None
     now: Callable[[], float] = time.time
+    tls: Any = None
+    portal: Any = None
     sessions: set["RelayESMTP"] = field(factory=set)
+    per_ip: dict[str, int] = field(factory=dict)
+    auth_failures: dict[str, int] = field(factory=dict)
     accepting: bool = True
 
 
@@ -89,9 +103,13 @@ def ip_literal(ip: str) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
+@implementer(IHandshakeListener)
 class RelayESMTP(smtp.ESMTP):
     """
     One SMTP session of the relay intake.
+
+    @ivar tls_info: C{(version, cipher)} once TLS is up.
+    @ivar auth_user: the authenticated user name, if any.
     """
 
     log = Logger()
@@ -120,8 +138,14 @@ class RelayESMTP(smtp.ESMTP):
         self._writer: SpoolWriter | None = None
         self._data_txn: Transaction | None = None
         self._shutdown_after_reply = False
+        self._normalize = limits.bare_newlines == "normalize"
         self.client_ip = "unknown"
         self.client_port = 0
+        self.tls_info: tuple[str, str] | None = None
+        self.auth_user: str | None = None
+        self._auth: tuple[str, str | None] | None = None
+        self._counted = False
+        self.startedTLS = listener.mode == "submissions"
 
     # -- connection ------------------------------------------------------
 
@@ -129,18 +153,42 @@ class RelayESMTP(smtp.ESMTP):
         peer = self.transport.getPeer()
         self.client_ip = str(getattr(peer, "host", "unknown"))
         self.client_port = int(getattr(peer, "port", 0) or 0)
-        self.intake.sessions.add(self)
-        if not self.intake.accepting:
-            self.reply(421, "4.3.2", f"{self.intake.config.hostname} Service shutting down")
+        intake = self.intake
+        intake.sessions.add(self)
+        per_ip = intake.per_ip.get(self.client_ip, 0) + 1
+        intake.per_ip[self.client_ip] = per_ip
+        self._counted = True
+        if not intake.accepting:
+            self.reply(421, "4.3.2", f"{intake.config.hostname} Service shutting down")
+            self._close()
+            return
+        if len(intake.sessions) > self.limits.max_connections:
+            self.reply(421, "4.7.0", f"{intake.config.hostname} Error: too many connections")
+            self._close()
+            return
+        if per_ip > self.limits.max_connections_per_ip:
+            self.reply(421, "4.7.0", f"{intake.config.hostname} Error: too many connections from {self.client_ip}")
             self._close()
             return
         smtp.ESMTP.connectionMade(self)
+        self.canStartTLS = intake.tls is not None and ITLSTransport.providedBy(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (STARTTLS or implicit): note the version and cipher."""
+        self.tls_info = connection_info(self.transport)
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP relaynet"
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[assignment]
         self.intake.sessions.discard(self)
+        if self._counted:
+            self._counted = False
+            left = self.intake.per_ip.get(self.client_ip, 1) - 1
+            if left > 0:
+                self.intake.per_ip[self.client_ip] = left
+            else:
+                self.intake.per_ip.pop(self.client_ip, None)
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
@@ -245,7 +293,10 @@ class RelayESMTP(smtp.ESMTP):
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                self._command(line)
+                if self._auth is not None:
+                    self._auth_response(line)
+                else:
+                    self._command(line)
                 if self._shutdown_after_reply and self.idle:
                     self.shutdown()
         finally:
@@ -328,7 +379,7 @@ class RelayESMTP(smtp.ESMTP):
         self.sendCode(250, b"\n".join(lines))
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
-        return {
+        ext: dict[bytes, list[bytes] | None] = {
             b"PIPELINING": None,
             b"SIZE": [str(self.limits.max_message_size).encode()],
             b"ENHANCEDSTATUSCODES": None,
@@ -336,12 +387,144 @@ class RelayESMTP(smtp.ESMTP):
             b"SMTPUTF8": None,
             b"DSN": None,
         }
+        if self.canStartTLS and not self.startedTLS:
+            ext[b"STARTTLS"] = None
+        if self.intake.portal is not None and self.startedTLS and not self.authenticated:
+            ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
+        return ext
 
     def ext_STARTTLS(self, rest: bytes) -> None:
-        self.reply(454, "4.7.0", "TLS not available")
+        if self.startedTLS:
+            self.reply(503, "5.5.1", "Error: TLS already active")
+            return
+        if not self.canStartTLS:
+            self.reply(502, "5.5.1", "Error: command not implemented")
+            return
+        if rest.strip():
+            self.reply(501, "5.5.4", "Syntax: STARTTLS")
+            return
+        self.reply(220, "2.0.0", "Ready to start TLS")
+        # RFC 3207 4.2 and CVE-2011-0411: nothing sent before the handshake
+        # counts, and the session starts over.
+        self._inbuf = b""
+        self._helo_name, self._esmtp, self._txn = None, False, None
+        self.transport.startTLS(self.intake.tls)
+        self.startedTLS = True
 
-    def ext_AUTH(self, rest: bytes) -> None:
-        self.reply(503, "5.5.1", "Error: authentication not enabled")
+    def ext_AUTH(self, rest: bytes) -> Deferred[None] | None:
+        if self.intake.portal is None:
+            self.reply(503, "5.5.1", "Error: authentication not enabled")
+            return None
+        if not self.startedTLS:
+            self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            return None
+        if self._helo_name is None or not self._esmtp:
+            self.reply(503, "5.5.1", "Error: send EHLO first")
+            return None
+        if self.authenticated:
+            self.reply(503, "5.5.1", "Error: already authenticated")
+            return None
+        if self._txn is not None:
+            self.reply(503, "5.5.1", "Error: MAIL transaction in progress")
+            return None
+        parts = rest.split()
+        mech = parts[0].upper() if parts else b""
+        initial = parts[1] if len(parts) > 1 else None
+        if mech == b"PLAIN":
+            if initial is None:
+                self._auth = ("PLAIN", None)
+                self.sendCode(334, b"")
+                return None
+            return self._auth_plain(initial)
+        if mech == b"LOGIN":
+            if initial is None:
+                self._auth = ("LOGIN", None)
+                self.sendCode(334, b"VXNlcm5hbWU6")
+                return None
+            user = self._b64(initial)
+            if user is None:
+                return None
+            self._auth = ("LOGIN", user)
+            self.sendCode(334, b"UGFzc3dvcmQ6")
+            return None
+        self.reply(504, "5.5.4", "Error: unsupported authentication mechanism")
+        return None
+
+    def _b64(self, data: bytes) -> str | None:
+        try:
+            return base64.b64decode(data, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            self._auth = None
+            self.reply(501, "5.5.2", "Error: malformed authentication response")
+            return None
+
+    def _auth_response(self, line: bytes) -> None:
+        assert self._auth is not None
+        mech, user = self._auth
+        if line.strip() == b"*":
+            self._auth = None
+            self.reply(501, "5.7.0", "Authentication aborted")
+            return
+        if mech == "PLAIN":
+            self._auth = None
+            d = self._auth_plain(line.strip())
+        elif user is None:
+            name = self._b64(line.strip())
+            if name is not None:
+                self._auth = ("LOGIN", name)
+                self.sendCode(334, b"UGFzc3dvcmQ6")
+            return
+        else:
+            self._auth = None
+            password = self._b64(line.strip())
+            d = None if password is None else self._login(user, password)
+        if d is not None:
+            self._wait_for(d)
+
+    def _auth_plain(self, data: bytes) -> Deferred[None] | None:
+        decoded = self._b64(data)
+        if decoded is None:
+            return None
+        parts = decoded.split("\0")
+        if len(parts) != 3 or not parts[1]:
+            self.reply(501, "5.5.2", "Error: malformed authentication response")
+            return None
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            self.reply(535, "5.7.8", "Error: authentication failed")
+            return None
+        return self._login(user, password)
+
+    def _login(self, user: str, password: str) -> Deferred[None]:
+        creds = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        d = self.intake.portal.login(creds, None, IRelayUser)
+
+        def ok(result: tuple[Any, str, Any]) -> None:
+            self.authenticated = True
+            self.auth_user = result[1]
+            self.intake.auth_failures.pop(self.client_ip, None)
+            self.reply(235, "2.7.0", "Authentication successful")
+
+        def bad(failure: Failure) -> Deferred[None]:
+            if not failure.check(UnauthorizedLogin):
+                self.log.failure("Authentication error", failure)
+            failures = self.intake.auth_failures.get(self.client_ip, 0) + 1
+            self.intake.auth_failures[self.client_ip] = failures
+            auth = self.intake.config.auth
+            done: Deferred[None] = Deferred()
+
+            def answer() -> None:
+                if failures >= auth.max_failures:
+                    self.reply(421, "4.7.0", f"{self.intake.config.hostname} Error: too many failed authentications")
+                    self._close()
+                else:
+                    self.reply(535, "5.7.8", "Error: authentication failed")
+                done.callback(None)
+
+            self.intake.reactor.callLater(auth.failure_delay * failures, answer)
+            return done
+
+        return d.addCallbacks(ok, bad)
 
     def do_NOOP(self, rest: bytes) -> None:
         self.reply(250, "2.0.0", "Ok")
@@ -370,6 +553,9 @@ class RelayESMTP(smtp.ESMTP):
         if self._txn is not None:
             self.reply(503, "5.5.1", "Error: nested MAIL command")
             return
+        if self.listener.mode in ("submission", "submissions") and not self.authenticated:
+            self.reply(530, "5.7.0", "Authentication required")
+            return
         try:
             mail = parse_mail(
                 rest, size_limit=self.limits.max_message_size, smtputf8_allowed=self._esmtp
@@ -378,6 +564,11 @@ class RelayESMTP(smtp.ESMTP):
                 raise CommandError(555, "5.5.4", "ESMTP parameters need EHLO")
         except CommandError as e:
             self.reply(e.code, e.enhanced, e.text)
+            return
+        if self.auth_user is not None and not may_send_as(
+            self.auth_user, str(mail.sender), self.intake.config.auth.senders
+        ):
+            self.reply(553, "5.7.1", f"<{mail.sender}>: Sender address rejected: not owned by user {self.auth_user}")
             return
         self._txn = Transaction(mail)
         self.reply(250, "2.1.0", "Ok")
@@ -436,6 +627,7 @@ class RelayESMTP(smtp.ESMTP):
             client={
                 "helo": self._helo_name, "ip": self.client_ip, "port": self.client_port,
                 "protocol": self.protocol_name(mail.smtputf8), "listener": self.listener.endpoint,
+                "tls": list(self.tls_info) if self.tls_info else None, "auth": self.auth_user,
             },
             node=self.intake.config.name,
         )
@@ -471,8 +663,12 @@ class RelayESMTP(smtp.ESMTP):
         if len(envelope.recipients) == 1:
             rcpt = f"\r\n\tfor <{envelope.recipients[0].address}>"
         date = formatdate(envelope.arrival, localtime=True)
+        tls = ""
+        if self.tls_info:
+            tls = f"\r\n\t(using {self.tls_info[0]} with cipher {self.tls_info[1]})"
         return (
-            f"Received: from {self._helo_name} ({ip_literal(self.client_ip)})\r\n"
+            f"Received: from {self._helo_name} ({ip_literal(self.client_ip)})"
+            f"{tls}\r\n"
             f"\tby {self.intake.config.hostname} (relaynet) with {envelope.client['protocol']}"
             f" id {envelope.queue_id}{rcpt}; {date}\r\n"
         ).encode("utf-8")
@@ -484,6 +680,9 @@ class RelayESMTP(smtp.ESMTP):
         assert scanner is not None
         body, rest = scanner.feed(data)
         writer = self._writer
+        if body and self._normalize and (scanner.bare_lf or scanner.bare_cr):
+            body = _BARE.sub(b"\r\n", body)
+            scanner.bare_lf = scanner.bare_cr = False
         if writer is not None:
             if scanner.received_count + 1 > self.limits.max_hops or not scanner.ok:
                 writer.abort()
@@ -540,6 +739,7 @@ class RelayESMTP(smtp.ESMTP):
                     sender=env.sender, recipients=[r.address for r in env.recipients],
                     size=env.size, client=self.client_ip, client_port=self.client_port,
                     helo=self._helo_name, protocol=env.client.get("protocol"), hops=hops,
+                    tls=" ".join(self.tls_info) if self.tls_info else None, auth=self.auth_user,
                 )
             except Exception:
                 self.log.failure("Could not log the received event of {queue_id}", queue_id=entry.queue_id)

@@ -19,14 +19,19 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.cred.portal import Portal
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from relaynet.auth import RelayRealm, ScryptChecker
 from relaynet.config import NodeConfig
 from relaynet.events import EventLog
 from relaynet.intake import Intake, RelayFactory, drain
 from relaynet.runner import QueueRunner
-from relaynet.spool import Spool
+from relaynet.spool import Spool, makedirs_durable
+from relaynet.tls import server_options
 
 
 class RelayNode(MultiService):
@@ -53,16 +58,27 @@ class RelayNode(MultiService):
 
     def startService(self) -> None:
         config = self.config
-        config.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-        config.local.mailroot.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.pool.start()
+        # Everything that can fail comes before the thread pool starts: its
+        # threads would otherwise keep a failed twistd from exiting.
+        makedirs_durable(config.spool)
+        makedirs_durable(config.local.mailroot)
         self.events = EventLog(config.event_log, config.name)
         self.spool.prepare()
         recovered = list(self.spool.recover())
+        tls, portal = self._tls_options(), self._portal()
+        self.pool.start()
+        try:
+            self._start(config, recovered, tls, portal)
+        except BaseException:
+            self.pool.stop()
+            raise
+
+    def _start(self, config: NodeConfig, recovered: list[Any], tls: Any, portal: Any) -> None:
         self.runner = QueueRunner(config, self.spool, self.events, self.reactor, self.pool)
         self.intake = Intake(
             config=config, spool=self.spool, events=self.events, reactor=self.reactor,
             queued=self.runner.enqueue, cut_through=self.runner.cut_through,
+            tls=tls, portal=portal,
         )
         self.runner.start(recovered)
         self.log.info(
@@ -71,7 +87,10 @@ class RelayNode(MultiService):
         )
         for listener in config.listeners:
             endpoint = serverFromString(self.reactor, listener.endpoint)
-            svc = StreamServerEndpointService(endpoint, RelayFactory(self.intake, listener))
+            factory: Any = RelayFactory(self.intake, listener)
+            if listener.mode == "submissions":
+                factory = TLSMemoryBIOFactory(self.intake.tls, False, factory)
+            svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True
             svc.setServiceParent(self)
             self._listener_services.append(svc)
@@ -80,6 +99,21 @@ class RelayNode(MultiService):
             # StreamServerEndpointService keeps the listening Deferred only in
             # this attribute; we read it to learn the bound port (tcp:0).
             svc._waitingForPort.addCallback(self._listening, listener.endpoint)  # type: ignore[union-attr]
+
+    def _tls_options(self) -> Any:
+        tls = self.config.tls
+        if tls.cert is None or tls.key is None:
+            return None
+        return server_options(tls.cert, tls.key)
+
+    def _portal(self) -> Any:
+        auth = self.config.auth
+        if auth.password_file is None:
+            return None
+        checker = ScryptChecker(
+            auth.password_file, lambda f: deferToThreadPool(self.reactor, self.pool, f)
+        )
+        return Portal(RelayRealm(), [checker])
 
     def _listening(self, port: Any, endpoint: str) -> Any:
         self.ports.append(port)

@@ -35,12 +35,17 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.basic import FileSender
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relaynet.config import Outbound
 from relaynet.datastream import DotStuffer
 from relaynet.smtpparse import xtext_encode
 from relaynet.spool import QueueEntry, Recipient
+from relaynet.tls import client_options, connection_info
 
 _ENHANCED = __import__("re").compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
@@ -63,6 +68,7 @@ class DeliveryResult:
     text: str
     remote: str
     dsn_peer: bool = False
+    tls: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -114,6 +120,7 @@ def _addr(address: str) -> bytes:
     return b"<" + address.encode("utf-8") + b">"
 
 
+@implementer(IHandshakeListener)
 class RelayClient(smtp.ESMTPClient):
     """
     One outbound connection to one next hop; takes jobs from its L{HopPool}
@@ -124,7 +131,11 @@ class RelayClient(smtp.ESMTPClient):
     log = Logger()
 
     def __init__(self, pool: "HopPool") -> None:
-        smtp.ESMTPClient.__init__(self, secret=None, contextFactory=None, identity=pool.helo_name)
+        smtp.ESMTPClient.__init__(
+            self, secret=None, contextFactory=pool.tls_context, identity=pool.helo_name
+        )
+        self.requireTransportSecurity = pool.tls_policy in ("required", "verify")
+        self.tls_info: str | None = None
         self.pool = pool
         self.timeouts = pool.timeouts
         self.timeout = pool.timeouts.helo_timeout
@@ -158,6 +169,10 @@ class RelayClient(smtp.ESMTPClient):
         # be read as if it had come over TLS (trap 17).
         self.clearLineBuffer()
         smtp.ESMTPClient.esmtpState_starttls(self, code, resp)
+
+    def handshakeCompleted(self) -> None:
+        info = connection_info(self.transport)
+        self.tls_info = f"{info[0]} {info[1]}" if info else "TLS"
 
     def smtpConnectionFailed(self, code: int, resp: bytes) -> None:
         enhanced, text = reply_status(code, resp)
@@ -197,7 +212,10 @@ class RelayClient(smtp.ESMTPClient):
         smtp.ESMTPClient.connectionLost(self, reason)
         job, self.job = self.job, None
         if job is not None:
-            job.fail(0, "4.4.2", f"lost connection with {self.pool.name}", self.pool.name)
+            why = f"lost connection with {self.pool.name}"
+            if reason is not None and reason.check(SSL.Error, VerificationError):
+                why = f"TLS with {self.pool.name} failed: {reason.getErrorMessage()}"
+            job.fail(0, "4.7.5" if "TLS" in why else "4.4.2", why, self.pool.name)
         self.pool.disconnected(self)
 
     # -- transactions ----------------------------------------------------
@@ -333,7 +351,8 @@ class RelayClient(smtp.ESMTPClient):
                 else:
                     enhanced, text = reply_status(code, resp)
                     self._rcpt_results[rcpt.address] = DeliveryResult(
-                        rcpt.address, code, enhanced, text, self.pool.name, b"DSN" in self.peer_ext
+                        rcpt.address, code, enhanced, text, self.pool.name,
+                        b"DSN" in self.peer_ext, self.tls_info,
                     )
             if not self._pipelined:
                 if self._unsent and self._unsent[0] == b"DATA" and not self._accepted:
@@ -401,9 +420,11 @@ class RelayClient(smtp.ESMTPClient):
             res = self._rcpt_results.get(r.address)
             if res is None:
                 if code:
-                    res = DeliveryResult(r.address, code, enhanced, text, self.pool.name, dsn)
+                    res = DeliveryResult(r.address, code, enhanced, text, self.pool.name, dsn, self.tls_info)
                 else:
-                    res = DeliveryResult(r.address, 0, "4.4.2", "no recipient accepted", self.pool.name, dsn)
+                    res = DeliveryResult(
+                        r.address, 0, "4.4.2", "no recipient accepted", self.pool.name, dsn, self.tls_info
+                    )
             results.append(res)
         self._sent += 1
         job.deferred.callback(results)
@@ -442,9 +463,13 @@ class HopPool:
         helo_name: str,
         concurrency: int = 20,
         source_address: str | None = None,
+        tls_policy: str = "none",
+        ca_file: Any = None,
     ) -> None:
         self.endpoint = endpoint
         self.name = _hop_name(endpoint)
+        self.tls_policy = tls_policy
+        self.tls_context = client_options(tls_policy, self.name.rpartition(":")[0], ca_file)
         self.reactor = reactor
         self.timeouts = timeouts
         self.helo_name = helo_name.encode("ascii", "replace")
@@ -548,27 +573,32 @@ def _hop_name(endpoint: str) -> str:
 class OutboundManager:
     """All hop pools of a node, created on first use."""
 
-    def __init__(self, reactor: Any, timeouts: Outbound, helo_name: str) -> None:
+    def __init__(self, reactor: Any, timeouts: Outbound, helo_name: str, ca_file: Any = None) -> None:
         self.reactor = reactor
         self.timeouts = timeouts
         self.helo_name = helo_name
-        self.pools: dict[tuple[str, str | None], HopPool] = {}
+        self.ca_file = ca_file
+        self.pools: dict[tuple[str, str | None, str], HopPool] = {}
 
-    def pool(self, endpoint: str, concurrency: int = 20, source_address: str | None = None) -> HopPool:
-        key = (endpoint, source_address)
+    def pool(
+        self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
+        tls_policy: str = "none",
+    ) -> HopPool:
+        key = (endpoint, source_address, tls_policy)
         p = self.pools.get(key)
         if p is None:
             p = self.pools[key] = HopPool(
-                endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address
+                endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
+                tls_policy, self.ca_file,
             )
         return p
 
     def deliver(
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
-        concurrency: int = 20, source_address: str | None = None,
+        concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
     ) -> Deferred[list[DeliveryResult]]:
         """Deliver C{entry} to C{recipients} through the hop at C{endpoint}."""
-        return self.pool(endpoint, concurrency, source_address).submit(entry, recipients)
+        return self.pool(endpoint, concurrency, source_address, tls_policy).submit(entry, recipients)
 
     def close(self) -> None:
         for p in self.pools.values():

@@ -65,6 +65,7 @@ class Outcome:
     dsn_peer: bool = False
     code: int = 0
     text: str = ""
+    tls: str | None = None
 
     @classmethod
     def from_result(cls, res: DeliveryResult) -> "Outcome":
@@ -75,7 +76,7 @@ class Outcome:
         )
         return cls(
             res.address, status, event, res.enhanced, res.diagnostic, res.remote,
-            res.dsn_peer and res.ok, res.code, res.text,
+            res.dsn_peer and res.ok, res.code, res.text, res.tls,
         )
 
 
@@ -110,7 +111,7 @@ class QueueRunner:
         )
         self.now = now
         self.outbound = outbound or OutboundManager(
-            reactor, config.outbound, config.outbound.helo_name or config.hostname
+            reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file
         )
         self._resolver = resolver
         self.entries: dict[str, QueueEntry] = {}
@@ -337,7 +338,7 @@ class QueueRunner:
         last: dict[str, Outcome] = {}
         for hop in hops:
             results = yield self.outbound.deliver(
-                hop.endpoint, entry, remaining, rule.concurrency, rule.source_address
+                hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls
             )
             by_addr = {r.address: r for r in results}
             still = []
@@ -463,7 +464,7 @@ class QueueRunner:
             self.events.emit(
                 o.event, queue_id=entry.queue_id, sender=env.sender, recipient=o.address,
                 relay=o.remote, delay=round(now - env.arrival, 6), dsn=o.dsn, status=o.event,
-                diagnostic=o.diagnostic or None, hops=env.hops,
+                diagnostic=o.diagnostic or None, hops=env.hops, tls=o.tls,
             )
         if not entry.pending_recipients():
             self.entries.pop(entry.queue_id, None)

@@ -349,3 +349,260 @@ def spooled(spool: Spool) -> list[SpooledMessage]:
         envelope, offset = read_queue_file(path)
         out.append(SpooledMessage(path, envelope, path.read_bytes()[offset:]))
     return out
+
+
+# -- the client side: queued messages, a scripted next hop ------------------
+#
+# Helpers for testing L{relaynet.outbound}: a real queue file made from bytes,
+# a fake SMTP server that answers by script, and a way to complete a
+# connection that a L{MemoryReactor} recorded.
+
+from twisted.internet.protocol import Protocol  # noqa: E402
+from twisted.internet.testing import MemoryReactor  # noqa: E402
+
+from relaynet.spool import Recipient  # noqa: E402
+
+__all__ += ["FakeMessage", "FakeSMTPServer", "accept_connection", "make_queue_entry"]
+
+
+def make_queue_entry(
+    directory: Path,
+    message: bytes,
+    sender: str = "sender@example.org",
+    recipients: tuple[str | Recipient, ...] = ("rcpt@example.net",),
+    params: Mapping[str, Any] | None = None,
+) -> QueueEntry:
+    """
+    Commit C{message} to a real spool under C{directory}, as the intake would
+    (without adding a C{Received:} field), and return its L{QueueEntry}.
+
+    The commit runs at once: the spool uses an immediate L{ManualThreadPool}
+    and a L{ThreadlessReactor}. Several entries may share one directory.
+
+    @param message: the message bytes exactly as they are to be stored.
+    @param recipients: addresses, or L{Recipient}s (for NOTIFY/ORCPT).
+    @param params: the envelope's ESMTP MAIL parameters (C{size}, C{body},
+        C{smtputf8}, C{ret}, C{envid}).
+    @raise relaynet.spool.SpoolError: the message could not be stored.
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    pool = ManualThreadPool(immediate=True)
+    spool = Spool(Path(directory), reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
+    spool.prepare()
+    envelope = Envelope(
+        queue_id=spool.new_id(),
+        sender=sender,
+        recipients=tuple(r if isinstance(r, Recipient) else Recipient(r, route="relay:0") for r in recipients),
+        arrival=EPOCH,
+        params=dict(params or {}),
+        client={"ip": "127.0.0.1", "helo": "source.test", "protocol": "ESMTP"},
+        node="source",
+    )
+    writer = spool.begin(envelope)
+    writer.write(message)
+    outcome: list[Any] = []
+    writer.commit(hops=1).addBoth(outcome.append)
+    (result,) = outcome
+    if isinstance(result, Failure):
+        result.raiseException()
+    assert isinstance(result, QueueEntry)
+    return result
+
+
+@define
+class FakeMessage:
+    """
+    One message a L{FakeSMTPServer} received.
+
+    @ivar mail: the C{MAIL} command line.
+    @ivar rcpts: the accepted C{RCPT} command lines.
+    @ivar data: the message, dot-unstuffed, CRLF line ends, without the
+        terminating C{.<CRLF>}.
+    """
+
+    mail: bytes
+    rcpts: list[bytes]
+    data: bytes
+
+
+DEFAULT_EXTENSIONS = (
+    b"PIPELINING", b"SIZE 10240000", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"DSN", b"SMTPUTF8",
+)
+"""What a L{FakeSMTPServer} offers in its EHLO reply unless told otherwise."""
+
+
+class FakeSMTPServer(Protocol):
+    """
+    A scripted SMTP next hop: it answers every command with a plausible
+    default reply unless C{replies} says otherwise, and records what it got.
+
+    C{replies} maps a key to a reply. A key is matched, case-insensitively,
+    as a prefix of the command line (C{b"RCPT"}, C{b"RCPT TO:<bad@x>"}; the
+    longest matching key wins); the key C{b"."} is the reply to the end of
+    data. A reply is the reply's bytes without the final CRLF (lines of a
+    multi-line reply joined by CRLF), C{None} to never answer, or a list of
+    those used once each, in order (then the default applies again).
+
+    @ivar reads: every read, as it arrived.
+    @ivar commands: every command line, in order, without CRLF.
+    @ivar messages: the messages received.
+    @ivar lost: the connection is gone.
+    """
+
+    def __init__(
+        self,
+        extensions: tuple[bytes, ...] = DEFAULT_EXTENSIONS,
+        replies: Mapping[bytes, bytes | None | list[bytes | None]] | None = None,
+        greeting: bytes | None = b"220 mx.test ESMTP fake",
+        hostname: bytes = b"mx.test",
+    ) -> None:
+        """
+        @param extensions: the EHLO keywords (with their parameters).
+        @param replies: scripted replies (see above).
+        @param greeting: the greeting; C{None} for none at all.
+        """
+        self.extensions = tuple(extensions)
+        self.replies: dict[bytes, Any] = {
+            k.upper(): list(v) if isinstance(v, list) else v for k, v in (replies or {}).items()
+        }
+        self.greeting = greeting
+        self.hostname = hostname
+        self.reads: list[bytes] = []
+        self.commands: list[bytes] = []
+        self.messages: list[FakeMessage] = []
+        self.lost = False
+        self._buf = b""
+        self._data: list[bytes] | None = None
+        self._mail: bytes | None = None
+        self._rcpts: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        if self.greeting is not None:
+            self._send(self.greeting)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+
+    def _send(self, reply: bytes) -> None:
+        self.transport.write(reply + b"\r\n")
+
+    def _scripted(self, key: bytes) -> tuple[bool, bytes | None]:
+        upper = key.upper()
+        for k in sorted(self.replies, key=len, reverse=True):
+            if not upper.startswith(k) or (k == b"." and upper != b"."):
+                continue
+            value = self.replies[k]
+            if isinstance(value, list):
+                if not value:
+                    continue
+                return True, value.pop(0)
+            return True, value
+        return False, None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads.append(data)
+        self._buf += data
+        while not self.transport.disconnecting:
+            nl = self._buf.find(b"\r\n")
+            if nl < 0:
+                break
+            line, self._buf = self._buf[:nl], self._buf[nl + 2 :]
+            if self._data is not None:
+                self._data_line(line)
+            else:
+                self._command(line)
+
+    def _data_line(self, line: bytes) -> None:
+        assert self._data is not None
+        if line != b".":
+            self._data.append(line[1:] if line.startswith(b".") else line)
+            return
+        data = b"".join(part + b"\r\n" for part in self._data)
+        assert self._mail is not None
+        self.messages.append(FakeMessage(self._mail, list(self._rcpts), data))
+        self._data, self._mail, self._rcpts = None, None, []
+        found, reply = self._scripted(b".")
+        if not found:
+            reply = b"250 2.0.0 Ok: queued as FAKE%d" % len(self.messages)
+        if reply is not None:
+            self._send(reply)
+
+    def _command(self, line: bytes) -> None:
+        self.commands.append(line)
+        verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+        found, reply = self._scripted(line)
+        if not found:
+            reply = self._default(verb)
+        if reply is None:
+            return
+        ok = reply[:1] == b"2"
+        if verb == b"MAIL" and ok:
+            self._mail, self._rcpts = line, []
+        elif verb == b"RCPT" and ok:
+            self._rcpts.append(line)
+        elif verb == b"DATA" and reply[:3] == b"354":
+            self._data = []
+        elif verb in (b"RSET", b"EHLO", b"HELO"):
+            self._mail, self._rcpts = None, []
+        self._send(reply)
+        if verb == b"QUIT":
+            self.transport.loseConnection()
+
+    def _default(self, verb: bytes) -> bytes:
+        if verb == b"EHLO":
+            lines = [self.hostname, *self.extensions]
+            return b"\r\n".join(
+                b"250%s%s" % (b" " if i == len(lines) - 1 else b"-", text) for i, text in enumerate(lines)
+            )
+        if verb == b"HELO":
+            return b"250 " + self.hostname
+        if verb == b"MAIL":
+            return b"250 2.1.0 Ok"
+        if verb == b"RCPT":
+            return b"250 2.1.5 Ok" if self._mail is not None else b"503 5.5.1 Error: need MAIL command"
+        if verb == b"DATA":
+            if self._mail is None:
+                return b"503 5.5.1 Error: need MAIL command"
+            if not self._rcpts:
+                return b"554 5.5.1 Error: no valid recipients"
+            return b"354 End data with <CR><LF>.<CR><LF>"
+        if verb in (b"RSET", b"NOOP"):
+            return b"250 2.0.0 Ok"
+        if verb == b"QUIT":
+            return b"221 2.0.0 Bye"
+        if verb == b"STARTTLS":
+            return b"220 2.0.0 Ready to start TLS"
+        return b"502 5.5.2 Error: command not recognized"
+
+
+def accept_connection(
+    reactor: MemoryReactor,
+    server: Any,
+    index: int = -1,
+    client_address: tuple[str, int] = ("192.0.2.1", 40000),
+    server_address: tuple[str, int] = ("192.0.2.25", 25),
+) -> tuple[Any, Any]:
+    """
+    Complete a connection that C{reactor.connectTCP} recorded, to C{server},
+    over an in-memory L{twisted.test.iosim} pair.
+
+    @param index: which of C{reactor.tcpClients} to complete.
+    @param server: the server side's protocol, e.g. a L{FakeSMTPServer} or a
+        L{RelayESMTP}.
+    @return: the client's protocol (unwrapped from the endpoint's wrapper) and
+        the L{twisted.test.iosim.IOPump} that moves bytes between the two (its
+        clock is C{reactor}, when C{reactor} has one). Nothing is moved yet.
+    """
+    from twisted.test import iosim
+
+    _host, _port, factory, _timeout, _bind = reactor.tcpClients[index]
+    caddr = _address(client_address)
+    saddr = _address(server_address)
+    client = factory.buildProtocol(saddr)
+    pump = iosim.connect(
+        server, iosim.FakeTransport(server, True, saddr, caddr),
+        client, iosim.FakeTransport(client, False, caddr, saddr),
+        greet=False, clock=reactor if hasattr(reactor, "advance") else None,
+    )
+    return getattr(client, "_wrappedProtocol", client), pump

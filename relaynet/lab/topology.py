@@ -1,0 +1,699 @@
+# -*- test-case-name: tests.test_lab -*-
+"""
+Lab topologies: one TOML file describes a relay network (nodes, their
+loopback addresses, listeners, local domains and mailboxes, routes between
+them, pass-through node settings) and what the lab drives through it.
+
+This module is pure: it parses and validates a topology, allocates addresses
+and ports (through an injected port probe) and generates each node's config
+as a mapping, which L{relaynet.config.parse_config} then validates. It starts
+nothing and opens no socket itself. The format is in C{docs/topology.md}.
+
+Errors are L{relaynet.config.ConfigError}s naming the file and the dotted key,
+like the node's own config errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from attrs import field, frozen
+
+from relaynet.config import ConfigError, NodeConfig, parse_config
+
+NAME = re.compile(r"[a-z][a-z0-9-]{0,23}\Z")
+LAYOUTS = ("layers", "circle")
+DEFAULT_PORT = 2525
+DEFAULT_FIRST_ADDRESS = "127.0.0.2"
+NETNS_RANGE = ipaddress.ip_network("198.18.0.0/15")
+"""RFC 2544 benchmarking range: used only inside namespaces the lab creates."""
+
+LAB_QUEUE = {"minimal_backoff": 1, "maximal_backoff": 5, "delay_warning": 0}
+LAB_OUTBOUND = {"connect_timeout": 5}
+LAB_TRUSTED = ["127.0.0.0/8"]
+
+# Keys of a node's raw config that the lab owns.
+_LAB_OWNED = {("node", "name"), ("node", "spool"), ("local", "mailroot")}
+# Keys of a route that are passed to the node config verbatim.
+_ROUTE_PASSTHROUGH = (
+    "ack", "concurrency", "tls", "source_address", "code", "enhanced", "text",
+    "mx_port", "next_hops",
+)
+
+
+@frozen
+class Hop:
+    """A next hop that is another lab node, with an MX-like priority."""
+
+    node: str
+    priority: int = 10
+
+
+@frozen
+class RouteSpec:
+    """
+    One route of a lab node: the node config's C{[[route]]} with next hops
+    named by lab node (C{via}) instead of endpoint strings.
+
+    @ivar extra: keys passed verbatim to the generated route.
+    """
+
+    domains: tuple[str, ...]
+    action: str
+    via: tuple[Hop, ...] = ()
+    extra: Mapping[str, Any] = field(factory=dict)
+
+
+@frozen
+class ListenerSpec:
+    """
+    An additional listener of a lab node (the first, relay listener is
+    implicit). C{port} L{None} means "any free port".
+    """
+
+    mode: str = "relay"
+    port: int | None = None
+    extra: Mapping[str, Any] = field(factory=dict)
+
+
+@frozen
+class NodeSpec:
+    """One node of a topology, as written in the file (defaults applied)."""
+
+    name: str
+    role: str | None
+    address: str | None
+    port: int
+    domains: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    aliases: Mapping[str, Any] = field(factory=dict)
+    catch_all: bool = False
+    routes: tuple[RouteSpec, ...] = ()
+    listeners: tuple[ListenerSpec, ...] = ()
+    config: Mapping[str, Any] = field(factory=dict)
+
+    def neighbours(self) -> list[str]:
+        """The nodes this node relays to, in route order, without repeats."""
+        out: list[str] = []
+        for r in self.routes:
+            for h in r.via:
+                if h.node not in out:
+                    out.append(h.node)
+        return out
+
+
+@frozen
+class Traffic:
+    """Defaults of C{lab send} for this topology."""
+
+    entry: tuple[str, ...]
+    sender: str
+    recipients: tuple[str, ...]
+    rotate: bool = False
+    count: int = 100
+    size: int = 2048
+    concurrency: int = 8
+
+
+@frozen
+class ChaosSpec:
+    """Defaults of C{lab chaos} for this topology."""
+
+    targets: tuple[str, ...] = ()
+    duration: float = 15.0
+    interval: tuple[float, float] = (1.0, 3.0)
+    down: tuple[float, float] = (0.5, 2.0)
+    restart: bool = True
+    max_actions: int = 0
+    start_after: float = 0.0
+    links: bool = False
+
+
+@frozen
+class Topology:
+    """A parsed, validated topology file."""
+
+    name: str
+    source: str
+    description: str
+    port: int
+    first_address: str
+    layout: str
+    nodes: tuple[NodeSpec, ...]
+    traffic: Traffic
+    chaos: ChaosSpec
+
+    def node(self, name: str) -> NodeSpec:
+        """The node called C{name}; @raise KeyError: no such node."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        """Node names in file order."""
+        return [n.name for n in self.nodes]
+
+    def links(self) -> list[tuple[str, str]]:
+        """
+        Undirected links between nodes (one per pair that routes to each
+        other in either direction), in file order.
+        """
+        seen: list[tuple[str, str]] = []
+        for n in self.nodes:
+            for other in n.neighbours():
+                pair = (n.name, other) if self.names.index(n.name) < self.names.index(other) else (other, n.name)
+                if pair not in seen:
+                    seen.append(pair)
+        return seen
+
+    def role(self, name: str) -> str:
+        """The role shown for a node: its C{role}, or one derived from its routes."""
+        n = self.node(name)
+        if n.role:
+            return n.role
+        relays = any(r.via or r.action in ("relay", "mx") for r in n.routes)
+        if name in self.traffic.entry:
+            return "entry"
+        if n.domains and not relays:
+            return "delivery"
+        if n.domains:
+            return "relay+delivery"
+        return "relay"
+
+
+# -- reading -----------------------------------------------------------------
+
+
+class _Reader:
+    """Typed access to one table of the topology, with full key names."""
+
+    def __init__(self, source: str, prefix: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(source, prefix or "<top>", "must be a table")
+        self.source = source
+        self.prefix = prefix
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if kind is object:
+            pass
+        elif isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join("table" if k is dict else "array" if k is list else k.__name__
+                                for k in kinds)
+            raise self.error(name, f"must be {names}, not {_kind(value)}")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise self.error(name, problem)
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(name, (list, str), None)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            return (value,)
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(self.source, f"{self.key(name)}[{i}]", f"must be a string, not {_kind(item)}")
+        return tuple(value)
+
+    def pair(self, name: str, default: tuple[float, float]) -> tuple[float, float]:
+        value = self.get(name, (list, int, float), None)
+        if value is None:
+            return default
+        if isinstance(value, (int, float)):
+            value = [value, value]
+        if (len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                or value[0] < 0 or value[1] < value[0]):
+            raise self.error(name, "must be [min, max] seconds with 0 <= min <= max")
+        return (float(value[0]), float(value[1]))
+
+    def sub(self, name: str) -> "_Reader":
+        self.used.add(name)
+        return _Reader(self.source, self.key(name), self.data.get(name, {}))
+
+    def finish(self, allowed: Iterable[str] = ()) -> None:
+        unknown = sorted(set(self.data) - self.used - set(allowed))
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, bool):
+        return "a boolean"
+    return type(value).__name__
+
+
+def _port(value: Any) -> str | None:
+    return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _loopback(value: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not an IPv4 address"
+    if addr.version != 4 or not addr.is_loopback:
+        return f"{value!r} is not a loopback address (127.0.0.0/8): labs run on loopback"
+    if value in ("127.0.0.0", "127.255.255.255"):
+        return f"{value!r} cannot be bound"
+    return None
+
+
+def _address_check(value: str) -> str | None:
+    if "@" not in value or value.startswith("@") or value.endswith("@"):
+        return f"{value!r} is not an address (user@domain)"
+    return None
+
+
+def _read_route(source: str, key: str, data: Any, names: list[str], me: str) -> RouteSpec:
+    r = _Reader(source, key, data)
+    domains = r.strings("domains")
+    if not domains:
+        raise r.error("domains", "is required: a list of 'domain', '*.domain' or '*'")
+    via: list[Hop] = []
+    raw_via = r.get("via", (list, str), [])
+    if isinstance(raw_via, str):
+        raw_via = [raw_via]
+    for i, item in enumerate(raw_via):
+        hkey = f"{key}.via[{i}]"
+        if isinstance(item, str):
+            hop = Hop(node=item)
+        elif isinstance(item, dict):
+            h = _Reader(source, hkey, item)
+            node = h.get("node", str, None)
+            if node is None:
+                raise h.error("node", "is required: the name of a lab node")
+            hop = Hop(node=node, priority=h.get("priority", int, 10))
+            h.finish()
+        else:
+            raise ConfigError(source, hkey, "must be a node name or { node = NAME, priority = N }")
+        if hop.node not in names:
+            raise ConfigError(source, hkey, f"no node named {hop.node!r} (nodes: {', '.join(names)})")
+        if hop.node == me:
+            raise ConfigError(source, hkey, "a node cannot relay to itself (a mail loop)")
+        via.append(hop)
+    extra = {k: r.get(k, object, None) for k in _ROUTE_PASSTHROUGH if r.has(k)}
+    action = r.get("action", str, "relay" if via or "next_hops" in extra else None)
+    if action is None:
+        raise r.error("action", "is required when there is no 'via' (relay, local, mx or reject)")
+    if via and action != "relay":
+        raise r.error("via", f"only a relay route has next hops (action is {action!r})")
+    r.finish()
+    return RouteSpec(domains=domains, action=action, via=tuple(via), extra=extra)
+
+
+def _read_listener(source: str, key: str, data: Any) -> ListenerSpec:
+    r = _Reader(source, key, data)
+    mode = r.get("mode", str, "relay")
+    port = r.get("port", (int, str), "auto")
+    if isinstance(port, str):
+        if port != "auto":
+            raise r.error("port", "must be a port number or \"auto\"")
+        port = None
+    elif _port(port):
+        raise r.error("port", "must be a TCP port (1-65535)")
+    if r.has("endpoint"):
+        raise r.error("endpoint", "is set by the lab (the node's address and 'port')")
+    extra = {k: v for k, v in data.items() if k not in ("mode", "port")}
+    return ListenerSpec(mode=mode, port=port, extra=extra)
+
+
+def _read_config_table(source: str, key: str, data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(source, key, "must be a table of node settings (see docs/config.md)")
+    for table, name in _LAB_OWNED:
+        if isinstance(data.get(table), dict) and name in data[table]:
+            raise ConfigError(source, f"{key}.{table}.{name}", "is set by the lab")
+    return copy.deepcopy(data)
+
+
+def _read_node(source: str, key: str, name: str, data: Any, defaults: _Reader,
+               lab_port: int, names: list[str]) -> NodeSpec:
+    n = _Reader(source, key, data)
+    role = n.get("role", str, None)
+    address = n.get("address", str, None, _loopback)
+    port = n.get("port", int, defaults.data.get("port", lab_port), _port)
+    domains = tuple(d.lower() for d in n.strings("domains"))
+    for i, d in enumerate(domains):
+        if not d or "*" in d or "@" in d or " " in d:
+            raise ConfigError(source, f"{key}.domains[{i}]", f"{d!r} is not a domain name")
+    users = n.strings("users", tuple(defaults.data.get("users", ())))
+    aliases = n.get("aliases", dict, defaults.data.get("aliases", {}))
+    catch_all = n.get("catch_all", bool, defaults.data.get("catch_all", False))
+    routes = tuple(
+        _read_route(source, f"{key}.route[{i}]", item, names, name)
+        for i, item in enumerate(n.get("route", list, []))
+    )
+    listeners = tuple(
+        _read_listener(source, f"{key}.listener[{i}]", item)
+        for i, item in enumerate(n.get("listener", list, []))
+    )
+    config = _deep_merge(
+        _read_config_table(source, "defaults.config", defaults.data.get("config", {})),
+        _read_config_table(source, f"{key}.config", n.get("config", dict, {})),
+    )
+    n.finish()
+    return NodeSpec(
+        name=name, role=role, address=address, port=port, domains=domains, users=users,
+        aliases=aliases, catch_all=catch_all, routes=routes, listeners=listeners, config=config,
+    )
+
+
+def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topology:
+    """
+    Build a L{Topology} from a parsed TOML document.
+
+    @param source: the file name, for error messages.
+    @raise ConfigError: on the first problem, naming the key.
+    """
+    top = _Reader(source, "", dict(data))
+    lab = top.sub("lab")
+    stem = Path(source).stem if source != "<topology>" else "lab"
+    name = lab.get("name", str, stem, lambda v: None if NAME.match(v) else
+                   "must be lower-case letters, digits and '-', starting with a letter (at most 24)")
+    description = lab.get("description", str, "")
+    port = lab.get("port", int, DEFAULT_PORT, _port)
+    first = lab.get("first_address", str, DEFAULT_FIRST_ADDRESS, _loopback)
+    layout = lab.get("layout", str, "layers",
+                     lambda v: None if v in LAYOUTS else f"must be one of {', '.join(LAYOUTS)}")
+
+    nodes_data = top.get("node", dict, None)
+    if not nodes_data:
+        raise ConfigError(source, "node", "is required: at least one [node.NAME] table")
+    names = list(nodes_data)
+    for nm in names:
+        if not NAME.match(nm):
+            raise ConfigError(source, f"node.{nm}",
+                              "node names are lower-case letters, digits and '-', starting with a letter (at most 24)")
+    defaults = top.sub("defaults")
+    for k in defaults.data:
+        if k not in ("port", "users", "aliases", "catch_all", "config"):
+            raise defaults.error(k, "unknown key (defaults may set port, users, aliases, catch_all, config)")
+    if "port" in defaults.data:
+        defaults.get("port", int, None, _port)
+    defaults.strings("users")
+    defaults.get("aliases", dict, {})
+    defaults.get("catch_all", bool, False)
+    defaults.get("config", dict, {})
+    nodes = tuple(
+        _read_node(source, f"node.{nm}", nm, nodes_data[nm], defaults, port, names) for nm in names
+    )
+
+    addrs: dict[str, str] = {}
+    for n in nodes:
+        if n.address is not None:
+            if n.address in addrs:
+                raise ConfigError(source, f"node.{n.name}.address",
+                                  f"{n.address} is already node {addrs[n.address]}'s address")
+            addrs[n.address] = n.name
+
+    t = lab.sub("traffic")
+    entry = t.strings("from", (names[0],))
+    for i, e in enumerate(entry):
+        if e not in names:
+            raise ConfigError(source, f"lab.traffic.from[{i}]", f"no node named {e!r}")
+    sender = t.get("sender", str, f"lab@{nodes[0].domains[0] if nodes[0].domains else 'lab.test'}", _address_check)
+    recipients = t.strings("recipients")
+    if not recipients:
+        deliverers = [n for n in nodes if n.domains]
+        if not deliverers:
+            raise ConfigError(source, "lab.traffic.recipients", "is required (no node has local domains)")
+        recipients = (f"{(deliverers[-1].users or ('user',))[0].split('@')[0]}@{deliverers[-1].domains[0]}",)
+    for i, r in enumerate(recipients):
+        problem = _address_check(r)
+        if problem:
+            raise ConfigError(source, f"lab.traffic.recipients[{i}]", problem)
+    traffic = Traffic(
+        entry=entry, sender=sender, recipients=recipients,
+        rotate=t.get("rotate", bool, False),
+        count=t.get("count", int, 100, _positive),
+        size=t.get("size", int, 2048, _positive),
+        concurrency=t.get("concurrency", int, 8, _positive),
+    )
+    t.finish()
+
+    c = lab.sub("chaos")
+    targets = c.strings("targets", ())
+    for i, tg in enumerate(targets):
+        if tg not in names:
+            raise ConfigError(source, f"lab.chaos.targets[{i}]", f"no node named {tg!r}")
+    chaos = ChaosSpec(
+        targets=targets,
+        duration=float(c.get("duration", (int, float), 15.0, _positive)),
+        interval=c.pair("interval", (1.0, 3.0)),
+        down=c.pair("down", (0.5, 2.0)),
+        restart=c.get("restart", bool, True),
+        max_actions=c.get("max_actions", int, 0, lambda v: None if v >= 0 else "must be 0 (no limit) or more"),
+        start_after=float(c.get("start_after", (int, float), 0.0,
+                                lambda v: None if v >= 0 else "must be 0 or more")),
+        links=c.get("links", bool, False),
+    )
+    c.finish()
+    lab.finish()
+    top.finish()
+    return Topology(
+        name=name, source=source, description=description, port=port, first_address=first,
+        layout=layout, nodes=nodes, traffic=traffic, chaos=chaos,
+    )
+
+
+def load_topology(path: str | Path) -> Topology:
+    """
+    Read and validate a topology file.
+
+    @raise ConfigError: unreadable, not TOML, or invalid (naming the key).
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(p), "<file>", f"cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), "<file>", f"not UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), "<file>", f"invalid TOML: {e}") from None
+    return parse_topology(data, source=str(p))
+
+
+# -- allocation --------------------------------------------------------------
+
+
+@frozen
+class NodePlan:
+    """
+    Where one node of a running lab lives.
+
+    @ivar address: the address its relay listener binds (loopback mode), or
+        C{127.0.0.1} inside its namespace (netns mode).
+    @ivar ports: the port of each listener, the relay listener first.
+    @ivar link_addresses: netns mode: peer node -> this node's address on
+        the link to that peer.
+    """
+
+    name: str
+    address: str
+    ports: tuple[int, ...]
+    link_addresses: Mapping[str, str] = field(factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+
+PortProbe = Callable[[str, int], bool]
+FreePort = Callable[[str], int]
+
+
+def allocate(topology: Topology, port_ok: PortProbe, free_port: FreePort,
+             netns: bool = False) -> dict[str, NodePlan]:
+    """
+    Give every node an address and ports.
+
+    Loopback mode: explicit addresses are kept; the others are taken in file
+    order from C{[lab].first_address} up, skipping taken ones. A node's port
+    is its C{port} when C{port_ok(address, port)}, else C{free_port(address)}.
+
+    Netns mode: each node has a namespace of its own, so addresses and ports
+    never collide: the node listens on 127.0.0.1 and on one address per link
+    (a /30 of L{NETNS_RANGE} per link, see L{link_subnets}).
+
+    @param port_ok: whether a port can be bound on an address now.
+    @param free_port: a free port on an address.
+    """
+    plans: dict[str, NodePlan] = {}
+    if netns:
+        link_addr: dict[str, dict[str, str]] = {n: {} for n in topology.names}
+        for (a, b), (addr_a, addr_b) in zip(topology.links(), link_subnets(len(topology.links()))):
+            link_addr[a][b] = addr_a
+            link_addr[b][a] = addr_b
+        for n in topology.nodes:
+            ports = [n.port] + [
+                lst.port if lst.port is not None else n.port + 62 + i
+                for i, lst in enumerate(n.listeners)
+            ]
+            plans[n.name] = NodePlan(n.name, "127.0.0.1", tuple(ports), link_addr[n.name])
+        return plans
+    taken = {n.address for n in topology.nodes if n.address}
+    nxt = ipaddress.ip_address(topology.first_address)
+    for n in topology.nodes:
+        address = n.address
+        if address is None:
+            while str(nxt) in taken:
+                nxt += 1
+            address = str(nxt)
+            taken.add(address)
+            nxt += 1
+            if not ipaddress.ip_address(address).is_loopback:
+                raise ConfigError(topology.source, f"node.{n.name}.address",
+                                  "ran out of loopback addresses from lab.first_address")
+        used: set[int] = set()
+        ports = []
+        for wanted in [n.port] + [lst.port for lst in n.listeners]:
+            port = wanted if wanted is not None and wanted not in used and port_ok(address, wanted) else None
+            for _ in range(20):
+                if port is not None and port not in used:
+                    break
+                port = free_port(address)
+            assert port is not None
+            used.add(port)
+            ports.append(port)
+        plans[n.name] = NodePlan(n.name, address, tuple(ports))
+    return plans
+
+
+def link_subnets(count: int) -> list[tuple[str, str]]:
+    """The two host addresses of the /30 of each of C{count} links, in L{NETNS_RANGE}."""
+    out = []
+    base = int(NETNS_RANGE.network_address)
+    for i in range(count):
+        net = base + 4 * i
+        out.append((str(ipaddress.ip_address(net + 1)), str(ipaddress.ip_address(net + 2))))
+    return out
+
+
+# -- generation --------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Merge C{extra} into a copy of C{base}: tables merge key by key, arrays of
+    tables (C{route}, C{listener}) are appended to, anything else is replaced.
+    """
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, list) and isinstance(out.get(k), list) and k in ("route", "listener"):
+            out[k] = out[k] + copy.deepcopy(v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def endpoint_to(plans: Mapping[str, NodePlan], src: str, dst: str, netns: bool) -> str:
+    """The client endpoint string node C{src} uses to reach node C{dst}."""
+    p = plans[dst]
+    if netns:
+        return f"tcp:{p.link_addresses[src]}:{p.port}"
+    return f"tcp:{p.address}:{p.port}"
+
+
+def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
+                node_dir: Path, netns: bool = False) -> dict[str, Any]:
+    """
+    The node config (a TOML-ready mapping) of node C{name}.
+
+    Lab settings (listeners on the node's address, short retries, loopback
+    trust) come first; the topology's C{[defaults.config]} and
+    C{[node.NAME.config]} tables are merged over them verbatim.
+    """
+    n = topology.node(name)
+    plan = plans[name]
+    hosts = [plan.address] + (sorted(set(plan.link_addresses.values())) if netns else [])
+    listeners: list[dict[str, Any]] = [
+        {"endpoint": f"tcp:{plan.ports[0]}:interface={h}", "mode": "relay"} for h in hosts
+    ]
+    for lst, port in zip(n.listeners, plan.ports[1:]):
+        for h in hosts:
+            listeners.append({"endpoint": f"tcp:{port}:interface={h}", "mode": lst.mode, **lst.extra})
+    local: dict[str, Any] = {
+        "mailroot": str(node_dir / "mailboxes"),
+        "domains": list(n.domains),
+        "catch_all": n.catch_all,
+        "users": list(n.users),
+    }
+    if n.aliases:
+        local["aliases"] = copy.deepcopy(dict(n.aliases))
+    routes = []
+    for r in n.routes:
+        route: dict[str, Any] = {"domains": list(r.domains), "action": r.action}
+        if r.via:
+            route["next_hops"] = [
+                {"endpoint": endpoint_to(plans, name, h.node, netns), "priority": h.priority}
+                for h in r.via
+            ] + list(r.extra.get("next_hops", []))
+        route.update({k: v for k, v in r.extra.items() if k != "next_hops" or not r.via})
+        routes.append(route)
+    trusted = LAB_TRUSTED + ([str(NETNS_RANGE)] if netns else [])
+    base: dict[str, Any] = {
+        "node": {
+            "name": name,
+            "hostname": f"{name}.{topology.name}.test",
+            "spool": str(node_dir / "spool"),
+        },
+        "listener": listeners,
+        "local": local,
+        "relay": {"trusted_networks": trusted},
+        "queue": dict(LAB_QUEUE),
+        "outbound": dict(LAB_OUTBOUND),
+    }
+    if routes:
+        base["route"] = routes
+    return _deep_merge(base, n.config)
+
+
+def validate_node_config(topology: Topology, name: str, data: Mapping[str, Any],
+                         node_dir: Path) -> NodeConfig:
+    """
+    Check a generated node config with the node's own parser.
+
+    @raise ConfigError: naming the topology file, the node and the key of the
+        generated config.
+    """
+    source = f"{topology.source} (node {name}, generated {node_dir / 'node.toml'})"
+    return parse_config(copy.deepcopy(dict(data)), source=source, base=node_dir)
