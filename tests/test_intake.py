@@ -759,7 +759,7 @@ def test_envelope(tmp_path: Path) -> None:
     assert env.params == {"size": 100, "body": "8BITMIME", "smtputf8": False, "ret": "HDRS", "envid": "x+y"}
     assert env.client == {
         "helo": "client.test", "ip": "127.0.0.9", "port": 41234, "protocol": "ESMTP",
-        "listener": "tcp:2525:interface=127.0.0.1",
+        "listener": "tcp:2525:interface=127.0.0.1", "tls": None, "auth": None,
     }
     assert env.node == "test"
     assert env.arrival == h.reactor.seconds()
@@ -1144,11 +1144,14 @@ def test_too_many_errors(tmp_path: Path) -> None:
 def test_4xx_errors_count(tmp_path: Path) -> None:
     """
     As docs/config.md says, 4xx replies count toward limits.max_errors too:
-    a client asking three times for a TLS that is not there is cut off.
+    a client going on past the recipient limit (452 4.5.3) is cut off.
     """
-    h = RelayHarness.open(tmp_path, {"limits": {"max_errors": 3}})
-    replies = h.send(b"STARTTLS\r\n" * 3)
-    assert codes(replies) == [454, 454, 454, 421]
+    h = RelayHarness.open(tmp_path, {"limits": {"max_errors": 3, "max_recipients": 100}})
+    h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    ok = h.send(b"".join(b"RCPT TO:<u%d@localhost>\r\n" % i for i in range(100)))
+    assert set(codes(ok)) == {250}
+    replies = h.send(b"RCPT TO:<x@localhost>\r\n" * 3)
+    assert codes(replies) == [452, 452, 452, 421]
     assert h.closed
 
 
