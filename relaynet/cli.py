@@ -4,6 +4,8 @@ The C{relaynet} command.
 
     relaynet check-config [FILE]         validate a node config, print the effective one
     relaynet route CONFIG ADDRESS...     how each address would be routed, and why
+    relaynet gen-cert --dir D NAME...    a lab CA (made once) and a certificate for NAMEs
+    relaynet passwd FILE USER            add or change a submission user (scrypt hash)
     relaynet version
 """
 
@@ -52,6 +54,45 @@ def _route(args: argparse.Namespace) -> int:
     return worst
 
 
+def _gen_cert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from relaynet.tls import generate_ca, generate_cert
+
+    directory = Path(args.dir)
+    ca_cert, ca_key = generate_ca(directory)
+    print(f"CA: {ca_cert} (key {ca_key})")
+    if args.names:
+        cert, key = generate_cert(directory, ca_cert, ca_key, args.names, days=args.days)
+        print(f"certificate for {', '.join(args.names)}: {cert} (key {key})")
+    return 0
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    import getpass
+    from pathlib import Path
+
+    from relaynet.auth import set_password
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.user}: ")
+        if password != getpass.getpass("again: "):
+            print("relaynet: passwords differ", file=sys.stderr)
+            return 1
+    if not password:
+        print("relaynet: empty password", file=sys.stderr)
+        return 1
+    try:
+        set_password(Path(args.file), args.user, password)
+    except (ValueError, OSError) as e:
+        print(f"relaynet: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: password set for {args.user}")
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     print(f"relaynet {__version__}")
     return 0
@@ -74,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", default="127.0.0.1",
                    help="client IP to decide relay permission for (default 127.0.0.1)")
     p.set_defaults(func=_route)
+    p = sub.add_parser("gen-cert", help="make a lab CA and node certificates")
+    p.add_argument("--dir", default="certs", help="where the CA and certificates go (default ./certs)")
+    p.add_argument("--days", type=int, default=825, help="certificate validity in days")
+    p.add_argument("names", nargs="*", help="host names or IP addresses the certificate is for")
+    p.set_defaults(func=_gen_cert)
+    p = sub.add_parser("passwd", help="add or change a user of a submission password file")
+    p.add_argument("file", help="password file (created if missing, mode 0600)")
+    p.add_argument("user", help="user name")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.set_defaults(func=_passwd)
     from relaynet.lab.cli import add_lab_parser
 
     add_lab_parser(sub)

@@ -149,6 +149,7 @@ class RelayClient(smtp.ESMTPClient):
         self._sent = 0
         self._needs_rset = False
         self._quitting = False
+        self.session_error: tuple[int, str, str] | None = None
 
     # -- connection and capabilities -------------------------------------
 
@@ -197,6 +198,8 @@ class RelayClient(smtp.ESMTPClient):
         job, self.job = self.job, None
         if code and not (400 <= code < 600):
             code = 0
+        if self.session_error is None:
+            self.session_error = (code, enhanced, text)
         if code >= 500 and job is not None and self._mail_reply is None:
             # A 5xx greeting/EHLO refusal is about the session, not the
             # recipients: treat it as transient so failover/retry happen.
@@ -211,11 +214,14 @@ class RelayClient(smtp.ESMTPClient):
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[assignment]
         smtp.ESMTPClient.connectionLost(self, reason)
         job, self.job = self.job, None
+        why = f"lost connection with {self.pool.name}"
+        if reason is not None and reason.check(SSL.Error, VerificationError):
+            why = f"TLS with {self.pool.name} failed: {reason.getErrorMessage()}"
+        enhanced = "4.7.5" if "TLS" in why else "4.4.2"
+        if self.session_error is None and not self._quitting:
+            self.session_error = (0, enhanced, why)
         if job is not None:
-            why = f"lost connection with {self.pool.name}"
-            if reason is not None and reason.check(SSL.Error, VerificationError):
-                why = f"TLS with {self.pool.name} failed: {reason.getErrorMessage()}"
-            job.fail(0, "4.7.5" if "TLS" in why else "4.4.2", why, self.pool.name)
+            job.fail(0, enhanced, why, self.pool.name)
         self.pool.disconnected(self)
 
     # -- transactions ----------------------------------------------------
@@ -528,12 +534,26 @@ class HopPool:
         self.connections_made += 1
 
     def disconnected(self, client: RelayClient) -> None:
+        """
+        A connection ended. If it failed before carrying any message (greeting
+        refused, EHLO or TLS failed, dropped) and it was the only one, the hop
+        is unusable now: fail the queued jobs rather than reconnect at once.
+        """
         self.clients.discard(client)
         timer = self._idle.pop(client, None)
         if timer is not None and timer.active():
             timer.cancel()
-        if self.queue:
-            self._kick()
+        if not self.queue:
+            return
+        error = client.session_error
+        if error is not None and client._sent == 0 and not self.clients and not self._connecting:
+            code, enhanced, text = error
+            if code >= 500 or not code:
+                code, enhanced = 0, "4" + enhanced[1:]
+            while self.queue:
+                self.queue.popleft().fail(code, enhanced, text, self.name)
+            return
+        self._kick()
 
     def take(self, client: RelayClient) -> Job | None:
         """The next job for C{client}, if any."""
