@@ -13,6 +13,7 @@ a crash is handled by recovery at the next start.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -44,9 +45,13 @@ class RelayNode(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: NodeConfig, reactor: Any, threads: int = 16) -> None:
+    def __init__(
+        self, config: NodeConfig, reactor: Any, threads: int = 16,
+        run_as: tuple[int | None, int | None] = (None, None),
+    ) -> None:
         super().__init__()
         self.config = config
+        self.run_as = run_as
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}")
         self.spool = Spool(config.queue_dir, reactor, self.pool)
@@ -56,36 +61,33 @@ class RelayNode(MultiService):
         self.ports: list[Any] = []
         self._listener_services: list[StreamServerEndpointService] = []
 
-    def startService(self) -> None:
-        config = self.config
-        # Everything that can fail comes before the thread pool starts: its
-        # threads would otherwise keep a failed twistd from exiting.
-        makedirs_durable(config.spool)
-        makedirs_durable(config.local.mailroot)
-        self.events = EventLog(config.event_log, config.name)
-        self.spool.prepare()
-        recovered = list(self.spool.recover())
-        tls, portal = self._tls_options(), self._portal()
-        self.pool.start()
-        try:
-            self._start(config, recovered, tls, portal)
-        except BaseException:
-            self.pool.stop()
-            raise
+    def privilegedStartService(self) -> None:
+        """
+        Before twistd drops privileges (C{-u}/C{-g}): create the spool and the
+        mailroot and give them to the user the node will run as, load the TLS
+        key (it may be readable by root only), and bind the listeners (ports
+        below 1024 need root).
+        """
+        uid, gid = self.run_as
+        if uid is not None or gid is not None:
+            owner = (-1 if uid is None else uid, -1 if gid is None else gid)
+            for d in (self.config.spool, self.config.local.mailroot):
+                for created in makedirs_durable(d):
+                    os.chown(created, *owner)
+                for root, dirs, files in os.walk(d):
+                    for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                        os.chown(name, *owner)
+        self._add_listeners()
+        super().privilegedStartService()
 
-    def _start(self, config: NodeConfig, recovered: list[Any], tls: Any, portal: Any) -> None:
-        self.runner = QueueRunner(config, self.spool, self.events, self.reactor, self.pool)
+    def _add_listeners(self) -> None:
+        if self.intake is not None:
+            return
         self.intake = Intake(
-            config=config, spool=self.spool, events=self.events, reactor=self.reactor,
-            queued=self.runner.enqueue, cut_through=self.runner.cut_through,
-            tls=tls, portal=portal,
+            config=self.config, spool=self.spool, events=EventLog(None, self.config.name),
+            reactor=self.reactor, tls=self._tls_options(),
         )
-        self.runner.start(recovered)
-        self.log.info(
-            "relaynet node {name} started; {count} queued message(s) recovered",
-            name=config.name, count=len(recovered),
-        )
-        for listener in config.listeners:
+        for listener in self.config.listeners:
             endpoint = serverFromString(self.reactor, listener.endpoint)
             factory: Any = RelayFactory(self.intake, listener)
             if listener.mode == "submissions":
@@ -94,7 +96,35 @@ class RelayNode(MultiService):
             svc._raiseSynchronously = True
             svc.setServiceParent(self)
             self._listener_services.append(svc)
-        super().startService()
+
+    def startService(self) -> None:
+        config = self.config
+        # Everything that can fail comes before the thread pool starts: its
+        # threads would otherwise keep a failed twistd from exiting.
+        makedirs_durable(config.spool)
+        makedirs_durable(config.local.mailroot)
+        self._add_listeners()
+        assert self.intake is not None
+        self.events = EventLog(config.event_log, config.name)
+        self.spool.prepare()
+        recovered = list(self.spool.recover())
+        portal = self._portal()
+        self.pool.start()
+        try:
+            self.runner = QueueRunner(config, self.spool, self.events, self.reactor, self.pool)
+            self.intake.events = self.events
+            self.intake.queued = self.runner.enqueue
+            self.intake.cut_through = self.runner.cut_through
+            self.intake.portal = portal
+            self.runner.start(recovered)
+            self.log.info(
+                "relaynet node {name} started; {count} queued message(s) recovered",
+                name=config.name, count=len(recovered),
+            )
+            super().startService()
+        except BaseException:
+            self.pool.stop()
+            raise
         for svc, listener in zip(self._listener_services, config.listeners):
             # StreamServerEndpointService keeps the listening Deferred only in
             # this attribute; we read it to learn the bound port (tcp:0).

@@ -301,10 +301,12 @@ def read_queue_file(path: Path) -> tuple[Envelope, int]:
     return envelope, HEADER_LEN + env_len + 1
 
 
-def makedirs_durable(path: Path, mode: int = 0o700) -> None:
+def makedirs_durable(path: Path, mode: int = 0o700) -> list[Path]:
     """
     Create C{path} and missing parents like C{mkdir -p}, fsyncing the parent of
     each directory created, so the new directory survives a power loss.
+
+    @return: the directories created, outermost first.
     """
     path = Path(path)
     missing = []
@@ -314,12 +316,15 @@ def makedirs_durable(path: Path, mode: int = 0o700) -> None:
         if p.parent == p:
             break
         p = p.parent
+    created = []
     for d in reversed(missing):
         try:
             d.mkdir(mode=mode)
         except FileExistsError:
             continue
         fsync_dir(d.parent)
+        created.append(d)
+    return created
 
 
 def fsync_dir(path: Path | str) -> None:

@@ -68,4 +68,6 @@ def makeService(options: Options) -> Any:
 
     from relaynet.node import RelayNode
 
-    return RelayNode(options.config, reactor)
+    parent = getattr(options, "parent", None) or {}
+    run_as = (parent.get("uid"), parent.get("gid")) if hasattr(parent, "get") else (None, None)
+    return RelayNode(options.config, reactor, run_as=run_as)
