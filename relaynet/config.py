@@ -626,8 +626,12 @@ def _check_loops(source: str, listeners: tuple[Listener, ...], routes: tuple[Rou
             if addr is None:
                 continue
             host, port = addr
+            names = {host}
+            if host.lower() in ("localhost", "localhost."):
+                names = {"127.0.0.1", "::1", "localhost"}
             for lhost, lport in ours:
-                if port == lport and (host == lhost or lhost in ("", "0.0.0.0", "::")):
+                wildcard = lhost in ("", "0.0.0.0", "::")
+                if port == lport and (wildcard or lhost in names):
                     raise ConfigError(
                         source, f"route[{i}].next_hops[{j}]",
                         f"{hop.endpoint!r} is this node's own listener: a mail loop",
@@ -657,48 +661,83 @@ def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
     return parse_config(data, source=str(p), base=p.resolve().parent)
 
 
+def _toml(value: Any) -> str:
+    """A TOML rendering of a config value (strings, numbers, booleans, lists)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple, frozenset, set)):
+        items = sorted(value) if isinstance(value, (frozenset, set)) else value
+        return "[" + ", ".join(_toml(v) for v in items) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _table(name: str, obj: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    lines = [f"[{name}]"]
+    for a in obj.__attrs_attrs__:
+        value = getattr(obj, a.name)
+        if a.name in skip or value is None or isinstance(value, dict):
+            continue
+        lines.append(f"{a.name} = {_toml(value)}")
+    return lines + [""]
+
+
 def describe(config: NodeConfig) -> str:
     """
-    Render the effective configuration as TOML-like text for
-    C{relaynet check-config}.
+    Render the effective configuration as TOML for C{relaynet check-config};
+    loading the output again gives the same configuration.
     """
     lines = [
         f"# effective configuration from {config.source}",
         "[node]",
-        f"name = {config.name!r}",
-        f"hostname = {config.hostname!r}",
-        f"spool = {str(config.spool)!r}",
+        f"name = {_toml(config.name)}",
+        f"hostname = {_toml(config.hostname)}",
+        f"spool = {_toml(config.spool)}",
         "",
     ]
     for lst in config.listeners:
-        lines += ["[[listener]]", f"endpoint = {lst.endpoint!r}", f"mode = {lst.mode!r}", ""]
-    lines.append("[limits]")
-    for name in Limits.__attrs_attrs__:  # type: ignore[attr-defined]
-        lines.append(f"{name.name} = {getattr(config.limits, name.name)!r}")
-    lines += [
-        "",
-        "[relay]",
-        f"trusted_networks = {[str(n) for n in config.trusted_networks]!r}",
-        "",
-        "[local]",
-        f"mailroot = {str(config.local.mailroot)!r}",
-        f"domains = {list(config.local.domains)!r}",
-        f"catch_all = {str(config.local.catch_all).lower()}",
-        f"users = {sorted(config.local.users)!r}",
-    ]
+        lines += ["[[listener]]", f"endpoint = {_toml(lst.endpoint)}", f"mode = {_toml(lst.mode)}", ""]
+    lines += _table("limits", config.limits)
+    lines += ["[relay]", f"trusted_networks = {_toml([str(n) for n in config.trusted_networks])}", ""]
+    lines += _table("local", config.local)
     if config.local.aliases:
         lines.append("[local.aliases]")
         for alias, targets in sorted(config.local.aliases.items()):
-            lines.append(f"{alias!r} = {list(targets)!r}")
+            lines.append(f"{_toml(alias)} = {_toml(list(targets))}")
+        lines.append("")
+    if config.tls.cert or config.tls.ca_file:
+        lines += _table("tls", config.tls)
+    if config.auth.password_file:
+        lines += _table("auth", config.auth)
+        if config.auth.senders:
+            lines.append("[auth.senders]")
+            for user, allowed in sorted(config.auth.senders.items()):
+                lines.append(f"{_toml(user)} = {_toml(list(allowed))}")
+            lines.append("")
+    lines += _table("queue", config.queue)
+    lines += _table("outbound", config.outbound)
+    if config.dns_servers:
+        servers = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.dns_servers]
+        lines += ["[dns]", f"servers = {_toml(servers)}", ""]
     for rule in config.routes:
-        lines += ["", "[[route]]", f"domains = {list(rule.domains)!r}", f"action = {rule.action!r}"]
+        lines += ["[[route]]", f"domains = {_toml(list(rule.domains))}", f"action = {_toml(rule.action)}"]
         if rule.next_hops:
             hops = ", ".join(
-                f"{{ endpoint = {h.endpoint!r}, priority = {h.priority} }}" for h in rule.next_hops
+                f"{{ endpoint = {_toml(h.endpoint)}, priority = {h.priority} }}" for h in rule.next_hops
             )
             lines.append(f"next_hops = [{hops}]")
         if rule.action == "reject":
-            lines.append(f"code = {rule.code}")
-            lines.append(f"enhanced = {rule.enhanced!r}")
-            lines.append(f"text = {rule.text!r}")
-    return "\n".join(lines).replace("'", '"') + "\n"
+            lines += [f"code = {rule.code}", f"enhanced = {_toml(rule.enhanced)}", f"text = {_toml(rule.text)}"]
+        if rule.action in ("relay", "mx"):
+            lines += [f"ack = {_toml(rule.ack)}", f"concurrency = {rule.concurrency}", f"tls = {_toml(rule.tls)}"]
+            if rule.source_address:
+                lines.append(f"source_address = {_toml(rule.source_address)}")
+        if rule.action == "mx":
+            lines.append(f"mx_port = {rule.mx_port}")
+        lines.append("")
+    return "\n".join(lines)

@@ -31,6 +31,7 @@ class EventLog:
     def __init__(self, path: Path | None, node: str, clock: Callable[[], float] = time.time) -> None:
         self.node = node
         self._clock = clock
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
         self._file: TextIO | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,11 +39,16 @@ class EventLog:
             self._file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 
     def emit(self, event: str, **fields: Any) -> None:
-        """Record one event."""
+        """Record one event, and pass it to every observer (metrics, status)."""
         record = {"time": round(self._clock(), 6), "node": self.node, "event": event}
         record.update((k, v) for k, v in fields.items() if v is not None)
         if self._file is not None:
             self._file.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:
+                self.log.failure("Event observer failed")
         self.log.info(
             "{event} queue_id={queue_id} from=<{sender}> to=<{recipient}> status={status}",
             event=event, queue_id=fields.get("queue_id"), sender=fields.get("sender", ""),

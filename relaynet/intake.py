@@ -592,6 +592,7 @@ class RelayESMTP(smtp.ESMTP):
         )
         if not verdict.accepted:
             self.reply(verdict.code, verdict.enhanced, verdict.text)
+            self._rejected("RCPT", verdict.code, verdict.enhanced, recipient=str(box))
             return
         address = str(box)
         if not box.domain and self.intake.config.local.domains:
@@ -709,11 +710,22 @@ class RelayESMTP(smtp.ESMTP):
                 writer.abort()
             code, enhanced, text = refusal or (451, "4.3.0", "Error: queue file write error")
             self.reply(code, enhanced, text)
+            self._rejected("DATA", code, enhanced, reason=text)
             if self._shutdown_after_reply:
                 self.shutdown()
             return
         assert txn is not None
         self._wait_for(self._commit(writer, hops, scanner.message_id))
+
+    def _rejected(self, stage: str, code: int, enhanced: str, **fields: Any) -> None:
+        """One C{reject} event per refused RCPT or message, for metrics and admins."""
+        try:
+            self.intake.events.emit(
+                "reject", stage=stage, code=code, dsn=enhanced, client=self.client_ip,
+                helo=self._helo_name, status="reject", **fields,
+            )
+        except Exception:
+            self.log.failure("Could not log a reject event")
 
     def _refusal(self, scanner: DataScanner, hops: int) -> tuple[int, str, str] | None:
         if scanner.too_big:
@@ -727,6 +739,7 @@ class RelayESMTP(smtp.ESMTP):
         return None
 
     def _commit(self, writer: SpoolWriter, hops: int, message_id: str | None) -> Deferred[None]:
+        started = self.intake.reactor.seconds()
         d = maybeDeferred(writer.commit, hops)
 
         def committed(entry: QueueEntry) -> Deferred[None] | None:
@@ -740,6 +753,7 @@ class RelayESMTP(smtp.ESMTP):
                     size=env.size, client=self.client_ip, client_port=self.client_port,
                     helo=self._helo_name, protocol=env.client.get("protocol"), hops=hops,
                     tls=" ".join(self.tls_info) if self.tls_info else None, auth=self.auth_user,
+                    ack_delay=round(self.intake.reactor.seconds() - started, 6),
                 )
             except Exception:
                 self.log.failure("Could not log the received event of {queue_id}", queue_id=entry.queue_id)

@@ -460,6 +460,7 @@ class HopPool:
     """
 
     log = Logger()
+    INITIAL_CONCURRENCY = 5
 
     def __init__(
         self,
@@ -487,6 +488,12 @@ class HopPool:
         self._endpoint = clientFromString(reactor, ep)
         self.queue: deque[Job] = deque()
         self.clients: set[RelayClient] = set()
+        self._starting: set[RelayClient] = set()
+        # Postfix-like slow start: a few connections at first, one more per
+        # finished transaction, up to the route's concurrency; back to the
+        # start after the hop failed.
+        self._initial = min(concurrency, self.INITIAL_CONCURRENCY)
+        self._limit = self._initial
         self._idle: dict[RelayClient, Any] = {}
         self._connecting = 0
         self.connections_made = 0
@@ -504,9 +511,11 @@ class HopPool:
             if timer.active():
                 timer.cancel()
             client.start(self.queue.popleft())
-        busy = len(self.clients) + self._connecting
-        want = min(len(self.queue), self.concurrency - busy)
-        for _ in range(max(0, want - self._connecting)):
+        # Connections being set up will each take a job: count them before
+        # opening more, and open no more than the slow-start limit allows.
+        need = len(self.queue) - self._connecting - len(self._starting)
+        room = self._limit - len(self.clients) - self._connecting
+        for _ in range(max(0, min(need, room))):
             self._connect()
 
     def _connect(self) -> None:
@@ -524,6 +533,7 @@ class HopPool:
             else:
                 text = f"connect to {self.name}: {reason.getErrorMessage()}"
             if not self.clients and not self._connecting:
+                self._limit = self._initial
                 while self.queue:
                     self.queue.popleft().fail(0, "4.4.1", text, self.name)
 
@@ -531,6 +541,7 @@ class HopPool:
 
     def connected(self, client: RelayClient) -> None:
         self.clients.add(client)
+        self._starting.add(client)
         self.connections_made += 1
 
     def disconnected(self, client: RelayClient) -> None:
@@ -540,9 +551,12 @@ class HopPool:
         is unusable now: fail the queued jobs rather than reconnect at once.
         """
         self.clients.discard(client)
+        self._starting.discard(client)
         timer = self._idle.pop(client, None)
         if timer is not None and timer.active():
             timer.cancel()
+        if client.session_error is not None and client._sent == 0:
+            self._limit = self._initial
         if not self.queue:
             return
         error = client.session_error
@@ -557,10 +571,14 @@ class HopPool:
 
     def take(self, client: RelayClient) -> Job | None:
         """The next job for C{client}, if any."""
+        self._starting.discard(client)
+        if client._sent and self._limit < self.concurrency:
+            self._limit += 1
         return self.queue.popleft() if self.queue else None
 
     def idle(self, client: RelayClient) -> None:
         """C{client} has nothing to do: keep it briefly for reuse."""
+        self._starting.discard(client)
         self._idle[client] = self.reactor.callLater(
             self.timeouts.reuse_idle_time, self._expire, client
         )

@@ -244,8 +244,13 @@ class QueueRunner:
                 ))
         else:
             groups: dict[str, list[Recipient]] = {}
+            outcomes = []
             for r in pending:
-                groups.setdefault(r.route, []).append(r)
+                route, refusal = self.route_for(r.address)
+                if refusal is not None:
+                    outcomes.append(refusal)
+                else:
+                    groups.setdefault(route, []).append(r)
             parts = []
             for route, rcpts in groups.items():
                 if route == "local":
@@ -253,7 +258,7 @@ class QueueRunner:
                 else:
                     parts.append(self._relay_route(entry, route, rcpts))
             results = yield gatherResults(parts, consumeErrors=True)
-            outcomes = [o for part in results for o in part]
+            outcomes += [o for part in results for o in part]
         refused = cut_through and outcomes and all(
             o.status == "bounced" and o.code >= 500 for o in outcomes
         )
@@ -278,6 +283,23 @@ class QueueRunner:
 
         return d.addCallback(convert)
 
+    def route_for(self, address: str) -> tuple[str, Outcome | None]:
+        """
+        Route a recipient with the routing table in force now (so a changed
+        table, after a reload, applies to queued mail; C{relaynet queue
+        reroute} is a flush). Relay permission was settled at acceptance.
+
+        @return: C{(route, None)}, or C{("", outcome)} when the recipient can
+            no longer be routed (the outcome bounces it).
+        """
+        lp, _, dom = address.rpartition("@")
+        v = check_recipient(self.config, lp, dom.lower(), "127.0.0.1", authenticated=True)
+        if v.accepted:
+            return v.route, None
+        status = "bounced" if v.code >= 500 else "deferred"
+        return "", Outcome(address, status, status, v.enhanced, f"{v.code} {v.enhanced} {v.text}",
+                           code=v.code, text=v.text)
+
     def _rule(self, route: str) -> RouteRule | None:
         kind, _, index = route.partition(":")
         try:
@@ -288,30 +310,7 @@ class QueueRunner:
     @inlineCallbacks
     def _relay_route(self, entry: QueueEntry, route: str, rcpts: list[Recipient]) -> Any:
         rule = self._rule(route)
-        if rule is None or rule.action in ("local", "reject"):
-            # The routing table changed since the message was accepted: route
-            # the recipients again.
-            rerouted: dict[str, list[Recipient]] = {}
-            local = []
-            for r in rcpts:
-                lp, _, dom = r.address.rpartition("@")
-                v = check_recipient(self.config, lp, dom, "127.0.0.1", authenticated=True)
-                if v.accepted and v.route == "local":
-                    local.append(r)
-                elif v.accepted and self._rule(v.route) is not None and self._rule(v.route).action in ("relay", "mx"):  # type: ignore[union-attr]
-                    rerouted.setdefault(v.route, []).append(r)
-                else:
-                    rerouted.setdefault("", []).append(r)
-            out: list[Outcome] = []
-            if local:
-                out += yield self._local(entry, local)
-            for rroute, rs in rerouted.items():
-                if not rroute:
-                    out += [Outcome(r.address, "bounced", "bounced", "5.4.4",
-                                    "no route to the recipient's domain any more") for r in rs]
-                else:
-                    out += yield self._relay_route(entry, rroute, rs)
-            return out
+        assert rule is not None and rule.action in ("relay", "mx")
         if rule.action == "mx":
             by_domain: dict[str, list[Recipient]] = {}
             for r in rcpts:

@@ -349,6 +349,7 @@ class GroupSync:
         self._busy = False
         self.flushes = 0
         self.synced = 0
+        self.observers: list[Callable[[int], None]] = []
 
     def sync(self) -> Deferred[None]:
         """@return: a Deferred that fires once the directory has been fsynced."""
@@ -363,6 +364,8 @@ class GroupSync:
         self._busy = True
         self.flushes += 1
         self.synced += len(batch)
+        for observer in self.observers:
+            observer(len(batch))
 
         def done(result: object) -> None:
             self._busy = False
@@ -512,6 +515,10 @@ class Spool:
 
     def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._pool, f)  # type: ignore[arg-type]
+
+    def observe_commits(self, observer: Callable[[int], None]) -> None:
+        """Call C{observer} with the batch size of every group commit of C{new/}."""
+        self._new_sync.observers.append(observer)
 
     @property
     def group_commit_stats(self) -> tuple[int, int]:
