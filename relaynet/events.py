@@ -49,11 +49,9 @@ class EventLog:
                 observer(record)
             except Exception:
                 self.log.failure("Event observer failed")
+        keys = [k for k in record if k not in ("time", "node", "event")]
         self.log.info(
-            "{event} queue_id={queue_id} from=<{sender}> to=<{recipient}> status={status}",
-            event=event, queue_id=fields.get("queue_id"), sender=fields.get("sender", ""),
-            recipient=fields.get("recipient") or ",".join(fields.get("recipients") or ()),
-            status=fields.get("status", event),
+            "{event} " + " ".join(f"{k}={{{k}}}" for k in keys), **record
         )
 
     def close(self) -> None:

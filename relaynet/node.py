@@ -14,7 +14,10 @@ a crash is handled by recovery at the next start.
 from __future__ import annotations
 
 import os
-from typing import Any
+import signal
+from typing import Any, Callable
+
+import attrs
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -27,12 +30,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from relaynet.auth import RelayRealm, ScryptChecker
-from relaynet.config import NodeConfig
+from relaynet.config import ConfigError, NodeConfig
 from relaynet.events import EventLog
 from relaynet.intake import Intake, RelayFactory, drain
 from relaynet.runner import QueueRunner
 from relaynet.spool import Spool, makedirs_durable
-from relaynet.tls import server_options
+from relaynet.tls import TLSConfigError, server_options
 
 
 class RelayNode(MultiService):
@@ -48,10 +51,12 @@ class RelayNode(MultiService):
     def __init__(
         self, config: NodeConfig, reactor: Any, threads: int = 16,
         run_as: tuple[int | None, int | None] = (None, None),
+        load_config: Callable[[], NodeConfig] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.run_as = run_as
+        self.load_config = load_config
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}")
         self.spool = Spool(config.queue_dir, reactor, self.pool)
@@ -129,15 +134,54 @@ class RelayNode(MultiService):
             # StreamServerEndpointService keeps the listening Deferred only in
             # this attribute; we read it to learn the bound port (tcp:0).
             svc._waitingForPort.addCallback(self._listening, listener.endpoint)  # type: ignore[union-attr]
+        if self.load_config is not None:
+            self._previous_hup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
+            )
 
-    def _tls_options(self) -> Any:
-        tls = self.config.tls
+    def reload(self) -> bool:
+        """
+        Re-read the configuration (SIGHUP): routing, limits, queue and
+        outbound settings, TLS files and the password file take effect for new
+        sessions and attempts; sessions in progress and the queue are not
+        touched. An invalid new configuration is refused with a log line and
+        the old one stays in force. Listener and spool changes need a restart.
+
+        @return: whether the new configuration was applied.
+        """
+        if self.load_config is None or self.intake is None or self.runner is None:
+            return False
+        old = self.config
+        try:
+            new = self.load_config()
+            tls = self._tls_options(new)
+            portal = self._portal(new)
+        except (ConfigError, TLSConfigError, OSError) as e:
+            self.log.error(
+                "Reload refused, the old configuration stays in force: {error}", error=str(e)
+            )
+            return False
+        if new.listeners != old.listeners or new.spool != old.spool:
+            self.log.warn("Listener and spool changes need a restart; keeping the old ones")
+            new = attrs.evolve(new, listeners=old.listeners, spool=old.spool)
+        self.config = new
+        self.intake.config = new
+        self.intake.tls = tls
+        self.intake.portal = portal
+        self.runner.reconfigure(new)
+        self.log.info("Configuration reloaded from {source}", source=new.source)
+        if self.events is not None:
+            self.events.emit("reload", source=new.source, status="reloaded")
+        return True
+
+    def _tls_options(self, config: NodeConfig | None = None) -> Any:
+        tls = (config or self.config).tls
         if tls.cert is None or tls.key is None:
             return None
         return server_options(tls.cert, tls.key)
 
-    def _portal(self) -> Any:
-        auth = self.config.auth
+    def _portal(self, config: NodeConfig | None = None) -> Any:
+        auth = (config or self.config).auth
         if auth.password_file is None:
             return None
         checker = ScryptChecker(
@@ -152,6 +196,9 @@ class RelayNode(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:
+        if getattr(self, "_previous_hup", None) is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
         yield super().stopService()
         if self.intake is not None:
             yield drain(self.intake, self.reactor)

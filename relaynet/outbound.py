@@ -587,6 +587,14 @@ class HopPool:
         if self._idle.pop(client, None) is not None:
             client.quit()
 
+    def close_idle(self) -> None:
+        """QUIT idle connections; running ones finish what they carry."""
+        for client, timer in list(self._idle.items()):
+            if timer.active():
+                timer.cancel()
+            client.quit()
+        self._idle.clear()
+
     def close(self) -> None:
         """QUIT idle connections and fail queued jobs (node stopping)."""
         for client, timer in list(self._idle.items()):
@@ -641,6 +649,12 @@ class OutboundManager:
     def close(self) -> None:
         for p in self.pools.values():
             p.close()
+
+    def close_idle(self) -> None:
+        """Forget the pools (new settings apply to new connections); idle ones QUIT."""
+        for p in self.pools.values():
+            p.close_idle()
+        self.pools = {}
 
     @property
     def connections_made(self) -> int:

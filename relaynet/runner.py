@@ -181,14 +181,157 @@ class QueueRunner:
 
         return d.addCallback(reply)
 
-    def flush(self) -> int:
-        """Attempt every queued message now; return how many."""
+    # -- administration (relaynet queue ..., the admin API) -------------
+
+    def list(
+        self, state: str | None = None, sender: str | None = None,
+        recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """
+        Summaries of queued messages, oldest first, filtered by state,
+        sender or recipient (substring, case-insensitive), recipient domain
+        and minimum age in seconds.
+        """
+        now = self.now()
+        out = []
+        for entry in sorted(self.entries.values(), key=lambda e: e.envelope.arrival):
+            item = entry_summary(entry, entry.queue_id in self._busy, now)
+            if state and item["state"] != state:
+                continue
+            if sender and sender.lower() not in item["sender"].lower():
+                continue
+            addrs = [r["address"].lower() for r in item["recipients"]]
+            if recipient and not any(recipient.lower() in a for a in addrs):
+                continue
+            if domain and not any(a.rpartition("@")[2] == domain.lower() for a in addrs):
+                continue
+            if min_age is not None and item["age"] < min_age:
+                continue
+            out.append(item)
+        return out
+
+    def show(self, queue_id: str) -> Deferred[dict[str, Any]] | None:
+        """
+        The summary of one message plus its header section (read in a worker
+        thread); C{None} if there is no such message.
+        """
+        entry = self.entries.get(queue_id)
+        if entry is None:
+            return None
+
+        def headers() -> str:
+            with entry.open_message() as f:
+                head, _ = split_headers(f.read(256 * 1024))
+            return head.decode("utf-8", "replace")
+
+        d = deferToThreadPool(self.reactor, self.pool, headers)
+        summary = entry_summary(entry, queue_id in self._busy, self.now())
+        summary["envelope"] = entry.envelope.to_json()
+        return d.addCallback(lambda h: {**summary, "headers": h})
+
+    def _select(self, queue_id: str | None, domain: str | None) -> list[QueueEntry]:
+        if queue_id is not None:
+            entry = self.entries.get(queue_id)
+            return [entry] if entry is not None else []
+        entries = list(self.entries.values())
+        if domain is not None:
+            d = domain.lower()
+            entries = [
+                e for e in entries
+                if any(r.address.rpartition("@")[2].lower() == d for r in e.pending_recipients())
+            ]
+        return entries
+
+    def flush(self, queue_id: str | None = None, domain: str | None = None) -> int:
+        """Attempt queued messages now (all, one, or those for a domain); return how many."""
         n = 0
-        for entry in list(self.entries.values()):
+        for entry in self._select(queue_id, domain):
             if not entry.state.held:
                 self._schedule(entry, 0)
                 n += 1
         return n
+
+    @inlineCallbacks
+    def hold(self, queue_id: str) -> Any:
+        """Keep a message from being attempted until released (durably)."""
+        entry = self.entries.get(queue_id)
+        if entry is None:
+            return False
+        entry.state.held = True
+        timer = self._timers.pop(queue_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        yield self.spool.record(entry)
+        self.events.emit("hold", queue_id=queue_id, sender=entry.envelope.sender)
+        return True
+
+    @inlineCallbacks
+    def release(self, queue_id: str) -> Any:
+        """Release a held message and attempt it now."""
+        entry = self.entries.get(queue_id)
+        if entry is None:
+            return False
+        entry.state.held = False
+        entry.state.next_attempt = None
+        yield self.spool.record(entry)
+        self.events.emit("release", queue_id=queue_id, sender=entry.envelope.sender)
+        if self._running:
+            self._schedule(entry, 0)
+        return True
+
+    @inlineCallbacks
+    def delete(self, queue_id: str) -> Any:
+        """Remove a message without notifying anyone (C{postsuper -d})."""
+        entry = self.entries.get(queue_id)
+        if entry is None or queue_id in self._busy:
+            return False
+        self.entries.pop(queue_id, None)
+        timer = self._timers.pop(queue_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        yield self.spool.remove(entry)
+        self.events.emit("deleted", queue_id=queue_id, sender=entry.envelope.sender, status="deleted")
+        return True
+
+    @inlineCallbacks
+    def bounce(self, queue_id: str, reason: str = "message returned by the administrator") -> Any:
+        """Bounce every pending recipient now, with a DSN to the sender (5.0.0)."""
+        entry = self.entries.get(queue_id)
+        if entry is None or queue_id in self._busy:
+            return False
+        timer = self._timers.pop(queue_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        outcomes = [
+            Outcome(r.address, "bounced", "bounced", "5.0.0", reason) for r in entry.pending_recipients()
+        ]
+        yield self._record(entry, outcomes)
+        return True
+
+    def reroute(self, queue_id: str | None = None, domain: str | None = None) -> int:
+        """
+        Route queued messages again with the current table: routes are looked
+        up at each attempt, so this is a flush that also releases nothing.
+        """
+        return self.flush(queue_id, domain)
+
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Use a new configuration (SIGHUP): routing, limits, retry policy."""
+        self.config = config
+        q = config.queue
+        self.policy = RetryPolicy(
+            minimal_backoff=q.minimal_backoff, maximal_backoff=q.maximal_backoff, lifetime=q.lifetime
+        )
+        self.outbound.timeouts = config.outbound
+        self.outbound.ca_file = config.tls.ca_file
+        self.outbound.close_idle()
+
+    def counts(self) -> dict[str, int]:
+        """Queued messages by state."""
+        out = {"incoming": 0, "active": 0, "deferred": 0, "hold": 0}
+        for qid, entry in self.entries.items():
+            out[entry_state(entry, qid in self._busy)] += 1
+        return out
 
     def _schedule(self, entry: QueueEntry, delay: float) -> None:
         qid = entry.queue_id
@@ -527,3 +670,48 @@ class QueueRunner:
             original_queue_id=entry.queue_id, action=reports[0].action,
         )
         self.enqueue(new)
+
+
+def entry_state(entry: QueueEntry, busy: bool) -> str:
+    """
+    The queue state of a message, as C{relaynet queue} shows it: C{active}
+    (an attempt is running), C{hold}, C{deferred} (some recipient was
+    deferred), or C{incoming} (not attempted yet).
+    """
+    if busy:
+        return "active"
+    if entry.state.held:
+        return "hold"
+    if any(s.status == "deferred" for s in entry.state.recipients.values()):
+        return "deferred"
+    return "incoming"
+
+
+def entry_summary(entry: QueueEntry, busy: bool, now: float) -> dict[str, Any]:
+    """A JSON-able summary of one queued message (the admin API's list item)."""
+    env = entry.envelope
+    rcpts = []
+    for r in env.recipients:
+        st = entry.state.recipients.get(r.address)
+        rcpts.append({
+            "address": r.address,
+            "status": st.status if st else "pending",
+            "attempts": st.attempts if st else 0,
+            "dsn": st.dsn if st else None,
+            "diagnostic": st.diagnostic if st else None,
+            "remote": st.remote if st else None,
+            "last_attempt": st.last_attempt if st else None,
+        })
+    return {
+        "queue_id": env.queue_id,
+        "state": entry_state(entry, busy),
+        "sender": env.sender,
+        "recipients": rcpts,
+        "size": env.size,
+        "arrival": env.arrival,
+        "age": round(now - env.arrival, 3),
+        "next_attempt": entry.state.next_attempt,
+        "held": entry.state.held,
+        "hops": env.hops,
+        "client": env.client,
+    }

@@ -44,9 +44,18 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            config = load_config(self["config"])
+            self.config = self.load()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+
+    def load(self) -> Any:
+        """
+        Load the configuration file and apply the command-line overrides
+        (also what SIGHUP re-runs).
+
+        @raise ConfigError: the file is invalid.
+        """
+        config = load_config(self["config"])
         if self["listen"]:
             config = attrs.evolve(
                 config, listeners=tuple(Listener(endpoint=e) for e in self["listen"])
@@ -59,7 +68,7 @@ class Options(usage.Options):
             if local.mailroot == config.spool / "mailboxes":
                 local = attrs.evolve(local, mailroot=spool / "mailboxes")
             config = attrs.evolve(config, spool=spool, local=local)
-        self.config = config
+        return config
 
 
 def makeService(options: Options) -> Any:
@@ -70,4 +79,4 @@ def makeService(options: Options) -> Any:
 
     parent = getattr(options, "parent", None) or {}
     run_as = (parent.get("uid"), parent.get("gid")) if hasattr(parent, "get") else (None, None)
-    return RelayNode(options.config, reactor, run_as=run_as)
+    return RelayNode(options.config, reactor, run_as=run_as, load_config=options.load)

@@ -1,20 +1,478 @@
 # -*- test-case-name: tests.test_lab -*-
 """
-C{relaynet lab ...} subcommands.
+C{relaynet lab ...}: run a relay network described by a topology file as real
+processes on loopback, drive it, watch it, break it.
+
+    relaynet lab up TOPOLOGY [--dir D] [--netns]    start (or reattach to) a lab
+    relaynet lab status [--json]                    per node: queue, counts, sessions
+    relaynet lab send [-n N] [--from NODE] ...      submit N messages, record what was acknowledged
+    relaynet lab trace MESSAGE-ID | --last          the path of one message, hop by hop
+    relaynet lab check [--wait S]                   every acknowledged message delivered once?
+    relaynet lab chaos [--duration S] ...           kill -9 / restart nodes, or cut links (netns)
+    relaynet lab draw [-o FILE]                     SVG picture with per-link counts and latencies
+    relaynet lab down [--clean]                     stop every node (and remove the lab with --clean)
+
+Commands after C{up} find the lab by C{--dir}, by C{--lab NAME}
+(C{./var/lab/NAME}), or as the only lab under C{./var/lab}. See C{docs/lab.md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
+
+from relaynet.config import ConfigError
+from relaynet.lab.state import Lab, LabError
+
+
+def _err(msg: str) -> None:
+    print(f"relaynet lab: {msg}", file=sys.stderr)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _lab(args: argparse.Namespace) -> Lab:
+    from relaynet.lab.control import open_lab
+
+    if getattr(args, "lab", None) and not args.dir:
+        return open_lab(Path("var") / "lab" / args.lab)
+    return open_lab(args.dir)
+
+
+def _guard(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except (LabError, ConfigError) as e:
+            _err(str(e))
+            return 1
+        except KeyboardInterrupt:
+            _err("interrupted")
+            return 130
+    return run
+
+
+# -- up / down ---------------------------------------------------------------
+
+
+def _up(args: argparse.Namespace) -> int:
+    from relaynet.lab import control
+
+    t0 = time.monotonic()
+    lab, what = control.up(args.topology, args.dir, use_netns=args.netns, timeout=args.timeout,
+                           say=_say)
+    took = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({"lab": lab.name, "dir": str(lab.dir), "result": what, "seconds": round(took, 3),
+                          "nodes": _node_summaries(lab)}, indent=2))
+        return 0
+    verb = {"started": "is up", "reattached": "was already up: reattached (nothing started)"}.get(
+        what, f"was partly down: {what}")
+    print(f"lab {lab.name} {verb} in {took:.2f}s  (dir {lab.dir})")
+    print(control.table(lab))
+    print(f"next: relaynet lab send --dir {lab.dir}   |   relaynet lab down --dir {lab.dir}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from relaynet.lab import control
+
+    lab = _lab(args)
+    for line in control.down(lab, clean=args.clean, say=_say):
+        print(line)
+    return 0
+
+
+# -- status ------------------------------------------------------------------
+
+
+def _node_summaries(lab: Lab) -> list[dict[str, Any]]:
+    out = []
+    for name, rec in lab.nodes.items():
+        running = lab.alive(name)
+        out.append({
+            "name": name, "role": rec.get("role"), "address": rec["address"],
+            "ports": rec["ports"], "modes": rec.get("modes"),
+            "smtp": [f"{rec['address']}:{p}" for p in rec["ports"]],
+            "netns": rec.get("netns"), "link_addresses": rec.get("link_addresses", {}),
+            "pid": rec.get("pid") if running else None, "running": running,
+            "dirs": {k: rec[k] for k in ("dir", "config", "spool", "mailroot", "events", "log", "pidfile")},
+        })
+    return out
+
+
+def status_data(lab: Lab) -> dict[str, Any]:
+    """Everything C{lab status --json} prints."""
+    from relaynet.lab.observe import event_counts, queue_counts, read_events, sessions
+
+    nodes = []
+    for summary in _node_summaries(lab):
+        rec = lab.nodes[summary["name"]]
+        counts = event_counts(read_events(rec["events"]))
+        summary.update({
+            "queue": queue_counts(rec["spool"]),
+            "events": counts,
+            "delivered": counts["delivered"],
+            "relayed": counts["sent"],
+            "bounced": counts["bounced"],
+            "sessions": sessions(summary["pid"], rec["ports"]),
+        })
+        nodes.append(summary)
+    return {
+        "lab": lab.name, "dir": str(lab.dir), "topology": lab.data.get("topology"),
+        "netns": bool(lab.data.get("netns")), "created": lab.data.get("created"),
+        "nodes": nodes, "links": lab.data.get("links", []),
+        "sent": str(lab.sent_path),
+    }
+
+
+def _status(args: argparse.Namespace) -> int:
+    lab = _lab(args)
+    data = status_data(lab)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [("node", "pid", "smtp", "active", "deferred", "held", "received", "relayed",
+             "delivered", "bounced", "attempts failed", "sessions in/out")]
+    for n in data["nodes"]:
+        q, e, s = n["queue"], n["events"], n["sessions"]
+        rows.append((
+            n["name"], str(n["pid"]) if n["running"] else "DOWN",
+            ("netns " if n["netns"] else "") + n["smtp"][0],
+            str(q["active"]), str(q["deferred"]), str(q["held"]), str(e["received"]), str(e["sent"]),
+            str(e["delivered"]), str(e["bounced"]), str(e["deferred"]),
+            f"{s['inbound']}/{s['outbound']}" if s else "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"lab {data['lab']} in {data['dir']}" + (" (netns)" if data["netns"] else ""))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    cut = [f"{lk['a']}-{lk['b']}" for lk in data["links"] if not lk.get("up", True)]
+    if cut:
+        print("cut links: " + ", ".join(cut))
+    return 0
+
+
+# -- send --------------------------------------------------------------------
+
+
+def _send_args(lab: Lab, args: argparse.Namespace) -> dict[str, Any]:
+    t = lab.data.get("traffic", {})
+    entry = args.entry or t.get("from") or [next(iter(lab.nodes))]
+    for e in entry:
+        lab.node(e)
+    recipients = args.to or t.get("recipients")
+    if not recipients:
+        raise LabError("no recipients: give --to ADDRESS")
+    return {
+        "count": args.count if args.count is not None else int(t.get("count", 100)),
+        "entry": entry,
+        "sender": args.sender or t.get("sender", "lab@lab.test"),
+        "recipients": recipients,
+        "size": args.size if args.size is not None else int(t.get("size", 2048)),
+        "concurrency": args.concurrency if args.concurrency is not None else int(t.get("concurrency", 8)),
+        "rotate": args.rotate or bool(t.get("rotate", False)),
+        "rate": args.rate,
+        "duration": args.duration,
+    }
+
+
+def _port_index(lab: Lab, entry: list[str], mode: str) -> int:
+    rec = lab.node(entry[0])
+    modes = rec.get("modes", ["relay"])
+    if mode not in modes:
+        raise LabError(f"node {entry[0]} has no {mode} listener (it has: {', '.join(modes)})")
+    return int(modes.index(mode))
+
+
+def run_send(lab: Lab, params: dict[str, Any], progress: bool, port_mode: str = "relay",
+             login: tuple[str, str] | None = None, starttls: bool = False,
+             stop: threading.Event | None = None) -> Any:
+    """Run C{lab send} with resolved parameters; @return: its L{SendSummary}."""
+    from relaynet.lab.traffic import Progress, send
+
+    bar = Progress(params["count"], enabled=None if progress else False)
+    return send(
+        lab.nodes, lab.sent_path, lab_name=lab.name, progress=bar, stop=stop,
+        port_index=_port_index(lab, params["entry"], port_mode), login=login, starttls=starttls,
+        **params,
+    )
+
+
+def _send(args: argparse.Namespace) -> int:
+    from relaynet.lab import check
+    from relaynet.lab.observe import EventIndex, lab_events
+    from relaynet.lab.traffic import percentile, read_sent
+
+    lab = _lab(args)
+    params = _send_args(lab, args)
+    login = (args.user, args.password) if args.user else None
+    if args.user and args.password is None:
+        raise LabError("--user needs --password")
+    where = ", ".join(f"{e} ({lab.nodes[e]['address']}:{lab.nodes[e]['ports'][0]})" for e in params["entry"])
+    if not args.json:
+        _say(f"sending {params['count']} message(s) of {params['size']} bytes to {where}, "
+             f"{params['concurrency']} session(s), from <{params['sender']}> to "
+             f"{', '.join(params['recipients'])}{' (in turn)' if params['rotate'] else ''}")
+    s = run_send(lab, params, progress=not args.no_progress and not args.json, port_mode=args.port,
+                 login=login, starttls=args.starttls)
+    result: dict[str, Any] = s.to_json()
+    if args.wait:
+        waited = check.wait_settled(lab.nodes, args.wait)
+        ours = {r["message_id"]: float(r["start"]) for r in read_sent(lab.sent_path) if r.get("run") == s.run}
+        lat = check.delivery_latencies(EventIndex(lab_events(lab.nodes), lab.endpoint_map()), ours)
+        result.update({"waited": round(waited, 3), "delivered": len(lat),
+                       "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99)})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"run {s.run}: {s.accepted} accepted, {s.refused} refused, {s.failed} failed"
+              f" of {s.requested} in {s.seconds:.2f}s: {s.rate:.1f} msg/s accepted")
+        if result.get("accept_latency_p50") is not None:
+            print(f"time to 250: p50 {result['accept_latency_p50'] * 1000:.1f} ms,"
+                  f" p99 {result['accept_latency_p99'] * 1000:.1f} ms")
+        for err, n in sorted(s.errors.items(), key=lambda kv: -kv[1])[:5]:
+            print(f"  {n} x {err}")
+        if args.wait:
+            if result["latency_p50"] is not None:
+                print(f"delivered {result['delivered']} (waited {result['waited']:.2f}s): end-to-end latency"
+                      f" p50 {result['latency_p50']:.3f}s, p99 {result['latency_p99']:.3f}s")
+            else:
+                print(f"nothing of this run delivered yet (waited {result['waited']:.2f}s)")
+        print(f"recorded in {lab.sent_path}; verify with: relaynet lab check --dir {lab.dir}")
+    return 0 if s.accepted or not s.requested else 1
+
+
+# -- trace -------------------------------------------------------------------
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from relaynet.lab.observe import EventIndex, format_trace, lab_events, normalise_message_id, trace
+    from relaynet.lab.traffic import read_sent
+
+    lab = _lab(args)
+    if args.message_id:
+        mid = normalise_message_id(args.message_id)
+    else:
+        sent = read_sent(lab.sent_path)
+        if not sent:
+            raise LabError(f"nothing sent yet ({lab.sent_path} is empty): give a MESSAGE-ID")
+        mid = sent[0 if args.first else -1]["message_id"]
+    index = EventIndex(lab_events(lab.nodes), lab.endpoint_map())
+    rows = trace(index, mid)
+    if args.json:
+        print(json.dumps({"message_id": mid, "hops": [r.to_json() for r in rows]}, indent=2))
+    else:
+        print(format_trace(mid, rows))
+    return 0 if rows else 1
+
+
+# -- check -------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+    from relaynet.lab import check
+    from relaynet.lab.observe import EventIndex, lab_events
+    from relaynet.lab.traffic import read_sent
+
+    lab = _lab(args)
+    sent = read_sent(lab.sent_path)
+    waited = check.wait_settled(lab.nodes, args.wait) if args.wait else 0.0
+    ev = check.collect(lab.nodes)
+    report = check.verify(sent, ev, EventIndex(lab_events(lab.nodes), lab.endpoint_map()))
+    report.waited = waited
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(f"lab {lab.name}: checked {lab.sent_path}" + (f" (waited {waited:.2f}s for queues to empty)" if args.wait else ""))
+        print(report.format())
+    bad = not report.ok or (report.duplicated and not args.allow_duplicates)
+    return 1 if bad else 0
+
+
+# -- chaos -------------------------------------------------------------------
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from relaynet.lab import chaos
+
+    lab = _lab(args)
+    c = lab.data.get("chaos", {})
+    links = args.links or (bool(c.get("links")) and bool(lab.data.get("netns")))
+    plan = chaos.ChaosPlan(
+        targets=args.target or c.get("targets") or [],
+        duration=args.duration if args.duration is not None else float(c.get("duration", 15.0)),
+        interval=tuple(args.interval) if args.interval else tuple(c.get("interval", (1.0, 3.0))),
+        down=tuple(args.down) if args.down else tuple(c.get("down", (0.5, 2.0))),
+        restart=False if args.no_restart else bool(c.get("restart", True)),
+        max_actions=args.max_actions if args.max_actions is not None else int(c.get("max_actions", 0)),
+        start_after=args.start_after if args.start_after is not None else float(c.get("start_after", 0.0)),
+        links=links,
+    )
+    if not plan.targets and not plan.links:
+        plan.targets = [n for n in lab.nodes if n not in lab.data.get("traffic", {}).get("from", [])]
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    stop = threading.Event()
+    traffic: dict[str, Any] = {}
+    sender = None
+    if args.send:
+        params = _send_args(lab, argparse.Namespace(
+            entry=None, to=None, sender=None, size=None, concurrency=args.concurrency, rotate=False,
+            count=args.send, rate=args.rate, duration=plan.duration,
+        ))
+
+        def drive() -> None:
+            traffic["summary"] = run_send(lab, params, progress=False, stop=stop)
+
+        sender = threading.Thread(target=drive, name="chaos-traffic", daemon=True)
+        sender.start()
+    what = f"links of {', '.join(plan.targets) or 'every node'}" if plan.links else ", ".join(plan.targets)
+    _say(f"chaos for {plan.duration:.0f}s on {what} (seed {seed})")
+    try:
+        log = chaos.run(lab, plan, rng, stop=stop, say=_say)
+    finally:
+        stop.set()
+        if sender is not None:
+            sender.join(120)
+    kills, cuts = log.count("kill -9"), log.count("cut")
+    print(f"chaos done: {kills} kill -9, {log.count('restart')} restart(s), {cuts} link cut(s),"
+          f" {log.count('restore')} restored; log {lab.chaos_path}")
+    if not plan.restart and kills:
+        print("killed nodes were left down: 'relaynet lab up' on the same topology and --dir restarts them")
+    if "summary" in traffic:
+        s = traffic["summary"]
+        print(f"traffic: {s.accepted} accepted, {s.refused} refused, {s.failed} failed of {s.requested}"
+              f" ({s.rate:.1f} msg/s)")
+    return 0
+
+
+# -- draw --------------------------------------------------------------------
+
+
+def _draw(args: argparse.Namespace) -> int:
+    from relaynet.lab.draw import render
+    from relaynet.lab.observe import EventIndex, lab_events, link_stats
+
+    lab = _lab(args)
+    index = EventIndex(lab_events(lab.nodes), lab.endpoint_map())
+    stats = link_stats(index)
+    svg = render(
+        f"lab {lab.name}" + (f": {lab.data['description']}" if lab.data.get("description") else ""),
+        lab.nodes, lab.data.get("links", []), stats,
+        entry=lab.data.get("traffic", {}).get("from", []), layout=lab.data.get("layout", "layers"),
+        alive={n: lab.alive(n) for n in lab.nodes},
+    )
+    out = Path(args.output) if args.output else lab.dir / "topology.svg"
+    out.write_text(svg, "utf-8")
+    for s in stats:
+        delay = f"{s.median_delay * 1000:.1f} ms" if s.median_delay is not None else "-"
+        print(f"{s.src} -> {s.dst}: {s.count} relayed, median delay {delay}"
+              + (f", {s.deferred} failed attempt(s)" if s.deferred else ""))
+    print(f"wrote {out}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------
+
+
+def _where(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", help="the lab directory (default: the only lab under ./var/lab)")
+    p.add_argument("--lab", help="the lab's name: same as --dir var/lab/NAME")
 
 
 def add_lab_parser(sub: Any) -> None:
     """Register C{relaynet lab} and its subcommands on C{sub}."""
-    p = sub.add_parser("lab", help="run and drive lab topologies (see topologies/)")
+    p = sub.add_parser("lab", help="run and drive lab topologies (see topologies/ and docs/lab.md)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-    p.add_subparsers(dest="lab_command", metavar="LAB-COMMAND")
+    lab = p.add_subparsers(dest="lab_command", metavar="LAB-COMMAND")
 
+    s = lab.add_parser("up", help="start every node of a topology (or reattach to a running lab)")
+    s.add_argument("topology", help="topology file (TOML), e.g. topologies/chain3.toml")
+    s.add_argument("--dir", help="lab directory (default ./var/lab/<topology name>)")
+    s.add_argument("--netns", action="store_true",
+                   help="one network namespace per node, joined by veth links (root and iproute2)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for every EHLO (default 30)")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=_guard(_up))
 
-def _unused(args: argparse.Namespace) -> int:
-    return 0
+    s = lab.add_parser("status", help="per node: pid, queue by state, delivered, bounced, live sessions")
+    _where(s)
+    s.add_argument("--json", action="store_true", help="the same plus addresses, ports, pids and dirs, as JSON")
+    s.set_defaults(func=_guard(_status))
+
+    s = lab.add_parser("send", help="submit N messages; record those acknowledged for 'lab check'")
+    _where(s)
+    s.add_argument("-n", "--count", type=int, help="messages to send (default from the topology, else 100)")
+    s.add_argument("--size", type=int, help="bytes per message, headers included (default 2048)")
+    s.add_argument("-c", "--concurrency", type=int, help="SMTP sessions in parallel (default 8)")
+    s.add_argument("--from", dest="entry", action="append", metavar="NODE",
+                   help="node to submit to (repeat: taken in turn; default from the topology)")
+    s.add_argument("--sender", help="envelope sender")
+    s.add_argument("--to", action="append", metavar="ADDRESS", help="recipient (repeatable)")
+    s.add_argument("--rotate", action="store_true", help="each message to one recipient, in turn")
+    s.add_argument("--rate", type=float, default=0.0, help="at most this many messages per second")
+    s.add_argument("--duration", type=float, default=0.0, help="stop starting messages after S seconds")
+    s.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="then wait up to S seconds for delivery and print end-to-end latency")
+    s.add_argument("--port", default="relay", help="listener mode to submit to: relay (default), submission")
+    s.add_argument("--user", help="SMTP AUTH user (implies STARTTLS)")
+    s.add_argument("--password", help="SMTP AUTH password")
+    s.add_argument("--starttls", action="store_true", help="STARTTLS before sending")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=_guard(_send))
+
+    s = lab.add_parser("trace", help="the path of one message, hop by hop, from every node's event log")
+    _where(s)
+    s.add_argument("message_id", nargs="?", help="Message-ID (with or without <>)")
+    s.add_argument("--last", action="store_true", help="the last message 'lab send' recorded (the default)")
+    s.add_argument("--first", action="store_true", help="the first message 'lab send' recorded")
+    s.add_argument("--json", action="store_true", help="print the hops as JSON")
+    s.set_defaults(func=_guard(_trace))
+
+    s = lab.add_parser("check", help="was every acknowledged message delivered (or bounced) exactly once?")
+    _where(s)
+    s.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="first wait up to S seconds for every queue to empty")
+    s.add_argument("--allow-duplicates", action="store_true",
+                   help="exit 0 despite duplicates (at-least-once after crashes)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=_guard(_check))
+
+    s = lab.add_parser("chaos", help="kill -9 and restart random nodes, or cut links (netns), for a while")
+    _where(s)
+    s.add_argument("--duration", type=float, help="seconds (default from the topology, else 15)")
+    s.add_argument("--target", action="append", metavar="NODE",
+                   help="node that may be killed (repeatable; default from the topology)")
+    s.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"), help="seconds between actions")
+    s.add_argument("--down", type=float, nargs=2, metavar=("MIN", "MAX"), help="seconds a node/link stays down")
+    s.add_argument("--no-restart", action="store_true", help="leave killed nodes down")
+    s.add_argument("--max-actions", type=int, help="at most this many kills/cuts")
+    s.add_argument("--start-after", type=float, help="seconds before the first action")
+    s.add_argument("--links", action="store_true", help="cut and restore links instead (needs lab up --netns)")
+    s.add_argument("--seed", type=int, default=None, help="random seed (replays a schedule)")
+    s.add_argument("--send", type=int, default=0, metavar="N",
+                   help="also send N messages meanwhile (topology's traffic defaults)")
+    s.add_argument("--rate", type=float, default=0.0, help="with --send: messages per second")
+    s.add_argument("-c", "--concurrency", type=int, help="with --send: SMTP sessions")
+    s.set_defaults(func=_guard(_chaos))
+
+    s = lab.add_parser("draw", help="write the topology as SVG, links labelled with counts and latencies")
+    _where(s)
+    s.add_argument("-o", "--output", help="SVG file (default <labdir>/topology.svg)")
+    s.set_defaults(func=_guard(_draw))
+
+    s = lab.add_parser("down", help="stop every node (SIGTERM, then SIGKILL), remove namespaces")
+    _where(s)
+    s.add_argument("--clean", action="store_true", help="also delete the lab directory")
+    s.set_defaults(func=_guard(_down))

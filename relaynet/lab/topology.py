@@ -668,6 +668,9 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
                 for h in r.via
             ] + list(r.extra.get("next_hops", []))
         route.update({k: v for k, v in r.extra.items() if k != "next_hops" or not r.via})
+        if r.via and not netns and "source_address" not in route:
+            # Connect from the node's own address, so each hop is seen as itself.
+            route["source_address"] = plan.address
         routes.append(route)
     trusted = LAB_TRUSTED + ([str(NETNS_RANGE)] if netns else [])
     base: dict[str, Any] = {

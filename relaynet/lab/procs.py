@@ -1,0 +1,236 @@
+# -*- test-case-name: tests.test_lab -*-
+"""
+Node processes of a lab: each node is C{twistd -n relaynet --config
+<labdir>/<node>/node.toml}, started detached (a session of its own) so it
+outlives the command that started it, and found again through C{/proc}.
+
+Every wait here is bounded and polls; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from relaynet.lab import netns
+from relaynet.lab.state import cmdline, node_alive, pid_state
+
+POLL = 0.05
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+def twistd_command() -> list[str]:
+    """C{twistd} of this Python environment."""
+    beside = Path(sys.executable).parent / "twistd"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("twistd")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
+
+
+def node_command(rec: Mapping[str, Any]) -> list[str]:
+    """The command line that runs the node described by C{rec}."""
+    d = Path(rec["dir"])
+    cmd = [
+        *twistd_command(), "-n", f"--pidfile={d / 'twistd.pid'}", f"--logfile={d / 'node.log'}",
+        "relaynet", "--config", rec["config"],
+    ]
+    if rec.get("netns"):
+        cmd = netns.command_prefix(rec["netns"]) + cmd
+    return cmd
+
+
+def spawn(rec: Mapping[str, Any]) -> subprocess.Popen[bytes]:
+    """
+    Start the node of C{rec} detached: its own session, stdin from
+    C{/dev/null}, stdout and stderr appended to C{<node>/node.out}.
+    """
+    d = Path(rec["dir"])
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(d / "node.out", "ab") as out:
+        return subprocess.Popen(
+            node_command(rec), cwd=d, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+
+
+def smtp_host(rec: Mapping[str, Any]) -> str:
+    """The address the lab's own commands use to reach a node."""
+    return str(rec["address"])
+
+
+def ehlo_ok(rec: Mapping[str, Any], timeout: float = 2.0) -> bool:
+    """Whether the node answers C{EHLO} with 250 on its relay port (one try)."""
+
+    def probe() -> bool:
+        try:
+            with smtplib.SMTP(smtp_host(rec), rec["ports"][0], timeout=timeout,
+                              local_hostname="lab.probe") as s:
+                code, _ = s.ehlo()
+                return code == 250
+        except (OSError, smtplib.SMTPException):
+            return False
+
+    return netns.run_in(rec.get("netns"), probe, timeout=timeout * 3 + 5)
+
+
+def log_tail(rec: Mapping[str, Any], lines: int = 15) -> str:
+    """The last lines of the node's log and output."""
+    out = []
+    for name in ("node.log", "node.out"):
+        try:
+            text = (Path(rec["dir"]) / name).read_text("utf-8", "replace")
+        except OSError:
+            continue
+        out += [f"  {name}: {line}" for line in text.splitlines()[-lines:]]
+    return "\n".join(out)
+
+
+def wait_ready(recs: Mapping[str, Mapping[str, Any]], procs: Mapping[str, subprocess.Popen[bytes]],
+               timeout: float = START_TIMEOUT) -> dict[str, str]:
+    """
+    Poll until every node answers EHLO, one exits, or C{timeout} passes.
+
+    @return: node -> problem, for the nodes that did not come up (empty: all up).
+    """
+    pending = set(recs)
+    problems: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while pending:
+        for name in sorted(pending):
+            p = procs.get(name)
+            if p is not None and p.poll() is not None:
+                problems[name] = f"exited with status {p.returncode}:\n{log_tail(recs[name])}"
+                pending.discard(name)
+            elif ehlo_ok(recs[name], timeout=1.0):
+                pending.discard(name)
+        if not pending:
+            break
+        if time.monotonic() >= deadline:
+            for name in pending:
+                problems[name] = f"no EHLO answer within {timeout:.0f}s:\n{log_tail(recs[name])}"
+            break
+        time.sleep(POLL)
+    return problems
+
+
+def node_pids(rec: Mapping[str, Any]) -> list[int]:
+    """
+    Every live process running this node: its recorded pid, its pidfile's
+    pid, and any process whose command line names its config.
+    """
+    config = rec["config"]
+    found = set()
+    candidates = [rec.get("pid")]
+    try:
+        candidates.append(int((Path(rec["dir"]) / "twistd.pid").read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    for pid in candidates:
+        if pid and node_alive(pid, config):
+            found.add(pid)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            pid = int(entry)
+            if pid not in found and config in cmdline(pid) and node_alive(pid, config):
+                found.add(pid)
+    return sorted(found)
+
+
+def _wait_gone(pids: Iterable[int], config: str, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while True:
+        left = [p for p in left if node_alive(p, config)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(POLL)
+
+
+def reap(proc: subprocess.Popen[bytes] | None) -> None:
+    """Collect the exit status of a child we started (no zombie left)."""
+    if proc is not None:
+        try:
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop(rec: Mapping[str, Any], timeout: float = STOP_TIMEOUT) -> str:
+    """
+    Stop a node: SIGTERM, wait (bounded), then SIGKILL.
+
+    @return: what happened (C{"not running"}, C{"stopped"}, C{"killed"}).
+    @raise OSError: the processes could not be ended.
+    """
+    pids = node_pids(rec)
+    if not pids:
+        return "not running"
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    left = _wait_gone(pids, rec["config"], timeout)
+    if not left:
+        return "stopped"
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    left = _wait_gone(left, rec["config"], 5.0)
+    if left:
+        raise OSError(f"node {rec['name']}: pid(s) {left} survived SIGKILL")
+    return "killed"
+
+
+def kill9(rec: Mapping[str, Any]) -> list[int]:
+    """
+    C{kill -9} the node's processes and wait (bounded) until they are gone.
+
+    @return: the pids killed.
+    """
+    pids = node_pids(rec)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _wait_gone(pids, rec["config"], 5.0)
+    return pids
+
+
+def port_ok(host: str, port: int) -> bool:
+    """Whether C{port} can be bound on C{host} now (with SO_REUSEADDR, as Twisted does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str) -> int:
+    """A port free on C{host} now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def describe_pid(pid: int | None) -> str:
+    """C{pid} and its state for messages."""
+    st = pid_state(pid)
+    return f"{pid} ({'gone' if st is None else st})"
