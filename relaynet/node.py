@@ -59,7 +59,8 @@ class RelayNode(MultiService):
         self.load_config = load_config
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}")
-        self.spool = Spool(config.queue_dir, reactor, self.pool)
+        self.commit_pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}-commit")
+        self.spool = Spool(config.queue_dir, reactor, self.pool, commit_pool=self.commit_pool)
         self.events: EventLog | None = None
         self.runner: QueueRunner | None = None
         self.intake: Intake | None = None
@@ -115,6 +116,7 @@ class RelayNode(MultiService):
         recovered = list(self.spool.recover())
         portal = self._portal()
         self.pool.start()
+        self.commit_pool.start()
         try:
             self.runner = QueueRunner(config, self.spool, self.events, self.reactor, self.pool)
             self.intake.events = self.events
@@ -129,6 +131,7 @@ class RelayNode(MultiService):
             super().startService()
         except BaseException:
             self.pool.stop()
+            self.commit_pool.stop()
             raise
         for svc, listener in zip(self._listener_services, config.listeners):
             # StreamServerEndpointService keeps the listening Deferred only in
@@ -205,6 +208,7 @@ class RelayNode(MultiService):
         if self.runner is not None:
             yield self.runner.stop()
         self.pool.stop()
+        self.commit_pool.stop()
         if self.events is not None:
             self.events.close()
         self.log.info("relaynet node {name} stopped", name=self.config.name)

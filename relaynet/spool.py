@@ -447,7 +447,7 @@ class SpoolWriter:
             self._unlink()
             return failure
 
-        d = self.spool._in_thread(durable)
+        d = self.spool._in_commit_thread(durable)
         d.addErrback(failed)
         d.addCallback(lambda _: self.spool._new_sync.sync())
 
@@ -501,6 +501,7 @@ class Spool:
         reactor: IReactorFromThreads,
         threadpool: ThreadPool,
         clock: Callable[[], float] = time.time,
+        commit_pool: ThreadPool | None = None,
     ) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
@@ -508,13 +509,21 @@ class Spool:
         self.state_dir = self.root / "state"
         self._reactor = reactor
         self._pool = threadpool
+        self._commit_pool = commit_pool or threadpool
         self._clock = clock
-        self._new_sync = GroupSync(self.new_dir, self._in_thread)
+        self._new_sync = GroupSync(self.new_dir, self._in_commit_thread)
         self._state_sync = GroupSync(self.state_dir, self._in_thread)
         self._counter = 0
 
     def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._pool, f)  # type: ignore[arg-type]
+
+    def _in_commit_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
+        """
+        Commits have threads of their own: a 250 must not wait behind
+        deliveries queued in the general pool.
+        """
+        return deferToThreadPool(self._reactor, self._commit_pool, f)  # type: ignore[arg-type]
 
     def observe_commits(self, observer: Callable[[int], None]) -> None:
         """Call C{observer} with the batch size of every group commit of C{new/}."""
@@ -622,7 +631,9 @@ class Spool:
     def remove(self, entry: QueueEntry) -> Deferred[None]:
         """
         Retire a message whose recipients are all final: unlink its queue file
-        (then its state file) and flush C{new/}.
+        (then its state file). The directory is not flushed: if a power loss
+        undid the unlink, the message would be delivered again (the
+        at-least-once window), never lost; every removal saves a flush.
         """
 
         def unlink() -> None:
@@ -635,9 +646,7 @@ class Spool:
             except FileNotFoundError:
                 pass
 
-        d = self._in_thread(unlink)
-        d.addCallback(lambda _: self._new_sync.sync())
-        return d
+        return self._in_thread(unlink)
 
     def count(self) -> int:
         """Committed messages on disk (blocking directory listing)."""

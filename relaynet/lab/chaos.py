@@ -125,6 +125,8 @@ def run(lab: Lab, plan: ChaosPlan, rng: random.Random, stop: threading.Event | N
                     actions += 1
                     continue
                 pids = control.kill_node(lab, node)
+                for c in children:
+                    c.poll()  # reap the ones we started and just killed
                 broken[node] = {"kind": "node", "node": node}
                 note("kill -9", node=node, pids=pids)
             actions += 1

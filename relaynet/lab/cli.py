@@ -57,6 +57,10 @@ def _guard(func: Any) -> Any:
         except KeyboardInterrupt:
             _err("interrupted")
             return 130
+        except BrokenPipeError:
+            # The reader went away (e.g. "| head"): not an error of ours.
+            sys.stderr.close()
+            return 0
     return run
 
 

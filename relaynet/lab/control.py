@@ -19,7 +19,7 @@ from relaynet.lab import netns, procs
 from relaynet.lab.state import Lab, LabError
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.topology import (
-    Topology, allocate, link_subnets, load_topology, node_config, validate_node_config,
+    Topology, allocate, link_subnets, load_topology, node_config, node_files, validate_node_config,
 )
 
 START_ATTEMPTS = 3
@@ -38,6 +38,8 @@ def _records(lab: Lab, topology: Topology, use_netns: bool) -> dict[str, dict[st
     for n in topology.nodes:
         d = lab.dir / n.name
         d.mkdir(parents=True, exist_ok=True)
+        _make_files(topology, n.name, plans[n.name].address,
+                    list(plans[n.name].link_addresses.values()), d)
         data = node_config(topology, plans, n.name, d, netns=use_netns)
         config = validate_node_config(topology, n.name, data, d)
         header = (
@@ -66,6 +68,25 @@ def _records(lab: Lab, topology: Topology, use_netns: bool) -> dict[str, dict[st
             "pid": None,
         }
     return recs
+
+
+def _make_files(topology: Topology, name: str, address: str, more: list[str], node_dir: Path) -> None:
+    """Issue the node's certificate (lab CA) and write its password file, as the topology asks."""
+    files = node_files(topology, name, node_dir)
+    if "ca_file" in files:
+        from relaynet.tls import generate_ca, generate_cert
+
+        ca_cert, ca_key = generate_ca(files["ca_file"].parent, name=f"relaynet lab {topology.name} CA")
+        if "cert" in files:
+            host = files["cert"].name[: -len(".pem")]
+            files["cert"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            generate_cert(files["cert"].parent, ca_cert, ca_key, [host, address, *more])
+    if "password_file" in files:
+        from relaynet.auth import set_password
+
+        files["password_file"].unlink(missing_ok=True)
+        for user, password in topology.node(name).auth_users.items():
+            set_password(files["password_file"], user, password)
 
 
 def _links(lab: Lab, topology: Topology) -> list[dict[str, Any]]:

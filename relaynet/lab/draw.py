@@ -49,8 +49,8 @@ def positions(names: Sequence[str], edges: Mapping[str, Sequence[str]], entry: S
         degree = {n: len(set(edges.get(n, ())) | {m for m in names if n in edges.get(m, ())}) for n in names}
         hub = max(names, key=lambda n: degree[n]) if names else None
         ring = [n for n in names if n != hub] if hub and len(names) > 3 and degree[hub] >= len(names) - 1 else list(names)
-        radius = max(170.0, 60.0 * len(ring) / math.pi)
-        cx = cy = radius + 110
+        radius = max(230.0, 70.0 * len(ring) / math.pi)
+        cx, cy = radius + 160, radius + 70
         if len(ring) != len(names) and hub is not None:
             pos[hub] = (cx, cy)
         for i, n in enumerate(ring):
@@ -117,17 +117,26 @@ def render(title: str, nodes: Mapping[str, Mapping[str, Any]], links: Sequence[M
             f'x2="{x2 - ux * NODE_R:.1f}" y2="{y2 - uy * NODE_R:.1f}" {style} stroke-width="{stroke:.1f}"/>'
         )
         mx, my = (x1 + x2) / 2, (y1 + y2) / 2
-        for side, (src, dst) in ((-1, (a, b)), (1, (b, a))):
+        labels = []
+        for src, dst in ((a, b), (b, a)):
             s = by_dir.get((src, dst))
             if s is None:
                 continue
-            text = f"{src}\u2192{dst}: {s.count} msg, p50 {_fmt_delay(s.median_delay)}"
+            text = f"{src}\u2192{dst} {s.count} msg, p50 {_fmt_delay(s.median_delay)}"
             if s.deferred:
-                text += f", {s.deferred} deferred"
-            ox, oy = -uy * 12 * side, ux * 12 * side
+                text += f", {s.deferred} failed"
+            labels.append(text)
+        # Stack the two directions' labels beside the middle of the link: to
+        # the right of a steep link, above a flat one.
+        steep = abs(ux) < 0.45
+        for i, text in enumerate(labels):
+            if steep:
+                x, y, anchor = mx + 8, my - 4 + 13 * i, "start"
+            else:
+                x, y, anchor = mx, my - 8 - 13 * (len(labels) - 1 - i), "middle"
             out.append(
-                f'<text class="label" x="{mx + ox:.1f}" y="{my + oy + 4:.1f}" text-anchor="middle" '
-                f'fill="#036">{escape(text)}</text>'
+                f'<text class="label" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" '
+                f'font-size="10" fill="#036">{escape(text)}</text>'
             )
         if not lk.get("up", True):
             out.append(f'<text x="{mx:.1f}" y="{my - 16:.1f}" text-anchor="middle" fill="#c00">cut</text>')

@@ -167,14 +167,15 @@ def trace(index: EventIndex, message_id: str, limit: int = 1000) -> list[TraceRo
     rows: list[TraceRow] = []
     seen: set[str] = set()
 
-    def walk(qid: str, depth: int, dsn: bool) -> None:
+    def walk(qid: str, depth: int, dsn: bool, created: float | None = None) -> None:
         if qid in seen or len(rows) >= limit:
             return
         seen.add(qid)
         rec = index.received.get(qid)
         outs = index.outcomes.get(qid, [])
         node = rec["_node"] if rec else (outs[0]["_node"] if outs else "?")
-        arrival = rec.get("time") if rec else None
+        # A DSN is made on the node, not received: it "arrives" when queued.
+        arrival = rec.get("time") if rec else created
         if not outs:
             rows.append(TraceRow(depth, node, arrival, qid, "-", None, None, "queued",
                                  "no outcome recorded yet", None, dsn))
@@ -204,7 +205,7 @@ def trace(index: EventIndex, message_id: str, limit: int = 1000) -> list[TraceRo
             rows.append(TraceRow(depth, node, arrival, qid, f"DSN to {d.get('recipient', '?')}",
                                  d["queue_id"], None, f"dsn {d.get('action', '')}".strip(),
                                  "a delivery status notification was queued", d.get("time"), dsn))
-            walk(d["queue_id"], depth + 1, True)
+            walk(d["queue_id"], depth + 1, True, d.get("time"))
 
     for root in sorted(index.roots(message_id), key=lambda e: e.get("time", 0.0)):
         walk(root["queue_id"], 0, False)

@@ -57,6 +57,15 @@ def spawn(rec: Mapping[str, Any]) -> subprocess.Popen[bytes]:
     C{/dev/null}, stdout and stderr appended to C{<node>/node.out}.
     """
     d = Path(rec["dir"])
+    pidfile = d / "twistd.pid"
+    try:
+        old = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        old = None
+    if old is not None and not node_alive(old, rec["config"]):
+        # twistd refuses to start while the pid in its pidfile exists, and a
+        # node killed by us may linger as a zombie: the file is stale.
+        pidfile.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(d / "node.out", "ab") as out:
         return subprocess.Popen(
@@ -85,7 +94,7 @@ def ehlo_ok(rec: Mapping[str, Any], timeout: float = 2.0) -> bool:
     return netns.run_in(rec.get("netns"), probe, timeout=timeout * 3 + 5)
 
 
-def log_tail(rec: Mapping[str, Any], lines: int = 15) -> str:
+def log_tail(rec: Mapping[str, Any], lines: int = 8) -> str:
     """The last lines of the node's log and output."""
     out = []
     for name in ("node.log", "node.out"):

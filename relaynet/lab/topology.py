@@ -96,6 +96,8 @@ class NodeSpec:
     routes: tuple[RouteSpec, ...] = ()
     listeners: tuple[ListenerSpec, ...] = ()
     config: Mapping[str, Any] = field(factory=dict)
+    tls: bool = False
+    auth_users: Mapping[str, str] = field(factory=dict)
 
     def neighbours(self) -> list[str]:
         """The nodes this node relays to, in route order, without repeats."""
@@ -385,10 +387,26 @@ def _read_node(source: str, key: str, name: str, data: Any, defaults: _Reader,
         _read_config_table(source, "defaults.config", defaults.data.get("config", {})),
         _read_config_table(source, f"{key}.config", n.get("config", dict, {})),
     )
+    tls = n.get("tls", bool, defaults.data.get("tls", False))
+    auth_users = n.get("auth_users", dict, {})
+    for user, password in auth_users.items():
+        if not isinstance(password, str) or not password:
+            raise ConfigError(source, f"{key}.auth_users.{user}", "must be a non-empty password string")
+        if ":" in user or not user.strip() or any(c.isspace() for c in user):
+            raise ConfigError(source, f"{key}.auth_users.{user}", "a user name has no colon or white space")
+    for i, lst in enumerate(listeners):
+        if lst.mode in ("submission", "submissions"):
+            if not tls and "tls" not in config:
+                raise ConfigError(source, f"{key}.listener[{i}].mode",
+                                  f"{lst.mode} needs TLS: set 'tls = true' on the node (the lab issues a certificate)")
+            if not auth_users and "auth" not in config:
+                raise ConfigError(source, f"{key}.listener[{i}].mode",
+                                  f"{lst.mode} needs users: add [node.{name}.auth_users] user = \"password\"")
     n.finish()
     return NodeSpec(
         name=name, role=role, address=address, port=port, domains=domains, users=users,
         aliases=aliases, catch_all=catch_all, routes=routes, listeners=listeners, config=config,
+        tls=tls, auth_users=auth_users,
     )
 
 
@@ -420,13 +438,14 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
                               "node names are lower-case letters, digits and '-', starting with a letter (at most 24)")
     defaults = top.sub("defaults")
     for k in defaults.data:
-        if k not in ("port", "users", "aliases", "catch_all", "config"):
-            raise defaults.error(k, "unknown key (defaults may set port, users, aliases, catch_all, config)")
+        if k not in ("port", "users", "aliases", "catch_all", "tls", "config"):
+            raise defaults.error(k, "unknown key (defaults may set port, users, aliases, catch_all, tls, config)")
     if "port" in defaults.data:
         defaults.get("port", int, None, _port)
     defaults.strings("users")
     defaults.get("aliases", dict, {})
     defaults.get("catch_all", bool, False)
+    defaults.get("tls", bool, False)
     defaults.get("config", dict, {})
     nodes = tuple(
         _read_node(source, f"node.{nm}", nm, nodes_data[nm], defaults, port, names) for nm in names
@@ -673,6 +692,7 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
             route["source_address"] = plan.address
         routes.append(route)
     trusted = LAB_TRUSTED + ([str(NETNS_RANGE)] if netns else [])
+    files = node_files(topology, name, node_dir)
     base: dict[str, Any] = {
         "node": {
             "name": name,
@@ -687,7 +707,31 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
     }
     if routes:
         base["route"] = routes
+    if "ca_file" in files:
+        base["tls"] = {k: str(files[k]) for k in ("cert", "key", "ca_file") if k in files}
+    if "password_file" in files:
+        base["auth"] = {"password_file": str(files["password_file"])}
     return _deep_merge(base, n.config)
+
+
+def node_files(topology: Topology, name: str, node_dir: Path) -> dict[str, Path]:
+    """
+    The TLS and AUTH files the lab makes for a node: C{cert} and C{key} (a
+    node with C{tls = true}), C{ca_file} (the lab CA, for every node once
+    any node has TLS, so C{tls = "verify"} routes work), C{password_file}
+    (a node with C{auth_users}).
+    """
+    n = topology.node(name)
+    out: dict[str, Path] = {}
+    if any(m.tls for m in topology.nodes):
+        out["ca_file"] = node_dir.parent / "ca" / "ca.pem"
+    if n.tls:
+        host = f"{name}.{topology.name}.test"
+        out["cert"] = node_dir / "tls" / f"{host}.pem"
+        out["key"] = node_dir / "tls" / f"{host}.key"
+    if n.auth_users:
+        out["password_file"] = node_dir / "passwd"
+    return out
 
 
 def validate_node_config(topology: Topology, name: str, data: Mapping[str, Any],
