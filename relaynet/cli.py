@@ -93,6 +93,23 @@ def _passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Run bench/run.py from the source tree (the bench is not installed)."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    if not script.exists():
+        print(f"relaynet: {script} not found: run from a source checkout", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     print(f"relaynet {__version__}")
     return 0
@@ -125,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user", help="user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.set_defaults(func=_passwd)
+    p = sub.add_parser("bench", help="benchmark relaynet against Postfix (see bench/README.md)",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
     from relaynet.lab.cli import add_lab_parser
 
     add_lab_parser(sub)
