@@ -25,12 +25,14 @@ C{shared/TWISTED-TRAPS.md}):
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -47,7 +49,7 @@ from relaynet.smtpparse import xtext_encode
 from relaynet.spool import QueueEntry, Recipient
 from relaynet.tls import client_options, connection_info
 
-_ENHANCED = __import__("re").compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+_ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
 
 @frozen
@@ -144,6 +146,7 @@ class RelayClient(smtp.ESMTPClient):
         self.job: Job | None = None
         self._pending: deque[tuple[str, Recipient | None]] = deque()
         self._rcpt_results: dict[str, DeliveryResult] = {}
+        self._rcpt_job: Job | None = None
         self._accepted: list[Recipient] = []
         self._mail_reply: tuple[int, bytes] | None = None
         self._sent = 0
@@ -175,6 +178,15 @@ class RelayClient(smtp.ESMTPClient):
         info = connection_info(self.transport)
         self.tls_info = f"{info[0]} {info[1]}" if info else "TLS"
 
+    def smtpState_helo(self, code: int, resp: bytes) -> None:
+        """Fall back to HELO after a refused EHLO, once: a refused HELO ends it."""
+        smtp.ESMTPClient.smtpState_helo(self, code, resp)
+        self._failresponse = self._helo_refused
+
+    def _helo_refused(self, code: int, resp: bytes) -> None:
+        enhanced, text = reply_status(code, resp)
+        self._end_connection(code, enhanced, f"HELO refused: {text}")
+
     def smtpConnectionFailed(self, code: int, resp: bytes) -> None:
         enhanced, text = reply_status(code, resp)
         self._end_connection(code if code >= 400 else 421, enhanced, f"greeting: {text}")
@@ -205,7 +217,7 @@ class RelayClient(smtp.ESMTPClient):
             # recipients: treat it as transient so failover/retry happen.
             code, enhanced = 421, "4" + enhanced[1:]
         if job is not None:
-            job.fail(code, enhanced, text, self.pool.name)
+            self._fail_job(job, code, enhanced, text)
         self._quitting = True
         self.setTimeout(None)
         if self.transport is not None:
@@ -221,8 +233,21 @@ class RelayClient(smtp.ESMTPClient):
         if self.session_error is None and not self._quitting:
             self.session_error = (0, enhanced, why)
         if job is not None:
-            job.fail(0, enhanced, why, self.pool.name)
+            self._fail_job(job, 0, enhanced, why)
         self.pool.disconnected(self)
+
+    def _fail_job(self, job: Job, code: int, enhanced: str, text: str) -> None:
+        """
+        The session failed mid-transaction: recipients already refused at RCPT
+        keep their own (possibly permanent) result; the others get this one.
+        """
+        if job.deferred.called:
+            return
+        known = self._rcpt_results if job is self._rcpt_job else {}
+        job.deferred.callback([
+            known.get(r.address) or DeliveryResult(r.address, code, enhanced, text, self.pool.name)
+            for r in job.recipients
+        ])
 
     # -- transactions ----------------------------------------------------
 
@@ -231,32 +256,31 @@ class RelayClient(smtp.ESMTPClient):
         self._next()
 
     def _next(self) -> None:
-        if self._quitting:
-            return
-        job = None
-        if self.pool.reuse or self._sent == 0:
-            if self._sent < self.pool.timeouts.max_messages_per_connection:
-                job = self.pool.take(self)
-        if job is None:
-            if self.pool.reuse and self._sent < self.pool.timeouts.max_messages_per_connection:
-                self.pool.idle(self)
+        """Start the next sendable job, or idle, or QUIT (a loop, not recursion)."""
+        while not self._quitting:
+            job = None
+            if self.pool.reuse or self._sent == 0:
+                if self._sent < self.pool.timeouts.max_messages_per_connection:
+                    job = self.pool.take(self)
+            if job is None:
+                if self.pool.reuse and self._sent < self.pool.timeouts.max_messages_per_connection:
+                    self.pool.idle(self)
+                    return
+                self.quit()
                 return
-            self.quit()
+            if self._refuse_unsendable(job):
+                continue
+            self.start(job)
             return
-        self.start(job)
 
-    def quit(self) -> None:
-        """End the session politely."""
-        self._quitting = True
-        self.job = None
-        self.setTimeout(self.timeouts.helo_timeout)
-        self._expected = range(0, 1000)
-        self._okresponse = self._failresponse = self.smtpState_disconnect
-        self.sendLine(b"QUIT")
+    def _refuse_unsendable(self, job: Job) -> bool:
+        """
+        Fail C{job} permanently, without sending anything, if this peer cannot
+        take it: 8-bit without 8BITMIME (RFC 6152), SMTPUTF8 without SMTPUTF8
+        (RFC 6531), or larger than the peer's SIZE.
 
-    def start(self, job: Job) -> None:
-        """Send one message to its recipients on this connection."""
-        self.job = job
+        @return: whether the job was refused.
+        """
         env = job.entry.envelope
         ext = self.peer_ext
         params = env.params
@@ -273,12 +297,30 @@ class RelayClient(smtp.ESMTPClient):
                 limit = 0
             if limit and env.size > limit:
                 problem = ("5.3.4", f"message size {env.size} exceeds the limit {limit} of {remote}")
-        if problem is not None:
-            self.job = None
-            job.fail(554, problem[0], problem[1], remote)
-            self._sent += 1
+        if problem is None:
+            return False
+        job.fail(554, problem[0], problem[1], remote)
+        self._sent += 1
+        return True
+
+    def quit(self) -> None:
+        """End the session politely."""
+        self._quitting = True
+        self.job = None
+        self.setTimeout(self.timeouts.helo_timeout)
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self.smtpState_disconnect
+        self.sendLine(b"QUIT")
+
+    def start(self, job: Job) -> None:
+        """Send one message to its recipients on this connection."""
+        if self._refuse_unsendable(job):
             self._next()
             return
+        self.job = job
+        env = job.entry.envelope
+        ext = self.peer_ext
+        params = env.params
         dsn = b"DSN" in ext
         mail = b"MAIL FROM:" + _addr(env.sender)
         if b"SIZE" in ext:
@@ -305,6 +347,7 @@ class RelayClient(smtp.ESMTPClient):
         lines.append(b"DATA")
         self._pending.append(("DATA", None))
         self._rcpt_results = {}
+        self._rcpt_job = job
         self._accepted = []
         self._mail_reply = None
         self._expected = range(0, 1000)
@@ -375,6 +418,10 @@ class RelayClient(smtp.ESMTPClient):
                 # message (RFC 2920 3.1) and disregard its reply.
                 self._pending.append(("EMPTY", None))
                 self.sendLine(b".")
+            elif mail_ok and self._accepted and not 400 <= code < 600:
+                # Neither 354 nor a refusal: no body was sent, so nothing was
+                # delivered. A protocol error, transient.
+                self._end_connection(0, "4.5.0", f"{self.pool.name} answered DATA with {code}")
             else:
                 self._needs_rset = True
                 self._complete(*((code, resp) if mail_ok else (mail_code, mail_resp)))
@@ -484,7 +531,7 @@ class HopPool:
         self.reuse = timeouts.connection_reuse
         ep = endpoint
         if source_address and ep.split(":", 1)[0] in ("tcp", "tcp6") and "bindAddress" not in ep:
-            ep += f":bindAddress={source_address}"
+            ep += ":bindAddress=" + source_address.replace(":", "\\:")
         self._endpoint = clientFromString(reactor, ep)
         self.queue: deque[Job] = deque()
         self.clients: set[RelayClient] = set()
@@ -528,7 +575,7 @@ class HopPool:
 
         def failed(reason: Failure) -> None:
             self._connecting -= 1
-            if reason.check(DeferredTimeout):
+            if reason.check(DeferredTimeout, ConnectingCancelledError):
                 text = f"connect to {self.name}: timed out"
             else:
                 text = f"connect to {self.name}: {reason.getErrorMessage()}"
@@ -560,7 +607,12 @@ class HopPool:
         if not self.queue:
             return
         error = client.session_error
-        if error is not None and client._sent == 0 and not self.clients and not self._connecting:
+        if error is not None and client._sent == 0:
+            # The hop refused or broke a session before any message: do not
+            # reconnect now. Other live connections carry the queue; with none
+            # left, the queued jobs fail (deferred, retried with backoff).
+            if self.clients or self._connecting:
+                return
             code, enhanced, text = error
             if code >= 500 or not code:
                 code, enhanced = 0, "4" + enhanced[1:]
@@ -607,12 +659,17 @@ class HopPool:
 
 
 def _hop_name(endpoint: str) -> str:
-    """A readable C{host:port} for an endpoint string."""
-    parts = endpoint.split(":")
+    """
+    A readable C{host:port} for an endpoint string (escaped colons of IPv6
+    addresses honoured; IPv6 hosts in brackets).
+    """
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", endpoint)]
     args = [p for p in parts[1:] if "=" not in p]
     kw = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
     host = kw.get("host") or (args[0] if args else "?")
     port = kw.get("port") or (args[1] if len(args) > 1 else "?")
+    if ":" in host:
+        host = f"[{host}]"
     return f"{host}:{port}"
 
 

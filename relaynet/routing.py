@@ -58,6 +58,8 @@ def explain(config: NodeConfig, address: str, client_ip: str = "127.0.0.1") -> E
         localpart, domain = address, ""
     domain = domain.lower().rstrip(".")
     verdict = check_recipient(config, localpart, domain, client_ip)
+    if not domain and localpart.lower() == "postmaster" and config.local.domains:
+        domain = config.local.domains[0]
     reply = f"{verdict.code} {verdict.enhanced} {verdict.text}"
     if domain in config.local.domains:
         return Explanation(address, verdict.accepted, reply, None, None,
