@@ -34,7 +34,7 @@ peers:
 	fi
 
 demo: venv
-	$(PY) -m relaynet.demo
+	$(PY) -m relaynet.demo $(DEMO_ARGS)
 
 test: venv peers
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -23,6 +23,7 @@ from relaynet.lab.topology import (
 )
 
 START_ATTEMPTS = 3
+RESTART_ATTEMPTS = 3
 
 Say = Callable[[str], None]
 
@@ -283,13 +284,16 @@ def restart_node(lab: Lab, name: str, timeout: float = procs.START_TIMEOUT,
     @raise LabError: it did not come up.
     """
     rec = lab.node(name)
-    proc = procs.spawn(rec)
-    if children is not None:
-        children.append(proc)
-    problems = procs.wait_ready({name: rec}, {name: proc}, timeout)
-    if problems:
+    for attempt in range(RESTART_ATTEMPTS):
+        proc = procs.spawn(rec)
+        if children is not None:
+            children.append(proc)
+        problems = procs.wait_ready({name: rec}, {name: proc}, timeout)
+        if not problems:
+            break
         procs.reap(proc)
-        raise LabError(f"node {name} did not restart: {problems[name]}")
+        if attempt == RESTART_ATTEMPTS - 1:
+            raise LabError(f"node {name} did not restart ({RESTART_ATTEMPTS} attempts): {problems[name]}")
     with lab.locked():
         lab.nodes[name]["pid"] = proc.pid
         lab.nodes[name]["started"] = time.time()

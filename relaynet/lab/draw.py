@@ -97,8 +97,6 @@ def render(title: str, nodes: Mapping[str, Mapping[str, Any]], links: Sequence[M
         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="monospace" font-size="11">',
         f'<rect x="0" y="0" width="{width:.0f}" height="{height:.0f}" fill="white"/>',
         f'<text x="10" y="18" font-size="14" font-weight="bold">{escape(title)}</text>',
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
-        'markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>',
     ]
     for lk in links:
         a, b = lk["a"], lk["b"]
@@ -117,27 +115,30 @@ def render(title: str, nodes: Mapping[str, Mapping[str, Any]], links: Sequence[M
             f'x2="{x2 - ux * NODE_R:.1f}" y2="{y2 - uy * NODE_R:.1f}" {style} stroke-width="{stroke:.1f}"/>'
         )
         mx, my = (x1 + x2) / 2, (y1 + y2) / 2
-        labels = []
-        for src, dst in ((a, b), (b, a)):
+        for side, (src, dst) in ((-1, (a, b)), (1, (b, a))):
             s = by_dir.get((src, dst))
             if s is None:
                 continue
-            text = f"{src}\u2192{dst} {s.count} msg, p50 {_fmt_delay(s.median_delay)}"
+            lines = [f"{src}\u2192{dst}", f"{s.count} msg, p50 {_fmt_delay(s.median_delay)}"]
             if s.deferred:
-                text += f", {s.deferred} failed"
-            labels.append(text)
-        # Stack the two directions' labels beside the middle of the link: to
-        # the right of a steep link, above a flat one.
-        steep = abs(ux) < 0.45
-        for i, text in enumerate(labels):
-            if steep:
-                x, y, anchor = mx + 8, my - 4 + 13 * i, "start"
-            else:
-                x, y, anchor = mx, my - 8 - 13 * (len(labels) - 1 - i), "middle"
-            out.append(
-                f'<text class="label" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" '
-                f'font-size="10" fill="#036">{escape(text)}</text>'
-            )
+                lines.append(f"{s.deferred} failed attempts")
+            # One direction's label on each side of the link: above/below a
+            # flat link, left/right of a steep one.
+            steep = abs(ux) < 0.45
+            for i, text in enumerate(lines):
+                if steep:
+                    x = mx + 8 * side
+                    y = my - 6 * len(lines) + 12 * i + 4
+                    anchor = "start" if side > 0 else "end"
+                else:
+                    x = mx
+                    y = my - 8 - 12 * (len(lines) - 1 - i) if side < 0 else my + 16 + 12 * i
+                    anchor = "middle"
+                out.append(
+                    f'<text class="label" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" '
+                    f'font-size="10" fill="#036" stroke="white" stroke-width="3" paint-order="stroke">'
+                    f'{escape(text)}</text>'
+                )
         if not lk.get("up", True):
             out.append(f'<text x="{mx:.1f}" y="{my - 16:.1f}" text-anchor="middle" fill="#c00">cut</text>')
     for n in names:

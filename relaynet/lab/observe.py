@@ -207,8 +207,18 @@ def trace(index: EventIndex, message_id: str, limit: int = 1000) -> list[TraceRo
                                  "a delivery status notification was queued", d.get("time"), dsn))
             walk(d["queue_id"], depth + 1, True, d.get("time"))
 
+    hosts = {ep.rpartition(":")[0]: node for ep, node in index.endpoints.items()}
     for root in sorted(index.roots(message_id), key=lambda e: e.get("time", 0.0)):
-        walk(root["queue_id"], 0, False)
+        depth = max(0, int(root.get("hops", 1)) - 1)
+        sender = hosts.get(str(root.get("client", "")))
+        if sender is not None:
+            # Relayed by a lab node that logged no outcome for it: it was
+            # killed between the next hop's 250 and recording it, and will
+            # (or did) send the message again: a duplicate.
+            rows.append(TraceRow(max(0, depth - 1), sender, None, "?", root["_node"], root["queue_id"], None,
+                                 "unrecorded", f"relayed to {root['_node']} but no outcome logged "
+                                 "(crashed before recording it: expect a duplicate)", None, False))
+        walk(root["queue_id"], depth, False)
     return rows
 
 

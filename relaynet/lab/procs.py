@@ -218,6 +218,12 @@ def kill9(rec: Mapping[str, Any]) -> list[int]:
         except ProcessLookupError:
             pass
     _wait_gone(pids, rec["config"], 5.0)
+    # Until its parent reaps it, a killed process is a zombie that kill(pid, 0)
+    # still finds, and lock files naming it (twistd's pid file, the node's
+    # socket locks) look held: wait (bounded) until it is really gone.
+    deadline = time.monotonic() + 5.0
+    while any(pid_state(p) is not None for p in pids) and time.monotonic() < deadline:
+        time.sleep(POLL)
     return pids
 
 

@@ -1,0 +1,471 @@
+"""
+Tests of C{relaynet lab}: the topology format and config generation, trace,
+check and draw on made-up events and mailboxes (fast), and real labs of real
+C{twistd} processes on loopback driven through the C{relaynet lab} command
+(slow): chain3 and star with 200 messages each, chain3 under kill -9 of hop2,
+and the netns mode where it can run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import subprocess
+import sys
+import time
+import tomllib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from relaynet.bounce import RecipientReport, build_dsn
+from relaynet.config import ConfigError
+from relaynet.lab import check, netns
+from relaynet.lab.draw import render
+from relaynet.lab.observe import EventIndex, LinkStat, link_stats, trace
+from relaynet.lab.state import node_alive
+from relaynet.lab.tomlw import dumps
+from relaynet.lab.topology import allocate, node_config, parse_topology, validate_node_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPOLOGIES = ROOT / "topologies"
+BIN = Path(sys.executable).parent
+
+
+def relaynet(*args: str, timeout: float = 120.0, check_rc: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run C{relaynet ARGS} (this venv's) and return the finished process."""
+    script = BIN / "relaynet"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "relaynet.cli"]
+    res = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
+                         stdin=subprocess.DEVNULL)
+    if check_rc:
+        assert res.returncode == 0, f"relaynet {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+# -- topology format ---------------------------------------------------------
+
+
+def _topo(text: str, source: str = "t.toml") -> Any:
+    return parse_topology(tomllib.loads(text), source=source)
+
+
+MINIMAL = """
+[node.a]
+[[node.a.route]]
+domains = ["*"]
+via = ["b"]
+[node.b]
+domains = ["b.test"]
+users = ["u"]
+"""
+
+
+def _always_free(host: str, port: int) -> bool:
+    return True
+
+
+def _no_free_port(host: str) -> int:
+    raise AssertionError("no port should be needed")
+
+
+@pytest.mark.parametrize("path", sorted(TOPOLOGIES.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_topologies_generate_valid_node_configs(path: Path, tmp_path: Path) -> None:
+    """Every shipped topology parses, and every generated node config passes the node's own parser."""
+    from relaynet.lab.topology import load_topology
+
+    topo = load_topology(path)
+    plans = allocate(topo, _always_free, _no_free_port)
+    for name in topo.names:
+        data = node_config(topo, plans, name, tmp_path / name)
+        assert tomllib.loads(dumps(data)) == data
+        config = validate_node_config(topo, name, data, tmp_path / name)
+        assert config.name == name
+        assert config.spool == tmp_path / name / "spool"
+
+
+def test_required_topologies_are_shipped() -> None:
+    """chain3, star, intra-org and failover exist."""
+    names = {p.stem for p in TOPOLOGIES.glob("*.toml")}
+    assert {"chain3", "star", "intra-org", "failover"} <= names
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), [
+    (MINIMAL + "colour = 1\n", "node.b.colour", "unknown key"),
+    (MINIMAL.replace('via = ["b"]', 'via = ["c"]'), "node.a.route[0].via[0]", "no node named 'c'"),
+    (MINIMAL.replace('via = ["b"]', 'via = ["a"]'), "node.a.route[0].via[0]", "relay to itself"),
+    (MINIMAL + 'address = "10.1.2.3"\n', "node.b.address", "not a loopback address"),
+    (MINIMAL + 'port = 70000\n', "node.b.port", "TCP port"),
+    (MINIMAL.replace("[node.b]", '[node.b]\naddress = "127.0.0.9"').replace(
+        "[node.a]", '[node.a]\naddress = "127.0.0.9"'), "node.b.address", "already node a's"),
+    (MINIMAL + "[node.b.config.node]\nspool = \"/x\"\n", "node.b.config.node.spool", "set by the lab"),
+    (MINIMAL.replace('domains = ["*"]\n', ""), "node.a.route[0].domains", "is required"),
+    (MINIMAL + '[[node.b.listener]]\nmode = "submission"\n', "node.b.listener[0].mode", "needs TLS"),
+    (MINIMAL + '[lab.traffic]\nfrom = "zz"\n', "lab.traffic.from[0]", "no node named"),
+    ("[lab]\nname = \"x\"\n", "node", "at least one"),
+    (MINIMAL.replace("[node.b]", "[node.B_2]"), "node.B_2", "lower-case"),
+])
+def test_topology_errors_name_file_and_key(text: str, key: str, problem: str) -> None:
+    """Invalid topologies are refused with the file, the dotted key and the problem."""
+    with pytest.raises(ConfigError) as e:
+        _topo(text)
+    assert e.value.source == "t.toml"
+    assert e.value.key == key
+    assert problem in e.value.problem
+
+
+def test_generated_config_errors_name_the_node(tmp_path: Path) -> None:
+    """A pass-through setting the node rejects is reported with the topology, the node and the node's key."""
+    topo = _topo(MINIMAL + "[node.b.config.limits]\nmax_recipients = 5\n")
+    plans = allocate(topo, _always_free, _no_free_port)
+    data = node_config(topo, plans, "b", tmp_path / "b")
+    with pytest.raises(ConfigError) as e:
+        validate_node_config(topo, "b", data, tmp_path / "b")
+    assert e.value.key == "limits.max_recipients"
+    assert "t.toml (node b, generated" in e.value.source
+
+
+def test_generated_config_routes_and_lab_settings(tmp_path: Path) -> None:
+    """Routes name other nodes' endpoints; labs retry fast and trust loopback; raw config merges last."""
+    topo = _topo(MINIMAL + "[node.a.config.queue]\nmaximal_backoff = 7\n"
+                 "[[node.a.config.route]]\ndomains = [\"spam.test\"]\naction = \"reject\"\n")
+    plans = allocate(topo, _always_free, _no_free_port)
+    assert (plans["a"].address, plans["b"].address) == ("127.0.0.2", "127.0.0.3")
+    a = node_config(topo, plans, "a", tmp_path / "a")
+    assert a["listener"] == [{"endpoint": "tcp:2525:interface=127.0.0.2", "mode": "relay"}]
+    assert a["route"][0]["next_hops"] == [{"endpoint": "tcp:127.0.0.3:2525", "priority": 10}]
+    assert a["route"][0]["source_address"] == "127.0.0.2"
+    assert a["route"][1] == {"domains": ["spam.test"], "action": "reject"}
+    assert a["queue"] == {"minimal_backoff": 1, "maximal_backoff": 7, "delay_warning": 0}
+    assert a["relay"]["trusted_networks"] == ["127.0.0.0/8"]
+
+
+def test_allocate_skips_taken_addresses_and_busy_ports() -> None:
+    """Explicit addresses are kept and skipped by allocation; a busy port falls back to a free one."""
+    topo = _topo(MINIMAL.replace("[node.b]", '[node.b]\naddress = "127.0.0.2"'))
+    plans = allocate(topo, lambda h, p: h != "127.0.0.3", lambda h: 40000)
+    assert plans["b"].address == "127.0.0.2" and plans["b"].port == 2525
+    assert plans["a"].address == "127.0.0.3" and plans["a"].port == 40000
+
+
+def test_netns_plan_uses_one_subnet_per_link(tmp_path: Path) -> None:
+    """In netns mode each link gets a /30 and next hops use the peer's end of the link."""
+    topo = _topo(MINIMAL)
+    plans = allocate(topo, _always_free, _no_free_port, netns=True)
+    assert plans["a"].link_addresses == {"b": "198.18.0.1"}
+    assert plans["b"].link_addresses == {"a": "198.18.0.2"}
+    a = node_config(topo, plans, "a", tmp_path / "a", netns=True)
+    assert a["route"][0]["next_hops"][0]["endpoint"] == "tcp:198.18.0.2:2525"
+    validate_node_config(topo, "a", a, tmp_path / "a")
+
+
+def test_toml_writer_round_trips() -> None:
+    """Strings with quotes, backslashes and control characters, nested tables and arrays of tables survive."""
+    data = {
+        "a": 'quote " back \\ tab \t nl \n é',
+        "n": 3, "f": 1.5, "b": True, "empty": [],
+        "t": {"x": [1, 2], "weird key": "v", "sub": {"y": "z"}},
+        "route": [{"domains": ["*"], "next_hops": [{"endpoint": "tcp:h:1", "priority": 10}]}],
+    }
+    assert tomllib.loads(dumps(data, "header\nline")) == data
+
+
+# -- trace, links, check, draw on made-up data -------------------------------
+
+
+def _ev(node: str, kind: str, t: float, qid: str, **kw: Any) -> dict[str, Any]:
+    return {"time": t, "node": node, "_node": node, "event": kind, "queue_id": qid, **kw}
+
+
+ENDPOINTS = {"127.0.0.3:2525": "b", "127.0.0.4:2525": "c", "127.0.0.2:2525": "a"}
+
+
+def _chain_events() -> list[dict[str, Any]]:
+    mid = "<m1@x>"
+    return [
+        _ev("a", "received", 1.0, "A1", message_id=mid, client="127.0.0.1", hops=1),
+        _ev("a", "deferred", 1.1, "A1", relay="127.0.0.3:2525", delay=0.1, dsn="4.4.1",
+            diagnostic="connection refused"),
+        _ev("a", "sent", 2.0, "A1", relay="127.0.0.3:2525", delay=1.0, dsn="2.0.0",
+            diagnostic="250 2.0.0 Ok: queued as B1"),
+        _ev("b", "received", 1.95, "B1", message_id=mid, client="127.0.0.2", hops=2),
+        _ev("b", "sent", 2.2, "B1", relay="127.0.0.4:2525", delay=0.25, dsn="2.0.0",
+            diagnostic="250 2.0.0 Ok: queued as C1"),
+        _ev("c", "received", 2.15, "C1", message_id=mid, client="127.0.0.3", hops=3),
+        _ev("c", "delivered", 2.3, "C1", recipient="u@c.test", relay="local", delay=0.15, dsn="2.0.0"),
+    ]
+
+
+def test_trace_follows_queued_as_links_hop_by_hop() -> None:
+    """The sent event's 'queued as' reply links each hop to the next; failed attempts are shown in order."""
+    rows = trace(EventIndex(_chain_events(), ENDPOINTS), "<m1@x>")
+    assert [(r.node, r.queue_id, r.next_hop, r.status) for r in rows] == [
+        ("a", "A1", "b", "deferred 4.4.1"),
+        ("a", "A1", "b", "sent 2.0.0"),
+        ("b", "B1", "c", "sent 2.0.0"),
+        ("c", "C1", "mailbox u@c.test", "delivered 2.0.0"),
+    ]
+    assert [r.depth for r in rows] == [0, 0, 1, 2]
+
+
+def test_trace_follows_bounces_into_the_dsn() -> None:
+    """A bounce shows the DSN it caused and where that went."""
+    events = [
+        _ev("a", "received", 1.0, "A1", message_id="<m2@x>", hops=1),
+        _ev("a", "dsn", 1.2, "A2", recipient="s@a.test", original_queue_id="A1", action="failed"),
+        _ev("a", "bounced", 1.2, "A1", relay="127.0.0.3:2525", dsn="5.1.1", diagnostic="550 5.1.1 unknown"),
+        _ev("a", "delivered", 1.3, "A2", recipient="s@a.test", relay="local", dsn="2.0.0"),
+    ]
+    rows = trace(EventIndex(events, ENDPOINTS), "<m2@x>")
+    assert [r.status for r in rows] == ["bounced 5.1.1", "dsn failed", "delivered 2.0.0"]
+    assert rows[-1].dsn and rows[-1].arrival == 1.2
+
+
+def test_trace_marks_a_hop_that_crashed_before_logging() -> None:
+    """A copy received from a lab node with no matching sent event is attributed to that node (a duplicate)."""
+    events = _chain_events() + [
+        _ev("c", "received", 2.1, "C9", message_id="<m1@x>", client="127.0.0.3", hops=3),
+        _ev("c", "delivered", 2.2, "C9", recipient="u@c.test", relay="local", dsn="2.0.0"),
+    ]
+    rows = trace(EventIndex(events, ENDPOINTS), "<m1@x>")
+    unrecorded = [r for r in rows if r.status == "unrecorded"]
+    assert len(unrecorded) == 1 and unrecorded[0].node == "b" and unrecorded[0].next_queue_id == "C9"
+    assert sum(r.status.startswith("delivered") for r in rows) == 2
+
+
+def test_link_stats_count_relays_and_failures() -> None:
+    """Per direction: messages relayed, their median delay, failed attempts."""
+    stats = link_stats(EventIndex(_chain_events(), ENDPOINTS))
+    assert stats == [LinkStat("a", "b", 1, 1.0, 1), LinkStat("b", "c", 1, 0.25, 0)]
+
+
+def _maildir_file(root: Path, domain: str, user: str, data: bytes) -> None:
+    d = root / domain / user / "Maildir" / "new"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{time.time_ns()}.{random.random()}").write_bytes(data)
+
+
+def _copy(mid: str, to: str) -> bytes:
+    return (f"Return-Path: <s@a.test>\r\nDelivered-To: {to}\r\nReceived: x\r\n"
+            f"Message-ID: {mid}\r\nSubject: t\r\n\r\nbody\r\n").encode()
+
+
+def test_check_counts_delivered_duplicated_bounced_in_flight_and_lost(tmp_path: Path) -> None:
+    """Every acknowledged message is classified from the mailboxes and queues; nothing else counts."""
+    root = tmp_path / "mail"
+    _maildir_file(root, "c.test", "u", _copy("<ok@x>", "u@c.test"))
+    _maildir_file(root, "c.test", "u", _copy("<dup@x>", "u@c.test"))
+    _maildir_file(root, "c.test", "u", _copy("<dup@x>", "u@c.test"))
+    _maildir_file(root, "c.test", "all", _copy("<alias@x>", "all@c.test"))
+    dsn = build_dsn(
+        reporting_mta="b.lab.test", sender="s@a.test",
+        original_headers=b"From: s@a.test\r\nMessage-ID: <bounced@x>\r\nSubject: t\r\n",
+        original_body=io.BytesIO(b"hello\r\n"),
+        reports=[RecipientReport(address="nobody@c.test", action="failed", status="5.1.1",
+                                 diagnostic="550 5.1.1 unknown")],
+        arrival=1.0, queue_id="Q1", now=2.0,
+    )
+    _maildir_file(root, "a.test", "s", dsn)
+    spool = tmp_path / "spool"
+    (spool / "queue" / "new").mkdir(parents=True)
+    env = b'{"version":1}'
+    (spool / "queue" / "new" / "Q2").write_bytes(
+        b"RELAYNET-QUEUE 1 ".ljust(48, b"0")[:47] + b"\n" + env + b"\n"
+        + b"Received: x\r\nMessage-ID: <queued@x>\r\n\r\nbody\r\n")
+    nodes = {"n": {"mailroot": str(root), "spool": str(spool)}}
+    ev = check.collect(nodes)
+    sent = [{"message_id": m, "recipients": [r], "start": 0.0} for m, r in [
+        ("<ok@x>", "u@c.test"), ("<dup@x>", "u@c.test"), ("<bounced@x>", "nobody@c.test"),
+        ("<queued@x>", "u@c.test"), ("<lost@x>", "u@c.test"), ("<alias@x>", "team@c.test"),
+    ]]
+    report = check.verify(sent, ev)
+    assert report.messages == 6
+    assert report.delivered_once == 2  # ok, and alias (delivered under another address)
+    assert report.duplicated == [("<dup@x>", "u@c.test", 2)]
+    assert report.bounced == 1
+    assert report.in_flight == [("<queued@x>", "u@c.test")]
+    assert report.lost == [("<lost@x>", "u@c.test")]
+    assert not report.ok
+
+
+def test_draw_writes_well_formed_svg_with_labels() -> None:
+    """The picture is valid XML with one circle per node, one line per link and count/latency labels."""
+    nodes = {n: {"address": f"127.0.0.{i + 2}", "ports": [2525], "role": "relay",
+                 "neighbours": [m] if m else []}
+             for i, (n, m) in enumerate([("a", "b"), ("b", "c"), ("c", None)])}
+    links = [{"a": "a", "b": "b", "up": True}, {"a": "b", "b": "c", "up": False}]
+    for layout in ("layers", "circle"):
+        svg = render("lab <t>", nodes, links, [LinkStat("a", "b", 200, 0.052, 3)], ["a"], layout,
+                     alive={"a": True, "b": True, "c": False})
+        root = ET.fromstring(svg)
+        ns = "{http://www.w3.org/2000/svg}"
+        assert len(root.findall(f"{ns}circle")) == 3
+        assert len(root.findall(f"{ns}line")) == 2
+        texts = [t.text for t in root.iter(f"{ns}text")]
+        assert "200 msg, p50 52 ms" in texts and "3 failed attempts" in texts and "cut" in texts
+
+
+# -- real labs ---------------------------------------------------------------
+
+
+def _status(labdir: Path) -> dict[str, Any]:
+    return json.loads(relaynet("lab", "status", "--dir", str(labdir), "--json").stdout)  # type: ignore[no-any-return]
+
+
+def _pids(labdir: Path) -> dict[str, tuple[int, str]]:
+    return {n["name"]: (n["pid"], n["dirs"]["config"]) for n in _status(labdir)["nodes"]}
+
+
+@pytest.fixture
+def lab_dirs(tmp_path: Path) -> Any:
+    """Lab directories that are brought down (bounded) whatever the test did."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        d = tmp_path / name
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        if (d / "lab.json").exists():
+            relaynet("lab", "down", "--dir", str(d), check_rc=False)
+
+
+def _run_lab(topology: str, labdir: Path, count: int, path: Callable[[dict[str, Any]], list[str]]) -> None:
+    t0 = time.monotonic()
+    up = relaynet("lab", "up", str(TOPOLOGIES / topology), "--dir", str(labdir))
+    print(f"{topology}: lab up in {time.monotonic() - t0:.2f}s\n{up.stdout}")
+    pids = _pids(labdir)
+    assert all(node_alive(pid, cfg) for pid, cfg in pids.values()), pids
+
+    again = relaynet("lab", "up", str(TOPOLOGIES / topology), "--dir", str(labdir))
+    assert "reattached" in again.stdout
+    assert _pids(labdir) == pids
+
+    sent = relaynet("lab", "send", "--dir", str(labdir), "-n", str(count), "--json")
+    summary = json.loads(sent.stdout)
+    assert summary["accepted"] == count, summary
+
+    checked = relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", "--json", check_rc=False)
+    report = json.loads(checked.stdout)
+    assert checked.returncode == 0, report
+    assert (report["messages"], report["delivered_once"], report["lost"], report["duplicated"]) == \
+        (count, count, 0, 0), report
+
+    last = json.loads((labdir / "sent.jsonl").read_text().splitlines()[-1])
+    hops = path(last)
+    tr = json.loads(relaynet("lab", "trace", "--dir", str(labdir), "--json").stdout)
+    assert tr["message_id"] == last["message_id"]
+    assert [(h["node"], h["status"].split()[0]) for h in tr["hops"]] == \
+        [(n, "sent") for n in hops[:-1]] + [(hops[-1], "delivered")]
+    assert tr["hops"][-1]["next_hop"].startswith("mailbox ")
+    for a, b in zip(tr["hops"], tr["hops"][1:]):
+        assert a["next_queue_id"] == b["queue_id"] and a["next_hop"] == b["node"]
+
+    status = _status(labdir)
+    assert sum(n["delivered"] for n in status["nodes"]) == count
+    for n in status["nodes"]:
+        assert n["running"] and n["queue"]["active"] == n["queue"]["deferred"] == 0
+        assert n["smtp"] == [f"{n['address']}:{p}" for p in n["ports"]]
+        assert Path(n["dirs"]["spool"]).is_dir()
+    assert len({n["address"] for n in status["nodes"]}) == len(status["nodes"])
+
+    relaynet("lab", "draw", "--dir", str(labdir))
+    ET.parse(labdir / "topology.svg")
+
+    relaynet("lab", "down", "--dir", str(labdir))
+    assert not any(node_alive(pid, cfg) for pid, cfg in pids.values())
+    assert all(not n["running"] for n in _status(labdir)["nodes"])
+
+
+@pytest.mark.slow
+def test_chain3_delivers_200_exactly_once(lab_dirs: Any) -> None:
+    """chain3 as real processes: 200 messages, all delivered once, traced over every hop; down stops all."""
+    _run_lab("chain3.toml", lab_dirs("chain3"), 200, lambda rec: ["client", "hop1", "hop2", "hop3"])
+
+
+@pytest.mark.slow
+def test_star_delivers_200_exactly_once(lab_dirs: Any) -> None:
+    """star: 200 messages from the spokes to other spokes through the hub, all delivered once."""
+    def path(rec: dict[str, Any]) -> list[str]:
+        # Submitted to a spoke, for a user of another spoke's domain (spokeN.test).
+        dest = rec["recipients"][0].split("@")[1].split(".")[0]
+        assert dest != rec["node"]
+        return [rec["node"], "hub", dest]
+
+    _run_lab("star.toml", lab_dirs("star"), 200, path)
+
+
+@pytest.mark.slow
+def test_up_refuses_another_topology_in_the_same_dir(lab_dirs: Any) -> None:
+    """A lab directory holds one topology's lab: another topology is refused; bad topologies are refused with the key."""
+    labdir = lab_dirs("refuse")
+    relaynet("lab", "up", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir))
+    other = relaynet("lab", "up", str(TOPOLOGIES / "star.toml"), "--dir", str(labdir), check_rc=False)
+    assert other.returncode == 1 and "holds lab 'chain3'" in other.stderr
+    bad = labdir.parent / "bad.toml"
+    bad.write_text(MINIMAL.replace('via = ["b"]', 'via = ["nowhere"]'))
+    res = relaynet("lab", "up", str(bad), "--dir", str(labdir.parent / "bad"), check_rc=False)
+    assert res.returncode == 1 and "bad.toml: node.a.route[0].via[0]: no node named 'nowhere'" in res.stderr
+
+
+@pytest.mark.slow
+def test_chain3_chaos_kill9_hop2_loses_nothing(lab_dirs: Any) -> None:
+    """Under load, hop2 is kill -9ed and restarted at random for 10 s: lab check finds nothing lost."""
+    labdir = lab_dirs("chaos")
+    relaynet("lab", "up", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir))
+    res = relaynet("lab", "chaos", "--dir", str(labdir), "--target", "hop2", "--duration", "10",
+                   "--interval", "0.2", "0.5", "--down", "0.2", "0.8", "--send", "400", "--rate", "40",
+                   "--seed", "7", timeout=90)
+    print(res.stdout, res.stderr)
+    log = [json.loads(line) for line in (labdir / "chaos.jsonl").read_text().splitlines()]
+    kills = [a for a in log if a["action"] == "kill -9"]
+    assert len(kills) >= 2 and {a["node"] for a in kills} == {"hop2"}
+    assert sum(a["action"] == "restart" for a in log) == len(kills)
+    checked = relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", "--json", check_rc=False)
+    report = json.loads(checked.stdout)
+    print(report)
+    assert report["messages"] >= 300
+    assert report["lost"] == 0 and report["in_flight"] == 0, report
+    assert report["delivered_once"] + len(report["duplicated_ids"]) == report["recipients"]
+    relaynet("lab", "down", "--dir", str(labdir))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(netns.unavailable_reason() is not None, reason=str(netns.unavailable_reason()))
+def test_netns_chain3_survives_cut_links(lab_dirs: Any) -> None:
+    """--netns: one namespace per node; links cut and restored while sending; nothing lost; down removes them."""
+    labdir = lab_dirs("netns")
+    up = relaynet("lab", "up", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir), "--netns")
+    status = _status(labdir)
+    spaces = [n["netns"] for n in status["nodes"]]
+    assert all(spaces) and set(spaces) <= netns.existing(), up.stdout
+    relaynet("lab", "chaos", "--dir", str(labdir), "--links", "--duration", "6", "--interval", "0.5", "1",
+             "--down", "0.5", "1.5", "--send", "150", "--rate", "30", "--seed", "3", timeout=90)
+    log = [json.loads(line) for line in (labdir / "chaos.jsonl").read_text().splitlines()]
+    assert any(a["action"] == "cut" for a in log)
+    assert all(lk["up"] for lk in _status(labdir)["links"])
+    report = json.loads(relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", "--json",
+                                 check_rc=False).stdout)
+    assert report["messages"] >= 100 and report["lost"] == 0 and report["in_flight"] == 0, report
+    tr = json.loads(relaynet("lab", "trace", "--dir", str(labdir), "--json").stdout)
+    assert [h["node"] for h in tr["hops"] if not h["status"].startswith("deferred")] == \
+        ["client", "hop1", "hop2", "hop3"]
+    relaynet("lab", "down", "--dir", str(labdir))
+    assert not set(spaces) & netns.existing()
+
+
+def test_netns_refusal_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where namespaces cannot be made, lab up --netns says why instead of starting anything."""
+    from relaynet.lab import control
+    from relaynet.lab.state import LabError
+
+    monkeypatch.setattr(netns, "unavailable_reason", lambda: "network namespaces need root")
+    with pytest.raises(LabError, match="--netns is not available here: network namespaces need root"):
+        control.up(TOPOLOGIES / "chain3.toml", tmp_path / "lab", use_netns=True)
+    assert not (tmp_path / "lab" / "lab.json").exists()
+
