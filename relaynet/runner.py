@@ -19,6 +19,7 @@ happens, so a crash can only repeat an attempt or a DSN, never lose one.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable
 
@@ -607,6 +608,7 @@ class QueueRunner:
                 o.event, queue_id=entry.queue_id, sender=env.sender, recipient=o.address,
                 relay=o.remote, delay=round(now - env.arrival, 6), dsn=o.dsn, status=o.event,
                 diagnostic=o.diagnostic or None, hops=env.hops, tls=o.tls,
+                next_queue_id=_queued_as(o.text) if o.status == "relayed" else None,
             )
         if not entry.pending_recipients():
             self.entries.pop(entry.queue_id, None)
@@ -670,6 +672,15 @@ class QueueRunner:
             original_queue_id=entry.queue_id, action=reports[0].action,
         )
         self.enqueue(new)
+
+
+_QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9]+)")
+
+
+def _queued_as(text: str) -> str | None:
+    """The next hop's queue id from its 250 text (Postfix and relaynet say "queued as ID")."""
+    m = _QUEUED_AS.search(text or "")
+    return m.group(1) if m else None
 
 
 def entry_state(entry: QueueEntry, busy: bool) -> str:
