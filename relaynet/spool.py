@@ -216,6 +216,7 @@ class QueueEntry:
     state: QueueState
     path: Path
     body_offset: int
+    state_written: bool = True
 
     @property
     def queue_id(self) -> str:
@@ -411,8 +412,8 @@ class SpoolWriter:
         self.tmp_path = spool.tmp_dir / envelope.queue_id
         env = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
         self._env = env
-        self._file: BinaryIO | None = open(self.tmp_path, "xb", buffering=256 * 1024)
-        os.fchmod(self._file.fileno(), 0o600)
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=256 * 1024)
         self._file.write(_header(len(env), 0, 0))
         self._file.write(env + b"\n")
         self.size = 0
@@ -485,6 +486,7 @@ class SpoolWriter:
                 state=QueueState(),
                 path=new_path,
                 body_offset=HEADER_LEN + len(self._env) + 1,
+                state_written=False,
             )
         )
 
@@ -531,6 +533,9 @@ class Spool:
         self._new_sync = GroupSync(self.new_dir)
         self._state_sync = GroupSync(self.state_dir)
         self._counter = 0
+        # Four random hex digits per process keep ids from two processes
+        # sharing a spool apart (one getrandom at start, not one per message).
+        self._suffix = secrets.token_hex(2).upper()
 
     def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._pool, f)  # type: ignore[arg-type]
@@ -563,7 +568,7 @@ class Spool:
         while n:
             n, r = divmod(n, len(_ID_ALPHABET))
             chars.append(_ID_ALPHABET[r])
-        return "".join(reversed(chars)) + secrets.token_hex(2).upper()
+        return "".join(reversed(chars)) + self._suffix
 
     def prepare(self) -> None:
         """
@@ -627,6 +632,7 @@ class Spool:
         """
         Durably replace the state file of C{entry} with C{entry.state}.
         """
+        entry.state_written = True
         data = json.dumps(entry.state.to_json(), separators=(",", ":")).encode()
         qid = entry.queue_id
         tmp = self.tmp_dir / (qid + ".state")
@@ -659,10 +665,11 @@ class Spool:
                 os.unlink(entry.path)
             except FileNotFoundError:
                 pass
-            try:
-                os.unlink(self.state_dir / entry.queue_id)
-            except FileNotFoundError:
-                pass
+            if entry.state_written:
+                try:
+                    os.unlink(self.state_dir / entry.queue_id)
+                except FileNotFoundError:
+                    pass
 
         try:
             unlink()
