@@ -123,11 +123,13 @@ class ScryptChecker:
         """The current users, re-read when the file changed."""
         try:
             mtime = self.path.stat().st_mtime
+            if mtime != self._mtime:
+                self._users = read_password_file(self.path)
+                self._mtime = mtime
         except OSError:
-            return {}
-        if mtime != self._mtime:
-            self._users = read_password_file(self.path)
-            self._mtime = mtime
+            # Unreadable now (e.g. after twistd dropped privileges): keep the
+            # copy loaded before, as Postfix keeps its tables.
+            pass
         return self._users
 
     def requestAvatarId(self, creds: Any) -> Deferred[bytes]:

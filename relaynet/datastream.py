@@ -46,6 +46,8 @@ class DataScanner:
     @ivar long_line: a line was longer than C{max_line_length}.
     @ivar bare_lf: a LF not preceded by CR was seen.
     @ivar bare_cr: a CR not followed by LF was seen.
+    @ivar nul: a NUL octet was seen (refused: some next hops strip NULs, which
+        would turn C{<CRLF><NUL>.<CRLF>} into an end of data).
     @ivar received_count: C{Received:} header fields seen in the header section.
     @ivar message_id: the C{Message-ID:} of the header section, if any.
     @ivar done: the end of data was found.
@@ -58,6 +60,7 @@ class DataScanner:
     long_line: bool = False
     bare_lf: bool = False
     bare_cr: bool = False
+    nul: bool = False
     received_count: int = 0
     message_id: str | None = None
     done: bool = False
@@ -152,6 +155,8 @@ class DataScanner:
             self.bare_lf = True
         if raw.count(b"\r") != crlf:
             self.bare_cr = True
+        if b"\0" in raw:
+            self.nul = True
         if len(raw) >= self.max_line_length - 1:
             # Each piece keeps its CR: content plus CR may be max_line_length - 1.
             if max(map(len, raw.split(b"\n"))) >= self.max_line_length:
@@ -192,7 +197,7 @@ class DataScanner:
     @property
     def ok(self) -> bool:
         """C{True} when nothing in the data calls for rejecting the message."""
-        return not (self.too_big or self.long_line or self.bare_lf or self.bare_cr)
+        return not (self.too_big or self.long_line or self.bare_lf or self.bare_cr or self.nul)
 
 
 @define

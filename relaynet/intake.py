@@ -129,6 +129,7 @@ class RelayESMTP(smtp.ESMTP):
         self._processing = False
         self._closing = False
         self._paused = False
+        self._write_blocked = False
         self._discarding = False
         self._errors = 0
         self._helo_name: str | None = None
@@ -172,6 +173,37 @@ class RelayESMTP(smtp.ESMTP):
             return
         smtp.ESMTP.connectionMade(self)
         self.canStartTLS = intake.tls is not None and ITLSTransport.providedBy(self.transport)
+        # We produce replies; the transport tells us when the client does not
+        # read them (its send buffer fills): then we stop reading commands.
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        """The client is not reading our replies: stop taking its commands."""
+        self._write_blocked = True
+        self._flow()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        self._flow()
+        self._process()
+
+    def stopProducing(self) -> None:
+        self._write_blocked = True
+
+    def _flow(self) -> None:
+        """
+        Pause reading from the socket while commands pile up unprocessed (a
+        reply of ours outstanding, or the client not reading its replies).
+        Only the pile's size decides: pausing the transport outright would
+        also stall a TLS handshake under us.
+        """
+        want_pause = (self._write_blocked or self._waiting) and len(self._inbuf) > _PAUSE_ABOVE
+        if want_pause and not self._paused and not self._closing:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and not want_pause and not self._closing:
+            self._paused = False
+            self.transport.resumeProducing()
 
     def handshakeCompleted(self) -> None:
         """TLS is up (STARTTLS or implicit): note the version and cipher."""
@@ -201,6 +233,13 @@ class RelayESMTP(smtp.ESMTP):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        if self.startedTLS and self.tls_info is None:
+            # A TLS handshake that never finished: a clean close would wait
+            # for it forever, holding the connection slot.
+            self._closing = True
+            self.setTimeout(None)
+            self.transport.abortConnection()
+            return
         self._close()
 
     def _close(self) -> None:
@@ -275,7 +314,7 @@ class RelayESMTP(smtp.ESMTP):
             return
         self._processing = True
         try:
-            while self._inbuf and not self._waiting and not self._closing:
+            while self._inbuf and not self._waiting and not self._closing and not self._write_blocked:
                 if self._scanner is not None:
                     data, self._inbuf = self._inbuf, b""
                     self._data_received(data)
@@ -301,12 +340,7 @@ class RelayESMTP(smtp.ESMTP):
                     self.shutdown()
         finally:
             self._processing = False
-        if self._waiting and not self._paused and len(self._inbuf) > _PAUSE_ABOVE:
-            self._paused = True
-            self.transport.pauseProducing()
-        elif self._paused and not self._waiting:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._flow()
 
     def _command(self, line: bytes) -> None:
         parts = line.strip(b" \t").split(None, 1)
@@ -505,9 +539,13 @@ class RelayESMTP(smtp.ESMTP):
             self.intake.auth_failures.pop(self.client_ip, None)
             self.reply(235, "2.7.0", "Authentication successful")
 
-        def bad(failure: Failure) -> Deferred[None]:
+        def bad(failure: Failure) -> Deferred[None] | None:
             if not failure.check(UnauthorizedLogin):
+                # Our fault (password file, thread pool...), not the client's:
+                # a temporary failure that does not count against it.
                 self.log.failure("Authentication error", failure)
+                self.reply(454, "4.7.0", "Temporary authentication failure")
+                return None
             failures = self.intake.auth_failures.get(self.client_ip, 0) + 1
             self.intake.auth_failures[self.client_ip] = failures
             auth = self.intake.config.auth
@@ -682,7 +720,11 @@ class RelayESMTP(smtp.ESMTP):
         body, rest = scanner.feed(data)
         writer = self._writer
         if body and self._normalize and (scanner.bare_lf or scanner.bare_cr):
-            body = _BARE.sub(b"\r\n", body)
+            normalized = _BARE.sub(b"\r\n", body)
+            scanner.size += len(normalized) - len(body)
+            if scanner.size > scanner.max_size:
+                scanner.too_big = True
+            body = normalized
             scanner.bare_lf = scanner.bare_cr = False
         if writer is not None:
             if scanner.received_count + 1 > self.limits.max_hops or not scanner.ok:
@@ -734,6 +776,8 @@ class RelayESMTP(smtp.ESMTP):
             return 550, "5.5.2", "Error: bare <CR> or <LF> received; lines must end with <CR><LF>"
         if scanner.long_line:
             return 554, "5.6.0", f"Error: line longer than {self.limits.max_line_length} octets"
+        if scanner.nul:
+            return 554, "5.6.0", "Error: message contains a NUL character"
         if hops > self.limits.max_hops:
             return 554, "5.4.6", f"Error: too many hops ({hops} Received headers)"
         return None

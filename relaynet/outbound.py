@@ -192,6 +192,9 @@ class RelayClient(smtp.ESMTPClient):
         self._end_connection(code if code >= 400 else 421, enhanced, f"greeting: {text}")
 
     def sendError(self, exc: Exception) -> None:
+        if isinstance(exc, smtp.TLSRequiredError):
+            self._end_connection(0, "4.7.4", f"TLS is required, but was not offered by {self.pool.name}")
+            return
         code = getattr(exc, "code", -1)
         resp = getattr(exc, "resp", b"")
         if isinstance(resp, str):
@@ -523,7 +526,9 @@ class HopPool:
         self.endpoint = endpoint
         self.name = _hop_name(endpoint)
         self.tls_policy = tls_policy
-        self.tls_context = client_options(tls_policy, self.name.rpartition(":")[0], ca_file)
+        self.tls_context = client_options(
+            tls_policy, self.name.rpartition(":")[0].strip("[]"), ca_file
+        )
         self.reactor = reactor
         self.timeouts = timeouts
         self.helo_name = helo_name.encode("ascii", "replace")

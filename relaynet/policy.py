@@ -145,7 +145,10 @@ def check_recipient(
         return Verdict.refuse(rule.code, rule.enhanced, f"<{address}>: {rule.text}")
     if rule.action == "local":
         return _local_verdict(local, localpart, domain, address)
-    if not (authenticated or is_trusted(config, client_ip)):
+    if not (
+        authenticated or is_trusted(config, client_ip)
+        or any(domain_matches(p, domain) for p in config.relay_domains)
+    ):
         return Verdict.refuse(554, "5.7.1", f"<{address}>: Relay access denied")
     return Verdict.accept(f"relay:{index}")
 

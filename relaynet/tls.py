@@ -5,8 +5,8 @@ service_identity for host name checks, and a small lab CA (C{relaynet gen-cert})
 made with C{cryptography}.
 
 Server side: STARTTLS on relay and submission listeners and implicit TLS
-(port 465 style); TLS 1.2 is the floor, Twisted's default cipher list (modern
-AEAD suites, forward secrecy) is kept.
+(port 465 style); TLS 1.2 is the floor, and TLS 1.2 suites are limited to
+forward-secret AEAD ones (L{SERVER_CIPHERS}).
 
 Client side, a per-route policy:
  - C{none}: never STARTTLS;
@@ -28,6 +28,9 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 TLS_FLOOR = ssl.TLSVersion.TLSv1_2
+# TLS 1.2 suites with forward secrecy and AEAD only (TLS 1.3 suites are all
+# AEAD with forward secrecy and are not affected by this list).
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
 
 class TLSConfigError(Exception):
@@ -59,6 +62,7 @@ def server_options(cert_file: Path, key_file: Path) -> ssl.CertificateOptions:
         certificate=pcert.original,
         extraCertChain=chain or None,
         raiseMinimumTo=TLS_FLOOR,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(SERVER_CIPHERS),
     )
 
 
@@ -80,9 +84,12 @@ def client_options(
     trust: Any = None
     if ca_file is not None:
         try:
-            trust = ssl.Certificate.loadPEM(Path(ca_file).read_bytes())
-        except (OSError, Exception) as e:
+            certs = [ssl.Certificate.loadPEM(b) for b in _pem_blocks(Path(ca_file).read_bytes())]
+        except Exception as e:
             raise TLSConfigError(f"cannot load CA bundle {ca_file}: {e}") from None
+        if not certs:
+            raise TLSConfigError(f"no certificate in CA bundle {ca_file}")
+        trust = ssl.trustRootFromCertificates(certs)
     return ssl.optionsForClientTLS(
         hostname, trustRoot=trust or ssl.platformTrust(), extraCertificateOptions={
             "raiseMinimumTo": TLS_FLOOR,
@@ -119,10 +126,11 @@ def _pem_blocks(pem: bytes) -> list[bytes]:
 # -- relaynet gen-cert ------------------------------------------------------
 
 
-def generate_ca(directory: Path, name: str = "relaynet lab CA", days: int = 3650) -> tuple[Path, Path]:
+def generate_ca(directory: Path, name: str | None = None, days: int = 3650) -> tuple[Path, Path]:
     """
     Make a self-signed CA in C{directory} (C{ca.pem}, C{ca.key}, mode 0600 for
-    the key), or reuse the one there.
+    the key), or reuse the one there. Its name is unique by default (two labs'
+    CAs with one name in one bundle would make OpenSSL pick the wrong one).
 
     @return: the paths of the certificate and the key.
     """
@@ -136,6 +144,9 @@ def generate_ca(directory: Path, name: str = "relaynet lab CA", days: int = 3650
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
+    import secrets
+
+    name = name or f"relaynet lab CA {secrets.token_hex(4)}"
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
