@@ -6,6 +6,7 @@ The C{relaynet} command.
     relaynet route CONFIG ADDRESS...     how each address would be routed, and why
     relaynet gen-cert --dir D NAME...    a lab CA (made once) and a certificate for NAMEs
     relaynet passwd FILE USER            add or change a submission user (scrypt hash)
+    relaynet queue COMMAND ...           a running node's queue: list, show, flush, hold, ... (queuecli)
     relaynet version
 """
 
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     from relaynet.lab.cli import add_lab_parser
 
     add_lab_parser(sub)
+    from relaynet.queuecli import add_queue_parser
+
+    add_queue_parser(sub)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_version)
     return parser

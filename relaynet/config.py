@@ -29,6 +29,9 @@ BARE_NEWLINES = ("reject", "normalize")
 ROUTE_ACTIONS = ("local", "relay", "mx", "reject")
 ACK_MODES = ("queued", "cut-through")
 TLS_POLICIES = ("none", "opportunistic", "required", "verify")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+ADMIN_ENDPOINT_KINDS = ("unix", "tcp", "tcp6")
 
 
 class ConfigError(Exception):
@@ -189,6 +192,32 @@ class Outbound:
 
 
 @frozen
+class AdminSettings:
+    """
+    The node's web service: the admin API (C{/api/}), Prometheus metrics
+    (C{/metrics}) and the status page (C{/}), see C{docs/admin-api.md}.
+
+    @ivar endpoint: a local-only server endpoint string (C{unix:...} or
+        C{tcp:PORT:interface=<loopback>}); C{None} for the default,
+        C{unix:<spool>/admin.sock:mode=600} (L{NodeConfig.admin_endpoint}).
+    @ivar metrics_endpoint: an optional second, read-only listener (metrics
+        and status page only) that may be on any interface, for scrapers.
+    """
+
+    enabled: bool = True
+    endpoint: str | None = None
+    metrics_endpoint: str | None = None
+
+
+@frozen
+class LogSettings:
+    """The node's own log: C{text} or C{json} lines, and the least level shown."""
+
+    format: str = "text"
+    level: str = "info"
+
+
+@frozen
 class NodeConfig:
     """
     The whole configuration of one node.
@@ -202,12 +231,22 @@ class NodeConfig:
     local: LocalDelivery
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     routes: tuple[RouteRule, ...]
+    relay_domains: tuple[str, ...] = ()
     queue: QueuePolicy = QueuePolicy()
     outbound: Outbound = Outbound()
     dns_servers: tuple[tuple[str, int], ...] = ()
     tls: TLSSettings = TLSSettings()
     auth: AuthSettings = AuthSettings()
+    admin: AdminSettings = AdminSettings()
+    log: LogSettings = LogSettings()
     source: str = "<default>"
+
+    @property
+    def admin_endpoint(self) -> str:
+        """The admin web service's endpoint: C{[admin].endpoint} or a socket in the spool."""
+        if self.admin.endpoint is not None:
+            return self.admin.endpoint
+        return default_admin_endpoint(self.spool)
 
     @property
     def queue_dir(self) -> Path:
@@ -218,6 +257,74 @@ class NodeConfig:
     def event_log(self) -> Path:
         """The JSON lines event log, C{<spool>/events.jsonl}."""
         return self.spool / "events.jsonl"
+
+
+def default_admin_endpoint(spool: Path) -> str:
+    """C{unix:<spool>/admin.sock:mode=600}, with C{:} and C{\\} escaped for Twisted."""
+    path = str(spool / "admin.sock").replace("\\", "\\\\").replace(":", "\\:")
+    return f"unix:{path}:mode=600"
+
+
+def split_endpoint(endpoint: str) -> tuple[str, list[str], dict[str, str]]:
+    """
+    Split a Twisted endpoint string into its kind, positional arguments and
+    keyword arguments (C{\\} escapes a colon, as in Twisted).
+    """
+    parts, cur, escaped = [], "", False
+    for ch in endpoint:
+        if escaped:
+            cur += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    args = [p for p in parts[1:] if "=" not in p]
+    kw = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return parts[0], args, kw
+
+
+def _check_admin_endpoint(value: str, local_only: bool) -> str | None:
+    kind, args, kw = split_endpoint(value)
+    if kind not in ADMIN_ENDPOINT_KINDS:
+        return f"must be a {', '.join(ADMIN_ENDPOINT_KINDS)} endpoint, not {kind!r}"
+    if kind == "unix":
+        path = args[0] if args else kw.get("address", "")
+        if not path:
+            return "a unix endpoint needs a path, e.g. 'unix:/run/relaynet/admin.sock:mode=600'"
+        if len(os.fsencode(path)) > 107:
+            return f"socket path {path!r} is longer than 107 bytes (the AF_UNIX limit)"
+        return None
+    port = args[0] if args else kw.get("port", "")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        return f"{value!r}: no valid port"
+    if not local_only:
+        return None
+    interface = kw.get("interface", "")
+    try:
+        loopback = ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return (
+            f"{value!r} is not local-only: the admin API can delete mail, so a TCP endpoint "
+            "must name a loopback interface (interface=127.0.0.1 or interface=\\:\\:1)"
+        )
+    return None
+
+
+def _resolve_unix(base: Path | None, endpoint: str) -> str:
+    """A unix endpoint with a relative path made relative to the config file's directory."""
+    kind, args, kw = split_endpoint(endpoint)
+    if kind != "unix" or not args or os.path.isabs(args[0]) or base is None:
+        return endpoint
+    path = str(_resolve(base, args[0])).replace("\\", "\\\\").replace(":", "\\:")
+    rest = "".join(f":{k}={v}" for k, v in kw.items())
+    return f"unix:{path}{rest}"
 
 
 class _Table:
@@ -336,12 +443,14 @@ def _parse_route(source: str, key: str, data: Any) -> RouteRule:
     for i, hop in enumerate(table.get("next_hops", list, [])):
         hkey = f"{key}.next_hops[{i}]"
         if isinstance(hop, str):
+            _check_client_endpoint(source, hkey, hop)
             hops.append(NextHop(endpoint=hop))
             continue
         htable = _Table(source, hkey, hop)
         endpoint = htable.get("endpoint", str, None)
         if not endpoint:
             raise htable.error("endpoint", "is required")
+        _check_client_endpoint(source, f"{hkey}.endpoint", endpoint)
         priority = htable.get("priority", int, 10)
         htable.finish()
         hops.append(NextHop(endpoint=endpoint, priority=priority))
@@ -372,6 +481,18 @@ def _parse_route(source: str, key: str, data: Any) -> RouteRule:
         code=code, enhanced=enhanced, text=text, ack=ack, concurrency=concurrency,
         source_address=source_address, tls=tls, mx_port=mx_port,
     )
+
+
+def _check_client_endpoint(source: str, key: str, endpoint: str) -> None:
+    """A next hop must be a client endpoint string Twisted can parse."""
+    from twisted.internet.endpoints import clientFromString
+
+    try:
+        clientFromString(object(), endpoint)  # parses; connects nothing
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(
+            source, key, f"{endpoint!r} is not a client endpoint (e.g. 'tcp:192.0.2.1:25'): {e}"
+        ) from None
 
 
 def _ip_literal(value: str) -> str | None:
@@ -518,6 +639,10 @@ def parse_config(
             nets.append(ipaddress.ip_network(net, strict=False))
         except ValueError as e:
             raise ConfigError(source, f"relay.trusted_networks[{i}]", str(e)) from None
+    relay_domains = tuple(
+        _domain_pattern(source, f"relay.relay_domains[{i}]", d)
+        for i, d in enumerate(relay.strings("relay_domains", ()))
+    )
     relay.finish()
 
     routes = tuple(
@@ -604,12 +729,37 @@ def parse_config(
     for i, lst in enumerate(listeners):
         if lst.mode in ("submission", "submissions") and auth.password_file is None:
             raise ConfigError(source, f"listener[{i}].mode", f"{lst.mode} needs [auth] password_file")
+
+    adm = top.sub("admin")
+    admin_endpoint = adm.get("endpoint", str, None, lambda v: _check_admin_endpoint(v, True))
+    metrics_endpoint = adm.get("metrics_endpoint", str, None, lambda v: _check_admin_endpoint(v, False))
+    admin = AdminSettings(
+        enabled=adm.get("enabled", bool, True),
+        endpoint=None if admin_endpoint is None else _resolve_unix(base, admin_endpoint),
+        metrics_endpoint=None if metrics_endpoint is None else _resolve_unix(base, metrics_endpoint),
+    )
+    adm.finish()
+    if admin.enabled and admin.endpoint is None:
+        problem = _check_admin_endpoint(default_admin_endpoint(spool), True)
+        if problem:
+            raise ConfigError(source, "admin.endpoint", f"the default {problem}; set one")
+
+    lg = top.sub("log")
+    log = LogSettings(
+        format=lg.get("format", str, "text",
+                      lambda v: None if v in LOG_FORMATS else f"must be one of {', '.join(LOG_FORMATS)}"),
+        level=lg.get("level", str, "info",
+                     lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"),
+    )
+    lg.finish()
     top.finish()
 
     return NodeConfig(
         name=name, hostname=hostname, spool=spool, listeners=listeners, limits=limits,
-        local=local, trusted_networks=tuple(nets), routes=routes, queue=queue,
-        outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, source=source,
+        local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
+        queue=queue,
+        outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, log=log,
+        source=source,
     )
 
 
@@ -703,7 +853,8 @@ def describe(config: NodeConfig) -> str:
     for lst in config.listeners:
         lines += ["[[listener]]", f"endpoint = {_toml(lst.endpoint)}", f"mode = {_toml(lst.mode)}", ""]
     lines += _table("limits", config.limits)
-    lines += ["[relay]", f"trusted_networks = {_toml([str(n) for n in config.trusted_networks])}", ""]
+    lines += ["[relay]", f"trusted_networks = {_toml([str(n) for n in config.trusted_networks])}",
+              f"relay_domains = {_toml(list(config.relay_domains))}", ""]
     lines += _table("local", config.local)
     if config.local.aliases:
         lines.append("[local.aliases]")
@@ -724,6 +875,13 @@ def describe(config: NodeConfig) -> str:
     if config.dns_servers:
         servers = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.dns_servers]
         lines += ["[dns]", f"servers = {_toml(servers)}", ""]
+    lines += [
+        "[admin]", f"enabled = {_toml(config.admin.enabled)}",
+        f"endpoint = {_toml(config.admin_endpoint)}",
+    ]
+    if config.admin.metrics_endpoint:
+        lines.append(f"metrics_endpoint = {_toml(config.admin.metrics_endpoint)}")
+    lines += [""] + _table("log", config.log)
     for rule in config.routes:
         lines += ["[[route]]", f"domains = {_toml(list(rule.domains))}", f"action = {_toml(rule.action)}"]
         if rule.next_hops:

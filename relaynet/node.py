@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any, Callable
 
 import attrs
@@ -25,7 +26,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.cred.portal import Portal
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
@@ -52,9 +54,16 @@ class RelayNode(MultiService):
         self, config: NodeConfig, reactor: Any, threads: int = 16,
         run_as: tuple[int | None, int | None] = (None, None),
         load_config: Callable[[], NodeConfig] | None = None,
+        log_observer: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.log_observer = log_observer
+        self.metrics: Any = None
+        self.started_at: float | None = None
+        self.last_reload: dict[str, Any] | None = None
+        self.last_reload_error: str | None = None
+        self._web: list[Any] = []
         self.run_as = run_as
         self.load_config = load_config
         self.reactor = reactor
@@ -66,6 +75,14 @@ class RelayNode(MultiService):
         self.intake: Intake | None = None
         self.ports: list[Any] = []
         self._listener_services: list[StreamServerEndpointService] = []
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd's AppLogger logs through the application's ILogObserver
+        # component when there is one: ours applies [log] format and level.
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         """
@@ -80,9 +97,11 @@ class RelayNode(MultiService):
             for d in (self.config.spool, self.config.local.mailroot):
                 for created in makedirs_durable(d):
                     os.chown(created, *owner)
+                # Never follow a link: one planted in the spool by the
+                # unprivileged user must not hand it a file of root's.
                 for root, dirs, files in os.walk(d):
                     for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                        os.chown(name, *owner)
+                        os.chown(name, *owner, follow_symlinks=False)
         self._add_listeners()
         super().privilegedStartService()
 
@@ -91,7 +110,7 @@ class RelayNode(MultiService):
             return
         self.intake = Intake(
             config=self.config, spool=self.spool, events=EventLog(None, self.config.name),
-            reactor=self.reactor, tls=self._tls_options(),
+            reactor=self.reactor, tls=self._tls_options(), portal=self._portal(),
         )
         for listener in self.config.listeners:
             endpoint = serverFromString(self.reactor, listener.endpoint)
@@ -114,7 +133,6 @@ class RelayNode(MultiService):
         self.events = EventLog(config.event_log, config.name)
         self.spool.prepare()
         recovered = list(self.spool.recover())
-        portal = self._portal()
         self.pool.start()
         self.commit_pool.start()
         try:
@@ -122,8 +140,8 @@ class RelayNode(MultiService):
             self.intake.events = self.events
             self.intake.queued = self.runner.enqueue
             self.intake.cut_through = self.runner.cut_through
-            self.intake.portal = portal
             self.runner.start(recovered)
+            self._start_admin()
             self.log.info(
                 "relaynet node {name} started; {count} queued message(s) recovered",
                 name=config.name, count=len(recovered),
@@ -141,6 +159,26 @@ class RelayNode(MultiService):
             self._previous_hup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
+
+    def _start_admin(self) -> None:
+        """Metrics observers, the status history and the admin web service(s)."""
+        from relaynet.control import web_service
+        from relaynet.metrics import NodeMetrics
+
+        assert self.events is not None
+        self.started_at = time.time()
+        if self.metrics is None:
+            self.metrics = NodeMetrics(self, self.reactor)
+            self.spool.observe_commits(self.metrics.commit_batch)
+        self.events.observers.append(self.metrics.observe)
+        self.metrics.history.start()
+        admin = self.config.admin
+        if admin.enabled and not self._web:
+            for endpoint, read_only in ((self.config.admin_endpoint, False), (admin.metrics_endpoint, True)):
+                if endpoint:
+                    svc = web_service(self, endpoint, self.reactor, read_only)
+                    svc.setServiceParent(self)
+                    self._web.append(svc)
 
     def reload(self) -> bool:
         """
@@ -163,15 +201,23 @@ class RelayNode(MultiService):
             self.log.error(
                 "Reload refused, the old configuration stays in force: {error}", error=str(e)
             )
+            self.last_reload_error = str(e)
+            self.last_reload = {"time": time.time(), "status": "refused", "error": str(e)}
+            if self.events is not None:
+                self.events.emit("reload", status="refused", error=str(e))
             return False
-        if new.listeners != old.listeners or new.spool != old.spool:
-            self.log.warn("Listener and spool changes need a restart; keeping the old ones")
-            new = attrs.evolve(new, listeners=old.listeners, spool=old.spool)
+        if new.listeners != old.listeners or new.spool != old.spool or new.admin != old.admin:
+            self.log.warn("Listener, spool and [admin] changes need a restart; keeping the old ones")
+            new = attrs.evolve(new, listeners=old.listeners, spool=old.spool, admin=old.admin)
         self.config = new
         self.intake.config = new
         self.intake.tls = tls
         self.intake.portal = portal
         self.runner.reconfigure(new)
+        if self.log_observer is not None:
+            self.log_observer.configure(new.log)
+        self.last_reload_error = None
+        self.last_reload = {"time": time.time(), "status": "reloaded", "source": new.source}
         self.log.info("Configuration reloaded from {source}", source=new.source)
         if self.events is not None:
             self.events.emit("reload", source=new.source, status="reloaded")
@@ -190,6 +236,9 @@ class RelayNode(MultiService):
         checker = ScryptChecker(
             auth.password_file, lambda f: deferToThreadPool(self.reactor, self.pool, f)
         )
+        # Read the file now: before twistd drops privileges it may be
+        # readable by root only; the checker keeps this copy if so.
+        checker.users()
         return Portal(RelayRealm(), [checker])
 
     def _listening(self, port: Any, endpoint: str) -> Any:
@@ -202,6 +251,8 @@ class RelayNode(MultiService):
         if getattr(self, "_previous_hup", None) is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
+        if self.metrics is not None:
+            self.metrics.history.stop()
         yield super().stopService()
         if self.intake is not None:
             yield drain(self.intake, self.reactor)

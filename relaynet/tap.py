@@ -5,12 +5,19 @@ C{twistd relaynet}: options and service maker.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import sys
+from typing import IO, Any
 
 import attrs
+from twisted.logger import ILogObserver, LogLevel, formatEvent, textFileLogObserver
 from twisted.python import usage
+from zope.interface import implementer
 
-from relaynet.config import ConfigError, Listener, load_config
+from relaynet.config import ConfigError, Listener, LogSettings, load_config
+
+_PRIORITY = {level: i for i, level in enumerate(LogLevel.iterconstants())}
+_LEGACY_KEYS = frozenset(("message", "isError", "time", "format", "why", "failure", "printed", "system"))
 
 
 class Options(usage.Options):
@@ -71,6 +78,72 @@ class Options(usage.Options):
         return config
 
 
+def json_log_line(event: dict[str, Any]) -> str:
+    """
+    One log event as one JSON line: C{time}, C{level}, C{namespace}, C{text}
+    (the formatted message), the event's own fields (C{queue_id}, C{sender},
+    ...) and C{traceback} for failures.
+    """
+    level = event.get("log_level")
+    out: dict[str, Any] = {
+        "time": round(float(event.get("log_time") or 0), 6),
+        "level": level.name if level is not None else "info",
+        "namespace": event.get("log_namespace"),
+        "text": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in _LEGACY_KEYS or key in out:
+            continue
+        out[key] = value
+    failure = event.get("log_failure")
+    if failure is not None:
+        out["traceback"] = failure.getTraceback()
+    return json.dumps(out, ensure_ascii=False, default=str, separators=(",", ":")) + "\n"
+
+
+@implementer(ILogObserver)
+class NodeLogObserver:
+    """
+    The node's log observer: C{[log].format} text (twistd's usual lines) or
+    JSON lines, events below C{[log].level} dropped. L{configure} applies a
+    reloaded C{[log]} section.
+    """
+
+    def __init__(self, out: IO[str], settings: LogSettings) -> None:
+        self.out = out
+        self._text = textFileLogObserver(out)
+        self.configure(settings)
+
+    def configure(self, settings: LogSettings) -> None:
+        self.format = settings.format
+        self.level = LogLevel.levelWithName(settings.level)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        if _PRIORITY.get(level, 1) < _PRIORITY[self.level]:
+            return
+        if self.format == "json":
+            self.out.write(json_log_line(event))
+            self.out.flush()
+        else:
+            self._text(event)
+
+
+def _log_output(parent: Any) -> IO[str] | None:
+    """
+    Where twistd would log (C{--logfile}, stdout with C{-n}), or C{None}
+    when twistd's own choice must stand (C{--syslog}, C{--logger}, no twistd).
+    """
+    if not hasattr(parent, "get") or parent.get("syslog") or parent.get("logger"):
+        return None
+    name = parent.get("logfile")
+    if name == "-" or (parent.get("nodaemon") and not name):
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+
+    return LogFile.fromFullPath(name or "twistd.log")  # type: ignore[return-value]
+
+
 def makeService(options: Options) -> Any:
     """Build the node service from parsed options."""
     from twisted.internet import reactor
@@ -79,4 +152,8 @@ def makeService(options: Options) -> Any:
 
     parent = getattr(options, "parent", None) or {}
     run_as = (parent.get("uid"), parent.get("gid")) if hasattr(parent, "get") else (None, None)
-    return RelayNode(options.config, reactor, run_as=run_as, load_config=options.load)
+    out = _log_output(parent)
+    observer = NodeLogObserver(out, options.config.log) if out is not None else None
+    return RelayNode(
+        options.config, reactor, run_as=run_as, load_config=options.load, log_observer=observer
+    )

@@ -1,0 +1,909 @@
+# -*- test-case-name: tests.test_control -*-
+"""
+The node's web service on C{twisted.web}: the admin API (JSON under
+C{/api/}), Prometheus metrics (C{/metrics}) and a server-rendered status page
+(C{/}).
+
+The admin site listens on C{[admin].endpoint}, a UNIX socket or a loopback TCP
+port (the configuration refuses anything else). An optional read-only site
+(C{[admin].metrics_endpoint}) serves only C{/metrics} and the status page.
+The API schema is documented in C{docs/admin-api.md}; C{relaynet queue}
+(L{relaynet.queuecli}) is its client.
+
+Requests to the admin site over TCP must name a loopback host in C{Host:}
+(against DNS rebinding), and every C{POST} must be C{application/json} (a
+web page cannot send that to another origin without a CORS preflight, which
+is never answered).
+
+The pure helpers L{summarize}, L{shape} and L{parse_age} touch no reactor.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from relaynet import __version__
+from relaynet.config import NodeConfig
+from relaynet.metrics import FAILING_AFTER, NodeMetrics, Sample
+
+#: Version of the JSON schema in C{docs/admin-api.md}.
+API_VERSION = 1
+STATES = ("incoming", "active", "deferred", "hold")
+FINAL_STATUSES = ("delivered", "relayed", "bounced")
+_QUEUE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ApiError(Exception):
+    """An API request failed: an HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# -- pure helpers ---------------------------------------------------------
+
+
+def parse_age(text: str) -> float:
+    """
+    An age: seconds, or a number with C{s}, C{m}, C{h} or C{d}.
+
+    @raise ValueError: not an age.
+    """
+    m = _AGE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not an age (e.g. 90, 90s, 5m, 2h, 1d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _pending(item: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in item["recipients"] if r["status"] not in FINAL_STATUSES]
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower() or "(none)"
+
+
+def summarize(items: Sequence[dict[str, Any]], top: int = 10) -> dict[str, Any]:
+    """
+    A C{mailq}-like summary of queue listing items (L{entry_summary} dicts):
+    message, octet and pending-recipient counts, counts by state, the oldest
+    message, the top destination domains and the top deferral reasons.
+    """
+    states = {s: 0 for s in STATES}
+    dests: dict[str, dict[str, int]] = {}
+    reasons: dict[str, int] = {}
+    oldest = None
+    pending_total = 0
+    for item in items:
+        states[item["state"]] = states.get(item["state"], 0) + 1
+        if oldest is None or item["arrival"] < oldest["arrival"]:
+            oldest = item
+        seen: set[str] = set()
+        for r in _pending(item):
+            pending_total += 1
+            d = _domain(r["address"])
+            row = dests.setdefault(d, {"recipients": 0, "messages": 0})
+            row["recipients"] += 1
+            if d not in seen:
+                row["messages"] += 1
+                seen.add(d)
+            if r["status"] == "deferred":
+                reason = (r.get("diagnostic") or r.get("dsn") or "unknown")[:200]
+                reasons[reason] = reasons.get(reason, 0) + 1
+    top_dests = sorted(dests.items(), key=lambda kv: (-kv[1]["recipients"], kv[0]))[:top]
+    top_reasons = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {
+        "messages": len(items),
+        "bytes": sum(i["size"] for i in items),
+        "recipients": pending_total,
+        "states": states,
+        "oldest": None if oldest is None else {
+            "queue_id": oldest["queue_id"], "arrival": oldest["arrival"], "age": oldest["age"],
+        },
+        "destinations": [{"domain": d, **v} for d, v in top_dests],
+        "deferral_reasons": [{"reason": r, "recipients": n} for r, n in top_reasons],
+    }
+
+
+def shape(
+    items: Sequence[dict[str, Any]], by: str = "recipient", buckets: int = 10,
+    scale: float = 5.0, top: int | None = None,
+) -> dict[str, Any]:
+    """
+    A C{qshape}-like age histogram by domain: one row per recipient (or
+    sender) domain with its total and counts per age bucket, a C{TOTAL} row
+    first. Bucket upper bounds are C{scale}, 2C{scale}, 4C{scale}... minutes;
+    the last bucket is open. A message counts once per distinct domain of its
+    pending recipients (C{by="sender"}: once, for its sender's domain).
+
+    @param buckets: the number of buckets (at least 2).
+    @param scale: the first bucket's bound in minutes.
+    """
+    if by not in ("recipient", "sender"):
+        raise ValueError("by must be recipient or sender")
+    if buckets < 2 or scale <= 0:
+        raise ValueError("need at least 2 buckets and a positive scale")
+    bounds = [scale * 2 ** i for i in range(buckets - 1)]
+    labels = [_num(b) for b in bounds] + [_num(bounds[-1]) + "+"]
+    rows: dict[str, list[int]] = {}
+    total = [0] * buckets
+    for item in items:
+        minutes = item["age"] / 60.0
+        col = next((i for i, b in enumerate(bounds) if minutes < b), buckets - 1)
+        pending = _pending(item)
+        if not pending:
+            continue
+        if by == "sender":
+            domains = {_domain(item["sender"]) if item["sender"] else "(null sender)"}
+        else:
+            domains = {_domain(r["address"]) for r in pending}
+        total[col] += 1
+        for d in domains:
+            rows.setdefault(d, [0] * buckets)[col] += 1
+    ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+    if top is not None:
+        ordered = ordered[:top]
+    return {
+        "by": by,
+        "scale_minutes": scale,
+        "columns": labels,
+        "rows": [{"domain": "TOTAL", "total": sum(total), "counts": total}]
+        + [{"domain": d, "total": sum(c), "counts": c} for d, c in ordered],
+    }
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def routes_json(config: NodeConfig) -> dict[str, Any]:
+    """The routing table in force, as the API and the status page show it."""
+    rules = []
+    for i, rule in enumerate(config.routes):
+        item: dict[str, Any] = {"index": i, "domains": list(rule.domains), "action": rule.action}
+        if rule.action == "relay":
+            item["next_hops"] = [
+                {"endpoint": h.endpoint, "priority": h.priority, "name": hop_name(h.endpoint)}
+                for h in sorted(rule.next_hops, key=lambda h: h.priority)
+            ]
+        if rule.action in ("relay", "mx"):
+            item.update(ack=rule.ack, tls=rule.tls, concurrency=rule.concurrency)
+        if rule.action == "mx":
+            item["mx_port"] = rule.mx_port
+        if rule.action == "reject":
+            item["reply"] = f"{rule.code} {rule.enhanced} {rule.text}"
+        rules.append(item)
+    return {"local_domains": list(config.local.domains), "routes": rules}
+
+
+def hop_name(endpoint: str) -> str:
+    """The C{host:port} name events give a next hop's endpoint string."""
+    from relaynet.outbound import _hop_name
+
+    return _hop_name(endpoint)
+
+
+def configured_hops(config: NodeConfig) -> list[str]:
+    """The names of every next hop of the relay routes."""
+    return sorted({hop_name(h.endpoint) for r in config.routes for h in r.next_hops})
+
+
+def _loopback_host(header: bytes | None) -> bool:
+    """A C{Host:} header naming C{localhost} or a loopback address (with any port)."""
+    if not header:
+        return False
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- the JSON API -----------------------------------------------------------
+
+
+class AdminAPI(Resource):
+    """
+    C{/api/...}: one JSON object per response (errors: C{{"error": ...}}
+    with a 4xx/5xx status).
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        self.node = node
+
+    def render(self, request: Request) -> Any:
+        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        method = request.method.decode("ascii", "replace")
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        try:
+            handler, args = self._route(method, path)
+            if method == "POST":
+                body = _json_body(request)
+            else:
+                body = {}
+        except ApiError as e:
+            _write_json(request, e.status, {"error": e.message})
+            return NOT_DONE_YET
+        d = maybeDeferred(handler, request, body, *args)
+
+        def ok(result: Any) -> None:
+            if not gone:
+                _write_json(request, 200, result)
+
+        def failed(f: Failure) -> None:
+            if f.check(ApiError):
+                status, message = f.value.status, f.value.message
+            else:
+                self.log.failure("Admin API {method} /api/{path} failed", f, method=method, path="/".join(path))
+                status, message = 500, f"internal error: {f.getErrorMessage()}"
+            if not gone:
+                _write_json(request, status, {"error": message})
+
+        d.addCallbacks(ok, failed)
+        return NOT_DONE_YET
+
+    def _route(self, method: str, path: list[str]) -> tuple[Callable[..., Any], list[str]]:
+        get: dict[tuple[str, ...], Callable[..., Any]] = {
+            ("status",): self.status, ("queue",): self.list, ("summary",): self.summary,
+            ("shape",): self.shape, ("routes",): self.routes, ("hops",): self.hops,
+            ("history",): self.history,
+        }
+        post: dict[tuple[str, ...], Callable[..., Any]] = {
+            ("queue", "flush"): self.flush, ("queue", "reroute"): self.reroute,
+            ("reload",): self.reload,
+        }
+        actions = {
+            "hold": self.hold, "release": self.release, "delete": self.delete,
+            "bounce": self.bounce, "flush": self.flush_one, "reroute": self.reroute_one,
+        }
+        key = tuple(path)
+        if method == "GET" and key in get:
+            return get[key], []
+        if method == "POST" and key in post:
+            return post[key], []
+        if key in get or key in post:
+            raise ApiError(405, f"method {method} not allowed on /api/{'/'.join(path)}")
+        if len(path) == 2 and path[0] == "queue" and method in ("GET", "DELETE"):
+            return (self.show if method == "GET" else self.delete), [path[1]]
+        if len(path) == 3 and path[0] == "queue" and path[2] in actions and method == "POST":
+            return actions[path[2]], [path[1]]
+        if (len(path) == 2 and path[0] == "queue") or (
+            len(path) == 3 and path[0] == "queue" and path[2] in actions
+        ):
+            raise ApiError(405, f"method {method} not allowed on /api/{'/'.join(path)}")
+        raise ApiError(404, f"no such API resource: /api/{'/'.join(path)}")
+
+    # -- helpers -------------------------------------------------------
+
+    @property
+    def runner(self) -> Any:
+        runner = getattr(self.node, "runner", None)
+        if runner is None:
+            raise ApiError(503, "the node is not running")
+        return runner
+
+    def _entry(self, queue_id: str) -> Any:
+        if not _QUEUE_ID.match(queue_id):
+            raise ApiError(400, f"{queue_id!r} is not a queue id")
+        entry = self.runner.entries.get(queue_id)
+        if entry is None:
+            raise ApiError(404, f"no message {queue_id} in the queue")
+        return entry
+
+    def _busy(self, queue_id: str) -> ApiError:
+        return ApiError(409, f"message {queue_id} is being delivered right now; try again")
+
+    # -- reading ---------------------------------------------------------
+
+    def status(self, request: Request, body: Any) -> dict[str, Any]:
+        node, config = self.node, self.node.config
+        intake = getattr(node, "intake", None)
+        started = getattr(node, "started_at", None)
+        return {
+            "api_version": API_VERSION, "version": __version__, "node": config.name,
+            "hostname": config.hostname, "pid": os.getpid(), "config": config.source,
+            "started": started, "uptime": None if started is None else round(time.time() - started, 3),
+            "listeners": [{"endpoint": lst.endpoint, "mode": lst.mode} for lst in config.listeners],
+            "admin_endpoint": config.admin_endpoint,
+            "queue": self.runner.counts(),
+            "sessions": len(intake.sessions) if intake is not None else 0,
+            "last_reload": getattr(node, "last_reload", None),
+        }
+
+    def _filters(self, request: Request) -> dict[str, Any]:
+        state = _arg(request, "state")
+        if state is not None and state not in STATES:
+            raise ApiError(400, f"state must be one of {', '.join(STATES)}")
+        min_age = _arg(request, "min_age")
+        try:
+            age = parse_age(min_age) if min_age is not None else None
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return {
+            "state": state, "sender": _arg(request, "sender"),
+            "recipient": _arg(request, "recipient"), "domain": _arg(request, "domain"),
+            "min_age": age,
+        }
+
+    def list(self, request: Request, body: Any) -> dict[str, Any]:
+        items = self.runner.list(**self._filters(request))
+        limit = _int_arg(request, "limit", None)
+        return {"count": len(items), "messages": items if limit is None else items[:limit]}
+
+    def show(self, request: Request, body: Any, queue_id: str) -> Any:
+        self._entry(queue_id)
+        d = self.runner.show(queue_id)
+        if d is None:
+            raise ApiError(404, f"no message {queue_id} in the queue")
+        return d
+
+    def summary(self, request: Request, body: Any) -> dict[str, Any]:
+        items = self.runner.list(**self._filters(request))
+        return summarize(items, top=_int_arg(request, "top", 10) or 10)
+
+    def shape(self, request: Request, body: Any) -> dict[str, Any]:
+        items = self.runner.list(**self._filters(request))
+        try:
+            return shape(
+                items, by=_arg(request, "by") or "recipient",
+                buckets=_int_arg(request, "buckets", 10) or 10,
+                scale=float(_arg(request, "scale") or 5),
+                top=_int_arg(request, "top", None),
+            )
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    def routes(self, request: Request, body: Any) -> dict[str, Any]:
+        return routes_json(self.node.config)
+
+    def hops(self, request: Request, body: Any) -> dict[str, Any]:
+        metrics: NodeMetrics | None = getattr(self.node, "metrics", None)
+        if metrics is None:
+            raise ApiError(503, "the node is not running")
+        return {"hops": [h.to_json() for h in metrics.hop_health(configured_hops(self.node.config))]}
+
+    def history(self, request: Request, body: Any) -> dict[str, Any]:
+        metrics: NodeMetrics | None = getattr(self.node, "metrics", None)
+        if metrics is None:
+            raise ApiError(503, "the node is not running")
+        return {
+            "interval": metrics.history.interval,
+            "samples": [s.to_json() for s in metrics.history.points()],
+        }
+
+    # -- acting ----------------------------------------------------------
+
+    def flush(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        queue_id, domain = _target(body)
+        if queue_id is not None:
+            self._entry(queue_id)
+        n = self.runner.flush(queue_id, domain)
+        self.log.info("Admin flush of {target}: {count} message(s)",
+                      target=queue_id or domain or "all", count=n)
+        return {"flushed": n}
+
+    def flush_one(self, request: Request, body: Any, queue_id: str) -> dict[str, Any]:
+        return self.flush(request, {"queue_id": queue_id})
+
+    def reroute(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        queue_id, domain = _target(body)
+        if queue_id is not None:
+            self._entry(queue_id)
+        n = self.runner.reroute(queue_id, domain)
+        self.log.info("Admin reroute of {target}: {count} message(s)",
+                      target=queue_id or domain or "all", count=n)
+        return {"rerouted": n}
+
+    def reroute_one(self, request: Request, body: Any, queue_id: str) -> dict[str, Any]:
+        return self.reroute(request, {"queue_id": queue_id})
+
+    def _simple(self, action: str, queue_id: str, call: Callable[[], Any], key: str) -> Any:
+        self._entry(queue_id)
+
+        def done(ok: bool) -> dict[str, Any]:
+            if not ok:
+                if queue_id in self.runner.entries:
+                    raise self._busy(queue_id)
+                raise ApiError(404, f"no message {queue_id} in the queue")
+            self.log.info("Admin {action} of {queue_id}", action=action, queue_id=queue_id)
+            return {"queue_id": queue_id, key: True}
+
+        return maybeDeferred(call).addCallback(done)
+
+    def hold(self, request: Request, body: Any, queue_id: str) -> Any:
+        return self._simple("hold", queue_id, lambda: self.runner.hold(queue_id), "held")
+
+    def release(self, request: Request, body: Any, queue_id: str) -> Any:
+        return self._simple("release", queue_id, lambda: self.runner.release(queue_id), "released")
+
+    def delete(self, request: Request, body: Any, queue_id: str) -> Any:
+        return self._simple("delete", queue_id, lambda: self.runner.delete(queue_id), "deleted")
+
+    def bounce(self, request: Request, body: dict[str, Any], queue_id: str) -> Any:
+        reason = body.get("reason") if isinstance(body, dict) else None
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 500 or "\n" in reason):
+            raise ApiError(400, "reason must be one line of text (at most 500 characters)")
+        kwargs = {"reason": reason} if reason else {}
+        return self._simple("bounce", queue_id, lambda: self.runner.bounce(queue_id, **kwargs), "bounced")
+
+    def reload(self, request: Request, body: Any) -> dict[str, Any]:
+        ok = self.node.reload()
+        if not ok:
+            error = getattr(self.node, "last_reload_error", None) or "reload not possible"
+            raise ApiError(422, f"reload refused, the old configuration stays in force: {error}")
+        return {"reloaded": True, "config": self.node.config.source}
+
+
+def _target(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    queue_id, domain = body.get("queue_id"), body.get("domain")
+    for name, value in (("queue_id", queue_id), ("domain", domain)):
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, f"{name} must be a string")
+    if queue_id is not None and domain is not None:
+        raise ApiError(400, "give queue_id or domain, not both")
+    return queue_id, domain
+
+
+def _arg(request: Request, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode())
+    if not values:
+        return None
+    return values[-1].decode("utf-8", "replace") or None
+
+
+def _int_arg(request: Request, name: str, default: int | None) -> int | None:
+    value = _arg(request, name)
+    if value is None:
+        return default
+    if not value.isdigit():
+        raise ApiError(400, f"{name} must be a non-negative integer")
+    return int(value)
+
+
+def _json_body(request: Request) -> dict[str, Any]:
+    ctype = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "POST bodies must be application/json")
+    raw = request.content.read(1 << 16) if request.content is not None else b""
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise ApiError(400, f"invalid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _write_json(request: Request, status: int, obj: Any) -> None:
+    data = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    request.write(data)
+    request.finish()
+
+
+# -- metrics and the status page -------------------------------------------
+
+
+class MetricsResource(Resource):
+    """C{/metrics}: the node's registry in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request: Request) -> bytes:
+        metrics: NodeMetrics | None = getattr(self.node, "metrics", None)
+        if metrics is None:
+            request.setResponseCode(503)
+            return b"the node is not running\n"
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return metrics.exposition()
+
+
+class StatusPage(Resource):
+    """C{/}: the status page, one server-rendered HTML document."""
+
+    isLeaf = True
+
+    def __init__(self, node: Any, clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self.node = node
+        self.clock = clock
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.postpath and any(request.postpath):
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"not found\n"
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return render_status(self.node, self.clock()).encode("utf-8")
+
+
+class _Guard(Resource):
+    """The admin site's root: refuses TCP requests whose C{Host:} is not loopback."""
+
+    def __init__(self, check_host: bool) -> None:
+        super().__init__()
+        self.check_host = check_host
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Any:
+        if self.check_host and not _is_unix(request) and not _loopback_host(request.getHeader(b"host")):
+            return _Refused()
+        return super().getChildWithDefault(path, request)
+
+    def getChild(self, path: bytes, request: Request) -> Any:
+        return notFound()
+
+
+class _Refused(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(421)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return b'{"error":"the admin site answers only to a loopback Host"}\n'
+
+
+def _is_unix(request: Request) -> bool:
+    from twisted.internet.address import UNIXAddress
+
+    return isinstance(request.getHost(), UNIXAddress)
+
+
+class AdminSite(Site):
+    """A site with no access log: scrapes every few seconds would flood the node's log."""
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def make_site(node: Any, read_only: bool = False) -> Site:
+    """
+    The resource tree: C{/} (status page), C{/metrics} and, unless
+    C{read_only}, C{/api/}.
+    """
+    root = _Guard(check_host=not read_only)
+    root.putChild(b"", StatusPage(node))
+    root.putChild(b"metrics", MetricsResource(node))
+    if not read_only:
+        root.putChild(b"api", AdminAPI(node))
+    site = AdminSite(root)
+    site.displayTracebacks = False
+    return site
+
+
+def web_service(node: Any, endpoint: str, reactor: Any, read_only: bool = False) -> StreamServerEndpointService:
+    """A service listening on C{endpoint} with L{make_site}'s tree."""
+    svc = StreamServerEndpointService(serverFromString(reactor, endpoint), make_site(node, read_only))
+    svc._raiseSynchronously = True
+    return svc
+
+
+# -- rendering ------------------------------------------------------------
+
+_E = html.escape
+
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:14px 24px}
+header h1{margin:0;font-size:20px}
+header .meta{color:#b8c0d0;font-size:13px;margin-top:4px}
+main{padding:16px 24px;max-width:1180px}
+section{background:#fff;border-radius:6px;box-shadow:0 1px 2px rgba(0,0,0,.08);padding:12px 16px;margin:0 0 16px}
+h2{font-size:15px;margin:0 0 10px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(120px,1fr));gap:10px;margin-bottom:16px}
+.card{background:#fff;border-radius:6px;box-shadow:0 1px 2px rgba(0,0,0,.08);padding:10px 14px}
+.card .v{font-size:22px;font-weight:600}.card .k{color:#5b6478;font-size:12px;text-transform:uppercase}
+.charts{display:flex;flex-wrap:wrap;gap:16px}
+.charts>div{flex:1 1 460px;min-width:0}
+svg.chart{width:100%;height:auto;display:block}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #e6e8ec;vertical-align:top}
+th{font-size:12px;color:#5b6478;text-transform:uppercase;font-weight:600}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+code{font:12px ui-monospace,Menlo,Consolas,monospace}
+.state{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff}
+.up{background:#2e8540}.deferring{background:#d98c00}.failing{background:#c62828}.unknown{background:#8a93a6}
+.err{color:#8a1c1c;font-size:12px}.muted{color:#8a93a6}
+footer{padding:0 24px 24px;color:#8a93a6;font-size:12px}
+footer a{color:#5b6478}
+"""
+
+
+def _ago(now: float, t: float | None) -> str:
+    if t is None:
+        return "never"
+    return f"{_duration(now - t)} ago"
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _nice(v: float) -> float:
+    """The smallest of 1, 2, 5 times a power of ten that is at least C{v} (and at least 1)."""
+    if v <= 1:
+        return 1.0
+    mag = 10 ** math.floor(math.log10(v))
+    for m in (1, 2, 5, 10):
+        if m * mag >= v:
+            return float(m * mag)
+    return float(10 * mag)
+
+
+def svg_chart(
+    title: str, now: float, span: float, points: Sequence[Sample],
+    series: Sequence[tuple[str, str, Callable[[Sample], float]]],
+    width: int = 560, height: int = 200, fill_first: bool = False, dashed: Sequence[str] = (),
+) -> str:
+    """
+    A line chart as inline SVG: time on the x axis (the last C{span} seconds
+    up to C{now}), one polyline per series C{(label, colour, value)}.
+    """
+    left, right, top_, bottom = 44, 10, 46, 24
+    w, h = width - left - right, height - top_ - bottom
+    values = [[fn(p) for p in points] for _, _, fn in series]
+    ymax = _nice(max((v for vs in values for v in vs), default=0.0))
+    start = now - span
+
+    def x(t: float) -> float:
+        return left + max(0.0, min(1.0, (t - start) / span)) * w
+
+    def y(v: float) -> float:
+        return top_ + h - (v / ymax) * h
+
+    out = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'preserveAspectRatio="xMidYMid meet" role="img" aria-label="{_E(title)}">',
+        f'<text x="{left}" y="16" font-size="13" font-weight="600" fill="#1d2330">{_E(title)}</text>',
+    ]
+    steps = 4 if _nice(ymax) / 10 ** math.floor(math.log10(ymax)) == 2 else 5
+    for i in range(steps + 1):
+        v = ymax * i / steps
+        yy = y(v)
+        out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{left + w}" y2="{yy:.1f}" stroke="#e6e8ec"/>')
+        label = _num(round(v, 2))
+        out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" font-size="11" text-anchor="end" fill="#5b6478">{label}</text>')
+    step = next((s for s in (60, 120, 300, 600, 1800) if span / s <= 6), 3600)
+    k = 0
+    while k * step <= span + 1e-6:
+        t = now - k * step
+        label = "now" if k == 0 else f"-{_num(k * step / 60)}m"
+        out.append(f'<text x="{x(t):.1f}" y="{height - 6}" font-size="11" text-anchor="middle" fill="#5b6478">{label}</text>')
+        out.append(f'<line x1="{x(t):.1f}" y1="{top_ + h}" x2="{x(t):.1f}" y2="{top_ + h + 4}" stroke="#8a93a6"/>')
+        k += 1
+    out.append(f'<line x1="{left}" y1="{top_ + h}" x2="{left + w}" y2="{top_ + h}" stroke="#8a93a6"/>')
+    lx: float = left
+    for label, colour, _ in series:
+        out.append(f'<rect x="{lx:.1f}" y="25" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 14:.1f}" y="34" font-size="12" fill="#1d2330">{_E(label)}</text>')
+        lx += 7.5 * len(label) + 30
+    for n, ((label, colour, _), vs) in enumerate(zip(series, values)):
+        coords = [(x(p.time), y(v)) for p, v in zip(points, vs) if p.time >= start]
+        if not coords:
+            continue
+        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in coords)
+        if fill_first and n == 0 and len(coords) > 1:
+            base = top_ + h
+            area = f"{coords[0][0]:.1f},{base} {pts} {coords[-1][0]:.1f},{base}"
+            out.append(f'<polygon points="{area}" fill="{colour}" fill-opacity="0.15" stroke="none"/>')
+        dash = ' stroke-dasharray="6 4"' if label in dashed else ""
+        out.append(f'<polyline class="series" data-series="{_E(label)}" points="{pts}" fill="none" '
+                   f'stroke="{colour}" stroke-width="2" stroke-linejoin="round"{dash}/>')
+        if len(coords) == 1:
+            out.append(f'<circle cx="{coords[0][0]:.1f}" cy="{coords[0][1]:.1f}" r="3" fill="{colour}"/>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _per_minute(nominal: float, count: Callable[[Sample], int]) -> Callable[[Sample], float]:
+    return lambda s: count(s) * 60.0 / max(s.interval, nominal)
+
+
+def render_status(node: Any, now: float) -> str:
+    """The status page of C{node} at time C{now}."""
+    config: NodeConfig = node.config
+    runner = getattr(node, "runner", None)
+    metrics: NodeMetrics | None = getattr(node, "metrics", None)
+    intake = getattr(node, "intake", None)
+    items = runner.list() if runner is not None else []
+    summary = summarize(items, top=8)
+    started = getattr(node, "started_at", None)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="refresh" content="10">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>relaynet {_E(config.name)} status</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>relaynet node {_E(config.name)}</h1><div class=\"meta\">{_E(config.hostname)}"
+        f" &middot; relaynet {_E(__version__)} &middot; pid {os.getpid()}"
+        f" &middot; up {_duration(now - started) if started else '-'}"
+        f" &middot; config {_E(config.source)}"
+        f" &middot; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now))}</div></header><main>",
+    ]
+    oldest = summary["oldest"]
+    cards = [
+        ("queued", summary["messages"]), ("incoming", summary["states"]["incoming"]),
+        ("active", summary["states"]["active"]), ("deferred", summary["states"]["deferred"]),
+        ("hold", summary["states"]["hold"]), ("queue size", _size(summary["bytes"])),
+        ("oldest", _duration(oldest["age"]) if oldest else "-"),
+        ("sessions", len(intake.sessions) if intake is not None else 0),
+    ]
+    parts.append('<div class="cards" id="counts">' + "".join(
+        f'<div class="card"><div class="v">{_E(str(v))}</div><div class="k">{_E(k)}</div></div>'
+        for k, v in cards
+    ) + "</div>")
+    if metrics is not None:
+        hist = metrics.history
+        points = hist.points()
+        # The window grows with the history, from 5 minutes up to its span.
+        first = min((p.time - p.interval for p in points), default=now)
+        span = min(hist.span, max(300.0, math.ceil((now - first) / 60) * 60))
+        depth = svg_chart(
+            "Queue depth (messages)", now, span, points,
+            [("queued", "#3465a4", lambda s: s.depth), ("deferred", "#d98c00", lambda s: s.deferred),
+             ("hold", "#8a93a6", lambda s: s.hold)],
+            fill_first=True, dashed=("deferred", "hold"),
+        )
+        nominal = hist.interval
+        # Rates only over whole intervals: the one in progress would dip.
+        rate = svg_chart(
+            "Throughput (per minute)", now, span, list(hist.samples) or points,
+            [("received", "#3465a4", _per_minute(nominal, lambda s: s.received)),
+             ("delivered", "#2e8540", _per_minute(nominal, lambda s: s.delivered)),
+             ("deferred", "#d98c00", _per_minute(nominal, lambda s: s.deferrals)),
+             ("bounced", "#c62828", _per_minute(nominal, lambda s: s.bounced))],
+        )
+        parts.append(
+            f'<section id="chart"><h2>Last {int(span // 60)} minutes</h2>'
+            f'<div class="charts"><div>{depth}</div><div>{rate}</div></div>'
+            f'<div class="muted">one point every {_num(nominal)} s; the depth\'s last point is now</div>'
+            "</section>"
+        )
+    parts.append(_routing_section(config))
+    if metrics is not None:
+        parts.append(_hops_section(metrics.hop_health(configured_hops(config)), config, now))
+    parts.append(_queue_section(summary))
+    parts.append(
+        "</main><footer>Also: <a href=\"/metrics\">/metrics</a> (Prometheus) &middot; "
+        "<code>relaynet queue summary</code> &middot; this page reloads every 10 s</footer></body></html>"
+    )
+    return "\n".join(parts)
+
+
+def _routing_section(config: NodeConfig) -> str:
+    table = routes_json(config)
+    rows = []
+    if table["local_domains"]:
+        rows.append(
+            f"<tr><td class=\"muted\">local</td><td>{_E(', '.join(table['local_domains']))}</td>"
+            "<td>local</td><td>Maildir under the mailroot</td><td></td></tr>"
+        )
+    for r in table["routes"]:
+        if r["action"] == "relay":
+            target = "<br>".join(
+                f"<code>{_E(h['endpoint'])}</code> <span class=\"muted\">priority {h['priority']}</span>"
+                for h in r["next_hops"]
+            )
+        elif r["action"] == "mx":
+            target = f"MX hosts of the domain, port {r['mx_port']}"
+        elif r["action"] == "reject":
+            target = f"<code>{_E(r['reply'])}</code>"
+        else:
+            target = "Maildir under the mailroot"
+        extra = f"ack {_E(r['ack'])}, tls {_E(r['tls'])}" if "ack" in r else ""
+        rows.append(
+            f"<tr><td class=\"muted\">{r['index']}</td><td>{_E(', '.join(r['domains']))}</td>"
+            f"<td>{_E(r['action'])}</td><td>{target}</td><td>{extra}</td></tr>"
+        )
+    if not rows:
+        rows.append('<tr><td colspan="5" class="muted">no routes</td></tr>')
+    return (
+        '<section id="routes"><h2>Routing table</h2><table><thead><tr><th>#</th><th>domains</th>'
+        "<th>action</th><th>next hops</th><th>options</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></section>"
+    )
+
+
+def _hops_section(hops: Iterable[Any], config: NodeConfig, now: float) -> str:
+    users: dict[str, list[str]] = {"local": ["local delivery"]}
+    for i, rule in enumerate(config.routes):
+        for h in rule.next_hops:
+            users.setdefault(hop_name(h.endpoint), []).append(f"#{i}")
+    rows = []
+    for hop in hops:
+        err = ""
+        if hop.last_error and hop.state != "up":
+            err = f"<div class=\"err\">{_E(hop.last_error[:300])} ({_ago(now, hop.last_failure)})</div>"
+        elif hop.last_error:
+            err = f"<div class=\"muted\">{_E(hop.last_error[:300])} ({_ago(now, hop.last_failure)})</div>"
+        rows.append(
+            f"<tr><td><code>{_E(hop.name)}</code></td>"
+            f"<td><span class=\"state {hop.state}\">{hop.state}</span></td>"
+            f"<td>{_E(' '.join(users.get(hop.name, [])) or '-')}</td>"
+            f"<td class=\"n\">{hop.sent}</td><td class=\"n\">{hop.deferred}</td><td class=\"n\">{hop.bounced}</td>"
+            f"<td>{_ago(now, hop.last_success)}</td><td>{err or '<span class=muted>-</span>'}</td></tr>"
+        )
+    if not rows:
+        rows.append('<tr><td colspan="8" class="muted">no next hops yet</td></tr>')
+    return (
+        '<section id="hops"><h2>Next hops</h2><table><thead><tr><th>next hop</th><th>state</th>'
+        "<th>routes</th><th>sent</th><th>deferred</th><th>bounced</th><th>last success</th>"
+        "<th>last error</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        f'<div class="muted">counts are recipients since the node started; failing = {FAILING_AFTER} or more '
+        "deferrals in a row</div></section>"
+    )
+
+
+def _queue_section(summary: dict[str, Any]) -> str:
+    dests = "".join(
+        f"<tr><td>{_E(d['domain'])}</td><td class=\"n\">{d['messages']}</td><td class=\"n\">{d['recipients']}</td></tr>"
+        for d in summary["destinations"]
+    ) or '<tr><td colspan="3" class="muted">the queue is empty</td></tr>'
+    reasons = "".join(
+        f"<tr><td>{_E(r['reason'])}</td><td class=\"n\">{r['recipients']}</td></tr>"
+        for r in summary["deferral_reasons"]
+    ) or '<tr><td colspan="2" class="muted">none</td></tr>'
+    return (
+        '<section id="queue"><h2>Queue</h2><div class="charts"><div style="flex:1 1 340px">'
+        "<table><thead><tr><th>destination</th><th>messages</th><th>recipients</th></tr></thead>"
+        f"<tbody>{dests}</tbody></table></div><div style=\"flex:2 1 480px\"><table><thead><tr>"
+        f"<th>deferral reason</th><th>recipients</th></tr></thead><tbody>{reasons}</tbody></table>"
+        "</div></div></section>"
+    )

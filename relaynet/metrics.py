@@ -1,0 +1,413 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+What a node has been doing, for operators: Prometheus metrics, next-hop
+health and a short history of queue depth and throughput.
+
+L{NodeMetrics} is fed by the node's event log (every event dict passes
+through L{NodeMetrics.observe}) and by the spool's group commits; gauges that
+describe the present (queue depth, open sessions, next-hop state) are read
+from the runner and the intake at scrape time. Each node has its own
+L{CollectorRegistry}: the global one of C{prometheus_client} is never used.
+The metric names are documented in C{docs/operations.md}.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+from attrs import define, field
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from relaynet import __version__
+
+#: Delivery outcomes of a recipient, as event names.
+RESULTS = ("sent", "delivered", "deferred", "bounced", "expired")
+#: Outcomes after which a recipient has left the queue.
+FINAL = ("sent", "delivered", "bounced", "expired")
+#: A next hop with this many deferrals in a row (no success between) is failing.
+FAILING_AFTER = 3
+#: Distinct destination domains with their own label; later ones count as "other".
+DOMAIN_LABELS = 200
+
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RESIDENCE_BUCKETS = (0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 432000.0)
+HOP_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def tls_version(value: Any) -> str:
+    """The protocol version of an event's C{tls} field (C{"TLSv1.3 CIPHER"}), or C{none}."""
+    if not value:
+        return "none"
+    return str(value).split()[0]
+
+
+@define
+class HopHealth:
+    """
+    How one next hop (C{host:port}, as events name it) has been answering.
+
+    @ivar consecutive_deferrals: deferrals since the last success.
+    @ivar last_error: the diagnostic of the last deferral or bounce.
+    """
+
+    name: str
+    sent: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    consecutive_deferrals: int = 0
+    last_attempt: float | None = None
+    last_success: float | None = None
+    last_failure: float | None = None
+    last_error: str | None = None
+
+    @property
+    def state(self) -> str:
+        """
+        C{unknown} (no outcome names it: not tried yet, or only tried before
+        another hop of its route gave the final answer, see below), C{up}
+        (its last answer took the message, or
+        refused it for good: it is answering), C{deferring} (its last attempt
+        was deferred) or C{failing} (L{FAILING_AFTER} or more deferrals in a
+        row).
+        """
+        if self.last_attempt is None:
+            return "unknown"
+        if self.consecutive_deferrals == 0:
+            return "up"
+        if self.consecutive_deferrals < FAILING_AFTER:
+            return "deferring"
+        return "failing"
+
+    def record(self, event: str, when: float, diagnostic: str | None) -> None:
+        """Count one recipient's outcome at this hop."""
+        self.last_attempt = when
+        if event in ("sent", "delivered"):
+            self.sent += 1
+            self.consecutive_deferrals = 0
+            self.last_success = when
+        elif event == "deferred":
+            self.deferred += 1
+            self.consecutive_deferrals += 1
+            self.last_failure = when
+            self.last_error = diagnostic
+        else:
+            self.bounced += 1
+            self.consecutive_deferrals = 0
+            self.last_failure = when
+            self.last_error = diagnostic
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "next_hop": self.name, "state": self.state, "sent": self.sent,
+            "deferred": self.deferred, "bounced": self.bounced,
+            "consecutive_deferrals": self.consecutive_deferrals,
+            "last_attempt": self.last_attempt, "last_success": self.last_success,
+            "last_failure": self.last_failure, "last_error": self.last_error,
+        }
+
+
+@define
+class Sample:
+    """
+    One point of the status page's chart: the queue at C{time}, and what
+    happened during the C{interval} seconds before it.
+    """
+
+    time: float
+    interval: float
+    depth: int
+    deferred: int
+    hold: int
+    received: int = 0
+    delivered: int = 0
+    deferrals: int = 0
+    bounced: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time, "interval": self.interval, "depth": self.depth,
+            "deferred": self.deferred, "hold": self.hold, "received": self.received,
+            "delivered": self.delivered, "deferrals": self.deferrals, "bounced": self.bounced,
+        }
+
+
+@define
+class History:
+    """
+    Queue depth and throughput over the last C{span} seconds, one L{Sample}
+    every C{interval} seconds.
+
+    @ivar depth: returns the runner's L{counts<relaynet.runner.QueueRunner.counts>}.
+    """
+
+    clock: Any
+    depth: Callable[[], dict[str, int]]
+    interval: float = 10.0
+    span: float = 1800.0
+    samples: deque[Sample] = field(init=False)
+    _counts: dict[str, int] = field(init=False, factory=dict)
+    _since: float = field(init=False, default=0.0)
+    _loop: LoopingCall | None = field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self.samples = deque(maxlen=max(1, int(self.span / self.interval)))
+        self._since = self.clock.seconds()
+
+    def count(self, what: str) -> None:
+        """Count one event of kind C{received}, C{delivered}, C{deferrals} or C{bounced}."""
+        self._counts[what] = self._counts.get(what, 0) + 1
+
+    def _current(self) -> Sample:
+        now = self.clock.seconds()
+        c = self.depth()
+        return Sample(
+            time=now, interval=max(now - self._since, 0.0),
+            depth=sum(c.values()), deferred=c.get("deferred", 0), hold=c.get("hold", 0),
+            **self._counts,
+        )
+
+    def sample(self) -> Sample:
+        """Close the current interval: append its sample and start a new one."""
+        s = self._current()
+        self.samples.append(s)
+        self._counts = {}
+        self._since = s.time
+        return s
+
+    def points(self) -> list[Sample]:
+        """The samples so far plus the interval in progress (its counts so far)."""
+        return [*self.samples, self._current()]
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self.sample)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+
+class _PresentCollector:
+    """Gauges read at scrape time: the queue, the sessions, the next hops."""
+
+    def __init__(self, metrics: "NodeMetrics") -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        node = self.metrics.node
+        runner = getattr(node, "runner", None)
+        intake = getattr(node, "intake", None)
+        q = GaugeMetricFamily("relaynet_queue_messages", "Queued messages by state", labels=["state"])
+        size = GaugeMetricFamily("relaynet_queue_bytes", "Octets of queued messages")
+        rcpts = GaugeMetricFamily(
+            "relaynet_queue_recipients", "Recipients of queued messages by status", labels=["status"]
+        )
+        oldest = GaugeMetricFamily("relaynet_queue_oldest_seconds", "Age of the oldest queued message")
+        if runner is not None:
+            for state, n in sorted(runner.counts().items()):
+                q.add_metric([state], n)
+            entries = list(runner.entries.values())
+            size.add_metric([], sum(e.envelope.size for e in entries))
+            by_status: dict[str, int] = {}
+            for e in entries:
+                for r in e.envelope.recipients:
+                    st = e.state.recipients.get(r.address)
+                    status = st.status if st is not None else "pending"
+                    by_status[status] = by_status.get(status, 0) + 1
+            for status, n in sorted(by_status.items()):
+                rcpts.add_metric([status], n)
+            now = self.metrics.now()
+            oldest.add_metric([], max((now - e.envelope.arrival for e in entries), default=0.0))
+        yield q
+        yield size
+        yield rcpts
+        yield oldest
+        sessions = GaugeMetricFamily(
+            "relaynet_smtp_sessions", "Open SMTP sessions by listener mode and TLS", labels=["mode", "tls"]
+        )
+        if intake is not None:
+            open_: dict[tuple[str, str], int] = {}
+            for s in list(intake.sessions):
+                key = (s.listener.mode, "yes" if s.tls_info else "no")
+                open_[key] = open_.get(key, 0) + 1
+            for (mode, tls), n in sorted(open_.items()):
+                sessions.add_metric([mode, tls], n)
+        yield sessions
+        up = GaugeMetricFamily(
+            "relaynet_next_hop_up", "1 when the next hop's last answer was not a deferral", labels=["next_hop"]
+        )
+        streak = GaugeMetricFamily(
+            "relaynet_next_hop_consecutive_deferrals", "Deferrals since the hop's last success",
+            labels=["next_hop"],
+        )
+        for name, hop in sorted(self.metrics.hops.items()):
+            up.add_metric([name], 1 if hop.state == "up" else 0)
+            streak.add_metric([name], hop.consecutive_deferrals)
+        yield up
+        yield streak
+
+
+class NodeMetrics:
+    """
+    The metrics, next-hop health and history of one node.
+
+    @ivar node: the L{RelayNode} (or anything with C{runner}, C{intake} and
+        C{config}); read at scrape time.
+    @ivar registry: this node's own Prometheus registry.
+    @ivar hops: L{HopHealth} by next-hop name.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, node: Any, clock: Any, now: Callable[[], float] = time.time,
+        history_interval: float = 10.0, history_span: float = 1800.0,
+        domain_labels: int = DOMAIN_LABELS,
+    ) -> None:
+        self.node = node
+        self.now = now
+        self.hops: dict[str, HopHealth] = {}
+        self.history = History(clock, self._depth, history_interval, history_span)
+        self._domains: set[str] = set()
+        self._domain_labels = domain_labels
+        r = self.registry = CollectorRegistry()
+        name = getattr(getattr(node, "config", None), "name", "relaynet")
+        Info("relaynet_build", "relaynet version and node name", registry=r).info(
+            {"version": __version__, "node": name}
+        )
+        self.received = Counter(
+            "relaynet_messages_received", "Messages accepted (250 sent after the fsync)",
+            ["protocol"], registry=r,
+        )
+        self.received_bytes = Counter(
+            "relaynet_received_bytes", "Octets of accepted messages", registry=r
+        )
+        self.refused = Counter(
+            "relaynet_smtp_refusals", "Refused recipients and messages by stage and status code",
+            ["stage", "dsn"], registry=r,
+        )
+        self.attempts = Counter(
+            "relaynet_delivery_attempts",
+            "Recipient delivery outcomes by result and next hop", ["result", "next_hop"], registry=r,
+        )
+        self.domains = Counter(
+            "relaynet_domain_deliveries",
+            "Recipient delivery outcomes by destination domain (the list-health signal)",
+            ["domain", "result"], registry=r,
+        )
+        self.tls = Counter(
+            "relaynet_tls_messages", "Messages received (in) and recipients relayed (out) by TLS version",
+            ["direction", "version"], registry=r,
+        )
+        self.dsns = Counter("relaynet_dsn", "Delivery status notifications queued", ["action"], registry=r)
+        self.admin = Counter(
+            "relaynet_admin_actions", "Queue administration actions", ["action"], registry=r
+        )
+        self.reloads = Counter(
+            "relaynet_config_reloads", "Configuration reloads by result", ["result"], registry=r
+        )
+        self.ack = Histogram(
+            "relaynet_intake_ack_seconds", "Final dot to 250 (spool write and fsync)",
+            buckets=ACK_BUCKETS, registry=r,
+        )
+        self.residence = Histogram(
+            "relaynet_queue_residence_seconds",
+            "Arrival to leaving the queue, per recipient, by final result",
+            ["result"], buckets=RESIDENCE_BUCKETS, registry=r,
+        )
+        self.hop_time = Histogram(
+            "relaynet_hop_delivery_seconds",
+            "Arrival at this node to acceptance by the next hop, per recipient",
+            ["next_hop"], buckets=HOP_BUCKETS, registry=r,
+        )
+        self.batches = Histogram(
+            "relaynet_spool_commit_batch_size", "Messages made durable by one directory fsync",
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        r.register(_PresentCollector(self))  # type: ignore[arg-type]
+
+    # -- inputs ----------------------------------------------------------
+
+    def observe(self, event: dict[str, Any]) -> None:
+        """An L{EventLog} observer: count one event."""
+        kind = event.get("event")
+        if kind == "received":
+            self.received.labels(event.get("protocol") or "unknown").inc()
+            self.received_bytes.inc(event.get("size") or 0)
+            self.tls.labels("in", tls_version(event.get("tls"))).inc()
+            if isinstance(event.get("ack_delay"), (int, float)):
+                self.ack.observe(event["ack_delay"])
+            self.history.count("received")
+        elif kind == "reject":
+            self.refused.labels(str(event.get("stage", "unknown")), str(event.get("dsn", "unknown"))).inc()
+        elif kind in RESULTS:
+            self._delivery(kind, event)
+        elif kind == "dsn":
+            self.dsns.labels(str(event.get("action", "unknown"))).inc()
+        elif kind in ("hold", "release", "deleted"):
+            self.admin.labels(kind).inc()
+        elif kind == "reload":
+            self.reloads.labels(str(event.get("status", "reloaded"))).inc()
+
+    def _delivery(self, kind: str, event: dict[str, Any]) -> None:
+        hop = str(event.get("relay") or "none")
+        self.attempts.labels(kind, hop).inc()
+        self.domains.labels(self._domain(event.get("recipient")), kind).inc()
+        delay = event.get("delay")
+        if kind in FINAL and isinstance(delay, (int, float)):
+            self.residence.labels(kind).observe(delay)
+            if kind == "sent":
+                self.hop_time.labels(hop).observe(delay)
+        if kind == "sent":
+            self.tls.labels("out", tls_version(event.get("tls"))).inc()
+        if event.get("relay"):
+            when = event.get("time") or self.now()
+            self.hops.setdefault(hop, HopHealth(hop)).record(kind, when, event.get("diagnostic"))
+        self.history.count(
+            {"sent": "delivered", "delivered": "delivered", "deferred": "deferrals"}.get(kind, "bounced")
+        )
+
+    def _domain(self, address: Any) -> str:
+        domain = str(address or "").rpartition("@")[2].lower() or "none"
+        if domain in self._domains:
+            return domain
+        if len(self._domains) < self._domain_labels:
+            self._domains.add(domain)
+            return domain
+        return "other"
+
+    def commit_batch(self, size: int) -> None:
+        """A L{Spool.observe_commits} observer: one group commit of C{size} messages."""
+        self.batches.observe(size)
+
+    def _depth(self) -> dict[str, int]:
+        runner = getattr(self.node, "runner", None)
+        return runner.counts() if runner is not None else {}
+
+    # -- outputs ---------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def hop_health(self, configured: Iterable[str] = ()) -> list[HopHealth]:
+        """
+        Health of every next hop seen in events, plus C{configured} ones not
+        named by any outcome yet (C{unknown}), by name.
+
+        Events carry the outcome of an attempt, named after the hop that gave
+        it: when a route fails over, the hops tried before are not named, so
+        a down primary shows only through its failover hop's outcomes.
+        """
+        out = dict(self.hops)
+        for name in configured:
+            out.setdefault(name, HopHealth(name))
+        return [out[k] for k in sorted(out)]

@@ -1,0 +1,477 @@
+# -*- test-case-name: tests.test_control -*-
+"""
+C{relaynet queue}: inspect and steer a running node's queue through its admin
+API (C{docs/admin-api.md}), like Postfix's C{mailq}, C{postqueue},
+C{postsuper} and C{qshape}; the usage is in L{DESCRIPTION}.
+
+Only the standard library talks HTTP here (L{http.client}, with a UNIX socket
+connection class), so the command starts fast and needs no reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import sys
+import time
+import urllib.parse
+from typing import Any, Iterable, TextIO
+
+from relaynet.config import ConfigError, load_config, split_endpoint
+
+TIMEOUT = 30.0
+
+DESCRIPTION = """\
+Inspect and steer a running node's queue through its admin API
+(docs/admin-api.md), like Postfix's mailq, postsuper and qshape.
+
+  relaynet queue list [--state S] [--sender S] [--recipient R] [--domain D] [--min-age AGE] [--ids]
+  relaynet queue show QUEUE_ID
+  relaynet queue flush [QUEUE_ID... | --domain D]     (no argument: the whole queue)
+  relaynet queue hold|release|delete QUEUE_ID...      (- reads queue ids from stdin)
+  relaynet queue bounce QUEUE_ID... [--reason TEXT]
+  relaynet queue reroute [QUEUE_ID... | --domain D]
+  relaynet queue summary [--top N]                    (mailq-like totals)
+  relaynet queue shape [--state S] [--by sender] [--buckets N] [--scale MINUTES]
+
+Every command takes --config FILE (the node's config; the admin endpoint is
+read from it; default: the embedded default config, ./var/relaynet/admin.sock)
+or --admin ENDPOINT (unix:/path/admin.sock, tcp:127.0.0.1:8025), and --json
+(the API's JSON instead of tables).
+
+Exit status: 0 done; 1 the node refused (no such message, busy, invalid
+request); 2 usage or config error; 3 the node cannot be reached.
+"""
+
+
+class AdminError(Exception):
+    """The admin API answered with an error (C{status}) or could not be reached (C{status} 0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UNIXHTTPConnection(http.client.HTTPConnection):
+    """An HTTP/1.1 connection over a UNIX stream socket."""
+
+    def __init__(self, path: str, timeout: float = TIMEOUT) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class AdminClient:
+    """
+    A small blocking client of the admin API.
+
+    @param endpoint: a server endpoint string as in C{[admin].endpoint}
+        (C{unix:PATH...}, C{tcp:PORT:interface=IP}), a client one
+        (C{tcp:IP:PORT}) or an C{http://host:port} URL.
+    """
+
+    def __init__(self, endpoint: str, timeout: float = TIMEOUT) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.unix_path: str | None = None
+        self.host, self.port = "127.0.0.1", 0
+        if endpoint.startswith("http://"):
+            url = urllib.parse.urlsplit(endpoint)
+            self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+            return
+        kind, args, kw = split_endpoint(endpoint)
+        if kind == "unix":
+            self.unix_path = args[0] if args else kw.get("address") or kw.get("path")
+            if not self.unix_path:
+                raise ValueError(f"{endpoint!r}: no socket path")
+        elif kind in ("tcp", "tcp6"):
+            if len(args) >= 2:  # client form tcp:HOST:PORT
+                self.host, port = args[0], args[1]
+            else:
+                self.host = kw.get("interface") or kw.get("host") or ("::1" if kind == "tcp6" else "127.0.0.1")
+                port = args[0] if args else kw.get("port", "")
+            if not port.isdigit() or int(port) == 0:
+                raise ValueError(f"{endpoint!r}: no port to connect to")
+            self.port = int(port)
+        else:
+            raise ValueError(f"{endpoint!r}: not a unix or tcp endpoint")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.unix_path is not None:
+            return UNIXHTTPConnection(self.unix_path, self.timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                query: dict[str, Any] | None = None) -> Any:
+        """
+        One API call.
+
+        @return: the decoded JSON response.
+        @raise AdminError: an error response, or no connection (status 0).
+        """
+        if query:
+            q = {k: str(v) for k, v in query.items() if v is not None}
+            if q:
+                path += "?" + urllib.parse.urlencode(q)
+        conn = self._connection()
+        headers = {"Accept": "application/json"}
+        data = None
+        if method == "POST":
+            data = json.dumps(body or {}).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except OSError as e:
+            where = self.unix_path or f"{self.host}:{self.port}"
+            raise AdminError(0, f"cannot reach the node's admin API at {where}: {e}") from None
+        finally:
+            conn.close()
+        try:
+            obj = json.loads(raw) if raw else {}
+        except ValueError:
+            obj = {"error": raw.decode("utf-8", "replace").strip()}
+        if resp.status >= 400:
+            raise AdminError(resp.status, obj.get("error") if isinstance(obj, dict) else str(obj))
+        return obj
+
+    def get_text(self, path: str) -> str:
+        """A non-JSON resource (C{/metrics}, C{/}) as text."""
+        conn = self._connection()
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except OSError as e:
+            raise AdminError(0, f"cannot reach the node's admin API: {e}") from None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            raise AdminError(resp.status, raw.decode("utf-8", "replace"))
+        return raw.decode("utf-8", "replace")
+
+
+# -- formatting -------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    """C{1234} -> C{1.2K}, like C{ls -h}."""
+    size = float(n)
+    for unit in ("", "K", "M", "G"):
+        if size < 1024 or unit == "G":
+            return f"{int(size)}" if unit == "" else f"{size:.1f}{unit}"
+        size /= 1024
+    return str(n)
+
+
+def human_age(seconds: float) -> str:
+    """C{3725} -> C{1h02m}."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def table(rows: list[list[str]], header: list[str], right: Iterable[int] = ()) -> str:
+    """A plain text table: columns as wide as their widest cell."""
+    right = set(right)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for row in [header, *rows]:
+        cells = [
+            str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i])
+            for i, c in enumerate(row)
+        ]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def format_list(result: dict[str, Any]) -> str:
+    msgs = result["messages"]
+    if not msgs:
+        return "The queue is empty." if result["count"] == 0 else ""
+    rows = []
+    for m in msgs:
+        rcpts = m["recipients"]
+        pending = [r for r in rcpts if r["status"] not in ("delivered", "relayed", "bounced")]
+        first = (pending or rcpts or [None])[0]
+        rdesc = ""
+        if first is not None:
+            rdesc = f"{first['address']} ({first['status']})"
+            if len(rcpts) > 1:
+                rdesc += f" +{len(rcpts) - 1}"
+        rows.append([
+            m["queue_id"], m["state"], human_size(m["size"]), human_age(m["age"]),
+            m["sender"] or "<>", rdesc,
+        ])
+    total = sum(m["size"] for m in msgs)
+    text = table(rows, ["QUEUE ID", "STATE", "SIZE", "AGE", "SENDER", "RECIPIENTS"], right=(2, 3))
+    shown = f"{len(msgs)} of {result['count']}" if len(msgs) != result["count"] else str(len(msgs))
+    return text + f"\n-- {shown} message(s), {human_size(total)} bytes"
+
+
+def format_show(m: dict[str, Any]) -> str:
+    now = time.time()
+    lines = [
+        f"queue id:     {m['queue_id']}",
+        f"state:        {m['state']}" + (" (held)" if m.get("held") else ""),
+        f"sender:       <{m['sender']}>",
+        f"size:         {m['size']} bytes",
+        f"arrival:      {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(m['arrival']))}"
+        f" ({human_age(m['age'])} ago)",
+        "next attempt: " + (
+            "-" if not m.get("next_attempt")
+            else time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(m["next_attempt"]))
+            + f" (in {human_age(m['next_attempt'] - now)})"
+        ),
+        f"hops:         {m.get('hops')}",
+    ]
+    client = m.get("client") or {}
+    if client:
+        lines.append("client:       " + " ".join(
+            f"{k}={v}" for k, v in sorted(client.items()) if v is not None
+        ))
+    lines += ["", "recipients:"]
+    rows = [
+        [r["address"], r["status"], str(r["attempts"]), r.get("dsn") or "-",
+         r.get("remote") or "-", (r.get("diagnostic") or "")[:100]]
+        for r in m["recipients"]
+    ]
+    lines.append(table(rows, ["ADDRESS", "STATUS", "ATTEMPTS", "DSN", "NEXT HOP", "LAST ERROR"], right=(2,)))
+    lines += ["", "headers:", m.get("headers", "").rstrip("\r\n").replace("\r\n", "\n")]
+    return "\n".join(lines)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    states = ", ".join(f"{k} {v}" for k, v in s["states"].items())
+    lines = [
+        f"{s['messages']} message(s), {human_size(s['bytes'])} bytes, "
+        f"{s['recipients']} pending recipient(s) ({states})",
+    ]
+    if s["oldest"]:
+        lines.append(f"oldest: {s['oldest']['queue_id']}, {human_age(s['oldest']['age'])} old")
+    if s["destinations"]:
+        lines += ["", table(
+            [[d["domain"], str(d["messages"]), str(d["recipients"])] for d in s["destinations"]],
+            ["DESTINATION", "MESSAGES", "RECIPIENTS"], right=(1, 2),
+        )]
+    if s["deferral_reasons"]:
+        lines += ["", table(
+            [[str(r["recipients"]), r["reason"]] for r in s["deferral_reasons"]],
+            ["RECIPIENTS", "DEFERRAL REASON"], right=(0,),
+        )]
+    return "\n".join(lines)
+
+
+def format_shape(s: dict[str, Any]) -> str:
+    header = ["SENDER DOMAIN" if s["by"] == "sender" else "DOMAIN", "T", *s["columns"]]
+    rows = [[r["domain"], str(r["total"]), *map(str, r["counts"])] for r in s["rows"]]
+    return table(rows, header, right=range(1, len(header)))
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def _ids(args: argparse.Namespace, stdin: TextIO) -> list[str]:
+    ids = list(args.queue_id)
+    if ids == ["-"]:
+        ids = [line.split()[0] for line in stdin if line.strip()]
+    return ids
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "state": getattr(args, "state", None), "sender": getattr(args, "sender", None),
+        "recipient": getattr(args, "recipient", None), "domain": getattr(args, "domain", None),
+        "min_age": getattr(args, "min_age", None),
+    }
+
+
+def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextIO) -> int:
+    """Run one C{relaynet queue} subcommand; @return: the exit status."""
+    cmd = args.queue_command
+
+    def emit(obj: Any, text: str | None) -> None:
+        if args.json:
+            out.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        elif text:
+            out.write(text + "\n")
+
+    if cmd == "list":
+        result = client.request("GET", "/api/queue", query={**_filters(args), "limit": args.limit})
+        if args.ids and not args.json:
+            out.writelines(m["queue_id"] + "\n" for m in result["messages"])
+        else:
+            emit(result, format_list(result))
+        return 0
+    if cmd == "show":
+        result = client.request("GET", f"/api/queue/{urllib.parse.quote(args.queue_id)}")
+        emit(result, format_show(result))
+        return 0
+    if cmd == "summary":
+        result = client.request("GET", "/api/summary", query={**_filters(args), "top": args.top})
+        emit(result, format_summary(result))
+        return 0
+    if cmd == "shape":
+        result = client.request("GET", "/api/shape", query={
+            **_filters(args), "by": args.by, "buckets": args.buckets, "scale": args.scale, "top": args.top,
+        })
+        emit(result, format_shape(result))
+        return 0
+    if cmd in ("flush", "reroute"):
+        ids = _ids(args, stdin)
+        if ids and args.domain:
+            raise AdminError(400, "give queue ids or --domain, not both")
+        key = "flushed" if cmd == "flush" else "rerouted"
+        if not ids:
+            result = client.request("POST", f"/api/queue/{cmd}", {"domain": args.domain} if args.domain else {})
+            emit(result, f"{cmd}: {result[key]} message(s) scheduled for delivery now")
+            return 0
+        return _each(args, client, ids, cmd, key, emit)
+    if cmd in ("hold", "release", "delete", "bounce"):
+        ids = _ids(args, stdin)
+        if not ids:
+            raise AdminError(400, f"{cmd} needs queue ids (or - to read them from stdin)")
+        key = {"hold": "held", "release": "released", "delete": "deleted", "bounce": "bounced"}[cmd]
+        return _each(args, client, ids, cmd, key, emit)
+    raise AdminError(400, f"unknown command {cmd}")
+
+
+def _each(args: argparse.Namespace, client: AdminClient, ids: list[str], cmd: str, key: str,
+          emit: Any) -> int:
+    results, status = [], 0
+    body = {"reason": args.reason} if cmd == "bounce" and getattr(args, "reason", None) else {}
+    for qid in ids:
+        try:
+            r = client.request("POST", f"/api/queue/{urllib.parse.quote(qid)}/{cmd}", body)
+        except AdminError as e:
+            if e.status == 0:
+                raise
+            status = 1
+            results.append({"queue_id": qid, "error": e.message})
+            if not args.json:
+                print(f"relaynet: {qid}: {e.message}", file=sys.stderr)
+            continue
+        results.append(r)
+        if not args.json:
+            n = r.get(key)
+            done = n if isinstance(n, bool) else bool(n)
+            note = "" if done else " (nothing to do: held?)"
+            emit(r, f"{qid}: {key}{note}")
+    if args.json:
+        emit({"results": results}, None)
+    return status
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    if args.admin:
+        return str(args.admin)
+    config = load_config(args.config)
+    if not config.admin.enabled:
+        raise ConfigError(config.source, "admin.enabled", "the admin API is disabled on this node")
+    return config.admin_endpoint
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not getattr(args, "queue_command", None):
+        args.queue_parser.print_help()
+        return 2
+    for name, default in (("config", None), ("admin", None), ("json", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    try:
+        client = AdminClient(_endpoint(args))
+    except ConfigError as e:
+        print(f"relaynet: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"relaynet: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, client, sys.stdout, sys.stdin)
+    except AdminError as e:
+        print(f"relaynet: {e.message}", file=sys.stderr)
+        return 3 if e.status == 0 else 1
+
+
+def _age(text: str) -> str:
+    from relaynet.control import parse_age
+
+    try:
+        parse_age(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_queue_parser(sub: Any) -> None:
+    """Register C{relaynet queue} and its subcommands on C{sub}."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                        help="the node's config file (default: the embedded default)")
+    common.add_argument("--admin", default=argparse.SUPPRESS,
+                        help="the admin endpoint instead (unix:/path/admin.sock or tcp:127.0.0.1:PORT)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of tables")
+    p = sub.add_parser(
+        "queue", parents=[common], help="inspect and steer a running node's queue (mailq, postsuper, qshape)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # No set_defaults for the common options: the parents share their actions,
+    # and a default set here would overwrite a value given before the subcommand.
+    p.set_defaults(func=_main, queue_parser=p)
+    q = p.add_subparsers(dest="queue_command", metavar="QUEUE-COMMAND")
+
+    def filters(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--state", choices=("incoming", "active", "deferred", "hold"))
+        s.add_argument("--sender", help="sender contains this (case-insensitive)")
+        s.add_argument("--recipient", help="a recipient contains this (case-insensitive)")
+        s.add_argument("--domain", help="a recipient is in this domain")
+        s.add_argument("--min-age", type=_age, help="at least this old: 90, 90s, 5m, 2h, 1d")
+
+    s = q.add_parser("list", parents=[common], help="list queued messages (mailq)")
+    filters(s)
+    s.add_argument("--limit", type=int, help="show at most this many")
+    s.add_argument("--ids", action="store_true", help="print only queue ids, one a line (for - of other commands)")
+    s = q.add_parser("show", parents=[common], help="one message: envelope, recipients, attempts, headers")
+    s.add_argument("queue_id")
+    for name, text in (("flush", "attempt delivery now: all, some ids, or --domain"),
+                       ("reroute", "route again with the current routing table and attempt now")):
+        s = q.add_parser(name, parents=[common], help=text)
+        s.add_argument("queue_id", nargs="*", help="queue ids (- reads them from stdin); none: all")
+        s.add_argument("--domain", help="only messages with a pending recipient in this domain")
+    for name, text in (("hold", "keep messages from delivery until released (postsuper -h)"),
+                       ("release", "release held messages and attempt them now (postsuper -H)"),
+                       ("delete", "remove messages without notice (postsuper -d)"),
+                       ("bounce", "return messages to their senders now, with a DSN")):
+        s = q.add_parser(name, parents=[common], help=text)
+        s.add_argument("queue_id", nargs="+", help="queue ids (- reads them from stdin)")
+        if name == "bounce":
+            s.add_argument("--reason", help="the diagnostic in the DSN")
+    s = q.add_parser("summary", parents=[common], help="counts, bytes, oldest, top destinations and deferral reasons")
+    filters(s)
+    s.add_argument("--top", type=int, default=10, help="rows per list (default 10)")
+    s = q.add_parser("shape", parents=[common], help="age histogram by destination domain (qshape)")
+    filters(s)
+    s.add_argument("--by", choices=("recipient", "sender"), default="recipient",
+                   help="recipient domains (default) or sender domains")
+    s.add_argument("--buckets", type=int, default=10, help="number of age buckets (default 10)")
+    s.add_argument("--scale", type=float, default=5, help="first bucket in minutes; each doubles (default 5)")
+    s.add_argument("--top", type=int, help="only the N busiest domains")
