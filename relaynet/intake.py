@@ -165,10 +165,12 @@ class RelayESMTP(smtp.ESMTP):
             return
         if len(intake.sessions) > self.limits.max_connections:
             self.reply(421, "4.7.0", f"{intake.config.hostname} Error: too many connections")
+            self._rejected("CONNECT", 421, "4.7.0", reason="max_connections")
             self._close()
             return
         if per_ip > self.limits.max_connections_per_ip:
             self.reply(421, "4.7.0", f"{intake.config.hostname} Error: too many connections from {self.client_ip}")
+            self._rejected("CONNECT", 421, "4.7.0", reason="max_connections_per_ip")
             self._close()
             return
         smtp.ESMTP.connectionMade(self)
@@ -551,6 +553,8 @@ class RelayESMTP(smtp.ESMTP):
             auth = self.intake.config.auth
             done: Deferred[None] = Deferred()
 
+            self._rejected("AUTH", 535, "5.7.8")
+
             def answer() -> None:
                 if failures >= auth.max_failures:
                     self.reply(421, "4.7.0", f"{self.intake.config.hostname} Error: too many failed authentications")
@@ -593,6 +597,7 @@ class RelayESMTP(smtp.ESMTP):
             return
         if self.listener.mode in ("submission", "submissions") and not self.authenticated:
             self.reply(530, "5.7.0", "Authentication required")
+            self._rejected("MAIL", 530, "5.7.0")
             return
         try:
             mail = parse_mail(
@@ -602,11 +607,14 @@ class RelayESMTP(smtp.ESMTP):
                 raise CommandError(555, "5.5.4", "ESMTP parameters need EHLO")
         except CommandError as e:
             self.reply(e.code, e.enhanced, e.text)
+            if e.code == 552:
+                self._rejected("MAIL", e.code, e.enhanced)
             return
         if self.auth_user is not None and not may_send_as(
             self.auth_user, str(mail.sender), self.intake.config.auth.senders
         ):
             self.reply(553, "5.7.1", f"<{mail.sender}>: Sender address rejected: not owned by user {self.auth_user}")
+            self._rejected("MAIL", 553, "5.7.1", sender=str(mail.sender))
             return
         self._txn = Transaction(mail)
         self.reply(250, "2.1.0", "Ok")

@@ -325,7 +325,7 @@ class NodeMetrics:
         )
         self.hop_time = Histogram(
             "relaynet_hop_delivery_seconds",
-            "Arrival at this node to acceptance by the next hop, per recipient",
+            "Duration of the delivery attempt the next hop accepted, per recipient",
             ["next_hop"], buckets=HOP_BUCKETS, registry=r,
         )
         self.batches = Histogram(
@@ -360,12 +360,20 @@ class NodeMetrics:
     def _delivery(self, kind: str, event: dict[str, Any]) -> None:
         hop = str(event.get("relay") or "none")
         self.attempts.labels(kind, hop).inc()
+        for earlier in event.get("tried") or ():
+            # Hops that deferred before the one named (failover) count too.
+            ehop = str(earlier.get("relay") or "none")
+            self.attempts.labels("deferred", ehop).inc()
+            self.hops.setdefault(ehop, HopHealth(ehop)).record(
+                "deferred", event.get("time") or self.now(), earlier.get("diagnostic")
+            )
         self.domains.labels(self._domain(event.get("recipient")), kind).inc()
         delay = event.get("delay")
         if kind in FINAL and isinstance(delay, (int, float)):
             self.residence.labels(kind).observe(delay)
-            if kind == "sent":
-                self.hop_time.labels(hop).observe(delay)
+        duration = event.get("duration")
+        if kind == "sent" and isinstance(duration, (int, float)):
+            self.hop_time.labels(hop).observe(duration)
         if kind == "sent":
             self.tls.labels("out", tls_version(event.get("tls"))).inc()
         if event.get("relay"):

@@ -23,7 +23,7 @@ import re
 import time
 from typing import Any, Callable
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.internet.defer import (
     Deferred,
     DeferredSemaphore,
@@ -67,6 +67,7 @@ class Outcome:
     code: int = 0
     text: str = ""
     tls: str | None = None
+    tried: tuple[tuple[str, str, str], ...] = ()
 
     @classmethod
     def from_result(cls, res: DeliveryResult) -> "Outcome":
@@ -120,6 +121,7 @@ class QueueRunner:
         self._busy: dict[str, Deferred[list[Outcome]]] = {}
         self._sem = DeferredSemaphore(q.concurrency)
         self._running = False
+        self._started: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------
 
@@ -371,6 +373,7 @@ class QueueRunner:
     @inlineCallbacks
     def _deliver(self, entry: QueueEntry, cut_through: bool = False) -> Any:
         now = self.now()
+        self._started[entry.queue_id] = now
         pending = entry.pending_recipients()
         if not pending:
             yield self.spool.remove(entry)
@@ -479,6 +482,7 @@ class QueueRunner:
         remaining = list(rcpts)
         final: dict[str, Outcome] = {}
         last: dict[str, Outcome] = {}
+        tried: dict[str, list[tuple[str, str, str]]] = {}
         for hop in hops:
             results = yield self.outbound.deliver(
                 hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls
@@ -493,15 +497,18 @@ class QueueRunner:
                 if o.status == "deferred":
                     last[r.address] = o
                     still.append(r)
+                    tried.setdefault(r.address, []).append((res.remote, o.dsn, o.diagnostic))
                 else:
-                    final[r.address] = o
+                    final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ())))
             remaining = still
             if not remaining:
                 break
         for r in remaining:
-            final[r.address] = last.get(r.address) or Outcome(
+            o = last.get(r.address) or Outcome(
                 r.address, "deferred", "deferred", "4.4.1", "no next hop could be reached"
             )
+            # The final event names the last hop; the ones before it are in tried.
+            final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ()))[:-1])
         return [final[r.address] for r in rcpts if r.address in final]
 
     def _mx_hops(self, domain: str, rule: RouteRule) -> Deferred[Any]:
@@ -595,6 +602,7 @@ class QueueRunner:
             entry.state.delay_warned = True
 
         retry = False
+        started = self._started.pop(entry.queue_id, None)
         for o in outcomes:
             st = entry.state.recipients.setdefault(o.address, RecipientState())
             st.attempts += 1
@@ -609,6 +617,8 @@ class QueueRunner:
                 relay=o.remote, delay=round(now - env.arrival, 6), dsn=o.dsn, status=o.event,
                 diagnostic=o.diagnostic or None, hops=env.hops, tls=o.tls,
                 next_queue_id=_queued_as(o.text) if o.status == "relayed" else None,
+                duration=round(now - started, 6) if started is not None else None,
+                tried=[{"relay": h, "dsn": d, "diagnostic": t} for h, d, t in o.tried] or None,
             )
         if not entry.pending_recipients():
             self.entries.pop(entry.queue_id, None)

@@ -126,7 +126,8 @@ def test_events_become_counters_and_histograms() -> None:
     m.observe({"event": "reject", "stage": "RCPT", "code": 554, "dsn": "5.7.1"})
     m.observe({"event": "reject", "stage": "DATA", "code": 552, "dsn": "5.3.4"})
     m.observe({"event": "sent", "relay": "10.0.0.2:25", "recipient": "a@Example.ORG", "delay": 2.5,
-               "tls": "TLSv1.2 ECDHE"})
+               "duration": 0.75, "tls": "TLSv1.2 ECDHE",
+               "tried": [{"relay": "10.0.0.9:25", "dsn": "4.4.1", "diagnostic": "refused"}]})
     m.observe({"event": "delivered", "relay": "local", "recipient": "b@localhost", "delay": 0.01})
     m.observe({"event": "deferred", "relay": "10.0.0.3:25", "recipient": "c@dead.test", "delay": 1,
                "diagnostic": "connection refused"})
@@ -166,7 +167,9 @@ def test_events_become_counters_and_histograms() -> None:
     assert value(text, "relaynet_queue_residence_seconds_count", result="sent") == 1
     assert value(text, "relaynet_queue_residence_seconds_count", result="expired") == 1
     assert value(text, "relaynet_queue_residence_seconds_count", result="deferred") == 0
-    assert value(text, "relaynet_hop_delivery_seconds_sum", next_hop="10.0.0.2:25") == 2.5
+    assert value(text, "relaynet_hop_delivery_seconds_sum", next_hop="10.0.0.2:25") == 0.75
+    # A failover's earlier hop counts as a deferral there.
+    assert value(text, "relaynet_delivery_attempts_total", result="deferred", next_hop="10.0.0.9:25") == 1
     assert value(text, "relaynet_spool_commit_batch_size_sum") == 4
     assert value(text, "relaynet_spool_commit_batch_size_count") == 2
     assert value(text, "relaynet_build_info", node="unit", version=__import__("relaynet").__version__) == 1
