@@ -327,10 +327,21 @@ def _resolve_unix(base: Path | None, endpoint: str) -> str:
     return f"unix:{path}{rest}"
 
 
-class _Table:
+def toml_kind(value: Any) -> str:
+    """How a TOML value is named in error messages ("a table", "an array", ...)."""
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, bool):
+        return "a boolean"
+    return type(value).__name__
+
+
+class TableReader:
     """
     A TOML table being read: typed access with full key names, and a check
-    that every key was used.
+    that every key was used. The topology reader of the lab extends it.
     """
 
     def __init__(self, source: str, prefix: str, data: Any) -> None:
@@ -347,6 +358,9 @@ class _Table:
     def error(self, name: str, problem: str) -> ConfigError:
         return ConfigError(self.source, self.key(name), problem)
 
+    def has(self, name: str) -> bool:
+        return name in self.data
+
     def get(
         self,
         name: str,
@@ -354,18 +368,22 @@ class _Table:
         default: Any,
         check: Callable[[Any], str | None] | None = None,
     ) -> Any:
+        """
+        The value of C{name} (C{default} when absent), which must be of
+        C{kind} (C{object}: anything) and pass C{check} (a problem or None).
+        """
         self.used.add(name)
         if name not in self.data:
             return default
         value = self.data[name]
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            ok = False
-        else:
-            ok = isinstance(value, kinds)
-        if not ok:
-            names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(name, f"must be {names}, not {type(value).__name__}")
+        if kind is not object and (
+            (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds)
+        ):
+            names = " or ".join(
+                "a table" if k is dict else "an array" if k is list else k.__name__ for k in kinds
+            )
+            raise self.error(name, f"must be {names}, not {toml_kind(value)}")
         if check is not None:
             problem = check(value)
             if problem:
@@ -378,17 +396,21 @@ class _Table:
             return default
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                raise ConfigError(self.source, f"{self.key(name)}[{i}]", "must be a string")
+                raise ConfigError(self.source, f"{self.key(name)}[{i}]", f"must be a string, not {toml_kind(item)}")
         return tuple(value)
 
-    def sub(self, name: str) -> "_Table":
+    def sub(self, name: str) -> Any:
         self.used.add(name)
-        return _Table(self.source, self.key(name), self.data.get(name, {}))
+        return type(self)(self.source, self.key(name), self.data.get(name, {}))
 
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
+    def finish(self, allowed: Any = ()) -> None:
+        """Every key was read (or is in C{allowed}); else an "unknown key" error."""
+        unknown = sorted(set(self.data) - self.used - set(allowed))
         if unknown:
             raise self.error(unknown[0], "unknown key")
+
+
+_Table = TableReader
 
 
 def _positive(value: Any) -> str | None:

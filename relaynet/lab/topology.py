@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from attrs import field, frozen
 
-from relaynet.config import ConfigError, NodeConfig, parse_config
+from relaynet.config import ConfigError, NodeConfig, TableReader, parse_config, toml_kind
 
 NAME = re.compile(r"[a-z][a-z0-9-]{0,23}\Z")
 LAYOUTS = ("layers", "circle")
@@ -193,44 +193,11 @@ class Topology:
 # -- reading -----------------------------------------------------------------
 
 
-class _Reader:
-    """Typed access to one table of the topology, with full key names."""
-
-    def __init__(self, source: str, prefix: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(source, prefix or "<top>", "must be a table")
-        self.source = source
-        self.prefix = prefix
-        self.data = data
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.source, self.key(name), problem)
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any,
-            check: Callable[[Any], str | None] | None = None) -> Any:
-        self.used.add(name)
-        if name not in self.data:
-            return default
-        value = self.data[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if kind is object:
-            pass
-        elif isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            names = " or ".join("table" if k is dict else "array" if k is list else k.__name__
-                                for k in kinds)
-            raise self.error(name, f"must be {names}, not {_kind(value)}")
-        if check is not None:
-            problem = check(value)
-            if problem:
-                raise self.error(name, problem)
-        return value
+class _Reader(TableReader):
+    """
+    Typed access to one table of the topology: the node config's reader, plus
+    a string-or-list form and C{[min, max]} pairs.
+    """
 
     def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
         value = self.get(name, (list, str), None)
@@ -238,10 +205,7 @@ class _Reader:
             return default
         if isinstance(value, str):
             return (value,)
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ConfigError(self.source, f"{self.key(name)}[{i}]", f"must be a string, not {_kind(item)}")
-        return tuple(value)
+        return super().strings(name, default)
 
     def pair(self, name: str, default: tuple[float, float]) -> tuple[float, float]:
         value = self.get(name, (list, int, float), None)
@@ -254,24 +218,8 @@ class _Reader:
             raise self.error(name, "must be [min, max] seconds with 0 <= min <= max")
         return (float(value[0]), float(value[1]))
 
-    def sub(self, name: str) -> "_Reader":
-        self.used.add(name)
-        return _Reader(self.source, self.key(name), self.data.get(name, {}))
 
-    def finish(self, allowed: Iterable[str] = ()) -> None:
-        unknown = sorted(set(self.data) - self.used - set(allowed))
-        if unknown:
-            raise self.error(unknown[0], "unknown key")
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, bool):
-        return "a boolean"
-    return type(value).__name__
+_kind = toml_kind
 
 
 def _port(value: Any) -> str | None:
