@@ -820,17 +820,25 @@ def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
     if path is None:
         return parse_config({})
     p = Path(path)
+    return parse_config(read_toml(p), source=str(p), base=p.resolve().parent)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """
+    Read a TOML file.
+
+    @raise ConfigError: unreadable, not UTF-8 or not TOML (naming the file).
+    """
     try:
-        raw = p.read_bytes()
+        raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError(str(p), "<file>", f"cannot read: {e.strerror}") from None
+        raise ConfigError(str(path), "<file>", f"cannot read: {e.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(str(p), "<file>", f"not UTF-8: {e}") from None
+        raise ConfigError(str(path), "<file>", f"not UTF-8: {e}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(p), "<file>", f"invalid TOML: {e}") from None
-    return parse_config(data, source=str(p), base=p.resolve().parent)
+        raise ConfigError(str(path), "<file>", f"invalid TOML: {e}") from None
 
 
 def _toml(value: Any) -> str:

@@ -658,14 +658,9 @@ def _ago(now: float, t: float | None) -> str:
 
 
 def _duration(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    from relaynet.queuecli import human_age
+
+    return human_age(seconds)
 
 
 def _size(n: int) -> str:

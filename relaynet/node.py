@@ -22,7 +22,7 @@ import attrs
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.cred.portal import Portal
 from twisted.internet.threads import deferToThreadPool

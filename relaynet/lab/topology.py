@@ -18,13 +18,12 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
-import tomllib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 from attrs import field, frozen
 
-from relaynet.config import ConfigError, NodeConfig, TableReader, parse_config, toml_kind
+from relaynet.config import ConfigError, NodeConfig, TableReader, parse_config, read_toml, toml_kind
 
 NAME = re.compile(r"[a-z][a-z0-9-]{0,23}\Z")
 LAYOUTS = ("layers", "circle")
@@ -464,17 +463,7 @@ def load_topology(path: str | Path) -> Topology:
     @raise ConfigError: unreadable, not TOML, or invalid (naming the key).
     """
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(str(p), "<file>", f"cannot read: {e.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(str(p), "<file>", f"not UTF-8: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(p), "<file>", f"invalid TOML: {e}") from None
-    return parse_topology(data, source=str(p))
+    return parse_topology(read_toml(p), source=str(p))
 
 
 # -- allocation --------------------------------------------------------------
