@@ -52,6 +52,7 @@ from relaynet.policy import check_recipient
 from relaynet.smtpparse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
 from relaynet.tls import connection_info
+from relaynet.outbound import no_delay
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -155,6 +156,7 @@ class RelayESMTP(smtp.ESMTP):
         self.client_ip = str(getattr(peer, "host", "unknown"))
         self.client_port = int(getattr(peer, "port", 0) or 0)
         intake = self.intake
+        no_delay(self.transport)
         intake.sessions.add(self)
         per_ip = intake.per_ip.get(self.client_ip, 0) + 1
         intake.per_ip[self.client_ip] = per_ip
