@@ -48,7 +48,7 @@ from relaynet.auth import IRelayUser, may_send_as
 from relaynet.config import Listener, NodeConfig
 from relaynet.datastream import DataScanner
 from relaynet.events import EventLog
-from relaynet.policy import check_recipient
+from relaynet.policy import check_recipient, is_trusted
 from relaynet.smtpparse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
 from relaynet.tls import connection_info
@@ -170,7 +170,9 @@ class RelayESMTP(smtp.ESMTP):
             self._rejected("CONNECT", 421, "4.7.0", reason="max_connections")
             self._close()
             return
-        if per_ip > self.limits.max_connections_per_ip:
+        if per_ip > self.limits.max_connections_per_ip and not is_trusted(intake.config, self.client_ip):
+            # Trusted networks are exempt, as Postfix exempts $mynetworks
+            # (smtpd_client_connection_limit_exceptions).
             self.reply(421, "4.7.0", f"{intake.config.hostname} Error: too many connections from {self.client_ip}")
             self._rejected("CONNECT", 421, "4.7.0", reason="max_connections_per_ip")
             self._close()

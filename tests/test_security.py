@@ -282,6 +282,18 @@ def test_max_errors_disconnects(tmp_path: Path) -> None:
     assert t.disconnecting
 
 
+def test_trusted_clients_are_exempt_from_the_per_ip_limit(tmp_path: Path) -> None:
+    """
+    Like Postfix's $mynetworks, trusted networks are exempt from
+    max_connections_per_ip (a local submission agent or load generator may
+    open many sessions); max_connections still applies to them.
+    """
+    intake, _, _ = make_intake(tmp_path, {"limits": {"max_connections": 4, "max_connections_per_ip": 2}})
+    sessions = [connect(intake, peer=("127.0.0.1", n)) for n in range(5)]
+    codes_seen = [take_replies(t)[0][0] for _, t in sessions]
+    assert codes_seen == [220, 220, 220, 220, 421]
+
+
 def test_connection_limits_in_memory(tmp_path: Path) -> None:
     """
     max_connections_per_ip and max_connections: the connection beyond either
@@ -741,7 +753,10 @@ def test_open_relay_refused_for_untrusted_source(nodes: dict[str, NodeProcess]) 
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     with NodeProcess(
         tmp_path_factory.mktemp("sec-limits"), name="limits",
-        extra_toml="\n[limits]\nmax_connections = 3\nmax_connections_per_ip = 2\n",
+        extra_toml=(
+            "\n[limits]\nmax_connections = 3\nmax_connections_per_ip = 2\n"
+            '[relay]\ntrusted_networks = ["127.0.0.1/32"]\n'
+        ),
     ) as node:
         yield node
 
