@@ -43,7 +43,8 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: venv peers
-	$(PY) bench/accept.py
+	$(PY) -m pip install -q -e '.[bench]' --config-settings editable_mode=compat
+	$(VENV)/bin/relaynet bench $(BENCH_ARGS)
 
 clean:
 	rm -rf var build *.egg-info .pytest_cache .hypothesis

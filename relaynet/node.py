@@ -40,6 +40,22 @@ from relaynet.spool import Spool, makedirs_durable
 from relaynet.tls import TLSConfigError, server_options
 
 
+LISTEN_BACKLOG = 256
+
+
+def with_backlog(endpoint: str) -> str:
+    """
+    A TCP listener endpoint with a listen backlog of L{LISTEN_BACKLOG} unless
+    it names one: Twisted's default (50) overflows under a hundred sessions
+    connecting at once, which then wait for SYN retransmits (Postfix's smtpd
+    listens with 100).
+    """
+    kind = endpoint.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in endpoint:
+        return f"{endpoint}:backlog={LISTEN_BACKLOG}"
+    return endpoint
+
+
 class RelayNode(MultiService):
     """
     A relay node: intake listeners, spool, queue runner.
@@ -113,7 +129,7 @@ class RelayNode(MultiService):
             reactor=self.reactor, tls=self._tls_options(), portal=self._portal(),
         )
         for listener in self.config.listeners:
-            endpoint = serverFromString(self.reactor, listener.endpoint)
+            endpoint = serverFromString(self.reactor, with_backlog(listener.endpoint))
             factory: Any = RelayFactory(self.intake, listener)
             if listener.mode == "submissions":
                 factory = TLSMemoryBIOFactory(self.intake.tls, False, factory)

@@ -1,0 +1,770 @@
+#!/usr/bin/env python3
+"""
+relaynet bench: relaynet against Postfix, alternating, on the same work.
+
+Scenarios (see bench/README.md):
+  accept   one hop; smtp-source sends; accept rate (until the last 250) and
+           delivered rate (until the sink counted the last message)
+  chain3   three hops; end-to-end delivered rate
+  latency  a paced sender (--latency-rate msg/s); time from the final dot to
+           the arrival at a timestamping sink, through 1 and 3 hops; p50/p99
+
+For every run the CPU seconds of the node processes and their peak PSS are
+recorded.  Both systems run side by side; for each work item the system that
+goes first alternates, item by item and round by round.  The table gives
+medians over the rounds and the ratio relaynet/Postfix; --json gets every raw
+run, --png a chart.
+
+Run through `relaynet bench [options]` or `python bench/run.py [options]`,
+as root (private Postfix instances), on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for p in (str(HERE), str(REPO)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from latency import SmtpError, latency_stats, paced_send  # noqa: E402
+from procstat import PeakSampler, cpu_of  # noqa: E402
+from systems import HOST, SINK_DOMAIN, STAMP_DOMAIN, SYSTEMS, log  # noqa: E402
+
+from relaynet.peers import (  # noqa: E402
+    PeerUnavailable,
+    SmtpSourceError,
+    allow_postfix_search,
+    postfix_unavailable_reason,
+    run_smtp_source,
+)
+
+SCENARIOS = ("accept", "chain3", "latency")
+SYSTEM_NAMES = ("relaynet", "postfix")
+HELO = "source.relaynet.test"
+
+DEFAULTS = dict(
+    rounds=3, messages=5000, chain_messages=2000, sizes="5120,102400", sessions="1,20,100",
+    latency_messages=200, latency_rate=20.0, latency_size=5120, warmup=200,
+)
+QUICK = dict(
+    rounds=2, messages=250, chain_messages=None, sizes="5120,102400", sessions="1,20",
+    latency_messages=40, latency_rate=20.0, latency_size=5120, warmup=50,
+)
+
+# For the time estimate only: seconds per 1000 messages for one run of each
+# system, added together, by (hops, size class, sessions), measured on a
+# shared, busy 2-core VM (load average 6-11); the estimate is refined after every round.
+_SECONDS_PER_1000 = {
+    (1, "small", 1): 5.1, (1, "small", 20): 5.1, (1, "small", 100): 10.5,
+    (1, "large", 1): 6.5, (1, "large", 20): 5.2, (1, "large", 100): 9.1,
+    (3, "small", 1): 7.3, (3, "small", 20): 7.6, (3, "small", 100): 10.6,
+    (3, "large", 1): 11.3, (3, "large", 20): 9.4, (3, "large", 100): 11.4,
+}
+_RUN_OVERHEAD = 1.0
+_START_SECONDS = {"postfix": 2.5, "relaynet": 0.8}
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+# -- planning ---------------------------------------------------------------
+
+
+def plan(args) -> list[dict]:
+    """
+    The groups of work: one per hop count, each started once for both
+    systems, with its work items (one run per system per round).
+    """
+    groups = []
+    for hops, scenario in ((1, "accept"), (3, "chain3")):
+        items = []
+        if scenario in args.scenarios:
+            n = args.messages if hops == 1 else args.chain_messages
+            for size in args.sizes:
+                for sessions in args.sessions:
+                    items.append({"kind": "throughput", "scenario": scenario, "hops": hops,
+                                  "size": size, "sessions": sessions, "messages": n})
+        if "latency" in args.scenarios:
+            items.append({"kind": "latency", "scenario": "latency", "hops": hops,
+                          "size": args.latency_size, "messages": args.latency_messages,
+                          "rate": args.latency_rate})
+        if items:
+            groups.append({"hops": hops, "items": items})
+    return groups
+
+
+def _size_class(size: int) -> str:
+    return "small" if size <= 20000 else "large"
+
+
+def estimate_pair(item: dict) -> float:
+    """Seconds for one run of C{item} by each system."""
+    if item["kind"] == "latency":
+        return 2 * (item["messages"] / item["rate"] + 0.5 + _RUN_OVERHEAD)
+    sessions = min((1, 20, 100), key=lambda s: abs(s - item["sessions"]))
+    per_1000 = _SECONDS_PER_1000[(item["hops"], _size_class(item["size"]), sessions)]
+    return item["messages"] / 1000 * per_1000 + 2 * _RUN_OVERHEAD
+
+
+def estimate(groups: list[dict], args) -> float:
+    total = 0.0
+    for g in groups:
+        total += g["hops"] * sum(_START_SECONDS.values()) + 2 * 5.0  # start + warm-up
+        total += args.rounds * sum(estimate_pair(item) for item in g["items"])
+    return total
+
+
+# -- runs -------------------------------------------------------------------
+
+
+class _Watch(threading.Thread):
+    """Polls a counter until it reaches a target; notes when (perf_counter)."""
+
+    def __init__(self, read, target: int, timeout: float, interval: float = 0.01):
+        super().__init__(name="sink-watch", daemon=True)
+        self.read = read
+        self.target = target
+        self.timeout = timeout
+        self.interval = interval
+        self.reached_at: float | None = None
+        self.last = 0
+        self.cancelled = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self.cancelled.is_set() and time.monotonic() < deadline:
+            self.last = self.read()
+            if self.last >= self.target:
+                self.reached_at = time.perf_counter()
+                return
+            self.cancelled.wait(self.interval)
+
+
+def throughput_run(chain, item: dict, args) -> dict:
+    chain.check_alive()
+    n = item["messages"]
+    run = {"system": chain.name, "scenario": item["scenario"], "hops": chain.hops,
+           "size": item["size"], "sessions": item["sessions"], "messages": n,
+           "loadavg_before": os.getloadavg()[0]}
+    probes = chain.probes()
+    before = chain.sink.received()
+    watch = _Watch(chain.sink.received, before + n, args.smtp_timeout + args.drain_timeout)
+    cpu0 = cpu_of(probes)
+    with PeakSampler(probes, args.sample_interval) as sampler:
+        t0 = time.perf_counter()
+        watch.start()
+        try:
+            res = run_smtp_source(
+                HOST, chain.entry_port, messages=n, sessions=item["sessions"], size=item["size"],
+                recipient=f"user@{SINK_DOMAIN}", helo=HELO,
+                reuse_connection=args.reuse_connection, timeout=args.smtp_timeout,
+            )
+        except SmtpSourceError as e:
+            watch.cancelled.set()
+            run["error"] = str(e)[-1500:]
+            res = None
+        if res is not None:
+            run["accept_seconds"] = res["seconds"]
+            run["accept_rate"] = n / res["seconds"]
+            watch.join(args.drain_timeout + 5)
+            watch.cancelled.set()
+            if watch.reached_at is None:
+                run["error"] = f"sink counted {watch.last - before} of {n} within the drain timeout"
+            else:
+                run["delivered_seconds"] = watch.reached_at - t0
+                run["delivered_rate"] = n / run["delivered_seconds"]
+        try:
+            run["idle_wait"] = chain.wait_idle(args.drain_timeout)
+        except TimeoutError as e:
+            run.setdefault("error", str(e))
+    cpu1 = cpu_of(probes)
+    run.update(_cpu_fields(cpu0, cpu1, n))
+    run["pss"] = sampler.result()
+    run["peak_pss_kb"] = run["pss"]["peak_total_kb"]
+    run["sink_total"] = chain.sink.received()
+    return run
+
+
+def latency_run(chain, item: dict, args, tag: str) -> dict:
+    chain.check_alive()
+    n = item["messages"]
+    run = {"system": chain.name, "scenario": "latency", "hops": chain.hops, "size": item["size"],
+           "messages": n, "rate": item["rate"], "loadavg_before": os.getloadavg()[0]}
+    probes = chain.probes()
+    stamp = chain.stamp
+    before = stamp.received()
+    cpu0 = cpu_of(probes)
+    with PeakSampler(probes, args.sample_interval) as sampler:
+        try:
+            res = paced_send(HOST, chain.entry_port, count=n, rate=item["rate"], size=item["size"],
+                             recipient=f"user@{STAMP_DOMAIN}", tag=tag, timeout=args.smtp_timeout)
+        except (OSError, SmtpError) as e:
+            run["error"] = f"sender: {e}"
+            res = None
+        deadline = time.monotonic() + args.drain_timeout
+        while stamp.received() < before + n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            run["idle_wait"] = chain.wait_idle(args.drain_timeout)
+        except TimeoutError as e:
+            run.setdefault("error", str(e))
+    cpu1 = cpu_of(probes)
+    run.update(_cpu_fields(cpu0, cpu1, n))
+    run["pss"] = sampler.result()
+    run["peak_pss_kb"] = run["pss"]["peak_total_kb"]
+    if res is not None:
+        stamps = stamp.stamps()
+        lat, acc = [], []
+        for s in res["sent"]:
+            acc.append(s["t_ok"] - s["t_dot"])
+            if s["msgid"] in stamps:
+                lat.append(stamps[s["msgid"]] - s["t_dot"])
+        run["latency"] = latency_stats(lat)
+        run["accept_latency"] = latency_stats(acc)
+        run["missing"] = len(res["sent"]) - len(lat)
+        run["max_lag"] = res["max_lag"]
+        run["latencies"] = [round(x, 6) for x in lat]
+        if run["missing"]:
+            run.setdefault("error", f"{run['missing']} of {n} messages did not reach the sink")
+    return run
+
+
+def _cpu_fields(cpu0: dict, cpu1: dict, messages: int) -> dict:
+    per_node = {}
+    for name in cpu1:
+        a, b = cpu0.get(name), cpu1.get(name)
+        per_node[name] = None if a is None or b is None else round(b - a, 3)
+    known = [v for v in per_node.values() if v is not None]
+    total = sum(known) if known else None
+    return {
+        "cpu_seconds": total,
+        "cpu_seconds_by_node": per_node,
+        "cpu_per_1000": (total / messages * 1000) if total is not None and messages else None,
+    }
+
+
+def warm_up(chain, args) -> None:
+    if args.warmup <= 0:
+        return
+    before = chain.sink.received()
+    run_smtp_source(HOST, chain.entry_port, messages=args.warmup, sessions=min(10, args.warmup),
+                    size=5120, recipient=f"user@{SINK_DOMAIN}", helo=HELO, timeout=args.smtp_timeout)
+    chain.sink.wait_received(before + args.warmup, timeout=args.drain_timeout)
+    if "latency" in args.scenarios:
+        paced_send(HOST, chain.entry_port, count=10, rate=50, size=args.latency_size,
+                   recipient=f"user@{STAMP_DOMAIN}", tag=f"warmup-{uuid.uuid4().hex[:8]}")
+    chain.wait_idle(args.drain_timeout)
+
+
+def describe_run(run: dict) -> str:
+    head = f"{run['system']:8} {run['scenario']:7} {run['hops']}h size={run['size']:<6}"
+    if run["scenario"] == "latency":
+        lat = run.get("latency") or {}
+        body = (f"p50 {_ms(lat.get('p50'))} ms  p99 {_ms(lat.get('p99'))} ms"
+                if lat.get("n") else "no latency")
+    else:
+        head += f" s={run['sessions']:<3}"
+        body = f"accept {_f(run.get('accept_rate'))} msg/s  delivered {_f(run.get('delivered_rate'))} msg/s"
+    tail = f"  cpu/1000 {_f(run.get('cpu_per_1000'), '.2f')} s  pss {_f((run.get('peak_pss_kb') or 0) / 1024)} MiB"
+    if run.get("error"):
+        tail += f"  ERROR {run['error'].splitlines()[0][:200]}"
+    return f"{head} {body}{tail}"
+
+
+def _f(v, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}"
+
+
+def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list[dict], described: dict) -> None:
+    """Run every group; C{runs} and C{described} fill as it goes (kept on errors)."""
+    total_runs = sum(len(g["items"]) for g in groups) * args.rounds * 2
+    total_est = estimate(groups, args)
+    done = 0
+    done_est = 0.0
+    t_begin = time.monotonic()
+    for g in groups:
+        hops = g["hops"]
+        chains = {
+            "postfix": SYSTEMS["postfix"](workdir, hops),
+            "relaynet": SYSTEMS["relaynet"](workdir, hops, backlog=args.relaynet_backlog),
+        }
+        started = []
+        try:
+            for name in SYSTEM_NAMES:
+                log(f"starting {name}, {hops} hop(s)")
+                chains[name].start()
+                started.append(chains[name])
+                warm_up(chains[name], args)
+            done_est += hops * sum(_START_SECONDS.values()) + 2 * 5.0
+            code_at_start = _git_describe()
+            idle = {name: chains[name].probes() for name in SYSTEM_NAMES}
+            idle_pss = {name: sum(p.pss_kb() for p in pr.values()) for name, pr in idle.items()}
+            for rnd in range(args.rounds):
+                for i, item in enumerate(g["items"]):
+                    order = SYSTEM_NAMES if (rnd + i) % 2 == 0 else tuple(reversed(SYSTEM_NAMES))
+                    for name in order:
+                        if time.monotonic() > deadline:
+                            runs.append({"system": name, "scenario": item["scenario"], "hops": hops,
+                                         "size": item["size"], "sessions": item.get("sessions"),
+                                         "round": rnd, "skipped": "--max-minutes reached"})
+                            continue
+                        chain = chains[name]
+                        t_run = time.monotonic()
+                        if item["kind"] == "latency":
+                            tag = f"{name}-{hops}h-r{rnd}-{uuid.uuid4().hex[:8]}"
+                            run = latency_run(chain, item, args, tag)
+                        else:
+                            run = throughput_run(chain, item, args)
+                        run["round"] = rnd
+                        run["order"] = order.index(name)
+                        run["wall_seconds"] = time.monotonic() - t_run
+                        runs.append(run)
+                        done += 1
+                        done_est += estimate_pair(item) / 2
+                        log(f"[{done}/{total_runs}] r{rnd} {describe_run(run)}")
+                elapsed = time.monotonic() - t_begin
+                if done_est:
+                    # The estimate of what is left, scaled by how it did so far.
+                    left = max(0.0, total_est - done_est) * elapsed / done_est
+                    log(f"-- round {rnd + 1}/{args.rounds} of {hops} hop(s) done; "
+                        f"elapsed {elapsed / 60:.1f} min, about {left / 60:.1f} min left")
+            for name in SYSTEM_NAMES:
+                d = chains[name].describe()
+                d["idle_pss_kb"] = idle_pss[name]
+                d["vm_hwm_kb"] = chains[name].hwm_kb()
+                d["relaynet_git_at_start"] = code_at_start
+                described[f"{name}-{hops}hop"] = d
+        finally:
+            for chain in reversed(started):
+                chain.stop()
+
+
+# -- summary ----------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _row(section, metric, unit, better, size, sessions, hops, values_by_system) -> dict:
+    row = {"section": section, "metric": metric, "unit": unit, "better": better,
+           "size": size, "sessions": sessions, "hops": hops}
+    for name in SYSTEM_NAMES:
+        row[name] = _stats(values_by_system.get(name, []))
+    r, p = row["relaynet"]["median"], row["postfix"]["median"]
+    row["ratio"] = r / p if r is not None and p else None
+    return row
+
+
+def summarize(runs: list[dict], args) -> list[dict]:
+    ok = [r for r in runs if "skipped" not in r]
+    rows = []
+
+    def pick(pred, key):
+        return {name: [key(r) for r in ok if r["system"] == name and pred(r) and key(r) is not None]
+                for name in SYSTEM_NAMES}
+
+    for scenario, hops in (("accept", 1), ("chain3", 3)):
+        if scenario not in args.scenarios:
+            continue
+        for size in args.sizes:
+            for sessions in args.sessions:
+                sel = (lambda r, sc=scenario, sz=size, ss=sessions:
+                       r["scenario"] == sc and r["size"] == sz and r.get("sessions") == ss)
+                if scenario == "accept":
+                    rows.append(_row(scenario, "accept rate", "msg/s", "higher", size, sessions, hops,
+                                     pick(sel, lambda r: r.get("accept_rate"))))
+                rows.append(_row(scenario, "delivered rate", "msg/s", "higher", size, sessions, hops,
+                                 pick(sel, lambda r: r.get("delivered_rate"))))
+    if "latency" in args.scenarios:
+        for hops in (1, 3):
+            sel = lambda r, h=hops: r["scenario"] == "latency" and r["hops"] == h  # noqa: E731
+            for p in ("p50", "p99"):
+                rows.append(_row("latency", p, "ms", "lower", args.latency_size, None, hops,
+                                 pick(sel, lambda r, p=p: (r.get("latency") or {}).get(p) and
+                                      r["latency"][p] * 1000)))
+    for hops in sorted({r["hops"] for r in ok}):
+        # Peak PSS of the whole chain in each round, then the median over rounds.
+        per_round = {}
+        for name in SYSTEM_NAMES:
+            peaks = {}
+            for r in ok:
+                if r["system"] == name and r["hops"] == hops and r.get("peak_pss_kb"):
+                    peaks[r["round"]] = max(peaks.get(r["round"], 0), r["peak_pss_kb"])
+            per_round[name] = [kb / 1024 for kb in peaks.values()]
+        what = "peak PSS" if hops == 1 else f"peak PSS, sum of {hops}"
+        rows.append(_row("memory", what, "MiB", "lower", None, None, hops, per_round))
+    for scenario, hops in (("accept", 1), ("chain3", 3)):
+        if scenario not in args.scenarios:
+            continue
+        for size in args.sizes:
+            sel = lambda r, sc=scenario, sz=size: r["scenario"] == sc and r["size"] == sz  # noqa: E731
+            rows.append(_row("cpu", f"{scenario}: CPU per 1000 msg", "s", "lower", size, None, hops,
+                             pick(sel, lambda r: r.get("cpu_per_1000") if not r.get("error") else None)))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["scenario", "metric", "hops", "size", "sess", "relaynet", "postfix", "relaynet/postfix",
+              "better if", "spread", "runs"]
+    lines = [header]
+    for row in rows:
+        spreads = []
+        for name in SYSTEM_NAMES:
+            s = row[name]
+            if s["median"]:
+                spreads.append((s["max"] - s["min"]) / s["median"])
+        lines.append([
+            row["section"],
+            f"{row['metric']} ({row['unit']})",
+            str(row["hops"]),
+            _size(row["size"]),
+            "-" if row["sessions"] is None else str(row["sessions"]),
+            _f(row["relaynet"]["median"], ".2f" if row["unit"] == "s" else ".1f"),
+            _f(row["postfix"]["median"], ".2f" if row["unit"] == "s" else ".1f"),
+            _f(row["ratio"], ".2f"),
+            ">1" if row["better"] == "higher" else "<1",
+            f"{max(spreads) * 100:.0f}%" if spreads else "-",
+            f"{row['relaynet']['n']}+{row['postfix']['n']}",
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for k, line in enumerate(lines):
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def sizing(rows: list[dict]) -> dict:
+    """
+    Per-node figures for fleet sizing, from the one-hop rows: the best median
+    delivered rate over the session counts, per size; the one-hop peak PSS;
+    CPU seconds per 1000 messages.
+    """
+    out: dict = {}
+    for name in SYSTEM_NAMES:
+        d: dict = {"delivered_rate": {}, "cpu_per_1000": {}}
+        for r in rows:
+            m = r[name]["median"]
+            if m is None or r["hops"] != 1:
+                continue
+            if r["section"] == "accept" and r["metric"] == "delivered rate":
+                d["delivered_rate"][r["size"]] = max(d["delivered_rate"].get(r["size"], 0), m)
+            elif r["section"] == "cpu":
+                d["cpu_per_1000"][r["size"]] = m
+            elif r["section"] == "memory":
+                d["peak_pss_mib"] = m
+        out[name] = d
+    return out
+
+
+def format_sizing(s: dict) -> str:
+    lines = ["Per node, one hop (for sizing a fleet; see bench/README.md):"]
+    for name in SYSTEM_NAMES:
+        d = s.get(name) or {}
+        parts = []
+        for size in sorted(set(d.get("delivered_rate", {})) | set(d.get("cpu_per_1000", {}))):
+            rate, cpu = d["delivered_rate"].get(size), d["cpu_per_1000"].get(size)
+            parts.append(f"{_size(size)}: {_f(rate, '.0f')} msg/s delivered, {_f(cpu, '.2f')} CPU s/1000 msg")
+        if d.get("peak_pss_mib") is not None:
+            parts.append(f"peak PSS {d['peak_pss_mib']:.0f} MiB")
+        lines.append(f"  {name:8} " + ("; ".join(parts) if parts else "-"))
+    return "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------
+
+
+def _int_list(text: str, what: str, p: argparse.ArgumentParser) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{what}: comma-separated integers")
+    if not values or min(values) < 1:
+        p.error(f"{what}: positive integers")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="relaynet bench",
+        description="Benchmark relaynet against private Postfix instances on the same work, "
+        "alternating, on loopback (see bench/README.md). Needs root and Debian's postfix.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a look in a minute or two (explicit options still win)")
+    p.add_argument("--rounds", type=int, help=f"runs per system and work item (default {DEFAULTS['rounds']})")
+    p.add_argument("--messages", type=int,
+                   help=f"messages per throughput run (default {DEFAULTS['messages']})")
+    p.add_argument("--chain-messages", type=int,
+                   help=f"messages per chain3 run (default {DEFAULTS['chain_messages']}; "
+                   "with --quick or --messages alone: as --messages)")
+    p.add_argument("--sizes", help=f"message sizes in bytes (default {DEFAULTS['sizes']})")
+    p.add_argument("--sessions", help=f"concurrent smtp-source sessions (default {DEFAULTS['sessions']})")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help="which of accept,chain3,latency (default: all)")
+    p.add_argument("--latency-messages", type=int,
+                   help=f"messages per latency run (default {DEFAULTS['latency_messages']})")
+    p.add_argument("--latency-rate", type=float,
+                   help=f"messages per second in latency runs (default {DEFAULTS['latency_rate']:g})")
+    p.add_argument("--latency-size", type=int,
+                   help=f"message body bytes in latency runs (default {DEFAULTS['latency_size']})")
+    p.add_argument("--warmup", type=int, help="unmeasured messages per system at start (default 200)")
+    p.add_argument("--reuse-connection", action="store_true",
+                   help="smtp-source -d: one connection per session instead of one per message")
+    p.add_argument("--relaynet-backlog", type=int, metavar="N",
+                   help="listen(2) backlog of the relaynet listeners (':backlog=N' in the endpoint); "
+                   "default: Twisted's, 50")
+    p.add_argument("--sample-interval", type=float, default=1.0, help="PSS sampling period, seconds")
+    p.add_argument("--smtp-timeout", type=float, default=600, help="seconds allowed for one smtp-source run")
+    p.add_argument("--drain-timeout", type=float, default=300,
+                   help="seconds allowed for a run's mail to reach the sink and the queues to empty")
+    p.add_argument("--max-minutes", type=float, default=45,
+                   help="skip the remaining runs after this long (the report is still written)")
+    p.add_argument("--json", metavar="PATH", help="raw results (default bench/results/bench-TIME.json)")
+    p.add_argument("--png", metavar="PATH", help="chart (default: the JSON path with .png)")
+    p.add_argument("--no-png", action="store_true", help="do not draw the chart")
+    p.add_argument("--workdir", metavar="DIR", help="where instances live (default: a new temp dir)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep the temporary directory")
+    p.add_argument("--estimate", action="store_true", help="print the time estimate and exit")
+    args = p.parse_args(argv)
+    explicit_messages = args.messages is not None
+    explicit_chain = args.chain_messages is not None
+    base = QUICK if args.quick else DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.sizes = _int_list(args.sizes, "--sizes", p) if isinstance(args.sizes, str) else args.sizes
+    args.sessions = _int_list(args.sessions, "--sessions", p) if isinstance(args.sessions, str) else args.sessions
+    if args.chain_messages is None or (args.quick or explicit_messages) and not explicit_chain:
+        args.chain_messages = args.messages
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    bad = [s for s in args.scenarios if s not in SCENARIOS]
+    if bad or not args.scenarios:
+        p.error(f"--scenarios: choose from {','.join(SCENARIOS)}")
+    for name in ("rounds", "messages", "chain_messages", "latency_messages", "latency_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0 < args.latency_rate <= 1000:
+        p.error("--latency-rate: between 0 and 1000")
+    return args
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    return f"{size // 1024}K" if size % 1024 == 0 else str(size)
+
+
+def row_label(r: dict) -> str:
+    """A short name for a summary row, for the chart."""
+    if r["section"] == "accept":
+        bits = [r["metric"].replace(" rate", ""), "1 hop"]
+    elif r["section"] == "chain3":
+        bits = ["delivered", "3 hops"]
+    elif r["section"] == "latency":
+        bits = [f"latency {r['metric']}", f"{r['hops']} hop{'s' if r['hops'] > 1 else ''}"]
+    elif r["section"] == "memory":
+        bits = ["peak PSS", f"{r['hops']} hop{'s' if r['hops'] > 1 else ''}"]
+    else:
+        bits = ["CPU/1000 msg", "1 hop" if r["hops"] == 1 else f"{r['hops']} hops"]
+    if r["size"] and r["section"] != "latency":
+        bits.append(_size(r["size"]))
+    if r["sessions"]:
+        bits.append(f"s={r['sessions']}")
+    return " ".join(bits)
+
+
+def draw_chart(path: Path, rows: list[dict], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio_rows = [r for r in rows if r["ratio"]]
+    lat_rows = [r for r in rows if r["section"] == "latency"]
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(5, 0.32 * len(ratio_rows) + 1.5)),
+                             gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    labels, values, colors = [], [], []
+    for r in ratio_rows:
+        labels.append(row_label(r))
+        values.append(r["ratio"])
+        good = r["ratio"] >= 1 if r["better"] == "higher" else r["ratio"] <= 1
+        colors.append("tab:green" if good else "tab:red")
+    y = list(range(len(values)))[::-1]
+    ax.barh(y, values, color=colors)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("relaynet / Postfix (median of rounds; green: relaynet better)")
+    ax.set_title("Ratios")
+    for yy, v in zip(y, values):
+        ax.text(v, yy, f" {v:.2f}", va="center", fontsize=7)
+    ax = axes[1]
+    if lat_rows:
+        groups = [f"{r['metric'].split()[-1]} {r['hops']} hop{'s' if r['hops'] > 1 else ''}" for r in lat_rows]
+        x = list(range(len(groups)))
+        w = 0.38
+        for k, name in enumerate(SYSTEM_NAMES):
+            vals = [r[name]["median"] or 0 for r in lat_rows]
+            ax.bar([xx + (k - 0.5) * w for xx in x], vals, w, label=name)
+        ax.set_xticks(x, groups)
+        ax.set_ylabel("ms, final dot to arrival at the sink")
+        ax.set_title(f"Latency at {args.latency_rate:g} msg/s")
+        ax.legend()
+    else:
+        ax.axis("off")
+    fig.suptitle(f"relaynet bench: relaynet vs Postfix, {args.rounds} alternating rounds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _git_describe() -> str | None:
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        # Only the code the nodes run counts: relaynet/ and the twistd plugin.
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no",
+                                "--", "relaynet", "twisted"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("-dirty" if dirty else "") if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        # `relaynet bench -- --quick`: the relaynet command passes the "--" on.
+        argv = argv[1:]
+    args = parse_args(argv)
+    groups = plan(args)
+    est = estimate(groups, args)
+    runs_planned = sum(len(g["items"]) for g in groups) * args.rounds * 2
+    log(f"relaynet bench: {runs_planned} runs ({args.rounds} rounds x 2 systems), "
+        f"scenarios {','.join(args.scenarios)}; estimated {est / 60:.1f} min on 2 cores")
+    if args.estimate:
+        print(f"{est / 60:.1f}")
+        return 0
+    reason = postfix_unavailable_reason()
+    if reason:
+        log(f"cannot run: {reason}")
+        return 2
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = Path(args.json) if args.json else HERE / "results" / f"bench-{stamp}.json"
+    png_path = None if args.no_png else (Path(args.png) if args.png else json_path.with_suffix(".png"))
+    if args.workdir:
+        workdir = Path(args.workdir).absolute()
+        workdir.mkdir(parents=True, exist_ok=True)
+        temporary = False
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="relaynet-bench-"))
+        temporary = not args.keep_workdir
+    allow_postfix_search(workdir)
+    log(f"workdir: {workdir}")
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    started = time.time()
+    t0 = time.monotonic()
+    environment = {
+        "started": started, "python": sys.version.split()[0], "platform": platform.platform(),
+        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "relaynet_git": _git_describe(),
+    }
+    runs: list[dict] = []
+    described: dict = {}
+    interrupted = None
+    try:
+        execute(groups, args, workdir, t0 + args.max_minutes * 60, runs, described)
+    except PeerUnavailable as e:
+        log(f"cannot run: {e}")
+        return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        interrupted = str(e) or "interrupted"
+        log(f"interrupted: {interrupted}")
+    except Exception as e:  # report what was measured before the failure
+        import traceback
+
+        traceback.print_exc()
+        interrupted = f"error: {e}"
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - t0
+    environment["loadavg_end"] = os.getloadavg()
+    environment["relaynet_git_end"] = _git_describe()
+    if environment["relaynet_git_end"] != environment["relaynet_git"]:
+        log(f"warning: relaynet's code changed during the run ({environment['relaynet_git']} -> "
+            f"{environment['relaynet_git_end']}); nodes started at different times may differ")
+    rows = summarize(runs, args)
+    table = format_table(rows)
+    print()
+    print(f"relaynet bench: medians of {args.rounds} alternating rounds; "
+          f"{args.messages} messages per accept run, {args.chain_messages} per chain3 run, "
+          f"{args.latency_messages} at {args.latency_rate:g} msg/s per latency run; "
+          + ("one connection per session" if args.reuse_connection else "one connection per message"))
+    print(table)
+    size_figures = sizing(rows)
+    print()
+    print(format_sizing(size_figures))
+    print(f"\nelapsed {elapsed / 60:.1f} min (estimated {est / 60:.1f}); "
+          f"load average {environment['loadavg_start'][0]:.2f} at start, {environment['loadavg_end'][0]:.2f} at end")
+    result = {
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("json", "png")},
+        "environment": environment,
+        "estimate_seconds": est,
+        "elapsed_seconds": elapsed,
+        "interrupted": interrupted,
+        "systems": described,
+        "summary": rows,
+        "sizing": size_figures,
+        "table": table,
+        "runs": runs,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"raw results: {json_path}")
+    if png_path is not None:
+        try:
+            draw_chart(png_path, rows, args)
+            print(f"chart: {png_path}")
+        except ImportError:
+            log("matplotlib is not installed (pip install -e '.[bench]'): no chart drawn")
+    failed = interrupted is not None or any(r.get("error") or r.get("skipped") for r in runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
