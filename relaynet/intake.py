@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _PAUSE_ABOVE = 256 * 1024
+# Message bytes handed to the spool but not yet written out, above which the
+# session stops reading: memory per session stays bounded when the disk is slow.
+_DISK_BACKLOG = 1024 * 1024
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 HELP_TEXT = (
@@ -131,6 +134,7 @@ class RelayESMTP(smtp.ESMTP):
         self._closing = False
         self._paused = False
         self._write_blocked = False
+        self._disk_blocked = False
         self._discarding = False
         self._errors = 0
         self._helo_name: str | None = None
@@ -203,7 +207,9 @@ class RelayESMTP(smtp.ESMTP):
         Only the pile's size decides: pausing the transport outright would
         also stall a TLS handshake under us.
         """
-        want_pause = (self._write_blocked or self._waiting) and len(self._inbuf) > _PAUSE_ABOVE
+        want_pause = self._disk_blocked or (
+            (self._write_blocked or self._waiting) and len(self._inbuf) > _PAUSE_ABOVE
+        )
         if want_pause and not self._paused and not self._closing:
             self._paused = True
             self.transport.pauseProducing()
@@ -745,12 +751,19 @@ class RelayESMTP(smtp.ESMTP):
             elif body:
                 try:
                     writer.write(body)
-                except OSError as e:
+                except (OSError, SpoolError) as e:
                     self.log.error("Queue file write failed: {error}", error=str(e))
                     writer.abort()
                     self._writer = writer = None
         if rest is None:
+            if writer is not None and writer.pending > _DISK_BACKLOG:
+                # The disk is behind the network: stop reading until it catches up.
+                self._disk_blocked = True
+                writer.drained = self._disk_drained
+            else:
+                self._disk_blocked = False
             return
+        self._disk_blocked = False
         self._inbuf = rest + self._inbuf
         self._scanner = None
         self._writer = None
@@ -770,6 +783,10 @@ class RelayESMTP(smtp.ESMTP):
             return
         assert txn is not None
         self._wait_for(self._commit(writer, hops, scanner.message_id))
+
+    def _disk_drained(self) -> None:
+        self._disk_blocked = False
+        self._flow()
 
     def _rejected(self, stage: str, code: int, enhanced: str, **fields: Any) -> None:
         """One C{reject} event per refused RCPT or message, for metrics and admins."""

@@ -698,15 +698,16 @@ def test_postmaster_without_domain(relay: RelayHarness) -> None:
 def test_commit_before_ack(relay: RelayHarness) -> None:
     """
     The 250 after the final dot is sent only once the spool's commit work has
-    run: before, nothing is in new/ (the message is in tmp/) and no reply is
-    written; after, C{250 2.0.0 Ok: queued as ID} names the file new/ID, and
+    run: before, nothing is in new/ (a small message is not even in tmp/: its
+    file is created by the commit job, off the reactor thread) and no reply
+    is written; after, C{250 2.0.0 Ok: queued as ID} names the file new/ID, and
     the intake was told about the entry.
     """
     h = relay
     h.begin_data()
     assert h.send(MESSAGE + b".\r\n") == []
     assert h.new_ids() == []
-    assert len(h.leftovers()) == 1
+    assert h.leftovers() == []
     assert h.pool.pending > 0
     [reply] = h.settle()
     qid = queued_id(reply)
@@ -946,11 +947,17 @@ def test_disk_error_while_receiving(relay: RelayHarness, monkeypatch: pytest.Mon
 
 
 def test_cannot_create_queue_file(relay: RelayHarness, tmp_path: Path) -> None:
-    """If the queue file cannot be created, DATA is answered 451 4.3.0 and the transaction ends."""
+    """
+    If the queue file cannot be created (it is created off the reactor
+    thread, at the final dot for a small message), the dot is answered
+    451 4.3.0, nothing is queued and the transaction ends.
+    """
     h = relay
     h.chat(b"EHLO client.test\r\nMAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\n")
     h.intake.spool.tmp_dir = tmp_path / "missing"
-    expect(h, h.chat(b"DATA\r\n"), [(451, "4.3.0")])
+    expect(h, h.chat(b"DATA\r\n"), [354])
+    expect(h, h.chat(b"Subject: x\r\n\r\nbody\r\n.\r\n"), [(451, "4.3.0")])
+    assert h.new_ids() == [] and h.intake.queued_entries == []
     expect(h, h.chat(b"RCPT TO:<b@localhost>\r\n"), [(503, "5.5.1")])
 
 
@@ -1272,9 +1279,13 @@ def test_ehlo_from_unix_socket(server: type[Harness], tmp_path: Path) -> None:
 
 
 def test_connection_lost_in_data(relay: RelayHarness) -> None:
-    """A connection lost mid-DATA leaves nothing in new/ and nothing in tmp/."""
+    """
+    A connection lost mid-DATA, after part of a large message was written
+    out to tmp/, leaves nothing in new/ and nothing in tmp/.
+    """
     relay.begin_data()
-    relay.send(b"Subject: x\r\n\r\npart")
+    relay.send(b"Subject: x\r\n\r\n" + (b"x" * 78 + b"\r\n") * (SpoolWriter.FLUSH_AT // 80 + 1) + b"part")
+    assert relay.settle() == []
     assert len(relay.leftovers()) == 1
     relay.lose()
     assert relay.settle() == []

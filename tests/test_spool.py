@@ -28,6 +28,21 @@ from relaynet.spool import (
 )
 
 
+def waitFor(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    """A Deferred firing once C{predicate()} holds, polled on the reactor; fails after C{timeout}."""
+    from twisted.internet.task import deferLater
+
+    @inlineCallbacks
+    def poll():  # type: ignore[no-untyped-def]
+        deadline = reactor.seconds() + timeout
+        while not predicate():
+            if reactor.seconds() > deadline:
+                raise AssertionError("condition not reached within %ss" % timeout)
+            yield deferLater(reactor, 0.005, lambda: None)
+
+    return poll()
+
+
 def envelope(spool: Spool, *rcpts: str) -> Envelope:
     return Envelope(
         queue_id=spool.new_id(),
@@ -84,17 +99,71 @@ class SpoolTests(TestCase):
         self.assertEqual(os.listdir(self.root / "tmp"), [])
         self.assertEqual(os.listdir(self.root / "new"), [])
 
+    def test_small_message_touches_no_file_before_commit(self) -> None:
+        """
+        Below the flush threshold nothing is created until the commit (no
+        file operation on the reactor thread), and an abort leaves nothing.
+        """
+        w = self.spool.begin(envelope(self.spool))
+        w.write(b"Subject: s\r\n\r\n" + b"x" * 1000 + b"\r\n")
+        self.assertEqual(os.listdir(self.root / "tmp"), [])
+        w.abort()
+        self.assertEqual(os.listdir(self.root / "tmp"), [])
+
+    @inlineCallbacks
+    def test_large_message_streams_in_chunks(self):  # type: ignore[no-untyped-def]
+        """
+        A message larger than the flush threshold is written out in chunks
+        while it arrives (memory stays bounded; L{SpoolWriter.drained} fires
+        when the chunks are on disk) and commits byte for byte.
+        """
+        w = self.spool.begin(envelope(self.spool))
+        drained = []
+        w.drained = lambda: drained.append(w.pending)
+        line = b"y" * 78 + b"\r\n"
+        body = b"Subject: big\r\n\r\n" + line * (3 * w.FLUSH_AT // len(line))
+        for i in range(0, len(body), 65536):
+            w.write(body[i : i + 65536])
+            self.assertLess(w.pending, 2 * w.FLUSH_AT + 65536)
+        yield waitFor(lambda: drained and len(os.listdir(self.root / "tmp")) == 1)
+        self.assertEqual(drained[-1], 0)
+        entry = yield w.commit(hops=3)
+        env, offset = read_queue_file(entry.path)
+        self.assertEqual((env.size, env.hops), (len(body), 3))
+        self.assertEqual(entry.path.read_bytes()[offset:], body)
+        self.assertEqual(os.listdir(self.root / "tmp"), [])
+
+    @inlineCallbacks
+    def test_abort_after_chunks(self):  # type: ignore[no-untyped-def]
+        """Aborting a message some chunks of which are on disk removes them."""
+        w = self.spool.begin(envelope(self.spool))
+        w.write(b"z" * (w.FLUSH_AT + 1))
+        yield waitFor(lambda: len(os.listdir(self.root / "tmp")) == 1)
+        w.abort()
+        yield waitFor(lambda: os.listdir(self.root / "tmp") == [])
+        self.assertEqual(os.listdir(self.root / "new"), [])
+
+    @inlineCallbacks
+    def test_chunk_write_error_fails_commit(self):  # type: ignore[no-untyped-def]
+        """
+        A chunk that cannot be written (here: C{tmp/} is gone) fails the
+        commit with L{SpoolError}; nothing reaches C{new/}.
+        """
+        w = self.spool.begin(envelope(self.spool))
+        os.rmdir(self.root / "tmp")
+        w.write(b"z" * (w.FLUSH_AT + 1))
+        w.write(b"more\r\n")
+        yield self.assertFailure(w.commit(hops=1), SpoolError)
+        self.assertEqual(os.listdir(self.root / "new"), [])
+
     def test_recovery_removes_tmp(self) -> None:
         """A crash leaves files in C{tmp/}; preparing the spool removes them."""
-        w = self.spool.begin(envelope(self.spool))
-        w.write(b"half a message")
-        w._file.flush()  # type: ignore[union-attr]
-        self.assertEqual(len(os.listdir(self.root / "tmp")), 1)
+        (self.root / "tmp" / "3CCCN42PG65JPB717").write_bytes(b"half a message")
+        (self.root / "tmp" / "3CCCN42PG65JPB717.state").write_bytes(b"{")
         spool2 = Spool(self.root, reactor, self.pool)
         spool2.prepare()
         self.assertEqual(os.listdir(self.root / "tmp"), [])
         self.assertEqual(list(spool2.recover()), [])
-        w.abort()
 
     @inlineCallbacks
     def test_recover_with_state(self):  # type: ignore[no-untyped-def]
@@ -153,12 +222,7 @@ class SpoolTests(TestCase):
         w = self.spool.begin(envelope(self.spool))
         w.write(b"x\r\n")
         os.rmdir(self.root / "new")
-        try:
-            yield w.commit(hops=1)
-        except SpoolError:
-            pass
-        else:
-            self.fail("commit did not fail")
+        yield self.assertFailure(w.commit(hops=1), SpoolError)
         self.assertEqual(os.listdir(self.root / "tmp"), [])
 
     def test_ids_unique_and_ordered(self) -> None:
