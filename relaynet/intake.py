@@ -52,7 +52,7 @@ from relaynet.policy import check_recipient, is_trusted
 from relaynet.smtpparse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
 from relaynet.tls import connection_info
-from relaynet.outbound import no_delay
+from relaynet.netio import no_delay, send_now
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -131,6 +131,7 @@ class RelayESMTP(smtp.ESMTP):
         self._inbuf = b""
         self._waiting = False
         self._processing = False
+        self._out: list[bytes] = []
         self._closing = False
         self._paused = False
         self._write_blocked = False
@@ -255,6 +256,7 @@ class RelayESMTP(smtp.ESMTP):
         self._close()
 
     def _close(self) -> None:
+        self._send_replies()
         self._closing = True
         self._inbuf = b""
         self.setTimeout(None)
@@ -312,6 +314,25 @@ class RelayESMTP(smtp.ESMTP):
                 self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many errors")
                 self._close()
 
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        """
+        Queue one reply, all its lines in one buffer. Replies made while
+        input is being processed (a pipelined batch of commands) go out
+        together at the end of the batch, in one send; others at once.
+        """
+        lines = message.splitlines() or [b""]
+        prefix = b"%03d" % code
+        out = b"".join([prefix + b"-" + line + b"\r\n" for line in lines[:-1]])
+        self._out.append(out + prefix + b" " + lines[-1] + b"\r\n")
+        if not self._processing:
+            self._send_replies()
+
+    def _send_replies(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out = []
+            send_now(self.transport, data)
+
     # -- input -----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -352,6 +373,7 @@ class RelayESMTP(smtp.ESMTP):
                     self.shutdown()
         finally:
             self._processing = False
+        self._send_replies()
         self._flow()
 
     def _command(self, line: bytes) -> None:
@@ -454,6 +476,7 @@ class RelayESMTP(smtp.ESMTP):
         # counts, and the session starts over.
         self._inbuf = b""
         self._helo_name, self._esmtp, self._txn = None, False, None
+        self._send_replies()
         self.transport.startTLS(self.intake.tls)
         self.startedTLS = True
 

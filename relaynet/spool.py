@@ -257,6 +257,11 @@ class BoundedReader:
         self._left -= len(data)
         return data
 
+    @property
+    def remaining(self) -> int:
+        """Bytes still to be read."""
+        return max(self._left, 0)
+
     def close(self) -> None:
         self._f.close()
 

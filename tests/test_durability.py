@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from relaynet.spool import SpoolWriter
+
 try:
     from nodeproc import (
         HOST, QUEUE_ID, NodeProcess, RawClient, parse_message, split_delivered, wait_for,
@@ -236,8 +238,14 @@ def test_kill9_loses_no_acknowledged_message(tmp_path: Path) -> None:
 
 
 def _partial(user: str) -> tuple[bytes, bytes]:
+    """
+    The first part of a message's data, never finished: larger than what the
+    spool keeps in memory (L{SpoolWriter.FLUSH_AT}), so part of it reaches
+    queue/tmp while DATA is still open.
+    """
     mid, msg = make_message(99, 1, f"half-{user}")
-    return mid.encode(), msg[: len(msg) // 2]
+    filler = (b"x" * 76 + b"\r\n") * (2 * SpoolWriter.FLUSH_AT // 78)
+    return mid.encode(), msg + filler
 
 
 def _send_sentinel(node: NodeProcess, user: str) -> bytes:

@@ -354,7 +354,8 @@ def test_sigterm_with_stalled_data_is_bounded(tmp_path: Path) -> None:
         c = RawClient(n.port, timeout=30.0)
         try:
             c.start_data(f"{user}@localhost".encode())
-            c.sock.sendall(b"Subject: stalled\r\n\r\npart of a body\r\n")
+            # More than the spool holds in memory (SpoolWriter.FLUSH_AT): part is on disk.
+            c.sock.sendall(b"Subject: stalled\r\n\r\n" + b"part of a body\r\n" * 20000)
             wait_for(lambda: n.queue_files("tmp"), 5.0, "the in-progress queue file")
             n.signal(signal.SIGTERM)
             rc = n.wait_exit(20.0)

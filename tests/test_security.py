@@ -1005,7 +1005,8 @@ def test_half_sent_data_then_dropped(nodes: dict[str, NodeProcess], how: str) ->
     c.cmd(f"MAIL FROM:<h-{token}@client.test>".encode())
     c.cmd(f"RCPT TO:<h-{token}@localhost>".encode())
     assert c.cmd(b"DATA")[0] == 354
-    c.sock.sendall(f"Subject: half {token}\r\n\r\n".encode() + b"half a message\r\n" * 2000)
+    # More than the spool holds in memory (SpoolWriter.FLUSH_AT): part is on disk.
+    c.sock.sendall(f"Subject: half {token}\r\n\r\n".encode() + b"half a message\r\n" * 20000)
     wait_for(lambda: node.queue_files("tmp"), 10, "the partial queue file")
     if how == "reset":
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
