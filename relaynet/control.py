@@ -358,9 +358,10 @@ class AdminAPI(Resource):
         }
 
     def list(self, request: Request, body: Any) -> dict[str, Any]:
-        items = self.runner.list(**self._filters(request))
+        entries = self.runner.matching(**self._filters(request))
         limit = _int_arg(request, "limit", None)
-        return {"count": len(items), "messages": items if limit is None else items[:limit]}
+        shown = entries if limit is None else entries[:limit]
+        return {"count": len(entries), "messages": self.runner.summaries(shown)}
 
     def show(self, request: Request, body: Any, queue_id: str) -> Any:
         self._entry(queue_id)

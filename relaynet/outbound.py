@@ -547,6 +547,10 @@ class BodySender:
 
 
 class _Factory(ClientFactory):
+    # One factory per connection: Twisted's "Starting/Stopping factory" lines
+    # would be two log lines per outbound connection (the events say more).
+    noisy = False
+
     def __init__(self, pool: "HopPool") -> None:
         self.pool = pool
 

@@ -45,6 +45,7 @@ from relaynet.policy import check_recipient
 from relaynet.routing import order_hops
 from relaynet.scheduler import RetryPolicy
 from relaynet.spool import Envelope, QueueEntry, Recipient, RecipientState, Spool
+from relaynet.timetable import Timetable
 
 
 @frozen
@@ -117,9 +118,9 @@ class QueueRunner:
         )
         self._resolver = resolver
         self.entries: dict[str, QueueEntry] = {}
-        self._timers: dict[str, Any] = {}
         self._busy: dict[str, Deferred[list[Outcome]]] = {}
         self._sem = DeferredSemaphore(q.concurrency)
+        self._timetable = Timetable(reactor, self._fire, lambda: self._sem.tokens > 0)
         self._running = False
         self._started: dict[str, float] = {}
 
@@ -138,10 +139,7 @@ class QueueRunner:
     def stop(self) -> Deferred[None]:
         """Stop scheduling; the Deferred fires when running attempts are done."""
         self._running = False
-        for t in self._timers.values():
-            if t.active():
-                t.cancel()
-        self._timers.clear()
+        self._timetable.clear()
         self.outbound.close()
         running = list(self._busy.values())
         if not running:
@@ -156,9 +154,14 @@ class QueueRunner:
             recorded), or C{None} if the runner is stopped.
         """
         self.entries[entry.queue_id] = entry
-        if self._running:
-            return self._attempt(entry)
-        return None
+        if not self._running:
+            return None
+        if self._sem.tokens == 0:
+            # Every attempt slot is taken: wait in the timetable, not as a
+            # Deferred queued on the semaphore (memory stays per slot).
+            self._timetable.set(entry.queue_id, 0)
+            return None
+        return self._attempt(entry)
 
     def cut_through(self, entry: QueueEntry) -> Deferred[tuple[int, str, str]]:
         """
@@ -195,23 +198,42 @@ class QueueRunner:
         sender or recipient (substring, case-insensitive), recipient domain
         and minimum age in seconds.
         """
+        return self.summaries(self.matching(state, sender, recipient, domain, min_age))
+
+    def matching(
+        self, state: str | None = None, sender: str | None = None,
+        recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+    ) -> list[QueueEntry]:
+        """
+        The queued messages L{list} would show, oldest first, without building
+        their summaries (a listing of 20 out of 100,000 builds 20).
+        """
         now = self.now()
+        sender = sender.lower() if sender else None
+        recipient = recipient.lower() if recipient else None
+        domain = domain.lower() if domain else None
         out = []
         for entry in sorted(self.entries.values(), key=lambda e: e.envelope.arrival):
-            item = entry_summary(entry, entry.queue_id in self._busy, now)
-            if state and item["state"] != state:
+            env = entry.envelope
+            if state and entry_state(entry, entry.queue_id in self._busy) != state:
                 continue
-            if sender and sender.lower() not in item["sender"].lower():
+            if sender and sender not in env.sender.lower():
                 continue
-            addrs = [r["address"].lower() for r in item["recipients"]]
-            if recipient and not any(recipient.lower() in a for a in addrs):
+            if recipient or domain:
+                addrs = [r.address.lower() for r in env.recipients]
+                if recipient and not any(recipient in a for a in addrs):
+                    continue
+                if domain and not any(a.rpartition("@")[2] == domain for a in addrs):
+                    continue
+            if min_age is not None and now - env.arrival < min_age:
                 continue
-            if domain and not any(a.rpartition("@")[2] == domain.lower() for a in addrs):
-                continue
-            if min_age is not None and item["age"] < min_age:
-                continue
-            out.append(item)
+            out.append(entry)
         return out
+
+    def summaries(self, entries: list[QueueEntry]) -> list[dict[str, Any]]:
+        """L{entry_summary} of each of C{entries}."""
+        now = self.now()
+        return [entry_summary(e, e.queue_id in self._busy, now) for e in entries]
 
     def show(self, queue_id: str) -> Deferred[dict[str, Any]] | None:
         """
@@ -261,9 +283,7 @@ class QueueRunner:
         if entry is None:
             return False
         entry.state.held = True
-        timer = self._timers.pop(queue_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._timetable.cancel(queue_id)
         yield self.spool.record(entry)
         self.events.emit("hold", queue_id=queue_id, sender=entry.envelope.sender)
         return True
@@ -289,9 +309,7 @@ class QueueRunner:
         if entry is None or queue_id in self._busy:
             return False
         self.entries.pop(queue_id, None)
-        timer = self._timers.pop(queue_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._timetable.cancel(queue_id)
         yield self.spool.remove(entry)
         self.events.emit("deleted", queue_id=queue_id, sender=entry.envelope.sender, status="deleted")
         return True
@@ -302,9 +320,7 @@ class QueueRunner:
         entry = self.entries.get(queue_id)
         if entry is None or queue_id in self._busy:
             return False
-        timer = self._timers.pop(queue_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._timetable.cancel(queue_id)
         outcomes = [
             Outcome(r.address, "bounced", "bounced", "5.0.0", reason) for r in entry.pending_recipients()
         ]
@@ -337,14 +353,9 @@ class QueueRunner:
         return out
 
     def _schedule(self, entry: QueueEntry, delay: float) -> None:
-        qid = entry.queue_id
-        old = self._timers.pop(qid, None)
-        if old is not None and old.active():
-            old.cancel()
-        self._timers[qid] = self.reactor.callLater(delay, self._fire, qid)
+        self._timetable.set(entry.queue_id, delay)
 
     def _fire(self, qid: str) -> None:
-        self._timers.pop(qid, None)
         entry = self.entries.get(qid)
         if entry is not None and self._running:
             self._attempt(entry)
@@ -362,7 +373,9 @@ class QueueRunner:
                 self.log.failure("Delivery attempt of {queue_id} failed", result, queue_id=qid)
                 if self._running and qid in self.entries:
                     self._schedule(entry, self.policy.minimal_backoff)
-                return []
+                result = []
+            if self._running:
+                self._timetable.kick()  # a slot is free: start what is due
             return result
 
         d.addBoth(done)

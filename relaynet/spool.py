@@ -35,6 +35,7 @@ import os
 import shutil
 import threading
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -88,8 +89,8 @@ class Recipient:
     def from_json(cls, data: dict[str, Any]) -> "Recipient":
         notify = data.get("notify")
         return cls(
-            address=data["address"],
-            route=data.get("route", "local"),
+            address=_intern(data["address"]),
+            route=_intern(data.get("route", "local")),
             notify=tuple(notify) if notify is not None else None,
             orcpt=data.get("orcpt"),
         )
@@ -140,15 +141,35 @@ class Envelope:
             raise CorruptQueueFile(f"unsupported envelope version {data.get('version')!r}")
         return cls(
             queue_id=data["queue_id"],
-            sender=data["sender"],
+            sender=_intern(data["sender"]),
             recipients=tuple(Recipient.from_json(r) for r in data["recipients"]),
             arrival=float(data["arrival"]),
-            params=dict(data.get("params") or {}),
-            client=dict(data.get("client") or {}),
-            node=data.get("node", ""),
+            params=_compact(data.get("params")),
+            client=_compact(data.get("client")),
+            node=_intern(data.get("node", "")),
             size=size,
             hops=hops,
         )
+
+
+def _intern(value: Any) -> Any:
+    return sys.intern(value) if type(value) is str else value
+
+
+def _compact(data: dict[str, Any] | None) -> dict[str, Any]:
+    """
+    A params or client mapping as kept in memory for a queued message: keys
+    and string values shared between messages, C{None} values left out (the
+    code reads them with C{.get}). A queue of 100,000 messages then holds
+    one copy of C{"listener"} or C{"127.0.0.1"}, not 100,000.
+    """
+    if not data:
+        return {}
+    return {
+        sys.intern(k): tuple(map(_intern, v)) if type(v) is list else _intern(v)
+        for k, v in data.items()
+        if v is not None
+    }
 
 
 @define
@@ -211,11 +232,16 @@ class QueueState:
 
 @define
 class QueueEntry:
-    """A committed message: its envelope, recorded state and file."""
+    """
+    A committed message: its envelope, recorded state and file.
+
+    @ivar path: the queue file, a C{str} (a C{Path} per queued message costs
+        ~300 bytes, a third of an idle entry's memory).
+    """
 
     envelope: Envelope
     state: QueueState
-    path: Path
+    path: str = field(converter=os.fspath)
     body_offset: int
     state_written: bool = True
 

@@ -239,8 +239,14 @@ class FakeRunner:
         return {"incoming": 1, "active": 0, "deferred": 1, "hold": 0}
 
     def list(self, **filters: Any) -> list[dict[str, Any]]:
+        return self.summaries(self.matching(**filters))
+
+    def matching(self, **filters: Any) -> list[dict[str, Any]]:
         self.calls.append(("list", filters))
         return [i for i in self.items if not filters.get("state") or i["state"] == filters["state"]]
+
+    def summaries(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(entries)
 
     def show(self, qid: str) -> Any:
         return succeed({**self.items[0], "headers": "Subject: x\r\n"})

@@ -130,7 +130,7 @@ class SpoolTests(TestCase):
         entry = yield w.commit(hops=3)
         env, offset = read_queue_file(entry.path)
         self.assertEqual((env.size, env.hops), (len(body), 3))
-        self.assertEqual(entry.path.read_bytes()[offset:], body)
+        self.assertEqual(Path(entry.path).read_bytes()[offset:], body)
         self.assertEqual(os.listdir(self.root / "tmp"), [])
 
     @inlineCallbacks

@@ -1,0 +1,126 @@
+# -*- test-case-name: tests.test_timetable -*-
+"""
+When each queued message is next due: one heap and one reactor timer for a
+whole queue, instead of a C{DelayedCall} per message.
+
+A deferred backlog of 100,000 messages held 100,000 C{DelayedCall}s (each an
+object with its own dict and argument tuple, ~0.5 KB, and a slot in the
+reactor's own heap); here a message costs one heap tuple and one dict entry.
+The timetable also meters the firing: due messages wait in the heap until the
+runner says it has room (C{ready}), so a flush of the whole queue starts as
+many attempts as the runner runs at once, not 100,000 Deferreds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IReactorTime
+
+
+class Timetable:
+    """
+    Due times by key (queue id), firing C{fire(key)} for keys that are due
+    while C{ready()} holds.
+    """
+
+    def __init__(self, clock: IReactorTime, fire: Callable[[str], None], ready: Callable[[], bool]) -> None:
+        self._clock = clock
+        self._fire = fire
+        self._ready = ready
+        self._due: dict[str, tuple[float, int]] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._timer: Any = None
+        self._firing = False
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
+
+    def due(self, key: str) -> float | None:
+        """When C{key} is due (reactor seconds), or C{None} if it is not scheduled."""
+        slot = self._due.get(key)
+        return None if slot is None else slot[0]
+
+    def set(self, key: str, delay: float) -> None:
+        """Make C{key} due C{delay} seconds from now (replacing an earlier time)."""
+        slot = (self._clock.seconds() + max(0.0, delay), next(self._seq))
+        self._due[key] = slot
+        heapq.heappush(self._heap, (slot[0], slot[1], key))
+        if delay <= 0:
+            self.kick()
+        else:
+            self._arm()
+
+    def cancel(self, key: str) -> None:
+        """Forget C{key}'s due time (its heap tuple is dropped when reached)."""
+        self._due.pop(key, None)
+        if not self._due:
+            self.clear()
+
+    def clear(self) -> None:
+        """Forget everything and stop the timer."""
+        self._due.clear()
+        self._heap.clear()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def kick(self) -> None:
+        """Fire every key that is due, for as long as C{ready()} allows."""
+        if self._firing:
+            return
+        self._firing = True
+        try:
+            now = self._clock.seconds()
+            heap = self._heap
+            while heap and heap[0][0] <= now and self._ready():
+                due, seq, key = heapq.heappop(heap)
+                if self._due.get(key) != (due, seq):
+                    continue  # cancelled or rescheduled
+                del self._due[key]
+                self._fire(key)
+            self._drop_stale()
+        finally:
+            self._firing = False
+        self._arm()
+
+    def _drop_stale(self) -> None:
+        heap = self._heap
+        while heap:
+            due, seq, key = heap[0]
+            if self._due.get(key) == (due, seq):
+                return
+            heapq.heappop(heap)
+        # Stale tuples deeper in the heap: rebuild when they dominate it.
+        if len(heap) > 64 and len(heap) > 2 * len(self._due):
+            self._heap = [(d, s, k) for k, (d, s) in self._due.items()]
+            heapq.heapify(self._heap)
+
+    def _arm(self) -> None:
+        """Keep one timer, for the earliest due time still in the future."""
+        self._drop_stale()
+        if not self._heap:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            return
+        earliest = self._heap[0][0]
+        now = self._clock.seconds()
+        if earliest <= now:
+            # Due already but not ready: L{kick} runs when the runner has room.
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= earliest:
+                return
+            self._timer.cancel()
+        self._timer = self._clock.callLater(earliest - now, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        self.kick()
