@@ -669,6 +669,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:
         # `relaynet bench -- --quick`: the relaynet command passes the "--" on.
         argv = argv[1:]
+    if argv[:1] == ["backlog"]:
+        # `relaynet bench backlog ...`: the large-backlog scale test (relaynet only).
+        import backlog
+
+        return backlog.main(argv[1:])
     args = parse_args(argv)
     groups = plan(args)
     est = estimate(groups, args)

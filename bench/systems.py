@@ -193,9 +193,7 @@ mode = "relay"
 
 {routes}
 [queue]
-delay_warning = 0
-minimal_backoff = 5
-maximal_backoff = 30
+{queue_settings}
 
 [outbound]
 connect_timeout = 5
@@ -206,6 +204,11 @@ data_timeout = 30
 data_block_timeout = 60
 data_done_timeout = 60
 """
+
+QUEUE_SETTINGS = """\
+delay_warning = 0
+minimal_backoff = 5
+maximal_backoff = 30"""
 
 ROUTE = """\
 [[route]]
@@ -218,7 +221,11 @@ next_hops = ["tcp:127.0.0.1:{port}"]
 class RelaynetNode:
     """One C{twistd -n relaynet} process."""
 
-    def __init__(self, base: Path, name: str, port: int, routes: str, backlog: int | None = None):
+    def __init__(
+        self, base: Path, name: str, port: int, routes: str, backlog: int | None = None,
+        queue_settings: str = QUEUE_SETTINGS,
+    ):
+        self.queue_settings = queue_settings
         self.base = base
         self.backlog = backlog
         self.name = name
@@ -236,6 +243,7 @@ class RelaynetNode:
             NODE_CONFIG.format(
                 name=self.name, spool=self.spool, port=self.port, routes=self.routes,
                 listen_options=f":backlog={self.backlog}" if self.backlog else "",
+                queue_settings=self.queue_settings,
             )
         )
         twistd = Path(sys.executable).parent / "twistd"
