@@ -62,7 +62,7 @@ _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _PAUSE_ABOVE = 256 * 1024
 # Message bytes handed to the spool but not yet written out, above which the
 # session stops reading: memory per session stays bounded when the disk is slow.
-_DISK_BACKLOG = 1024 * 1024
+_DISK_BACKLOG = 512 * 1024
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 HELP_TEXT = (

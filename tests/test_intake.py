@@ -1536,3 +1536,28 @@ def test_any_body_round_trips(lines: list[bytes], cuts: list[int]) -> None:
         assert len(replies) == 1
         queued_id(replies[0])
         assert h.stored() == [(("b@localhost",), message)]
+
+
+def test_slow_disk_pauses_the_session(relay: RelayHarness) -> None:
+    """
+    A large message whose chunks are not written yet (the disk is behind):
+    past 512 KiB outstanding the session stops reading from the socket, and
+    resumes once the chunks are written; the message is then whole.
+    """
+    h = relay
+    h.begin_data()
+    line = b"y" * 78 + b"\r\n"
+    block = line * (64 * 1024 // len(line))
+    sent = b"Subject: big\r\n\r\n"
+    h.send(sent)
+    for _ in range(40):  # up to 2.5 MiB, none of it written by the pool yet
+        if h.transport.producerState == "paused":
+            break
+        h.send(block)
+        sent += block
+    assert h.transport.producerState == "paused"
+    assert len(sent) < 1024 * 1024
+    h.settle()
+    assert h.transport.producerState == "producing"
+    expect(h, h.chat(b".\r\n"), [(250, "2.0.0")])
+    assert h.stored() == [(("b@localhost",), sent)]
