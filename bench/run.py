@@ -311,7 +311,8 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
         hops = g["hops"]
         chains = {
             "postfix": SYSTEMS["postfix"](workdir, hops),
-            "relaynet": SYSTEMS["relaynet"](workdir, hops, backlog=args.relaynet_backlog),
+            "relaynet": SYSTEMS["relaynet"](workdir, hops, backlog=args.relaynet_backlog,
+                                            processes=args.relaynet_processes),
         }
         started = []
         try:
@@ -544,7 +545,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="smtp-source -d: one connection per session instead of one per message")
     p.add_argument("--relaynet-backlog", type=int, metavar="N",
                    help="listen(2) backlog of the relaynet listeners (':backlog=N' in the endpoint); "
-                   "default: Twisted's, 50")
+                   "default: the node's, 256")
+    p.add_argument("--relaynet-processes", type=int, default=1, metavar="N",
+                   help="relaynet nodes per hop, sharing its port (reuse_port = true), each with its "
+                   "own spool: a node per core (default 1; figures are per hop, summed over its nodes)")
     p.add_argument("--sample-interval", type=float, default=1.0, help="PSS sampling period, seconds")
     p.add_argument("--smtp-timeout", type=float, default=600, help="seconds allowed for one smtp-source run")
     p.add_argument("--drain-timeout", type=float, default=300,
@@ -572,7 +576,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [s for s in args.scenarios if s not in SCENARIOS]
     if bad or not args.scenarios:
         p.error(f"--scenarios: choose from {','.join(SCENARIOS)}")
-    for name in ("rounds", "messages", "chain_messages", "latency_messages", "latency_size"):
+    for name in ("rounds", "messages", "chain_messages", "latency_messages", "latency_size",
+                 "relaynet_processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if not 0 < args.latency_rate <= 1000:

@@ -190,6 +190,7 @@ spool = "{spool}"
 [[listener]]
 endpoint = "tcp:{port}:interface=127.0.0.1{listen_options}"
 mode = "relay"
+reuse_port = {reuse_port}
 
 {routes}
 [queue]
@@ -223,9 +224,10 @@ class RelaynetNode:
 
     def __init__(
         self, base: Path, name: str, port: int, routes: str, backlog: int | None = None,
-        queue_settings: str = QUEUE_SETTINGS,
+        queue_settings: str = QUEUE_SETTINGS, reuse_port: bool = False,
     ):
         self.queue_settings = queue_settings
+        self.reuse_port = reuse_port
         self.base = base
         self.backlog = backlog
         self.name = name
@@ -243,7 +245,7 @@ class RelaynetNode:
             NODE_CONFIG.format(
                 name=self.name, spool=self.spool, port=self.port, routes=self.routes,
                 listen_options=f":backlog={self.backlog}" if self.backlog else "",
-                queue_settings=self.queue_settings,
+                queue_settings=self.queue_settings, reuse_port="true" if self.reuse_port else "false",
             )
         )
         twistd = Path(sys.executable).parent / "twistd"
@@ -263,7 +265,10 @@ class RelaynetNode:
                 )
             try:
                 wait_for_smtp(HOST, self.port, timeout=0.5)
-                return
+                # A shared port greets as soon as one node listens: wait for this one's own word.
+                if not self.reuse_port or b"Listening on" in self.log_path.read_bytes():
+                    return
+                time.sleep(0.05)
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     self.stop()
@@ -297,9 +302,10 @@ class RelaynetNode:
 class RelaynetChain(Chain):
     name = "relaynet"
 
-    def __init__(self, workdir: Path, hops: int, backlog: int | None = None):
+    def __init__(self, workdir: Path, hops: int, backlog: int | None = None, processes: int = 1):
         super().__init__(workdir, hops)
         self.backlog = backlog
+        self.processes = processes
         self.nodes: list[RelaynetNode] = []
 
     def start(self) -> None:
@@ -315,9 +321,14 @@ class RelaynetChain(Chain):
                     )
                 else:
                     routes = ROUTE.format(domains='"*"', port=ports[i + 1])
-                node = RelaynetNode(self.workdir / f"rn{i + 1}", f"rn{i + 1}", ports[i], routes, self.backlog)
-                node.start()
-                self.nodes.insert(0, node)
+                # Each hop: one node, or several sharing its port (SO_REUSEPORT),
+                # each with its own spool: a node per core, as bench/README.md sizes it.
+                for k in reversed(range(self.processes)):
+                    name = f"rn{i + 1}" + (f"-{k + 1}" if self.processes > 1 else "")
+                    node = RelaynetNode(self.workdir / name, name, ports[i], routes, self.backlog,
+                                        reuse_port=self.processes > 1)
+                    node.start()
+                    self.nodes.insert(0, node)
             self.entry_port = ports[0]
         except BaseException:
             self.stop()
@@ -350,6 +361,7 @@ class RelaynetChain(Chain):
     def describe(self) -> dict:
         return {
             "hops": self.hops,
+            "processes_per_hop": self.processes,
             "command": shlex.join(self.nodes[0].command) if self.nodes else None,
             "configs": {node.name: node.config.read_text() for node in self.nodes},
         }

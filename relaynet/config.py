@@ -60,10 +60,14 @@ class Listener:
         set), C{submission} (RFC 6409, port 587: AUTH required before MAIL,
         offered only over TLS) or C{submissions} (port 465: implicit TLS, AUTH
         required).
+    @ivar reuse_port: listen with C{SO_REUSEPORT} (C{tcp:}/C{tcp6:} only), so
+        that several nodes, each with its own spool, share one address and
+        port and the kernel spreads connections between them.
     """
 
     endpoint: str
     mode: str = "relay"
+    reuse_port: bool = False
 
 
 @frozen
@@ -443,8 +447,11 @@ def _parse_listener(source: str, key: str, data: Any) -> Listener:
         "mode", str, "relay",
         lambda v: None if v in LISTENER_MODES else f"must be one of {', '.join(LISTENER_MODES)}",
     )
+    reuse_port = table.get("reuse_port", bool, False)
+    if reuse_port and endpoint.split(":", 1)[0] not in ("tcp", "tcp6"):
+        raise table.error("reuse_port", "needs a tcp: or tcp6: endpoint")
     table.finish()
-    return Listener(endpoint=endpoint, mode=mode)
+    return Listener(endpoint=endpoint, mode=mode, reuse_port=reuse_port)
 
 
 def _parse_route(source: str, key: str, data: Any) -> RouteRule:
@@ -881,7 +888,8 @@ def describe(config: NodeConfig) -> str:
         "",
     ]
     for lst in config.listeners:
-        lines += ["[[listener]]", f"endpoint = {_toml(lst.endpoint)}", f"mode = {_toml(lst.mode)}", ""]
+        lines += ["[[listener]]", f"endpoint = {_toml(lst.endpoint)}", f"mode = {_toml(lst.mode)}"]
+        lines += [f"reuse_port = {_toml(lst.reuse_port)}", ""] if lst.reuse_port else [""]
     lines += _table("limits", config.limits)
     lines += ["[relay]", f"trusted_networks = {_toml([str(n) for n in config.trusted_networks])}",
               f"relay_domains = {_toml(list(config.relay_domains))}", ""]

@@ -1,14 +1,20 @@
 # -*- test-case-name: tests.test_netio -*-
 """
 Socket-level helpers shared by the server (intake) and client (outbound)
-sides: Nagle off, and sending small writes at once.
+sides: Nagle off, sending small writes at once, and listening with
+C{SO_REUSEPORT}.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from zope.interface import implementer
 
 
 def no_delay(transport: Any) -> None:
@@ -61,3 +67,53 @@ def send_now(transport: Any, data: bytes) -> None:
 
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """
+    A TCP server endpoint that listens with C{SO_REUSEPORT}: several processes
+    (relaynet nodes, each with its own spool) bind the same address and port,
+    and the kernel spreads incoming connections between them. This is how
+    one host runs a node per core behind one port (Twisted's TCP endpoints
+    have no such option, so the socket is made here and adopted).
+    """
+
+    def __init__(self, reactor: Any, port: int, interface: str, backlog: int, family: int) -> None:
+        self._reactor = reactor
+        self._port = port
+        self._interface = interface
+        self._backlog = backlog
+        self._family = family
+
+    @classmethod
+    def from_string(cls, reactor: Any, description: str) -> "ReusePortEndpoint":
+        """
+        From a C{tcp:} or C{tcp6:} endpoint string (Twisted parses it).
+
+        @raise ValueError: any other kind of endpoint.
+        """
+        endpoint = serverFromString(reactor, description)
+        if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+            raise ValueError(f"SO_REUSEPORT needs a tcp: or tcp6: endpoint, not {description!r}")
+        interface = endpoint._interface
+        family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) or ":" in interface else socket.AF_INET
+        return cls(reactor, endpoint._port, interface or ("::" if family == socket.AF_INET6 else ""),
+                   endpoint._backlog, family)
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        try:
+            sock = socket.socket(self._family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((self._interface, self._port))
+                sock.listen(self._backlog)
+                sock.setblocking(False)
+                # The reactor listens on a duplicate of the descriptor.
+                port = self._reactor.adoptStreamPort(sock.fileno(), self._family, factory)
+            finally:
+                sock.close()
+        except OSError as e:
+            return fail(e)
+        return succeed(port)

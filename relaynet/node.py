@@ -35,6 +35,7 @@ from relaynet.auth import RelayRealm, ScryptChecker
 from relaynet.config import ConfigError, NodeConfig
 from relaynet.events import EventLog
 from relaynet.intake import Intake, RelayFactory, drain
+from relaynet.netio import ReusePortEndpoint
 from relaynet.runner import QueueRunner
 from relaynet.spool import Spool, makedirs_durable
 from relaynet.tls import TLSConfigError, server_options
@@ -129,7 +130,11 @@ class RelayNode(MultiService):
             reactor=self.reactor, tls=self._tls_options(), portal=self._portal(),
         )
         for listener in self.config.listeners:
-            endpoint = serverFromString(self.reactor, with_backlog(listener.endpoint))
+            description = with_backlog(listener.endpoint)
+            if listener.reuse_port:
+                endpoint: Any = ReusePortEndpoint.from_string(self.reactor, description)
+            else:
+                endpoint = serverFromString(self.reactor, description)
             factory: Any = RelayFactory(self.intake, listener)
             if listener.mode == "submissions":
                 factory = TLSMemoryBIOFactory(self.intake.tls, False, factory)

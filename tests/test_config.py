@@ -89,6 +89,8 @@ text = "no"
         ("[limits]\nmax_recipients = 10\n", "limits.max_recipients"),
         ("[[listener]]\nmode = 'relay'\n", "listener[0].endpoint"),
         ("[[listener]]\nendpoint = 'tcp:1'\nmode = 'x'\n", "listener[0].mode"),
+        ("[[listener]]\nendpoint = 'unix:/tmp/s'\nreuse_port = true\n", "listener[0].reuse_port"),
+        ("[[listener]]\nendpoint = 'tcp:1'\nreuse_port = 'yes'\n", "listener[0].reuse_port"),
         ("[relay]\ntrusted_networks = ['not-a-net']\n", "relay.trusted_networks[0]"),
         ("[[route]]\ndomains = ['*']\naction = 'relay'\n", "route[0].next_hops"),
         ("[[route]]\ndomains = ['a..b']\naction = 'local'\n", "route[0].domains[0]"),

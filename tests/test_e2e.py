@@ -20,12 +20,12 @@ import pytest
 
 try:
     from nodeproc import (
-        HOST, QUEUE_ID, TWISTD, NodeProcess, NodeStartError, RawClient, free_port, port_is_free,
+        DEFAULT_CONFIG, HOST, QUEUE_ID, TWISTD, NodeProcess, NodeStartError, RawClient, free_port, port_is_free,
         relaynet_command, split_delivered, wait_for,
     )
 except ImportError:  # tests/ became a package
     from tests.nodeproc import (  # type: ignore[no-redef]
-        HOST, QUEUE_ID, TWISTD, NodeProcess, NodeStartError, RawClient, free_port, port_is_free,
+        DEFAULT_CONFIG, HOST, QUEUE_ID, TWISTD, NodeProcess, NodeStartError, RawClient, free_port, port_is_free,
         relaynet_command, split_delivered, wait_for,
     )
 
@@ -489,3 +489,52 @@ def test_fifty_megabyte_message(tmp_path: Path) -> None:
         print(f"\nnode VmHWM before {before} KiB, after {after} KiB: +{growth_mb:.1f} MiB "
               f"for a {BIG // (1024 * 1024)} MiB message")
         assert growth_mb < 40, f"node peak RSS grew by {growth_mb:.1f} MiB"
+
+
+# -- several nodes behind one port (SO_REUSEPORT) ----------------------------
+
+REUSE_PORT_CONFIG = DEFAULT_CONFIG.replace(
+    'endpoint = "tcp:{port}:interface=127.0.0.1"\n',
+    'endpoint = "tcp:{port}:interface=127.0.0.1"\nreuse_port = true\n',
+)
+
+
+def test_nodes_share_a_port_with_reuse_port(tmp_path: Path) -> None:
+    """
+    Two nodes, each with its own spool, listen on one port with
+    C{reuse_port = true}: the kernel spreads forty connections between them,
+    both take mail, and every message is delivered exactly once.
+    """
+    assert "reuse_port = true" in REUSE_PORT_CONFIG
+    port = free_port()
+    user = f"share{_token()}"
+    with NodeProcess(tmp_path / "a", REUSE_PORT_CONFIG, port=port, name="share-a") as a, \
+            NodeProcess(tmp_path / "b", REUSE_PORT_CONFIG, port=port, name="share-b") as b:
+        # The port greets as soon as the first node listens: wait for the second's own word.
+        wait_for(lambda: "Listening on" in b.log_text(), 30.0, "the second node to listen")
+        for i in range(40):
+            with smtplib.SMTP(HOST, port, timeout=30) as s:
+                s.sendmail("a@example.org", [f"{user}@localhost"],
+                           f"Subject: {i}\r\nMessage-ID: <share-{i}@test>\r\n\r\nx\r\n".encode())
+        wait_for(lambda: len(a.maildir_new(user)) + len(b.maildir_new(user)) >= 40, 30.0,
+                 "forty deliveries across the two nodes")
+        got_a, got_b = a.maildir_new(user), b.maildir_new(user)
+        assert got_a and got_b, (len(got_a), len(got_b))
+        ids = sorted(re.search(rb"Message-ID: <(share-\d+)@test>", p.read_bytes()).group(1)
+                     for p in got_a + got_b)
+        assert ids == sorted(b"share-%d" % i for i in range(40))
+
+
+def test_second_node_on_a_port_needs_reuse_port(tmp_path: Path) -> None:
+    """Without C{reuse_port}, a second node cannot listen where the first one does."""
+    port = free_port()
+    with NodeProcess(tmp_path / "a", port=port, name="alone"):
+        second = NodeProcess(tmp_path / "b", port=port, name="second")
+        try:
+            second.start()  # returns on the first node's greeting
+            assert second.proc is not None
+            rc = second.proc.wait(timeout=30)
+            assert rc != 0
+            assert "Address already in use" in second.log_text()
+        finally:
+            second.__exit__(None, None, None)
