@@ -50,8 +50,13 @@ class EventLog:
             except Exception:
                 self.log.failure("Event observer failed")
         keys = [k for k in record if k not in ("time", "node", "event")]
+        # The line is built here once; the node's text log writes it as is
+        # (log_line) instead of running Twisted's generic formatter on the
+        # format string: ~20 us less per event, two events per message.
         self.log.info(
-            "{event} " + " ".join(f"{k}={{{k}}}" for k in keys), **record
+            "{event} " + " ".join(f"{k}={{{k}}}" for k in keys),
+            log_line=" ".join([event] + [f"{k}={record[k]}" for k in keys]),
+            **record,
         )
 
     def close(self) -> None:

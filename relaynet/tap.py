@@ -10,7 +10,7 @@ import sys
 from typing import IO, Any
 
 import attrs
-from twisted.logger import ILogObserver, LogLevel, formatEvent, textFileLogObserver
+from twisted.logger import ILogObserver, LogLevel, formatEvent, formatTime, textFileLogObserver
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -112,6 +112,8 @@ class NodeLogObserver:
     def __init__(self, out: IO[str], settings: LogSettings) -> None:
         self.out = out
         self._text = textFileLogObserver(out)
+        self._stamp_second: int | None = None
+        self._stamp_text = "-"
         self.configure(settings)
 
     def configure(self, settings: LogSettings) -> None:
@@ -125,8 +127,25 @@ class NodeLogObserver:
         if self.format == "json":
             self.out.write(json_log_line(event))
             self.out.flush()
+        elif "log_line" in event and "log_system" not in event and "log_failure" not in event:
+            # A per-message event line, already formatted (relaynet.events):
+            # the same text as Twisted's classic format, without its
+            # generic formatter.
+            namespace = event.get("log_namespace", "-")
+            line = event["log_line"].replace("\n", "\n\t")
+            self.out.write(f"{self._stamp(event.get('log_time'))} [{namespace}#{level.name}] {line}\n")
+            self.out.flush()
         else:
             self._text(event)
+
+    def _stamp(self, when: float | None) -> str:
+        """Twisted's C{formatTime}, computed once per second."""
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._stamp_second:
+            self._stamp_second, self._stamp_text = second, formatTime(second)
+        return self._stamp_text
 
 
 def _log_output(parent: Any) -> IO[str] | None:

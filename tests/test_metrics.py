@@ -22,9 +22,10 @@ import pytest
 from attrs import define, field
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher, textFileLogObserver
 
 from relaynet.config import LogSettings
+from relaynet.events import EventLog
 from relaynet.metrics import FAILING_AFTER, HopHealth, NodeMetrics
 from relaynet.queuecli import AdminClient
 from relaynet.tap import NodeLogObserver
@@ -338,6 +339,31 @@ def test_log_level_filters_and_reconfigures() -> None:
     log.debug("now {x}", x=3)
     assert json.loads(out.getvalue().splitlines()[-1])["x"] == 3
     assert observer.level is LogLevel.debug
+
+
+def test_event_lines_read_as_twisted_would_write_them() -> None:
+    """
+    A per-message event goes to the text log through a fast path (its line is
+    prebuilt); the line is exactly what Twisted's classic formatter makes of
+    the same event, time stamp included.
+    """
+    out = io.StringIO()
+    observer = NodeLogObserver(out, LogSettings(format="text"))
+    generic: list[dict[str, Any]] = []
+    observer._text = generic.append  # the generic formatter must not be needed
+    events = EventLog(None, "n1")
+    seen: list[dict[str, Any]] = []
+    publisher = LogPublisher(observer, seen.append)
+    events.log = Logger(namespace="relaynet.events.EventLog", observer=publisher)
+    events.emit("received", queue_id="ABC", recipients=["a@b.test"], size=12, note="two\nlines")
+    events.emit("relayed", queue_id="ABC", delay=0.25)
+    twisted_text = io.StringIO()
+    classic = textFileLogObserver(twisted_text)
+    for event in seen:
+        classic({k: v for k, v in event.items() if k != "log_line"})
+    assert generic == []
+    assert out.getvalue() == twisted_text.getvalue()
+    assert "received queue_id=ABC recipients=['a@b.test'] size=12 note=two\n\tlines" in out.getvalue()
 
 
 # -- a real node --------------------------------------------------------------
