@@ -204,9 +204,10 @@ class RelayESMTP(smtp.ESMTP):
     def _flow(self) -> None:
         """
         Pause reading from the socket while commands pile up unprocessed (a
-        reply of ours outstanding, or the client not reading its replies).
-        Only the pile's size decides: pausing the transport outright would
-        also stall a TLS handshake under us.
+        reply of ours outstanding, or the client not reading its replies):
+        there only the pile's size decides, as pausing the transport outright
+        would also stall a TLS handshake under us. In DATA, also while the
+        spool has more than L{_DISK_BACKLOG} of the message still to write.
         """
         want_pause = self._disk_blocked or (
             (self._write_blocked or self._waiting) and len(self._inbuf) > _PAUSE_ABOVE
