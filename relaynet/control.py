@@ -42,11 +42,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from relaynet import __version__
 from relaynet.config import NodeConfig
 from relaynet.metrics import FAILING_AFTER, NodeMetrics, Sample
+from relaynet.spool import FINAL_STATUSES
 
 #: Version of the JSON schema in C{docs/admin-api.md}.
 API_VERSION = 1
 STATES = ("incoming", "active", "deferred", "hold")
-FINAL_STATUSES = ("delivered", "relayed", "bounced")
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -407,25 +407,25 @@ class AdminAPI(Resource):
     # -- acting ----------------------------------------------------------
 
     def flush(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        queue_id, domain = _target(body)
-        if queue_id is not None:
-            self._entry(queue_id)
-        n = self.runner.flush(queue_id, domain)
-        self.log.info("Admin flush of {target}: {count} message(s)",
-                      target=queue_id or domain or "all", count=n)
-        return {"flushed": n}
+        return self._attempt_now(body, self.runner.flush, "flush", "flushed")
 
     def flush_one(self, request: Request, body: Any, queue_id: str) -> dict[str, Any]:
         return self.flush(request, {"queue_id": queue_id})
 
     def reroute(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        return self._attempt_now(body, self.runner.reroute, "reroute", "rerouted")
+
+    def _attempt_now(
+        self, body: dict[str, Any], action: Callable[[str | None, str | None], int], verb: str, key: str
+    ) -> dict[str, Any]:
+        """Flush or reroute: one message, a domain's or all; answer how many."""
         queue_id, domain = _target(body)
         if queue_id is not None:
             self._entry(queue_id)
-        n = self.runner.reroute(queue_id, domain)
-        self.log.info("Admin reroute of {target}: {count} message(s)",
-                      target=queue_id or domain or "all", count=n)
-        return {"rerouted": n}
+        n = action(queue_id, domain)
+        self.log.info("Admin {verb} of {target}: {count} message(s)",
+                      verb=verb, target=queue_id or domain or "all", count=n)
+        return {key: n}
 
     def reroute_one(self, request: Request, body: Any, queue_id: str) -> dict[str, Any]:
         return self.reroute(request, {"queue_id": queue_id})
@@ -709,7 +709,7 @@ def svg_chart(
         f'preserveAspectRatio="xMidYMid meet" role="img" aria-label="{_E(title)}">',
         f'<text x="{left}" y="16" font-size="13" font-weight="600" fill="#1d2330">{_E(title)}</text>',
     ]
-    steps = 4 if _nice(ymax) / 10 ** math.floor(math.log10(ymax)) == 2 else 5
+    steps = 4 if ymax / 10 ** math.floor(math.log10(ymax)) == 2 else 5
     for i in range(steps + 1):
         v = ymax * i / steps
         yy = y(v)

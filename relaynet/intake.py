@@ -48,11 +48,11 @@ from relaynet.auth import IRelayUser, may_send_as
 from relaynet.config import Listener, NodeConfig
 from relaynet.datastream import DataScanner
 from relaynet.events import EventLog
+from relaynet.netio import no_delay, send_now
 from relaynet.policy import check_recipient, is_trusted
 from relaynet.smtpparse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
 from relaynet.tls import connection_info
-from relaynet.netio import no_delay, send_now
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime

@@ -42,7 +42,7 @@ from twisted.internet.interfaces import IHandshakeListener, IPullProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relaynet.config import Outbound
+from relaynet.config import Outbound, split_endpoint
 from relaynet.datastream import DotStuffer
 from relaynet.netio import no_delay, send_now
 from relaynet.smtpparse import xtext_encode
@@ -274,7 +274,7 @@ class RelayClient(smtp.ESMTPClient):
                 return
             if self._refuse_unsendable(job):
                 continue
-            self.start(job)
+            self._begin(job)
             return
 
     def _refuse_unsendable(self, job: Job) -> bool:
@@ -321,6 +321,10 @@ class RelayClient(smtp.ESMTPClient):
         if self._refuse_unsendable(job):
             self._next()
             return
+        self._begin(job)
+
+    def _begin(self, job: Job) -> None:
+        """Send MAIL, RCPT..., DATA for C{job} (the peer can take it)."""
         self.job = job
         env = job.entry.envelope
         ext = self.peer_ext
@@ -730,9 +734,7 @@ def _hop_name(endpoint: str) -> str:
     A readable C{host:port} for an endpoint string (escaped colons of IPv6
     addresses honoured; IPv6 hosts in brackets).
     """
-    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", endpoint)]
-    args = [p for p in parts[1:] if "=" not in p]
-    kw = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    _, args, kw = split_endpoint(endpoint)
     host = kw.get("host") or (args[0] if args else "?")
     port = kw.get("port") or (args[1] if len(args) > 1 else "?")
     if ":" in host:

@@ -398,10 +398,7 @@ def _main(args: argparse.Namespace) -> int:
             setattr(args, name, default)
     try:
         client = AdminClient(_endpoint(args))
-    except ConfigError as e:
-        print(f"relaynet: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+    except (ConfigError, ValueError) as e:
         print(f"relaynet: {e}", file=sys.stderr)
         return 2
     try:

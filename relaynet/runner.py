@@ -122,7 +122,6 @@ class QueueRunner:
         self._sem = DeferredSemaphore(q.concurrency)
         self._timetable = Timetable(reactor, self._fire, lambda: self._sem.tokens > 0)
         self._running = False
-        self._started: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------
 
@@ -146,22 +145,14 @@ class QueueRunner:
             return succeed(None)
         return gatherResults(running, consumeErrors=True).addBoth(lambda _: None)
 
-    def enqueue(self, entry: QueueEntry) -> Deferred[list[Outcome]] | None:
+    def enqueue(self, entry: QueueEntry) -> None:
         """
-        A message was just committed: deliver it now.
-
-        @return: a Deferred firing with the attempt's outcomes (after they are
-            recorded), or C{None} if the runner is stopped.
+        A message was just committed: deliver it now, or as soon as an
+        attempt slot is free (it waits in the timetable, like any due message).
         """
         self.entries[entry.queue_id] = entry
-        if not self._running:
-            return None
-        if self._sem.tokens == 0:
-            # Every attempt slot is taken: wait in the timetable, not as a
-            # Deferred queued on the semaphore (memory stays per slot).
-            self._timetable.set(entry.queue_id, 0)
-            return None
-        return self._attempt(entry)
+        if self._running:
+            self._schedule(entry, 0)
 
     def cut_through(self, entry: QueueEntry) -> Deferred[tuple[int, str, str]]:
         """
@@ -386,7 +377,6 @@ class QueueRunner:
     @inlineCallbacks
     def _deliver(self, entry: QueueEntry, cut_through: bool = False) -> Any:
         now = self.now()
-        self._started[entry.queue_id] = now
         pending = entry.pending_recipients()
         if not pending:
             yield self.spool.remove(entry)
@@ -422,7 +412,7 @@ class QueueRunner:
         refused = cut_through and outcomes and all(
             o.status == "bounced" and o.code >= 500 for o in outcomes
         )
-        yield self._record(entry, outcomes, notify_failures=not refused)
+        yield self._record(entry, outcomes, notify_failures=not refused, started=now)
         return outcomes
 
     def _local(self, entry: QueueEntry, rcpts: list[Recipient]) -> Deferred[list[Outcome]]:
@@ -578,7 +568,10 @@ class QueueRunner:
     # -- recording and notifications ------------------------------------
 
     @inlineCallbacks
-    def _record(self, entry: QueueEntry, outcomes: list[Outcome], notify_failures: bool = True) -> Any:
+    def _record(
+        self, entry: QueueEntry, outcomes: list[Outcome], notify_failures: bool = True,
+        started: float | None = None,
+    ) -> Any:
         now = self.now()
         env = entry.envelope
         by_addr = {r.address: r for r in env.recipients}
@@ -615,7 +608,6 @@ class QueueRunner:
             entry.state.delay_warned = True
 
         retry = False
-        started = self._started.pop(entry.queue_id, None)
         for o in outcomes:
             st = entry.state.recipients.setdefault(o.address, RecipientState())
             st.attempts += 1

@@ -53,6 +53,10 @@ HEADER_LEN = len(b"%s %d %010d %012d %04d\n" % (_MAGIC, FORMAT_VERSION, 0, 0, 0)
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
 
 
+# Recipient statuses after which nothing more is done for the recipient.
+FINAL_STATUSES = ("delivered", "relayed", "bounced")
+
+
 class SpoolError(Exception):
     """The spool could not store or read a message (a transient, 4xx failure)."""
 
@@ -192,7 +196,7 @@ class RecipientState:
     @property
     def final(self) -> bool:
         """Nothing more is to be done for this recipient."""
-        return self.status in ("delivered", "relayed", "bounced")
+        return self.status in FINAL_STATUSES
 
 
 @define

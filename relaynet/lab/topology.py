@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 from attrs import field, frozen
 
-from relaynet.config import ConfigError, NodeConfig, TableReader, parse_config, read_toml, toml_kind
+from relaynet.config import ConfigError, NodeConfig, TableReader, parse_config, read_toml
 
 NAME = re.compile(r"[a-z][a-z0-9-]{0,23}\Z")
 LAYOUTS = ("layers", "circle")
@@ -218,7 +218,6 @@ class _Reader(TableReader):
         return (float(value[0]), float(value[1]))
 
 
-_kind = toml_kind
 
 
 def _port(value: Any) -> str | None:
