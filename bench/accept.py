@@ -45,9 +45,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(HERE), str(REPO)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from procstat import status_kb  # noqa: E402
 
 from relaynet.peers import (  # noqa: E402
     PeerUnavailable,
@@ -89,20 +93,6 @@ HELO = "source.relaynet.test"
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def read_status_kb(pid: int, field: str) -> int | None:
-    """
-    Read a C{kB} field (C{VmHWM}, C{VmRSS}) from C{/proc/PID/status}.
-    """
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -290,7 +280,7 @@ class RelaynetTarget:
     def hwm_kb(self) -> int | None:
         if self.process is None:
             return None
-        return read_status_kb(self.process.pid, "VmHWM")
+        return status_kb(self.process.pid, "VmHWM")
 
     def stop(self) -> None:
         p = self.process
@@ -461,7 +451,7 @@ def bench_rss(args, workdir: Path) -> dict:
     target.start()
     try:
         before = target.hwm_kb()
-        rss_before = read_status_kb(target.process.pid, "VmRSS")
+        rss_before = status_kb(target.process.pid, "VmRSS")
         line = b"X" * 76 + b"\r\n"
         body = line * (size // len(line) + 1)
         message = (

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from procstat import status_kb  # noqa: E402
 from systems import HOST, ROUTE, RelaynetNode, _wait, log  # noqa: E402
 
 from relaynet.peers import SmtpSink, free_port, run_smtp_source  # noqa: E402
@@ -43,16 +44,6 @@ BACKLOG_QUEUE = """\
 delay_warning = 0
 minimal_backoff = 3600
 maximal_backoff = 3600"""
-
-
-def status_kb(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def queue_cli(config: Path, *args: str, timeout: float = 120.0) -> tuple[float, str]:
@@ -89,24 +80,28 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         assert pid is not None
         log(f"backlog: injecting {args.messages} messages, next hop down")
         probes: list[dict] = []
-        inject = subprocess.Popen(
-            [sys.executable, "-c", (
-                "import sys; from relaynet.peers import run_smtp_source; "
-                "r = run_smtp_source(sys.argv[1], int(sys.argv[2]), messages=int(sys.argv[3]), "
-                "sessions=int(sys.argv[4]), size=int(sys.argv[5]), recipient='user@sink.test', "
-                "helo='source.bench.test', timeout=3600); print(r['rate'])"
-            ), HOST, str(node.port), str(args.messages), str(args.sessions), str(args.size)],
-            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)},
-        )
+        sent: dict = {}
+
+        def inject() -> None:
+            try:
+                sent["result"] = run_smtp_source(
+                    HOST, node.port, messages=args.messages, sessions=args.sessions, size=args.size,
+                    recipient="user@sink.test", helo="source.bench.test", timeout=3600,
+                )
+            except Exception as e:  # reported below, with smtp-source's own words
+                sent["error"] = e
+
+        sender = threading.Thread(target=inject, name="smtp-source", daemon=True)
+        sender.start()
         # While the mail arrives: the admin commands stay usable.
-        while inject.poll() is None:
+        while sender.is_alive():
             t_sum, _ = queue_cli(node.config, "summary")
             t_list, _ = queue_cli(node.config, "list", "--limit", "20")
             probes.append({"queued": node.queued(), "summary_s": t_sum, "list20_s": t_list})
-            time.sleep(min(5.0, max(1.0, args.messages / 20000)))
-        accept_rate = float(inject.stdout.read().strip() or 0)
-        if inject.returncode != 0:
-            raise RuntimeError(f"smtp-source failed ({inject.returncode})")
+            sender.join(min(5.0, max(1.0, args.messages / 20000)))
+        if "error" in sent:
+            raise RuntimeError(f"smtp-source failed: {sent['error']}")
+        accept_rate = sent["result"]["rate"]
         _wait(lambda: node.queued() >= args.messages, 120, "every message in queue/new")
         result["accept_rate"] = accept_rate
         result["admin_while_receiving"] = {
@@ -143,7 +138,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         t0 = time.monotonic()
         queue_cli(node.config, "flush")
         drained = _wait(lambda: node.queued() == 0, args.drain_timeout, "the backlog to drain")
-        result["drain"] = {"seconds": time.monotonic() - t0, "rate": args.messages / (time.monotonic() - t0),
+        took = time.monotonic() - t0
+        result["drain"] = {"seconds": took, "rate": args.messages / took,
                            "sink_received": sink.received(), "waited": drained,
                            "hwm_kb": status_kb(node.pid() or 0, "VmHWM")}
         log(f"backlog: drained in {result['drain']['seconds']:.1f} s "

@@ -77,32 +77,36 @@ def process_table() -> dict[int, tuple[int, str, int, int]]:
     return table
 
 
-def pss_kb(pid: int) -> int | None:
-    """
-    @return: the C{Pss} of C{pid} in kB, or L{None} (gone, or a zombie).
-    """
+def _kb_field(path: str, name: str) -> int | None:
+    """The kB figure of the line C{name:} of a C{/proc} file, or L{None}."""
+    prefix = name.encode() + b":"
     try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+        with open(path, "rb") as f:
             for line in f:
-                if line.startswith(b"Pss:"):
+                if line.startswith(prefix):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def pss_kb(pid: int) -> int | None:
+    """
+    @return: the C{Pss} of C{pid} in kB, or L{None} (gone, or a zombie).
+    """
+    return _kb_field(f"/proc/{pid}/smaps_rollup", "Pss")
+
+
+def status_kb(pid: int, field: str) -> int | None:
+    """@return: a kB field of C{/proc/PID/status} (C{VmRSS}, C{VmHWM}), or L{None}."""
+    return _kb_field(f"/proc/{pid}/status", field)
 
 
 def vm_hwm_kb(pid: int) -> int | None:
     """
     @return: C{VmHWM} (peak RSS since start) of C{pid} in kB.
     """
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return status_kb(pid, "VmHWM")
 
 
 class NodeProbe:
@@ -151,9 +155,6 @@ class NodeProbe:
 
     def pss_kb(self, table: Mapping[int, tuple] | None = None) -> int:
         return sum(v for v in (pss_kb(p) for p in self.pids(table)) if v is not None)
-
-    def process_count(self, table: Mapping[int, tuple] | None = None) -> int:
-        return len(self.pids(table))
 
 
 def _own_seconds(pid: int, st: tuple) -> float:

@@ -270,11 +270,12 @@ class RelaynetNode:
                     return
                 time.sleep(0.05)
             except TimeoutError:
-                if time.monotonic() >= deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"relaynet node {self.name} did not greet within {timeout}s:\n{_tail(self.log_path)}"
-                    ) from None
+                pass
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"relaynet node {self.name} did not listen within {timeout}s:\n{_tail(self.log_path)}"
+                )
 
     def pid(self) -> int | None:
         p = self.process
