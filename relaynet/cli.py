@@ -30,7 +30,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from relaynet.routing import explain
+    from relaynet.delivery.routing import explain
 
     try:
         config = load_config(args.config)
@@ -58,7 +58,7 @@ def _route(args: argparse.Namespace) -> int:
 def _gen_cert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from relaynet.tls import generate_ca, generate_cert
+    from relaynet.smtp.tls import generate_ca, generate_cert
 
     directory = Path(args.dir)
     ca_cert, ca_key = generate_ca(directory)
@@ -73,7 +73,7 @@ def _passwd(args: argparse.Namespace) -> int:
     import getpass
     from pathlib import Path
 
-    from relaynet.auth import set_password
+    from relaynet.intake.auth import set_password
 
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     from relaynet.lab.cli import add_lab_parser
 
     add_lab_parser(sub)
-    from relaynet.queuecli import add_queue_parser
+    from relaynet.admin.queuecli import add_queue_parser
 
     add_queue_parser(sub)
     p = sub.add_parser("version", help="print the version")

@@ -31,14 +31,14 @@ from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from relaynet.auth import RelayRealm, ScryptChecker
+from relaynet.intake.auth import RelayRealm, ScryptChecker
 from relaynet.config import ConfigError, NodeConfig
 from relaynet.events import EventLog
-from relaynet.intake import Intake, RelayFactory, drain
-from relaynet.netio import ReusePortEndpoint
+from relaynet.intake.server import Intake, RelayFactory, drain
+from relaynet.smtp.netio import ReusePortEndpoint
 from relaynet.runner import QueueRunner
-from relaynet.spool import Spool, makedirs_durable
-from relaynet.tls import TLSConfigError, server_options
+from relaynet.queue.spool import Spool, makedirs_durable
+from relaynet.smtp.tls import TLSConfigError, server_options
 
 
 LISTEN_BACKLOG = 256
@@ -183,8 +183,8 @@ class RelayNode(MultiService):
 
     def _start_admin(self) -> None:
         """Metrics observers, the status history and the admin web service(s)."""
-        from relaynet.control import web_service
-        from relaynet.metrics import NodeMetrics
+        from relaynet.admin.api import web_service
+        from relaynet.admin.metrics import NodeMetrics
 
         assert self.events is not None
         self.started_at = time.time()

@@ -36,16 +36,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relaynet.bounce import RecipientReport, build_dsn, is_bounce_worthy, split_headers
+from relaynet.delivery.bounce import RecipientReport, build_dsn, is_bounce_worthy, split_headers
 from relaynet.config import NextHop, NodeConfig, RouteRule
 from relaynet.events import EventLog
-from relaynet.mailbox import deliver_local
-from relaynet.outbound import DeliveryResult, OutboundManager
-from relaynet.policy import check_recipient
-from relaynet.routing import order_hops
-from relaynet.scheduler import RetryPolicy
-from relaynet.spool import Envelope, QueueEntry, Recipient, RecipientState, Spool
-from relaynet.timetable import Timetable
+from relaynet.delivery.mailbox import deliver_local
+from relaynet.delivery.client import DeliveryResult, OutboundManager
+from relaynet.intake.policy import check_recipient
+from relaynet.delivery.routing import order_hops
+from relaynet.queue.retry import RetryPolicy
+from relaynet.queue.spool import Envelope, QueueEntry, Recipient, RecipientState, Spool
+from relaynet.queue.timetable import Timetable
 
 
 @frozen

@@ -1,6 +1,6 @@
 """
 Security tests of SMTP AUTH and submission (RFC 6409, RFC 4954):
-C{relaynet.auth} (scrypt password file, the twisted.cred checker,
+C{relaynet.intake.auth} (scrypt password file, the twisted.cred checker,
 C{relaynet passwd}) and the intake's submission behaviour.
 
 In memory (a L{relaynet.testing} intake, the reactor's clock for exact
@@ -47,13 +47,13 @@ except ImportError:  # tests/ became a package
         HOST, NodeProcess, free_port, read_reply, relaynet_command, wait_for,
     )
 
-from relaynet.auth import (
+from relaynet.intake.auth import (
     IRelayUser, RelayRealm, ScryptChecker, hash_password, may_send_as, read_password_file,
     verify_password,
 )
-from relaynet.intake import RelayESMTP, RelayFactory
+from relaynet.intake.server import RelayESMTP, RelayFactory
 from relaynet.testing import ManualThreadPool, make_intake, spooled, take_replies
-from relaynet.tls import generate_ca, generate_cert, server_options
+from relaynet.smtp.tls import generate_ca, generate_cert, server_options
 
 PASSWORD = "correct horse battery staple"
 WRONG = "Tr0ub4dor&3-wrong"

@@ -1,6 +1,6 @@
 """
-Tests for the admin web service (L{relaynet.control}), the C{relaynet queue}
-command (L{relaynet.queuecli}) and the C{[admin]}/C{[log]} configuration.
+Tests for the admin web service (L{relaynet.admin.api}), the C{relaynet queue}
+command (L{relaynet.admin.queuecli}) and the C{[admin]}/C{[log]} configuration.
 
  - pure helpers: ages, the C{mailq}-like summary, the C{qshape}-like
    histogram, the routing table as JSON, endpoint parsing;
@@ -34,11 +34,11 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
 from relaynet.config import ConfigError, describe, load_config, parse_config
-from relaynet.control import (
+from relaynet.admin.api import (
     ApiError, StatusPage, make_site, parse_age, render_status, routes_json, shape, summarize,
 )
-from relaynet.metrics import NodeMetrics
-from relaynet.queuecli import AdminClient, AdminError
+from relaynet.admin.metrics import NodeMetrics
+from relaynet.admin.queuecli import AdminClient, AdminError
 
 try:
     from nodeproc import HOST, NodeProcess, RawClient, free_port, maildir_new, relaynet_command, wait_for

@@ -1,5 +1,5 @@
 """
-Tests for L{relaynet.datastream}: the DATA scanner, checked against a slow
+Tests for L{relaynet.smtp.datastream}: the DATA scanner, checked against a slow
 reference implementation that works line by line.
 """
 
@@ -10,7 +10,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaynet.datastream import DataScanner
+from relaynet.smtp.datastream import DataScanner
 
 
 def feed_all(scanner: DataScanner, chunks: list[bytes]) -> tuple[bytes, bytes | None]:
@@ -218,7 +218,7 @@ def test_message_id_like_content_untouched() -> None:
     assert re.match(rb"no colon", body)
 
 
-from relaynet.datastream import DotStuffer  # noqa: E402
+from relaynet.smtp.datastream import DotStuffer  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from relaynet.spool import SpoolWriter
+from relaynet.queue.spool import SpoolWriter
 
 try:
     from nodeproc import (

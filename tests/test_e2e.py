@@ -29,7 +29,7 @@ except ImportError:  # tests/ became a package
         relaynet_command, split_delivered, wait_for,
     )
 
-from relaynet.spool import read_queue_file
+from relaynet.queue.spool import read_queue_file
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """
-Tests for L{relaynet.intake}: the SMTP server side of the relay.
+Tests for L{relaynet.intake.server}: the SMTP server side of the relay.
 
 Every test talks SMTP bytes to a L{RelayESMTP} over a C{StringTransport},
 with a L{relaynet.testing.ManualThreadPool} standing in for the spool's
@@ -35,8 +35,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaynet.events import EventLog
-from relaynet.intake import drain
-from relaynet.spool import SpoolWriter
+from relaynet.intake.server import drain
+from relaynet.queue.spool import SpoolWriter
 from relaynet.testing import (
     ManualThreadPool,
     Reply,

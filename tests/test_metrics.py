@@ -1,5 +1,5 @@
 """
-Tests for L{relaynet.metrics} (the Prometheus registry, next-hop health, the
+Tests for L{relaynet.admin.metrics} (the Prometheus registry, next-hop health, the
 status history) and the node's log observer (L{relaynet.tap}).
 
 Unit tests feed events to L{NodeMetrics} with a fake node and parse the
@@ -26,8 +26,8 @@ from twisted.logger import Logger, LogLevel, LogPublisher, textFileLogObserver
 
 from relaynet.config import LogSettings
 from relaynet.events import EventLog
-from relaynet.metrics import FAILING_AFTER, HopHealth, NodeMetrics
-from relaynet.queuecli import AdminClient
+from relaynet.admin.metrics import FAILING_AFTER, HopHealth, NodeMetrics
+from relaynet.admin.queuecli import AdminClient
 from relaynet.tap import NodeLogObserver
 
 try:

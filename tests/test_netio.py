@@ -1,6 +1,6 @@
 """
-Tests for L{relaynet.netio.send_now} over real loopback TCP connections, and
-for the outbound L{relaynet.outbound.BodySender}.
+Tests for L{relaynet.smtp.netio.send_now} over real loopback TCP connections, and
+for the outbound L{relaynet.delivery.client.BodySender}.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from relaynet.netio import send_now
-from relaynet.outbound import BodySender
-from relaynet.spool import BoundedReader
+from relaynet.smtp.netio import send_now
+from relaynet.delivery.client import BodySender
+from relaynet.queue.spool import BoundedReader
 
 
 class Collector(Protocol):

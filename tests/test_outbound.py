@@ -1,5 +1,5 @@
 """
-Tests for L{relaynet.outbound}: the relay's SMTP client and its per-hop pool.
+Tests for L{relaynet.delivery.client}: the relay's SMTP client and its per-hop pool.
 
 Three ways of talking to the client, all in memory and on a fake clock:
 
@@ -15,7 +15,7 @@ The tests named after a trap of C{shared/TWISTED-TRAPS.md} (16-20) also run
 against the plain C{twisted.mail.smtp} client (L{TwistedClient}); there they
 must fail (C{xfail(strict=True)}), which proves that each test sees the trap.
 Tests marked C{xfail(strict=True, reason="BUG: ...")} expose defects of
-L{relaynet.outbound} that are not fixed yet.
+L{relaynet.delivery.client} that are not fixed yet.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from relaynet.config import Outbound
-from relaynet.datastream import DataScanner, DotStuffer
-from relaynet.intake import RelayFactory
-from relaynet.outbound import BodySender, DeliveryResult, HopPool, OutboundManager, RelayClient, reply_status
-from relaynet.spool import QueueEntry, Recipient
+from relaynet.smtp.datastream import DataScanner, DotStuffer
+from relaynet.intake.server import RelayFactory
+from relaynet.delivery.client import BodySender, DeliveryResult, HopPool, OutboundManager, RelayClient, reply_status
+from relaynet.queue.spool import QueueEntry, Recipient
 from relaynet.testing import (
     FakeSMTPServer,
     accept_connection,

@@ -1,12 +1,12 @@
 """
-Tests for L{relaynet.policy}: relay permission, local users and routing rules,
+Tests for L{relaynet.intake.policy}: relay permission, local users and routing rules,
 without any I/O.
 """
 
 from __future__ import annotations
 
 from relaynet.config import parse_config
-from relaynet.policy import check_recipient, domain_matches, resolve_local
+from relaynet.intake.policy import check_recipient, domain_matches, resolve_local
 
 CONFIG = parse_config(
     {

@@ -1,5 +1,5 @@
 """
-Tests for L{relaynet.routing}: the order of next hops and the explanation of
+Tests for L{relaynet.delivery.routing}: the order of next hops and the explanation of
 a routing decision. Pure: no reactor, no I/O, an injected shuffle.
 """
 
@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relaynet.config import NextHop, NodeConfig, parse_config
-from relaynet.routing import explain, order_hops
+from relaynet.delivery.routing import explain, order_hops
 
 TRUSTED = "127.0.0.1"
 UNTRUSTED = "203.0.113.9"

@@ -1,8 +1,8 @@
 """
-Tests for L{relaynet.scheduler}: the retry policy.
+Tests for L{relaynet.queue.retry}: the retry policy.
 """
 
-from relaynet.scheduler import RetryPolicy
+from relaynet.queue.retry import RetryPolicy
 
 
 def test_postfix_like_schedule() -> None:

@@ -45,7 +45,7 @@ except ImportError:  # tests/ became a package
 
 from relaynet.config import ConfigError, Limits, parse_config
 from relaynet.peers import SmtpSink
-from relaynet.policy import check_recipient
+from relaynet.intake.policy import check_recipient
 from relaynet.testing import connect, make_intake, send, spooled, take_replies
 
 DELIVERY_TIMEOUT = 20.0
@@ -1173,8 +1173,8 @@ def privileged_node(prepare: Any = None) -> Iterator[PrivilegedNode]:
     runs before the start (to plant things in the spool).
     """
     _need_root()
-    from relaynet.auth import set_password
-    from relaynet.tls import generate_ca, generate_cert
+    from relaynet.intake.auth import set_password
+    from relaynet.smtp.tls import generate_ca, generate_cert
 
     base = Path(tempfile.mkdtemp(prefix="relaynet-priv-"))
     try:

@@ -1,5 +1,5 @@
 """
-Tests for L{relaynet.smtpparse}.
+Tests for L{relaynet.smtp.parse}.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaynet.smtpparse import (
+from relaynet.smtp.parse import (
     CommandError,
     Mailbox,
     MailRequest,

@@ -1,5 +1,5 @@
 """
-Tests for L{relaynet.spool}: the commit protocol, recovery and group commit,
+Tests for L{relaynet.queue.spool}: the commit protocol, recovery and group commit,
 on real files with a real thread pool.
 """
 
@@ -16,7 +16,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from relaynet.spool import (
+from relaynet.queue.spool import (
     HEADER_LEN,
     Envelope,
     QueueState,

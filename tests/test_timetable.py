@@ -1,10 +1,10 @@
-"""Tests for L{relaynet.timetable.Timetable}, on a L{task.Clock}."""
+"""Tests for L{relaynet.queue.timetable.Timetable}, on a L{task.Clock}."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from relaynet.timetable import Timetable
+from relaynet.queue.timetable import Timetable
 
 
 class Harness:

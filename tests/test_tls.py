@@ -1,5 +1,5 @@
 """
-Security tests of relaynet's TLS (C{relaynet.tls}, the intake's STARTTLS and
+Security tests of relaynet's TLS (C{relaynet.smtp.tls}, the intake's STARTTLS and
 implicit TLS, the outbound per-route policy).
 
 In memory: C{relaynet gen-cert}'s lab CA and certificates, the protocol floor
@@ -53,13 +53,13 @@ except ImportError:  # tests/ became a package
         HOST, NodeProcess, free_port, read_reply, relaynet_command, wait_for,
     )
 
-from relaynet.auth import RelayRealm, ScryptChecker
+from relaynet.intake.auth import RelayRealm, ScryptChecker
 from relaynet.config import Outbound
-from relaynet.intake import RelayESMTP, RelayFactory
-from relaynet.outbound import HopPool
+from relaynet.intake.server import RelayESMTP, RelayFactory
+from relaynet.delivery.client import HopPool
 from relaynet.peers import SmtpSink
 from relaynet.testing import make_intake, take_replies
-from relaynet.tls import client_options, server_options
+from relaynet.smtp.tls import client_options, server_options
 
 DELIVERY_TIMEOUT = 20.0
 

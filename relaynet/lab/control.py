@@ -75,7 +75,7 @@ def _make_files(topology: Topology, name: str, address: str, more: list[str], no
     """Issue the node's certificate (lab CA) and write its password file, as the topology asks."""
     files = node_files(topology, name, node_dir)
     if "ca_file" in files:
-        from relaynet.tls import generate_ca, generate_cert
+        from relaynet.smtp.tls import generate_ca, generate_cert
 
         ca_cert, ca_key = generate_ca(files["ca_file"].parent, name=f"relaynet lab {topology.name} CA")
         if "cert" in files:
@@ -83,7 +83,7 @@ def _make_files(topology: Topology, name: str, address: str, more: list[str], no
             files["cert"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             generate_cert(files["cert"].parent, ca_cert, ca_key, [host, address, *more])
     if "password_file" in files:
-        from relaynet.auth import set_password
+        from relaynet.intake.auth import set_password
 
         files["password_file"].unlink(missing_ok=True)
         for user, password in topology.node(name).auth_users.items():

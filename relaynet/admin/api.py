@@ -8,7 +8,7 @@ The admin site listens on C{[admin].endpoint}, a UNIX socket or a loopback TCP
 port (the configuration refuses anything else). An optional read-only site
 (C{[admin].metrics_endpoint}) serves only C{/metrics} and the status page.
 The API schema is documented in C{docs/admin-api.md}; C{relaynet queue}
-(L{relaynet.queuecli}) is its client.
+(L{relaynet.admin.queuecli}) is its client.
 
 Requests to the admin site over TCP must name a loopback host in C{Host:}
 (against DNS rebinding), and every C{POST} must be C{application/json} (a
@@ -41,8 +41,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relaynet import __version__
 from relaynet.config import NodeConfig
-from relaynet.metrics import FAILING_AFTER, NodeMetrics, Sample
-from relaynet.spool import FINAL_STATUSES
+from relaynet.admin.metrics import FAILING_AFTER, NodeMetrics, Sample
+from relaynet.queue.spool import FINAL_STATUSES
 
 #: Version of the JSON schema in C{docs/admin-api.md}.
 API_VERSION = 1
@@ -199,7 +199,7 @@ def routes_json(config: NodeConfig) -> dict[str, Any]:
 
 def hop_name(endpoint: str) -> str:
     """The C{host:port} name events give a next hop's endpoint string."""
-    from relaynet.outbound import _hop_name
+    from relaynet.delivery.client import _hop_name
 
     return _hop_name(endpoint)
 
@@ -659,7 +659,7 @@ def _ago(now: float, t: float | None) -> str:
 
 
 def _duration(seconds: float) -> str:
-    from relaynet.queuecli import human_age
+    from relaynet.admin.queuecli import human_age
 
     return human_age(seconds)
 

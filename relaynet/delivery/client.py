@@ -43,11 +43,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaynet.config import Outbound, split_endpoint
-from relaynet.datastream import DotStuffer
-from relaynet.netio import no_delay, send_now
-from relaynet.smtpparse import xtext_encode
-from relaynet.spool import BoundedReader, QueueEntry, Recipient
-from relaynet.tls import client_options, connection_info
+from relaynet.smtp.datastream import DotStuffer
+from relaynet.smtp.netio import no_delay, send_now
+from relaynet.smtp.parse import xtext_encode
+from relaynet.queue.spool import BoundedReader, QueueEntry, Recipient
+from relaynet.smtp.tls import client_options, connection_info
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 

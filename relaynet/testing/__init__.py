@@ -32,8 +32,8 @@ from zope.interface import implementer
 
 from relaynet.config import Listener, NodeConfig, parse_config
 from relaynet.events import EventLog
-from relaynet.intake import Intake, RelayESMTP, RelayFactory
-from relaynet.spool import Envelope, QueueEntry, Spool, read_queue_file
+from relaynet.intake.server import Intake, RelayESMTP, RelayFactory
+from relaynet.queue.spool import Envelope, QueueEntry, Spool, read_queue_file
 
 __all__ = [
     "EPOCH", "ManualThreadPool", "RecordingIntake", "Reply", "SpooledMessage",
@@ -342,7 +342,7 @@ def spooled(spool: Spool) -> list[SpooledMessage]:
     """
     Read every queue file in C{spool}'s C{new/}, in queue id (arrival) order.
 
-    @raise relaynet.spool.CorruptQueueFile: a file there is not a queue file.
+    @raise relaynet.queue.spool.CorruptQueueFile: a file there is not a queue file.
     """
     out = []
     for path in sorted(spool.new_dir.iterdir()):
@@ -353,14 +353,14 @@ def spooled(spool: Spool) -> list[SpooledMessage]:
 
 # -- the client side: queued messages, a scripted next hop ------------------
 #
-# Helpers for testing L{relaynet.outbound}: a real queue file made from bytes,
+# Helpers for testing L{relaynet.delivery.client}: a real queue file made from bytes,
 # a fake SMTP server that answers by script, and a way to complete a
 # connection that a L{MemoryReactor} recorded.
 
 from twisted.internet.protocol import Protocol  # noqa: E402
 from twisted.internet.testing import MemoryReactor  # noqa: E402
 
-from relaynet.spool import Recipient  # noqa: E402
+from relaynet.queue.spool import Recipient  # noqa: E402
 
 __all__ += ["FakeMessage", "FakeSMTPServer", "accept_connection", "make_queue_entry"]
 
@@ -383,7 +383,7 @@ def make_queue_entry(
     @param recipients: addresses, or L{Recipient}s (for NOTIFY/ORCPT).
     @param params: the envelope's ESMTP MAIL parameters (C{size}, C{body},
         C{smtputf8}, C{ret}, C{envid}).
-    @raise relaynet.spool.SpoolError: the message could not be stored.
+    @raise relaynet.queue.spool.SpoolError: the message could not be stored.
     """
     reactor = ThreadlessReactor()
     reactor.advance(EPOCH)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from attrs import frozen
 
 from relaynet.config import NextHop, NodeConfig, RouteRule
-from relaynet.policy import check_recipient, find_route
+from relaynet.intake.policy import check_recipient, find_route
 
 
 def order_hops(
@@ -78,6 +78,6 @@ def explain(config: NodeConfig, address: str, client_ip: str = "127.0.0.1") -> E
 
 
 def _match(pattern: str, domain: str) -> bool:
-    from relaynet.policy import domain_matches
+    from relaynet.intake.policy import domain_matches
 
     return domain_matches(pattern, domain)

@@ -409,7 +409,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _age(text: str) -> str:
-    from relaynet.control import parse_age
+    from relaynet.admin.api import parse_age
 
     try:
         parse_age(text)

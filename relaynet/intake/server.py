@@ -44,15 +44,15 @@ from twisted.python.failure import Failure
 
 from zope.interface import implementer
 
-from relaynet.auth import IRelayUser, may_send_as
+from relaynet.intake.auth import IRelayUser, may_send_as
 from relaynet.config import Listener, NodeConfig
-from relaynet.datastream import DataScanner
+from relaynet.smtp.datastream import DataScanner
 from relaynet.events import EventLog
-from relaynet.netio import no_delay, send_now
-from relaynet.policy import check_recipient, is_trusted
-from relaynet.smtpparse import CommandError, MailRequest, parse_mail, parse_rcpt
-from relaynet.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
-from relaynet.tls import connection_info
+from relaynet.smtp.netio import no_delay, send_now
+from relaynet.intake.policy import check_recipient, is_trusted
+from relaynet.smtp.parse import CommandError, MailRequest, parse_mail, parse_rcpt
+from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
+from relaynet.smtp.tls import connection_info
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime

@@ -22,8 +22,8 @@ from pathlib import Path
 from attrs import frozen
 
 from relaynet.config import LocalDelivery
-from relaynet.policy import resolve_local
-from relaynet.spool import QueueEntry, fsync_dir, makedirs_durable
+from relaynet.intake.policy import resolve_local
+from relaynet.queue.spool import QueueEntry, fsync_dir, makedirs_durable
 
 _counter = itertools.count()
 

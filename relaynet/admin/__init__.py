@@ -1,0 +1,3 @@
+"""
+Administration: the admin API and status page, Prometheus metrics, the queue command.
+"""

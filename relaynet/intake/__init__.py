@@ -1,0 +1,3 @@
+"""
+The intake stage: the ESMTP server, relay permission (policy) and SMTP AUTH.
+"""

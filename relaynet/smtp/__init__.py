@@ -1,0 +1,3 @@
+"""
+SMTP on the wire: command parsing, DATA scanning, socket helpers, TLS contexts.
+"""
