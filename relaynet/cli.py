@@ -30,7 +30,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from relaynet.delivery.routing import explain
+    from relaynet.intake.policy import explain
 
     try:
         config = load_config(args.config)
@@ -95,17 +95,35 @@ def _passwd(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """Run bench/run.py from the source tree (the bench is not installed)."""
+    """
+    Run the benchmarks, C{python -m bench.run ARGS}, from the source checkout
+    this package lives in.
+
+    The bench (C{bench/}) and the harness it uses (C{harness/}) are not in the
+    wheel: when this package was installed from one, with no checkout around
+    it, say so in one line.
+
+    @return: the bench's exit status; 2 when there is no checkout.
+    """
     import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "run.py"
-    if not script.exists():
-        print(f"relaynet: {script} not found: run from a source checkout", file=sys.stderr)
+    root = Path(__file__).resolve().parent.parent
+    if not ((root / "bench" / "run.py").is_file() and (root / "harness" / "peers.py").is_file()):
+        print(
+            "relaynet bench runs from a source checkout (bench/ and harness/ are not installed): "
+            "git clone the relaynet repository, then `make bench` in it",
+            file=sys.stderr,
+        )
         return 2
-    sys.argv = [str(script), *args.args]
+    if not any(Path(p or ".").resolve() == root for p in sys.path):
+        # An editable install in strict mode maps the package alone: let the
+        # checkout's bench and harness packages be found, as `python -m` from
+        # the root would.
+        sys.path.insert(0, str(root))
+    sys.argv = [str(root / "bench" / "run.py"), *args.args]
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_module("bench.run", run_name="__main__", alter_sys=True)
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     return 0

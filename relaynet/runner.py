@@ -41,8 +41,7 @@ from relaynet.config import NextHop, NodeConfig, RouteRule
 from relaynet.events import EventLog
 from relaynet.delivery.mailbox import deliver_local
 from relaynet.delivery.client import DeliveryResult, OutboundManager
-from relaynet.intake.policy import check_recipient
-from relaynet.delivery.routing import order_hops
+from relaynet.delivery.routing import Route, RouteKind, RoutingTable, order_hops
 from relaynet.queue.retry import RetryPolicy
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient, RecipientState, Spool
 from relaynet.queue.timetable import Timetable
@@ -393,17 +392,18 @@ class QueueRunner:
                     f" last error: {last}", st.remote if st else None,
                 ))
         else:
-            groups: dict[str, list[Recipient]] = {}
+            groups: dict[Route, list[Recipient]] = {}
             outcomes = []
             for r in pending:
                 route, refusal = self.route_for(r.address)
-                if refusal is not None:
+                if route is None:
+                    assert refusal is not None
                     outcomes.append(refusal)
                 else:
                     groups.setdefault(route, []).append(r)
             parts = []
             for route, rcpts in groups.items():
-                if route == "local":
+                if route.kind is RouteKind.LOCAL:
                     parts.append(self._local(entry, rcpts))
                 else:
                     parts.append(self._relay_route(entry, route, rcpts))
@@ -433,33 +433,25 @@ class QueueRunner:
 
         return d.addCallback(convert)
 
-    def route_for(self, address: str) -> tuple[str, Outcome | None]:
+    def route_for(self, address: str) -> tuple[Route | None, Outcome | None]:
         """
         Route a recipient with the routing table in force now (so a changed
         table, after a reload, applies to queued mail; C{relaynet queue
         reroute} is a flush). Relay permission was settled at acceptance.
 
-        @return: C{(route, None)}, or C{("", outcome)} when the recipient can
-            no longer be routed (the outcome bounces it).
+        @return: C{(route, None)}, or C{(None, outcome)} when the recipient
+            can no longer be routed (the outcome bounces or defers it).
         """
-        lp, _, dom = address.rpartition("@")
-        v = check_recipient(self.config, lp, dom.lower(), "127.0.0.1", authenticated=True)
-        if v.accepted:
-            return v.route, None
-        status = "bounced" if v.code >= 500 else "deferred"
-        return "", Outcome(address, status, status, v.enhanced, f"{v.code} {v.enhanced} {v.text}",
-                           code=v.code, text=v.text)
-
-    def _rule(self, route: str) -> RouteRule | None:
-        kind, _, index = route.partition(":")
-        try:
-            return self.config.routes[int(index)] if kind == "relay" else None
-        except (ValueError, IndexError):
-            return None
+        route = RoutingTable(self.config).route(address)
+        if isinstance(route, Route):
+            return route, None
+        status = "bounced" if route.permanent else "deferred"
+        return None, Outcome(address, status, status, route.enhanced,
+                             f"{route.code} {route.enhanced} {route.text}", code=route.code, text=route.text)
 
     @inlineCallbacks
-    def _relay_route(self, entry: QueueEntry, route: str, rcpts: list[Recipient]) -> Any:
-        rule = self._rule(route)
+    def _relay_route(self, entry: QueueEntry, route: Route, rcpts: list[Recipient]) -> Any:
+        rule = route.rule
         assert rule is not None and rule.action in ("relay", "mx")
         if rule.action == "mx":
             by_domain: dict[str, list[Recipient]] = {}
@@ -642,12 +634,11 @@ class QueueRunner:
     @inlineCallbacks
     def _send_dsn(self, entry: QueueEntry, reports: list[RecipientReport]) -> Any:
         env = entry.envelope
-        lp, _, domain = env.sender.rpartition("@")
-        verdict = check_recipient(self.config, lp, domain.lower(), "127.0.0.1", authenticated=True)
-        if not verdict.accepted:
+        route = RoutingTable(self.config).route(env.sender)
+        if not isinstance(route, Route):
             self.log.warn(
                 "Cannot return a DSN for {queue_id} to <{sender}>: {reply}",
-                queue_id=entry.queue_id, sender=env.sender, reply=verdict.text,
+                queue_id=entry.queue_id, sender=env.sender, reply=route.text,
             )
             return
         ret_full = env.params.get("ret") != "HDRS"
@@ -671,7 +662,7 @@ class QueueRunner:
         dsn_env = Envelope(
             queue_id=self.spool.new_id(),
             sender="",
-            recipients=(Recipient(address=env.sender, route=verdict.route),),
+            recipients=(Recipient(address=env.sender, route=route.name),),
             arrival=self.now(),
             params={"body": None if data.isascii() else "8BITMIME",
                     "smtputf8": not env.sender.isascii()},

@@ -6,7 +6,8 @@ without any I/O.
 from __future__ import annotations
 
 from relaynet.config import parse_config
-from relaynet.intake.policy import check_recipient, domain_matches, resolve_local
+from relaynet.delivery.routing import RouteKind, domain_matches, resolve_local
+from relaynet.intake.policy import check_recipient
 
 CONFIG = parse_config(
     {
@@ -61,7 +62,9 @@ def test_unsafe_local_part() -> None:
 
 def test_relay_only_for_trusted() -> None:
     """Relay routes serve trusted networks and authenticated clients only."""
-    assert check_recipient(CONFIG, "x", "sub.partner.test", "127.0.0.1").route == "relay:0"
+    route = check_recipient(CONFIG, "x", "sub.partner.test", "127.0.0.1").route
+    assert route is not None and route.kind is RouteKind.RELAY
+    assert route.rule is CONFIG.routes[0] and route.name == "relay:partner.test,*.partner.test"
     v = check_recipient(CONFIG, "x", "partner.test", "192.0.2.1")
     assert (v.code, v.enhanced) == (554, "5.7.1")
     assert check_recipient(CONFIG, "x", "partner.test", "192.0.2.1", authenticated=True).accepted

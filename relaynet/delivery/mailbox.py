@@ -22,7 +22,7 @@ from pathlib import Path
 from attrs import frozen
 
 from relaynet.config import LocalDelivery
-from relaynet.intake.policy import resolve_local
+from relaynet.delivery.routing import resolve_local
 from relaynet.queue.spool import QueueEntry, fsync_dir, makedirs_durable
 
 _counter = itertools.count()

@@ -49,6 +49,7 @@ from relaynet.config import Listener, NodeConfig
 from relaynet.smtp.datastream import DataScanner
 from relaynet.events import EventLog
 from relaynet.smtp.netio import no_delay, send_now
+from relaynet.delivery.routing import Route, RouteKind, RoutingTable
 from relaynet.intake.policy import check_recipient, is_trusted
 from relaynet.smtp.parse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
@@ -679,7 +680,8 @@ class RelayESMTP(smtp.ESMTP):
             address = f"{box.local}@{self.intake.config.local.domains[0]}"
         if all(r.address != address for r in txn.recipients):
             txn.recipients.append(
-                Recipient(address=address, route=verdict.route, notify=req.notify, orcpt=req.orcpt)
+                Recipient(address=address, route=verdict.route.name if verdict.route else "local",
+                          notify=req.notify, orcpt=req.orcpt)
             )
         self.reply(250, "2.1.5", "Ok")
 
@@ -880,15 +882,11 @@ class RelayESMTP(smtp.ESMTP):
 
 
 def _wants_cut_through(config: NodeConfig, env: Envelope) -> bool:
-    """Every recipient is on a relay route with C{ack = "cut-through"}."""
+    """Every recipient is, by today's routing table, on a route with C{ack = "cut-through"}."""
+    table = RoutingTable(config)
     for r in env.recipients:
-        kind, _, index = r.route.partition(":")
-        if kind != "relay":
-            return False
-        try:
-            if config.routes[int(index)].ack != "cut-through":
-                return False
-        except (ValueError, IndexError):
+        route = table.route(r.address)
+        if not isinstance(route, Route) or route.kind is RouteKind.LOCAL or route.ack != "cut-through":
             return False
     return True
 
