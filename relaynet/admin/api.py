@@ -42,6 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from relaynet import __version__
 from relaynet.config import NodeConfig
 from relaynet.admin.metrics import FAILING_AFTER, NodeMetrics, Sample
+from relaynet.delivery.client import hop_name
 from relaynet.queue.spool import FINAL_STATUSES
 
 #: Version of the JSON schema in C{docs/admin-api.md}.
@@ -195,13 +196,6 @@ def routes_json(config: NodeConfig) -> dict[str, Any]:
             item["reply"] = f"{rule.code} {rule.enhanced} {rule.text}"
         rules.append(item)
     return {"local_domains": list(config.local.domains), "routes": rules}
-
-
-def hop_name(endpoint: str) -> str:
-    """The C{host:port} name events give a next hop's endpoint string."""
-    from relaynet.delivery.client import _hop_name
-
-    return _hop_name(endpoint)
 
 
 def configured_hops(config: NodeConfig) -> list[str]:

@@ -590,7 +590,7 @@ class HopPool:
         ca_file: Any = None,
     ) -> None:
         self.endpoint = endpoint
-        self.name = _hop_name(endpoint)
+        self.name = hop_name(endpoint)
         self.tls_policy = tls_policy
         self.tls_context = client_options(
             tls_policy, self.name.rpartition(":")[0].strip("[]"), ca_file
@@ -729,10 +729,11 @@ class HopPool:
             self.queue.popleft().fail(0, "4.3.2", "node shutting down", self.name)
 
 
-def _hop_name(endpoint: str) -> str:
+def hop_name(endpoint: str) -> str:
     """
     A readable C{host:port} for an endpoint string (escaped colons of IPv6
-    addresses honoured; IPv6 hosts in brackets).
+    addresses honoured; IPv6 hosts in brackets): the name a next hop has in
+    events, DSNs, metrics and the admin API.
     """
     _, args, kw = split_endpoint(endpoint)
     host = kw.get("host") or (args[0] if args else "?")
