@@ -22,6 +22,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,10 +36,11 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from relaynet.config import ConfigError, describe, load_config, parse_config
 from relaynet.admin.api import (
-    ApiError, StatusPage, make_site, parse_age, render_status, routes_json, shape, summarize,
+    ApiError, StatusPage, make_site, render_status, routes_json, shape, summarize,
 )
 from relaynet.admin.metrics import NodeMetrics
 from relaynet.admin.queuecli import AdminClient, AdminError
+from relaynet.admin.text import parse_age
 
 try:
     from nodeproc import HOST, NodeProcess, RawClient, free_port, maildir_new, relaynet_command, wait_for
@@ -76,6 +78,23 @@ def test_parse_age() -> None:
     for bad in ("", "m", "-5", "5w", "1e3"):
         with pytest.raises(ValueError):
             parse_age(bad)
+
+
+def test_queue_command_parses_ages_without_twisted_web() -> None:
+    """
+    C{relaynet queue} reads C{--min-age} with the shared text helpers: parsing
+    its arguments imports neither twisted.web nor the admin API.
+    """
+    code = (
+        "import argparse, sys\n"
+        "from relaynet.admin.queuecli import add_queue_parser\n"
+        "p = argparse.ArgumentParser(); add_queue_parser(p.add_subparsers())\n"
+        "assert p.parse_args(['queue', 'list', '--min-age', '5m']).min_age == '5m'\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('twisted', 'relaynet.admin'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['relaynet.admin', 'relaynet.admin.queuecli', 'relaynet.admin.text']"
 
 
 def test_summary() -> None:

@@ -15,7 +15,8 @@ Requests to the admin site over TCP must name a loopback host in C{Host:}
 web page cannot send that to another origin without a CORS preflight, which
 is never answered).
 
-The pure helpers L{summarize}, L{shape} and L{parse_age} touch no reactor.
+The pure helpers L{summarize} and L{shape} touch no reactor; ages are read
+and written by L{relaynet.admin.text}, which C{relaynet queue} shares.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from relaynet import __version__
 from relaynet.config import NodeConfig
 from relaynet.admin.metrics import FAILING_AFTER, NodeMetrics, Sample
+from relaynet.admin.text import human_age, parse_age
 from relaynet.delivery.client import hop_name
 from relaynet.queue.spool import FINAL_STATUSES
 
@@ -49,8 +51,6 @@ from relaynet.queue.spool import FINAL_STATUSES
 API_VERSION = 1
 STATES = ("incoming", "active", "deferred", "hold")
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class ApiError(Exception):
@@ -63,18 +63,6 @@ class ApiError(Exception):
 
 
 # -- pure helpers ---------------------------------------------------------
-
-
-def parse_age(text: str) -> float:
-    """
-    An age: seconds, or a number with C{s}, C{m}, C{h} or C{d}.
-
-    @raise ValueError: not an age.
-    """
-    m = _AGE.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not an age (e.g. 90, 90s, 5m, 2h, 1d)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def _pending(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -649,13 +637,7 @@ footer a{color:#5b6478}
 def _ago(now: float, t: float | None) -> str:
     if t is None:
         return "never"
-    return f"{_duration(now - t)} ago"
-
-
-def _duration(seconds: float) -> str:
-    from relaynet.admin.queuecli import human_age
-
-    return human_age(seconds)
+    return f"{human_age(now - t)} ago"
 
 
 def _size(n: int) -> str:
@@ -763,7 +745,7 @@ def render_status(node: Any, now: float) -> str:
         f"<title>relaynet {_E(config.name)} status</title><style>{_CSS}</style></head><body>",
         f"<header><h1>relaynet node {_E(config.name)}</h1><div class=\"meta\">{_E(config.hostname)}"
         f" &middot; relaynet {_E(__version__)} &middot; pid {os.getpid()}"
-        f" &middot; up {_duration(now - started) if started else '-'}"
+        f" &middot; up {human_age(now - started) if started else '-'}"
         f" &middot; config {_E(config.source)}"
         f" &middot; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now))}</div></header><main>",
     ]
@@ -772,7 +754,7 @@ def render_status(node: Any, now: float) -> str:
         ("queued", summary["messages"]), ("incoming", summary["states"]["incoming"]),
         ("active", summary["states"]["active"]), ("deferred", summary["states"]["deferred"]),
         ("hold", summary["states"]["hold"]), ("queue size", _size(summary["bytes"])),
-        ("oldest", _duration(oldest["age"]) if oldest else "-"),
+        ("oldest", human_age(oldest["age"]) if oldest else "-"),
         ("sessions", len(intake.sessions) if intake is not None else 0),
     ]
     parts.append('<div class="cards" id="counts">' + "".join(

@@ -20,6 +20,7 @@ import urllib.parse
 from typing import Any, Iterable, TextIO
 
 from relaynet.config import ConfigError, load_config, split_endpoint
+from relaynet.admin.text import human_age, human_size, parse_age
 
 TIMEOUT = 30.0
 
@@ -145,7 +146,8 @@ class AdminClient:
         except ValueError:
             obj = {"error": raw.decode("utf-8", "replace").strip()}
         if resp.status >= 400:
-            raise AdminError(resp.status, obj.get("error") if isinstance(obj, dict) else str(obj))
+            error = obj.get("error") if isinstance(obj, dict) else obj
+            raise AdminError(resp.status, str(error or f"HTTP {resp.status} {resp.reason}"))
         return obj
 
     def get_text(self, path: str) -> str:
@@ -165,28 +167,6 @@ class AdminClient:
 
 
 # -- formatting -------------------------------------------------------------
-
-
-def human_size(n: int) -> str:
-    """C{1234} -> C{1.2K}, like C{ls -h}."""
-    size = float(n)
-    for unit in ("", "K", "M", "G"):
-        if size < 1024 or unit == "G":
-            return f"{int(size)}" if unit == "" else f"{size:.1f}{unit}"
-        size /= 1024
-    return str(n)
-
-
-def human_age(seconds: float) -> str:
-    """C{3725} -> C{1h02m}."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def table(rows: list[list[str]], header: list[str], right: Iterable[int] = ()) -> str:
@@ -409,8 +389,6 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _age(text: str) -> str:
-    from relaynet.admin.api import parse_age
-
     try:
         parse_age(text)
     except ValueError as e:
