@@ -44,7 +44,7 @@ test-fast: venv
 
 bench: venv peers
 	$(PY) -m pip install -q -e '.[bench]' --config-settings editable_mode=compat
-	$(VENV)/bin/relaynet bench $(BENCH_ARGS)
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf var build *.egg-info .pytest_cache .hypothesis

@@ -10,7 +10,7 @@ cleanup fsyncs the queue file; relaynet's spool commits before replying), so
 this is the rate at which a hop takes over responsibility for mail.
 
 Targets, each on its own loopback port:
-  - postfix: a private Postfix instance (L{relaynet.peers.PostfixInstance})
+  - postfix: a private Postfix instance (L{harness.peers.PostfixInstance})
     relaying everything to an C{smtp-sink}, so its queue drains; recipient
     C{user@sink.test}.
   - relaynet: a relaynet node started as a subprocess (C{--relaynet-cmd}),
@@ -45,15 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for _p in (str(HERE), str(REPO)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from procstat import status_kb  # noqa: E402
-
-from relaynet.peers import (  # noqa: E402
+from bench.procstat import status_kb
+from harness.peers import (
     PeerUnavailable,
     PostfixInstance,
     SmtpSink,
@@ -64,6 +57,8 @@ from relaynet.peers import (  # noqa: E402
     run_smtp_source,
     wait_for_smtp,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_RELAYNET_CMD = "{venv}/bin/twistd -n --pidfile= relaynet --config {config}"
 

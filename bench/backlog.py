@@ -12,7 +12,7 @@ The scale test of issue 7: a large backlog on one relaynet node.
      fast the backlog drains, against the rate of the same node relaying the
      same kind of mail with its next hop up all along (measured after).
 
-Run it as C{relaynet bench backlog} (or C{python bench/backlog.py});
+Run it as C{relaynet bench backlog} (or C{python -m bench.backlog} from the checkout's root);
 C{--messages 100000}, the default, is the issue's figure (~6 min on 2 cores). Everything is on
 127.0.0.1 in a temporary directory. Prints a report and writes JSON.
 """
@@ -29,14 +29,9 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from procstat import status_kb  # noqa: E402
-from systems import HOST, ROUTE, RelaynetNode, _wait, log  # noqa: E402
-
-from relaynet.peers import SmtpSink, free_port, run_smtp_source  # noqa: E402
+from bench.procstat import status_kb
+from bench.systems import HOST, ROUTE, RelaynetNode, _wait, log
+from harness.peers import SmtpSink, free_port, run_smtp_source
 
 # Retries far apart: the backlog stays put until the flush, as an admin
 # would have it while a next hop is down for maintenance.

@@ -15,7 +15,8 @@ goes first alternates, item by item and round by round.  The table gives
 medians over the rounds and the ratio relaynet/Postfix; --json gets every raw
 run, --png a chart.
 
-Run through `relaynet bench [options]` or `python bench/run.py [options]`,
+Run through `relaynet bench [options]` or, from the checkout's root,
+`python -m bench.run [options]`,
 as root (private Postfix instances), on loopback only.
 """
 
@@ -36,23 +37,19 @@ import time
 import uuid
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for p in (str(HERE), str(REPO)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-from latency import SmtpError, latency_stats, paced_send  # noqa: E402
-from procstat import PeakSampler, cpu_of  # noqa: E402
-from systems import HOST, SINK_DOMAIN, STAMP_DOMAIN, SYSTEMS, log  # noqa: E402
-
-from relaynet.peers import (  # noqa: E402
+from bench.latency import SmtpError, latency_stats, paced_send
+from bench.procstat import PeakSampler, cpu_of
+from bench.systems import HOST, SINK_DOMAIN, STAMP_DOMAIN, SYSTEMS, log
+from harness.peers import (
     PeerUnavailable,
     SmtpSourceError,
     allow_postfix_search,
     postfix_unavailable_reason,
     run_smtp_source,
 )
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 SCENARIOS = ("accept", "chain3", "latency")
 SYSTEM_NAMES = ("relaynet", "postfix")
@@ -676,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     if argv[:1] == ["backlog"]:
         # `relaynet bench backlog ...`: the large-backlog scale test (relaynet only).
-        import backlog
+        from bench import backlog
 
         return backlog.main(argv[1:])
     args = parse_args(argv)

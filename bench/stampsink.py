@@ -214,7 +214,7 @@ class StampSink:
         self._partial = b""
 
     def start(self) -> None:
-        from relaynet.peers import wait_for_smtp
+        from harness.peers import wait_for_smtp
 
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.touch()

@@ -1,7 +1,7 @@
 """
 The two systems under test, each as a chain of N hops on loopback:
 
-  - L{PostfixChain}: N private Postfix instances (L{relaynet.peers.PostfixInstance},
+  - L{PostfixChain}: N private Postfix instances (L{harness.peers.PostfixInstance},
     mode C{relay}, defaults untouched), each one's C{relayhost} the next;
   - L{RelaynetChain}: N relaynet nodes (C{twistd -n --pidfile= relaynet
     --config X}), each with a C{[[route]] domains = ["*"]} relay route to
@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from procstat import NodeProbe, vm_hwm_kb
-from stampsink import StampSink
-
-from relaynet.peers import PostfixInstance, SmtpSink, free_port, relayhost_for, wait_for_smtp
+from bench.procstat import NodeProbe, vm_hwm_kb
+from bench.stampsink import StampSink
+from harness.peers import PostfixInstance, SmtpSink, free_port, relayhost_for, wait_for_smtp
 
 REPO = Path(__file__).resolve().parent.parent
 SINK_DOMAIN = "sink.test"

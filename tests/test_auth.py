@@ -40,12 +40,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-try:
-    from nodeproc import HOST, NodeProcess, free_port, read_reply, relaynet_command, wait_for
-except ImportError:  # tests/ became a package
-    from tests.nodeproc import (  # type: ignore[no-redef]
-        HOST, NodeProcess, free_port, read_reply, relaynet_command, wait_for,
-    )
+from harness.nodeproc import HOST, NodeProcess, free_port, read_reply, relaynet_command, wait_for
 
 from relaynet.intake.auth import (
     IRelayUser, RelayRealm, ScryptChecker, hash_password, may_send_as, read_password_file,

@@ -42,12 +42,7 @@ from relaynet.admin.metrics import NodeMetrics
 from relaynet.admin.queuecli import AdminClient, AdminError
 from relaynet.admin.text import parse_age
 
-try:
-    from nodeproc import HOST, NodeProcess, RawClient, free_port, maildir_new, relaynet_command, wait_for
-except ImportError:  # tests/ became a package
-    from tests.nodeproc import (  # type: ignore[no-redef]
-        HOST, NodeProcess, RawClient, free_port, maildir_new, relaynet_command, wait_for,
-    )
+from harness.nodeproc import HOST, NodeProcess, RawClient, free_port, maildir_new, relaynet_command, wait_for
 
 TIMEOUT = 20.0
 

@@ -21,14 +21,9 @@ import pytest
 
 from relaynet.queue.spool import SpoolWriter
 
-try:
-    from nodeproc import (
-        HOST, QUEUE_ID, NodeProcess, RawClient, parse_message, split_delivered, wait_for,
-    )
-except ImportError:  # tests/ became a package
-    from tests.nodeproc import (  # type: ignore[no-redef]
-        HOST, QUEUE_ID, NodeProcess, RawClient, parse_message, split_delivered, wait_for,
-    )
+from harness.nodeproc import (
+    HOST, QUEUE_ID, NodeProcess, RawClient, parse_message, split_delivered, wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -18,16 +18,10 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from nodeproc import (
-        DEFAULT_CONFIG, HOST, QUEUE_ID, TWISTD, NodeProcess, NodeStartError, RawClient, free_port, port_is_free,
-        relaynet_command, split_delivered, wait_for,
-    )
-except ImportError:  # tests/ became a package
-    from tests.nodeproc import (  # type: ignore[no-redef]
-        DEFAULT_CONFIG, HOST, QUEUE_ID, TWISTD, NodeProcess, NodeStartError, RawClient, free_port, port_is_free,
-        relaynet_command, split_delivered, wait_for,
-    )
+from harness.nodeproc import (
+    DEFAULT_CONFIG, HOST, QUEUE_ID, TWISTD, NodeProcess, NodeStartError, RawClient, free_port, port_is_free,
+    relaynet_command, split_delivered, wait_for,
+)
 
 from relaynet.queue.spool import read_queue_file
 

@@ -30,12 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pytest
 
-try:
-    from nodeproc import HOST, TWISTD, NodeProcess, free_port, relaynet_command, wait_for
-except ImportError:  # tests/ became a package
-    from tests.nodeproc import (  # type: ignore[no-redef]
-        HOST, TWISTD, NodeProcess, free_port, relaynet_command, wait_for,
-    )
+from harness.nodeproc import HOST, TWISTD, NodeProcess, free_port, relaynet_command, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from relaynet.peers import (
+from harness.peers import (
     SMTP_SINK,
     PostfixInstance,
     SmtpSink,
@@ -29,16 +29,15 @@ from relaynet.peers import (
     postfix_unavailable_reason,
     relayhost_for,
 )
+from harness.nodeproc import HOST, NodeProcess, wait_for
 
 try:
-    from nodeproc import HOST, NodeProcess, wait_for
     from test_forwarding import (
         TIMEOUT, Net, assert_failed_report, distinct_ports, events, header_fields,
         hop, make_message, open_session, parse_dsn, returned_message_id, route, send,
         token, transaction, wait_event, wait_mail,
     )
 except ImportError:  # tests/ became a package
-    from tests.nodeproc import HOST, NodeProcess, wait_for  # type: ignore[no-redef]
     from tests.test_forwarding import (  # type: ignore[no-redef]
         TIMEOUT, Net, assert_failed_report, distinct_ports, events, header_fields,
         hop, make_message, open_session, parse_dsn, returned_message_id, route, send,

@@ -30,10 +30,7 @@ from relaynet.admin.metrics import FAILING_AFTER, HopHealth, NodeMetrics
 from relaynet.admin.queuecli import AdminClient
 from relaynet.tap import NodeLogObserver
 
-try:
-    from nodeproc import HOST, NodeProcess, RawClient, wait_for
-except ImportError:  # tests/ became a package
-    from tests.nodeproc import HOST, NodeProcess, RawClient, wait_for  # type: ignore[no-redef]
+from harness.nodeproc import HOST, NodeProcess, RawClient, wait_for
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

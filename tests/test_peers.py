@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from relaynet.peers import (
+from harness.peers import (
     PeerUnavailable,
     PostfixInstance,
     SmtpSink,
@@ -187,7 +187,7 @@ def test_missing_postfix_raises_peer_unavailable(
     Without the postfix binary, starting an instance raises PeerUnavailable
     naming what is missing, and nothing is written.
     """
-    import relaynet.peers as peers
+    import harness.peers as peers
 
     monkeypatch.setattr(peers, "POSTFIX", str(tmp_path / "no-postfix"))
     reason = postfix_unavailable_reason()

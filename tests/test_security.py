@@ -36,15 +36,10 @@ import pytest
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
-try:
-    from nodeproc import HOST, TWISTD, NodeProcess, free_port, read_reply, wait_for
-except ImportError:  # tests/ became a package
-    from tests.nodeproc import (  # type: ignore[no-redef]
-        HOST, TWISTD, NodeProcess, free_port, read_reply, wait_for,
-    )
+from harness.nodeproc import HOST, TWISTD, NodeProcess, free_port, read_reply, wait_for
 
 from relaynet.config import ConfigError, Limits, parse_config
-from relaynet.peers import SmtpSink
+from harness.peers import SmtpSink
 from relaynet.intake.policy import check_recipient
 from relaynet.testing import connect, make_intake, send, spooled, take_replies
 

@@ -46,18 +46,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from zope.interface import implementer
 
-try:
-    from nodeproc import HOST, NodeProcess, free_port, read_reply, relaynet_command, wait_for
-except ImportError:  # tests/ became a package
-    from tests.nodeproc import (  # type: ignore[no-redef]
-        HOST, NodeProcess, free_port, read_reply, relaynet_command, wait_for,
-    )
+from harness.nodeproc import HOST, NodeProcess, free_port, read_reply, relaynet_command, wait_for
 
 from relaynet.intake.auth import RelayRealm, ScryptChecker
 from relaynet.config import Outbound
 from relaynet.intake.server import RelayESMTP, RelayFactory
 from relaynet.delivery.client import HopPool
-from relaynet.peers import SmtpSink
+from harness.peers import SmtpSink
 from relaynet.testing import make_intake, take_replies
 from relaynet.smtp.tls import client_options, server_options
 

@@ -9,8 +9,9 @@ ways to crash (C{kill9}), stop (C{terminate}) and C{restart} the node.
 Everything here is loopback-only and every wait is bounded: loops poll for an
 event with a deadline, never sleep to synchronise.
 
-The small helpers (L{free_port}, L{wait_for}, L{read_greeting}, ...) are local
-on purpose, so these tests do not depend on C{relaynet.peers}.
+Part of the test harness (not shipped). L{free_port} is L{harness.peers}'s and
+L{port_is_free} is L{relaynet.lab.procs.port_ok}'s check; the rest
+(L{wait_for}, L{read_greeting}, ...) exist only here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+from harness.peers import free_port as free_port  # re-exported: the tests import it from here
+from relaynet.lab.procs import port_ok
 
 T = TypeVar("T")
 
@@ -46,24 +50,13 @@ def relaynet_command() -> list[str]:
     return [sys.executable, "-m", "relaynet.cli"]
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port free right now on a loopback address."""
-    assert host in ("127.0.0.1", "::1"), host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def port_is_free(port: int, host: str = HOST) -> bool:
-    """C{True} if C{port} can be bound on C{host} now (with SO_REUSEADDR, as Twisted does)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
+    """
+    C{True} if C{port} can be bound on C{host} now (with SO_REUSEADDR, as
+    Twisted does): L{relaynet.lab.procs.port_ok}, arguments in the order the
+    tests use.
+    """
+    return port_ok(host, port)
 
 
 def wait_for(
