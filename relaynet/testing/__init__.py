@@ -34,9 +34,10 @@ from relaynet.config import Listener, NodeConfig, parse_config
 from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayESMTP, RelayFactory
 from relaynet.queue.spool import Envelope, QueueEntry, Spool, read_queue_file
+from relaynet.testing.spool import MemorySpool
 
 __all__ = [
-    "EPOCH", "ManualThreadPool", "RecordingIntake", "Reply", "SpooledMessage",
+    "EPOCH", "ManualThreadPool", "MemorySpool", "RecordingIntake", "Reply", "SpooledMessage",
     "ThreadlessReactor", "connect", "make_config", "make_intake", "send",
     "spooled", "take_lines", "take_replies",
 ]
