@@ -545,6 +545,24 @@ def test_checker_error_is_a_temporary_failure(tmp_path: Path, certs: tuple[Path,
     assert sub.intake.auth_failures.get(UNTRUSTED, 0) == 0
 
 
+def test_auth_disabled_by_reload_mid_exchange(sub: Submission) -> None:
+    """
+    A reload that turns AUTH off (no password file: no portal) between the
+    steps of AUTH LOGIN answers the password with 454 4.7.0, and the session
+    goes on; it does not raise from C{dataReceived} and lose the connection.
+    """
+    s = sub.session()
+    s.ehlo()
+    assert s.cmd(b"AUTH LOGIN")[0] == 334
+    assert s.cmd(b64("alice"))[0] == 334
+    sub.intake.portal = None  # what RelayNode.reload does without [auth]
+    code, text = s.cmd(b64(PASSWORD))
+    assert (code, text.split()[0]) == (454, "4.7.0")
+    assert not s.protocol.authenticated
+    assert s.cmd(b"NOOP")[0] == 250
+    assert not s.closed
+
+
 def secret_forms(*passwords: str, users: tuple[str, ...] = ("alice",)) -> list[bytes]:
     """A password in clear and in every base64 form AUTH carries it in."""
     forms: list[bytes] = []

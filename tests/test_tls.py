@@ -452,6 +452,20 @@ def test_starttls_resets_transaction_in_memory(tls_intake: Any) -> None:
     assert chat(p, t, b"DATA\r\n")[0][0] == 503
 
 
+def test_starttls_after_reload_removed_tls(tls_intake: Any) -> None:
+    """
+    A reload that removes [tls] while a session is open: its STARTTLS gets
+    454 4.7.0 and no TLS is started, not a 220 and then a TLS start with no
+    certificate; the session goes on in cleartext.
+    """
+    p, t = open_session(tls_intake)
+    chat(p, t, b"EHLO client.test\r\n")
+    tls_intake.tls = None  # what RelayNode.reload does without [tls]
+    assert chat(p, t, b"STARTTLS\r\n") == [(454, "4.7.0 TLS not available due to temporary reason")]
+    assert t.tls_started_at is None
+    assert chat(p, t, b"MAIL FROM:<a@x.test>\r\n")[0][0] == 250
+
+
 # -- real nodes -------------------------------------------------------------
 
 

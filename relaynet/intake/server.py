@@ -473,13 +473,18 @@ class RelayESMTP(smtp.ESMTP):
         if rest.strip():
             self.reply(501, "5.5.4", "Syntax: STARTTLS")
             return
+        tls = self.intake.tls
+        if tls is None:
+            # A reload removed [tls] since this session began.
+            self.reply(454, "4.7.0", "TLS not available due to temporary reason")
+            return
         self.reply(220, "2.0.0", "Ready to start TLS")
         # RFC 3207 4.2 and CVE-2011-0411: nothing sent before the handshake
         # counts, and the session starts over.
         self._inbuf = b""
         self._helo_name, self._esmtp, self._txn = None, False, None
         self._send_replies()
-        self.transport.startTLS(self.intake.tls)
+        self.transport.startTLS(tls)
         self.startedTLS = True
 
     def ext_AUTH(self, rest: bytes) -> Deferred[None] | None:
@@ -566,9 +571,14 @@ class RelayESMTP(smtp.ESMTP):
             return None
         return self._login(user, password)
 
-    def _login(self, user: str, password: str) -> Deferred[None]:
+    def _login(self, user: str, password: str) -> Deferred[None] | None:
+        portal = self.intake.portal
+        if portal is None:
+            # A reload turned AUTH off during this exchange.
+            self.reply(454, "4.7.0", "Temporary authentication failure")
+            return None
         creds = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
-        d = self.intake.portal.login(creds, None, IRelayUser)
+        d = portal.login(creds, None, IRelayUser)
 
         def ok(result: tuple[Any, str, Any]) -> None:
             self.authenticated = True
