@@ -1,92 +1,121 @@
-# -*- test-case-name: tests.test_forwarding -*-
+# -*- test-case-name: tests.test_runner -*-
 """
-The queue runner: takes committed messages and delivers them.
+The queue runner: orchestration, nothing else.
+
+It joins the stages of the middle of a node: the L{QueueCore} (which owns
+every message's state and decides), the L{Timetable} (when each message is
+due), attempt slots (how many attempts run at once), the L{Delivery} stage
+(one attempt), and the L{Spool} (durable writes). For every decision of the
+core it carries out, in order: queue the DSNs the decision asks for, write
+the message's state (or remove it), emit the events, schedule it.
+
+Writes for one message are serialised: each waits for the previous write
+of the same queue id, and each writes the state as it is when it runs, so
+an admin C{hold} during an attempt and the attempt's outcomes never write
+one state file at once (they did: two writers renaming one C{tmp/ID.state}
+corrupted files and lost holds).
 
 A message is attempted as soon as it is committed (no waiting for a queue
-scan), and again when its retry time comes. For each attempt the pending
-recipients are grouped by route: local ones are written into Maildirs in a
-worker thread; relayed ones go to the route's next hops in priority order
-(equal priorities share the load, a transient failure moves the recipient on
-to the next hop: failover), or to the MX hosts of an C{mx} route.
-
-Outcomes per recipient: 2xx done; 4xx, connection failure or timeout:
-deferred with exponential backoff (L{RetryPolicy}); 5xx: bounced. A message
-past its lifetime bounces with 4.4.7. Delivery status notifications (RFC 3464)
-are queued before the outcome that causes them is recorded, and the outcome is
-recorded durably (state file, or removal of the message) before anything else
-happens, so a crash can only repeat an attempt or a DSN, never lose one.
+scan) and again when its retry time comes. Any exception in an attempt
+defers that message alone, with the ordinary backoff; the attempt slot is
+always given back and the timetable kicked.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from attrs import evolve, frozen
-from twisted.internet.defer import (
-    Deferred,
-    DeferredSemaphore,
-    gatherResults,
-    inlineCallbacks,
-    succeed,
-)
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relaynet.delivery.bounce import RecipientReport, build_dsn, is_bounce_worthy, split_headers
-from relaynet.config import NextHop, NodeConfig, RouteRule
+from relaynet.config import NodeConfig
+from relaynet.delivery.attempt import Delivery, ThreadedMailboxes, system_resolver
+from relaynet.delivery.client import OutboundManager
+from relaynet.delivery.routing import Route, RoutingTable
 from relaynet.events import EventLog
-from relaynet.delivery.mailbox import deliver_local
-from relaynet.delivery.client import DeliveryResult, OutboundManager
-from relaynet.delivery.routing import Route, RouteKind, RoutingTable, order_hops
+from relaynet.queue.bounce import build_dsn, split_headers
+from relaynet.queue.core import BUSY, Decision, Notice, Outcome, Plan, QueueCore, Write
 from relaynet.queue.retry import RetryPolicy
-from relaynet.queue.spool import Envelope, QueueEntry, Recipient, RecipientState, Spool
+from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool
+from relaynet.queue.states import MessageState, RecipientStatus
 from relaynet.queue.timetable import Timetable
 
 
+Entries = list[QueueEntry]
+Summaries = list[dict[str, Any]]
+
+
 @frozen
-class Outcome:
+class QueueTotals:
     """
-    The result of one attempt for one recipient.
+    Figures over the whole queue, for metrics.
 
-    @ivar status: C{delivered} (local), C{relayed}, C{deferred} or C{bounced}.
-    @ivar event: the event name: C{delivered}, C{sent}, C{deferred},
-        C{bounced} or C{expired}.
+    @ivar messages: queued messages by L{MessageState}.
+    @ivar size: octets of queued messages.
+    @ivar recipients: recipients of queued messages by status.
+    @ivar oldest_arrival: arrival time of the oldest queued message.
     """
 
-    address: str
-    status: str
-    event: str
-    dsn: str
-    diagnostic: str = ""
-    remote: str | None = None
-    dsn_peer: bool = False
-    code: int = 0
-    text: str = ""
-    tls: str | None = None
-    tried: tuple[tuple[str, str, str], ...] = ()
-
-    @classmethod
-    def from_result(cls, res: DeliveryResult) -> "Outcome":
-        status, event = (
-            ("relayed", "sent") if res.ok
-            else ("bounced", "bounced") if res.permanent
-            else ("deferred", "deferred")
-        )
-        return cls(
-            res.address, status, event, res.enhanced, res.diagnostic, res.remote,
-            res.dsn_peer and res.ok, res.code, res.text, res.tls,
-        )
+    messages: dict[str, int]
+    size: int
+    recipients: dict[str, int]
+    oldest_arrival: float | None
 
 
-class QueueRunner:
+class SerialWrites:
     """
-    Schedules and performs delivery attempts for one node's queue.
+    Runs jobs one at a time per key: a job starts when the previous job of
+    the same key has finished (successfully or not).
+    """
 
-    @ivar entries: queued messages by queue id.
+    def __init__(self) -> None:
+        self._tails: dict[str, Deferred[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tails)
+
+    def run(self, key: str, job: Callable[[], Any]) -> Deferred[Any]:
+        """Run C{job()} after every earlier job of C{key}; fire with its result."""
+        previous = self._tails.get(key)
+        finished: Deferred[None] = Deferred()
+        self._tails[key] = finished
+        out: Deferred[Any] = Deferred()
+
+        def go(_: object = None) -> None:
+            d = maybeDeferred(job)
+
+            def done(result: object) -> None:
+                if self._tails.get(key) is finished:
+                    del self._tails[key]
+                finished.callback(None)
+                if isinstance(result, Failure):
+                    out.errback(result)
+                else:
+                    out.callback(result)
+
+            d.addBoth(done)
+
+        if previous is None:
+            go()
+        else:
+            previous.addCallback(go)
+        return out
+
+    def idle(self, key: str) -> Deferred[None]:
+        """Fires once every job of C{key} submitted so far has finished."""
+        return self.run(key, lambda: None)
+
+
+class QueueRunner(Service):
+    """
+    Schedules and performs delivery attempts for one node's queue, and is
+    the queue view the admin API and metrics read.
     """
 
     log = Logger()
@@ -94,64 +123,112 @@ class QueueRunner:
     def __init__(
         self,
         config: NodeConfig,
-        spool: Spool,
+        spool: Any,
         events: EventLog,
         reactor: Any,
         threadpool: ThreadPool,
-        outbound: OutboundManager | None = None,
+        outbound: Any = None,
         now: Callable[[], float] = time.time,
         resolver: Any = None,
+        delivery: Delivery | None = None,
     ) -> None:
+        """
+        @param spool: a L{Spool} (or L{relaynet.testing.MemorySpool}).
+        @param threadpool: runs local deliveries and DSN composition.
+        @param outbound: the outbound agent (an L{OutboundManager} made from
+            C{config} when not given).
+        @param now: the wall clock (arrival times are wall-clock seconds).
+        @param resolver: the MX resolver (made from C{[dns]} on first use).
+        @param delivery: the delivery stage (made from the above when not given).
+        """
         self.config = config
         self.spool = spool
         self.events = events
         self.reactor = reactor
         self.pool = threadpool
-        q = config.queue
-        self.policy = RetryPolicy(
-            minimal_backoff=q.minimal_backoff, maximal_backoff=q.maximal_backoff, lifetime=q.lifetime
-        )
         self.now = now
+        self.table = RoutingTable(config)
+        self.core = QueueCore(_retry_policy(config), config.queue.delay_warning)
         self.outbound = outbound or OutboundManager(
             reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file
         )
         self._resolver = resolver
-        self.entries: dict[str, QueueEntry] = {}
-        self._busy: dict[str, Deferred[list[Outcome]]] = {}
-        self._sem = DeferredSemaphore(q.concurrency)
-        self._timetable = Timetable(reactor, self._fire, lambda: self._sem.tokens > 0)
-        self._running = False
+        self.delivery = delivery or Delivery(
+            lambda: self.table, self.outbound,
+            ThreadedMailboxes(reactor, threadpool, lambda: self.config.local),
+            self.resolver,
+        )
+        self._slots = 0
+        self._attempts: dict[str, Deferred[list[Outcome]]] = {}
+        self._writes = SerialWrites()
+        self._timetable = Timetable(reactor, self._fire, self._has_slot)
+        self._started = False
 
     # -- lifecycle -------------------------------------------------------
 
-    def start(self, entries: list[QueueEntry]) -> None:
-        """Take over recovered messages and begin delivering."""
-        self._running = True
+    def load(self, entries: Iterable[QueueEntry]) -> None:
+        """Take over recovered messages (before or after starting)."""
         for entry in entries:
-            self.entries[entry.queue_id] = entry
-            due = entry.state.next_attempt
-            delay = 0.0 if due is None else max(0.0, due - self.now())
-            if not entry.state.held:
-                self._schedule(entry, delay)
+            due = self.core.add(entry, self.now())
+            if self._started and due is not None:
+                self._schedule(entry.queue_id, due)
+
+    def start(self, entries: Iterable[QueueEntry] = ()) -> None:
+        """Take over recovered messages and begin delivering."""
+        self.load(entries)
+        self._started = True
+        now = self.now()
+        for entry in self.core:
+            due = None if entry.state.held else max(now, entry.state.next_attempt or now)
+            if due is not None:
+                self._schedule(entry.queue_id, due)
 
     def stop(self) -> Deferred[None]:
         """Stop scheduling; the Deferred fires when running attempts are done."""
-        self._running = False
+        self._started = False
         self._timetable.clear()
         self.outbound.close()
-        running = list(self._busy.values())
-        if not running:
-            return succeed(None)
-        return gatherResults(running, consumeErrors=True).addBoth(lambda _: None)
+        running = [self._after(d) for d in self._attempts.values()]
+        return gatherResults(running).addCallback(lambda _: None)
+
+    def startService(self) -> None:
+        """Begin delivering what L{load} gave (a child service of the node)."""
+        super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted 26.10
+        if not self._started:
+            self.start()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop scheduling and wait for running attempts."""
+        super().stopService()  # type: ignore[no-untyped-call]  # unannotated in Twisted 26.10
+        return self.stop()
+
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Use a new configuration (SIGHUP): routing, limits, retry policy."""
+        self.config = config
+        self.table = RoutingTable(config)
+        self.core.policy = _retry_policy(config)
+        self.core.delay_warning = config.queue.delay_warning
+        if isinstance(self.outbound, OutboundManager):
+            self.outbound.timeouts = config.outbound
+            self.outbound.ca_file = config.tls.ca_file
+            self.outbound.close_idle()
+
+    def resolver(self) -> Any:
+        """The DNS resolver: C{[dns].servers}, else the system's."""
+        if self._resolver is None:
+            self._resolver = system_resolver(self.reactor, self.config.dns_servers)
+        return self._resolver
+
+    # -- messages arriving -----------------------------------------------
 
     def enqueue(self, entry: QueueEntry) -> None:
         """
         A message was just committed: deliver it now, or as soon as an
         attempt slot is free (it waits in the timetable, like any due message).
         """
-        self.entries[entry.queue_id] = entry
-        if self._running:
-            self._schedule(entry, 0)
+        due = self.core.add(entry, self.now())
+        if self._started and due is not None:
+            self._schedule(entry.queue_id, due)
 
     def cut_through(self, entry: QueueEntry) -> Deferred[tuple[int, str, str]]:
         """
@@ -162,27 +239,234 @@ class QueueRunner:
         has the refusal); anything else (deferrals, mixed results, no next hop
         reachable): 250, and the message stays queued (store-and-forward).
         """
-        self.entries[entry.queue_id] = entry
-        d = self._attempt(entry, cut_through=True)
+        self.core.add(entry, self.now())
         qid = entry.queue_id
+        d = self._attempt(qid, cut_through=True)
 
         def reply(outcomes: list[Outcome]) -> tuple[int, str, str]:
-            if outcomes and all(o.status == "bounced" and o.code >= 500 for o in outcomes):
+            if outcomes and all(o.status is RecipientStatus.BOUNCED and o.code >= 500 for o in outcomes):
                 o = outcomes[0]
                 return o.code, o.dsn, f"{o.text} (from {o.remote})"
-            if outcomes and all(o.status in ("relayed", "delivered") for o in outcomes):
+            if outcomes and all(o.status in (RecipientStatus.RELAYED, RecipientStatus.DELIVERED)
+                                for o in outcomes):
                 o = outcomes[0]
                 return 250, "2.0.0", f"Ok: queued as {qid}; relayed: {o.code} {o.dsn} {o.text}".rstrip()
             return 250, "2.0.0", f"Ok: queued as {qid}"
 
         return d.addCallback(reply)
 
-    # -- administration (relaynet queue ..., the admin API) -------------
+    # -- attempts --------------------------------------------------------
+
+    def _has_slot(self) -> bool:
+        return self._slots < self.config.queue.concurrency
+
+    def _schedule(self, queue_id: str, due: float) -> None:
+        self._timetable.set(queue_id, max(0.0, due - self.now()))
+
+    def _fire(self, queue_id: str) -> None:
+        if self._started:
+            self._attempt(queue_id)
+
+    def _attempt(self, queue_id: str, cut_through: bool = False) -> Deferred[list[Outcome]]:
+        """
+        Attempt C{queue_id} now (unless one is running: then wait for it).
+
+        @return: fires with the outcomes once they are recorded; never fails.
+        """
+        running = self._attempts.get(queue_id)
+        if running is not None:
+            return self._after(running).addCallback(lambda _: [])
+        try:
+            plan = self.core.begin(queue_id, self.now())
+        except Exception:
+            self.log.failure("Could not begin an attempt of {queue_id}", queue_id=queue_id)
+            return succeed([])
+        if plan is None:
+            return succeed([])
+        if isinstance(plan, Decision):
+            return self._carry_out(plan).addCallback(lambda _: [])
+        self._slots += 1
+        d = maybeDeferred(self.delivery.attempt, plan.entry, plan.recipients)
+        d.addErrback(self._attempt_failed, plan)
+        d.addCallback(self._finish, plan, cut_through)
+        self._attempts[queue_id] = d
+
+        def done(result: object) -> object:
+            self._slots -= 1
+            self._attempts.pop(queue_id, None)
+            if isinstance(result, Failure):
+                self.log.failure("Recording the attempt of {queue_id} failed", result, queue_id=queue_id)
+                result = []
+            if self._started:
+                self._timetable.kick()  # a slot is free: start what is due
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def _attempt_failed(self, failure: Failure, plan: Plan) -> list[Outcome]:
+        """An attempt that raised defers its message alone."""
+        self.log.failure("Delivery attempt of {queue_id} failed", failure, queue_id=plan.entry.queue_id)
+        text = f"internal error: {failure.getErrorMessage()}"
+        return [Outcome.deferred(r.address, "4.3.0", text) for r in plan.recipients]
+
+    def _finish(self, outcomes: list[Outcome], plan: Plan, cut_through: bool) -> Deferred[list[Outcome]]:
+        refused = cut_through and bool(outcomes) and all(
+            o.status is RecipientStatus.BOUNCED and o.code >= 500 for o in outcomes
+        )
+        decision = self.core.finish(plan, outcomes, self.now(), notify_failures=not refused)
+        return self._carry_out(decision).addCallback(lambda _: outcomes)
+
+    # -- carrying out decisions ------------------------------------------
+
+    def _carry_out(self, decision: Decision) -> Deferred[bool]:
+        """
+        DSNs, then the write (serialised per message), then events, then
+        the timetable. Fires with C{decision.ok} once written.
+        """
+        qid = decision.queue_id
+        if decision.unschedule:
+            self._timetable.cancel(qid)
+        entry = decision.entry
+        if decision.write is Write.NOTHING or entry is None:
+            self._emit(decision)
+            self._reschedule(decision)
+            return succeed(decision.ok)
+
+        def write() -> Deferred[Any]:
+            d = self._notify(decision.notices)
+            if decision.write is Write.REMOVE:
+                d.addCallback(lambda _: self.spool.remove(entry))
+            else:
+                d.addCallback(lambda _: self.spool.record(entry))
+            return d
+
+        d = self._writes.run(qid, write)
+
+        def written(_: object) -> bool:
+            self._emit(decision)
+            self._reschedule(decision)
+            return decision.ok
+
+        def failed(f: Failure) -> bool:
+            # The state stays in memory; the next write of this message
+            # records it. Retry the message later rather than never.
+            self.log.failure("Could not record the state of {queue_id}", f, queue_id=qid)
+            self._emit(decision)
+            if qid in self.core and self._started:
+                self._schedule(qid, self.now() + self.core.policy.minimal_backoff)
+            return False
+
+        return d.addCallbacks(written, failed)
+
+    def _emit(self, decision: Decision) -> None:
+        for event in decision.events:
+            self.events.emit(event.name, **event.fields)
+
+    def _reschedule(self, decision: Decision) -> None:
+        if decision.due is not None and self._started and decision.queue_id in self.core:
+            self._schedule(decision.queue_id, decision.due)
+
+    @inlineCallbacks
+    def _notify(self, notices: tuple[Notice, ...]) -> Any:
+        for notice in notices:
+            try:
+                yield self._send_dsn(notice)
+            except Exception:
+                self.log.failure("Could not queue a DSN for {queue_id}", queue_id=notice.entry.queue_id)
+
+    @inlineCallbacks
+    def _send_dsn(self, notice: Notice) -> Any:
+        entry, reports = notice.entry, list(notice.reports)
+        env = entry.envelope
+        route = self.table.route(env.sender)
+        if not isinstance(route, Route):
+            self.log.warn(
+                "Cannot return a DSN for {queue_id} to <{sender}>: {reply}",
+                queue_id=entry.queue_id, sender=env.sender, reply=route.text,
+            )
+            return
+        ret_full = env.params.get("ret") != "HDRS"
+        hostname = self.config.hostname
+        now = self.now()
+
+        def compose() -> bytes:
+            with entry.open_message() as f:
+                headers, body_start = split_headers(f.read(1 << 20))
+            body = entry.open_message(skip=body_start) if ret_full else None
+            try:
+                return build_dsn(
+                    reporting_mta=hostname, sender=env.sender, original_headers=headers,
+                    original_body=body, reports=reports, arrival=env.arrival,
+                    envid=env.params.get("envid"), queue_id=entry.queue_id, now=now,
+                )
+            finally:
+                if body is not None:
+                    body.close()
+
+        data = yield deferToThreadPool(self.reactor, self.pool, compose)
+        dsn_env = Envelope(
+            queue_id=self.spool.new_id(),
+            sender="",
+            recipients=(Recipient(address=env.sender, route=route.name),),
+            arrival=now,
+            params={"body": None if data.isascii() else "8BITMIME",
+                    "smtputf8": not env.sender.isascii()},
+            client={"protocol": "local", "helo": hostname, "ip": "127.0.0.1",
+                    "dsn_for": entry.queue_id},
+            node=self.config.name,
+        )
+        writer = self.spool.begin(dsn_env)
+        writer.write(data)
+        new = yield writer.commit(hops=0)
+        self.events.emit(
+            "dsn", queue_id=new.queue_id, sender="", recipient=env.sender,
+            original_queue_id=entry.queue_id, action=notice.action,
+        )
+        self.enqueue(new)
+
+    def _after(self, running: Deferred[Any]) -> Deferred[None]:
+        """A Deferred firing (with C{None}) when C{running} has."""
+        d: Deferred[None] = Deferred()
+
+        def fire(result: object) -> object:
+            d.callback(None)
+            return result
+
+        running.addBoth(fire)
+        return d
+
+    # -- the queue view (relaynet queue ..., the admin API, metrics) ----
+
+    def __contains__(self, queue_id: object) -> bool:
+        return queue_id in self.core
+
+    def counts(self) -> dict[str, int]:
+        """Queued messages by state."""
+        out = {str(s): 0 for s in MessageState}
+        for entry in self.core:
+            out[self.core.state(entry)] += 1
+        return out
+
+    def totals(self) -> QueueTotals:
+        """Messages by state, octets, recipients by status, the oldest arrival."""
+        by_status: dict[str, int] = {}
+        size = 0
+        oldest: float | None = None
+        for e in self.core:
+            size += e.envelope.size
+            if oldest is None or e.envelope.arrival < oldest:
+                oldest = e.envelope.arrival
+            for r in e.envelope.recipients:
+                st = e.state.recipients.get(r.address)
+                status = str(st.status) if st is not None else "pending"
+                by_status[status] = by_status.get(status, 0) + 1
+        return QueueTotals(self.counts(), size, by_status, oldest)
 
     def list(
         self, state: str | None = None, sender: str | None = None,
         recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> Summaries:
         """
         Summaries of queued messages, oldest first, filtered by state,
         sender or recipient (substring, case-insensitive), recipient domain
@@ -193,7 +477,7 @@ class QueueRunner:
     def matching(
         self, state: str | None = None, sender: str | None = None,
         recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
-    ) -> list[QueueEntry]:
+    ) -> Entries:
         """
         The queued messages L{list} would show, oldest first, without building
         their summaries (a listing of 20 out of 100,000 builds 20).
@@ -203,9 +487,9 @@ class QueueRunner:
         recipient = recipient.lower() if recipient else None
         domain = domain.lower() if domain else None
         out = []
-        for entry in sorted(self.entries.values(), key=lambda e: e.envelope.arrival):
+        for entry in sorted(self.core, key=lambda e: e.envelope.arrival):
             env = entry.envelope
-            if state and entry_state(entry, entry.queue_id in self._busy) != state:
+            if state and self.core.state(entry) != state:
                 continue
             if sender and sender not in env.sender.lower():
                 continue
@@ -220,17 +504,17 @@ class QueueRunner:
             out.append(entry)
         return out
 
-    def summaries(self, entries: list[QueueEntry]) -> list[dict[str, Any]]:
+    def summaries(self, entries: Entries) -> Summaries:
         """L{entry_summary} of each of C{entries}."""
         now = self.now()
-        return [entry_summary(e, e.queue_id in self._busy, now) for e in entries]
+        return [entry_summary(e, self.core.state(e), now) for e in entries]
 
     def show(self, queue_id: str) -> Deferred[dict[str, Any]] | None:
         """
         The summary of one message plus its header section (read in a worker
         thread); C{None} if there is no such message.
         """
-        entry = self.entries.get(queue_id)
+        entry = self.core.get(queue_id)
         if entry is None:
             return None
 
@@ -240,15 +524,15 @@ class QueueRunner:
             return head.decode("utf-8", "replace")
 
         d = deferToThreadPool(self.reactor, self.pool, headers)
-        summary = entry_summary(entry, queue_id in self._busy, self.now())
+        summary = entry_summary(entry, self.core.state(entry), self.now())
         summary["envelope"] = entry.envelope.to_json()
         return d.addCallback(lambda h: {**summary, "headers": h})
 
-    def _select(self, queue_id: str | None, domain: str | None) -> list[QueueEntry]:
+    def _select(self, queue_id: str | None, domain: str | None) -> Entries:
         if queue_id is not None:
-            entry = self.entries.get(queue_id)
+            entry = self.core.get(queue_id)
             return [entry] if entry is not None else []
-        entries = list(self.entries.values())
+        entries = list(self.core)
         if domain is not None:
             d = domain.lower()
             entries = [
@@ -260,451 +544,65 @@ class QueueRunner:
     def flush(self, queue_id: str | None = None, domain: str | None = None) -> int:
         """Attempt queued messages now (all, one, or those for a domain); return how many."""
         n = 0
+        now = self.now()
         for entry in self._select(queue_id, domain):
-            if not entry.state.held:
-                self._schedule(entry, 0)
+            decision = self.core.flush(entry.queue_id, now)
+            if decision.ok:
+                self._reschedule(decision)
                 n += 1
         return n
-
-    @inlineCallbacks
-    def hold(self, queue_id: str) -> Any:
-        """Keep a message from being attempted until released (durably)."""
-        entry = self.entries.get(queue_id)
-        if entry is None:
-            return False
-        entry.state.held = True
-        self._timetable.cancel(queue_id)
-        yield self.spool.record(entry)
-        self.events.emit("hold", queue_id=queue_id, sender=entry.envelope.sender)
-        return True
-
-    @inlineCallbacks
-    def release(self, queue_id: str) -> Any:
-        """Release a held message and attempt it now."""
-        entry = self.entries.get(queue_id)
-        if entry is None:
-            return False
-        entry.state.held = False
-        entry.state.next_attempt = None
-        yield self.spool.record(entry)
-        self.events.emit("release", queue_id=queue_id, sender=entry.envelope.sender)
-        if self._running:
-            self._schedule(entry, 0)
-        return True
-
-    @inlineCallbacks
-    def delete(self, queue_id: str) -> Any:
-        """Remove a message without notifying anyone (C{postsuper -d})."""
-        entry = self.entries.get(queue_id)
-        if entry is None or queue_id in self._busy:
-            return False
-        self.entries.pop(queue_id, None)
-        self._timetable.cancel(queue_id)
-        yield self.spool.remove(entry)
-        self.events.emit("deleted", queue_id=queue_id, sender=entry.envelope.sender, status="deleted")
-        return True
-
-    @inlineCallbacks
-    def bounce(self, queue_id: str, reason: str = "message returned by the administrator") -> Any:
-        """Bounce every pending recipient now, with a DSN to the sender (5.0.0)."""
-        entry = self.entries.get(queue_id)
-        if entry is None or queue_id in self._busy:
-            return False
-        self._timetable.cancel(queue_id)
-        outcomes = [
-            Outcome(r.address, "bounced", "bounced", "5.0.0", reason) for r in entry.pending_recipients()
-        ]
-        yield self._record(entry, outcomes)
-        return True
 
     def reroute(self, queue_id: str | None = None, domain: str | None = None) -> int:
         """
         Route queued messages again with the current table: routes are looked
-        up at each attempt, so this is a flush that also releases nothing.
+        up at each attempt, so this is a flush.
         """
         return self.flush(queue_id, domain)
 
-    def reconfigure(self, config: NodeConfig) -> None:
-        """Use a new configuration (SIGHUP): routing, limits, retry policy."""
-        self.config = config
-        q = config.queue
-        self.policy = RetryPolicy(
-            minimal_backoff=q.minimal_backoff, maximal_backoff=q.maximal_backoff, lifetime=q.lifetime
-        )
-        self.outbound.timeouts = config.outbound
-        self.outbound.ca_file = config.tls.ca_file
-        self.outbound.close_idle()
-
-    def counts(self) -> dict[str, int]:
-        """Queued messages by state."""
-        out = {"incoming": 0, "active": 0, "deferred": 0, "hold": 0}
-        for qid, entry in self.entries.items():
-            out[entry_state(entry, qid in self._busy)] += 1
-        return out
-
-    def _schedule(self, entry: QueueEntry, delay: float) -> None:
-        self._timetable.set(entry.queue_id, delay)
-
-    def _fire(self, qid: str) -> None:
-        entry = self.entries.get(qid)
-        if entry is not None and self._running:
-            self._attempt(entry)
-
-    def _attempt(self, entry: QueueEntry, cut_through: bool = False) -> Deferred[list[Outcome]]:
-        qid = entry.queue_id
-        if qid in self._busy:
-            return self._busy[qid]
-        d = self._sem.run(self._deliver, entry, cut_through)
-        self._busy[qid] = d
-
-        def done(result: object) -> object:
-            self._busy.pop(qid, None)
-            if isinstance(result, Failure):
-                self.log.failure("Delivery attempt of {queue_id} failed", result, queue_id=qid)
-                if self._running and qid in self.entries:
-                    self._schedule(entry, self.policy.minimal_backoff)
-                result = []
-            if self._running:
-                self._timetable.kick()  # a slot is free: start what is due
-            return result
-
-        d.addBoth(done)
-        return d
-
-    # -- one attempt -----------------------------------------------------
-
-    @inlineCallbacks
-    def _deliver(self, entry: QueueEntry, cut_through: bool = False) -> Any:
-        now = self.now()
-        pending = entry.pending_recipients()
-        if not pending:
-            yield self.spool.remove(entry)
-            self.entries.pop(entry.queue_id, None)
-            return []
-        if self.policy.expired(entry.envelope.arrival, now):
-            outcomes = []
-            for r in pending:
-                st = entry.state.recipients.get(r.address)
-                last = st.diagnostic if st and st.diagnostic else "no attempt succeeded"
-                outcomes.append(Outcome(
-                    r.address, "bounced", "expired", "4.4.7",
-                    f"delivery time expired (message queued for {int(now - entry.envelope.arrival)} s):"
-                    f" last error: {last}", st.remote if st else None,
-                ))
-        else:
-            groups: dict[Route, list[Recipient]] = {}
-            outcomes = []
-            for r in pending:
-                route, refusal = self.route_for(r.address)
-                if route is None:
-                    assert refusal is not None
-                    outcomes.append(refusal)
-                else:
-                    groups.setdefault(route, []).append(r)
-            parts = []
-            for route, rcpts in groups.items():
-                if route.kind is RouteKind.LOCAL:
-                    parts.append(self._local(entry, rcpts))
-                else:
-                    parts.append(self._relay_route(entry, route, rcpts))
-            results = yield gatherResults(parts, consumeErrors=True)
-            outcomes += [o for part in results for o in part]
-        refused = cut_through and outcomes and all(
-            o.status == "bounced" and o.code >= 500 for o in outcomes
-        )
-        yield self._record(entry, outcomes, notify_failures=not refused, started=now)
-        return outcomes
-
-    def _local(self, entry: QueueEntry, rcpts: list[Recipient]) -> Deferred[list[Outcome]]:
-        d = deferToThreadPool(
-            self.reactor, self.pool, deliver_local, self.config.local, entry, [r.address for r in rcpts]
-        )
-
-        def convert(results: list[Any]) -> list[Outcome]:
-            out = []
-            for res in results:
-                if res.ok:
-                    out.append(Outcome(res.address, "delivered", "delivered", "2.0.0", "delivered to maildir", "local"))
-                elif res.permanent:
-                    out.append(Outcome(res.address, "bounced", "bounced", res.dsn, res.diagnostic, "local"))
-                else:
-                    out.append(Outcome(res.address, "deferred", "deferred", res.dsn, res.diagnostic, "local"))
-            return out
-
-        return d.addCallback(convert)
-
-    def route_for(self, address: str) -> tuple[Route | None, Outcome | None]:
+    def hold(self, queue_id: str) -> Deferred[bool]:
         """
-        Route a recipient with the routing table in force now (so a changed
-        table, after a reload, applies to queued mail; C{relaynet queue
-        reroute} is a flush). Relay permission was settled at acceptance.
-
-        @return: C{(route, None)}, or C{(None, outcome)} when the recipient
-            can no longer be routed (the outcome bounces or defers it).
+        Keep a message from being attempted until released (durably). During
+        an attempt the hold applies at once; the attempt's outcomes are
+        recorded with it.
         """
-        route = RoutingTable(self.config).route(address)
-        if isinstance(route, Route):
-            return route, None
-        status = "bounced" if route.permanent else "deferred"
-        return None, Outcome(address, status, status, route.enhanced,
-                             f"{route.code} {route.enhanced} {route.text}", code=route.code, text=route.text)
+        return self._carry_out(self.core.hold(queue_id))
 
-    @inlineCallbacks
-    def _relay_route(self, entry: QueueEntry, route: Route, rcpts: list[Recipient]) -> Any:
-        rule = route.rule
-        assert rule is not None and rule.action in ("relay", "mx")
-        if rule.action == "mx":
-            by_domain: dict[str, list[Recipient]] = {}
-            for r in rcpts:
-                by_domain.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
-            out = []
-            for domain, rs in by_domain.items():
-                hops_or_error = yield self._mx_hops(domain, rule)
-                if isinstance(hops_or_error, tuple):
-                    status, dsn, text = hops_or_error
-                    out += [Outcome(r.address, status, status if status == "deferred" else "bounced",
-                                    dsn, text) for r in rs]
-                else:
-                    out += yield self._try_hops(entry, rule, hops_or_error, rs)
-            return out
-        result = yield self._try_hops(entry, rule, order_hops(rule.next_hops), rcpts)
-        return result
+    def release(self, queue_id: str) -> Deferred[bool]:
+        """Release a held message and attempt it now."""
+        return self._carry_out(self.core.release(queue_id, self.now()))
 
-    @inlineCallbacks
-    def _try_hops(
-        self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient]
-    ) -> Any:
-        remaining = list(rcpts)
-        final: dict[str, Outcome] = {}
-        last: dict[str, Outcome] = {}
-        tried: dict[str, list[tuple[str, str, str]]] = {}
-        for hop in hops:
-            results = yield self.outbound.deliver(
-                hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls
-            )
-            by_addr = {r.address: r for r in results}
-            still = []
-            for r in remaining:
-                res = by_addr.get(r.address)
-                if res is None:
-                    continue
-                o = Outcome.from_result(res)
-                if o.status == "deferred":
-                    last[r.address] = o
-                    still.append(r)
-                    tried.setdefault(r.address, []).append((res.remote, o.dsn, o.diagnostic))
-                else:
-                    final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ())))
-            remaining = still
-            if not remaining:
-                break
-        for r in remaining:
-            o = last.get(r.address) or Outcome(
-                r.address, "deferred", "deferred", "4.4.1", "no next hop could be reached"
-            )
-            # The final event names the last hop; the ones before it are in tried.
-            final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ()))[:-1])
-        return [final[r.address] for r in rcpts if r.address in final]
-
-    def _mx_hops(self, domain: str, rule: RouteRule) -> Deferred[Any]:
+    def delete(self, queue_id: str) -> Deferred[bool]:
         """
-        The next hops for C{domain} from DNS: MX records by preference (RFC
-        5321 5.1), the domain's own address when it has no MX, nothing for a
-        null MX (RFC 7505).
-
-        @return: a Deferred firing with a list of L{NextHop}, or with
-            C{(status, dsn, text)} when there is nowhere to go.
+        Remove a message without notifying anyone (C{postsuper -d}); during
+        an attempt, once the attempt's outcomes are recorded.
         """
-        from twisted.names import dns, error
+        return self._when_idle(queue_id, lambda: self.core.delete(queue_id))
 
-        resolver = self.resolver()
+    def bounce(self, queue_id: str, reason: str = "message returned by the administrator") -> Deferred[bool]:
+        """
+        Bounce every pending recipient now, with a DSN to the sender (5.0.0);
+        during an attempt, once its outcomes are recorded (to the recipients
+        still pending then).
+        """
+        return self._when_idle(queue_id, lambda: self.core.bounce(queue_id, reason, self.now()))
 
-        @inlineCallbacks
-        def lookup() -> Any:
-            try:
-                answers, _, _ = yield resolver.lookupMailExchange(domain)
-            except error.DNSNameError:
-                return ("bounced", "5.1.2", f"Host or domain name not found: {domain}")
-            except Exception as e:
-                return ("deferred", "4.4.3", f"DNS lookup of MX {domain} failed: {e.__class__.__name__}")
-            mxs = sorted(
-                (a.payload.preference, str(a.payload.name)) for a in answers if a.type == dns.MX
-            )
-            if len(mxs) == 1 and mxs[0][1] in ("", "."):
-                return ("bounced", "5.1.10", f"{domain} accepts no mail (null MX)")
-            if not mxs:
-                mxs = [(0, domain)]
-            hops = []
-            for pref, host in mxs:
-                try:
-                    ip = yield resolver.getHostByName(host)
-                except Exception:
-                    continue
-                literal = ip.replace(":", "\\:")
-                hops.append(NextHop(endpoint=f"tcp:{literal}:{rule.mx_port}", priority=pref))
-            if not hops:
-                return ("deferred", "4.4.3", f"no address for the mail exchangers of {domain}")
-            return order_hops(hops)
-
-        return lookup()
-
-    def resolver(self) -> Any:
-        """The DNS resolver: C{[dns].servers}, else the system's."""
-        if self._resolver is None:
-            from twisted.names import client
-
-            servers = list(self.config.dns_servers) or None
-            self._resolver = client.createResolver(servers=servers, reactor=self.reactor)
-        return self._resolver
-
-    # -- recording and notifications ------------------------------------
-
-    @inlineCallbacks
-    def _record(
-        self, entry: QueueEntry, outcomes: list[Outcome], notify_failures: bool = True,
-        started: float | None = None,
-    ) -> Any:
-        now = self.now()
-        env = entry.envelope
-        by_addr = {r.address: r for r in env.recipients}
-        reports: dict[str, list[RecipientReport]] = {}
-        warn = (
-            self.config.queue.delay_warning > 0
-            and not entry.state.delay_warned
-            and now - env.arrival >= self.config.queue.delay_warning
-        )
-        for o in outcomes:
-            rcpt = by_addr.get(o.address)
-            notify = rcpt.notify if rcpt else None
-            action = {"bounced": "failed", "delivered": "delivered", "relayed": "relayed",
-                      "deferred": "delayed"}[o.status]
-            if o.status == "relayed" and o.dsn_peer:
-                action = ""  # the next hop takes over DSN duties
-            if o.status == "bounced" and not notify_failures:
-                action = ""
-            if o.status == "deferred" and not warn:
-                action = ""
-            if action and is_bounce_worthy(env.sender, notify, action):
-                reports.setdefault(action, []).append(RecipientReport(
-                    address=o.address, action=action, status=o.dsn,
-                    original_recipient=rcpt.orcpt if rcpt else None,
-                    remote_mta=o.remote if o.remote and o.remote != "local" else None,
-                    diagnostic=o.diagnostic or None, last_attempt=now,
-                ))
-        for action, reps in reports.items():
-            try:
-                yield self._send_dsn(entry, reps)
-            except Exception:
-                self.log.failure("Could not queue a DSN for {queue_id}", queue_id=entry.queue_id)
-        if warn and "delayed" in reports:
-            entry.state.delay_warned = True
-
-        retry = False
-        for o in outcomes:
-            st = entry.state.recipients.setdefault(o.address, RecipientState())
-            st.attempts += 1
-            st.last_attempt = now
-            st.dsn = o.dsn
-            st.diagnostic = o.diagnostic or None
-            st.remote = o.remote
-            st.status = o.status
-            retry = retry or o.status == "deferred"
-            self.events.emit(
-                o.event, queue_id=entry.queue_id, sender=env.sender, recipient=o.address,
-                relay=o.remote, delay=round(now - env.arrival, 6), dsn=o.dsn, status=o.event,
-                diagnostic=o.diagnostic or None, hops=env.hops, tls=o.tls,
-                next_queue_id=_queued_as(o.text) if o.status == "relayed" else None,
-                duration=round(now - started, 6) if started is not None else None,
-                tried=[{"relay": h, "dsn": d, "diagnostic": t} for h, d, t in o.tried] or None,
-            )
-        if not entry.pending_recipients():
-            self.entries.pop(entry.queue_id, None)
-            yield self.spool.remove(entry)
-            return
-        if retry:
-            attempts = max(s.attempts for s in entry.state.recipients.values())
-            delay = min(self.policy.delay(attempts), max(0.0, env.arrival + self.policy.lifetime - now))
-            entry.state.next_attempt = now + delay
-            yield self.spool.record(entry)
-            if self._running and not entry.state.held:
-                self._schedule(entry, delay)
-            return
-        yield self.spool.record(entry)
-
-    @inlineCallbacks
-    def _send_dsn(self, entry: QueueEntry, reports: list[RecipientReport]) -> Any:
-        env = entry.envelope
-        route = RoutingTable(self.config).route(env.sender)
-        if not isinstance(route, Route):
-            self.log.warn(
-                "Cannot return a DSN for {queue_id} to <{sender}>: {reply}",
-                queue_id=entry.queue_id, sender=env.sender, reply=route.text,
-            )
-            return
-        ret_full = env.params.get("ret") != "HDRS"
-        config = self.config
-
-        def compose() -> bytes:
-            with entry.open_message() as f:
-                headers, body_start = split_headers(f.read(1 << 20))
-            body = entry.open_message(skip=body_start) if ret_full else None
-            try:
-                return build_dsn(
-                    reporting_mta=config.hostname, sender=env.sender, original_headers=headers,
-                    original_body=body, reports=reports, arrival=env.arrival,
-                    envid=env.params.get("envid"), queue_id=entry.queue_id, now=self.now(),
-                )
-            finally:
-                if body is not None:
-                    body.close()
-
-        data = yield deferToThreadPool(self.reactor, self.pool, compose)
-        dsn_env = Envelope(
-            queue_id=self.spool.new_id(),
-            sender="",
-            recipients=(Recipient(address=env.sender, route=route.name),),
-            arrival=self.now(),
-            params={"body": None if data.isascii() else "8BITMIME",
-                    "smtputf8": not env.sender.isascii()},
-            client={"protocol": "local", "helo": config.hostname, "ip": "127.0.0.1",
-                    "dsn_for": entry.queue_id},
-            node=config.name,
-        )
-        writer = self.spool.begin(dsn_env)
-        writer.write(data)
-        new = yield writer.commit(hops=0)
-        self.events.emit(
-            "dsn", queue_id=new.queue_id, sender="", recipient=env.sender,
-            original_queue_id=entry.queue_id, action=reports[0].action,
-        )
-        self.enqueue(new)
+    def _when_idle(self, queue_id: str, decide: Callable[[], Decision | object]) -> Deferred[bool]:
+        """Carry out C{decide()} now, or after the running attempt if it says L{BUSY}."""
+        decision = decide()
+        if isinstance(decision, Decision):
+            return self._carry_out(decision)
+        running = self._attempts.get(queue_id)
+        if running is None:  # BUSY without a running attempt: cannot happen
+            return succeed(False)
+        return self._after(running).addCallback(lambda _: self._when_idle(queue_id, decide))
 
 
-_QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9]+)")
+def _retry_policy(config: NodeConfig) -> RetryPolicy:
+    q = config.queue
+    return RetryPolicy(minimal_backoff=q.minimal_backoff, maximal_backoff=q.maximal_backoff, lifetime=q.lifetime)
 
 
-def _queued_as(text: str) -> str | None:
-    """The next hop's queue id from its 250 text (Postfix and relaynet say "queued as ID")."""
-    m = _QUEUED_AS.search(text or "")
-    return m.group(1) if m else None
-
-
-def entry_state(entry: QueueEntry, busy: bool) -> str:
-    """
-    The queue state of a message, as C{relaynet queue} shows it: C{active}
-    (an attempt is running), C{hold}, C{deferred} (some recipient was
-    deferred), or C{incoming} (not attempted yet).
-    """
-    if busy:
-        return "active"
-    if entry.state.held:
-        return "hold"
-    if any(s.status == "deferred" for s in entry.state.recipients.values()):
-        return "deferred"
-    return "incoming"
-
-
-def entry_summary(entry: QueueEntry, busy: bool, now: float) -> dict[str, Any]:
+def entry_summary(entry: QueueEntry, state: str, now: float) -> dict[str, Any]:
     """A JSON-able summary of one queued message (the admin API's list item)."""
     env = entry.envelope
     rcpts = []
@@ -712,7 +610,7 @@ def entry_summary(entry: QueueEntry, busy: bool, now: float) -> dict[str, Any]:
         st = entry.state.recipients.get(r.address)
         rcpts.append({
             "address": r.address,
-            "status": st.status if st else "pending",
+            "status": str(st.status) if st else "pending",
             "attempts": st.attempts if st else 0,
             "dsn": st.dsn if st else None,
             "diagnostic": st.diagnostic if st else None,
@@ -721,7 +619,7 @@ def entry_summary(entry: QueueEntry, busy: bool, now: float) -> dict[str, Any]:
         })
     return {
         "queue_id": env.queue_id,
-        "state": entry_state(entry, busy),
+        "state": str(state),
         "sender": env.sender,
         "recipients": rcpts,
         "size": env.size,

@@ -1,5 +1,5 @@
 """
-Tests for L{relaynet.delivery.bounce}: DSNs built, then read back with the standard
+Tests for L{relaynet.queue.bounce}: DSNs built, then read back with the standard
 library parser, and the RFC 3461 rules for when to send one.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from relaynet.delivery.bounce import RecipientReport, build_dsn, is_bounce_worthy, split_headers
+from relaynet.queue.bounce import RecipientReport, build_dsn, is_bounce_worthy, split_headers
 
 ARRIVAL = 1700000000.0
 NOW = 1700003600.0

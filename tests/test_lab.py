@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pytest
 
-from relaynet.delivery.bounce import RecipientReport, build_dsn
+from relaynet.queue.bounce import RecipientReport, build_dsn
 from relaynet.config import ConfigError
 from relaynet.lab import check, netns
 from relaynet.lab.draw import render

@@ -1,3 +1,3 @@
 """
-The delivery stage: routing table, one delivery attempt, the ESMTP client, MX lookup, local Maildir delivery and DSNs.
+The delivery stage: routing table, one delivery attempt, the ESMTP client, MX lookup, local Maildir delivery.
 """

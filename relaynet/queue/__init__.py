@@ -1,3 +1,3 @@
 """
-The queue: the durable spool, the pure queue core, the timetable and the retry policy.
+The queue: the durable spool, the pure queue core, its states, the timetable, the retry policy and the delivery status notifications (DSNs) the core decides to send.
 """

@@ -47,14 +47,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from relaynet.queue.states import FINAL_STATUSES as FINAL_STATUSES, RecipientStatus
+
 FORMAT_VERSION = 1
 _MAGIC = b"RELAYNET-QUEUE"
 HEADER_LEN = len(b"%s %d %010d %012d %04d\n" % (_MAGIC, FORMAT_VERSION, 0, 0, 0))
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
 
-
-# Recipient statuses after which nothing more is done for the recipient.
-FINAL_STATUSES = ("delivered", "relayed", "bounced")
 
 
 class SpoolError(Exception):
@@ -181,12 +180,11 @@ class RecipientState:
     """
     The recorded outcome of delivery attempts for one recipient.
 
-    @ivar status: C{pending}, C{deferred}, C{delivered}, C{relayed} or
-        C{bounced}.
+    @ivar status: see L{RecipientStatus}.
     @ivar remote: the next hop of the last attempt, if any.
     """
 
-    status: str = "pending"
+    status: RecipientStatus = field(default=RecipientStatus.PENDING, converter=RecipientStatus)
     attempts: int = 0
     last_attempt: float | None = None
     dsn: str | None = None
@@ -196,7 +194,7 @@ class RecipientState:
     @property
     def final(self) -> bool:
         """Nothing more is to be done for this recipient."""
-        return self.status in FINAL_STATUSES
+        return self.status.final
 
 
 @define
@@ -234,6 +232,11 @@ class QueueState:
         )
 
 
+def _fspath(path: str | os.PathLike[str]) -> str:
+    """C{os.fspath}, typed for C{str} paths (attrs takes a converter's signature)."""
+    return os.fspath(path)
+
+
 @define
 class QueueEntry:
     """
@@ -245,7 +248,7 @@ class QueueEntry:
 
     envelope: Envelope
     state: QueueState
-    path: str = field(converter=os.fspath)
+    path: str = field(converter=_fspath)
     body_offset: int
     state_written: bool = True
 
@@ -452,10 +455,10 @@ class UnlinkBatch:
 
     def __init__(self, run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]]) -> None:
         self._run = run_in_thread
-        self._queued: list[tuple[list[Path], Deferred[None]]] = []
+        self._queued: list[tuple[list[str | Path], Deferred[None]]] = []
         self._busy = False
 
-    def submit(self, paths: list[Path]) -> Deferred[None]:
+    def submit(self, paths: list[str | Path]) -> Deferred[None]:
         """
         @return: a Deferred firing once every path is unlinked, or failing with
             L{SpoolError} naming the first that could not be.
@@ -720,14 +723,14 @@ class Spool:
         self._suffix = secrets.token_hex(2).upper()
 
     def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._pool, f)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self._pool, f)
 
     def _in_commit_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
         """
         Commits have threads of their own: a 250 must not wait behind
         deliveries queued in the general pool.
         """
-        return deferToThreadPool(self._reactor, self._commit_pool, f)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self._commit_pool, f)
 
     def observe_commits(self, observer: Callable[[int], None]) -> None:
         """Call C{observer} with the batch size of every group commit of C{new/}."""
@@ -841,7 +844,7 @@ class Spool:
         unlinks of messages finishing together share one job of a worker
         thread (an unlink on the reactor thread can wait for a journal commit).
         """
-        paths = [entry.path]
+        paths: list[str | Path] = [entry.path]
         if entry.state_written:
             paths.append(self.state_dir / entry.queue_id)
         return self._unlinks.submit(paths)

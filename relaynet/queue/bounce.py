@@ -38,7 +38,7 @@ from email.message import EmailMessage, MIMEPart
 from email.policy import EmailPolicy
 from email.utils import format_datetime, make_msgid
 from io import BytesIO
-from typing import BinaryIO
+from typing import Protocol
 
 from attrs import frozen
 
@@ -133,6 +133,13 @@ _SUBJECT_CLASS_TEXT = {
     "6": "a message content problem",
     "7": "a security or policy problem",
 }
+
+
+class Readable(Protocol):
+    """What L{build_dsn} reads the original message's body from."""
+
+    def read(self, n: int = -1, /) -> bytes:
+        """At most C{n} more octets (all if negative); C{b""} at the end."""
 
 
 class _DSNPolicy(EmailPolicy):
@@ -272,7 +279,7 @@ def build_dsn(
     reporting_mta: str,
     sender: str,
     original_headers: bytes,
-    original_body: BinaryIO | None,
+    original_body: Readable | None,
     reports: list[RecipientReport],
     arrival: float,
     envid: str | None = None,
@@ -746,7 +753,7 @@ def _normalise_headers(headers: bytes) -> bytes:
 
 
 def _returned_message(
-    headers: bytes, body: BinaryIO | None, max_returned: int
+    headers: bytes, body: Readable | None, max_returned: int
 ) -> tuple[bytes | None, str | None]:
     """
     Read the original to return whole.

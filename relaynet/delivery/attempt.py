@@ -1,0 +1,283 @@
+# -*- test-case-name: tests.test_delivery -*-
+"""
+One delivery attempt of one message: route the pending recipients, deliver
+each group, and say what happened to each recipient as an L{Outcome}.
+
+The attempt depends on three narrow interfaces, so that it runs in-process
+in tests (C{task.Clock}, L{relaynet.testing.FakeSMTPServer} over C{iosim},
+a fake resolver):
+
+ - an L{IOutbound} agent that delivers to one next hop (the ESMTP client
+   pool, L{relaynet.delivery.client.OutboundManager});
+ - an L{IMailboxes} writer that delivers into local Maildirs (in a worker
+   thread, L{ThreadedMailboxes});
+ - an MX resolver (C{lookupMailExchange} and C{getHostByName} of
+   L{twisted.internet.interfaces.IResolver}).
+
+Recipients are grouped by their L{Route}: local ones go to the mailboxes,
+relayed ones to the route's next hops in priority order (equal priorities
+share the load, a transient failure moves the recipient on to the next hop:
+failover), C{mx} ones to the MX hosts of their domain. An attempt never
+fails: anything that raises inside a group (a broken resolver, a bug)
+defers that group's recipients with C{4.3.0}, and the rest of the message
+is unaffected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+from attrs import evolve
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from relaynet.config import LocalDelivery, NextHop, RouteRule
+from relaynet.delivery.client import DeliveryResult
+from relaynet.delivery.mailbox import LocalResult, deliver_local
+from relaynet.delivery.routing import Refusal, Route, RouteKind, RoutingTable, order_hops
+from relaynet.queue.core import Outcome
+from relaynet.queue.spool import QueueEntry, Recipient
+from relaynet.queue.states import OutcomeEvent, RecipientStatus
+
+
+class IOutbound(Protocol):
+    """Delivers a message to some recipients through one next hop."""
+
+    def deliver(
+        self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
+        concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
+    ) -> Deferred[list[DeliveryResult]]:
+        """One L{DeliveryResult} per recipient the hop was tried for."""
+
+
+class IMailboxes(Protocol):
+    """Delivers a message into the local Maildirs of some recipients."""
+
+    def deliver(self, entry: QueueEntry, addresses: list[str]) -> Deferred[list[LocalResult]]:
+        """One L{LocalResult} per address, in order."""
+
+
+class ThreadedMailboxes:
+    """L{IMailboxes} writing with L{deliver_local} in a worker thread."""
+
+    def __init__(self, reactor: Any, pool: ThreadPool, local: Callable[[], LocalDelivery]) -> None:
+        """
+        @param local: the C{[local]} settings in force (they change on reload).
+        """
+        self._reactor = reactor
+        self._pool = pool
+        self._local = local
+
+    def deliver(self, entry: QueueEntry, addresses: list[str]) -> Deferred[list[LocalResult]]:
+        return deferToThreadPool(self._reactor, self._pool, deliver_local, self._local(), entry, addresses)
+
+
+def outcome_of(res: DeliveryResult) -> Outcome:
+    """The L{Outcome} of a next hop's answer for one recipient."""
+    if res.ok:
+        status, event = RecipientStatus.RELAYED, OutcomeEvent.SENT
+    elif res.permanent:
+        status, event = RecipientStatus.BOUNCED, OutcomeEvent.BOUNCED
+    else:
+        status, event = RecipientStatus.DEFERRED, OutcomeEvent.DEFERRED
+    return Outcome(
+        res.address, status, event, res.enhanced, res.diagnostic, res.remote,
+        res.dsn_peer and res.ok, res.code, res.text, res.tls,
+    )
+
+
+def local_outcome(res: LocalResult) -> Outcome:
+    """The L{Outcome} of a local delivery to one recipient."""
+    if res.ok:
+        return Outcome.delivered(res.address)
+    if res.permanent:
+        return Outcome.bounced(res.address, res.dsn, res.diagnostic, remote="local")
+    return Outcome.deferred(res.address, res.dsn, res.diagnostic, remote="local")
+
+
+def refusal_outcome(address: str, refusal: Refusal) -> Outcome:
+    """A recipient the routing table in force no longer routes."""
+    text = f"{refusal.code} {refusal.enhanced} {refusal.text}"
+    make = Outcome.bounced if refusal.permanent else Outcome.deferred
+    return make(address, refusal.enhanced, text, code=refusal.code, text=refusal.text)
+
+
+class Delivery:
+    """
+    Makes delivery attempts.
+
+    @ivar routing: returns the routing table in force (a reload changes it,
+        and queued mail follows: C{relaynet queue reroute} is a flush).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        routing: Callable[[], RoutingTable],
+        outbound: IOutbound,
+        mailboxes: IMailboxes,
+        resolver: Callable[[], Any],
+        shuffle: Callable[[list[NextHop]], None] | None = None,
+    ) -> None:
+        """
+        @param resolver: returns the MX resolver (created on first use).
+        @param shuffle: shuffles next hops of equal priority (tests inject one).
+        """
+        self.routing = routing
+        self.outbound = outbound
+        self.mailboxes = mailboxes
+        self._resolver = resolver
+        self._order: Callable[[Sequence[NextHop]], list[NextHop]] = (
+            order_hops if shuffle is None else (lambda hops: order_hops(hops, shuffle))
+        )
+
+    def attempt(self, entry: QueueEntry, recipients: Sequence[Recipient]) -> Deferred[list[Outcome]]:
+        """
+        Deliver C{entry} to C{recipients}; fires with one outcome per
+        recipient, never with a failure.
+        """
+        table = self.routing()
+        groups: dict[Route, list[Recipient]] = {}
+        outcomes: list[Outcome] = []
+        for r in recipients:
+            route = table.route(r.address)
+            if isinstance(route, Refusal):
+                outcomes.append(refusal_outcome(r.address, route))
+            else:
+                groups.setdefault(route, []).append(r)
+        parts = [self._guarded(entry, route, rcpts) for route, rcpts in groups.items()]
+        d = gatherResults(parts, consumeErrors=True)
+        return d.addCallback(lambda results: outcomes + [o for part in results for o in part])
+
+    def _guarded(self, entry: QueueEntry, route: Route, rcpts: list[Recipient]) -> Deferred[list[Outcome]]:
+        """Deliver one route's group; any exception defers the group alone."""
+
+        def failed(f: Failure) -> list[Outcome]:
+            self.log.failure(
+                "Delivery of {queue_id} by route {route} failed", f,
+                queue_id=entry.queue_id, route=route.name,
+            )
+            text = f"internal error: {f.type.__name__ if f.type else 'error'}: {f.getErrorMessage()}"
+            return [Outcome.deferred(r.address, "4.3.0", text) for r in rcpts]
+
+        d: Deferred[list[Outcome]]
+        if route.kind is RouteKind.LOCAL:
+            d = maybeDeferred(self.mailboxes.deliver, entry, [r.address for r in rcpts]).addCallback(
+                lambda results: [local_outcome(res) for res in results]
+            )
+        else:
+            d = maybeDeferred(self._relay, entry, route, rcpts)
+        return d.addErrback(failed)
+
+    @inlineCallbacks
+    def _relay(self, entry: QueueEntry, route: Route, rcpts: list[Recipient]) -> Any:
+        rule = route.rule
+        assert rule is not None
+        if route.kind is RouteKind.MX:
+            by_domain: dict[str, list[Recipient]] = {}
+            for r in rcpts:
+                by_domain.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
+            out: list[Outcome] = []
+            for domain, rs in by_domain.items():
+                hops_or_error = yield self._mx_hops(domain, rule)
+                if isinstance(hops_or_error, tuple):
+                    status, dsn, text = hops_or_error
+                    make = Outcome.deferred if status == "deferred" else Outcome.bounced
+                    out += [make(r.address, dsn, text) for r in rs]
+                else:
+                    out += yield self._try_hops(entry, rule, hops_or_error, rs)
+            return out
+        result = yield self._try_hops(entry, rule, self._order(rule.next_hops), rcpts)
+        return result
+
+    @inlineCallbacks
+    def _try_hops(
+        self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient]
+    ) -> Any:
+        remaining = list(rcpts)
+        final: dict[str, Outcome] = {}
+        last: dict[str, Outcome] = {}
+        tried: dict[str, list[tuple[str, str, str]]] = {}
+        for hop in hops:
+            results = yield self.outbound.deliver(
+                hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls
+            )
+            by_addr = {r.address: r for r in results}
+            still = []
+            for r in remaining:
+                res = by_addr.get(r.address)
+                if res is None:
+                    continue
+                o = outcome_of(res)
+                if o.status is RecipientStatus.DEFERRED:
+                    last[r.address] = o
+                    still.append(r)
+                    tried.setdefault(r.address, []).append((res.remote, o.dsn, o.diagnostic))
+                else:
+                    final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ())))
+            remaining = still
+            if not remaining:
+                break
+        for r in remaining:
+            o = last.get(r.address) or Outcome.deferred(r.address, "4.4.1", "no next hop could be reached")
+            # The final event names the last hop; the ones before it are in tried.
+            final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ()))[:-1])
+        return [final[r.address] for r in rcpts if r.address in final]
+
+    def _mx_hops(self, domain: str, rule: RouteRule) -> Deferred[Any]:
+        """
+        The next hops for C{domain} from DNS: MX records by preference (RFC
+        5321 5.1), the domain's own address when it has no MX, nothing for a
+        null MX (RFC 7505).
+
+        @return: a Deferred firing with a list of L{NextHop}, or with
+            C{(status, dsn, text)} when there is nowhere to go.
+        """
+        from twisted.names import dns, error
+
+        resolver = self._resolver()
+
+        @inlineCallbacks
+        def lookup() -> Any:
+            try:
+                answers, _, _ = yield resolver.lookupMailExchange(domain)
+            except error.DNSNameError:
+                return ("bounced", "5.1.2", f"Host or domain name not found: {domain}")
+            except Exception as e:
+                return ("deferred", "4.4.3", f"DNS lookup of MX {domain} failed: {e.__class__.__name__}")
+            mxs = sorted(
+                (a.payload.preference, str(a.payload.name)) for a in answers if a.type == dns.MX
+            )
+            if len(mxs) == 1 and mxs[0][1] in ("", "."):
+                return ("bounced", "5.1.10", f"{domain} accepts no mail (null MX)")
+            if not mxs:
+                mxs = [(0, domain)]
+            hops = []
+            for pref, host in mxs:
+                try:
+                    ip = yield resolver.getHostByName(host)
+                except Exception:
+                    continue
+                literal = ip.replace(":", "\\:")
+                hops.append(NextHop(endpoint=f"tcp:{literal}:{rule.mx_port}", priority=pref))
+            if not hops:
+                return ("deferred", "4.4.3", f"no address for the mail exchangers of {domain}")
+            return self._order(hops)
+
+        return lookup()
+
+
+def system_resolver(reactor: Any, servers: Sequence[tuple[str, int]] = ()) -> Any:
+    """
+    A DNS resolver for MX lookups: C{servers} (C{[dns].servers}) if given,
+    else the system's C{/etc/resolv.conf}.
+    """
+    from twisted.names import client
+
+    if servers:
+        return client.Resolver(servers=list(servers), reactor=reactor)
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)

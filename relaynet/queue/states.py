@@ -1,0 +1,65 @@
+# -*- test-case-name: tests.test_queue -*-
+"""
+The names of queue states, defined once.
+
+A recipient's status is what the spool records per recipient
+(L{RecipientStatus}); a message's queue state is what C{relaynet queue}
+shows (L{MessageState}, derived, never stored); an outcome's event is what
+the event log says happened in one attempt (L{OutcomeEvent}). All three are
+C{StrEnum}s: their members are the strings written to disk, JSON and logs.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class RecipientStatus(enum.StrEnum):
+    """
+    The recorded status of one recipient of a queued message.
+
+    C{pending}: not attempted yet; C{deferred}: the last attempt failed
+    transiently (retry later); C{delivered}: written into a local Maildir;
+    C{relayed}: a next hop took it; C{bounced}: failed permanently (or
+    expired, or returned by the administrator).
+    """
+
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    RELAYED = "relayed"
+    BOUNCED = "bounced"
+
+    @property
+    def final(self) -> bool:
+        """Nothing more is to be done for a recipient in this status."""
+        return self in _FINAL
+
+
+_FINAL = frozenset({RecipientStatus.DELIVERED, RecipientStatus.RELAYED, RecipientStatus.BOUNCED})
+FINAL_STATUSES: tuple[RecipientStatus, ...] = tuple(sorted(_FINAL))
+"""The statuses that end a recipient's life in the queue."""
+
+
+class MessageState(enum.StrEnum):
+    """
+    The queue state of a message, as C{relaynet queue} and the admin API
+    show it (Postfix's queue names): C{active} (an attempt is running),
+    C{hold}, C{deferred} (some recipient was deferred), C{incoming} (not
+    attempted yet).
+    """
+
+    INCOMING = "incoming"
+    ACTIVE = "active"
+    DEFERRED = "deferred"
+    HOLD = "hold"
+
+
+class OutcomeEvent(enum.StrEnum):
+    """The event one attempt's outcome logs for a recipient (docs/events.md)."""
+
+    DELIVERED = "delivered"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
