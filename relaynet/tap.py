@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import attrs
 from twisted.logger import ILogObserver, LogLevel, formatEvent, formatTime, textFileLogObserver
@@ -41,7 +41,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        usage.Options.__init__(self)
         self["listen"] = []
 
     def opt_listen(self, endpoint: str) -> None:
@@ -160,7 +160,9 @@ def _log_output(parent: Any) -> IO[str] | None:
         return sys.stdout
     from twisted.python.logfile import LogFile
 
-    return LogFile.fromFullPath(name or "twistd.log")  # type: ignore[return-value]
+    # A LogFile is file-like enough for textFileLogObserver (write, flush);
+    # Twisted does not annotate fromFullPath.
+    return cast(IO[str], LogFile.fromFullPath(name or "twistd.log"))
 
 
 def makeService(options: Options) -> Any:

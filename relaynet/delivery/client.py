@@ -33,12 +33,12 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer, ITCPTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -129,8 +129,11 @@ class RelayClient(smtp.ESMTPClient):
     until there are none (or reuse is off), then QUITs.
     """
 
+    transport: ITCPTransport | None
+
     debug = False
-    log = Logger()
+    # No Logger here: SMTPClient.__init__ sets self.log to its transcript of
+    # the session (a LineLog), which would hide one.
 
     def __init__(self, pool: "HopPool") -> None:
         smtp.ESMTPClient.__init__(
@@ -140,8 +143,11 @@ class RelayClient(smtp.ESMTPClient):
         self.tls_info: str | None = None
         self.pool = pool
         self.timeouts = pool.timeouts
-        self.timeout = pool.timeouts.helo_timeout
-        self.callLater = pool.reactor.callLater
+        # SMTPClient's timeout is a float or None (its class value is None,
+        # whence Twisted's inferred type); callLater is TimeoutMixin's clock,
+        # meant to be replaced, though Twisted types it as a method.
+        self.timeout = pool.timeouts.helo_timeout  # type: ignore[assignment]
+        self.callLater = pool.reactor.callLater  # type: ignore[method-assign]
         self.peer_ext: dict[bytes, bytes | None] = {}
         self.job: Job | None = None
         self._pending: deque[tuple[str, Recipient | None]] = deque()
@@ -227,7 +233,7 @@ class RelayClient(smtp.ESMTPClient):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         smtp.ESMTPClient.connectionLost(self, reason)
         job, self.job = self.job, None
         why = f"lost connection with {self.pool.name}"
@@ -312,7 +318,9 @@ class RelayClient(smtp.ESMTPClient):
         self._quitting = True
         self.job = None
         self.setTimeout(self.timeouts.helo_timeout)
-        self._expected = range(0, 1000)
+        # Any reply: SMTPClient assigns a range itself, though its inferred
+        # type is the list[int] of its first assignment.
+        self._expected = range(0, 1000)  # type: ignore[assignment]
         self._okresponse = self._failresponse = self.smtpState_disconnect
         self.sendLine(b"QUIT")
 
@@ -358,7 +366,7 @@ class RelayClient(smtp.ESMTPClient):
         self._rcpt_job = job
         self._accepted = []
         self._mail_reply = None
-        self._expected = range(0, 1000)
+        self._expected = range(0, 1000)  # type: ignore[assignment]  # as in quit()
         self._okresponse = self._failresponse = self._on_reply
         if self._needs_rset:
             self._pending.appendleft(("RSET", None))
@@ -509,7 +517,8 @@ class BodySender:
 
     def start(self) -> Deferred[None]:
         """Register with the consumer; fires once the marker is written."""
-        self._done = done = Deferred()
+        done: Deferred[None] = Deferred()
+        self._done = done
         self._consumer.registerProducer(self, False)
         return done
 

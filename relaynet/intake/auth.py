@@ -20,7 +20,7 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
@@ -46,7 +46,10 @@ def hash_password(password: str, ln: int = SCRYPT_LN) -> str:
     digest = hashlib.scrypt(
         password.encode("utf-8"), salt=salt, n=1 << ln, r=SCRYPT_R, p=SCRYPT_P, dklen=32
     )
-    b64 = lambda b: base64.b64encode(b).decode().rstrip("=")  # noqa: E731
+
+    def b64(b: bytes) -> str:
+        return base64.b64encode(b).decode().rstrip("=")
+
     return f"$scrypt$ln={ln},r={SCRYPT_R},p={SCRYPT_P}${b64(salt)}${b64(digest)}"
 
 
@@ -60,9 +63,8 @@ def verify_password(password: str, stored: str) -> bool:
         ln, r, par = int(p["ln"]), int(p["r"]), int(p["p"])
         if not (1 <= ln <= 20 and 1 <= r <= 32 and 1 <= par <= 16):
             return False
-        pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
-        salt = base64.b64decode(pad(salt_b64))
-        expected = base64.b64decode(pad(hash_b64))
+        salt = base64.b64decode(_pad(salt_b64))
+        expected = base64.b64decode(_pad(hash_b64))
     except (ValueError, KeyError):
         return False
     digest = hashlib.scrypt(
@@ -70,6 +72,11 @@ def verify_password(password: str, stored: str) -> bool:
         maxmem=256 * 1024 * 1024,
     )
     return hmac.compare_digest(digest, expected)
+
+
+def _pad(b64: str) -> str:
+    """Restore the C{=} padding that L{hash_password} strips."""
+    return b64 + "=" * (-len(b64) % 4)
 
 
 def read_password_file(path: Path) -> dict[str, str]:
@@ -132,10 +139,10 @@ class ScryptChecker:
             pass
         return self._users
 
-    def requestAvatarId(self, creds: Any) -> Deferred[bytes]:
+    def requestAvatarId(self, creds: Any) -> Deferred[bytes | tuple[()]]:
         try:
-            user = creds.username.decode("utf-8")
-            password = creds.password.decode("utf-8")
+            user: str = creds.username.decode("utf-8")
+            password: str = creds.password.decode("utf-8")
         except (UnicodeDecodeError, AttributeError):
             return fail(error.UnauthorizedLogin())
         stored = self.users().get(user)
@@ -158,13 +165,18 @@ _DUMMY_HASH = "$scrypt$ln=14,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAA
 class RelayRealm:
     """Avatars are user names; nothing to log out."""
 
-    def requestAvatar(self, avatarId: bytes, mind: object, *interfaces: Any) -> tuple[Any, str, Callable[[], None]]:
+    def requestAvatar(
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
+    ) -> tuple[Any, str, Callable[[], None]]:
         if IRelayUser not in interfaces:
             raise NotImplementedError("relaynet only provides IRelayUser")
+        if not isinstance(avatarId, bytes):
+            # ANONYMOUS: L{ScryptChecker}, our only checker, never returns it.
+            raise NotImplementedError("relaynet has no anonymous users")
         return IRelayUser, avatarId.decode("utf-8"), lambda: None
 
 
-def may_send_as(user: str, sender: str, allowed: dict[str, tuple[str, ...]]) -> bool:
+def may_send_as(user: str, sender: str, allowed: Mapping[str, tuple[str, ...]]) -> bool:
     """
     May authenticated C{user} use C{sender} as the envelope sender?
 

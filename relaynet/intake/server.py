@@ -36,8 +36,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from attrs import define, field
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
+from twisted.internet.interfaces import (
+    IHandshakeListener, IOpenSSLServerConnectionCreator, IPushProducer, ITLSTransport,
+)
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -56,7 +60,16 @@ from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool, SpoolEr
 from relaynet.smtp.tls import connection_info
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
+    from twisted.internet.interfaces import IConsumer, IReactorTime
+
+    class _SessionTransport(ITLSTransport, IConsumer, IPushProducer):
+        """
+        What a session's transport is (TCP, TLS over TCP, or a test's): one
+        that takes our replies as a consumer and can pause the client's
+        bytes. Twisted types a protocol's transport C{ITransport | None}.
+        L{ITLSTransport.startTLS} is only called when the transport
+        provides it (C{canStartTLS}).
+        """
 
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
@@ -87,8 +100,8 @@ class Intake:
     queued: Callable[[QueueEntry], object] = lambda entry: None
     cut_through: Callable[[QueueEntry], Deferred[tuple[int, str, str]]] | None = None
     now: Callable[[], float] = time.time
-    tls: Any = None
-    portal: Any = None
+    tls: IOpenSSLServerConnectionCreator | None = None
+    portal: Portal | None = None
     sessions: set["RelayESMTP"] = field(factory=set)
     per_ip: dict[str, int] = field(factory=dict)
     auth_failures: dict[str, int] = field(factory=dict)
@@ -108,7 +121,7 @@ def ip_literal(ip: str) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class RelayESMTP(smtp.ESMTP):
     """
     One SMTP session of the relay intake.
@@ -119,6 +132,7 @@ class RelayESMTP(smtp.ESMTP):
 
     log = Logger()
     noisy = False
+    transport: _SessionTransport
 
     def __init__(self, intake: Intake, listener: Listener) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=None)
@@ -127,8 +141,11 @@ class RelayESMTP(smtp.ESMTP):
         limits = intake.config.limits
         self.limits = limits
         self.host = intake.config.hostname
-        self.timeout = limits.idle_timeout
-        self.callLater = intake.reactor.callLater  # TimeoutMixin's clock
+        # SMTP's timeout is seconds (Twisted infers int from its class
+        # value, 600); callLater is TimeoutMixin's clock, meant to be
+        # replaced, though Twisted types it as a method.
+        self.timeout = limits.idle_timeout  # type: ignore[assignment]
+        self.callLater = intake.reactor.callLater  # type: ignore[method-assign, assignment]
         self._inbuf = b""
         self._waiting = False
         self._processing = False
@@ -225,9 +242,10 @@ class RelayESMTP(smtp.ESMTP):
         self.tls_info = connection_info(self.transport)
 
     def greeting(self) -> bytes:
-        return self.host + b" ESMTP relaynet"
+        host: bytes = self.host  # SMTP.host, an unannotated property
+        return host + b" ESMTP relaynet"
 
-    def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.intake.sessions.discard(self)
         if self._counted:
             self._counted = False
@@ -887,8 +905,7 @@ class RelayESMTP(smtp.ESMTP):
             self.log.failure("Queue commit failed", failure)
             self.reply(451, "4.3.0", "Error: queue file write error")
 
-        d.addCallbacks(committed, failed)
-        return d
+        return d.addCallbacks(committed, failed)
 
 
 def _wants_cut_through(config: NodeConfig, env: Envelope) -> bool:

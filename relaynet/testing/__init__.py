@@ -144,9 +144,9 @@ class ThreadlessReactor(MemoryReactorClock):
     calls at once.
     """
 
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        """Call C{f(*args, **kw)} now."""
-        f(*args, **kw)
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        """Call C{callable(*args, **kwargs)} now."""
+        callable(*args, **kwargs)
 
 
 @define
@@ -221,6 +221,7 @@ def make_intake(
     reactor = ThreadlessReactor()
     reactor.advance(EPOCH)
     pool = ManualThreadPool()
+    # A ManualThreadPool is not a ThreadPool, but does what deferToThreadPool uses.
     spool = Spool(config.queue_dir, reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
     spool.prepare()
     intake = RecordingIntake(
@@ -270,7 +271,7 @@ def take_lines(transport: StringTransport) -> list[bytes]:
     Read and clear the complete lines written to C{transport} (without their
     CRLF). An incomplete last line stays in the transport.
     """
-    data = transport.value()
+    data: bytes = transport.value()
     transport.clear()
     *lines, tail = data.split(b"\r\n")
     if tail:
@@ -358,7 +359,7 @@ def spooled(spool: Spool) -> list[SpooledMessage]:
 # a fake SMTP server that answers by script, and a way to complete a
 # connection that a L{MemoryReactor} recorded.
 
-from twisted.internet.protocol import Protocol  # noqa: E402
+from twisted.internet.protocol import Protocol, connectionDone  # noqa: E402
 from twisted.internet.testing import MemoryReactor  # noqa: E402
 
 from relaynet.queue.spool import Recipient  # noqa: E402
@@ -389,6 +390,7 @@ def make_queue_entry(
     reactor = ThreadlessReactor()
     reactor.advance(EPOCH)
     pool = ManualThreadPool(immediate=True)
+    # A ManualThreadPool is not a ThreadPool, but does what deferToThreadPool uses.
     spool = Spool(Path(directory), reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
     spool.prepare()
     envelope = Envelope(
@@ -451,6 +453,11 @@ class FakeSMTPServer(Protocol):
     @ivar lost: the connection is gone.
     """
 
+    # iosim's FakeTransport or a StringTransport: a transport with the
+    # disconnecting flag of Twisted's own transports, which no Twisted
+    # interface declares.
+    transport: Any
+
     def __init__(
         self,
         extensions: tuple[bytes, ...] = DEFAULT_EXTENSIONS,
@@ -482,7 +489,7 @@ class FakeSMTPServer(Protocol):
         if self.greeting is not None:
             self._send(self.greeting)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
 
     def _send(self, reply: bytes) -> None:
