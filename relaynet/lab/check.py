@@ -263,8 +263,8 @@ def delivery_latencies(index: EventIndex, starts: Mapping[str, float]) -> list[f
         rec = index.received.get(qid)
         if rec is None:
             continue
-        mid = rec.get("message_id")
-        if mid not in starts:
+        mid: str | None = rec.get("message_id")
+        if mid is None or mid not in starts:
             continue
         for e in outs:
             if e["event"] == "delivered":

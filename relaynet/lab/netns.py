@@ -171,20 +171,21 @@ def run_in(ns: str | None, fn: Callable[[], T], timeout: float = 60.0) -> T:
     """
     if not ns:
         return fn()
-    box: dict[str, Any] = {}
+    values: list[T] = []
+    errors: list[BaseException] = []
 
     def target() -> None:
         try:
             enter(ns)
-            box["value"] = fn()
+            values.append(fn())
         except BaseException as e:  # handed to the caller
-            box["error"] = e
+            errors.append(e)
 
     t = threading.Thread(target=target, name=f"netns-{ns}", daemon=True)
     t.start()
     t.join(timeout)
     if t.is_alive():
         raise NetnsError(f"operation inside {ns} did not finish within {timeout:.0f}s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    if errors:
+        raise errors[0]
+    return values[0]

@@ -161,7 +161,8 @@ class Lab:
     @property
     def nodes(self) -> dict[str, dict[str, Any]]:
         """Node name -> its record (address, ports, pid, dirs, ...), in topology order."""
-        return self.data.setdefault("nodes", {})  # type: ignore[no-any-return]
+        nodes: dict[str, dict[str, Any]] = self.data.setdefault("nodes", {})
+        return nodes
 
     def node(self, name: str) -> dict[str, Any]:
         """

@@ -37,7 +37,8 @@ class RetryPolicy:
 
         @param rand: a source of uniform numbers in [0, 1), injected by tests.
         """
-        base = self.minimal_backoff * (2 ** max(0, attempts - 1))
+        factor: int = 2 ** max(0, attempts - 1)
+        base = self.minimal_backoff * factor
         base = min(base, self.maximal_backoff)
         return max(0.0, base * (1 + self.jitter * (2 * rand() - 1)))
 

@@ -421,7 +421,7 @@ def parse_mail(
         too_big = len(digits) > _MAX_SIZE_DIGITS
         if not too_big:
             size = int(digits)
-        if size_limit is not None and (too_big or size > size_limit):
+        if size_limit is not None and (size is None or size > size_limit):
             raise CommandError(
                 552, "5.3.4", "Message size exceeds fixed maximum message size"
             )

@@ -213,6 +213,8 @@ def generate_cert(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
+        # The CA key file may hold any kind of private key, some of which
+        # cannot sign (X25519, DH): sign() raises TypeError for those.
         .sign(ca_private, hashes.SHA256())  # type: ignore[arg-type]
     )
     stem = names[0].replace("*", "_").replace(":", "_")
