@@ -34,7 +34,7 @@ import time
 import unicodedata
 from datetime import datetime, timezone
 from email.generator import BytesGenerator
-from email.message import EmailMessage, MIMEPart
+from email.message import EmailMessage, Message, MIMEPart
 from email.policy import EmailPolicy
 from email.utils import format_datetime, make_msgid
 from io import BytesIO
@@ -155,7 +155,7 @@ class _DSNPolicy(EmailPolicy):
 
     verbatim_fields: frozenset[str] = frozenset()
 
-    def header_store_parse(self, name: str, value: object) -> tuple[str, object]:
+    def header_store_parse(self, name: str, value: object) -> tuple[str, str]:
         """
         Store a verbatim field as given, after checking it cannot add a header
         line; anything else goes to the header registry.
@@ -170,7 +170,7 @@ class _DSNPolicy(EmailPolicy):
             ):
                 raise ValueError(f"unsafe value for {name}: {value!r}")
             return (name, value)
-        return super().header_store_parse(name, value)  # type: ignore[no-any-return]
+        return super().header_store_parse(name, value)
 
 
 class _Generator(BytesGenerator):
@@ -190,7 +190,9 @@ _PER_RECIPIENT_FIELDS = (
     "Original-Recipient", "Final-Recipient", "Action", "Status", "Remote-MTA",
     "Diagnostic-Code", "Last-Attempt-Date", "Will-Retry-Until",
 )
-_POLICY = _DSNPolicy(
+# typeshed lists only the stdlib's own policy keywords; the constructor sets
+# any attribute the class has, verbatim_fields included.
+_POLICY = _DSNPolicy(  # type: ignore[call-overload]
     linesep="\r\n",
     refold_source="none",
     verbatim_fields=frozenset(
@@ -338,7 +340,9 @@ def build_dsn(
     returned, why_headers_only = _returned_message(headers, original_body, max_returned)
     eight_bit = _EIGHT_BIT_RE.search(headers if returned is None else returned) is not None
 
-    msg = EmailMessage(policy=policy)
+    # Typed as the MIMEPart it is: typeshed's attach() takes only parts of
+    # the message's own class.
+    msg: MIMEPart = EmailMessage(policy=policy)
     msg["From"] = f"MAILER-DAEMON@{mta} (Mail Delivery System)"
     msg["To"] = f"<{to}>"
     msg["Subject"] = _SUBJECTS[worst]
@@ -588,7 +592,7 @@ def _status_part(
     per_message.append(("Arrival-Date", _date(arrival)))
     if queue_id is not None and _ascii(queue_id):
         per_message.append(("X-Relaynet-Queue-ID", _ascii(queue_id)))
-    blocks = [_block(policy, per_message)]
+    blocks: list[Message[str, str] | str] = [_block(policy, per_message)]
     for r in reports:
         fields = []
         if r.original_recipient is not None and _clean(r.original_recipient):
@@ -746,7 +750,7 @@ def _normalise_headers(headers: bytes) -> bytes:
     @return: the section, each line ending in CRLF (empty if it was).
     """
     lines = [line for line in _LINE_END_RE.split(headers) if line]
-    folded = []
+    folded: list[bytes] = []
     for line in lines:
         folded.extend(_fold_long_line(line) if len(line) > MAX_LINE else [line])
     return b"".join(line + b"\r\n" for line in folded)
