@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all venv peers demo test test-fast bench clean distclean
+.PHONY: all venv peers demo typecheck test test-fast bench clean distclean
 
 all: venv
 
@@ -36,7 +36,12 @@ peers:
 demo: venv
 	$(PY) -m relaynet.demo $(DEMO_ARGS)
 
-test: venv peers
+# Static types: mypy over relaynet/ and the twistd plugin, as configured in
+# pyproject.toml [tool.mypy]. `make test` runs it first: a type error fails it.
+typecheck: venv
+	$(PY) -m mypy
+
+test: venv typecheck peers
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: venv
@@ -47,7 +52,7 @@ bench: venv peers
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf var build *.egg-info .pytest_cache .hypothesis
+	rm -rf var build *.egg-info .pytest_cache .hypothesis .mypy_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
