@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_node -*-
+# -*- test-case-name: tests.test_metrics -*-
 """
 The per-message event log: one JSON object per line, one line per event, plus
 the same event through L{twisted.logger} for the node's text log.

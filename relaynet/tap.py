@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_metrics -*-
 """
 C{twistd relaynet}: options and service maker.
 """

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mailbox -*-
+# -*- test-case-name: tests.test_e2e -*-
 """
 Local delivery (the MDA): copy a queued message into users' Maildirs.
 
