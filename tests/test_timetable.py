@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.task import Clock
 
 from relaynet.queue.timetable import Timetable
@@ -93,3 +94,75 @@ def test_clear_stops_the_timer() -> None:
     assert h.clock.getDelayedCalls() == [] and len(h.table) == 0
     h.clock.advance(10)
     assert h.fired == []
+
+
+# -- stale heap tuples are bounded -------------------------------------------
+
+
+def heap_bound(table: Timetable) -> int:
+    """How many heap tuples a timetable may hold for its live keys."""
+    return max(64, 2 * len(table))
+
+
+@pytest.mark.parametrize("step", [10.0, -10.0], ids=["later", "earlier"])
+def test_rescheduling_many_keys_keeps_the_heap_bounded(step: float) -> None:
+    """
+    Rescheduling 1000 keys five times, later or earlier, while an earlier
+    key stays due first, leaves a heap of the order of the live keys (not
+    6000 tuples, 5000 of them stale), and every key still fires once, at its
+    last time.
+    """
+    h = Harness(room=10_000)
+    h.table.set("first", 1)
+    worst = 0
+    for round in range(5):
+        for i in range(1000):
+            h.table.set(f"k{i}", 500 + round * step + i * 0.01)
+            worst = max(worst, len(h.table._heap) - heap_bound(h.table))
+    assert worst <= 0
+    assert len(h.table._heap) <= heap_bound(h.table)
+    h.clock.advance(1)
+    assert h.fired == ["first"]
+    h.clock.advance(1000)
+    assert sorted(h.fired[1:]) == sorted(f"k{i}" for i in range(1000))
+    assert len(h.table) == 0 and h.table._heap == [] and h.clock.getDelayedCalls() == []
+
+
+def test_cancelling_most_keys_shrinks_the_heap() -> None:
+    """Cancelled keys' tuples do not stay in the heap once they outnumber the live ones."""
+    h = Harness()
+    h.table.set("first", 1)
+    for i in range(1000):
+        h.table.set(f"k{i}", 100 + i)
+    for i in range(990):
+        h.table.cancel(f"k{i}")
+    assert len(h.table) == 11
+    assert len(h.table._heap) <= heap_bound(h.table)
+    h.clock.advance(2000)
+    assert h.fired == ["first"] + [f"k{i}" for i in range(990, 1000)]
+
+
+def test_heap_rebuilt_while_firing() -> None:
+    """
+    A rebuild of the heap caused by C{fire} (which reschedules keys) does
+    not lose the keys the same kick still has to fire.
+    """
+    h = Harness()
+    for i in range(50):
+        h.table.set(f"due{i}", 10)
+    for j in range(100):
+        h.table.set(f"later{j}", 1000 + j)
+
+    def fire(key: str) -> None:
+        h.fired.append(key)
+        if key.startswith("due"):
+            for j in range(100):
+                h.table.set(f"later{j}", 990 + j)
+
+    h.table._fire = fire
+    h.clock.advance(10)
+    assert h.fired == [f"due{i}" for i in range(50)]
+    assert len(h.table._heap) <= heap_bound(h.table)
+    assert h.table.due("later0") == 1000
+    h.clock.advance(1100)
+    assert h.fired[50:] == [f"later{j}" for j in range(100)]

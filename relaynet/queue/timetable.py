@@ -24,13 +24,25 @@ class Timetable:
     """
     Due times by key (queue id), firing C{fire(key)} for keys that are due
     while C{ready()} holds.
+
+    Rescheduling or cancelling a key leaves its old heap tuple behind
+    (stale: it no longer matches C{_due}); stale tuples are dropped when they
+    reach the top, and the heap is rebuilt from the live keys whenever it
+    holds more than 64 tuples and more than twice as many as there are keys,
+    so a queue whose messages are rescheduled again and again keeps a heap of
+    the order of its size.
     """
+
+    COMPACT_MIN = 64
+    """Below this many heap tuples the heap is never rebuilt."""
 
     def __init__(self, clock: IReactorTime, fire: Callable[[str], None], ready: Callable[[], bool]) -> None:
         self._clock = clock
         self._fire = fire
         self._ready = ready
         self._due: dict[str, tuple[float, int]] = {}
+        # Changed in place only (a kick in progress reads it while fire()
+        # may reschedule, cancel or clear).
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._timer: Any = None
@@ -52,6 +64,7 @@ class Timetable:
         slot = (self._clock.seconds() + max(0.0, delay), next(self._seq))
         self._due[key] = slot
         heapq.heappush(self._heap, (slot[0], slot[1], key))
+        self._compact()
         if delay <= 0:
             self.kick()
         else:
@@ -62,6 +75,8 @@ class Timetable:
         self._due.pop(key, None)
         if not self._due:
             self.clear()
+        else:
+            self._compact()
 
     def clear(self) -> None:
         """Forget everything and stop the timer."""
@@ -86,21 +101,26 @@ class Timetable:
                 del self._due[key]
                 self._fire(key)
             self._drop_stale()
+            self._compact()
         finally:
             self._firing = False
         self._arm()
 
     def _drop_stale(self) -> None:
+        """Pop stale tuples off the top of the heap."""
         heap = self._heap
         while heap:
             due, seq, key = heap[0]
             if self._due.get(key) == (due, seq):
                 return
             heapq.heappop(heap)
-        # Stale tuples deeper in the heap: rebuild when they dominate it.
-        if len(heap) > 64 and len(heap) > 2 * len(self._due):
-            self._heap = [(d, s, k) for k, (d, s) in self._due.items()]
-            heapq.heapify(self._heap)
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the live keys when stale tuples dominate it."""
+        heap = self._heap
+        if len(heap) > self.COMPACT_MIN and len(heap) > 2 * len(self._due):
+            heap[:] = [(d, s, k) for k, (d, s) in self._due.items()]
+            heapq.heapify(heap)
 
     def _arm(self) -> None:
         """Keep one timer, for the earliest due time still in the future."""
