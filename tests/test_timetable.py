@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 
 from relaynet.queue.timetable import Timetable
 
@@ -166,3 +169,135 @@ def test_heap_rebuilt_while_firing() -> None:
     assert h.table.due("later0") == 1000
     h.clock.advance(1100)
     assert h.fired[50:] == [f"later{j}" for j in range(100)]
+
+
+# -- a kick leaves no key without a timer -------------------------------------
+
+
+def test_fire_raising_does_not_stop_later_keys() -> None:
+    """
+    If C{fire} raises for one key, the error is logged with the key and the
+    timetable carries on: other keys due now fire, and later keys fire at
+    their time (the timer is armed again).
+    """
+    h = Harness()
+    logged: list[dict[str, Any]] = []
+    h.table.log = Logger(observer=logged.append)
+
+    def fire(key: str) -> None:
+        h.fired.append(key)
+        if key == "bad":
+            raise RuntimeError("boom")
+
+    h.table._fire = fire
+    h.table.set("bad", 10)
+    h.table.set("good", 10)
+    h.table.set("later", 20)
+    h.clock.advance(10)
+    assert h.fired == ["bad", "good"]
+    h.clock.advance(10)
+    assert h.fired == ["bad", "good", "later"]
+    [event] = logged
+    assert event["key"] == "bad" and event["log_failure"].check(RuntimeError)
+
+
+def test_fire_raising_when_set_due_now() -> None:
+    """A key set due now whose C{fire} raises neither raises to the caller nor stops the timer."""
+    h = Harness()
+    h.table.log = Logger(observer=lambda event: None)
+
+    def fire(key: str) -> None:
+        h.fired.append(key)
+        if key == "bad":
+            raise RuntimeError("boom")
+
+    h.table._fire = fire
+    h.table.set("later", 5)
+    h.table.set("bad", 0)
+    assert h.fired == ["bad"]
+    h.clock.advance(5)
+    assert h.fired == ["bad", "later"]
+
+
+def test_key_due_during_a_kick_still_fires() -> None:
+    """
+    A key that falls due while earlier keys fire (time passes on a real
+    clock) fires too, and keys after it keep their timer. (It was left in
+    the heap with no timer: due, so not waited for; not due when the loop
+    looked, so not fired.)
+    """
+    h = Harness()
+
+    def fire(key: str) -> None:
+        h.fired.append(key)
+        h.clock.rightNow += 1.0  # firing takes a second (without running timers)
+
+    h.table._fire = fire
+    h.table.set("a", 10)
+    h.table.set("b", 10.5)
+    h.table.set("c", 30)
+    h.clock.advance(10)
+    h.clock.advance(0)
+    assert h.fired == ["a", "b"]
+    h.clock.advance(30)
+    assert h.fired == ["a", "b", "c"]
+
+
+def test_cancel_of_the_last_key_while_firing() -> None:
+    """
+    C{fire} cancelling the last other key empties the timetable (C{clear})
+    in the middle of a kick; keys set afterwards, in the same C{fire} or
+    later, still fire at their time.
+    """
+    h = Harness()
+
+    def fire(key: str) -> None:
+        h.fired.append(key)
+        if key == "a":
+            h.table.cancel("b")
+            assert len(h.table) == 0
+            h.table.set("c", 5)
+
+    h.table._fire = fire
+    h.table.set("a", 10)
+    h.table.set("b", 20)
+    h.clock.advance(10)
+    assert h.fired == ["a"] and h.table.due("c") == 15
+    h.clock.advance(5)
+    assert h.fired == ["a", "c"]
+    h.table.set("d", 1)
+    h.clock.advance(1)
+    assert h.fired == ["a", "c", "d"]
+
+
+def test_fire_setting_a_key_due_now() -> None:
+    """A key that C{fire} sets due now fires in the same kick, if there is room."""
+    h = Harness()
+
+    def fire(key: str) -> None:
+        h.fired.append(key)
+        if key == "a":
+            h.table.set("again", 0)
+
+    h.table._fire = fire
+    h.table.set("a", 10)
+    h.clock.advance(10)
+    assert h.fired == ["a", "again"]
+
+
+def test_due_key_without_room_gets_no_timer() -> None:
+    """
+    A due key waits for C{kick} while there is no room (no timer spins);
+    a later key keeps its own timer.
+    """
+    h = Harness(room=0)
+    h.table.set("a", 0)
+    h.table.set("b", 50)
+    assert h.fired == []
+    assert [c.getTime() for c in h.clock.getDelayedCalls()] == []
+    h.room = 5
+    h.table.kick()
+    assert h.fired == ["a"]
+    assert [c.getTime() for c in h.clock.getDelayedCalls()] == [50]
+    h.clock.advance(50)
+    assert h.fired == ["a", "b"]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Any, Callable
+from typing import Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 
 class Timetable:
@@ -31,7 +32,15 @@ class Timetable:
     holds more than 64 tuples and more than twice as many as there are keys,
     so a queue whose messages are rescheduled again and again keeps a heap of
     the order of its size.
+
+    A C{fire} that raises is logged and does not stop the others; after a
+    kick the timer is always armed for the earliest key that is not due yet,
+    or, if a key fell due while the kick ran and there is room, to kick again
+    at once. A key that is due while there is no room waits for the next
+    C{kick} (the runner kicks when an attempt ends) with no timer spinning.
     """
+
+    log = Logger()
 
     COMPACT_MIN = 64
     """Below this many heap tuples the heap is never rebuilt."""
@@ -45,7 +54,7 @@ class Timetable:
         # may reschedule, cancel or clear).
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._firing = False
 
     def __len__(self) -> int:
@@ -87,24 +96,33 @@ class Timetable:
         self._timer = None
 
     def kick(self) -> None:
-        """Fire every key that is due, for as long as C{ready()} allows."""
+        """
+        Fire every key that is due, for as long as C{ready()} allows, then
+        arm the timer. A C{fire} that raises is logged, with its key.
+        """
         if self._firing:
             return
         self._firing = True
         try:
-            now = self._clock.seconds()
             heap = self._heap
-            while heap and heap[0][0] <= now and self._ready():
-                due, seq, key = heapq.heappop(heap)
+            while heap:
+                due, seq, key = heap[0]
                 if self._due.get(key) != (due, seq):
-                    continue  # cancelled or rescheduled
+                    heapq.heappop(heap)  # cancelled or rescheduled
+                    continue
+                # Time passes while keys fire: read the clock for each.
+                if due > self._clock.seconds() or not self._ready():
+                    break
+                heapq.heappop(heap)
                 del self._due[key]
-                self._fire(key)
-            self._drop_stale()
-            self._compact()
+                try:
+                    self._fire(key)
+                except Exception:
+                    self.log.failure("Firing {key} failed", key=key)
         finally:
             self._firing = False
-        self._arm()
+            self._compact()
+            self._arm()
 
     def _drop_stale(self) -> None:
         """Pop stale tuples off the top of the heap."""
@@ -123,7 +141,13 @@ class Timetable:
             heapq.heapify(heap)
 
     def _arm(self) -> None:
-        """Keep one timer, for the earliest due time still in the future."""
+        """
+        Keep one timer: for the earliest due time still in the future, or at
+        once for a key already due if there is room (a kick arms it when it
+        is done).
+        """
+        if self._firing:
+            return
         self._drop_stale()
         if not self._heap:
             if self._timer is not None and self._timer.active():
@@ -132,14 +156,14 @@ class Timetable:
             return
         earliest = self._heap[0][0]
         now = self._clock.seconds()
-        if earliest <= now:
-            # Due already but not ready: L{kick} runs when the runner has room.
+        if earliest <= now and not self._ready():
+            # Due already but no room: L{kick} runs when the runner has room.
             return
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() <= earliest:
                 return
             self._timer.cancel()
-        self._timer = self._clock.callLater(earliest - now, self._expired)
+        self._timer = self._clock.callLater(max(0.0, earliest - now), self._expired)
 
     def _expired(self) -> None:
         self._timer = None
