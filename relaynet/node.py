@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
@@ -40,6 +40,9 @@ from relaynet.runner import QueueRunner
 from relaynet.queue.spool import Spool, makedirs_durable
 from relaynet.smtp.tls import TLSConfigError, server_options
 
+
+if TYPE_CHECKING:
+    from relaynet.admin.metrics import NodeMetrics
 
 LISTEN_BACKLOG = 256
 
@@ -76,7 +79,7 @@ class RelayNode(MultiService):
         super().__init__()
         self.config = config
         self.log_observer = log_observer
-        self.metrics: Any = None
+        self.metrics: NodeMetrics | None = None
         self.started_at: float | None = None
         self.last_reload: dict[str, Any] | None = None
         self.last_reload_error: str | None = None
@@ -182,22 +185,30 @@ class RelayNode(MultiService):
             )
 
     def _start_admin(self) -> None:
-        """Metrics observers, the status history and the admin web service(s)."""
-        from relaynet.admin.api import web_service
+        """
+        Metrics observers, the status history and the admin web service(s).
+        They read the queue, the sessions and this node only through the
+        views of L{relaynet.admin.views}; this node is their L{NodeFacts}.
+        """
+        from relaynet.admin.adapters import IntakeSessions, RunnerQueue
+        from relaynet.admin.api import AdminViews, web_service
         from relaynet.admin.metrics import NodeMetrics
 
-        assert self.events is not None
+        assert self.events is not None and self.runner is not None and self.intake is not None
         self.started_at = time.time()
+        queue = RunnerQueue(self.runner)
+        sessions = IntakeSessions(self.intake.sessions)
         if self.metrics is None:
-            self.metrics = NodeMetrics(self, self.reactor)
+            self.metrics = NodeMetrics(queue, sessions, self.reactor, name=self.config.name)
             self.spool.observe_commits(self.metrics.commit_batch)
         self.events.observers.append(self.metrics.observe)
         self.metrics.history.start()
+        views = AdminViews(queue=queue, sessions=sessions, node=self, metrics=self.metrics)
         admin = self.config.admin
         if admin.enabled and not self._web:
             for endpoint, read_only in ((self.config.admin_endpoint, False), (admin.metrics_endpoint, True)):
                 if endpoint:
-                    svc = web_service(self, endpoint, self.reactor, read_only)
+                    svc = web_service(views, endpoint, self.reactor, read_only)
                     svc.setServiceParent(self)
                     self._web.append(svc)
 

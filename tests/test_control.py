@@ -4,7 +4,8 @@ command (L{relaynet.admin.queuecli}) and the C{[admin]}/C{[log]} configuration.
 
  - pure helpers: ages, the C{mailq}-like summary, the C{qshape}-like
    histogram, the routing table as JSON, endpoint parsing;
- - the resource tree with twisted.web's L{DummyRequest} and a fake runner:
+ - the resource tree with twisted.web's L{DummyRequest} over fake views of
+   the queue, the sessions and the node (L{relaynet.admin.views}), no node:
    routing of API paths, errors, the CSRF and DNS-rebinding guards, the
    status page (chart, routing table, next-hop health, escaping);
  - slow: real C{twistd -n relaynet} nodes with messages deferred to a dead
@@ -25,22 +26,30 @@ import subprocess
 import sys
 from io import BytesIO
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
+from attrs import define, field
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.web.resource import getChildForRequest
+from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 
-from relaynet.config import ConfigError, describe, load_config, parse_config
+from relaynet.config import ConfigError, NodeConfig, describe, load_config, parse_config
 from relaynet.admin.api import (
-    ApiError, StatusPage, make_site, render_status, routes_json, shape, summarize,
+    AdminViews, ApiError, StatusPage, WebService, make_site, render_status, routes_json, shape, summarize,
+    web_service,
 )
 from relaynet.admin.metrics import NodeMetrics
 from relaynet.admin.queuecli import AdminClient, AdminError
 from relaynet.admin.text import parse_age
+from relaynet.admin.views import QueueTotals
 
 from harness.nodeproc import HOST, NodeProcess, RawClient, free_port, maildir_new, relaynet_command, wait_for
 
@@ -228,42 +237,48 @@ def test_unreachable_node_exit_status(tmp_path: Path) -> None:
     assert str(sock) in result.stderr
 
 
-# -- the resource tree, with DummyRequest ---------------------------------------
+# -- the resource tree over fake views, with DummyRequest -----------------------
 
 
-class FakeRunner:
-    """What the API needs of a L{QueueRunner}, recording calls."""
+class FakeQueue:
+    """A L{QueueView} over listing items (the fake's entries are its items), recording calls."""
 
     def __init__(self) -> None:
         self.items = [
             item("Q1", 120, [("a@dead.test", "deferred")], diagnostic="connect to 127.0.0.1:9: <refused>"),
             item("Q2", 30, [("b@x.test", "pending")], state="incoming"),
         ]
-        self.entries = {
-            q["queue_id"]: SimpleNamespace(
-                envelope=SimpleNamespace(size=q["size"], arrival=q["arrival"], recipients=()),
-                state=SimpleNamespace(recipients={}),
-            )
-            for q in self.items
-        }
+        #: Queue ids whose actions answer False while they stay queued (an old runner, mid-attempt).
         self.busy: set[str] = set()
+        #: Queue ids whose actions wait for the test to fire them (a runner applying them after an attempt).
+        self.later: dict[str, Deferred[bool]] = {}
         self.calls: list[tuple[Any, ...]] = []
+
+    def __contains__(self, queue_id: str) -> bool:
+        return any(i["queue_id"] == queue_id for i in self.items)
 
     def counts(self) -> dict[str, int]:
         return {"incoming": 1, "active": 0, "deferred": 1, "hold": 0}
 
-    def list(self, **filters: Any) -> list[dict[str, Any]]:
-        return self.summaries(self.matching(**filters))
+    def totals(self) -> QueueTotals:
+        return QueueTotals(size=sum(i["size"] for i in self.items), recipients={"deferred": 1, "pending": 1},
+                           oldest_arrival=min(i["arrival"] for i in self.items))
 
-    def matching(self, **filters: Any) -> list[dict[str, Any]]:
+    def matching(self, state: str | None = None, sender: str | None = None, recipient: str | None = None,
+                 domain: str | None = None, min_age: float | None = None) -> list[Any]:
+        filters = {"state": state, "sender": sender, "recipient": recipient, "domain": domain, "min_age": min_age}
         self.calls.append(("list", filters))
-        return [i for i in self.items if not filters.get("state") or i["state"] == filters["state"]]
+        return [i for i in self.items if not state or i["state"] == state]
 
-    def summaries(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def summaries(self, entries: list[Any]) -> list[dict[str, Any]]:
         return list(entries)
 
-    def show(self, qid: str) -> Any:
-        return succeed({**self.items[0], "headers": "Subject: x\r\n"})
+    def list(self, state: str | None = None, sender: str | None = None, recipient: str | None = None,
+             domain: str | None = None, min_age: float | None = None) -> list[dict[str, Any]]:
+        return self.summaries(self.matching(state, sender, recipient, domain, min_age))
+
+    def show(self, qid: str) -> Deferred[dict[str, Any]] | None:
+        return succeed({**self.items[0], "headers": "Subject: x\r\n"}) if qid in self else None
 
     def flush(self, qid: str | None = None, domain: str | None = None) -> int:
         self.calls.append(("flush", qid, domain))
@@ -273,41 +288,51 @@ class FakeRunner:
         self.calls.append(("reroute", qid, domain))
         return 3
 
-    def _act(self, name: str, qid: str, *rest: Any) -> Any:
+    def _act(self, name: str, qid: str, *rest: Any) -> Deferred[bool]:
         self.calls.append((name, qid, *rest))
-        return succeed(qid not in self.busy)
+        if qid in self.later:
+            return self.later[qid]
+        return succeed(qid in self and qid not in self.busy)
 
-    def hold(self, qid: str) -> Any:
+    def hold(self, qid: str) -> Deferred[bool]:
         return self._act("hold", qid)
 
-    def release(self, qid: str) -> Any:
+    def release(self, qid: str) -> Deferred[bool]:
         return self._act("release", qid)
 
-    def delete(self, qid: str) -> Any:
+    def delete(self, qid: str) -> Deferred[bool]:
         return self._act("delete", qid)
 
-    def bounce(self, qid: str, reason: str = "default") -> Any:
+    def bounce(self, qid: str, reason: str = "default") -> Deferred[bool]:
         return self._act("bounce", qid, reason)
 
 
-class FakeNode:
-    def __init__(self) -> None:
-        self.config = parse_config({
-            "node": {"name": "fake<node>"},
-            "route": [{"domains": ["dead.test"], "action": "relay", "next_hops": ["tcp:127.0.0.1:9"]},
-                      {"domains": ["idle.test"], "action": "relay", "next_hops": ["tcp:127.0.0.1:10"]}],
-        })
-        self.runner = FakeRunner()
-        self.intake = None
-        self.started_at = 1.0
-        self.reload_ok = True
-        self.last_reload_error: str | None = None
-        from twisted.internet.task import Clock
+@define
+class FakeSessions:
+    """A L{SessionsView}: two relay sessions, one of them over TLS."""
 
-        self.metrics = NodeMetrics(self, Clock())
-        for _ in range(3):
-            self.metrics.observe({"event": "deferred", "relay": "127.0.0.1:9", "recipient": "a@dead.test",
-                                  "diagnostic": "connect to 127.0.0.1:9: <refused>"})
+    open: dict[tuple[str, bool], int] = field(factory=lambda: {("relay", False): 1, ("relay", True): 1})
+
+    def count(self) -> int:
+        return sum(self.open.values())
+
+    def by_mode_and_tls(self) -> dict[tuple[str, bool], int]:
+        return dict(self.open)
+
+
+@define
+class FakeFacts:
+    """A L{NodeFacts} whose reload succeeds unless told otherwise."""
+
+    config: NodeConfig = field(factory=lambda: parse_config({
+        "node": {"name": "fake<node>"},
+        "route": [{"domains": ["dead.test"], "action": "relay", "next_hops": ["tcp:127.0.0.1:9"]},
+                  {"domains": ["idle.test"], "action": "relay", "next_hops": ["tcp:127.0.0.1:10"]}],
+    }))
+    started_at: float | None = 1.0
+    last_reload: dict[str, Any] | None = None
+    last_reload_error: str | None = None
+    reload_ok: bool = True
 
     def reload(self) -> bool:
         if not self.reload_ok:
@@ -315,11 +340,31 @@ class FakeNode:
         return self.reload_ok
 
 
-def request(node: Any, method: str, path: str, body: Any = None, *, host: str | None = "127.0.0.1:8025",
-            ctype: str = "application/json", unix: bool = False, read_only: bool = False,
-            args: dict[str, str] | None = None) -> tuple[int, Any]:
-    """Render one request through the whole site; @return: (status, JSON or text)."""
-    site = make_site(node, read_only=read_only)
+@define
+class Fakes:
+    """The views the web service is given, as fakes; the next hop 127.0.0.1:9 is failing."""
+
+    queue: FakeQueue = field(factory=FakeQueue)
+    sessions: FakeSessions = field(factory=FakeSessions)
+    node: FakeFacts = field(factory=FakeFacts)
+    clock: Clock = field(factory=Clock)
+    metrics: NodeMetrics = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.metrics = NodeMetrics(self.queue, self.sessions, self.clock, name=self.node.config.name)
+        for _ in range(3):
+            self.metrics.observe({"event": "deferred", "relay": "127.0.0.1:9", "recipient": "a@dead.test",
+                                  "diagnostic": "connect to 127.0.0.1:9: <refused>"})
+
+    def views(self) -> AdminViews:
+        return AdminViews(queue=self.queue, sessions=self.sessions, node=self.node, metrics=self.metrics)
+
+
+def start(fakes: Fakes, method: str, path: str, body: Any = None, *, host: str | None = "127.0.0.1:8025",
+          ctype: str = "application/json", unix: bool = False, read_only: bool = False,
+          args: dict[str, str] | None = None) -> DummyRequest:
+    """Render one request through the whole site; @return: the request, perhaps not finished yet."""
+    site = make_site(fakes.views(), read_only=read_only)
     segments = [s.encode() for s in path.lstrip("/").split("/")]
     req = DummyRequest(segments)
     req.method = method.encode()
@@ -336,6 +381,11 @@ def request(node: Any, method: str, path: str, body: Any = None, *, host: str | 
     if isinstance(result, bytes):
         req.write(result)
         req.finish()
+    return req
+
+
+def response(req: DummyRequest) -> tuple[int, Any]:
+    """A finished request's status and body (JSON, or text)."""
     assert req.finished, "the response was not finished"
     data = b"".join(req.written)
     status = req.responseCode or 200
@@ -345,82 +395,117 @@ def request(node: Any, method: str, path: str, body: Any = None, *, host: str | 
     return status, data.decode()
 
 
+def request(fakes: Fakes, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+    """Render one request that answers at once; @return: (status, JSON or text)."""
+    return response(start(fakes, method, path, body, **kw))
+
+
 def test_api_reads() -> None:
     """status, queue (with filters), one message, summary, shape, routes, hops, history."""
-    node = FakeNode()
-    status, body = request(node, "GET", "/api/status")
+    fakes = Fakes()
+    status, body = request(fakes, "GET", "/api/status")
     assert status == 200 and body["node"] == "fake<node>" and body["queue"]["deferred"] == 1
-    status, body = request(node, "GET", "/api/queue", args={"state": "incoming", "min_age": "1m"})
+    assert body["sessions"] == 2 and body["started"] == 1.0 and body["last_reload"] is None
+    status, body = request(fakes, "GET", "/api/queue", args={"state": "incoming", "min_age": "1m"})
     assert status == 200 and body["count"] == 1 and body["messages"][0]["queue_id"] == "Q2"
-    assert node.runner.calls[-1] == ("list", {"state": "incoming", "sender": None, "recipient": None,
+    assert fakes.queue.calls[-1] == ("list", {"state": "incoming", "sender": None, "recipient": None,
                                               "domain": None, "min_age": 60.0})
-    status, body = request(node, "GET", "/api/queue/Q1")
+    status, body = request(fakes, "GET", "/api/queue", args={"limit": "1"})
+    assert body["count"] == 2 and [m["queue_id"] for m in body["messages"]] == ["Q1"]
+    status, body = request(fakes, "GET", "/api/queue/Q1")
     assert status == 200 and body["headers"] == "Subject: x\r\n"
-    status, body = request(node, "GET", "/api/summary")
+    status, body = request(fakes, "GET", "/api/summary")
     assert body["messages"] == 2 and body["destinations"][0]["domain"] == "dead.test"
-    status, body = request(node, "GET", "/api/shape", args={"buckets": "3", "scale": "1"})
+    status, body = request(fakes, "GET", "/api/shape", args={"buckets": "3", "scale": "1"})
     assert body["columns"] == ["1", "2", "2+"]
-    status, body = request(node, "GET", "/api/routes")
+    status, body = request(fakes, "GET", "/api/routes")
     assert body["routes"][0]["next_hops"][0]["name"] == "127.0.0.1:9"
-    status, body = request(node, "GET", "/api/hops")
+    status, body = request(fakes, "GET", "/api/hops")
     hops = {h["next_hop"]: h for h in body["hops"]}
     assert hops["127.0.0.1:9"]["state"] == "failing" and hops["127.0.0.1:10"]["state"] == "unknown"
-    status, body = request(node, "GET", "/api/history")
+    status, body = request(fakes, "GET", "/api/history")
     assert status == 200 and body["interval"] == 10 and len(body["samples"]) == 1
 
 
 def test_api_actions() -> None:
-    """Each action reaches the runner with its target; answers say what was done."""
-    node = FakeNode()
-    calls = node.runner.calls
-    assert request(node, "POST", "/api/queue/flush", {}) == (200, {"flushed": 2})
+    """Each action reaches the queue with its target; answers say what was done."""
+    fakes = Fakes()
+    calls = fakes.queue.calls
+    assert request(fakes, "POST", "/api/queue/flush", {}) == (200, {"flushed": 2})
     assert calls[-1] == ("flush", None, None)
-    assert request(node, "POST", "/api/queue/flush", {"domain": "dead.test"}) == (200, {"flushed": 2})
+    assert request(fakes, "POST", "/api/queue/flush", {"domain": "dead.test"}) == (200, {"flushed": 2})
     assert calls[-1] == ("flush", None, "dead.test")
-    assert request(node, "POST", "/api/queue/Q1/flush", None) == (200, {"flushed": 1})
-    assert request(node, "POST", "/api/queue/reroute", {"domain": "x.test"}) == (200, {"rerouted": 3})
-    assert request(node, "POST", "/api/queue/Q1/hold") == (200, {"queue_id": "Q1", "held": True})
-    assert request(node, "POST", "/api/queue/Q1/release") == (200, {"queue_id": "Q1", "released": True})
-    assert request(node, "POST", "/api/queue/Q2/bounce", {"reason": "spam run"}) == (
+    assert request(fakes, "POST", "/api/queue/Q1/flush", None) == (200, {"flushed": 1})
+    assert request(fakes, "POST", "/api/queue/reroute", {"domain": "x.test"}) == (200, {"rerouted": 3})
+    assert request(fakes, "POST", "/api/queue/Q1/hold") == (200, {"queue_id": "Q1", "held": True})
+    assert request(fakes, "POST", "/api/queue/Q1/release") == (200, {"queue_id": "Q1", "released": True})
+    assert request(fakes, "POST", "/api/queue/Q2/bounce", {"reason": "spam run"}) == (
         200, {"queue_id": "Q2", "bounced": True})
     assert calls[-1] == ("bounce", "Q2", "spam run")
-    assert request(node, "DELETE", "/api/queue/Q2") == (200, {"queue_id": "Q2", "deleted": True})
-    assert request(node, "POST", "/api/reload") == (200, {"reloaded": True, "config": "<default>"})
+    assert request(fakes, "POST", "/api/queue/Q1/bounce", {}) == (200, {"queue_id": "Q1", "bounced": True})
+    assert calls[-1] == ("bounce", "Q1", "default")
+    assert request(fakes, "DELETE", "/api/queue/Q2") == (200, {"queue_id": "Q2", "deleted": True})
+    assert request(fakes, "POST", "/api/reload") == (200, {"reloaded": True, "config": "<default>"})
+
+
+def test_action_applied_after_a_running_attempt() -> None:
+    """
+    A queue may apply an action on a message being delivered once the
+    attempt is over: the API answers then, with what was done.
+    """
+    fakes = Fakes()
+    later: Deferred[bool] = Deferred()
+    fakes.queue.later["Q1"] = later
+    req = start(fakes, "POST", "/api/queue/Q1/hold")
+    assert not req.finished and fakes.queue.calls[-1] == ("hold", "Q1")
+    later.callback(True)
+    assert response(req) == (200, {"queue_id": "Q1", "held": True})
 
 
 def test_api_errors() -> None:
     """404 unknown message or path, 405 wrong method, 409 busy, 400 bad input, 422 refused reload."""
-    node = FakeNode()
-    assert request(node, "POST", "/api/queue/NOPE/hold")[0] == 404
-    assert request(node, "GET", "/api/queue/NOPE")[0] == 404
-    assert request(node, "GET", "/api/queue/bad%2Fid")[0] == 400
-    assert request(node, "GET", "/api/nothing")[0] == 404
-    assert request(node, "GET", "/api/queue/Q1/hold")[0] == 405
-    assert request(node, "POST", "/api/status")[0] == 405
-    assert request(node, "GET", "/api/queue/flush")[0] == 405
-    assert request(node, "POST", "/api/queue/Q1")[0] == 405
-    assert request(node, "POST", "/api/queue/Q1/explode")[0] == 404
-    node.runner.busy.add("Q1")
-    status, body = request(node, "POST", "/api/queue/Q1/delete")
+    fakes = Fakes()
+    assert request(fakes, "POST", "/api/queue/NOPE/hold")[0] == 404
+    assert request(fakes, "POST", "/api/queue/NOPE/flush")[0] == 404
+    assert request(fakes, "GET", "/api/queue/NOPE")[0] == 404
+    assert request(fakes, "GET", "/api/queue/bad%2Fid")[0] == 400
+    assert request(fakes, "GET", "/api/nothing")[0] == 404
+    assert request(fakes, "GET", "/api/queue/Q1/hold")[0] == 405
+    assert request(fakes, "POST", "/api/status")[0] == 405
+    assert request(fakes, "GET", "/api/queue/flush")[0] == 405
+    assert request(fakes, "POST", "/api/queue/Q1")[0] == 405
+    assert request(fakes, "POST", "/api/queue/Q1/explode")[0] == 404
+    assert not [c for c in fakes.queue.calls if c[0] != "list"], "nothing reached the queue"
+    fakes.queue.busy.add("Q1")
+    status, body = request(fakes, "POST", "/api/queue/Q1/delete")
     assert status == 409 and "being delivered" in body["error"]
-    assert request(node, "GET", "/api/queue", args={"state": "lost"})[0] == 400
-    assert request(node, "GET", "/api/queue", args={"min_age": "soon"})[0] == 400
-    assert request(node, "GET", "/api/queue", args={"limit": "-1"})[0] == 400
-    assert request(node, "POST", "/api/queue/flush", {"queue_id": "Q1", "domain": "x"})[0] == 400
-    assert request(node, "POST", "/api/queue/flush", {"domain": 5})[0] == 400
-    assert request(node, "POST", "/api/queue/Q2/bounce", {"reason": "two\nlines"})[0] == 400
-    node.reload_ok = False
-    status, body = request(node, "POST", "/api/reload")
+    assert request(fakes, "GET", "/api/queue", args={"state": "lost"})[0] == 400
+    assert request(fakes, "GET", "/api/queue", args={"min_age": "soon"})[0] == 400
+    assert request(fakes, "GET", "/api/queue", args={"limit": "-1"})[0] == 400
+    assert request(fakes, "POST", "/api/queue/flush", {"queue_id": "Q1", "domain": "x"})[0] == 400
+    assert request(fakes, "POST", "/api/queue/flush", {"domain": 5})[0] == 400
+    assert request(fakes, "POST", "/api/queue/Q2/bounce", {"reason": "two\nlines"})[0] == 400
+    fakes.node.reload_ok = False
+    status, body = request(fakes, "POST", "/api/reload")
     assert status == 422 and "queue.minimal_backoff" in body["error"]
-    node.runner = None  # type: ignore[assignment]
-    assert request(node, "GET", "/api/queue")[0] == 503
+
+
+def test_message_gone_before_the_action_is_404() -> None:
+    """A message that leaves the queue before its action runs answers 404, not 409."""
+    fakes = Fakes()
+    later: Deferred[bool] = Deferred()
+    fakes.queue.later["Q1"] = later
+    req = start(fakes, "POST", "/api/queue/Q1/delete")
+    fakes.queue.items = fakes.queue.items[1:]
+    later.callback(False)
+    assert response(req)[0] == 404
 
 
 def test_failure_in_handler_is_500() -> None:
     """An unexpected exception answers 500 with JSON (and is logged), not a traceback page."""
-    node = FakeNode()
-    node.runner.hold = lambda qid: fail(RuntimeError("disk on fire"))  # type: ignore[method-assign]
-    status, body = request(node, "POST", "/api/queue/Q1/hold")
+    fakes = Fakes()
+    fakes.queue.hold = lambda qid: fail(RuntimeError("disk on fire"))  # type: ignore[method-assign]
+    status, body = request(fakes, "POST", "/api/queue/Q1/hold")
     assert status == 500 and "disk on fire" in body["error"]
 
 
@@ -429,57 +514,89 @@ def test_guards() -> None:
     POST must be application/json (no cross-site form posts); over TCP the
     Host must be loopback (no DNS rebinding); a UNIX socket needs no Host.
     """
-    node = FakeNode()
-    status, body = request(node, "POST", "/api/queue/flush", {}, ctype="text/plain")
-    assert status == 415 and node.runner.calls == []
-    assert request(node, "GET", "/api/status", host="evil.example:8025")[0] == 421
-    assert request(node, "GET", "/", host="evil.example")[0] == 421
-    assert request(node, "GET", "/api/status", host=None)[0] == 421
+    fakes = Fakes()
+    status, body = request(fakes, "POST", "/api/queue/flush", {}, ctype="text/plain")
+    assert status == 415 and fakes.queue.calls == []
+    assert request(fakes, "GET", "/api/status", host="evil.example:8025")[0] == 421
+    assert request(fakes, "GET", "/", host="evil.example")[0] == 421
+    assert request(fakes, "GET", "/api/status", host=None)[0] == 421
     for ok in ("localhost:8025", "[::1]:8025", "127.0.0.7"):
-        assert request(node, "GET", "/api/status", host=ok)[0] == 200, ok
-    assert request(node, "GET", "/api/status", host=None, unix=True)[0] == 200
+        assert request(fakes, "GET", "/api/status", host=ok)[0] == 200, ok
+    assert request(fakes, "GET", "/api/status", host=None, unix=True)[0] == 200
 
 
 def test_read_only_site_has_no_api() -> None:
     """The metrics site serves /metrics and the page to any Host, and no /api."""
-    node = FakeNode()
-    assert request(node, "GET", "/api/status", read_only=True, host="scraper.example")[0] == 404
-    status, text = request(node, "GET", "/metrics", read_only=True, host="scraper.example")
+    fakes = Fakes()
+    assert request(fakes, "GET", "/api/status", read_only=True, host="scraper.example")[0] == 404
+    status, text = request(fakes, "GET", "/metrics", read_only=True, host="scraper.example")
     assert status == 200 and "relaynet_next_hop_up" in text
-    assert request(node, "GET", "/", read_only=True, host="scraper.example")[0] == 200
+    assert 'relaynet_smtp_sessions{mode="relay",tls="yes"} 1.0' in text
+    assert "relaynet_queue_bytes 200.0" in text
+    assert request(fakes, "GET", "/", read_only=True, host="scraper.example")[0] == 200
 
 
 def test_status_page() -> None:
     """The page has the two SVG charts, the routing table, hop health, and escapes what it shows."""
-    node = FakeNode()
-    status, page = request(node, "GET", "/")
+    fakes = Fakes()
+    status, page = request(fakes, "GET", "/")
     assert status == 200
     assert page.count("<svg") == 2 and "Queue depth" in page and "Throughput" in page
     assert 'id="routes"' in page and "dead.test" in page and "tcp:127.0.0.1:9" in page
     assert re.search(r"127\.0\.0\.1:9</code></td>\s*<td><span class=\"state failing\">failing", page)
     assert re.search(r"127\.0\.0\.1:10</code></td>\s*<td><span class=\"state unknown\">unknown", page)
+    assert '<div class="v">2</div><div class="k">sessions</div>' in page
     assert "fake&lt;node&gt;" in page and "fake<node>" not in page
     assert "&lt;refused&gt;" in page and "<refused>" not in page
-    assert request(node, "GET", "/nothing/here")[0] == 404
-    assert StatusPage(node).render_GET(DummyRequest([b""])).startswith(b"<!DOCTYPE html>")
+    assert request(fakes, "GET", "/nothing/here")[0] == 404
+    assert StatusPage(fakes.views()).render_GET(DummyRequest([b""])).startswith(b"<!DOCTYPE html>")
 
 
 def test_status_chart_plots_history() -> None:
     """Samples become polyline points inside the chart."""
-    from twisted.internet.task import Clock
-
-    node = FakeNode()
-    clock = Clock()
-    node.metrics = NodeMetrics(node, clock)
+    fakes = Fakes()
+    metrics, clock = fakes.metrics, fakes.clock
     for i in range(6):
-        node.metrics.observe({"event": "received", "size": 1})
+        metrics.observe({"event": "received", "size": 1})
         clock.advance(10)
-        node.metrics.history.sample()
-    page = render_status(node, clock.seconds())
+        metrics.history.sample()
+    page = render_status(fakes.views(), clock.seconds())
     line = re.search(r'data-series="received" points="([^"]+)"', page)
     assert line is not None and len(line.group(1).split()) == 6  # whole intervals only
     line = re.search(r'data-series="queued" points="([^"]+)"', page)
     assert line is not None and len(line.group(1).split()) == 7  # and the depth now
+
+
+def test_web_service_listens_and_stops() -> None:
+    """The admin site listens on its endpoint while the service runs."""
+    reactor = MemoryReactor()
+    svc = web_service(Fakes().views(), "tcp:8025:interface=127.0.0.1", reactor)
+    svc.startService()
+    ((port, factory, _, interface),) = reactor.tcpServers
+    assert (port, interface) == (8025, "127.0.0.1") and isinstance(factory, Site)
+    outcome: list[object] = []
+    svc.stopService().addBoth(outcome.append)
+    assert not svc.running and outcome == [None]
+
+
+@implementer(IStreamServerEndpoint)
+class RefusingEndpoint:
+    """An endpoint that cannot listen: its address is in use."""
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return fail(CannotListenError("127.0.0.1", 8025, OSError("address in use")))
+
+
+def test_web_service_that_cannot_listen_fails_to_start() -> None:
+    """
+    An admin endpoint that cannot be bound raises from startService (the node
+    does not start without its admin site), instead of being logged only.
+    """
+    svc = WebService(RefusingEndpoint(), make_site(Fakes().views()))
+    with pytest.raises(CannotListenError):
+        svc.startService()
+    assert not svc.running
+    assert svc.stopService().called
 
 
 def test_api_error_class() -> None:
@@ -837,6 +954,8 @@ def test_reload_reroute_and_drain(tmp_path: Path, dead_port: int) -> None:
         assert client.request("GET", "/api/routes")["routes"][0]["action"] == "relay"
         d = send(node, "r@r.example", ["d@dead.test"])
         wait_deferred(node, d)
+        # The metrics count the event, which may follow the state the API shows.
+        wait_events(node, "deferred", d)
 
         page = client.get_text("/")
         assert "<svg" in page and "Queue depth" in page and 'id="routes"' in page

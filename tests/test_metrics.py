@@ -2,10 +2,12 @@
 Tests for L{relaynet.admin.metrics} (the Prometheus registry, next-hop health, the
 status history) and the node's log observer (L{relaynet.tap}).
 
-Unit tests feed events to L{NodeMetrics} with a fake node and parse the
-exposition with C{prometheus_client}'s own parser. The slow test runs a real
-node (JSON log format) with messages delivered locally, deferred to a dead
-next hop, refused, held and deleted, scrapes C{/metrics} over the admin
+Unit tests feed events to L{NodeMetrics} over fake queue and sessions views
+(L{relaynet.admin.views}) and parse the exposition with C{prometheus_client}'s
+own parser; the adapters of a node's parts to those views
+(L{relaynet.admin.adapters}) are tested over fakes too. The slow test runs a
+real node (JSON log format) with messages delivered locally, deferred to a
+dead next hop, refused, held and deleted, scrapes C{/metrics} over the admin
 socket and checks every family against those actions.
 """
 
@@ -16,17 +18,21 @@ import json
 import smtplib
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from attrs import define, field
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, LogPublisher, textFileLogObserver
 
 from relaynet.config import LogSettings
 from relaynet.events import EventLog
+from relaynet.admin.adapters import IntakeSessions, RunnerQueue
 from relaynet.admin.metrics import FAILING_AFTER, HopHealth, NodeMetrics
+from relaynet.admin.views import QueueTotals
 from relaynet.admin.queuecli import AdminClient
 from relaynet.tap import NodeLogObserver
 
@@ -51,65 +57,36 @@ def value(text: str, name: str, **labels: str) -> float:
 
 
 @define
-class FakeState:
-    recipients: dict[str, Any] = field(factory=dict)
-    held: bool = False
+class FakeQueue:
+    """A L{QueueStats}: counts by state and totals, as a test sets them."""
 
-
-@define
-class FakeEnvelope:
-    size: int
-    arrival: float
-    recipients: tuple[Any, ...] = ()
-
-
-@define
-class FakeEntry:
-    envelope: FakeEnvelope
-    state: FakeState = field(factory=FakeState)
-
-
-@define
-class FakeRunner:
     states: dict[str, int] = field(factory=lambda: {"incoming": 0, "active": 0, "deferred": 0, "hold": 0})
-    entries: dict[str, FakeEntry] = field(factory=dict)
+    now: QueueTotals = field(factory=QueueTotals)
 
     def counts(self) -> dict[str, int]:
         return dict(self.states)
 
-
-@define
-class FakeListener:
-    mode: str = "relay"
-
-
-@define(eq=False)
-class FakeSession:
-    listener: FakeListener = field(factory=FakeListener)
-    tls_info: tuple[str, str] | None = None
+    def totals(self) -> QueueTotals:
+        return self.now
 
 
 @define
-class FakeIntake:
-    sessions: set[FakeSession] = field(factory=set)
+class FakeSessions:
+    """A L{SessionsView}: open sessions by (mode, TLS), as a test sets them."""
+
+    open: dict[tuple[str, bool], int] = field(factory=dict)
+
+    def count(self) -> int:
+        return sum(self.open.values())
+
+    def by_mode_and_tls(self) -> dict[tuple[str, bool], int]:
+        return dict(self.open)
 
 
-@define
-class FakeConfig:
-    name: str = "unit"
-
-
-@define
-class FakeNode:
-    runner: FakeRunner = field(factory=FakeRunner)
-    intake: FakeIntake = field(factory=FakeIntake)
-    config: FakeConfig = field(factory=FakeConfig)
-
-
-def make(**kw: Any) -> tuple[NodeMetrics, FakeNode, Clock]:
-    node, clock = FakeNode(), Clock()
+def make(**kw: Any) -> tuple[NodeMetrics, FakeQueue, FakeSessions, Clock]:
+    queue, sessions, clock = FakeQueue(), FakeSessions(), Clock()
     clock.advance(1000)
-    return NodeMetrics(node, clock, now=clock.seconds, **kw), node, clock
+    return NodeMetrics(queue, sessions, clock, name="unit", now=clock.seconds, **kw), queue, sessions, clock
 
 
 # -- unit tests -----------------------------------------------------------
@@ -117,7 +94,7 @@ def make(**kw: Any) -> tuple[NodeMetrics, FakeNode, Clock]:
 
 def test_events_become_counters_and_histograms() -> None:
     """Received, reject and delivery events land in their families with the right labels."""
-    m, node, clock = make()
+    m, _, _, _ = make()
     m.observe({"event": "received", "size": 300, "protocol": "ESMTPS", "tls": "TLSv1.3 TLS_AES_256_GCM_SHA384",
                "ack_delay": 0.004})
     m.observe({"event": "received", "size": 200, "protocol": "ESMTP", "ack_delay": 0.2})
@@ -174,16 +151,13 @@ def test_events_become_counters_and_histograms() -> None:
 
 
 def test_present_state_is_read_at_scrape_time() -> None:
-    """Queue depth, size, oldest age and open sessions are whatever the node has now."""
-    m, node, clock = make()
-    node.runner.states.update(deferred=2, hold=1)
-    node.runner.entries = {
-        "A": FakeEntry(FakeEnvelope(100, clock.seconds() - 90, (FakeRcpt("x@a"),))),
-        "B": FakeEntry(FakeEnvelope(50, clock.seconds() - 10, (FakeRcpt("y@b"), FakeRcpt("z@b"))),
-                       FakeState({"y@b": FakeRState("deferred")})),
-    }
-    node.intake.sessions = {FakeSession(), FakeSession(tls_info=("TLSv1.3", "X")),
-                            FakeSession(FakeListener("submission"), ("TLSv1.3", "X"))}
+    """Queue depth, size, recipients, oldest age and open sessions are what the views say now."""
+    m, queue, sessions, clock = make()
+    queue.states.update(deferred=2, hold=1)
+    queue.now = QueueTotals(
+        size=150, recipients={"pending": 2, "deferred": 1}, oldest_arrival=clock.seconds() - 90
+    )
+    sessions.open = {("relay", False): 1, ("relay", True): 1, ("submission", True): 1}
     text = m.exposition().decode()
     assert value(text, "relaynet_queue_messages", state="deferred") == 2
     assert value(text, "relaynet_queue_messages", state="hold") == 1
@@ -194,26 +168,76 @@ def test_present_state_is_read_at_scrape_time() -> None:
     assert value(text, "relaynet_smtp_sessions", mode="relay", tls="no") == 1
     assert value(text, "relaynet_smtp_sessions", mode="relay", tls="yes") == 1
     assert value(text, "relaynet_smtp_sessions", mode="submission", tls="yes") == 1
-    node.runner.states["deferred"] = 0
-    node.intake.sessions = set()
+    queue.states["deferred"] = 0
+    queue.now = QueueTotals()
+    sessions.open = {}
     text = m.exposition().decode()
     assert value(text, "relaynet_queue_messages", state="deferred") == 0
+    assert value(text, "relaynet_queue_bytes") == 0 and value(text, "relaynet_queue_oldest_seconds") == 0
     assert ("relaynet_smtp_sessions", (("mode", "relay"), ("tls", "no"))) not in samples(text)
 
 
-@define
-class FakeRcpt:
-    address: str
+# -- the adapters of a node's parts (relaynet.admin.adapters) ---------------
 
 
 @define
-class FakeRState:
-    status: str
+class FakeListener:
+    mode: str = "relay"
+
+
+@define(eq=False)
+class FakeSession:
+    listener: FakeListener = field(factory=FakeListener)
+    tls_info: tuple[str, str] | None = None
+
+
+def test_intake_sessions_follow_the_live_set() -> None:
+    """L{IntakeSessions} counts the set it was given as sessions join and leave it."""
+    live: set[FakeSession] = set()
+    view = IntakeSessions(live)
+    assert view.count() == 0 and view.by_mode_and_tls() == {}
+    live |= {FakeSession(), FakeSession(tls_info=("TLSv1.3", "X")),
+             FakeSession(FakeListener("submission"), ("TLSv1.3", "X")), FakeSession()}
+    assert view.count() == 4
+    assert view.by_mode_and_tls() == {("relay", False): 2, ("relay", True): 1, ("submission", True): 1}
+
+
+@define
+class FakeRunner:
+    """The runner as L{RunnerQueue} uses it: C{in}, totals of its own class, bounce."""
+
+    ids: set[str]
+    calls: list[tuple[Any, ...]] = field(factory=list)
+
+    def __contains__(self, queue_id: object) -> bool:
+        return queue_id in self.ids
+
+    def totals(self) -> Any:
+        return SimpleNamespace(messages={"deferred": 2}, size=150, recipients={"pending": 2, "deferred": 1},
+                               oldest_arrival=910.0)
+
+    def bounce(self, queue_id: str, *reason: str) -> Any:
+        self.calls.append(("bounce", queue_id, *reason))
+        return succeed(True)
+
+
+def test_runner_queue() -> None:
+    """
+    L{RunnerQueue} answers C{in} and C{totals()} (as a L{QueueTotals}) from the
+    runner, and leaves a bounce's default reason to the runner.
+    """
+    runner = FakeRunner({"A", "B"})
+    queue = RunnerQueue(runner)  # type: ignore[arg-type]
+    assert "A" in queue and "C" not in queue
+    assert queue.totals() == QueueTotals(size=150, recipients={"pending": 2, "deferred": 1}, oldest_arrival=910.0)
+    queue.bounce("A")
+    queue.bounce("B", "spam run")
+    assert runner.calls == [("bounce", "A"), ("bounce", "B", "spam run")]
 
 
 def test_domain_labels_are_bounded() -> None:
     """Past the limit of distinct domains, outcomes are counted under C{other}."""
-    m, _, _ = make(domain_labels=2)
+    m, _, _, _ = make(domain_labels=2)
     for d in ("a.test", "b.test", "c.test", "a.test", "d.test"):
         m.observe({"event": "deferred", "recipient": f"u@{d}", "relay": "h:25"})
     text = m.exposition().decode()
@@ -240,7 +264,7 @@ def test_hop_health_states() -> None:
 
 def test_hop_health_from_events_and_configured_hops() -> None:
     """Events name hops by C{relay}; configured hops never named are listed as unknown."""
-    m, _, _ = make()
+    m, _, _, _ = make()
     for _ in range(FAILING_AFTER):
         m.observe({"event": "deferred", "relay": "127.0.0.1:9", "recipient": "a@x", "time": 5.0,
                    "diagnostic": "refused"})
@@ -254,10 +278,10 @@ def test_hop_health_from_events_and_configured_hops() -> None:
 
 def test_history_samples_depth_and_throughput() -> None:
     """One sample per interval with the queue depth and the events counted in it; bounded length."""
-    m, node, clock = make(history_interval=10, history_span=30)
+    m, queue, _, clock = make(history_interval=10, history_span=30)
     m.history.start()
     try:
-        node.runner.states["deferred"] = 4
+        queue.states["deferred"] = 4
         m.observe({"event": "received", "size": 1})
         m.observe({"event": "received", "size": 1})
         m.observe({"event": "delivered", "relay": "local", "recipient": "a@localhost"})
@@ -280,8 +304,8 @@ def test_history_samples_depth_and_throughput() -> None:
 
 def test_registry_is_per_node() -> None:
     """Two nodes in one process have separate registries (never the global one)."""
-    a, _, _ = make()
-    b, _, _ = make()
+    a, _, _, _ = make()
+    b, _, _, _ = make()
     a.observe({"event": "received", "size": 10, "protocol": "ESMTP"})
     assert value(a.exposition().decode(), "relaynet_messages_received_total", protocol="ESMTP") == 1
     assert value(b.exposition().decode(), "relaynet_messages_received_total", protocol="ESMTP") == 0

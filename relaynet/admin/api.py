@@ -15,6 +15,8 @@ Requests to the admin site over TCP must name a loopback host in C{Host:}
 web page cannot send that to another origin without a CORS preflight, which
 is never answered).
 
+Every resource reads the node through the L{AdminViews} it is given (the
+queue, the sessions, the node's facts, its metrics), never the node itself.
 The pure helpers L{summarize} and L{shape} touch no reactor; ages are read
 and written by L{relaynet.admin.text}, which C{relaynet queue} shares.
 """
@@ -30,27 +32,48 @@ import re
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+from attrs import frozen
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import maybeDeferred
+from twisted.application.service import IService, Service
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.pages import notFound
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relaynet import __version__
 from relaynet.config import NodeConfig
 from relaynet.admin.metrics import FAILING_AFTER, NodeMetrics, Sample
 from relaynet.admin.text import human_age, parse_age
+from relaynet.admin.views import STATES, NodeFacts, QueueView, SessionsView
 from relaynet.delivery.client import hop_name
 from relaynet.queue.spool import FINAL_STATUSES
 
 #: Version of the JSON schema in C{docs/admin-api.md}.
 API_VERSION = 1
-STATES = ("incoming", "active", "deferred", "hold")
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@frozen
+class AdminViews:
+    """
+    What the web service reads of a node (L{relaynet.admin.views}).
+
+    @ivar queue: the queue, to list, show and act on messages.
+    @ivar sessions: the open SMTP sessions.
+    @ivar node: who the node is, its configuration, reload.
+    @ivar metrics: the node's metrics, next-hop health and history.
+    """
+
+    queue: QueueView
+    sessions: SessionsView
+    node: NodeFacts
+    metrics: NodeMetrics
 
 
 class ApiError(Exception):
@@ -220,12 +243,15 @@ class AdminAPI(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, node: Any) -> None:
-        super().__init__()
-        self.node = node
+    def __init__(self, views: AdminViews) -> None:
+        Resource.__init__(self)
+        self.queue = views.queue
+        self.sessions = views.sessions
+        self.node = views.node
+        self.metrics = views.metrics
 
     def render(self, request: Request) -> Any:
-        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        path = [p.decode("utf-8", "replace") for p in request.postpath or () if p]
         method = request.method.decode("ascii", "replace")
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
@@ -245,7 +271,7 @@ class AdminAPI(Resource):
                 _write_json(request, 200, result)
 
         def failed(f: Failure) -> None:
-            if f.check(ApiError):
+            if isinstance(f.value, ApiError):
                 status, message = f.value.status, f.value.message
             else:
                 self.log.failure("Admin API {method} /api/{path} failed", f, method=method, path="/".join(path))
@@ -289,20 +315,15 @@ class AdminAPI(Resource):
 
     # -- helpers -------------------------------------------------------
 
-    @property
-    def runner(self) -> Any:
-        runner = getattr(self.node, "runner", None)
-        if runner is None:
-            raise ApiError(503, "the node is not running")
-        return runner
-
-    def _entry(self, queue_id: str) -> Any:
+    def _queued(self, queue_id: str) -> None:
+        """
+        @raise ApiError: C{queue_id} is not a queue id (400) or is not
+            queued (404).
+        """
         if not _QUEUE_ID.match(queue_id):
             raise ApiError(400, f"{queue_id!r} is not a queue id")
-        entry = self.runner.entries.get(queue_id)
-        if entry is None:
+        if queue_id not in self.queue:
             raise ApiError(404, f"no message {queue_id} in the queue")
-        return entry
 
     def _busy(self, queue_id: str) -> ApiError:
         return ApiError(409, f"message {queue_id} is being delivered right now; try again")
@@ -310,18 +331,17 @@ class AdminAPI(Resource):
     # -- reading ---------------------------------------------------------
 
     def status(self, request: Request, body: Any) -> dict[str, Any]:
-        node, config = self.node, self.node.config
-        intake = getattr(node, "intake", None)
-        started = getattr(node, "started_at", None)
+        config = self.node.config
+        started = self.node.started_at
         return {
             "api_version": API_VERSION, "version": __version__, "node": config.name,
             "hostname": config.hostname, "pid": os.getpid(), "config": config.source,
             "started": started, "uptime": None if started is None else round(time.time() - started, 3),
             "listeners": [{"endpoint": lst.endpoint, "mode": lst.mode} for lst in config.listeners],
             "admin_endpoint": config.admin_endpoint,
-            "queue": self.runner.counts(),
-            "sessions": len(intake.sessions) if intake is not None else 0,
-            "last_reload": getattr(node, "last_reload", None),
+            "queue": dict(self.queue.counts()),
+            "sessions": self.sessions.count(),
+            "last_reload": self.node.last_reload,
         }
 
     def _filters(self, request: Request) -> dict[str, Any]:
@@ -340,24 +360,24 @@ class AdminAPI(Resource):
         }
 
     def list(self, request: Request, body: Any) -> dict[str, Any]:
-        entries = self.runner.matching(**self._filters(request))
+        entries = self.queue.matching(**self._filters(request))
         limit = _int_arg(request, "limit", None)
         shown = entries if limit is None else entries[:limit]
-        return {"count": len(entries), "messages": self.runner.summaries(shown)}
+        return {"count": len(entries), "messages": self.queue.summaries(shown)}
 
     def show(self, request: Request, body: Any, queue_id: str) -> Any:
-        self._entry(queue_id)
-        d = self.runner.show(queue_id)
+        self._queued(queue_id)
+        d = self.queue.show(queue_id)
         if d is None:
             raise ApiError(404, f"no message {queue_id} in the queue")
         return d
 
     def summary(self, request: Request, body: Any) -> dict[str, Any]:
-        items = self.runner.list(**self._filters(request))
+        items = self.queue.list(**self._filters(request))
         return summarize(items, top=_int_arg(request, "top", 10) or 10)
 
     def shape(self, request: Request, body: Any) -> dict[str, Any]:
-        items = self.runner.list(**self._filters(request))
+        items = self.queue.list(**self._filters(request))
         try:
             return shape(
                 items, by=_arg(request, "by") or "recipient",
@@ -372,30 +392,23 @@ class AdminAPI(Resource):
         return routes_json(self.node.config)
 
     def hops(self, request: Request, body: Any) -> dict[str, Any]:
-        metrics: NodeMetrics | None = getattr(self.node, "metrics", None)
-        if metrics is None:
-            raise ApiError(503, "the node is not running")
-        return {"hops": [h.to_json() for h in metrics.hop_health(configured_hops(self.node.config))]}
+        hops = self.metrics.hop_health(configured_hops(self.node.config))
+        return {"hops": [h.to_json() for h in hops]}
 
     def history(self, request: Request, body: Any) -> dict[str, Any]:
-        metrics: NodeMetrics | None = getattr(self.node, "metrics", None)
-        if metrics is None:
-            raise ApiError(503, "the node is not running")
-        return {
-            "interval": metrics.history.interval,
-            "samples": [s.to_json() for s in metrics.history.points()],
-        }
+        history = self.metrics.history
+        return {"interval": history.interval, "samples": [s.to_json() for s in history.points()]}
 
     # -- acting ----------------------------------------------------------
 
     def flush(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        return self._attempt_now(body, self.runner.flush, "flush", "flushed")
+        return self._attempt_now(body, self.queue.flush, "flush", "flushed")
 
     def flush_one(self, request: Request, body: Any, queue_id: str) -> dict[str, Any]:
         return self.flush(request, {"queue_id": queue_id})
 
     def reroute(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        return self._attempt_now(body, self.runner.reroute, "reroute", "rerouted")
+        return self._attempt_now(body, self.queue.reroute, "reroute", "rerouted")
 
     def _attempt_now(
         self, body: dict[str, Any], action: Callable[[str | None, str | None], int], verb: str, key: str
@@ -403,7 +416,7 @@ class AdminAPI(Resource):
         """Flush or reroute: one message, a domain's or all; answer how many."""
         queue_id, domain = _target(body)
         if queue_id is not None:
-            self._entry(queue_id)
+            self._queued(queue_id)
         n = action(queue_id, domain)
         self.log.info("Admin {verb} of {target}: {count} message(s)",
                       verb=verb, target=queue_id or domain or "all", count=n)
@@ -412,12 +425,20 @@ class AdminAPI(Resource):
     def reroute_one(self, request: Request, body: Any, queue_id: str) -> dict[str, Any]:
         return self.reroute(request, {"queue_id": queue_id})
 
-    def _simple(self, action: str, queue_id: str, call: Callable[[], Any], key: str) -> Any:
-        self._entry(queue_id)
+    def _simple(
+        self, action: str, queue_id: str, call: Callable[[], Deferred[bool]], key: str
+    ) -> Deferred[dict[str, Any]]:
+        """
+        One action on one message; its answer once the action is done. (A
+        queue that applies actions after a running attempt answers C{True}
+        then; one that refuses them during an attempt answers C{False}
+        with the message still queued: 409.)
+        """
+        self._queued(queue_id)
 
         def done(ok: bool) -> dict[str, Any]:
             if not ok:
-                if queue_id in self.runner.entries:
+                if queue_id in self.queue:
                     raise self._busy(queue_id)
                 raise ApiError(404, f"no message {queue_id} in the queue")
             self.log.info("Admin {action} of {queue_id}", action=action, queue_id=queue_id)
@@ -425,26 +446,27 @@ class AdminAPI(Resource):
 
         return maybeDeferred(call).addCallback(done)
 
-    def hold(self, request: Request, body: Any, queue_id: str) -> Any:
-        return self._simple("hold", queue_id, lambda: self.runner.hold(queue_id), "held")
+    def hold(self, request: Request, body: Any, queue_id: str) -> Deferred[dict[str, Any]]:
+        return self._simple("hold", queue_id, lambda: self.queue.hold(queue_id), "held")
 
-    def release(self, request: Request, body: Any, queue_id: str) -> Any:
-        return self._simple("release", queue_id, lambda: self.runner.release(queue_id), "released")
+    def release(self, request: Request, body: Any, queue_id: str) -> Deferred[dict[str, Any]]:
+        return self._simple("release", queue_id, lambda: self.queue.release(queue_id), "released")
 
-    def delete(self, request: Request, body: Any, queue_id: str) -> Any:
-        return self._simple("delete", queue_id, lambda: self.runner.delete(queue_id), "deleted")
+    def delete(self, request: Request, body: Any, queue_id: str) -> Deferred[dict[str, Any]]:
+        return self._simple("delete", queue_id, lambda: self.queue.delete(queue_id), "deleted")
 
-    def bounce(self, request: Request, body: dict[str, Any], queue_id: str) -> Any:
+    def bounce(self, request: Request, body: dict[str, Any], queue_id: str) -> Deferred[dict[str, Any]]:
         reason = body.get("reason") if isinstance(body, dict) else None
         if reason is not None and (not isinstance(reason, str) or len(reason) > 500 or "\n" in reason):
             raise ApiError(400, "reason must be one line of text (at most 500 characters)")
-        kwargs = {"reason": reason} if reason else {}
-        return self._simple("bounce", queue_id, lambda: self.runner.bounce(queue_id, **kwargs), "bounced")
+        if reason:
+            return self._simple("bounce", queue_id, lambda: self.queue.bounce(queue_id, reason), "bounced")
+        return self._simple("bounce", queue_id, lambda: self.queue.bounce(queue_id), "bounced")
 
     def reload(self, request: Request, body: Any) -> dict[str, Any]:
         ok = self.node.reload()
         if not ok:
-            error = getattr(self.node, "last_reload_error", None) or "reload not possible"
+            error = self.node.last_reload_error or "reload not possible"
             raise ApiError(422, f"reload refused, the old configuration stays in force: {error}")
         return {"reloaded": True, "config": self.node.config.source}
 
@@ -508,17 +530,13 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, node: Any) -> None:
-        super().__init__()
-        self.node = node
+    def __init__(self, metrics: NodeMetrics) -> None:
+        Resource.__init__(self)
+        self.metrics = metrics
 
     def render_GET(self, request: Request) -> bytes:
-        metrics: NodeMetrics | None = getattr(self.node, "metrics", None)
-        if metrics is None:
-            request.setResponseCode(503)
-            return b"the node is not running\n"
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return metrics.exposition()
+        return self.metrics.exposition()
 
 
 class StatusPage(Resource):
@@ -526,9 +544,9 @@ class StatusPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, node: Any, clock: Callable[[], float] = time.time) -> None:
-        super().__init__()
-        self.node = node
+    def __init__(self, views: AdminViews, clock: Callable[[], float] = time.time) -> None:
+        Resource.__init__(self)
+        self.views = views
         self.clock = clock
 
     def render_GET(self, request: Request) -> bytes:
@@ -538,20 +556,20 @@ class StatusPage(Resource):
             return b"not found\n"
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        return render_status(self.node, self.clock()).encode("utf-8")
+        return render_status(self.views, self.clock()).encode("utf-8")
 
 
 class _Guard(Resource):
     """The admin site's root: refuses TCP requests whose C{Host:} is not loopback."""
 
     def __init__(self, check_host: bool) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self.check_host = check_host
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Any:
         if self.check_host and not _is_unix(request) and not _loopback_host(request.getHeader(b"host")):
             return _Refused()
-        return super().getChildWithDefault(path, request)
+        return Resource.getChildWithDefault(self, path, request)
 
     def getChild(self, path: bytes, request: Request) -> Any:
         return notFound()
@@ -560,6 +578,9 @@ class _Guard(Resource):
 class _Refused(Resource):
     isLeaf = True
 
+    def __init__(self) -> None:
+        Resource.__init__(self)
+
     def render(self, request: Request) -> bytes:
         request.setResponseCode(421)
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
@@ -567,8 +588,6 @@ class _Refused(Resource):
 
 
 def _is_unix(request: Request) -> bool:
-    from twisted.internet.address import UNIXAddress
-
     return isinstance(request.getHost(), UNIXAddress)
 
 
@@ -577,30 +596,83 @@ class AdminSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def __init__(self, resource: IResource) -> None:
+        Site.__init__(self, resource)
+
+    def log(self, request: http.Request) -> None:
         pass
 
 
-def make_site(node: Any, read_only: bool = False) -> Site:
+def make_site(views: AdminViews, read_only: bool = False) -> Site:
     """
     The resource tree: C{/} (status page), C{/metrics} and, unless
     C{read_only}, C{/api/}.
     """
     root = _Guard(check_host=not read_only)
-    root.putChild(b"", StatusPage(node))
-    root.putChild(b"metrics", MetricsResource(node))
+    root.putChild(b"", StatusPage(views))
+    root.putChild(b"metrics", MetricsResource(views.metrics))
     if not read_only:
-        root.putChild(b"api", AdminAPI(node))
+        root.putChild(b"api", AdminAPI(views))
     site = AdminSite(root)
     site.displayTracebacks = False
     return site
 
 
-def web_service(node: Any, endpoint: str, reactor: Any, read_only: bool = False) -> StreamServerEndpointService:
-    """A service listening on C{endpoint} with L{make_site}'s tree."""
-    svc = StreamServerEndpointService(serverFromString(reactor, endpoint), make_site(node, read_only))
-    svc._raiseSynchronously = True
-    return svc
+class WebService(Service):
+    """
+    Serves C{factory} on C{endpoint} while running.
+
+    A failure to listen that the endpoint reports at once (TCP and UNIX
+    endpoints do: address in use, no directory for the socket) raises from
+    L{startService}, so a node fails to start rather than run without its
+    admin site. (L{twisted.application.internet.StreamServerEndpointService}
+    only logs it, unless told otherwise through a private attribute.) A later
+    failure is logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self._port: Deferred[IListeningPort | None] | None = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        starting = True
+        failed: list[Failure] = []
+
+        def not_listening(f: Failure) -> None:
+            if starting:
+                failed.append(f)
+            elif not f.check(CancelledError):
+                self.log.failure("The admin site cannot listen on {endpoint}", f, endpoint=self.endpoint)
+
+        self._port = self.endpoint.listen(self.factory).addErrback(not_listening)
+        starting = False
+        if failed:
+            self.running = False
+            self._port = None
+            failed[0].raiseException()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        port.cancel()
+
+        def stop(listening: IListeningPort | None) -> Deferred[None] | None:
+            return None if listening is None else listening.stopListening()
+
+        return port.addCallback(stop)
+
+
+def web_service(
+    views: AdminViews, endpoint: str, reactor: IReactorCore, read_only: bool = False
+) -> IService:
+    """A L{WebService} listening on C{endpoint} with L{make_site}'s tree."""
+    return WebService(serverFromString(reactor, endpoint), make_site(views, read_only))
 
 
 # -- rendering ------------------------------------------------------------
@@ -728,15 +800,12 @@ def _per_minute(nominal: float, count: Callable[[Sample], int]) -> Callable[[Sam
     return lambda s: count(s) * 60.0 / max(s.interval, nominal)
 
 
-def render_status(node: Any, now: float) -> str:
-    """The status page of C{node} at time C{now}."""
-    config: NodeConfig = node.config
-    runner = getattr(node, "runner", None)
-    metrics: NodeMetrics | None = getattr(node, "metrics", None)
-    intake = getattr(node, "intake", None)
-    items = runner.list() if runner is not None else []
-    summary = summarize(items, top=8)
-    started = getattr(node, "started_at", None)
+def render_status(views: AdminViews, now: float) -> str:
+    """The status page of the node seen through C{views}, at time C{now}."""
+    config = views.node.config
+    metrics = views.metrics
+    summary = summarize(views.queue.list(), top=8)
+    started = views.node.started_at
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -755,42 +824,40 @@ def render_status(node: Any, now: float) -> str:
         ("active", summary["states"]["active"]), ("deferred", summary["states"]["deferred"]),
         ("hold", summary["states"]["hold"]), ("queue size", _size(summary["bytes"])),
         ("oldest", human_age(oldest["age"]) if oldest else "-"),
-        ("sessions", len(intake.sessions) if intake is not None else 0),
+        ("sessions", views.sessions.count()),
     ]
     parts.append('<div class="cards" id="counts">' + "".join(
         f'<div class="card"><div class="v">{_E(str(v))}</div><div class="k">{_E(k)}</div></div>'
         for k, v in cards
     ) + "</div>")
-    if metrics is not None:
-        hist = metrics.history
-        points = hist.points()
-        # The window grows with the history, from 5 minutes up to its span.
-        first = min((p.time - p.interval for p in points), default=now)
-        span = min(hist.span, max(300.0, math.ceil((now - first) / 60) * 60))
-        depth = svg_chart(
-            "Queue depth (messages)", now, span, points,
-            [("queued", "#3465a4", lambda s: s.depth), ("deferred", "#d98c00", lambda s: s.deferred),
-             ("hold", "#8a93a6", lambda s: s.hold)],
-            fill_first=True, dashed=("deferred", "hold"),
-        )
-        nominal = hist.interval
-        # Rates only over whole intervals: the one in progress would dip.
-        rate = svg_chart(
-            "Throughput (per minute)", now, span, list(hist.samples) or points,
-            [("received", "#3465a4", _per_minute(nominal, lambda s: s.received)),
-             ("delivered", "#2e8540", _per_minute(nominal, lambda s: s.delivered)),
-             ("deferred", "#d98c00", _per_minute(nominal, lambda s: s.deferrals)),
-             ("bounced", "#c62828", _per_minute(nominal, lambda s: s.bounced))],
-        )
-        parts.append(
-            f'<section id="chart"><h2>Last {int(span // 60)} minutes</h2>'
-            f'<div class="charts"><div>{depth}</div><div>{rate}</div></div>'
-            f'<div class="muted">one point every {_num(nominal)} s; the depth\'s last point is now</div>'
-            "</section>"
-        )
+    hist = metrics.history
+    points = hist.points()
+    # The window grows with the history, from 5 minutes up to its span.
+    first = min((p.time - p.interval for p in points), default=now)
+    span = min(hist.span, max(300.0, math.ceil((now - first) / 60) * 60))
+    depth = svg_chart(
+        "Queue depth (messages)", now, span, points,
+        [("queued", "#3465a4", lambda s: s.depth), ("deferred", "#d98c00", lambda s: s.deferred),
+         ("hold", "#8a93a6", lambda s: s.hold)],
+        fill_first=True, dashed=("deferred", "hold"),
+    )
+    nominal = hist.interval
+    # Rates only over whole intervals: the one in progress would dip.
+    rate = svg_chart(
+        "Throughput (per minute)", now, span, list(hist.samples) or points,
+        [("received", "#3465a4", _per_minute(nominal, lambda s: s.received)),
+         ("delivered", "#2e8540", _per_minute(nominal, lambda s: s.delivered)),
+         ("deferred", "#d98c00", _per_minute(nominal, lambda s: s.deferrals)),
+         ("bounced", "#c62828", _per_minute(nominal, lambda s: s.bounced))],
+    )
+    parts.append(
+        f'<section id="chart"><h2>Last {int(span // 60)} minutes</h2>'
+        f'<div class="charts"><div>{depth}</div><div>{rate}</div></div>'
+        f'<div class="muted">one point every {_num(nominal)} s; the depth\'s last point is now</div>'
+        "</section>"
+    )
     parts.append(_routing_section(config))
-    if metrics is not None:
-        parts.append(_hops_section(metrics.hop_health(configured_hops(config)), config, now))
+    parts.append(_hops_section(metrics.hop_health(configured_hops(config)), config, now))
     parts.append(_queue_section(summary))
     parts.append(
         "</main><footer>Also: <a href=\"/metrics\">/metrics</a> (Prometheus) &middot; "

@@ -5,8 +5,9 @@ health and a short history of queue depth and throughput.
 
 L{NodeMetrics} is fed by the node's event log (every event dict passes
 through L{NodeMetrics.observe}) and by the spool's group commits; gauges that
-describe the present (queue depth, open sessions, next-hop state) are read
-from the runner and the intake at scrape time. Each node has its own
+describe the present (queue depth, open sessions, next-hop state) are read at
+scrape time from the views it is given (L{relaynet.admin.views}), never from
+the runner or the intake. Each node has its own
 L{CollectorRegistry}: the global one of C{prometheus_client} is never used.
 The metric names are documented in C{docs/operations.md}.
 """
@@ -15,15 +16,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from attrs import define, field
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from relaynet import __version__
+from relaynet.admin.views import QueueStats, SessionsView
 
 #: Delivery outcomes of a recipient, as event names.
 RESULTS = ("sent", "delivered", "deferred", "bounced", "expired")
@@ -143,11 +147,11 @@ class History:
     Queue depth and throughput over the last C{span} seconds, one L{Sample}
     every C{interval} seconds.
 
-    @ivar depth: returns the runner's L{counts<relaynet.runner.QueueRunner.counts>}.
+    @ivar depth: returns the queue's L{counts<QueueStats.counts>}.
     """
 
-    clock: Any
-    depth: Callable[[], dict[str, int]]
+    clock: IReactorTime
+    depth: Callable[[], Mapping[str, int]]
     interval: float = 10.0
     span: float = 1800.0
     samples: deque[Sample] = field(init=False)
@@ -195,52 +199,34 @@ class History:
         self._loop = None
 
 
-class _PresentCollector:
+class _PresentCollector(Collector):
     """Gauges read at scrape time: the queue, the sessions, the next hops."""
 
     def __init__(self, metrics: "NodeMetrics") -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        node = self.metrics.node
-        runner = getattr(node, "runner", None)
-        intake = getattr(node, "intake", None)
+        queue, sessions = self.metrics.queue, self.metrics.sessions
         q = GaugeMetricFamily("relaynet_queue_messages", "Queued messages by state", labels=["state"])
-        size = GaugeMetricFamily("relaynet_queue_bytes", "Octets of queued messages")
+        for state, n in sorted(queue.counts().items()):
+            q.add_metric([state], n)
+        yield q
+        totals = queue.totals()
+        yield GaugeMetricFamily("relaynet_queue_bytes", "Octets of queued messages", value=totals.size)
         rcpts = GaugeMetricFamily(
             "relaynet_queue_recipients", "Recipients of queued messages by status", labels=["status"]
         )
-        oldest = GaugeMetricFamily("relaynet_queue_oldest_seconds", "Age of the oldest queued message")
-        if runner is not None:
-            for state, n in sorted(runner.counts().items()):
-                q.add_metric([state], n)
-            entries = list(runner.entries.values())
-            size.add_metric([], sum(e.envelope.size for e in entries))
-            by_status: dict[str, int] = {}
-            for e in entries:
-                for r in e.envelope.recipients:
-                    st = e.state.recipients.get(r.address)
-                    status = st.status if st is not None else "pending"
-                    by_status[status] = by_status.get(status, 0) + 1
-            for status, n in sorted(by_status.items()):
-                rcpts.add_metric([status], n)
-            now = self.metrics.now()
-            oldest.add_metric([], max((now - e.envelope.arrival for e in entries), default=0.0))
-        yield q
-        yield size
+        for status, n in sorted(totals.recipients.items()):
+            rcpts.add_metric([status], n)
         yield rcpts
-        yield oldest
-        sessions = GaugeMetricFamily(
+        oldest = 0.0 if totals.oldest_arrival is None else max(0.0, self.metrics.now() - totals.oldest_arrival)
+        yield GaugeMetricFamily("relaynet_queue_oldest_seconds", "Age of the oldest queued message", value=oldest)
+        open_ = GaugeMetricFamily(
             "relaynet_smtp_sessions", "Open SMTP sessions by listener mode and TLS", labels=["mode", "tls"]
         )
-        if intake is not None:
-            open_: dict[tuple[str, str], int] = {}
-            for s in list(intake.sessions):
-                key = (s.listener.mode, "yes" if s.tls_info else "no")
-                open_[key] = open_.get(key, 0) + 1
-            for (mode, tls), n in sorted(open_.items()):
-                sessions.add_metric([mode, tls], n)
-        yield sessions
+        for (mode, tls), n in sorted(sessions.by_mode_and_tls().items()):
+            open_.add_metric([mode, "yes" if tls else "no"], n)
+        yield open_
         up = GaugeMetricFamily(
             "relaynet_next_hop_up", "1 when the next hop's last answer was not a deferral", labels=["next_hop"]
         )
@@ -259,8 +245,9 @@ class NodeMetrics:
     """
     The metrics, next-hop health and history of one node.
 
-    @ivar node: the L{RelayNode} (or anything with C{runner}, C{intake} and
-        C{config}); read at scrape time.
+    @ivar queue: the queue's counts and totals, read at scrape time and by
+        the history.
+    @ivar sessions: the open SMTP sessions, read at scrape time.
     @ivar registry: this node's own Prometheus registry.
     @ivar hops: L{HopHealth} by next-hop name.
     """
@@ -268,18 +255,23 @@ class NodeMetrics:
     log = Logger()
 
     def __init__(
-        self, node: Any, clock: Any, now: Callable[[], float] = time.time,
-        history_interval: float = 10.0, history_span: float = 1800.0,
-        domain_labels: int = DOMAIN_LABELS,
+        self, queue: QueueStats, sessions: SessionsView, clock: IReactorTime, name: str = "relaynet",
+        now: Callable[[], float] = time.time, history_interval: float = 10.0,
+        history_span: float = 1800.0, domain_labels: int = DOMAIN_LABELS,
     ) -> None:
-        self.node = node
+        """
+        @param clock: schedules the history's samples.
+        @param name: the node's name, in C{relaynet_build_info}.
+        @param now: the wall clock, for the age of the oldest message.
+        """
+        self.queue = queue
+        self.sessions = sessions
         self.now = now
         self.hops: dict[str, HopHealth] = {}
-        self.history = History(clock, self._depth, history_interval, history_span)
+        self.history = History(clock, queue.counts, history_interval, history_span)
         self._domains: set[str] = set()
         self._domain_labels = domain_labels
         r = self.registry = CollectorRegistry()
-        name = getattr(getattr(node, "config", None), "name", "relaynet")
         Info("relaynet_build", "relaynet version and node name", registry=r).info(
             {"version": __version__, "node": name}
         )
@@ -332,7 +324,7 @@ class NodeMetrics:
             "relaynet_spool_commit_batch_size", "Messages made durable by one directory fsync",
             buckets=BATCH_BUCKETS, registry=r,
         )
-        r.register(_PresentCollector(self))  # type: ignore[arg-type]
+        r.register(_PresentCollector(self))
 
     # -- inputs ----------------------------------------------------------
 
@@ -395,10 +387,6 @@ class NodeMetrics:
     def commit_batch(self, size: int) -> None:
         """A L{Spool.observe_commits} observer: one group commit of C{size} messages."""
         self.batches.observe(size)
-
-    def _depth(self) -> dict[str, int]:
-        runner = getattr(self.node, "runner", None)
-        return runner.counts() if runner is not None else {}
 
     # -- outputs ---------------------------------------------------------
 

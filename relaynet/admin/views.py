@@ -1,0 +1,156 @@
+# -*- test-case-name: tests.test_control,tests.test_metrics -*-
+"""
+What the admin API, the status page and the metrics may read of a node: narrow
+views they are given, never the node, its runner or its intake.
+
+ - L{QueueStats}: how much is queued (the metrics' gauges, the status history).
+ - L{QueueView}: L{QueueStats} plus listing and steering messages (the admin
+   API and the status page, and so C{relaynet queue}).
+ - L{SessionsView}: the open SMTP sessions.
+ - L{NodeFacts}: who the node is, the configuration in force, reloading it.
+
+They are L{typing.Protocol}s: the queue runner provides L{QueueView} by
+having its methods, the node provides L{NodeFacts} by having its attributes,
+and tests give small fakes. L{relaynet.admin.adapters} adapts the intake (and,
+for now, the runner).
+
+At run time this module imports only attrs and the queue's state names, so
+the runner may return a L{QueueTotals}, and C{relaynet queue} may read
+L{STATES}, without importing Twisted or prometheus_client.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
+
+from attrs import field, frozen
+
+from relaynet.queue.states import MessageState
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from relaynet.config import NodeConfig
+    from relaynet.queue.spool import QueueEntry
+
+#: The queue states of a message, as L{QueueStats.counts} and the API name them.
+STATES: tuple[str, ...] = tuple(str(s) for s in MessageState)
+
+
+@frozen
+class QueueTotals:
+    """
+    Totals over every queued message, for the metrics.
+
+    @ivar size: octets of the queued messages (their envelope sizes).
+    @ivar recipients: recipients of the queued messages by status (C{pending}
+        when never attempted, then C{deferred}, C{delivered}...: the statuses
+        of the state files); a final recipient counts until its message
+        leaves the queue.
+    @ivar oldest_arrival: the arrival time (seconds since the epoch) of the
+        oldest queued message; C{None} when the queue is empty.
+    """
+
+    size: int = 0
+    recipients: Mapping[str, int] = field(factory=dict)
+    oldest_arrival: float | None = None
+
+
+class QueueStats(Protocol):
+    """How much is queued: all the metrics read of the queue."""
+
+    def counts(self) -> Mapping[str, int]:
+        """Queued messages by state: each of L{STATES}, zeros included."""
+
+    def totals(self) -> QueueTotals:
+        """Octets, recipients by status and the oldest arrival of the queue."""
+
+
+class QueueView(QueueStats, Protocol):
+    """
+    The queue as the admin API sees it: L{QueueStats}, finding and describing
+    messages, and acting on them. Filters are those of L{matching}.
+
+    Actions on a message while an attempt of it runs may be applied after
+    the attempt: their L{Deferred} fires then.
+    """
+
+    def __contains__(self, queue_id: str) -> bool:
+        """Whether C{queue_id} is queued."""
+
+    def matching(
+        self, state: str | None = None, sender: str | None = None,
+        recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+    ) -> list[QueueEntry]:
+        """
+        Queued messages, oldest first, filtered by state, sender or recipient
+        (substring, case-insensitive), recipient domain and minimum age in
+        seconds.
+        """
+
+    def summaries(self, entries: list[QueueEntry]) -> list[dict[str, Any]]:
+        """The JSON summary of each of C{entries} (C{docs/admin-api.md})."""
+
+    def list(
+        self, state: str | None = None, sender: str | None = None,
+        recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """C{summaries(matching(...))}."""
+
+    def show(self, queue_id: str) -> Deferred[dict[str, Any]] | None:
+        """One message's summary with its envelope and headers; C{None} if not queued."""
+
+    def flush(self, queue_id: str | None = None, domain: str | None = None) -> int:
+        """Attempt messages now (one, a domain's, or all); @return: how many."""
+
+    def reroute(self, queue_id: str | None = None, domain: str | None = None) -> int:
+        """Route messages again with the table in force and attempt them; @return: how many."""
+
+    def hold(self, queue_id: str) -> Deferred[bool]:
+        """Keep a message from delivery (durably); C{False}: not queued."""
+
+    def release(self, queue_id: str) -> Deferred[bool]:
+        """Release a held message and attempt it now; C{False}: not queued."""
+
+    def delete(self, queue_id: str) -> Deferred[bool]:
+        """Remove a message without notice; C{False}: not queued."""
+
+    def bounce(self, queue_id: str, reason: str = ...) -> Deferred[bool]:
+        """Return a message to its sender now, with a DSN; C{False}: not queued."""
+
+
+class SessionsView(Protocol):
+    """The node's open SMTP sessions."""
+
+    def count(self) -> int:
+        """How many sessions are open."""
+
+    def by_mode_and_tls(self) -> Mapping[tuple[str, bool], int]:
+        """Open sessions by C{(listener mode, TLS up)}; only keys with sessions."""
+
+
+class NodeFacts(Protocol):
+    """
+    Who the node is and the configuration in force. Name, host name, config
+    source, listeners, admin endpoint and routes are read from L{config},
+    which a reload replaces.
+    """
+
+    @property
+    def config(self) -> NodeConfig:
+        """The configuration in force now."""
+
+    @property
+    def started_at(self) -> float | None:
+        """When the node started (seconds since the epoch)."""
+
+    @property
+    def last_reload(self) -> Mapping[str, Any] | None:
+        """The last reload: C{time}, C{status} and C{source} or C{error}."""
+
+    @property
+    def last_reload_error(self) -> str | None:
+        """Why the last reload was refused; C{None} after a successful one."""
+
+    def reload(self) -> bool:
+        """Re-read the configuration; @return: whether it was applied."""
