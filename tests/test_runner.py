@@ -1,0 +1,407 @@
+"""
+Tests for L{relaynet.runner}: the runner carries out the queue core's
+decisions -- one state write at a time per message, admin verbs during
+attempts, failed attempts as deferrals -- in-process, with a fake next hop
+whose answers the test gives.
+
+The race tests run hundreds of admin hold/release/bounce calls against
+messages whose attempt is in flight, in two ways: over a L{MemorySpool}
+whose writes complete only when the test says (so overlapping writes of one
+message are seen deterministically), and over the Maildir L{Spool} with a
+real thread pool (so two writers of one state file would really race on
+disk). Both fail on the runner before the queue core (whose hold/release
+wrote the state file while the attempt's own write was under way).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from relaynet.delivery.client import DeliveryResult
+from relaynet.events import EventLog
+from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool
+from relaynet.runner import QueueRunner, SerialWrites
+from relaynet.testing import EPOCH, ManualThreadPool, ThreadlessReactor, make_config
+from relaynet.testing.spool import MemorySpool
+
+ROUTE = """
+[[route]]
+domains = ["*"]
+action = "relay"
+next_hops = ["tcp:192.0.2.1:25"]
+
+[queue]
+minimal_backoff = 60
+maximal_backoff = 600
+"""
+
+
+class SlowHop:
+    """
+    A next hop (the runner's outbound agent) that answers only when the
+    test says, and counts what it accepted.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Deferred[list[DeliveryResult]], QueueEntry, list[Recipient]]] = []
+        self.accepted: Counter[tuple[str, str]] = Counter()
+        self.raise_for: set[str] = set()
+
+    def deliver(
+        self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
+        concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
+    ) -> Deferred[list[DeliveryResult]]:
+        if entry.queue_id in self.raise_for:
+            raise RuntimeError("the outbound agent broke")
+        d: Deferred[list[DeliveryResult]] = Deferred()
+        self.pending.append((d, entry, list(recipients)))
+        return d
+
+    def answer(self, index: int, code: int) -> None:
+        d, entry, rcpts = self.pending.pop(index)
+        enhanced = {250: "2.0.0", 451: "4.3.0", 550: "5.1.1"}[code]
+        if code == 250:
+            for r in rcpts:
+                self.accepted[(entry.queue_id, r.address)] += 1
+        d.callback([DeliveryResult(r.address, code, enhanced, "hop says so", "hop:25") for r in rcpts])
+
+    def close(self) -> None:
+        pass
+
+    def close_idle(self) -> None:
+        pass
+
+
+class WatchedSpool:
+    """A spool wrapper counting writes of one message that overlap."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.outstanding: Counter[str] = Counter()
+        self.overlaps: list[str] = []
+        self.failures: list[Failure] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _watch(self, qid: str, d: Deferred[None]) -> Deferred[None]:
+        if self.outstanding[qid]:
+            self.overlaps.append(qid)
+        self.outstanding[qid] += 1
+
+        def done(result: object) -> object:
+            self.outstanding[qid] -= 1
+            if isinstance(result, Failure):
+                self.failures.append(result)
+            return result
+
+        return d.addBoth(done)
+
+    def record(self, entry: QueueEntry) -> Deferred[None]:
+        return self._watch(entry.queue_id, self.inner.record(entry))
+
+    def remove(self, entry: QueueEntry) -> Deferred[None]:
+        return self._watch(entry.queue_id, self.inner.remove(entry))
+
+
+def commit(spool: Any, qid_sender: str, rcpts: tuple[str, ...], now: float, run: Callable[[], None]) -> QueueEntry:
+    env = Envelope(spool.new_id(), qid_sender, tuple(Recipient(r, "relay:*") for r in rcpts), now)
+    writer = spool.begin(env)
+    writer.write(b"Subject: race\r\n\r\nbody\r\n")
+    out: list[Any] = []
+    writer.commit(hops=1).addBoth(out.append)
+    for _ in range(1000):
+        if out:
+            break
+        run()
+    [entry] = out
+    assert isinstance(entry, QueueEntry), entry
+    return entry
+
+
+def _results(d: Deferred[Any], sink: list[Any]) -> None:
+    d.addBoth(sink.append)
+
+
+# -- serialised writes ----------------------------------------------------------
+
+
+def test_serial_writes_run_one_at_a_time_per_key() -> None:
+    """A job of a key starts only when the previous one of that key is done; other keys run freely."""
+    serial = SerialWrites()
+    started: list[str] = []
+    gates: dict[str, Deferred[None]] = {}
+
+    def job(name: str) -> Callable[[], Deferred[None]]:
+        def run() -> Deferred[None]:
+            started.append(name)
+            gates[name] = Deferred()
+            return gates[name]
+        return run
+
+    results: list[Any] = []
+    _results(serial.run("a", job("a1")), results)
+    _results(serial.run("a", job("a2")), results)
+    _results(serial.run("b", job("b1")), results)
+    assert started == ["a1", "b1"]
+    gates["a1"].errback(Failure(OSError("disk")))
+    assert started == ["a1", "b1", "a2"]  # a failure does not block the next job
+    gates["a2"].callback(None)
+    gates["b1"].callback(None)
+    assert len(results) == 3 and isinstance(results[0], Failure)
+    assert len(serial) == 0
+
+
+# -- the races ------------------------------------------------------------------
+
+
+def _race(runner: QueueRunner, spool: Any, hop: SlowHop, settle: Callable[[], None],
+          rng: random.Random, messages: int, now: Callable[[], float]) -> dict[str, bool]:
+    """
+    Commit C{messages} messages, three at a time in flight, and while their
+    attempts wait for the hop, run random hold/release/bounce calls and hop
+    answers. Returns the hold each message should have at the end.
+    """
+    expected_hold: dict[str, bool] = {}
+    admin_results: list[Any] = []
+    for _ in range(messages // 3):
+        batch = [commit(spool, "s@src.test", ("a@x.test", "b@y.test"), now(), settle) for _ in range(3)]
+        for entry in batch:
+            runner.enqueue(entry)
+        settle()
+        ops: list[tuple[str, str]] = []
+        for entry in batch:
+            ops += [(rng.choice(["hold", "release", "hold", "bounce", "settle"]), entry.queue_id)
+                    for _ in range(rng.randint(1, 4))]
+        ops += [("answer", "")] * len(batch)
+        rng.shuffle(ops)
+        for op, qid in ops:
+            if op == "answer":
+                if hop.pending:
+                    hop.answer(rng.randrange(len(hop.pending)), rng.choice([250, 451]))
+            elif op == "settle":
+                settle()
+            else:
+                if op in ("hold", "release") and qid in runner:
+                    expected_hold[qid] = op == "hold"
+                d = getattr(runner, op)(qid)
+                _results(d, admin_results)
+        for _ in range(10):  # answer what a release started again
+            settle()
+            if not hop.pending:
+                break
+            while hop.pending:
+                hop.answer(0, rng.choice([250, 451]))
+        settle()
+    failures = [r for r in admin_results if isinstance(r, Failure)]
+    assert not failures, failures[0].getTraceback()
+    return expected_hold
+
+
+def _check(runner: QueueRunner, hop: SlowHop, events: list[dict[str, Any]],
+           expected_hold: dict[str, bool], recovered: dict[str, QueueEntry]) -> None:
+    # Each recipient at most once at the next hop, never both sent and bounced.
+    assert all(n == 1 for n in hop.accepted.values()), [k for k, n in hop.accepted.items() if n > 1]
+    bounced = {(e["queue_id"], e["recipient"]) for e in events if e["event"] == "bounced"}
+    assert not bounced & set(hop.accepted), sorted(bounced & set(hop.accepted))[:3]
+    # What the spool holds is what the runner holds, holds included.
+    assert set(recovered) == {e.queue_id for e in runner.core}
+    for qid, entry in recovered.items():
+        if qid in expected_hold:
+            assert entry.state.held == expected_hold[qid], qid
+        live = runner.core.get(qid)
+        assert live is not None and entry.state.held == live.state.held
+        for r in entry.envelope.recipients:
+            if (qid, r.address) in hop.accepted:
+                assert entry.state.recipients[r.address].status == "relayed"
+
+
+def test_admin_verbs_during_attempts_memory_spool(tmp_path: Path) -> None:
+    """
+    300 messages, hold/release/bounce at random while their attempts are in
+    flight, the spool's writes completing in between: no message ever has
+    two state writes outstanding, every hold is kept (in memory and in the
+    spool), and each recipient reaches the next hop at most once and is
+    never both relayed and bounced.
+    """
+    config = make_config(tmp_path, toml=ROUTE)
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    inner = MemorySpool(clock=reactor.seconds, immediate=False)
+    spool = WatchedSpool(inner)
+    hop = SlowHop()
+    events: list[dict[str, Any]] = []
+    log = EventLog(None, "t", clock=reactor.seconds)
+    log.observers.append(events.append)
+    runner = QueueRunner(config, spool, log, reactor, ManualThreadPool(immediate=True),  # type: ignore[arg-type]
+                         outbound=hop, now=reactor.seconds)
+    runner.start([])
+    rng = random.Random(1150)
+
+    def settle() -> None:
+        for _ in range(rng.randint(0, 3)):
+            inner.run_one()
+
+    expected = _race(runner, spool, hop, settle, rng, 300, reactor.seconds)
+    inner.run_all()
+    assert spool.overlaps == [], f"{len(spool.overlaps)} overlapping writes, e.g. of {spool.overlaps[0]}"
+    assert not spool.failures
+    inner.crash()
+    inner.prepare()
+    recovered = {e.queue_id: e for e in inner.recover()}
+    _check(runner, hop, events, expected, recovered)
+
+
+class PumpedReactor(MemoryReactorClock):
+    """
+    A memory reactor whose C{callFromThread} queues the call for the test's
+    thread, which runs them (L{drain}): real worker threads, results handled
+    in one thread, no global reactor.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = queue.Queue()
+        self.owner = threading.get_ident()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        if threading.get_ident() == self.owner:
+            f(*args, **kw)
+        else:
+            self.from_threads.put((f, args, kw))
+
+    def drain(self, pool: ThreadPool, deadline: float = 10.0) -> None:
+        """Run results from the threads until the pool is idle and nothing is queued."""
+        import time
+
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            try:
+                f, args, kw = self.from_threads.get(timeout=0.005)
+            except queue.Empty:
+                if not pool._queue.qsize() and not pool.working and self.from_threads.empty():
+                    return
+                continue
+            f(*args, **kw)
+        raise AssertionError("worker threads did not finish in time")
+
+
+def test_admin_verbs_during_attempts_maildir_spool_real_threads(tmp_path: Path) -> None:
+    """
+    The same race over the Maildir spool with four real worker threads:
+    every state file on disk parses, no admin call fails (two writers of one
+    state file made renames fail: HTTP 500 in the admin API), holds survive
+    recovery, and each recipient reaches the next hop at most once.
+    """
+    config = make_config(tmp_path, toml=ROUTE)
+    reactor = PumpedReactor()
+    reactor.advance(EPOCH)
+    pool = ThreadPool(minthreads=4, maxthreads=4, name="test-race")
+    pool.start()
+    try:
+        inner = Spool(tmp_path / "queue", reactor, pool, clock=reactor.seconds)
+        inner.prepare()
+        spool = WatchedSpool(inner)
+        hop = SlowHop()
+        events: list[dict[str, Any]] = []
+        log = EventLog(None, "t", clock=reactor.seconds)
+        log.observers.append(events.append)
+        runner = QueueRunner(config, spool, log, reactor, pool, outbound=hop, now=reactor.seconds)
+        runner.start([])
+        rng = random.Random(2026)
+
+        def settle() -> None:
+            if rng.random() < 0.5:
+                reactor.drain(pool)
+
+        expected = _race(runner, spool, hop, settle, rng, 150, reactor.seconds)
+        reactor.drain(pool)
+        assert not spool.failures, spool.failures[0].getTraceback()
+        for p in (tmp_path / "queue" / "state").iterdir():
+            json.loads(p.read_bytes())  # every state file parses
+        assert not list((tmp_path / "queue" / "tmp").iterdir())
+        recovered = {e.queue_id: e for e in Spool(tmp_path / "queue", reactor, pool).recover()}
+        _check(runner, hop, events, expected, recovered)
+    finally:
+        pool.stop()
+
+
+# -- failed attempts ----------------------------------------------------------------
+
+
+def test_an_attempt_that_raises_defers_that_message_alone(tmp_path: Path) -> None:
+    """
+    An exception in an attempt defers its recipients (4.3.0) with the
+    ordinary backoff; other messages are attempted and delivered meanwhile,
+    and the attempt slot is given back.
+    """
+    config = make_config(tmp_path, toml=ROUTE + "concurrency = 1\n")
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = MemorySpool(clock=reactor.seconds)
+    hop = SlowHop()
+    events: list[dict[str, Any]] = []
+    log = EventLog(None, "t", clock=reactor.seconds)
+    log.observers.append(events.append)
+    runner = QueueRunner(config, spool, log, reactor, ManualThreadPool(immediate=True),  # type: ignore[arg-type]
+                         outbound=hop, now=reactor.seconds)
+    runner.start([])
+    bad = commit(spool, "s@src.test", ("a@x.test",), reactor.seconds(), lambda: None)
+    good = commit(spool, "s@src.test", ("b@y.test",), reactor.seconds(), lambda: None)
+    hop.raise_for.add(bad.queue_id)
+    runner.enqueue(bad)
+    runner.enqueue(good)
+    assert len(hop.pending) == 1  # the one slot was given back after the failure
+    hop.answer(0, 250)
+    assert good.queue_id not in runner
+    st = bad.state.recipients["a@x.test"]
+    assert (st.status, st.dsn) == ("deferred", "4.3.0") and "internal error" in (st.diagnostic or "")
+    assert bad.state.next_attempt is not None
+    assert 54 <= bad.state.next_attempt - reactor.seconds() <= 66  # minimal_backoff 60, +-10%
+    reactor.advance(30)
+    assert not hop.pending and bad.queue_id in runner  # not retried early
+    hop.raise_for.clear()
+    reactor.advance(40)
+    assert len(hop.pending) == 1
+    hop.answer(0, 250)
+    assert bad.queue_id not in runner
+
+
+@pytest.mark.parametrize("verb", ["bounce", "delete"])
+def test_bounce_or_delete_during_an_attempt_waits_for_it(tmp_path: Path, verb: str) -> None:
+    """
+    Bounce and delete during an attempt are applied when its outcomes are
+    recorded, to the recipients still pending: a recipient the hop accepted
+    is not bounced.
+    """
+    config = make_config(tmp_path, toml=ROUTE)
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = MemorySpool(clock=reactor.seconds)
+    hop = SlowHop()
+    events: list[dict[str, Any]] = []
+    log = EventLog(None, "t", clock=reactor.seconds)
+    log.observers.append(events.append)
+    runner = QueueRunner(config, spool, log, reactor, ManualThreadPool(immediate=True),  # type: ignore[arg-type]
+                         outbound=hop, now=reactor.seconds)
+    runner.start([])
+    e = commit(spool, "s@localhost", ("a@x.test",), reactor.seconds(), lambda: None)
+    runner.enqueue(e)
+    result: list[Any] = []
+    getattr(runner, verb)(e.queue_id).addBoth(result.append)
+    assert result == []  # waits for the attempt
+    hop.answer(0, 250)
+    assert result == [False]  # nothing left to bounce or delete: it was delivered
+    assert [ev["event"] for ev in events if ev.get("queue_id") == e.queue_id] == ["sent"]
