@@ -84,21 +84,25 @@ def test_parse_age() -> None:
             parse_age(bad)
 
 
-def test_queue_command_parses_ages_without_twisted_web() -> None:
+def test_queue_command_parses_ages_without_twisted() -> None:
     """
-    C{relaynet queue} reads C{--min-age} with the shared text helpers: parsing
-    its arguments imports neither twisted.web nor the admin API.
+    C{relaynet queue} reads C{--min-age} and C{--state} with the shared text
+    helpers and state names: parsing its arguments imports neither Twisted
+    nor the admin API.
     """
     code = (
         "import argparse, sys\n"
         "from relaynet.admin.queuecli import add_queue_parser\n"
         "p = argparse.ArgumentParser(); add_queue_parser(p.add_subparsers())\n"
-        "assert p.parse_args(['queue', 'list', '--min-age', '5m']).min_age == '5m'\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('twisted', 'relaynet.admin'))))\n"
+        "args = p.parse_args(['queue', 'list', '--min-age', '5m', '--state', 'hold'])\n"
+        "assert (args.min_age, args.state) == ('5m', 'hold')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('twisted', 'prometheus', 'relaynet.admin'))))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['relaynet.admin', 'relaynet.admin.queuecli', 'relaynet.admin.text']"
+    assert result.stdout.strip() == (
+        "['relaynet.admin', 'relaynet.admin.queuecli', 'relaynet.admin.text', 'relaynet.admin.views']"
+    )
 
 
 def test_summary() -> None:

@@ -52,7 +52,7 @@ from relaynet.admin.metrics import FAILING_AFTER, NodeMetrics, Sample
 from relaynet.admin.text import human_age, parse_age
 from relaynet.admin.views import STATES, NodeFacts, QueueView, SessionsView
 from relaynet.delivery.client import hop_name
-from relaynet.queue.spool import FINAL_STATUSES
+from relaynet.queue.states import FINAL_STATUSES
 
 #: Version of the JSON schema in C{docs/admin-api.md}.
 API_VERSION = 1

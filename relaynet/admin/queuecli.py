@@ -21,6 +21,8 @@ from typing import Any, Iterable, TextIO
 
 from relaynet.config import ConfigError, load_config, split_endpoint
 from relaynet.admin.text import human_age, human_size, parse_age
+from relaynet.admin.views import STATES
+from relaynet.queue.states import FINAL_STATUSES
 
 TIMEOUT = 30.0
 
@@ -190,7 +192,7 @@ def format_list(result: dict[str, Any]) -> str:
     rows = []
     for m in msgs:
         rcpts = m["recipients"]
-        pending = [r for r in rcpts if r["status"] not in ("delivered", "relayed", "bounced")]
+        pending = [r for r in rcpts if r["status"] not in FINAL_STATUSES]
         first = (pending or rcpts or [None])[0]
         rdesc = ""
         if first is not None:
@@ -415,7 +417,7 @@ def add_queue_parser(sub: Any) -> None:
     q = p.add_subparsers(dest="queue_command", metavar="QUEUE-COMMAND")
 
     def filters(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--state", choices=("incoming", "active", "deferred", "hold"))
+        s.add_argument("--state", choices=STATES)
         s.add_argument("--sender", help="sender contains this (case-insensitive)")
         s.add_argument("--recipient", help="a recipient contains this (case-insensitive)")
         s.add_argument("--domain", help="a recipient is in this domain")
