@@ -1,13 +1,22 @@
 """
-Forwarding between real C{twistd -n relaynet} nodes on loopback.
+Forwarding between real C{twistd -n relaynet} nodes on loopback: the slow
+tier, a few tests that prove the real path end to end (processes, TCP,
+Maildir spools and mailboxes, C{events.jsonl}, the command line).
 
-Each test builds its own small network of node processes (a chain, a pair of
-next hops, a loop), sends with smtplib to the first node and follows the
-message by its Maildir files and by every node's C{events.jsonl}: relaying
-through several hops, deferral and retry when a hop is down, RFC 3464 bounces
-travelling back to the sender, failover and load sharing between next hops,
-the hop limit against routing loops, connection reuse, cut-through
-acknowledgement, expiry, and the C{relaynet route} / C{check-config} commands.
+Each test builds its own small network of node processes, sends with
+smtplib to the first node and follows the message by its Maildir files and
+by every node's C{events.jsonl}: a chain of three hops, a next hop down
+then up, failover by priority, a routing loop stopped by the hop limit,
+and the C{relaynet route} / C{check-config} commands (including a next hop
+on the node's own listener).
+
+Everything else about forwarding runs in-process, in milliseconds and with
+the real retry policy on a simulated clock, in C{tests/test_network.py}
+(L{relaynet.testing.network}): RFC 3464 bounces from the last hop, the null
+sender, load sharing between equal priorities, connection reuse,
+cut-through acknowledgement, expiry (4.4.7) -- all moved from here -- and
+the exact retry times, nodes killed and restarted, attempts that raise,
+and C{mx} routes.
 
 Every wait polls for its effect with a deadline; queue backoffs are shortened
 to 0.5-1 s so that retries happen within the test.
@@ -23,7 +32,6 @@ import smtplib
 import socket
 import subprocess
 import uuid
-from collections import Counter
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -358,20 +366,18 @@ def queue_empty(node: NodeProcess) -> bool:
 # -- a chain of three hops ---------------------------------------------------
 
 
-def chain(net: Net, *, hop3_users: Sequence[str] = (), start_hop2: bool = True) -> tuple[
-        NodeProcess, NodeProcess, NodeProcess]:
+def chain(net: Net, *, start_hop2: bool = True) -> tuple[NodeProcess, NodeProcess, NodeProcess]:
     """
     hop1 -> hop2 -> hop3 for dest.test. hop1 delivers src.test locally (the
     senders live there) and hop2 routes src.test back to hop1, so bounces
-    reach them. With C{hop3_users}, hop3 knows only those users.
+    reach them.
     """
     p1, p2, p3 = distinct_ports(3)
     hop1 = net.add("hop1", p1, local=["src.test"],
                    routes=[route(["dest.test"], [hop(p2)])])
     hop2 = net.add("hop2", p2, routes=[route(["dest.test"], [hop(p3)]),
                                        route(["src.test"], [hop(p1)])])
-    hop3 = net.add("hop3", p3, local=["dest.test"], catch_all=not hop3_users,
-                   users=list(hop3_users))
+    hop3 = net.add("hop3", p3, local=["dest.test"])
     hop3.start()
     if start_hop2:
         hop2.start()
@@ -443,50 +449,6 @@ def test_next_hop_down_then_up(net: Net) -> None:
     assert hop1.maildir_new("sender", "src.test") == []
 
 
-def test_permanent_failure_at_last_hop_returns_dsn(net: Net) -> None:
-    """
-    hop3 refuses an unknown user at RCPT; hop2 bounces, and the RFC 3464 report
-    travels back through hop1 into the sender's Maildir.
-    """
-    hop1, hop2, hop3 = chain(net, hop3_users=["known"])
-    tok = token()
-    msg, mid = make_message(tok, "sender@src.test", "unknown@dest.test")
-    code, resp = send(hop1.port, "sender@src.test", ["unknown@dest.test"], msg)
-    assert code == 250, resp
-
-    (path,) = wait_mail(hop1, "sender", "src.test", net=net)
-    data = path.read_bytes()
-    assert data.startswith(b"Return-Path: <>\r\n"), data[:80]
-    dsn, blocks, returned = parse_dsn(data)
-    assert len(blocks) == 1, blocks
-    assert_failed_report(blocks[0], "unknown@dest.test", "5.1.1")
-    assert returned_message_id(returned) == mid
-
-    bounced = wait_event(hop2, "bounced", net, recipient="unknown@dest.test")
-    assert bounced["dsn"] == "5.1.1", bounced
-    (notice,) = events(hop2, "dsn")
-    assert notice["recipient"] == "sender@src.test" and notice["action"] == "failed", notice
-    assert not events(hop1, "bounced") and not events(hop3, "received", message_id=mid)
-    assert hop3.maildir_new("unknown", "dest.test") == []
-
-
-def test_null_sender_failure_is_not_bounced(net: Net) -> None:
-    """A message from <> that fails permanently is dropped: no DSN anywhere."""
-    hop1, hop2, hop3 = chain(net, hop3_users=["known"])
-    msg, mid = make_message(token(), "", "unknown@dest.test")
-    code, resp = send(hop1.port, "", ["unknown@dest.test"], msg)
-    assert code == 250, resp
-    # The runner queues a DSN before it records the outcome, so once the
-    # bounced event is there any DSN would be too.
-    bounced = wait_event(hop2, "bounced", net, recipient="unknown@dest.test")
-    assert bounced["sender"] == "" and bounced["dsn"] == "5.1.1", bounced
-    for node in (hop1, hop2, hop3):
-        assert events(node, "dsn") == [], net.describe()
-        assert mail_files(node) == [], net.describe()
-    wait_for(lambda: queue_empty(hop2), TIMEOUT, "hop2 queue empty")
-    assert mail_files(hop1) == [] and events(hop2, "dsn") == []
-
-
 # -- several next hops -------------------------------------------------------
 
 
@@ -519,43 +481,6 @@ def test_failover_by_priority(net: Net, dead_port: int) -> None:
     assert {e["relay"] for e in sent} == {f"{HOST}:{p2}"}, sent
     assert sorted(e["message_id"] for e in events(hop2, "received")) == sorted(mids)
     assert events(hop3, "received") == [] and mail_files(hop3) == []
-
-
-def test_load_sharing_equal_priority(net: Net) -> None:
-    """
-    Two next hops of equal priority share 20 messages; each message is
-    delivered exactly once.
-    """
-    p1, p2, p3 = distinct_ports(3)
-    hop1 = net.add("hop1", p1, routes=[route(["dest.test"], [hop(p2, 10), hop(p3, 10)])])
-    hop2 = net.add("hop2", p2, local=["dest.test"])
-    hop3 = net.add("hop3", p3, local=["dest.test"])
-    for n in (hop2, hop3, hop1):
-        n.start()
-    toks = [token() for _ in range(20)]
-    with open_session(hop1.port) as s:
-        for tok in toks:
-            msg, _ = make_message(tok, "sender@src.test", "user@dest.test")
-            code, resp = transaction(s, "sender@src.test", ["user@dest.test"], msg)
-            assert code == 250, resp
-
-    def delivered() -> list[Path]:
-        files = hop2.maildir_new("user", "dest.test") + hop3.maildir_new("user", "dest.test")
-        return files if len(files) >= 20 else []
-
-    try:
-        files = wait_for(delivered, TIMEOUT, "20 deliveries")
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{net.describe()}") from None
-    seen = Counter()
-    for f in files:
-        data = f.read_bytes()
-        seen.update(t for t in toks if f"token {t}\r\n".encode() in data)
-    assert len(files) == 20 and seen == Counter(toks), (len(files), seen)
-    n2, n3 = len(events(hop2, "received")), len(events(hop3, "received"))
-    assert n2 > 0 and n3 > 0 and n2 + n3 == 20, (n2, n3)
-    relays = Counter(e["relay"] for e in events(hop1, "sent"))
-    assert relays == Counter({f"{HOST}:{p2}": n2, f"{HOST}:{p3}": n3}), relays
 
 
 # -- loops -------------------------------------------------------------------
@@ -596,150 +521,6 @@ def test_routing_loop_is_stopped_by_the_hop_limit(net: Net) -> None:
     assert events(b, "bounced") == [] and events(b, "dsn") == []
     assert len(events(a, "sent")) == 2 and len(events(b, "sent")) == 2
     assert len(events(a, "dsn")) == 1 and len(mail_files(a)) == 1 and mail_files(b) == []
-
-
-# -- connections -------------------------------------------------------------
-
-
-def reuse_pair(net: Net, reuse: bool) -> tuple[NodeProcess, NodeProcess]:
-    """hop1 relays dest.test to hop2 (default route concurrency)."""
-    p1, p2 = distinct_ports(2)
-    hop1 = net.add("hop1", p1, routes=[route(["dest.test"], [hop(p2)])],
-                   outbound={"connection_reuse": reuse, "reuse_idle_time": 2.0})
-    hop2 = net.add("hop2", p2, local=["dest.test"])
-    hop2.start()
-    hop1.start()
-    return hop1, hop2
-
-
-def connections_used(net: Net, hop2: NodeProcess, count: int) -> Counter[int]:
-    """
-    Wait for C{count} deliveries at hop2; @return: messages per connection, a
-    connection being told by the client port of hop2's received events.
-    """
-    wait_mail(hop2, "user", "dest.test", count=count, net=net)
-    received = events(hop2, "received")
-    assert len(received) == count and len(hop2.maildir_new("user", "dest.test")) == count
-    ports = Counter(e["client_port"] for e in received)
-    assert all(isinstance(p, int) and p > 0 for p in ports), ports
-    return ports
-
-
-@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
-def test_connection_reuse_burst(net: Net, reuse: bool) -> None:
-    """
-    20 messages sent quickly (one smtplib session) to hop1 go to hop2 over
-    fewer than 20 connections with connection reuse, and over exactly 20
-    without it.
-    """
-    hop1, hop2 = reuse_pair(net, reuse)
-    with open_session(hop1.port) as s:
-        for _ in range(20):
-            msg, _ = make_message(token(), "sender@src.test", "user@dest.test")
-            code, resp = transaction(s, "sender@src.test", ["user@dest.test"], msg)
-            assert code == 250, resp
-    ports = connections_used(net, hop2, 20)
-    if reuse:
-        assert len(ports) < 20, f"{len(ports)} connections for 20 messages: {ports}"
-    else:
-        assert len(ports) == 20, ports
-
-
-@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
-def test_connection_reuse_paced(net: Net, reuse: bool) -> None:
-    """
-    20 messages, each sent once the previous one was relayed: with reuse they
-    all share one connection (it idles for reuse_idle_time in between);
-    without, each has its own.
-    """
-    hop1, hop2 = reuse_pair(net, reuse)
-    with open_session(hop1.port) as s:
-        for i in range(20):
-            msg, _ = make_message(token(), "sender@src.test", "user@dest.test")
-            code, resp = transaction(s, "sender@src.test", ["user@dest.test"], msg)
-            assert code == 250, resp
-            wait_for(lambda: len(events(hop1, "sent")) == i + 1, TIMEOUT, f"message {i} sent")
-    ports = connections_used(net, hop2, 20)
-    assert len(ports) == (1 if reuse else 20), ports
-
-
-# -- cut-through -------------------------------------------------------------
-
-
-def cut_through_pair(net: Net, start_hop2: bool = True) -> tuple[NodeProcess, NodeProcess]:
-    """hop1 relays dest.test to hop2 with ack = "cut-through"; hop2 knows only 'known'."""
-    p1, p2 = distinct_ports(2)
-    hop1 = net.add("hop1", p1, local=["src.test"],
-                   routes=[route(["dest.test"], [hop(p2)], ack="cut-through")])
-    hop2 = net.add("hop2", p2, local=["dest.test"], catch_all=False, users=["known"])
-    if start_hop2:
-        hop2.start()
-    hop1.start()
-    return hop1, hop2
-
-
-def test_cut_through_mirrors_the_next_hop(net: Net) -> None:
-    """
-    The reply to the final dot is given only after hop2 answered: 250 once
-    hop2 has the message, hop2's 550 5.1.1 for an unknown user, and then no
-    DSN and nothing left queued.
-    """
-    hop1, hop2 = cut_through_pair(net)
-    msg, mid = make_message(token(), "sender@src.test", "known@dest.test")
-    code, resp = send(hop1.port, "sender@src.test", ["known@dest.test"], msg)
-    assert code == 250, resp
-    # Not polled: hop2 committed the message before hop1 answered.
-    assert events(hop2, "received", message_id=mid), net.describe()
-    wait_mail(hop2, "known", "dest.test", net=net)
-
-    msg, mid = make_message(token(), "sender@src.test", "unknown@dest.test")
-    with open_session(hop1.port) as s, pytest.raises(smtplib.SMTPDataError) as refused:
-        s.sendmail("sender@src.test", ["unknown@dest.test"], msg)
-    assert refused.value.smtp_code == 550, refused.value
-    assert b"5.1.1" in refused.value.smtp_error, refused.value
-    wait_for(lambda: queue_empty(hop1), TIMEOUT, "hop1 queue empty")
-    for node in (hop1, hop2):
-        assert events(node, "dsn") == [], net.describe()
-    assert hop1.maildir_new("sender", "src.test") == []
-    assert not events(hop2, "received", message_id=mid)
-    assert len(mail_files(hop2)) == 1
-
-
-def test_cut_through_falls_back_to_store_and_forward(net: Net) -> None:
-    """With hop2 down the client still gets 250; the message goes once hop2 is up."""
-    hop1, hop2 = cut_through_pair(net, start_hop2=False)
-    msg, mid = make_message(token(), "sender@src.test", "known@dest.test")
-    code, resp = send(hop1.port, "sender@src.test", ["known@dest.test"], msg)
-    assert code == 250, resp
-    wait_event(hop1, "deferred", net, recipient="known@dest.test")
-    hop2.start()
-    (path,) = wait_mail(hop2, "known", "dest.test", net=net)
-    assert path.read_bytes().endswith(msg)
-    wait_event(hop1, "sent", net, recipient="known@dest.test")
-    assert events(hop1, "dsn") == [] and len(events(hop2, "received")) == 1
-
-
-# -- expiry ------------------------------------------------------------------
-
-
-def test_expired_message_bounces_with_4_4_7(net: Net, dead_port: int) -> None:
-    """[queue] lifetime = 2 and an unreachable next hop: a 4.4.7 failure report."""
-    (p1,) = distinct_ports(1)
-    hop1 = net.add("hop1", p1, local=["src.test"], queue={"lifetime": 2},
-                   routes=[route(["dest.test"], [hop(dead_port)])])
-    hop1.start()
-    msg, mid = make_message(token(), "sender@src.test", "user@dest.test")
-    code, resp = send(hop1.port, "sender@src.test", ["user@dest.test"], msg)
-    assert code == 250, resp
-    (path,) = wait_mail(hop1, "sender", "src.test", net=net)
-    _, blocks, returned = parse_dsn(path.read_bytes())
-    assert len(blocks) == 1
-    assert_failed_report(blocks[0], "user@dest.test", "4.4.7")
-    assert returned_message_id(returned) == mid
-    expired = wait_event(hop1, "expired", net, recipient="user@dest.test")
-    assert expired["dsn"] == "4.4.7" and expired["delay"] >= 2, expired
-    assert events(hop1, "deferred", recipient="user@dest.test"), "no attempt before expiry"
-    wait_for(lambda: queue_empty(hop1), TIMEOUT, "hop1 queue empty")
 
 
 # -- the command line --------------------------------------------------------

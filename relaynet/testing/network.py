@@ -14,18 +14,29 @@ L{relaynet.node.RelayNode} wires them, except that:
    pair to that node's intake, and refuses it when nothing listens there
    (a node that is L{down<NetNode.stop>}, or an address no node has);
  - local mail is delivered into L{MemoryMailboxes}, not Maildir files;
+ - MX lookups go to L{Network.resolver} (a fake the test sets; never real
+   DNS), and next hops of equal priority are ordered by L{Network.shuffle};
  - time is the network's L{ThreadlessReactor}: L{Network.run} moves bytes
-   and due calls until nothing happens, L{Network.advance} moves the clock.
+   and due calls until nothing happens (or until a condition holds, to
+   act in the middle of a delivery), L{Network.advance} and
+   L{Network.run_until} move the clock from due call to due call, so
+   retries and timeouts happen at their exact times.
 
 So forwarding, failover, retries, expiry, DSNs and loops are tested in
 milliseconds, over the real protocol code of both sides (modelled on
 tahoe-lafs's C{no_network} grid).
 
+L{NetNode.stop} is C{kill -9}: the node's timers, spool writes and events
+stop at once and its connections drop; what its spool made durable is all
+that L{NetNode.start} recovers. L{Network.endpoint} names a node before it
+is added (its address is reserved), so routes can point both ways; a name
+never added is an address that refuses connections.
+
     net = Network()
     a = net.add_node("a", routes=[{"domains": ["*"], "action": "relay",
                                    "next_hops": [net.endpoint("b")]}])
     b = net.add_node("b", local_domains=["b.test"])
-    qid = a.submit("x@sender.test", ["user@b.test"], b"Subject: hi\\r\\n\\r\\nhello\\r\\n")
+    replies = a.submit("x@sender.test", ["user@b.test"], b"Subject: hi\\r\\n\\r\\nhello\\r\\n")
     net.run()
     assert b.mailboxes.delivered("user@b.test")
 """
@@ -33,23 +44,25 @@ tahoe-lafs's C{no_network} grid).
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from attrs import define, field, frozen
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.test import iosim
+from zope.interface import implementer
 
-from relaynet.config import NodeConfig, parse_config
+from relaynet.config import NextHop, NodeConfig, parse_config
 from relaynet.delivery.attempt import Delivery
 from relaynet.delivery.client import OutboundManager
 from relaynet.delivery.mailbox import LocalResult
 from relaynet.delivery.routing import resolve_local, split_address
 from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory
-from relaynet.queue.spool import QueueEntry
+from relaynet.queue.spool import Envelope, QueueEntry, SpoolError
 from relaynet.runner import QueueRunner
 from relaynet.testing import EPOCH, ManualThreadPool, ThreadlessReactor, _merge
 from relaynet.testing.spool import MemorySpool
@@ -111,19 +124,43 @@ class MemoryMailboxes:
         return [m for m in self.mail if m.mailbox == mailbox.lower()]
 
 
+@implementer(IReactorTime)
 class NodeReactor:
     """
-    One node's view of the network's reactor: the same clock and threads,
-    and a C{connectTCP} that reaches the nodes of the network in memory and
-    remembers which node connected (so that its connections drop with it).
+    One incarnation's view of the network's reactor: the same clock and
+    threads, a C{connectTCP} that reaches the nodes of the network in memory,
+    and a C{callLater} whose calls die with the incarnation (L{kill}), as a
+    process's timers die with it.
     """
 
     def __init__(self, network: "Network", node: "NetNode") -> None:
         self._network = network
         self._node = node
+        self.alive = True
+        self._calls: list[IDelayedCall] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._network.reactor, name)
+
+    def seconds(self) -> float:
+        """The network's simulated time."""
+        return self._network.reactor.seconds()
+
+    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
+        """This incarnation's scheduled calls."""
+        return [c for c in self._calls if c.active()]
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kw: object) -> IDelayedCall:
+        """Schedule C{callable} on the network's clock, unless this incarnation is dead by then."""
+
+        def call() -> None:
+            if self.alive:
+                callable(*args, **kw)
+
+        delayed = self._network.reactor.callLater(delay, call)
+        self._calls = [c for c in self._calls if c.active()]
+        self._calls.append(delayed)
+        return delayed
 
     def connectTCP(
         self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None
@@ -131,8 +168,48 @@ class NodeReactor:
         """Record the connection attempt; it completes on a later turn, as on a real reactor."""
         reactor = self._network.reactor
         connector = reactor.connectTCP(host, port, factory, timeout, bindAddress)
-        reactor.callLater(0, self._network._connect, self._node, host, port, factory, connector)
+        self.callLater(0, self._network._connect, self._node, host, port, factory, connector)
         return connector
+
+    def kill(self) -> None:
+        """The incarnation is dead: cancel its timers; nothing scheduled by it runs again."""
+        self.alive = False
+        for c in self._calls:
+            if c.active():
+                c.cancel()
+        self._calls = []
+
+
+class _SpoolGate:
+    """
+    One incarnation's handle on a node's L{MemorySpool}: once the
+    incarnation is killed, what it still tries to write never happens (its
+    Deferreds never fire), as a killed process writes nothing more.
+    """
+
+    def __init__(self, spool: MemorySpool, began: Callable[[], None]) -> None:
+        self._spool = spool
+        self._began = began
+        self.open = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+    def begin(self, envelope: Envelope) -> Any:
+        """Start a message, unless the incarnation is dead."""
+        if not self.open:
+            raise SpoolError("the node was killed")
+        writer = self._spool.begin(envelope)
+        self._began()
+        return writer
+
+    def record(self, entry: QueueEntry) -> Deferred[None]:
+        """Record a state, unless the incarnation is dead (then: never)."""
+        return self._spool.record(entry) if self.open else Deferred()
+
+    def remove(self, entry: QueueEntry) -> Deferred[None]:
+        """Remove a message, unless the incarnation is dead (then: never)."""
+        return self._spool.remove(entry) if self.open else Deferred()
 
 
 @define
@@ -142,6 +219,10 @@ class NetNode:
 
     @ivar address: the loopback address it "listens" on, port 25.
     @ivar up: it accepts connections and delivers (see L{stop}, L{start}).
+    @ivar began: how many messages it began to store (an SMTP transaction
+        reached DATA, or a DSN was composed), committed or not: with
+        L{Network.run}'s C{until}, a test can stop a node in the middle of
+        receiving a message.
     """
 
     network: "Network"
@@ -151,40 +232,59 @@ class NetNode:
     spool: MemorySpool
     events: list[dict[str, Any]] = field(factory=list)
     up: bool = False
+    began: int = 0
     intake: Intake = field(init=False)
     runner: QueueRunner = field(init=False)
     mailboxes: MemoryMailboxes = field(init=False)
     factory: RelayFactory = field(init=False)
+    reactor: NodeReactor = field(init=False)
+    _gate: _SpoolGate = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.mailboxes = MemoryMailboxes(self)
         self._build()
 
     def _build(self) -> None:
-        reactor: Any = NodeReactor(self.network, self)
+        reactor = self.reactor = NodeReactor(self.network, self)
+        gate = self._gate = _SpoolGate(self.spool, self._begin)
         events = EventLog(None, self.config.name, clock=reactor.seconds)
-        events.observers.append(self.events.append)
+
+        def observe(event: dict[str, Any]) -> None:
+            if reactor.alive:
+                self.events.append(event)
+
+        events.observers.append(observe)
+        threads = ManualThreadPool(immediate=True)
         self.intake = Intake(
-            config=self.config, spool=self.spool, events=events,  # type: ignore[arg-type]
+            config=self.config, spool=gate, events=events,  # type: ignore[arg-type]
             reactor=reactor, now=reactor.seconds,
         )
         outbound = OutboundManager(reactor, self.config.outbound, self.config.hostname)
         self.runner = QueueRunner(
-            self.config, self.spool, events, reactor, ManualThreadPool(immediate=True),  # type: ignore[arg-type]
-            outbound=outbound, now=reactor.seconds, resolver=self.network.resolver,
+            self.config, gate, events, reactor, threads,  # type: ignore[arg-type]
+            outbound=outbound, now=reactor.seconds, resolver=_NetworkResolver(self.network),
         )
         self.runner.delivery = Delivery(
             lambda: self.runner.table, outbound, self.mailboxes, self.runner.resolver,
-            shuffle=self.network.shuffle,
+            shuffle=lambda hops: self.network.shuffle(hops),
         )
         self.intake.queued = self.runner.enqueue
         self.intake.cut_through = self.runner.cut_through
         self.factory = RelayFactory(self.intake, self.config.listeners[0])
 
+    def _begin(self) -> None:
+        self.began += 1
+
     # -- driving ----------------------------------------------------------
 
     def start(self) -> None:
-        """Start (or restart) the node: recover its spool and deliver."""
+        """
+        Start (or restart) the node: recover its spool and deliver.
+
+        @raise RuntimeError: it is up already.
+        """
+        if self.up:
+            raise RuntimeError(f"node {self.name} is up already")
         self.spool.prepare()
         self.runner.start(list(self.spool.recover()))
         self.up = True
@@ -196,22 +296,25 @@ class NetNode:
         durable survives (L{start} builds a fresh node over it).
         """
         self.up = False
-        self.runner._started = False
-        self.runner._timetable.clear()
-        self.runner.outbound.close()
+        # First make the dead incarnation inert (no timer of it fires, no
+        # write of it happens, no event of it is kept), then cut its
+        # connections: what its objects do on hearing of the cut is lost.
+        self.reactor.kill()
+        self._gate.open = False
         self.network._cut(self)
         self.spool.crash()
         self._build()
 
     def submit(
         self, sender: str, recipients: Sequence[str], message: bytes,
-        mail_params: str = "", client: str = "127.0.0.1",
+        mail_params: str = "", client: str = "127.0.0.1", until: Callable[[], object] | None = None,
     ) -> list[tuple[int, str]]:
         """
         Send one message to this node over SMTP from C{client} (in memory),
-        run the network until the session is over, and return the replies.
+        run the network until the session is over (see L{Network.smtp}),
+        and return the replies.
         """
-        return self.network.smtp(self, sender, recipients, message, mail_params, client)
+        return self.network.smtp(self, sender, recipients, message, mail_params, client, until)
 
     def queued(self) -> list[str]:
         """The queue ids of messages in this node's queue."""
@@ -220,6 +323,13 @@ class NetNode:
     def event_names(self, **match: Any) -> list[str]:
         """The names of this node's events whose fields include C{match}."""
         return [e["event"] for e in self.events if all(e.get(k) == v for k, v in match.items())]
+
+    def events_named(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        """This node's events called C{name} whose fields include C{match}, in order."""
+        return [
+            e for e in self.events
+            if e["event"] == name and all(e.get(k) == v for k, v in match.items())
+        ]
 
 
 class _Client:
@@ -253,14 +363,43 @@ class _Client:
         pass
 
 
+class _NetworkResolver:
+    """
+    The MX resolver of every node: whatever L{Network.resolver} is when a
+    lookup is made, so that a test may set it at any time. With none set a
+    lookup fails (never a real DNS query).
+    """
+
+    def __init__(self, network: "Network") -> None:
+        self._network = network
+
+    def _resolver(self) -> Any:
+        resolver = self._network.resolver
+        if resolver is None:
+            raise RuntimeError("no resolver: an mx route needs Network.resolver set")
+        return resolver
+
+    def lookupMailExchange(self, name: str, timeout: Any = None) -> Any:
+        """C{Network.resolver.lookupMailExchange(name)}."""
+        return self._resolver().lookupMailExchange(name)
+
+    def getHostByName(self, name: str, timeout: Any = None) -> Any:
+        """C{Network.resolver.getHostByName(name)}."""
+        return self._resolver().getHostByName(name)
+
+
 class Network:
     """
     Nodes on one simulated clock, connected in memory.
 
     @ivar reactor: the network's reactor; its clock starts at L{EPOCH}.
-    @ivar resolver: the MX resolver every node uses (a fake, if a test sets one).
-    @ivar shuffle: how nodes order next hops of equal priority (by default:
-        not at all, so tests are deterministic).
+    @ivar resolver: the MX resolver every node uses (C{lookupMailExchange}
+        and C{getHostByName} of L{twisted.internet.interfaces.IResolver}): a
+        fake a test sets; looked up at each lookup. None by default: MX
+        lookups fail.
+    @ivar shuffle: how nodes order next hops of equal priority, in place (by
+        default: not at all, so tests are deterministic); looked up at each
+        attempt.
     """
 
     def __init__(self) -> None:
@@ -268,20 +407,37 @@ class Network:
         self.reactor.advance(EPOCH)
         self.nodes: dict[str, NetNode] = {}
         self.resolver: Any = None
-        self.shuffle: Any = lambda hops: None
+        self.shuffle: Callable[[list[NextHop]], None] = lambda hops: None
         self._pumps: list[tuple[iosim.IOPump, NetNode | None, NetNode | None]] = []
         self._addresses = itertools.count(2)
+        self._reserved: dict[str, str] = {}
         self._ports = itertools.count(40000)
 
     # -- building -----------------------------------------------------------
 
     def endpoint(self, name: str) -> str:
-        """The next-hop endpoint of node C{name} (for routes)."""
-        return f"tcp:{self.nodes[name].address}:25"
+        """
+        The next-hop endpoint of node C{name} (for routes). The node need
+        not exist yet: its address is reserved for it (a name no node ever
+        takes is an address where connections are refused).
+        """
+        return f"tcp:{self.address_of(name)}:25"
 
     def address_of(self, name: str) -> str:
-        """The address node C{name} listens on (for routes added before it)."""
-        return self.nodes[name].address
+        """The address node C{name} listens on, reserved now if it is not added yet."""
+        node = self.nodes.get(name)
+        if node is not None:
+            return node.address
+        if name not in self._reserved:
+            self._reserved[name] = self._free_address()
+        return self._reserved[name]
+
+    def _free_address(self) -> str:
+        taken = {n.address for n in self.nodes.values()} | set(self._reserved.values())
+        while True:
+            address = f"127.0.0.{next(self._addresses)}"
+            if address not in taken:
+                return address
 
     def add_node(
         self,
@@ -294,16 +450,19 @@ class Network:
         **tables: Any,
     ) -> NetNode:
         """
-        Add a node named C{name} listening on C{address}:25 (the next free
-        127.0.0.N by default).
+        Add a node named C{name} listening on C{address}:25 (by default the
+        address L{endpoint} reserved for it, else the next free 127.0.0.N).
 
         @param local_domains: its C{[local].domains}; a catch-all unless
             C{users} names the users.
         @param routes: its C{[[route]]} rules (parsed-TOML dicts).
+        @param start: start it (else it is down until L{NetNode.start}).
         @param tables: more configuration tables merged in, e.g.
             C{queue={"minimal_backoff": 60}} or C{limits={"max_hops": 5}}.
         """
-        address = address or f"127.0.0.{next(self._addresses)}"
+        if name in self.nodes:
+            raise ValueError(f"there is a node {name!r} already")
+        address = address or self._reserved.get(name) or self._free_address()
         local: dict[str, Any] = {"domains": list(local_domains), "mailroot": "/nonexistent"}
         if users is None:
             local["catch_all"] = True
@@ -319,7 +478,8 @@ class Network:
         }
         data = _merge(data, tables)
         config = parse_config(data, source=f"<network node {name}>")
-        node = NetNode(self, name, config, address, MemorySpool(clock=self.reactor.seconds, suffix=name.upper()[:4].ljust(4, "0")))
+        spool = MemorySpool(clock=self.reactor.seconds, suffix=name.upper()[:4].ljust(4, "0"))
+        node = NetNode(self, name, config, address, spool)
         self.nodes[name] = node
         if start:
             node.start()
@@ -335,7 +495,7 @@ class Network:
 
     def _connect(self, origin: NetNode, host: str, port: int, factory: Any, connector: Any) -> None:
         node = self._listening(host, port)
-        if node is None or not origin.up:
+        if node is None:
             factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError(host, port)))
             return
         client_addr = IPv4Address("TCP", origin.address, next(self._ports))
@@ -345,10 +505,10 @@ class Network:
         self._attach(server, client, client_addr, server_addr, node, origin)
 
     def _attach(
-        self, server: Any, client: Any, caddr: Any, saddr: Any, node: NetNode | None,
+        self, server: Any, client: Any, caddr: IPv4Address, saddr: IPv4Address, node: NetNode | None,
         origin: NetNode | None,
     ) -> iosim.IOPump:
-        pump = iosim.connect(
+        pump: iosim.IOPump = iosim.connect(
             server, iosim.FakeTransport(server, True, saddr, caddr),
             client, iosim.FakeTransport(client, False, caddr, saddr),
             greet=False, clock=self.reactor,
@@ -357,27 +517,36 @@ class Network:
         return pump
 
     def _cut(self, node: NetNode) -> None:
-        """Drop every connection to or from C{node} (it went down)."""
+        """
+        Drop every connection to or from C{node} (it went down): the peer
+        sees the connection lost, bytes in flight are lost.
+        """
         for entry in list(self._pumps):
             pump, server_node, origin = entry
             if node is server_node or node is origin:
                 for io in (pump.clientIO, pump.serverIO):
                     if not io.disconnected:
                         io.disconnected = True
+                        io.disconnectReason = ConnectionLost("the node went down")
                         io.reportDisconnect()
                 self._pumps.remove(entry)
 
     # -- running ----------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self, until: Callable[[], object] | None = None) -> int:
         """
         Move bytes over every connection and run every call that is due,
         until nothing more happens (the clock does not move).
 
+        @param until: if given, stop as soon as it returns true, checked
+            before each round (to act in the middle of a delivery, e.g. to
+            kill a node that has sent a message but not heard the reply).
         @return: how many rounds moved something.
         """
         busy = 0
         for _ in range(_MAX_ROUNDS):
+            if until is not None and until():
+                return busy
             moved = False
             self.reactor.advance(0)
             for entry in list(self._pumps):
@@ -395,43 +564,71 @@ class Network:
         now = self.reactor.seconds()
         return any(c.getTime() <= now for c in self.reactor.getDelayedCalls())
 
-    def advance(self, seconds: float, step: float = 1.0) -> None:
+    def next_call(self) -> float | None:
+        """When the earliest scheduled call is due (network time), or C{None}."""
+        return min((c.getTime() for c in self.reactor.getDelayedCalls()), default=None)
+
+    def _step(self, end: float, step: float | None) -> None:
+        """Move the clock to the next due call, C{end}, or by C{step}, whichever is first."""
+        now = self.reactor.seconds()
+        target = end if step is None else min(end, now + step)
+        due = self.next_call()
+        if due is not None:
+            target = min(target, due)
+        if target > now:
+            self.reactor.advance(target - now)
+        self.run()
+
+    def advance(self, seconds: float, step: float | None = None) -> None:
         """
-        Let C{seconds} pass, in steps of at most C{step}, running the network
-        after each (timers, retries and timeouts fire at their time).
+        Let C{seconds} pass, running the network at every due call (timers,
+        retries and timeouts fire at their exact time), or at least every
+        C{step} seconds if given.
         """
         self.run()
         end = self.reactor.seconds() + seconds
-        for _ in range(int(seconds / step) + 2):
-            now = self.reactor.seconds()
-            if now >= end:
-                break
-            self.reactor.advance(min(step, end - now))
-            self.run()
+        for _ in range(_MAX_ROUNDS):
+            if self.reactor.seconds() >= end:
+                return
+            self._step(end, step)
+        raise AssertionError(f"{seconds} s did not pass in {_MAX_ROUNDS} steps")
 
-    def run_until(self, condition: Any, limit: float = 3600.0, step: float = 1.0) -> float:
+    def run_until(
+        self, condition: Callable[[], object], limit: float = 3600.0, step: float | None = None,
+    ) -> float:
         """
-        Advance the clock until C{condition()} holds, at most C{limit}
-        seconds; return the time it took.
+        Advance the clock, from due call to due call (or by at most C{step}),
+        until C{condition()} holds, at most C{limit} seconds; return the
+        time it took. The clock stops at the due call after which it held.
 
         @raise AssertionError: it did not hold in time.
         """
         start = self.reactor.seconds()
+        end = start + limit
         self.run()
-        for _ in range(int(limit / step) + 2):
+        for _ in range(_MAX_ROUNDS):
             if condition():
                 return self.reactor.seconds() - start
-            if self.reactor.seconds() - start >= limit:
+            if self.reactor.seconds() >= end:
                 break
-            self.reactor.advance(step)
-            self.run()
+            self._step(end, step)
         raise AssertionError(f"condition not met within {limit} s")
 
     def smtp(
         self, node: NetNode, sender: str, recipients: Sequence[str], message: bytes,
-        mail_params: str = "", client: str = "127.0.0.1",
+        mail_params: str = "", client: str = "127.0.0.1", until: Callable[[], object] | None = None,
     ) -> list[tuple[int, str]]:
-        """An SMTP client session to C{node}: EHLO, MAIL, RCPT..., DATA, QUIT."""
+        """
+        An SMTP client session to C{node}: EHLO, MAIL, RCPT..., DATA, QUIT.
+        The network runs until nothing more happens (the clock does not
+        move), or only until C{until()} holds (see L{run}).
+
+        @return: the replies the client got (so far), multi-line replies
+            by their last line.
+        @raise ConnectionRefusedError: the node is down.
+        """
+        if not node.up:
+            raise ConnectionRefusedError(node.address, 25)
         body = message.replace(b"\r\n.", b"\r\n..")
         if body.startswith(b"."):
             body = b"." + body
@@ -450,6 +647,5 @@ class Network:
         saddr = IPv4Address("TCP", node.address, 25)
         server = node.factory.buildProtocol(caddr)
         self._attach(server, session, caddr, saddr, node, None)
-        self.run()
+        self.run(until)
         return session.replies
-
