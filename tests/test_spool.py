@@ -24,7 +24,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Union
 
-import pytest
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -457,14 +456,6 @@ class MaildirSpoolContractTests(_SpoolContractMixin, SynchronousTestCase):
         # The old pool's queued jobs are never run: the process died.
         self.spool = self._open()
         return self.spool
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="Spool.new_id adds a counter modulo 1000 to the clock's microseconds: "
-        "with a clock that stands still the 1001st id repeats the first",
-    )
-    def test_ids_unique_when_the_clock_stands_still(self) -> None:
-        super().test_ids_unique_when_the_clock_stands_still()
 
 
 class MaildirSpoolTests(SynchronousTestCase):

@@ -35,6 +35,7 @@ from relaynet.queue.spool import (
     BoundedReader,
     Envelope,
     QueueEntry,
+    QueueIds,
     QueueState,
     SpoolError,
     SpoolWriter,
@@ -43,8 +44,6 @@ from relaynet.queue.spool import (
 __all__ = ["MemoryQueueEntry", "MemorySpool", "MemorySpoolWriter"]
 
 _T = TypeVar("_T")
-
-_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
 
 _START = 1_750_000_000.0
 """The default clock's fixed time (the same as L{relaynet.testing.EPOCH})."""
@@ -182,9 +181,7 @@ class MemorySpool:
             raise ValueError(f"queue id suffix must be alphanumeric: {suffix!r}")
         self.immediate = immediate
         self.broken: str | None = None
-        self._clock = clock
-        self._suffix = suffix
-        self._last_id = 0
+        self._ids = QueueIds(clock, suffix)
         self._committed: dict[str, _Stored] = {}
         self._writers: set[MemorySpoolWriter] = set()
         self._queue: deque[Callable[[], None]] = deque()
@@ -199,13 +196,7 @@ class MemorySpool:
         the clock's microseconds times 1000 plus a counter): unique in this
         spool, ordered (as strings too) and safe as a file name.
         """
-        n = max(int(self._clock() * 1_000_000) * 1000, self._last_id + 1)
-        self._last_id = n
-        chars = []
-        while n:
-            n, r = divmod(n, len(_ID_ALPHABET))
-            chars.append(_ID_ALPHABET[r])
-        return "".join(reversed(chars)) + self._suffix
+        return self._ids.next()
 
     def prepare(self) -> None:
         """
