@@ -34,9 +34,14 @@ class EventLog:
         self.observers: list[Callable[[dict[str, Any]], None]] = []
         self._file: TextIO | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+            self.open(path)
+
+    def open(self, path: Path) -> None:
+        """Append events to C{path} from now on (created with mode 0600)."""
+        self.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 
     def emit(self, event: str, **fields: Any) -> None:
         """Record one event, and pass it to every observer (metrics, status)."""

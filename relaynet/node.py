@@ -2,13 +2,23 @@
 """
 One relaynet node assembled as a C{twisted.application} service tree.
 
-Start order: spool directories and crash recovery (before any listener, so
-recovered messages are scheduled first), the queue runner, then one
-L{StreamServerEndpointService} per listener. Stop order (SIGTERM): listeners
-stop accepting, open sessions are closed with 421 or allowed to finish their
-transaction (bounded grace), running deliveries finish, then the thread pool
-and the event log close. No spool file is left half-written by a clean stop;
-a crash is handled by recovery at the next start.
+The node builds its parts once and wires them by what they offer, not by
+back-references: the intake hands committed messages to the runner's
+C{enqueue}; the admin site and the metrics read the runner as a queue view,
+the intake's sessions as a sessions view, and the node as its facts.
+
+Its child services, in start order: the two thread pools, the queue runner,
+the metrics history, the admin web site(s), then one L{EndpointService} per
+SMTP listener (bound before twistd drops privileges). Before any of them
+starts, the spool directories are made and crash recovery runs, so recovered
+messages are scheduled before the first connection is accepted.
+
+Stop order (SIGTERM) is explicit, one after the other: listeners stop
+accepting, open sessions are closed with 421 or allowed to finish their
+transaction (bounded grace), the admin site stops, running deliveries
+finish, then the history, the thread pools and the event log. No spool
+file is left half-written by a clean stop; a crash is handled by recovery
+at the next start.
 """
 
 from __future__ import annotations
@@ -16,13 +26,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import attrs
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import inlineCallbacks
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.cred.portal import Portal
 from twisted.internet.threads import deferToThreadPool
@@ -35,14 +44,14 @@ from relaynet.intake.auth import RelayRealm, ScryptChecker
 from relaynet.config import ConfigError, NodeConfig
 from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory, drain
-from relaynet.smtp.netio import ReusePortEndpoint
+from relaynet.smtp.netio import EndpointService, ReusePortEndpoint
 from relaynet.runner import QueueRunner
 from relaynet.queue.spool import Spool, makedirs_durable
 from relaynet.smtp.tls import TLSConfigError, server_options
 
-
-if TYPE_CHECKING:
-    from relaynet.admin.metrics import NodeMetrics
+from relaynet.admin.adapters import IntakeSessions
+from relaynet.admin.api import AdminViews, web_service
+from relaynet.admin.metrics import NodeMetrics
 
 LISTEN_BACKLOG = 256
 
@@ -60,12 +69,43 @@ def with_backlog(endpoint: str) -> str:
     return endpoint
 
 
+class ThreadPoolService(Service):
+    """A thread pool that runs while the service does."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.pool.start()
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.pool.stop()
+
+
+class LoopService(Service):
+    """Runs C{start()} and C{stop()} (a periodic sampler) with the service."""
+
+    def __init__(self, start: Callable[[], None], stop: Callable[[], None]) -> None:
+        self._start = start
+        self._stop = stop
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._start()
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self._stop()
+
+
 class RelayNode(MultiService):
     """
-    A relay node: intake listeners, spool, queue runner.
+    A relay node: intake listeners, spool, queue runner, admin site.
 
-    @ivar ports: the listening ports once started (for tests: the real port
-        number of C{tcp:0} listeners).
+    @ivar ports: the listening SMTP ports once started (for tests: the real
+        port number of C{tcp:0} listeners).
     """
 
     log = Logger()
@@ -76,25 +116,46 @@ class RelayNode(MultiService):
         load_config: Callable[[], NodeConfig] | None = None,
         log_observer: Any = None,
     ) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.config = config
         self.log_observer = log_observer
-        self.metrics: NodeMetrics | None = None
         self.started_at: float | None = None
         self.last_reload: dict[str, Any] | None = None
         self.last_reload_error: str | None = None
-        self._web: list[Any] = []
         self.run_as = run_as
         self.load_config = load_config
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}")
         self.commit_pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}-commit")
         self.spool = Spool(config.queue_dir, reactor, self.pool, commit_pool=self.commit_pool)
-        self.events: EventLog | None = None
-        self.runner: QueueRunner | None = None
-        self.intake: Intake | None = None
-        self.ports: list[Any] = []
-        self._listener_services: list[StreamServerEndpointService] = []
+        self.events = EventLog(None, config.name)
+        self.runner = QueueRunner(config, self.spool, self.events, reactor, self.pool)
+        self.intake = Intake(
+            config=config, spool=self.spool, events=self.events, reactor=reactor,
+            queued=self.runner.enqueue, cut_through=self.runner.cut_through,
+        )
+        sessions = IntakeSessions(self.intake.sessions)
+        self.metrics = NodeMetrics(self.runner, sessions, reactor, name=config.name)
+        self.spool.observe_commits(self.metrics.commit_batch)
+        self.events.observers.append(self.metrics.observe)
+        self._pools = [ThreadPoolService(self.pool), ThreadPoolService(self.commit_pool)]
+        self._history = LoopService(self.metrics.history.start, self.metrics.history.stop)
+        self._web: list[IService] = []
+        self._listeners: list[EndpointService] = []
+        for svc in (*self._pools, self.runner, self._history):
+            svc.setServiceParent(self)
+        if config.admin.enabled:
+            views = AdminViews(queue=self.runner, sessions=sessions, node=self, metrics=self.metrics)
+            for endpoint, read_only in ((config.admin_endpoint, False), (config.admin.metrics_endpoint, True)):
+                if endpoint:
+                    web = web_service(views, endpoint, reactor, read_only)
+                    web.setServiceParent(self)
+                    self._web.append(web)
+
+    @property
+    def ports(self) -> list[Any]:
+        """The listening SMTP ports (once listening)."""
+        return [svc.port for svc in self._listeners if svc.port is not None]
 
     def setServiceParent(self, parent: Any) -> Any:
         # twistd's AppLogger logs through the application's ILogObserver
@@ -102,7 +163,7 @@ class RelayNode(MultiService):
         if self.log_observer is not None and isinstance(parent, Componentized):
             if parent.getComponent(ILogObserver, None) is None:
                 parent.setComponent(ILogObserver, self.log_observer)
-        return super().setServiceParent(parent)
+        return MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self) -> None:
         """
@@ -123,15 +184,13 @@ class RelayNode(MultiService):
                     for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
                         os.chown(name, *owner, follow_symlinks=False)
         self._add_listeners()
-        super().privilegedStartService()
+        MultiService.privilegedStartService(self)
 
     def _add_listeners(self) -> None:
-        if self.intake is not None:
+        if self._listeners:
             return
-        self.intake = Intake(
-            config=self.config, spool=self.spool, events=EventLog(None, self.config.name),
-            reactor=self.reactor, tls=self._tls_options(), portal=self._portal(),
-        )
+        self.intake.tls = self._tls_options()
+        self.intake.portal = self._portal()
         for listener in self.config.listeners:
             description = with_backlog(listener.endpoint)
             if listener.reuse_port:
@@ -140,78 +199,38 @@ class RelayNode(MultiService):
                 endpoint = serverFromString(self.reactor, description)
             factory: Any = RelayFactory(self.intake, listener)
             if listener.mode == "submissions":
+                assert self.intake.tls is not None  # the config requires [tls] for it
                 factory = TLSMemoryBIOFactory(self.intake.tls, False, factory)
-            svc = StreamServerEndpointService(endpoint, factory)
-            svc._raiseSynchronously = True
+            svc = EndpointService(endpoint, factory, listener.endpoint, privileged=True)
             svc.setServiceParent(self)
-            self._listener_services.append(svc)
+            self._listeners.append(svc)
 
     def startService(self) -> None:
         config = self.config
-        # Everything that can fail comes before the thread pool starts: its
+        # Everything that can fail comes before the thread pools start: their
         # threads would otherwise keep a failed twistd from exiting.
         makedirs_durable(config.spool)
         makedirs_durable(config.local.mailroot)
         self._add_listeners()
-        assert self.intake is not None
-        self.events = EventLog(config.event_log, config.name)
+        self.events.open(config.event_log)
         self.spool.prepare()
         recovered = list(self.spool.recover())
-        self.pool.start()
-        self.commit_pool.start()
+        self.runner.load(recovered)
+        self.started_at = time.time()
         try:
-            self.runner = QueueRunner(config, self.spool, self.events, self.reactor, self.pool)
-            self.intake.events = self.events
-            self.intake.queued = self.runner.enqueue
-            self.intake.cut_through = self.runner.cut_through
-            self.runner.start(recovered)
-            self._start_admin()
-            self.log.info(
-                "relaynet node {name} started; {count} queued message(s) recovered",
-                name=config.name, count=len(recovered),
-            )
-            super().startService()
+            MultiService.startService(self)
         except BaseException:
             self.pool.stop()
             self.commit_pool.stop()
             raise
-        for svc, listener in zip(self._listener_services, config.listeners):
-            # StreamServerEndpointService keeps the listening Deferred only in
-            # this attribute; we read it to learn the bound port (tcp:0).
-            svc._waitingForPort.addCallback(self._listening, listener.endpoint)  # type: ignore[union-attr]
+        self.log.info(
+            "relaynet node {name} started; {count} queued message(s) recovered",
+            name=config.name, count=len(recovered),
+        )
         if self.load_config is not None:
             self._previous_hup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
-
-    def _start_admin(self) -> None:
-        """
-        Metrics observers, the status history and the admin web service(s).
-        They read the queue, the sessions and this node only through the
-        views of L{relaynet.admin.views}; this node is their L{NodeFacts}.
-        """
-        from relaynet.admin.adapters import IntakeSessions, RunnerQueue
-        from relaynet.admin.api import AdminViews, web_service
-        from relaynet.admin.metrics import NodeMetrics
-
-        assert self.events is not None and self.runner is not None and self.intake is not None
-        self.started_at = time.time()
-        queue = RunnerQueue(self.runner)
-        sessions = IntakeSessions(self.intake.sessions)
-        if self.metrics is None:
-            self.metrics = NodeMetrics(queue, sessions, self.reactor, name=self.config.name)
-            self.spool.observe_commits(self.metrics.commit_batch)
-        self.events.observers.append(self.metrics.observe)
-        self.metrics.history.start()
-        views = AdminViews(queue=queue, sessions=sessions, node=self, metrics=self.metrics)
-        admin = self.config.admin
-        if admin.enabled and not self._web:
-            for endpoint, read_only in ((self.config.admin_endpoint, False), (admin.metrics_endpoint, True)):
-                if endpoint:
-                    svc = web_service(views, endpoint, self.reactor, read_only)
-                    svc.setServiceParent(self)
-                    self._web.append(svc)
-
     def reload(self) -> bool:
         """
         Re-read the configuration (SIGHUP): routing, limits, queue and
@@ -222,7 +241,7 @@ class RelayNode(MultiService):
 
         @return: whether the new configuration was applied.
         """
-        if self.load_config is None or self.intake is None or self.runner is None:
+        if self.load_config is None:
             return False
         old = self.config
         try:
@@ -235,8 +254,7 @@ class RelayNode(MultiService):
             )
             self.last_reload_error = str(e)
             self.last_reload = {"time": time.time(), "status": "refused", "error": str(e)}
-            if self.events is not None:
-                self.events.emit("reload", status="refused", error=str(e))
+            self.events.emit("reload", status="refused", error=str(e))
             return False
         if new.listeners != old.listeners or new.spool != old.spool or new.admin != old.admin:
             self.log.warn("Listener, spool and [admin] changes need a restart; keeping the old ones")
@@ -251,8 +269,7 @@ class RelayNode(MultiService):
         self.last_reload_error = None
         self.last_reload = {"time": time.time(), "status": "reloaded", "source": new.source}
         self.log.info("Configuration reloaded from {source}", source=new.source)
-        if self.events is not None:
-            self.events.emit("reload", source=new.source, status="reloaded")
+        self.events.emit("reload", source=new.source, status="reloaded")
         return True
 
     def _tls_options(self, config: NodeConfig | None = None) -> Any:
@@ -273,25 +290,22 @@ class RelayNode(MultiService):
         checker.users()
         return Portal(RelayRealm(), [checker])
 
-    def _listening(self, port: Any, endpoint: str) -> Any:
-        self.ports.append(port)
-        self.log.info("Listening on {endpoint} ({address})", endpoint=endpoint, address=port.getHost())
-        return port
-
     @inlineCallbacks
     def stopService(self) -> Any:
         if getattr(self, "_previous_hup", None) is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
-        if self.metrics is not None:
-            self.metrics.history.stop()
-        yield super().stopService()
-        if self.intake is not None:
-            yield drain(self.intake, self.reactor)
-        if self.runner is not None:
-            yield self.runner.stop()
-        self.pool.stop()
-        self.commit_pool.stop()
-        if self.events is not None:
-            self.events.close()
+        Service.stopService(self)
+        # One after the other, not all at once as MultiService would: the
+        # runner must outlive the sessions' last commits, the pools the runner.
+        for svc in self._listeners:
+            yield maybeDeferred(svc.stopService)
+        yield drain(self.intake, self.reactor)
+        for web in self._web:
+            yield maybeDeferred(web.stopService)
+        yield self.runner.stopService()
+        self._history.stopService()
+        for pool in reversed(self._pools):
+            pool.stopService()
+        self.events.close()
         self.log.info("relaynet node {name} stopped", name=self.config.name)

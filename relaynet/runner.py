@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
-from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -40,32 +39,15 @@ from relaynet.delivery.client import OutboundManager
 from relaynet.delivery.routing import Route, RoutingTable
 from relaynet.events import EventLog
 from relaynet.queue.bounce import build_dsn, split_headers
-from relaynet.queue.core import BUSY, Decision, Notice, Outcome, Plan, QueueCore, Write
+from relaynet.queue.core import Decision, Notice, Outcome, Plan, QueueCore, Write
 from relaynet.queue.retry import RetryPolicy
-from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool
-from relaynet.queue.states import MessageState, RecipientStatus
+from relaynet.queue.spool import Envelope, QueueEntry, Recipient
+from relaynet.queue.states import QueueTotals, RecipientStatus
 from relaynet.queue.timetable import Timetable
 
 
 Entries = list[QueueEntry]
 Summaries = list[dict[str, Any]]
-
-
-@frozen
-class QueueTotals:
-    """
-    Figures over the whole queue, for metrics.
-
-    @ivar messages: queued messages by L{MessageState}.
-    @ivar size: octets of queued messages.
-    @ivar recipients: recipients of queued messages by status.
-    @ivar oldest_arrival: arrival time of the oldest queued message.
-    """
-
-    messages: dict[str, int]
-    size: int
-    recipients: dict[str, int]
-    oldest_arrival: float | None
 
 
 class SerialWrites:
@@ -443,25 +425,11 @@ class QueueRunner(Service):
 
     def counts(self) -> dict[str, int]:
         """Queued messages by state."""
-        out = {str(s): 0 for s in MessageState}
-        for entry in self.core:
-            out[self.core.state(entry)] += 1
-        return out
+        return self.core.counts()
 
     def totals(self) -> QueueTotals:
-        """Messages by state, octets, recipients by status, the oldest arrival."""
-        by_status: dict[str, int] = {}
-        size = 0
-        oldest: float | None = None
-        for e in self.core:
-            size += e.envelope.size
-            if oldest is None or e.envelope.arrival < oldest:
-                oldest = e.envelope.arrival
-            for r in e.envelope.recipients:
-                st = e.state.recipients.get(r.address)
-                status = str(st.status) if st is not None else "pending"
-                by_status[status] = by_status.get(status, 0) + 1
-        return QueueTotals(self.counts(), size, by_status, oldest)
+        """Octets, recipients by status, the oldest arrival (for metrics)."""
+        return self.core.totals()
 
     def list(
         self, state: str | None = None, sender: str | None = None,

@@ -43,13 +43,14 @@ from zope.interface import implementer
 
 from relaynet.config import ConfigError, NodeConfig, describe, load_config, parse_config
 from relaynet.admin.api import (
-    AdminViews, ApiError, StatusPage, WebService, make_site, render_status, routes_json, shape, summarize,
+    AdminViews, ApiError, StatusPage, make_site, render_status, routes_json, shape, summarize,
     web_service,
 )
 from relaynet.admin.metrics import NodeMetrics
 from relaynet.admin.queuecli import AdminClient, AdminError
 from relaynet.admin.text import parse_age
 from relaynet.admin.views import QueueTotals
+from relaynet.smtp.netio import EndpointService
 
 from harness.nodeproc import HOST, NodeProcess, RawClient, free_port, maildir_new, relaynet_command, wait_for
 
@@ -596,7 +597,7 @@ def test_web_service_that_cannot_listen_fails_to_start() -> None:
     An admin endpoint that cannot be bound raises from startService (the node
     does not start without its admin site), instead of being logged only.
     """
-    svc = WebService(RefusingEndpoint(), make_site(Fakes().views()))
+    svc = EndpointService(RefusingEndpoint(), make_site(Fakes().views()), "the admin site")
     with pytest.raises(CannotListenError):
         svc.startService()
     assert not svc.running

@@ -18,19 +18,17 @@ import json
 import smtplib
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from attrs import define, field
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, LogPublisher, textFileLogObserver
 
 from relaynet.config import LogSettings
 from relaynet.events import EventLog
-from relaynet.admin.adapters import IntakeSessions, RunnerQueue
+from relaynet.admin.adapters import IntakeSessions
 from relaynet.admin.metrics import FAILING_AFTER, HopHealth, NodeMetrics
 from relaynet.admin.views import QueueTotals
 from relaynet.admin.queuecli import AdminClient
@@ -200,39 +198,6 @@ def test_intake_sessions_follow_the_live_set() -> None:
              FakeSession(FakeListener("submission"), ("TLSv1.3", "X")), FakeSession()}
     assert view.count() == 4
     assert view.by_mode_and_tls() == {("relay", False): 2, ("relay", True): 1, ("submission", True): 1}
-
-
-@define
-class FakeRunner:
-    """The runner as L{RunnerQueue} uses it: C{in}, totals of its own class, bounce."""
-
-    ids: set[str]
-    calls: list[tuple[Any, ...]] = field(factory=list)
-
-    def __contains__(self, queue_id: object) -> bool:
-        return queue_id in self.ids
-
-    def totals(self) -> Any:
-        return SimpleNamespace(messages={"deferred": 2}, size=150, recipients={"pending": 2, "deferred": 1},
-                               oldest_arrival=910.0)
-
-    def bounce(self, queue_id: str, *reason: str) -> Any:
-        self.calls.append(("bounce", queue_id, *reason))
-        return succeed(True)
-
-
-def test_runner_queue() -> None:
-    """
-    L{RunnerQueue} answers C{in} and C{totals()} (as a L{QueueTotals}) from the
-    runner, and leaves a bounce's default reason to the runner.
-    """
-    runner = FakeRunner({"A", "B"})
-    queue = RunnerQueue(runner)  # type: ignore[arg-type]
-    assert "A" in queue and "C" not in queue
-    assert queue.totals() == QueueTotals(size=150, recipients={"pending": 2, "deferred": 1}, oldest_arrival=910.0)
-    queue.bounce("A")
-    queue.bounce("B", "spam run")
-    assert runner.calls == [("bounce", "A"), ("bounce", "B", "spam run")]
 
 
 def test_domain_labels_are_bounded() -> None:

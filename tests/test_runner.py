@@ -16,16 +16,13 @@ wrote the state file while the attempt's own write was under way).
 from __future__ import annotations
 
 import json
-import queue
 import random
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -33,7 +30,7 @@ from relaynet.delivery.client import DeliveryResult
 from relaynet.events import EventLog
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool
 from relaynet.runner import QueueRunner, SerialWrites
-from relaynet.testing import EPOCH, ManualThreadPool, ThreadlessReactor, make_config
+from relaynet.testing import EPOCH, ManualThreadPool, PumpedReactor, ThreadlessReactor, make_config
 from relaynet.testing.spool import MemorySpool
 
 ROUTE = """
@@ -114,6 +111,19 @@ class WatchedSpool:
 
     def remove(self, entry: QueueEntry) -> Deferred[None]:
         return self._watch(entry.queue_id, self.inner.remove(entry))
+
+
+def make_runner(tmp_path: Path, spool: Any, reactor: Any, pool: Any, toml: str = ROUTE,
+                ) -> tuple[QueueRunner, SlowHop, list[dict[str, Any]]]:
+    """A started runner over C{spool} relaying everything to a L{SlowHop}; its events."""
+    config = make_config(tmp_path, toml=toml)
+    hop = SlowHop()
+    events: list[dict[str, Any]] = []
+    log = EventLog(None, "t", clock=reactor.seconds)
+    log.observers.append(events.append)
+    runner = QueueRunner(config, spool, log, reactor, pool, outbound=hop, now=reactor.seconds)
+    runner.start([])
+    return runner, hop, events
 
 
 def commit(spool: Any, qid_sender: str, rcpts: tuple[str, ...], now: float, run: Callable[[], None]) -> QueueEntry:
@@ -236,18 +246,11 @@ def test_admin_verbs_during_attempts_memory_spool(tmp_path: Path) -> None:
     spool), and each recipient reaches the next hop at most once and is
     never both relayed and bounced.
     """
-    config = make_config(tmp_path, toml=ROUTE)
     reactor = ThreadlessReactor()
     reactor.advance(EPOCH)
     inner = MemorySpool(clock=reactor.seconds, immediate=False)
     spool = WatchedSpool(inner)
-    hop = SlowHop()
-    events: list[dict[str, Any]] = []
-    log = EventLog(None, "t", clock=reactor.seconds)
-    log.observers.append(events.append)
-    runner = QueueRunner(config, spool, log, reactor, ManualThreadPool(immediate=True),  # type: ignore[arg-type]
-                         outbound=hop, now=reactor.seconds)
-    runner.start([])
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True))
     rng = random.Random(1150)
 
     def settle() -> None:
@@ -264,40 +267,6 @@ def test_admin_verbs_during_attempts_memory_spool(tmp_path: Path) -> None:
     _check(runner, hop, events, expected, recovered)
 
 
-class PumpedReactor(MemoryReactorClock):
-    """
-    A memory reactor whose C{callFromThread} queues the call for the test's
-    thread, which runs them (L{drain}): real worker threads, results handled
-    in one thread, no global reactor.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.from_threads: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = queue.Queue()
-        self.owner = threading.get_ident()
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        if threading.get_ident() == self.owner:
-            f(*args, **kw)
-        else:
-            self.from_threads.put((f, args, kw))
-
-    def drain(self, pool: ThreadPool, deadline: float = 10.0) -> None:
-        """Run results from the threads until the pool is idle and nothing is queued."""
-        import time
-
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            try:
-                f, args, kw = self.from_threads.get(timeout=0.005)
-            except queue.Empty:
-                if not pool._queue.qsize() and not pool.working and self.from_threads.empty():
-                    return
-                continue
-            f(*args, **kw)
-        raise AssertionError("worker threads did not finish in time")
-
-
 def test_admin_verbs_during_attempts_maildir_spool_real_threads(tmp_path: Path) -> None:
     """
     The same race over the Maildir spool with four real worker threads:
@@ -305,7 +274,6 @@ def test_admin_verbs_during_attempts_maildir_spool_real_threads(tmp_path: Path) 
     state file made renames fail: HTTP 500 in the admin API), holds survive
     recovery, and each recipient reaches the next hop at most once.
     """
-    config = make_config(tmp_path, toml=ROUTE)
     reactor = PumpedReactor()
     reactor.advance(EPOCH)
     pool = ThreadPool(minthreads=4, maxthreads=4, name="test-race")
@@ -314,12 +282,7 @@ def test_admin_verbs_during_attempts_maildir_spool_real_threads(tmp_path: Path) 
         inner = Spool(tmp_path / "queue", reactor, pool, clock=reactor.seconds)
         inner.prepare()
         spool = WatchedSpool(inner)
-        hop = SlowHop()
-        events: list[dict[str, Any]] = []
-        log = EventLog(None, "t", clock=reactor.seconds)
-        log.observers.append(events.append)
-        runner = QueueRunner(config, spool, log, reactor, pool, outbound=hop, now=reactor.seconds)
-        runner.start([])
+        runner, hop, events = make_runner(tmp_path, spool, reactor, pool)
         rng = random.Random(2026)
 
         def settle() -> None:
@@ -347,17 +310,11 @@ def test_an_attempt_that_raises_defers_that_message_alone(tmp_path: Path) -> Non
     ordinary backoff; other messages are attempted and delivered meanwhile,
     and the attempt slot is given back.
     """
-    config = make_config(tmp_path, toml=ROUTE + "concurrency = 1\n")
     reactor = ThreadlessReactor()
     reactor.advance(EPOCH)
     spool = MemorySpool(clock=reactor.seconds)
-    hop = SlowHop()
-    events: list[dict[str, Any]] = []
-    log = EventLog(None, "t", clock=reactor.seconds)
-    log.observers.append(events.append)
-    runner = QueueRunner(config, spool, log, reactor, ManualThreadPool(immediate=True),  # type: ignore[arg-type]
-                         outbound=hop, now=reactor.seconds)
-    runner.start([])
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True),
+                                      ROUTE + "concurrency = 1\n")
     bad = commit(spool, "s@src.test", ("a@x.test",), reactor.seconds(), lambda: None)
     good = commit(spool, "s@src.test", ("b@y.test",), reactor.seconds(), lambda: None)
     hop.raise_for.add(bad.queue_id)
@@ -386,17 +343,10 @@ def test_bounce_or_delete_during_an_attempt_waits_for_it(tmp_path: Path, verb: s
     recorded, to the recipients still pending: a recipient the hop accepted
     is not bounced.
     """
-    config = make_config(tmp_path, toml=ROUTE)
     reactor = ThreadlessReactor()
     reactor.advance(EPOCH)
     spool = MemorySpool(clock=reactor.seconds)
-    hop = SlowHop()
-    events: list[dict[str, Any]] = []
-    log = EventLog(None, "t", clock=reactor.seconds)
-    log.observers.append(events.append)
-    runner = QueueRunner(config, spool, log, reactor, ManualThreadPool(immediate=True),  # type: ignore[arg-type]
-                         outbound=hop, now=reactor.seconds)
-    runner.start([])
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True))
     e = commit(spool, "s@localhost", ("a@x.test",), reactor.seconds(), lambda: None)
     runner.enqueue(e)
     result: list[Any] = []

@@ -34,11 +34,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 from attrs import frozen
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.application.service import IService, Service
+from twisted.application.service import IService
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -53,6 +53,7 @@ from relaynet.admin.text import human_age, parse_age
 from relaynet.admin.views import STATES, NodeFacts, QueueView, SessionsView
 from relaynet.delivery.client import hop_name
 from relaynet.queue.states import FINAL_STATUSES
+from relaynet.smtp.netio import EndpointService
 
 #: Version of the JSON schema in C{docs/admin-api.md}.
 API_VERSION = 1
@@ -618,61 +619,11 @@ def make_site(views: AdminViews, read_only: bool = False) -> Site:
     return site
 
 
-class WebService(Service):
-    """
-    Serves C{factory} on C{endpoint} while running.
-
-    A failure to listen that the endpoint reports at once (TCP and UNIX
-    endpoints do: address in use, no directory for the socket) raises from
-    L{startService}, so a node fails to start rather than run without its
-    admin site. (L{twisted.application.internet.StreamServerEndpointService}
-    only logs it, unless told otherwise through a private attribute.) A later
-    failure is logged.
-    """
-
-    log = Logger()
-
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self._port: Deferred[IListeningPort | None] | None = None
-
-    def startService(self) -> None:
-        Service.startService(self)
-        starting = True
-        failed: list[Failure] = []
-
-        def not_listening(f: Failure) -> None:
-            if starting:
-                failed.append(f)
-            elif not f.check(CancelledError):
-                self.log.failure("The admin site cannot listen on {endpoint}", f, endpoint=self.endpoint)
-
-        self._port = self.endpoint.listen(self.factory).addErrback(not_listening)
-        starting = False
-        if failed:
-            self.running = False
-            self._port = None
-            failed[0].raiseException()
-
-    def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
-        port, self._port = self._port, None
-        if port is None:
-            return succeed(None)
-        port.cancel()
-
-        def stop(listening: IListeningPort | None) -> Deferred[None] | None:
-            return None if listening is None else listening.stopListening()
-
-        return port.addCallback(stop)
-
-
 def web_service(
     views: AdminViews, endpoint: str, reactor: IReactorCore, read_only: bool = False
 ) -> IService:
-    """A L{WebService} listening on C{endpoint} with L{make_site}'s tree."""
-    return WebService(serverFromString(reactor, endpoint), make_site(views, read_only))
+    """An L{EndpointService} listening on C{endpoint} with L{make_site}'s tree."""
+    return EndpointService(serverFromString(reactor, endpoint), make_site(views, read_only), f"{endpoint} (admin site)")
 
 
 # -- rendering ------------------------------------------------------------

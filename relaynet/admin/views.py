@@ -11,21 +11,19 @@ views they are given, never the node, its runner or its intake.
 
 They are L{typing.Protocol}s: the queue runner provides L{QueueView} by
 having its methods, the node provides L{NodeFacts} by having its attributes,
-and tests give small fakes. L{relaynet.admin.adapters} adapts the intake (and,
-for now, the runner).
+and tests give small fakes. L{relaynet.admin.adapters} adapts the intake.
+L{QueueTotals} is the queue's (L{relaynet.queue.states}).
 
-At run time this module imports only attrs and the queue's state names, so
-the runner may return a L{QueueTotals}, and C{relaynet queue} may read
-L{STATES}, without importing Twisted or prometheus_client.
+At run time this module imports only the queue's state names (attrs, no
+Twisted), so C{relaynet queue} may read L{STATES} without importing Twisted
+or prometheus_client.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-from attrs import field, frozen
-
-from relaynet.queue.states import MessageState
+from relaynet.queue.states import MessageState, QueueTotals as QueueTotals
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -35,25 +33,6 @@ if TYPE_CHECKING:
 
 #: The queue states of a message, as L{QueueStats.counts} and the API name them.
 STATES: tuple[str, ...] = tuple(str(s) for s in MessageState)
-
-
-@frozen
-class QueueTotals:
-    """
-    Totals over every queued message, for the metrics.
-
-    @ivar size: octets of the queued messages (their envelope sizes).
-    @ivar recipients: recipients of the queued messages by status (C{pending}
-        when never attempted, then C{deferred}, C{delivered}...: the statuses
-        of the state files); a final recipient counts until its message
-        leaves the queue.
-    @ivar oldest_arrival: the arrival time (seconds since the epoch) of the
-        oldest queued message; C{None} when the queue is empty.
-    """
-
-    size: int = 0
-    recipients: Mapping[str, int] = field(factory=dict)
-    oldest_arrival: float | None = None
 
 
 class QueueStats(Protocol):

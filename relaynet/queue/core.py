@@ -41,7 +41,7 @@ from attrs import evolve, field, frozen
 from relaynet.queue.bounce import RecipientReport, is_bounce_worthy
 from relaynet.queue.retry import RetryPolicy
 from relaynet.queue.spool import QueueEntry, Recipient, RecipientState
-from relaynet.queue.states import MessageState, OutcomeEvent, RecipientStatus
+from relaynet.queue.states import MessageState, OutcomeEvent, QueueTotals, RecipientStatus
 
 
 @frozen
@@ -216,6 +216,28 @@ class QueueCore:
         if any(s.status is RecipientStatus.DEFERRED for s in entry.state.recipients.values()):
             return MessageState.DEFERRED
         return MessageState.INCOMING
+
+    def counts(self) -> dict[str, int]:
+        """Queued messages by L{MessageState}."""
+        out = {str(s): 0 for s in MessageState}
+        for entry in self._entries.values():
+            out[self.state(entry)] += 1
+        return out
+
+    def totals(self) -> QueueTotals:
+        """Octets, recipients by status and the oldest arrival of the queue."""
+        by_status: dict[str, int] = {}
+        size = 0
+        oldest: float | None = None
+        for e in self._entries.values():
+            size += e.envelope.size
+            if oldest is None or e.envelope.arrival < oldest:
+                oldest = e.envelope.arrival
+            for r in e.envelope.recipients:
+                st = e.state.recipients.get(r.address)
+                status = str(st.status) if st is not None else "pending"
+                by_status[status] = by_status.get(status, 0) + 1
+        return QueueTotals(size, by_status, oldest)
 
     # -- messages arriving -----------------------------------------------
 

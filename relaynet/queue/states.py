@@ -7,11 +7,18 @@ A recipient's status is what the spool records per recipient
 shows (L{MessageState}, derived, never stored); an outcome's event is what
 the event log says happened in one attempt (L{OutcomeEvent}). All three are
 C{StrEnum}s: their members are the strings written to disk, JSON and logs.
+L{QueueTotals} is what the queue reports of itself for metrics.
+
+This module imports attrs only (no Twisted): C{relaynet queue} and the admin
+views read it cheaply.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Mapping
+
+from attrs import field, frozen
 
 
 class RecipientStatus(enum.StrEnum):
@@ -63,3 +70,22 @@ class OutcomeEvent(enum.StrEnum):
     DEFERRED = "deferred"
     BOUNCED = "bounced"
     EXPIRED = "expired"
+
+
+@frozen
+class QueueTotals:
+    """
+    Totals over every queued message, for the metrics.
+
+    @ivar size: octets of the queued messages (their envelope sizes).
+    @ivar recipients: recipients of the queued messages by status (C{pending}
+        when never attempted, then C{deferred}, C{delivered}...: the statuses
+        of the state files); a final recipient counts until its message
+        leaves the queue.
+    @ivar oldest_arrival: the arrival time (seconds since the epoch) of the
+        oldest queued message; C{None} when the queue is empty.
+    """
+
+    size: int = 0
+    recipients: Mapping[str, int] = field(factory=dict)
+    oldest_arrival: float | None = None

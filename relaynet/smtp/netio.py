@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_netio -*-
 """
 Socket-level helpers shared by the server (intake) and client (outbound)
-sides: Nagle off, sending small writes at once, and listening with
-C{SO_REUSEPORT}.
+sides: Nagle off, sending small writes at once, listening with
+C{SO_REUSEPORT}, and a service that listens on an endpoint.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
@@ -46,6 +49,12 @@ def send_now(transport: Any, data: bytes) -> None:
     keeps ordering, flow control and error handling Twisted's. Anything
     else (TLS, UNIX sockets, test transports, a non-empty buffer) goes
     through C{transport.write} unchanged.
+
+    This and L{ReusePortEndpoint.from_string} are the only places relaynet
+    reads private attributes of Twisted (the TCP transport's write buffers;
+    the parsed endpoint's port, interface and backlog), for want of a public
+    way; both were checked against Twisted 26.10, and tests/test_netio.py
+    fails if the buffers change meaning.
     """
     if (
         type(transport) in _PLAIN_TCP
@@ -96,6 +105,8 @@ class ReusePortEndpoint:
         endpoint = serverFromString(reactor, description)
         if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
             raise ValueError(f"SO_REUSEPORT needs a tcp: or tcp6: endpoint, not {description!r}")
+        # TCP4/6ServerEndpoint keep what serverFromString parsed in private
+        # attributes only (Twisted 26.10): read them here, nowhere else.
         interface = endpoint._interface
         family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) or ":" in interface else socket.AF_INET
         return cls(reactor, endpoint._port, interface or ("::" if family == socket.AF_INET6 else ""),
@@ -117,3 +128,84 @@ class ReusePortEndpoint:
         except OSError as e:
             return fail(e)
         return succeed(port)
+
+
+class EndpointService(Service):
+    """
+    Serves C{factory} on C{endpoint} while running.
+
+    A failure to listen that the endpoint reports at once (TCP and UNIX
+    endpoints do: address in use, a port below 1024 without privileges, no
+    directory for a socket) raises from the start, so a node fails to start
+    rather than run without a listener.
+    L{twisted.application.internet.StreamServerEndpointService} only logs it,
+    unless told otherwise through a private attribute, and keeps the port it
+    bound in another; this service has neither.
+
+    @ivar port: the listening port, once listening (a C{tcp:0} listener's
+        real port number is C{port.getHost().port}).
+    @ivar privileged: listen in C{privilegedStartService} (before twistd
+        drops privileges: SMTP ports below 1024), not in C{startService}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, what: str,
+        privileged: bool = False,
+    ) -> None:
+        """
+        @param what: what listens, for the log: the endpoint as configured,
+            and what it serves if not SMTP.
+        """
+        self.endpoint = endpoint
+        self.factory = factory
+        self.what = what
+        self.privileged = privileged
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort | None] | None = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        if self.privileged:
+            self._listen()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._listening is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        starting = True
+        failed: list[Failure] = []
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            self.log.info("Listening on {what} ({address})", what=self.what, address=port.getHost())
+            return port
+
+        def not_listening(f: Failure) -> None:
+            if starting:
+                failed.append(f)
+            elif not f.check(CancelledError):
+                self.log.failure("{what} cannot listen on {endpoint}", f, what=self.what, endpoint=self.endpoint)
+
+        self._listening = self.endpoint.listen(self.factory).addCallbacks(listening, not_listening)
+        starting = False
+        if failed:
+            self.running = False
+            self._listening = None
+            failed[0].raiseException()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        listening, self._listening = self._listening, None
+        self.port = None
+        if listening is None:
+            return succeed(None)
+        listening.cancel()
+
+        def stop(port: IListeningPort | None) -> Deferred[None] | None:
+            return None if port is None else port.stopListening()
+
+        return listening.addCallback(stop)

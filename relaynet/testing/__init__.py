@@ -17,7 +17,10 @@ Nothing here touches the global reactor, a socket or a real thread.
 
 from __future__ import annotations
 
+import queue
 import re
+import threading
+import time
 import tomllib
 from collections import deque
 from pathlib import Path
@@ -28,6 +31,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorFromThreads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relaynet.config import Listener, NodeConfig, parse_config
@@ -37,7 +41,7 @@ from relaynet.queue.spool import Envelope, QueueEntry, Spool, read_queue_file
 from relaynet.testing.spool import MemorySpool
 
 __all__ = [
-    "EPOCH", "ManualThreadPool", "MemorySpool", "RecordingIntake", "Reply", "SpooledMessage",
+    "EPOCH", "ManualThreadPool", "MemorySpool", "PumpedReactor", "RecordingIntake", "Reply", "SpooledMessage",
     "ThreadlessReactor", "connect", "make_config", "make_intake", "send",
     "spooled", "take_lines", "take_replies",
 ]
@@ -147,6 +151,51 @@ class ThreadlessReactor(MemoryReactorClock):
     def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
         """Call C{callable(*args, **kwargs)} now."""
         callable(*args, **kwargs)
+
+
+class PumpedReactor(MemoryReactorClock):
+    """
+    A L{MemoryReactorClock} for code that hands work to a real thread pool:
+    C{callFromThread} from a worker thread queues the call, and the test's
+    thread runs the queued calls with L{drain}. Real threads do the work
+    (files really race), results are handled in one thread, and no global
+    reactor runs.
+    """
+
+    def __init__(self) -> None:
+        MemoryReactorClock.__init__(self)
+        self._from_threads: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = queue.Queue()
+        self._owner = threading.get_ident()
+
+    def callFromThread(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue the call for L{drain} (call at once from the test's own thread)."""
+        if threading.get_ident() == self._owner:
+            callable(*args, **kwargs)
+        else:
+            self._from_threads.put((callable, args, kwargs))
+
+    def drain(self, *pools: ThreadPool, deadline: float = 10.0) -> int:
+        """
+        Run the calls the threads queue, until C{pools} are idle and nothing
+        is queued.
+
+        @return: how many calls were run.
+        @raise AssertionError: the threads did not finish within C{deadline}
+            seconds.
+        """
+        end = time.monotonic() + deadline
+        ran = 0
+        while time.monotonic() < end:
+            try:
+                f, args, kw = self._from_threads.get(timeout=0.005)
+            except queue.Empty:
+                busy = any(p.q.qsize() or p.working for p in pools)
+                if not busy and self._from_threads.empty():
+                    return ran
+                continue
+            f(*args, **kw)
+            ran += 1
+        raise AssertionError(f"worker threads did not finish within {deadline} s")
 
 
 @define
@@ -613,4 +662,6 @@ def accept_connection(
         client, iosim.FakeTransport(client, False, caddr, saddr),
         greet=False, clock=reactor if hasattr(reactor, "advance") else None,
     )
+    # The endpoint's wrapper keeps the real protocol in a private attribute
+    # (Twisted 26.10); tests want the protocol itself.
     return getattr(client, "_wrappedProtocol", client), pump

@@ -1,0 +1,112 @@
+"""
+Tests for L{relaynet.node}: the node's service tree, built on a
+C{MemoryReactorClock} (listeners and connections are recorded, not made),
+with the spool on disk under a temporary directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.python.failure import Failure
+
+from relaynet.node import RelayNode, ThreadPoolService
+from relaynet.queue.spool import Recipient
+from relaynet.runner import QueueRunner
+from relaynet.smtp.netio import EndpointService
+from relaynet.testing import EPOCH, PumpedReactor, make_config, make_queue_entry
+
+TOML = """
+[[listener]]
+endpoint = "tcp:2525:interface=127.0.0.1"
+
+[[route]]
+domains = ["*"]
+action = "relay"
+next_hops = ["tcp:192.0.2.7:2526"]
+"""
+
+
+def node(tmp_path: Path) -> tuple[RelayNode, PumpedReactor]:
+    config = make_config(tmp_path / "spool", toml=TOML)
+    reactor = PumpedReactor()
+    return RelayNode(config, reactor, threads=2), reactor
+
+
+def stop(n: RelayNode, reactor: PumpedReactor) -> None:
+    out: list[Any] = []
+    d = n.stopService()
+    assert isinstance(d, Deferred)
+    d.addBoth(out.append)
+    for _ in range(100):  # the grace period for sessions is timed by the reactor
+        if out:
+            break
+        reactor.drain(n.pool, n.commit_pool)
+        reactor.advance(0.5)
+    assert out == [None], out
+
+
+def test_children_in_start_order(tmp_path: Path) -> None:
+    """
+    The pools, the runner, the history, the admin site and the listeners
+    are child services, in that order: listeners start last.
+    """
+    n, _ = node(tmp_path)
+    n.privilegedStartService()
+    kinds = [type(s).__name__ for s in n]
+    assert kinds[:3] == ["ThreadPoolService", "ThreadPoolService", "QueueRunner"]
+    assert kinds[-1] == "EndpointService" and isinstance(list(n)[-1], EndpointService)
+    assert isinstance(n.runner, QueueRunner) and n.runner in list(n)
+
+
+def test_recovery_before_listening(tmp_path: Path) -> None:
+    """
+    A message left in the spool is recovered and attempted at start (a
+    connection to its next hop is made), the SMTP listener listens with a
+    backlog of 256, the admin site on its UNIX socket, and a stop stops the
+    pools after the runner.
+    """
+    config = make_config(tmp_path / "spool", toml=TOML)
+    make_queue_entry(config.queue_dir, b"Subject: left over\r\n\r\nhi\r\n",
+                     recipients=(Recipient("u@remote.test", "relay:*"),))
+    n, reactor = node(tmp_path)
+    n.runner.now = lambda: EPOCH + 10  # the message arrived at EPOCH: not expired
+    n.privilegedStartService()
+    assert reactor.tcpServers[0][0] == 2525 and reactor.tcpServers[0][2] == 256
+    n.startService()
+    try:
+        assert [u[0] for u in reactor.unixServers] == [str(config.queue_dir.parent / "admin.sock")]
+        assert n.runner.counts()["active"] == 1
+        assert [(c[0], c[1]) for c in reactor.tcpClients] == [("192.0.2.7", 2526)]
+        assert len(n.ports) == 1
+        pools = [s for s in n if isinstance(s, ThreadPoolService)]
+        assert all(p.pool.started for p in pools)
+        # The next hop does not answer: the attempt defers when the connection fails.
+        _host, _port, factory, _timeout, _bind = reactor.tcpClients[0]
+        factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+        reactor.drain(n.pool, n.commit_pool)
+        assert n.runner.counts()["deferred"] == 1
+    finally:
+        stop(n, reactor)
+    assert not any(p.pool.started for p in pools)
+    assert n.ports == []
+
+
+def test_a_listener_that_cannot_listen_fails_the_start(tmp_path: Path) -> None:
+    """
+    A listener whose endpoint refuses at once makes the start fail (the node
+    does not run without it), and no thread pool is left running.
+    """
+    n, reactor = node(tmp_path)
+
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise OSError(98, "Address already in use")
+
+    reactor.listenTCP = refuse  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="Address already in use"):
+        n.privilegedStartService()
+    assert not any(s.pool.started for s in n if isinstance(s, ThreadPoolService))
