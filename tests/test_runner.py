@@ -355,3 +355,85 @@ def test_bounce_or_delete_during_an_attempt_waits_for_it(tmp_path: Path, verb: s
     hop.answer(0, 250)
     assert result == [False]  # nothing left to bounce or delete: it was delivered
     assert [ev["event"] for ev in events if ev.get("queue_id") == e.queue_id] == ["sent"]
+
+
+# -- the same race through a real node's admin API -----------------------------------
+
+
+@pytest.mark.slow
+def test_admin_bursts_against_messages_in_flight_real_node(tmp_path: Path) -> None:
+    """
+    A real node relays 40 messages to a next hop that takes a second per
+    DATA (Postfix's smtp-sink -w 1) while the test sends bursts of six
+    concurrent hold and release calls on one message through the admin
+    API: no call fails (the runner before the queue core answered HTTP 500
+    to many: two writers renamed one tmp/ID.state), every state file on
+    disk parses whenever it is read, and once everything is released each
+    message reaches the next hop exactly once.
+    """
+    import smtplib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harness.nodeproc import HOST, NodeProcess, wait_for
+    from harness.peers import SMTP_SINK, SmtpSink, allow_postfix_search, missing_binaries
+    from relaynet.admin.queuecli import AdminClient, AdminError
+
+    if missing_binaries([SMTP_SINK]):
+        pytest.skip("smtp-sink (Debian's postfix) is not installed")
+    rng = random.Random(646)
+    with SmtpSink(allow_postfix_search(tmp_path) / "sink", extra_args=("-w", "1")) as sink:
+        route = f"""
+[[route]]
+domains = ["*"]
+action = "relay"
+next_hops = ["tcp:127.0.0.1:{sink.port}"]
+
+[queue]
+minimal_backoff = 1
+maximal_backoff = 2
+"""
+        with NodeProcess(tmp_path / "node", extra_toml=route, name="burst") as node:
+            with smtplib.SMTP(HOST, node.port, timeout=30) as s:
+                for i in range(40):
+                    refused = s.sendmail("s@src.test", [f"r{i}@remote.test"],
+                                         f"Subject: burst {i}\r\n\r\nhello\r\n")
+                    assert not refused
+            client = AdminClient(node.config.admin_endpoint)
+            listed = [m["queue_id"] for m in client.request("GET", "/api/queue")["messages"]]
+            failures: list[tuple[str, int, str]] = []
+            torn = 0
+
+            def call(qid: str, verb: str) -> None:
+                try:
+                    AdminClient(node.config.admin_endpoint).request("POST", f"/api/queue/{qid}/{verb}")
+                except AdminError as e:
+                    if e.status != 404:  # delivered meanwhile: fine
+                        failures.append((verb, e.status, e.message))
+
+            # Bursts: six calls on one message at once, as several admins
+            # (or a script in a loop) would make them.
+            with ThreadPoolExecutor(max_workers=6) as burst:
+                for _ in range(60):
+                    qid = rng.choice(listed)
+                    list(burst.map(call, [qid] * 6, ["hold", "release"] * 3))
+                    for p in list((node.queue / "state").iterdir()):
+                        try:
+                            data = p.read_bytes()
+                        except FileNotFoundError:
+                            continue
+                        try:
+                            json.loads(data)
+                        except ValueError:
+                            torn += 1
+            for qid in listed:
+                try:
+                    client.request("POST", f"/api/queue/{qid}/release")
+                except AdminError as e:
+                    assert e.status == 404, e
+            assert failures == [], failures[:5]
+            assert torn == 0
+            wait_for(lambda: sink.received() >= 40 and not list(node.queue.glob("new/*")), 120.0,
+                     "every message relayed")
+            sent = [e for e in node.events() if e["event"] == "sent"]
+            assert sorted(e["queue_id"] for e in sent) == sorted(listed)
+            assert sink.received() == 40
