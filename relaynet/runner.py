@@ -38,6 +38,7 @@ from relaynet.delivery.attempt import Delivery, ThreadedMailboxes, system_resolv
 from relaynet.delivery.client import OutboundManager
 from relaynet.delivery.routing import Route, RoutingTable
 from relaynet.events import EventLog
+from relaynet.queue import listing
 from relaynet.queue.bounce import build_dsn, split_headers
 from relaynet.queue.core import Decision, Notice, Outcome, Plan, QueueCore, Write
 from relaynet.queue.retry import RetryPolicy
@@ -88,10 +89,6 @@ class SerialWrites:
         else:
             previous.addCallback(go)
         return out
-
-    def idle(self, key: str) -> Deferred[None]:
-        """Fires once every job of C{key} submitted so far has finished."""
-        return self.run(key, lambda: None)
 
 
 class QueueRunner(Service):
@@ -450,32 +447,11 @@ class QueueRunner(Service):
         The queued messages L{list} would show, oldest first, without building
         their summaries (a listing of 20 out of 100,000 builds 20).
         """
-        now = self.now()
-        sender = sender.lower() if sender else None
-        recipient = recipient.lower() if recipient else None
-        domain = domain.lower() if domain else None
-        out = []
-        for entry in sorted(self.core, key=lambda e: e.envelope.arrival):
-            env = entry.envelope
-            if state and self.core.state(entry) != state:
-                continue
-            if sender and sender not in env.sender.lower():
-                continue
-            if recipient or domain:
-                addrs = [r.address.lower() for r in env.recipients]
-                if recipient and not any(recipient in a for a in addrs):
-                    continue
-                if domain and not any(a.rpartition("@")[2] == domain for a in addrs):
-                    continue
-            if min_age is not None and now - env.arrival < min_age:
-                continue
-            out.append(entry)
-        return out
+        return listing.matching(self.core, self.now(), state, sender, recipient, domain, min_age)
 
     def summaries(self, entries: Entries) -> Summaries:
-        """L{entry_summary} of each of C{entries}."""
-        now = self.now()
-        return [entry_summary(e, self.core.state(e), now) for e in entries]
+        """The admin API's summary of each of C{entries}."""
+        return listing.summaries(self.core, entries, self.now())
 
     def show(self, queue_id: str) -> Deferred[dict[str, Any]] | None:
         """
@@ -492,28 +468,15 @@ class QueueRunner(Service):
             return head.decode("utf-8", "replace")
 
         d = deferToThreadPool(self.reactor, self.pool, headers)
-        summary = entry_summary(entry, self.core.state(entry), self.now())
+        summary = listing.entry_summary(entry, self.core.state(entry), self.now())
         summary["envelope"] = entry.envelope.to_json()
         return d.addCallback(lambda h: {**summary, "headers": h})
-
-    def _select(self, queue_id: str | None, domain: str | None) -> Entries:
-        if queue_id is not None:
-            entry = self.core.get(queue_id)
-            return [entry] if entry is not None else []
-        entries = list(self.core)
-        if domain is not None:
-            d = domain.lower()
-            entries = [
-                e for e in entries
-                if any(r.address.rpartition("@")[2].lower() == d for r in e.pending_recipients())
-            ]
-        return entries
 
     def flush(self, queue_id: str | None = None, domain: str | None = None) -> int:
         """Attempt queued messages now (all, one, or those for a domain); return how many."""
         n = 0
         now = self.now()
-        for entry in self._select(queue_id, domain):
+        for entry in listing.selected(self.core, queue_id, domain):
             decision = self.core.flush(entry.queue_id, now)
             if decision.ok:
                 self._reschedule(decision)
@@ -568,33 +531,3 @@ class QueueRunner(Service):
 def _retry_policy(config: NodeConfig) -> RetryPolicy:
     q = config.queue
     return RetryPolicy(minimal_backoff=q.minimal_backoff, maximal_backoff=q.maximal_backoff, lifetime=q.lifetime)
-
-
-def entry_summary(entry: QueueEntry, state: str, now: float) -> dict[str, Any]:
-    """A JSON-able summary of one queued message (the admin API's list item)."""
-    env = entry.envelope
-    rcpts = []
-    for r in env.recipients:
-        st = entry.state.recipients.get(r.address)
-        rcpts.append({
-            "address": r.address,
-            "status": str(st.status) if st else "pending",
-            "attempts": st.attempts if st else 0,
-            "dsn": st.dsn if st else None,
-            "diagnostic": st.diagnostic if st else None,
-            "remote": st.remote if st else None,
-            "last_attempt": st.last_attempt if st else None,
-        })
-    return {
-        "queue_id": env.queue_id,
-        "state": str(state),
-        "sender": env.sender,
-        "recipients": rcpts,
-        "size": env.size,
-        "arrival": env.arrival,
-        "age": round(now - env.arrival, 3),
-        "next_attempt": entry.state.next_attempt,
-        "held": entry.state.held,
-        "hops": env.hops,
-        "client": env.client,
-    }

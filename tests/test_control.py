@@ -62,7 +62,7 @@ TIMEOUT = 20.0
 
 def item(qid: str, age: float, rcpts: list[tuple[str, str]], sender: str = "s@s.example",
          size: int = 100, state: str = "deferred", diagnostic: str = "421 try later") -> dict[str, Any]:
-    """A queue listing item as L{relaynet.runner.entry_summary} makes them."""
+    """A queue listing item as L{relaynet.queue.listing.entry_summary} makes them."""
     return {
         "queue_id": qid, "state": state, "sender": sender, "size": size, "age": age,
         "arrival": 1000.0 - age,

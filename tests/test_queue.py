@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from relaynet.queue.listing import matching, selected, summaries
 from relaynet.queue.core import BUSY, Decision, Outcome, Plan, QueueCore, Write, queued_as
 from relaynet.queue.retry import RetryPolicy
 from relaynet.queue.spool import BoundedReader, Envelope, QueueEntry, QueueState, Recipient, RecipientState
@@ -267,3 +268,21 @@ def test_cut_through_refusal_sends_no_dsn() -> None:
 def test_queued_as(text: str, ident: Any) -> None:
     """The next hop's queue id is read from its 'queued as ID' reply."""
     assert queued_as(text) == ident
+
+
+def test_listing_filters_and_orders() -> None:
+    """Listings are oldest first and filter by state, sender, recipient, domain and age."""
+    c = core()
+    c.add(entry("Q2", rcpts=("b@y.test",), sender="Bob@src.test", arrival=T0 + 10), T0)
+    c.add(entry("Q1", rcpts=("a@x.test",), arrival=T0), T0)
+    c.add(entry("Q3", rcpts=("c@x.test",), held=True, arrival=T0 + 20), T0)
+    ids = lambda es: [e.queue_id for e in es]  # noqa: E731
+    assert ids(matching(c, T0 + 30)) == ["Q1", "Q2", "Q3"]
+    assert ids(matching(c, T0 + 30, state="hold")) == ["Q3"]
+    assert ids(matching(c, T0 + 30, sender="bob@")) == ["Q2"]
+    assert ids(matching(c, T0 + 30, recipient="A@X")) == ["Q1"]
+    assert ids(matching(c, T0 + 30, domain="X.test")) == ["Q1", "Q3"]
+    assert ids(matching(c, T0 + 30, min_age=15)) == ["Q1", "Q2"]
+    assert ids(selected(c, None, "x.test")) == ["Q1", "Q3"] and ids(selected(c, "Q2", None)) == ["Q2"]
+    [s] = summaries(c, [c.get("Q3")], T0 + 30)  # type: ignore[list-item]
+    assert (s["state"], s["held"], s["age"], s["recipients"][0]["status"]) == ("hold", True, 10.0, "pending")
