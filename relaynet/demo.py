@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_lab -*-
 """
 C{make demo}: bring up the C{chain3} lab (four real C{twistd} nodes, each on
 its own loopback address), send a batch of messages through it, trace one of

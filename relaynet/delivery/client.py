@@ -650,7 +650,7 @@ class HopPool:
         d = self._endpoint.connect(_Factory(self))
         d.addTimeout(self.timeouts.connect_timeout, self.reactor)
 
-        def done(proto: object) -> None:
+        def done(_: object) -> None:
             self._connecting -= 1
 
         def failed(reason: Failure) -> None:

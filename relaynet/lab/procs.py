@@ -243,9 +243,3 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def describe_pid(pid: int | None) -> str:
-    """C{pid} and its state for messages."""
-    st = pid_state(pid)
-    return f"{pid} ({'gone' if st is None else st})"

@@ -35,11 +35,6 @@ class LabError(Exception):
     """A lab command cannot do what was asked; the message says why."""
 
 
-def default_lab_dir(topology_name: str) -> Path:
-    """C{./var/lab/<topology-name>}."""
-    return Path("var") / "lab" / topology_name
-
-
 def pid_state(pid: int | None) -> str | None:
     """The state letter of a process (C{R}, C{S}, C{Z}, ...) or L{None} if none."""
     if not pid:

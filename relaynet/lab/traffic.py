@@ -174,7 +174,7 @@ def send(
                 return None
             return next(next_seq, None)
 
-    def record(entry_node: str, rec: dict[str, Any]) -> None:
+    def record(_entry_node: str, rec: dict[str, Any]) -> None:
         with lock:
             out.write(json.dumps(rec, separators=(",", ":")) + "\n")
             out.flush()
@@ -183,7 +183,7 @@ def send(
         with lock:
             summary.errors[kind] = summary.errors.get(kind, 0) + 1
 
-    def worker(ns_by_node: dict[str, str | None]) -> None:
+    def worker() -> None:
         conns: dict[str, smtplib.SMTP] = {}
         entered: str | None = None
         try:
@@ -240,7 +240,7 @@ def send(
             for c in conns.values():
                 _close(c)
 
-    threads = [threading.Thread(target=worker, args=({},), name=f"lab-send-{i}", daemon=True)
+    threads = [threading.Thread(target=worker, name=f"lab-send-{i}", daemon=True)
                for i in range(max(1, min(concurrency, count)))]
     for t in threads:
         t.start()

@@ -203,10 +203,6 @@ class QueueCore:
         """The queued message C{queue_id}, or C{None}."""
         return self._entries.get(queue_id)
 
-    def is_active(self, queue_id: str) -> bool:
-        """An attempt of C{queue_id} is running."""
-        return queue_id in self._active
-
     def state(self, entry: QueueEntry) -> MessageState:
         """The queue state of C{entry} (see L{MessageState})."""
         if entry.queue_id in self._active:
