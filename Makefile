@@ -10,12 +10,17 @@ all: venv
 
 # The virtualenv with relaynet installed in development mode (compat mode puts
 # the source tree on sys.path, so twistd finds twisted/plugins/relaynet_plugin.py).
+# One line per slow step says what it is doing; the tools themselves stay quiet.
 $(STAMP): setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
-	rm -f $(VENV)/.installed-*
-	touch $@
+	@echo "make: creating the virtualenv $(VENV) ($(PYTHON) -m venv) ..."
+	@$(PYTHON) -m venv $(VENV)
+	@echo "make: upgrading pip in $(VENV) (pip) ..."
+	@$(PY) -m pip install -q --upgrade pip
+	@echo "make: installing relaynet and its test dependencies into $(VENV) (pip, about a minute) ..."
+	@$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "make: $(VENV) is ready: run relaynet as $(VENV)/bin/relaynet, or '. $(VENV)/bin/activate' first"
 
 venv: $(STAMP)
 
@@ -25,6 +30,7 @@ peers:
 	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null; then \
 	  echo "peers: postfix, smtp-source, smtp-sink and swaks are installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: installing postfix and swaks (apt-get update, apt-get install; the system Postfix stays unconfigured) ..." && \
 	  apt-get update -qq && \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks >/dev/null && \
@@ -39,15 +45,18 @@ demo: venv
 # Static types: mypy over relaynet/ and the twistd plugin, as configured in
 # pyproject.toml [tool.mypy]. `make test` runs it first: a type error fails it.
 typecheck: venv
+	@echo "make: type-checking relaynet/ (mypy --strict) ..."
 	$(PY) -m mypy
 
 test: venv typecheck peers
+	@echo "make: running the test suite (pytest) ..."
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: venv peers
+	@echo "make: installing the benchmark dependencies into $(VENV) (pip) ..."
 	$(PY) -m pip install -q -e '.[bench]' --config-settings editable_mode=compat
 	$(PY) -m bench.run $(BENCH_ARGS)
 
