@@ -308,6 +308,54 @@ def test_draw_writes_well_formed_svg_with_labels() -> None:
         assert "200 msg, p50 52 ms" in texts and "3 failed attempts" in texts and "cut" in texts
 
 
+def _shipped_picture(path: Path, cut: bool) -> str:
+    """A shipped topology drawn with traffic (and failures) on every link, both ways."""
+    from relaynet.lab.topology import load_topology
+
+    topo = load_topology(path)
+    plans = allocate(topo, _always_free, _no_free_port)
+    nodes = {n.name: {"address": plans[n.name].address, "ports": list(plans[n.name].ports),
+                      "role": topo.role(n.name), "neighbours": n.neighbours()} for n in topo.nodes}
+    links = [{"a": a, "b": b, "up": not (cut and i == 0)} for i, (a, b) in enumerate(topo.links())]
+    stats = [s for a, b in topo.links() for s in (LinkStat(a, b, 1234, 0.052, 17), LinkStat(b, a, 7, 12.5))]
+    return render(f"lab {topo.name}: {topo.description}", nodes, links, stats, list(topo.traffic.entry),
+                  topo.layout, alive={n: n != topo.names[-1] for n in nodes})
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["links-up", "first-link-cut"])
+@pytest.mark.parametrize("path", sorted(TOPOLOGIES.glob("*.toml")), ids=lambda p: p.name)
+def test_draw_keeps_lines_off_labels(path: Path, cut: bool) -> None:
+    """
+    In every shipped topology's picture no link line runs through any text
+    (a node's name, address and role; a link's counts), edge labels stand
+    clear of their own line, and no two texts overlap.
+    """
+    from relaynet.lab.draw import segment_hits_box, text_box
+
+    root = ET.fromstring(_shipped_picture(path, cut))
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = [((float(ln.get("x1", 0)), float(ln.get("y1", 0))), (float(ln.get("x2", 0)), float(ln.get("y2", 0))),
+              (ln.get("data-a"), ln.get("data-b"))) for ln in root.iter(f"{ns}line")]
+    texts = []
+    for t in root.iter(f"{ns}text"):
+        if t.get("class") == "title":
+            continue
+        size = float(t.get("font-size", 11))
+        box = text_box(float(t.get("x", 0)), float(t.get("y", 0)), t.text or "", size,
+                       t.get("text-anchor", "start"))
+        texts.append((t.text, box, t.get("class"), (t.get("data-a"), t.get("data-b"))))
+    assert lines and len(texts) > len(lines)
+    for text, box, cls, link in texts:
+        for p, q, ends in lines:
+            assert not segment_hits_box(p, q, box), f"{path.name}: link {ends} runs through {text!r}"
+            if cls == "label" and ends == link:
+                # Offset from its own line by a few pixels, not touching it.
+                assert not segment_hits_box(p, q, box.grown(3)), f"{text!r} sits on its line {ends}"
+    for i, (text, box, _, _) in enumerate(texts):
+        for other, obox, _, _ in texts[i + 1:]:
+            assert not box.overlaps(obox), f"{path.name}: {text!r} overlaps {other!r}"
+
+
 # -- real labs ---------------------------------------------------------------
 
 
