@@ -14,7 +14,7 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, formatTime, text
 from twisted.python import usage
 from zope.interface import implementer
 
-from relaynet.config import ConfigError, Listener, LogSettings, load_config
+from relaynet.config import ConfigError, Listener, LogSettings, check_endpoint, load_config
 
 _PRIORITY = {level: i for i, level in enumerate(LogLevel.iterconstants())}
 _LEGACY_KEYS = frozenset(("message", "isError", "time", "format", "why", "failure", "printed", "system"))
@@ -50,10 +50,15 @@ class Options(usage.Options):
     opt_l = opt_listen
 
     def postOptions(self) -> None:
+        """
+        Load the configuration. An invalid one ends twistd with one line on
+        stderr and exit status 1 (a L{usage.UsageError} would print the whole
+        usage text to stdout first, burying the line that matters).
+        """
         try:
             self.config = self.load()
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SystemExit(f"twistd relaynet: {e}") from None
 
     def load(self) -> Any:
         """
@@ -63,6 +68,8 @@ class Options(usage.Options):
         @raise ConfigError: the file is invalid.
         """
         config = load_config(self["config"])
+        for endpoint in self["listen"]:
+            check_endpoint("<command line>", "--listen", endpoint, server=True)
         if self["listen"]:
             config = attrs.evolve(
                 config, listeners=tuple(Listener(endpoint=e) for e in self["listen"])

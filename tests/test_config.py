@@ -143,3 +143,49 @@ def test_parse_config_is_frozen() -> None:
     c = parse_config({})
     with pytest.raises(Exception):
         c.name = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[[listener]]\nendpoint = 'tpc:2601'\n", "listener[0].endpoint"),
+        ("[[listener]]\nendpoint = 'tcp:port=abc'\n", "listener[0].endpoint"),
+        ("[[listener]]\nendpoint = 'tcp:70000:interface=127.0.0.1'\n", "listener[0].endpoint"),
+        ("[[route]]\ndomains = ['*']\naction = 'relay'\nnext_hops = ['tcp:127.0.0.1:99999']\n",
+         "route[0].next_hops[0]"),
+        ("[[route]]\ndomains = ['*']\naction = 'relay'\nnext_hops = ['tcp:127.0.0.1:0']\n",
+         "route[0].next_hops[0]"),
+        ("[[route]]\ndomains = ['*']\naction = 'relay'\n"
+         "next_hops = [{ endpoint = 'tcp:127.0.0.1', priority = 1 }]\n",
+         "route[0].next_hops[0].endpoint"),
+        ("[admin]\nendpoint = 'tcp:port=x:interface=127.0.0.1'\n", "admin.endpoint"),
+        ("[admin]\nmetrics_endpoint = 'tcp:99999:interface=127.0.0.1'\n", "admin.metrics_endpoint"),
+    ],
+)
+def test_endpoints_parsed_by_twisted_at_check_time(tmp_path: Path, text: str, key: str) -> None:
+    """
+    Every endpoint string (listeners, next hops, admin endpoints) is parsed by
+    Twisted's own parser and its port range checked when the file is loaded,
+    so C{check-config} refuses what the node would die on (or defer mail
+    forever for), naming the file and the key.
+    """
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.key == key
+    assert str(p) in str(e.value)
+
+
+def test_listen_option_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{twistd relaynet --listen} with an endpoint Twisted cannot parse ends
+    option parsing with one line naming the option (no usage dump, no
+    traceback), exit status 1.
+    """
+    from relaynet.tap import Options
+
+    with pytest.raises(SystemExit) as e:
+        Options().parseOptions(["--listen", "bogus:1"])
+    assert isinstance(e.value.code, str)
+    assert "--listen" in e.value.code and "bogus:1" in e.value.code
+    assert "\n" not in e.value.code
