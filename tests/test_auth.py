@@ -455,13 +455,14 @@ def test_failed_auth_is_delayed_then_disconnects(sub: Submission) -> None:
     """
     failure_delay 0.2, max_failures 3: each failure's reply is held back at
     least 0.2 s (measured on the intake's clock), the first two are 535 5.7.8,
-    the third is 421 4.7.0 and the connection closes.
+    the third is 421 4.7.0 and the connection closes (three different wrong
+    passwords: three guesses).
     """
     s = sub.session()
     s.ehlo()
     expected = [(535, "5.7.8"), (535, "5.7.8"), (421, "4.7.0")]
     for attempt, (code, enhanced) in enumerate(expected, start=1):
-        assert s.send(b"AUTH PLAIN " + plain("alice", WRONG) + b"\r\n") == []
+        assert s.send(b"AUTH PLAIN " + plain("alice", f"{WRONG}{attempt}") + b"\r\n") == []
         sub.reactor.advance(0.199)
         assert take_replies(s.transport) == [], "answered before failure_delay"
         waited = 0.199
@@ -497,11 +498,16 @@ def test_input_waits_during_failure_delay(sub: Submission) -> None:
 
 
 def test_failures_counted_per_client_across_connections(sub: Submission) -> None:
+    """
+    Failures count per client address, across its sessions: two different
+    wrong passwords in one session, then one in the next is the third (421);
+    another address is not affected.
+    """
     bad = b"AUTH PLAIN " + plain("alice", WRONG) + b"\r\n"
     first = sub.session(ip="10.0.0.5")
     first.ehlo()
-    for _ in range(2):
-        first.send(bad)
+    for n in range(2):
+        first.send(b"AUTH PLAIN " + plain("alice", f"{WRONG}{n}") + b"\r\n")
         sub.reactor.advance(1.0)
         assert take_replies(first.transport)[0][0] == 535
     first.protocol.connectionLost(None)  # type: ignore[arg-type]
@@ -517,6 +523,61 @@ def test_failures_counted_per_client_across_connections(sub: Submission) -> None
     sub.reactor.advance(1.0)
     assert take_replies(other.transport)[0][0] == 535
     assert not other.closed
+
+
+def _fail(s: "Session", data: bytes, sub: Submission) -> tuple[int, str]:
+    """Send one failing AUTH step, run out the failure delay, return the reply."""
+    replies = s.send(data)
+    sub.reactor.advance(5.0)
+    ((code, text),) = replies + take_replies(s.transport)
+    return code, text
+
+
+def test_plain_then_login_with_same_credentials_is_one_failure(sub: Submission) -> None:
+    """
+    smtplib's C{login()} tries PLAIN, then LOGIN after a 535, with the same
+    user and password: in one session that is one failed guess. Two such
+    sessions (C{lab send -n 2}) count two failures out of three and both get
+    535 5.7.8, not 421.
+    """
+    for n in (1, 2):
+        s = sub.session()
+        s.ehlo()
+        assert _fail(s, b"AUTH PLAIN " + plain("alice", WRONG) + b"\r\n", sub)[0] == 535
+        assert s.cmd(b"AUTH LOGIN " + b64("alice"))[0] == 334
+        code, text = _fail(s, b64(WRONG) + b"\r\n", sub)
+        assert (code, text.split()[0]) == (535, "5.7.8"), (n, code, text)
+        assert not s.closed
+        assert sub.intake.auth_failures[UNTRUSTED] == n
+        s.protocol.connectionLost(None)  # type: ignore[arg-type]
+
+
+def test_different_passwords_in_one_session_each_count(sub: Submission) -> None:
+    """
+    A brute-forcer is still cut off: three different wrong passwords in one
+    session, alternating mechanisms, are three failures: 535, 535, then 421
+    4.7.0 and the connection closes. Repeating a failed password in between
+    does not reset or dodge the count.
+    """
+    s = sub.session()
+    s.ehlo()
+    assert _fail(s, b"AUTH PLAIN " + plain("alice", WRONG + "1") + b"\r\n", sub)[0] == 535
+    assert _fail(s, b"AUTH PLAIN " + plain("alice", WRONG + "1") + b"\r\n", sub)[0] == 535
+    assert s.cmd(b"AUTH LOGIN " + b64("alice"))[0] == 334
+    assert _fail(s, b64(WRONG + "2") + b"\r\n", sub)[0] == 535
+    assert sub.intake.auth_failures[UNTRUSTED] == 2
+    code, text = _fail(s, b"AUTH PLAIN " + plain("alice", WRONG + "3") + b"\r\n", sub)
+    assert (code, text.split()[0]) == (421, "4.7.0")
+    assert s.closed
+
+
+def test_same_password_for_another_user_is_another_guess(sub: Submission) -> None:
+    """The guess is the user name with the password: one password tried on two users counts twice."""
+    s = sub.session()
+    s.ehlo()
+    assert _fail(s, b"AUTH PLAIN " + plain("alice", WRONG) + b"\r\n", sub)[0] == 535
+    assert _fail(s, b"AUTH PLAIN " + plain("bob@example.org", WRONG) + b"\r\n", sub)[0] == 535
+    assert sub.intake.auth_failures[UNTRUSTED] == 2
 
 
 class BrokenChecker:
@@ -753,16 +814,16 @@ def _tls_session(port: int, source: str) -> tuple[ssl.SSLSocket, Any]:
 @pytest.mark.slow
 def test_auth_failures_delayed_and_disconnected_end_to_end(node: NodeProcess) -> None:
     """
-    Three wrong passwords (failure_delay 0.2, max_failures 3), from a fresh
+    Three different wrong passwords (failure_delay 0.2, max_failures 3), from a fresh
     client address: 535, 535, then 421 and the connection is closed; no reply
     comes sooner than 0.2 s after its AUTH.
     """
     tls, tf = _tls_session(node.port, "127.0.0.77")
     codes = []
     with tls:
-        for _ in range(3):
+        for n in range(3):
             start = time.monotonic()
-            tls.sendall(b"AUTH PLAIN " + plain("alice", WRONG) + b"\r\n")
+            tls.sendall(b"AUTH PLAIN " + plain("alice", f"{WRONG}{n}") + b"\r\n")
             code, lines = read_reply(tf)
             elapsed = time.monotonic() - start
             codes.append(code)
@@ -773,6 +834,30 @@ def test_auth_failures_delayed_and_disconnected_end_to_end(node: NodeProcess) ->
             rest = b""  # closed without a TLS close_notify: closed all the same
         assert rest == b"", "the connection is closed after the 421"
     assert codes == [535, 535, 421]
+
+
+@pytest.mark.slow
+def test_smtplib_wrong_password_is_535_in_every_session(node: NodeProcess) -> None:
+    """
+    C{smtplib.SMTP.login} with a wrong password (it tries PLAIN, then LOGIN
+    after the 535) in two sessions from one client address, as C{relaynet lab
+    send --password wrong -n 2} does: both end in 535 5.7.8, not 421 (each
+    session is one failed guess out of max_failures 3). The right password
+    then logs in.
+    """
+    for _ in range(2):
+        with smtplib.SMTP(HOST, node.port, timeout=30, source_address=("127.0.0.79", 0)) as s:
+            s.starttls(context=_unverified())
+            s.ehlo("sub.client")
+            with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+                s.login("alice", WRONG)
+            assert failed.value.smtp_code == 535
+            assert failed.value.smtp_error.startswith(b"5.7.8")
+            assert s.noop()[0] == 250, "the session goes on"
+    with smtplib.SMTP(HOST, node.port, timeout=30, source_address=("127.0.0.79", 0)) as s:
+        s.starttls(context=_unverified())
+        s.ehlo("sub.client")
+        assert s.login("alice", PASSWORD)[0] == 235
 
 
 @pytest.mark.slow

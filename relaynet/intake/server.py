@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
+import os
 import re
 import time
 from email.utils import formatdate
@@ -169,6 +172,11 @@ class RelayESMTP(smtp.ESMTP):
         self.tls_info: tuple[str, str] | None = None
         self.auth_user: str | None = None
         self._auth: tuple[str, str | None] | None = None
+        # Keyed digests of the credentials that failed in this session: the
+        # same user and password again (smtplib falls back from PLAIN to
+        # LOGIN after a 535) is the same guess, counted once.
+        self._failed_guesses: set[bytes] = set()
+        self._guess_key = os.urandom(16)
         self._counted = False
         self.startedTLS = listener.mode == "submissions"
 
@@ -596,6 +604,7 @@ class RelayESMTP(smtp.ESMTP):
             self.reply(454, "4.7.0", "Temporary authentication failure")
             return None
         creds = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        guess = hmac.new(self._guess_key, creds.username + b"\0" + creds.password, hashlib.sha256).digest()
         d = portal.login(creds, None, IRelayUser)
 
         def ok(result: tuple[Any, str, Any]) -> None:
@@ -611,8 +620,15 @@ class RelayESMTP(smtp.ESMTP):
                 self.log.failure("Authentication error", failure)
                 self.reply(454, "4.7.0", "Temporary authentication failure")
                 return None
-            failures = self.intake.auth_failures.get(self.client_ip, 0) + 1
-            self.intake.auth_failures[self.client_ip] = failures
+            # One failure per guess: a retry of credentials that already
+            # failed in this session (another mechanism, same user and
+            # password) tells the client nothing new and is not counted
+            # again; every different password is.
+            failures = self.intake.auth_failures.get(self.client_ip, 0)
+            if guess not in self._failed_guesses or failures == 0:
+                self._failed_guesses.add(guess)
+                failures += 1
+                self.intake.auth_failures[self.client_ip] = failures
             auth = self.intake.config.auth
             done: Deferred[None] = Deferred()
 
