@@ -25,18 +25,19 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 # Real peers for interop tests and benchmarks: Debian's postfix (smtp-source,
-# smtp-sink) and swaks. No system MTA gets configured ("No configuration").
+# smtp-sink) and swaks, with Net::SSLeay for swaks --tls (docs/interop.md).
+# No system MTA gets configured ("No configuration").
 peers:
-	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null; then \
-	  echo "peers: postfix, smtp-source, smtp-sink and swaks are installed"; \
+	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null; then \
+	  echo "peers: postfix, smtp-source, smtp-sink and swaks (with TLS) are installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "make: installing postfix and swaks (apt-get update, apt-get install; the system Postfix stays unconfigured) ..." && \
+	  echo "make: installing postfix, swaks and libnet-ssleay-perl (apt-get update, apt-get install; the system Postfix stays unconfigured) ..." && \
 	  apt-get update -qq && \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks >/dev/null && \
-	  echo "peers: installed postfix and swaks"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks libnet-ssleay-perl >/dev/null && \
+	  echo "peers: installed postfix, swaks and libnet-ssleay-perl"; \
 	else \
-	  echo "peers: not root or no apt-get: install postfix and swaks yourself; tests needing them will be skipped" >&2; \
+	  echo "peers: not root or no apt-get: install postfix, swaks and libnet-ssleay-perl yourself; tests needing them will be skipped" >&2; \
 	fi
 
 demo: venv

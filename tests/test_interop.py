@@ -3,7 +3,8 @@ Interoperability of a real C{twistd -n relaynet} node with real Postfix
 software on loopback: a private Postfix instance upstream and downstream of the
 node (L{relaynet.peers.PostfixInstance}), and Postfix's C{smtp-sink} as the
 next hop, for volume and for dot-stuffing at the client's chunk boundaries
-(trap 16).
+(trap 16). The recipes of docs/interop.md (Postfix upstream, downstream,
+both, swaks) run here from the document's own blocks, so it cannot drift.
 
 Tests skip, with the reason, only when the peers cannot run here (binaries
 missing, not root).
@@ -13,7 +14,11 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -311,3 +316,227 @@ def test_dot_stuffing_to_smtp_sink(net: Net, tmp_path: Path) -> None:
     for boundary in (CHUNK, 2 * CHUNK):
         seen = {piece for b, piece in at_boundary if b == boundary}
         assert seen == {b"\r\n.", b"\n.\r", b".\r\n"}, (boundary, seen)
+
+
+# -- the recipes of docs/interop.md ------------------------------------------
+#
+# Each test below sets up one recipe with the blocks docs/interop.md prints
+# (read from the file, port numbers and the transport file's path changed),
+# so the document cannot drift from what works.
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "interop.md"
+VENV_BIN = Path(sys.executable).parent
+_RECIPE = re.compile(r"^<!-- recipe: (\S+) -->\n```[a-z]*\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+#: The ports the document uses, in order: relay listener, submission, Postfix.
+DOC_PORTS = (2525, 2587, 10025)
+
+#: Every recipe the tests below run; the document has exactly these.
+TESTED_RECIPES = {
+    "upstream-relayhost.main.cf", "upstream-transport.main.cf",
+    "upstream-transport.transport", "upstream.node.toml",
+    "downstream.master.cf", "downstream.main.cf", "downstream.node.toml",
+    "both.edge.main.cf", "both.store.master.cf", "both.node.toml",
+    "swaks.setup.sh", "swaks.node.toml", "swaks.commands.sh",
+}
+
+
+def doc_recipes() -> dict[str, str]:
+    """The blocks of docs/interop.md marked C{<!-- recipe: NAME -->}, by name."""
+    found: dict[str, str] = {}
+    for m in _RECIPE.finditer(DOC.read_text(encoding="utf-8")):
+        assert m.group(1) not in found, f"recipe {m.group(1)} twice in {DOC}"
+        found[m.group(1)] = m.group(2)
+    return found
+
+
+def recipe(name: str, ports: dict[int, int]) -> str:
+    """
+    The recipe C{name} with the document's ports (C{:2525}, ...) replaced by
+    C{ports}; each port of C{ports} must occur in it.
+    """
+    text = doc_recipes()[name]
+    for port in ports:
+        assert f":{port}" in text, f"recipe {name} does not mention port {port}"
+    return re.sub(
+        r"(?<=:)(" + "|".join(str(p) for p in DOC_PORTS) + r")\b",
+        lambda m: str(ports.get(int(m.group(1)), m.group(1))), text,
+    )
+
+
+def main_cf(text: str) -> dict[str, str]:
+    """C{main.cf} lines (C{name = value}) as a dict."""
+    settings = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep, f"not a main.cf line: {line!r}"
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def assert_master_cf_line(pf: PostfixInstance, line: str) -> None:
+    """The recipe's C{master.cf} line is the smtpd line the instance runs."""
+    ours = [" ".join(row.split()) for row in pf.master_cf_text().splitlines()]
+    assert " ".join(line.split()) in ours, (line, ours)
+
+
+def recipe_node(net: Net, name: str, ports: dict[int, int]) -> NodeProcess:
+    """A node running the config recipe C{name}, in C{net}; started."""
+    node = NodeProcess(net.base / "relay", config_toml=recipe(name, ports),
+                       port=ports[2525], name="relay")
+    net.nodes["relay"] = node
+    return node.start()
+
+
+def test_every_recipe_is_tested() -> None:
+    """docs/interop.md holds exactly the recipes the tests below run."""
+    assert set(doc_recipes()) == TESTED_RECIPES
+
+
+@requires_postfix
+@pytest.mark.parametrize("variant", ["relayhost", "transport"])
+def test_recipe_postfix_upstream(net: Net, peer_dir: Path, variant: str) -> None:
+    """
+    docs/interop.md, Postfix upstream: with the recipe's C{relayhost} line,
+    or its transport map, a message Postfix accepts for alice@example.org
+    lands in the Maildir of the recipe's relaynet node.
+    """
+    port, pf_port = distinct_ports(2)
+    ports = {2525: port}
+    node = recipe_node(net, "upstream.node.toml", ports)
+    settings = main_cf(recipe(f"upstream-{variant}.main.cf",
+                               ports if variant == "relayhost" else {}))
+    if variant == "relayhost":
+        pf = PostfixInstance(peer_dir / "postfix", port=pf_port, mode="relay",
+                             relayhost=settings["relayhost"], main_cf=settings)
+    else:
+        table = peer_dir / "transport"
+        table.write_text(recipe("upstream-transport.transport", ports))
+        table.chmod(0o644)
+        settings["transport_maps"] = settings["transport_maps"].replace(
+            "/etc/postfix/transport", str(table))
+        assert str(table) in settings["transport_maps"]
+        pf = PostfixInstance(peer_dir / "postfix", port=pf_port, mode="local", main_cf=settings)
+    with pf:
+        msg, mid = make_message(token(), "bob@example.com", "alice@example.org")
+        code, resp = send(pf.port, "bob@example.com", ["alice@example.org"], msg)
+        assert code == 250, resp
+        try:
+            (path,) = wait_mail(node, "alice", "example.org", net=net, timeout=POSTFIX_TIMEOUT)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- postfix log:\n{pf.log_tail()}") from None
+    parsed = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    assert parsed["Message-ID"] == mid
+    assert f"by {pf.myhostname} (Postfix)" in str(parsed.get_all("Received")), parsed
+
+
+@requires_postfix
+def test_recipe_postfix_downstream(net: Net, peer_dir: Path) -> None:
+    """
+    docs/interop.md, Postfix downstream: the recipe's node relays
+    bob@example.net to a Postfix smtpd on the recipe's C{master.cf} line,
+    which delivers it.
+    """
+    port, pf_port = distinct_ports(2)
+    ports = {2525: port, 10025: pf_port}
+    pf = PostfixInstance(peer_dir / "postfix", port=pf_port, mode="local",
+                         local_domains=["example.net"],
+                         main_cf=main_cf(recipe("downstream.main.cf", {})))
+    assert_master_cf_line(pf, recipe("downstream.master.cf", {10025: pf_port}))
+    with pf:
+        node = recipe_node(net, "downstream.node.toml", ports)
+        msg, mid = make_message(token(), "alice@example.org", "bob@example.net")
+        code, resp = send(node.port, "alice@example.org", ["bob@example.net"], msg)
+        assert code == 250, resp
+        wait_event(node, "sent", net, recipient="bob@example.net")
+        try:
+            wait_for(pf.delivered_count, POSTFIX_TIMEOUT, "delivery by Postfix")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- postfix log:\n{pf.log_tail()}") from None
+        (path,) = [p for sub in ("new", "cur") for p in (pf.maildir / sub).glob("*")]
+        data = path.read_bytes()
+    assert email.message_from_bytes(data, policy=email.policy.default)["Message-ID"] == mid
+    assert b"by relay.example.org (relaynet)" in data, data[:600]
+
+
+@requires_postfix
+def test_recipe_postfix_both(net: Net, peer_dir: Path) -> None:
+    """
+    docs/interop.md, both: edge Postfix (the recipe's C{relayhost}) ->
+    the recipe's node -> mail store Postfix (the recipe's C{master.cf} line):
+    bob@example.net reaches the store, alice@example.org the node's Maildir.
+    """
+    port, edge_port, store_port = distinct_ports(3)
+    ports = {2525: port, 10025: store_port}
+    edge_cf = main_cf(recipe("both.edge.main.cf", {2525: port}))
+    edge = PostfixInstance(peer_dir / "edge", port=edge_port, mode="relay",
+                           relayhost=edge_cf["relayhost"], main_cf=edge_cf)
+    store = PostfixInstance(peer_dir / "store", port=store_port, mode="local",
+                            local_domains=["example.net"])
+    assert_master_cf_line(store, recipe("both.store.master.cf", {10025: store_port}))
+    with store, edge:
+        node = recipe_node(net, "both.node.toml", ports)
+        msg, mid = make_message(token(), "carol@example.com", "bob@example.net")
+        code, resp = send(edge.port, "carol@example.com", ["bob@example.net"], msg)
+        assert code == 250, resp
+        msg2, mid2 = make_message(token(), "carol@example.com", "alice@example.org")
+        code, resp = send(edge.port, "carol@example.com", ["alice@example.org"], msg2)
+        assert code == 250, resp
+        try:
+            wait_for(store.delivered_count, POSTFIX_TIMEOUT, "delivery by the store")
+            (local,) = wait_mail(node, "alice", "example.org", net=net, timeout=POSTFIX_TIMEOUT)
+        except AssertionError as e:
+            raise AssertionError(
+                f"{e}\n--- edge log:\n{edge.log_tail()}\n--- store log:\n{store.log_tail()}"
+            ) from None
+        (path,) = [p for sub in ("new", "cur") for p in (store.maildir / sub).glob("*")]
+        data = path.read_bytes()
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed["Message-ID"] == mid
+    received = str(parsed.get_all("Received"))
+    for hop_name in (f"by {store.myhostname} (Postfix)", "by relay.example.org (relaynet)",
+                     f"by {edge.myhostname} (Postfix)"):
+        assert hop_name in received, (hop_name, received)
+    assert email.message_from_bytes(local.read_bytes())["Message-ID"] == mid2
+
+
+def _swaks_missing() -> str | None:
+    """Why the swaks recipes cannot run here (swaks, or Net::SSLeay for --tls), or L{None}."""
+    if shutil.which("swaks") is None:
+        return "swaks not installed (make peers)"
+    if subprocess.run(["perl", "-MNet::SSLeay", "-e1"], capture_output=True, check=False).returncode:
+        return "Net::SSLeay missing: swaks --tls needs it (make peers: libnet-ssleay-perl)"
+    return None
+
+
+_SWAKS_MISSING = _swaks_missing()
+
+
+@pytest.mark.skipif(_SWAKS_MISSING is not None, reason=str(_SWAKS_MISSING))
+def test_recipe_swaks(net: Net) -> None:
+    """
+    docs/interop.md, swaks: after the recipe's setup commands (certificate,
+    password file), each swaks one-liner (plain, STARTTLS, AUTH on
+    submission) exits 0 and its message lands in alice's Maildir.
+    """
+    port, sub_port = distinct_ports(2)
+    ports = {2525: port, 2587: sub_port}
+    home = net.base / "relay"
+    home.mkdir(parents=True)
+    setup = recipe("swaks.setup.sh", {}).replace(".venv/bin/", f"{VENV_BIN}/")
+    assert setup.count(f"{VENV_BIN}/relaynet") == 2, setup
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", setup], cwd=home, timeout=120,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    node = recipe_node(net, "swaks.node.toml", ports)
+    commands = recipe("swaks.commands.sh", ports).splitlines()
+    assert len(commands) == 3 and any("--auth" in c for c in commands), commands
+    for n, line in enumerate(commands, 1):
+        argv = shlex.split(line)
+        assert argv[0] == "swaks", line
+        result = subprocess.run(argv, timeout=120, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, check=False)
+        assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
+        if "--tls" in argv:
+            assert "STARTTLS" in result.stdout and "<~ " in result.stdout, result.stdout
+        wait_mail(node, "alice", "example.org", count=n, net=net)
