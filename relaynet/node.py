@@ -135,7 +135,8 @@ class RelayNode(MultiService):
             queued=self.runner.enqueue, cut_through=self.runner.cut_through,
         )
         sessions = IntakeSessions(self.intake.sessions)
-        self.metrics = NodeMetrics(self.runner, sessions, reactor, name=config.name)
+        self.metrics = NodeMetrics(self.runner, sessions, reactor, name=config.name,
+                                   listener_modes=lambda: [lst.mode for lst in self.config.listeners])
         self.spool.observe_commits(self.metrics.commit_batch)
         self.events.observers.append(self.metrics.observe)
         self._pools = [ThreadPoolService(self.pool), ThreadPoolService(self.commit_pool)]

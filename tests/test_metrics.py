@@ -175,6 +175,29 @@ def test_present_state_is_read_at_scrape_time() -> None:
     assert ("relaynet_smtp_sessions", (("mode", "relay"), ("tls", "no"))) not in samples(text)
 
 
+def test_sessions_gauge_is_zero_not_absent_for_configured_modes() -> None:
+    """
+    With no session open, C{relaynet_smtp_sessions} still has a series at 0
+    for each configured listener mode (both TLS states for relay and
+    submission, TLS only for submissions), read at scrape time so a reload
+    that changes the listeners shows; open sessions add to them.
+    """
+    modes = ["relay", "submissions"]
+    m, _, sessions, _ = make(listener_modes=lambda: modes)
+    got = {k: v for k, v in samples(m.exposition().decode()).items() if k[0] == "relaynet_smtp_sessions"}
+    assert got == {
+        ("relaynet_smtp_sessions", (("mode", "relay"), ("tls", "no"))): 0,
+        ("relaynet_smtp_sessions", (("mode", "relay"), ("tls", "yes"))): 0,
+        ("relaynet_smtp_sessions", (("mode", "submissions"), ("tls", "yes"))): 0,
+    }
+    sessions.open = {("relay", True): 2}
+    modes.append("submission")
+    text = m.exposition().decode()
+    assert value(text, "relaynet_smtp_sessions", mode="relay", tls="yes") == 2
+    assert ("relaynet_smtp_sessions", (("mode", "submission"), ("tls", "no"))) in samples(text)
+    assert value(text, "relaynet_smtp_sessions", mode="submission", tls="no") == 0
+
+
 # -- the adapters of a node's parts (relaynet.admin.adapters) ---------------
 
 
@@ -407,11 +430,16 @@ def test_scraped_metrics_match_actions(tmp_path: Path, dead_port: int) -> None:
     """
     Send 3 local and 4 dead-hop messages and one refused recipient, hold one
     and delete one deferred message, keep one session open; the scrape shows
-    exactly that. The JSON log has one parseable object per line and never
+    exactly that (and, before any session, 0 sessions for the relay
+    listener rather than no series). The JSON log has one parseable object per line and never
     the message body.
     """
     with NodeProcess(tmp_path, NODE_TOML.replace("DEAD", str(dead_port)), name="metrics") as node:
         client = AdminClient(node.config.admin_endpoint)
+        idle = samples(client.get_text("/metrics"))
+        # No session yet: the relay listener's series exist, at 0.
+        assert idle[("relaynet_smtp_sessions", (("mode", "relay"), ("tls", "no")))] == 0
+        assert idle[("relaynet_smtp_sessions", (("mode", "relay"), ("tls", "yes")))] == 0
         ids = []
         with smtplib.SMTP(HOST, node.port, timeout=30) as s:
             for i in range(3):

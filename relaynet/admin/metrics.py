@@ -199,6 +199,21 @@ class History:
         self._loop = None
 
 
+def zero_session_series(modes: Iterable[str]) -> list[tuple[str, bool]]:
+    """
+    The C{(mode, TLS)} keys of C{relaynet_smtp_sessions} that are exported
+    even with no session open, so that a dashboard reads 0, not "no data":
+    both TLS states for C{relay} and C{submission} listeners (STARTTLS), only
+    TLS for C{submissions} (implicit TLS).
+
+    @param modes: the modes of the configured listeners.
+    """
+    keys: list[tuple[str, bool]] = []
+    for mode in sorted(set(modes)):
+        keys.extend((mode, tls) for tls in ((True,) if mode == "submissions" else (False, True)))
+    return keys
+
+
 class _PresentCollector(Collector):
     """Gauges read at scrape time: the queue, the sessions, the next hops."""
 
@@ -224,7 +239,9 @@ class _PresentCollector(Collector):
         open_ = GaugeMetricFamily(
             "relaynet_smtp_sessions", "Open SMTP sessions by listener mode and TLS", labels=["mode", "tls"]
         )
-        for (mode, tls), n in sorted(sessions.by_mode_and_tls().items()):
+        counts = dict.fromkeys(zero_session_series(self.metrics.listener_modes()), 0)
+        counts.update(sessions.by_mode_and_tls())
+        for (mode, tls), n in sorted(counts.items()):
             open_.add_metric([mode, "yes" if tls else "no"], n)
         yield open_
         up = GaugeMetricFamily(
@@ -258,14 +275,19 @@ class NodeMetrics:
         self, queue: QueueStats, sessions: SessionsView, clock: IReactorTime, name: str = "relaynet",
         now: Callable[[], float] = time.time, history_interval: float = 10.0,
         history_span: float = 1800.0, domain_labels: int = DOMAIN_LABELS,
+        listener_modes: Callable[[], Iterable[str]] = lambda: (),
     ) -> None:
         """
         @param clock: schedules the history's samples.
         @param name: the node's name, in C{relaynet_build_info}.
         @param now: the wall clock, for the age of the oldest message.
+        @param listener_modes: the modes of the listeners in force, read at
+            scrape time (a reload may change them): each gets
+            C{relaynet_smtp_sessions} series at 0 while it has no session.
         """
         self.queue = queue
         self.sessions = sessions
+        self.listener_modes = listener_modes
         self.now = now
         self.hops: dict[str, HopHealth] = {}
         self.history = History(clock, queue.counts, history_interval, history_span)
