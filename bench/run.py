@@ -125,11 +125,42 @@ def estimate_pair(item: dict) -> float:
 
 
 def estimate(groups: list[dict], args) -> float:
+    """Seconds for the whole plan at the paces of C{_SECONDS_PER_1000} (not scaled for load)."""
     total = 0.0
     for g in groups:
         total += g["hops"] * sum(_START_SECONDS.values()) + 2 * 5.0  # start + warm-up
         total += args.rounds * sum(estimate_pair(item) for item in g["items"])
     return total
+
+
+# The table's paces hold up to about this many runnable tasks per CPU
+# besides the bench (load average 6 on the 2-core VM they come from).
+_REFERENCE_LOAD_PER_CPU = 3.0
+
+
+def load_factor(loadavg: float | None = None, cpus: int | None = None) -> float:
+    """
+    How much slower than the table this machine is likely to run, from the
+    1-minute load average: 1.0 up to C{_REFERENCE_LOAD_PER_CPU} runnable
+    tasks per CPU, then in proportion (the bench gets a smaller share of the
+    CPUs). Only a first guess: once runs start, the measured pace replaces it.
+    """
+    if loadavg is None:
+        loadavg = os.getloadavg()[0]
+    cpus = cpus or os.cpu_count() or 1
+    return max(1.0, loadavg / cpus / _REFERENCE_LOAD_PER_CPU)
+
+
+def time_left(total_est: float, done_est: float, elapsed: float) -> float:
+    """
+    Seconds left, at the pace measured so far: the table's estimate of the
+    work not yet done, times how much longer than its estimate the work done
+    took (elapsed / done_est). From the first run on, this follows the
+    machine's real load, whatever the table says.
+    """
+    if done_est <= 0:
+        return total_est
+    return max(0.0, total_est - done_est) * elapsed / done_est
 
 
 # -- runs -------------------------------------------------------------------
@@ -344,13 +375,14 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
                         runs.append(run)
                         done += 1
                         done_est += estimate_pair(item) / 2
-                        log(f"[{done}/{total_runs}] r{rnd} {describe_run(run)}")
+                        left = time_left(total_est, done_est, time.monotonic() - t_begin)
+                        log(f"[{done}/{total_runs}] r{rnd} {describe_run(run)}; "
+                            f"estimate: about {left / 60:.1f} min left at the pace so far")
                 elapsed = time.monotonic() - t_begin
                 if done_est:
-                    # The estimate of what is left, scaled by how it did so far.
-                    left = max(0.0, total_est - done_est) * elapsed / done_est
+                    left = time_left(total_est, done_est, elapsed)
                     log(f"-- round {rnd + 1}/{args.rounds} of {hops} hop(s) done; "
-                        f"elapsed {elapsed / 60:.1f} min, about {left / 60:.1f} min left")
+                        f"elapsed {elapsed / 60:.1f} min, estimate: about {left / 60:.1f} min left")
             for name in SYSTEM_NAMES:
                 d = chains[name].describe()
                 d["idle_pss_kb"] = idle_pss[name]
@@ -678,10 +710,14 @@ def main(argv: list[str] | None = None) -> int:
         return backlog.main(argv[1:])
     args = parse_args(argv)
     groups = plan(args)
-    est = estimate(groups, args)
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    factor = load_factor(load, cpus)
+    est = estimate(groups, args) * factor
     runs_planned = sum(len(g["items"]) for g in groups) * args.rounds * 2
     log(f"relaynet bench: {runs_planned} runs ({args.rounds} rounds x 2 systems), "
-        f"scenarios {','.join(args.scenarios)}; estimated {est / 60:.1f} min on 2 cores")
+        f"scenarios {','.join(args.scenarios)}; estimate: about {est / 60:.1f} min "
+        f"(reference paces x{factor:.1f} for load average {load:.1f} on {cpus} CPUs; "
+        f"refined from the measured pace after each run)")
     if args.estimate:
         print(f"{est / 60:.1f}")
         return 0
@@ -746,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     size_figures = sizing(rows)
     print()
     print(format_sizing(size_figures))
-    print(f"\nelapsed {elapsed / 60:.1f} min (estimated {est / 60:.1f}); "
+    print(f"\nelapsed {elapsed / 60:.1f} min (first estimate {est / 60:.1f}); "
           f"load average {environment['loadavg_start'][0]:.2f} at start, {environment['loadavg_end'][0]:.2f} at end")
     result = {
         "parameters": {k: v for k, v in vars(args).items() if k not in ("json", "png")},
