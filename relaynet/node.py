@@ -23,9 +23,12 @@ at the next start.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import attrs
@@ -33,6 +36,7 @@ import attrs
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.cred.portal import Portal
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
@@ -54,6 +58,47 @@ from relaynet.admin.api import AdminViews, web_service
 from relaynet.admin.metrics import NodeMetrics
 
 LISTEN_BACKLOG = 256
+SPOOL_LOCK = "node.lock"
+
+
+class NodeStartError(Exception):
+    """
+    The node cannot start, for a reason its operator can fix (the spool is
+    in use by another node, a port is taken); the message is one line.
+    """
+
+
+def lock_spool(spool: Path) -> int:
+    """
+    Take the spool's lock, C{<spool>/node.lock} (C{fcntl.flock}, held while
+    the returned descriptor is open, released by the kernel when the process
+    ends, even by C{kill -9}), and write our pid into it.
+
+    @return: the lock file's descriptor.
+    @raise NodeStartError: another process holds it ("spool ... is in use by
+        pid N").
+    """
+    path = spool / SPOOL_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise NodeStartError(f"spool {spool} is in use by pid {holder} (lock {path})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
+def listen_problem(e: CannotListenError, endpoint: str) -> str:
+    """One line for a listener that cannot listen ("127.0.0.1:2525 is already in use")."""
+    where = f"{e.interface or '*'}:{e.port}"
+    error = e.socketError
+    if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+        return f"{where} is already in use ({endpoint}: Address already in use)"
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return f"cannot listen on {where} ({endpoint}): {reason}"
 
 
 def with_backlog(endpoint: str) -> str:
@@ -143,6 +188,7 @@ class RelayNode(MultiService):
         self._history = LoopService(self.metrics.history.start, self.metrics.history.stop)
         self._web: list[IService] = []
         self._listeners: list[EndpointService] = []
+        self._lock_fd: int | None = None
         for svc in (*self._pools, self.runner, self._history):
             svc.setServiceParent(self)
         if config.admin.enabled:
@@ -184,8 +230,33 @@ class RelayNode(MultiService):
                 for root, dirs, files in os.walk(d):
                     for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
                         os.chown(name, *owner, follow_symlinks=False)
+        self._lock(owner if uid is not None or gid is not None else None)
         self._add_listeners()
-        MultiService.privilegedStartService(self)
+        try:
+            MultiService.privilegedStartService(self)
+        except CannotListenError as e:
+            raise NodeStartError(self._listen_problem(e, self._listeners)) from e
+
+    def _lock(self, owner: tuple[int, int] | None = None) -> None:
+        """Take the spool lock (L{lock_spool}) once, before anything listens or recovers."""
+        if self._lock_fd is not None:
+            return
+        makedirs_durable(self.config.spool)
+        self._lock_fd = lock_spool(self.config.spool)
+        if owner is not None:
+            os.fchown(self._lock_fd, *owner)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _listen_problem(self, e: CannotListenError, services: list[Any]) -> str:
+        """L{listen_problem} naming the first of C{services} (in start order) not listening."""
+        for svc in services:
+            if isinstance(svc, EndpointService) and svc.port is None:
+                return listen_problem(e, svc.what)
+        return listen_problem(e, "a listener")
 
     def _add_listeners(self) -> None:
         if self._listeners:
@@ -212,6 +283,7 @@ class RelayNode(MultiService):
         # threads would otherwise keep a failed twistd from exiting.
         makedirs_durable(config.spool)
         makedirs_durable(config.local.mailroot)
+        self._lock()
         self._add_listeners()
         self.events.open(config.event_log)
         self.spool.prepare()
@@ -220,9 +292,11 @@ class RelayNode(MultiService):
         self.started_at = time.time()
         try:
             MultiService.startService(self)
-        except BaseException:
+        except BaseException as e:
             self.pool.stop()
             self.commit_pool.stop()
+            if isinstance(e, CannotListenError):
+                raise NodeStartError(self._listen_problem(e, [*self._web, *self._listeners])) from e
             raise
         self.log.info(
             "relaynet node {name} started; {count} queued message(s) recovered",
@@ -309,4 +383,5 @@ class RelayNode(MultiService):
         for pool in reversed(self._pools):
             pool.stopService()
         self.events.close()
+        self._unlock()
         self.log.info("relaynet node {name} stopped", name=self.config.name)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Any, cast
+from typing import IO, Any, Callable, cast
 
 import attrs
-from twisted.logger import ILogObserver, LogLevel, formatEvent, formatTime, textFileLogObserver
+from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent, formatTime, textFileLogObserver
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -172,11 +172,47 @@ def _log_output(parent: Any) -> IO[str] | None:
     return cast(IO[str], LogFile.fromFullPath(name or "twistd.log"))
 
 
+def _one_line_start_errors(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """
+    A C{sys.excepthook} for twistd: a L{NodeStartError} (port in use, spool
+    locked, ...) raised out of twistd's start of the service tree is printed
+    as one line on the real stderr (twistd has redirected C{sys.stderr} into
+    the log by then) and logged; the process then exits with status 1, as
+    for any uncaught exception. Anything else goes to C{previous}.
+
+    twistd has no hook of its own: it lets an exception from
+    C{privilegedStartService}/C{startService} escape (after removing its pid
+    file and telling a daemon's parent), and Python prints it.
+    """
+    from relaynet.node import NodeStartError
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not isinstance(value, NodeStartError):
+            previous(kind, value, tb)
+            return
+        line = f"twistd relaynet: {value}"
+        Logger(namespace="relaynet.tap").critical("{line}", line=line)
+        err = sys.__stderr__
+        if err is not None:
+            try:
+                err.write(line + "\n")
+                err.flush()
+            except OSError:
+                pass
+
+    return hook
+
+
 def makeService(options: Options) -> Any:
-    """Build the node service from parsed options."""
+    """
+    Build the node service from parsed options, and make a failure to start
+    it one line on stderr (L{_one_line_start_errors}).
+    """
     from twisted.internet import reactor
 
     from relaynet.node import RelayNode
+
+    sys.excepthook = _one_line_start_errors(sys.excepthook)
 
     parent = getattr(options, "parent", None) or {}
     run_as = (parent.get("uid"), parent.get("gid")) if hasattr(parent, "get") else (None, None)
