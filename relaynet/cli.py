@@ -13,7 +13,9 @@ The C{relaynet} command.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import NoReturn
 
 from relaynet import __version__
 from relaynet.config import ConfigError, describe, load_config
@@ -30,6 +32,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
+    import ipaddress
+
     from relaynet.intake.policy import explain
 
     try:
@@ -37,6 +41,16 @@ def _route(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"relaynet: {e}", file=sys.stderr)
         return 1
+    try:
+        client = ipaddress.ip_address(args.client)
+    except ValueError:
+        print(f"relaynet: --client {args.client!r} is not an IP address", file=sys.stderr)
+        return 2
+    trusted = any(client in net for net in config.trusted_networks)
+    if not trusted:
+        nets = ", ".join(str(n) for n in config.trusted_networks) or "none"
+        print(f"client {args.client} is outside trusted_networks ({nets}): "
+              "it may relay only to local domains, relay_domains and routes, or after AUTH")
     worst = 0
     for address in args.address:
         ex = explain(config, address, client_ip=args.client)
@@ -61,25 +75,56 @@ def _gen_cert(args: argparse.Namespace) -> int:
     from relaynet.smtp.tls import generate_ca, generate_cert
 
     directory = Path(args.dir)
-    ca_cert, ca_key = generate_ca(directory)
-    print(f"CA: {ca_cert} (key {ca_key})")
-    if args.names:
-        cert, key = generate_cert(directory, ca_cert, ca_key, args.names, days=args.days)
-        print(f"certificate for {', '.join(args.names)}: {cert} (key {key})")
+    if args.days <= 0:
+        print(f"relaynet: --days must be positive, not {args.days}", file=sys.stderr)
+        return 2
+    try:
+        ca_cert, ca_key = generate_ca(directory)
+        print(f"CA: {ca_cert} (key {ca_key})")
+        if args.names:
+            cert, key = generate_cert(directory, ca_cert, ca_key, args.names, days=args.days)
+            print(f"certificate for {', '.join(args.names)}: {cert} (key {key})")
+    except OSError as e:
+        print(f"relaynet: {directory}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"relaynet: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _passwd(args: argparse.Namespace) -> int:
     import getpass
+    import warnings
     from pathlib import Path
 
     from relaynet.intake.auth import set_password
 
     if args.password_stdin:
+        if sys.stdin is None:
+            print("relaynet: --password-stdin, but stdin is closed", file=sys.stderr)
+            return 1
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass(f"password for {args.user}: ")
-        if password != getpass.getpass("again: "):
+        # getpass reads the terminal; with none it would fall back to stdin
+        # with a warning (GetPassWarning), then end in EOFError on an empty
+        # one: either way, say what to do in one line.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", getpass.GetPassWarning)
+                password = getpass.getpass(f"password for {args.user}: ")
+                again = getpass.getpass("again: ")
+        except (getpass.GetPassWarning, EOFError, OSError):
+            print(
+                "relaynet: no terminal to read the password from: "
+                "give it on stdin with --password-stdin",
+                file=sys.stderr,
+            )
+            return 1
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        if password != again:
             print("relaynet: passwords differ", file=sys.stderr)
             return 1
     if not password:
@@ -134,9 +179,20 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """
+    An argument parser whose errors are one line on stderr (what is wrong,
+    and where the help is), status 2; argparse's own prints the usage first.
+    Subcommand parsers are of the same class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the C{relaynet} command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="relaynet", description="relaynet: a store-and-forward SMTP relay network."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -176,9 +232,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SIGPIPE_STATUS = 128 + 13
+"""The exit status of a command whose reader went away (as a shell reports C{cat} killed by SIGPIPE)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the C{relaynet} console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """
+    Entry point of the C{relaynet} console script.
+
+    Whatever the command, a closed stdout (C{relaynet queue list --ids |
+    head -1}) ends it quietly, as it does C{cat}: no traceback, status
+    L{SIGPIPE_STATUS}.
+    """
+    try:
+        try:
+            status = _run(list(sys.argv[1:] if argv is None else argv))
+        finally:
+            # Also when argparse ends with SystemExit (--help).
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        return SIGPIPE_STATUS
+    return status
+
+
+def _quiet_stdout() -> None:
+    """
+    Point stdout at C{/dev/null}: the interpreter flushes it once more at exit,
+    which would report the broken pipe again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         # Everything after "bench" belongs to bench/run.py (argparse would
         # reject its options here).

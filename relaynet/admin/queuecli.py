@@ -140,7 +140,9 @@ class AdminClient:
             raw = resp.read()
         except OSError as e:
             where = self.unix_path or f"{self.host}:{self.port}"
-            raise AdminError(0, f"cannot reach the node's admin API at {where}: {e}") from None
+            raise AdminError(
+                0, f"cannot reach the node's admin API at {where} (is the node running?): {e}"
+            ) from None
         finally:
             conn.close()
         try:
@@ -355,11 +357,35 @@ def _each(args: argparse.Namespace, client: AdminClient, ids: list[str], cmd: st
         if not args.json:
             n = r.get(key)
             done = n if isinstance(n, bool) else bool(n)
-            note = "" if done else " (nothing to do: held?)"
-            emit(r, f"{qid}: {key}{note}")
+            if done:
+                emit(r, f"{qid}: {key}")
+            else:
+                emit(r, f"{qid}: not {key}: {_why_not(client, qid, cmd)}")
     if args.json:
         emit({"results": results}, None)
     return status
+
+
+def _why_not(client: AdminClient, qid: str, cmd: str) -> str:
+    """
+    Why a verb did nothing to a message, as far as its state tells: held
+    (and how to release it), already in that state, or gone.
+    """
+    try:
+        m = client.request("GET", f"/api/queue/{urllib.parse.quote(qid)}")
+    except AdminError as e:
+        if e.status == 404:
+            return "no such message in the queue (delivered, bounced or deleted?)"
+        return "nothing to do"
+    if m.get("held"):
+        if cmd == "hold":
+            return "it is already held"
+        return f"the message is held; release it first with `relaynet queue release {qid}`"
+    if cmd == "release":
+        return "it is not held"
+    if m.get("state") == "active":
+        return "a delivery attempt of it is running now"
+    return "nothing to do"
 
 
 def _endpoint(args: argparse.Namespace) -> str:
