@@ -241,7 +241,13 @@ def format_trace(message_id: str, rows: list[TraceRow]) -> str:
         hop = ("  " * r.depth) + str(r.depth + 1) + (" dsn" if r.dsn else "")
         table.append((hop, r.node, arrived, r.queue_id, nxt, delay, status))
     widths = [max(len(t[i]) for t in table) for i in range(6)]
-    lines = [f"trace of {message_id}"]
+    lines = [
+        f"trace of {message_id}",
+        "arrived: when the node acknowledged its copy (its 250), from the first node's 250;",
+        "delay: from the start of the node's DATA (before its own 250) to the outcome, which for",
+        "'sent' is the next hop's 250: so a hop's delay is the next hop's arrived minus its own,",
+        "plus its own DATA-to-250 time (receiving the body, fsync).",
+    ]
     for t in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(t[:6], widths)) + "  " + t[6])
     final = [r for r in rows if r.status.startswith("delivered")]
