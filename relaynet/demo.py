@@ -4,28 +4,30 @@ C{make demo}: bring up the C{chain3} lab (four real C{twistd} nodes, each on
 its own loopback address), send a batch of messages through it, trace one of
 them across every hop, show each node's status, draw the topology as SVG,
 check that every acknowledged message was delivered exactly once, and tear
-the lab down (C{--keep} leaves it running and says how to stop it).
+the lab down and remove its directory (C{--keep} leaves it running and says
+how to stop it).
 
-Every step is a C{relaynet lab} command, printed before it runs, so the demo
-doubles as a walk through C{docs/lab.md}.
+Every step is a C{relaynet lab} command, printed before it runs the way it
+can be pasted here (L{relaynet.lab.hints}), so the demo doubles as a walk
+through C{docs/lab.md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
 
 TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "chain3.toml"
 
 
-def _run(*args: str) -> int:
+def _run(*args: str | Path) -> int:
     from relaynet.cli import main as relaynet
+    from relaynet.lab.hints import command
 
-    print(f"\n$ relaynet {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    return relaynet(list(args))
+    print(f"\n$ {command(*args)}", flush=True)
+    return relaynet([str(a) for a in args])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {args.topology} not found (run from a source checkout)", file=sys.stderr)
         return 1
 
-    where = ["--dir", args.dir]
+    where: list[str | Path] = ["--dir", Path(args.dir)]
+    topology = Path(args.topology)
+    picture = Path(args.dir).parent / f"{Path(args.dir).name}-demo.svg"
     from relaynet.lab.state import Lab
 
     old = Lab(args.dir)
@@ -50,23 +54,28 @@ def main(argv: list[str] | None = None) -> int:
             # A lab from an earlier demo, stopped: start afresh rather than
             # mixing its messages into this run's numbers.
             _run("lab", "down", *where, "--clean")
-    if _run("lab", "up", args.topology, *where) != 0:
+    if _run("lab", "up", topology, *where) != 0:
         return 1
     failed = 0
     try:
         failed |= _run("lab", "send", *where, "-n", str(args.count), "--wait", "60")
         failed |= _run("lab", "trace", *where, "--last")
         failed |= _run("lab", "status", *where)
-        failed |= _run("lab", "draw", *where)
+        failed |= _run("lab", "draw", *where, "-o", picture)
         failed |= _run("lab", "check", *where, "--wait", "30")
     finally:
         if args.keep:
-            print(f"\ndemo: the lab is still running; try 'relaynet lab chaos --dir {args.dir} --send 300"
-                  f" --rate 30', then 'relaynet lab check --dir {args.dir} --wait 30'.\n"
-                  f"Stop it with: relaynet lab down --dir {args.dir}"
-                  f"  (or: {sys.executable} -m relaynet.cli lab down --dir {args.dir})")
+            from relaynet.lab.hints import command
+
+            print("\ndemo: the lab is still running; try:")
+            print(f"  $ {command('lab', 'chaos', *where, '--duration', '5', '--send', '150', '--rate', '30')}")
+            print(f"  $ {command('lab', 'check', *where, '--wait', '30')}")
+            print("stop it (and remove its directory) with:")
+            print(f"  $ {command('lab', 'down', *where, '--clean')}")
         else:
-            _run("lab", "down", *where)
+            # Leave no lab behind: a later 'lab up' starts afresh, and
+            # commands without --dir do not have to choose.
+            _run("lab", "down", *where, "--clean")
     return 1 if failed else 0
 
 

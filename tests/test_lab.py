@@ -35,12 +35,13 @@ TOPOLOGIES = ROOT / "topologies"
 BIN = Path(sys.executable).parent
 
 
-def relaynet(*args: str, timeout: float = 120.0, check_rc: bool = True) -> subprocess.CompletedProcess[str]:
+def relaynet(*args: str, timeout: float = 120.0, check_rc: bool = True,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run C{relaynet ARGS} (this venv's) and return the finished process."""
     script = BIN / "relaynet"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "relaynet.cli"]
     res = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, cwd=cwd)
     if check_rc:
         assert res.returncode == 0, f"relaynet {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}"
     return res
@@ -517,3 +518,141 @@ def test_netns_refusal_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         control.up(TOPOLOGIES / "chain3.toml", tmp_path / "lab", use_netns=True)
     assert not (tmp_path / "lab" / "lab.json").exists()
 
+
+
+# -- issue 17: commands that work as printed, a stopped lab, several labs -----
+
+
+def test_printed_program_is_the_one_that_ran(tmp_path: Path) -> None:
+    """
+    Hints name relaynet the way it was started: C{relaynet} only when PATH
+    finds that same script, else its path (relative under the current
+    directory), else C{python -m relaynet.cli}.
+    """
+    from relaynet.lab.hints import command, program
+
+    script = tmp_path / ".venv" / "bin" / "relaynet"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    python = str(tmp_path / ".venv" / "bin" / "python")
+    assert program(".venv/bin/relaynet", python, tmp_path, lambda name: None) == ".venv/bin/relaynet"
+    assert program(str(tmp_path / "relaynet" / "demo.py"), python, tmp_path,
+                   lambda name: None) == ".venv/bin/relaynet"
+    assert program(".venv/bin/relaynet", python, tmp_path, lambda name: str(script)) == "relaynet"
+    assert program(".venv/bin/relaynet", python, tmp_path, lambda name: "/usr/bin/relaynet") == \
+        ".venv/bin/relaynet"
+    assert program("x", python, tmp_path / "elsewhere", lambda name: None) == str(script)
+    assert program("x", "/nowhere/python", tmp_path, lambda name: None) == "/nowhere/python -m relaynet.cli"
+    assert command("lab", "up", Path("/abs/with space.toml")).endswith("lab up '/abs/with space.toml'")
+
+
+@pytest.mark.slow
+def test_every_command_the_demo_prints_runs_as_printed(tmp_path: Path) -> None:
+    """
+    Every C{$ ...} line that the demo and the lab commands print (steps and
+    hints) runs when pasted into a shell in the same directory; the last,
+    C{lab down --clean}, leaves no lab behind.
+    """
+    demo = subprocess.run([sys.executable, "-m", "relaynet.demo", "-n", "5", "--keep"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    try:
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        printed = [ln.split("$ ", 1)[1] for ln in demo.stdout.splitlines() if ln.lstrip().startswith("$ ")]
+        commands = list(dict.fromkeys(printed))
+        assert any(" lab up " in c for c in commands) and any(" lab down " in c for c in commands)
+        assert not any(c.startswith("relaynet ") for c in commands), commands  # not on PATH here
+        downs = [c for c in commands if " lab down " in c]
+        for c in [c for c in commands if c not in downs] + downs:
+            res = subprocess.run(c, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                 stdin=subprocess.DEVNULL)
+            assert res.returncode == 0 and "Traceback" not in res.stderr, f"$ {c}\n{res.stdout}{res.stderr}"
+        assert not (tmp_path / "var" / "lab" / "chain3").exists()
+    finally:
+        if (tmp_path / "var" / "lab" / "chain3" / "lab.json").exists():
+            relaynet("lab", "down", "--dir", str(tmp_path / "var" / "lab" / "chain3"), check_rc=False)
+
+
+@pytest.mark.slow
+def test_stopped_lab_says_how_to_start_it_and_comes_back_in_either_mode(lab_dirs: Any) -> None:
+    """
+    C{lab send} to a stopped lab says, in one line, that it is down and the
+    command that starts it; that command works and says every node was down
+    (not "partly"); a stopped lab can come back with or without --netns.
+    """
+    labdir = lab_dirs("chain3")
+    relaynet("lab", "up", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir))
+    relaynet("lab", "down", "--dir", str(labdir))
+    res = relaynet("lab", "send", "--dir", str(labdir), "-n", "3", check_rc=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("relaynet lab: lab chain3 is down: start it with: "), lines
+    again = subprocess.run(lines[0].split("start it with: ", 1)[1], shell=True, capture_output=True,
+                           text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    assert "was down: started every node again" in again.stdout and "partly" not in again.stdout
+    relaynet("lab", "down", "--dir", str(labdir))
+    if netns.unavailable_reason() is None:
+        up = relaynet("lab", "up", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir), "--netns")
+        assert all(n["netns"] and n["running"] for n in _status(labdir)["nodes"]), up.stdout + up.stderr
+        relaynet("lab", "down", "--dir", str(labdir))
+        relaynet("lab", "up", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir))
+        assert all(not n["netns"] and n["running"] for n in _status(labdir)["nodes"])
+        relaynet("lab", "down", "--dir", str(labdir))
+
+
+def _fake_lab(base: Path, name: str, nodes: dict[str, dict[str, Any]]) -> Path:
+    from relaynet.lab.state import Lab
+
+    lab = Lab(base / "var" / "lab" / name)
+    lab.data = {"name": name, "topology": str(TOPOLOGIES / f"{name}.toml"), "nodes": nodes}
+    lab.save()
+    return lab.dir
+
+
+def test_several_labs_pick_the_running_one_or_name_both_ways(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    With several labs under ./var/lab and no --dir, commands use the one
+    running; with none (or two) running they name --lab and --dir.
+    """
+    from relaynet.lab import control
+    from relaynet.lab.state import Lab, LabError
+
+    monkeypatch.chdir(tmp_path)
+    rec = {"address": "127.0.0.2", "ports": [2525], "config": "x", "events": "e", "spool": "s"}
+    _fake_lab(tmp_path, "chain3", {"a": dict(rec)})
+    _fake_lab(tmp_path, "star", {"b": dict(rec)})
+    with pytest.raises(LabError, match=r"several labs .*chain3, star; none running.*--lab NAME.*--dir DIR"):
+        control.open_lab(None)
+    monkeypatch.setattr(Lab, "alive", lambda self, name: self.name == "star")
+    said: list[str] = []
+    assert control.open_lab(None, say=said.append).name == "star"
+    assert said and "star" in said[0]
+
+
+def test_send_names_the_port_it_submits_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """C{lab send --port submission} says it submits to the submission port, not the relay port."""
+    from relaynet.cli import main
+    from relaynet.lab import cli as labcli
+    from relaynet.lab.state import Lab
+    from relaynet.lab.traffic import SendSummary
+
+    rec = {"address": "127.0.0.2", "ports": [2525, 2587], "modes": ["relay", "submission"], "config": "x",
+           "events": str(tmp_path / "e"), "spool": "s"}
+    d = _fake_lab(tmp_path, "intra-org", {"eng": dict(rec), "sales": {**rec, "ports": [2525],
+                                                                       "modes": ["relay"]}})
+    used: list[int] = []
+
+    def fake_send(lab: Any, params: Any, progress: bool, port_mode: str = "relay", **kw: Any) -> SendSummary:
+        used.append(labcli._port_index(lab, params["entry"], port_mode))
+        return SendSummary(run="r", requested=1, accepted=1)
+
+    monkeypatch.setattr(Lab, "alive", lambda self, name: True)
+    monkeypatch.setattr(labcli, "run_send", fake_send)
+    assert main(["lab", "send", "--dir", str(d), "--from", "eng", "--port", "submission", "--to", "x@y.test",
+                 "-n", "1", "--no-progress"]) == 0
+    assert "eng (127.0.0.2:2587)" in capsys.readouterr().err and used == [1]
+    assert main(["lab", "send", "--dir", str(d), "--from", "eng", "--from", "sales", "--port", "submission",
+                 "--to", "x@y.test", "-n", "1"]) == 1
+    assert "node sales has no submission listener" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import threading
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from relaynet.config import ConfigError
+from relaynet.lab.hints import command
 from relaynet.lab.state import Lab, LabError
 
 
@@ -44,7 +46,21 @@ def _lab(args: argparse.Namespace) -> Lab:
 
     if getattr(args, "lab", None) and not args.dir:
         return open_lab(Path("var") / "lab" / args.lab)
-    return open_lab(args.dir)
+    return open_lab(args.dir, say=_say)
+
+
+def _require_running(lab: Lab, names: list[str] | None = None) -> None:
+    """
+    @raise LabError: the lab is down (or node C{names} are), with the command
+        that starts it.
+    """
+    down = [n for n in (names or list(lab.nodes)) if not lab.alive(n)]
+    if not down:
+        return
+    start = command("lab", "up", Path(lab.data.get("topology", "TOPOLOGY")), "--dir", lab.dir)
+    if not any(lab.alive(n) for n in lab.nodes):
+        raise LabError(f"lab {lab.name} is down: start it with: {start}")
+    raise LabError(f"node(s) {', '.join(down)} of lab {lab.name} are down: start them with: {start}")
 
 
 def _guard(func: Any) -> Any:
@@ -54,6 +70,11 @@ def _guard(func: Any) -> Any:
         except (LabError, ConfigError) as e:
             _err(str(e))
             return 1
+        except OSError as e:
+            # A file named on the command line or in the lab that cannot be
+            # read or written: say which, in one line.
+            _err(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+            return 1
         except KeyboardInterrupt:
             _err("interrupted")
             return 130
@@ -61,7 +82,47 @@ def _guard(func: Any) -> Any:
             # The reader went away (e.g. "| head"): not an error of ours.
             sys.stderr.close()
             return 0
+        except Exception as e:
+            # Still one line, never a traceback (RELAYNET_TRACEBACK=1 shows it).
+            if os.environ.get("RELAYNET_TRACEBACK"):
+                raise
+            _err(f"unexpected error: {type(e).__name__}: {e} (RELAYNET_TRACEBACK=1 shows where)")
+            return 1
     return run
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A parser whose errors are one line on stderr (usage is behind C{-h})."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} -h)\n")
+
+
+def _number(kind: type, low: float, strict: bool) -> Any:
+    """An argparse type: a number of C{kind} above (C{strict}) or at least C{low}."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value != value or value < low or (strict and value == low) or value in (float("inf"),):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'above' if strict else 'at least'} {low:g}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_count = _number(int, 0, strict=False)
+_positive_int = _number(int, 0, strict=True)
+_seconds = _number(float, 0, strict=False)
+_positive_seconds = _number(float, 0, strict=True)
+
+
+def _ranges(args: argparse.Namespace) -> None:
+    for name in ("interval", "down"):
+        pair = getattr(args, name, None)
+        if pair and pair[0] > pair[1]:
+            raise LabError(f"--{name} {pair[0]:g} {pair[1]:g}: MIN is above MAX")
 
 
 # -- up / down ---------------------------------------------------------------
@@ -78,11 +139,23 @@ def _up(args: argparse.Namespace) -> int:
         print(json.dumps({"lab": lab.name, "dir": str(lab.dir), "result": what, "seconds": round(took, 3),
                           "nodes": _node_summaries(lab)}, indent=2))
         return 0
-    verb = {"started": "is up", "reattached": "was already up: reattached (nothing started)"}.get(
-        what, f"was partly down: {what}")
+    verb = {
+        "started": "is up", "reattached": "was already up: reattached (nothing started)",
+        "restarted all": "was down: started every node again (configs and spools kept)",
+    }.get(what, f"was partly down: {what}")
     print(f"lab {lab.name} {verb} in {took:.2f}s  (dir {lab.dir})")
     print(control.table(lab))
-    print(f"next: relaynet lab send --dir {lab.dir}   |   relaynet lab down --dir {lab.dir}")
+    from relaynet.lab.traffic import read_sent
+
+    earlier = len(read_sent(lab.sent_path)) if what != "reattached" else 0
+    if earlier:
+        print(f"{lab.sent_path.name} already lists {earlier} message(s) of earlier runs: 'lab check' verifies"
+              " them too; to start afresh instead:")
+        print(f"  $ {command('lab', 'down', '--clean', '--dir', lab.dir)}")
+        print(f"  $ {command('lab', 'up', Path(args.topology), '--dir', lab.dir)}")
+    print("next:")
+    print(f"  $ {command('lab', 'send', '--dir', lab.dir)}")
+    print(f"  $ {command('lab', 'down', '--dir', lab.dir)}")
     return 0
 
 
@@ -190,11 +263,30 @@ def _send_args(lab: Lab, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _port_index(lab: Lab, entry: list[str], mode: str) -> int:
-    rec = lab.node(entry[0])
+    indexes = {_mode_index(lab, e, mode) for e in entry}
+    if len(indexes) > 1:
+        raise LabError(f"the {mode} listeners of {', '.join(entry)} are not in the same place: "
+                       "send to one node at a time")
+    return indexes.pop()
+
+
+def _mode_index(lab: Lab, node: str, mode: str) -> int:
+    rec = lab.node(node)
     modes = rec.get("modes", ["relay"])
     if mode not in modes:
-        raise LabError(f"node {entry[0]} has no {mode} listener (it has: {', '.join(modes)})")
+        raise LabError(f"node {node} has no {mode} listener (it has: {', '.join(modes)})")
     return int(modes.index(mode))
+
+
+def submit_address(lab: Lab, node: str, mode: str = "relay") -> str:
+    """
+    C{host:port} of node C{node}'s listener of C{mode}: where C{lab send --port
+    MODE} connects.
+
+    @raise LabError: no such node, or it has no such listener.
+    """
+    rec = lab.node(node)
+    return f"{rec['address']}:{rec['ports'][_mode_index(lab, node, mode)]}"
 
 
 def run_send(lab: Lab, params: dict[str, Any], progress: bool, port_mode: str = "relay",
@@ -221,7 +313,8 @@ def _send(args: argparse.Namespace) -> int:
     login = (args.user, args.password) if args.user else None
     if args.user and args.password is None:
         raise LabError("--user needs --password")
-    where = ", ".join(f"{e} ({lab.nodes[e]['address']}:{lab.nodes[e]['ports'][0]})" for e in params["entry"])
+    _require_running(lab, params["entry"])
+    where = ", ".join(f"{e} ({submit_address(lab, e, args.port)})" for e in params["entry"])
     if not args.json:
         _say(f"sending {params['count']} message(s) of {params['size']} bytes to {where}, "
              f"{params['concurrency']} session(s), from <{params['sender']}> to "
@@ -251,7 +344,8 @@ def _send(args: argparse.Namespace) -> int:
                       f" p50 {result['latency_p50']:.3f}s, p99 {result['latency_p99']:.3f}s")
             else:
                 print(f"nothing of this run delivered yet (waited {result['waited']:.2f}s)")
-        print(f"recorded in {lab.sent_path}; verify with: relaynet lab check --dir {lab.dir}")
+        print(f"recorded in {lab.sent_path}; verify with:")
+        print(f"  $ {command('lab', 'check', '--dir', lab.dir)}")
     return 0 if s.accepted or not s.requested else 1
 
 
@@ -308,7 +402,9 @@ def _check(args: argparse.Namespace) -> int:
 def _chaos(args: argparse.Namespace) -> int:
     from relaynet.lab import chaos
 
+    _ranges(args)
     lab = _lab(args)
+    _require_running(lab)
     c = lab.data.get("chaos", {})
     links = args.links or (bool(c.get("links")) and bool(lab.data.get("netns")))
     plan = chaos.ChaosPlan(
@@ -351,7 +447,8 @@ def _chaos(args: argparse.Namespace) -> int:
     print(f"chaos done: {kills} kill -9, {log.count('restart')} restart(s), {cuts} link cut(s),"
           f" {log.count('restore')} restored; log {lab.chaos_path}")
     if not plan.restart and kills:
-        print("killed nodes were left down: 'relaynet lab up' on the same topology and --dir restarts them")
+        print("killed nodes were left down; restart them with:")
+        print(f"  $ {command('lab', 'up', Path(lab.data.get('topology', 'TOPOLOGY')), '--dir', lab.dir)}")
     if "summary" in traffic:
         s = traffic["summary"]
         print(f"traffic: {s.accepted} accepted, {s.refused} refused, {s.failed} failed of {s.requested}"
@@ -398,14 +495,15 @@ def add_lab_parser(sub: Any) -> None:
     p = sub.add_parser("lab", help="run and drive lab topologies (see topologies/ and docs/lab.md)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-    lab = p.add_subparsers(dest="lab_command", metavar="LAB-COMMAND")
+    p.error = _OneLineParser.error.__get__(p)
+    lab = p.add_subparsers(dest="lab_command", metavar="LAB-COMMAND", parser_class=_OneLineParser)
 
     s = lab.add_parser("up", help="start every node of a topology (or reattach to a running lab)")
     s.add_argument("topology", help="topology file (TOML), e.g. topologies/chain3.toml")
     s.add_argument("--dir", help="lab directory (default ./var/lab/<topology name>)")
     s.add_argument("--netns", action="store_true",
                    help="one network namespace per node, joined by veth links (root and iproute2)")
-    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for every EHLO (default 30)")
+    s.add_argument("--timeout", type=_positive_seconds, default=30.0, help="seconds to wait for every EHLO (default 30)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_guard(_up))
 
@@ -416,17 +514,17 @@ def add_lab_parser(sub: Any) -> None:
 
     s = lab.add_parser("send", help="submit N messages; record those acknowledged for 'lab check'")
     _where(s)
-    s.add_argument("-n", "--count", type=int, help="messages to send (default from the topology, else 100)")
-    s.add_argument("--size", type=int, help="bytes per message, headers included (default 2048)")
-    s.add_argument("-c", "--concurrency", type=int, help="SMTP sessions in parallel (default 8)")
+    s.add_argument("-n", "--count", type=_count, help="messages to send (default from the topology, else 100)")
+    s.add_argument("--size", type=_positive_int, help="bytes per message, headers included (default 2048)")
+    s.add_argument("-c", "--concurrency", type=_positive_int, help="SMTP sessions in parallel (default 8)")
     s.add_argument("--from", dest="entry", action="append", metavar="NODE",
                    help="node to submit to (repeat: taken in turn; default from the topology)")
     s.add_argument("--sender", help="envelope sender")
     s.add_argument("--to", action="append", metavar="ADDRESS", help="recipient (repeatable)")
     s.add_argument("--rotate", action="store_true", help="each message to one recipient, in turn")
-    s.add_argument("--rate", type=float, default=0.0, help="at most this many messages per second")
-    s.add_argument("--duration", type=float, default=0.0, help="stop starting messages after S seconds")
-    s.add_argument("--wait", type=float, default=0.0, metavar="S",
+    s.add_argument("--rate", type=_seconds, default=0.0, help="at most this many messages per second")
+    s.add_argument("--duration", type=_seconds, default=0.0, help="stop starting messages after S seconds")
+    s.add_argument("--wait", type=_seconds, default=0.0, metavar="S",
                    help="then wait up to S seconds for delivery and print end-to-end latency")
     s.add_argument("--port", default="relay", help="listener mode to submit to: relay (default), submission")
     s.add_argument("--user", help="SMTP AUTH user (implies STARTTLS)")
@@ -446,7 +544,7 @@ def add_lab_parser(sub: Any) -> None:
 
     s = lab.add_parser("check", help="was every acknowledged message delivered (or bounced) exactly once?")
     _where(s)
-    s.add_argument("--wait", type=float, default=0.0, metavar="S",
+    s.add_argument("--wait", type=_seconds, default=0.0, metavar="S",
                    help="first wait up to S seconds for every queue to empty")
     s.add_argument("--allow-duplicates", action="store_true",
                    help="exit 0 despite duplicates (at-least-once after crashes)")
@@ -455,20 +553,20 @@ def add_lab_parser(sub: Any) -> None:
 
     s = lab.add_parser("chaos", help="kill -9 and restart random nodes, or cut links (netns), for a while")
     _where(s)
-    s.add_argument("--duration", type=float, help="seconds (default from the topology, else 15)")
+    s.add_argument("--duration", type=_seconds, help="seconds (default from the topology, else 15)")
     s.add_argument("--target", action="append", metavar="NODE",
                    help="node that may be killed (repeatable; default from the topology)")
-    s.add_argument("--interval", type=float, nargs=2, metavar=("MIN", "MAX"), help="seconds between actions")
-    s.add_argument("--down", type=float, nargs=2, metavar=("MIN", "MAX"), help="seconds a node/link stays down")
+    s.add_argument("--interval", type=_seconds, nargs=2, metavar=("MIN", "MAX"), help="seconds between actions")
+    s.add_argument("--down", type=_seconds, nargs=2, metavar=("MIN", "MAX"), help="seconds a node/link stays down")
     s.add_argument("--no-restart", action="store_true", help="leave killed nodes down")
-    s.add_argument("--max-actions", type=int, help="at most this many kills/cuts")
-    s.add_argument("--start-after", type=float, help="seconds before the first action")
+    s.add_argument("--max-actions", type=_count, help="at most this many kills/cuts")
+    s.add_argument("--start-after", type=_seconds, help="seconds before the first action")
     s.add_argument("--links", action="store_true", help="cut and restore links instead (needs lab up --netns)")
     s.add_argument("--seed", type=int, default=None, help="random seed (replays a schedule)")
-    s.add_argument("--send", type=int, default=0, metavar="N",
+    s.add_argument("--send", type=_count, default=0, metavar="N",
                    help="also send N messages meanwhile (topology's traffic defaults)")
-    s.add_argument("--rate", type=float, default=0.0, help="with --send: messages per second")
-    s.add_argument("-c", "--concurrency", type=int, help="with --send: SMTP sessions")
+    s.add_argument("--rate", type=_seconds, default=0.0, help="with --send: messages per second")
+    s.add_argument("-c", "--concurrency", type=_positive_int, help="with --send: SMTP sessions")
     s.set_defaults(func=_guard(_chaos))
 
     s = lab.add_parser("draw", help="write the topology as SVG, links labelled with counts and latencies")

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from relaynet.config import ConfigError
 from relaynet.lab import netns, procs
+from relaynet.lab.hints import command
 from relaynet.lab.state import Lab, LabError
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.topology import (
@@ -142,17 +143,25 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
         if reason:
             raise LabError(f"--netns is not available here: {reason}")
     lab = Lab(lab_dir if lab_dir is not None else Path("var") / "lab" / topology.name)
-    digest = hashlib.sha256(Path(topology_path).read_bytes()).hexdigest()
+    try:
+        digest = hashlib.sha256(Path(topology_path).read_bytes()).hexdigest()
+    except OSError as e:
+        raise LabError(f"cannot read {topology_path}: {e.strerror or e}") from None
     with lab.locked():
         if lab.exists():
-            stale = (
-                lab.data.get("topology") == source and lab.data.get("topology_sha256") != digest
-                and not any(lab.alive(n) for n in lab.nodes)
-            )
-            if not stale:
+            # A stopped lab of this topology whose file changed, or asked
+            # for in the other mode (--netns or not), is generated again.
+            same = lab.data.get("topology") == source
+            stopped = not any(lab.alive(n) for n in lab.nodes)
+            changed = lab.data.get("topology_sha256") != digest
+            other_mode = bool(lab.data.get("netns")) != use_netns
+            if not (same and stopped and (changed or other_mode)):
                 return lab, _reattach(lab, source, use_netns, timeout, say)
-            say(f"{Path(topology_path).name} changed since the lab last ran: generating its configs again"
-                " (spools and mailboxes are kept)")
+            why = (f"{Path(topology_path).name} changed since the lab last ran" if changed else
+                   f"the lab ran {'with' if lab.data.get('netns') else 'without'} --netns before")
+            say(f"{why}: generating its configs again (spools and mailboxes are kept)")
+            if lab.data.get("netns"):
+                netns.teardown(_namespaces(lab).values())
             lab.state_path.unlink()
         for attempt in range(START_ATTEMPTS):
             recs = _records(lab, topology, use_netns)
@@ -208,11 +217,12 @@ def _reattach(lab: Lab, source: str, use_netns: bool, timeout: float, say: Say) 
     if lab.data.get("topology") != source:
         raise LabError(
             f"{lab.dir} holds lab {lab.name!r} of {lab.data.get('topology')}, not {source}: "
-            "use another --dir, or 'relaynet lab down --clean' that one first"
+            f"use another --dir, or remove that lab first: {command('lab', 'down', '--clean', '--dir', lab.dir)}"
         )
     if bool(lab.data.get("netns")) != use_netns:
         mode = "with" if lab.data.get("netns") else "without"
-        raise LabError(f"the lab in {lab.dir} was started {mode} --netns; give the same mode, or 'lab down' it first")
+        raise LabError(f"the lab in {lab.dir} runs {mode} --netns: give the same mode, or stop it first:"
+                       f" {command('lab', 'down', '--dir', lab.dir)}")
     dead = [name for name in lab.nodes if not lab.alive(name)]
     if not dead:
         return "reattached"
@@ -220,7 +230,8 @@ def _reattach(lab: Lab, source: str, use_netns: bool, timeout: float, say: Say) 
         have = netns.existing()
         if not all(ns in have for ns in _namespaces(lab).values()):
             if len(dead) != len(lab.nodes):
-                raise LabError("some namespaces of this lab are gone while nodes run: 'lab down' it first")
+                raise LabError("some namespaces of this lab are gone while nodes run: stop it first:"
+                               f" {command('lab', 'down', '--dir', lab.dir)}")
             netns.teardown(_namespaces(lab).values())
             for link in lab.data.get("links", []):
                 link["up"] = True
@@ -234,14 +245,17 @@ def _reattach(lab: Lab, source: str, use_netns: bool, timeout: float, say: Say) 
             for port in rec["ports"]:
                 if not procs.port_ok(rec["address"], port):
                     raise LabError(
-                        f"node {name}: {rec['address']}:{port} is taken by another program; "
-                        "'lab down --clean' and 'lab up' again to allocate new ports"
+                        f"node {name}: {rec['address']}:{port} is taken by another program; remove the lab"
+                        f" ({command('lab', 'down', '--clean', '--dir', lab.dir)}) and 'lab up' again"
+                        " to allocate new ports"
                     )
     say(f"restarting stopped node(s): {', '.join(dead)}")
     problems = _start(lab, dead, timeout)
     lab.save()
     if problems:
         raise LabError("restart failed:\n" + "\n".join(f"node {n}: {p}" for n, p in problems.items()))
+    if len(dead) == len(lab.nodes):
+        return "restarted all"
     return "restarted: " + ", ".join(dead)
 
 
@@ -304,7 +318,8 @@ def restart_node(lab: Lab, name: str, timeout: float = procs.START_TIMEOUT,
 def set_link(lab: Lab, a: str, b: str, up: bool) -> None:
     """Cut (C{up=False}) or restore the netns link between nodes C{a} and C{b}."""
     if not lab.data.get("netns"):
-        raise LabError("links can be cut only in a lab started with 'lab up --netns'")
+        raise LabError("links can be cut only in a lab started with"
+                       f" {command('lab', 'up', Path(lab.data.get('topology', 'TOPOLOGY')), '--netns')}")
     for link in lab.data.get("links", []):
         if {link["a"], link["b"]} == {a, b}:
             netns.set_link(_namespaces(lab), link, up)
@@ -335,10 +350,11 @@ def table(lab: Lab) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def open_lab(lab_dir: str | Path | None, topology: str | None = None) -> Lab:
+def open_lab(lab_dir: str | Path | None, topology: str | None = None, say: Say = _quiet) -> Lab:
     """
     The lab of C{--dir}, or of a topology name/path given instead, or the only
-    lab under C{./var/lab}.
+    lab under C{./var/lab}, or, of several there, the only one running (said
+    through C{say}).
 
     @raise LabError: none found, or more than one to choose from.
     """
@@ -356,5 +372,21 @@ def open_lab(lab_dir: str | Path | None, topology: str | None = None) -> Lab:
     if len(found) == 1:
         return Lab(found[0]).load()
     if not found:
-        raise LabError("no lab under ./var/lab: start one with 'relaynet lab up TOPOLOGY' or give --dir")
-    raise LabError("several labs under ./var/lab (" + ", ".join(p.name for p in found) + "): give --dir")
+        raise LabError(f"no lab under ./var/lab: start one with {command('lab', 'up', 'TOPOLOGY')},"
+                       " or give --dir DIR")
+    labs = [Lab(p) for p in found]
+    running = []
+    for lab in labs:
+        try:
+            lab.load()
+        except LabError:
+            continue
+        if any(lab.alive(n) for n in lab.nodes):
+            running.append(lab)
+    if len(running) == 1:
+        say(f"using lab {running[0].name}, the one running (of {', '.join(p.name for p in found)});"
+            " --lab NAME or --dir DIR chooses another")
+        return running[0]
+    which = f"running: {', '.join(lab.dir.name for lab in running)}" if running else "none running"
+    raise LabError(f"several labs under ./var/lab ({', '.join(p.name for p in found)}; {which}):"
+                   f" choose one with --lab NAME (e.g. --lab {found[0].name}) or --dir DIR")

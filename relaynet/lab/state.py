@@ -103,8 +103,10 @@ class Lab:
         try:
             self.data = json.loads(self.state_path.read_text("utf-8"))
         except FileNotFoundError:
+            from relaynet.lab.hints import command
+
             raise LabError(
-                f"no lab in {self.dir} (no lab.json): start one with 'relaynet lab up TOPOLOGY'"
+                f"no lab in {self.dir} (no lab.json): start one with {command('lab', 'up', 'TOPOLOGY')},"
                 " or give its directory with --dir"
             ) from None
         except (OSError, ValueError) as e:
