@@ -141,15 +141,16 @@ def split_delivered(data: bytes) -> tuple[dict[str, bytes], bytes]:
         assert data.startswith(name, pos), (
             f"expected {name!r} at offset {pos}, found {data[pos:pos + 60]!r}"
         )
-        end = data.index(b"\r\n", pos)
+        # Maildir files have LF line ends (relaynet.delivery.mailbox).
+        end = data.index(b"\n", pos)
         value = data[pos + len(name):end]
         # Folded continuation lines (only our Received: is folded).
-        while data[end + 2:end + 3] in (b" ", b"\t"):
-            nxt = data.index(b"\r\n", end + 2)
-            value += b" " + data[end + 2:nxt].strip()
+        while data[end + 1:end + 2] in (b" ", b"\t"):
+            nxt = data.index(b"\n", end + 1)
+            value += b" " + data[end + 1:nxt].strip()
             end = nxt
         fields[name[:-1].decode().lower()] = value.strip()
-        pos = end + 2
+        pos = end + 1
     return fields, data[pos:]
 
 

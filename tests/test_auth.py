@@ -787,7 +787,7 @@ def test_submission_end_to_end(node: NodeProcess) -> None:
         implicit_tls = s.sock.version()
     for user in users:
         (path,) = wait_for(lambda: node.maildir_new(user), DELIVERY_TIMEOUT, f"delivery to {user}")
-        head = path.read_bytes().split(b"\r\n\r\n")[0]
+        head = path.read_bytes().split(b"\n\n")[0]
         assert b"with ESMTPSA" in head
         assert b"using TLSv1." in head
         if user.startswith("i"):

@@ -6,7 +6,10 @@ signals, the embedded default config and a 50 MB message.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import hashlib
+import mailbox
 import re
 import shutil
 import signal
@@ -23,6 +26,7 @@ from harness.nodeproc import (
     relaynet_command, split_delivered, wait_for,
 )
 
+from relaynet.delivery.mailbox import crlf_to_lf
 from relaynet.queue.spool import read_queue_file
 
 pytestmark = pytest.mark.slow
@@ -60,6 +64,14 @@ def queue_id_of(code: int, resp: bytes) -> str:
     m = QUEUE_ID.match(line)
     assert m, f"250 reply not of the form '250 2.0.0 Ok: queued as ID': {line!r}"
     return m.group(1).decode()
+
+
+NL = b"\n"
+
+
+def lf(msg: bytes) -> bytes:
+    """C{msg} as a Maildir file holds it: LF line ends."""
+    return msg.replace(b"\r\n", b"\n")
 
 
 def delivered_one(n: NodeProcess, user: str, timeout: float = DELIVERY_TIMEOUT) -> Path:
@@ -134,8 +146,49 @@ def test_two_local_users_byte_identical(node: NodeProcess, make) -> None:
         assert fields["return-path"] == b"<a@example.org>"
         assert fields["delivered-to"] == f"{user}@localhost".encode()
         assert f" id {qid}".encode() in fields["received"], fields["received"]
-        assert rest == msg, "delivered message differs from what was sent"
-        assert path.name.endswith(f",S={len(data)}"), path.name
+        assert b"\r" not in data, "a Maildir file has LF line ends"
+        assert rest == lf(msg), "delivered message differs from what was sent"
+        assert path.name.endswith(f",S={len(data)},W={len(data) + data.count(NL)}"), path.name
+
+
+def test_maildir_file_read_by_independent_readers(node: NodeProcess) -> None:
+    """
+    A delivered file is a standard Maildir message with LF line ends
+    (maildir(5), Dovecot, Postfix's local): Python's C{mailbox.Maildir} lists
+    and reads it and the C{email} parser sees the trace fields, the headers
+    and the body, with no CR anywhere.
+    """
+    token = _token()
+    user = f"mbox{token}"
+    body = "line one\r\n\r\n.dot line\r\nlast line\r\n"
+    msg = f"Message-ID: <mbox-{token}@test>\r\nSubject: reader {token}\r\n\r\n{body}".encode()
+    assert send(node.port, "a@example.org", [f"{user}@localhost"], msg)[0] == 250
+    path = delivered_one(node, user)
+    md = mailbox.Maildir(path.parent.parent, factory=None, create=False)
+    (key,) = md.keys()
+    got = md[key]
+    assert got["Return-Path"] == "<a@example.org>"
+    assert got["Delivered-To"] == f"{user}@localhost"
+    assert got["Subject"] == f"reader {token}"
+    assert got["Message-ID"] == f"<mbox-{token}@test>"
+    assert got.get_payload() == body.replace("\r\n", "\n")
+    raw = md.get_bytes(key)
+    assert b"\r" not in raw
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert not parsed.defects
+    assert parsed.get_content() == body.replace("\r\n", "\n")
+    assert parsed["Received"] is not None
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_crlf_to_lf_across_chunk_boundaries(size: int) -> None:
+    """
+    The streaming conversion gives the same bytes whatever the chunk size,
+    a CRLF split between two chunks included; a CR not before an LF stays.
+    """
+    data = b"a\r\nb\r\n\r\nc\rd\r\n\r"
+    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    assert b"".join(crlf_to_lf(chunks)) == b"a\nb\n\nc\rd\n\r"
 
 
 def test_queue_id_in_reply_received_and_events(node: NodeProcess) -> None:
@@ -151,7 +204,7 @@ def test_queue_id_in_reply_received_and_events(node: NodeProcess) -> None:
 
     fields, rest = split_delivered(delivered_one(node, user).read_bytes())
     assert re.search(rb"\bid " + qid.encode() + rb"\b", fields["received"]), fields["received"]
-    assert rest == msg
+    assert rest == lf(msg)
 
     def events_for():
         evs = [e for e in node.events() if e.get("queue_id") == qid]
@@ -338,7 +391,7 @@ def test_sigterm_during_data_completes_or_leaves_nothing(tmp_path: Path) -> None
         wait_for(lambda: not n.queue_files("new"), DELIVERY_TIMEOUT, "the queue to drain")
         files = n.maildir_new(user)
         assert len(files) == 1, files
-        assert split_delivered(files[0].read_bytes())[1] == msg_head + msg_tail
+        assert split_delivered(files[0].read_bytes())[1] == lf(msg_head + msg_tail)
 
 
 def test_sigterm_with_stalled_data_is_bounded(tmp_path: Path) -> None:
@@ -407,7 +460,7 @@ def test_default_config_in_empty_directory(tmp_path: Path) -> None:
         box = work / "var/relaynet/mailboxes/localhost/user/Maildir/new"
         files = wait_for(lambda: list(box.glob("*")), DELIVERY_TIMEOUT, f"a file in {box}")
         assert len(files) == 1
-        assert split_delivered(files[0].read_bytes())[1] == msg
+        assert split_delivered(files[0].read_bytes())[1] == lf(msg)
 
 
 def _ipv6_loopback() -> bool:
@@ -433,7 +486,7 @@ def test_listen_and_spool_options_on_ipv6_loopback(tmp_path: Path) -> None:
             s.sendmail("a@example.org", ["v6user@localhost"], msg)
         files = wait_for(lambda: n.maildir_new("v6user"), DELIVERY_TIMEOUT, "delivery over ::1")
         fields, rest = split_delivered(files[0].read_bytes())
-        assert rest == msg
+        assert rest == lf(msg)
         assert b"[IPv6:::1]" in fields["received"], fields["received"]
         assert not (tmp_path / "var").exists(), "--spool was not used for the spool"
 
@@ -461,7 +514,7 @@ def test_fifty_megabyte_message(tmp_path: Path) -> None:
     token = _token()
     msg = big_message(token)
     assert len(msg) == BIG
-    digest = hashlib.sha256(msg).hexdigest()
+    digest = hashlib.sha256(lf(msg)).hexdigest()
     with NodeProcess(tmp_path, name="big",
                      extra_toml="\n[limits]\nmax_message_size = 60000000\n") as n:
         # Warm up (first session, first delivery), then measure.
@@ -475,9 +528,9 @@ def test_fifty_megabyte_message(tmp_path: Path) -> None:
         after = n.vm_hwm_kib()
         data = path.read_bytes()
         fields, rest = split_delivered(data)
-        assert len(rest) == BIG
+        assert len(rest) == BIG - msg.count(b"\r\n")
         assert hashlib.sha256(rest).hexdigest() == digest
-        assert path.name.endswith(f",S={len(data)}")
+        assert path.name.endswith(f",S={len(data)},W={len(data) + data.count(NL)}")
         assert path.stat().st_size == len(data)
         growth_mb = (after - before) / 1024
         print(f"\nnode VmHWM before {before} KiB, after {after} KiB: +{growth_mb:.1f} MiB "

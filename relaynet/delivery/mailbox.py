@@ -3,10 +3,15 @@
 Local delivery (the MDA): copy a queued message into users' Maildirs.
 
 Each copy lands in C{<mailroot>/<domain>/<user>/Maildir/new/} as a standard
-Maildir file (mutt, Dovecot), with C{Return-Path:} and C{Delivered-To:}
-prepended and the message bytes exactly as stored (CRLF line ends, as they came
-over SMTP). The file is written in C{tmp/}, fsynced, renamed into C{new/} and
-the directory fsynced before the delivery counts as done.
+Maildir file (maildir(5), mutt, Dovecot, Postfix's local and virtual), with
+C{Return-Path:} and C{Delivered-To:} prepended and the message as stored
+except for line ends: the queue keeps SMTP's CRLF, a Maildir file has LF (the
+Maildir convention; tools that read it as a plain file mis-handle CRLF). The
+conversion streams in chunks (a CR that ends a chunk waits for the next one),
+so a large message is never whole in memory. The file name carries
+C{,S=<octets in the file>,W=<octets with CRLF line ends>} (Dovecot's sizes).
+The file is written in C{tmp/}, fsynced, renamed into C{new/} and the
+directory fsynced before the delivery counts as done.
 
 Every function here blocks: the queue runner calls them in a worker thread.
 """
@@ -18,6 +23,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from attrs import frozen
 
@@ -76,6 +82,50 @@ def _quote_path(address: str) -> str:
     return f"<{address}>"
 
 
+#: Octets read from the queue file at a time.
+CHUNK = 1 << 20
+
+
+def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """
+    Turn CRLF line ends into LF in a stream of chunks, whatever their
+    boundaries: a CR at the end of a chunk is held back until the next chunk
+    shows whether an LF follows. A CR not followed by LF is kept.
+
+    @param chunks: the bytes, in order.
+    @return: the converted bytes, in chunks.
+    """
+    held = b""
+    for chunk in chunks:
+        if not chunk:
+            continue
+        data = held + chunk
+        held = b""
+        if data.endswith(b"\r"):
+            data, held = data[:-1], b"\r"
+        yield data.replace(b"\r\n", b"\n")
+    if held:
+        yield held
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_chunks(path: str | Path, offset: int, size: int) -> Iterator[bytes]:
+    with open(path, "rb") as src:
+        src.seek(offset)
+        remaining = size
+        while remaining > 0:
+            chunk = src.read(min(remaining, CHUNK))
+            if not chunk:
+                raise OSError(f"queue file {path} is shorter than its recorded size")
+            remaining -= len(chunk)
+            yield chunk
+
+
 def write_maildir_copy(
     maildir: Path, entry: QueueEntry, sender: str, delivered_to: str
 ) -> Path:
@@ -89,28 +139,25 @@ def write_maildir_copy(
     name = unique_name()
     tmp = maildir / "tmp" / name
     prefix = (
-        f"Return-Path: {_quote_path(sender)}\r\nDelivered-To: {delivered_to}\r\n"
+        f"Return-Path: {_quote_path(sender)}\nDelivered-To: {delivered_to}\n"
     ).encode("utf-8")
+    size = 0
+    lines = prefix.count(b"\n")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, prefix)
-        with open(entry.path, "rb") as src:
-            offset = entry.body_offset
-            remaining = entry.envelope.size
-            while remaining > 0:
-                sent = os.sendfile(fd, src.fileno(), offset, min(remaining, 1 << 24))
-                if sent == 0:
-                    raise OSError(f"queue file {entry.path} is shorter than its recorded size")
-                offset += sent
-                remaining -= sent
+        _write_all(fd, prefix)
+        size += len(prefix)
+        for piece in crlf_to_lf(_read_chunks(entry.path, entry.body_offset, entry.envelope.size)):
+            _write_all(fd, piece)
+            size += len(piece)
+            lines += piece.count(b"\n")
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
         raise
     os.close(fd)
-    size = len(prefix) + entry.envelope.size
-    final = maildir / "new" / f"{name},S={size}"
+    final = maildir / "new" / f"{name},S={size},W={size + lines}"
     os.rename(tmp, final)
     fsync_dir(maildir / "new")
     return final
