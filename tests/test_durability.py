@@ -59,14 +59,18 @@ def make_message(client: int, seq: int, run: str) -> tuple[str, bytes]:
 
 
 def body_checksum_ok(msg: bytes) -> bool:
-    """The last line is C{checksum: <sha256 of the body before it>}."""
-    head, sep, body = msg.partition(b"\r\n\r\n")
+    """
+    The last line is C{checksum: <sha256 of the body before it>}, the body
+    as sent (CRLF lines; a Maildir copy stores LF lines).
+    """
+    head, sep, body = msg.replace(b"\r\n", b"\n").partition(b"\n\n")
     if not sep:
         return False
-    payload, _, last = body.rstrip(b"\r\n").rpartition(b"\r\n")
+    payload, _, last = body.rstrip(b"\n").rpartition(b"\n")
     if not last.startswith(b"checksum: "):
         return False
-    return hashlib.sha256(payload + b"\r\n").hexdigest().encode() == last[len(b"checksum: "):]
+    sent = payload.replace(b"\n", b"\r\n") + b"\r\n"
+    return hashlib.sha256(sent).hexdigest().encode() == last[len(b"checksum: "):]
 
 
 class Sender(threading.Thread):

@@ -298,25 +298,26 @@ def header_fields(data: bytes) -> tuple[list[tuple[str, str]], bytes]:
     fields = []
     pos = 0
     for _ in range(1000):
-        end = data.index(b"\r\n", pos)
-        while data[end + 2:end + 3] in (b" ", b"\t"):
-            end = data.index(b"\r\n", end + 2)
-        raw = data[pos:end]
+        end = data.index(b"\n", pos)
+        while data[end + 1:end + 2] in (b" ", b"\t"):
+            end = data.index(b"\n", end + 1)
+        raw = data[pos:end].rstrip(b"\r")
         name, _, value = raw.partition(b":")
-        value_s = b" ".join(v.strip() for v in value.split(b"\r\n")).decode()
+        value_s = b" ".join(v.strip() for v in value.split(b"\n")).decode()
         lname = name.decode("ascii", "replace").lower()
         if lname in ("return-path", "delivered-to") or (
             lname == "received" and "(relaynet)" in value_s
         ):
             fields.append((name.decode(), value_s))
-            pos = end + 2
+            pos = end + 1
             continue
         break
     return fields, data[pos:]
 
 
 def header_section(data: bytes) -> bytes:
-    return data.split(b"\r\n\r\n", 1)[0]
+    """The header section of a delivered message (Maildir copies have LF lines)."""
+    return data.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
 
 
 def parse_dsn(data: bytes) -> tuple[email.message.EmailMessage, list[email.message.Message],
