@@ -40,6 +40,7 @@ from pathlib import Path
 from bench.latency import SmtpError, latency_stats, paced_send
 from bench.procstat import PeakSampler, cpu_of
 from bench.systems import HOST, SINK_DOMAIN, STAMP_DOMAIN, SYSTEMS, log
+from relaynet.cli import Parser
 from harness.peers import (
     PeerUnavailable,
     SmtpSourceError,
@@ -546,7 +547,7 @@ def _int_list(text: str, what: str, p: argparse.ArgumentParser) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="relaynet bench",
         description="Benchmark relaynet against private Postfix instances on the same work, "
         "alternating, on loopback (see bench/README.md). Needs root and Debian's postfix.",

@@ -34,7 +34,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _route(args: argparse.Namespace) -> int:
     import ipaddress
 
-    from relaynet.intake.policy import explain
+    from relaynet.intake.policy import explain, is_trusted
 
     try:
         config = load_config(args.config)
@@ -46,11 +46,10 @@ def _route(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"relaynet: --client {args.client!r} is not an IP address", file=sys.stderr)
         return 2
-    trusted = any(client in net for net in config.trusted_networks)
-    if not trusted:
+    if not is_trusted(config, str(client)):
         nets = ", ".join(str(n) for n in config.trusted_networks) or "none"
-        print(f"client {args.client} is outside trusted_networks ({nets}): "
-              "it may relay only to local domains, relay_domains and routes, or after AUTH")
+        print(f"client {args.client} is outside trusted_networks ({nets}): it may send to local "
+              "domains and to relay_domains only, or relay after AUTH")
     worst = 0
     for address in args.address:
         ex = explain(config, address, client_ip=args.client)

@@ -8,7 +8,7 @@ the lab down and remove its directory (C{--keep} leaves it running and says
 how to stop it).
 
 Every step is a C{relaynet lab} command, printed before it runs the way it
-can be pasted here (L{relaynet.lab.hints}), so the demo doubles as a walk
+can be pasted here (L{relaynet.hints}), so the demo doubles as a walk
 through C{docs/lab.md}.
 """
 
@@ -24,7 +24,7 @@ TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "chain3.toml"
 
 def _run(*args: str | Path) -> int:
     from relaynet.cli import main as relaynet
-    from relaynet.lab.hints import command
+    from relaynet.hints import command
 
     print(f"\n$ {command(*args)}", flush=True)
     return relaynet([str(a) for a in args])
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         failed |= _run("lab", "check", *where, "--wait", "30")
     finally:
         if args.keep:
-            from relaynet.lab.hints import command
+            from relaynet.hints import command
 
             print("\ndemo: the lab is still running; try:")
             print(f"  $ {command('lab', 'chaos', *where, '--duration', '5', '--send', '150', '--rate', '30')}")

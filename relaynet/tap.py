@@ -44,6 +44,16 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["listen"] = []
 
+    def parseOptions(self, options: Any = None) -> None:
+        """
+        Parse the options; a usage error ends twistd with one line on
+        stderr (twistd itself would print the whole usage text to stdout).
+        """
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd relaynet: {e} (see twistd relaynet --help)") from None
+
     def opt_listen(self, endpoint: str) -> None:
         self["listen"].append(endpoint)
 

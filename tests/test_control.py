@@ -801,7 +801,12 @@ def test_queue_hold_and_release(qnode: NodeProcess) -> None:
     assert state_file(qnode, qid)["held"] is True
     assert qid in listed(qnode, "--state", "hold")
     assert events(qnode, "hold", qid)
-    assert "nothing to do" in queue(qnode, "flush", qid)
+    # A flush of a held message says why nothing happened, and the printed
+    # release command reaches the same node when pasted as printed.
+    said = queue(qnode, "flush", qid)
+    assert "not flushed: the message is held; release it first with: " in said, said
+    hint = said.split("release it first with: ", 1)[1].strip()
+    assert hint.split()[-4:] == ["--config", str(qnode.config_path), "release", qid] or hint.endswith(f"release {qid}")
     assert f"{qid}: released" in queue(qnode, "release", qid)
     wait_events(qnode, "release", qid)
     wait_deferred(qnode, qid, 2)

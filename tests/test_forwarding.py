@@ -555,6 +555,14 @@ def test_route_command(tmp_path: Path) -> None:
     r = run_cli("route", str(cfg), "user@dest.test", "user@nowhere.test")
     assert r.returncode == 1, (r.stdout, r.stderr)
 
+    # From a client outside trusted_networks: said so, and relaying is refused.
+    r = run_cli("route", str(cfg), "--client", "192.0.2.9", "user@dest.test")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "client 192.0.2.9 is outside trusted_networks" in r.stdout, r.stdout
+    assert "554 5.7.1" in r.stdout, r.stdout
+    r = run_cli("route", str(cfg), "--client", "127.0.0.1", "user@dest.test")
+    assert "outside trusted_networks" not in r.stdout, r.stdout
+
 
 @pytest.mark.parametrize("spelling", [
     "tcp:127.0.0.1:{port}",

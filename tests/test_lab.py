@@ -529,7 +529,7 @@ def test_printed_program_is_the_one_that_ran(tmp_path: Path) -> None:
     finds that same script, else its path (relative under the current
     directory), else C{python -m relaynet.cli}.
     """
-    from relaynet.lab.hints import command, program
+    from relaynet.hints import command, program
 
     script = tmp_path / ".venv" / "bin" / "relaynet"
     script.parent.mkdir(parents=True)

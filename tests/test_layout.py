@@ -6,7 +6,8 @@ source with C{ast}; nothing is imported.
 
 Layers, lowest first (docs/architecture.md):
 
- 0. C{relaynet}, C{config}, C{events}: the ground every stage stands on;
+ 0. C{relaynet}, C{config}, C{events}, C{hints}: the ground every stage
+    stands on;
  1. C{smtp/} (the wire) and C{queue/} (spool, core, DSNs): they do not
     import each other;
  2. C{delivery/}: routing table, one attempt, the client, local mailboxes;
@@ -26,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "relaynet"
 
 LAYERS: dict[str, int] = {
-    "relaynet": 0, "relaynet.config": 0, "relaynet.events": 0,
+    "relaynet": 0, "relaynet.config": 0, "relaynet.events": 0, "relaynet.hints": 0,
     "relaynet.smtp": 1, "relaynet.queue": 1,
     "relaynet.delivery": 2,
     "relaynet.intake": 3, "relaynet.admin": 3, "relaynet.runner": 3,

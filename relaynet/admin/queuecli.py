@@ -360,13 +360,13 @@ def _each(args: argparse.Namespace, client: AdminClient, ids: list[str], cmd: st
             if done:
                 emit(r, f"{qid}: {key}")
             else:
-                emit(r, f"{qid}: not {key}: {_why_not(client, qid, cmd)}")
+                emit(r, f"{qid}: not {key}: {_why_not(client, qid, cmd, args)}")
     if args.json:
         emit({"results": results}, None)
     return status
 
 
-def _why_not(client: AdminClient, qid: str, cmd: str) -> str:
+def _why_not(client: AdminClient, qid: str, cmd: str, args: argparse.Namespace) -> str:
     """
     Why a verb did nothing to a message, as far as its state tells: held
     (and how to release it), already in that state, or gone.
@@ -380,12 +380,23 @@ def _why_not(client: AdminClient, qid: str, cmd: str) -> str:
     if m.get("held"):
         if cmd == "hold":
             return "it is already held"
-        return f"the message is held; release it first with `relaynet queue release {qid}`"
+        return f"the message is held; release it first with: {_again(args, 'release', qid)}"
     if cmd == "release":
         return "it is not held"
     if m.get("state") == "active":
         return "a delivery attempt of it is running now"
     return "nothing to do"
+
+
+def _again(args: argparse.Namespace, *words: str) -> str:
+    """A C{relaynet queue} command line reaching the same node, to paste as printed."""
+    from relaynet.hints import command
+
+    if args.admin:
+        return command("queue", "--admin", str(args.admin), *words)
+    if args.config:
+        return command("queue", "--config", args.config, *words)
+    return command("queue", *words)
 
 
 def _endpoint(args: argparse.Namespace) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from relaynet.config import ConfigError
-from relaynet.lab.hints import command
+from relaynet.hints import command
 from relaynet.lab.state import Lab, LabError
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from relaynet.config import ConfigError
 from relaynet.lab import netns, procs
-from relaynet.lab.hints import command
+from relaynet.hints import command
 from relaynet.lab.state import Lab, LabError
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.topology import (

@@ -103,7 +103,7 @@ class Lab:
         try:
             self.data = json.loads(self.state_path.read_text("utf-8"))
         except FileNotFoundError:
-            from relaynet.lab.hints import command
+            from relaynet.hints import command
 
             raise LabError(
                 f"no lab in {self.dir} (no lab.json): start one with {command('lab', 'up', 'TOPOLOGY')},"

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_lab -*-
+# -*- test-case-name: tests.test_lab,tests.test_cli -*-
 """
 Commands printed for the user to paste: the demo's C{$ ...} lines, the
 C{next:} hints of C{lab up}, the advice in error messages.
