@@ -198,6 +198,7 @@ def test_twistd_broken_input(tmp_path: Path, args: list[str], words: list[str]) 
     assert "Traceback" not in result.stdout
 
 
+@pytest.mark.slow
 def test_port_in_use(tmp_path: Path) -> None:
     """
     A second node told to listen where a first one does exits with status 1
@@ -214,6 +215,7 @@ def test_port_in_use(tmp_path: Path) -> None:
     assert "Traceback" not in result.stdout
 
 
+@pytest.mark.slow
 def test_spool_in_use(tmp_path: Path) -> None:
     """
     A second node on the spool of a running one exits with status 1 and one
