@@ -13,11 +13,19 @@ C{,S=<octets in the file>,W=<octets with CRLF line ends>} (Dovecot's sizes).
 The file is written in C{tmp/}, fsynced, renamed into C{new/} and the
 directory fsynced before the delivery counts as done.
 
+Exactly once per mailbox: the unique part of the file name,
+C{R<queue id>_<hash of the mailbox>} (L{copy_unique}), is the same at every
+attempt of a message to a mailbox. A copy written and fsynced before a crash
+that came before the queue's state file recorded the outcome is found again
+in C{new/} or C{cur/} (L{find_copy}) and counts as the delivery instead of
+a second copy.
+
 Every function here blocks: the queue runner calls them in a worker thread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import socket
@@ -68,14 +76,64 @@ def ensure_maildir(path: Path) -> None:
         makedirs_durable(path / sub)
 
 
+def _host_part(hostname: str | None) -> str:
+    return (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
+
+
 def unique_name(hostname: str | None = None) -> str:
     """
     A Maildir file name: C{<secs>.M<usecs>P<pid>Q<n>.<host>}, unique across
     processes and deliveries (the pid is read at call time, not import time).
+    L{write_maildir_copy} uses it for the file in C{tmp/}.
     """
     now = time.time()
-    host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
-    return f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q{next(_counter)}.{host}"
+    return f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q{next(_counter)}.{_host_part(hostname)}"
+
+
+def copy_unique(queue_id: str, mailbox: str) -> str:
+    """
+    The unique part (between the first two dots) of the Maildir file name of
+    message C{queue_id}'s copy for C{mailbox}: C{R<queue id>_<8 hex digits
+    of SHA-256 of the mailbox>}. The same at every attempt, so a repeated
+    delivery finds the copy it wrote before (L{find_copy}); unique across
+    messages (queue ids are) and mailboxes. Queue ids and hex digits hold no
+    C{.}, C{/} or C{:}.
+
+    @param queue_id: the message's queue id.
+    @param mailbox: the mailbox, C{user@domain}.
+    """
+    digest = hashlib.sha256(mailbox.encode("utf-8")).hexdigest()[:8]
+    return f"R{queue_id}_{digest}"
+
+
+def copy_name(unique: str, size: int, wire_size: int, hostname: str | None = None) -> str:
+    """
+    The name in C{new/} of a copy: C{<secs>.<unique>.<host>,S=<size>,W=<wire_size>}.
+    """
+    return f"{int(time.time())}.{unique}.{_host_part(hostname)},S={size},W={wire_size}"
+
+
+def find_copy(maildir: Path, unique: str) -> Path | None:
+    """
+    Find a file whose unique part is C{unique} in C{maildir}'s C{new/} or
+    C{cur/} (where a reader moves it, adding C{:2,<flags>}), whatever its
+    time part, host and size fields. A copy the user deleted is not found.
+
+    Lists both directories (names only, no C{stat}): a blocking call, for a
+    worker thread.
+
+    @return: the file's path, or C{None}.
+    """
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(maildir / sub) as it:
+                for item in it:
+                    parts = item.name.split(".", 2)
+                    if len(parts) == 3 and parts[1] == unique:
+                        return maildir / sub / item.name
+        except FileNotFoundError:
+            continue
+    return None
 
 
 def _quote_path(address: str) -> str:
@@ -130,12 +188,22 @@ def write_maildir_copy(
     maildir: Path, entry: QueueEntry, sender: str, delivered_to: str
 ) -> Path:
     """
-    Write one durable copy of C{entry}'s message into C{maildir}.
+    Write one durable copy of C{entry}'s message into C{maildir}, unless a
+    copy of it for C{delivered_to} is already there (L{find_copy}): a
+    delivery repeated after a crash that came before its outcome was
+    recorded. The directory holding that copy is fsynced (the crash may
+    have come between the rename and the fsync of C{new/}) and it counts as
+    the delivery.
 
-    @return: the path of the file in C{new/}.
+    @return: the path of the file (in C{new/}, or where the copy was found).
     @raise OSError: on any I/O failure (nothing is left in C{new/} then).
     """
     ensure_maildir(maildir)
+    unique = copy_unique(entry.queue_id, delivered_to)
+    found = find_copy(maildir, unique)
+    if found is not None:
+        fsync_dir(found.parent)
+        return found
     name = unique_name()
     tmp = maildir / "tmp" / name
     prefix = (
@@ -157,7 +225,7 @@ def write_maildir_copy(
         os.unlink(tmp)
         raise
     os.close(fd)
-    final = maildir / "new" / f"{name},S={size},W={size + lines}"
+    final = maildir / "new" / copy_name(unique, size, size + lines)
     os.rename(tmp, final)
     fsync_dir(maildir / "new")
     return final
@@ -169,7 +237,9 @@ def deliver_local(
     """
     Deliver C{entry} to the local recipients C{addresses}.
 
-    A mailbox reached through two recipients (aliases) gets one copy.
+    A mailbox reached through two recipients (aliases) gets one copy, in
+    this attempt or any later one (L{write_maildir_copy} finds a copy an
+    earlier attempt wrote).
 
     @return: one L{LocalResult} per address, in order.
     """
