@@ -23,6 +23,7 @@ import pytest
 
 from relaynet.queue.bounce import RecipientReport, build_dsn
 from relaynet.config import ConfigError
+from relaynet.hints import command
 from relaynet.lab import check, netns
 from relaynet.lab.draw import render
 from relaynet.lab.observe import EventIndex, LinkStat, link_stats, trace
@@ -290,6 +291,102 @@ def test_check_counts_delivered_duplicated_bounced_in_flight_and_lost(tmp_path: 
     assert report.in_flight == [("<queued@x>", "u@c.test")]
     assert report.lost == [("<lost@x>", "u@c.test")]
     assert not report.ok
+
+
+def _queue_file(spool: Path, qid: str, mid: str, state: dict[str, str] | None) -> None:
+    """Put a queued message (and its state file, recipient -> status) in C{spool}."""
+    (spool / "queue" / "new").mkdir(parents=True, exist_ok=True)
+    (spool / "queue" / "new" / qid).write_bytes(
+        b"RELAYNET-QUEUE 1 ".ljust(48, b"0")[:47] + b"\n" + b'{"version":1}' + b"\n"
+        + f"Received: x\r\nMessage-ID: {mid}\r\n\r\nbody\r\n".encode())
+    if state is not None:
+        (spool / "queue" / "state").mkdir(parents=True, exist_ok=True)
+        (spool / "queue" / "state" / qid).write_text(json.dumps(
+            {"version": 1, "held": False, "recipients": {a: {"status": st} for a, st in state.items()}}))
+
+
+def _check_lab(tmp_path: Path, sent: list[str], stopped: set[str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake chain3 lab of nodes a and b (those in C{stopped} not running) with C{sent} acknowledged to u@c.test."""
+    from relaynet.lab.state import Lab
+
+    nodes = {n: {"address": "127.0.0.2", "ports": [2525], "config": "x", "events": str(tmp_path / n / "e"),
+                 "spool": str(tmp_path / n / "spool"), "mailroot": str(tmp_path / n / "mail")} for n in "ab"}
+    d = _fake_lab(tmp_path, "chain3", nodes)
+    (d / "sent.jsonl").write_text("".join(
+        json.dumps({"message_id": m, "recipients": ["u@c.test"], "start": 0.0}) + "\n" for m in sent))
+    monkeypatch.setattr(Lab, "alive", lambda self, name: name not in stopped)
+    return d
+
+
+def _last_line(out: str) -> str:
+    return out.strip().splitlines()[-1]
+
+
+def test_check_last_line_and_exit_status_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{lab check}'s last line names every failing count, and it says OK
+    exactly when the exit status is 0: duplicates fail (unless
+    --allow-duplicates, which says so), and a clean run says how many were
+    delivered exactly once and that nothing is lost or in flight.
+    """
+    from relaynet.cli import main
+
+    d = _check_lab(tmp_path, ["<ok@x>", "<dup@x>"], set(), monkeypatch)
+    mail = tmp_path / "b" / "mail"
+    _maildir_file(mail, "c.test", "u", _copy("<ok@x>", "u@c.test"))
+    _maildir_file(mail, "c.test", "u", _copy("<dup@x>", "u@c.test"))
+    assert main(["lab", "check", "--dir", str(d)]) == 0
+    assert _last_line(capsys.readouterr().out) == "OK: 2 delivered exactly once, nothing lost, nothing in flight"
+
+    _maildir_file(mail, "c.test", "u", _copy("<dup@x>", "u@c.test"))
+    assert main(["lab", "check", "--dir", str(d)]) == 1
+    assert _last_line(capsys.readouterr().out) == "FAIL: 1 duplicated"
+    assert main(["lab", "check", "--dir", str(d), "--allow-duplicates"]) == 0
+    assert _last_line(capsys.readouterr().out) == \
+        "OK: 1 delivered exactly once, 1 duplicated (allowed), nothing lost, nothing in flight"
+
+    (d / "sent.jsonl").write_text((d / "sent.jsonl").read_text() + json.dumps(
+        {"message_id": "<lost@x>", "recipients": ["u@c.test"], "start": 0.0}) + "\n")
+    assert main(["lab", "check", "--dir", str(d), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["ok"], report["verdict"]) == (False, "FAIL: 1 lost, 1 duplicated")
+
+
+def test_check_counts_mail_held_by_a_stopped_node_as_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    A message a stopped node still holds unfinished (read from its spool on
+    disk) is in flight even when a copy was already delivered (it relayed
+    it but died before recording that: it will send it again); the output
+    names the node and the exact command that starts it, --wait says so
+    too, and the exit status is 1. A queued message whose recipients are
+    all final is not in flight.
+    """
+    from relaynet.cli import main
+
+    d = _check_lab(tmp_path, ["<again@x>", "<done@x>"], {"a"}, monkeypatch)
+    mail = tmp_path / "b" / "mail"
+    _maildir_file(mail, "c.test", "u", _copy("<again@x>", "u@c.test"))
+    _maildir_file(mail, "c.test", "u", _copy("<done@x>", "u@c.test"))
+    spool = tmp_path / "a" / "spool"
+    _queue_file(spool, "Q1", "<again@x>", {"u@c.test": "pending"})
+    _queue_file(spool, "Q2", "<done@x>", {"u@c.test": "relayed"})
+    start = command("lab", "up", TOPOLOGIES / "chain3.toml", "--dir", d)
+
+    assert main(["lab", "check", "--dir", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert _last_line(out) == "FAIL: 1 in flight (held by stopped a)"
+    assert "<again@x> to u@c.test: queued at a (stopped); 1 copy already delivered" in out
+    assert f"stopped: a holds 1 message(s); they move only once started: {start}" in out
+
+    assert main(["lab", "check", "--dir", str(d), "--wait", "0.05", "--json"]) == 1
+    cap = capsys.readouterr()
+    assert "stopped node(s) hold mail: a (1 message(s)); it moves only once they are started: " + start in cap.err
+    report = json.loads(cap.out)
+    assert report["in_flight_ids"] == [{"message_id": "<again@x>", "recipient": "u@c.test",
+                                        "nodes": ["a"], "copies": 1}]
+    assert (report["delivered_once"], report["stopped_nodes"], report["start_command"]) == (1, {"a": 1}, start)
 
 
 def test_draw_writes_well_formed_svg_with_labels() -> None:

@@ -8,21 +8,29 @@ evidence is every node's Maildirs (C{<mailroot>/<domain>/<user>/Maildir/
 {new,cur}}): a delivered copy is matched by its C{Message-ID} and its
 C{Delivered-To}; a DSN (C{multipart/report; report-type=delivery-status})
 counts for the recipients it reports C{Action: failed} for, and for the
-original C{Message-ID} it returns. Messages still in some node's queue are
-"in flight", not lost. The events give end-to-end latencies.
+original C{Message-ID} it returns. A recipient still pending in some node's
+queue is "in flight", whether or not a copy was already delivered (a node that
+relayed it but died before recording that sends it again): not lost, not done
+either. Queues are read from disk (C{queue/new} and C{queue/state} of each
+spool), so the mail a stopped node holds counts too. The events give
+end-to-end latencies.
+
+The verdict's last line and C{lab check}'s exit status come from the same
+L{CheckReport.ok}: it holds only when nothing is lost, duplicated or in flight.
 
 L{verify} is pure: it takes the promises and the scanned evidence.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
-from attrs import define, field
+from attrs import define, field, frozen
 
 from relaynet.lab.observe import EventIndex
 from relaynet.lab.traffic import percentile
@@ -33,6 +41,28 @@ _DELIVERED_TO = re.compile(rb"^delivered-to[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECA
 _REPORT = re.compile(rb"^content-type[ \t]*:[ \t]*multipart/report", re.IGNORECASE | re.MULTILINE)
 _FINAL = re.compile(rb"^final-recipient[ \t]*:[ \t]*[^;\r\n]*;[ \t]*([^\r\n]+)", re.IGNORECASE | re.MULTILINE)
 _ACTION = re.compile(rb"^action[ \t]*:[ \t]*([a-z]+)", re.IGNORECASE | re.MULTILINE)
+_FINAL_STATUSES = frozenset({"delivered", "relayed", "bounced"})
+
+
+@frozen
+class Holder:
+    """
+    A node's queue holding a message.
+
+    @ivar node: the node's name.
+    @ivar stopped: whether the node is not running (its mail cannot move
+        until it is started).
+    @ivar pending: the (lower-cased) recipients not final in its queue
+        state, or L{None} when it has no readable state (every recipient).
+    """
+
+    node: str
+    stopped: bool = False
+    pending: frozenset[str] | None = None
+
+    def holds(self, recipient: str) -> bool:
+        """Whether this queue still has C{recipient} (lower-cased) to do."""
+        return self.pending is None or recipient in self.pending
 
 
 @define
@@ -42,15 +72,24 @@ class Evidence:
 
     @ivar copies: (Message-ID, delivered-to address) -> number of Maildir files.
     @ivar failed: (original Message-ID, recipient) -> number of DSNs reporting failure.
-    @ivar queued: Message-IDs in some node's queue (in flight).
+    @ivar queued: Message-ID -> the queues holding it with some recipient
+        not final (in flight).
     @ivar where: (Message-ID, address) -> the mailbox files holding copies.
     """
 
     copies: dict[tuple[str, str], int] = field(factory=dict)
     failed: dict[tuple[str, str], int] = field(factory=dict)
-    queued: set[str] = field(factory=set)
+    queued: dict[str, list[Holder]] = field(factory=dict)
     where: dict[tuple[str, str], list[str]] = field(factory=dict)
     message_ids: set[str] = field(factory=set)
+
+    def queued_per_node(self) -> dict[str, int]:
+        """Node name -> how many messages its queue holds unfinished."""
+        counts: dict[str, int] = {}
+        for holders in self.queued.values():
+            for node in {h.node for h in holders}:
+                counts[node] = counts.get(node, 0) + 1
+        return counts
 
 
 def _header_section(data: bytes) -> bytes:
@@ -104,8 +143,24 @@ def _scan_dsn(data: bytes, section: bytes, ev: Evidence) -> None:
             ev.failed[(original, rcpt)] = ev.failed.get((original, rcpt), 0) + 1
 
 
-def scan_queue(spool: str | Path, ev: Evidence) -> None:
-    """Add the Message-IDs of the messages queued in a node's spool."""
+def _pending(state_path: Path) -> frozenset[str] | None:
+    """The recipients a queue state file has not finished (L{None}: no usable state)."""
+    try:
+        state = json.loads(state_path.read_text("utf-8"))
+        rcpts = state["recipients"]
+        return frozenset(a.lower() for a, r in rcpts.items() if r.get("status") not in _FINAL_STATUSES)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def scan_queue(spool: str | Path, ev: Evidence, node: str = "", stopped: bool = False) -> None:
+    """
+    Add the messages queued in a node's spool (read from disk, so that a
+    stopped node's count too) with their unfinished recipients.
+
+    @param node: the node's name, recorded in each L{Holder}.
+    @param stopped: whether that node is not running.
+    """
     new = Path(spool) / "queue" / "new"
     try:
         names = os.listdir(new)
@@ -120,14 +175,24 @@ def scan_queue(spool: str | Path, ev: Evidence) -> None:
         # Envelope first (one JSON line after the 48-octet header record), then the message.
         nl = head.find(b"\n", 48)
         m = _MID.search(_header_section(head[nl + 1:])) if nl >= 0 else None
-        if m:
-            ev.queued.add(m.group(1).decode("utf-8", "replace"))
+        if not m:
+            continue
+        pending = _pending(Path(spool) / "queue" / "state" / name)
+        if pending is not None and not pending:
+            continue  # every recipient final: the file is about to go
+        ev.queued.setdefault(m.group(1).decode("utf-8", "replace"), []).append(
+            Holder(node, stopped, pending))
 
 
-def collect(nodes: Mapping[str, Mapping[str, Any]]) -> Evidence:
-    """Scan every node's mailboxes and queue."""
+def collect(nodes: Mapping[str, Mapping[str, Any]], stopped: Collection[str] = ()) -> Evidence:
+    """
+    Scan every node's mailboxes and queue.
+
+    @param nodes: node name -> its lab record (C{mailroot}, C{spool}).
+    @param stopped: the names of the nodes that are not running.
+    """
     ev = Evidence()
-    for rec in nodes.values():
+    for name, rec in nodes.items():
         root = Path(rec["mailroot"])
         for box in root.glob("*/*/Maildir"):
             for sub in ("new", "cur"):
@@ -137,7 +202,7 @@ def collect(nodes: Mapping[str, Mapping[str, Any]]) -> Evidence:
                     continue
                 for name in names:
                     scan_mailbox_file(box / sub / name, ev)
-        scan_queue(rec["spool"], ev)
+        scan_queue(rec["spool"], ev, name, name in stopped)
     return ev
 
 
@@ -146,7 +211,17 @@ class CheckReport:
     """
     The verdict of C{lab check}.
 
-    Counts are per (message, recipient) pair, except C{messages}.
+    Counts are per (message, recipient) pair, except C{messages}. Each pair
+    is in exactly one of: delivered once, bounced, duplicated, in flight,
+    lost.
+
+    @ivar in_flight_where: (Message-ID, recipient) -> the nodes whose queue
+        still holds it, and how many copies were already delivered.
+    @ivar stopped: stopped node -> messages in flight that it holds.
+    @ivar start_command: the command that starts the stopped nodes (shown
+        with them), or L{None}.
+    @ivar allow_duplicates: duplicates do not make the verdict fail
+        (C{--allow-duplicates}).
     """
 
     messages: int = 0
@@ -156,15 +231,59 @@ class CheckReport:
     duplicated: list[tuple[str, str, int]] = field(factory=list)
     lost: list[tuple[str, str]] = field(factory=list)
     in_flight: list[tuple[str, str]] = field(factory=list)
+    in_flight_where: dict[tuple[str, str], tuple[list[str], int]] = field(factory=dict)
+    stopped: dict[str, int] = field(factory=dict)
+    start_command: str | None = None
+    allow_duplicates: bool = False
     unexpected: list[str] = field(factory=list)
     latencies: list[float] = field(factory=list)
     waited: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.lost and not self.in_flight
+        """
+        Whether nothing is lost, in flight, or duplicated (unless
+        C{allow_duplicates}): the exit status and the last line follow it.
+        """
+        return not self.lost and not self.in_flight and (self.allow_duplicates or not self.duplicated)
+
+    def verdict(self) -> str:
+        """
+        The last line: C{OK: ...} exactly when L{ok}, else C{FAIL: ...}
+        naming every count that fails.
+        """
+        if self.ok:
+            parts = [f"{self.delivered_once} delivered exactly once"]
+            if self.bounced:
+                parts.append(f"{self.bounced} bounced with a DSN to the sender")
+            if self.duplicated:
+                parts.append(f"{len(self.duplicated)} duplicated (allowed)")
+            return "OK: " + ", ".join(parts + ["nothing lost", "nothing in flight"])
+        bad = []
+        if self.lost:
+            bad.append(f"{len(self.lost)} lost")
+        if self.duplicated:
+            bad.append(f"{len(self.duplicated)} duplicated" + (" (allowed)" if self.allow_duplicates else ""))
+        if self.in_flight:
+            flight = f"{len(self.in_flight)} in flight"
+            if self.stopped:
+                flight += " (held by stopped " + ", ".join(sorted(self.stopped)) + ")"
+            bad.append(flight)
+        return "FAIL: " + ", ".join(bad)
+
+    def stopped_note(self) -> str | None:
+        """
+        What the stopped nodes hold and how to start them (their mail moves
+        only then), or L{None} when no stopped node holds any.
+        """
+        if not self.stopped:
+            return None
+        held = ", ".join(f"{n} holds {k} message(s)" for n, k in sorted(self.stopped.items()))
+        note = f"stopped: {held}; they move only once started"
+        return note + (f": {self.start_command}" if self.start_command else "")
 
     def to_json(self) -> dict[str, Any]:
+        """The report as JSON-able values (C{lab check --json})."""
         lat = sorted(self.latencies)
         return {
             "ok": self.ok, "messages": self.messages, "recipients": self.recipients,
@@ -173,13 +292,20 @@ class CheckReport:
             "in_flight": len(self.in_flight), "unexpected": len(self.unexpected),
             "duplicated_ids": [{"message_id": m, "recipient": r, "copies": n} for m, r, n in self.duplicated],
             "lost_ids": [{"message_id": m, "recipient": r} for m, r in self.lost],
-            "in_flight_ids": [{"message_id": m, "recipient": r} for m, r in self.in_flight],
+            "in_flight_ids": [
+                {"message_id": m, "recipient": r, "nodes": self.in_flight_where.get((m, r), ([], 0))[0],
+                 "copies": self.in_flight_where.get((m, r), ([], 0))[1]}
+                for m, r in self.in_flight
+            ],
+            "stopped_nodes": dict(sorted(self.stopped.items())), "start_command": self.start_command,
             "unexpected_ids": self.unexpected,
             "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
             "latency_max": lat[-1] if lat else None, "waited": round(self.waited, 3),
+            "verdict": self.verdict(),
         }
 
     def format(self, show: int = 20) -> str:
+        """The report as text; its last line is L{verdict}."""
         lat = sorted(self.latencies)
         lines = [
             f"acknowledged:            {self.messages} messages, {self.recipients} recipient deliveries",
@@ -195,16 +321,25 @@ class CheckReport:
         if lat:
             lines.append(f"end-to-end latency:      p50 {percentile(lat, 50):.3f}s  p99 {percentile(lat, 99):.3f}s"
                          f"  max {lat[-1]:.3f}s ({len(lat)} deliveries)")
+
+        def flight(m: str, r: str) -> str:
+            nodes, copies = self.in_flight_where.get((m, r), ([], 0))
+            where = ", ".join(f"{n} (stopped)" if n in self.stopped else n for n in nodes)
+            return f"{m} to {r}: queued at {where}" + (f"; {copies} copy already delivered" if copies == 1 else
+                                                        f"; {copies} copies already delivered" if copies else "")
+
         for title, items in (("lost", [f"{m} to {r}" for m, r in self.lost]),
                              ("duplicated", [f"{m} to {r}: {n} copies" for m, r, n in self.duplicated]),
-                             ("in flight", [f"{m} to {r}" for m, r in self.in_flight])):
+                             ("in flight", [flight(m, r) for m, r in self.in_flight])):
             if items:
                 lines.append(f"{title}:")
                 lines += [f"  {i}" for i in items[:show]]
                 if len(items) > show:
                     lines.append(f"  ... and {len(items) - show} more")
-        lines.append("OK: nothing lost" if self.ok else "FAILED: " + (
-            f"{len(self.lost)} lost" if self.lost else f"{len(self.in_flight)} still in flight"))
+        note = self.stopped_note()
+        if note:
+            lines.append(note)
+        lines.append(self.verdict())
         return "\n".join(lines)
 
 
@@ -215,11 +350,14 @@ def verify(sent: Iterable[Mapping[str, Any]], ev: Evidence,
 
     A recipient counts as delivered when a copy carries its address in
     C{Delivered-To}; copies of the message under other addresses (aliases)
-    make up for recipients not matched that way.
+    make up for recipients not matched that way. A recipient some queue
+    still holds unfinished is in flight, even with a copy delivered: that
+    queue will send it again.
     """
     report = CheckReport()
     acked: set[str] = set()
     starts: dict[str, float] = {}
+    stopped: dict[str, set[str]] = {}
     for s in sent:
         mid = s["message_id"]
         if mid in acked:
@@ -230,21 +368,29 @@ def verify(sent: Iterable[Mapping[str, Any]], ev: Evidence,
         rcpts = [r.lower() for r in s.get("recipients", [])]
         spare = sum(n for (m, to), n in ev.copies.items() if m == mid and to not in rcpts) \
             if any((mid, r) not in ev.copies for r in rcpts) else 0
+        holders = ev.queued.get(mid, [])
         for r in rcpts:
             report.recipients += 1
             n = ev.copies.get((mid, r), 0)
             if n == 0 and spare > 0:
                 n, spare = 1, spare - 1
-            if n == 1:
+            holding = [h for h in holders if h.holds(r)
+                       or (h.pending is not None and not h.pending & set(rcpts))]
+            if holding:
+                report.in_flight.append((mid, r))
+                report.in_flight_where[(mid, r)] = (sorted({h.node for h in holding}), n)
+                for h in holding:
+                    if h.stopped:
+                        stopped.setdefault(h.node, set()).add(mid)
+            elif n == 1:
                 report.delivered_once += 1
             elif n > 1:
                 report.duplicated.append((mid, r, n))
             elif ev.failed.get((mid, r)):
                 report.bounced += 1
-            elif mid in ev.queued:
-                report.in_flight.append((mid, r))
             else:
                 report.lost.append((mid, r))
+    report.stopped = {node: len(mids) for node, mids in stopped.items()}
     report.unexpected = sorted(
         m for m in ev.message_ids - acked if m.startswith("<lab-")
     )
@@ -275,22 +421,33 @@ def delivery_latencies(index: EventIndex, starts: Mapping[str, float]) -> list[f
     return sorted(t - starts[mid] for (mid, _), t in first.items())
 
 
-def wait_settled(nodes: Mapping[str, Mapping[str, Any]], timeout: float, poll: float = 0.1) -> float:
+def busy_count(nodes: Mapping[str, Mapping[str, Any]]) -> int:
     """
-    Poll (bounded) until no node has a message queued (what is still being
-    received is not acknowledged yet: its sender holds it).
-
-    @return: seconds waited (C{timeout} when it did not settle).
+    Messages that can still move: active or deferred in any node's queue,
+    stopped nodes' included (read from disk); held ones wait for an
+    administrator and are not counted.
     """
     from relaynet.lab.observe import queue_counts
 
+    busy = 0
+    for rec in nodes.values():
+        c = queue_counts(rec["spool"])
+        busy += c["active"] + c["deferred"]
+    return busy
+
+
+def wait_settled(nodes: Mapping[str, Mapping[str, Any]], timeout: float, poll: float = 0.1) -> float:
+    """
+    Poll (bounded) until no node has a message queued (what is still being
+    received is not acknowledged yet: its sender holds it). The queues of
+    stopped nodes count too: their mail moves only once they are started
+    (by someone else meanwhile, e.g. C{lab up} or C{lab chaos}).
+
+    @return: seconds waited (C{timeout} when it did not settle).
+    """
     start = time.monotonic()
     deadline = start + timeout
     while True:
-        busy = 0
-        for rec in nodes.values():
-            c = queue_counts(rec["spool"])
-            busy += c["active"] + c["deferred"]
-        if busy == 0 or time.monotonic() >= deadline:
+        if busy_count(nodes) == 0 or time.monotonic() >= deadline:
             return time.monotonic() - start
         time.sleep(poll)
