@@ -180,6 +180,79 @@ def test_maildir_file_read_by_independent_readers(node: NodeProcess) -> None:
     assert parsed["Received"] is not None
 
 
+def _state(n: NodeProcess, qid: str) -> dict | None:
+    """The parsed state file of C{qid}, or C{None} while there is none."""
+    import json
+
+    try:
+        return json.loads((n.queue / "state" / qid).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _delivered_events(n: NodeProcess, qid: str) -> list[dict]:
+    return [e for e in n.events(strict=False)
+            if e.get("queue_id") == qid and e["event"] == "delivered"]
+
+
+def test_local_delivery_repeated_after_crash_writes_one_copy(tmp_path: Path) -> None:
+    """
+    A local delivery repeated after a crash that came after the Maildir copy
+    was fsynced but before the state file recorded the outcome finds the copy
+    it wrote: the node records the recipient as delivered and retires the
+    message, and the mailbox still holds exactly one copy.
+
+    The crash window is rebuilt on disk: the first attempt is made to fail
+    (C{Maildir/new} is a file), which records a deferred state; with that
+    queue file and state saved, the node delivers; then it is killed and
+    the queue file and the old state file are put back, as a power loss
+    between the copy and the state write leaves them.
+    """
+    import json
+
+    with NodeProcess(tmp_path, name="once") as n:
+        user = f"once{_token()}"
+        box = n.mailroot / "localhost" / user / "Maildir"
+        box.mkdir(parents=True)
+        (box / "new").write_bytes(b"not a directory")
+        msg = b"Subject: exactly once\r\nMessage-ID: <once@test>\r\n\r\nonce\r\n"
+        code, resp = send(n.port, "a@example.org", [f"{user}@localhost"], msg)
+        assert code == 250, (code, resp)
+        qid = queue_id_of(code, resp)
+        state = wait_for(
+            lambda: (st := _state(n, qid)) and st["recipients"].get(f"{user}@localhost")
+            and st["recipients"][f"{user}@localhost"]["status"] == "deferred" and st,
+            DELIVERY_TIMEOUT, f"a deferred state for {qid}",
+        )
+        queue_file = (n.queue / "new" / qid).read_bytes()
+        n.kill9()
+
+        # Let the next attempt run at once and succeed.
+        state["next_attempt"] = 0
+        old_state = json.dumps(state)
+        (n.queue / "state" / qid).write_text(old_state)
+        (box / "new").unlink()
+        n.start()
+        wait_for(lambda: not n.queue_files("new") and _delivered_events(n, qid),
+                 DELIVERY_TIMEOUT, f"{qid} delivered and retired")
+        [copy] = n.maildir_new(user)
+        n.kill9()
+
+        # The crash window: the copy is in the Maildir, the spool is as it
+        # was before the outcome was recorded.
+        (n.queue / "new" / qid).write_bytes(queue_file)
+        (n.queue / "state" / qid).write_text(old_state)
+        n.start()
+        wait_for(lambda: not n.queue_files("new") and len(_delivered_events(n, qid)) == 2,
+                 DELIVERY_TIMEOUT, f"{qid} delivered and retired again")
+        assert _delivered_events(n, qid)[-1]["recipient"] == f"{user}@localhost"
+        assert n.maildir_new(user) == [copy]
+        assert list((box / "cur").iterdir()) == []
+        md = mailbox.Maildir(box, factory=None, create=False)
+        [got] = list(md)
+        assert got["Subject"] == "exactly once"
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 7])
 def test_crlf_to_lf_across_chunk_boundaries(size: int) -> None:
     """
