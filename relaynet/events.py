@@ -15,15 +15,23 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 from twisted.logger import Logger
 
 
 class EventLog:
     """
-    Append events to a JSON lines file (line-buffered: each event reaches the
-    file with one C{write}; no fsync, events are diagnostics, not state).
+    Append events to a JSON lines file: each event reaches the file as one
+    whole line, written with C{os.write} on an C{O_APPEND} descriptor (no
+    fsync, events are diagnostics, not state).
+
+    A line is never left half written: if the disk fills (or any other error
+    occurs) part way through, the bytes of the line already written are
+    truncated away and the event is dropped from the file, with one log
+    line saying so; it still reaches the observers and the text log.
+
+    @ivar dropped: events that could not be written to the file.
     """
 
     log = Logger()
@@ -32,7 +40,8 @@ class EventLog:
         self.node = node
         self._clock = clock
         self.observers: list[Callable[[dict[str, Any]], None]] = []
-        self._file: TextIO | None = None
+        self._fd: int | None = None
+        self.dropped = 0
         if path is not None:
             self.open(path)
 
@@ -40,15 +49,15 @@ class EventLog:
         """Append events to C{path} from now on (created with mode 0600)."""
         self.close()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
     def emit(self, event: str, **fields: Any) -> None:
         """Record one event, and pass it to every observer (metrics, status)."""
         record = {"time": round(self._clock(), 6), "node": self.node, "event": event}
         record.update((k, v) for k, v in fields.items() if v is not None)
-        if self._file is not None:
-            self._file.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+        if self._fd is not None:
+            line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+            self._append(self._fd, line.encode("utf-8"))
         for observer in self.observers:
             try:
                 observer(record)
@@ -64,7 +73,29 @@ class EventLog:
             **record,
         )
 
+    def _append(self, fd: int, line: bytes) -> None:
+        """
+        Write C{line} whole to the end of the file, or not at all (dropping
+        the event with a log line).
+        """
+        written = 0
+        try:
+            while written < len(line):
+                written += os.write(fd, line[written:])
+        except OSError as e:
+            self.dropped += 1
+            if written:
+                # O_APPEND and one writer: the partial line is the file's tail.
+                try:
+                    os.ftruncate(fd, os.fstat(fd).st_size - written)
+                except OSError as e2:
+                    self.log.error(
+                        "Event log: cannot remove a partial line: {error}", error=str(e2)
+                    )
+            self.log.error("Event log: event dropped, cannot write: {error}", error=str(e))
+
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Stop writing events to a file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -102,6 +102,17 @@ def listen_problem(e: CannotListenError, endpoint: str) -> str:
     return f"cannot listen on {where} ({endpoint}): {reason}"
 
 
+def disk_problem(e: OSError, spool: Path) -> str:
+    """
+    One line for a start-up check of the spool (or mailroot, event log) that
+    failed: "cannot write spool /var/spool/relaynet: Read-only file system
+    (/var/spool/relaynet/node.lock)".
+    """
+    reason = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename is not None else ""
+    return f"cannot write spool {spool}: {reason}{where}"
+
+
 def with_backlog(endpoint: str) -> str:
     """
     A TCP listener endpoint with a listen backlog of L{LISTEN_BACKLOG} unless
@@ -231,7 +242,10 @@ class RelayNode(MultiService):
                 for root, dirs, files in os.walk(d):
                     for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
                         os.chown(name, *owner, follow_symlinks=False)
-        self._lock(owner if uid is not None or gid is not None else None)
+        try:
+            self._lock(owner if uid is not None or gid is not None else None)
+        except OSError as e:
+            raise NodeStartError(disk_problem(e, self.config.spool)) from e
         self._add_listeners()
         try:
             MultiService.privilegedStartService(self)
@@ -282,13 +296,19 @@ class RelayNode(MultiService):
         config = self.config
         # Everything that can fail comes before the thread pools start: their
         # threads would otherwise keep a failed twistd from exiting.
-        makedirs_durable(config.spool)
-        makedirs_durable(config.local.mailroot)
-        self._lock()
+        try:
+            makedirs_durable(config.spool)
+            makedirs_durable(config.local.mailroot)
+            self._lock()
+        except OSError as e:
+            raise NodeStartError(disk_problem(e, config.spool)) from e
         self._add_listeners()
-        self.events.open(config.event_log)
-        self.spool.prepare()
-        recovered = list(self.spool.recover())
+        try:
+            self.events.open(config.event_log)
+            self.spool.prepare()
+            recovered = list(self.spool.recover())
+        except OSError as e:
+            raise NodeStartError(disk_problem(e, config.spool)) from e
         self.runner.load(recovered)
         self.started_at = time.time()
         try:

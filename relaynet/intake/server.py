@@ -59,7 +59,9 @@ from relaynet.smtp.netio import no_delay, send_now
 from relaynet.delivery.routing import Route, RouteKind, RoutingTable
 from relaynet.intake.policy import check_recipient, is_trusted
 from relaynet.smtp.parse import CommandError, MailRequest, parse_mail, parse_rcpt
-from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolWriter
+from relaynet.queue.spool import (
+    Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolFull, SpoolWriter,
+)
 from relaynet.smtp.tls import connection_info
 
 if TYPE_CHECKING:
@@ -919,6 +921,9 @@ class RelayESMTP(smtp.ESMTP):
 
         def failed(failure: Failure) -> None:
             self.log.failure("Queue commit failed", failure)
+            if failure.check(SpoolFull):
+                self.reply(452, "4.3.1", "Insufficient system storage")
+                return
             self.reply(451, "4.3.0", "Error: queue file write error")
 
         return d.addCallbacks(committed, failed)

@@ -30,6 +30,7 @@ threads, which the filesystem journal batches.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -62,6 +63,31 @@ class SpoolError(Exception):
 
 class CorruptQueueFile(SpoolError):
     """A file in C{new/} does not parse as a queue file."""
+
+
+class SpoolFull(SpoolError):
+    """
+    The spool's file system is full (C{ENOSPC}) or its quota is used up
+    (C{EDQUOT}): a transient failure that ends by itself once space returns
+    (the intake says C{452 4.3.1 Insufficient system storage}).
+    """
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def spool_error(error: BaseException) -> SpoolError:
+    """
+    The L{SpoolError} for an error of a disk operation: L{SpoolFull} for
+    C{ENOSPC} or C{EDQUOT}, C{error} itself if it is a L{SpoolError}.
+
+    @param error: what the operation raised.
+    """
+    if isinstance(error, SpoolError):
+        return error
+    if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+        return SpoolFull(str(error))
+    return SpoolError(str(error))
 
 
 @frozen
@@ -622,8 +648,9 @@ class SpoolWriter:
 
         @param hops: C{Received:} fields in the message, ours included.
         @return: a Deferred firing with the L{QueueEntry} once file and directory
-            are fsynced; failing with L{SpoolError} on any I/O error, after which
-            nothing is left in C{new/} or C{tmp/}.
+            are fsynced; failing with L{SpoolError} on any I/O error
+            (L{SpoolFull} if the disk is full), after which nothing is left in
+            C{new/} or C{tmp/}.
         """
         if self._finished:
             return fail(SpoolError("commit after commit or abort"))
@@ -675,9 +702,10 @@ class SpoolWriter:
         )
 
         def wrap(failure: Any) -> Any:
-            if failure.check(SpoolError):
-                return failure
-            raise SpoolError(str(failure.value))
+            # An fsync that failed (EIO) is never retried on the same
+            # descriptor: the kernel may have dropped the dirty pages and
+            # would report success. The file is gone; the client sends again.
+            raise spool_error(failure.value)
 
         d.addErrback(wrap)
         return d
@@ -831,7 +859,14 @@ class Spool:
 
     def record(self, entry: QueueEntry) -> Deferred[None]:
         """
-        Durably replace the state file of C{entry} with C{entry.state}.
+        Durably replace the state file of C{entry} with C{entry.state}
+        (write C{tmp/ID.state}, fsync, rename over C{state/ID}, fsync
+        C{state/}).
+
+        @return: a Deferred firing once the state is durable, or failing with
+            L{SpoolError} (L{SpoolFull} if the disk is full), after which the
+            previous state file is intact and no C{tmp/ID.state} is left; the
+            caller keeps the state in memory and records it again later.
         """
         entry.state_written = True
         data = json.dumps(entry.state.to_json(), separators=(",", ":")).encode()
@@ -840,14 +875,26 @@ class Spool:
         final = self.state_dir / qid
 
         def write() -> None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-            self._state_sync.sync()
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, final)
+            except OSError as e:
+                # ENOSPC, EIO: the previous state file stays as it was, and
+                # no partial tmp/ID.state is left to fill the disk further.
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise spool_error(e) from e
+            try:
+                self._state_sync.sync()
+            except OSError as e:
+                raise spool_error(e) from e
 
         return self._in_thread(write)
 

@@ -1,0 +1,339 @@
+"""
+Disk faults (issue 16, item 2): a full file system (C{ENOSPC}), an C{fsync}
+that fails (C{EIO}) and a read-only spool at start.
+
+C{ENOSPC} comes from a real, small file system: a 512 KiB tmpfs mounted on a
+directory the test creates and unmounted in its cleanup (the tests skip,
+saying why, where C{mount} is not permitted). C{EIO} comes from fault
+injection: C{os.fsync} replaced by one that fails. Work of the spool's
+threads runs in the test's own thread (L{ManualThreadPool}); nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.nodeproc import TWISTD, free_port
+from relaynet.events import EventLog
+from relaynet.node import NodeStartError, RelayNode
+from relaynet.queue.spool import (
+    Envelope,
+    QueueEntry,
+    Recipient,
+    RecipientState,
+    Spool,
+    SpoolError,
+    SpoolFull,
+)
+from relaynet.queue.states import RecipientStatus
+from relaynet.testing import (
+    EPOCH,
+    ManualThreadPool,
+    ThreadlessReactor,
+    connect,
+    make_config,
+    make_intake,
+    take_replies,
+)
+
+TIMEOUT = 60.0
+
+
+def _mount_tmpfs(where: Path, size: str = "512k") -> None:
+    where.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT, check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill: {result.stdout.strip()}")
+
+
+def _umount(where: Path) -> None:
+    """Unmount C{where}; lazily if a file on it is still open (a failed test)."""
+    if subprocess.run(["umount", str(where)], timeout=TIMEOUT, check=False).returncode != 0:
+        subprocess.run(["umount", "-l", str(where)], timeout=TIMEOUT, check=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs, mounted for the test."""
+    where = tmp_path / "small"
+    _mount_tmpfs(where)
+    try:
+        yield where
+    finally:
+        _umount(where)
+
+
+class Filler:
+    """Fills a file system with one file, and frees it again."""
+
+    def __init__(self, where: Path) -> None:
+        self.path = where / "filler"
+
+    def fill(self) -> None:
+        """Write until the file system is full (C{ENOSPC})."""
+        block = b"x" * 4096
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            while True:
+                try:
+                    os.write(fd, block)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+                    return
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        """Give the space back."""
+        self.path.unlink()
+
+
+def make_spool(root: Path) -> tuple[Spool, ManualThreadPool]:
+    """A Maildir spool at C{root} whose thread work runs at once, in this thread."""
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    pool = ManualThreadPool(immediate=True)
+    spool = Spool(root, reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
+    spool.prepare()
+    return spool, pool
+
+
+def result_of(d: object) -> object:
+    """The result of a Deferred that has fired (a Failure if it failed)."""
+    out: list[object] = []
+    d.addBoth(out.append)  # type: ignore[attr-defined]
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+def commit(spool: Spool, body: bytes = b"Subject: s\r\n\r\nbody\r\n") -> QueueEntry:
+    """Commit one message; its entry."""
+    env = Envelope(
+        queue_id=spool.new_id(), sender="a@localhost",
+        recipients=(Recipient("b@localhost"),), arrival=EPOCH,
+    )
+    writer = spool.begin(env)
+    writer.write(body)
+    entry = result_of(writer.commit(1))
+    assert isinstance(entry, QueueEntry), entry
+    return entry
+
+
+def smtp_message(size: int) -> bytes:
+    """A message of about C{size} octets, ending with the final dot."""
+    line = b"x" * 78 + b"\r\n"
+    return b"Subject: s\r\n\r\n" + line * (size // len(line) + 1) + b".\r\n"
+
+
+@pytest.mark.parametrize("size", [200, 300 * 1024], ids=["small", "streamed"])
+def test_full_disk_while_receiving(small_fs: Path, size: int) -> None:
+    """
+    With the spool's disk full, the end of DATA is answered C{452 4.3.1
+    Insufficient system storage}, nothing is acknowledged and no partial
+    file stays in C{tmp/} (a message small enough to stay in memory until
+    the dot, and one streamed out in chunks); the session goes on, and once
+    space returns the next message is accepted without a restart.
+    """
+    intake, _, pool = make_intake(small_fs)
+    proto, transport = connect(intake)
+    take_replies(transport)
+    filler = Filler(small_fs)
+    filler.fill()
+
+    def send_message() -> list[tuple[int, str]]:
+        proto.dataReceived(b"MAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
+        proto.dataReceived(smtp_message(size))
+        pool.run_all()
+        return [(code, text.split(" ")[0]) for code, text in take_replies(transport)]
+
+    proto.dataReceived(b"EHLO client.test\r\n")
+    take_replies(transport)
+    replies = send_message()
+    assert replies[-1] == (452, "4.3.1"), replies
+    assert intake.queued_entries == []
+    assert list(intake.spool.tmp_dir.iterdir()) == []
+    assert list(intake.spool.new_dir.iterdir()) == []
+
+    filler.free()
+    replies = send_message()
+    assert replies[-1][0] == 250, replies
+    assert len(intake.queued_entries) == 1
+    assert [p.name for p in intake.spool.new_dir.iterdir()] == [intake.queued_entries[0].queue_id]
+
+
+def test_full_disk_while_recording_state(small_fs: Path) -> None:
+    """
+    With the disk full, recording a message's delivery state fails with
+    L{SpoolFull}; the state file recorded before is intact, no
+    C{tmp/ID.state} is left, and the same state is recorded once space
+    returns.
+    """
+    spool, _ = make_spool(small_fs / "queue")
+    entry = commit(spool)
+    entry.state.recipients["b@localhost"] = RecipientState(attempts=1)
+    assert result_of(spool.record(entry)) is None
+    before = (spool.state_dir / entry.queue_id).read_bytes()
+
+    filler = Filler(small_fs)
+    filler.fill()
+    entry.state.recipients["b@localhost"] = RecipientState(
+        status=RecipientStatus.DELIVERED, attempts=2, diagnostic="x" * 8000
+    )
+    failure = result_of(spool.record(entry))
+    assert getattr(failure, "value", None).__class__ is SpoolFull, failure
+    assert (spool.state_dir / entry.queue_id).read_bytes() == before
+    assert list(spool.tmp_dir.iterdir()) == []
+
+    filler.free()
+    assert result_of(spool.record(entry)) is None
+    [recovered] = list(spool.recover())
+    assert recovered.state.recipients["b@localhost"].status is RecipientStatus.DELIVERED
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+class FailingFsync:
+    """An C{os.fsync} that fails with C{EIO}, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, fd: int) -> None:
+        self.calls.append(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def test_fsync_eio_while_receiving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    An C{fsync} of the queue file failing with C{EIO} means the data may be
+    lost: the message is not acknowledged (C{451 4.3.0}), the file is
+    removed from C{tmp/} and never renamed into C{new/}, and the fsync is
+    not tried again on the same descriptor as if a retry could succeed.
+    """
+    intake, _, pool = make_intake(tmp_path)
+    proto, transport = connect(intake)
+    take_replies(transport)
+    proto.dataReceived(b"EHLO client.test\r\n")
+    proto.dataReceived(b"MAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
+    assert [c for c, _ in take_replies(transport)] == [250, 250, 250, 354]
+    fsync = FailingFsync()
+    monkeypatch.setattr(os, "fsync", fsync)
+    proto.dataReceived(smtp_message(200))
+    pool.run_all()
+    replies = take_replies(transport)
+    assert [(c, t.split(" ")[0]) for c, t in replies] == [(451, "4.3.0")], replies
+    assert len(fsync.calls) == 1
+    assert intake.queued_entries == []
+    assert list(intake.spool.tmp_dir.iterdir()) == []
+    assert list(intake.spool.new_dir.iterdir()) == []
+
+
+def test_fsync_eio_while_recording_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    An C{fsync} of a new state file failing with C{EIO} fails the record
+    with L{SpoolError}; the previous state file stays, the unsynced
+    C{tmp/ID.state} is removed, not renamed over it.
+    """
+    spool, _ = make_spool(tmp_path / "queue")
+    entry = commit(spool)
+    assert result_of(spool.record(entry)) is None
+    before = (spool.state_dir / entry.queue_id).read_bytes()
+    entry.state.recipients["b@localhost"] = RecipientState(status=RecipientStatus.DELIVERED)
+    monkeypatch.setattr(os, "fsync", FailingFsync())
+    failure = result_of(spool.record(entry))
+    assert isinstance(getattr(failure, "value", None), SpoolError), failure
+    assert (spool.state_dir / entry.queue_id).read_bytes() == before
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_event_log_never_half_a_line(small_fs: Path) -> None:
+    """
+    An event that does not fit on a full disk is dropped whole: the event
+    log keeps only complete JSON lines (a partly written line is truncated
+    away), and events are written again once space returns.
+    """
+    path = small_fs / "events.jsonl"
+    events = EventLog(path, "n1", clock=lambda: EPOCH)
+    try:
+        events.emit("received", queue_id="Q1")
+        before = path.read_bytes()
+        filler = Filler(small_fs)
+        filler.fill()
+        # Larger than a page: part of it fits in the file's last page.
+        events.emit("delivered", queue_id="Q2", diagnostic="d" * 20000)
+        assert path.read_bytes() == before
+        assert events.dropped == 1
+        filler.free()
+        events.emit("delivered", queue_id="Q3")
+    finally:
+        events.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    assert [json.loads(line)["queue_id"] for line in lines[:-1]] == ["Q1", "Q3"]
+
+
+def _read_only_spool(tmp_path: Path) -> Path:
+    """A prepared spool on a tmpfs then remounted read-only."""
+    where = tmp_path / "ro"
+    _mount_tmpfs(where)
+    spool = where / "spool"
+    (spool / "mailboxes").mkdir(parents=True)
+    result = subprocess.run(
+        ["mount", "-o", "remount,ro", str(where)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT, check=False,
+    )
+    if result.returncode != 0:
+        _umount(where)
+        pytest.skip(f"cannot remount a tmpfs read-only: {result.stdout.strip()}")
+    return spool
+
+
+def test_read_only_spool_start_error(tmp_path: Path) -> None:
+    """
+    A node whose spool is read-only fails to start with L{NodeStartError}
+    (printed as one line by twistd), naming the spool and the reason.
+    """
+    spool = _read_only_spool(tmp_path)
+    try:
+        config = make_config(spool)
+        node = RelayNode(config, ThreadlessReactor())
+        with pytest.raises(NodeStartError) as info:
+            node.startService()
+    finally:
+        _umount(tmp_path / "ro")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"cannot write spool {spool}" in message
+    assert "Read-only file system" in message
+
+
+@pytest.mark.slow
+def test_read_only_spool_twistd(tmp_path: Path) -> None:
+    """
+    C{twistd relaynet} on a read-only spool exits with status 1 and one line
+    on stderr naming the spool, no traceback.
+    """
+    spool = _read_only_spool(tmp_path)
+    try:
+        result = subprocess.run(
+            [str(TWISTD), "-n", "--pidfile=", "relaynet",
+             "--listen", f"tcp:{free_port()}:interface=127.0.0.1", "--spool", str(spool)],
+            cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=TIMEOUT, start_new_session=True, check=False,
+        )
+    finally:
+        _umount(tmp_path / "ro")
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert f"cannot write spool {spool}" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
