@@ -15,12 +15,14 @@ import errno
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred, succeed
 
 from harness.nodeproc import TWISTD, free_port
+from relaynet.delivery.client import DeliveryResult
 from relaynet.events import EventLog
 from relaynet.node import NodeStartError, RelayNode
 from relaynet.queue.spool import (
@@ -33,6 +35,7 @@ from relaynet.queue.spool import (
     SpoolFull,
 )
 from relaynet.queue.states import RecipientStatus
+from relaynet.runner import QueueRunner
 from relaynet.testing import (
     EPOCH,
     ManualThreadPool,
@@ -116,14 +119,16 @@ def result_of(d: object) -> object:
     return out[0]
 
 
-def commit(spool: Spool, body: bytes = b"Subject: s\r\n\r\nbody\r\n") -> QueueEntry:
-    """Commit one message; its entry."""
+LOCAL = Recipient("b@localhost")
+
+
+def commit(spool: Spool, rcpt: Recipient = LOCAL) -> QueueEntry:
+    """Commit one message to C{rcpt}; its entry."""
     env = Envelope(
-        queue_id=spool.new_id(), sender="a@localhost",
-        recipients=(Recipient("b@localhost"),), arrival=EPOCH,
+        queue_id=spool.new_id(), sender="a@localhost", recipients=(rcpt,), arrival=EPOCH,
     )
     writer = spool.begin(env)
-    writer.write(body)
+    writer.write(b"Subject: s\r\n\r\nbody\r\n")
     entry = result_of(writer.commit(1))
     assert isinstance(entry, QueueEntry), entry
     return entry
@@ -337,3 +342,76 @@ def test_read_only_spool_twistd(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert f"cannot write spool {spool}" in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+ROUTE = """
+[[route]]
+domains = ["*"]
+action = "relay"
+next_hops = ["tcp:192.0.2.1:25"]
+
+[queue]
+minimal_backoff = 60
+maximal_backoff = 600
+"""
+
+
+class DeferringHop:
+    """A next hop (the runner's outbound agent) that answers 451 to every recipient."""
+
+    def __init__(self, first: Callable[[], None]) -> None:
+        """
+        @param first: called as the first attempt starts.
+        """
+        self.attempts = 0
+        self._first = first
+
+    def deliver(
+        self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
+        concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
+    ) -> Deferred[list[DeliveryResult]]:
+        self.attempts += 1
+        if self.attempts == 1:
+            self._first()
+        return succeed([DeliveryResult(r.address, 451, "4.3.0", "try later", "hop:25") for r in recipients])
+
+    def close(self) -> None:
+        pass
+
+    def close_idle(self) -> None:
+        pass
+
+
+def test_runner_records_outcome_after_full_disk(small_fs: Path) -> None:
+    """
+    When the disk is full as the runner records an attempt's outcome, the
+    write fails, no C{tmp/ID.state} is left, and the runner tries the
+    message again after the minimal backoff; once space is back, that
+    attempt's write records both attempts (the first outcome was kept in
+    memory, not lost).
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    pool = ManualThreadPool(immediate=True)
+    spool = Spool(small_fs / "queue", reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
+    spool.prepare()
+    config = make_config(small_fs, toml=ROUTE)
+    filler = Filler(small_fs)
+    hop = DeferringHop(filler.fill)
+    runner = QueueRunner(config, spool, EventLog(None, "t", clock=reactor.seconds), reactor, pool,
+                         outbound=hop, now=reactor.seconds)
+    runner.start([])
+    entry = commit(spool, Recipient("b@x.test", route="relay:*"))
+    runner.enqueue(entry)
+    reactor.advance(0)
+    assert hop.attempts == 1
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert not (spool.state_dir / entry.queue_id).exists()
+
+    filler.free()
+    reactor.advance(60)
+    assert hop.attempts == 2
+    [recovered] = list(spool.recover())
+    assert recovered.state.recipients["b@x.test"].attempts == 2
+    assert list(spool.tmp_dir.iterdir()) == []
+    runner.stopService()
