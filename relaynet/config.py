@@ -74,10 +74,18 @@ class Listener:
 class Limits:
     """
     Intake limits, with RFC 5321 / Postfix-like defaults.
+
+    @ivar recipient_overshoot_limit: 452 4.5.3 replies past C{max_recipients}
+        that do not count toward C{max_errors}, per transaction (Postfix's
+        smtpd_recipient_overshoot_limit).
+    @ivar forbid_unauth_pipelining: a client that has not authenticated and
+        sends more after a command that must end a pipelined group gets
+        554 5.5.0 and is disconnected (Postfix's smtpd_forbid_unauth_pipelining).
     """
 
     max_message_size: int = 10_240_000
     max_recipients: int = 1000
+    recipient_overshoot_limit: int = 1000
     max_hops: int = 50
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
@@ -87,6 +95,7 @@ class Limits:
     max_connections: int = 500
     max_connections_per_ip: int = 50
     bare_newlines: str = "reject"
+    forbid_unauth_pipelining: bool = True
 
 
 @frozen
@@ -663,6 +672,10 @@ def parse_config(
             "max_recipients", int, defaults.max_recipients,
             lambda v: None if v >= 100 else "must be at least 100 (RFC 5321 4.5.3.1.8)",
         ),
+        recipient_overshoot_limit=lim.get(
+            "recipient_overshoot_limit", int, defaults.recipient_overshoot_limit,
+            lambda v: None if v >= 0 else "must not be negative",
+        ),
         max_hops=lim.get("max_hops", int, defaults.max_hops, _positive),
         idle_timeout=float(lim.get("idle_timeout", (int, float), defaults.idle_timeout, _positive)),
         data_timeout=float(lim.get("data_timeout", (int, float), defaults.data_timeout, _positive)),
@@ -682,6 +695,9 @@ def parse_config(
         bare_newlines=lim.get(
             "bare_newlines", str, defaults.bare_newlines,
             lambda v: None if v in BARE_NEWLINES else f"must be one of {', '.join(BARE_NEWLINES)}",
+        ),
+        forbid_unauth_pipelining=lim.get(
+            "forbid_unauth_pipelining", bool, defaults.forbid_unauth_pipelining
         ),
     )
     lim.finish()

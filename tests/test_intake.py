@@ -53,6 +53,18 @@ ENHANCED = re.compile(r"([245])\.[0-9]{1,3}\.[0-9]{1,3}(?: |\Z)")
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-Z]+)\Z")
 UNTRUSTED = ("10.1.2.3", 50000)
 
+def lenient(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """
+    C{overrides} with C{[limits] forbid_unauth_pipelining = false} unless they
+    say otherwise: most tests here send EHLO and the next commands in one
+    read for brevity, which a strict server refuses (see the tests of
+    improper pipelining, which turn it back on).
+    """
+    merged = dict(overrides or {})
+    merged["limits"] = {"forbid_unauth_pipelining": False, **merged.get("limits", {})}
+    return merged
+
+
 Stored = tuple[tuple[str, ...], bytes]
 """A delivered message: its recipients and its bytes without our trace header."""
 
@@ -139,7 +151,7 @@ class RelayHarness(Harness):
         toml: str | None = None,
     ) -> "RelayHarness":
         self = cls()
-        self.intake, self.reactor, self.pool = make_intake(tmp_path, config_overrides, toml)
+        self.intake, self.reactor, self.pool = make_intake(tmp_path, lenient(config_overrides), toml)
         self.protocol, self.transport = connect(self.intake, peer=peer)
         self._connected()
         return self
@@ -1156,15 +1168,39 @@ def test_too_many_errors(tmp_path: Path) -> None:
 def test_4xx_errors_count(tmp_path: Path) -> None:
     """
     As docs/config.md says, 4xx replies count toward limits.max_errors too:
-    a client going on past the recipient limit (452 4.5.3) is cut off.
+    a client going on past the recipient limit (452 4.5.3) beyond
+    limits.recipient_overshoot_limit more recipients is cut off.
     """
-    h = RelayHarness.open(tmp_path, {"limits": {"max_errors": 3, "max_recipients": 100}})
+    h = RelayHarness.open(tmp_path, {"limits": {
+        "max_errors": 3, "max_recipients": 100, "recipient_overshoot_limit": 2,
+    }})
     h.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
     ok = h.send(b"".join(b"RCPT TO:<u%d@localhost>\r\n" % i for i in range(100)))
     assert set(codes(ok)) == {250}
-    replies = h.send(b"RCPT TO:<x@localhost>\r\n" * 3)
-    assert codes(replies) == [452, 452, 452, 421]
+    replies = h.send(b"RCPT TO:<x@localhost>\r\n" * 5)
+    assert codes(replies) == [452, 452, 452, 452, 452, 421]
     assert h.closed
+
+
+def test_recipient_overshoot_is_not_an_error(tmp_path: Path) -> None:
+    """
+    Like Postfix (smtpd_recipient_overshoot_limit), up to
+    limits.recipient_overshoot_limit recipients past max_recipients get 452
+    4.5.3 without counting toward max_errors: 150 excess recipients with
+    max_errors 20 do not end the session, and the message goes to the
+    accepted 100. The count starts again with each transaction.
+    """
+    h = RelayHarness.open(tmp_path, {"limits": {"max_errors": 20, "max_recipients": 100}})
+    h.chat(b"EHLO c\r\n")
+    for _ in range(2):
+        h.chat(b"MAIL FROM:<a@b.test>\r\n")
+        replies = h.chat(b"".join(b"RCPT TO:<u%d@localhost>\r\n" % i for i in range(250)))
+        assert codes(replies) == [250] * 100 + [452] * 150
+        assert all(text.startswith("4.5.3 ") for _, text in replies[100:])
+        assert not h.closed
+        assert codes(h.chat(b"DATA\r\n")) == [354]
+        queued_id(h.chat(MESSAGE + b".\r\n")[0])
+    assert [len(rcpts) for rcpts, _ in h.stored()] == [100, 100]
 
 
 def test_idle_timeout(tmp_path: Path) -> None:
@@ -1565,3 +1601,69 @@ def test_slow_disk_pauses_the_session(relay: RelayHarness) -> None:
     assert h.transport.producerState == "producing"
     expect(h, h.chat(b".\r\n"), [(250, "2.0.0")])
     assert h.stored() == [(("b@localhost",), sent)]
+
+
+# -- improper pipelining (Postfix's smtpd_forbid_unauth_pipelining) ---------
+
+
+STRICT = {"limits": {"forbid_unauth_pipelining": True}}
+
+
+@pytest.mark.parametrize("first, after", [
+    (b"EHLO client.test\r\n", b"MAIL FROM:<a@localhost>\r\n"),
+    (b"HELO client.test\r\n", b"MAIL FROM:<a@localhost>\r\n"),
+    (b"NOOP\r\n", b"MAIL FROM:<a@localhost>\r\n"),
+    (b"VRFY b@localhost\r\n", b"NOOP\r\n"),
+])
+def test_input_after_a_last_command_is_refused(tmp_path: Path, first: bytes, after: bytes) -> None:
+    """
+    A client that has not authenticated and sends more after a command that
+    must end a pipelined group (RFC 2920 3.1: EHLO, HELO, NOOP, VRFY) gets
+    554 5.5.0 instead of that command's reply, and is disconnected, as with
+    Postfix's smtpd_forbid_unauth_pipelining; nothing after it runs.
+    """
+    h = RelayHarness.open(tmp_path, STRICT)
+    if not first.startswith((b"EHLO", b"HELO")):
+        h.chat(b"EHLO client.test\r\n")
+    replies = h.send(first + after)
+    expect(h, replies, [(554, "5.5.0")])
+    assert "synchronization" in replies[0][1]
+    assert h.closed
+
+
+def test_body_sent_before_354_is_refused(tmp_path: Path) -> None:
+    """
+    Message bytes sent with DATA, before the 354 (the SMTP-smuggling and
+    spam-engine pattern): 554 5.5.0, no 354, the connection closed and
+    nothing queued; the pipelined MAIL and RCPT before DATA were answered.
+    """
+    h = RelayHarness.open(tmp_path, STRICT)
+    h.chat(b"EHLO client.test\r\n")
+    replies = h.chat(b"MAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+    expect(h, replies, [(250, "2.1.0"), (250, "2.1.5"), (554, "5.5.0")])
+    assert h.closed
+    assert h.stored() == [] and h.leftovers() == []
+
+
+def test_proper_pipelining_is_accepted(tmp_path: Path) -> None:
+    """
+    What RFC 2920 allows stays allowed with the rule on: MAIL, RCPTs and DATA
+    in one group (DATA last), the body after the 354, and the next
+    transaction pipelined right after the final dot.
+    """
+    h = RelayHarness.open(tmp_path, STRICT)
+    h.chat(b"EHLO client.test\r\n")
+    replies = h.chat(b"MAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nRCPT TO:<c@localhost>\r\nDATA\r\n")
+    assert codes(replies) == [250, 250, 250, 354]
+    replies = h.chat(MESSAGE + b".\r\nMAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
+    assert codes(replies) == [250, 250, 250, 354]
+    queued_id(replies[0])
+    queued_id(h.chat(MESSAGE + b".\r\nQUIT\r\n")[0])
+    assert len(h.stored()) == 2
+
+
+def test_pipelining_rule_can_be_turned_off(tmp_path: Path) -> None:
+    """With C{forbid_unauth_pipelining = false}, EHLO and MAIL in one read are both answered."""
+    h = RelayHarness.open(tmp_path, {"limits": {"forbid_unauth_pipelining": False}})
+    assert codes(h.chat(b"EHLO client.test\r\nMAIL FROM:<a@localhost>\r\n")) == [250, 250]
+    assert not h.closed

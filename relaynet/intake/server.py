@@ -83,6 +83,10 @@ _PAUSE_ABOVE = 256 * 1024
 # session stops reading: memory per session stays bounded when the disk is slow.
 _DISK_BACKLOG = 512 * 1024
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# Commands that must end a pipelined group (RFC 2920 3.1; Postfix's
+# SMTPD_CMD_FLAG_LAST): their outcome changes what the client may send next.
+# STARTTLS is one too; it discards what follows it instead (RFC 3207 4.2).
+_LAST_IN_GROUP = frozenset({b"HELO", b"EHLO", b"DATA", b"NOOP", b"VRFY"})
 
 HELP_TEXT = (
     "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT",
@@ -119,6 +123,7 @@ class Transaction:
 
     mail: MailRequest
     recipients: list[Recipient] = field(factory=list)
+    overshoot: int = 0
 
 
 def ip_literal(ip: str) -> str:
@@ -329,16 +334,19 @@ class RelayESMTP(smtp.ESMTP):
 
     # -- replies ---------------------------------------------------------
 
-    def reply(self, code: int, enhanced: str, text: str) -> None:
+    def reply(self, code: int, enhanced: str, text: str, error: bool = True) -> None:
         """
         Send one reply with its enhanced status code (RFC 2034/3463). Counts
         the client's errors (4xx and 5xx, but not our own local failures, 421
         and 451) and hangs up (421) after too many.
+
+        @param error: C{False} for a 4xx/5xx reply that is not held against
+            the client (a recipient within the overshoot limit).
         """
         if self._closing:
             return
         self.sendCode(code, f"{enhanced} {text}".encode("utf-8", "replace"))
-        if code >= 400 and code not in (421, 451):
+        if error and code >= 400 and code not in (421, 451):
             self._errors += 1
             if self._errors >= self.limits.max_errors:
                 self.sendCode(421, b"4.7.0 " + self.host + b" Error: too many errors")
@@ -416,6 +424,9 @@ class RelayESMTP(smtp.ESMTP):
         if not _VERB.match(verb):
             self.reply(502, "5.5.2", "Error: command not recognized")
             return
+        if self._inbuf and verb.upper() in _LAST_IN_GROUP and self._forbid_pipelining():
+            self._improper_pipelining(verb)
+            return
         method = self.lookupMethod(verb) or self.do_UNKNOWN
         try:
             result = method(arg)
@@ -425,6 +436,28 @@ class RelayESMTP(smtp.ESMTP):
             return
         if isinstance(result, Deferred):
             self._wait_for(result)
+
+    def _forbid_pipelining(self) -> bool:
+        """Improper pipelining ends this session: it is on and the client has not authenticated."""
+        return self.limits.forbid_unauth_pipelining and not self.authenticated
+
+    def _improper_pipelining(self, verb: bytes) -> None:
+        """
+        The client sent more after a command that must be the last of a
+        pipelined group (bytes after DATA before our 354, or after EHLO
+        before its reply): as Postfix's smtpd_forbid_unauth_pipelining, the
+        command is not run; 554 5.5.0 and close. Such a client does not wait
+        for replies (a spam engine), or smuggles input (the first bytes of a
+        body read as commands when DATA is refused).
+        """
+        self.log.info(
+            "Improper command pipelining after {verb} from {client}: {input!r}",
+            verb=verb.decode("ascii").upper(), client=self.client_ip, input=self._inbuf[:100],
+        )
+        self.reply(554, "5.5.0", "Error: SMTP protocol synchronization", error=False)
+        self._rejected("PIPELINING", 554, "5.5.0", reason=f"input after {verb.decode('ascii').upper()}")
+        self._inbuf = b""
+        self._close()
 
     def _wait_for(self, d: Deferred[Any]) -> None:
         """
@@ -711,7 +744,15 @@ class RelayESMTP(smtp.ESMTP):
             self.reply(e.code, e.enhanced, e.text)
             return
         if len(txn.recipients) >= self.limits.max_recipients:
-            self.reply(452, "4.5.3", "Error: too many recipients")
+            # RFC 5321 4.5.3.1.10: the client sends the rest later. As
+            # Postfix (smtpd_recipient_overshoot_limit), the excess counts
+            # toward max_errors only beyond the overshoot limit, so the
+            # transaction and its accepted recipients are not lost.
+            txn.overshoot += 1
+            self.reply(
+                452, "4.5.3", "Error: too many recipients",
+                error=txn.overshoot > self.limits.recipient_overshoot_limit,
+            )
             return
         box = req.recipient
         verdict = check_recipient(
