@@ -415,3 +415,26 @@ def test_runner_records_outcome_after_full_disk(small_fs: Path) -> None:
     assert recovered.state.recipients["b@x.test"].attempts == 2
     assert list(spool.tmp_dir.iterdir()) == []
     runner.stopService()
+
+
+def test_full_disk_replies_are_not_client_errors(small_fs: Path) -> None:
+    """
+    A C{452 4.3.1} for a full disk is the node's trouble, not the client's:
+    it does not count toward C{max_errors}, so a client retrying in the same
+    session is not cut off with C{421}.
+    """
+    intake, _, pool = make_intake(small_fs, config_overrides={"limits": {"max_errors": 2}})
+    proto, transport = connect(intake)
+    take_replies(transport)
+    filler = Filler(small_fs)
+    filler.fill()
+    proto.dataReceived(b"EHLO client.test\r\n")
+    take_replies(transport)
+    for _ in range(4):
+        proto.dataReceived(b"MAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")
+        proto.dataReceived(smtp_message(200))
+        pool.run_all()
+        codes = [code for code, _ in take_replies(transport)]
+        assert codes == [250, 250, 354, 452], codes
+    assert not transport.disconnecting
+    filler.free()

@@ -963,7 +963,7 @@ class RelayESMTP(smtp.ESMTP):
         def failed(failure: Failure) -> None:
             self.log.failure("Queue commit failed", failure)
             if failure.check(SpoolFull):
-                self.reply(452, "4.3.1", "Insufficient system storage")
+                self.reply(452, "4.3.1", "Insufficient system storage", error=False)
                 return
             self.reply(451, "4.3.0", "Error: queue file write error")
 
