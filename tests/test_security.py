@@ -1346,3 +1346,148 @@ def test_dangling_symlink_in_spool_does_not_stop_a_privileged_start() -> None:
 
     with privileged_node(plant) as node:
         assert node.running()
+
+
+# -- slow clients (issue 16, item 6) --------------------------------------------
+
+import gc  # noqa: E402
+import tracemalloc  # noqa: E402
+
+
+from relaynet.queue.spool import SpoolWriter  # noqa: E402
+from relaynet.smtp import datastream  # noqa: E402
+
+SLOW_SESSIONS = 200
+PER_SESSION_SLACK = 32 * 1024
+"""Protocol, transport, scanner, writer and bookkeeping of one session (measured: a few KiB)."""
+TRANSIENT_SLACK = 8 * 1024 * 1024
+"""Copies alive during one read (the read itself, the header section when parsed)."""
+PUSH = 64 * 1024
+PAD_LINE = b"X-Pad: " + b"y" * (512 - 9) + b"\r\n"
+
+
+def _traced() -> tuple[int, int]:
+    gc.collect()
+    return tracemalloc.get_traced_memory()
+
+
+def _open_dialogue(p: Any, t: Any, lines: list[bytes]) -> list[int]:
+    """Send each line as its own read, waiting for its reply (no pipelining)."""
+    out: list[int] = []
+    for line in lines:
+        out += codes(send(p, t, line + b"\r\n"))
+    return out
+
+
+def test_slow_clients_cannot_starve_new_sessions_or_grow_memory(tmp_path: Path) -> None:
+    """
+    200 slow sessions on one intake (a third trickle a command one byte at a
+    time, a third stay idle after the greeting, a third trickle a message
+    body one byte at a time) hold at most what the per-session caps allow:
+    the command line limit, the header section cap plus the spool writer's
+    unflushed buffer and one line in DATA. Pushing every slow sender far past
+    its cap holds no more. Meanwhile a new session is greeted and gets its
+    message queued; the idle and DATA timeouts then close every slow session
+    with 421 4.4.2, its partial message leaves C{tmp/}, and the intake
+    forgets them all.
+    """
+    intake, reactor, pool = _make_intake(tmp_path)  # every client here waits for its replies
+    limits = intake.config.limits
+    pad_lines_per_push = PUSH // len(PAD_LINE)
+    assert SpoolWriter.FLUSH_AT % PUSH == 0 and PUSH % len(PAD_LINE) == 0
+    tracemalloc.start()
+    try:
+        base, _ = _traced()
+        tracemalloc.reset_peak()
+        trickling: list[tuple[Any, Any]] = []
+        idle: list[tuple[Any, Any]] = []
+        in_data: list[tuple[Any, Any]] = []
+        for i in range(SLOW_SESSIONS):
+            p, t = connect(intake, peer=("127.0.0.1", 20000 + i))
+            assert codes(take_replies(t)) == [220]
+            (trickling, idle, in_data)[i % 3].append((p, t))
+        for p, t in in_data:
+            assert _open_dialogue(p, t, [
+                b"EHLO slow.test", b"MAIL FROM:<slow@localhost>", b"RCPT TO:<user@localhost>", b"DATA",
+            ]) == [250, 250, 250, 354]
+        n_cmd, n_data = len(trickling), len(in_data)
+
+        # One byte per read: a command longer than its limit, and header lines.
+        command = b"NOOP " + b"x" * (limits.max_command_length + 200)
+        header = b"".join(b"X-Slow-%d: %s\r\n" % (n, b"z" * 60) for n in range(40))
+        for k in range(max(len(command), len(header))):
+            for p, _ in trickling:
+                if k < len(command):
+                    p.dataReceived(command[k : k + 1])
+            for p, _ in in_data:
+                if k < len(header):
+                    p.dataReceived(header[k : k + 1])
+        current, peak = _traced()
+        # A DATA session holds at most the header section (a bytearray grows
+        # by up to 1/8 over its size), the writer's unflushed bytes and one
+        # partial line; a command session its command line.
+        per_data = datastream._HEADER_CAP * 9 // 8 + SpoolWriter.FLUSH_AT + limits.max_line_length
+        bound = (
+            n_data * per_data + n_cmd * limits.max_command_length
+            + SLOW_SESSIONS * PER_SESSION_SLACK + TRANSIENT_SLACK
+        )
+        assert peak - base < bound, (peak - base, bound)
+        trickled = current - base
+
+        # Past every cap with bigger reads (the disk keeps up: the pool runs).
+        def push(rounds: int) -> int:
+            for _ in range(rounds):
+                for p, _ in trickling:
+                    p.dataReceived(b"x" * PUSH)
+                for p, _ in in_data:
+                    p.dataReceived(PAD_LINE * pad_lines_per_push)
+                pool.run_all()
+            return _traced()[0]
+
+        beyond_cap = (datastream._HEADER_CAP + 2 * SpoolWriter.FLUSH_AT) // PUSH
+        past = push(beyond_cap)
+        _, peak = _traced()
+        assert peak - base < bound, (peak - base, bound)
+        further = push(2 * SpoolWriter.FLUSH_AT // PUSH)
+        assert further - past < SLOW_SESSIONS * 1024, (past - base, further - base)
+        for _, t in trickling + idle + in_data:
+            assert not t.disconnecting
+            assert take_replies(t) == []
+        assert all(p._writer is not None for p, _ in in_data), "still a message being received"
+    finally:
+        tracemalloc.stop()
+    assert trickled < bound
+
+    # (b) A new session is greeted and its message is queued.
+    p, t = connect(intake, peer=("127.0.0.1", 30000))
+    assert codes(take_replies(t)) == [220]
+    assert _open_dialogue(p, t, [
+        b"EHLO fresh.test", b"MAIL FROM:<fresh@localhost>", b"RCPT TO:<user@localhost>", b"DATA",
+    ]) == [250, 250, 250, 354]
+    p.dataReceived(b"Subject: fresh\r\n\r\nstill served\r\n.\r\n")
+    pool.run_all()
+    assert codes(take_replies(t)) == [250]
+    assert [e.queue_id for e in intake.queued_entries] == [m.queue_id for m in spooled(intake.spool)]
+    (message,) = spooled(intake.spool)
+    assert message.message.endswith(b"still served\r\n")
+    assert codes(send(p, t, b"QUIT\r\n")) == [221]
+    p.connectionLost(Failure(ConnectionLost()))
+
+    # (c) The idle timeout closes the command and idle sessions, the DATA
+    # timeout the message senders; each with 421 4.4.2.
+    reactor.advance(limits.idle_timeout + 1)
+    for p, t in trickling + idle:
+        assert [(c, x.split()[0]) for c, x in take_replies(t)][-1:] == [(421, "4.4.2")]
+        assert t.disconnecting
+    for _, t in in_data:
+        assert not t.disconnecting and take_replies(t) == []
+    reactor.advance(limits.data_timeout - limits.idle_timeout)
+    for p, t in in_data:
+        assert [(c, x.split()[0]) for c, x in take_replies(t)] == [(421, "4.4.2")]
+        assert t.disconnecting
+    for p, _ in trickling + idle + in_data:
+        p.connectionLost(Failure(ConnectionLost()))
+    pool.run_all()
+    assert intake.sessions == set()
+    assert intake.per_ip == {}
+    assert list(intake.spool.tmp_dir.iterdir()) == [], "partial messages are discarded"
