@@ -367,7 +367,8 @@ def test_check_counts_mail_held_by_a_stopped_node_as_in_flight(tmp_path: Path, m
 
     d = _check_lab(tmp_path, ["<again@x>", "<done@x>"], {"a"}, monkeypatch)
     mail = tmp_path / "b" / "mail"
-    _maildir_file(mail, "c.test", "u", _copy("<again@x>", "u@c.test"))
+    # The stopped node has mail of its own too: its name must survive the scan.
+    _maildir_file(tmp_path / "a" / "mail", "c.test", "u", _copy("<again@x>", "u@c.test"))
     _maildir_file(mail, "c.test", "u", _copy("<done@x>", "u@c.test"))
     spool = tmp_path / "a" / "spool"
     _queue_file(spool, "Q1", "<again@x>", {"u@c.test": "pending"})

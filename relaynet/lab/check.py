@@ -200,8 +200,8 @@ def collect(nodes: Mapping[str, Mapping[str, Any]], stopped: Collection[str] = (
                     names = os.listdir(box / sub)
                 except FileNotFoundError:
                     continue
-                for name in names:
-                    scan_mailbox_file(box / sub / name, ev)
+                for fname in names:
+                    scan_mailbox_file(box / sub / fname, ev)
         scan_queue(rec["spool"], ev, name, name in stopped)
     return ev
 
