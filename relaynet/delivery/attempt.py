@@ -273,11 +273,16 @@ class Delivery:
 
 def system_resolver(reactor: Any, servers: Sequence[tuple[str, int]] = ()) -> Any:
     """
-    A DNS resolver for MX lookups: C{servers} (C{[dns].servers}) if given,
-    else the system's C{/etc/resolv.conf}.
+    A DNS resolver for MX lookups, as L{twisted.names.client.createResolver}
+    builds one (C{/etc/hosts}, then a cache, then DNS), but on C{reactor}:
+    createResolver takes no reactor. DNS is C{servers} (C{[dns].servers}) if
+    given, else the system's C{/etc/resolv.conf}.
     """
-    from twisted.names import client
+    from twisted.names import cache, client, hosts, resolve
 
-    if servers:
-        return client.Resolver(servers=list(servers), reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    dns = client.Resolver(
+        resolv=None if servers else "/etc/resolv.conf", servers=list(servers) or None, reactor=reactor
+    )
+    return resolve.ResolverChain(
+        [hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(reactor=reactor), dns]
+    )
