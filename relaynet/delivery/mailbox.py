@@ -185,7 +185,7 @@ def _read_chunks(path: str | Path, offset: int, size: int) -> Iterator[bytes]:
 
 
 def write_maildir_copy(
-    maildir: Path, entry: QueueEntry, sender: str, delivered_to: str
+    maildir: Path, entry: QueueEntry, sender: str, delivered_to: str, may_exist: bool = True
 ) -> Path:
     """
     Write one durable copy of C{entry}'s message into C{maildir}, unless a
@@ -195,12 +195,15 @@ def write_maildir_copy(
     have come between the rename and the fsync of C{new/}) and it counts as
     the delivery.
 
+    @param may_exist: whether an earlier attempt may have written the copy;
+        if not, the mailbox is not listed (C{cur/} is the user's whole
+        mailbox: no listing per delivery on the common path).
     @return: the path of the file (in C{new/}, or where the copy was found).
     @raise OSError: on any I/O failure (nothing is left in C{new/} then).
     """
     ensure_maildir(maildir)
     unique = copy_unique(entry.queue_id, delivered_to)
-    found = find_copy(maildir, unique)
+    found = find_copy(maildir, unique) if may_exist else None
     if found is not None:
         fsync_dir(found.parent)
         return found
@@ -246,6 +249,9 @@ def deliver_local(
     results = []
     done: dict[tuple[str, str], Path] = {}
     sender = entry.envelope.sender
+    # Only a message recovered at start or attempted before can have a copy
+    # in a mailbox already; a first attempt need not list the mailboxes.
+    may_exist = entry.recovered or any(st.attempts for st in entry.state.recipients.values())
     for address in addresses:
         localpart, _, domain = address.rpartition("@")
         boxes = resolve_local(local, localpart, domain)
@@ -260,7 +266,7 @@ def deliver_local(
             for dom, user in boxes:
                 if (dom, user) not in done:
                     done[(dom, user)] = write_maildir_copy(
-                        maildir_for(local, dom, user), entry, sender, f"{user}@{dom}"
+                        maildir_for(local, dom, user), entry, sender, f"{user}@{dom}", may_exist
                     )
                 written.append(str(done[(dom, user)]))
         except OSError as e:

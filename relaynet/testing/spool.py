@@ -334,6 +334,7 @@ class MemorySpool:
             path=f"memory:{queue_id}",
             body_offset=0,
             state_written=stored.state_json is not None,
+            recovered=True,
             data=stored.data,
         )
 
