@@ -158,7 +158,7 @@ class QueueRunner(Service):
         self._started = True
         now = self.now()
         for entry in self.core:
-            due = None if entry.state.held else max(now, entry.state.next_attempt or now)
+            due = self.core.due(entry, now)
             if due is not None:
                 self._schedule(entry.queue_id, due)
 
@@ -205,9 +205,7 @@ class QueueRunner(Service):
         A message was just committed: deliver it now, or as soon as an
         attempt slot is free (it waits in the timetable, like any due message).
         """
-        due = self.core.add(entry, self.now())
-        if self._started and due is not None:
-            self._schedule(entry.queue_id, due)
+        self.load([entry])
 
     def cut_through(self, entry: QueueEntry) -> Deferred[tuple[int, str, str]]:
         """

@@ -115,6 +115,13 @@ class Intake:
     per_ip: dict[str, int] = field(factory=dict)
     auth_failures: dict[str, int] = field(factory=dict)
     accepting: bool = True
+    _table: RoutingTable | None = field(default=None, init=False, repr=False)
+
+    def routing(self) -> RoutingTable:
+        """The routing table of the configuration in force (built once per configuration)."""
+        if self._table is None or self._table.config is not self.config:
+            self._table = RoutingTable(self.config)
+        return self._table
 
 
 @define
@@ -756,7 +763,8 @@ class RelayESMTP(smtp.ESMTP):
             return
         box = req.recipient
         verdict = check_recipient(
-            self.intake.config, box.local, box.domain, self.client_ip, self.authenticated
+            self.intake.config, box.local, box.domain, self.client_ip, self.authenticated,
+            table=self.intake.routing(),
         )
         if not verdict.accepted:
             self.reply(verdict.code, verdict.enhanced, verdict.text)
@@ -943,7 +951,7 @@ class RelayESMTP(smtp.ESMTP):
                 )
             except Exception:
                 self.log.failure("Could not log the received event of {queue_id}", queue_id=entry.queue_id)
-            if self.intake.cut_through is not None and _wants_cut_through(self.intake.config, env):
+            if self.intake.cut_through is not None and _wants_cut_through(self.intake.routing(), env):
                 ok = (250, "2.0.0", f"Ok: queued as {entry.queue_id}")
 
                 def fallback(failure: Failure) -> tuple[int, str, str]:
@@ -970,9 +978,8 @@ class RelayESMTP(smtp.ESMTP):
         return d.addCallbacks(committed, failed)
 
 
-def _wants_cut_through(config: NodeConfig, env: Envelope) -> bool:
+def _wants_cut_through(table: RoutingTable, env: Envelope) -> bool:
     """Every recipient is, by today's routing table, on a route with C{ack = "cut-through"}."""
-    table = RoutingTable(config)
     for r in env.recipients:
         route = table.route(r.address)
         if not isinstance(route, Route) or route.kind is RouteKind.LOCAL or route.ack != "cut-through":

@@ -245,6 +245,10 @@ class QueueCore:
             C{None} if it is held.
         """
         self._entries[entry.queue_id] = entry
+        return self.due(entry, now)
+
+    def due(self, entry: QueueEntry, now: float) -> float | None:
+        """When to attempt C{entry}: now, or its recorded next attempt; C{None} if held."""
         if entry.state.held:
             return None
         due = entry.state.next_attempt
