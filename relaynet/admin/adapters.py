@@ -9,14 +9,9 @@ The queue runner is a L{QueueView} as it is (the node gives it directly).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Collection, Protocol
+from typing import Collection, Protocol
 
 from attrs import frozen
-
-
-if TYPE_CHECKING:
-
-    pass
 
 
 class _Listener(Protocol):
