@@ -183,6 +183,8 @@ class QueuePolicy:
     lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0
     concurrency: int = 64
+    duplicate_window: float = 86400.0
+    duplicate_window_size: int = 1_000_000
 
 
 @frozen
@@ -760,6 +762,11 @@ def parse_config(
             lambda v: None if v >= 0 else "must be 0 (off) or positive",
         )),
         concurrency=q.get("concurrency", int, qd.concurrency, _positive),
+        duplicate_window=float(q.get(
+            "duplicate_window", (int, float), qd.duplicate_window,
+            lambda v: None if v >= 0 else "must be 0 (off) or positive",
+        )),
+        duplicate_window_size=q.get("duplicate_window_size", int, qd.duplicate_window_size, _positive),
     )
     if queue.maximal_backoff < queue.minimal_backoff:
         raise ConfigError(source, "queue.maximal_backoff", "must not be below queue.minimal_backoff")

@@ -51,6 +51,7 @@ from relaynet.intake.server import Intake, RelayFactory, drain
 from relaynet.smtp.netio import EndpointService, ReusePortEndpoint
 from relaynet.runner import QueueRunner
 from relaynet.queue.spool import Spool, makedirs_durable
+from relaynet.queue.window import TransferWindow
 from relaynet.smtp.tls import TLSConfigError, server_options
 
 from relaynet.admin.adapters import IntakeSessions
@@ -186,10 +187,15 @@ class RelayNode(MultiService):
         self.commit_pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}-commit")
         self.spool = Spool(config.queue_dir, reactor, self.pool, commit_pool=self.commit_pool)
         self.events = EventLog(None, config.name)
-        self.runner = QueueRunner(config, self.spool, self.events, reactor, self.pool)
+        self.window = TransferWindow(
+            config.queue_dir / "window", config.queue.duplicate_window,
+            config.queue.duplicate_window_size, time.time,
+            lambda f: deferToThreadPool(reactor, self.pool, f),
+        )
+        self.runner = QueueRunner(config, self.spool, self.events, reactor, self.pool, window=self.window)
         self.intake = Intake(
             config=config, spool=self.spool, events=self.events, reactor=reactor,
-            queued=self.runner.enqueue, cut_through=self.runner.cut_through,
+            queued=self.runner.enqueue, cut_through=self.runner.cut_through, window=self.window,
         )
         sessions = IntakeSessions(self.intake.sessions)
         self.metrics = NodeMetrics(self.runner, sessions, reactor, name=config.name,
@@ -306,7 +312,10 @@ class RelayNode(MultiService):
         try:
             self.events.open(config.event_log)
             self.spool.prepare()
+            self.window.load()
             recovered = list(self.spool.recover())
+            for entry in recovered:
+                self.window.note_envelope(entry.envelope)
         except OSError as e:
             raise NodeStartError(disk_problem(e, config.spool)) from e
         self.runner.load(recovered)
@@ -360,6 +369,8 @@ class RelayNode(MultiService):
         self.intake.tls = tls
         self.intake.portal = portal
         self.runner.reconfigure(new)
+        self.window.span = new.queue.duplicate_window
+        self.window.limit = new.queue.duplicate_window_size
         if self.log_observer is not None:
             self.log_observer.configure(new.log)
         self.last_reload_error = None

@@ -45,6 +45,7 @@ from relaynet.queue.retry import RetryPolicy
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient
 from relaynet.queue.states import QueueTotals, RecipientStatus
 from relaynet.queue.timetable import Timetable
+from relaynet.queue.window import TransferWindow
 
 
 Entries = list[QueueEntry]
@@ -110,6 +111,7 @@ class QueueRunner(Service):
         now: Callable[[], float] = time.time,
         resolver: Any = None,
         delivery: Delivery | None = None,
+        window: TransferWindow | None = None,
     ) -> None:
         """
         @param spool: a L{Spool} (or L{relaynet.testing.MemorySpool}).
@@ -119,9 +121,12 @@ class QueueRunner(Service):
         @param now: the wall clock (arrival times are wall-clock seconds).
         @param resolver: the MX resolver (made from C{[dns]} on first use).
         @param delivery: the delivery stage (made from the above when not given).
+        @param window: the transfers accepted from relaynet upstreams; a
+            message that came by one is journalled there before it is removed.
         """
         self.config = config
         self.spool = spool
+        self.window = window
         self.events = events
         self.reactor = reactor
         self.pool = threadpool
@@ -313,6 +318,9 @@ class QueueRunner(Service):
         def write() -> Deferred[Any]:
             d = self._notify(decision.notices)
             if decision.write is Write.REMOVE:
+                if self.window is not None:
+                    window = self.window
+                    d.addCallback(lambda _: window.retire(entry.envelope))
                 d.addCallback(lambda _: self.spool.remove(entry))
             else:
                 d.addCallback(lambda _: self.spool.record(entry))

@@ -349,6 +349,10 @@ class RelayClient(smtp.ESMTPClient):
             mail += b" RET=" + params["ret"].encode()
         if dsn and params.get("envid"):
             mail += b" ENVID=" + xtext_encode(params["envid"]).encode()
+        if b"XTXN" in ext and env.node:
+            # A relaynet next hop: name the transfer, so that sending it again
+            # (we crashed before recording its 250) is recognised there.
+            mail += b" XTXN=" + xtext_encode(f"{env.node}/{env.queue_id}").encode()
         lines = [mail]
         self._pending = deque([("MAIL", None)])
         for r in job.recipients:

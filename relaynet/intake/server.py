@@ -60,8 +60,10 @@ from relaynet.delivery.routing import Route, RouteKind, RoutingTable
 from relaynet.intake.policy import check_recipient, is_trusted
 from relaynet.smtp.parse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.queue.spool import (
-    Envelope, QueueEntry, Recipient, Spool, SpoolError, SpoolFull, SpoolWriter,
+    DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, QueueEntry, Recipient, Spool, SpoolError,
+    SpoolFull, SpoolWriter,
 )
+from relaynet.queue.window import TransferWindow
 from relaynet.smtp.tls import connection_info
 
 if TYPE_CHECKING:
@@ -100,6 +102,8 @@ class Intake:
     What every session of a node's listeners shares.
 
     @ivar queued: called with each L{QueueEntry} once it is durable.
+    @ivar window: the transfers accepted from relaynet upstreams (C{XTXN}
+        is offered while it is set and C{[queue].duplicate_window} is not 0).
     """
 
     config: NodeConfig
@@ -111,6 +115,7 @@ class Intake:
     now: Callable[[], float] = time.time
     tls: IOpenSSLServerConnectionCreator | None = None
     portal: Portal | None = None
+    window: TransferWindow | None = None
     sessions: set["RelayESMTP"] = field(factory=set)
     per_ip: dict[str, int] = field(factory=dict)
     auth_failures: dict[str, int] = field(factory=dict)
@@ -122,6 +127,12 @@ class Intake:
         if self._table is None or self._table.config is not self.config:
             self._table = RoutingTable(self.config)
         return self._table
+
+    def transfers(self) -> TransferWindow | None:
+        """The transfer window, if exactly-once between relaynet hops is on."""
+        if self.window is None or self.config.queue.duplicate_window <= 0:
+            return None
+        return self.window
 
 
 @define
@@ -179,6 +190,7 @@ class RelayESMTP(smtp.ESMTP):
         self._scanner: DataScanner | None = None
         self._writer: SpoolWriter | None = None
         self._data_txn: Transaction | None = None
+        self._digest: Any = None  # hashlib's sha256 of the DATA of a named transfer
         self._shutdown_after_reply = False
         self._normalize = limits.bare_newlines == "normalize"
         self.client_ip = "unknown"
@@ -529,6 +541,10 @@ class RelayESMTP(smtp.ESMTP):
             ext[b"STARTTLS"] = None
         if self.intake.portal is not None and self.startedTLS and not self.authenticated:
             ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
+        if self.intake.transfers() is not None:
+            # relaynet's own: the upstream names each transfer (MAIL ... XTXN=node/queue-id)
+            # so that a retransmission is recognised (relaynet.queue.window).
+            ext[b"XTXN"] = None
         return ext
 
     def ext_STARTTLS(self, rest: bytes) -> None:
@@ -722,7 +738,8 @@ class RelayESMTP(smtp.ESMTP):
             return
         try:
             mail = parse_mail(
-                rest, size_limit=self.limits.max_message_size, smtputf8_allowed=self._esmtp
+                rest, size_limit=self.limits.max_message_size, smtputf8_allowed=self._esmtp,
+                transfer_allowed=self._esmtp and self.intake.transfers() is not None,
             )
             if not self._esmtp and (mail.size is not None or mail.body is not None):
                 raise CommandError(555, "5.5.4", "ESMTP parameters need EHLO")
@@ -801,6 +818,9 @@ class RelayESMTP(smtp.ESMTP):
             params={
                 "size": mail.size, "body": mail.body, "smtputf8": mail.smtputf8,
                 "ret": mail.ret, "envid": mail.envid,
+                # The digest is filled in at the final dot (SpoolWriter.commit), in place.
+                "origin": mail.transfer,
+                "digest": DIGEST_PLACEHOLDER if mail.transfer else None,
             },
             client={
                 "helo": self._helo_name, "ip": self.client_ip, "port": self.client_port,
@@ -819,6 +839,7 @@ class RelayESMTP(smtp.ESMTP):
             return
         self._writer = writer
         self._data_txn = txn
+        self._digest = hashlib.sha256() if mail.transfer else None
         self._scanner = DataScanner(
             max_line_length=self.limits.max_line_length, max_size=self.limits.max_message_size
         )
@@ -870,6 +891,8 @@ class RelayESMTP(smtp.ESMTP):
                 writer.abort()
                 self._writer = writer = None
             elif body:
+                if self._digest is not None:
+                    self._digest.update(body)
                 try:
                     writer.write(body)
                 except (OSError, SpoolError) as e:
@@ -903,7 +926,13 @@ class RelayESMTP(smtp.ESMTP):
                 self.shutdown()
             return
         assert txn is not None
-        self._wait_for(self._commit(writer, hops, scanner.message_id))
+        digest = None
+        if self._digest is not None:
+            digest = self._digest.hexdigest()[:DIGEST_LENGTH]
+            self._digest = None
+            if self._retransmission(txn, writer, digest, scanner.message_id):
+                return
+        self._wait_for(self._commit(writer, hops, scanner.message_id, digest))
 
     def _disk_drained(self) -> None:
         self._disk_blocked = False
@@ -932,14 +961,47 @@ class RelayESMTP(smtp.ESMTP):
             return 554, "5.4.6", f"Error: too many hops ({hops} Received headers)"
         return None
 
-    def _commit(self, writer: SpoolWriter, hops: int, message_id: str | None) -> Deferred[None]:
+    def _retransmission(
+        self, txn: Transaction, writer: SpoolWriter, digest: str, message_id: str | None,
+    ) -> bool:
+        """
+        A transfer we already accepted, with the same bytes, for every one of
+        these recipients: acknowledge it with the original queue id and do
+        not queue it again (C{True}). Anything else is queued (C{False}).
+        """
+        window = self.intake.transfers()
+        origin = txn.mail.transfer
+        if window is None or origin is None:
+            return False
+        addresses = [r.address for r in txn.recipients]
+        found = window.match(origin, digest)
+        if not found.all(addresses):
+            return False
+        writer.abort()
+        window.duplicates += 1
+        self.reply(250, "2.0.0", f"Ok: queued as {found.queue_id}")
+        try:
+            self.intake.events.emit(
+                "duplicate", queue_id=found.queue_id, origin=origin, message_id=message_id,
+                sender=str(txn.mail.sender), recipients=addresses, client=self.client_ip,
+                client_port=self.client_port, helo=self._helo_name,
+            )
+        except Exception:
+            self.log.failure("Could not log the duplicate event of {queue_id}", queue_id=found.queue_id)
+        return True
+
+    def _commit(
+        self, writer: SpoolWriter, hops: int, message_id: str | None, digest: str | None = None,
+    ) -> Deferred[None]:
         started = self.intake.reactor.seconds()
-        d = maybeDeferred(writer.commit, hops)
+        d = maybeDeferred(writer.commit, hops, digest)
 
         def committed(entry: QueueEntry) -> Deferred[None] | None:
             # The message is durable: from here on nothing may turn into a
             # failure reply (the client would send it again).
             env = entry.envelope
+            if self.intake.window is not None:
+                self.intake.window.note_envelope(env)
             try:
                 self.intake.events.emit(
                     "received", queue_id=entry.queue_id, message_id=message_id,

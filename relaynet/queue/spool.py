@@ -55,6 +55,17 @@ _MAGIC = b"RELAYNET-QUEUE"
 HEADER_LEN = len(b"%s %d %010d %012d %04d\n" % (_MAGIC, FORMAT_VERSION, 0, 0, 0))
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
 
+DIGEST_LENGTH = 32
+"""Hex digits of the SHA-256 message digest kept per transfer (128 bits)."""
+
+DIGEST_PLACEHOLDER = "-" * DIGEST_LENGTH
+"""
+What an envelope's C{params.digest} holds until the final dot: it has the
+digest's width, so L{SpoolWriter.commit} fills it in place, as it does the
+header record (see L{relaynet.queue.window}).
+"""
+_DIGEST_SLOT = b'"digest":"' + DIGEST_PLACEHOLDER.encode() + b'"'
+
 
 
 class SpoolError(Exception):
@@ -562,6 +573,8 @@ class SpoolWriter:
         self._env = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
         # The header is rewritten with the final size and hop count at commit.
         self._chunks: list[bytes] = [_header(len(self._env), 0, 0), self._env + b"\n"]
+        slot = self._env.find(_DIGEST_SLOT)
+        self._digest_at = -1 if slot < 0 else slot + len(b'"digest":"')
         self._buffered = 0
         self._fd: int | None = None
         self._created = False
@@ -645,11 +658,13 @@ class SpoolWriter:
                 lambda f: None
             )
 
-    def commit(self, hops: int) -> Deferred[QueueEntry]:
+    def commit(self, hops: int, digest: str | None = None) -> Deferred[QueueEntry]:
         """
         Make the message durable and visible in C{new/}.
 
         @param hops: C{Received:} fields in the message, ours included.
+        @param digest: the message digest to write into the envelope's
+            C{params.digest} placeholder (L{DIGEST_PLACEHOLDER}), if it has one.
         @return: a Deferred firing with the L{QueueEntry} once file and directory
             are fsynced; failing with L{SpoolError} on any I/O error
             (L{SpoolFull} if the disk is full), after which nothing is left in
@@ -660,8 +675,18 @@ class SpoolWriter:
         self._finished = True
         header = _header(len(self._env), self.size, hops)
         rewrite_header = self._tail is not None
+        envelope = self.envelope
+        stamp: bytes | None = None
+        if digest is not None and self._digest_at >= 0:
+            stamp = digest.encode("ascii")
+            if len(stamp) != DIGEST_LENGTH:
+                return fail(SpoolError(f"a digest has {DIGEST_LENGTH} hex digits"))
+            envelope = evolve(envelope, params={**envelope.params, "digest": digest})
         if not rewrite_header:
             self._chunks[0] = header
+            if stamp is not None:
+                at = self._digest_at
+                self._chunks[1] = self._env[:at] + stamp + self._env[at + DIGEST_LENGTH:] + b"\n"
         data = b"".join(self._chunks)
         self._chunks = []
         new_path = self.spool.new_dir / self.envelope.queue_id
@@ -674,6 +699,8 @@ class SpoolWriter:
                 _write_all(fd, data)
                 if rewrite_header:
                     os.pwrite(fd, header, 0)
+                    if stamp is not None:
+                        os.pwrite(fd, stamp, HEADER_LEN + self._digest_at)
                 os.fsync(fd)
                 self._fd = None
                 os.close(fd)
@@ -696,7 +723,7 @@ class SpoolWriter:
         d = self._then(lambda: self.spool._in_commit_thread(durable))
         d.addCallback(
             lambda _: QueueEntry(
-                envelope=evolve(self.envelope, size=self.size, hops=hops),
+                envelope=evolve(envelope, size=self.size, hops=hops),
                 state=QueueState(),
                 path=new_path,
                 body_offset=HEADER_LEN + len(self._env) + 1,

@@ -110,6 +110,9 @@ class MailRequest:
     @ivar smtputf8: Whether the C{SMTPUTF8} parameter was given.
     @ivar ret: DSN C{RET=}: C{"FULL"}, C{"HDRS"} or L{None}.
     @ivar envid: DSN C{ENVID=}, xtext-decoded, or L{None}.
+    @ivar transfer: relaynet's C{XTXN=} (the upstream node's C{node/queue-id}
+        for this transfer, xtext-decoded), or L{None}; see
+        L{relaynet.queue.window}.
     """
 
     sender: Mailbox
@@ -118,6 +121,7 @@ class MailRequest:
     smtputf8: bool
     ret: str | None
     envid: str | None
+    transfer: str | None = None
 
 
 @frozen
@@ -183,6 +187,8 @@ _MAX_PATH = 256
 _MAX_LOCAL = 64
 _MAX_DOMAIN = 255
 _MAX_ENVID = 100
+_MAX_TRANSFER = 200
+_TRANSFER_RE = re.compile(r"[!-~]+/[!-~]+")
 _MAX_ORCPT = 500
 _MAX_SIZE_DIGITS = 20
 
@@ -389,7 +395,8 @@ _NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 
 def parse_mail(
-    arg: bytes, *, size_limit: int | None, smtputf8_allowed: bool = True
+    arg: bytes, *, size_limit: int | None, smtputf8_allowed: bool = True,
+    transfer_allowed: bool = False,
 ) -> MailRequest:
     """
     Parse the argument of a C{MAIL} command.
@@ -400,6 +407,9 @@ def parse_mail(
         for no limit.
     @param smtputf8_allowed: Whether the server advertises C{SMTPUTF8};
         if not, that parameter is refused as unsupported.
+    @param transfer_allowed: Whether the server advertises C{XTXN}
+        (relaynet's transfer identity); if not, that parameter is refused
+        as unsupported.
     @return: The parsed request.
     @raise CommandError: If the command must be refused.  Missing angle
         brackets and malformed parameters give C{501 5.5.4}; a malformed or
@@ -410,6 +420,8 @@ def parse_mail(
     """
     raw, tokens = _split(arg, _MAIL)
     allowed = _MAIL_PARAMS if smtputf8_allowed else _MAIL_PARAMS - {"SMTPUTF8"}
+    if transfer_allowed:
+        allowed = allowed | {"XTXN"}
     params = _parse_params(tokens, allowed)
 
     size = None
@@ -452,8 +464,14 @@ def parse_mail(
         if not envid.isascii():
             raise _syntax("ENVID must be ASCII")
 
+    transfer = _value(params, "XTXN")
+    if transfer is not None:
+        transfer = _xtext_param(transfer, "XTXN", _MAX_TRANSFER)
+        if not _TRANSFER_RE.fullmatch(transfer):
+            raise _syntax("XTXN must be node/queue-id")
+
     sender = _parse_path(raw, _MAIL, smtputf8)
-    return MailRequest(sender, size, body, smtputf8, ret, envid)
+    return MailRequest(sender, size, body, smtputf8, ret, envid, transfer)
 
 
 def parse_rcpt(arg: bytes, *, smtputf8: bool = False) -> RcptRequest:

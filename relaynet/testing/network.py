@@ -63,6 +63,7 @@ from relaynet.delivery.routing import resolve_local, split_address
 from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory
 from relaynet.queue.spool import Envelope, QueueEntry, SpoolError
+from relaynet.queue.window import Transfer, TransferWindow
 from relaynet.runner import QueueRunner
 from relaynet.testing import EPOCH, ManualThreadPool, ThreadlessReactor, _merge
 from relaynet.testing.spool import MemorySpool
@@ -233,8 +234,10 @@ class NetNode:
     events: list[dict[str, Any]] = field(factory=list)
     up: bool = False
     began: int = 0
+    journal: list[Transfer] = field(factory=list)
     intake: Intake = field(init=False)
     runner: QueueRunner = field(init=False)
+    window: TransferWindow = field(init=False)
     mailboxes: MemoryMailboxes = field(init=False)
     factory: RelayFactory = field(init=False)
     reactor: NodeReactor = field(init=False)
@@ -255,14 +258,19 @@ class NetNode:
 
         events.observers.append(observe)
         threads = ManualThreadPool(immediate=True)
+        self.window = TransferWindow(
+            None, self.config.queue.duplicate_window, self.config.queue.duplicate_window_size,
+            reactor.seconds, memory_journal=self.journal,
+        )
         self.intake = Intake(
             config=self.config, spool=gate, events=events,  # type: ignore[arg-type]
-            reactor=reactor, now=reactor.seconds,
+            reactor=reactor, now=reactor.seconds, window=self.window,
         )
         outbound = OutboundManager(reactor, self.config.outbound, self.config.hostname)
         self.runner = QueueRunner(
             self.config, gate, events, reactor, threads,  # type: ignore[arg-type]
             outbound=outbound, now=reactor.seconds, resolver=_NetworkResolver(self.network),
+            window=self.window,
         )
         self.runner.delivery = Delivery(
             lambda: self.runner.table, outbound, self.mailboxes, self.runner.resolver,
@@ -286,7 +294,11 @@ class NetNode:
         if self.up:
             raise RuntimeError(f"node {self.name} is up already")
         self.spool.prepare()
-        self.runner.start(list(self.spool.recover()))
+        self.window.load()
+        recovered = list(self.spool.recover())
+        for entry in recovered:
+            self.window.note_envelope(entry.envelope)
+        self.runner.start(recovered)
         self.up = True
 
     def stop(self) -> None:
