@@ -3,12 +3,13 @@
 C{relaynet lab ...}: run a relay network described by a topology file as real
 processes on loopback, drive it, watch it, break it.
 
-    relaynet lab up TOPOLOGY [--dir D] [--netns]    start (or reattach to) a lab
+    relaynet lab up TOPOLOGY [--dir D] [--netns] [--power-fs]
+                                                    start (or reattach to) a lab
     relaynet lab status [--json]                    per node: queue, counts, sessions
     relaynet lab send [-n N] [--from NODE] ...      submit N messages, record what was acknowledged
     relaynet lab trace MESSAGE-ID | --last          the path of one message, hop by hop
     relaynet lab check [--wait S]                   every acknowledged message delivered once?
-    relaynet lab chaos [--duration S] ...           kill -9 / restart nodes, or cut links (netns)
+    relaynet lab chaos [--duration S] ...           kill -9 / restart nodes, cut links (netns) or power (--power-cut)
     relaynet lab draw [-o FILE]                     SVG picture with per-link counts and latencies
     relaynet lab down [--clean]                     stop every node (and remove the lab with --clean)
 
@@ -131,9 +132,16 @@ def _ranges(args: argparse.Namespace) -> None:
 def _up(args: argparse.Namespace) -> int:
     from relaynet.lab import control
 
+    power_fs = args.power_fs
+    if power_fs is None:
+        # Neither --power-fs nor --no-power-fs: a lab keeps the mode it ran in.
+        from relaynet.lab.topology import load_topology
+
+        where = Lab(args.dir if args.dir is not None else Path("var") / "lab" / load_topology(args.topology).name)
+        power_fs = bool(where.exists() and where.load().data.get("power_fs"))
     t0 = time.monotonic()
     lab, what = control.up(args.topology, args.dir, use_netns=args.netns, timeout=args.timeout,
-                           say=_say)
+                           say=_say, power_fs=power_fs)
     took = time.monotonic() - t0
     if args.json:
         print(json.dumps({"lab": lab.name, "dir": str(lab.dir), "result": what, "seconds": round(took, 3),
@@ -143,7 +151,8 @@ def _up(args: argparse.Namespace) -> int:
         "started": "is up", "reattached": "was already up: reattached (nothing started)",
         "restarted all": "was down: started every node again (configs and spools kept)",
     }.get(what, f"was partly down: {what}")
-    print(f"lab {lab.name} {verb} in {took:.2f}s  (dir {lab.dir})")
+    print(f"lab {lab.name} {verb} in {took:.2f}s  (dir {lab.dir})"
+          + ("; spools on powerfs: 'lab chaos --power-cut' cuts power" if lab.data.get("power_fs") else ""))
     print(control.table(lab))
     from relaynet.lab.traffic import read_sent
 
@@ -423,7 +432,12 @@ def _chaos(args: argparse.Namespace) -> int:
     lab = _lab(args)
     _require_running(lab)
     c = lab.data.get("chaos", {})
-    links = args.links or (bool(c.get("links")) and bool(lab.data.get("netns")))
+    links = args.links or (bool(c.get("links")) and bool(lab.data.get("netns")) and not args.power_cut)
+    if args.power_cut and not lab.data.get("power_fs"):
+        raise LabError(
+            f"--power-cut needs a lab started with --power-fs: stop it ({command('lab', 'down', '--dir', lab.dir)})"
+            f" and start it with {command('lab', 'up', Path(lab.data.get('topology', 'TOPOLOGY')), '--dir', lab.dir, '--power-fs')}"
+        )
     plan = chaos.ChaosPlan(
         targets=args.target or c.get("targets") or [],
         duration=args.duration if args.duration is not None else float(c.get("duration", 15.0)),
@@ -433,6 +447,7 @@ def _chaos(args: argparse.Namespace) -> int:
         max_actions=args.max_actions if args.max_actions is not None else int(c.get("max_actions", 0)),
         start_after=args.start_after if args.start_after is not None else float(c.get("start_after", 0.0)),
         links=links,
+        power_cut=args.power_cut,
     )
     if not plan.targets and not plan.links:
         plan.targets = [n for n in lab.nodes if n not in lab.data.get("traffic", {}).get("from", [])]
@@ -460,9 +475,13 @@ def _chaos(args: argparse.Namespace) -> int:
         stop.set()
         if sender is not None:
             sender.join(120)
-    kills, cuts = log.count("kill -9"), log.count("cut")
-    print(f"chaos done: {kills} kill -9, {log.count('restart')} restart(s), {cuts} link cut(s),"
+    kills, cuts, power = log.count("kill -9"), log.count("cut"), log.count("power cut")
+    undone = sum(int(a.get("undone", 0)) for a in log.actions if a["action"] == "power cut")
+    print(f"chaos done: {kills} kill -9, " + (f"{power} power cut(s) ({undone} unsynced operation(s) undone), "
+                                              if plan.power_cut else "")
+          + f"{log.count('restart')} restart(s), {cuts} link cut(s),"
           f" {log.count('restore')} restored; log {lab.chaos_path}")
+    kills += power
     if not plan.restart and kills:
         print("killed nodes were left down; restart them with:")
         print(f"  $ {command('lab', 'up', Path(lab.data.get('topology', 'TOPOLOGY')), '--dir', lab.dir)}")
@@ -520,6 +539,11 @@ def add_lab_parser(sub: Any) -> None:
     s.add_argument("--dir", help="lab directory (default ./var/lab/<topology name>)")
     s.add_argument("--netns", action="store_true",
                    help="one network namespace per node, joined by veth links (root and iproute2)")
+    s.add_argument("--power-fs", dest="power_fs", action="store_true", default=None,
+                   help="each node's spool on powerfs, a FUSE file system that can lose power"
+                        " ('lab chaos --power-cut'; /dev/fuse and fusermount3); kept at later 'lab up's")
+    s.add_argument("--no-power-fs", dest="power_fs", action="store_false",
+                   help="a lab that ran with --power-fs: run it without (spools are kept)")
     s.add_argument("--timeout", type=_positive_seconds, default=30.0, help="seconds to wait for every EHLO (default 30)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_guard(_up))
@@ -581,6 +605,9 @@ def add_lab_parser(sub: Any) -> None:
     s.add_argument("--max-actions", type=_count, help="at most this many kills/cuts")
     s.add_argument("--start-after", type=_seconds, help="seconds before the first action")
     s.add_argument("--links", action="store_true", help="cut and restore links instead (needs lab up --netns)")
+    s.add_argument("--power-cut", action="store_true",
+                   help="cut the power of nodes instead: kill -9, drop what their spool had not fsynced,"
+                        " restart (needs lab up --power-fs)")
     s.add_argument("--seed", type=int, default=None, help="random seed (replays a schedule)")
     s.add_argument("--send", type=_count, default=0, metavar="N",
                    help="also send N messages meanwhile (topology's traffic defaults)")
@@ -593,7 +620,7 @@ def add_lab_parser(sub: Any) -> None:
     s.add_argument("-o", "--output", help="SVG file (default <labdir>/topology.svg)")
     s.set_defaults(func=_guard(_draw))
 
-    s = lab.add_parser("down", help="stop every node (SIGTERM, then SIGKILL), remove namespaces")
+    s = lab.add_parser("down", help="stop every node (SIGTERM, then SIGKILL), remove namespaces, unmount powerfs")
     _where(s)
     s.add_argument("--clean", action="store_true", help="also delete the lab directory")
     s.set_defaults(func=_guard(_down))

@@ -33,8 +33,13 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _records(lab: Lab, topology: Topology, use_netns: bool) -> dict[str, dict[str, Any]]:
-    """Allocate addresses and ports, write and validate every node config."""
+def _records(lab: Lab, topology: Topology, use_netns: bool, power_fs: bool = False) -> dict[str, dict[str, Any]]:
+    """
+    Allocate addresses and ports, write and validate every node config.
+
+    @param power_fs: each node's spool is a powerfs mount over
+        C{<node>/spool.backing} (C{rec["powerfs"]}).
+    """
     plans = allocate(topology, procs.port_ok, procs.free_port, netns=use_netns)
     recs: dict[str, dict[str, Any]] = {}
     for n in topology.nodes:
@@ -69,7 +74,74 @@ def _records(lab: Lab, topology: Topology, use_netns: bool) -> dict[str, dict[st
             "pidfile": str(d / "twistd.pid"),
             "pid": None,
         }
+        if power_fs:
+            recs[n.name]["powerfs"] = _powerfs_record(d, config.spool)
     return recs
+
+
+def _powerfs_record(node_dir: Path, spool: Path) -> dict[str, Any]:
+    """Where a node's powerfs keeps its files, mounts and listens (C{lab up --power-fs})."""
+    return {
+        "backing": str(node_dir / "spool.backing"), "mount": str(spool),
+        "control": str(node_dir / "powerfs.sock"), "log": str(node_dir / "powerfs.log"), "pid": None,
+    }
+
+
+def _adopt_spool(rec: dict[str, Any]) -> None:
+    """
+    Switching a stopped lab to C{--power-fs}: the spool written without it
+    becomes the backing directory, so queued mail is kept.
+    """
+    pfs = rec.get("powerfs")
+    if not pfs:
+        return
+    from relaynet.lab.powerfs import is_mounted
+
+    spool, backing = Path(pfs["mount"]), Path(pfs["backing"])
+    if not backing.exists() and spool.is_dir() and not is_mounted(spool):
+        spool.rename(backing)
+
+
+def _release_spool(rec: dict[str, Any], node_dir: Path) -> None:
+    """
+    Switching a stopped lab from C{--power-fs} back: the backing directory
+    becomes the spool again (the unmounted mount point is empty).
+    """
+    from relaynet.lab.powerfs import is_mounted
+
+    backing = node_dir / "spool.backing"
+    spool = Path(rec["spool"])
+    if backing.is_dir() and not is_mounted(spool):
+        shutil.rmtree(backing / ".powerfs", ignore_errors=True)
+        if spool.is_dir() and not any(spool.iterdir()):
+            spool.rmdir()
+        if not spool.exists():
+            backing.rename(spool)
+
+
+def _mount(lab: Lab, names: list[str], say: Say) -> None:
+    """
+    Mount the powerfs of nodes C{names} (those of a C{--power-fs} lab) before
+    they start, recording the pids.
+
+    @raise LabError: one did not come up (those mounted are unmounted again).
+    """
+    started: list[str] = []
+    for name in names:
+        rec = lab.nodes[name]
+        if not rec.get("powerfs"):
+            continue
+        try:
+            procs.start_powerfs(rec)
+        except OSError as e:
+            for other in started:
+                procs.stop_powerfs(lab.nodes[other])
+            lab.save()
+            raise LabError(f"--power-fs: {e}") from None
+        started.append(name)
+    if started:
+        say(f"powerfs mounted on the spool of {', '.join(started)}")
+        lab.save()
 
 
 def _make_files(topology: Topology, name: str, address: str, more: list[str], node_dir: Path) -> None:
@@ -120,7 +192,7 @@ def _namespaces(lab: Lab) -> dict[str, str]:
 
 
 def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = False,
-       timeout: float = procs.START_TIMEOUT, say: Say = _quiet) -> tuple[Lab, str]:
+       timeout: float = procs.START_TIMEOUT, say: Say = _quiet, power_fs: bool = False) -> tuple[Lab, str]:
     """
     Start the lab of a topology, or reattach to it.
 
@@ -130,6 +202,11 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
     partly or wholly stopped: restart the stopped nodes with their existing
     configs and spools (queued mail is recovered). A directory holding
     another topology's lab: refused.
+
+    With C{power_fs}, each node's spool is a powerfs mount (a power-loss
+    file system, C{relaynet.lab.powerfs}) over C{<node>/spool.backing},
+    mounted before the node starts; C{lab chaos --power-cut} and
+    L{relaynet.lab.chaos.power_cut} cut its power.
 
     @return: the lab and what was done (C{"started"}, C{"reattached"},
         C{"restarted: ..."}).
@@ -142,6 +219,12 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
         reason = netns.unavailable_reason()
         if reason:
             raise LabError(f"--netns is not available here: {reason}")
+    if power_fs:
+        from relaynet.lab.powerfs import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise LabError(f"--power-fs is not available here: {reason}")
     lab = Lab(lab_dir if lab_dir is not None else Path("var") / "lab" / topology.name)
     try:
         digest = hashlib.sha256(Path(topology_path).read_bytes()).hexdigest()
@@ -155,16 +238,25 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
             stopped = not any(lab.alive(n) for n in lab.nodes)
             changed = lab.data.get("topology_sha256") != digest
             other_mode = bool(lab.data.get("netns")) != use_netns
-            if not (same and stopped and (changed or other_mode)):
-                return lab, _reattach(lab, source, use_netns, timeout, say)
+            other_fs = bool(lab.data.get("power_fs")) != power_fs
+            if not (same and stopped and (changed or other_mode or other_fs)):
+                return lab, _reattach(lab, source, use_netns, timeout, say, power_fs)
             why = (f"{Path(topology_path).name} changed since the lab last ran" if changed else
-                   f"the lab ran {'with' if lab.data.get('netns') else 'without'} --netns before")
+                   f"the lab ran {'with' if lab.data.get('netns') else 'without'} --netns before"
+                   if other_mode else
+                   f"the lab ran {'with' if lab.data.get('power_fs') else 'without'} --power-fs before")
+            for rec in lab.nodes.values():
+                procs.stop_powerfs(rec)
+                if not power_fs:
+                    _release_spool(rec, Path(rec["dir"]))
             say(f"{why}: generating its configs again (spools and mailboxes are kept)")
             if lab.data.get("netns"):
                 netns.teardown(_namespaces(lab).values())
             lab.state_path.unlink()
         for attempt in range(START_ATTEMPTS):
-            recs = _records(lab, topology, use_netns)
+            recs = _records(lab, topology, use_netns, power_fs)
+            for rec in recs.values():
+                _adopt_spool(rec)
             lab.data = {
                 "name": topology.name,
                 "topology": source,
@@ -172,6 +264,7 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
                 "description": topology.description,
                 "dir": str(lab.dir),
                 "netns": use_netns,
+                "power_fs": power_fs,
                 "created": time.time(),
                 "layout": topology.layout,
                 "traffic": {
@@ -195,6 +288,13 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
                 except netns.NetnsError as e:
                     raise LabError(f"--netns setup failed: {e}") from None
             lab.save()
+            try:
+                _mount(lab, list(recs), say)
+            except LabError:
+                if use_netns:
+                    netns.teardown(_namespaces(lab).values())
+                lab.state_path.unlink(missing_ok=True)
+                raise
             say(f"starting {len(recs)} nodes of {topology.name} in {lab.dir}")
             problems = _start(lab, list(recs), timeout)
             lab.save()
@@ -202,6 +302,7 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
                 return lab, "started"
             for rec in lab.nodes.values():
                 procs.stop(rec)
+                procs.stop_powerfs(rec)
             if use_netns:
                 netns.teardown(_namespaces(lab).values())
             port_clash = any("Address already in use" in p for p in problems.values())
@@ -213,7 +314,8 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
     raise AssertionError("unreachable")
 
 
-def _reattach(lab: Lab, source: str, use_netns: bool, timeout: float, say: Say) -> str:
+def _reattach(lab: Lab, source: str, use_netns: bool, timeout: float, say: Say,
+              power_fs: bool = False) -> str:
     if lab.data.get("topology") != source:
         raise LabError(
             f"{lab.dir} holds lab {lab.name!r} of {lab.data.get('topology')}, not {source}: "
@@ -222,6 +324,10 @@ def _reattach(lab: Lab, source: str, use_netns: bool, timeout: float, say: Say) 
     if bool(lab.data.get("netns")) != use_netns:
         mode = "with" if lab.data.get("netns") else "without"
         raise LabError(f"the lab in {lab.dir} runs {mode} --netns: give the same mode, or stop it first:"
+                       f" {command('lab', 'down', '--dir', lab.dir)}")
+    if bool(lab.data.get("power_fs")) != power_fs:
+        mode = "with" if lab.data.get("power_fs") else "without"
+        raise LabError(f"the lab in {lab.dir} runs {mode} --power-fs: give the same mode, or stop it first:"
                        f" {command('lab', 'down', '--dir', lab.dir)}")
     dead = [name for name in lab.nodes if not lab.alive(name)]
     if not dead:
@@ -249,6 +355,7 @@ def _reattach(lab: Lab, source: str, use_netns: bool, timeout: float, say: Say) 
                         f" ({command('lab', 'down', '--clean', '--dir', lab.dir)}) and 'lab up' again"
                         " to allocate new ports"
                     )
+    _mount(lab, dead, say)
     say(f"restarting stopped node(s): {', '.join(dead)}")
     problems = _start(lab, dead, timeout)
     lab.save()
@@ -273,6 +380,9 @@ def down(lab: Lab, clean: bool = False, say: Say = _quiet) -> list[str]:
             how = procs.stop(rec)
             rec["pid"] = None
             lines.append(f"{name}: {how}")
+        for name, rec in lab.nodes.items():
+            if rec.get("powerfs"):
+                lines.append(f"{name}: powerfs {procs.stop_powerfs(rec)}")
         problems = netns.teardown(_namespaces(lab).values()) if lab.data.get("netns") else []
         lines += problems
         lab.data["stopped"] = time.time()

@@ -222,7 +222,14 @@ def kill9(rec: Mapping[str, Any]) -> list[int]:
     # still finds, and lock files naming it (twistd's pid file, the node's
     # socket locks) look held: wait (bounded) until it is really gone.
     deadline = time.monotonic() + 5.0
-    while any(pid_state(p) is not None for p in pids) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # our own child: reap it here
+            except ChildProcessError:
+                pass
+        if all(pid_state(p) is None for p in pids):
+            break
         time.sleep(POLL)
     return pids
 
@@ -243,3 +250,99 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+# -- powerfs (lab up --power-fs) -------------------------------------------------
+
+
+def powerfs_pids(rec: Mapping[str, Any]) -> list[int]:
+    """
+    Every live powerfs process serving the node's spool: its recorded pid,
+    and any process whose command line runs C{relaynet.lab.powerfs} on the
+    node's mount point.
+    """
+    pfs = rec.get("powerfs")
+    if not pfs:
+        return []
+    mount = pfs["mount"]
+    found = set()
+
+    def ours(pid: int) -> bool:
+        st = pid_state(pid)
+        if st is None or st in ("Z", "X"):
+            return False
+        cmd = cmdline(pid)
+        return "relaynet.lab.powerfs" in cmd and mount in cmd
+
+    if pfs.get("pid") and ours(pfs["pid"]):
+        found.add(pfs["pid"])
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in found and ours(int(entry)):
+            found.add(int(entry))
+    return sorted(found)
+
+
+def start_powerfs(rec: dict[str, Any], timeout: float = START_TIMEOUT) -> int:
+    """
+    Mount the node's powerfs (detached: it outlives the command) unless it
+    runs already, and record its pid in C{rec["powerfs"]}.
+
+    @return: its pid.
+    @raise OSError: it did not come up (the message names its log).
+    """
+    from relaynet.lab.powerfs import PowerFS, PowerFSError, is_mounted
+
+    pfs = rec["powerfs"]
+    running = powerfs_pids(rec)
+    if running and is_mounted(pfs["mount"]):
+        pfs["pid"] = running[0]
+        return running[0]
+    stop_powerfs(rec)
+    try:
+        fs = PowerFS.start(pfs["backing"], pfs["mount"], pfs["control"], log=pfs["log"], detach=True,
+                           timeout=timeout)
+    except PowerFSError as e:
+        raise OSError(f"node {rec['name']}: {e}") from None
+    assert fs.pid is not None
+    pfs["pid"] = fs.pid
+    return fs.pid
+
+
+def stop_powerfs(rec: dict[str, Any], timeout: float = STOP_TIMEOUT) -> str:
+    """
+    Unmount the node's powerfs and wait (bounded) until its process is gone
+    (SIGKILL after C{timeout}).
+
+    @return: what happened (C{"not running"}, C{"unmounted"}, C{"killed"}).
+    """
+    from relaynet.lab.powerfs import is_mounted, unmount
+
+    pfs = rec.get("powerfs")
+    if not pfs:
+        return "not running"
+    pids = powerfs_pids(rec)
+    mounted = is_mounted(pfs["mount"])
+    unmount(pfs["mount"], timeout)
+    how = "unmounted" if pids or mounted else "not running"
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # our child: reap it
+            except ChildProcessError:
+                pass
+        left = [p for p in pids if pid_state(p) not in (None, "Z", "X")]
+        if not left:
+            break
+        if time.monotonic() >= deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            unmount(pfs["mount"], timeout)
+            how = "killed"
+            break
+        time.sleep(POLL)
+    pfs["pid"] = None
+    return how
