@@ -25,19 +25,21 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 # Real peers for interop tests and benchmarks: Debian's postfix (smtp-source,
-# smtp-sink) and swaks, with Net::SSLeay for swaks --tls (docs/interop.md).
+# smtp-sink) and swaks, with Net::SSLeay for swaks --tls (docs/interop.md);
+# and fuse3 (fusermount3, libfuse3) for powerfs, the power-loss file system of
+# tests/test_powerloss.py and 'lab up --power-fs' (docs/power-loss.md).
 # No system MTA gets configured ("No configuration").
 peers:
-	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null; then \
-	  echo "peers: postfix, smtp-source, smtp-sink and swaks (with TLS) are installed"; \
+	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null; then \
+	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS) and fuse3 are installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "make: installing postfix, swaks and libnet-ssleay-perl (apt-get update, apt-get install; the system Postfix stays unconfigured) ..." && \
+	  echo "make: installing postfix, swaks, libnet-ssleay-perl and fuse3 (apt-get update, apt-get install; the system Postfix stays unconfigured) ..." && \
 	  apt-get update -qq && \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks libnet-ssleay-perl >/dev/null && \
-	  echo "peers: installed postfix, swaks and libnet-ssleay-perl"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks libnet-ssleay-perl fuse3 >/dev/null && \
+	  echo "peers: installed postfix, swaks, libnet-ssleay-perl and fuse3"; \
 	else \
-	  echo "peers: not root or no apt-get: install postfix, swaks and libnet-ssleay-perl yourself; tests needing them will be skipped" >&2; \
+	  echo "peers: not root or no apt-get: install postfix, swaks, libnet-ssleay-perl and fuse3 yourself; tests needing them will be skipped" >&2; \
 	fi
 
 demo: venv
