@@ -216,10 +216,14 @@ def make_message(client: int, seq: int, run: str) -> tuple[str, bytes]:
     """A small message with a unique Message-ID and a checksum of the body as its last line."""
     mid = f"<power-{run}-{client}-{seq}@test>"
     rnd = random.Random(f"{run}-{client}-{seq}")
+    # One in ten is larger than the spool keeps in memory (256 KiB): it
+    # streams into queue/tmp while DATA arrives, and its header record is
+    # rewritten in place at the final dot.
+    count = rnd.randint(4500, 5000) if rnd.random() < 0.1 else rnd.randint(2, 40)
     lines = [
-        ("%02d " % i + "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789 ") for _ in range(60)))
+        ("%02d " % (i % 100) + "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789 ") for _ in range(60)))
         .encode()
-        for i in range(rnd.randint(2, 40))
+        for i in range(count)
     ]
     lines.insert(1, b".a line that gets dot-stuffed")
     body = b"\r\n".join(lines) + b"\r\n"
@@ -464,3 +468,96 @@ def test_power_cuts_lose_no_acknowledged_message(tmp_path: Path) -> None:
     assert len(acked) >= cuts, f"too little traffic for the test to mean anything ({report})"
     assert len(set(acked.values())) == len(acked), "a queue id was given to two messages"
     assert sum(undone) > 0, "no cut undid anything: the test did not test power loss"
+
+
+# -- a lab on powerfs ---------------------------------------------------------------
+
+
+def test_power_cut_needs_a_power_fs_lab(tmp_path: Path) -> None:
+    """power_cut and disk_full refuse a lab not started with --power-fs, saying how to start one."""
+    from relaynet.lab import chaos
+    from relaynet.lab.state import Lab, LabError
+
+    lab = Lab(tmp_path)
+    lab.data = {"name": "t", "topology": str(tmp_path / "t.toml"), "nodes": {"a": {"config": "x"}}}
+    for act in (lambda: chaos.power_cut(lab, "a"), lambda: chaos.disk_full(lab, "a", True)):
+        with pytest.raises(LabError, match="--power-fs"):
+            act()
+
+
+@pytest.mark.slow
+def test_lab_power_fs_chain3(tmp_path: Path) -> None:
+    """
+    lab up --power-fs mounts a powerfs on every node's spool; power cuts of
+    hop2 and a full disk on hop1 (chaos.power_cut, chaos.disk_full) while
+    lab send runs lose no acknowledged message (lab check); lab down
+    unmounts every powerfs and ends its process.
+    """
+    import subprocess
+    import sys
+
+    from relaynet.lab import chaos
+    from relaynet.lab.powerfs import is_mounted
+    from relaynet.lab.state import Lab
+
+    root = Path(__file__).resolve().parent.parent
+    script = Path(sys.executable).parent / "relaynet"
+    cli = [str(script)] if script.exists() else [sys.executable, "-m", "relaynet.cli"]
+    labdir = tmp_path / "lab"
+
+    def run(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, cwd=tmp_path)
+
+    up = run("lab", "up", str(root / "topologies" / "chain3.toml"), "--dir", str(labdir), "--power-fs")
+    lab = Lab(labdir)
+    try:
+        assert up.returncode == 0, up.stderr
+        lab.load()
+        assert lab.data["power_fs"] is True
+        mounts = {n: rec["powerfs"]["mount"] for n, rec in lab.nodes.items()}
+        assert all(is_mounted(m) and m == lab.nodes[n]["spool"] for n, m in mounts.items()), mounts
+        sender = subprocess.Popen(
+            [*cli, "lab", "send", "--dir", str(labdir), "-n", "120", "--rate", "40", "--json", "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path,
+        )
+        undone = []
+        try:
+            wait_for(lambda: labdir.joinpath("sent.jsonl").exists(), 20.0, "the first acknowledged message")
+            undone.append(chaos.power_cut(lab, "hop2", print))
+            chaos.disk_full(lab, "hop1", True)
+            undone.append(chaos.power_cut(lab, "hop2", print))
+            chaos.disk_full(lab, "hop1", False)
+            undone.append(chaos.power_cut(lab, "hop1", print))
+            out, err = sender.communicate(timeout=60)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.communicate(timeout=10)
+        summary = json.loads(out)
+        assert summary["accepted"] > 0, (summary, err)
+        check = run("lab", "check", "--dir", str(labdir), "--wait", "60", "--json")
+        report = json.loads(check.stdout)
+        print(f"lab power cuts undid {undone}; send {summary['accepted']} accepted,"
+              f" {summary['refused']} refused; check {report['verdict'] if 'verdict' in report else report}")
+        assert check.returncode == 0, report
+        assert report["lost"] == 0 and report["duplicated"] == 0, report
+        actions = [json.loads(line)["action"] for line in (labdir / "chaos.jsonl").read_text().splitlines()]
+        assert actions.count("power cut") == 3 and "disk full" in actions and "disk freed" in actions
+    finally:
+        down = run("lab", "down", "--dir", str(labdir))
+    assert down.returncode == 0, down.stderr
+    assert "powerfs unmounted" in down.stdout
+    lab.load()
+    for name, rec in lab.nodes.items():
+        assert not is_mounted(rec["powerfs"]["mount"]), name
+        assert rec["powerfs"]["pid"] is None
+
+    def cmdline(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return ""  # gone meanwhile
+
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and str(labdir) in cmdline(pid)]
+    assert not left, f"processes of the lab still running: {left}"
