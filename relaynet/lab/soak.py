@@ -463,11 +463,16 @@ class Faults:
             self.kinds.remove("link")
             self.log.skipped["link"] = "no link touches the targets"
 
-    def note(self, action: str, **kw: Any) -> None:
+    def note(self, action: str, logged: bool = False, **kw: Any) -> None:
+        """
+        Record an action; append it to C{chaos.jsonl} unless C{logged} (the
+        chaos function that did it wrote its own line there).
+        """
         rec = {"time": round(time.time(), 6), "action": action, "soak": True, **kw}
         self.log.actions.append(rec)
-        with open(self.lab.chaos_path, "a", encoding="utf-8") as out:
-            out.write(json.dumps(rec) + "\n")
+        if not logged:
+            with open(self.lab.chaos_path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(rec) + "\n")
         self.say(f"soak: {action} " + " ".join(f"{k}={v}" for k, v in kw.items() if k != "fault"))
 
     def run(self, until: float, stop: threading.Event) -> None:
@@ -521,13 +526,13 @@ class Faults:
             self.repair()
         elif kind == "power":
             self.broken[f"node {node}"] = {"kind": "node", "node": node}
-            self.note("power cut", fault="power", node=node)
-            getattr(chaos, "power_cut")(self.lab, node, self.say)  # noqa: B009 (may not exist yet: mypy)
+            undone = getattr(chaos, "power_cut")(self.lab, node, self.say)  # noqa: B009 (may not exist yet: mypy)
+            self.note("power cut", logged=True, fault="power", node=node, undone=undone)
             self.repair()
         elif kind == "disk":
             getattr(chaos, "disk_full")(self.lab, node, True)  # noqa: B009 (may not exist yet: mypy)
             self.broken[f"disk {node}"] = {"kind": "disk", "node": node}
-            self.note("disk full", fault="disk", node=node)
+            self.note("disk full", logged=True, fault="disk", node=node)
             stop.wait(down)
             self.repair()
 
@@ -566,7 +571,7 @@ class Faults:
                     self.note("restore", link=f"{what['a']}-{what['b']}")
                 elif what["kind"] == "disk":
                     getattr(chaos, "disk_full")(self.lab, what["node"], False)  # noqa: B009 (as above)
-                    self.note("disk freed", node=what["node"])
+                    self.note("disk freed", logged=True, node=what["node"])
             except LabError as e:
                 self.log.errors.append(f"repair {key}: {e}")
                 self.say(f"soak: repair {key} failed: {e}")
