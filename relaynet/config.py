@@ -204,6 +204,9 @@ class Outbound:
     reuse_idle_time: float = 2.0
     max_messages_per_connection: int = 1000
     helo_name: str | None = None
+    address_preference: str = "any"
+    mx_address_limit: int = 5
+    mx_session_limit: int = 2
 
 
 @frozen
@@ -255,6 +258,22 @@ class NodeConfig:
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
     source: str = "<default>"
+
+    @property
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """
+        The C{(address, port)} of each TCP listener (C{0.0.0.0} or C{::} for
+        every address): where an MX that points at this node would lead.
+        """
+        out = []
+        for lst in self.listeners:
+            kind, args, kw = split_endpoint(lst.endpoint)
+            if kind not in ("tcp", "tcp6"):
+                continue
+            port = args[0] if args else kw.get("port", "")
+            if port.isdigit():
+                out.append((kw.get("interface") or ("::" if kind == "tcp6" else "0.0.0.0"), int(port)))
+        return out
 
     @property
     def admin_endpoint(self) -> str:
@@ -787,6 +806,18 @@ def parse_config(
             "max_messages_per_connection", int, od.max_messages_per_connection, _positive
         ),
         helo_name=o.get("helo_name", str, None),
+        address_preference=o.get(
+            "address_preference", str, od.address_preference,
+            lambda v: None if v in ("any", "ipv4", "ipv6") else "must be any, ipv4 or ipv6",
+        ),
+        mx_address_limit=o.get(
+            "mx_address_limit", int, od.mx_address_limit,
+            lambda v: None if v >= 0 else "must be 0 (no limit) or positive",
+        ),
+        mx_session_limit=o.get(
+            "mx_session_limit", int, od.mx_session_limit,
+            lambda v: None if v >= 0 else "must be 0 (no limit) or positive",
+        ),
         **timeouts,
     )
     o.finish()

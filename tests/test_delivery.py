@@ -10,8 +10,9 @@ import io
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.names import dns, error
 
+
+from relaynet import zones
 from relaynet.config import NodeConfig, parse_config
 from relaynet.delivery.attempt import Delivery
 from relaynet.delivery.client import DeliveryResult
@@ -73,24 +74,11 @@ class Boxes:
         return succeed([LocalResult(a, ok=True) for a in addresses])
 
 
-class Resolver:
-    """MX and address answers from dicts; a name in C{broken} raises."""
-
-    def __init__(self, mx: dict[str, list[tuple[int, str]]], a: dict[str, str],
-                 broken: tuple[str, ...] = ()) -> None:
-        self.mx, self.a, self.broken = mx, a, broken
+class BrokenResolver:
+    """A resolver that raises for every lookup."""
 
     def lookupMailExchange(self, name: str) -> Deferred[Any]:
-        if name in self.broken:
-            raise RuntimeError("resolver broke")
-        if name not in self.mx and name not in self.a:
-            return fail(error.DNSNameError(name))
-        answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(pref, host))
-                   for pref, host in self.mx.get(name, [])]
-        return succeed((answers, [], []))
-
-    def getHostByName(self, name: str) -> Deferred[str]:
-        return succeed(self.a[name]) if name in self.a else fail(error.DNSNameError(name))
+        raise RuntimeError("resolver broke")
 
 
 def attempt(hops: Hops, resolver: Any = None, boxes: Boxes | None = None, *rcpts: str) -> list[Outcome]:
@@ -138,17 +126,18 @@ def test_local_relay_and_refused_in_one_attempt() -> None:
 
 def test_mx_by_preference_with_port() -> None:
     """MX hosts are tried by preference, at the route's port."""
-    resolver = Resolver({"mx.test": [(20, "b.mx.test"), (10, "a.mx.test")]},
-                        {"a.mx.test": "192.0.2.10", "b.mx.test": "192.0.2.20"})
+    resolver = zones.resolver({"mx.test": ["@ MX 20 b", "@ MX 10 a", "a A 192.0.2.10", "b A 192.0.2.20"]})
     hops = Hops()
     [o] = attempt(hops, resolver, None, "u@mx.test")
     assert [e for e, _ in hops.tried] == ["tcp:192.0.2.10:2525", "tcp:192.0.2.20:2525"]
     assert o.status is RecipientStatus.DEFERRED
+    # Events and DSNs name the exchanger and its address, as Postfix's relay= does.
+    assert o.remote == "b.mx.test[192.0.2.20]:2525" and o.tried[0][0] == "a.mx.test[192.0.2.10]:2525"
 
 
 def test_null_mx_and_nxdomain_bounce() -> None:
     """A null MX bounces 5.1.10, a domain that does not exist 5.1.2; nothing is connected."""
-    resolver = Resolver({"mx.test": [(0, "")]}, {})  # the root name: "."
+    resolver = zones.resolver({"mx.test": ["@ MX 0 ."]})
     hops = Hops()
     out = attempt(hops, resolver, None, "u@mx.test", "v@no.mx.test")
     assert {(o.address, o.status, o.dsn) for o in out} == {
@@ -173,6 +162,6 @@ def test_exception_in_one_group_defers_that_group_only() -> None:
 
 def test_resolver_failure_defers_4_4_3() -> None:
     """A resolver that fails (or raises) defers the domain's recipients with 4.4.3."""
-    resolver = Resolver({}, {}, broken=("mx.test",))
+    resolver = BrokenResolver()
     [o] = attempt(Hops(), resolver, None, "u@mx.test")
     assert (o.status, o.dsn) == (RecipientStatus.DEFERRED, "4.4.3")

@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "relaynet"
 
 LAYERS: dict[str, int] = {
-    "relaynet": 0, "relaynet.config": 0, "relaynet.events": 0, "relaynet.hints": 0,
+    "relaynet": 0, "relaynet.config": 0, "relaynet.events": 0, "relaynet.hints": 0, "relaynet.zones": 0,
     "relaynet.smtp": 1, "relaynet.queue": 1,
     "relaynet.delivery": 2,
     "relaynet.intake": 3, "relaynet.admin": 3, "relaynet.runner": 3,

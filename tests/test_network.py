@@ -26,6 +26,7 @@ import email
 import email.message
 import email.policy
 import re
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 import pytest
@@ -204,11 +205,12 @@ def due(node: NetNode, queue_id: str) -> float:
 class FakeResolver:
     """
     MX and address lookups from tables, answered as C{twisted.names} would:
-    C{lookupMailExchange} fires with C{(answers, authority, additional)} of
+    each lookup fires with C{(answers, authority, additional)} of
     L{dns.RRHeader}s, a name in neither table fails with
-    L{error.DNSNameError} (NXDOMAIN).
+    L{error.DNSNameError} (NXDOMAIN). (The real thing, a DNS server on
+    loopback, is in C{tests/test_mx.py}.)
 
-    @ivar queries: every lookup, C{("MX" | "A", name)}.
+    @ivar queries: every lookup, C{("MX" | "A" | "AAAA", name)}.
     """
 
     def __init__(self, mx: Mapping[str, Sequence[tuple[int, str]]], hosts: Mapping[str, str]) -> None:
@@ -226,11 +228,17 @@ class FakeResolver:
         ]
         return succeed((answers, [], []))
 
-    def getHostByName(self, name: str, timeout: Any = None) -> Deferred[str]:
+    def lookupAddress(self, name: str, timeout: Any = None) -> Deferred[Any]:
         self.queries.append(("A", name))
         if name not in self.hosts:
             return fail(error.DNSNameError(name))
-        return succeed(self.hosts[name])
+        return succeed(([dns.RRHeader(name=name, type=dns.A, payload=dns.Record_A(self.hosts[name]))], [], []))
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> Deferred[Any]:
+        self.queries.append(("AAAA", name))
+        if name not in self.hosts:
+            return fail(error.DNSNameError(name))
+        return succeed(([], [], []))  # NODATA: the in-process network is IPv4
 
 
 # -- a chain of hops ----------------------------------------------------------------
@@ -746,16 +754,14 @@ class RaisingResolver:
     def lookupMailExchange(self, name: str, timeout: Any = None) -> Deferred[Any]:
         raise RuntimeError("resolver is broken")
 
-    def getHostByName(self, name: str, timeout: Any = None) -> Deferred[str]:
-        raise RuntimeError("resolver is broken")
-
 
 class GarbageResolver(FakeResolver):
-    """Answers MX lookups, but an address lookup gives C{None}: the route's group raises."""
+    """Answers MX lookups with a record no parser made (preference "high"): the route's group raises."""
 
-    def getHostByName(self, name: str, timeout: Any = None) -> Deferred[Any]:
-        self.queries.append(("A", name))
-        return succeed(None)
+    def lookupMailExchange(self, name: str, timeout: Any = None) -> Deferred[Any]:
+        self.queries.append(("MX", name))
+        garbage = SimpleNamespace(type=dns.MX, ttl=60, payload=SimpleNamespace(preference="high", name="mx"))
+        return succeed(([garbage], [], []))
 
 
 class RaisingAttempts:
@@ -873,9 +879,9 @@ def test_mx_route_goes_to_the_mail_exchangers_by_preference() -> None:
     (mail,) = hop2.mailboxes.delivered("user@dest.test")
     assert parse(mail.data)["Message-ID"] == "<mx@client.test>"
     (sent,) = hop1.events_named("sent")
-    assert sent["relay"] == f"{hop2.address}:25", sent
+    assert sent["relay"] == f"mx2.dest.test[{hop2.address}]:25", sent
     (tried,) = sent["tried"]
-    assert tried["relay"] == f"{net.address_of('dead')}:25" and tried["dsn"] == "4.4.1", sent
+    assert tried["relay"] == f"mx1.dest.test[{net.address_of('dead')}]:25" and tried["dsn"] == "4.4.1", sent
     assert ("MX", "dest.test") in resolver.queries
     assert resolver.queries.index(("A", "mx1.dest.test")) < resolver.queries.index(("A", "mx2.dest.test"))
 
@@ -888,7 +894,7 @@ def test_mx_route_without_mx_records_uses_the_domain_address() -> None:
     submit(hop1, "sender@src.test", ["user@bare.test"], message("bare", rcpt="user@bare.test"))
     net.run()
     assert len(hop2.mailboxes.delivered("user@bare.test")) == 1
-    assert resolver.queries == [("MX", "bare.test"), ("A", "bare.test")]
+    assert sorted(resolver.queries) == [("A", "bare.test"), ("AAAA", "bare.test"), ("MX", "bare.test")]
 
 
 @pytest.mark.parametrize(("mx", "status"), [

@@ -11,7 +11,7 @@ a fake resolver):
    pool, L{relaynet.delivery.client.OutboundManager});
  - an L{IMailboxes} writer that delivers into local Maildirs (in a worker
    thread, L{ThreadedMailboxes});
- - an MX resolver (C{lookupMailExchange} and C{getHostByName} of
+ - a DNS resolver (C{lookupMailExchange}, C{lookupAddress} and C{lookupIPV6Address} of
    L{twisted.internet.interfaces.IResolver}).
 
 Recipients are grouped by their L{Route}: local ones go to the mailboxes,
@@ -25,6 +25,8 @@ is unaffected.
 
 from __future__ import annotations
 
+import random
+import time
 from typing import Any, Callable, Protocol, Sequence
 
 from attrs import evolve
@@ -34,9 +36,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relaynet.config import LocalDelivery, NextHop, RouteRule
+from relaynet.config import LocalDelivery, NextHop, NodeConfig, RouteRule
 from relaynet.delivery.client import DeliveryResult
 from relaynet.delivery.mailbox import LocalResult, deliver_local
+from relaynet.delivery.mx import MXLookup, relay_name
 from relaynet.delivery.routing import Refusal, Route, RouteKind, RoutingTable, order_hops
 from relaynet.queue.core import Outcome
 from relaynet.queue.spool import QueueEntry, Recipient
@@ -121,16 +124,22 @@ class Delivery:
         outbound: IOutbound,
         mailboxes: IMailboxes,
         resolver: Callable[[], Any],
-        shuffle: Callable[[list[NextHop]], None] | None = None,
+        shuffle: Callable[[list[Any]], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """
-        @param resolver: returns the MX resolver (created on first use).
-        @param shuffle: shuffles next hops of equal priority (tests inject one).
+        @param resolver: returns the DNS resolver (created on first use).
+        @param shuffle: shuffles next hops and MX hosts of equal priority
+            (tests inject one).
+        @param clock: seconds, for the DNS cache's TTLs.
         """
         self.routing = routing
         self.outbound = outbound
         self.mailboxes = mailboxes
         self._resolver = resolver
+        self._shuffle = shuffle
+        self._clock = clock
+        self._mx: MXLookup | None = None
         self._order: Callable[[Sequence[NextHop]], list[NextHop]] = (
             order_hops if shuffle is None else (lambda hops: order_hops(hops, shuffle))
         )
@@ -182,30 +191,52 @@ class Delivery:
             for r in rcpts:
                 by_domain.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
             out: list[Outcome] = []
+            outbound = self.routing().config.outbound
             for domain, rs in by_domain.items():
-                hops_or_error = yield self._mx_hops(domain, rule)
-                if isinstance(hops_or_error, tuple):
-                    status, dsn, text = hops_or_error
+                answer = yield self.mx().lookup(domain, rule.mx_port)
+                if answer.failure is not None:
+                    status, dsn, text = answer.failure
                     make = Outcome.deferred if status == "deferred" else Outcome.bounced
                     out += [make(r.address, dsn, text) for r in rs]
-                else:
-                    out += yield self._try_hops(entry, rule, hops_or_error, rs)
+                    continue
+                tries = answer.hops(rule.mx_port, outbound.mx_address_limit)
+                out += yield self._try_hops(
+                    entry, rule, [hop for _, _, hop in tries], rs,
+                    names=[relay_name(ex, address, rule.mx_port) for ex, address, _ in tries],
+                    session_limit=outbound.mx_session_limit,
+                )
             return out
         result = yield self._try_hops(entry, rule, self._order(rule.next_hops), rcpts)
         return result
 
     @inlineCallbacks
     def _try_hops(
-        self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient]
+        self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient],
+        names: list[str] | None = None, session_limit: int = 0,
     ) -> Any:
+        """
+        Try C{hops} in order until every recipient has a final answer.
+
+        @param names: what to call each hop in events and DSNs (MX:
+            C{mx.example[192.0.2.1]:25}); by default its C{host:port}.
+        @param session_limit: stop after this many hops that answered in
+            SMTP but deferred (0: no limit; Postfix's C{smtp_mx_session_limit}).
+        """
         remaining = list(rcpts)
         final: dict[str, Outcome] = {}
         last: dict[str, Outcome] = {}
         tried: dict[str, list[tuple[str, str, str]]] = {}
-        for hop in hops:
+        sessions = 0
+        for i, hop in enumerate(hops):
+            if session_limit and sessions >= session_limit:
+                break
             results = yield self.outbound.deliver(
                 hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls
             )
+            if names is not None:
+                results = [evolve(r, remote=names[i]) for r in results]
+            if any(r.code for r in results):
+                sessions += 1
             by_addr = {r.address: r for r in results}
             still = []
             for r in remaining:
@@ -228,61 +259,33 @@ class Delivery:
             final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ()))[:-1])
         return [final[r.address] for r in rcpts if r.address in final]
 
-    def _mx_hops(self, domain: str, rule: RouteRule) -> Deferred[Any]:
-        """
-        The next hops for C{domain} from DNS: MX records by preference (RFC
-        5321 5.1), the domain's own address when it has no MX, nothing for a
-        null MX (RFC 7505).
-
-        @return: a Deferred firing with a list of L{NextHop}, or with
-            C{(status, dsn, text)} when there is nowhere to go.
-        """
-        from twisted.names import dns, error
-
-        resolver = self._resolver()
-
-        @inlineCallbacks
-        def lookup() -> Any:
-            try:
-                answers, _, _ = yield resolver.lookupMailExchange(domain)
-            except error.DNSNameError:
-                return ("bounced", "5.1.2", f"Host or domain name not found: {domain}")
-            except Exception as e:
-                return ("deferred", "4.4.3", f"DNS lookup of MX {domain} failed: {e.__class__.__name__}")
-            mxs = sorted(
-                (a.payload.preference, str(a.payload.name)) for a in answers if a.type == dns.MX
+    def mx(self) -> MXLookup:
+        """The MX lookup (made on first use, over the resolver)."""
+        if self._mx is None:
+            self._mx = MXLookup(
+                self._resolver(), self._clock,
+                own_names=lambda: [self._config().hostname],
+                own_endpoints=lambda: self._config().listen_addresses,
+                preference=lambda: self._config().outbound.address_preference,
+                shuffle=self._shuffle or random.shuffle,
             )
-            if len(mxs) == 1 and mxs[0][1] in ("", "."):
-                return ("bounced", "5.1.10", f"{domain} accepts no mail (null MX)")
-            if not mxs:
-                mxs = [(0, domain)]
-            hops = []
-            for pref, host in mxs:
-                try:
-                    ip = yield resolver.getHostByName(host)
-                except Exception:
-                    continue
-                literal = ip.replace(":", "\\:")
-                hops.append(NextHop(endpoint=f"tcp:{literal}:{rule.mx_port}", priority=pref))
-            if not hops:
-                return ("deferred", "4.4.3", f"no address for the mail exchangers of {domain}")
-            return self._order(hops)
+        return self._mx
 
-        return lookup()
+    def _config(self) -> NodeConfig:
+        """The configuration in force (the routing table's)."""
+        return self.routing().config
 
 
 def system_resolver(reactor: Any, servers: Sequence[tuple[str, int]] = ()) -> Any:
     """
-    A DNS resolver for MX lookups, as L{twisted.names.client.createResolver}
-    builds one (C{/etc/hosts}, then a cache, then DNS), but on C{reactor}:
-    createResolver takes no reactor. DNS is C{servers} (C{[dns].servers}) if
-    given, else the system's C{/etc/resolv.conf}.
+    The DNS resolver for MX delivery: C{servers} (C{[dns].servers}) if given,
+    else the system's C{/etc/resolv.conf}. DNS only, as Postfix's
+    C{smtp_host_lookup = dns}: C{/etc/hosts} has no MX records, and an
+    exchanger's address comes from the same DNS as its MX.
+    L{relaynet.delivery.mx.MXLookup} caches the answers for their TTL.
     """
-    from twisted.names import cache, client, hosts, resolve
+    from twisted.names import client
 
-    dns = client.Resolver(
+    return client.Resolver(
         resolv=None if servers else "/etc/resolv.conf", servers=list(servers) or None, reactor=reactor
-    )
-    return resolve.ResolverChain(
-        [hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(reactor=reactor), dns]
     )

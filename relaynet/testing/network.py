@@ -395,9 +395,13 @@ class _NetworkResolver:
         """C{Network.resolver.lookupMailExchange(name)}."""
         return self._resolver().lookupMailExchange(name)
 
-    def getHostByName(self, name: str, timeout: Any = None) -> Any:
-        """C{Network.resolver.getHostByName(name)}."""
-        return self._resolver().getHostByName(name)
+    def lookupAddress(self, name: str, timeout: Any = None) -> Any:
+        """C{Network.resolver.lookupAddress(name)} (A records)."""
+        return self._resolver().lookupAddress(name)
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> Any:
+        """C{Network.resolver.lookupIPV6Address(name)} (AAAA records)."""
+        return self._resolver().lookupIPV6Address(name)
 
 
 class Network:
@@ -405,8 +409,9 @@ class Network:
     Nodes on one simulated clock, connected in memory.
 
     @ivar reactor: the network's reactor; its clock starts at L{EPOCH}.
-    @ivar resolver: the MX resolver every node uses (C{lookupMailExchange}
-        and C{getHostByName} of L{twisted.internet.interfaces.IResolver}): a
+    @ivar resolver: the DNS resolver every node uses (C{lookupMailExchange},
+        C{lookupAddress}, C{lookupIPV6Address} of
+        L{twisted.internet.interfaces.IResolver}, e.g. L{relaynet.zones.resolver}): a
         fake a test sets; looked up at each lookup. None by default: MX
         lookups fail.
     @ivar shuffle: how nodes order next hops of equal priority, in place (by
