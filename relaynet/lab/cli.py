@@ -11,6 +11,7 @@ processes on loopback, drive it, watch it, break it.
     relaynet lab check [--wait S]                   every acknowledged message delivered once?
     relaynet lab chaos [--duration S] ...           kill -9 / restart nodes, cut links (netns) or power (--power-cut)
     relaynet lab draw [-o FILE]                     SVG picture with per-link counts and latencies
+    relaynet lab soak TOPOLOGY --minutes M          mixed load under faults, drain, check, report
     relaynet lab down [--clean]                     stop every node (and remove the lab with --clean)
 
 Commands after C{up} find the lab by C{--dir}, by C{--lab NAME}
@@ -619,6 +620,10 @@ def add_lab_parser(sub: Any) -> None:
     _where(s)
     s.add_argument("-o", "--output", help="SVG file (default <labdir>/topology.svg)")
     s.set_defaults(func=_guard(_draw))
+
+    from relaynet.lab.soak import add_soak_parser
+
+    add_soak_parser(lab)
 
     s = lab.add_parser("down", help="stop every node (SIGTERM, then SIGKILL), remove namespaces, unmount powerfs")
     _where(s)
