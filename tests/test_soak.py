@@ -8,6 +8,7 @@ tier, a short soak of chain3 under C{kill -9}.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 import tomllib
@@ -249,6 +250,46 @@ def test_short_chain3_soak_under_kill_9(tmp_path: Path, capsys: pytest.CaptureFi
         hop3 = labdir / "hop3"
         assert not (hop3 / "node.toml.soak-orig").exists()
         assert "soak-r01" not in tomllib.loads((hop3 / "node.toml").read_text())["local"]["users"]
+    finally:
+        if (labdir / "lab.json").exists():
+            control.down(Lab(labdir).load())
+
+
+def _power_fs_missing() -> str | None:
+    from relaynet.lab import chaos
+
+    if not hasattr(chaos, "power_cut") or "power_fs" not in inspect.signature(control.up).parameters:
+        return "this relaynet has no lab up --power-fs"
+    from relaynet.lab.powerfs import unavailable_reason
+
+    return unavailable_reason()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_power_fs_missing() is not None, reason=f"no power faults here: {_power_fs_missing()}")
+def test_short_power_fs_soak_counts_power_cuts_and_full_disks(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    In a lab started with --power-fs, the soak cuts the power of nodes and
+    fills their disks (relaynet.lab.chaos), counts each kind, and still
+    finds nothing lost; chaos.jsonl has one line per cut.
+    """
+    labdir = tmp_path / "chain3"
+    args = _parse(["soak", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir), "--power-fs", "--minutes",
+                   "0.4", "--rate", "1", "--seed", "5", "--faults", "power,disk", "--target", "hop2",
+                   "--target", "hop3", "--interval", "4", "6", "--down", "1", "2", "--defer-window", "8",
+                   "--drain", "90"])
+    try:
+        rc = args.func(args)
+        out, err = capsys.readouterr()
+        lines = out.strip().splitlines()
+        report = json.loads(Path(lines[-2].removeprefix("report: ")).read_text())
+        assert report["faults"]["power"] + report["faults"]["disk"] >= 2, out + err
+        assert report["faults"]["kill"] == report["faults"]["link"] == 0
+        assert (report["lost"], report["in_flight"], report["bounced_unexpected"]) == (0, 0, 0), out + err
+        assert (rc, lines[-1].split(":")[0]) == ((0, "OK") if not report["duplicated"] else (1, "FAIL"))
+        cuts = [json.loads(line) for line in (labdir / "chaos.jsonl").read_text().splitlines()]
+        assert sum(1 for c in cuts if c["action"] == "power cut") == report["faults"]["power"]
     finally:
         if (labdir / "lab.json").exists():
             control.down(Lab(labdir).load())
