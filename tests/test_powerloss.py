@@ -31,11 +31,13 @@ import pytest
 from harness.nodeproc import (
     HOST, QUEUE_ID, NodeProcess, free_port, parse_message, split_delivered, wait_for,
 )
-from relaynet.lab.powerfs import PowerFS, PowerFSError, send, unavailable_reason
+from relaynet.lab.powerfs import (
+    STASH, Journal, PowerFS, PowerFSError, PowerOperations, send, unavailable_reason,
+)
 from relaynet.queue.spool import CorruptQueueFile, read_queue_file
 
 _WHY = unavailable_reason()
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"powerfs cannot run here: {_WHY}")
+needs_fuse = pytest.mark.skipif(_WHY is not None, reason=f"powerfs cannot mount here: {_WHY}")
 
 
 @pytest.fixture
@@ -68,6 +70,7 @@ def _write(path: Path, data: bytes, sync: bool, flags: int = os.O_CREAT | os.O_E
 # -- the file system --------------------------------------------------------------
 
 
+@needs_fuse
 def test_write_without_fsync_is_lost(pfs: PowerFS) -> None:
     """
     Negative control: a file written but never fsynced in a synced directory
@@ -83,6 +86,7 @@ def test_write_without_fsync_is_lost(pfs: PowerFS) -> None:
     assert not (m / "unnamed").exists()
 
 
+@needs_fuse
 def test_rename_without_directory_fsync_is_undone(pfs: PowerFS) -> None:
     """
     Negative control: a synced file renamed into another directory without
@@ -101,6 +105,7 @@ def test_rename_without_directory_fsync_is_undone(pfs: PowerFS) -> None:
     assert (m / "tmp" / "x").read_bytes() == b"message"
 
 
+@needs_fuse
 def test_spool_commit_pattern_survives(pfs: PowerFS) -> None:
     """
     The spool's commit (write in tmp/, fsync, rename into new/, fsync new/)
@@ -125,6 +130,7 @@ def test_spool_commit_pattern_survives(pfs: PowerFS) -> None:
     assert os.listdir(m / "tmp") == []
 
 
+@needs_fuse
 def test_unlink_append_and_overwrite_are_undone(pfs: PowerFS) -> None:
     """
     An unlink without a directory fsync comes back with the file's synced
@@ -147,6 +153,7 @@ def test_unlink_append_and_overwrite_are_undone(pfs: PowerFS) -> None:
     assert pfs.stats()["undone"] == 3
 
 
+@needs_fuse
 def test_enospc_and_eio_fsync(pfs: PowerFS) -> None:
     """enospc makes writes and creates fail; eio-fsync makes fsync fail; both switch off."""
     m = pfs.mount
@@ -172,6 +179,93 @@ def test_enospc_and_eio_fsync(pfs: PowerFS) -> None:
     assert stats["enospc_errors"] == 2 and stats["eio_errors"] == 2
     with pytest.raises(PowerFSError):
         send(pfs.control, "bogus")
+
+
+# -- the journal alone (no FUSE: runs everywhere) --------------------------------------
+
+
+class Ops:
+    """L{PowerOperations} over a backing directory, called as FUSE would (paths C{/a/b})."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir()
+        self.root = root
+        self.j = Journal(str(root))
+        self.ops = PowerOperations(self.j)
+
+    def write(self, path: str, data: bytes, sync: bool = False, create: bool = True) -> None:
+        o = self.ops
+        fh = o.create(path, 0o600, os.O_WRONLY | os.O_CREAT) if create else o.open(path, os.O_WRONLY)
+        try:
+            o.write(path, data, 0 if create else os.fstat(fh).st_size, fh)
+            if sync:
+                o.fsync(path, 0, fh)
+        finally:
+            o.release(path, fh)
+
+    def read(self, path: str) -> bytes:
+        return (self.root / path.lstrip("/")).read_bytes()
+
+    def names(self, path: str = "/") -> list[str]:
+        return sorted(n for n in self.ops.readdir(path, 0) if n not in (".", ".."))
+
+
+def test_journal_undoes_a_tree_made_without_parent_fsync(tmp_path: Path) -> None:
+    """
+    A directory created without an fsync of its parent is gone after a cut,
+    with everything in it, even files and names synced inside it; the stash
+    is never listed.
+    """
+    t = Ops(tmp_path / "b")
+    t.ops.mkdir("/d", 0o700)
+    t.write("/d/f", b"synced", sync=True)
+    t.ops.fsyncdir("/d", 0, 0)
+    assert t.names() == ["d"]
+    assert t.j.cut() >= 1
+    assert t.names() == [] and sorted(os.listdir(t.root)) == [STASH]
+
+
+def test_journal_undoes_rmdir_unlink_link_and_replace(tmp_path: Path) -> None:
+    """
+    Undone by a cut: an rmdir (after unlinking the files in it), a hard
+    link, and a rename over an existing file (the old content returns).
+    """
+    t = Ops(tmp_path / "b")
+    t.ops.mkdir("/d", 0o700)
+    t.write("/d/f", b"in d", sync=True)
+    t.write("/state", b"old", sync=True)
+    t.ops.fsyncdir("/d", 0, 0)
+    t.ops.fsyncdir("/", 0, 0)
+    assert t.j.stats()["dirty_names"] == 0
+    t.ops.unlink("/d/f")
+    t.ops.rmdir("/d")
+    t.ops.link("/again", "/state")
+    t.write("/tmp.state", b"new", sync=True)
+    t.ops.rename("/tmp.state", "/state")
+    assert t.read("/state") == b"new"
+    t.j.cut()
+    assert t.names() == ["d", "state"]
+    assert t.read("/d/f") == b"in d"
+    assert t.read("/state") == b"old"
+    with pytest.raises(OSError) as e:
+        t.ops.rename("/d", "/e")
+    assert e.value.errno == errno.EXDEV  # directory renames are not modelled
+
+
+def test_journal_forgets_what_was_made_durable(tmp_path: Path) -> None:
+    """
+    A name created and removed again before any fsync leaves no record; an
+    fsync of the file and of its directory leave nothing to undo.
+    """
+    t = Ops(tmp_path / "b")
+    t.write("/x", b"gone again")
+    t.ops.unlink("/x")
+    assert t.j.stats()["dirty_names"] == 0
+    t.write("/y", b"kept", sync=True)
+    t.ops.fsyncdir("/", 0, 0)
+    assert (t.j.stats()["dirty_names"], t.j.stats()["dirty_files"], t.j.stats()["stash_links"]) == (0, 0, 0)
+    assert t.j.cut() == 0
+    assert t.read("/y") == b"kept"
 
 
 # -- a real node on powerfs --------------------------------------------------------
@@ -356,6 +450,7 @@ def _local_pending(node: NodeProcess) -> int:
     return sum(1 for _, status in queue.values() if status.get(f"{USER}@localhost") != "delivered")
 
 
+@needs_fuse
 @pytest.mark.slow
 def test_power_cuts_lose_no_acknowledged_message(tmp_path: Path) -> None:
     """
@@ -485,6 +580,7 @@ def test_power_cut_needs_a_power_fs_lab(tmp_path: Path) -> None:
             act()
 
 
+@needs_fuse
 @pytest.mark.slow
 def test_lab_power_fs_chain3(tmp_path: Path) -> None:
     """

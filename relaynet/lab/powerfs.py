@@ -269,6 +269,25 @@ class Journal:
                     left -= len(chunk)
             rec.copied = True
 
+    def forget_orphan(self, ino: int) -> None:
+        """
+        Drop the record of file C{ino} if nothing can bring it back: no name
+        in the tree, no journaled name that held it (an aborted temporary
+        file, unlinked before any fsync, costs nothing more).
+        """
+        rec = self.files.get(ino)
+        if rec is None or self._refs.get(ino) != 1:
+            return
+        try:
+            if os.lstat(self._link(ino)).st_nlink != 1:
+                return
+        except FileNotFoundError:
+            pass
+        del self.files[ino]
+        if rec.copied:
+            os.unlink(self._copy(ino))
+        self._release(ino)
+
     def synced_file(self, fd: int) -> None:
         """The file open as C{fd} was fsynced: its content is durable."""
         self.counters.fsyncs += 1
@@ -370,14 +389,21 @@ class PowerOperations:
 
     def _namespace(self, paths: list[str], op: Callable[[], Any]) -> Any:
         with self.j.lock:
+            before = []
             for p in paths:
                 self._path(p)
                 self.j.note_name(p)
+                try:
+                    before.append(os.lstat(self._path(p)).st_ino)
+                except FileNotFoundError:
+                    pass
             try:
                 return op()
             finally:
                 for p in paths:
                     self.j.settle(p)
+                for ino in before:
+                    self.j.forget_orphan(ino)
 
     # -- attributes and reading ---------------------------------------------
 
