@@ -26,6 +26,8 @@ from attrs import define, field, frozen
 
 QUEUED_AS = re.compile(r"queued as ([0-9A-Za-z]+)")
 OUTCOMES = ("sent", "delivered", "deferred", "bounced", "expired")
+NAMED_RELAY = re.compile(r"^[^\[\]]+\[([^\]]+)\]:(\d+)$")
+"""C{mx1.dest.test[127.0.0.4]:2525}: an exchanger, its address and port (an MX route's relay)."""
 
 
 def read_events(path: str | Path, node: str | None = None) -> list[dict[str, Any]]:
@@ -116,9 +118,15 @@ class EventIndex:
                     self.parent[qid] = orig
 
     def node_of(self, relay: str | None) -> str | None:
-        """The lab node listening at C{relay} (C{host:port}), if any."""
+        """
+        The lab node listening at C{relay} (C{host:port}, or as an MX route
+        names it, C{exchanger[address]:port}), if any.
+        """
         if not relay:
             return None
+        m = NAMED_RELAY.match(relay)
+        if m:
+            return self.endpoints.get(f"{m.group(1)}:{m.group(2)}")
         return self.endpoints.get(relay)
 
     def roots(self, message_id: str) -> list[dict[str, Any]]:
@@ -188,6 +196,9 @@ def trace(index: EventIndex, message_id: str, limit: int = 1000) -> list[TraceRo
                 relay = e.get("relay")
                 name = index.node_of(relay)
                 hop = name or relay or "-"
+                if name and relay and NAMED_RELAY.match(relay):
+                    # An MX route: say which exchanger the node was.
+                    hop = f"{name} = MX {relay.split('[', 1)[0]}"
             detail = str(e.get("diagnostic", ""))
             status = kind
             if kind in ("sent", "delivered", "bounced", "deferred") and e.get("dsn"):

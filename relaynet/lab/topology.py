@@ -148,6 +148,7 @@ class Topology:
     nodes: tuple[NodeSpec, ...]
     traffic: Traffic
     chaos: ChaosSpec
+    zones: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def node(self, name: str) -> NodeSpec:
         """The node called C{name}; @raise KeyError: no such node."""
@@ -447,12 +448,51 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
         links=c.get("links", bool, False),
     )
     c.finish()
+    zones = _read_zones(source, top.sub("dns"), names)
     lab.finish()
     top.finish()
     return Topology(
         name=name, source=source, description=description, port=port, first_address=first,
-        layout=layout, nodes=nodes, traffic=traffic, chaos=chaos,
+        layout=layout, nodes=nodes, traffic=traffic, chaos=chaos, zones=zones,
     )
+
+
+_NODE_REF = re.compile(r"\{([a-z][a-z0-9-]*)\}")
+
+
+def _read_zones(source: str, d: TableReader, names: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """
+    C{[dns] zones = { "dest.test" = ["@ MX 10 mx1", "mx1 A {hop3}"] }}: the
+    zones the lab's DNS server answers for (record lines of
+    L{relaynet.zones}; C{{NODE}} stands for that node's address).
+    """
+    from relaynet.zones import ZoneError, parse_record
+
+    raw = d.get("zones", dict, {})
+    out = []
+    for origin, lines in raw.items():
+        key = f"dns.zones.{origin}"
+        if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+            raise ConfigError(source, key, "must be an array of record lines, e.g. \"@ MX 10 mx1\"")
+        for i, line in enumerate(lines):
+            for ref in _NODE_REF.findall(line):
+                if ref not in names:
+                    raise ConfigError(source, f"{key}[{i}]", f"no node named {ref!r} (nodes: {', '.join(names)})")
+            try:
+                parse_record(_NODE_REF.sub("127.0.0.1", line), origin.rstrip(".").lower())
+            except ZoneError as e:
+                raise ConfigError(source, f"{key}[{i}]", str(e)) from None
+        out.append((origin.rstrip(".").lower(), tuple(lines)))
+    d.finish()
+    return tuple(out)
+
+
+def zone_spec(topology: Topology, addresses: Mapping[str, str]) -> dict[str, list[str]]:
+    """The topology's zones with each C{{NODE}} replaced by that node's address."""
+    return {
+        origin: [_NODE_REF.sub(lambda m: addresses[m.group(1)], line) for line in lines]
+        for origin, lines in topology.zones
+    }
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -507,6 +547,10 @@ def allocate(topology: Topology, port_ok: PortProbe, free_port: FreePort,
     never collide: the node listens on 127.0.0.1 and on one address per link
     (a /30 of L{NETNS_RANGE} per link, see L{link_subnets}).
 
+    A topology with C{[dns]} zones routes by MX, and an MX record has no
+    port: every node's relay port is then the same one, C{[lab].port} or
+    the next port free on every node's address.
+
     @param port_ok: whether a port can be bound on an address now.
     @param free_port: a free port on an address.
     """
@@ -525,6 +569,7 @@ def allocate(topology: Topology, port_ok: PortProbe, free_port: FreePort,
         return plans
     taken = {n.address for n in topology.nodes if n.address}
     nxt = ipaddress.ip_address(topology.first_address)
+    addresses: dict[str, str] = {}
     for n in topology.nodes:
         address = n.address
         if address is None:
@@ -536,9 +581,21 @@ def allocate(topology: Topology, port_ok: PortProbe, free_port: FreePort,
             if not ipaddress.ip_address(address).is_loopback:
                 raise ConfigError(topology.source, f"node.{n.name}.address",
                                   "ran out of loopback addresses from lab.first_address")
+        addresses[n.name] = address
+    common: int | None = None
+    if topology.zones:
+        for candidate in range(topology.port, min(topology.port + 500, 65536)):
+            if all(port_ok(a, candidate) for a in addresses.values()):
+                common = candidate
+                break
+        else:
+            raise ConfigError(topology.source, "lab.port",
+                              f"no port from {topology.port} on is free on every node's address (an MX lab needs one)")
+    for n in topology.nodes:
+        address = addresses[n.name]
         used: set[int] = set()
         ports = []
-        for wanted in [n.port] + [lst.port for lst in n.listeners]:
+        for wanted in [common if common is not None else n.port] + [lst.port for lst in n.listeners]:
             port = wanted if wanted is not None and wanted not in used and port_ok(address, wanted) else None
             for _ in range(20):
                 if port is not None and port not in used:
@@ -589,13 +646,14 @@ def endpoint_to(plans: Mapping[str, NodePlan], src: str, dst: str, netns: bool) 
 
 
 def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
-                node_dir: Path, netns: bool = False) -> dict[str, Any]:
+                node_dir: Path, netns: bool = False, dns: str | None = None) -> dict[str, Any]:
     """
     The node config (a TOML-ready mapping) of node C{name}.
 
     Lab settings (listeners on the node's address, short retries, loopback
-    trust) come first; the topology's C{[defaults.config]} and
-    C{[node.NAME.config]} tables are merged over them verbatim.
+    trust, the lab's DNS server C{dns} as C{HOST:PORT}) come first; the
+    topology's C{[defaults.config]} and C{[node.NAME.config]} tables are
+    merged over them verbatim.
     """
     n = topology.node(name)
     plan = plans[name]
@@ -623,6 +681,9 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
                 for h in r.via
             ] + list(r.extra.get("next_hops", []))
         route.update({k: v for k, v in r.extra.items() if k != "next_hops" or not r.via})
+        if r.action == "mx" and "mx_port" not in route:
+            # Exchangers are lab nodes, listening on the lab's common relay port.
+            route["mx_port"] = plan.ports[0]
         if r.via and not netns and "source_address" not in route:
             # Connect from the node's own address, so each hop is seen as itself.
             route["source_address"] = plan.address
@@ -643,6 +704,8 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
     }
     if routes:
         base["route"] = routes
+    if dns is not None:
+        base["dns"] = {"servers": [dns]}
     if "ca_file" in files:
         base["tls"] = {k: str(files[k]) for k in ("cert", "key", "ca_file") if k in files}
     if "password_file" in files:

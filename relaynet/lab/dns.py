@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_lab_dns -*-
+"""
+The lab's DNS server: the zones of a topology's C{[dns]} table, served by
+L{twisted.names} (authoritative, UDP and TCP) on a loopback port, so that
+C{mx} routes of the lab's nodes resolve as they would on the Internet.
+
+    python -m relaynet.lab.dns --zones ZONES.json --listen 127.0.0.1:PORT
+
+C{ZONES.json} maps each origin to its record lines (L{relaynet.zones}), with
+node names already replaced by addresses. C{relaynet lab up} writes it,
+starts this server before the nodes (each node's C{[dns] servers} names it),
+restarts it when it finds it stopped, and C{lab down} stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from relaynet.zones import ZoneError, zones
+
+POLL = 0.05
+START_TIMEOUT = 15.0
+
+
+def serve(spec: Mapping[str, Sequence[str]], host: str, port: int, reactor: Any) -> list[Any]:
+    """
+    Answer for the zones of C{spec} on C{host:port}, UDP and TCP.
+
+    @return: the listening ports.
+    """
+    from twisted.names import dns, server
+
+    factory = server.DNSServerFactory(authorities=zones(spec))
+    return [
+        reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=host),
+        reactor.listenTCP(port, factory, interface=host),
+    ]
+
+
+def query(host: str, port: int, name: str, qtype: int, timeout: float = 1.0) -> int | None:
+    """
+    One UDP query (blocking, for readiness checks): the response code, or
+    None when nothing answered within C{timeout}.
+    """
+    from twisted.names import dns
+
+    message = dns.Message(id=os.getpid() & 0xFFFF, recDes=0)
+    message.queries = [dns.Query(name.encode(), qtype, dns.IN)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(message.toStr(), (host, port))
+            data, _ = s.recvfrom(4096)
+        except OSError:
+            return None
+    answer = dns.Message()
+    answer.fromStr(data)
+    return int(answer.rCode)
+
+
+def free_port(host: str = "127.0.0.1", tries: int = 50) -> int:
+    """A port free for both UDP and TCP on C{host}."""
+    for _ in range(tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind((host, 0))
+            port = t.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((host, port))
+                except OSError:
+                    continue
+            return int(port)
+    raise OSError(f"no port free for UDP and TCP on {host} after {tries} tries")
+
+
+def alive(rec: Mapping[str, Any]) -> bool:
+    """The server of C{rec} (C{lab.data["dns"]}) is running."""
+    pid = rec.get("pid")
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"relaynet.lab.dns" in argv and rec["zones"].encode() in argv
+
+
+def start(rec: dict[str, Any], timeout: float = START_TIMEOUT) -> int:
+    """
+    Start the server of C{rec} detached (unless it runs) and wait until it
+    answers for its first zone; record its pid.
+
+    @raise OSError: it did not come up (the message names its log).
+    """
+    if alive(rec):
+        return int(rec["pid"])
+    log = open(rec["log"], "ab")
+    with log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relaynet.lab.dns", "--zones", rec["zones"],
+             "--listen", f"{rec['address']}:{rec['port']}"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    rec["pid"] = proc.pid
+    first = next(iter(json.loads(Path(rec["zones"]).read_text("utf-8"))), "lab.test")
+    from twisted.names import dns
+
+    deadline = time.monotonic() + timeout
+    while query(rec["address"], rec["port"], first, dns.SOA, timeout=POLL * 4) is None:
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            stop(rec)
+            tail = Path(rec["log"]).read_text("utf-8", "replace").strip().splitlines()[-3:]
+            raise OSError(f"the lab DNS server did not answer on {rec['address']}:{rec['port']}"
+                          f" (log {rec['log']}: {' | '.join(tail) or 'empty'})")
+    return proc.pid
+
+
+def stop(rec: dict[str, Any], timeout: float = 10.0) -> str:
+    """Stop the server (SIGTERM, then SIGKILL after C{timeout}); @return: what happened."""
+    pid = rec.get("pid")
+    if not pid or not alive(rec):
+        rec["pid"] = None
+        return "not running"
+    os.kill(pid, signal.SIGTERM)
+    how = "stopped"
+    for sig in (signal.SIGKILL, None):
+        deadline = time.monotonic() + timeout
+        while _state(pid) not in (None, "Z", "X") and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(POLL)  # polling for the process to be gone, bounded by the deadline
+        if _state(pid) in (None, "Z", "X") or sig is None:
+            break
+        os.kill(pid, sig)
+        how = "killed"
+    _reap(pid)
+    rec["pid"] = None
+    return how
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m relaynet.lab.dns", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zones", required=True, help="JSON: origin -> record lines")
+    parser.add_argument("--listen", required=True, help="HOST:PORT (loopback)")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    try:
+        spec = json.loads(Path(args.zones).read_text("utf-8"))
+        from twisted.internet import reactor
+
+        serve(spec, host, int(port), reactor)
+    except (OSError, ValueError, ZoneError) as e:
+        print(f"relaynet lab dns: {e}", file=sys.stderr)
+        return 1
+    print(f"relaynet lab dns: serving {', '.join(spec)} on {host}:{port}", flush=True)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
