@@ -181,6 +181,25 @@ def test_enospc_and_eio_fsync(pfs: PowerFS) -> None:
         send(pfs.control, "bogus")
 
 
+@needs_fuse
+def test_makedirs_durable_makes_a_directory_left_by_a_crash_durable(pfs: PowerFS) -> None:
+    """
+    A directory that a crashed run created (mkdir, killed before the fsync
+    of its parent) exists when the node starts again; makedirs_durable must
+    make it durable too, or a power cut later takes it away with every
+    message fsynced into it.
+    """
+    from relaynet.queue.spool import fsync_dir, makedirs_durable
+
+    m = pfs.mount
+    (m / "spool").mkdir()  # the crashed run: no fsync of the mount's root after it
+    makedirs_durable(m / "spool" / "queue" / "new")
+    _write(m / "spool" / "queue" / "new" / "ID", b"acknowledged", sync=True)
+    fsync_dir(m / "spool" / "queue" / "new")
+    pfs.cut()
+    assert (m / "spool" / "queue" / "new" / "ID").read_bytes() == b"acknowledged"
+
+
 # -- the journal alone (no FUSE: runs everywhere) --------------------------------------
 
 

@@ -384,7 +384,10 @@ def read_queue_file(path: Path) -> tuple[Envelope, int]:
 def makedirs_durable(path: Path, mode: int = 0o700) -> list[Path]:
     """
     Create C{path} and missing parents like C{mkdir -p}, fsyncing the parent of
-    each directory created, so the new directory survives a power loss.
+    each directory created, so the new directory survives a power loss. The
+    parents of those that existed are fsynced too (errors ignored): a run
+    killed between a mkdir and its parent's fsync leaves a directory whose
+    entry a power loss can still undo, with everything fsynced into it since.
 
     @return: the directories created, outermost first.
     """
@@ -404,6 +407,13 @@ def makedirs_durable(path: Path, mode: int = 0o700) -> list[Path]:
             continue
         fsync_dir(d.parent)
         created.append(d)
+    made = {d.absolute() for d in created}
+    for d in [path.absolute(), *path.absolute().parents]:
+        if d.parent != d and d not in made:
+            try:
+                fsync_dir(d.parent)
+            except OSError:
+                pass
     return created
 
 
