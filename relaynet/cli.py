@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from relaynet import __version__
 from relaynet.config import ConfigError, describe, load_config
@@ -51,8 +51,13 @@ def _route(args: argparse.Namespace) -> int:
         print(f"client {args.client} is outside trusted_networks ({nets}): it may send to local "
               "domains and to relay_domains only, or relay after AUTH")
     worst = 0
-    for address in args.address:
-        ex = explain(config, address, client_ip=args.client)
+    explained = [explain(config, address, client_ip=args.client) for address in args.address]
+    mx_domains = sorted({
+        (ex.address.rpartition("@")[2].lower(), ex.rule.mx_port)
+        for ex in explained if ex.rule is not None and ex.rule.action == "mx"
+    })
+    answers = _mx_answers(config, mx_domains) if mx_domains else {}
+    for address, ex in zip(args.address, explained):
         print(f"{address}: {'accepted' if ex.accepted else 'refused'} ({ex.reply})")
         print(f"  why: {ex.why}")
         if ex.rule is not None:
@@ -62,10 +67,63 @@ def _route(args: argparse.Namespace) -> int:
                 print(f"  ack: {ex.rule.ack}; tls: {ex.rule.tls}; concurrency: {ex.rule.concurrency}"
                       + (f"; source address: {ex.rule.source_address}" if ex.rule.source_address else ""))
             elif ex.rule.action == "mx":
-                print(f"  next hops: the MX hosts of the domain (port {ex.rule.mx_port})")
+                domain = address.rpartition("@")[2].lower()
+                _print_mx(config, answers.get((domain, ex.rule.mx_port)), ex.rule.mx_port)
         if not ex.accepted:
             worst = 1
     return worst
+
+
+def _mx_answers(config: Any, wanted: list[tuple[str, int]], timeout: float = 20.0) -> dict[tuple[str, int], Any]:
+    """
+    Look the MX domains up as the node would (its [dns] servers or
+    resolv.conf, its address preference, itself as an exchanger); blocking,
+    at most C{timeout} seconds in all.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import gatherResults
+
+    from relaynet.delivery.attempt import system_resolver
+    from relaynet.delivery.mx import MXLookup
+
+    lookup = MXLookup(
+        system_resolver(reactor, config.dns_servers), reactor.seconds,
+        own_names=lambda: [config.hostname], own_endpoints=lambda: config.listen_addresses,
+        preference=lambda: config.outbound.address_preference, shuffle=lambda items: None,
+    )
+    answers: dict[tuple[str, int], Any] = {}
+
+    def one(domain: str, port: int) -> Any:
+        return lookup.lookup(domain, port).addCallback(lambda a: answers.__setitem__((domain, port), a))
+
+    def stop(_: object = None) -> None:
+        if reactor.running:
+            reactor.stop()
+
+    gatherResults([one(d, p) for d, p in wanted], consumeErrors=True).addBoth(stop)
+    reactor.callLater(timeout, stop)
+    reactor.run()
+    return answers
+
+
+def _print_mx(config: Any, answer: Any, port: int) -> None:
+    """What an mx route would try for one domain (see L{_mx_answers})."""
+    if answer is None:
+        print("  next hops: the MX hosts of the domain (the DNS lookup did not finish)")
+        return
+    if answer.failure is not None:
+        status, dsn, text = answer.failure
+        print(f"  DNS: {text}: the recipient would be {status} ({dsn})")
+        return
+    limit = config.outbound.mx_address_limit
+    how = "no MX record: the domain's own address (implicit MX)" if answer.implicit else \
+        "MX by preference; equal preferences in random order per attempt"
+    print(f"  exchangers ({how}; port {port}, at most {limit or 'all'} addresses,"
+          f" address preference {config.outbound.address_preference}):")
+    for ex in answer.exchangers:
+        print(f"    {ex.preference:>5} {ex.name}: {', '.join(ex.addresses)}")
+    for note in answer.notes:
+        print(f"    note: {note}")
 
 
 def _gen_cert(args: argparse.Namespace) -> int:

@@ -114,3 +114,39 @@ def test_internet_lab_delivers_by_mx(lab_dirs: Any) -> None:
     down = relaynet("lab", "down", "--dir", str(labdir))
     assert "dns: stopped" in down.stdout
     assert not labdns.alive(server)
+
+
+def test_route_command_shows_the_exchangers(tmp_path: Path) -> None:
+    """
+    C{relaynet route} on an mx route looks the domain up as the node would
+    (here through the lab's DNS server, as a process) and prints the
+    exchangers and addresses in the order it would try them, or the DSN a
+    null MX or NXDOMAIN would give; it marks itself as a backup exchanger.
+    """
+    zones_file = tmp_path / "zones.json"
+    zones_file.write_text(json.dumps({
+        "alpha.test": ["@ MX 20 mx2", "@ MX 10 mx1", "mx1 A 127.0.0.44", "mx1 AAAA ::1", "mx2 A 127.0.0.45"],
+        "null.test": ["@ MX 0 ."],
+    }))
+    server = {"address": "127.0.0.1", "port": labdns.free_port(), "zones": str(zones_file),
+              "log": str(tmp_path / "dns.log"), "pid": None}
+    labdns.start(server)
+    try:
+        cfg = tmp_path / "node.toml"
+        cfg.write_text(
+            '[node]\nname = "m"\nhostname = "m.test"\nspool = "spool"\n'
+            '[[listener]]\nendpoint = "tcp:2525:interface=127.0.0.45"\n'
+            '[relay]\ntrusted_networks = ["127.0.0.0/8"]\n'
+            f'[dns]\nservers = ["127.0.0.1:{server["port"]}"]\n'
+            '[outbound]\naddress_preference = "ipv6"\n'
+            '[[route]]\ndomains = ["*"]\naction = "mx"\nmx_port = 25\n'
+        )
+        out = relaynet("route", str(cfg), "bob@alpha.test", "x@null.test", "y@nx.alpha.test").stdout
+        assert "       10 mx1.alpha.test: ::1, 127.0.0.44\n       20 mx2.alpha.test: 127.0.0.45" in out, out
+        assert "bounced (5.1.10)" in out and "bounced (5.1.2)" in out, out
+        # Listening on mx2's address at the MX port: this node is the backup exchanger.
+        cfg.write_text(cfg.read_text().replace("mx_port = 25", "mx_port = 2525"))
+        out = relaynet("route", str(cfg), "bob@alpha.test").stdout
+        assert "mx2.alpha.test" not in out.split("note:")[0] and "at preference 20" in out, out
+    finally:
+        labdns.stop(server)

@@ -212,6 +212,9 @@ class MXLookup:
                 notes.append(f"{name}: no A or AAAA record")
             exchangers.append(Exchanger(name, pref, tuple(addresses)))
         exchangers, loop_pref = self._cut_loop(exchangers, port)
+        if loop_pref is not None:
+            notes.append(f"this node is an exchanger of {domain} at preference {loop_pref}:"
+                         " only exchangers preferred over it are used")
         if loop_pref is not None and not exchangers:
             return MXAnswer(domain, implicit=implicit, notes=tuple(notes), failure=(
                 "bounced", "5.4.6", f"mail for {domain} loops back to myself",
