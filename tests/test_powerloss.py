@@ -200,6 +200,31 @@ def test_makedirs_durable_makes_a_directory_left_by_a_crash_durable(pfs: PowerFS
     assert (m / "spool" / "queue" / "new" / "ID").read_bytes() == b"acknowledged"
 
 
+@needs_fuse
+def test_transfer_window_journal_left_by_a_crash_is_made_durable(pfs: PowerFS) -> None:
+    """
+    An hour's transfer-window journal file that a crashed run created
+    (before its directory was fsynced) must have its name made durable by
+    the next run's first append, or a power cut takes away records that
+    were fsynced into it (and a retransmission is queued twice).
+    """
+    import time as _time
+
+    from relaynet.queue.spool import fsync_dir
+    from relaynet.queue.window import TransferWindow
+
+    m = pfs.mount
+    (m / "window").mkdir()
+    fsync_dir(m)
+    now = _time.time()
+    hour = int(now // 3600)
+    _write(m / "window" / f"{hour}.jsonl", b"", sync=True)  # the crashed run: no fsync of window/
+    w = TransferWindow(m / "window", span=86400, limit=1000, clock=lambda: now)
+    w._append(hour, b'{"record": 1}\n')
+    pfs.cut()
+    assert (m / "window" / f"{hour}.jsonl").read_bytes() == b'{"record": 1}\n'
+
+
 # -- the journal alone (no FUSE: runs everywhere) --------------------------------------
 
 

@@ -145,6 +145,7 @@ class TransferWindow:
         self._order: deque[Transfer] = deque()
         self._waiting: list[tuple[Transfer, Deferred[None]]] = []
         self._busy = False
+        self._durable_hours: set[int] = set()
         self.duplicates = 0
 
     def __len__(self) -> int:
@@ -238,7 +239,10 @@ class TransferWindow:
         """Append C{lines} to the hour's journal file and fsync it (worker thread)."""
         assert self.directory is not None
         path = self.directory / f"{hour}.jsonl"
-        created = not path.exists()
+        # The first append of this process to an hour's file fsyncs the
+        # directory even if the file exists: a run killed after creating it
+        # may not have made its name durable.
+        created = hour not in self._durable_hours
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(lines)
@@ -249,6 +253,7 @@ class TransferWindow:
             os.close(fd)
         if created:
             fsync_dir(self.directory)
+            self._durable_hours.add(hour)
             self._prune(hour)
 
     def _prune(self, hour: int) -> None:
