@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 LISTENER_MODES = ("relay", "submission", "submissions")
 BARE_NEWLINES = ("reject", "normalize")
-ROUTE_ACTIONS = ("local", "relay", "mx", "reject")
+ROUTE_ACTIONS = ("local", "relay", "mx", "lmtp", "reject")
 ACK_MODES = ("queued", "cut-through")
 TLS_POLICIES = ("none", "opportunistic", "required", "verify")
 LOG_FORMATS = ("text", "json")
@@ -170,6 +170,9 @@ class RouteRule:
     source_address: str | None = None
     tls: str = "none"
     mx_port: int = 25
+    auth_file: Path | None = None
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    auth_cleartext: bool = False
 
 
 @frozen
@@ -488,7 +491,34 @@ def _parse_listener(source: str, key: str, data: Any) -> Listener:
     return Listener(endpoint=endpoint, mode=mode, reuse_port=reuse_port)
 
 
-def _parse_route(source: str, key: str, data: Any) -> RouteRule:
+def read_credentials(path: Path) -> tuple[str, str]:
+    """
+    The SMTP AUTH credentials of a route: the first line of C{path},
+    C{username:password} (as Postfix's C{smtp_sasl_password_maps} values).
+    The file must be readable by its owner only.
+
+    @raise ValueError: one line saying what is wrong.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    if st.st_mode & 0o077:
+        raise ValueError(
+            f"{path} is readable by group or others (mode {st.st_mode & 0o777:04o}):"
+            f" it holds a password; chmod 600 {path}"
+        )
+    try:
+        first = path.read_text("utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    user, sep, password = first.partition(":")
+    if not sep or not user or not password:
+        raise ValueError(f"{path}: the first line must be username:password")
+    return user, password
+
+
+def _parse_route(source: str, key: str, data: Any, base: Path | None = None) -> RouteRule:
     table = _Table(source, key, data)
     domains = table.strings("domains", ())
     if not domains:
@@ -517,8 +547,8 @@ def _parse_route(source: str, key: str, data: Any) -> RouteRule:
         priority = htable.get("priority", int, 10)
         htable.finish()
         hops.append(NextHop(endpoint=endpoint, priority=priority))
-    if action in ("relay",) and not hops:
-        raise table.error("next_hops", "a relay route needs at least one next hop")
+    if action in ("relay", "lmtp") and not hops:
+        raise table.error("next_hops", f"a{'n' if action == 'lmtp' else ''} {action} route needs at least one next hop")
     code = table.get(
         "code", int, 550,
         lambda v: None if 400 <= v <= 599 else "must be a 4xx or 5xx reply code",
@@ -538,11 +568,23 @@ def _parse_route(source: str, key: str, data: Any) -> RouteRule:
         lambda v: None if v in TLS_POLICIES else f"must be one of {', '.join(TLS_POLICIES)}",
     )
     mx_port = table.get("mx_port", int, 25, lambda v: None if 0 < v < 65536 else "must be a port")
+    auth_file = table.get("auth_file", str, None)
+    auth_path = _resolve(base, auth_file) if auth_file is not None else None
+    auth = None
+    if auth_path is not None:
+        if action not in ("relay", "mx"):
+            raise table.error("auth_file", "only relay and mx routes authenticate (SMTP AUTH)")
+        try:
+            auth = read_credentials(auth_path)
+        except ValueError as e:
+            raise table.error("auth_file", str(e)) from None
+    auth_cleartext = table.get("auth_cleartext", bool, False)
     table.finish()
     return RouteRule(
         domains=domains, action=action, next_hops=tuple(hops),
         code=code, enhanced=enhanced, text=text, ack=ack, concurrency=concurrency,
         source_address=source_address, tls=tls, mx_port=mx_port,
+        auth_file=auth_path, auth=auth, auth_cleartext=auth_cleartext,
     )
 
 
@@ -765,7 +807,7 @@ def parse_config(
     relay.finish()
 
     routes = tuple(
-        _parse_route(source, f"route[{i}]", item)
+        _parse_route(source, f"route[{i}]", item, base)
         for i, item in enumerate(top.get("route", list, []))
     )
     _check_loops(source, listeners, routes)
@@ -1036,10 +1078,14 @@ def describe(config: NodeConfig) -> str:
             lines.append(f"next_hops = [{hops}]")
         if rule.action == "reject":
             lines += [f"code = {rule.code}", f"enhanced = {_toml(rule.enhanced)}", f"text = {_toml(rule.text)}"]
-        if rule.action in ("relay", "mx"):
+        if rule.action in ("relay", "mx", "lmtp"):
             lines += [f"ack = {_toml(rule.ack)}", f"concurrency = {rule.concurrency}", f"tls = {_toml(rule.tls)}"]
             if rule.source_address:
                 lines.append(f"source_address = {_toml(rule.source_address)}")
+            if rule.auth_file is not None:
+                lines.append(f"auth_file = {_toml(str(rule.auth_file))}")
+            if rule.auth_cleartext:
+                lines.append("auth_cleartext = true")
         if rule.action == "mx":
             lines.append(f"mx_port = {rule.mx_port}")
         lines.append("")

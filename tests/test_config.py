@@ -189,3 +189,42 @@ def test_listen_option_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert isinstance(e.value.code, str)
     assert "--listen" in e.value.code and "bogus:1" in e.value.code
     assert "\n" not in e.value.code
+
+
+def _auth_route(tmp_path: Path, mode: int, text: str = "relay-user:s3cret:with:colons\n") -> Path:
+    cred = tmp_path / "smarthost.auth"
+    cred.write_text(text)
+    cred.chmod(mode)
+    p = tmp_path / "node.toml"
+    p.write_text(
+        '[[route]]\ndomains = ["*"]\naction = "relay"\nnext_hops = ["tcp:127.0.0.1:587"]\n'
+        'tls = "verify"\nauth_file = "smarthost.auth"\n'
+    )
+    return p
+
+
+def test_route_auth_file_is_read_relative_to_the_config_and_kept_out_of_repr(tmp_path: Path) -> None:
+    (rule,) = load_config(_auth_route(tmp_path, 0o600)).routes
+    assert rule.auth_file == tmp_path / "smarthost.auth"
+    assert rule.auth == ("relay-user", "s3cret:with:colons") and not rule.auth_cleartext
+    assert "s3cret" not in repr(rule)
+
+
+@pytest.mark.parametrize(("mode", "text", "problem"), [
+    (0o644, "u:p\n", "readable by group or others (mode 0644): it holds a password; chmod 600"),
+    (0o600, "no-colon\n", "the first line must be username:password"),
+    (0o600, "", "the first line must be username:password"),
+])
+def test_route_auth_file_problems_are_one_line(tmp_path: Path, mode: int, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(_auth_route(tmp_path, mode, text))
+    assert e.value.key == "route[0].auth_file" and problem in e.value.problem, e.value
+
+
+def test_lmtp_route_needs_a_next_hop() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config({"route": [{"domains": ["mail.test"], "action": "lmtp"}]})
+    assert e.value.key == "route[0].next_hops" and "an lmtp route needs" in e.value.problem
+    config = parse_config({"route": [{"domains": ["mail.test"], "action": "lmtp",
+                                      "next_hops": ["unix:/run/dovecot/lmtp"]}]})
+    assert config.routes[0].next_hops[0].endpoint == "unix:/run/dovecot/lmtp"

@@ -42,6 +42,7 @@ class RouteKind(enum.Enum):
     LOCAL = "local"
     RELAY = "relay"
     MX = "mx"
+    LMTP = "lmtp"
 
 
 @frozen
@@ -197,7 +198,7 @@ class RoutingTable:
             return Refusal(rule.code, rule.enhanced, f"<{shown}>: {rule.text}")
         if rule.action == "local":
             return self._local(localpart, domain, shown)
-        kind = RouteKind.MX if rule.action == "mx" else RouteKind.RELAY
+        kind = {"mx": RouteKind.MX, "lmtp": RouteKind.LMTP}.get(rule.action, RouteKind.RELAY)
         return Route(kind, rule, rule_name(rule))
 
     def _local(self, localpart: str, domain: str, shown: str) -> Route | Refusal:

@@ -87,7 +87,10 @@ def check_recipient(
         if decision.unrouted and not (authenticated or is_trusted(config, client_ip)):
             return Verdict.refuse(554, "5.7.1", f"<{address}>: Relay access denied")
         return Verdict.refuse(decision.code, decision.enhanced, decision.text)
-    if decision.kind is not RouteKind.LOCAL and not (
+    # Local and LMTP routes are final destinations (this node's or its mail
+    # store's domains, as Postfix's virtual_mailbox_domains): anyone may send
+    # there. Relay and MX routes need relay permission.
+    if decision.kind not in (RouteKind.LOCAL, RouteKind.LMTP) and not (
         authenticated or is_trusted(config, client_ip)
         or any(domain_matches(p, domain) for p in config.relay_domains)
     ):
