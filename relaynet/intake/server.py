@@ -85,6 +85,9 @@ _PAUSE_ABOVE = 256 * 1024
 # session stops reading: memory per session stays bounded when the disk is slow.
 _DISK_BACKLOG = 512 * 1024
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# Seconds a closing session may take (a TLS client answering our
+# close_notify, a client reading our last reply) before it is cut off.
+_CLOSE_GRACE = 5.0
 # Commands that must end a pipelined group (RFC 2920 3.1; Postfix's
 # SMTPD_CMD_FLAG_LAST): their outcome changes what the client may send next.
 # STARTTLS is one too; it discards what follows it instead (RFC 3207 4.2).
@@ -204,6 +207,8 @@ class RelayESMTP(smtp.ESMTP):
         self._failed_guesses: set[bytes] = set()
         self._guess_key = os.urandom(16)
         self._counted = False
+        self._abort_call: Any = None
+        self._producing = False
         self.startedTLS = listener.mode == "submissions"
 
     # -- connection ------------------------------------------------------
@@ -239,6 +244,7 @@ class RelayESMTP(smtp.ESMTP):
         # We produce replies; the transport tells us when the client does not
         # read them (its send buffer fills): then we stop reading commands.
         self.transport.registerProducer(self, True)
+        self._producing = True
 
     def pauseProducing(self) -> None:
         """The client is not reading our replies: stop taking its commands."""
@@ -293,6 +299,8 @@ class RelayESMTP(smtp.ESMTP):
             self._writer = None
         self._scanner = None
         self._closing = True
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         smtp.ESMTP.connectionLost(self, reason)
 
     def timeoutConnection(self) -> None:
@@ -314,7 +322,16 @@ class RelayESMTP(smtp.ESMTP):
         self._closing = True
         self._inbuf = b""
         self.setTimeout(None)
+        # Twisted's TLS layer (TLSMemoryBIOProtocol.loseConnection) sends its
+        # close_notify only once no producer is registered, then waits for
+        # the client's; TCP waits until the client has read everything:
+        # unregister, and cut off a client that does neither in time.
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.intake.reactor.callLater(_CLOSE_GRACE, self.transport.abortConnection)
 
     @property
     def waiting(self) -> bool:
