@@ -20,9 +20,10 @@ here over real sockets and the real process:
  - slow clients: 200 sessions trickling a byte a second and 50 idle ones do
    not keep a new client from its 220 and 250, the node's resident memory
    stays bounded, and the idle ones get 421 4.4.2 at C{idle_timeout};
- - over TLS the node's own close is a close (C{xfail} until the intake
-   unregisters itself as the transport's producer before closing: Twisted's
-   TLS layer holds close_notify and the close until then).
+ - over TLS the node's own close is a close: the intake unregisters itself
+   as the transport's producer first (Twisted's TLS layer holds its
+   close_notify and the close until then), and a client that does not answer
+   the close_notify is cut off after a grace period.
 
 Every wait has a deadline (socket timeouts, C{select}, L{wait_for}); the
 paced writer of the slow-client test is a C{select} loop.
@@ -453,14 +454,12 @@ class BareTLS:
         self.sock.close()
 
 
-#: How long, at most, the node may wait for a TLS client's close_notify.
+#: How long, at most, the node waits for a closing client
+#: (C{relaynet.intake.server._CLOSE_GRACE}).
 CLOSE_GRACE = 5.0
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "RelayESMTP stays registered as the transport's producer; Twisted's TLS "
-    "loseConnection then never sends close_notify nor closes (see the report)"))
 def test_tls_session_closed_by_the_node(strict: HostileNode) -> None:
     """
     Over TLS, the node's own close after 554 5.5.0 really closes: the
