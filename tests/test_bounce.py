@@ -85,7 +85,7 @@ def status_blocks(msg: EmailMessage) -> list[EmailMessage]:
     The header blocks of the C{message/delivery-status} part.
     """
     report = parts(msg)[1]
-    assert report.get_content_type() == "message/delivery-status"
+    assert report.get_content_type() in ("message/delivery-status", "message/global-delivery-status")
     return parts(report)
 
 
@@ -404,9 +404,10 @@ def test_headers_only_when_lines_too_long() -> None:
 
 def test_eight_bit_body_preserved() -> None:
     """
-    An 8-bit original is carried octet for octet inside the message/rfc822
-    part, which (like the report) is labelled 8bit; the generated parts stay
-    7-bit.
+    An 8-bit original is carried octet for octet inside the returned part,
+    which (like the report) is labelled 8bit; the generated parts stay
+    7-bit. Its header section is 8-bit: an internationalised message (RFC
+    6532), returned as message/global with a global-delivery-status (RFC 6533).
     """
     headers = HEADERS + b"X-Note: caf\xc3\xa9 \xff\r\n"
     body = bytes(range(0x80, 0x100)) + b"\r\n" + "gr\u00fc\u00dfe \u2603\r\n".encode() + b"\xfe\xff"
@@ -415,8 +416,22 @@ def test_eight_bit_body_preserved() -> None:
     assert raw_content(data, msg, 2) == headers + b"\r\n" + body
     assert msg["Content-Transfer-Encoding"] == "8bit"
     assert parts(msg)[2]["Content-Transfer-Encoding"] == "8bit"
+    assert parts(msg)[2].get_content_type() == "message/global"
+    assert parts(msg)[1].get_content_type() == "message/global-delivery-status"
+    assert msg.get_param("report-type") == "global-delivery-status"
+    assert data[: data.index(b"Content-Type: message/global\r\n")].isascii()
+    assert_wire_format(data)
+
+
+def test_eight_bit_body_with_ascii_headers_is_message_rfc822() -> None:
+    """An ASCII header section with an 8-bit body: message/rfc822 (8bit), not the global types."""
+    body = "gr\u00fc\u00dfe\r\n".encode()
+    data = dsn(original_headers=HEADERS, original_body=io.BytesIO(body))
+    msg = parse(data)
     assert parts(msg)[2].get_content_type() == "message/rfc822"
-    assert data[: data.index(b"Content-Type: message/rfc822")].isascii()
+    assert parts(msg)[2]["Content-Transfer-Encoding"] == "8bit"
+    assert parts(msg)[1].get_content_type() == "message/delivery-status"
+    assert msg.get_param("report-type") == "delivery-status"
     assert_wire_format(data)
 
 

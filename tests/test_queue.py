@@ -133,7 +133,7 @@ def test_permanent_failure_asks_for_a_dsn() -> None:
     [notice] = d.notices
     assert notice.action == "failed"
     [report] = notice.reports
-    assert (report.address, report.status, report.remote_mta) == ("b@y.test", "5.1.1", "hop2.test:25")
+    assert (report.address, report.status, report.remote_mta) == ("b@y.test", "5.1.1", "hop2.test")
 
 
 @pytest.mark.parametrize(
@@ -286,3 +286,23 @@ def test_listing_filters_and_orders() -> None:
     assert ids(selected(c, None, "x.test")) == ["Q1", "Q3"] and ids(selected(c, "Q2", None)) == ["Q2"]
     [s] = summaries(c, [c.get("Q3")], T0 + 30)  # type: ignore[list-item]
     assert (s["state"], s["held"], s["age"], s["recipients"][0]["status"]) == ("hold", True, 10.0, "pending")
+
+
+def test_remote_mta_only_for_a_host_that_answered() -> None:
+    """
+    A next hop that never answered (code 0: connection refused, timeout)
+    said nothing: its DSN report has no Remote-MTA, and the diagnostic is
+    relaynet's own. Remote-MTA names are hosts without a port.
+    """
+    from relaynet.queue.bounce import mta_name
+
+    c = core()
+    c.add(entry(), T0)
+    silent = Outcome.bounced("b@y.test", "5.4.4", "connect to 192.0.2.9: refused", remote="192.0.2.9:25")
+    d = c.finish(begin(c, "Q1"), [relayed("a@x.test"), silent], T0)
+    [notice] = d.notices
+    [report] = notice.reports
+    assert report.remote_mta is None and report.diagnostic == "connect to 192.0.2.9: refused"
+    assert mta_name("mx1.example[192.0.2.1]:25") == "mx1.example"
+    assert mta_name("192.0.2.1:25") == "[192.0.2.1]" and mta_name("[2001:db8::1]:25") == "[IPv6:2001:db8::1]"
+    assert mta_name("hop2.test:2525") == "hop2.test"

@@ -15,6 +15,12 @@ message as bytes with CRLF line ends, to be queued with the null sender:
     enough, no line over 998 octets), else C{text/rfc822-headers} with its
     header section.
 
+An internationalised original (UTF-8 in its header section, RFC 6532) is
+returned as RFC 6533 says: the parts are
+C{message/global-delivery-status}, C{message/global} and
+C{message/global-headers}, and the report's type parameter is
+C{global-delivery-status}.
+
 Everything is built with the standard library C{email} package. Values that
 come from outside (addresses, diagnostics, ORCPT, ENVID, remote host names) are
 never given to the header registry: on Python 3.11 it decodes RFC 2047 encoded
@@ -339,6 +345,9 @@ def build_dsn(
     headers = _normalise_headers(original_headers)
     returned, why_headers_only = _returned_message(headers, original_body, max_returned)
     eight_bit = _EIGHT_BIT_RE.search(headers if returned is None else returned) is not None
+    # RFC 6533: an internationalised message (UTF-8 in its header section,
+    # RFC 6532) goes back in the "global" types.
+    international = not headers.isascii()
 
     # Typed as the MIMEPart it is: typeshed's attach() takes only parts of
     # the message's own class.
@@ -350,22 +359,24 @@ def build_dsn(
     msg["Message-ID"] = make_msgid(idstring=_id_token(queue_id), domain=id_domain)
     msg["Auto-Submitted"] = "auto-replied"
     msg["MIME-Version"] = "1.0"
-    msg["Content-Type"] = "multipart/report; report-type=delivery-status"
+    msg["Content-Type"] = (
+        f"multipart/report; report-type={'global-' if international else ''}delivery-status"
+    )
     if eight_bit:
         msg["Content-Transfer-Encoding"] = "8bit"
     msg.set_boundary(_boundary(content=headers if returned is None else returned))
     msg.preamble = "This is a MIME-encapsulated delivery status notification."
 
     msg.attach(_human_part(policy, mta, reports, arrival, queue_id, why_headers_only, max_returned))
-    msg.attach(_status_part(policy, mta, reports, arrival, envid, queue_id))
+    msg.attach(_status_part(policy, mta, reports, arrival, envid, queue_id, international))
 
     original = MIMEPart(policy=policy)
     if returned is not None:
-        original["Content-Type"] = "message/rfc822"
+        original["Content-Type"] = "message/global" if international else "message/rfc822"
         original["Content-Description"] = _PART_DESCRIPTIONS[worst]
         content = returned
     else:
-        original["Content-Type"] = "text/rfc822-headers"
+        original["Content-Type"] = "message/global-headers" if international else "text/rfc822-headers"
         original["Content-Description"] = _PART_DESCRIPTIONS[worst] + " Headers"
         content = headers
     if eight_bit:
@@ -427,6 +438,28 @@ def _ascii(value: str, limit: int = _MAX_FIELD) -> str:
     L{_clean}, and every non-ASCII character becomes C{?}.
     """
     return "".join(c if c.isascii() else "?" for c in _clean(value, limit))
+
+
+def mta_name(remote: str) -> str | None:
+    """
+    The C{Remote-MTA} name (RFC 3464 2.3.5, type C{dns}) of a next hop as
+    events name it: C{mx1.example[192.0.2.1]:25} gives C{mx1.example};
+    C{192.0.2.1:25} gives C{[192.0.2.1]} and C{[2001:db8::1]:25}
+    C{[IPv6:2001:db8::1]} (address literals, RFC 5321 4.1.3); C{host:port}
+    gives C{host}. Never a port. None for something else.
+    """
+    import ipaddress
+
+    m = re.fullmatch(r"([^\[\]:]+)\[[^\]]+\](?::\d+)?", remote)
+    if m:
+        return m.group(1)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::\d+)?", remote)
+    host = m.group(1) if m else remote.rsplit(":", 1)[0] if remote.count(":") == 1 else remote
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host if host and _HOST_RE.fullmatch(host) else None
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
 
 
 def _host_name(value: str, what: str) -> str:
@@ -579,11 +612,17 @@ def _status_part(
     arrival: float,
     envid: str | None,
     queue_id: str | None,
+    international: bool = False,
 ) -> MIMEPart:
     """
     The C{message/delivery-status} part. The C{email} package models its body
     as a list of header blocks, which the generator writes separated by blank
     lines and the parser reads back the same way.
+
+    @param international: a C{message/global-delivery-status} part (RFC
+        6533 section 6), for an internationalised original; its fields stay
+        7-bit (UTF-8 addresses as C{utf-8} type with C{unitext} escapes,
+        which both types allow).
     """
     per_message = []
     if envid is not None and _envid_value(envid):
@@ -610,7 +649,7 @@ def _status_part(
             fields.append(("Will-Retry-Until", _date(r.will_retry_until)))
         blocks.append(_block(policy, fields))
     part = MIMEPart(policy=policy)
-    part["Content-Type"] = "message/delivery-status"
+    part["Content-Type"] = "message/global-delivery-status" if international else "message/delivery-status"
     part["Content-Description"] = "Delivery report"
     part.set_payload(blocks)
     return part

@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 
 from attrs import evolve, field, frozen
 
-from relaynet.queue.bounce import RecipientReport, is_bounce_worthy
+from relaynet.queue.bounce import RecipientReport, is_bounce_worthy, mta_name
 from relaynet.queue.retry import RetryPolicy
 from relaynet.queue.spool import QueueEntry, Recipient, RecipientState
 from relaynet.queue.states import MessageState, OutcomeEvent, QueueTotals, RecipientStatus
@@ -405,7 +405,9 @@ class QueueCore:
                 reports.setdefault(action, []).append(RecipientReport(
                     address=o.address, action=action, status=o.dsn,
                     original_recipient=rcpt.orcpt if rcpt else None,
-                    remote_mta=o.remote if o.remote and o.remote != "local" else None,
+                    # Only a host that answered is the Remote-MTA; a refusal or a
+                    # connection failure is relaynet's own diagnostic.
+                    remote_mta=mta_name(o.remote) if o.remote and o.remote != "local" and o.code else None,
                     diagnostic=o.diagnostic or None, last_attempt=now,
                 ))
         notices = tuple(Notice(entry, action, tuple(reps)) for action, reps in reports.items())
