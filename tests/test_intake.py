@@ -1217,6 +1217,22 @@ def test_idle_timeout(tmp_path: Path) -> None:
     assert h.closed
 
 
+def test_trickled_command_does_not_reset_the_idle_timer(tmp_path: Path) -> None:
+    """
+    A client that sends a command one byte at a time, never ending it, is
+    timed out idle_timeout after its last complete line (421 4.4.2): bytes
+    without a line end do not restart the timer, so it cannot hold a
+    session slot forever.
+    """
+    h = RelayHarness.open(tmp_path, {"limits": {"idle_timeout": 30}})
+    for byte in b"NOOPNOOPNOOPNOOPNOOP":
+        assert h.send(bytes([byte])) == []
+        assert h.advance(1.4) == []
+    assert not h.closed
+    expect(h, h.advance(2.5), [(421, "4.4.2")])
+    assert h.closed
+
+
 @both(14)
 def test_data_timeout(server: type[Harness], tmp_path: Path) -> None:
     """

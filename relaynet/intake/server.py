@@ -412,7 +412,12 @@ class RelayESMTP(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        if self._scanner is not None or b"\n" in data:
+            # Between commands the idle timer runs per command line, not per
+            # byte: a client trickling one byte a second into a command that
+            # never ends is cut off after idle_timeout, and cannot hold a
+            # session slot forever (Postfix's smtpd_per_record_deadline).
+            self.resetTimeout()
         self._inbuf += data
         self._process()
 
