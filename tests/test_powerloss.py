@@ -649,7 +649,19 @@ def test_lab_power_fs_chain3(tmp_path: Path) -> None:
         return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL, cwd=tmp_path)
 
-    up = run("lab", "up", str(root / "topologies" / "chain3.toml"), "--dir", str(labdir), "--power-fs")
+    # chain3 on addresses and a port of its own: labs on the default ones
+    # (127.0.0.2.., 2525) that other test runs start meanwhile would answer
+    # for its nodes.
+    rnd = random.Random()
+    topology = tmp_path / "chain3.toml"
+    text = (root / "topologies" / "chain3.toml").read_text()
+    assert 'first_address = "127.0.0.2"' in text and "port = 2525" in text
+    topology.write_text(
+        text.replace('first_address = "127.0.0.2"',
+                     f'first_address = "127.{rnd.randint(1, 254)}.{rnd.randint(1, 254)}.2"')
+        .replace("port = 2525", f"port = {rnd.randint(20000, 40000)}")
+    )
+    up = run("lab", "up", str(topology), "--dir", str(labdir), "--power-fs")
     lab = Lab(labdir)
     try:
         assert up.returncode == 0, up.stderr
@@ -687,7 +699,8 @@ def test_lab_power_fs_chain3(tmp_path: Path) -> None:
     finally:
         down = run("lab", "down", "--dir", str(labdir))
     assert down.returncode == 0, down.stderr
-    assert "powerfs unmounted" in down.stdout
+    print(down.stdout)
+    assert down.stdout.count("powerfs unmounted") == 4, down.stdout
     lab.load()
     for name, rec in lab.nodes.items():
         assert not is_mounted(rec["powerfs"]["mount"]), name

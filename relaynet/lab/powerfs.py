@@ -711,13 +711,26 @@ def is_mounted(mount: str | Path) -> bool:
     return False
 
 
-def unmount(mount: str | Path, timeout: float = STOP_TIMEOUT) -> None:
-    """C{fusermount3 -u} (lazily if busy); no error if nothing is mounted there."""
-    if not is_mounted(mount):
-        return
-    r = subprocess.run(["fusermount3", "-u", str(mount)], capture_output=True, timeout=timeout)
-    if r.returncode != 0 and is_mounted(mount):
-        subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True, timeout=timeout)
+def unmount(mount: str | Path, timeout: float = STOP_TIMEOUT) -> str:
+    """
+    C{fusermount3 -u}, again while the mount is busy (a process using it may
+    still be exiting) for up to a third of C{timeout}, then lazily (C{-z});
+    nothing if nothing is mounted there.
+
+    @return: C{""}, or what C{fusermount3} said when it had to go lazy.
+    """
+    deadline = time.monotonic() + timeout / 3
+    said = ""
+    while is_mounted(mount):
+        r = subprocess.run(["fusermount3", "-u", str(mount)], capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0 or not is_mounted(mount):
+            return ""
+        said = r.stderr.strip()
+        if time.monotonic() >= deadline:
+            subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True, timeout=timeout)
+            return said
+        time.sleep(POLL * 5)
+    return said
 
 
 def command(backing: str | Path, mount: str | Path, control: str | Path) -> list[str]:

@@ -322,9 +322,10 @@ def stop_powerfs(rec: dict[str, Any], timeout: float = STOP_TIMEOUT) -> str:
         return "not running"
     pids = powerfs_pids(rec)
     mounted = is_mounted(pfs["mount"])
-    unmount(pfs["mount"], timeout)
+    said = unmount(pfs["mount"], timeout)
     how = "unmounted" if pids or mounted else "not running"
     deadline = time.monotonic() + timeout
+    signalled = False
     while True:
         for pid in pids:
             try:
@@ -334,6 +335,16 @@ def stop_powerfs(rec: dict[str, Any], timeout: float = STOP_TIMEOUT) -> str:
         left = [p for p in pids if pid_state(p) not in (None, "Z", "X")]
         if not left:
             break
+        if not signalled and time.monotonic() >= deadline - timeout / 2:
+            # Still serving (a lazy unmount waits for the last user): libfuse
+            # ends its loop on SIGTERM and unmounts.
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            signalled = True
+            how = "stopped (SIGTERM)"
         if time.monotonic() >= deadline:
             for pid in left:
                 try:
@@ -344,5 +355,7 @@ def stop_powerfs(rec: dict[str, Any], timeout: float = STOP_TIMEOUT) -> str:
             how = "killed"
             break
         time.sleep(POLL)
+    if said:
+        how += f" (fusermount3: {said})"
     pfs["pid"] = None
     return how
