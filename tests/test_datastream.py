@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -251,3 +252,20 @@ def test_stuffer_first_line_and_boundary() -> None:
     out = s.stuff(b".first\r") + s.stuff(b"\n.second\r\n") + s.stuff(b".third\r\n")
     assert out == b"..first\r\n..second\r\n..third\r\n"
     assert s.terminator() == b".\r\n"
+
+
+@pytest.mark.parametrize(("data", "headers8", "any8"), [
+    (b"Subject: plain\r\n\r\nbody\r\n.\r\n", False, False),
+    (b"Subject: plain\r\n\r\ncaf\xc3\xa9\r\n.\r\n", False, True),
+    ("Subject: café\r\n\r\nbody\r\n.\r\n".encode(), True, True),
+    (b"Subject: x\r\n" + b"y" * 300 + b"\r\n\r\n" + b"z" * 5000 + b"\xff\r\n.\r\n", False, True),
+])
+def test_eight_bit_octets_are_noticed(data: bytes, headers8: bool, any8: bool) -> None:
+    """The scanner says whether the header section, and the message, hold 8-bit octets (fed in small pieces)."""
+    from relaynet.smtp.datastream import DataScanner
+
+    s = DataScanner()
+    for i in range(0, len(data), 7):
+        s.feed(data[i:i + 7])
+    s.finish_headers()
+    assert s.done and (s.eight_bit_headers, s.eight_bit) == (headers8, any8)

@@ -773,7 +773,8 @@ def test_envelope(tmp_path: Path) -> None:
         ("b@localhost", "local", ("FAILURE", "DELAY")),
         ("c@localhost", "local", None),
     ]
-    assert env.params == {"size": 100, "body": "8BITMIME", "smtputf8": False, "ret": "HDRS", "envid": "x+y"}
+    assert env.params == {"size": 100, "body": "8BITMIME", "smtputf8": False, "ret": "HDRS", "envid": "x+y",
+                          "content": "77"}
     # Read back from the queue file; in memory, unset (None) values are left out.
     assert env.client == {
         "helo": "client.test", "ip": "127.0.0.9", "port": 41234, "protocol": "ESMTP",

@@ -60,7 +60,7 @@ from relaynet.delivery.routing import Route, RouteKind, RoutingTable
 from relaynet.intake.policy import check_recipient, is_trusted
 from relaynet.smtp.parse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.queue.spool import (
-    DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, QueueEntry, Recipient, Spool, SpoolError,
+    CONTENT_PLACEHOLDER, DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, QueueEntry, Recipient, Spool, SpoolError,
     SpoolFull, SpoolWriter,
 )
 from relaynet.queue.window import TransferWindow
@@ -840,9 +840,12 @@ class RelayESMTP(smtp.ESMTP):
             params={
                 "size": mail.size, "body": mail.body, "smtputf8": mail.smtputf8,
                 "ret": mail.ret, "envid": mail.envid,
-                # The digest is filled in at the final dot (SpoolWriter.commit), in place.
+                # Filled in at the final dot (SpoolWriter.commit), in place:
+                # the transfer's digest, and whether the header section and
+                # the message hold 8-bit octets (for SMTPUTF8 and 8BITMIME).
                 "origin": mail.transfer,
                 "digest": DIGEST_PLACEHOLDER if mail.transfer else None,
+                "content": CONTENT_PLACEHOLDER,
             },
             client={
                 "helo": self._helo_name, "ip": self.client_ip, "port": self.client_port,
@@ -954,7 +957,8 @@ class RelayESMTP(smtp.ESMTP):
             self._digest = None
             if self._retransmission(txn, writer, digest, scanner.message_id):
                 return
-        self._wait_for(self._commit(writer, hops, scanner.message_id, digest))
+        content = ("8" if scanner.eight_bit_headers else "7") + ("8" if scanner.eight_bit else "7")
+        self._wait_for(self._commit(writer, hops, scanner.message_id, digest, content))
 
     def _disk_drained(self) -> None:
         self._disk_blocked = False
@@ -1014,9 +1018,10 @@ class RelayESMTP(smtp.ESMTP):
 
     def _commit(
         self, writer: SpoolWriter, hops: int, message_id: str | None, digest: str | None = None,
+        content: str | None = None,
     ) -> Deferred[None]:
         started = self.intake.reactor.seconds()
-        d = maybeDeferred(writer.commit, hops, digest)
+        d = maybeDeferred(writer.commit, hops, digest, content)
 
         def committed(entry: QueueEntry) -> Deferred[None] | None:
             # The message is durable: from here on nothing may turn into a

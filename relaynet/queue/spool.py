@@ -64,7 +64,13 @@ What an envelope's C{params.digest} holds until the final dot: it has the
 digest's width, so L{SpoolWriter.commit} fills it in place, as it does the
 header record (see L{relaynet.queue.window}).
 """
-_DIGEST_SLOT = b'"digest":"' + DIGEST_PLACEHOLDER.encode() + b'"'
+CONTENT_PLACEHOLDER = "--"
+"""
+What C{params.content} holds until the final dot: two characters, C{7} or
+C{8}, for the header section and the whole message (8-bit octets seen or
+not); relaynet's SMTP client decides SMTPUTF8 and 8BITMIME by them.
+"""
+_STAMP_PLACEHOLDERS = {"digest": DIGEST_PLACEHOLDER, "content": CONTENT_PLACEHOLDER}
 
 
 
@@ -583,8 +589,13 @@ class SpoolWriter:
         self._env = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
         # The header is rewritten with the final size and hop count at commit.
         self._chunks: list[bytes] = [_header(len(self._env), 0, 0), self._env + b"\n"]
-        slot = self._env.find(_DIGEST_SLOT)
-        self._digest_at = -1 if slot < 0 else slot + len(b'"digest":"')
+        # Fixed-width values filled in at commit (see DIGEST_PLACEHOLDER).
+        self._slots: dict[str, int] = {}
+        for key, placeholder in _STAMP_PLACEHOLDERS.items():
+            prefix = f'"{key}":"'.encode()
+            at = self._env.find(prefix + placeholder.encode() + b'"')
+            if at >= 0:
+                self._slots[key] = at + len(prefix)
         self._buffered = 0
         self._fd: int | None = None
         self._created = False
@@ -668,13 +679,14 @@ class SpoolWriter:
                 lambda f: None
             )
 
-    def commit(self, hops: int, digest: str | None = None) -> Deferred[QueueEntry]:
+    def commit(self, hops: int, digest: str | None = None, content: str | None = None) -> Deferred[QueueEntry]:
         """
         Make the message durable and visible in C{new/}.
 
         @param hops: C{Received:} fields in the message, ours included.
         @param digest: the message digest to write into the envelope's
             C{params.digest} placeholder (L{DIGEST_PLACEHOLDER}), if it has one.
+        @param content: the same for C{params.content} (L{CONTENT_PLACEHOLDER}).
         @return: a Deferred firing with the L{QueueEntry} once file and directory
             are fsynced; failing with L{SpoolError} on any I/O error
             (L{SpoolFull} if the disk is full), after which nothing is left in
@@ -686,17 +698,21 @@ class SpoolWriter:
         header = _header(len(self._env), self.size, hops)
         rewrite_header = self._tail is not None
         envelope = self.envelope
-        stamp: bytes | None = None
-        if digest is not None and self._digest_at >= 0:
-            stamp = digest.encode("ascii")
-            if len(stamp) != DIGEST_LENGTH:
-                return fail(SpoolError(f"a digest has {DIGEST_LENGTH} hex digits"))
-            envelope = evolve(envelope, params={**envelope.params, "digest": digest})
+        stamps: list[tuple[int, bytes]] = []
+        for key, value in (("digest", digest), ("content", content)):
+            if value is None or key not in self._slots:
+                continue
+            if len(value) != len(_STAMP_PLACEHOLDERS[key]) or not value.isascii():
+                return fail(SpoolError(f"params.{key} takes {len(_STAMP_PLACEHOLDERS[key])} ASCII characters"))
+            stamps.append((self._slots[key], value.encode("ascii")))
+            envelope = evolve(envelope, params={**envelope.params, key: value})
         if not rewrite_header:
             self._chunks[0] = header
-            if stamp is not None:
-                at = self._digest_at
-                self._chunks[1] = self._env[:at] + stamp + self._env[at + DIGEST_LENGTH:] + b"\n"
+            if stamps:
+                env = bytearray(self._env)
+                for at, stamp in stamps:
+                    env[at:at + len(stamp)] = stamp
+                self._chunks[1] = bytes(env) + b"\n"
         data = b"".join(self._chunks)
         self._chunks = []
         new_path = self.spool.new_dir / self.envelope.queue_id
@@ -709,8 +725,8 @@ class SpoolWriter:
                 _write_all(fd, data)
                 if rewrite_header:
                     os.pwrite(fd, header, 0)
-                    if stamp is not None:
-                        os.pwrite(fd, stamp, HEADER_LEN + self._digest_at)
+                    for at, stamp in stamps:
+                        os.pwrite(fd, stamp, HEADER_LEN + at)
                 os.fsync(fd)
                 self._fd = None
                 os.close(fd)

@@ -50,6 +50,9 @@ class DataScanner:
         would turn C{<CRLF><NUL>.<CRLF>} into an end of data).
     @ivar received_count: C{Received:} header fields seen in the header section.
     @ivar message_id: the C{Message-ID:} of the header section, if any.
+    @ivar eight_bit: an octet over 127 was seen anywhere in the message.
+    @ivar eight_bit_headers: one was seen in the header section (UTF-8
+        headers, RFC 6532: the message needs SMTPUTF8 to travel as it is).
     @ivar done: the end of data was found.
     """
 
@@ -63,6 +66,8 @@ class DataScanner:
     nul: bool = False
     received_count: int = 0
     message_id: str | None = None
+    eight_bit: bool = False
+    eight_bit_headers: bool = False
     done: bool = False
     _pending: bytes = b""
     _bol: bool = True
@@ -157,6 +162,8 @@ class DataScanner:
             self.bare_cr = True
         if b"\0" in raw:
             self.nul = True
+        if not self.eight_bit and not raw.isascii():
+            self.eight_bit = True
         if len(raw) >= self.max_line_length - 1:
             # Each piece keeps its CR: content plus CR may be max_line_length - 1.
             if max(map(len, raw.split(b"\n"))) >= self.max_line_length:
@@ -189,6 +196,7 @@ class DataScanner:
 
     def _read_headers(self, section: bytes) -> None:
         self.received_count = len(_RECEIVED.findall(section))
+        self.eight_bit_headers = not section.isascii()
         m = _MESSAGE_ID.search(section)
         if m:
             self.message_id = m.group(1).decode("utf-8", "replace")

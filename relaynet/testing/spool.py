@@ -32,7 +32,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 from relaynet.queue.spool import (
-    DIGEST_LENGTH,
+    CONTENT_PLACEHOLDER,
     DIGEST_PLACEHOLDER,
     BoundedReader,
     Envelope,
@@ -130,13 +130,13 @@ class MemorySpoolWriter:
         if self._closed is None:
             self._close("after commit or abort")
 
-    def commit(self, hops: int, digest: str | None = None) -> Deferred[QueueEntry]:
+    def commit(self, hops: int, digest: str | None = None, content: str | None = None) -> Deferred[QueueEntry]:
         """
         Make the message durable.
 
         @param hops: C{Received:} fields in the message, ours included.
         @param digest: fills the envelope's C{params.digest} placeholder, as
-            L{SpoolWriter.commit} does.
+            L{SpoolWriter.commit} does; C{content} the C{params.content} one.
         @return: a Deferred firing with a L{MemoryQueueEntry} once the message
             is durable (at once, or when the test runs the spool's queue);
             failing with L{SpoolError} if the writer is closed or the spool
@@ -147,12 +147,14 @@ class MemorySpoolWriter:
         data = b"".join(self._chunks)
         self._close("after commit or abort")
         envelope, envelope_json = self.envelope, self._envelope_json
-        if digest is not None and envelope.params.get("digest") == DIGEST_PLACEHOLDER:
-            if len(digest) != DIGEST_LENGTH:
-                return fail(SpoolError(f"a digest has {DIGEST_LENGTH} hex digits"))
-            envelope = evolve(envelope, params={**envelope.params, "digest": digest})
-            slot = f'"digest":"{DIGEST_PLACEHOLDER}"'
-            envelope_json = envelope_json.replace(slot, f'"digest":"{digest}"', 1)
+        for key, value, placeholder in (("digest", digest, DIGEST_PLACEHOLDER),
+                                        ("content", content, CONTENT_PLACEHOLDER)):
+            if value is None or envelope.params.get(key) != placeholder:
+                continue
+            if len(value) != len(placeholder):
+                return fail(SpoolError(f"params.{key} takes {len(placeholder)} characters"))
+            envelope = evolve(envelope, params={**envelope.params, key: value})
+            envelope_json = envelope_json.replace(f'"{key}":"{placeholder}"', f'"{key}":"{value}"', 1)
         return self.spool._commit(envelope, envelope_json, data, hops)
 
     def _close(self, why: str) -> None:
