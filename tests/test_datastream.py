@@ -269,3 +269,19 @@ def test_eight_bit_octets_are_noticed(data: bytes, headers8: bool, any8: bool) -
         s.feed(data[i:i + 7])
     s.finish_headers()
     assert s.done and (s.eight_bit_headers, s.eight_bit) == (headers8, any8)
+
+
+def test_raw_chunks_are_checked_across_boundaries() -> None:
+    """BDAT chunks: content kept as is (no unstuffing), lines checked across chunk boundaries."""
+    from relaynet.smtp.datastream import DataScanner
+
+    s = DataScanner(max_line_length=20)
+    out = s.feed_raw(b"Subject: x\r") + s.feed_raw(b"\n\r\n.dot stays\r\nab") + s.feed_raw(b"c\r\n", last=True)
+    assert out == b"Subject: x\r\n\r\n.dot stays\r\nabc\r\n"
+    assert s.ok and s.done and not s.eight_bit and s.size == len(out)
+    bare = DataScanner()
+    bare.feed_raw(b"a\nb\r\n", last=True)
+    assert bare.bare_lf and not bare.ok
+    long = DataScanner(max_line_length=10)
+    assert long.feed_raw(b"x" * 25) == b"x" * 25  # not held back without a line end
+    assert long.long_line

@@ -540,9 +540,83 @@ def test_simple_commands(relay: RelayHarness) -> None:
     expect(h, h.send(b"VRFY\r\n"), [(501, "5.5.4")])
     expect(h, h.send(b"HELP\r\n"), [(214, "2.0.0")])
     expect(h, h.send(b"EXPN staff\r\n"), [(502, "5.5.2")])
-    expect(h, h.send(b"BDAT 10 LAST\r\n"), [(502, "5.5.2")])
     expect(h, h.send(b"FROBNICATE\r\n"), [(502, "5.5.2")])
     expect(h, h.send(b"\r\n"), [(500, "5.5.2")])
+
+
+# -- CHUNKING / BDAT (RFC 3030) ------------------------------------------------
+
+
+def open_txn(h: RelayHarness, rcpts: Sequence[str] = ("b@localhost",)) -> None:
+    replies = h.chat(b"EHLO client.test\r\nMAIL FROM:<a@localhost>\r\n"
+                     + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts))
+    assert codes(replies) == [250, 250] + [250] * len(rcpts), replies
+
+
+def test_chunking_is_offered_and_bdat_stores_chunks_as_they_are(relay: RelayHarness) -> None:
+    """CHUNKING in EHLO; chunks (split anywhere, a line-initial dot kept) make one message, 250 once durable."""
+    h = relay
+    assert any("CHUNKING" in text for _, text in h.chat(b"EHLO client.test\r\n"))
+    open_txn(h)
+    message = b"Subject: chunks\r\n\r\n.not stuffed\r\nline two\r\n"
+    expect(h, h.chat(b"BDAT 20\r\n" + message[:20]), [(250, "2.0.0")])
+    replies = h.chat(b"BDAT %d LAST\r\n" % (len(message) - 20) + message[20:])
+    expect(h, replies, [(250, "2.0.0")])
+    queued_id(replies[0])
+    assert h.stored() == [(("b@localhost",), message)]
+
+
+def test_bdat_pipelined_in_one_write(relay: RelayHarness) -> None:
+    """MAIL, RCPT, two chunks and QUIT in one write: every reply in order, one message."""
+    h = relay
+    h.chat(b"EHLO client.test\r\n")
+    replies = h.chat(b"MAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nBDAT 3\r\nabcBDAT 0 LAST\r\nQUIT\r\n")
+    assert codes(replies) == [250, 250, 250, 250, 221], replies
+    assert h.stored() == [(("b@localhost",), b"abc")]
+
+
+@pytest.mark.parametrize(("setup", "expected"), [
+    (b"", (503, "5.5.1")),                                   # no MAIL
+    (b"MAIL FROM:<a@localhost>\r\n", (554, "5.5.1")),        # no recipient
+])
+def test_refused_bdat_chunk_is_read_and_dropped(relay: RelayHarness, setup: bytes, expected: tuple[int, str]) -> None:
+    """A refused chunk's octets are read (never run as commands): the next command works."""
+    h = relay
+    h.chat(b"EHLO client.test\r\n" + setup)
+    replies = h.chat(b"BDAT 12 LAST\r\nQUIT\r\nNOOP\r\nNOOP\r\n")
+    expect(h, replies, [expected, (250, "2.0.0")])
+    assert not h.closed and h.stored() == []
+
+
+def test_data_after_bdat_and_rset(relay: RelayHarness) -> None:
+    """DATA after BDAT in one transaction is 503; RSET drops the chunks: nothing stored, nothing left."""
+    h = relay
+    open_txn(h)
+    expect(h, h.chat(b"BDAT 4\r\nabcd"), [(250, "2.0.0")])
+    expect(h, h.chat(b"DATA\r\n"), [(503, "5.5.1")])
+    expect(h, h.chat(b"RSET\r\n"), [(250, "2.0.0")])
+    assert h.stored() == [] and h.leftovers() == []
+    open_txn(h)
+    assert codes(h.chat(b"DATA\r\n")) == [354]
+
+
+def test_bdat_too_big_and_bare_lf(tmp_path: Path) -> None:
+    """Over max_message_size: 552 5.3.4 at the chunk; bare LF: 550 5.5.2 at LAST; later chunks refused too."""
+    h = RelayHarness.open(tmp_path, {"limits": {"max_message_size": 1000}})
+    open_txn(h)
+    expect(h, h.chat(b"BDAT 1500\r\n" + b"x" * 1500), [(552, "5.3.4")])
+    expect(h, h.chat(b"BDAT 2 LAST\r\nok"), [(552, "5.3.4")])
+    open_txn(h)
+    expect(h, h.chat(b"BDAT 9 LAST\r\nbare\nlf\r\n"), [(550, "5.5.2")])
+    assert h.stored() == [] and h.leftovers() == []
+
+
+def test_bdat_without_a_size_ends_the_session(relay: RelayHarness) -> None:
+    """The octets after a BDAT with no size cannot be told from commands: 501, then 421 and close."""
+    h = relay
+    open_txn(h)
+    expect(h, h.chat(b"BDAT many LAST\r\nRCPT TO:<evil@localhost>\r\n"), [(501, "5.5.4"), (421, "4.7.0")])
+    assert h.closed and h.stored() == []
 
 
 def test_quit(relay: RelayHarness) -> None:

@@ -79,6 +79,7 @@ if TYPE_CHECKING:
         """
 
 _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
+_BDAT_ARGS = re.compile(rb"([0-9]{1,15})(?:[ \t]+(LAST))?", re.IGNORECASE)
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _PAUSE_ABOVE = 256 * 1024
 # Message bytes handed to the spool but not yet written out, above which the
@@ -193,6 +194,15 @@ class RelayESMTP(smtp.ESMTP):
         self._scanner: DataScanner | None = None
         self._writer: SpoolWriter | None = None
         self._data_txn: Transaction | None = None
+        # BDAT (RFC 3030): octets of the current chunk still to read (None:
+        # not in a chunk), whether it is the LAST, and the reply it gets
+        # instead of being stored when the transaction cannot take it.
+        self._chunk_left: int | None = None
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunk_error: tuple[int, str, str] | None = None
+        self._bdat = False
+        self._bdat_failed: tuple[int, str, str] | None = None
         self._digest: Any = None  # hashlib's sha256 of the DATA of a named transfer
         self._shutdown_after_reply = False
         self._normalize = limits.bare_newlines == "normalize"
@@ -427,7 +437,14 @@ class RelayESMTP(smtp.ESMTP):
         self._processing = True
         try:
             while self._inbuf and not self._waiting and not self._closing and not self._write_blocked:
-                if self._scanner is not None:
+                if self._chunk_left is not None:
+                    take, self._inbuf = self._inbuf[: self._chunk_left], self._inbuf[self._chunk_left :]
+                    self._chunk_left -= len(take)
+                    self._chunk_received(take)
+                    if self._chunk_left == 0:
+                        self._chunk_done()
+                    continue
+                if self._scanner is not None and not self._bdat:
                     data, self._inbuf = self._inbuf, b""
                     self._data_received(data)
                     continue
@@ -539,6 +556,7 @@ class RelayESMTP(smtp.ESMTP):
         name = self._helo_arg(rest, "HELO")
         if name is None:
             return
+        self._end_bdat()
         self._helo_name, self._esmtp, self._txn = name, False, None
         self.sendCode(250, self.host)
 
@@ -546,6 +564,7 @@ class RelayESMTP(smtp.ESMTP):
         name = self._helo_arg(rest, "EHLO")
         if name is None:
             return
+        self._end_bdat()
         self._helo_name, self._esmtp, self._txn = name, True, None
         lines = [self.host] + [k + (b" " + b" ".join(v) if v else b"") for k, v in self.extensions().items()]
         self.sendCode(250, b"\n".join(lines))
@@ -558,6 +577,7 @@ class RelayESMTP(smtp.ESMTP):
             b"8BITMIME": None,
             b"SMTPUTF8": None,
             b"DSN": None,
+            b"CHUNKING": None,
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
@@ -731,6 +751,7 @@ class RelayESMTP(smtp.ESMTP):
         self.reply(250, "2.0.0", "Ok")
 
     def do_RSET(self, rest: bytes) -> None:
+        self._end_bdat()
         self._txn = None
         self.reply(250, "2.0.0", "Ok")
 
@@ -830,6 +851,25 @@ class RelayESMTP(smtp.ESMTP):
         if rest.strip():
             self.reply(501, "5.5.4", "Syntax: DATA")
             return
+        if self._bdat:
+            # RFC 3030 2: DATA and BDAT are not mixed in one transaction.
+            self.reply(503, "5.5.1", "Error: DATA after BDAT in one transaction")
+            return
+        problem = self._begin_message(txn)
+        if problem is not None:
+            self._txn = None
+            self.reply(*problem)
+            return
+        self.setTimeout(self.limits.data_timeout)
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _begin_message(self, txn: Transaction) -> tuple[int, str, str] | None:
+        """
+        Start storing the message of C{txn} (DATA, or the first BDAT chunk):
+        its envelope, our C{Received:} field, the scanner.
+
+        @return: None, or the reply when the queue file cannot be made.
+        """
         spool = self.intake.spool
         mail = txn.mail
         envelope = Envelope(
@@ -859,17 +899,100 @@ class RelayESMTP(smtp.ESMTP):
             writer.write(self.received_header(envelope))
         except (SpoolError, OSError) as e:
             self.log.error("Cannot create queue file: {error}", error=str(e))
-            self._txn = None
-            self.reply(451, "4.3.0", "Error: queue file write error")
-            return
+            return 451, "4.3.0", "Error: queue file write error"
         self._writer = writer
         self._data_txn = txn
         self._digest = hashlib.sha256() if mail.transfer else None
         self._scanner = DataScanner(
             max_line_length=self.limits.max_line_length, max_size=self.limits.max_message_size
         )
+        return None
+
+    def do_BDAT(self, rest: bytes) -> None:
+        """
+        C{BDAT size [LAST]} (RFC 3030): the next C{size} octets are a chunk
+        of the message, as they are. Each chunk is read whatever happens (a
+        refused one too, so its octets never run as commands); a chunk gets
+        250 once read, the LAST one the transaction's reply, once durable.
+        """
+        m = _BDAT_ARGS.fullmatch(rest.strip())
+        if m is None:
+            # Without a size the octets that follow cannot be told from
+            # commands: end the session rather than read a message as commands.
+            self.reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+            self.reply(421, "4.7.0", f"{self.intake.config.hostname} Error: cannot find the end of the chunk")
+            self._close()
+            return
+        size, last = int(m.group(1)), m.group(2) is not None
+        txn = self._txn
+        error: tuple[int, str, str] | None = None
+        if not self._esmtp:
+            error = (503, "5.5.1", "Error: send EHLO first")
+        elif txn is None:
+            error = (503, "5.5.1", "Error: need MAIL command")
+        elif not txn.recipients:
+            error = (554, "5.5.1", "Error: no valid recipients")
+        elif self._bdat_failed is not None:
+            error = self._bdat_failed
+        elif not self._bdat:
+            error = self._begin_message(txn)
+            self._bdat = error is None
+            if error is not None:
+                self._bdat_failed = error
+        self._chunk_left, self._chunk_size, self._chunk_last, self._chunk_error = size, size, last, error
         self.setTimeout(self.limits.data_timeout)
-        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+        if size == 0:
+            self._chunk_done()
+
+    def _chunk_received(self, data: bytes) -> None:
+        """Octets of the current BDAT chunk: scanned and stored (or dropped, for a refused chunk)."""
+        if self._chunk_error is not None or not data:
+            return
+        scanner = self._scanner
+        assert scanner is not None
+        self._store(scanner, scanner.feed_raw(data))
+        if self._writer is not None and self._writer.pending > _DISK_BACKLOG:
+            self._disk_blocked = True
+            self._writer.drained = self._disk_drained
+
+    def _chunk_done(self) -> None:
+        """The current BDAT chunk is read: reply, and end the message after the LAST."""
+        size, last, error = self._chunk_size, self._chunk_last, self._chunk_error
+        self._chunk_left, self._chunk_error = None, None
+        self._disk_blocked = False
+        scanner = self._scanner
+        if error is None and scanner is not None and not last and scanner.too_big:
+            error = (552, "5.3.4", "Error: message file too big")
+        if error is not None:
+            self.reply(*error)
+            self._rejected("BDAT", error[0], error[1], reason=error[2])
+            if self._bdat:
+                # The transaction has failed: its further chunks are refused too.
+                self._bdat_failed = error
+                if self._writer is not None:
+                    self._writer.abort()
+                    self._writer = None
+            if last:
+                self._end_bdat()
+                self._txn = None
+            self.setTimeout(self.limits.idle_timeout)
+            return
+        if not last:
+            self.setTimeout(self.limits.idle_timeout)
+            self.reply(250, "2.0.0", f"{size} octets received", error=False)
+            return
+        assert scanner is not None
+        self._store(scanner, scanner.feed_raw(b"", last=True))
+        self._bdat = False
+        self._end_of_message(scanner, "BDAT")
+
+    def _end_bdat(self) -> None:
+        """Forget a BDAT transaction (RSET, EHLO, its LAST chunk refused)."""
+        if self._bdat and self._writer is not None:
+            self._writer.abort()
+        if self._bdat:
+            self._writer, self._scanner, self._data_txn, self._digest = None, None, None, None
+        self._bdat, self._bdat_failed = False, None
 
     def protocol_name(self, smtputf8: bool = False) -> str:
         """The C{with} protocol of RFC 3848 / RFC 6531 for the Received header."""
@@ -903,6 +1026,26 @@ class RelayESMTP(smtp.ESMTP):
         scanner = self._scanner
         assert scanner is not None
         body, rest = scanner.feed(data)
+        writer = self._store(scanner, body)
+        if rest is None:
+            if writer is not None and writer.pending > _DISK_BACKLOG:
+                # The disk is behind the network: stop reading until it catches up.
+                self._disk_blocked = True
+                writer.drained = self._disk_drained
+            else:
+                self._disk_blocked = False
+            return
+        self._disk_blocked = False
+        self._inbuf = rest + self._inbuf
+        self._end_of_message(scanner)
+
+    def _store(self, scanner: DataScanner, body: bytes) -> SpoolWriter | None:
+        """
+        Hand message content to the spool (and the transfer digest); give up
+        on storing once the message is sure to be refused.
+
+        @return: the writer, or None once storing stopped.
+        """
         writer = self._writer
         if body and self._normalize and (scanner.bare_lf or scanner.bare_cr):
             normalized = _BARE.sub(b"\r\n", body)
@@ -924,16 +1067,11 @@ class RelayESMTP(smtp.ESMTP):
                     self.log.error("Queue file write failed: {error}", error=str(e))
                     writer.abort()
                     self._writer = writer = None
-        if rest is None:
-            if writer is not None and writer.pending > _DISK_BACKLOG:
-                # The disk is behind the network: stop reading until it catches up.
-                self._disk_blocked = True
-                writer.drained = self._disk_drained
-            else:
-                self._disk_blocked = False
-            return
-        self._disk_blocked = False
-        self._inbuf = rest + self._inbuf
+        return writer
+
+    def _end_of_message(self, scanner: DataScanner, stage: str = "DATA") -> None:
+        """The whole message is in (final dot, or BDAT LAST): refuse it, or make it durable."""
+        writer = self._writer
         self._scanner = None
         self._writer = None
         txn, self._data_txn, self._txn = self._data_txn, None, None
@@ -946,7 +1084,7 @@ class RelayESMTP(smtp.ESMTP):
                 writer.abort()
             code, enhanced, text = refusal or (451, "4.3.0", "Error: queue file write error")
             self.reply(code, enhanced, text)
-            self._rejected("DATA", code, enhanced, reason=text)
+            self._rejected(stage, code, enhanced, reason=text)
             if self._shutdown_after_reply:
                 self.shutdown()
             return
@@ -958,7 +1096,7 @@ class RelayESMTP(smtp.ESMTP):
             if self._retransmission(txn, writer, digest, scanner.message_id):
                 return
         content = ("8" if scanner.eight_bit_headers else "7") + ("8" if scanner.eight_bit else "7")
-        self._wait_for(self._commit(writer, hops, scanner.message_id, digest, content))
+        self._wait_for(self._commit(writer, hops, scanner.message_id, digest, content, chunked=stage == "BDAT"))
 
     def _disk_drained(self) -> None:
         self._disk_blocked = False
@@ -1018,7 +1156,7 @@ class RelayESMTP(smtp.ESMTP):
 
     def _commit(
         self, writer: SpoolWriter, hops: int, message_id: str | None, digest: str | None = None,
-        content: str | None = None,
+        content: str | None = None, chunked: bool = False,
     ) -> Deferred[None]:
         started = self.intake.reactor.seconds()
         d = maybeDeferred(writer.commit, hops, digest, content)
@@ -1037,6 +1175,7 @@ class RelayESMTP(smtp.ESMTP):
                     helo=self._helo_name, protocol=env.client.get("protocol"), hops=hops,
                     tls=" ".join(self.tls_info) if self.tls_info else None, auth=self.auth_user,
                     ack_delay=round(self.intake.reactor.seconds() - started, 6),
+                    **({"chunking": True} if chunked else {}),
                 )
             except Exception:
                 self.log.failure("Could not log the received event of {queue_id}", queue_id=entry.queue_id)

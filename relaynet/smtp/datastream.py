@@ -72,6 +72,35 @@ class DataScanner:
     _pending: bytes = b""
     _bol: bool = True
     _headers: bytearray | None = field(factory=bytearray)
+    _raw_tail: bytes = b""
+
+    def feed_raw(self, data: bytes, last: bool = False) -> bytes:
+        """
+        Scan a BDAT chunk (RFC 3030): the message as it is, no dot-stuffing
+        and no end marker; the same checks as L{feed} (bare CR or LF, long
+        lines, NUL, 8-bit octets, size, the header section), line by line
+        across chunk boundaries.
+
+        @param last: this is the end of the message (BDAT ... LAST): the
+            final line is checked even without its line end.
+        @return: the message content to store (empty once the size limit is
+            passed).
+        """
+        if self.done:
+            raise RuntimeError("DataScanner fed after the end of data")
+        region = self._raw_tail + data if self._raw_tail else data
+        cut = len(region) if last else region.rfind(b"\n") + 1
+        region, self._raw_tail = region[:cut], region[cut:]
+        if len(self._raw_tail) >= self.max_line_length:
+            # No line end in sight: the line is too long already; do not hold it.
+            self.long_line = True
+            region, self._raw_tail = region + self._raw_tail, b""
+        if last:
+            self.done = True
+        if not region:
+            return b""
+        self._check(region)
+        return self._account(region)
 
     def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
         """
