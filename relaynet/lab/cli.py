@@ -488,8 +488,9 @@ def _chaos(args: argparse.Namespace) -> int:
         print(f"  $ {command('lab', 'up', Path(lab.data.get('topology', 'TOPOLOGY')), '--dir', lab.dir)}")
     if "summary" in traffic:
         s = traffic["summary"]
+        unsent = s.requested - s.accepted - s.refused - s.failed
         print(f"traffic: {s.accepted} accepted, {s.refused} refused, {s.failed} failed of {s.requested}"
-              f" ({s.rate:.1f} msg/s)")
+              f" ({s.rate:.1f} msg/s)" + (f"; {unsent} not sent: chaos ended first (--duration)" if unsent > 0 else ""))
     return 0
 
 
