@@ -28,18 +28,20 @@ venv: $(STAMP)
 # smtp-sink) and swaks, with Net::SSLeay for swaks --tls (docs/interop.md);
 # and fuse3 (fusermount3, libfuse3) for powerfs, the power-loss file system of
 # tests/test_powerloss.py and 'lab up --power-fs' (docs/power-loss.md).
+# sasl2-bin (saslpasswd2) and libsasl2-modules: Cyrus SASL for a private Postfix
+# with AUTH (tests/test_smarthost_auth.py: a private sasldb; saslauthd unused).
 # No system MTA gets configured ("No configuration").
 peers:
-	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null; then \
-	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS) and fuse3 are installed"; \
+	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null && command -v saslpasswd2 >/dev/null && ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1; then \
+	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS), fuse3 and Cyrus SASL (saslpasswd2, PLAIN/LOGIN) are installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "make: installing postfix, swaks, libnet-ssleay-perl and fuse3 (apt-get update, apt-get install; the system Postfix stays unconfigured) ..." && \
+	  echo "make: installing postfix, swaks, libnet-ssleay-perl, fuse3, sasl2-bin and libsasl2-modules (apt-get update, apt-get install; the system Postfix stays unconfigured) ..." && \
 	  apt-get update -qq && \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks libnet-ssleay-perl fuse3 >/dev/null && \
-	  echo "peers: installed postfix, swaks, libnet-ssleay-perl and fuse3"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks libnet-ssleay-perl fuse3 sasl2-bin libsasl2-modules >/dev/null && \
+	  echo "peers: installed postfix, swaks, libnet-ssleay-perl, fuse3, sasl2-bin and libsasl2-modules"; \
 	else \
-	  echo "peers: not root or no apt-get: install postfix, swaks, libnet-ssleay-perl and fuse3 yourself; tests needing them will be skipped" >&2; \
+	  echo "peers: not root or no apt-get: install postfix, swaks, libnet-ssleay-perl, fuse3, sasl2-bin and libsasl2-modules yourself; tests needing them will be skipped" >&2; \
 	fi
 
 demo: venv

@@ -20,11 +20,19 @@ C{shared/TWISTED-TRAPS.md}):
    an immediate reconnect (trap 18);
  - each recipient gets its own result from its own RCPT reply or from the
    reply to the final dot (trap 19);
- - one connection carries many messages in turn (trap 20: connection reuse).
+ - one connection carries many messages in turn (trap 20: connection reuse);
+ - with a route's credentials, the client authenticates (RFC 4954: PLAIN,
+   RFC 4616, if offered, else LOGIN) only inside TLS unless the route allows
+   cleartext; a refused AUTH defers the mail and stops new connections to the
+   hop for L{HopPool.AUTH_PENALTY} seconds (see L{HopPool}).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
 import re
 from collections import deque
 from typing import Any
@@ -62,6 +70,10 @@ class DeliveryResult:
     @ivar text: the reply text (or what went wrong).
     @ivar remote: the next hop, for DSNs and events.
     @ivar dsn_peer: the peer supports DSN (so it reports success itself).
+    @ivar tls: the TLS version and cipher of the session, if any.
+    @ivar auth_failed: the route's SMTP AUTH failed at this hop (or was not
+        possible: no TLS, no AUTH, no usable mechanism), so the recipient was
+        deferred without a mail transaction: something for an administrator.
     """
 
     address: str
@@ -71,6 +83,7 @@ class DeliveryResult:
     remote: str
     dsn_peer: bool = False
     tls: str | None = None
+    auth_failed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -111,11 +124,16 @@ class Job:
     recipients: list[Recipient]
     deferred: Deferred[list[DeliveryResult]] = field(factory=Deferred)
 
-    def fail(self, code: int, enhanced: str, text: str, remote: str) -> None:
+    def fail(self, code: int, enhanced: str, text: str, remote: str, auth_failed: bool = False) -> None:
         if not self.deferred.called:
-            self.deferred.callback(
-                [DeliveryResult(r.address, code, enhanced, text, remote) for r in self.recipients]
-            )
+            self.deferred.callback([
+                DeliveryResult(r.address, code, enhanced, text, remote, auth_failed=auth_failed)
+                for r in self.recipients
+            ])
+
+
+def _b64(text: str) -> bytes:
+    return base64.b64encode(text.encode("utf-8"))
 
 
 def _addr(address: str) -> bytes:
@@ -140,6 +158,10 @@ class RelayClient(smtp.ESMTPClient):
             self, secret=None, contextFactory=pool.tls_context, identity=pool.helo_name
         )
         self.requireTransportSecurity = pool.tls_policy in ("required", "verify")
+        # With credentials, never fall back to HELO (it has no AUTH).
+        self.requireAuthentication = pool.auth is not None
+        self.authenticated = False
+        self._auth_step = ""
         self.tls_info: str | None = None
         self.pool = pool
         self.timeouts = pool.timeouts
@@ -184,6 +206,125 @@ class RelayClient(smtp.ESMTPClient):
     def handshakeCompleted(self) -> None:
         info = connection_info(self.transport)
         self.tls_info = f"{info[0]} {info[1]}" if info else "TLS"
+
+    # -- SMTP AUTH (RFC 4954) ----------------------------------------------
+
+    def authenticate(self, code: int, resp: bytes, items: Any) -> None:
+        """
+        After EHLO (and after STARTTLS and the second EHLO): authenticate with
+        the route's credentials, if it has some, then start sending.
+
+        Credentials go out only inside TLS, unless the route says
+        C{auth_cleartext}. PLAIN (RFC 4616) is used if the hop offers it,
+        else LOGIN. Anything that stops authentication defers the queued
+        mail and puts the hop's pool in its penalty (L{HopPool.auth_failed}).
+        """
+        creds = self.pool.auth
+        if creds is None:
+            self.smtpState_from(code, resp)
+            return
+        name = self.pool.name
+        blocked = self.pool.auth_blocked()
+        if blocked is not None:
+            # Another connection's AUTH was refused meanwhile: do not try again.
+            self._auth_failure(*blocked, penalize=False)
+            return
+        if not self._tlsMode and not self.pool.auth_cleartext:
+            self._auth_failure(
+                "4.7.0",
+                f"SASL authentication not attempted: {name} offered no STARTTLS, and the"
+                " route's credentials are sent only over TLS (auth_cleartext is off)",
+            )
+            return
+        offered = self._auth_mechanisms()
+        if offered is None:
+            self._auth_failure("4.7.0", f"SASL authentication failed; server {name} offered no AUTH")
+            return
+        user, password = creds
+        self._expected = range(0, 1000)  # type: ignore[assignment]  # as in quit()
+        self._okresponse = self._failresponse = self._auth_reply
+        self.setTimeout(self.timeouts.helo_timeout)
+        if b"PLAIN" in offered:
+            self._auth_step = "PLAIN"
+            self._send_secret(b"AUTH PLAIN ", _b64(f"\0{user}\0{password}"))
+        elif b"LOGIN" in offered:
+            self._auth_step = "LOGIN"
+            self.sendLine(b"AUTH LOGIN")
+        else:
+            mechs = " ".join(sorted(m.decode("ascii", "replace") for m in offered)) or "none"
+            self._auth_failure(
+                "4.7.0",
+                f"SASL authentication failed; cannot authenticate to server {name}:"
+                f" no mechanism available (offered: {mechs}; relaynet uses PLAIN or LOGIN)",
+            )
+
+    def _auth_mechanisms(self) -> set[bytes] | None:
+        """The SASL mechanisms of the EHLO reply (also the old C{AUTH=} form)."""
+        found: set[bytes] | None = None
+        for key, value in self.peer_ext.items():
+            if key == b"AUTH":
+                words = (value or b"").split()
+            elif key.startswith(b"AUTH="):
+                words = [key[5:], *(value or b"").split()]
+            else:
+                continue
+            found = (found or set()) | {w.upper() for w in words}
+        return found
+
+    def _send_secret(self, prefix: bytes, secret: bytes) -> None:
+        """Send a line that carries credentials: never into a transcript."""
+        assert self.transport is not None
+        self.transport.write(prefix + secret + b"\r\n")
+
+    def _auth_reply(self, code: int, resp: bytes) -> None:
+        """A reply during the AUTH exchange."""
+        assert self.pool.auth is not None
+        user, password = self.pool.auth
+        step, name = self._auth_step, self.pool.name
+        if code == 235:
+            self._auth_step = ""
+            self.authenticated = True
+            self.smtpState_from(code, resp)
+            return
+        if code == 334 and step in ("PLAIN", "LOGIN", "LOGIN-USER"):
+            # PLAIN: a server that wanted no initial response asks for it.
+            if step == "PLAIN":
+                self._auth_step = "SENT"
+                self._send_secret(b"", _b64(f"\0{user}\0{password}"))
+            elif step == "LOGIN":
+                self._auth_step = "LOGIN-USER"
+                self._send_secret(b"", _b64(user))
+            else:
+                self._auth_step = "SENT"
+                self._send_secret(b"", _b64(password))
+            return
+        if code == 334:
+            # A challenge after the password: cancel (RFC 4954 4), then fail.
+            self._auth_step = "CANCELLED"
+            self.sendLine(b"*")
+            return
+        if step == "CANCELLED":
+            self._auth_failure("4.7.0", f"SASL authentication failed; server {name} sent an unexpected challenge")
+            return
+        # Deferred, never bounced (Postfix's smtp_sasl_auth_soft_bounce): the
+        # status keeps the server's detail in class 4; the diagnostic quotes
+        # the whole reply.
+        enhanced = reply_status(code, resp)[0]
+        enhanced = "4" + enhanced[1:] if 400 <= code < 600 else "4.7.0"
+        said = " ".join(line.strip() for line in resp.decode("utf-8", "replace").splitlines())
+        self._auth_failure(enhanced, f"SASL authentication failed; server {name} said: {code} {said}".rstrip())
+
+    def _auth_failure(self, enhanced: str, text: str, penalize: bool = True) -> None:
+        """
+        Authentication failed (or cannot be done): defer the queued mail, put
+        the pool in its penalty, and end the session politely.
+        """
+        self._auth_step = ""
+        if self.session_error is None:
+            self.session_error = (0, enhanced, text)
+        if penalize:
+            self.pool.auth_failed(enhanced, text)
+        self.quit()
 
     def smtpState_helo(self, code: int, resp: bytes) -> None:
         """Fall back to HELO after a refused EHLO, once: a refused HELO ends it."""
@@ -586,10 +727,26 @@ class HopPool:
     A connection attempt that fails while no connection to the hop is up fails
     every queued job at once (the hop is down: the scheduler fails over or
     defers); it is never retried immediately (trap 18).
+
+    With credentials (C{auth}), each connection authenticates before its
+    first message. When that fails -- the hop refuses them (535), answers
+    AUTH with a 4xx, offers no AUTH, no usable mechanism, or no TLS while
+    the route needs it -- the queued jobs are deferred with the reason and
+    C{auth_failed}, an C{auth_failed} event is emitted, and the pool opens no
+    new connection to the hop for C{auth_penalty} seconds: every job submitted
+    meanwhile is deferred at once with the same diagnostic (connections that
+    did authenticate keep carrying mail). The messages get their normal
+    queue retries; the hop sees at most one failed login per penalty, not
+    one per message (as Postfix's SASL soft bounce with its dead-host time).
+    A reload forgets the pools, and with them the penalty.
+
+    @ivar AUTH_PENALTY: the default penalty, the queue's default minimal
+        backoff.
     """
 
     log = Logger()
     INITIAL_CONCURRENCY = 5
+    AUTH_PENALTY = 300.0
 
     def __init__(
         self,
@@ -601,12 +758,35 @@ class HopPool:
         source_address: str | None = None,
         tls_policy: str = "none",
         ca_file: Any = None,
+        auth: tuple[str, str] | None = None,
+        auth_cleartext: bool = False,
+        auth_penalty: float | None = None,
+        events: Any = None,
     ) -> None:
+        """
+        @param auth: C{(username, password)} for SMTP AUTH, or C{None}.
+        @param auth_cleartext: send them even without TLS (loopback, tests).
+        @param auth_penalty: seconds without new connections after a failed
+            AUTH (default L{AUTH_PENALTY}).
+        @param events: an L{relaynet.events.EventLog} (anything with
+            C{emit(name, **fields)}) for the C{auth_failed} event, or C{None}.
+        """
         self.endpoint = endpoint
         self.name = hop_name(endpoint)
         self.tls_policy = tls_policy
+        self.auth = auth
+        self.auth_cleartext = auth_cleartext
+        self.auth_penalty = self.AUTH_PENALTY if auth_penalty is None else auth_penalty
+        self.events = events
+        # (until, dsn, diagnostic) of the last failed AUTH.
+        self._auth_block: tuple[float, str, str] | None = None
+        # Credentials go only over TLS: a route with tls = "none" still asks
+        # for STARTTLS (it may still send them in clear with auth_cleartext).
+        context_policy = tls_policy
+        if auth is not None and tls_policy == "none" and not auth_cleartext:
+            context_policy = "opportunistic"
         self.tls_context = client_options(
-            tls_policy, self.name.rpartition(":")[0].strip("[]"), ca_file
+            context_policy, self.name.rpartition(":")[0].strip("[]"), ca_file
         )
         self.reactor = reactor
         self.timeouts = timeouts
@@ -642,6 +822,12 @@ class HopPool:
             if timer.active():
                 timer.cancel()
             client.start(self.queue.popleft())
+        if self.queue and self.auth_blocked() is not None:
+            # No new connection during the penalty; a busy connection that
+            # did authenticate takes the queue, else it is deferred now.
+            if not any(c.authenticated and not c._quitting for c in self.clients):
+                self._fail_auth_blocked()
+            return
         # Connections being set up will each take a job: count them before
         # opening more, and open no more than the slow-start limit allows.
         need = len(self.queue) - self._connecting - len(self._starting)
@@ -690,6 +876,11 @@ class HopPool:
             self._limit = self._initial
         if not self.queue:
             return
+        if self.auth_blocked() is not None:
+            # In the AUTH penalty: no reconnecting; the queue is deferred
+            # with the AUTH diagnostic unless an authenticated one takes it.
+            self._kick()
+            return
         error = client.session_error
         if error is not None and client._sent == 0:
             # The hop refused or broke a session before any message: do not
@@ -703,6 +894,44 @@ class HopPool:
             while self.queue:
                 self.queue.popleft().fail(code, enhanced, text, self.name)
             return
+        self._kick()
+
+    def auth_blocked(self) -> tuple[str, str] | None:
+        """C{(dsn, diagnostic)} while the pool is in its AUTH penalty, else C{None}."""
+        block = self._auth_block
+        if block is None:
+            return None
+        if self.reactor.seconds() >= block[0]:
+            self._auth_block = None
+            return None
+        return block[1], block[2]
+
+    def _fail_auth_blocked(self) -> None:
+        blocked = self.auth_blocked()
+        assert blocked is not None
+        while self.queue:
+            self.queue.popleft().fail(0, blocked[0], blocked[1], self.name, auth_failed=True)
+
+    def auth_failed(self, enhanced: str, diagnostic: str) -> None:
+        """
+        A connection could not authenticate: start the penalty, tell the
+        administrator (an C{auth_failed} event: never the password), and
+        defer what is queued.
+        """
+        self._auth_block = (self.reactor.seconds() + self.auth_penalty, enhanced, diagnostic)
+        self._limit = self._initial
+        user = self.auth[0] if self.auth is not None else None
+        self.log.warn(
+            "auth_failed relay={relay} auth_user={auth_user} dsn={dsn}: {diagnostic};"
+            " no new connection to it for {penalty:.0f} s",
+            relay=self.name, auth_user=user, dsn=enhanced, diagnostic=diagnostic,
+            penalty=self.auth_penalty,
+        )
+        if self.events is not None:
+            self.events.emit(
+                "auth_failed", relay=self.name, auth_user=user, dsn=enhanced,
+                diagnostic=diagnostic, retry_after=self.auth_penalty,
+            )
         self._kick()
 
     def take(self, client: RelayClient) -> Job | None:
@@ -756,35 +985,73 @@ def hop_name(endpoint: str) -> str:
     return f"{host}:{port}"
 
 
+def credentials_id(auth: tuple[str, str] | None) -> str | None:
+    """
+    An identity for credentials that does not reveal the password: the
+    user name and a keyed digest of both (a pool key, safe to show).
+    """
+    if auth is None:
+        return None
+    digest = hmac.new(_ID_KEY, f"{auth[0]}\0{auth[1]}".encode("utf-8"), hashlib.sha256)
+    return f"{auth[0]}#{digest.hexdigest()[:16]}"
+
+
+# Keys the digests of credentials_id: they mean nothing outside this process.
+_ID_KEY = os.urandom(32)
+
+
 class OutboundManager:
     """All hop pools of a node, created on first use."""
 
-    def __init__(self, reactor: Any, timeouts: Outbound, helo_name: str, ca_file: Any = None) -> None:
+    def __init__(
+        self, reactor: Any, timeouts: Outbound, helo_name: str, ca_file: Any = None,
+        events: Any = None, auth_penalty: float | None = None,
+    ) -> None:
+        """
+        @param events: where the pools emit C{auth_failed} events (an
+            L{relaynet.events.EventLog}), or C{None}.
+        @param auth_penalty: see L{HopPool}.
+        """
         self.reactor = reactor
         self.timeouts = timeouts
         self.helo_name = helo_name
         self.ca_file = ca_file
-        self.pools: dict[tuple[str, str | None, str], HopPool] = {}
+        self.events = events
+        self.auth_penalty = auth_penalty
+        self.pools: dict[tuple[str, str | None, str, str | None, bool], HopPool] = {}
 
     def pool(
         self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
-        tls_policy: str = "none",
+        tls_policy: str = "none", auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
     ) -> HopPool:
-        key = (endpoint, source_address, tls_policy)
+        """
+        The pool for a hop with these settings. Credentials are part of its
+        identity (by a digest, never the password itself): other credentials
+        for the same hop, after a reload, use other connections.
+        """
+        key = (endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext)
         p = self.pools.get(key)
         if p is None:
             p = self.pools[key] = HopPool(
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
-                tls_policy, self.ca_file,
+                tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
             )
         return p
 
     def deliver(
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
+        auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
     ) -> Deferred[list[DeliveryResult]]:
-        """Deliver C{entry} to C{recipients} through the hop at C{endpoint}."""
-        return self.pool(endpoint, concurrency, source_address, tls_policy).submit(entry, recipients)
+        """
+        Deliver C{entry} to C{recipients} through the hop at C{endpoint}.
+
+        @param auth: the route's C{(username, password)} for SMTP AUTH.
+        @param auth_cleartext: the route allows AUTH without TLS.
+        """
+        return self.pool(
+            endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext
+        ).submit(entry, recipients)
 
     def close(self) -> None:
         for p in self.pools.values():
@@ -803,4 +1070,5 @@ class OutboundManager:
 
 __all__ = [
     "DeliveryResult", "RelayClient", "HopPool", "OutboundManager", "reply_status", "Job",
+    "credentials_id",
 ]
