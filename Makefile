@@ -26,22 +26,45 @@ venv: $(STAMP)
 
 # Real peers for interop tests and benchmarks: Debian's postfix (smtp-source,
 # smtp-sink) and swaks, with Net::SSLeay for swaks --tls (docs/interop.md);
-# and fuse3 (fusermount3, libfuse3) for powerfs, the power-loss file system of
-# tests/test_powerloss.py and 'lab up --power-fs' (docs/power-loss.md).
+# fuse3 (fusermount3, libfuse3) for powerfs, the power-loss file system of
+# tests/test_powerloss.py and 'lab up --power-fs' (docs/power-loss.md); nsd
+# (NSD, an authoritative DNS server) and ldnsutils (drill, a DNS client) for
+# MX delivery against real DNS on loopback (tests/test_mx_dns.py).
 # sasl2-bin (saslpasswd2) and libsasl2-modules: Cyrus SASL for a private Postfix
 # with AUTH (tests/test_smarthost_auth.py: a private sasldb; saslauthd unused).
-# No system MTA gets configured ("No configuration").
+# No system MTA gets configured ("No configuration"). No system DNS server
+# may run either: nsd's postinst would start NSD at once (invoke-rc.d, on
+# port 53 of every address) and enable it at boot. A policy-rc.d that exits
+# 101 ("action forbidden", honoured by invoke-rc.d and deb-systemd-invoke)
+# stops the start; it is created only if there is none (Docker images ship
+# one) and removed afterwards, also on failure. policy-rc.d does not stop the
+# enabling (update-rc.d defaults, deb-systemd-helper enable), so a freshly
+# installed nsd is disabled right after. The tests run their own NSD in the
+# foreground on a private port (harness/dns.py).
+PEERS_APT := postfix swaks libnet-ssleay-perl fuse3 nsd ldnsutils sasl2-bin libsasl2-modules
+POLICY_RC := /usr/sbin/policy-rc.d
 peers:
-	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null && command -v saslpasswd2 >/dev/null && ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1; then \
-	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS), fuse3 and Cyrus SASL (saslpasswd2, PLAIN/LOGIN) are installed"; \
+	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null && command -v nsd >/dev/null && command -v drill >/dev/null && command -v saslpasswd2 >/dev/null && ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1; then \
+	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS), fuse3, nsd, drill and Cyrus SASL (saslpasswd2, PLAIN/LOGIN) are installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "make: installing postfix, swaks, libnet-ssleay-perl, fuse3, sasl2-bin and libsasl2-modules (apt-get update, apt-get install; the system Postfix stays unconfigured) ..." && \
+	  echo "make: installing $(PEERS_APT) (apt-get update, apt-get install; the system Postfix stays unconfigured, the system NSD neither started nor enabled) ..."; \
+	  had_nsd=; dpkg-query -W -f='$${Status}' nsd 2>/dev/null | grep -q ' installed$$' && had_nsd=1; \
+	  if [ ! -e $(POLICY_RC) ]; then \
+	    trap 'rm -f $(POLICY_RC)' EXIT; trap 'exit 130' INT TERM HUP; \
+	    printf '#!/bin/sh\n# make peers: no service starts while it installs packages\nexit 101\n' >$(POLICY_RC) && chmod 755 $(POLICY_RC); \
+	  fi; \
 	  apt-get update -qq && \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix swaks libnet-ssleay-perl fuse3 sasl2-bin libsasl2-modules >/dev/null && \
-	  echo "peers: installed postfix, swaks, libnet-ssleay-perl, fuse3, sasl2-bin and libsasl2-modules"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PEERS_APT) >/dev/null; \
+	  rc=$$?; \
+	  if [ "$$rc" = 0 ] && [ -z "$$had_nsd" ]; then \
+	    update-rc.d nsd disable >/dev/null 2>&1 || true; \
+	    deb-systemd-helper disable nsd.service >/dev/null 2>&1 || true; \
+	  fi; \
+	  if [ "$$rc" != 0 ]; then echo "peers: apt-get failed (exit $$rc)" >&2; exit "$$rc"; fi; \
+	  echo "peers: installed $(PEERS_APT)"; \
 	else \
-	  echo "peers: not root or no apt-get: install postfix, swaks, libnet-ssleay-perl, fuse3, sasl2-bin and libsasl2-modules yourself; tests needing them will be skipped" >&2; \
+	  echo "peers: not root or no apt-get: install $(PEERS_APT) yourself; tests needing them will be skipped" >&2; \
 	fi
 
 demo: venv
