@@ -602,11 +602,6 @@ def test_silent_dns_server_defers() -> None:
     assert sent and set(sent) == {(HOST, 5353)}, sent
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relaynet/delivery/mx.py _why() looks the exception type up exactly; after its last retry "
-    "Twisted's client.Resolver fails with twisted.internet.defer.TimeoutError (the base class of "
-    "DNSQueryTimeoutError), so the diagnostic says '(TimeoutError)', not '(timeout)'"
-))
 def test_silent_dns_server_diagnostic_says_timeout() -> None:
     """The deferral's diagnostic names the cause, as for SERVFAIL and REFUSED: a timeout."""
     out, _ = silent_lookup(61)

@@ -32,6 +32,7 @@ import socket
 from typing import Any, Callable, Iterable
 
 from attrs import frozen
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.names import dns, error
 
@@ -302,11 +303,15 @@ class MXLookup:
 
 
 def _why(e: BaseException) -> str:
-    return {
-        error.DNSServerError: "server failure",
-        error.DNSQueryTimeoutError: "timeout",
-        error.DNSQueryRefusedError: "refused",
-    }.get(type(e), type(e).__name__)
+    # After its last retry Twisted's client.Resolver fails with
+    # defer.TimeoutError, the base class of DNSQueryTimeoutError.
+    if isinstance(e, defer.TimeoutError):
+        return "timeout"
+    if isinstance(e, error.DNSServerError):
+        return "server failure"
+    if isinstance(e, error.DNSQueryRefusedError):
+        return "refused"
+    return type(e).__name__
 
 
 __all__ = ["Exchanger", "MXAnswer", "MXLookup", "NEGATIVE_TTL", "relay_name"]
