@@ -77,7 +77,7 @@ class Boxes:
 class BrokenResolver:
     """A resolver that raises for every lookup."""
 
-    def lookupMailExchange(self, name: str) -> Deferred[Any]:
+    def lookupMailExchange(self, name: str, timeout: Any = None) -> Deferred[Any]:
         raise RuntimeError("resolver broke")
 
 

@@ -41,6 +41,13 @@ from relaynet.config import NextHop
 NEGATIVE_TTL = 300.0
 """The longest time a "no such name" or "no such record" answer is kept."""
 
+DNS_TIMEOUT = (1.0, 3.0, 6.0)
+"""
+Seconds to wait for each try of a query (Twisted's own default, 1+3+11+45 s,
+holds an attempt a minute on a dead server; Postfix's resolver gives up
+after about 10 s).
+"""
+
 _NOT_FOUND = (error.DNSNameError, error.AuthoritativeDomainError)
 
 
@@ -124,6 +131,7 @@ class MXLookup:
         preference: Callable[[], str] = lambda: "any",
         shuffle: Callable[[list[Any]], None] = random.shuffle,
         choose: Callable[[], bool] = lambda: random.random() < 0.5,
+        timeout: tuple[float, ...] = DNS_TIMEOUT,
     ) -> None:
         self.resolver = resolver
         self.clock = clock
@@ -132,6 +140,7 @@ class MXLookup:
         self.preference = preference
         self.shuffle = shuffle
         self.choose = choose
+        self.timeout = timeout
         self._cache: dict[tuple[str, int], _Cached] = {}
 
     # -- cached queries ------------------------------------------------------
@@ -151,7 +160,7 @@ class MXLookup:
             return hit.value
         method = {dns.MX: "lookupMailExchange", dns.A: "lookupAddress", dns.AAAA: "lookupIPV6Address"}[qtype]
         try:
-            answers, authority, _ = yield getattr(self.resolver, method)(name)
+            answers, authority, _ = yield getattr(self.resolver, method)(name, self.timeout)
         except _NOT_FOUND as e:
             self._cache[key] = _Cached(now + NEGATIVE_TTL, e)
             raise

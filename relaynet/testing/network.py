@@ -393,15 +393,15 @@ class _NetworkResolver:
 
     def lookupMailExchange(self, name: str, timeout: Any = None) -> Any:
         """C{Network.resolver.lookupMailExchange(name)}."""
-        return self._resolver().lookupMailExchange(name)
+        return self._resolver().lookupMailExchange(name, timeout)
 
     def lookupAddress(self, name: str, timeout: Any = None) -> Any:
         """C{Network.resolver.lookupAddress(name)} (A records)."""
-        return self._resolver().lookupAddress(name)
+        return self._resolver().lookupAddress(name, timeout)
 
     def lookupIPV6Address(self, name: str, timeout: Any = None) -> Any:
         """C{Network.resolver.lookupIPV6Address(name)} (AAAA records)."""
-        return self._resolver().lookupIPV6Address(name)
+        return self._resolver().lookupIPV6Address(name, timeout)
 
 
 class Network:
