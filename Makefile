@@ -30,8 +30,6 @@ venv: $(STAMP)
 # tests/test_powerloss.py and 'lab up --power-fs' (docs/power-loss.md); nsd
 # (NSD, an authoritative DNS server) and ldnsutils (drill, a DNS client) for
 # MX delivery against real DNS on loopback (tests/test_mx_dns.py).
-# sasl2-bin (saslpasswd2) and libsasl2-modules: Cyrus SASL for a private Postfix
-# with AUTH (tests/test_smarthost_auth.py: a private sasldb; saslauthd unused).
 # No system MTA gets configured ("No configuration"). No system DNS server
 # may run either: nsd's postinst would start NSD at once (invoke-rc.d, on
 # port 53 of every address) and enable it at boot. A policy-rc.d that exits
@@ -40,15 +38,22 @@ venv: $(STAMP)
 # one) and removed afterwards, also on failure. policy-rc.d does not stop the
 # enabling (update-rc.d defaults, deb-systemd-helper enable), so a freshly
 # installed nsd is disabled right after. The tests run their own NSD in the
-# foreground on a private port (harness/dns.py).
-PEERS_APT := postfix swaks libnet-ssleay-perl fuse3 nsd ldnsutils sasl2-bin libsasl2-modules
+# foreground on a private port (harness/dns.py). dovecot-core and
+# dovecot-lmtpd: a real LMTP server for LMTP delivery (tests/test_lmtp.py
+# runs its own Dovecot in the foreground with a private config); its
+# postinst would start the system Dovecot and enable it: the same
+# policy-rc.d stops the start, and a freshly installed dovecot is disabled.
+# sasl2-bin (saslpasswd2) and libsasl2-modules: Cyrus SASL for a private Postfix
+# with AUTH (tests/test_smarthost_auth.py: a private sasldb; saslauthd unused).
+PEERS_APT := postfix swaks libnet-ssleay-perl fuse3 nsd ldnsutils dovecot-core dovecot-lmtpd sasl2-bin libsasl2-modules
 POLICY_RC := /usr/sbin/policy-rc.d
 peers:
-	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null && command -v nsd >/dev/null && command -v drill >/dev/null && command -v saslpasswd2 >/dev/null && ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1; then \
-	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS), fuse3, nsd, drill and Cyrus SASL (saslpasswd2, PLAIN/LOGIN) are installed"; \
+	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null && command -v nsd >/dev/null && command -v drill >/dev/null && command -v dovecot >/dev/null && [ -x /usr/lib/dovecot/lmtp ] && command -v saslpasswd2 >/dev/null && ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1; then \
+	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS), fuse3, nsd, drill, dovecot (LMTP) and Cyrus SASL (saslpasswd2, PLAIN/LOGIN) are installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "make: installing $(PEERS_APT) (apt-get update, apt-get install; the system Postfix stays unconfigured, the system NSD neither started nor enabled) ..."; \
+	  echo "make: installing $(PEERS_APT) (apt-get update, apt-get install; the system Postfix stays unconfigured, the system NSD and Dovecot neither started nor enabled) ..."; \
 	  had_nsd=; dpkg-query -W -f='$${Status}' nsd 2>/dev/null | grep -q ' installed$$' && had_nsd=1; \
+	  had_dovecot=; dpkg-query -W -f='$${Status}' dovecot-core 2>/dev/null | grep -q ' installed$$' && had_dovecot=1; \
 	  if [ ! -e $(POLICY_RC) ]; then \
 	    trap 'rm -f $(POLICY_RC)' EXIT; trap 'exit 130' INT TERM HUP; \
 	    printf '#!/bin/sh\n# make peers: no service starts while it installs packages\nexit 101\n' >$(POLICY_RC) && chmod 755 $(POLICY_RC); \
@@ -60,6 +65,10 @@ peers:
 	  if [ "$$rc" = 0 ] && [ -z "$$had_nsd" ]; then \
 	    update-rc.d nsd disable >/dev/null 2>&1 || true; \
 	    deb-systemd-helper disable nsd.service >/dev/null 2>&1 || true; \
+	  fi; \
+	  if [ "$$rc" = 0 ] && [ -z "$$had_dovecot" ]; then \
+	    update-rc.d dovecot disable >/dev/null 2>&1 || true; \
+	    deb-systemd-helper disable dovecot.service dovecot.socket >/dev/null 2>&1 || true; \
 	  fi; \
 	  if [ "$$rc" != 0 ]; then echo "peers: apt-get failed (exit $$rc)" >&2; exit "$$rc"; fi; \
 	  echo "peers: installed $(PEERS_APT)"; \

@@ -36,6 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from relaynet.config import NodeConfig
 from relaynet.delivery.attempt import Delivery, ThreadedMailboxes, system_resolver
 from relaynet.delivery.client import OutboundManager
+from relaynet.delivery.lmtp import LMTPAgent
 from relaynet.delivery.routing import Route, RoutingTable
 from relaynet.events import EventLog
 from relaynet.queue import listing
@@ -140,7 +141,7 @@ class QueueRunner(Service):
         self.delivery = delivery or Delivery(
             lambda: self.table, self.outbound,
             ThreadedMailboxes(reactor, threadpool, lambda: self.config.local),
-            self.resolver,
+            self.resolver, lmtp=LMTPAgent(reactor, lambda: self.config),
         )
         self._slots = 0
         self._attempts: dict[str, Deferred[list[Outcome]]] = {}

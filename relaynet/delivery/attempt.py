@@ -3,12 +3,14 @@
 One delivery attempt of one message: route the pending recipients, deliver
 each group, and say what happened to each recipient as an L{Outcome}.
 
-The attempt depends on three narrow interfaces, so that it runs in-process
+The attempt depends on four narrow interfaces, so that it runs in-process
 in tests (C{task.Clock}, L{relaynet.testing.FakeSMTPServer} over C{iosim},
 a fake resolver):
 
  - an L{IOutbound} agent that delivers to one next hop (the ESMTP client
    pool, L{relaynet.delivery.client.OutboundManager});
+ - an L{ILMTP} agent that delivers to one LMTP server (RFC 2033,
+   L{relaynet.delivery.lmtp.LMTPAgent});
  - an L{IMailboxes} writer that delivers into local Maildirs (in a worker
    thread, L{ThreadedMailboxes});
  - a DNS resolver (C{lookupMailExchange}, C{lookupAddress} and C{lookupIPV6Address} of
@@ -17,7 +19,9 @@ a fake resolver):
 Recipients are grouped by their L{Route}: local ones go to the mailboxes,
 relayed ones to the route's next hops in priority order (equal priorities
 share the load, a transient failure moves the recipient on to the next hop:
-failover), C{mx} ones to the MX hosts of their domain. An attempt never
+failover), C{mx} ones to the MX hosts of their domain, C{lmtp} ones to the
+route's LMTP servers (in the same priority order, with the same failover;
+a 2xx there is final delivery: C{delivered}, not C{relayed}). An attempt never
 fails: anything that raises inside a group (a broken resolver, a bug)
 defers that group's recipients with C{4.3.0}, and the rest of the message
 is unaffected.
@@ -56,6 +60,15 @@ class IOutbound(Protocol):
         """One L{DeliveryResult} per recipient the hop was tried for."""
 
 
+class ILMTP(Protocol):
+    """Delivers a message to some recipients through one LMTP server."""
+
+    def deliver(
+        self, endpoint: str, entry: QueueEntry, recipients: list[Recipient], concurrency: int = 20,
+    ) -> Deferred[list[DeliveryResult]]:
+        """One L{DeliveryResult} per recipient, from its own reply (RFC 2033)."""
+
+
 class IMailboxes(Protocol):
     """Delivers a message into the local Maildirs of some recipients."""
 
@@ -92,6 +105,27 @@ def outcome_of(res: DeliveryResult) -> Outcome:
     )
 
 
+def lmtp_outcome(res: DeliveryResult) -> Outcome:
+    """
+    The L{Outcome} of an LMTP server's answer for one recipient.
+
+    A 2xx after the final dot means the message is in the mailbox: final
+    delivery, recorded as C{delivered} (event C{delivered}, DSN action
+    C{delivered} when NOTIFY=SUCCESS asks for one), naming the LMTP server
+    as the relay. Not C{relayed}: that action (RFC 3464 2.3.3) is for a next
+    hop that may not report delivery itself, and no LMTP server sends DSNs
+    (Postfix's C{lmtp_assume_final}). 4xx or no reply: deferred; 5xx:
+    bounced, the server's reply in the DSN.
+    """
+    if res.ok:
+        return Outcome(
+            res.address, RecipientStatus.DELIVERED, OutcomeEvent.DELIVERED, res.enhanced,
+            res.diagnostic, res.remote, code=res.code, text=res.text,
+        )
+    make = Outcome.bounced if res.permanent else Outcome.deferred
+    return make(res.address, res.enhanced, res.diagnostic, res.remote, res.code, res.text)
+
+
 def local_outcome(res: LocalResult) -> Outcome:
     """The L{Outcome} of a local delivery to one recipient."""
     if res.ok:
@@ -126,9 +160,12 @@ class Delivery:
         resolver: Callable[[], Any],
         shuffle: Callable[[list[Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        lmtp: ILMTP | None = None,
     ) -> None:
         """
         @param resolver: returns the DNS resolver (created on first use).
+        @param lmtp: delivers C{lmtp} routes (without one, their recipients
+            are deferred: C{4.3.5}).
         @param shuffle: shuffles next hops and MX hosts of equal priority
             (tests inject one).
         @param clock: seconds, for the DNS cache's TTLs.
@@ -136,6 +173,7 @@ class Delivery:
         self.routing = routing
         self.outbound = outbound
         self.mailboxes = mailboxes
+        self.lmtp = lmtp
         self._resolver = resolver
         self._shuffle = shuffle
         self._clock = clock
@@ -186,6 +224,11 @@ class Delivery:
     def _relay(self, entry: QueueEntry, route: Route, rcpts: list[Recipient]) -> Any:
         rule = route.rule
         assert rule is not None
+        if route.kind is RouteKind.LMTP:
+            if self.lmtp is None:
+                return [Outcome.deferred(r.address, "4.3.5", "no LMTP agent in this node") for r in rcpts]
+            result = yield self._try_hops(entry, rule, self._order(rule.next_hops), rcpts, lmtp=True)
+            return result
         if route.kind is RouteKind.MX:
             by_domain: dict[str, list[Recipient]] = {}
             for r in rcpts:
@@ -212,7 +255,7 @@ class Delivery:
     @inlineCallbacks
     def _try_hops(
         self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient],
-        names: list[str] | None = None, session_limit: int = 0,
+        names: list[str] | None = None, session_limit: int = 0, lmtp: bool = False,
     ) -> Any:
         """
         Try C{hops} in order until every recipient has a final answer.
@@ -221,18 +264,24 @@ class Delivery:
             C{mx.example[192.0.2.1]:25}); by default its C{host:port}.
         @param session_limit: stop after this many hops that answered in
             SMTP but deferred (0: no limit; Postfix's C{smtp_mx_session_limit}).
+        @param lmtp: the hops are LMTP servers (L{ILMTP}; a 2xx is final delivery).
         """
         remaining = list(rcpts)
         final: dict[str, Outcome] = {}
         last: dict[str, Outcome] = {}
         tried: dict[str, list[tuple[str, str, str]]] = {}
         sessions = 0
+        judge = lmtp_outcome if lmtp else outcome_of
         for i, hop in enumerate(hops):
             if session_limit and sessions >= session_limit:
                 break
-            results = yield self.outbound.deliver(
-                hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls
-            )
+            if lmtp:
+                assert self.lmtp is not None
+                results = yield self.lmtp.deliver(hop.endpoint, entry, remaining, rule.concurrency)
+            else:
+                results = yield self.outbound.deliver(
+                    hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls
+                )
             if names is not None:
                 results = [evolve(r, remote=names[i]) for r in results]
             if any(r.code for r in results):
@@ -243,7 +292,7 @@ class Delivery:
                 res = by_addr.get(r.address)
                 if res is None:
                     continue
-                o = outcome_of(res)
+                o = judge(res)
                 if o.status is RecipientStatus.DEFERRED:
                     last[r.address] = o
                     still.append(r)
