@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import smtplib
 import threading
 import time
@@ -700,7 +701,8 @@ def test_lab_power_fs_chain3(tmp_path: Path) -> None:
         down = run("lab", "down", "--dir", str(labdir))
     assert down.returncode == 0, down.stderr
     print(down.stdout)
-    assert down.stdout.count("powerfs unmounted") == 4, down.stdout
+    # (SIGTERM when a mount namespace made meanwhile holds a copy of the mount)
+    assert len(re.findall(r"powerfs (unmounted|stopped \(SIGTERM\))$", down.stdout, re.M)) == 4, down.stdout
     lab.load()
     for name, rec in lab.nodes.items():
         assert not is_mounted(rec["powerfs"]["mount"]), name

@@ -816,15 +816,21 @@ class PowerFS:
         return data
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Unmount and wait (bounded) for the process to end (SIGKILL after the timeout)."""
+        """
+        Unmount and wait (bounded) for the process to end: SIGTERM if it
+        still serves a second later (the file system is still mounted in
+        another mount namespace), SIGKILL after C{timeout}.
+        """
         unmount(self.mount, timeout)
         if self.proc is None:
             return
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=timeout)
+        for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, timeout)):
+            try:
+                self.proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(sig)
+        self.proc.wait(timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -313,7 +313,8 @@ def stop_powerfs(rec: dict[str, Any], timeout: float = STOP_TIMEOUT) -> str:
     Unmount the node's powerfs and wait (bounded) until its process is gone
     (SIGKILL after C{timeout}).
 
-    @return: what happened (C{"not running"}, C{"unmounted"}, C{"killed"}).
+    @return: what happened (C{"not running"}, C{"unmounted"}, C{"stopped
+        (SIGTERM)"}, C{"killed"}).
     """
     from relaynet.lab.powerfs import is_mounted, unmount
 
@@ -324,7 +325,8 @@ def stop_powerfs(rec: dict[str, Any], timeout: float = STOP_TIMEOUT) -> str:
     mounted = is_mounted(pfs["mount"])
     said = unmount(pfs["mount"], timeout)
     how = "unmounted" if pids or mounted else "not running"
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     signalled = False
     while True:
         for pid in pids:
@@ -335,9 +337,11 @@ def stop_powerfs(rec: dict[str, Any], timeout: float = STOP_TIMEOUT) -> str:
         left = [p for p in pids if pid_state(p) not in (None, "Z", "X")]
         if not left:
             break
-        if not signalled and time.monotonic() >= deadline - timeout / 2:
-            # Still serving (a lazy unmount waits for the last user): libfuse
-            # ends its loop on SIGTERM and unmounts.
+        if not signalled and time.monotonic() >= started + 1.0:
+            # Still serving a second after the unmount: the file system is
+            # still mounted elsewhere (a lazy unmount waits for its last
+            # user; a mount namespace made meanwhile, e.g. by 'ip netns
+            # exec', holds a copy). libfuse ends its loop on SIGTERM.
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGTERM)
