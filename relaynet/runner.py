@@ -135,7 +135,8 @@ class QueueRunner(Service):
         self.table = RoutingTable(config)
         self.core = QueueCore(_retry_policy(config), config.queue.delay_warning)
         self.outbound = outbound or OutboundManager(
-            reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file
+            reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file,
+            events=events,
         )
         self._resolver = resolver
         self.delivery = delivery or Delivery(

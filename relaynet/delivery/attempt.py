@@ -56,8 +56,14 @@ class IOutbound(Protocol):
     def deliver(
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
+        auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
     ) -> Deferred[list[DeliveryResult]]:
-        """One L{DeliveryResult} per recipient the hop was tried for."""
+        """
+        One L{DeliveryResult} per recipient the hop was tried for.
+
+        @param auth: the route's SMTP AUTH C{(username, password)}, if any.
+        @param auth_cleartext: the route allows AUTH without TLS.
+        """
 
 
 class ILMTP(Protocol):
@@ -279,8 +285,13 @@ class Delivery:
                 assert self.lmtp is not None
                 results = yield self.lmtp.deliver(hop.endpoint, entry, remaining, rule.concurrency)
             else:
+                # Credentials only when the route has some (agents without
+                # AUTH need not know the keywords).
+                auth: dict[str, Any] = (
+                    {} if rule.auth is None else {"auth": rule.auth, "auth_cleartext": rule.auth_cleartext}
+                )
                 results = yield self.outbound.deliver(
-                    hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls
+                    hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **auth
                 )
             if names is not None:
                 results = [evolve(r, remote=names[i]) for r in results]
