@@ -810,3 +810,24 @@ def test_send_names_the_port_it_submits_to(tmp_path: Path, monkeypatch: pytest.M
     assert main(["lab", "send", "--dir", str(d), "--from", "eng", "--from", "sales", "--port", "submission",
                  "--to", "x@y.test", "-n", "1"]) == 1
     assert "node sales has no submission listener" in capsys.readouterr().err
+
+
+def test_check_reads_a_stopped_power_fs_node_from_its_backing_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    A --power-fs lab that is down has its queues in NAME/spool.backing (the
+    powerfs is unmounted, the spool directory empty): lab check and lab
+    status read them there, so held mail is in flight, not lost.
+    """
+    from relaynet.cli import main
+
+    d = _check_lab(tmp_path, ["<held@x>"], {"a"}, monkeypatch)
+    state = json.loads((d / "lab.json").read_text())
+    backing = tmp_path / "a" / "spool.backing"
+    state["nodes"]["a"]["powerfs"] = {"backing": str(backing), "mount": state["nodes"]["a"]["spool"],
+                                      "control": "x", "log": "x", "pid": None}
+    (d / "lab.json").write_text(json.dumps(state))
+    (tmp_path / "a" / "spool").mkdir(parents=True)
+    _queue_file(backing, "Q1", "<held@x>", {"u@c.test": "deferred"})
+    assert main(["lab", "check", "--dir", str(d)]) == 1
+    assert _last_line(capsys.readouterr().out) == "FAIL: 1 in flight (held by stopped a)"

@@ -33,6 +33,7 @@ from typing import Any, Collection, Iterable, Mapping
 from attrs import define, field, frozen
 
 from relaynet.lab.observe import EventIndex
+from relaynet.lab.state import spool_on_disk
 from relaynet.lab.traffic import percentile
 
 HEADER_LIMIT = 65536
@@ -202,7 +203,7 @@ def collect(nodes: Mapping[str, Mapping[str, Any]], stopped: Collection[str] = (
                     continue
                 for fname in names:
                     scan_mailbox_file(box / sub / fname, ev)
-        scan_queue(rec["spool"], ev, name, name in stopped)
+        scan_queue(spool_on_disk(rec), ev, name, name in stopped)
     return ev
 
 
@@ -431,7 +432,7 @@ def busy_count(nodes: Mapping[str, Mapping[str, Any]]) -> int:
 
     busy = 0
     for rec in nodes.values():
-        c = queue_counts(rec["spool"])
+        c = queue_counts(spool_on_disk(rec))
         busy += c["active"] + c["deferred"]
     return busy
 

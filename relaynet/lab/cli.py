@@ -32,7 +32,7 @@ from typing import Any
 
 from relaynet.config import ConfigError
 from relaynet.hints import command
-from relaynet.lab.state import Lab, LabError
+from relaynet.lab.state import Lab, LabError, spool_on_disk
 
 
 def _err(msg: str) -> None:
@@ -205,7 +205,7 @@ def status_data(lab: Lab) -> dict[str, Any]:
         rec = lab.nodes[summary["name"]]
         counts = event_counts(read_events(rec["events"]))
         summary.update({
-            "queue": queue_counts(rec["spool"]),
+            "queue": queue_counts(spool_on_disk(rec)),
             "events": counts,
             "delivered": counts["delivered"],
             "relayed": counts["sent"],

@@ -26,7 +26,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 STATE_VERSION = 1
 
@@ -184,3 +184,15 @@ class Lab:
                 for port in rec["ports"]:
                     out[f"{host}:{port}"] = name
         return out
+
+
+def spool_on_disk(rec: Mapping[str, Any]) -> str:
+    """
+    Where a node's spool can be read now: its spool directory, or, for a
+    C{--power-fs} node whose powerfs is not mounted (the lab is down), the
+    backing directory that holds the same files.
+    """
+    pfs = rec.get("powerfs")
+    if pfs and not os.path.ismount(rec["spool"]) and os.path.isdir(pfs["backing"]):
+        return str(pfs["backing"])
+    return str(rec["spool"])
