@@ -193,7 +193,14 @@ class QueuePolicy:
 @frozen
 class Outbound:
     """
-    The SMTP client: per-step timeouts (RFC 5321 4.5.3.2) and connection reuse.
+    The SMTP client: per-step timeouts (RFC 5321 4.5.3.2), connection reuse,
+    and what it does for a next hop that lacks an extension.
+
+    @ivar eight_bit: a message with 8-bit content for a hop without 8BITMIME:
+        C{"convert"} it to 7-bit MIME (quoted-printable, base64; Postfix's
+        C{disable_mime_output_conversion = no}) or C{"bounce"} it (5.6.3).
+    @ivar chunking: send with BDAT (RFC 3030) to a hop offering CHUNKING;
+        C{False}: always DATA.
     """
 
     connect_timeout: float = 30.0
@@ -210,6 +217,8 @@ class Outbound:
     address_preference: str = "any"
     mx_address_limit: int = 5
     mx_session_limit: int = 2
+    eight_bit: str = "convert"
+    chunking: bool = True
 
 
 @frozen
@@ -860,6 +869,11 @@ def parse_config(
             "mx_session_limit", int, od.mx_session_limit,
             lambda v: None if v >= 0 else "must be 0 (no limit) or positive",
         ),
+        eight_bit=o.get(
+            "eight_bit", str, od.eight_bit,
+            lambda v: None if v in ("convert", "bounce") else "must be convert or bounce",
+        ),
+        chunking=o.get("chunking", bool, od.chunking),
         **timeouts,
     )
     o.finish()

@@ -690,17 +690,23 @@ def test_same_message_in_two_transactions_is_delivered_twice() -> None:
     assert hop2.events_named("duplicate") == []
 
 
-def test_next_hop_killed_while_receiving_delivers_once() -> None:
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
+def test_next_hop_killed_while_receiving_delivers_once(chunking: bool) -> None:
     """
     hop2 is killed in the middle of receiving a message (after DATA, before
-    its final reply): nothing of it survives there; hop1 defers it (4.4.2,
-    connection lost) and, once hop2 is back, delivers it at its retry,
-    exactly once.
+    its final reply; or after the first of two BDAT chunks): nothing of it
+    survives there; hop1 defers it (4.4.2, connection lost) and, once hop2
+    is back, delivers it at its retry, exactly once.
     """
     net = Network()
-    hop1 = net.add_node("hop1", routes=[relay(net, ["dest.test"], "hop2")], queue=BACKOFF)
+    hop1 = net.add_node("hop1", routes=[relay(net, ["dest.test"], "hop2")], queue=BACKOFF,
+                        outbound={"chunking": chunking})
     hop2 = net.add_node("hop2", local_domains=["dest.test"])
-    qid = submit(hop1, "sender@src.test", ["user@dest.test"], message("midway"),
+    data = message("midway")
+    if chunking:
+        # Over 1 MiB: the first chunk alone begins the message at hop2.
+        data += b"filler line to make two BDAT chunks\r\n" * 40_000
+    qid = submit(hop1, "sender@src.test", ["user@dest.test"], data,
                  until=lambda: hop2.began)
     assert hop2.events_named("received") == [] and hop1.events_named("deferred") == []
     hop2.stop()

@@ -20,6 +20,8 @@ L{relaynet.delivery.client} that are not fixed yet.
 
 from __future__ import annotations
 
+import email
+import email.policy
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ from attrs import define
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
@@ -42,9 +45,10 @@ from zope.interface import implementer
 from relaynet.config import Outbound
 from relaynet.smtp.datastream import DataScanner, DotStuffer
 from relaynet.intake.server import RelayFactory
-from relaynet.delivery.client import BodySender, DeliveryResult, HopPool, OutboundManager, RelayClient, reply_status
+from relaynet.delivery.client import BodySender, ChunkSender, DeliveryResult, HopPool, OutboundManager, RelayClient, reply_status
 from relaynet.queue.spool import QueueEntry, Recipient
 from relaynet.testing import (
+    FakeMessage,
     FakeSMTPServer,
     accept_connection,
     make_intake,
@@ -224,16 +228,45 @@ class Hop:
     @ivar servers: the L{FakeSMTPServer}s L{serve} connected, in order.
     @ivar max_in_flight: the most connections open or being opened at once
         that L{serve} saw.
+    @ivar thread_work: work the pool handed to its "worker thread" (the 7-bit
+        conversion) and not run yet; run at once while C{threads_immediate},
+        else by L{run_threads}.
     """
 
     def __init__(self, tmp_path: Path, concurrency: int = 20, endpoint: str = ENDPOINT, **outbound: Any) -> None:
         self.source = tmp_path / "source"
         self.reactor = MemoryReactorClock()
         self.timeouts = Outbound(**{**TIMEOUTS, **outbound})
-        self.pool = HopPool(endpoint, self.reactor, self.timeouts, "client.test", concurrency)
+        self.thread_work: list[tuple[Callable[[], bytes], Deferred[bytes]]] = []
+        self.threads_immediate = True
+        self.pool = HopPool(
+            endpoint, self.reactor, self.timeouts, "client.test", concurrency, run_in_thread=self.run_in_thread
+        )
         self.servers: list[FakeSMTPServer] = []
         self.pumps: list[iosim.IOPump] = []
         self.max_in_flight = 0
+
+    def run_in_thread(self, work: Callable[[], bytes]) -> Deferred[bytes]:
+        """The pool's worker thread: queue C{work} (and run it now if C{threads_immediate})."""
+        d: Deferred[bytes] = Deferred()
+        self.thread_work.append((work, d))
+        if self.threads_immediate:
+            self.run_threads()
+        return d
+
+    def run_threads(self) -> int:
+        """Run the queued thread work, in order; @return: how many items."""
+        n = 0
+        while self.thread_work and n < 1000:
+            work, d = self.thread_work.pop(0)
+            try:
+                result = work()
+            except Exception:  # noqa: BLE001 -- any error goes to the Deferred, as from a thread
+                d.errback(Failure())
+            else:
+                d.callback(result)
+            n += 1
+        return n
 
     def entry(
         self,
@@ -681,7 +714,8 @@ def test_rcpt_refusal_survives_a_later_session_failure(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("params", "extensions", "enhanced"),
     [
-        ({"body": "8BITMIME"}, tuple(k for k in ALL if k != b"8BITMIME"), "5.6.3"),
+        # (Converted by default, see test_eight_bit_is_converted_for_a_seven_bit_peer.)
+        ({"body": "8BITMIME", "bounce": True}, tuple(k for k in ALL if k != b"8BITMIME"), "5.6.3"),
         ({"smtputf8": True, "body": "8BITMIME"}, tuple(k for k in ALL if k != b"SMTPUTF8"), "5.6.7"),
         ({}, (b"PIPELINING", b"SIZE 20"), "5.3.4"),
     ],
@@ -694,9 +728,12 @@ def test_message_the_peer_cannot_take_fails_permanently(
     An 8-bit message to a peer without 8BITMIME (5.6.3), an SMTPUTF8 one to a
     peer without SMTPUTF8 (5.6.7), one larger than the peer's SIZE (5.3.4):
     the recipients fail permanently without MAIL being sent, and the next
-    message on the connection goes normally.
+    message on the connection goes normally. (The 8-bit one with
+    C{[outbound] eight_bit = "bounce"}; a message queued before the intake
+    recorded its content is taken as declared.)
     """
-    hop = Hop(tmp_path, concurrency=1)
+    params = dict(params)
+    hop = Hop(tmp_path, concurrency=1, eight_bit="bounce" if params.pop("bounce", False) else "convert")
     bad = hop.submit(params=params, recipients=("a@example.net", "b@example.net"))
     good = hop.submit(message=b"Subject: s\r\n\r\nx\r\n", recipients=("c@example.net",))
     wire = hop.wire()
@@ -715,9 +752,9 @@ def test_message_the_peer_cannot_take_fails_permanently(
 def test_many_refused_messages_do_not_overflow_the_stack(tmp_path: Path) -> None:
     """
     Six hundred 8-bit messages queued for a peer without 8BITMIME all fail
-    with 5.6.3 on one connection, without error.
+    with 5.6.3 on one connection, without error (C{eight_bit = "bounce"}).
     """
-    hop = Hop(tmp_path, concurrency=1)
+    hop = Hop(tmp_path, concurrency=1, eight_bit="bounce")
     entry = hop.entry(params={"body": "8BITMIME"})
     outs = [hop.submit(entry) for _ in range(600)]
     wire = hop.wire()
@@ -1401,3 +1438,558 @@ def test_round_trip_refusals_from_our_intake(tmp_path: Path) -> None:
             break
     assert results_of(out) == {"alice@localhost": (250, "2.0.0"), "nobody@localhost": (550, "5.1.1")}
     assert [m.envelope.recipients[0].address for m in spooled(intake.spool)] == ["alice@localhost"]
+
+
+# -- SMTPUTF8 only when needed (RFC 6531 3.4) ----------------------------------
+
+NO_UTF8 = tuple(k for k in ALL if k != b"SMTPUTF8")
+NO_8BIT = tuple(k for k in ALL if k != b"8BITMIME")
+UTF8_SUBJECT = "From: s@example.org\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHello.\r\n".encode()
+
+
+def test_declared_smtputf8_ascii_message_goes_to_a_peer_without_it(tmp_path: Path) -> None:
+    """
+    A message that carried SMTPUTF8 on MAIL but whose envelope and header
+    section are ASCII (the intake recorded C{content = "77"}) goes to a peer
+    without SMTPUTF8, without the parameter, and is delivered (it used to
+    bounce 5.6.7).
+    """
+    hop = Hop(tmp_path)
+    out = hop.submit(params={"smtputf8": True, "content": "77"})
+    hop.serve(lambda: FakeSMTPServer(NO_UTF8))
+    assert results_of(out) == {"rcpt@example.net": (250, "2.0.0")}
+    (msg,) = hop.servers[0].messages
+    assert msg.mail == b"MAIL FROM:<sender@example.org> SIZE=%d" % len(MESSAGE)
+    assert msg.data == MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("message", "content", "sender", "rcpt"),
+    [
+        (UTF8_SUBJECT, "88", SENDER, "rcpt@example.net"),
+        (MESSAGE, "77", "s\u00e9nder@example.org", "rcpt@example.net"),
+        (MESSAGE, "77", SENDER, "r\u00e9cipient@example.net"),
+        (MESSAGE, None, SENDER, "rcpt@example.net"),
+    ],
+    ids=["utf8-header", "utf8-sender", "utf8-recipient", "content-not-recorded"],
+)
+def test_message_that_needs_smtputf8_bounces_at_a_peer_without_it(
+    tmp_path: Path, message: bytes, content: str | None, sender: str, rcpt: str
+) -> None:
+    """
+    A message that needs SMTPUTF8 -- a UTF-8 header section, sender or
+    recipient, or one queued before the intake recorded its content (taken
+    as declared) -- fails permanently with 5.6.7 at a peer without
+    SMTPUTF8, and no MAIL is sent for it.
+    """
+    hop = Hop(tmp_path)
+    params: dict[str, Any] = {"smtputf8": True}
+    if content is not None:
+        params["content"] = content
+    out = hop.submit(message=message, params=params, sender=sender, recipients=(rcpt,))
+    hop.serve(lambda: FakeSMTPServer(NO_UTF8))
+    assert out.results is not None
+    (res,) = out.results
+    assert (res.code, res.enhanced, res.permanent) == (554, "5.6.7", True)
+    assert "does not support SMTPUTF8" in res.text
+    assert not any(c.startswith(b"MAIL") for c in hop.servers[0].commands)
+
+
+def test_declared_smtputf8_is_kept_for_a_peer_offering_it(tmp_path: Path) -> None:
+    """To a peer offering SMTPUTF8, a message that declared it keeps the parameter, ASCII or not."""
+    hop = Hop(tmp_path)
+    ascii_out = hop.submit(params={"smtputf8": True, "content": "77"})
+    utf8_out = hop.submit(message=UTF8_SUBJECT, params={"smtputf8": True, "content": "88", "body": "8BITMIME"})
+    plain = hop.submit(params={"content": "77"})
+    hop.serve()
+    for out in (ascii_out, utf8_out, plain):
+        assert [r.code for r in out.results or []] == [250]
+    mails = [m.mail for s in hop.servers for m in s.messages]
+    assert sum(m.endswith(b" SMTPUTF8") for m in mails) == 2, mails
+    assert any(m.endswith(b" BODY=8BITMIME SMTPUTF8") for m in mails), mails
+
+
+# -- 8-bit content for a peer without 8BITMIME (RFC 6152 3) ------------------
+
+EIGHT_BIT_TEXT = "Gr\u00fc\u00dfe aus K\u00f6ln \u2603\r\n.leading dot\r\n.\r\nlast line\r\n"
+ATTACHMENT = bytes(range(0x80, 0x100)).replace(b"\r", b"").replace(b"\n", b"") * 4
+EIGHT_BIT_MESSAGE = (
+    b"From: s@example.org\r\nTo: r@example.net\r\nSubject: 8bit\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="XX"\r\n\r\n'
+    b"--XX\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + EIGHT_BIT_TEXT.encode()
+    + b"--XX\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + ATTACHMENT + b"\r\n--XX--\r\n"
+)
+
+
+def decoded_parts(data: bytes) -> list[tuple[str, bytes]]:
+    """C{(content type, decoded payload)} of each leaf part of C{data}."""
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    out = []
+    for part in msg.walk():
+        if not part.is_multipart():
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            out.append((part.get_content_type(), payload))
+    return out
+
+
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
+def test_eight_bit_is_converted_for_a_seven_bit_peer(tmp_path: Path, chunking: bool) -> None:
+    """
+    An 8-bit message (a UTF-8 text part, an 8-bit attachment) to a peer
+    without 8BITMIME arrives converted: every octet 7-bit, no BODY=
+    parameter, SIZE= the converted size, text quoted-printable and the
+    attachment base64, and Python's C{email} decodes the same parts from it
+    (the text's line breaks as such) -- over DATA and over BDAT.
+    """
+    hop = Hop(tmp_path)
+    out = hop.submit(message=EIGHT_BIT_MESSAGE, params={"body": "8BITMIME", "content": "78"})
+    extensions = NO_8BIT + ((b"CHUNKING",) if chunking else ())
+    hop.serve(lambda: ChunkingServer(extensions))
+    assert results_of(out) == {"rcpt@example.net": (250, "2.0.0")}
+    server = hop.servers[0]
+    (msg,) = server.messages
+    assert msg.data.isascii()
+    assert msg.mail == b"MAIL FROM:<sender@example.org> SIZE=%d" % len(msg.data)
+    assert b"BODY=" not in msg.mail
+    assert [c for c in server.commands if c.startswith(b"BDAT")] == (
+        [b"BDAT %d LAST" % len(msg.data)] if chunking else []
+    )
+    parsed = email.message_from_bytes(msg.data, policy=email.policy.compat32)
+    text, attachment = [p for p in parsed.walk() if not p.is_multipart()]
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert attachment["Content-Transfer-Encoding"] == "base64"
+    def normalised(data: bytes) -> list[tuple[str, bytes]]:
+        # Text line breaks are the encoding's (CRLF on the wire) either way.
+        return [(t, p.replace(b"\r\n", b"\n") if t.startswith("text/") else p) for t, p in decoded_parts(data)]
+
+    assert normalised(msg.data) == normalised(EIGHT_BIT_MESSAGE)
+    assert normalised(msg.data)[0][1].decode("utf-8").rstrip("\n") == EIGHT_BIT_TEXT.replace("\r\n", "\n").rstrip("\n")
+    assert decoded_parts(msg.data)[1] == ("application/octet-stream", ATTACHMENT)
+    assert parsed["Subject"] == "8bit" and parsed["To"] == "r@example.net"
+
+
+def test_conversion_runs_in_the_worker_thread(tmp_path: Path) -> None:
+    """
+    The conversion is handed to the pool's worker thread: nothing is sent
+    for the message until that work has run, then MAIL goes out.
+    """
+    hop = Hop(tmp_path)
+    hop.threads_immediate = False
+    out = hop.submit(message=EIGHT_BIT_MESSAGE, params={"body": "8BITMIME", "content": "78"})
+    wire = hop.wire()
+    assert wire.greet(NO_8BIT) == b""
+    assert len(hop.thread_work) == 1 and not out.fired
+    hop.run_threads()
+    sent = wire.take()
+    assert sent.startswith(b"MAIL FROM:<sender@example.org> SIZE=") and b"BODY=" not in sent
+
+
+def test_default_worker_thread_is_the_reactor_pool(tmp_path: Path) -> None:
+    """Without an injected runner, the work goes to the reactor's thread pool (never the reactor)."""
+    from relaynet.testing import ManualThreadPool, ThreadlessReactor
+
+    threads = ManualThreadPool()
+
+    class Reactor(ThreadlessReactor):
+        def getThreadPool(self) -> ManualThreadPool:
+            return threads
+
+    pool = HopPool(ENDPOINT, Reactor(), Outbound(**TIMEOUTS), "client.test")
+    got: list[bytes] = []
+    pool.run_in_thread(lambda: b"converted").addCallback(got.append)
+    assert got == [] and threads.pending == 1
+    threads.run_all()
+    assert got == [b"converted"]
+
+
+def test_connection_lost_during_conversion(tmp_path: Path) -> None:
+    """
+    The connection dies while the message is being converted: its
+    recipients are deferred (4.4.2), and the conversion's late result is
+    dropped without writing anything.
+    """
+    hop = Hop(tmp_path)
+    hop.threads_immediate = False
+    out = hop.submit(message=EIGHT_BIT_MESSAGE, params={"body": "8BITMIME", "content": "78"})
+    wire = hop.wire()
+    wire.greet(NO_8BIT)
+    wire.transport.connection_lost()
+    assert_temporary(out)
+    assert out.calls == 1
+    hop.run_threads()
+    assert wire.take() == b"" and out.calls == 1
+
+
+def test_eight_bit_header_cannot_be_converted(tmp_path: Path) -> None:
+    """
+    An 8-bit header field (UTF-8 Subject without SMTPUTF8) cannot be made
+    7-bit: 5.6.3, a diagnostic naming the field, no MAIL; the next message
+    on the connection goes normally.
+    """
+    hop = Hop(tmp_path, concurrency=1)
+    bad = hop.submit(message=UTF8_SUBJECT, params={"body": "8BITMIME", "content": "88"})
+    good = hop.submit(params={"content": "77"})
+    hop.serve(lambda: FakeSMTPServer(NO_8BIT))
+    assert bad.results is not None
+    (res,) = bad.results
+    assert (res.code, res.enhanced, res.permanent) == (554, "5.6.3", True)
+    assert "cannot be converted to 7 bits" in res.text and "Subject" in res.text, res.text
+    assert results_of(good) == {"rcpt@example.net": (250, "2.0.0")}
+    assert len(hop.servers) == 1 and sum(c.startswith(b"MAIL") for c in hop.servers[0].commands) == 1
+
+
+def test_eight_bit_bounce_option(tmp_path: Path) -> None:
+    """C{[outbound] eight_bit = "bounce"}: no conversion, 5.6.3 with a diagnostic that says why."""
+    hop = Hop(tmp_path, eight_bit="bounce")
+    out = hop.submit(message=EIGHT_BIT_MESSAGE, params={"body": "8BITMIME", "content": "78"})
+    hop.serve(lambda: FakeSMTPServer(NO_8BIT))
+    assert out.results is not None and [(r.enhanced, r.permanent) for r in out.results] == [("5.6.3", True)]
+    assert "eight_bit = bounce" in out.results[0].text
+    assert hop.thread_work == [] and not hop.servers[0].messages
+
+
+@pytest.mark.parametrize("offers", [True, False], ids=["peer-8bitmime", "peer-7bit"])
+def test_declared_8bitmime_with_7bit_content_is_sent_as_is(tmp_path: Path, offers: bool) -> None:
+    """
+    A message declared BODY=8BITMIME whose content is all 7-bit is sent
+    unchanged, without conversion; BODY=8BITMIME only if the peer offers it.
+    """
+    hop = Hop(tmp_path)
+    out = hop.submit(params={"body": "8BITMIME", "content": "77"})
+    hop.serve(lambda: FakeSMTPServer(ALL if offers else NO_8BIT))
+    assert results_of(out) == {"rcpt@example.net": (250, "2.0.0")}
+    (msg,) = hop.servers[0].messages
+    assert msg.data == MESSAGE and hop.thread_work == []
+    assert msg.mail.endswith(b" BODY=8BITMIME") is offers
+
+
+def test_converted_message_over_the_peer_size(tmp_path: Path) -> None:
+    """The converted message is measured against the peer's SIZE: over it, 5.3.4, nothing sent."""
+    hop = Hop(tmp_path)
+    out = hop.submit(message=EIGHT_BIT_MESSAGE, params={"body": "8BITMIME", "content": "78"})
+    limit = len(EIGHT_BIT_MESSAGE) + 10  # the stored message fits; its conversion does not
+    hop.serve(lambda: FakeSMTPServer((b"PIPELINING", b"SIZE %d" % limit)))
+    assert out.results is not None
+    assert [(r.enhanced, r.permanent) for r in out.results] == [("5.3.4", True)]
+    assert "converted" in out.results[0].text
+    assert not any(c.startswith(b"MAIL") for c in hop.servers[0].commands)
+
+
+# -- CHUNKING: BDAT (RFC 3030) ---------------------------------------------------
+
+
+class ChunkingServer(FakeSMTPServer):
+    """
+    A L{FakeSMTPServer} that also takes C{BDAT n [LAST]}: it reads exactly
+    C{n} octets after the command line, whatever they are, and answers each
+    chunk (scripted with the key C{b"BDAT"}, or 250; the LAST chunk's reply
+    ends the message).
+
+    @ivar chunks: C{(command line, octets)} of each chunk received.
+    """
+
+    def __init__(self, extensions: tuple[bytes, ...] = (*ALL, b"CHUNKING"), **kw: Any) -> None:
+        super().__init__(extensions, **kw)
+        self.chunks: list[tuple[bytes, bytes]] = []
+        self._octets: int | None = None
+        self._chunk = b""
+        self._chunk_line = b""
+        self._bdat: bytes | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads.append(data)
+        self._buf += data
+        for _ in range(len(self._buf) + 2):
+            if self.transport.disconnecting:
+                return
+            if self._octets is not None:
+                take, self._buf = self._buf[:self._octets], self._buf[self._octets:]
+                self._chunk += take
+                self._octets -= len(take)
+                if self._octets:
+                    return
+                self._octets = None
+                self._chunk_done()
+                continue
+            nl = self._buf.find(b"\r\n")
+            if nl < 0:
+                return
+            line, self._buf = self._buf[:nl], self._buf[nl + 2:]
+            if self._data is not None:
+                self._data_line(line)
+            elif line.upper().startswith(b"BDAT "):
+                self.commands.append(line)
+                self._chunk_line, self._chunk = line, b""
+                self._octets = int(line.split()[1])
+                if self._octets == 0:
+                    self._octets = None
+                    self._chunk_done()
+            else:
+                if line.upper().startswith((b"RSET", b"MAIL")):
+                    self._bdat = None
+                self._command(line)
+
+    def _chunk_done(self) -> None:
+        line, chunk = self._chunk_line, self._chunk
+        self.chunks.append((line, chunk))
+        last = line.upper().endswith(b" LAST")
+        found, reply = self._scripted(line)
+        if not found:
+            if self._mail is None or not self._rcpts:
+                reply = b"503 5.5.1 Error: need RCPT command"
+            elif last:
+                reply = b"250 2.0.0 Ok: queued as FAKE%d" % (len(self.messages) + 1)
+            else:
+                reply = b"250 2.0.0 %d octets received" % len(chunk)
+        if reply is not None and reply[:1] == b"2":
+            self._bdat = (self._bdat or b"") + chunk
+            if last:
+                assert self._mail is not None
+                self.messages.append(FakeMessage(self._mail, list(self._rcpts), self._bdat))
+                self._mail, self._rcpts, self._bdat = None, [], None
+        if reply is not None:
+            self._send(reply)
+
+
+CHUNKING = (*ALL, b"CHUNKING")
+DOTTY = b"Subject: dots\r\n\r\n.first\r\n..two\r\n.\r\n.\r\nMAIL FROM:<evil@example.com>\r\nend\r\n"
+
+
+def test_bdat_after_pipelined_mail_and_rcpt(tmp_path: Path) -> None:
+    """
+    To a peer offering CHUNKING and PIPELINING, MAIL and every RCPT go in
+    one write without DATA; after their replies the message goes as one
+    C{BDAT n LAST} with exactly its octets, dot lines not stuffed; the reply
+    to it is each recipient's result.
+    """
+    hop = Hop(tmp_path)
+    out = hop.submit(message=DOTTY, recipients=("a@example.net", "b@example.net"))
+    wire = hop.wire()
+    sent = wire.greet(CHUNKING)
+    assert sent == (
+        b"MAIL FROM:<sender@example.org> SIZE=%d\r\nRCPT TO:<a@example.net>\r\nRCPT TO:<b@example.net>\r\n"
+        % len(DOTTY)
+    )
+    assert wire.reply(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n") == b""
+    assert wire.reply(b"250 2.1.5 Ok\r\n") == b"BDAT %d LAST\r\n" % len(DOTTY) + DOTTY
+    assert not out.fired
+    wire.reply(b"250 2.0.0 Ok: queued as X\r\n")
+    assert results_of(out) == {"a@example.net": (250, "2.0.0"), "b@example.net": (250, "2.0.0")}
+
+
+def test_bdat_without_pipelining(tmp_path: Path) -> None:
+    """Without PIPELINING: MAIL, then each RCPT, then BDAT, each after the previous reply."""
+    hop = Hop(tmp_path)
+    out = hop.submit(recipients=("a@example.net", "b@example.net"))
+    wire = hop.wire()
+    assert wire.greet((b"CHUNKING", b"ENHANCEDSTATUSCODES")) == b"MAIL FROM:<sender@example.org>\r\n"
+    assert wire.reply(b"250 Ok\r\n") == b"RCPT TO:<a@example.net>\r\n"
+    assert wire.reply(b"550 5.1.1 no\r\n") == b"RCPT TO:<b@example.net>\r\n"
+    assert wire.reply(b"250 Ok\r\n") == b"BDAT %d LAST\r\n" % len(MESSAGE) + MESSAGE
+    wire.reply(b"250 2.0.0 queued\r\n")
+    assert results_of(out) == {"a@example.net": (550, "5.1.1"), "b@example.net": (250, "2.0.0")}
+
+
+def test_large_message_goes_in_1mib_chunks(tmp_path: Path) -> None:
+    """
+    A 2.5 MiB message with dot lines throughout goes as BDAT 1048576,
+    BDAT 1048576, BDAT rest LAST: each command's size is the octets that
+    follow it, and the peer gets the message byte for byte.
+    """
+    line = b"x" * 70 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + (b".\r\n.." + line) * (5 * 2**20 // (2 * len(line)))
+    hop = Hop(tmp_path)
+    out = hop.submit(message=body)
+    hop.serve(ChunkingServer)
+    assert results_of(out) == {"rcpt@example.net": (250, "2.0.0")}
+    server = hop.servers[0]
+    rest = len(body) - 2 * 2**20
+    assert [c for c, _ in server.chunks] == [b"BDAT 1048576", b"BDAT 1048576", b"BDAT %d LAST" % rest]
+    assert all(int(c.split()[1]) == len(octets) for c, octets in server.chunks)
+    (msg,) = server.messages
+    assert msg.data == body
+
+
+@pytest.mark.parametrize(("reply", "expect"), [(b"452 4.3.1 full", (452, "4.3.1")), (b"554 5.6.0 bad", (554, "5.6.0"))])
+def test_refused_middle_chunk_ends_the_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reply: bytes, expect: tuple[int, str]
+) -> None:
+    """
+    A 4xx or 5xx to a middle chunk: no further chunk is sent, that reply is
+    every accepted recipient's result (a recipient refused at RCPT keeps its
+    own), and the next message on the connection starts with RSET.
+    """
+    monkeypatch.setattr(RelayClient, "BDAT_CHUNK", 10)
+    hop = Hop(tmp_path, concurrency=1)
+    out = hop.submit(recipients=("a@example.net", "gone@example.net"))
+    nxt = hop.submit(message=b"Subject: s\r\n\r\nx\r\n")
+    hop.serve(lambda: ChunkingServer(replies={
+        b"BDAT": [b"250 2.0.0 10 octets", reply], b"RCPT TO:<gone@": b"550 5.1.1 unknown",
+    }))
+    assert results_of(out) == {"a@example.net": expect, "gone@example.net": (550, "5.1.1")}
+    server = hop.servers[0]
+    at = [i for i, c in enumerate(server.commands) if c.startswith(b"BDAT")]
+    assert [server.commands[i] for i in at] == [b"BDAT 10", b"BDAT 10", b"BDAT 10", b"BDAT 7 LAST"]
+    i = at[1]  # the refused chunk: the first message's last; the next message's two follow
+    assert server.commands[i + 1] == b"RSET" and server.commands[i + 2].startswith(b"MAIL")
+    assert results_of(nxt) == {"rcpt@example.net": (250, "2.0.0")}
+    assert [m.data for m in server.messages] == [b"Subject: s\r\n\r\nx\r\n"]
+
+
+def test_no_recipient_accepted_sends_no_bdat(tmp_path: Path) -> None:
+    """Every RCPT refused: no BDAT at all; the next transaction starts with RSET."""
+    hop = Hop(tmp_path, concurrency=1)
+    out = hop.submit(recipients=("gone@example.net",))
+    nxt = hop.submit()
+    hop.serve(lambda: ChunkingServer(replies={b"RCPT TO:<gone@": b"550 5.1.1 unknown"}))
+    assert results_of(out) == {"gone@example.net": (550, "5.1.1")}
+    assert results_of(nxt) == {"rcpt@example.net": (250, "2.0.0")}
+    cmds = hop.servers[0].commands
+    assert sum(c.startswith(b"BDAT") for c in cmds) == 1
+    assert cmds[cmds.index(b"RCPT TO:<gone@example.net>") + 1] == b"RSET"
+
+
+def test_refused_mail_with_chunking(tmp_path: Path) -> None:
+    """MAIL refused (pipelined RCPTs get 503): its reply for every recipient, no BDAT."""
+    hop = Hop(tmp_path)
+    out = hop.submit(recipients=("a@example.net", "b@example.net"))
+    hop.serve(lambda: ChunkingServer(replies={b"MAIL": b"553 5.7.1 sender rejected"}))
+    assert results_of(out) == {"a@example.net": (553, "5.7.1"), "b@example.net": (553, "5.7.1")}
+    assert not any(c.startswith(b"BDAT") for c in hop.servers[0].commands)
+
+
+@pytest.mark.parametrize("which", ["middle", "last"])
+def test_chunk_reply_timeouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    """
+    A peer that never answers a chunk: a middle one times out after
+    C{data_block_timeout}, the LAST after C{data_done_timeout}; the
+    recipients are deferred (4.4.2) and the connection dropped.
+    """
+    monkeypatch.setattr(RelayClient, "BDAT_CHUNK", 40)
+    hop = Hop(tmp_path)
+    out = hop.submit()
+    wire = hop.wire()
+    wire.greet(CHUNKING)
+    sent = wire.reply(b"250 Ok\r\n250 Ok\r\n")
+    assert sent.startswith(b"BDAT 40\r\n")
+    timeout = hop.timeouts.data_block_timeout
+    if which == "last":
+        assert wire.reply(b"250 2.0.0 40 octets\r\n").startswith(b"BDAT %d LAST\r\n" % (len(MESSAGE) - 40))
+        timeout = hop.timeouts.data_done_timeout
+    hop.reactor.advance(timeout - 0.5)
+    assert not out.fired and not wire.closed
+    hop.reactor.advance(1)
+    assert_temporary(out)
+    assert wire.closed
+
+
+def test_connection_lost_mid_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The connection drops while a chunk is being written (its sender
+    registered and not done): the recipients are deferred (4.4.2), once.
+    """
+    monkeypatch.setattr(ChunkSender, "PIECE", 16)
+    hop = Hop(tmp_path)
+    out = hop.submit()
+    wire = hop.wire()
+    wire.greet(CHUNKING)
+    first = wire.reply(b"250 Ok\r\n250 Ok\r\n", drive=False)
+    assert wire.transport.producer is not None
+    wire.transport.producer.resumeProducing()
+    assert (first + wire.take()).startswith(b"BDAT %d LAST\r\n" % len(MESSAGE))
+    wire.transport.connection_lost()
+    assert_temporary(out)
+    assert out.calls == 1
+
+
+def test_early_chunk_reply_waits_for_the_chunk_to_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A refusal that arrives while a chunk is still being written: the chunk
+    is finished (the peer counts its octets), then no further chunk is sent
+    and the refusal is the result.
+    """
+    monkeypatch.setattr(ChunkSender, "PIECE", 16)
+    monkeypatch.setattr(RelayClient, "BDAT_CHUNK", 32)
+    hop = Hop(tmp_path)
+    out = hop.submit()
+    wire = hop.wire()
+    wire.greet(CHUNKING)
+    sent = wire.reply(b"250 Ok\r\n250 Ok\r\n", drive=False)
+    assert wire.transport.producer is not None
+    wire.transport.producer.resumeProducing()
+    sent += wire.take()
+    wire.protocol.dataReceived(b"452 4.3.1 no room\r\n")
+    assert not out.fired
+    wire.transport.drive()
+    sent += wire.take()
+    assert sent == b"BDAT 32\r\n" + MESSAGE[:32]
+    assert results_of(out) == {"rcpt@example.net": (452, "4.3.1")}
+
+
+def test_unexpected_reply_to_bdat(tmp_path: Path) -> None:
+    """A 354 (or anything not 2xx/4xx/5xx) to BDAT is a protocol error: deferred, connection dropped."""
+    hop = Hop(tmp_path)
+    out = hop.submit()
+    wire = hop.wire()
+    wire.greet(CHUNKING)
+    wire.reply(b"250 Ok\r\n250 Ok\r\n")
+    wire.reply(b"354 go ahead\r\n")
+    assert_temporary(out)
+    assert out.results is not None and "BDAT" in out.results[0].text
+    assert wire.closed
+
+
+def test_chunking_can_be_turned_off(tmp_path: Path) -> None:
+    """C{[outbound] chunking = false}: DATA, even to a peer offering CHUNKING."""
+    hop = Hop(tmp_path, chunking=False)
+    out = hop.submit(message=DOTTY)
+    hop.serve(ChunkingServer)
+    assert results_of(out) == {"rcpt@example.net": (250, "2.0.0")}
+    cmds = hop.servers[0].commands
+    assert b"DATA" in cmds and not any(c.startswith(b"BDAT") for c in cmds)
+    assert hop.servers[0].messages[0].data == DOTTY
+
+
+def test_empty_message_is_one_empty_last_chunk(tmp_path: Path) -> None:
+    """A zero-octet message goes as C{BDAT 0 LAST}."""
+    hop = Hop(tmp_path)
+    out = hop.submit(message=b"")
+    hop.serve(ChunkingServer)
+    assert results_of(out) == {"rcpt@example.net": (250, "2.0.0")}
+    assert hop.servers[0].chunks == [(b"BDAT 0 LAST", b"")]
+
+
+def test_many_messages_with_bdat_on_one_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connection reuse with BDAT: twenty multi-chunk messages, one connection, each byte-exact."""
+    monkeypatch.setattr(RelayClient, "BDAT_CHUNK", 64)
+    hop = Hop(tmp_path, concurrency=1)
+    bodies = [b"Subject: %d\r\n\r\n" % i + b".\r\n" * i + b"y" * (50 * i) + b"\r\n" for i in range(20)]
+    outs = [hop.submit(message=b) for b in bodies]
+    hop.serve(ChunkingServer)
+    assert all(results_of(o) == {"rcpt@example.net": (250, "2.0.0")} for o in outs)
+    assert len(hop.servers) == 1
+    assert [m.data for m in hop.servers[0].messages] == bodies
+
+
+def test_transfer_debug_line(tmp_path: Path) -> None:
+    """Each message sent leaves one debug log line saying how: method, chunks, octets, converted."""
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        hop = Hop(tmp_path)
+        hop.submit(message=EIGHT_BIT_MESSAGE, params={"body": "8BITMIME", "content": "78"})
+        hop.serve(lambda: ChunkingServer((b"PIPELINING", b"CHUNKING")))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    (line,) = [e for e in seen if e.get("log_format", "").startswith("transfer ")]
+    (msg,) = hop.servers[0].messages
+    assert (line["method"], line["chunks"], line["octets"], line["converted"], line["code"]) == (
+        "BDAT", 1, len(msg.data), True, 250,
+    )

@@ -10,11 +10,19 @@ C{shared/TWISTED-TRAPS.md}):
  - MAIL carries SIZE, BODY=8BITMIME, SMTPUTF8 and DSN parameters when the peer
    offers them; RCPT carries NOTIFY/ORCPT; with PIPELINING, MAIL, every RCPT
    and DATA go out in one write;
- - an 8-bit message is never sent to a peer without 8BITMIME (RFC 6152), nor an
-   SMTPUTF8 one to a peer without SMTPUTF8 (RFC 6531), nor one over the peer's
-   SIZE: those recipients fail permanently;
- - the body is dot-stuffed correctly across chunk boundaries and on its first
-   line, from the stored CRLF message (trap 16);
+ - a message that needs SMTPUTF8 (a non-ASCII envelope or header section,
+   L{relaynet.delivery.downgrade.needs_smtputf8}) is never sent to a peer
+   without it (5.6.7, RFC 6531); one that merely declared it goes there
+   without the parameter (RFC 6531 3.4);
+ - a message with 8-bit content goes to a peer without 8BITMIME converted to
+   7-bit MIME in a worker thread (L{relaynet.delivery.downgrade.to_seven_bit},
+   RFC 6152 3), or bounces (5.6.3) where it cannot be converted (8-bit
+   header fields) or C{[outbound] eight_bit = "bounce"}; one over the peer's
+   SIZE fails permanently (5.3.4);
+ - to a peer offering CHUNKING the message goes in C{BDAT} chunks of up to
+   L{RelayClient.BDAT_CHUNK} octets (RFC 3030), without dot-stuffing, one
+   chunk in flight at a time; otherwise with DATA, dot-stuffed correctly
+   across read boundaries and on its first line (trap 16);
  - plaintext that arrived with the 220 to STARTTLS is discarded (trap 17);
  - every step has a timeout (RFC 5321 4.5.3.2), and a failure never triggers
    an immediate reconnect (trap 18);
@@ -35,10 +43,11 @@ import hmac
 import os
 import re
 from collections import deque
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import ClientFactory, connectionDone
@@ -51,10 +60,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaynet.config import Outbound, split_endpoint
+from relaynet.delivery.downgrade import ConversionError, has_eight_bit, needs_smtputf8, to_seven_bit
 from relaynet.smtp.datastream import DotStuffer
 from relaynet.smtp.netio import no_delay, send_now
 from relaynet.smtp.parse import xtext_encode
-from relaynet.queue.spool import BoundedReader, QueueEntry, Recipient
+from relaynet.queue.spool import QueueEntry, Recipient
 from relaynet.smtp.tls import client_options, connection_info
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
@@ -132,6 +142,69 @@ class Job:
             ])
 
 
+@frozen
+class _Plan:
+    """
+    How one message goes to the connected hop (decided from its EHLO reply).
+
+    @ivar smtputf8: MAIL carries C{SMTPUTF8}.
+    @ivar body8: MAIL carries C{BODY=8BITMIME}.
+    @ivar convert: the 7-bit conversion is sent instead of the stored message.
+    @ivar chunking: BDAT instead of DATA.
+    """
+
+    smtputf8: bool
+    body8: bool
+    convert: bool
+    chunking: bool
+
+
+class _Reader(Protocol):
+    """What the body senders read from: a L{BoundedReader} or L{_BytesReader}."""
+
+    def read(self, n: int | None = -1) -> bytes: ...
+
+    @property
+    def remaining(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _BytesReader:
+    """A message held in memory (a converted one), read like a queue file."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = len(self._data) if n is None or n < 0 else min(len(self._data), self._pos + n)
+        piece = self._data[self._pos:end]
+        self._pos = end
+        return piece
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def close(self) -> None:
+        pass
+
+
+def _seven_bit_copy(entry: QueueEntry) -> bytes:
+    """
+    The stored message converted to 7 bits (blocking: run in a worker thread).
+
+    @raise ConversionError: it cannot be (8-bit header fields).
+    @raise OSError: the queue file cannot be read, or is short.
+    """
+    with entry.open_message() as f:
+        data = f.read()
+    if len(data) != entry.envelope.size:
+        raise OSError("queue file shorter than its recorded size")
+    return to_seven_bit(data)
+
+
 def _b64(text: str) -> bytes:
     return base64.b64encode(text.encode("utf-8"))
 
@@ -150,6 +223,9 @@ class RelayClient(smtp.ESMTPClient):
     transport: ITCPTransport | None
 
     debug = False
+    #: The largest BDAT chunk (RFC 3030): memory per connection is bounded by
+    #: the body senders' reads, not by this.
+    BDAT_CHUNK = 1024 * 1024
     # No Logger here: SMTPClient.__init__ sets self.log to its transcript of
     # the session (a LineLog), which would hide one.
 
@@ -181,6 +257,17 @@ class RelayClient(smtp.ESMTPClient):
         self._needs_rset = False
         self._quitting = False
         self.session_error: tuple[int, str, str] | None = None
+        # The current transaction: how it goes, the converted message (None:
+        # the queue file), the BDAT reader, chunks sent, a chunk being
+        # written, a chunk reply that came before its chunk was all written.
+        self._plan: _Plan | None = None
+        self._payload: bytes | None = None
+        self._reader: _Reader | None = None
+        self._chunks = 0
+        self._chunk_writing = False
+        self._early_reply: tuple[str, int, bytes] | None = None
+        self._in_next = False
+        self._again = False
 
     # -- connection and capabilities -------------------------------------
 
@@ -359,6 +446,7 @@ class RelayClient(smtp.ESMTPClient):
     def _end_connection(self, code: int, enhanced: str, text: str) -> None:
         """A fault that ends the session: fail the current job, drop the line."""
         job, self.job = self.job, None
+        self._close_reader()
         if code and not (400 <= code < 600):
             code = 0
         if self.session_error is None:
@@ -377,6 +465,7 @@ class RelayClient(smtp.ESMTPClient):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         smtp.ESMTPClient.connectionLost(self, reason)
         job, self.job = self.job, None
+        self._close_reader()
         why = f"lost connection with {self.pool.name}"
         if reason is not None and reason.check(SSL.Error, VerificationError):
             why = f"TLS with {self.pool.name} failed: {reason.getErrorMessage()}"
@@ -406,58 +495,108 @@ class RelayClient(smtp.ESMTPClient):
         """Entry point after EHLO/TLS/AUTH and after each message: next job."""
         self._next()
 
-    def _next(self) -> None:
-        """Start the next sendable job, or idle, or QUIT (a loop, not recursion)."""
-        while not self._quitting:
-            job = None
-            if self.pool.reuse or self._sent == 0:
-                if self._sent < self.pool.timeouts.max_messages_per_connection:
-                    job = self.pool.take(self)
-            if job is None:
-                if self.pool.reuse and self._sent < self.pool.timeouts.max_messages_per_connection:
-                    self.pool.idle(self)
-                    return
-                self.quit()
-                return
-            if self._refuse_unsendable(job):
-                continue
-            self._begin(job)
-            return
-
-    def _refuse_unsendable(self, job: Job) -> bool:
+    def _next(self, first: Job | None = None) -> None:
         """
-        Fail C{job} permanently, without sending anything, if this peer cannot
-        take it: 8-bit without 8BITMIME (RFC 6152), SMTPUTF8 without SMTPUTF8
-        (RFC 6531), or larger than the peer's SIZE.
+        Start C{first}, or the next sendable job, or idle, or QUIT (a loop,
+        not recursion: a job refused here, or whose conversion fails at
+        once, makes the loop go round again rather than call itself).
+        """
+        if self._in_next:
+            # Called back from inside the loop (a job's result ran code that
+            # ended here): the loop goes round once more.
+            if first is not None:
+                self.pool.queue.appendleft(first)
+            self._again = True
+            return
+        self._in_next = True
+        try:
+            while not self._quitting:
+                job, first = first, None
+                if job is None and (self.pool.reuse or self._sent == 0):
+                    if self._sent < self.pool.timeouts.max_messages_per_connection:
+                        job = self.pool.take(self)
+                if job is None:
+                    if self.pool.reuse and self._sent < self.pool.timeouts.max_messages_per_connection:
+                        self.pool.idle(self)
+                        return
+                    self.quit()
+                    return
+                plan = self._plan_for(job)
+                if plan is None:
+                    continue
+                self._again = False
+                self._start_job(job, plan)
+                if not self._again:
+                    return
+        finally:
+            self._in_next = False
 
-        @return: whether the job was refused.
+    def _plan_for(self, job: Job) -> _Plan | None:
+        """
+        How C{job} goes to this peer; or fail it permanently, without sending
+        anything, if the peer cannot take it: it needs SMTPUTF8 and the peer
+        lacks it (RFC 6531, 5.6.7), it is 8-bit, the peer lacks 8BITMIME and
+        C{[outbound] eight_bit} says bounce (RFC 6152, 5.6.3), or it is larger
+        than the peer's SIZE (5.3.4; a converted message is measured once
+        converted).
+
+        @return: the plan, or C{None} if the job was refused.
         """
         env = job.entry.envelope
         ext = self.peer_ext
         params = env.params
         remote = self.pool.name
         problem = None
-        if params.get("body") == "8BITMIME" and b"8BITMIME" not in ext:
-            problem = ("5.6.3", f"{remote} does not support 8BITMIME; 8-bit message not sent (RFC 6152)")
-        elif params.get("smtputf8") and b"SMTPUTF8" not in ext:
-            problem = ("5.6.7", f"{remote} does not support SMTPUTF8 (RFC 6531)")
-        elif b"SIZE" in ext:
-            try:
-                limit = int((ext[b"SIZE"] or b"0").split()[0])
-            except ValueError:
-                limit = 0
-            if limit and env.size > limit:
-                problem = ("5.3.4", f"message size {env.size} exceeds the limit {limit} of {remote}")
-        if problem is None:
-            return False
-        job.fail(554, problem[0], problem[1], remote)
-        self._sent += 1
-        return True
+        smtputf8 = bool(params.get("smtputf8"))
+        if smtputf8 and b"SMTPUTF8" not in ext:
+            # Only a message that needs it stops here; one that merely
+            # declared it goes without the parameter (RFC 6531 3.4).
+            smtputf8 = False
+            if needs_smtputf8(env, [r.address for r in job.recipients]):
+                problem = (
+                    "5.6.7",
+                    (f"{remote} does not support SMTPUTF8, and the message needs it"
+                     " (non-ASCII address or header section; RFC 6531)"),
+                )
+        eight = has_eight_bit(env)
+        offers8 = b"8BITMIME" in ext
+        convert = eight and not offers8
+        if problem is None and convert and self.timeouts.eight_bit == "bounce":
+            problem = (
+                "5.6.3",
+                (f"{remote} does not support 8BITMIME; 8-bit message not sent"
+                 " ([outbound] eight_bit = bounce; RFC 6152)"),
+            )
+        if problem is None and not convert:
+            problem = self._too_big(env.size)
+        if problem is not None:
+            job.fail(554, problem[0], problem[1], remote)
+            self._sent += 1
+            return None
+        return _Plan(
+            smtputf8=smtputf8,
+            body8=offers8 and (eight or params.get("body") == "8BITMIME"),
+            convert=convert,
+            chunking=b"CHUNKING" in ext and self.timeouts.chunking,
+        )
+
+    def _too_big(self, size: int) -> tuple[str, str] | None:
+        """The 5.3.4 refusal if C{size} octets exceed the peer's SIZE."""
+        if b"SIZE" not in self.peer_ext:
+            return None
+        try:
+            limit = int((self.peer_ext[b"SIZE"] or b"0").split()[0])
+        except (ValueError, IndexError):
+            limit = 0
+        if limit and size > limit:
+            return ("5.3.4", f"message size {size} exceeds the limit {limit} of {self.pool.name}")
+        return None
 
     def quit(self) -> None:
         """End the session politely."""
         self._quitting = True
         self.job = None
+        self._close_reader()
         self.setTimeout(self.timeouts.helo_timeout)
         # Any reply: SMTPClient assigns a range itself, though its inferred
         # type is the list[int] of its first assignment.
@@ -467,24 +606,76 @@ class RelayClient(smtp.ESMTPClient):
 
     def start(self, job: Job) -> None:
         """Send one message to its recipients on this connection."""
-        if self._refuse_unsendable(job):
+        self._next(job)
+
+    def _start_job(self, job: Job, plan: _Plan) -> None:
+        """Send C{job} as planned: at once, or once converted to 7 bits."""
+        if not plan.convert:
+            self._begin(job, plan, None)
+            return
+        # The connection is taken meanwhile (self.job); if it ends before
+        # the conversion does, the job gets its result from that.
+        self.job = job
+        d = maybeDeferred(self.pool.run_in_thread, lambda: _seven_bit_copy(job.entry))
+        d.addCallbacks(
+            lambda data: self._converted(job, plan, data),
+            lambda reason: self._conversion_failed(job, reason),
+        )
+
+    def _converted(self, job: Job, plan: _Plan, data: bytes) -> None:
+        if self.job is not job or self._quitting:
+            return
+        problem = self._too_big(len(data))
+        if problem is not None:
+            self.job = None
+            job.fail(554, problem[0], problem[1] + " (converted to 7 bits)", self.pool.name)
+            self._sent += 1
             self._next()
             return
-        self._begin(job)
+        self._begin(job, plan, data)
 
-    def _begin(self, job: Job) -> None:
-        """Send MAIL, RCPT..., DATA for C{job} (the peer can take it)."""
+    def _conversion_failed(self, job: Job, reason: Failure) -> None:
+        if self.job is not job or self._quitting:
+            return
+        self.job = None
+        remote = self.pool.name
+        if reason.check(ConversionError):
+            job.fail(
+                554, "5.6.3",
+                f"{remote} does not support 8BITMIME, and the 8-bit message cannot be"
+                f" converted to 7 bits: {reason.getErrorMessage()} (RFC 6152)", remote,
+            )
+        else:
+            self.pool.log.failure(
+                "converting {queue_id} to 7 bits for {relay}", reason,
+                queue_id=job.entry.queue_id, relay=remote,
+            )
+            job.fail(0, "4.3.0", f"cannot convert the message to 7 bits for {remote}: "
+                     f"{reason.getErrorMessage()}", remote)
+        self._sent += 1
+        self._next()
+
+    def _begin(self, job: Job, plan: _Plan, payload: bytes | None) -> None:
+        """
+        Send MAIL, RCPT... and (without CHUNKING) DATA for C{job}; C{payload}
+        is the converted message, or C{None} to send the queue file.
+        """
         self.job = job
+        self._plan = plan
+        self._payload = payload
+        self._chunks = 0
+        self._chunk_writing = False
+        self._early_reply = None
         env = job.entry.envelope
         ext = self.peer_ext
         params = env.params
         dsn = b"DSN" in ext
         mail = b"MAIL FROM:" + _addr(env.sender)
         if b"SIZE" in ext:
-            mail += b" SIZE=%d" % env.size
-        if params.get("body") == "8BITMIME":
+            mail += b" SIZE=%d" % (env.size if payload is None else len(payload))
+        if plan.body8:
             mail += b" BODY=8BITMIME"
-        if params.get("smtputf8"):
+        if plan.smtputf8:
             mail += b" SMTPUTF8"
         if dsn and params.get("ret"):
             mail += b" RET=" + params["ret"].encode()
@@ -505,8 +696,10 @@ class RelayClient(smtp.ESMTPClient):
                 rcpt += b" ORCPT=" + addr_type.encode() + b";" + xtext_encode(orig).encode()
             lines.append(rcpt)
             self._pending.append(("RCPT", r))
-        lines.append(b"DATA")
-        self._pending.append(("DATA", None))
+        if not plan.chunking:
+            # With BDAT the first chunk waits for the RCPT replies.
+            lines.append(b"DATA")
+            self._pending.append(("DATA", None))
         self._rcpt_results = {}
         self._rcpt_job = job
         self._accepted = []
@@ -539,6 +732,7 @@ class RelayClient(smtp.ESMTPClient):
             return
         kind, rcpt = self._pending.popleft()
         ok = 200 <= code < 300
+        chunking = self._plan is not None and self._plan.chunking
         if kind == "RSET":
             self._send_next()
             return
@@ -564,6 +758,15 @@ class RelayClient(smtp.ESMTPClient):
                         rcpt.address, code, enhanced, text, self.pool.name,
                         b"DSN" in self.peer_ext, self.tls_info,
                     )
+            if chunking and not self._pending:
+                # The last RCPT reply: BDAT if a recipient was accepted
+                # (RFC 3030 needs no empty transaction to end), else done.
+                if mail_ok and self._accepted:
+                    self._send_chunk(job)
+                else:
+                    self._needs_rset = True
+                    self._complete(*((code, resp) if mail_ok else (mail_code, mail_resp)))
+                return
             if not self._pipelined:
                 if self._unsent and self._unsent[0] == b"DATA" and not self._accepted:
                     self._needs_rset = True
@@ -591,13 +794,30 @@ class RelayClient(smtp.ESMTPClient):
             self._needs_rset = True
             self._complete(*((0, b"") if mail_ok else (mail_code, mail_resp)))
             return
+        if kind in ("BDAT", "LAST"):
+            if self._chunk_writing:
+                # A reply before its chunk was all written: the peer must
+                # still read the whole chunk, so finish writing it first.
+                self._early_reply = (kind, code, resp)
+                return
+            self._chunk_reply(job, kind, code, resp)
+            return
         if kind == "DOT":
+            self._log_transfer(job, code)
             self._complete(code, resp)
+
+    # -- the body: DATA -----------------------------------------------------
+
+    def _open_reader(self, job: Job) -> _Reader:
+        """The message to send: the converted copy, or the queue file."""
+        if self._payload is not None:
+            return _BytesReader(self._payload)
+        return job.entry.open_message()
 
     def _send_body(self, job: Job) -> None:
         self.setTimeout(self.timeouts.data_block_timeout)
         try:
-            f = job.entry.open_message()
+            f = self._open_reader(job)
         except OSError as e:
             self._end_connection(0, "4.3.0", f"cannot read queue file: {e}")
             return
@@ -613,9 +833,95 @@ class RelayClient(smtp.ESMTPClient):
 
         BodySender(f, self.transport, self.resetTimeout).start().addCallbacks(sent, failed)
 
+    # -- the body: BDAT (RFC 3030) -----------------------------------------
+
+    def _send_chunk(self, job: Job) -> None:
+        """
+        Send the next C{BDAT} chunk of up to L{BDAT_CHUNK} octets (the last
+        one C{BDAT n LAST}) and wait for its reply: one chunk in flight.
+        Its writing is timed by C{data_block_timeout} (reset as it
+        progresses), the wait for a reply by C{data_block_timeout}, the
+        reply to the last chunk by C{data_done_timeout}.
+        """
+        reader = self._reader
+        if reader is None:
+            try:
+                reader = self._reader = self._open_reader(job)
+            except OSError as e:
+                self._end_connection(0, "4.3.0", f"cannot read queue file: {e}")
+                return
+        size = min(self.BDAT_CHUNK, reader.remaining)
+        last = size == reader.remaining
+        self._chunks += 1
+        self._pending.append(("LAST" if last else "BDAT", None))
+        self._chunk_writing = True
+        self.setTimeout(self.timeouts.data_block_timeout)
+        header = b"BDAT %d%s\r\n" % (size, b" LAST" if last else b"")
+
+        def sent(_: object) -> None:
+            self._chunk_writing = False
+            if last:
+                self._close_reader()
+            if self.job is not job:
+                return
+            self.setTimeout(self.timeouts.data_done_timeout if last else self.timeouts.data_block_timeout)
+            early, self._early_reply = self._early_reply, None
+            if early is not None:
+                self._chunk_reply(job, *early)
+
+        def failed(reason: Failure) -> None:
+            self._chunk_writing = False
+            self._close_reader()
+            if reason.check(OSError) and not reason.check(ConnectionError):
+                # Part of the chunk is out and the rest cannot be read: the
+                # session cannot go on (the peer counts octets).
+                self._end_connection(0, "4.3.0", f"cannot read queue file: {reason.value}")
+            else:
+                self._end_connection(0, "4.4.2", f"error sending message body: {reason.value}")
+
+        ChunkSender(reader, size, header, self.transport, self.resetTimeout).start().addCallbacks(sent, failed)
+
+    def _chunk_reply(self, job: Job, kind: str, code: int, resp: bytes) -> None:
+        """The reply to a chunk: the next chunk, or the transaction's end."""
+        if kind == "LAST" and (200 <= code < 300 or 400 <= code < 600):
+            self._log_transfer(job, code)
+            self._complete(code, resp)
+        elif kind == "BDAT" and 200 <= code < 300:
+            self._send_chunk(job)
+        elif kind == "BDAT" and 400 <= code < 600:
+            # A refused chunk ends the transaction; no further chunk is
+            # sent (RFC 3030 2), and the next one starts with RSET.
+            self._close_reader()
+            self._needs_rset = True
+            self._log_transfer(job, code)
+            self._complete(code, resp)
+        else:
+            self._end_connection(0, "4.5.0", f"{self.pool.name} answered BDAT with {code}")
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    def _log_transfer(self, job: Job, code: int) -> None:
+        """One debug line per message sent: how it went (DATA or BDAT, converted)."""
+        plan = self._plan
+        size = job.entry.envelope.size if self._payload is None else len(self._payload)
+        self.pool.log.debug(
+            "transfer queue_id={queue_id} relay={relay} method={method} chunks={chunks}"
+            " octets={octets} converted={converted} smtputf8={smtputf8} body8={body8} reply={code}",
+            queue_id=job.entry.queue_id, relay=self.pool.name,
+            method="BDAT" if plan is not None and plan.chunking else "DATA",
+            chunks=self._chunks, octets=size, converted=self._payload is not None,
+            smtputf8=plan is not None and plan.smtputf8, body8=plan is not None and plan.body8,
+            code=code,
+        )
+
     def _complete(self, code: int, resp: bytes) -> None:
         """The transaction is over: one result per recipient, then the next job."""
         job, self.job = self.job, None
+        self._close_reader()
+        self._payload = None
         if job is None:
             return
         self._pending.clear()
@@ -639,6 +945,69 @@ class RelayClient(smtp.ESMTPClient):
 
 
 @implementer(IPullProducer)
+class ChunkSender:
+    """
+    Send one BDAT chunk: its command line and then C{size} octets of the
+    message as they are (no dot-stuffing: RFC 3030), read L{PIECE} octets
+    per reactor pass, the command joined to the first piece.
+
+    @ivar PIECE: bytes read per pass; bounds memory per connection.
+    """
+
+    PIECE = 256 * 1024
+
+    def __init__(self, reader: _Reader, size: int, header: bytes, consumer: Any, progress: Any) -> None:
+        self._reader = reader
+        self._left = size
+        self._header = header
+        self._consumer = consumer
+        self._progress = progress
+        self._done: Deferred[None] | None = None
+
+    def start(self) -> Deferred[None]:
+        """Register with the consumer; fires once the whole chunk is written."""
+        done: Deferred[None] = Deferred()
+        self._done = done
+        self._consumer.registerProducer(self, False)
+        return done
+
+    def resumeProducing(self) -> None:
+        done = self._done
+        if done is None:
+            return
+        try:
+            piece = self._reader.read(min(self.PIECE, self._left))
+            if not piece and self._left:
+                raise OSError("queue file shorter than its recorded size")
+        except OSError as e:
+            self._finish()
+            done.errback(e)
+            return
+        self._left -= len(piece)
+        self._progress()
+        data, self._header = self._header + piece, b""
+        if self._left == 0:
+            self._finish()
+            send_now(self._consumer, data)
+            done.callback(None)
+        else:
+            self._consumer.write(data)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        done = self._done
+        if done is not None:
+            self._finish()
+            done.errback(Failure(ConnectionError("connection lost while sending a BDAT chunk")))
+
+    def _finish(self) -> None:
+        self._done = None
+        self._consumer.unregisterProducer()
+
+
+@implementer(IPullProducer)
 class BodySender:
     """
     Send a stored message as the body of DATA: dot-stuffed, in chunks of up
@@ -653,7 +1022,7 @@ class BodySender:
 
     CHUNK = 256 * 1024
 
-    def __init__(self, reader: BoundedReader, consumer: Any, progress: Any) -> None:
+    def __init__(self, reader: _Reader, consumer: Any, progress: Any) -> None:
         self._reader = reader
         self._consumer = consumer
         self._progress = progress
@@ -762,8 +1131,12 @@ class HopPool:
         auth_cleartext: bool = False,
         auth_penalty: float | None = None,
         events: Any = None,
+        run_in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]] | None = None,
     ) -> None:
         """
+        @param run_in_thread: runs blocking work (the 7-bit conversion of a
+            message) off the reactor thread; by default in the reactor's
+            thread pool. Tests inject one.
         @param auth: C{(username, password)} for SMTP AUTH, or C{None}.
         @param auth_cleartext: send them even without TLS (loopback, tests).
         @param auth_penalty: seconds without new connections after a failed
@@ -778,6 +1151,7 @@ class HopPool:
         self.auth_cleartext = auth_cleartext
         self.auth_penalty = self.AUTH_PENALTY if auth_penalty is None else auth_penalty
         self.events = events
+        self._run_in_thread = run_in_thread
         # (until, dsn, diagnostic) of the last failed AUTH.
         self._auth_block: tuple[float, str, str] | None = None
         # Credentials go only over TLS: a route with tls = "none" still asks
@@ -808,6 +1182,12 @@ class HopPool:
         self._idle: dict[RelayClient, Any] = {}
         self._connecting = 0
         self.connections_made = 0
+
+    def run_in_thread(self, work: Callable[[], bytes]) -> Deferred[bytes]:
+        """Run C{work} in a worker thread; its result, in the reactor thread."""
+        if self._run_in_thread is not None:
+            return self._run_in_thread(work)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
 
     def submit(self, entry: QueueEntry, recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
         """Queue delivery of C{entry} to C{recipients} through this hop."""
@@ -1006,11 +1386,13 @@ class OutboundManager:
     def __init__(
         self, reactor: Any, timeouts: Outbound, helo_name: str, ca_file: Any = None,
         events: Any = None, auth_penalty: float | None = None,
+        run_in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]] | None = None,
     ) -> None:
         """
         @param events: where the pools emit C{auth_failed} events (an
             L{relaynet.events.EventLog}), or C{None}.
         @param auth_penalty: see L{HopPool}.
+        @param run_in_thread: see L{HopPool}.
         """
         self.reactor = reactor
         self.timeouts = timeouts
@@ -1018,6 +1400,7 @@ class OutboundManager:
         self.ca_file = ca_file
         self.events = events
         self.auth_penalty = auth_penalty
+        self.run_in_thread = run_in_thread
         self.pools: dict[tuple[str, str | None, str, str | None, bool], HopPool] = {}
 
     def pool(
@@ -1035,6 +1418,7 @@ class OutboundManager:
             p = self.pools[key] = HopPool(
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
                 tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
+                self.run_in_thread,
             )
         return p
 
@@ -1069,6 +1453,6 @@ class OutboundManager:
 
 
 __all__ = [
-    "DeliveryResult", "RelayClient", "HopPool", "OutboundManager", "reply_status", "Job",
-    "credentials_id",
+    "BodySender", "ChunkSender", "DeliveryResult", "RelayClient", "HopPool", "OutboundManager",
+    "reply_status", "Job", "credentials_id",
 ]
