@@ -1993,3 +1993,26 @@ def test_transfer_debug_line(tmp_path: Path) -> None:
     assert (line["method"], line["chunks"], line["octets"], line["converted"], line["code"]) == (
         "BDAT", 1, len(msg.data), True, 250,
     )
+
+
+def test_outbound_options_in_the_config() -> None:
+    """
+    C{[outbound] eight_bit} (convert | bounce, default convert) and
+    C{chunking} (default true) are read, refused with the key's name when
+    wrong, and written back by C{check-config}'s rendering.
+    """
+    import tomllib
+
+    from relaynet.config import ConfigError, describe, parse_config
+
+    assert (Outbound().eight_bit, Outbound().chunking) == ("convert", True)
+    config = parse_config({"outbound": {"eight_bit": "bounce", "chunking": False}}, "node.toml")
+    assert (config.outbound.eight_bit, config.outbound.chunking) == ("bounce", False)
+    again = parse_config(tomllib.loads(describe(config)), "again.toml")
+    assert again.outbound == config.outbound
+    with pytest.raises(ConfigError) as e:
+        parse_config({"outbound": {"eight_bit": "drop"}}, "node.toml")
+    assert "outbound.eight_bit" in str(e.value) and "convert or bounce" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"outbound": {"chunking": "yes"}}, "node.toml")
+    assert "outbound.chunking" in str(e.value)
