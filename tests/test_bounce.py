@@ -701,3 +701,29 @@ def test_is_bounce_worthy_unknown_action() -> None:
     """
     with pytest.raises(ValueError):
         is_bounce_worthy("alice@origin.example", None, "bounced")
+
+
+def test_global_delivery_status_keeps_every_recipient_block() -> None:
+    """
+    In a message/global-delivery-status part every per-recipient block is
+    written (the email generator writes them all only for
+    message/delivery-status); parsed back, as RFC 6533 reports are.
+    """
+    reports = [
+        RecipientReport("b@y.example", "failed", "5.1.1", remote_mta="mx.y.example", diagnostic="550 5.1.1 no"),
+        RecipientReport("c@y.example", "failed", "5.2.2"),
+    ]
+    data = dsn(original_headers="Subject: caf\u00e9\r\nFrom: a@b.example\r\n".encode(),
+               original_body=io.BytesIO(b"body\r\n"), reports=reports)
+    assert_wire_format(data)
+    msg = parse(data)
+    status = parts(msg)[1]
+    assert status.get_content_type() == "message/global-delivery-status"
+    text = raw_content(data, msg, 1).decode()
+    blocks = [b for b in text.strip().split("\r\n\r\n")]
+    assert len(blocks) == 3, text
+    fields = [email.message_from_string(b.replace("\r\n", "\n")) for b in blocks]
+    assert fields[0]["Reporting-MTA"].startswith("dns;")
+    assert [(f["Final-Recipient"], f["Status"]) for f in fields[1:]] == [
+        ("rfc822; b@y.example", "5.1.1"), ("rfc822; c@y.example", "5.2.2")]
+    assert fields[1]["Remote-MTA"] == "dns; mx.y.example"

@@ -174,12 +174,13 @@ def test_smtputf8_only_when_needed_to_postfix_without_it(net: Net, peer_dir: Pat
     status, returned = [p for p in dsn.iter_parts()][1:]
     assert status.get_content_type() == "message/global-delivery-status"
     human = " ".join(str(dsn.get_body(("plain",)).get_content()).split())
-    assert "<other@pf.test>:" in human and "5.6.7" in human and "SMTPUTF8" in human, human
-    # (Only the per-message block is checked here: relaynet/queue/bounce.py
-    # loses the per-recipient blocks of a message/global-delivery-status
-    # part -- the email generator writes a message/* payload's first item
-    # only -- reported to the lead.)
-    assert "Reporting-MTA: dns; relay.test" in status.as_string(), status.as_string()
+    assert "<other@pf.test>:" in human and "does not support SMTPUTF8" in human, human
+    # relaynet decided this itself, before sending: no "host ... said", no Remote-MTA.
+    assert "said" not in human, human
+    report = status.as_string()
+    assert "Reporting-MTA: dns; relay.test" in report, report
+    assert "Final-Recipient: rfc822; other@pf.test" in report and "Status: 5.6.7" in report, report
+    assert "Remote-MTA" not in report, report
     assert returned.get_content_type() == "message/global"
     assert mid2.encode() in returned.as_bytes(), returned
 

@@ -107,7 +107,9 @@ def outcome_of(res: DeliveryResult) -> Outcome:
         status, event = RecipientStatus.DEFERRED, OutcomeEvent.DEFERRED
     return Outcome(
         res.address, status, event, res.enhanced, res.diagnostic, res.remote,
-        res.dsn_peer and res.ok, res.code, res.text, res.tls,
+        # A refusal relaynet decided itself carries no reply code: the hop
+        # said nothing, so it is not the DSN's Remote-MTA.
+        res.dsn_peer and res.ok, 0 if res.local else res.code, res.text, res.tls,
     )
 
 

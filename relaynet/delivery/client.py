@@ -84,6 +84,9 @@ class DeliveryResult:
     @ivar auth_failed: the route's SMTP AUTH failed at this hop (or was not
         possible: no TLS, no AUTH, no usable mechanism), so the recipient was
         deferred without a mail transaction: something for an administrator.
+    @ivar local: relaynet decided this itself before sending (the hop lacks
+        SMTPUTF8 or 8BITMIME, or its SIZE is too small): the hop said
+        nothing, so it is no DSN's Remote-MTA.
     """
 
     address: str
@@ -94,6 +97,7 @@ class DeliveryResult:
     dsn_peer: bool = False
     tls: str | None = None
     auth_failed: bool = False
+    local: bool = False
 
     @property
     def ok(self) -> bool:
@@ -106,7 +110,7 @@ class DeliveryResult:
     @property
     def diagnostic(self) -> str:
         """The reply as a DSN Diagnostic-Code would show it."""
-        if self.code:
+        if self.code and not self.local:
             return f"{self.code} {self.enhanced} {self.text}"
         return self.text
 
@@ -134,10 +138,11 @@ class Job:
     recipients: list[Recipient]
     deferred: Deferred[list[DeliveryResult]] = field(factory=Deferred)
 
-    def fail(self, code: int, enhanced: str, text: str, remote: str, auth_failed: bool = False) -> None:
+    def fail(self, code: int, enhanced: str, text: str, remote: str, auth_failed: bool = False,
+             local: bool = False) -> None:
         if not self.deferred.called:
             self.deferred.callback([
-                DeliveryResult(r.address, code, enhanced, text, remote, auth_failed=auth_failed)
+                DeliveryResult(r.address, code, enhanced, text, remote, auth_failed=auth_failed, local=local)
                 for r in self.recipients
             ])
 
@@ -570,7 +575,7 @@ class RelayClient(smtp.ESMTPClient):
         if problem is None and not convert:
             problem = self._too_big(env.size)
         if problem is not None:
-            job.fail(554, problem[0], problem[1], remote)
+            job.fail(554, problem[0], problem[1], remote, local=True)
             self._sent += 1
             return None
         return _Plan(
@@ -628,7 +633,7 @@ class RelayClient(smtp.ESMTPClient):
         problem = self._too_big(len(data))
         if problem is not None:
             self.job = None
-            job.fail(554, problem[0], problem[1] + " (converted to 7 bits)", self.pool.name)
+            job.fail(554, problem[0], problem[1] + " (converted to 7 bits)", self.pool.name, local=True)
             self._sent += 1
             self._next()
             return
@@ -643,7 +648,7 @@ class RelayClient(smtp.ESMTPClient):
             job.fail(
                 554, "5.6.3",
                 f"{remote} does not support 8BITMIME, and the 8-bit message cannot be"
-                f" converted to 7 bits: {reason.getErrorMessage()} (RFC 6152)", remote,
+                f" converted to 7 bits: {reason.getErrorMessage()} (RFC 6152)", remote, local=True,
             )
         else:
             self.pool.log.failure(

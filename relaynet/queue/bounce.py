@@ -651,6 +651,15 @@ def _status_part(
     part = MIMEPart(policy=policy)
     part["Content-Type"] = "message/global-delivery-status" if international else "message/delivery-status"
     part["Content-Description"] = "Delivery report"
+    if international:
+        # The generator writes every block only for message/delivery-status;
+        # of any other message/* type it writes the first. Write them here.
+        out = BytesIO()
+        for block in blocks:  # each ends with the blank line that separates them
+            assert isinstance(block, Message)
+            _Generator(out, mangle_from_=False, policy=policy).flatten(block)
+        part.set_payload(out.getvalue().decode("ascii", "surrogateescape"))
+        return part
     part.set_payload(blocks)
     return part
 
