@@ -632,8 +632,11 @@ def test_slow_and_idle_clients(tmp_path: Path) -> None:
      - the node's VmRSS grows by less than 64 KiB a session;
      - each idle session gets 421 4.4.2 and EOF between idle_timeout and
        idle_timeout + 2 s after its last byte;
-     - the trickling sessions, which send a byte a second, are not idle:
-       none is closed meanwhile (so the checks above ran with all of them
+     - so does each session trickling a command line that never ends: the
+       idle timer runs per command line, not per byte (as Postfix's
+       smtpd_per_record_deadline), so it cannot hold its slot forever;
+     - the sessions trickling a message body inside DATA (data_timeout, per
+       read) are not closed meanwhile (so the checks above ran with them
        connected);
      - once every client has gone, no partial message is left in C{tmp/}.
     """
@@ -655,6 +658,7 @@ def test_slow_and_idle_clients(tmp_path: Path) -> None:
                 if i < SLOW // 2:
                     s.sendall(command[:1])
                     trickle_cmd.append(s)
+                    idle[s] = time.monotonic()  # its last complete line: the greeting's
                 elif i < SLOW:
                     for line in (b"EHLO slow.client", b"MAIL FROM:<slow@example.org>",
                                  b"RCPT TO:<slow@held.test>", b"DATA"):
@@ -668,13 +672,23 @@ def test_slow_and_idle_clients(tmp_path: Path) -> None:
                         assert read_reply(f)[0] == 250
                     idle[s] = time.monotonic()
                 f.close()
-            trickling = trickle_cmd + trickle_data
+            trickling = trickle_data
             sent = 1
+            dropped: dict[socket.socket, tuple[float, bytes]] = {}
 
             def tick() -> None:
                 nonlocal sent
-                for s in trickle_cmd:
-                    s.sendall(command[sent:sent + 1])
+                # A command trickler whose 421 has arrived gets no more bytes
+                # (a byte to a closed socket draws a reset that would drop the
+                # unread 421).
+                waiting = [s for s in trickle_cmd if s.fileno() >= 0 and s not in dropped]
+                answered, _, _ = select.select(waiting, [], [], 0) if waiting else ([], [], [])
+                for s in waiting:
+                    if s not in answered:
+                        try:
+                            s.sendall(command[sent:sent + 1])
+                        except OSError:
+                            pass  # cut off at idle_timeout, as it should be
                 for s in trickle_data:
                     s.sendall(body[sent:sent + 1])
                 sent += 1
@@ -685,7 +699,6 @@ def test_slow_and_idle_clients(tmp_path: Path) -> None:
             assert greeted < NEW_CLIENT_BOUND and done < NEW_CLIENT_BOUND, (greeted, done)
 
             # Trickle a byte a second until every idle session has been closed.
-            dropped: dict[socket.socket, tuple[float, bytes]] = {}
             pending: dict[socket.socket, bytes] = {s: b"" for s in idle}
             deadline = time.monotonic() + IDLE_TIMEOUT + 5
             next_tick = time.monotonic() + 1.0
