@@ -950,7 +950,46 @@ class RelayClient(smtp.ESMTPClient):
 
 
 @implementer(IPullProducer)
-class ChunkSender:
+class _Sender:
+    """
+    What L{ChunkSender} and L{BodySender} share: a pull producer on the
+    connection that writes a message from a reader and fires a Deferred
+    once the last octet is written (or fails it if the connection goes).
+    """
+
+    _LOST = "connection lost while sending"
+
+    def __init__(self, reader: _Reader, consumer: Any, progress: Any) -> None:
+        self._reader = reader
+        self._consumer = consumer
+        self._progress = progress
+        self._done: Deferred[None] | None = None
+
+    def start(self) -> Deferred[None]:
+        """Register with the consumer; fires once everything is written."""
+        done: Deferred[None] = Deferred()
+        self._done = done
+        self._consumer.registerProducer(self, False)
+        return done
+
+    def resumeProducing(self) -> None:
+        raise NotImplementedError  # each sender writes its own way
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        done = self._done
+        if done is not None:
+            self._finish()
+            done.errback(Failure(ConnectionError(self._LOST)))
+
+    def _finish(self) -> None:
+        self._done = None
+        self._consumer.unregisterProducer()
+
+
+class ChunkSender(_Sender):
     """
     Send one BDAT chunk: its command line and then C{size} octets of the
     message as they are (no dot-stuffing: RFC 3030), read L{PIECE} octets
@@ -960,21 +999,12 @@ class ChunkSender:
     """
 
     PIECE = 256 * 1024
+    _LOST = "connection lost while sending a BDAT chunk"
 
     def __init__(self, reader: _Reader, size: int, header: bytes, consumer: Any, progress: Any) -> None:
-        self._reader = reader
+        super().__init__(reader, consumer, progress)
         self._left = size
         self._header = header
-        self._consumer = consumer
-        self._progress = progress
-        self._done: Deferred[None] | None = None
-
-    def start(self) -> Deferred[None]:
-        """Register with the consumer; fires once the whole chunk is written."""
-        done: Deferred[None] = Deferred()
-        self._done = done
-        self._consumer.registerProducer(self, False)
-        return done
 
     def resumeProducing(self) -> None:
         done = self._done
@@ -998,22 +1028,8 @@ class ChunkSender:
         else:
             self._consumer.write(data)
 
-    def pauseProducing(self) -> None:
-        pass
 
-    def stopProducing(self) -> None:
-        done = self._done
-        if done is not None:
-            self._finish()
-            done.errback(Failure(ConnectionError("connection lost while sending a BDAT chunk")))
-
-    def _finish(self) -> None:
-        self._done = None
-        self._consumer.unregisterProducer()
-
-
-@implementer(IPullProducer)
-class BodySender:
+class BodySender(_Sender):
     """
     Send a stored message as the body of DATA: dot-stuffed, in chunks of up
     to L{CHUNK} bytes, the end-of-data marker joined to the last chunk.
@@ -1026,20 +1042,11 @@ class BodySender:
     """
 
     CHUNK = 256 * 1024
+    _LOST = "connection lost while sending the body"
 
     def __init__(self, reader: _Reader, consumer: Any, progress: Any) -> None:
-        self._reader = reader
-        self._consumer = consumer
-        self._progress = progress
+        super().__init__(reader, consumer, progress)
         self._stuffer = DotStuffer()
-        self._done: Deferred[None] | None = None
-
-    def start(self) -> Deferred[None]:
-        """Register with the consumer; fires once the marker is written."""
-        done: Deferred[None] = Deferred()
-        self._done = done
-        self._consumer.registerProducer(self, False)
-        return done
 
     def resumeProducing(self) -> None:
         done = self._done
@@ -1063,19 +1070,6 @@ class BodySender:
             done.callback(None)
         else:
             self._consumer.write(data)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        done = self._done
-        if done is not None:
-            self._finish()
-            done.errback(Failure(ConnectionError("connection lost while sending the body")))
-
-    def _finish(self) -> None:
-        self._done = None
-        self._consumer.unregisterProducer()
 
 
 class _Factory(ClientFactory):

@@ -30,14 +30,16 @@ NAMED_RELAY = re.compile(r"^[^\[\]]+\[([^\]]+)\]:(\d+)$")
 """C{mx1.dest.test[127.0.0.4]:2525}: an exchanger, its address and port (an MX route's relay)."""
 
 
-def read_events(path: str | Path, node: str | None = None) -> list[dict[str, Any]]:
+def read_events(path: str | Path, node: str | None = None, offset: int = 0) -> list[dict[str, Any]]:
     """
     The records of one C{events.jsonl}: complete lines only, lines that are
     not JSON skipped (a crash may cut the last line). C{node} fills a
-    missing C{node} field.
+    missing C{node} field. C{offset}: read from that byte on (a line start).
     """
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = f.read()
     except FileNotFoundError:
         return []
     out = []

@@ -57,7 +57,7 @@ from typing import Any
 from attrs import define, field, frozen
 
 from relaynet.lab import check, control, netns, procs
-from relaynet.lab.observe import EventIndex, lab_events
+from relaynet.lab.observe import EventIndex, lab_events, read_events
 from relaynet.lab.state import Lab, LabError, node_alive, pid_state
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.traffic import QUEUED_AS, _close, _transaction, read_sent
@@ -256,7 +256,7 @@ class LastHop:
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while time.monotonic() < deadline:
-            for e in _events_since(self.events, offset):
+            for e in read_events(self.events, offset=offset):
                 if e.get("event") == "reload":
                     if e.get("status") == "refused":
                         raise LabError(f"node {self.name} refused the soak's configuration: {e.get('error')}")
@@ -265,24 +265,6 @@ class LastHop:
                 return
             time.sleep(POLL)
         raise LabError(f"node {self.name} did not reload its configuration within {RELOAD_TIMEOUT:.0f}s")
-
-
-def _events_since(path: Path, offset: int) -> list[dict[str, Any]]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            raw = f.read()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in raw.split(b"\n")[:-1]:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def last_hop(lab: Lab, recipients: Sequence[str]) -> tuple[str, str]:
