@@ -165,6 +165,22 @@ def test_summarise_counts_each_recipient_once_and_measures_from_the_250() -> Non
     assert report.to_json()["ok"] is False and report.to_json()["verdict"] == report.verdict()
 
 
+def test_latency_falls_back_to_the_mailbox_file_time_when_the_event_is_gone() -> None:
+    """A delivery without a 'delivered' event (lost to a power cut) is timed by its mailbox file, and said so."""
+    sent = [{"message_id": "<m>", "time": 10.0, "recipients": ["soak-r01@dest.test", "soak-r02@dest.test"]}]
+    ev = Evidence()
+    ev.copies = {("<m>", "soak-r01@dest.test"): 1, ("<m>", "soak-r02@dest.test"): 1}
+    index = _events({"event": "received", "queue_id": "Q", "message_id": "<m>", "time": 10.0},
+                    {"event": "delivered", "queue_id": "Q", "recipient": "soak-r01@dest.test", "time": 11.0})
+    times = {("<m>", "soak-r01@dest.test"): 50.0, ("<m>", "soak-r02@dest.test"): 13.0}
+    report = summarise(sent, ev, index, SoakReport(), times)
+    assert report.latencies == [pytest.approx(1.0), pytest.approx(3.0)]
+    assert report.latency_from_files == 1
+    assert report.to_json()["latency"]["from_mailbox_file_times"] == 1
+    assert "1 deliveries have no 'delivered' event" in report.format()
+    assert report.ok
+
+
 def test_a_lost_recipient_and_a_delivered_5xx_fail_the_soak() -> None:
     """Nothing delivered and nothing bounced is lost; a 5xx recipient delivered is a failure too."""
     sent = [{"message_id": "<m>", "time": 1.0, "recipients": ["soak-r01@dest.test", "soak-nouser-01@dest.test"]}]
@@ -199,7 +215,8 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile([1.0, 2.0, 3.0], 100) == 3.0 and percentile([1.0, 2.0, 3.0], 0) == 1.0
     assert percentile([], 50) is None
     report = SoakReport(latencies=values)
-    assert report.to_json()["latency"] == {"p50": 50.0, "p99": 99.0, "max": 100.0, "count": 100}
+    assert report.to_json()["latency"] == {"p50": 50.0, "p99": 99.0, "max": 100.0, "count": 100,
+                                         "from_mailbox_file_times": 0}
 
 
 def test_unknown_fault_kind_is_a_one_line_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -728,6 +728,7 @@ class SoakReport:
     in_flight: list[tuple[str, str]] = field(factory=list)
     latencies: list[float] = field(factory=list)
     latencies_4xx: list[float] = field(factory=list)
+    latency_from_files: int = 0
     memory: dict[str, dict[str, Any]] = field(factory=dict)
     faults: dict[str, int] = field(factory=dict)
     faults_skipped: dict[str, str] = field(factory=dict)
@@ -778,7 +779,8 @@ class SoakReport:
             "bounced_unexpected_ids": [{"message_id": m, "recipient": r} for m, r in self.bounced_unexpected],
             "delivered_unexpected_ids": [{"message_id": m, "recipient": r} for m, r in self.delivered_unexpected],
             "latency": {"p50": percentile(lat, 50), "p99": percentile(lat, 99),
-                        "max": lat[-1] if lat else None, "count": len(lat)},
+                        "max": lat[-1] if lat else None, "count": len(lat),
+                        "from_mailbox_file_times": self.latency_from_files},
             "latency_deferred_on_purpose": {"p50": percentile(lat4, 50), "p99": percentile(lat4, 99),
                                             "max": lat4[-1] if lat4 else None, "count": len(lat4)},
             "memory": self.memory, "faults": self.faults, "faults_skipped": self.faults_skipped,
@@ -819,6 +821,10 @@ class SoakReport:
             ("faults:                   " + ", ".join(f"{kind} {n}" for kind, n in self.faults.items())
              + f"; defer windows toggled {self.defer_windows} time(s)"),
         ]
+        if self.latency_from_files:
+            lines.append(f"  {self.latency_from_files} deliveries have no 'delivered' event (a power cut drops the"
+                         " event lines not yet on disk): their latency is from the mailbox file's time, and"
+                         " 'deferred then delivered' counts only deferrals the events still show")
         for kind, why in self.faults_skipped.items():
             lines.append(f"  skipped {kind}: {why}")
         for e in self.fault_errors[:show]:
@@ -872,12 +878,29 @@ def first_deliveries(index: EventIndex) -> dict[tuple[str, str], float]:
     return first
 
 
+def mailbox_times(ev: check.Evidence) -> dict[tuple[str, str], float]:
+    """(Message-ID, recipient) -> the earliest modification time of its mailbox files."""
+    out: dict[tuple[str, str], float] = {}
+    for key, paths in ev.where.items():
+        for path in paths:
+            try:
+                t = os.stat(path).st_mtime
+            except OSError:
+                continue
+            out[key] = min(t, out.get(key, t))
+    return out
+
+
 def summarise(sent: Sequence[Mapping[str, Any]], ev: check.Evidence, index: EventIndex,
-              report: SoakReport) -> SoakReport:
+              report: SoakReport, file_times: Mapping[tuple[str, str], float] | None = None) -> SoakReport:
     """
     Fill C{report} from the acknowledged messages C{sent} (this soak's lines
     of C{sent.jsonl}), the mailboxes and queues (C{ev}) and the events.
     Pure: it reads nothing.
+
+    @param file_times: (Message-ID, recipient) -> modification time of its
+        mailbox file: the delivery time of a copy whose C{delivered} event
+        is gone (a power cut loses event lines not yet on disk).
     """
     verified = check.verify(sent, ev, index)
     report.check = verified.to_json()
@@ -914,9 +937,12 @@ def summarise(sent: Sequence[Mapping[str, Any]], ev: check.Evidence, index: Even
                     report.deferred_then_delivered += 1
                     if kind == "4xx":
                         report.deferred_then_delivered_4xx += 1
-                if key in delivered_at:
-                    (report.latencies_4xx if kind == "4xx" else report.latencies).append(
-                        max(0.0, delivered_at[key] - acked))
+                at = delivered_at.get(key)
+                if at is None and file_times is not None and key in file_times:
+                    at = file_times[key]
+                    report.latency_from_files += 1
+                if at is not None:
+                    (report.latencies_4xx if kind == "4xx" else report.latencies).append(max(0.0, at - acked))
             elif kind == "5xx":
                 report.bounced_expected += 1
             else:
@@ -1019,7 +1045,7 @@ def run_soak(lab: Lab, plan: SoakPlan, say: Say = _quiet) -> SoakReport:
         faults_skipped=dict(faults.log.skipped), fault_errors=list(faults.log.errors),
         defer_windows=hop.toggles, drain_seconds=waited, drained=drained,
     )
-    summarise(sent, ev, index, report)
+    summarise(sent, ev, index, report, mailbox_times(ev))
     if drained and not report.in_flight:
         hop.restore()
     else:
