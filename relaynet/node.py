@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import attrs
 
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
@@ -142,6 +143,9 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+EVENT_SYNC_INTERVAL = 1.0
+
+
 class LoopService(Service):
     """Runs C{start()} and C{stop()} (a periodic sampler) with the service."""
 
@@ -204,10 +208,14 @@ class RelayNode(MultiService):
         self.events.observers.append(self.metrics.observe)
         self._pools = [ThreadPoolService(self.pool), ThreadPoolService(self.commit_pool)]
         self._history = LoopService(self.metrics.history.start, self.metrics.history.stop)
+        # About once a second, the event lines written meanwhile are fsynced
+        # in a worker thread (a power loss takes a second of events, not the log).
+        self._event_sync = TimerService(EVENT_SYNC_INTERVAL, self._sync_events)
+        self._event_sync.clock = reactor
         self._web: list[IService] = []
         self._listeners: list[EndpointService] = []
         self._lock_fd: int | None = None
-        for svc in (*self._pools, self.runner, self._history):
+        for svc in (*self._pools, self._event_sync, self.runner, self._history):
             svc.setServiceParent(self)
         if config.admin.enabled:
             views = AdminViews(queue=self.runner, sessions=sessions, node=self, metrics=self.metrics)
@@ -336,6 +344,13 @@ class RelayNode(MultiService):
             self._previous_hup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
+    def _sync_events(self) -> Any:
+        """Fsync the event log in a worker thread, if lines were written since the last time."""
+        if not self.events.unsynced:
+            return None
+        self.events.unsynced = 0
+        return deferToThreadPool(self.reactor, self.pool, self.events.sync)
+
     def reload(self) -> bool:
         """
         Re-read the configuration (SIGHUP): routing, limits, queue and

@@ -58,7 +58,7 @@ def test_children_in_start_order(tmp_path: Path) -> None:
     n, _ = node(tmp_path)
     n.privilegedStartService()
     kinds = [type(s).__name__ for s in n]
-    assert kinds[:3] == ["ThreadPoolService", "ThreadPoolService", "QueueRunner"]
+    assert kinds[:4] == ["ThreadPoolService", "ThreadPoolService", "TimerService", "QueueRunner"]
     assert kinds[-1] == "EndpointService" and isinstance(list(n)[-1], EndpointService)
     assert isinstance(n.runner, QueueRunner) and n.runner in list(n)
 
@@ -110,3 +110,35 @@ def test_a_listener_that_cannot_listen_fails_the_start(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="Address already in use"):
         n.privilegedStartService()
     assert not any(s.pool.started for s in n if isinstance(s, ThreadPoolService))
+
+
+def test_event_log_is_fsynced_about_once_a_second(tmp_path: Path) -> None:
+    """
+    Lines written to events.jsonl are fsynced by the node in a worker
+    thread about once a second (not per line; not never: a power loss would
+    take the whole log), and only when there are new lines.
+    """
+    n, reactor = node(tmp_path)
+    synced: list[int] = []
+    real_sync = n.events.sync
+
+    def counting_sync() -> None:
+        synced.append(1)
+        real_sync()
+
+    n.events.sync = counting_sync  # type: ignore[method-assign]
+    n.privilegedStartService()
+    n.startService()
+    try:
+        reactor.drain(n.pool, n.commit_pool)
+        before = len(synced)
+        n.events.emit("test", queue_id="Q")
+        n.events.emit("test", queue_id="R")
+        reactor.advance(1.0)
+        reactor.drain(n.pool, n.commit_pool)
+        assert len(synced) == before + 1 and n.events.unsynced == 0
+        reactor.advance(1.0)
+        reactor.drain(n.pool, n.commit_pool)
+        assert len(synced) == before + 1  # nothing new: no fsync
+    finally:
+        stop(n, reactor)
