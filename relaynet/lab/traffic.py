@@ -13,7 +13,9 @@ promised for it.
 
 from __future__ import annotations
 
+
 import json
+import math
 import random
 import re
 import smtplib
@@ -64,24 +66,26 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     """The C{p}th percentile (nearest rank) of already sorted values."""
     if not sorted_values:
         return None
-    k = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
     return float(sorted_values[k])
 
 
 def build_message(message_id: str, sender: str, recipients: Sequence[str], size: int,
                   run: str, seq: int) -> bytes:
     """A message of about C{size} bytes (headers included), CRLF line ends."""
+    # One recipient per line of a folded To: field (many recipients would
+    # otherwise make a line over 1000 octets, refused 554 5.6.0).
+    to = ",\r\n ".join(f"<{r}>" for r in recipients)
     head = (
-        f"From: <{sender}>\r\nTo: {', '.join(f'<{r}>' for r in recipients)}\r\n"
+        f"From: <{sender}>\r\nTo: {to}\r\n"
         f"Subject: lab message {seq} of run {run}\r\nDate: {formatdate(localtime=True)}\r\n"
         f"Message-ID: {message_id}\r\nX-Lab-Run: {run}\r\nX-Lab-Seq: {seq}\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
     ).encode("ascii")
     line = b"The quick brown fox jumps over the lazy dog, hop after hop. 0123456789\r\n"
     body_len = max(len(line), size - len(head))
-    body = (line * (body_len // len(line) + 1))[:body_len]
-    if not body.endswith(b"\r\n"):
-        body = body[:-2] + b"\r\n"
+    # Whole lines only: a cut after a line's CR would leave a bare CR (550 5.5.2).
+    body = line * max(1, round(body_len / len(line)))
     return head + body
 
 
