@@ -201,6 +201,10 @@ class Outbound:
         C{disable_mime_output_conversion = no}) or C{"bounce"} it (5.6.3).
     @ivar chunking: send with BDAT (RFC 3030) to a hop offering CHUNKING;
         C{False}: always DATA.
+    @ivar hop_down_time: seconds a next hop that could not be connected to
+        (or whose greeting refused) is marked down: no connection is tried,
+        its mail is deferred at once (or fails over); doubled while probes
+        keep failing, up to 10 times this. C{0}: no hop-state cache.
     """
 
     connect_timeout: float = 30.0
@@ -219,6 +223,7 @@ class Outbound:
     mx_session_limit: int = 2
     eight_bit: str = "convert"
     chunking: bool = True
+    hop_down_time: float = 60.0
 
 
 @frozen
@@ -852,6 +857,10 @@ def parse_config(
         )
     }
     outbound = Outbound(
+        hop_down_time=float(o.get(
+            "hop_down_time", (int, float), od.hop_down_time,
+            lambda v: None if v >= 0 else "must be 0 (off) or positive",
+        )),
         connection_reuse=o.get("connection_reuse", bool, od.connection_reuse),
         max_messages_per_connection=o.get(
             "max_messages_per_connection", int, od.max_messages_per_connection, _positive

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
+from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -35,7 +36,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relaynet.config import NodeConfig
 from relaynet.delivery.attempt import Delivery, ThreadedMailboxes, system_resolver
-from relaynet.delivery.client import OutboundManager
+from relaynet.delivery.client import SUSPENDED, OutboundManager
 from relaynet.delivery.lmtp import LMTPAgent
 from relaynet.delivery.routing import Route, RoutingTable
 from relaynet.events import EventLog
@@ -138,6 +139,9 @@ class QueueRunner(Service):
             reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file,
             events=events,
         )
+        if isinstance(self.outbound, OutboundManager) and self.outbound.flush is None:
+            # A next hop that reopens flushes the mail it deferred while down.
+            self.outbound.flush = self.flush_ids
         self._resolver = resolver
         self.delivery = delivery or Delivery(
             lambda: self.table, self.outbound,
@@ -241,6 +245,27 @@ class QueueRunner(Service):
 
     # -- attempts --------------------------------------------------------
 
+    def flush_ids(self, queue_ids: Iterable[str], limit: int | None = None) -> int:
+        """
+        Attempt these messages now, up to C{limit} of those still queued and
+        not held (a next hop that was down reopened, or its probe is due);
+        the attempt slots bound how many run at once.
+
+        @return: how many were flushed.
+        """
+        n = 0
+        now = self.now()
+        for qid in queue_ids:
+            if limit is not None and n >= limit:
+                break
+            if qid not in self.core or qid in self._attempts:
+                continue
+            decision = self.core.flush(qid, now)
+            if decision.ok:
+                self._reschedule(decision)
+                n += 1
+        return n
+
     def _has_slot(self) -> bool:
         return self._slots < self.config.queue.concurrency
 
@@ -299,6 +324,14 @@ class QueueRunner(Service):
             o.status is RecipientStatus.BOUNCED and o.code >= 500 for o in outcomes
         )
         decision = self.core.finish(plan, outcomes, self.now(), notify_failures=not refused)
+        if (decision.write is Write.STATE and not decision.notices and outcomes
+                and all(o.diagnostic.startswith(SUSPENDED) for o in outcomes)):
+            # Every recipient was deferred without contacting anyone (its next
+            # hop is down): nothing worth an fsync happened. The state stays
+            # in memory and goes to disk with the next write of the message;
+            # a crash before that only makes it due at once after recovery
+            # (as Postfix's deferral of mail for a dead host, not fsynced).
+            decision = evolve(decision, write=Write.NOTHING)
         return self._carry_out(decision).addCallback(lambda _: outcomes)
 
     # -- carrying out decisions ------------------------------------------
@@ -481,7 +514,12 @@ class QueueRunner(Service):
         return d.addCallback(lambda h: {**summary, "headers": h})
 
     def flush(self, queue_id: str | None = None, domain: str | None = None) -> int:
-        """Attempt queued messages now (all, one, or those for a domain); return how many."""
+        """
+        Attempt queued messages now (all, one, or those for a domain); return
+        how many. Next hops that are down get their probe now.
+        """
+        if isinstance(self.outbound, OutboundManager):
+            self.outbound.probe_down_hops()
         n = 0
         now = self.now()
         for entry in listing.selected(self.core, queue_id, domain):

@@ -293,7 +293,9 @@ def test_next_hop_down_then_up() -> None:
     delivered once, with no DSN.
     """
     net = Network()
-    hop1, hop2, hop3 = chain(net, start_hop2=False, queue=BACKOFF)
+    # Without the hop-state cache (its probes would flush the message
+    # earlier: tests/test_hopstate.py), only the backoff policy is at work.
+    hop1, hop2, hop3 = chain(net, start_hop2=False, queue=BACKOFF, outbound={"hop_down_time": 0})
     data = message("downup")
     qid = submit(hop1, "sender@src.test", ["user@dest.test"], data)
     (first,) = hop1.events_named("deferred")
@@ -491,7 +493,7 @@ def test_routing_loop_is_stopped_by_the_hop_limit() -> None:
 
 def cut_through_pair(net: Network, start_hop2: bool = True) -> tuple[NetNode, NetNode]:
     """hop1 relays dest.test to hop2 with ack = "cut-through"; hop2 knows only 'known'."""
-    hop1 = net.add_node("hop1", local_domains=["src.test"], queue=BACKOFF,
+    hop1 = net.add_node("hop1", local_domains=["src.test"], queue=BACKOFF, outbound={"hop_down_time": 0},
                         routes=[relay(net, ["dest.test"], "hop2", ack="cut-through")])
     hop2 = net.add_node("hop2", local_domains=["dest.test"], users=["known"], start=start_hop2)
     return hop1, hop2
@@ -555,7 +557,8 @@ def test_expired_message_bounces_with_4_4_7() -> None:
     net = Network()
     lifetime = 3600
     hop1 = net.add_node("hop1", local_domains=["src.test"], routes=[relay(net, ["dest.test"], "dead")],
-                        queue={"minimal_backoff": 300, "maximal_backoff": 1200, "lifetime": lifetime})
+                        queue={"minimal_backoff": 300, "maximal_backoff": 1200, "lifetime": lifetime},
+                        outbound={"hop_down_time": 0})
     qid = submit(hop1, "sender@src.test", ["user@dest.test"], message("expiry"))
     (arrival,) = times(hop1, "received")
     net.advance(lifetime - 1)
@@ -807,7 +810,7 @@ def test_attempts_that_raise_do_not_stall_the_queue(breakage: str, dsn: str) -> 
         net.resolver = RaisingResolver()
     else:
         net.resolver = GarbageResolver({"broken.test": [(10, "mx.broken.test")]}, {})
-    hop1 = net.add_node("hop1", queue={**BACKOFF, "concurrency": 1},
+    hop1 = net.add_node("hop1", queue={**BACKOFF, "concurrency": 1}, outbound={"hop_down_time": 0},
                         routes=[relay(net, ["dest.test"], "hop2"), {"domains": ["broken.test"], "action": "mx"}])
     hop2 = net.add_node("hop2", local_domains=["dest.test"], start=False)
     if breakage == "attempt-raises":

@@ -67,6 +67,10 @@ from relaynet.smtp.parse import xtext_encode
 from relaynet.queue.spool import QueueEntry, Recipient
 from relaynet.smtp.tls import client_options, connection_info
 
+#: How the diagnostic of a recipient deferred by a down next hop begins
+#: (Postfix's words), followed by the failure that put the hop down.
+SUSPENDED = "delivery temporarily suspended: "
+
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
 
@@ -262,6 +266,8 @@ class RelayClient(smtp.ESMTPClient):
         self._needs_rset = False
         self._quitting = False
         self.session_error: tuple[int, str, str] | None = None
+        # The greeting refused the session (the hop is down, as when refused).
+        self.greeting_refused = False
         # The current transaction: how it goes, the converted message (None:
         # the queue file), the BDAT reader, chunks sent, a chunk being
         # written, a chunk reply that came before its chunk was all written.
@@ -311,6 +317,8 @@ class RelayClient(smtp.ESMTPClient):
         else LOGIN. Anything that stops authentication defers the queued
         mail and puts the hop's pool in its penalty (L{HopPool.auth_failed}).
         """
+        # Greeting and EHLO went through: a hop that was down is up again.
+        self.pool.hop.up()
         creds = self.pool.auth
         if creds is None:
             self.smtpState_from(code, resp)
@@ -428,6 +436,7 @@ class RelayClient(smtp.ESMTPClient):
         self._end_connection(code, enhanced, f"HELO refused: {text}")
 
     def smtpConnectionFailed(self, code: int, resp: bytes) -> None:
+        self.greeting_refused = True
         enhanced, text = reply_status(code, resp)
         self._end_connection(code if code >= 400 else 421, enhanced, f"greeting: {text}")
 
@@ -1086,6 +1095,181 @@ class _Factory(ClientFactory):
         return p
 
 
+class HopState:
+    """
+    Whether one next hop is up or down: the hop-state cache, like the
+    "dead host" state of Postfix's queue manager ("delivery temporarily
+    suspended: connect to X: Connection refused").
+
+    A hop goes down when a connection to it cannot be made (refused, no
+    route, C{connect_timeout}) or its greeting refuses the session, while no
+    other connection to it is up. While it is down no connection is tried:
+    its pools defer every job at once with C{4.4.1} "delivery temporarily
+    suspended: " and the first failure, and failover moves the recipients on
+    to the route's next hop. When the down time expires, one probe
+    connection is allowed (other jobs of the probing pool wait for it,
+    those of other pools are deferred); a probe that fails puts the hop
+    down again for twice as long (up to L{MAX_FACTOR} times C{down_time});
+    the first session that gets through its greeting and EHLO reopens it.
+
+    The queue ids deferred while it was down (up to L{REMEMBER}) are kept:
+    when the down time expires, one of them is flushed to be the probe
+    (without waiting for new mail); when the hop reopens, all of them are
+    flushed (C{flush}), so they do not wait for their own backoff.
+
+    @ivar down_until: when the down time ends (C{None}: up).
+    @ivar diagnostic: the failure that put it down.
+    """
+
+    log = Logger()
+    MAX_FACTOR = 10
+    REMEMBER = 10000
+
+    def __init__(
+        self, name: str, reactor: Any, down_time: float, events: Any = None,
+        flush: Callable[[list[str], int | None], int] | None = None,
+    ) -> None:
+        """
+        @param down_time: the first down time in seconds (C{0}: never down).
+        @param flush: C{flush(queue_ids, limit)} attempts up to C{limit}
+            (C{None}: all) of those still queued now; returns how many.
+        """
+        self.name = name
+        self.reactor = reactor
+        self.down_time = down_time
+        self.events = events
+        self.flush = flush
+        self.down_until: float | None = None
+        self.since = 0.0
+        self.interval = 0.0
+        self.diagnostic = ""
+        self.probing = False
+        self.suspended = 0
+        self.deferred: dict[str, None] = {}
+        self._timer: Any = None
+
+    @property
+    def down(self) -> bool:
+        """The hop is marked down (its down time may have expired: a probe is due)."""
+        return self.down_until is not None
+
+    def blocked(self) -> bool:
+        """Down and its down time not over: no connection may be tried."""
+        return self.down_until is not None and self.reactor.seconds() < self.down_until
+
+    def remember(self, job: "Job") -> None:
+        """C{job}'s message is deferred while the hop is down: flush it when it reopens."""
+        if self.down_until is None:
+            return
+        qid = job.entry.queue_id
+        if qid not in self.deferred and len(self.deferred) < self.REMEMBER:
+            self.deferred[qid] = None
+
+    def suspend(self, job: "Job", remote: str) -> None:
+        """Defer C{job} without a connection attempt: the hop is down."""
+        self.suspended += 1
+        self.remember(job)
+        job.fail(0, "4.4.1", SUSPENDED + self.diagnostic, remote)
+
+    def failed(self, diagnostic: str) -> None:
+        """A connection failed with no other one up: down (again)."""
+        if not self.down_time:
+            return
+        now = self.reactor.seconds()
+        was_down = self.down_until is not None
+        if was_down and not self.probing:
+            return  # already down (other connections opened with the first failing)
+        if was_down:
+            self.interval = min(self.interval * 2, self.down_time * self.MAX_FACTOR)
+        else:
+            self.interval = self.down_time
+            self.since = now
+            self.diagnostic = diagnostic
+        self.probing = False
+        self.down_until = now + self.interval
+        self._arm()
+        if not was_down:
+            self.log.warn(
+                "hop_down relay={relay}: {diagnostic}; no connection to it for {down:.0f} s",
+                relay=self.name, diagnostic=diagnostic, down=self.interval,
+            )
+            if self.events is not None:
+                self.events.emit("hop_down", relay=self.name, diagnostic=diagnostic,
+                                 retry_after=self.interval)
+        else:
+            self.log.info(
+                "hop_down relay={relay}: probe failed ({diagnostic}); down for {down:.0f} s",
+                relay=self.name, diagnostic=diagnostic, down=self.interval,
+            )
+
+    def up(self) -> None:
+        """A session got through: reopen the hop and flush what it deferred."""
+        if self.down_until is None:
+            return
+        down_for = self.reactor.seconds() - self.since
+        self.down_until = None
+        self.probing = False
+        self.interval = 0.0
+        self._cancel()
+        ids, self.deferred = list(self.deferred), {}
+        self.log.info("hop_up relay={relay} after {down_for:.0f} s; {n} deferred messages flushed",
+                      relay=self.name, down_for=down_for, n=len(ids))
+        if self.events is not None:
+            self.events.emit("hop_up", relay=self.name, down_for=round(down_for, 3),
+                             suspended=self.suspended, flushed=len(ids))
+        self.suspended = 0
+        if ids and self.flush is not None:
+            # Not from inside the pool's bookkeeping: on the next turn.
+            self.reactor.callLater(0, self.flush, ids, None)
+
+    def _arm(self) -> None:
+        self._cancel()
+        assert self.down_until is not None
+        self._timer = self.reactor.callLater(
+            max(0.0, self.down_until - self.reactor.seconds()), self._expired
+        )
+
+    def _cancel(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _expired(self) -> None:
+        """The down time is over: make a deferred message the probe."""
+        self._timer = None
+        if self.flush is None or self.down_until is None:
+            return
+        ids = list(self.deferred)
+        for qid in ids:
+            # Flushed ones that are gone (delivered by another hop, deleted) are forgotten.
+            if self.flush([qid], 1):
+                return
+            del self.deferred[qid]
+
+    def probe_now(self) -> None:
+        """
+        End the down time now (an administrator's flush, as Postfix's
+        C{postqueue -f} unthrottles dead destinations): the next job is the
+        probe. A failing probe still doubles the down time.
+        """
+        if self.down_until is not None and not self.probing:
+            self.down_until = self.reactor.seconds()
+            self._cancel()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state for the admin API and metrics."""
+        if self.down_until is None:
+            return {"relay": self.name, "state": "up"}
+        return {
+            "relay": self.name, "state": "probing" if self.probing else "down",
+            "since": self.since, "until": self.down_until, "diagnostic": self.diagnostic,
+            "suspended": self.suspended,
+        }
+
+    def close(self) -> None:
+        self._cancel()
+
+
 class HopPool:
     """
     The connections to one next hop: a queue of jobs, up to C{concurrency}
@@ -1131,11 +1315,14 @@ class HopPool:
         auth_penalty: float | None = None,
         events: Any = None,
         run_in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]] | None = None,
+        hop: HopState | None = None,
     ) -> None:
         """
         @param run_in_thread: runs blocking work (the 7-bit conversion of a
             message) off the reactor thread; by default in the reactor's
             thread pool. Tests inject one.
+        @param hop: the hop's up/down state, shared by every pool to the
+            same endpoint (by default its own, with C{timeouts.hop_down_time}).
         @param auth: C{(username, password)} for SMTP AUTH, or C{None}.
         @param auth_cleartext: send them even without TLS (loopback, tests).
         @param auth_penalty: seconds without new connections after a failed
@@ -1145,6 +1332,7 @@ class HopPool:
         """
         self.endpoint = endpoint
         self.name = hop_name(endpoint)
+        self.hop = hop or HopState(self.name, reactor, timeouts.hop_down_time, events)
         self.tls_policy = tls_policy
         self.auth = auth
         self.auth_cleartext = auth_cleartext
@@ -1201,6 +1389,17 @@ class HopPool:
             if timer.active():
                 timer.cancel()
             client.start(self.queue.popleft())
+        if self.queue and self.hop.down and not self.clients:
+            # The hop is down: no connection while its down time lasts; then
+            # one probe (its jobs wait for it; other pools' are deferred).
+            if self.hop.blocked() or (self.hop.probing and not self._connecting):
+                while self.queue:
+                    self.hop.suspend(self.queue.popleft(), self.name)
+                return
+            if not self._connecting:
+                self.hop.probing = True
+                self._connect()
+            return
         if self.queue and self.auth_blocked() is not None:
             # No new connection during the penalty; a busy connection that
             # did authenticate takes the queue, else it is deferred now.
@@ -1228,10 +1427,14 @@ class HopPool:
                 text = f"connect to {self.name}: timed out"
             else:
                 text = f"connect to {self.name}: {reason.getErrorMessage()}"
+            if not self.clients:
+                self.hop.failed(text)
             if not self.clients and not self._connecting:
                 self._limit = self._initial
                 while self.queue:
-                    self.queue.popleft().fail(0, "4.4.1", text, self.name)
+                    job = self.queue.popleft()
+                    self.hop.remember(job)
+                    job.fail(0, "4.4.1", text, self.name)
 
         d.addCallbacks(done, failed)
 
@@ -1253,6 +1456,13 @@ class HopPool:
             timer.cancel()
         if client.session_error is not None and client._sent == 0:
             self._limit = self._initial
+        if client.greeting_refused and not self.clients:
+            error = client.session_error
+            self.hop.failed(f"host {self.name} refused to talk to me: {error[2] if error else 'greeting'}")
+        elif self.hop.probing and client._sent == 0 and not self.clients and not self._connecting:
+            # The probe connected but broke before its EHLO: still down.
+            error = client.session_error
+            self.hop.failed(error[2] if error else f"lost connection with {self.name}")
         if not self.queue:
             return
         if self.auth_blocked() is not None:
@@ -1271,7 +1481,9 @@ class HopPool:
             if code >= 500 or not code:
                 code, enhanced = 0, "4" + enhanced[1:]
             while self.queue:
-                self.queue.popleft().fail(code, enhanced, text, self.name)
+                job = self.queue.popleft()
+                self.hop.remember(job)
+                job.fail(code, enhanced, text, self.name)
             return
         self._kick()
 
@@ -1316,6 +1528,7 @@ class HopPool:
     def take(self, client: RelayClient) -> Job | None:
         """The next job for C{client}, if any."""
         self._starting.discard(client)
+        self.hop.up()
         if client._sent and self._limit < self.concurrency:
             self._limit += 1
         return self.queue.popleft() if self.queue else None
@@ -1323,6 +1536,7 @@ class HopPool:
     def idle(self, client: RelayClient) -> None:
         """C{client} has nothing to do: keep it briefly for reuse."""
         self._starting.discard(client)
+        self.hop.up()
         self._idle[client] = self.reactor.callLater(
             self.timeouts.reuse_idle_time, self._expire, client
         )
@@ -1386,12 +1600,14 @@ class OutboundManager:
         self, reactor: Any, timeouts: Outbound, helo_name: str, ca_file: Any = None,
         events: Any = None, auth_penalty: float | None = None,
         run_in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]] | None = None,
+        flush: Callable[[list[str], int | None], int] | None = None,
     ) -> None:
         """
-        @param events: where the pools emit C{auth_failed} events (an
-            L{relaynet.events.EventLog}), or C{None}.
+        @param events: where the pools emit C{auth_failed}, C{hop_down} and
+            C{hop_up} events (an L{relaynet.events.EventLog}), or C{None}.
         @param auth_penalty: see L{HopPool}.
         @param run_in_thread: see L{HopPool}.
+        @param flush: see L{HopState} (the queue runner's; settable later).
         """
         self.reactor = reactor
         self.timeouts = timeouts
@@ -1401,6 +1617,29 @@ class OutboundManager:
         self.auth_penalty = auth_penalty
         self.run_in_thread = run_in_thread
         self.pools: dict[tuple[str, str | None, str, str | None, bool], HopPool] = {}
+        # Per endpoint, shared by its pools; kept across reloads.
+        self.hops: dict[str, HopState] = {}
+        self.flush = flush
+
+    def hop(self, endpoint: str) -> HopState:
+        """The up/down state of the next hop at C{endpoint}."""
+        h = self.hops.get(endpoint)
+        if h is None:
+            h = self.hops[endpoint] = HopState(
+                hop_name(endpoint), self.reactor, self.timeouts.hop_down_time, self.events,
+                lambda ids, limit: self.flush(ids, limit) if self.flush is not None else 0,
+            )
+        h.down_time = self.timeouts.hop_down_time
+        return h
+
+    def probe_down_hops(self) -> None:
+        """End the down time of every down hop (see L{HopState.probe_now})."""
+        for h in self.hops.values():
+            h.probe_now()
+
+    def hop_states(self) -> list[dict[str, Any]]:
+        """Every known next hop's state (for the admin API and metrics)."""
+        return [h.snapshot() for h in self.hops.values()]
 
     def pool(
         self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
@@ -1417,7 +1656,7 @@ class OutboundManager:
             p = self.pools[key] = HopPool(
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
                 tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
-                self.run_in_thread,
+                self.run_in_thread, self.hop(endpoint),
             )
         return p
 
@@ -1439,6 +1678,8 @@ class OutboundManager:
     def close(self) -> None:
         for p in self.pools.values():
             p.close()
+        for h in self.hops.values():
+            h.close()
 
     def close_idle(self) -> None:
         """Forget the pools (new settings apply to new connections); idle ones QUIT."""
@@ -1453,5 +1694,5 @@ class OutboundManager:
 
 __all__ = [
     "BodySender", "ChunkSender", "DeliveryResult", "RelayClient", "HopPool", "OutboundManager",
-    "reply_status", "Job", "credentials_id",
+    "reply_status", "Job", "credentials_id", "HopState", "SUSPENDED",
 ]

@@ -266,7 +266,7 @@ class NetNode:
             config=self.config, spool=gate, events=events,  # type: ignore[arg-type]
             reactor=reactor, now=reactor.seconds, window=self.window,
         )
-        outbound = OutboundManager(reactor, self.config.outbound, self.config.hostname)
+        outbound = OutboundManager(reactor, self.config.outbound, self.config.hostname, events=events)
         self.runner = QueueRunner(
             self.config, gate, events, reactor, threads,  # type: ignore[arg-type]
             outbound=outbound, now=reactor.seconds, resolver=_NetworkResolver(self.network),
