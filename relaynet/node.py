@@ -427,8 +427,10 @@ class RelayNode(MultiService):
             yield maybeDeferred(web.stopService)
         yield self.runner.stopService()
         self._history.stopService()
+        yield maybeDeferred(self._event_sync.stopService)
         for pool in reversed(self._pools):
             pool.stopService()
+        self.events.sync()  # the last second of events too (blocking, at stop)
         self.events.close()
         self._unlock()
         self.log.info("relaynet node {name} stopped", name=self.config.name)

@@ -611,6 +611,19 @@ def test_bdat_too_big_and_bare_lf(tmp_path: Path) -> None:
     assert h.stored() == [] and h.leftovers() == []
 
 
+def test_trickle_between_bdat_chunks_is_cut_off(tmp_path: Path) -> None:
+    """Between BDAT chunks the idle timer runs per command line too: a byte-a-second trickle ends in 421."""
+    h = RelayHarness.open(tmp_path, {"limits": {"idle_timeout": 30}})
+    open_txn(h)
+    expect(h, h.chat(b"BDAT 4\r\nabcd"), [(250, "2.0.0")])
+    replies = []
+    for _ in range(40):
+        replies += h.send(b"N")
+        replies += h.advance(1)
+    assert codes(replies) == [421] and h.closed, replies
+    assert h.settle() == [] and h.leftovers() == []
+
+
 def test_bdat_without_a_size_ends_the_session(relay: RelayHarness) -> None:
     """The octets after a BDAT with no size cannot be told from commands: 501, then 421 and close."""
     h = relay

@@ -986,3 +986,19 @@ def test_connection_reuse_burst(reuse: bool) -> None:
     else:
         assert connections(hop2) == 20
     assert hop1.queued() == []
+
+
+def test_retransmission_of_a_cut_through_refusal_is_not_taken_for_a_duplicate() -> None:
+    """
+    A cut-through attempt's refusal is the client's answer; the transfer was
+    never acknowledged, so if the upstream (which did not see the 5xx) sends
+    it again, it is attempted again -- not answered 250 as a duplicate and
+    dropped (found by review: mail was lost that way).
+    """
+    net = Network()
+    hop1, hop2 = cut_through_pair(net)
+    data = message("ct-bad", rcpt="unknown@dest.test")
+    first = hop1.submit("sender@src.test", ["unknown@dest.test"], data, mail_params="XTXN=up/Q1")
+    again = hop1.submit("sender@src.test", ["unknown@dest.test"], data, mail_params="XTXN=up/Q1")
+    assert first[-2][0] == 550 and again[-2][0] == 550, (first, again)
+    assert hop1.events_named("duplicate") == []

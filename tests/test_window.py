@@ -85,6 +85,7 @@ def test_memory_journal_outlives_the_window() -> None:
     env = Envelope("L9", "s@x.test", (Recipient("r@x.test"),), EPOCH,
                    params={"origin": "up/Q9", "digest": "c" * 32})
     w = TransferWindow(None, 3600, 10, clock, memory_journal=journal)
+    w.note_envelope(env)
     w.retire(env)
     fresh = TransferWindow(None, 3600, 10, clock, memory_journal=journal)
     fresh.load()
@@ -100,6 +101,7 @@ def test_journal_is_written_before_removal_and_read_at_start(tmp_path: Path) -> 
     w.load()
     env = Envelope("L1", "s@x.test", (Recipient("a@x.test"), Recipient("b@x.test")), EPOCH,
                    params={"origin": "up/Q1", "digest": "d" * 32})
+    w.note_envelope(env)
     d = w.retire(env)
     assert d.called
     no_transfer = Envelope("L2", "s@x.test", (Recipient("a@x.test"),), EPOCH)
@@ -119,9 +121,11 @@ def test_journal_files_older_than_the_window_are_deleted(tmp_path: Path) -> None
     clock = Clock()
     w = TransferWindow(tmp_path / "w", 3600, 100, clock, inline)
     w.load()
-    w.retire(Envelope("L1", "", (Recipient("a@x.test"),), EPOCH, params={"origin": "u/1", "digest": "e" * 32}))
-    clock.now += 3 * 3600
-    w.retire(Envelope("L2", "", (Recipient("a@x.test"),), EPOCH, params={"origin": "u/2", "digest": "e" * 32}))
+    for qid, origin, later in (("L1", "u/1", 3 * 3600), ("L2", "u/2", 0)):
+        env = Envelope(qid, "", (Recipient("a@x.test"),), EPOCH, params={"origin": origin, "digest": "e" * 32})
+        w.note_envelope(env)
+        w.retire(env)
+        clock.now += later
     assert len(list((tmp_path / "w").iterdir())) == 1
     fresh = TransferWindow(tmp_path / "w", 3600, 100, clock, inline)
     assert fresh.load() == 1 and fresh.match("u/1", "e" * 32).queue_id is None
@@ -131,10 +135,39 @@ def test_journal_write_failure_fails_the_removal(tmp_path: Path) -> None:
     """A journal that cannot be written stops the removal (the message stays queued)."""
     (tmp_path / "w").write_text("not a directory")
     w = TransferWindow(tmp_path / "w", 3600, 100, Clock(), inline)
-    d = w.retire(Envelope("L1", "", (Recipient("a@x.test"),), EPOCH, params={"origin": "u/1", "digest": "e" * 32}))
+    env = Envelope("L1", "", (Recipient("a@x.test"),), EPOCH, params={"origin": "u/1", "digest": "e" * 32})
+    w.note_envelope(env)
+    d = w.retire(env)
     failures: list[Any] = []
     d.addErrback(failures.append)
     assert failures and "SpoolError" in repr(failures[0].type)
+
+
+def test_only_acknowledged_transfers_are_journalled(tmp_path: Path) -> None:
+    """
+    A transfer the window never held (a cut-through attempt refused it, so
+    the client got the refusal, not a 250) leaves no record: sent again, it
+    must be queued, not answered as a duplicate.
+    """
+    w = TransferWindow(tmp_path / "w", 3600, 100, Clock(), inline)
+    w.load()
+    env = Envelope("L1", "", (Recipient("a@x.test"),), EPOCH, params={"origin": "u/1", "digest": "e" * 32})
+    assert w.retire(env).called
+    assert list((tmp_path / "w").iterdir()) == [] and w.match("u/1", "e" * 32).queue_id is None
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    """A crash tore the hour's last line: the next process starts its record on a line of its own."""
+    clock = Clock()
+    w = TransferWindow(tmp_path / "w", 7200, 100, clock, inline)
+    w.load()
+    hour = int(clock.now // 3600)
+    (tmp_path / "w" / f"{hour}.jsonl").write_bytes(b'{"origin":"up/Q0","dig')
+    env = Envelope("L1", "", (Recipient("a@x.test"),), EPOCH, params={"origin": "up/Q1", "digest": "d" * 32})
+    w.note_envelope(env)
+    w.retire(env)
+    again = TransferWindow(tmp_path / "w", 7200, 100, clock, inline)
+    assert again.load() == 1 and again.match("up/Q1", "d" * 32).queue_id == "L1"
 
 
 # -- the digest stamped into the queue file -------------------------------------

@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaynet.config import NodeConfig, Outbound, split_endpoint
+from relaynet.delivery.downgrade import has_eight_bit, needs_smtputf8
 from relaynet.delivery.client import BodySender, DeliveryResult, hop_name, reply_status
 from relaynet.queue.spool import QueueEntry, Recipient
 from relaynet.smtp.netio import no_delay, send_now
@@ -278,17 +279,19 @@ class LMTPSession(Protocol):
 
     def _unsendable(self) -> tuple[str, str] | None:
         """
-        Why the server cannot take this message, if it cannot: 8-bit without
-        8BITMIME (RFC 6152), SMTPUTF8 without SMTPUTF8 (RFC 6531), larger
-        than its SIZE. The same checks as the relay client's.
+        Why the server cannot take this message, if it cannot: 8-bit content
+        without 8BITMIME (RFC 6152; not converted: this is final delivery),
+        a UTF-8 envelope or header section without SMTPUTF8 (RFC 6531),
+        larger than its SIZE. A message that merely declared BODY=8BITMIME
+        or SMTPUTF8 but does not need it goes as it is (as the relay client).
         """
         env = self.job.entry.envelope
         ext = self.extensions
         name = self.job.name
-        if env.params.get("body") == "8BITMIME" and b"8BITMIME" not in ext:
+        if has_eight_bit(env) and b"8BITMIME" not in ext:
             return "5.6.3", f"{name} does not support 8BITMIME; 8-bit message not sent (RFC 6152)"
-        if env.params.get("smtputf8") and b"SMTPUTF8" not in ext:
-            return "5.6.7", f"{name} does not support SMTPUTF8 (RFC 6531)"
+        if needs_smtputf8(env, [r.address for r in self.job.recipients]) and b"SMTPUTF8" not in ext:
+            return "5.6.7", f"{name} does not support SMTPUTF8, and the message needs it (RFC 6531)"
         if b"SIZE" in ext:
             try:
                 limit = int((ext[b"SIZE"] or b"0").split()[0])
@@ -310,9 +313,9 @@ class LMTPSession(Protocol):
         mail = b"MAIL FROM:" + _addr(env.sender)
         if b"SIZE" in ext:
             mail += b" SIZE=%d" % env.size
-        if env.params.get("body") == "8BITMIME":
+        if b"8BITMIME" in ext and (has_eight_bit(env) or env.params.get("body") == "8BITMIME"):
             mail += b" BODY=8BITMIME"
-        if env.params.get("smtputf8"):
+        if b"SMTPUTF8" in ext and env.params.get("smtputf8"):
             mail += b" SMTPUTF8"
         t = self.timeouts
         commands: list[tuple[bytes, float, str]] = [(mail, t.mail_timeout, "the reply to MAIL")]

@@ -293,7 +293,7 @@ class MXLookup:
             if listening != port:
                 continue
             if address in ("0.0.0.0", "::", ""):
-                if any(ipaddress.ip_address(a).is_loopback for a in ex.addresses):
+                if any(_is_local(a) for a in ex.addresses):
                     return True
             elif address in ex.addresses:
                 return True
@@ -309,6 +309,36 @@ class MXLookup:
             if self._is_self(ex, port):
                 return [e for e in exchangers if e.preference < ex.preference], ex.preference
         return exchangers, None
+
+
+_LOCAL: dict[str, bool] = {}
+
+
+def _is_local(address: str) -> bool:
+    """
+    C{address} is one of this host's (loopback, or an interface's): a
+    listener on every address (C{0.0.0.0}, C{::}) answers there. Tested by
+    binding a throwaway socket to it (no packet is sent), remembered.
+    """
+    known = _LOCAL.get(address)
+    if known is None:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip.is_loopback:
+            known = True
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as s:
+                    s.bind((address, 0))
+                known = True
+            except OSError:
+                known = False
+        if len(_LOCAL) < 4096:
+            _LOCAL[address] = known
+    return known
 
 
 def _why(e: BaseException) -> str:

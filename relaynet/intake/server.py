@@ -422,7 +422,7 @@ class RelayESMTP(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._scanner is not None or b"\n" in data:
+        if (self._scanner is not None and not self._bdat) or self._chunk_left is not None or b"\n" in data:
             # Between commands the idle timer runs per command line, not per
             # byte: a client trickling one byte a second into a command that
             # never ends is cut off after idle_timeout, and cannot hold a
@@ -606,7 +606,8 @@ class RelayESMTP(smtp.ESMTP):
             return
         self.reply(220, "2.0.0", "Ready to start TLS")
         # RFC 3207 4.2 and CVE-2011-0411: nothing sent before the handshake
-        # counts, and the session starts over.
+        # counts, and the session starts over (chunks of a BDAT transaction too).
+        self._end_bdat()
         self._inbuf = b""
         self._helo_name, self._esmtp, self._txn = None, False, None
         self._send_replies()
@@ -975,6 +976,9 @@ class RelayESMTP(smtp.ESMTP):
             if last:
                 self._end_bdat()
                 self._txn = None
+                if self._shutdown_after_reply:
+                    self.shutdown()
+                    return
             self.setTimeout(self.limits.idle_timeout)
             return
         if not last:
@@ -1144,6 +1148,8 @@ class RelayESMTP(smtp.ESMTP):
         writer.abort()
         window.duplicates += 1
         self.reply(250, "2.0.0", f"Ok: queued as {found.queue_id}")
+        if self._shutdown_after_reply:
+            self.shutdown()
         try:
             self.intake.events.emit(
                 "duplicate", queue_id=found.queue_id, origin=origin, message_id=message_id,
@@ -1165,8 +1171,10 @@ class RelayESMTP(smtp.ESMTP):
             # The message is durable: from here on nothing may turn into a
             # failure reply (the client would send it again).
             env = entry.envelope
-            if self.intake.window is not None:
-                self.intake.window.note_envelope(env)
+            window = self.intake.window
+            cut_through = self.intake.cut_through is not None and _wants_cut_through(self.intake.routing(), env)
+            if window is not None and not cut_through:
+                window.note_envelope(env)
             try:
                 self.intake.events.emit(
                     "received", queue_id=entry.queue_id, message_id=message_id,
@@ -1179,16 +1187,26 @@ class RelayESMTP(smtp.ESMTP):
                 )
             except Exception:
                 self.log.failure("Could not log the received event of {queue_id}", queue_id=entry.queue_id)
-            if self.intake.cut_through is not None and _wants_cut_through(self.intake.routing(), env):
+            if cut_through:
+                assert self.intake.cut_through is not None
                 ok = (250, "2.0.0", f"Ok: queued as {entry.queue_id}")
 
                 def fallback(failure: Failure) -> tuple[int, str, str]:
                     self.log.failure("Cut-through attempt failed", failure)
                     return ok
 
-                return self.intake.cut_through(entry).addErrback(fallback).addCallback(
-                    lambda r: self.reply(*r)
-                )
+                def answer(r: tuple[int, str, str]) -> None:
+                    if window is not None and 200 <= r[0] < 300:
+                        # Only a transfer we acknowledge is one a retransmission
+                        # may match (a refused one must be queued if sent again).
+                        window.note_envelope(env)
+                        if "relayed:" in r[2]:
+                            # Relayed and removed already: remember it durably now.
+                            window.retire(env).addErrback(
+                                lambda f: self.log.failure("Transfer window journal", f))
+                    self.reply(*r)
+
+                return self.intake.cut_through(entry).addErrback(fallback).addCallback(answer)
             self.reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
             try:
                 self.intake.queued(entry)

@@ -179,6 +179,10 @@ class TransferWindow:
                 if not same:
                     del self._by_origin[old.origin]
 
+    def holds(self, queue_id: str, origin: str) -> bool:
+        """The window has the transfer C{origin} as our C{queue_id}."""
+        return any(t.queue_id == queue_id for t in self._by_origin.get(origin, ()))
+
     def match(self, origin: str, digest: str) -> Match:
         """What was already accepted under the transfer name C{origin} with these bytes."""
         self._expire()
@@ -199,7 +203,9 @@ class TransferWindow:
         by no transfer, or when the window has no journal.
         """
         transfer = Transfer.of(envelope, self._clock())
-        if transfer is None:
+        if transfer is None or not self.holds(envelope.queue_id, transfer.origin):
+            # Never acknowledged as this transfer (cut-through refused it):
+            # nothing to remember, a retransmission must be queued.
             return succeed(None)
         if self.directory is None or self._run is None:
             if self._memory is not None:
@@ -245,6 +251,11 @@ class TransferWindow:
         created = hour not in self._durable_hours
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            if created and os.fstat(fd).st_size:
+                # A crash may have torn the file's last line: start ours on a
+                # line of its own, or the first record would be glued to it
+                # and lost at load (an empty line is skipped there).
+                lines = b"\n" + lines
             view = memoryview(lines)
             while view:
                 view = view[os.write(fd, view):]
