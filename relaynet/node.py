@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import attrs
 
@@ -51,7 +52,7 @@ from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory, drain
 from relaynet.smtp.netio import EndpointService, ReusePortEndpoint
 from relaynet.runner import QueueRunner
-from relaynet.queue.spool import Spool, makedirs_durable
+from relaynet.queue.spool import QueueEntry, Spool, makedirs_durable
 from relaynet.queue.window import TransferWindow
 from relaynet.smtp.tls import TLSConfigError, server_options
 
@@ -144,6 +145,8 @@ class ThreadPoolService(Service):
 
 
 EVENT_SYNC_INTERVAL = 1.0
+RECOVERY_BATCH = 1000
+"""Queue files read per worker-thread job at start (then handed to the runner on the reactor)."""
 
 
 class LoopService(Service):
@@ -215,6 +218,8 @@ class RelayNode(MultiService):
         self._web: list[IService] = []
         self._listeners: list[EndpointService] = []
         self._lock_fd: int | None = None
+        self._stopping = False
+        self.recovery: Any = None
         for svc in (*self._pools, self._event_sync, self.runner, self._history):
             svc.setServiceParent(self)
         if config.admin.enabled:
@@ -321,13 +326,15 @@ class RelayNode(MultiService):
             self.events.open(config.event_log)
             self.spool.prepare()
             self.window.load()
-            recovered = list(self.spool.recover())
-            for entry in recovered:
-                self.window.note_envelope(entry.envelope)
+            # Nothing is read yet: the queue is recovered in the background,
+            # once the node listens (a big queue does not delay the first 220).
+            recovery = self.spool.recover()
         except OSError as e:
             raise NodeStartError(disk_problem(e, config.spool)) from e
-        self.runner.load(recovered)
         self.started_at = time.time()
+        # Until the whole queue is known, a retransmission from a relaynet
+        # upstream cannot be recognised: XTXN is not offered meanwhile.
+        self.intake.recovering = True
         try:
             MultiService.startService(self)
         except BaseException as e:
@@ -336,14 +343,42 @@ class RelayNode(MultiService):
             if isinstance(e, CannotListenError):
                 raise NodeStartError(self._listen_problem(e, [*self._web, *self._listeners])) from e
             raise
-        self.log.info(
-            "relaynet node {name} started; {count} queued message(s) recovered",
-            name=config.name, count=len(recovered),
-        )
+        self.log.info("relaynet node {name} started; recovering the queue", name=config.name)
+        self.recovery = self._recover(recovery)
         if self.load_config is not None:
             self._previous_hup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
+    @inlineCallbacks
+    def _recover(self, entries: Iterator[QueueEntry]) -> Any:
+        """
+        Read the queue in batches in a worker thread and hand each batch to
+        the runner (which schedules what is due) and the transfer window,
+        on the reactor between batches: intake runs at full speed meanwhile.
+        """
+        started = self.reactor.seconds()
+        count = 0
+        try:
+            while not self._stopping:
+                batch = yield deferToThreadPool(
+                    self.reactor, self.pool, lambda: list(itertools.islice(entries, RECOVERY_BATCH))
+                )
+                if not batch:
+                    break
+                for entry in batch:
+                    self.window.note_envelope(entry.envelope)
+                self.runner.load(batch)
+                count += len(batch)
+        except Exception:
+            self.log.failure("Recovering the queue failed after {count} message(s)", count=count)
+        finally:
+            self.intake.recovering = False
+        self.log.info(
+            "relaynet node {name}: {count} queued message(s) recovered in {seconds:.2f} s",
+            name=self.config.name, count=count, seconds=self.reactor.seconds() - started,
+        )
+        return count
+
     def _sync_events(self) -> Any:
         """Fsync the event log in a worker thread, if lines were written since the last time."""
         if not self.events.unsynced:
@@ -418,6 +453,7 @@ class RelayNode(MultiService):
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
         Service.stopService(self)
+        self._stopping = True
         # One after the other, not all at once as MultiService would: the
         # runner must outlive the sessions' last commits, the pools the runner.
         for svc in self._listeners:
@@ -425,6 +461,8 @@ class RelayNode(MultiService):
         yield drain(self.intake, self.reactor)
         for web in self._web:
             yield maybeDeferred(web.stopService)
+        if self.recovery is not None:
+            yield self.recovery  # the batch being read; no more after it
         yield self.runner.stopService()
         self._history.stopService()
         yield maybeDeferred(self._event_sync.stopService)

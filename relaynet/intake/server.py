@@ -124,6 +124,7 @@ class Intake:
     per_ip: dict[str, int] = field(factory=dict)
     auth_failures: dict[str, int] = field(factory=dict)
     accepting: bool = True
+    recovering: bool = False
     _table: RoutingTable | None = field(default=None, init=False, repr=False)
 
     def routing(self) -> RoutingTable:
@@ -133,8 +134,11 @@ class Intake:
         return self._table
 
     def transfers(self) -> TransferWindow | None:
-        """The transfer window, if exactly-once between relaynet hops is on."""
-        if self.window is None or self.config.queue.duplicate_window <= 0:
+        """
+        The transfer window, if exactly-once between relaynet hops is on
+        (and the queue is recovered: until then the window is incomplete).
+        """
+        if self.window is None or self.recovering or self.config.queue.duplicate_window <= 0:
             return None
         return self.window
 
