@@ -462,12 +462,43 @@ class QueueRunner(Service):
         return queue_id in self.core
 
     def counts(self) -> dict[str, int]:
-        """Queued messages by state."""
+        """Queued messages by state (the core's counters: no walk)."""
         return self.core.counts()
 
     def totals(self) -> QueueTotals:
-        """Octets, recipients by status, the oldest arrival (for metrics)."""
+        """Octets, recipients by status, the oldest arrival (the core's counters)."""
         return self.core.totals()
+
+    def summary(self, top: int = 10) -> dict[str, Any]:
+        """The summary of the whole queue (C{GET /api/summary}) from the core's counters."""
+        return listing.summary(self.core, self.now(), top)
+
+    def page(
+        self, limit: int | None, state: str | None = None, sender: str | None = None,
+        recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+    ) -> Deferred[tuple[int, Entries]]:
+        """
+        How many messages L{matching} would return, and the first C{limit}
+        of them, oldest first; nothing is sorted. With no filter but
+        C{state}, at once and in O(limit) (the count is a counter). Filters
+        on the envelope walk a snapshot of the queue's order in a worker
+        thread (L{listing.scan}): the reactor only copies the order's
+        pointers and builds the page.
+        """
+        now = self.now()
+        if not listing.by_envelope(sender, recipient, domain, min_age):
+            return succeed(listing.page(self.core, now, limit, state))
+        keys = self.core.snapshot(state)
+        core = self.core
+
+        def found(entries: Entries) -> tuple[int, Entries]:
+            shown = entries if limit is None else entries[:limit]
+            return len(entries), [e for e in shown if core.get(e.queue_id) is e]
+
+        d = deferToThreadPool(
+            self.reactor, self.pool, listing.scan, core, keys, now, sender, recipient, domain, min_age,
+        )
+        return d.addCallback(found)
 
     def list(
         self, state: str | None = None, sender: str | None = None,

@@ -278,6 +278,14 @@ class FakeQueue:
     def summaries(self, entries: list[Any]) -> list[dict[str, Any]]:
         return list(entries)
 
+    def page(self, limit: int | None, **filters: Any) -> Deferred[tuple[int, list[Any]]]:
+        entries = self.matching(**filters)
+        return succeed((len(entries), entries if limit is None else entries[:limit]))
+
+    def summary(self, top: int = 10) -> dict[str, Any]:
+        self.calls.append(("summary", top))
+        return summarize(self.items, top)
+
     def list(self, state: str | None = None, sender: str | None = None, recipient: str | None = None,
              domain: str | None = None, min_age: float | None = None) -> list[dict[str, Any]]:
         return self.summaries(self.matching(state, sender, recipient, domain, min_age))

@@ -360,11 +360,14 @@ class AdminAPI(Resource):
             "min_age": age,
         }
 
-    def list(self, request: Request, body: Any) -> dict[str, Any]:
-        entries = self.queue.matching(**self._filters(request))
+    def list(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:
         limit = _int_arg(request, "limit", None)
-        shown = entries if limit is None else entries[:limit]
-        return {"count": len(entries), "messages": self.queue.summaries(shown)}
+
+        def listed(found: tuple[int, Any]) -> dict[str, Any]:
+            count, shown = found
+            return {"count": count, "messages": self.queue.summaries(shown)}
+
+        return self.queue.page(limit, **self._filters(request)).addCallback(listed)
 
     def show(self, request: Request, body: Any, queue_id: str) -> Any:
         self._queued(queue_id)
@@ -374,8 +377,11 @@ class AdminAPI(Resource):
         return d
 
     def summary(self, request: Request, body: Any) -> dict[str, Any]:
-        items = self.queue.list(**self._filters(request))
-        return summarize(items, top=_int_arg(request, "top", 10) or 10)
+        filters = self._filters(request)
+        top = _int_arg(request, "top", 10) or 10
+        if not any(v is not None for v in filters.values()):
+            return self.queue.summary(top)  # the queue's counters: no walk
+        return summarize(self.queue.list(**filters), top=top)
 
     def shape(self, request: Request, body: Any) -> dict[str, Any]:
         items = self.queue.list(**self._filters(request))
@@ -755,7 +761,7 @@ def render_status(views: AdminViews, now: float) -> str:
     """The status page of the node seen through C{views}, at time C{now}."""
     config = views.node.config
     metrics = views.metrics
-    summary = summarize(views.queue.list(), top=8)
+    summary = views.queue.summary(top=8)  # the queue's counters: no walk
     started = views.node.started_at
     parts = [
         "<!DOCTYPE html>",

@@ -36,7 +36,10 @@ STATES: tuple[str, ...] = tuple(str(s) for s in MessageState)
 
 
 class QueueStats(Protocol):
-    """How much is queued: all the metrics read of the queue."""
+    """
+    How much is queued: all the metrics read of the queue. Both are read
+    from counters the queue keeps up to date: O(1), however long the queue.
+    """
 
     def counts(self) -> Mapping[str, int]:
         """Queued messages by state: each of L{STATES}, zeros included."""
@@ -65,6 +68,23 @@ class QueueView(QueueStats, Protocol):
         Queued messages, oldest first, filtered by state, sender or recipient
         (substring, case-insensitive), recipient domain and minimum age in
         seconds.
+        """
+
+    def page(
+        self, limit: int | None, state: str | None = None, sender: str | None = None,
+        recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+    ) -> Deferred[tuple[int, list[QueueEntry]]]:
+        """
+        How many messages L{matching} would return, and the first C{limit}
+        of them (all if C{None}). With no filter but C{state} this costs
+        O(limit), not O(queue); envelope filters run off the reactor.
+        """
+
+    def summary(self, top: int = 10) -> dict[str, Any]:
+        """
+        The summary of the whole queue (C{GET /api/summary} without filters;
+        C{docs/admin-api.md}) with C{top} rows per list, from the queue's
+        counters: no walk over the messages.
         """
 
     def summaries(self, entries: list[QueueEntry]) -> list[dict[str, Any]]:

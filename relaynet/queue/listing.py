@@ -2,13 +2,24 @@
 """
 Reading the queue, pure: which queued messages match the admin's filters,
 in which order, and the summary of each (the admin API's list items).
+
+Nothing here sorts the queue: the core keeps its messages in arrival order,
+all and per queue state (L{QueueCore.oldest_first}), and its counters up to
+date (L{QueueCore.tally}). A page of an unfiltered listing, or one filtered
+by state only, costs O(page) (the count is a counter); the summary of the
+whole queue costs O(distinct domains and deferral reasons). Filters on the
+envelope (sender, recipient, domain, age) are for L{scan}, which reads only
+what never changes and so may run in a worker thread on a L{snapshot
+<QueueCore.snapshot>}.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from itertools import islice
+from typing import Any, Iterable, Iterator
 
 from relaynet.queue.core import QueueCore
+from relaynet.queue.ordering import Key
 from relaynet.queue.spool import QueueEntry
 
 
@@ -21,26 +32,110 @@ def matching(
     or recipient (substring, case-insensitive), recipient domain and minimum
     age in seconds.
     """
+    return list(_filtered(core, now, state, sender, recipient, domain, min_age))
+
+
+def page(
+    core: QueueCore, now: float, limit: int | None, state: str | None = None, sender: str | None = None,
+    recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+) -> tuple[int, list[QueueEntry]]:
+    """
+    How many queued messages match (see L{matching}) and the first C{limit}
+    of them (all when C{None}), oldest first. With no filter but C{state},
+    the count is the core's counter and the page costs O(limit) (plus the
+    messages of other states before them).
+    """
+    found = _filtered(core, now, state, sender, recipient, domain, min_age)
+    if by_envelope(sender, recipient, domain, min_age) or limit is None:
+        entries = list(found)
+        return len(entries), entries if limit is None else entries[:limit]
+    count = core.tally.states.get(state, 0) if state else len(core)
+    return count, list(islice(found, limit))
+
+
+def by_envelope(
+    sender: str | None = None, recipient: str | None = None, domain: str | None = None,
+    min_age: float | None = None,
+) -> bool:
+    """Whether a listing filters on the envelope (then it walks: see L{scan})."""
+    return bool(sender or recipient or domain or min_age is not None)
+
+
+def scan(
+    core: QueueCore, keys: Iterable[Key], now: float, sender: str | None = None,
+    recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+) -> list[QueueEntry]:
+    """
+    The messages of C{keys} (a L{QueueCore.snapshot}, in order) that are
+    still queued and match the envelope filters of L{matching}.
+
+    Safe in a worker thread while the reactor changes the queue: it reads
+    each message with one dictionary lookup and then only its envelope,
+    which never changes (a message that leaves meanwhile is skipped, one
+    that arrives is not seen).
+    """
     sender = sender.lower() if sender else None
     recipient = recipient.lower() if recipient else None
     domain = domain.lower() if domain else None
+    get = core.get
     out = []
-    for entry in sorted(core, key=lambda e: e.envelope.arrival):
-        env = entry.envelope
-        if state and core.state(entry) != state:
-            continue
-        if sender and sender not in env.sender.lower():
-            continue
-        if recipient or domain:
-            addrs = [r.address.lower() for r in env.recipients]
-            if recipient and not any(recipient in a for a in addrs):
-                continue
-            if domain and not any(a.rpartition("@")[2] == domain for a in addrs):
-                continue
-        if min_age is not None and now - env.arrival < min_age:
+    for arrival, _, qid in keys:
+        if min_age is not None and now - arrival < min_age:
+            break  # in order: every later one is younger
+        entry = get(qid)
+        if entry is None or not _envelope_matches(entry, sender, recipient, domain):
             continue
         out.append(entry)
     return out
+
+
+def _envelope_matches(entry: QueueEntry, sender: str | None, recipient: str | None, domain: str | None) -> bool:
+    env = entry.envelope
+    if sender and sender not in env.sender.lower():
+        return False
+    if recipient or domain:
+        addrs = [r.address.lower() for r in env.recipients]
+        if recipient and not any(recipient in a for a in addrs):
+            return False
+        if domain and not any(a.rpartition("@")[2] == domain for a in addrs):
+            return False
+    return True
+
+
+def summary(core: QueueCore, now: float, top: int = 10) -> dict[str, Any]:
+    """
+    The C{mailq}-like summary of the whole queue (C{GET /api/summary}, the
+    status page) from the core's counters: no walk over the messages.
+    """
+    totals = core.totals()
+    return {
+        "messages": totals.messages,
+        "bytes": totals.size,
+        "recipients": totals.pending,
+        "states": core.counts(),
+        "oldest": None if totals.oldest_arrival is None else {
+            "queue_id": totals.oldest_id, "arrival": totals.oldest_arrival,
+            "age": round(now - totals.oldest_arrival, 3),
+        },
+        "destinations": [
+            {"domain": d, "recipients": r, "messages": m} for d, r, m in core.tally.top_destinations(top)
+        ],
+        "deferral_reasons": [{"reason": r, "recipients": n} for r, n in core.tally.top_reasons(top)],
+    }
+
+
+def _filtered(
+    core: QueueCore, now: float, state: str | None, sender: str | None,
+    recipient: str | None, domain: str | None, min_age: float | None,
+) -> Iterator[QueueEntry]:
+    sender = sender.lower() if sender else None
+    recipient = recipient.lower() if recipient else None
+    domain = domain.lower() if domain else None
+    for entry in core.oldest_first(state):
+        if min_age is not None and now - entry.envelope.arrival < min_age:
+            return  # oldest first: every later one is younger
+        if _envelope_matches(entry, sender, recipient, domain):
+            yield entry
 
 
 def selected(core: QueueCore, queue_id: str | None, domain: str | None) -> list[QueueEntry]:

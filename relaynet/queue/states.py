@@ -7,7 +7,7 @@ A recipient's status is what the spool records per recipient
 shows (L{MessageState}, derived, never stored); an outcome's event is what
 the event log says happened in one attempt (L{OutcomeEvent}). All three are
 C{StrEnum}s: their members are the strings written to disk, JSON and logs.
-L{QueueTotals} is what the queue reports of itself for metrics.
+L{QueueTotals} is what the queue reports of itself for metrics and summaries.
 
 This module imports attrs only (no Twisted): C{relaynet queue} and the admin
 views read it cheaply.
@@ -84,8 +84,14 @@ class QueueTotals:
         leaves the queue.
     @ivar oldest_arrival: the arrival time (seconds since the epoch) of the
         oldest queued message; C{None} when the queue is empty.
+    @ivar oldest_id: the queue id of that message.
+    @ivar messages: how many messages are queued.
+    @ivar pending: recipients not final yet (pending or deferred).
     """
 
     size: int = 0
     recipients: Mapping[str, int] = field(factory=dict)
     oldest_arrival: float | None = None
+    oldest_id: str | None = None
+    messages: int = 0
+    pending: int = 0

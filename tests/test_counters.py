@@ -1,0 +1,259 @@
+"""
+Tests for the queue's counters (L{relaynet.queue.tally}) and arrival order
+(L{relaynet.queue.ordering}): kept up to date by the queue core through every
+transition, they must always equal what a walk over the queue finds. The walk
+lives here only; the node reads the counters.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relaynet.admin.api import summarize
+from relaynet.queue import listing
+from relaynet.queue.core import BUSY, Decision, Outcome, Plan, QueueCore
+from relaynet.queue.ordering import ArrivalOrder
+from relaynet.queue.retry import RetryPolicy
+from relaynet.queue.spool import (
+    BoundedReader,
+    Envelope,
+    QueueEntry,
+    QueueState,
+    Recipient,
+    RecipientState,
+)
+from relaynet.queue.states import MessageState, OutcomeEvent, RecipientStatus
+from relaynet.queue.tally import domain_of, reason_of
+
+T0 = 1_750_000_000.0
+POLICY = RetryPolicy(minimal_backoff=300, maximal_backoff=4000, jitter=0.0, lifetime=86400)
+DOMAINS = ("a.test", "B.test", "c.test", "")
+REASONS = ("connect to 192.0.2.1:25: Connection refused", "451 4.7.1 greylisted", "x" * 300, "")
+
+
+class _Entry(QueueEntry):
+    def open_message(self, skip: int = 0) -> BoundedReader:
+        data = b"Subject: x\r\n\r\nbody\r\n"[skip:]
+        return BoundedReader(io.BytesIO(data), len(data))  # type: ignore[arg-type]
+
+
+def walked(core: QueueCore) -> dict[str, Any]:
+    """The counters, recomputed the slow way: a walk over every queued message."""
+    states = {str(s): 0 for s in MessageState}
+    recipients: dict[str, int] = {}
+    dests: dict[str, list[int]] = {}
+    reasons: dict[str, int] = {}
+    size = pending = 0
+    for e in core:
+        states[core.state(e)] += 1
+        size += e.envelope.size
+        seen = set()
+        for r in e.envelope.recipients:
+            s = e.state.recipients.get(r.address)
+            status = s.status if s is not None else RecipientStatus.PENDING
+            recipients[status] = recipients.get(status, 0) + 1
+            if status.final:
+                continue
+            pending += 1
+            row = dests.setdefault(domain_of(r.address), [0, 0])
+            row[0] += 1
+            if domain_of(r.address) not in seen:
+                seen.add(domain_of(r.address))
+                row[1] += 1
+            if status is RecipientStatus.DEFERRED:
+                assert s is not None
+                reason = reason_of(s.diagnostic, s.dsn)
+                reasons[reason] = reasons.get(reason, 0) + 1
+    oldest = min(core, key=lambda e: e.envelope.arrival, default=None)
+    return {
+        "states": states, "size": size, "recipients": recipients, "pending": pending,
+        "destinations": dests, "reasons": reasons, "messages": len(core),
+        "oldest": None if oldest is None else oldest.envelope.arrival,
+    }
+
+
+def kept(core: QueueCore) -> dict[str, Any]:
+    """The counters as the core keeps them."""
+    t = core.tally
+    totals = core.totals()
+    return {
+        "states": core.counts(), "size": totals.size, "recipients": dict(totals.recipients),
+        "pending": totals.pending, "destinations": {d: list(v) for d, v in t.destinations.items()},
+        "reasons": dict(t.reasons), "messages": totals.messages, "oldest": totals.oldest_arrival,
+    }
+
+
+def check(core: QueueCore, now: float = T0) -> None:
+    assert kept(core) == walked(core)
+    ordered = list(core.oldest_first())
+    assert sorted(e.queue_id for e in ordered) == sorted(e.queue_id for e in core)
+    arrivals = [e.envelope.arrival for e in ordered]
+    assert arrivals == sorted(arrivals)
+    for state in MessageState:
+        in_state = list(core.oldest_first(state))
+        assert [e.queue_id for e in in_state] == [e.queue_id for e in ordered if core.state(e) is state]
+
+
+def check_readers(core: QueueCore, now: float) -> None:
+    """The summary and the pages read from counters equal what the walk over every message gave."""
+    everything = listing.summaries(core, listing.matching(core, now), now)
+    for top in (1, 3, 10):
+        assert listing.summary(core, now, top) == summarize(everything, top)
+    for state in (None, *MessageState):
+        every = [e for e in sorted(core, key=lambda e: e.envelope.arrival) if not state or core.state(e) == state]
+        for limit in (0, 1, 5, None):
+            count, shown = listing.page(core, now, limit, state)
+            assert count == len(every)
+            assert [e.queue_id for e in shown] == [e.queue_id for e in every[:limit]]
+    for state in (None, MessageState.DEFERRED):
+        count, shown = listing.page(core, now, 2, state, domain="a.test", min_age=1)
+        every = [e for e in listing.matching(core, now, state) if now - e.envelope.arrival >= 1
+                 and any(domain_of(r.address) == "a.test" for r in e.envelope.recipients)]
+        assert (count, shown) == (len(every), every[:2])
+        assert listing.scan(core, core.snapshot(state), now, domain="a.test", min_age=1) == every
+        assert listing.scan(core, core.snapshot(state), now, sender="SRC", recipient="U1@") == [
+            e for e in listing.matching(core, now, state) if any(r.address.startswith("u1@") for r in e.envelope.recipients)
+        ]
+
+
+def outcome(rng: random.Random, address: str) -> Outcome | None:
+    kind = rng.choice(["relayed", "delivered", "deferred", "deferred", "bounced", "missing"])
+    if kind == "missing":
+        return None  # the core defers a recipient the attempt forgot
+    if kind == "relayed":
+        return Outcome(address, RecipientStatus.RELAYED, OutcomeEvent.SENT, "2.0.0", "250 ok", "hop:25", code=250)
+    if kind == "delivered":
+        return Outcome.delivered(address)
+    if kind == "deferred":
+        return Outcome.deferred(address, rng.choice(["4.4.1", "4.7.1"]), rng.choice(REASONS), "hop:25")
+    return Outcome.bounced(address, "5.1.1", rng.choice(REASONS), "hop:25", code=550)
+
+
+def new_entry(rng: random.Random, n: int, now: float, recovered: bool = False) -> QueueEntry:
+    rcpts = tuple(
+        Recipient(f"u{i}@{rng.choice(DOMAINS)}", "relay:*") for i in range(rng.randint(1, 4))
+    )
+    arrival = now - rng.choice([0, 0, 0, 5, 3600, 2 * 86400])  # some arrive out of order, some expired
+    env = Envelope(f"Q{n}", "s@src.test", rcpts, arrival, size=rng.randint(0, 5000))
+    state = QueueState(held=rng.random() < 0.1)
+    if recovered:  # a recovered message has recorded outcomes
+        for r in rcpts:
+            if rng.random() < 0.5:
+                state.recipients[r.address] = RecipientState(
+                    status=rng.choice(["pending", "deferred", "relayed"]), attempts=1,  # type: ignore[arg-type]
+                    diagnostic=rng.choice(REASONS) or None, dsn="4.4.1",
+                )
+    return _Entry(env, state, f"/nonexistent/Q{n}", 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 120))
+def test_counters_equal_a_walk_after_random_operations(seed: int, steps: int) -> None:
+    """
+    After any sequence of adds (new, recovered, re-added), attempts begun and
+    finished (any outcomes, forgotten recipients), expiries, holds, releases,
+    deletes and bounces, the kept counters and order equal a walk's.
+    """
+    rng = random.Random(seed)
+    core = QueueCore(POLICY, delay_warning=rng.choice([0.0, 60.0]))
+    plans: dict[str, Plan] = {}
+    now = T0
+    n = 0
+    for _ in range(steps):
+        now += rng.choice([0, 1, 600])
+        ids = [e.queue_id for e in core]
+        op = rng.choice(["add", "add", "recover", "readd", "begin", "begin", "finish", "finish",
+                         "hold", "release", "delete", "bounce", "flush"])
+        qid = rng.choice(ids) if ids else "none"
+        if op in ("add", "recover"):
+            n += 1
+            core.add(new_entry(rng, n, now, recovered=op == "recover"), now)
+        elif op == "readd" and ids:
+            old = core.get(qid)
+            assert old is not None
+            again = _Entry(old.envelope, QueueState(held=rng.random() < 0.5), old.path, 0)
+            core.add(again, now)
+        elif op == "begin":
+            got = core.begin(qid, now + rng.choice([0, 0, 2 * 86400]))
+            if isinstance(got, Plan):
+                plans[qid] = got
+            else:
+                assert got is None or isinstance(got, Decision)
+        elif op == "finish" and plans:
+            plan = plans.pop(rng.choice(sorted(plans)))
+            outs = [o for o in (outcome(rng, r.address) for r in plan.recipients) if o is not None]
+            core.finish(plan, outs, now)
+        elif op == "hold":
+            core.hold(qid)
+        elif op == "release":
+            core.release(qid, now)
+        elif op == "delete":
+            if core.delete(qid) is not BUSY:
+                plans.pop(qid, None)
+        elif op == "bounce":
+            if core.bounce(qid, "returned", now) is not BUSY:
+                plans.pop(qid, None)
+        elif op == "flush":
+            core.flush(qid, now)
+        check(core)
+        if rng.random() < 0.2:
+            check_readers(core, now)
+    for plan in list(plans.values()):
+        core.finish(plan, [], now)
+        check(core)
+    check_readers(core, now)
+
+
+def test_top_destinations_and_reasons() -> None:
+    """The tops are by count, then by name, and count a message once per domain."""
+    core = QueueCore(POLICY)
+    rcpts = tuple(Recipient(a, "relay:*") for a in ("a@x.test", "b@x.test", "c@y.test"))
+    core.add(_Entry(Envelope("Q1", "s@s", rcpts, T0, size=10), QueueState(), "/x", 0), T0)
+    core.add(_Entry(Envelope("Q2", "s@s", rcpts[2:], T0 + 1, size=5), QueueState(), "/x", 0), T0)
+    assert core.tally.top_destinations(10) == [("x.test", 2, 1), ("y.test", 2, 2)]
+    assert core.tally.top_destinations(1) == [("x.test", 2, 1)]
+    plan = core.begin("Q2", T0 + 2)
+    assert isinstance(plan, Plan)
+    core.finish(plan, [Outcome.deferred("c@y.test", "4.4.1", "refused")], T0 + 2)
+    assert core.tally.top_reasons(5) == [("refused", 1)]
+    totals = core.totals()
+    assert (totals.messages, totals.size, totals.pending, totals.oldest_id) == (2, 15, 4, "Q1")
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3000)), max_size=400))
+def test_arrival_order_is_sorted(ops: list[tuple[bool, int]]) -> None:
+    """L{ArrivalOrder} stays sorted through adds and removes that split and empty blocks."""
+    order = ArrivalOrder()
+    present: set[tuple[float, int, str]] = set()
+    seq = 0
+    for add, value in ops:
+        if add or not present:
+            for _ in range(value % 7 + 1):  # bursts, so that blocks split
+                seq += 1
+                key = (float(value % 50), seq, f"Q{seq}")
+                order.add(key)
+                present.add(key)
+        else:
+            key = sorted(present)[value % len(present)]
+            order.remove(key)
+            present.discard(key)
+        assert list(order) == sorted(present)
+        assert len(order) == len(present)
+        assert order.first() == (min(present) if present else None)
+
+
+def test_arrival_order_splits_large_blocks() -> None:
+    """Thousands of keys, in and out of order, then removed: always sorted."""
+    order = ArrivalOrder()
+    keys = [(float(i % 977), i, f"Q{i}") for i in range(5000)]
+    for k in keys:
+        order.add(k)
+    assert list(order) == sorted(keys)
+    for k in keys[::2]:
+        order.remove(k)
+    assert list(order) == sorted(keys[1::2])
