@@ -367,12 +367,17 @@ class RelayNode(MultiService):
                     break
                 for entry in batch:
                     self.window.note_envelope(entry.envelope)
-                self.runner.load(batch)
+                # Known at once (listings, counts); attempted once all is read:
+                # attempts would otherwise compete with the recovery for the
+                # reactor and make it many times longer.
+                self.runner.load(batch, schedule=False)
                 count += len(batch)
         except Exception:
             self.log.failure("Recovering the queue failed after {count} message(s)", count=count)
         finally:
             self.intake.recovering = False
+            if not self._stopping:
+                self.runner.schedule_all()
         self.log.info(
             "relaynet node {name}: {count} queued message(s) recovered in {seconds:.2f} s",
             name=self.config.name, count=count, seconds=self.reactor.seconds() - started,

@@ -156,11 +156,25 @@ class QueueRunner(Service):
 
     # -- lifecycle -------------------------------------------------------
 
-    def load(self, entries: Iterable[QueueEntry]) -> None:
-        """Take over recovered messages (before or after starting)."""
+    def load(self, entries: Iterable[QueueEntry], schedule: bool = True) -> None:
+        """
+        Take over recovered messages (before or after starting).
+
+        @param schedule: schedule the due ones now; C{False} while a big
+            queue is still being recovered (L{schedule_all} follows), so that
+            attempts do not compete with the recovery.
+        """
         for entry in entries:
             due = self.core.add(entry, self.now())
-            if self._started and due is not None:
+            if schedule and self._started and due is not None:
+                self._schedule(entry.queue_id, due)
+
+    def schedule_all(self) -> None:
+        """Schedule every queued message that is not (after a recovery loaded without scheduling)."""
+        now = self.now()
+        for entry in self.core:
+            due = self.core.due(entry, now)
+            if due is not None:
                 self._schedule(entry.queue_id, due)
 
     def start(self, entries: Iterable[QueueEntry] = ()) -> None:
