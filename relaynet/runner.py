@@ -53,6 +53,9 @@ from relaynet.queue.window import TransferWindow
 Entries = list[QueueEntry]
 Summaries = list[dict[str, Any]]
 
+#: Messages summarised per reactor turn by L{QueueRunner.collect}.
+COLLECT_SLICE = 1000
+
 
 class SerialWrites:
     """
@@ -513,6 +516,40 @@ class QueueRunner(Service):
             self.reactor, self.pool, listing.scan, core, keys, now, sender, recipient, domain, min_age,
         )
         return d.addCallback(found)
+
+    def collect(
+        self, each: Callable[[dict[str, Any]], object], state: str | None = None,
+        sender: str | None = None, recipient: str | None = None, domain: str | None = None,
+        min_age: float | None = None,
+    ) -> Deferred[None]:
+        """
+        Call C{each} with the summary of every message L{list} would return,
+        oldest first, in slices of L{COLLECT_SLICE} messages, one slice per
+        reactor turn (C{callLater(0)}), so that a filtered summary or a shape
+        of a long queue never holds the reactor for more than a slice (about
+        10 ms): intake and attempts run between slices. The messages are
+        those of a snapshot of the queue's order taken at once; each is read
+        when its slice runs (one that left by then is left out).
+        """
+        keys = self.core.snapshot(state)
+        core, now = self.core, self.now()
+        done: Deferred[None] = Deferred()
+
+        def step(start: int) -> None:
+            try:
+                chunk = keys[start:start + COLLECT_SLICE]
+                for entry in listing.scan(core, chunk, now, sender, recipient, domain, min_age):
+                    each(listing.entry_summary(entry, core.state(entry), now))
+            except BaseException:
+                done.errback()
+                return
+            if start + COLLECT_SLICE < len(keys):
+                self.reactor.callLater(0, step, start + COLLECT_SLICE)
+            else:
+                done.callback(None)
+
+        step(0)
+        return done
 
     def list(
         self, state: str | None = None, sender: str | None = None,

@@ -282,6 +282,12 @@ class FakeQueue:
         entries = self.matching(**filters)
         return succeed((len(entries), entries if limit is None else entries[:limit]))
 
+    def collect(self, each: Any, state: str | None = None, sender: str | None = None, recipient: str | None = None,
+                domain: str | None = None, min_age: float | None = None) -> Deferred[None]:
+        for i in self.list(state, sender, recipient, domain, min_age):
+            each(i)
+        return succeed(None)
+
     def summary(self, top: int = 10) -> dict[str, Any]:
         self.calls.append(("summary", top))
         return summarize(self.items, top)

@@ -257,3 +257,73 @@ def test_arrival_order_splits_large_blocks() -> None:
     for k in keys[::2]:
         order.remove(k)
     assert list(order) == sorted(keys[1::2])
+
+
+# -- the runner's views: slices and threads, never the whole queue at once -----
+
+
+class _InlinePool:
+    """A thread pool that runs each job at once (the job's code is what a worker thread runs)."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
+        self.jobs += 1
+        on_result(True, f(*a, **kw))
+
+
+def _runner(n: int) -> tuple[Any, Any, _InlinePool]:
+    from twisted.internet.task import Clock
+
+    from relaynet.config import parse_config
+    from relaynet.events import EventLog
+    from relaynet.runner import QueueRunner
+
+    clock = Clock()
+    clock.advance(T0)
+    clock.callFromThread = lambda f, *a, **kw: f(*a, **kw)  # type: ignore[attr-defined]
+    config = parse_config({"node": {"name": "t"}})
+    pool = _InlinePool()
+    runner = QueueRunner(config, None, EventLog(None, "t", clock=clock.seconds), clock, pool,
+                         outbound=object(), now=clock.seconds)
+    rng = random.Random(7)
+    runner.load(new_entry(rng, i, T0) for i in range(n))
+    return runner, clock, pool
+
+
+def test_collect_runs_a_slice_per_reactor_turn() -> None:
+    """
+    A filtered summary's or a shape's messages are summarised a slice of
+    C{COLLECT_SLICE} per reactor turn, and come out as L{list} gives them.
+    """
+    from relaynet.runner import COLLECT_SLICE
+
+    runner, clock, _ = _runner(2 * COLLECT_SLICE + 5)
+    items: list[Any] = []
+    done: list[Any] = []
+    runner.collect(items.append, domain="a.test").addCallback(done.append)
+    [later] = clock.getDelayedCalls()  # one slice done, the next one scheduled
+    assert not done and later.args == (COLLECT_SLICE,)
+    assert 0 < len(items) <= COLLECT_SLICE
+    clock.advance(0)
+    assert done and items == runner.list(domain="a.test")
+    held: list[Any] = []
+    runner.collect(held.append, state="hold").addCallback(done.append)
+    clock.advance(0)
+    assert len(done) == 2 and held == runner.list(state="hold")
+
+
+def test_page_with_envelope_filters_runs_in_a_thread() -> None:
+    """
+    A page filtered on the envelope is matched in a worker thread; a page
+    by state only is not, and counts with the counter.
+    """
+    runner, clock, pool = _runner(300)
+    pages: list[Any] = []
+    runner.page(5, domain="c.test").addCallback(pages.append)
+    every = runner.matching(domain="c.test")
+    assert pool.jobs == 1 and pages == [(len(every), every[:5])]
+    runner.page(3, state="incoming").addCallback(pages.append)
+    every = runner.matching(state="incoming")
+    assert pool.jobs == 1 and pages[1] == (len(every), every[:3])

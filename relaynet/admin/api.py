@@ -97,50 +97,67 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower() or "(none)"
 
 
-def summarize(items: Sequence[dict[str, Any]], top: int = 10) -> dict[str, Any]:
+def summarize(items: Iterable[dict[str, Any]], top: int = 10) -> dict[str, Any]:
     """
     A C{mailq}-like summary of queue listing items (L{entry_summary} dicts):
     message, octet and pending-recipient counts, counts by state, the oldest
     message, the top destination domains and the top deferral reasons.
     """
-    states = {s: 0 for s in STATES}
-    dests: dict[str, dict[str, int]] = {}
-    reasons: dict[str, int] = {}
-    oldest = None
-    pending_total = 0
+    builder = SummaryBuilder()
     for item in items:
-        states[item["state"]] = states.get(item["state"], 0) + 1
-        if oldest is None or item["arrival"] < oldest["arrival"]:
-            oldest = item
+        builder.add(item)
+    return builder.result(top)
+
+
+class SummaryBuilder:
+    """L{summarize}, one item at a time (a queue walked in slices feeds it)."""
+
+    def __init__(self) -> None:
+        self.states = {s: 0 for s in STATES}
+        self.dests: dict[str, dict[str, int]] = {}
+        self.reasons: dict[str, int] = {}
+        self.oldest: dict[str, Any] | None = None
+        self.pending = 0
+        self.messages = 0
+        self.size = 0
+
+    def add(self, item: dict[str, Any]) -> None:
+        """Count one listing item."""
+        self.messages += 1
+        self.size += item["size"]
+        self.states[item["state"]] = self.states.get(item["state"], 0) + 1
+        if self.oldest is None or item["arrival"] < self.oldest["arrival"]:
+            self.oldest = {"queue_id": item["queue_id"], "arrival": item["arrival"], "age": item["age"]}
         seen: set[str] = set()
         for r in _pending(item):
-            pending_total += 1
+            self.pending += 1
             d = _domain(r["address"])
-            row = dests.setdefault(d, {"recipients": 0, "messages": 0})
+            row = self.dests.setdefault(d, {"recipients": 0, "messages": 0})
             row["recipients"] += 1
             if d not in seen:
                 row["messages"] += 1
                 seen.add(d)
             if r["status"] == "deferred":
                 reason = (r.get("diagnostic") or r.get("dsn") or "unknown")[:200]
-                reasons[reason] = reasons.get(reason, 0) + 1
-    top_dests = sorted(dests.items(), key=lambda kv: (-kv[1]["recipients"], kv[0]))[:top]
-    top_reasons = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-    return {
-        "messages": len(items),
-        "bytes": sum(i["size"] for i in items),
-        "recipients": pending_total,
-        "states": states,
-        "oldest": None if oldest is None else {
-            "queue_id": oldest["queue_id"], "arrival": oldest["arrival"], "age": oldest["age"],
-        },
-        "destinations": [{"domain": d, **v} for d, v in top_dests],
-        "deferral_reasons": [{"reason": r, "recipients": n} for r, n in top_reasons],
-    }
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def result(self, top: int = 10) -> dict[str, Any]:
+        """The summary of the items added, C{top} rows per list."""
+        top_dests = sorted(self.dests.items(), key=lambda kv: (-kv[1]["recipients"], kv[0]))[:top]
+        top_reasons = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        return {
+            "messages": self.messages,
+            "bytes": self.size,
+            "recipients": self.pending,
+            "states": dict(self.states),
+            "oldest": self.oldest,
+            "destinations": [{"domain": d, **v} for d, v in top_dests],
+            "deferral_reasons": [{"reason": r, "recipients": n} for r, n in top_reasons],
+        }
 
 
 def shape(
-    items: Sequence[dict[str, Any]], by: str = "recipient", buckets: int = 10,
+    items: Iterable[dict[str, Any]], by: str = "recipient", buckets: int = 10,
     scale: float = 5.0, top: int | None = None,
 ) -> dict[str, Any]:
     """
@@ -152,38 +169,58 @@ def shape(
 
     @param buckets: the number of buckets (at least 2).
     @param scale: the first bucket's bound in minutes.
+    @raise ValueError: C{by}, C{buckets} or C{scale} is not valid.
     """
-    if by not in ("recipient", "sender"):
-        raise ValueError("by must be recipient or sender")
-    if buckets < 2 or scale <= 0:
-        raise ValueError("need at least 2 buckets and a positive scale")
-    bounds = [scale * 2 ** i for i in range(buckets - 1)]
-    labels = [_num(b) for b in bounds] + [_num(bounds[-1]) + "+"]
-    rows: dict[str, list[int]] = {}
-    total = [0] * buckets
+    builder = ShapeBuilder(by, buckets, scale)
     for item in items:
+        builder.add(item)
+    return builder.result(top)
+
+
+class ShapeBuilder:
+    """L{shape}, one item at a time (a queue walked in slices feeds it)."""
+
+    def __init__(self, by: str = "recipient", buckets: int = 10, scale: float = 5.0) -> None:
+        """@raise ValueError: see L{shape}."""
+        if by not in ("recipient", "sender"):
+            raise ValueError("by must be recipient or sender")
+        if buckets < 2 or scale <= 0:
+            raise ValueError("need at least 2 buckets and a positive scale")
+        self.by = by
+        self.buckets = buckets
+        self.scale = scale
+        self.bounds = [scale * 2 ** i for i in range(buckets - 1)]
+        self.rows: dict[str, list[int]] = {}
+        self.total = [0] * buckets
+
+    def add(self, item: dict[str, Any]) -> None:
+        """Count one listing item."""
         minutes = item["age"] / 60.0
-        col = next((i for i, b in enumerate(bounds) if minutes < b), buckets - 1)
+        col = next((i for i, b in enumerate(self.bounds) if minutes < b), self.buckets - 1)
         pending = _pending(item)
         if not pending:
-            continue
-        if by == "sender":
+            return
+        if self.by == "sender":
             domains = {_domain(item["sender"]) if item["sender"] else "(null sender)"}
         else:
             domains = {_domain(r["address"]) for r in pending}
-        total[col] += 1
+        self.total[col] += 1
         for d in domains:
-            rows.setdefault(d, [0] * buckets)[col] += 1
-    ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
-    if top is not None:
-        ordered = ordered[:top]
-    return {
-        "by": by,
-        "scale_minutes": scale,
-        "columns": labels,
-        "rows": [{"domain": "TOTAL", "total": sum(total), "counts": total}]
-        + [{"domain": d, "total": sum(c), "counts": c} for d, c in ordered],
-    }
+            self.rows.setdefault(d, [0] * self.buckets)[col] += 1
+
+    def result(self, top: int | None = None) -> dict[str, Any]:
+        """The histogram of the items added; only the C{top} busiest domains if given."""
+        ordered = sorted(self.rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+        if top is not None:
+            ordered = ordered[:top]
+        labels = [_num(b) for b in self.bounds] + [_num(self.bounds[-1]) + "+"]
+        return {
+            "by": self.by,
+            "scale_minutes": self.scale,
+            "columns": labels,
+            "rows": [{"domain": "TOTAL", "total": sum(self.total), "counts": list(self.total)}]
+            + [{"domain": d, "total": sum(c), "counts": c} for d, c in ordered],
+        }
 
 
 def _num(x: float) -> str:
@@ -376,24 +413,26 @@ class AdminAPI(Resource):
             raise ApiError(404, f"no message {queue_id} in the queue")
         return d
 
-    def summary(self, request: Request, body: Any) -> dict[str, Any]:
+    def summary(self, request: Request, body: Any) -> dict[str, Any] | Deferred[dict[str, Any]]:
         filters = self._filters(request)
         top = _int_arg(request, "top", 10) or 10
         if not any(v is not None for v in filters.values()):
             return self.queue.summary(top)  # the queue's counters: no walk
-        return summarize(self.queue.list(**filters), top=top)
+        # Filtered: the matching messages are counted a slice per reactor turn.
+        builder = SummaryBuilder()
+        return self.queue.collect(builder.add, **filters).addCallback(lambda _: builder.result(top))
 
-    def shape(self, request: Request, body: Any) -> dict[str, Any]:
-        items = self.queue.list(**self._filters(request))
+    def shape(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:
+        filters = self._filters(request)
+        top = _int_arg(request, "top", None)
         try:
-            return shape(
-                items, by=_arg(request, "by") or "recipient",
-                buckets=_int_arg(request, "buckets", 10) or 10,
-                scale=float(_arg(request, "scale") or 5),
-                top=_int_arg(request, "top", None),
+            builder = ShapeBuilder(
+                _arg(request, "by") or "recipient", _int_arg(request, "buckets", 10) or 10,
+                float(_arg(request, "scale") or 5),
             )
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+        return self.queue.collect(builder.add, **filters).addCallback(lambda _: builder.result(top))
 
     def routes(self, request: Request, body: Any) -> dict[str, Any]:
         return routes_json(self.node.config)

@@ -21,7 +21,7 @@ or prometheus_client.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from relaynet.queue.states import MessageState, QueueTotals as QueueTotals
 
@@ -78,6 +78,18 @@ class QueueView(QueueStats, Protocol):
         How many messages L{matching} would return, and the first C{limit}
         of them (all if C{None}). With no filter but C{state} this costs
         O(limit), not O(queue); envelope filters run off the reactor.
+        """
+
+    def collect(
+        self, each: Callable[[dict[str, Any]], object], state: str | None = None,
+        sender: str | None = None, recipient: str | None = None, domain: str | None = None,
+        min_age: float | None = None,
+    ) -> Deferred[None]:
+        """
+        Call C{each} with the summary of every message L{list} would
+        return, oldest first, a slice of messages per reactor turn, so that
+        the reactor is never held for the whole queue (filtered summaries,
+        shapes); the Deferred fires after the last.
         """
 
     def summary(self, top: int = 10) -> dict[str, Any]:
