@@ -204,7 +204,8 @@ class Outbound:
     @ivar hop_down_time: seconds a next hop that could not be connected to
         (or whose greeting refused) is marked down: no connection is tried,
         its mail is deferred at once (or fails over); doubled while probes
-        keep failing, up to 10 times this. C{0}: no hop-state cache.
+        keep failing, up to 10 times this; at most C{[queue] minimal_backoff}.
+        C{0}: no hop-state cache.
     """
 
     connect_timeout: float = 30.0
@@ -857,10 +858,12 @@ def parse_config(
         )
     }
     outbound = Outbound(
-        hop_down_time=float(o.get(
+        # Never longer than a message's first retry: a hop is probed again
+        # no later than its mail would be (labs retry within seconds).
+        hop_down_time=min(queue.minimal_backoff, float(o.get(
             "hop_down_time", (int, float), od.hop_down_time,
             lambda v: None if v >= 0 else "must be 0 (off) or positive",
-        )),
+        ))),
         connection_reuse=o.get("connection_reuse", bool, od.connection_reuse),
         max_messages_per_connection=o.get(
             "max_messages_per_connection", int, od.max_messages_per_connection, _positive

@@ -342,7 +342,7 @@ THREADS = 4
 CUTS = (8, 12)
 PER_THREAD_MAX = 3000
 RUN_LIMIT = 90.0  # seconds: hard bound on the client threads
-DRAIN_TIMEOUT = 40.0
+DRAIN_TIMEOUT = 120.0  # seconds; a loaded machine (CI next to benchmarks) needed more than 40
 USER = "user"
 FAR = "far@queued.test"  # a relay route to a closed port: stays queued
 
