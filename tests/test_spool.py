@@ -965,3 +965,27 @@ def test_bounded_reader_over_bytes() -> None:
     assert (reader.read(), reader.read(), reader.remaining) == (b"567", b"", 0)
     with BoundedReader(io.BytesIO(b"abc"), 10) as r:
         assert r.read(None) == b"abc"
+
+
+def test_recovery_keeps_the_state_of_a_message_committed_meanwhile(tmp_path: Path) -> None:
+    """
+    The node recovers in the background while it accepts mail: a message
+    committed (and its state recorded) while recover() is still running is
+    not an orphan, and its state file stays (found by the power-loss test:
+    deleting it lost the record of a local delivery).
+    """
+    reactor = ThreadlessReactor()
+    pool = ManualThreadPool(immediate=True)
+    spool = Spool(tmp_path / "q", reactor, pool, clock=lambda: EPOCH)  # type: ignore[arg-type]
+    spool.prepare()
+    old = spool.begin(envelope(spool, "a@localhost"))
+    old.write(MESSAGE)
+    old_entry = old.commit(1).result  # type: ignore[attr-defined]
+    recovery = spool.recover()
+    assert next(recovery).queue_id == old_entry.queue_id
+    new = spool.begin(envelope(spool, "b@localhost"))
+    new.write(MESSAGE)
+    entry = new.commit(1).result  # type: ignore[attr-defined]
+    spool.record(entry)
+    assert list(recovery) == []
+    assert (spool.state_dir / entry.queue_id).exists()

@@ -888,8 +888,14 @@ class Spool:
             names.add(p.name)
             yield QueueEntry(envelope, self._read_state(p.name), p, offset, recovered=True)
         for p in self.state_dir.iterdir():
-            if p.name not in names:
-                p.unlink()
+            # The queue file is looked for now, not in the listing above: the
+            # node recovers in the background while it accepts mail, and a
+            # message committed meanwhile has a state file of its own.
+            if p.name not in names and not (self.new_dir / p.name).exists():
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
 
     def _read_state(self, queue_id: str) -> QueueState:
         try:
