@@ -86,10 +86,9 @@ def _mx_answers(config: Any, wanted: list[tuple[str, int]], timeout: float = 20.
     from relaynet.delivery.attempt import system_resolver
     from relaynet.delivery.mx import MXLookup
 
-    lookup = MXLookup(
-        system_resolver(reactor, config.dns_servers), reactor.seconds,
-        own_names=lambda: [config.hostname], own_endpoints=lambda: config.listen_addresses,
-        preference=lambda: config.outbound.address_preference, shuffle=lambda items: None,
+    lookup = MXLookup.for_config(
+        system_resolver(reactor, config.dns_servers), reactor.seconds, lambda: config,
+        shuffle=lambda items: None,
     )
     answers: dict[tuple[str, int], Any] = {}
 

@@ -324,12 +324,8 @@ class Delivery:
     def mx(self) -> MXLookup:
         """The MX lookup (made on first use, over the resolver)."""
         if self._mx is None:
-            self._mx = MXLookup(
-                self._resolver(), self._clock,
-                own_names=lambda: [self._config().hostname],
-                own_endpoints=lambda: self._config().listen_addresses,
-                preference=lambda: self._config().outbound.address_preference,
-                shuffle=self._shuffle or random.shuffle,
+            self._mx = MXLookup.for_config(
+                self._resolver(), self._clock, self._config, shuffle=self._shuffle or random.shuffle,
             )
         return self._mx
 

@@ -36,7 +36,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.names import dns, error
 
-from relaynet.config import NextHop
+from relaynet.config import NextHop, NodeConfig
 
 NEGATIVE_TTL = 300.0
 """The longest time a "no such name" or "no such record" answer is kept."""
@@ -142,6 +142,24 @@ class MXLookup:
         self.choose = choose
         self.timeout = timeout
         self._cache: dict[tuple[str, int], _Cached] = {}
+
+    @classmethod
+    def for_config(
+        cls, resolver: Any, clock: Callable[[], float], config: Callable[[], NodeConfig],
+        shuffle: Callable[[list[Any]], None] = random.shuffle,
+    ) -> "MXLookup":
+        """
+        The lookup a node makes: itself is its C{hostname} and the addresses
+        of its listeners, its address preference is C{[outbound]}'s, all read
+        from C{config()} (the configuration in force) at each lookup.
+        """
+        return cls(
+            resolver, clock,
+            own_names=lambda: [config().hostname],
+            own_endpoints=lambda: config().listen_addresses,
+            preference=lambda: config().outbound.address_preference,
+            shuffle=shuffle,
+        )
 
     # -- cached queries ------------------------------------------------------
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from relaynet.lab.state import pid_state
 from relaynet.zones import ZoneError, zones
 
 POLL = 0.05
@@ -135,10 +136,10 @@ def stop(rec: dict[str, Any], timeout: float = 10.0) -> str:
     how = "stopped"
     for sig in (signal.SIGKILL, None):
         deadline = time.monotonic() + timeout
-        while _state(pid) not in (None, "Z", "X") and time.monotonic() < deadline:
+        while pid_state(pid) not in (None, "Z", "X") and time.monotonic() < deadline:
             _reap(pid)
             time.sleep(POLL)  # polling for the process to be gone, bounded by the deadline
-        if _state(pid) in (None, "Z", "X") or sig is None:
+        if pid_state(pid) in (None, "Z", "X") or sig is None:
             break
         os.kill(pid, sig)
         how = "killed"
@@ -152,14 +153,6 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-
-
-def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

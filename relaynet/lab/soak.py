@@ -58,6 +58,7 @@ from attrs import define, field, frozen
 
 from relaynet.lab import check, control, netns, procs
 from relaynet.lab.observe import EventIndex, lab_events, read_events
+from relaynet.lab.traffic import percentile
 from relaynet.lab.state import Lab, LabError, node_alive, pid_state
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.traffic import QUEUED_AS, _close, _transaction, read_sent
@@ -77,18 +78,6 @@ POLL = 0.05
 
 def _quiet(msg: str) -> None:
     pass
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float | None:
-    """
-    The C{p}th percentile of already sorted values by nearest rank: the
-    smallest value with at least C{p} percent of the values at or below it
-    (L{None} for no values).
-    """
-    n = len(sorted_values)
-    if not n:
-        return None
-    return float(sorted_values[min(n, max(1, math.ceil(p / 100 * n - 1e-9))) - 1])
 
 
 # -- the load: pure choices --------------------------------------------------

@@ -66,7 +66,8 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     """The C{p}th percentile (nearest rank) of already sorted values."""
     if not sorted_values:
         return None
-    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
+    # The epsilon keeps float error (0.29 * 100) from moving a whole rank up.
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values) - 1e-9) - 1))
     return float(sorted_values[k])
 
 
