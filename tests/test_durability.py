@@ -334,6 +334,8 @@ def test_invalid_envelope_is_moved_aside_at_recovery(tmp_path: Path, envelope: b
     bad = node.queue / "new" / "3CCC0000000000BAD"
     bad.write_bytes(_queue_file(envelope, b"Subject: x\r\n\r\nx\r\n"))
     with node:
+        # The queue is recovered in the background once the node listens.
+        wait_for(lambda: node.queue_files("corrupt"), 10, "the corrupt queue file moved aside")
         assert [p.name for p in node.queue_files("corrupt")] == [bad.name]
         assert node.queue_files("new") == []
         user = "after" + uuid.uuid4().hex[:8]
