@@ -209,6 +209,19 @@ catch_all = true
 """
 
 
+def single_worker(toml: str) -> str:
+    """
+    A node config with C{workers = 1} unless it names C{workers}: the tests
+    that read a node's queue directory and pid are about one process (a node
+    with workers has a shard per worker: tests/test_workers.py).
+    """
+    if re.search(r"(?m)^\s*workers\s*=", toml):
+        return toml
+    if re.search(r"(?m)^\[node\]\s*$", toml):
+        return re.sub(r"(?m)^\[node\]\s*$", "[node]\nworkers = 1", toml, count=1)
+    return "[node]\nworkers = 1\n" + toml
+
+
 class NodeStartError(RuntimeError):
     """The node did not come up; the message carries the log tail."""
 
@@ -291,7 +304,7 @@ class NodeProcess:
             .replace("{spool}", str(self.dir / "spool"))
             .replace("{name}", self._name)
         )
-        self.config_path.write_text(text, encoding="utf-8")
+        self.config_path.write_text(single_worker(text), encoding="utf-8")
 
     # -- paths -----------------------------------------------------------
 

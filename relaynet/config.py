@@ -276,6 +276,21 @@ class NodeConfig:
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
     source: str = "<default>"
+    workers: int = 0
+    shard: int | None = None
+
+    @property
+    def worker_count(self) -> int:
+        """
+        How many worker processes serve the node: C{[node] workers}, or for
+        C{"auto"} (0) the CPUs this process may run on.
+        """
+        if self.workers:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
 
     @property
     def listen_addresses(self) -> list[tuple[str, int]]:
@@ -302,13 +317,41 @@ class NodeConfig:
 
     @property
     def queue_dir(self) -> Path:
-        """The maildir queue, C{<spool>/queue}."""
-        return self.spool / "queue"
+        """
+        The maildir queue, C{<spool>/queue}; in worker K > 0 of a node with
+        workers, its shard C{<spool>/queue.K} (L{shard_queue_dir}).
+        """
+        return shard_queue_dir(self.spool, self.shard or 0)
+
+    @property
+    def lock_file(self) -> Path:
+        """
+        The lock a running node holds, C{<spool>/node.lock}; worker K holds
+        C{<spool>/queue.K.lock} (C{queue.lock} for K = 0) for its shard.
+        """
+        if self.shard is None:
+            return self.spool / "node.lock"
+        return self.spool / f"{self.queue_dir.name}.lock"
 
     @property
     def event_log(self) -> Path:
         """The JSON lines event log, C{<spool>/events.jsonl}."""
         return self.spool / "events.jsonl"
+
+
+def shard_queue_dir(spool: Path, shard: int) -> Path:
+    """
+    Shard C{shard}'s queue: C{<spool>/queue} for 0 (a node without workers
+    uses the same one, so turning workers on or off strands no mail), else
+    C{<spool>/queue.<shard>}.
+    """
+    return spool / ("queue" if shard == 0 else f"queue.{shard}")
+
+
+def worker_admin_endpoint(spool: Path, shard: int) -> str:
+    """Worker C{shard}'s private admin site, C{unix:<spool>/worker-<shard>.sock:mode=600}."""
+    path = str(spool / f"worker-{shard}.sock").replace("\\", "\\\\").replace(":", "\\:")
+    return f"unix:{path}:mode=600"
 
 
 def default_admin_endpoint(spool: Path) -> str:
@@ -717,6 +760,17 @@ def _endpoint_address(endpoint: str) -> tuple[str, int] | None:
     return None
 
 
+MAX_WORKERS = 256
+
+
+def _check_workers(value: int | str) -> str | None:
+    if isinstance(value, bool):
+        return 'must be a number of processes or "auto"'
+    if isinstance(value, str):
+        return None if value == "auto" else 'must be a number of processes or "auto"'
+    return None if 1 <= value <= MAX_WORKERS else f'must be 1 to {MAX_WORKERS} or "auto"'
+
+
 def parse_config(
     data: Mapping[str, Any], source: str = "<default>", base: Path | None = None
 ) -> NodeConfig:
@@ -735,6 +789,7 @@ def parse_config(
     name = node.get("name", str, "relaynet")
     hostname = node.get("hostname", str, None) or socket.gethostname() or "localhost"
     spool = _resolve(base, node.get("spool", str, "var/relaynet"))
+    workers = node.get("workers", (int, str), "auto", _check_workers)
     node.finish()
 
     listeners_data = top.get("listener", list, [{"endpoint": "tcp:2525:interface=127.0.0.1"}])
@@ -963,7 +1018,7 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, log=log,
-        source=source,
+        source=source, workers=0 if workers == "auto" else int(workers),
     )
 
 
@@ -1060,6 +1115,7 @@ def describe(config: NodeConfig) -> str:
         f"name = {_toml(config.name)}",
         f"hostname = {_toml(config.hostname)}",
         f"spool = {_toml(config.spool)}",
+        f"workers = {_toml(config.workers or 'auto')}",
         "",
     ]
     for lst in config.listeners:

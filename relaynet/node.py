@@ -50,7 +50,7 @@ from relaynet.intake.auth import RelayRealm, ScryptChecker
 from relaynet.config import ConfigError, NodeConfig
 from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory, drain
-from relaynet.smtp.netio import EndpointService, ReusePortEndpoint
+from relaynet.smtp.netio import AdoptedEndpoint, EndpointService, ReusePortEndpoint
 from relaynet.runner import QueueRunner
 from relaynet.queue.spool import QueueEntry, Spool, makedirs_durable
 from relaynet.queue.window import TransferWindow
@@ -71,17 +71,19 @@ class NodeStartError(Exception):
     """
 
 
-def lock_spool(spool: Path) -> int:
+def lock_spool(spool: Path, path: Path | None = None) -> int:
     """
     Take the spool's lock, C{<spool>/node.lock} (C{fcntl.flock}, held while
     the returned descriptor is open, released by the kernel when the process
     ends, even by C{kill -9}), and write our pid into it.
 
+    @param path: another lock file in the spool (a worker's shard lock,
+        L{NodeConfig.lock_file}).
     @return: the lock file's descriptor.
     @raise NodeStartError: another process holds it ("spool ... is in use by
         pid N").
     """
-    path = spool / SPOOL_LOCK
+    path = path or spool / SPOOL_LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.fchmod(fd, 0o600)  # private like every spool file, whoever made it
     try:
@@ -127,6 +129,32 @@ def with_backlog(endpoint: str) -> str:
     if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in endpoint:
         return f"{endpoint}:backlog={LISTEN_BACKLOG}"
     return endpoint
+
+
+def attach_log_observer(parent: Any, observer: Any) -> None:
+    """
+    Make C{observer} twistd's log observer: twistd's AppLogger logs through
+    the application's ILogObserver component when there is one (ours
+    applies C{[log]} format and level).
+    """
+    if observer is not None and isinstance(parent, Componentized):
+        if parent.getComponent(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, observer)
+
+
+def own_spool(config: NodeConfig, owner: tuple[int, int]) -> None:
+    """
+    Create the spool and the mailroot and give them, and everything in them,
+    to C{owner} (the user twistd runs the node as after C{-u}/C{-g}).
+    """
+    for d in (config.spool, config.local.mailroot):
+        for created in makedirs_durable(d):
+            os.chown(created, *owner)
+        # Never follow a link: one planted in the spool by the
+        # unprivileged user must not hand it a file of root's.
+        for root, dirs, files in os.walk(d):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                os.chown(name, *owner, follow_symlinks=False)
 
 
 class ThreadPoolService(Service):
@@ -180,9 +208,16 @@ class RelayNode(MultiService):
         run_as: tuple[int | None, int | None] = (None, None),
         load_config: Callable[[], NodeConfig] | None = None,
         log_observer: Any = None,
+        inherited: list[int] | None = None,
     ) -> None:
+        """
+        @param inherited: listening sockets (descriptors, in listener order)
+            to serve instead of binding the listeners: a worker's, passed on by
+            its supervisor (L{relaynet.supervisor}).
+        """
         MultiService.__init__(self)
         self.config = config
+        self.inherited = inherited
         self.log_observer = log_observer
         self.started_at: float | None = None
         self.last_reload: dict[str, Any] | None = None
@@ -192,7 +227,7 @@ class RelayNode(MultiService):
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}")
         self.commit_pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}-commit")
-        self.spool = Spool(config.queue_dir, reactor, self.pool, commit_pool=self.commit_pool)
+        self.spool = Spool(config.queue_dir, reactor, self.pool, commit_pool=self.commit_pool, shard=config.shard)
         self.events = EventLog(None, config.name)
         self.window = TransferWindow(
             config.queue_dir / "window", config.queue.duplicate_window,
@@ -236,11 +271,7 @@ class RelayNode(MultiService):
         return [svc.port for svc in self._listeners if svc.port is not None]
 
     def setServiceParent(self, parent: Any) -> Any:
-        # twistd's AppLogger logs through the application's ILogObserver
-        # component when there is one: ours applies [log] format and level.
-        if self.log_observer is not None and isinstance(parent, Componentized):
-            if parent.getComponent(ILogObserver, None) is None:
-                parent.setComponent(ILogObserver, self.log_observer)
+        attach_log_observer(parent, self.log_observer)
         return MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self) -> None:
@@ -253,14 +284,7 @@ class RelayNode(MultiService):
         uid, gid = self.run_as
         if uid is not None or gid is not None:
             owner = (-1 if uid is None else uid, -1 if gid is None else gid)
-            for d in (self.config.spool, self.config.local.mailroot):
-                for created in makedirs_durable(d):
-                    os.chown(created, *owner)
-                # Never follow a link: one planted in the spool by the
-                # unprivileged user must not hand it a file of root's.
-                for root, dirs, files in os.walk(d):
-                    for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                        os.chown(name, *owner, follow_symlinks=False)
+            own_spool(self.config, owner)
         try:
             self._lock(owner if uid is not None or gid is not None else None)
         except OSError as e:
@@ -276,7 +300,7 @@ class RelayNode(MultiService):
         if self._lock_fd is not None:
             return
         makedirs_durable(self.config.spool)
-        self._lock_fd = lock_spool(self.config.spool)
+        self._lock_fd = lock_spool(self.config.spool, self.config.lock_file)
         if owner is not None:
             os.fchown(self._lock_fd, *owner)
 
@@ -297,10 +321,12 @@ class RelayNode(MultiService):
             return
         self.intake.tls = self._tls_options()
         self.intake.portal = self._portal()
-        for listener in self.config.listeners:
+        for i, listener in enumerate(self.config.listeners):
             description = with_backlog(listener.endpoint)
-            if listener.reuse_port:
-                endpoint: Any = ReusePortEndpoint.from_string(self.reactor, description)
+            if self.inherited is not None:
+                endpoint: Any = AdoptedEndpoint(self.reactor, self.inherited[i])
+            elif listener.reuse_port:
+                endpoint = ReusePortEndpoint.from_string(self.reactor, description)
             else:
                 endpoint = serverFromString(self.reactor, description)
             factory: Any = RelayFactory(self.intake, listener)
@@ -323,6 +349,14 @@ class RelayNode(MultiService):
             raise NodeStartError(disk_problem(e, config.spool)) from e
         self._add_listeners()
         try:
+            if config.shard is None:
+                # Mail of the shards of a node that ran with workers.
+                from relaynet.supervisor import adopt_orphan_shards
+
+                moved = adopt_orphan_shards(config.spool, 1)
+                if moved:
+                    self.log.warn("{count} queued message(s) of former worker shards moved into the queue",
+                                  count=moved)
             self.events.open(config.event_log)
             self.spool.prepare()
             self.window.load()

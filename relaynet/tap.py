@@ -6,6 +6,7 @@ C{twistd relaynet}: options and service maker.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import IO, Any, Callable, cast
 
@@ -227,7 +228,36 @@ def makeService(options: Options) -> Any:
     parent = getattr(options, "parent", None) or {}
     run_as = (parent.get("uid"), parent.get("gid")) if hasattr(parent, "get") else (None, None)
     out = _log_output(parent)
-    observer = NodeLogObserver(out, options.config.log) if out is not None else None
+    config = options.config
+    observer = NodeLogObserver(out, config.log) if out is not None else None
+    if config.worker_count > 1:
+        from relaynet.supervisor import Supervisor, inheritable
+
+        if inheritable(config):
+            return Supervisor(
+                config, reactor, worker_options(options), load_config=options.load,
+                run_as=run_as, log_observer=observer,
+            )
+        if config.workers:
+            raise SystemExit(
+                f"twistd relaynet: {config.source}: node.workers = {config.workers} needs "
+                "tcp:, tcp6: or unix: listeners (their sockets are shared by the workers)"
+            )
+        Logger(namespace="relaynet.tap").info(
+            "workers = \"auto\": one process (a listener is not tcp:, tcp6: or unix:)"
+        )
     return RelayNode(
-        options.config, reactor, run_as=run_as, load_config=options.load, log_observer=observer
+        config, reactor, run_as=run_as, load_config=options.load, log_observer=observer
     )
+
+
+def worker_options(options: Options) -> list[str]:
+    """The options of C{twistd relaynet} a worker gets too (its config and overrides)."""
+    argv: list[str] = []
+    if options["config"]:
+        argv += ["--config", os.path.abspath(options["config"])]
+    for endpoint in options["listen"]:
+        argv += ["--listen", endpoint]
+    if options["spool"]:
+        argv += ["--spool", os.path.abspath(options["spool"])]
+    return argv

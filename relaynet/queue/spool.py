@@ -813,7 +813,13 @@ class Spool:
         threadpool: ThreadPool,
         clock: Callable[[], float] = time.time,
         commit_pool: ThreadPool | None = None,
+        shard: int | None = None,
     ) -> None:
+        """
+        @param shard: the worker's shard number (0-255) in a node with
+            workers: its ids end with it (two hex digits), apart from every
+            other shard's.
+        """
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.new_dir = self.root / "new"
@@ -826,8 +832,13 @@ class Spool:
         self._unlinks = UnlinkBatch(self._in_thread)
         self._state_sync = GroupSync(self.state_dir)
         # Four random hex digits per process keep ids from two processes
-        # sharing a spool apart (one getrandom at start, not one per message).
-        self._ids = QueueIds(clock, secrets.token_hex(2).upper())
+        # sharing a spool apart (one getrandom at start, not one per message);
+        # a worker's last two are its shard's number.
+        if shard is None:
+            suffix = secrets.token_hex(2).upper()
+        else:
+            suffix = secrets.token_hex(1).upper() + f"{shard:02X}"
+        self._ids = QueueIds(clock, suffix)
 
     def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._pool, f)

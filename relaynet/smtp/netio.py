@@ -209,3 +209,28 @@ class EndpointService(Service):
             return None if port is None else port.stopListening()
 
         return listening.addCallback(stop)
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """
+    A listening socket this process inherited (a worker's, from its
+    supervisor: L{relaynet.supervisor}), served with C{adoptStreamPort}.
+    The descriptor is closed once adopted (the reactor serves a duplicate).
+    """
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self._reactor = reactor
+        self._fd = fd
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        try:
+            sock = socket.socket(fileno=self._fd)
+            try:
+                sock.setblocking(False)
+                port = self._reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+            finally:
+                sock.close()
+        except OSError as e:
+            return fail(e)
+        return succeed(port)

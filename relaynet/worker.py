@@ -1,0 +1,132 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+One worker of a node with workers: C{python -m relaynet.worker --shard K
+--listeners N [twistd relaynet options]}, started by L{relaynet.supervisor}
+and by nothing else.
+
+A worker is a L{RelayNode} on shard K of the spool (L{worker_config}) that
+serves the listening sockets it inherited (descriptors 3 .. 3+N-1, in listener
+order), writes its log as JSON lines on its standard output (the supervisor
+logs them), and stops as on SIGTERM when its standard input (a pipe from the
+supervisor) closes: a supervisor that dies, even by C{kill -9}, takes its
+workers with it, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+import attrs
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import FileLogObserver, Logger, globalLogBeginner
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaynet.config import AdminSettings, ConfigError, NodeConfig, worker_admin_endpoint
+from relaynet.supervisor import FIRST_LISTENER_FD
+
+log = Logger(namespace="relaynet.worker")
+
+
+def worker_config(config: NodeConfig, shard: int) -> NodeConfig:
+    """
+    C{config} as worker C{shard} runs it: its shard of the queue, its lock, and
+    its admin site on a private socket (the supervisor serves the node's).
+    """
+    admin = AdminSettings(enabled=True, endpoint=worker_admin_endpoint(config.spool, shard), metrics_endpoint=None)
+    return attrs.evolve(config, shard=shard, admin=admin)
+
+
+@implementer(IReadDescriptor)
+class ParentWatch:
+    """Stops the reactor when the supervisor's end of our standard input closes."""
+
+    def __init__(self, reactor: Any, fd: int = 0) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "supervisor"
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            from twisted.internet.main import CONNECTION_DONE
+
+            return CONNECTION_DONE
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reactor.removeReader(self)
+        if self.reactor.running:
+            log.warn("The supervisor is gone: stopping")
+            self.reactor.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relaynet.worker", add_help=False, allow_abbrev=False)
+    parser.add_argument("--shard", type=int, required=True)
+    parser.add_argument("--listeners", type=int, required=True)
+    ours, rest = parser.parse_known_args(argv)
+
+    from relaynet.tap import Options, json_log_line
+
+    observer = FileLogObserver(sys.stdout, json_log_line)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    options = Options()
+    try:
+        options.parseOptions(rest)
+    except SystemExit as e:
+        print(f"{e}", file=sys.stderr)
+        return 1
+    shard = ours.shard
+
+    def load() -> NodeConfig:
+        return worker_config(options.load(), shard)
+
+    from twisted.internet import reactor
+
+    from relaynet.node import NodeStartError, RelayNode
+
+    try:
+        config = worker_config(options.config, shard)
+    except ConfigError as e:
+        print(f"relaynet worker {shard}: {e}", file=sys.stderr)
+        return 1
+    fds = list(range(FIRST_LISTENER_FD, FIRST_LISTENER_FD + ours.listeners))
+    node = RelayNode(config, reactor, load_config=load, inherited=fds)
+    failed: list[str] = []
+
+    def start() -> None:
+        try:
+            node.privilegedStartService()
+            node.startService()
+        except NodeStartError as e:
+            failed.append(str(e))
+            reactor.stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+
+    reactor.addReader(ParentWatch(reactor))
+    reactor.callWhenRunning(start)
+    reactor.run()
+    if failed:
+        print(f"relaynet worker {shard}: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
