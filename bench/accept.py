@@ -45,7 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.procstat import status_kb
+from bench.procstat import tree_status_kb
+from bench.systems import parse_workers, workers_setting
 from harness.peers import (
     PeerUnavailable,
     PostfixInstance,
@@ -67,7 +68,7 @@ CONFIG_TEMPLATE = """\
 name = "bench"
 hostname = "bench.relaynet.test"
 spool = "{spool}"
-
+{workers_line}
 [[listener]]
 endpoint = "tcp:{port}:interface=127.0.0.1"
 mode = "relay"
@@ -174,7 +175,9 @@ class RelaynetTarget:
     name = "relaynet"
     recipient = "user@localhost"
 
-    def __init__(self, workdir: Path, command: str, max_message_size: int | None = None):
+    def __init__(self, workdir: Path, command: str, max_message_size: int | None = None,
+                 workers: int | str | None = None):
+        self.workers = workers
         self.workdir = workdir / "relaynet"
         self.command_template = command
         self.max_message_size = max_message_size
@@ -190,7 +193,8 @@ class RelaynetTarget:
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         text = CONFIG_TEMPLATE.format(
-            spool=self.spool, port=self.port, mailroot=self.mailroot
+            spool=self.spool, port=self.port, mailroot=self.mailroot,
+            workers_line=workers_setting(self.workers),
         )
         if self.max_message_size:
             text += LIMITS_TEMPLATE.format(max_message_size=self.max_message_size)
@@ -273,9 +277,10 @@ class RelaynetTarget:
             time.sleep(0.05)
 
     def hwm_kb(self) -> int | None:
-        if self.process is None:
+        """C{VmHWM} of the node's process, summed with its workers' if it has any."""
+        if self.process is None or self.process.poll() is not None:
             return None
-        return status_kb(self.process.pid, "VmHWM")
+        return tree_status_kb(self.process.pid, "VmHWM")
 
     def stop(self) -> None:
         p = self.process
@@ -387,7 +392,7 @@ def bench_accept(args, workdir: Path) -> dict:
     if "postfix" in names:
         targets["postfix"] = PostfixTarget(workdir)
     if "relaynet" in names:
-        targets["relaynet"] = RelaynetTarget(workdir, args.relaynet_cmd)
+        targets["relaynet"] = RelaynetTarget(workdir, args.relaynet_cmd, workers=args.workers)
     runs: list[dict] = []
     started = []
     try:
@@ -442,11 +447,12 @@ def bench_accept(args, workdir: Path) -> dict:
 
 def bench_rss(args, workdir: Path) -> dict:
     size = args.rss_size_mb * 1024 * 1024
-    target = RelaynetTarget(workdir, args.relaynet_cmd, max_message_size=size + size // 10 + 65536)
+    target = RelaynetTarget(workdir, args.relaynet_cmd, max_message_size=size + size // 10 + 65536,
+                            workers=args.workers)
     target.start()
     try:
         before = target.hwm_kb()
-        rss_before = status_kb(target.process.pid, "VmRSS")
+        rss_before = tree_status_kb(target.process.pid, "VmRSS")
         line = b"X" * 76 + b"\r\n"
         body = line * (size // len(line) + 1)
         message = (
@@ -513,6 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "placeholders {venv} {python} {config} {port} {workdir} {spool} {mailroot}")
     p.add_argument("--reuse-connection", action="store_true",
                    help="send each session's messages over one connection (smtp-source -d)")
+    p.add_argument("--workers", default="auto", metavar="N|auto",
+                   help="[node] workers of the relaynet node (RSS figures sum its processes)")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds allowed for one smtp-source run")
     p.add_argument("--drain-timeout", type=float, default=300,
@@ -537,6 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be positive")
     if args.rss_50mb and args.only == "postfix":
         p.error("--rss-50mb measures the relaynet node")
+    args.workers = parse_workers(args.workers, p)
     return args
 
 

@@ -1,12 +1,15 @@
 """
 Memory (PSS) and CPU time of the processes of a node, from C{/proc}.
 
-A I{node} is one relaynet process, or one Postfix instance: its C{master}
-and every process C{master} started (smtpd, cleanup, qmgr, smtp, postlogd,
-anvil, trivial-rewrite, ...).
+A I{node} is one relaynet process tree (the C{twistd relaynet} process and,
+with C{[node] workers} above 1, the worker processes it supervises), or one
+Postfix instance: its C{master} and every process C{master} started (smtpd,
+cleanup, qmgr, smtp, postlogd, anvil, trivial-rewrite, ...).
 
 CPU: for a relaynet node, C{utime + stime + cutime + cstime} from
-C{/proc/PID/stat} (all its threads, and any reaped children).  For a Postfix
+C{/proc/PID/stat} of the root and of every live descendant (all their
+threads, and any reaped children: a worker that exits moves its time into
+the supervisor's C{cutime/cstime}).  For a Postfix
 instance, summed over the master and its live children: each process's own
 run time (exactly, from C{/proc/PID/schedstat}: Postfix daemons are
 single-threaded and short-lived, and C{stat} would lose up to a 10 ms tick
@@ -77,6 +80,44 @@ def process_table() -> dict[int, tuple[int, str, int, int]]:
     return table
 
 
+def descendants(root: int, table: Mapping[int, tuple]) -> list[int]:
+    """
+    @param table: a L{process_table}.
+    @return: the pids of every live descendant of C{root} (children,
+        grandchildren, ...), found by their parent pids, parents first.
+    """
+    children: dict[int, list[int]] = {}
+    for pid, st in table.items():
+        children.setdefault(st[0], []).append(pid)
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        kids = sorted(children.get(todo.pop(0), ()))
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def tree_pids(root: int) -> list[int]:
+    """@return: C{root} and its live descendants (see L{descendants})."""
+    return [root] + descendants(root, process_table())
+
+
+def tree_status_kb(root: int | None, field: str) -> int | None:
+    """
+    @return: a kB field of C{/proc/PID/status} summed over C{root} and its
+        live descendants (a relaynet supervisor and its workers), or L{None}
+        when C{root} is gone.  For C{VmHWM} the sum of the processes' peaks
+        is an upper bound of the peak of their sum.
+    """
+    if root is None:
+        return None
+    values = [status_kb(pid, field) for pid in tree_pids(root)]
+    if values[0] is None:
+        return None
+    return sum(v for v in values if v is not None)
+
+
 def _kb_field(path: str, name: str) -> int | None:
     """The kB figure of the line C{name:} of a C{/proc} file, or L{None}."""
     prefix = name.encode() + b":"
@@ -112,18 +153,23 @@ def vm_hwm_kb(pid: int) -> int | None:
 class NodeProbe:
     """
     The processes of one node: a root pid (the relaynet process or the
-    Postfix master) and, with C{children=True}, the processes it started.
+    Postfix master) and, with C{children=True}, the processes it started;
+    with C{tree=True}, every descendant (a relaynet supervisor's workers).
     """
 
-    def __init__(self, root: Callable[[], int | None], children: bool):
+    def __init__(self, root: Callable[[], int | None], children: bool, tree: bool = False):
         """
         @param root: returns the root pid now (or L{None}).
         @param children: also count the root's child processes; then every
             process is taken to be single-threaded (Postfix's are), and its
             own time is read exactly from C{schedstat}.
+        @param tree: instead, count the root and all its descendants, each
+            possibly multi-threaded (relaynet's supervisor and workers): CPU
+            from C{/proc/PID/stat}, which covers every thread.
         """
         self._root = root
-        self.children = children
+        self.children = children or tree
+        self.tree = tree
 
     def pids(self, table: Mapping[int, tuple] | None = None) -> list[int]:
         root = self._root()
@@ -132,6 +178,8 @@ class NodeProbe:
         if not self.children:
             return [root]
         table = table if table is not None else process_table()
+        if self.tree:
+            return [root] + descendants(root, table)
         return [root] + [p for p, st in table.items() if st[0] == root]
 
     def cpu_seconds(self, table: Mapping[int, tuple] | None = None) -> float | None:
@@ -148,6 +196,12 @@ class NodeProbe:
         if not self.children:
             # One (multi-threaded) process: stat's utime+stime cover all threads.
             return (st[2] + st[3]) / CLK_TCK
+        if self.tree:
+            # Multi-threaded processes: stat's ticks, own and reaped children's.
+            return sum(
+                (s[2] + s[3]) / CLK_TCK
+                for s in [st] + [table[p] for p in descendants(root, table) if p in table]
+            )
         return sum(
             _own_seconds(pid, s) + s[3] / CLK_TCK
             for pid, s in [(root, st)] + [(p, s) for p, s in table.items() if s[0] == root]

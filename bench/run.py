@@ -8,6 +8,12 @@ Scenarios (see bench/README.md):
   chain3   three hops; end-to-end delivered rate
   latency  a paced sender (--latency-rate msg/s); time from the final dot to
            the arrival at a timestamping sink, through 1 and 3 hops; p50/p99
+  hopdown  one hop; the accept rate of a node whose next hop is down (a
+           loopback port nobody listens on) against one whose next hop is up,
+           reported as the ratio down/up
+
+Relaynet nodes run with [node] workers = --workers (default "auto": one
+worker process per usable CPU).
 
 For every run the CPU seconds of the node processes and their peak PSS are
 recorded.  Both systems run side by side; for each work item the system that
@@ -39,7 +45,17 @@ from pathlib import Path
 
 from bench.latency import SmtpError, latency_stats, paced_send
 from bench.procstat import PeakSampler, cpu_of
-from bench.systems import HOST, SINK_DOMAIN, STAMP_DOMAIN, SYSTEMS, log
+from bench.systems import (
+    HOPDOWN_POSTFIX,
+    HOPDOWN_QUEUE_SETTINGS,
+    HOST,
+    SINK_DOMAIN,
+    STAMP_DOMAIN,
+    SYSTEMS,
+    log,
+    parse_workers,
+    usable_cpus,
+)
 from relaynet.cli import Parser
 from harness.peers import (
     PeerUnavailable,
@@ -52,17 +68,22 @@ from harness.peers import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-SCENARIOS = ("accept", "chain3", "latency")
+SCENARIOS = ("accept", "chain3", "latency", "hopdown")
+# The hopdown group's chains, in the order of the first round: each system
+# with its next hop up, and with it down.
+HOPDOWN_CHAINS = (("relaynet", False), ("relaynet", True), ("postfix", False), ("postfix", True))
 SYSTEM_NAMES = ("relaynet", "postfix")
 HELO = "source.relaynet.test"
 
 DEFAULTS = dict(
     rounds=3, messages=5000, chain_messages=2000, sizes="5120,102400", sessions="1,20,100",
     latency_messages=200, latency_rate=20.0, latency_size=5120, warmup=200,
+    hopdown_size=5120, hopdown_sessions=20,
 )
 QUICK = dict(
     rounds=2, messages=250, chain_messages=None, sizes="5120,102400", sessions="1,20",
     latency_messages=40, latency_rate=20.0, latency_size=5120, warmup=50,
+    hopdown_size=5120, hopdown_sessions=20,
 )
 
 # For the time estimate only: seconds per 1000 messages for one run of each
@@ -108,8 +129,37 @@ def plan(args) -> list[dict]:
                           "size": args.latency_size, "messages": args.latency_messages,
                           "rate": args.latency_rate})
         if items:
-            groups.append({"hops": hops, "items": items})
+            groups.append({"hops": hops, "kind": "systems", "items": items})
+    if "hopdown" in args.scenarios:
+        groups.append({"hops": 1, "kind": "hopdown", "items": [
+            {"kind": "throughput", "scenario": "hopdown", "hops": 1, "size": args.hopdown_size,
+             "sessions": args.hopdown_sessions, "messages": args.messages}]})
     return groups
+
+
+def group_chains(group: dict, args, workdir: Path) -> dict:
+    """
+    The chains of a group of work, by label, in the order of the first run:
+    C{relaynet} and C{postfix}; for the C{hopdown} group each of them with
+    its next hop up (C{relaynet/up}) and down (C{relaynet/down}).
+    """
+    hops = group["hops"]
+
+    def relaynet(**kw):
+        return SYSTEMS["relaynet"](workdir, hops, backlog=args.relaynet_backlog,
+                                   processes=args.relaynet_processes, workers=args.workers, **kw)
+
+    if group.get("kind") != "hopdown":
+        return {"relaynet": relaynet(), "postfix": SYSTEMS["postfix"](workdir, hops)}
+    chains = {}
+    for name, down in HOPDOWN_CHAINS:
+        tag = "-hopdown" if down else "-hopup"
+        if name == "relaynet":
+            chain = relaynet(next_hop_down=down, tag=tag, queue_settings=HOPDOWN_QUEUE_SETTINGS)
+        else:
+            chain = SYSTEMS["postfix"](workdir, hops, next_hop_down=down, tag=tag, main_cf=HOPDOWN_POSTFIX)
+        chains[f"{name}/{'down' if down else 'up'}"] = chain
+    return chains
 
 
 def _size_class(size: int) -> str:
@@ -117,19 +167,29 @@ def _size_class(size: int) -> str:
 
 
 def estimate_pair(item: dict) -> float:
-    """Seconds for one run of C{item} by each system."""
+    """
+    Seconds for one run of C{item} by each system (for C{hopdown}: by each
+    of its four chains, the two with the next hop down not draining).
+    """
     if item["kind"] == "latency":
         return 2 * (item["messages"] / item["rate"] + 0.5 + _RUN_OVERHEAD)
     sessions = min((1, 20, 100), key=lambda s: abs(s - item["sessions"]))
     per_1000 = _SECONDS_PER_1000[(item["hops"], _size_class(item["size"]), sessions)]
+    if item["scenario"] == "hopdown":
+        return 1.75 * item["messages"] / 1000 * per_1000 + 4 * _RUN_OVERHEAD
     return item["messages"] / 1000 * per_1000 + 2 * _RUN_OVERHEAD
+
+
+def _chains_in(group: dict) -> int:
+    return len(HOPDOWN_CHAINS) if group.get("kind") == "hopdown" else len(SYSTEM_NAMES)
 
 
 def estimate(groups: list[dict], args) -> float:
     """Seconds for the whole plan at the paces of C{_SECONDS_PER_1000} (not scaled for load)."""
     total = 0.0
     for g in groups:
-        total += g["hops"] * sum(_START_SECONDS.values()) + 2 * 5.0  # start + warm-up
+        starts = g["hops"] * sum(_START_SECONDS.values()) + 2 * 5.0  # start + warm-up
+        total += starts * _chains_in(g) / len(SYSTEM_NAMES)
         total += args.rounds * sum(estimate_pair(item) for item in g["items"])
     return total
 
@@ -196,13 +256,16 @@ def throughput_run(chain, item: dict, args) -> dict:
     run = {"system": chain.name, "scenario": item["scenario"], "hops": chain.hops,
            "size": item["size"], "sessions": item["sessions"], "messages": n,
            "loadavg_before": os.getloadavg()[0]}
+    if item["scenario"] == "hopdown":
+        run["next_hop"] = "down" if chain.next_hop_down else "up"
     probes = chain.probes()
     before = chain.sink.received()
     watch = _Watch(chain.sink.received, before + n, args.smtp_timeout + args.drain_timeout)
     cpu0 = cpu_of(probes)
     with PeakSampler(probes, args.sample_interval) as sampler:
         t0 = time.perf_counter()
-        watch.start()
+        if not chain.next_hop_down:  # with the hop down nothing reaches the sink
+            watch.start()
         try:
             res = run_smtp_source(
                 HOST, chain.entry_port, messages=n, sessions=item["sessions"], size=item["size"],
@@ -216,6 +279,7 @@ def throughput_run(chain, item: dict, args) -> dict:
         if res is not None:
             run["accept_seconds"] = res["seconds"]
             run["accept_rate"] = n / res["seconds"]
+        if res is not None and not chain.next_hop_down:
             watch.join(args.drain_timeout + 5)
             watch.cancelled.set()
             if watch.reached_at is None:
@@ -293,21 +357,29 @@ def _cpu_fields(cpu0: dict, cpu1: dict, messages: int) -> dict:
     }
 
 
-def warm_up(chain, args) -> None:
+def warm_up(chain, args, latency: bool) -> None:
+    """
+    Send C{--warmup} messages (and, with C{latency}, 10 latency probes) and
+    wait until they have left.  With the next hop down they stay queued (and
+    the first one tells the node that the hop is down).
+    """
     if args.warmup <= 0:
         return
     before = chain.sink.received()
     run_smtp_source(HOST, chain.entry_port, messages=args.warmup, sessions=min(10, args.warmup),
                     size=5120, recipient=f"user@{SINK_DOMAIN}", helo=HELO, timeout=args.smtp_timeout)
+    if chain.next_hop_down:
+        return
     chain.sink.wait_received(before + args.warmup, timeout=args.drain_timeout)
-    if "latency" in args.scenarios:
+    if latency:
         paced_send(HOST, chain.entry_port, count=10, rate=50, size=args.latency_size,
                    recipient=f"user@{STAMP_DOMAIN}", tag=f"warmup-{uuid.uuid4().hex[:8]}")
     chain.wait_idle(args.drain_timeout)
 
 
 def describe_run(run: dict) -> str:
-    head = f"{run['system']:8} {run['scenario']:7} {run['hops']}h size={run['size']:<6}"
+    system = run["system"] + (f"/{run['next_hop']}" if run.get("next_hop") else "")
+    head = f"{system:8} {run['scenario']:7} {run['hops']}h size={run['size']:<6}"
     if run["scenario"] == "latency":
         lat = run.get("latency") or {}
         body = (f"p50 {_ms(lat.get('p50'))} ms  p99 {_ms(lat.get('p99'))} ms"
@@ -331,39 +403,40 @@ def _ms(v) -> str:
 
 def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list[dict], described: dict) -> None:
     """Run every group; C{runs} and C{described} fill as it goes (kept on errors)."""
-    total_runs = sum(len(g["items"]) for g in groups) * args.rounds * 2
+    total_runs = sum(len(g["items"]) * _chains_in(g) for g in groups) * args.rounds
     total_est = estimate(groups, args)
     done = 0
     done_est = 0.0
     t_begin = time.monotonic()
     for g in groups:
         hops = g["hops"]
-        chains = {
-            "postfix": SYSTEMS["postfix"](workdir, hops),
-            "relaynet": SYSTEMS["relaynet"](workdir, hops, backlog=args.relaynet_backlog,
-                                            processes=args.relaynet_processes),
-        }
+        chains = group_chains(g, args, workdir)
+        labels = tuple(chains)
+        latency = any(item["kind"] == "latency" for item in g["items"])
         started = []
         try:
-            for name in SYSTEM_NAMES:
-                log(f"starting {name}, {hops} hop(s)")
+            for name in labels:
+                log(f"starting {name}, {hops} hop(s)" + (" (hopdown)" if g.get("kind") == "hopdown" else ""))
                 chains[name].start()
                 started.append(chains[name])
-                warm_up(chains[name], args)
-            done_est += hops * sum(_START_SECONDS.values()) + 2 * 5.0
+                warm_up(chains[name], args, latency)
+            done_est += (hops * sum(_START_SECONDS.values()) + 2 * 5.0) * len(labels) / len(SYSTEM_NAMES)
             code_at_start = _git_describe()
-            idle = {name: chains[name].probes() for name in SYSTEM_NAMES}
+            idle = {name: chains[name].probes() for name in labels}
             idle_pss = {name: sum(p.pss_kb() for p in pr.values()) for name, pr in idle.items()}
             for rnd in range(args.rounds):
                 for i, item in enumerate(g["items"]):
-                    order = SYSTEM_NAMES if (rnd + i) % 2 == 0 else tuple(reversed(SYSTEM_NAMES))
+                    order = labels if (rnd + i) % 2 == 0 else tuple(reversed(labels))
                     for name in order:
-                        if time.monotonic() > deadline:
-                            runs.append({"system": name, "scenario": item["scenario"], "hops": hops,
-                                         "size": item["size"], "sessions": item.get("sessions"),
-                                         "round": rnd, "skipped": "--max-minutes reached"})
-                            continue
                         chain = chains[name]
+                        if time.monotonic() > deadline:
+                            skipped = {"system": chain.name, "scenario": item["scenario"], "hops": hops,
+                                       "size": item["size"], "sessions": item.get("sessions"),
+                                       "round": rnd, "skipped": "--max-minutes reached"}
+                            if item["scenario"] == "hopdown":
+                                skipped["next_hop"] = "down" if chain.next_hop_down else "up"
+                            runs.append(skipped)
+                            continue
                         t_run = time.monotonic()
                         if item["kind"] == "latency":
                             tag = f"{name}-{hops}h-r{rnd}-{uuid.uuid4().hex[:8]}"
@@ -375,7 +448,7 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
                         run["wall_seconds"] = time.monotonic() - t_run
                         runs.append(run)
                         done += 1
-                        done_est += estimate_pair(item) / 2
+                        done_est += estimate_pair(item) / len(labels)
                         left = time_left(total_est, done_est, time.monotonic() - t_begin)
                         log(f"[{done}/{total_runs}] r{rnd} {describe_run(run)}; "
                             f"estimate: about {left / 60:.1f} min left at the pace so far")
@@ -384,12 +457,12 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
                     left = time_left(total_est, done_est, elapsed)
                     log(f"-- round {rnd + 1}/{args.rounds} of {hops} hop(s) done; "
                         f"elapsed {elapsed / 60:.1f} min, estimate: about {left / 60:.1f} min left")
-            for name in SYSTEM_NAMES:
+            for name in labels:
                 d = chains[name].describe()
                 d["idle_pss_kb"] = idle_pss[name]
                 d["vm_hwm_kb"] = chains[name].hwm_kb()
                 d["relaynet_git_at_start"] = code_at_start
-                described[f"{name}-{hops}hop"] = d
+                described[chains[name].workdir.name] = d
         finally:
             for chain in reversed(started):
                 chain.stop()
@@ -413,6 +486,19 @@ def _row(section, metric, unit, better, size, sessions, hops, values_by_system) 
     r, p = row["relaynet"]["median"], row["postfix"]["median"]
     row["ratio"] = r / p if r is not None and p else None
     return row
+
+
+def hopdown_ratios(runs: list[dict], system: str) -> list[float]:
+    """
+    Per round, C{system}'s accept rate with the next hop down over its rate
+    with the hop up (the two runs of a round ran one after the other).
+    """
+    rates: dict = {}
+    for r in runs:
+        if (r["system"] == system and r["scenario"] == "hopdown" and r.get("accept_rate")
+                and not r.get("error")):
+            rates.setdefault(r["round"], {})[r["next_hop"]] = r["accept_rate"]
+    return [v["down"] / v["up"] for _, v in sorted(rates.items()) if "down" in v and "up" in v]
 
 
 def summarize(runs: list[dict], args) -> list[dict]:
@@ -442,13 +528,24 @@ def summarize(runs: list[dict], args) -> list[dict]:
                 rows.append(_row("latency", p, "ms", "lower", args.latency_size, None, hops,
                                  pick(sel, lambda r, p=p: (r.get("latency") or {}).get(p) and
                                       r["latency"][p] * 1000)))
-    for hops in sorted({r["hops"] for r in ok}):
-        # Peak PSS of the whole chain in each round, then the median over rounds.
+    if "hopdown" in args.scenarios:
+        sel = lambda r: r["scenario"] == "hopdown"  # noqa: E731
+        for hop in ("up", "down"):
+            rows.append(_row("hopdown", f"accept rate, next hop {hop}", "msg/s", "higher",
+                             args.hopdown_size, args.hopdown_sessions, 1,
+                             pick(lambda r, h=hop: sel(r) and r.get("next_hop") == h,
+                                  lambda r: r.get("accept_rate") if not r.get("error") else None)))
+        rows.append(_row("hopdown", "accept down/up", "x", "higher", args.hopdown_size,
+                         args.hopdown_sessions, 1, {name: hopdown_ratios(ok, name) for name in SYSTEM_NAMES}))
+    for hops in sorted({r["hops"] for r in ok if r["scenario"] != "hopdown"}):
+        # Peak PSS of the whole chain in each round, then the median over rounds
+        # (the hopdown scenario's nodes are others: not counted).
         per_round = {}
         for name in SYSTEM_NAMES:
             peaks = {}
             for r in ok:
-                if r["system"] == name and r["hops"] == hops and r.get("peak_pss_kb"):
+                if r["system"] == name and r["hops"] == hops and r.get("peak_pss_kb") \
+                        and r["scenario"] != "hopdown":
                     peaks[r["round"]] = max(peaks.get(r["round"], 0), r["peak_pss_kb"])
             per_round[name] = [kb / 1024 for kb in peaks.values()]
         what = "peak PSS" if hops == 1 else f"peak PSS, sum of {hops}"
@@ -479,8 +576,8 @@ def format_table(rows: list[dict]) -> str:
             str(row["hops"]),
             _size(row["size"]),
             "-" if row["sessions"] is None else str(row["sessions"]),
-            _f(row["relaynet"]["median"], ".2f" if row["unit"] == "s" else ".1f"),
-            _f(row["postfix"]["median"], ".2f" if row["unit"] == "s" else ".1f"),
+            _f(row["relaynet"]["median"], ".2f" if row["unit"] in ("s", "x") else ".1f"),
+            _f(row["postfix"]["median"], ".2f" if row["unit"] in ("s", "x") else ".1f"),
             _f(row["ratio"], ".2f"),
             ">1" if row["better"] == "higher" else "<1",
             f"{max(spreads) * 100:.0f}%" if spreads else "-",
@@ -563,7 +660,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", help=f"message sizes in bytes (default {DEFAULTS['sizes']})")
     p.add_argument("--sessions", help=f"concurrent smtp-source sessions (default {DEFAULTS['sessions']})")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help="which of accept,chain3,latency (default: all)")
+                   help=f"which of {','.join(SCENARIOS)} (default: all)")
     p.add_argument("--latency-messages", type=int,
                    help=f"messages per latency run (default {DEFAULTS['latency_messages']})")
     p.add_argument("--latency-rate", type=float,
@@ -576,6 +673,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--relaynet-backlog", type=int, metavar="N",
                    help="listen(2) backlog of the relaynet listeners (':backlog=N' in the endpoint); "
                    "default: the node's, 256")
+    p.add_argument("--workers", default="auto", metavar="N|auto",
+                   help="[node] workers of every relaynet node: worker processes sharing its listeners, "
+                   "each with a shard of the spool (default auto: one per usable CPU)")
+    p.add_argument("--hopdown-size", type=int,
+                   help=f"message bytes in the hopdown scenario (default {DEFAULTS['hopdown_size']})")
+    p.add_argument("--hopdown-sessions", type=int,
+                   help=f"smtp-source sessions in the hopdown scenario (default {DEFAULTS['hopdown_sessions']})")
     p.add_argument("--relaynet-processes", type=int, default=1, metavar="N",
                    help="relaynet nodes per hop, sharing its port (reuse_port = true), each with its "
                    "own spool: a node per core (default 1; figures are per hop, summed over its nodes)")
@@ -607,12 +711,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not args.scenarios:
         p.error(f"--scenarios: choose from {','.join(SCENARIOS)}")
     for name in ("rounds", "messages", "chain_messages", "latency_messages", "latency_size",
-                 "relaynet_processes"):
+                 "relaynet_processes", "hopdown_size", "hopdown_sessions"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    args.workers = parse_workers(args.workers, p)
     if not 0 < args.latency_rate <= 1000:
         p.error("--latency-rate: between 0 and 1000")
     return args
+
+
+def describe_workers(workers: int | str) -> str:
+    """C{workers = "auto" (2 usable CPUs)} or C{workers = 2}: for the report's header."""
+    if workers == "auto":
+        return f'workers = "auto" ({usable_cpus()} usable CPUs)'
+    return f"workers = {workers}"
 
 
 def _size(size: int | None) -> str:
@@ -631,6 +743,8 @@ def row_label(r: dict) -> str:
         bits = [f"latency {r['metric']}", f"{r['hops']} hop{'s' if r['hops'] > 1 else ''}"]
     elif r["section"] == "memory":
         bits = ["peak PSS", f"{r['hops']} hop{'s' if r['hops'] > 1 else ''}"]
+    elif r["section"] == "hopdown":
+        bits = [r["metric"].replace("accept rate, next hop", "accept, hop")]
     else:
         bits = ["CPU/1000 msg", "1 hop" if r["hops"] == 1 else f"{r['hops']} hops"]
     if r["size"] and r["section"] != "latency":
@@ -714,14 +828,16 @@ def main(argv: list[str] | None = None) -> int:
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     factor = load_factor(load, cpus)
     est = estimate(groups, args) * factor
-    runs_planned = sum(len(g["items"]) for g in groups) * args.rounds * 2
-    log(f"relaynet bench: {runs_planned} runs ({args.rounds} rounds x 2 systems), "
+    runs_planned = sum(len(g["items"]) * _chains_in(g) for g in groups) * args.rounds
+    log(f"relaynet bench: {runs_planned} runs ({args.rounds} rounds x 2 systems"
+        + (", x2 for the next hop up and down in hopdown" if "hopdown" in args.scenarios else "") + "), "
         f"scenarios {','.join(args.scenarios)}; estimate: about {est / 60:.1f} min "
         f"(reference paces x{factor:.1f} for load average {load:.1f} on {cpus} CPUs; "
         f"refined from the measured pace after each run)")
     if args.estimate:
         print(f"{est / 60:.1f}")
         return 0
+    log(f"relaynet nodes: {describe_workers(args.workers)}, {args.relaynet_processes} per hop")
     reason = postfix_unavailable_reason()
     if reason:
         log(f"cannot run: {reason}")
@@ -743,7 +859,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     environment = {
         "started": started, "python": sys.version.split()[0], "platform": platform.platform(),
-        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "relaynet_git": _git_describe(),
+        "cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "loadavg_start": os.getloadavg(),
+        "relaynet_git": _git_describe(),
     }
     runs: list[dict] = []
     described: dict = {}
@@ -778,7 +895,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"relaynet bench: medians of {args.rounds} alternating rounds; "
           f"{args.messages} messages per accept run, {args.chain_messages} per chain3 run, "
           f"{args.latency_messages} at {args.latency_rate:g} msg/s per latency run; "
-          + ("one connection per session" if args.reuse_connection else "one connection per message"))
+          + ("one connection per session" if args.reuse_connection else "one connection per message")
+          + f"; relaynet nodes with {describe_workers(args.workers)}"
+          + (f", {args.relaynet_processes} nodes per hop" if args.relaynet_processes > 1 else ""))
     print(table)
     size_figures = sizing(rows)
     print()

@@ -11,10 +11,14 @@ The last hop of each chain relays C{@sink.test} to its own C{smtp-sink} and
 C{@stamp.test} to its own timestamping sink (L{stampsink}); every other hop
 relays everything to the next hop.  So both systems do the same work: accept
 durably, then forward over SMTP, hop after hop, to a sink that discards.
+
+With C{next_hop_down=True} (the C{hopdown} scenario) a one-hop chain's next
+hop is a loopback port nobody listens on instead: its mail stays queued.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import signal
@@ -23,9 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench.procstat import NodeProbe, vm_hwm_kb
+from bench.procstat import NodeProbe, process_table, tree_pids, tree_status_kb
 from bench.stampsink import StampSink
 from harness.peers import PostfixInstance, SmtpSink, free_port, relayhost_for, wait_for_smtp
+from relaynet.admin.queuecli import AdminClient, AdminError
+from relaynet.config import default_admin_endpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SINK_DOMAIN = "sink.test"
@@ -67,9 +73,18 @@ class Chain:
 
     name = "?"
 
-    def __init__(self, workdir: Path, hops: int):
+    def __init__(self, workdir: Path, hops: int, next_hop_down: bool = False, tag: str = ""):
+        """
+        @param next_hop_down: the last hop's next hop is a loopback port
+            nobody listens on (one free now), not the sinks: every message
+            stays queued, deferred.
+        @param tag: appended to the chain's directory (and Postfix instance
+            names), to run two chains of one system side by side.
+        """
         self.hops = hops
-        self.workdir = workdir / f"{self.name}-{hops}hop"
+        self.next_hop_down = next_hop_down
+        self.tag = tag
+        self.workdir = workdir / f"{self.name}-{hops}hop{tag}"
         self.sink = SmtpSink(self.workdir / "smtp-sink")
         self.stamp = StampSink(self.workdir / "stampsink", free_port(HOST))
         self.entry_port = 0
@@ -93,8 +108,24 @@ class Chain:
         raise NotImplementedError
 
     def wait_idle(self, timeout: float) -> float:
-        """Wait until no hop holds mail; @return: seconds waited."""
+        """
+        Wait until no hop holds mail; @return: seconds waited.  With the next
+        hop down the mail stays: nothing to wait for.
+        """
+        if self.next_hop_down:
+            return 0.0
         return _wait(lambda: self.queued() == 0, timeout, f"{self.name} queues empty")
+
+    def last_relay_port(self) -> tuple[int, int]:
+        """
+        @return: where the last hop sends C{@sink.test} mail and C{@stamp.test}
+            mail: the sinks' ports, or with the next hop down one port nobody
+            listens on for both.
+        """
+        if self.next_hop_down:
+            dead = free_port(HOST)
+            return dead, dead
+        return self.sink.port, self.stamp.port
 
     def check_alive(self) -> None:
         pass
@@ -106,24 +137,29 @@ class Chain:
 class PostfixChain(Chain):
     name = "postfix"
 
-    def __init__(self, workdir: Path, hops: int):
-        super().__init__(workdir, hops)
+    def __init__(self, workdir: Path, hops: int, next_hop_down: bool = False, tag: str = "",
+                 main_cf: dict[str, str] | None = None):
+        """
+        @param main_cf: more C{main.cf} settings for every instance.
+        """
+        super().__init__(workdir, hops, next_hop_down, tag)
         self.instances: list[PostfixInstance] = []
+        self.main_cf = dict(main_cf or {})
 
     def start(self) -> None:
         self.start_sinks()
         try:
             ports = [free_port(HOST) for _ in range(self.hops)]
+            sink_port, stamp_port = self.last_relay_port()
             # Start from the last hop, so each next hop is up first.
             for i in reversed(range(self.hops)):
-                extra = {}
+                extra = dict(self.main_cf)
                 if i == self.hops - 1:
-                    relayhost = relayhost_for(self.sink.host, self.sink.port)
+                    relayhost = relayhost_for(HOST, sink_port)
                     # The same routing as relaynet's last hop: stamp.test to
                     # the timestamping sink, everything else to smtp-sink.
                     extra["transport_maps"] = (
-                        "inline:{ %s=smtp:%s }"
-                        % (STAMP_DOMAIN, relayhost_for(self.stamp.host, self.stamp.port))
+                        "inline:{ %s=smtp:%s }" % (STAMP_DOMAIN, relayhost_for(HOST, stamp_port))
                     )
                 else:
                     relayhost = relayhost_for(HOST, ports[i + 1])
@@ -132,7 +168,7 @@ class PostfixChain(Chain):
                     port=ports[i],
                     mode="relay",
                     relayhost=relayhost,
-                    name=f"rnbench{os.getpid()}-{self.hops}h{i + 1}",
+                    name=f"rnbench{os.getpid()}-{self.hops}h{i + 1}{self.tag}",
                     main_cf=extra,
                 )
                 inst.start()
@@ -174,6 +210,7 @@ class PostfixChain(Chain):
         return {
             "postfix_version": version,
             "hops": self.hops,
+            "next_hop_down": self.next_hop_down,
             "main_cf_last_hop": self.instances[-1].main_cf_settings() if self.instances else None,
             "master_cf": self.instances[0].master_cf_text() if self.instances else None,
         }
@@ -185,7 +222,7 @@ NODE_CONFIG = """\
 name = "{name}"
 hostname = "{name}.bench.relaynet.test"
 spool = "{spool}"
-
+{workers_line}
 [[listener]]
 endpoint = "tcp:{port}:interface=127.0.0.1{listen_options}"
 mode = "relay"
@@ -210,6 +247,17 @@ delay_warning = 0
 minimal_backoff = 5
 maximal_backoff = 30"""
 
+# The hopdown scenario's nodes, next hop up or down alike: retries far apart
+# (relaynet's and Postfix's default backoffs), so that what a run measures is
+# the cost of taking mail for a hop that is down, not the retrying of the
+# mail earlier runs left queued.
+HOPDOWN_QUEUE_SETTINGS = """\
+delay_warning = 0
+minimal_backoff = 300
+maximal_backoff = 4000"""
+HOPDOWN_POSTFIX = {"queue_run_delay": "300s", "minimal_backoff_time": "300s",
+                   "maximal_backoff_time": "4000s"}
+
 ROUTE = """\
 [[route]]
 domains = [{domains}]
@@ -218,13 +266,75 @@ next_hops = ["tcp:127.0.0.1:{port}"]
 """
 
 
+def workers_setting(value: int | str | None) -> str:
+    """
+    The C{[node] workers} line of a node config for C{value}: C{N},
+    C{"auto"}, or nothing (L{None}: the node's default).
+    """
+    if value is None:
+        return ""
+    if value == "auto":
+        return 'workers = "auto"\n'
+    if isinstance(value, int) and value >= 1:
+        return f"workers = {value}\n"
+    raise ValueError(f"workers: a positive integer or 'auto', not {value!r}")
+
+
+def parse_workers(text: str, p: "argparse.ArgumentParser | None" = None) -> int | str:
+    """
+    C{--workers}: C{"auto"} or a positive count.
+
+    @raise SystemExit: through C{p.error} (or L{ValueError} without C{p}) otherwise.
+    """
+    value: int | str = text.strip().lower()
+    if value != "auto":
+        try:
+            value = int(value)
+        except ValueError:
+            value = 0
+    try:
+        workers_setting(value)
+    except ValueError:
+        if p is None:
+            raise
+        p.error(f"--workers: a positive integer or 'auto', not {text!r}")
+    return value
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: what C{workers = "auto"} means."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def queue_dirs(spool: Path) -> list[Path]:
+    """
+    The C{new} directories of a node's queues: C{SPOOL/queue/new} (a node
+    without workers, or worker 0's shard) and C{SPOOL/queue.K/new} (worker
+    K's shard; C{relaynet.config.shard_queue_dir}).  Lists the spool only,
+    never a C{new} directory itself (it may hold 1,000,000 files).
+    """
+    found = [spool / "queue" / "new"]
+    found.extend(spool.glob("queue.*/new"))
+    return sorted(p for p in found if p.is_dir())
+
+
 class RelaynetNode:
-    """One C{twistd -n relaynet} process."""
+    """One C{twistd -n relaynet} node: one process, or a supervisor and its workers."""
 
     def __init__(
         self, base: Path, name: str, port: int, routes: str, backlog: int | None = None,
         queue_settings: str = QUEUE_SETTINGS, reuse_port: bool = False,
+        workers: int | str | None = None,
     ):
+        """
+        @param workers: C{[node] workers}: a count, C{"auto"}, or L{None}
+            for the node's default (no line written).
+        """
+        workers_setting(workers)  # refuse a bad value before anything starts
+        self.workers = workers
         self.queue_settings = queue_settings
         self.reuse_port = reuse_port
         self.base = base
@@ -238,15 +348,76 @@ class RelaynetNode:
         self.process: subprocess.Popen | None = None
         self.command: list[str] = []
 
-    def start(self, timeout: float = 60.0) -> None:
-        self.base.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
-            NODE_CONFIG.format(
-                name=self.name, spool=self.spool, port=self.port, routes=self.routes,
-                listen_options=f":backlog={self.backlog}" if self.backlog else "",
-                queue_settings=self.queue_settings, reuse_port="true" if self.reuse_port else "false",
-            )
+    def config_text(self) -> str:
+        """The node's config file, as L{start} writes it."""
+        return NODE_CONFIG.format(
+            name=self.name, spool=self.spool, port=self.port, routes=self.routes,
+            listen_options=f":backlog={self.backlog}" if self.backlog else "",
+            queue_settings=self.queue_settings, reuse_port="true" if self.reuse_port else "false",
+            workers_line=workers_setting(self.workers),
         )
+
+    def admin(self, timeout: float = 10.0) -> AdminClient:
+        """A client of the node's admin API (the default socket in the spool)."""
+        return AdminClient(default_admin_endpoint(self.spool), timeout=timeout)
+
+    def workers_status(self) -> list[dict] | None:
+        """
+        C{GET /api/status}'s C{workers} (one entry per worker: C{shard},
+        C{pid}, C{up}, C{restarts}), or L{None}: a node without workers, or
+        no answer.
+        """
+        try:
+            workers = self.admin().request("GET", "/api/status").get("workers")
+        except (AdminError, AttributeError):
+            return None
+        return workers if isinstance(workers, list) else None
+
+    def wait_workers_up(self, timeout: float) -> float:
+        """
+        Wait until every worker is up (a node without workers: at once).
+
+        @return: seconds waited.
+        @raise RuntimeError: if they are not all up within C{timeout}.
+        """
+        if self.workers == 1:
+            return 0.0
+
+        def up() -> bool:
+            status = self.workers_status()
+            if status is None:
+                return self.admin_answers()
+            return all(w.get("up") for w in status)
+
+        try:
+            return _wait(up, timeout, f"relaynet node {self.name}: every worker up")
+        except TimeoutError as e:
+            raise RuntimeError(f"{e}: {self.workers_status()}\n{_tail(self.log_path)}") from None
+
+    def admin_answers(self) -> bool:
+        try:
+            self.admin().request("GET", "/api/status")
+            return True
+        except AdminError:
+            return False
+
+    def start(self, timeout: float = 60.0, wait_workers: bool = True) -> None:
+        """
+        Start the node and wait until it greets on its port and, with
+        C{wait_workers}, until its admin API says every worker is up.
+        """
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(self.config_text())
+        t0 = time.monotonic()
+        self._start(timeout)
+        if wait_workers:
+            try:
+                self.wait_workers_up(max(1.0, timeout - (time.monotonic() - t0)))
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start(self, timeout: float) -> None:
         twistd = Path(sys.executable).parent / "twistd"
         self.command = [str(twistd), "-n", "--pidfile=", "relaynet", "--config", str(self.config)]
         env = dict(os.environ)
@@ -280,11 +451,24 @@ class RelaynetNode:
         p = self.process
         return p.pid if p is not None and p.poll() is None else None
 
+    def pids(self) -> list[int]:
+        """The node's live processes: the root, and its workers if any."""
+        pid = self.pid()
+        return tree_pids(pid) if pid is not None else []
+
+    def probe(self) -> NodeProbe:
+        """CPU and PSS of the whole node: the root and every descendant (workers)."""
+        return NodeProbe(self.pid, children=True, tree=True)
+
     def queued(self) -> int:
-        try:
-            return len(os.listdir(self.spool / "queue" / "new"))
-        except FileNotFoundError:
-            return 0
+        """Messages in the spool's C{queue/new} directories (every shard's)."""
+        n = 0
+        for d in queue_dirs(self.spool):
+            try:
+                n += len(os.listdir(d))
+            except FileNotFoundError:
+                pass
+        return n
 
     def stop(self) -> None:
         p = self.process
@@ -292,32 +476,49 @@ class RelaynetNode:
             return
         p.send_signal(signal.SIGTERM)
         try:
-            p.wait(timeout=30)
+            # A supervisor gives its workers 60 s (relaynet.supervisor.STOP_GRACE).
+            p.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            log(f"relaynet {self.name}: no exit 30s after SIGTERM; killing it")
+            log(f"relaynet {self.name}: no exit 90s after SIGTERM; killing it and its workers")
+            doomed = [pid for pid in tree_pids(p.pid)[1:]]
             p.kill()
             p.wait(timeout=30)
+            for pid in doomed:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 class RelaynetChain(Chain):
     name = "relaynet"
 
-    def __init__(self, workdir: Path, hops: int, backlog: int | None = None, processes: int = 1):
-        super().__init__(workdir, hops)
+    def __init__(self, workdir: Path, hops: int, backlog: int | None = None, processes: int = 1,
+                 workers: int | str | None = None, next_hop_down: bool = False, tag: str = "",
+                 queue_settings: str = QUEUE_SETTINGS):
+        """
+        @param processes: nodes per hop, sharing its port.
+        @param workers: each node's C{[node] workers} (L{None}: not written).
+        @param queue_settings: the C{[queue]} table of every node.
+        """
+        super().__init__(workdir, hops, next_hop_down, tag)
         self.backlog = backlog
         self.processes = processes
+        self.workers = workers
+        self.queue_settings = queue_settings
         self.nodes: list[RelaynetNode] = []
 
     def start(self) -> None:
         self.start_sinks()
         try:
             ports = [free_port(HOST) for _ in range(self.hops)]
+            sink_port, stamp_port = self.last_relay_port()
             for i in reversed(range(self.hops)):
                 if i == self.hops - 1:
                     routes = (
-                        ROUTE.format(domains=f'"{STAMP_DOMAIN}"', port=self.stamp.port)
+                        ROUTE.format(domains=f'"{STAMP_DOMAIN}"', port=stamp_port)
                         + "\n"
-                        + ROUTE.format(domains='"*"', port=self.sink.port)
+                        + ROUTE.format(domains='"*"', port=sink_port)
                     )
                 else:
                     routes = ROUTE.format(domains='"*"', port=ports[i + 1])
@@ -326,7 +527,8 @@ class RelaynetChain(Chain):
                 for k in reversed(range(self.processes)):
                     name = f"rn{i + 1}" + (f"-{k + 1}" if self.processes > 1 else "")
                     node = RelaynetNode(self.workdir / name, name, ports[i], routes, self.backlog,
-                                        reuse_port=self.processes > 1)
+                                        reuse_port=self.processes > 1, workers=self.workers,
+                                        queue_settings=self.queue_settings)
                     node.start()
                     self.nodes.insert(0, node)
             self.entry_port = ports[0]
@@ -345,7 +547,7 @@ class RelaynetChain(Chain):
             self.stop_sinks()
 
     def probes(self) -> dict[str, NodeProbe]:
-        return {node.name: NodeProbe(node.pid, children=False) for node in self.nodes}
+        return {node.name: node.probe() for node in self.nodes}
 
     def queued(self) -> int:
         return sum(node.queued() for node in self.nodes)
@@ -356,12 +558,17 @@ class RelaynetChain(Chain):
                 raise RuntimeError(f"relaynet node {node.name} died:\n{_tail(node.log_path)}")
 
     def hwm_kb(self) -> dict[str, int | None]:
-        return {node.name: (vm_hwm_kb(node.pid()) if node.pid() else None) for node in self.nodes}
+        """Per node, the sum of its processes' C{VmHWM} (root and workers)."""
+        return {node.name: tree_status_kb(node.pid(), "VmHWM") for node in self.nodes}
 
     def describe(self) -> dict:
+        table = process_table()
         return {
             "hops": self.hops,
+            "next_hop_down": self.next_hop_down,
             "processes_per_hop": self.processes,
+            "workers": self.workers,
+            "processes_per_node": {node.name: len(node.probe().pids(table)) for node in self.nodes},
             "command": shlex.join(self.nodes[0].command) if self.nodes else None,
             "configs": {node.name: node.config.read_text() for node in self.nodes},
         }

@@ -7,7 +7,10 @@ figures themselves are not judged.
 
 Also: how C{relaynet bench} finds the bench (the C{bench} package of the source
 checkout, run as C{python -m bench.run}), and what it says when there is none
-(an installed wheel ships neither C{bench/} nor C{harness/}).
+(an installed wheel ships neither C{bench/} nor C{harness/}); its C{--workers}
+option and the node configs it writes; the C{hopdown} scenario's plan and
+rows; how the memory and CPU figures find every process of a node with
+workers; and the large-backlog script (C{bench/backlog.py}) on a tiny backlog.
 """
 
 from __future__ import annotations
@@ -17,15 +20,29 @@ import configparser
 import importlib.util
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from bench import backlog, run
+from bench.procstat import NodeProbe, descendants, process_table, tree_pids, tree_status_kb
+from bench.systems import (
+    HOPDOWN_QUEUE_SETTINGS,
+    ROUTE,
+    PostfixChain,
+    RelaynetChain,
+    RelaynetNode,
+    queue_dirs,
+    usable_cpus,
+)
 from harness.peers import postfix_unavailable_reason
 from relaynet import cli
+from relaynet.config import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,7 +134,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     out_png = tmp_path / "bench.png"
     # "--": the relaynet command passes everything after "bench" on to bench/run.py.
     cmd = [
-        sys.executable, "-m", "relaynet.cli", "bench", "--",
+        sys.executable, "-m", "relaynet.cli", "bench", "--", "--scenarios", "accept,chain3,latency",
         "--quick", "--rounds", "1", "--messages", "30", "--sizes", "5120", "--sessions", "3",
         "--latency-messages", "10", "--warmup", "5", "--max-minutes", "3",
         "--json", str(out_json), "--png", str(out_png),
@@ -151,3 +168,271 @@ def test_bench_quick(tmp_path: Path) -> None:
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not out_png.exists()
+
+
+# -- --workers and the node configs ------------------------------------------
+
+
+@pytest.mark.parametrize("text, value", [("auto", "auto"), ("AUTO", "auto"), ("1", 1), ("2", 2), (" 16 ", 16)])
+def test_workers_option(text: str, value: int | str) -> None:
+    """
+    C{--workers} takes C{auto} or a positive count, for C{relaynet bench}
+    and for C{bench backlog} alike.
+    """
+    assert run.parse_args(["--workers", text]).workers == value
+    assert backlog.parse_args(["--workers", text]).workers == value
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "two", "", "1.5"])
+def test_workers_option_refused(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Anything else is a usage error (exit 2) naming the option."""
+    for parse in (run.parse_args, backlog.parse_args):
+        with pytest.raises(SystemExit) as e:
+            parse(["--workers", text])
+        assert e.value.code == 2
+        assert "--workers" in capsys.readouterr().err
+
+
+def test_workers_default_auto() -> None:
+    """
+    By default the nodes run with C{workers = "auto"} (the issue's rows), and
+    every scenario runs, C{hopdown} included; C{--relaynet-processes} still
+    defaults to one node per hop.
+    """
+    args = run.parse_args([])
+    assert args.workers == "auto"
+    assert args.relaynet_processes == 1
+    assert args.scenarios == ["accept", "chain3", "latency", "hopdown"]
+    assert (args.hopdown_size, args.hopdown_sessions) == (5120, 20)
+    assert backlog.parse_args([]).workers == "auto"
+
+
+@pytest.mark.parametrize("workers, expected", [(2, 2), ("auto", 0), (None, 0), (1, 1)])
+def test_node_config_workers(tmp_path: Path, workers: int | str | None, expected: int) -> None:
+    """
+    The config the bench writes for a node carries C{[node] workers} as
+    given (none at all for L{None}: the node's default, auto), and the
+    node's own parser accepts it (C{workers} 0 means auto there).
+    """
+    node = RelaynetNode(tmp_path / "n", "n1", 2525, ROUTE.format(domains='"*"', port=2526),
+                        workers=workers, queue_settings=HOPDOWN_QUEUE_SETTINGS)
+    data = tomllib.loads(node.config_text())
+    assert data["node"].get("workers") == workers
+    assert data["queue"]["minimal_backoff"] == 300
+    assert parse_config(data, "bench.toml").workers == expected
+
+
+def test_chain_passes_workers_on(tmp_path: Path) -> None:
+    """
+    Every node of a relaynet chain gets the chain's C{workers}, whatever the
+    number of nodes per hop; its memory and CPU probes take in the node's
+    whole process tree.
+    """
+    chain = RelaynetChain(tmp_path, 3, processes=2, workers=2)
+    # The nodes are made in start(); their configs are what the chain would write.
+    node = RelaynetNode(chain.workdir / "rn1", "rn1", 2525, "", workers=chain.workers)
+    assert 'workers = 2\n' in node.config_text()
+    assert node.probe().tree and node.probe().children
+    with pytest.raises(ValueError):
+        RelaynetNode(tmp_path, "bad", 2525, "", workers=0)
+
+
+# -- the hopdown scenario ----------------------------------------------------
+
+
+def test_hopdown_plan(tmp_path: Path) -> None:
+    """
+    C{--scenarios hopdown} plans one group of one item (5 KB, 20 sessions,
+    C{--messages} messages) on four one-hop chains: each system with its next
+    hop up and down, in their own directories (and Postfix instance names),
+    with retries far apart on both sides; relaynet's with C{--workers}.
+    """
+    args = run.parse_args(["--scenarios", "hopdown", "--messages", "700", "--workers", "2"])
+    groups = run.plan(args)
+    assert [(g["kind"], g["hops"], len(g["items"])) for g in groups] == [("hopdown", 1, 1)]
+    item = groups[0]["items"][0]
+    assert (item["scenario"], item["size"], item["sessions"], item["messages"]) == ("hopdown", 5120, 20, 700)
+    chains = run.group_chains(groups[0], args, tmp_path)
+    assert list(chains) == ["relaynet/up", "relaynet/down", "postfix/up", "postfix/down"]
+    assert [c.next_hop_down for c in chains.values()] == [False, True, False, True]
+    assert len({c.workdir for c in chains.values()}) == 4
+    assert chains["relaynet/down"].workers == 2
+    assert chains["relaynet/down"].queue_settings == HOPDOWN_QUEUE_SETTINGS
+    assert isinstance(chains["postfix/down"], PostfixChain)
+    assert chains["postfix/down"].main_cf["minimal_backoff_time"] == "300s"
+    assert chains["postfix/up"].tag != chains["postfix/down"].tag
+    # With the next hop down, the chain never waits for its queue to empty.
+    assert chains["relaynet/down"].wait_idle(0.0) == 0.0
+    assert run.estimate(groups, args) > 0
+
+
+def test_hopdown_rows() -> None:
+    """
+    The hopdown rows: the accept rates with the next hop up and down
+    (medians over rounds) and down/up, the median of each round's ratio
+    (the two runs of a round ran back to back); the memory rows leave the
+    hopdown nodes out.
+    """
+    args = run.parse_args(["--scenarios", "accept,hopdown", "--sizes", "5120", "--sessions", "20"])
+    runs = []
+    for rnd, (pf_up, pf_down, rn_up, rn_down) in enumerate([(100, 50, 200, 190), (120, 60, 100, 110),
+                                                            (110, 55, 150, 150)]):
+        for system, hop, rate in (("postfix", "up", pf_up), ("postfix", "down", pf_down),
+                                  ("relaynet", "up", rn_up), ("relaynet", "down", rn_down)):
+            runs.append({"system": system, "scenario": "hopdown", "hops": 1, "size": 5120, "sessions": 20,
+                         "round": rnd, "next_hop": hop, "accept_rate": rate, "peak_pss_kb": 10 ** 6})
+    for system in ("postfix", "relaynet"):
+        runs.append({"system": system, "scenario": "accept", "hops": 1, "size": 5120, "sessions": 20,
+                     "round": 0, "accept_rate": 500, "delivered_rate": 400, "peak_pss_kb": 1024})
+    rows = {(r["section"], r["metric"]): r for r in run.summarize(runs, args)}
+    up = rows[("hopdown", "accept rate, next hop up")]
+    down = rows[("hopdown", "accept rate, next hop down")]
+    ratio = rows[("hopdown", "accept down/up")]
+    assert (up["relaynet"]["median"], down["relaynet"]["median"]) == (150, 150)
+    assert ratio["relaynet"]["median"] == 1.0 and ratio["relaynet"]["n"] == 3
+    assert ratio["relaynet"]["max"] == 1.1
+    assert ratio["postfix"]["median"] == 0.5
+    assert ratio["ratio"] == 2.0
+    assert rows[("memory", "peak PSS")]["relaynet"]["median"] == 1.0  # 1024 kB; not the hopdown's
+    table = run.format_table(list(rows.values()))
+    assert "accept down/up (x)" in table and "1.00" in table
+    assert run.row_label(ratio) == "accept down/up 5K s=20"
+
+
+# -- process trees -----------------------------------------------------------
+
+_TREE = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+print(child.pid, flush=True)
+sys.stdin.read()
+child.stdin.close()
+child.wait()
+"""
+
+
+def test_probe_counts_the_process_tree() -> None:
+    """
+    A node's probe finds its root's descendants (as a supervisor's workers)
+    by their parent pids: PSS, RSS and CPU are summed over all of them.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", _TREE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "the child never reported"
+        child = int(proc.stdout.readline())
+        assert tree_pids(proc.pid) == [proc.pid, child]
+        assert descendants(proc.pid, process_table()) == [child]
+        probe = NodeProbe(lambda: proc.pid, children=False, tree=True)
+        assert probe.pids() == [proc.pid, child]
+        assert probe.pss_kb() > 0
+        assert (probe.cpu_seconds() or 0) >= 0
+        rss = tree_status_kb(proc.pid, "VmRSS")
+        assert rss is not None and rss > (tree_status_kb(child, "VmRSS") or 0)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert tree_status_kb(proc.pid, "VmRSS") is None
+
+
+def test_queue_dirs(tmp_path: Path) -> None:
+    """
+    A node's queued mail is counted in every shard's C{new}: C{queue/new}
+    and C{queue.K/new}; lock files and other directories are not shards.
+    """
+    spool = tmp_path / "spool"
+    for d in ("queue/new", "queue/cur", "queue.1/new", "queue.12/new", "mailboxes/new"):
+        (spool / d).mkdir(parents=True)
+    (spool / "queue.1.lock").write_text("")
+    for i, d in enumerate(("queue/new", "queue.1/new", "queue.1/new", "queue.12/new")):
+        (spool / d / f"m{i}").write_text("x")
+    assert queue_dirs(spool) == [spool / "queue/new", spool / "queue.1/new", spool / "queue.12/new"]
+    node = RelaynetNode(tmp_path, "n", 2525, "")
+    assert node.queued() == 4
+    assert queue_dirs(tmp_path / "nothing") == []
+
+
+# -- bench backlog -----------------------------------------------------------
+
+
+def test_backlog_estimate_and_targets() -> None:
+    """
+    C{bench backlog --estimate} prints minutes (the 1,000,000 row takes far
+    longer than 100,000); the report checks the issue-15 targets.
+    """
+    assert backlog.estimate_seconds(1_000_000) > 5 * backlog.estimate_seconds(100_000)
+    assert backlog.main(["--estimate", "--messages", "1000"]) == 0
+    r = {"rss_peak_kb": 2 * 1024 * 1024, "restart": {"greeting_s": 0.5, "all_known_s": 130.0, "rss_kb": 1},
+         "drain": {"rss_peak_kb": 1}, "drain_vs_steady": 2.5}
+    assert [met for _, _, met in backlog.targets(r)] == [False, True, False, True]
+    assert backlog.workers_up({"workers": [{"up": True, "restarts": 1}, {"up": False}]}) == \
+        "status: workers 2 (1 up, 1 restarts)"
+    assert backlog.workers_up({"node": "n"}) == "no workers (one process)"
+
+
+def _needs_smtp_tools() -> None:
+    reason = postfix_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.slow
+def test_backlog_tiny_with_workers(tmp_path: Path) -> None:
+    """
+    C{bench backlog} on a tiny backlog with two workers: it counts the
+    supervisor and both workers, polls the supervisor's admin socket for the
+    whole backlog (every shard) after the restart, and sees it drain.
+    """
+    _needs_smtp_tools()
+    out_json = tmp_path / "backlog.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.backlog", "--messages", "200", "--sessions", "5", "--workers", "2",
+         "--drain-timeout", "120", "--json", str(out_json)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "first 220 after" in proc.stdout and "issue 15 targets" in proc.stdout
+    r = json.loads(out_json.read_text())
+    assert r["workers"] == 2 and r["processes"] == 3
+    assert len(r["restart"]["status"]["workers"]) == 2
+    assert r["admin_full"]["listed"] == 200
+    assert r["drain"]["sink_received"] >= 200 and r["drain"]["files_left"] == 0
+    assert r["rss_kb"] > 0 and r["rss_peak_kb"] >= r["rss_kb"]
+
+
+@pytest.mark.slow
+def test_bench_hopdown_with_workers(tmp_path: Path) -> None:
+    """
+    A tiny C{--scenarios hopdown} run with C{--workers 2}: four runs (each
+    system, next hop up and down), the three hopdown rows in the table and
+    the JSON, the next hop's state in every run, and the relaynet nodes
+    counted with their workers (three processes each).
+    """
+    _needs_smtp_tools()
+    out_json = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "bench.run", "--scenarios", "hopdown", "--rounds", "1", "--messages", "40",
+           "--hopdown-sessions", "4", "--warmup", "5", "--workers", "2", "--max-minutes", "3",
+           "--json", str(out_json), "--no-png"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for needle in ("accept rate, next hop up", "accept rate, next hop down", "accept down/up",
+                   "relaynet nodes with workers = 2"):
+        assert needle in proc.stdout, (needle, proc.stdout)
+    result = json.loads(out_json.read_text())
+    runs = result["runs"]
+    assert sorted((r["system"], r["next_hop"]) for r in runs) == [
+        ("postfix", "down"), ("postfix", "up"), ("relaynet", "down"), ("relaynet", "up")]
+    assert not [r for r in runs if r.get("error") or r.get("skipped")]
+    assert all(r["accept_rate"] > 0 for r in runs)
+    assert [r.get("delivered_rate") is not None for r in runs if r["system"] == "relaynet"] == \
+        [r["next_hop"] == "up" for r in runs if r["system"] == "relaynet"]
+    ratios = {r["metric"]: r for r in result["summary"] if r["section"] == "hopdown"}
+    assert ratios["accept down/up"]["relaynet"]["median"] > 0
+    assert result["parameters"]["workers"] == 2
+    for key in ("relaynet-1hop-hopup", "relaynet-1hop-hopdown"):
+        assert result["systems"][key]["workers"] == 2
+        assert set(result["systems"][key]["processes_per_node"].values()) == {3}
+        assert 'workers = 2' in result["systems"][key]["configs"]["rn1"]
+    assert result["environment"]["usable_cpus"] == usable_cpus()
