@@ -695,6 +695,9 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
             "name": name,
             "hostname": f"{name}.{topology.name}.test",
             "spool": str(node_dir / "spool"),
+            # One process per lab node (a node's [node] workers in the
+            # topology says otherwise): labs count and trace processes.
+            "workers": 1,
         },
         "listener": listeners,
         "local": local,

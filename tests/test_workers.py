@@ -1,0 +1,332 @@
+"""
+A node with workers (C{[node] workers = N}): one C{twistd relaynet} supervisor,
+N worker processes sharing its listening sockets, each owning a shard of the
+spool (relaynet/supervisor.py, relaynet/worker.py). Real processes, real
+sockets, on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.nodeproc import NodeProcess, wait_for
+from harness.peers import free_port
+from relaynet.admin.queuecli import AdminClient, AdminError
+from relaynet.supervisor import adopt_orphan_shards
+
+CONFIG = """\
+[node]
+name = "{name}"
+hostname = "relay.test"
+spool = "spool"
+workers = 2
+
+[[listener]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+
+[local]
+domains = ["localhost"]
+catch_all = true
+"""
+
+# Mail for remote.test waits: its next hop is a loopback port nobody listens on.
+HELD_ROUTE = """
+[queue]
+minimal_backoff = 3600
+delay_warning = 0
+
+[[route]]
+domains = ["remote.test"]
+action = "relay"
+next_hops = [{{ endpoint = "tcp:127.0.0.1:{dead}" }}]
+"""
+
+
+def worker_pids(supervisor: int) -> dict[int, int]:
+    """The worker processes of a supervisor: shard -> pid (from /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == supervisor and b"relaynet.worker" in argv and b"--shard" in argv:
+            out[int(argv[argv.index(b"--shard") + 1])] = int(entry)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def send(port: int, rcpt: str, token: str) -> str:
+    """One message; the queue id of its 250."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("sender@localhost")
+        s.rcpt(rcpt)
+        code, reply = s.data(f"Subject: {token}\r\nMessage-ID: <{token}@test>\r\n\r\n{token}\r\n".encode())
+        assert code == 250, reply
+        return reply.decode().rsplit(" ", 1)[1]
+
+
+def when(value: Any, ok: bool) -> Any:
+    """C{value} if C{ok}: a C{wait_for} predicate's answer."""
+    return value if ok else None
+
+
+def delivered_tokens(node: NodeProcess, user: str = "bob") -> list[str]:
+    out = []
+    for path in node.maildir_new(user):
+        for line in path.read_bytes().splitlines():
+            if line.startswith(b"Subject: "):
+                out.append(line[9:].decode())
+                break
+    return out
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Any:
+    n = NodeProcess(tmp_path, CONFIG, name="w")
+    yield n
+    n._kill_quietly()
+    for pid in worker_pids(n.proc.pid if n.proc else -1).values():
+        os.kill(pid, signal.SIGKILL)
+
+
+def status(node: NodeProcess) -> dict[str, Any]:
+    return AdminClient(f"unix:{node.spool / 'admin.sock'}").request("GET", "/api/status")
+
+
+def worker_status(node: NodeProcess, shard: int) -> dict[str, Any]:
+    return AdminClient(f"unix:{node.spool / f'worker-{shard}.sock'}").request("GET", "/api/status")
+
+
+def test_workers_share_the_port_each_with_its_shard(node: NodeProcess) -> None:
+    node.start()
+    pids = wait_for(lambda: (p := worker_pids(node.pid)) and len(p) == 2 and p, 20, "two workers")
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for i in range(15):
+            qid = send(node.port, "bob@localhost", f"t{k}-{i}")
+            with lock:
+                ids.append(qid)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(ids) == 120 and len(set(ids)) == 120
+    # A queue id ends with its shard's number (two hex digits).
+    shards = {qid[-2:] for qid in ids}
+    assert shards == {"00", "01"}, shards
+    tokens = wait_for(lambda: when(t := delivered_tokens(node), len(t) >= 120), 60, "120 deliveries")
+    assert sorted(tokens) == sorted(f"t{k}-{i}" for k in range(8) for i in range(15))
+    assert (node.spool / "queue").is_dir() and (node.spool / "queue.1").is_dir()
+    assert worker_pids(node.pid) == pids
+
+
+def test_kill9_of_a_worker_under_load_loses_no_acknowledged_message(node: NodeProcess) -> None:
+    node.start()
+    pids = wait_for(lambda: (p := worker_pids(node.pid)) and len(p) == 2 and p, 20, "two workers")
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    errors = []
+
+    def client(k: int) -> None:
+        i = 0
+        while not stop.is_set() and i < 400:
+            token = f"k{k}-{i}-{uuid.uuid4().hex[:6]}"
+            i += 1
+            try:
+                send(node.port, "bob@localhost", token)
+            except (OSError, smtplib.SMTPException, AssertionError) as e:
+                errors.append(repr(e))  # the killed worker's sessions: not acknowledged
+                continue
+            with lock:
+                acked.append(token)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(acked) >= 150, 60, "150 acknowledged messages")
+        os.kill(pids[1], signal.SIGKILL)
+        replaced = wait_for(
+            lambda: (p := worker_pids(node.pid)).get(1) not in (None, pids[1]) and p, 30, "worker 1 replaced"
+        )
+        assert replaced[0] == pids[0]
+        wait_for(lambda: len(acked) >= 400, 90, "400 acknowledged messages")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    # Every acknowledged message is delivered, once (the replacement
+    # recovered shard 1 and delivered what the killed worker held).
+    want = sorted(acked)
+    got = wait_for(lambda: when(t := delivered_tokens(node), len(t) >= len(want)), 90,
+                   f"{len(want)} deliveries")
+    assert sorted(t for t in got if t in set(want)) == want
+    assert len(got) == len(set(got)), "a message was delivered twice"
+    assert node.running()
+
+
+def workers_up(node: NodeProcess, count: int = 2) -> None:
+    """Wait (bounded) until every worker answers on its admin socket."""
+    def up(k: int) -> bool:
+        try:
+            return worker_status(node, k)["pid"] > 0
+        except AdminError:
+            return False
+
+    for k in range(count):
+        wait_for(lambda: up(k), 30, f"worker {k}'s admin socket")
+
+
+def test_sighup_reaches_every_worker(node: NodeProcess) -> None:
+    node.start()
+    workers_up(node)
+    before = [worker_status(node, k)["last_reload"] for k in (0, 1)]
+    assert before == [None, None]
+    text = node.config_path.read_text() + "\n[limits]\nmax_message_size = 4242\n"
+    node.config_path.write_text(text)
+    node.signal(signal.SIGHUP)
+    for k in (0, 1):
+        wait_for(lambda: (worker_status(node, k)["last_reload"] or {}).get("status") == "reloaded", 20,
+                 f"worker {k} reloaded")
+    # Whichever worker takes the connection, it applies the new limit.
+    for _ in range(12):
+        with smtplib.SMTP("127.0.0.1", node.port, timeout=30) as s:
+            s.ehlo("client.test")
+            assert s.esmtp_features["size"] == "4242"
+    # An invalid configuration is refused once, by the supervisor; the
+    # workers keep theirs (and are not asked).
+    node.config_path.write_text(text + "\n[limits]\nnonsense = 1\n")
+    node.signal(signal.SIGHUP)
+    wait_for(lambda: "Reload refused" in node.log_text(), 20, "the refusal logged")
+    assert [worker_status(node, k)["last_reload"]["status"] for k in (0, 1)] == ["reloaded", "reloaded"]
+
+
+def test_sigterm_stops_the_workers_then_the_supervisor(node: NodeProcess) -> None:
+    node.start()
+    workers_up(node)
+    pids = worker_pids(node.pid)
+    send(node.port, "bob@localhost", "before-stop")
+    assert node.terminate() in (0, -signal.SIGTERM)  # twistd ends with the signal
+    for pid in pids.values():
+        assert not alive(pid)
+    log = node.log_text()
+    stopped = [log.index(f"Worker {k} (pid {pids[k]}) stopped (exit status 0)") for k in (0, 1)]
+    assert max(stopped) < log.rindex("relaynet node w stopped")
+    with pytest.raises(OSError):
+        smtplib.SMTP("127.0.0.1", node.port, timeout=5)
+    assert delivered_tokens(node) == ["before-stop"]
+
+
+def test_workers_stop_when_the_supervisor_is_killed(node: NodeProcess) -> None:
+    node.start()
+    pids = wait_for(lambda: (p := worker_pids(node.pid)) and len(p) == 2 and p, 20, "two workers")
+    node.kill9()
+    for pid in pids.values():
+        wait_for(lambda: not alive(pid), 30, f"worker pid {pid} gone")
+    # Both shard locks were released: the node starts again at once.
+    node.start()
+    wait_for(lambda: len(worker_pids(node.pid)) == 2, 20, "two new workers")
+
+
+def test_admin_covers_every_shard_and_fewer_workers_adopt_the_rest(tmp_path: Path) -> None:
+    dead = free_port()
+    node = NodeProcess(tmp_path, CONFIG + HELD_ROUTE.format(dead=dead), name="w")
+    try:
+        node.start()
+        wait_for(lambda: len(worker_pids(node.pid)) == 2, 20, "two workers")
+        ids = set()
+        for i in range(40):
+            ids.add(send(node.port, "carol@remote.test", f"held-{i}"))
+        shards = {qid[-2:] for qid in ids}
+        client = AdminClient(f"unix:{node.spool / 'admin.sock'}")
+        listed = wait_for(
+            lambda: when(r := client.request("GET", "/api/queue"), r["count"] == 40), 30, "40 listed"
+        )
+        assert {m["queue_id"] for m in listed["messages"]} == ids
+        st = client.request("GET", "/api/status")
+        assert st["queue"]["total"] if "total" in st["queue"] else sum(st["queue"].values()) >= 40
+        assert [w["shard"] for w in st["workers"]] == [0, 1]
+        # A verb finds the message in whichever shard holds it.
+        for qid in sorted(ids)[:4]:
+            assert client.request("POST", f"/api/queue/{qid}/hold")["held"] is True
+        with pytest.raises(AdminError):
+            client.request("GET", "/api/queue/NOSUCHID00")
+        # /metrics: the sum over the shards, read by Prometheus' own parser.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        conn = client._connection()
+        conn.request("GET", "/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(conn.getresponse().read().decode())}
+        received = [s for s in families["relaynet_messages_received"].samples if s.name.endswith("_total")]
+        assert sum(s.value for s in received) == 40
+        assert node.terminate() in (0, -signal.SIGTERM)  # twistd ends with the signal
+        # Down to one worker: the mail of shard 1 moves into the queue at start.
+        if len(shards) < 2:
+            pytest.skip("all 40 messages went to one worker")  # pragma: no cover
+        node.config_path.write_text(node.config_path.read_text().replace("workers = 2", "workers = 1"))
+        node.start()
+        assert not (node.spool / "queue.1").exists()
+        listed = wait_for(
+            lambda: when(r := client.request("GET", "/api/queue"), r["count"] == 40), 30, "40 after"
+        )
+        assert {m["queue_id"] for m in listed["messages"]} == ids
+        held = client.request("GET", "/api/queue", query={"state": "hold"})
+        assert held["count"] == 4
+    finally:
+        node._kill_quietly()
+
+
+def _queue_file(root: Path, qid: str, state: bool) -> None:
+    for sub in ("new", "state") if state else ("new",):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / qid).write_text(f"{sub} of {qid}")
+
+
+def test_adopt_orphan_shards_moves_state_and_queue_files(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    _queue_file(spool / "queue", "A00", True)
+    _queue_file(spool / "queue.1", "B01", True)
+    _queue_file(spool / "queue.2", "C02", False)
+    _queue_file(spool / "queue.3", "D03", True)
+    (spool / "queue.3" / "tmp").mkdir()
+    (spool / "queue.3" / "tmp" / "partial").write_text("x")
+    # A crash between the two renames of a move: the state is there already.
+    (spool / "queue" / "state" / "E02").write_text("state of E02")
+    _queue_file(spool / "queue.2", "E02", False)
+    assert adopt_orphan_shards(spool, 2) == 3
+    assert sorted(p.name for p in spool.iterdir()) == ["queue", "queue.1"]
+    assert sorted(os.listdir(spool / "queue" / "new")) == ["A00", "C02", "E02"]
+    assert sorted(os.listdir(spool / "queue.1" / "new")) == ["B01", "D03"]
+    assert sorted(os.listdir(spool / "queue.1" / "state")) == ["B01", "D03"]
+    assert (spool / "queue" / "state" / "E02").read_text() == "state of E02"
+    assert (spool / "queue.1" / "state" / "D03").read_text() == "state of D03"
+    assert adopt_orphan_shards(spool, 1) == 2
+    assert sorted(p.name for p in spool.iterdir()) == ["queue"]
+    assert adopt_orphan_shards(spool, 1) == 0
