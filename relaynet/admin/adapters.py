@@ -3,13 +3,14 @@
 A node's parts seen through the views of L{relaynet.admin.views}.
 
  - L{IntakeSessions}: the intake's set of open sessions as a L{SessionsView}.
+ - L{outbound_hop_states}: the hop-state cache of a queue runner's next hops.
 
 The queue runner is a L{QueueView} as it is (the node gives it directly).
 """
 
 from __future__ import annotations
 
-from typing import Collection, Protocol
+from typing import Any, Callable, Collection, Protocol
 
 from attrs import frozen
 
@@ -49,3 +50,20 @@ class IntakeSessions:
             key = (s.listener.mode, s.tls_info is not None)
             out[key] = out.get(key, 0) + 1
         return out
+
+
+def outbound_hop_states(queue: object) -> Callable[[], list[dict[str, Any]]]:
+    """
+    The hop-state cache of the next hops of a queue runner: a callable that
+    reads C{queue.outbound.hop_states()} (an
+    L{OutboundManager<relaynet.delivery.client.OutboundManager>}'s
+    L{HopState<relaynet.delivery.client.HopState>} snapshots) when called,
+    or answers C{[]} for a queue without one (a fake, a runner with another
+    outbound agent).
+    """
+
+    def read() -> list[dict[str, Any]]:
+        states = getattr(getattr(queue, "outbound", None), "hop_states", None)
+        return list(states()) if callable(states) else []
+
+    return read

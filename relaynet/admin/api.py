@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from attrs import frozen
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -48,9 +48,9 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relaynet import __version__
 from relaynet.config import NodeConfig
-from relaynet.admin.metrics import FAILING_AFTER, NodeMetrics, Sample
+from relaynet.admin.metrics import FAILING_AFTER, HopHealth, NodeMetrics, Sample
 from relaynet.admin.text import human_age, parse_age
-from relaynet.admin.views import STATES, NodeFacts, QueueView, SessionsView
+from relaynet.admin.views import STATES, NodeFacts, NodeIdentity, QueueView, SessionsView
 from relaynet.delivery.client import hop_name
 from relaynet.queue.states import FINAL_STATUSES
 from relaynet.smtp.netio import EndpointService
@@ -252,6 +252,46 @@ def configured_hops(config: NodeConfig) -> list[str]:
     return sorted({hop_name(h.endpoint) for r in config.routes for h in r.next_hops})
 
 
+def hop_reachability(states: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """
+    The hop-state cache (L{relaynet.delivery.client.HopState.snapshot}s) by
+    next-hop name: C{connection} (C{up}, C{down}: no connection is tried
+    until C{down_until}, or C{probing}: one probe connection is being
+    tried), C{down_since}, C{down_until}, C{down_reason} and C{suspended}
+    (jobs deferred without a connection while down). Endpoints with the
+    same name (C{host:port}) count as down if any of them is.
+    """
+    rank = {"up": 0, "probing": 1, "down": 2}
+    out: dict[str, dict[str, Any]] = {}
+    for st in states:
+        name = str(st.get("relay"))
+        entry: dict[str, Any] = {
+            "connection": str(st.get("state", "up")), "down_since": st.get("since"),
+            "down_until": st.get("until"), "down_reason": st.get("diagnostic"),
+            "suspended": int(st.get("suspended") or 0),
+        }
+        if name not in out or rank.get(entry["connection"], 2) > rank.get(out[name]["connection"], 2):
+            out[name] = entry
+    return out
+
+
+#: The fields L{hop_entries} adds to a hop's health, C{None} when the cache has no word on it.
+HOP_STATE_FIELDS = ("connection", "down_since", "down_until", "down_reason", "suspended")
+
+
+def hop_entries(hops: Iterable[HopHealth], states: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """
+    C{GET /api/hops}'s entries: each hop's health (L{HopHealth.to_json})
+    with its L{hop_reachability} fields (all C{None} for a hop the
+    hop-state cache has not seen: no connection to it was tried yet).
+    """
+    out = []
+    for hop in hops:
+        state = states.get(hop.name)
+        out.append({**hop.to_json(), **{k: None if state is None else state.get(k) for k in HOP_STATE_FIELDS}})
+    return out
+
+
 def _loopback_host(header: bytes | None) -> bool:
     """A C{Host:} header naming C{localhost} or a loopback address (with any port)."""
     if not header:
@@ -272,21 +312,22 @@ def _loopback_host(header: bytes | None) -> bool:
 # -- the JSON API -----------------------------------------------------------
 
 
-class AdminAPI(Resource):
+class JsonAPI(Resource):
     """
     C{/api/...}: one JSON object per response (errors: C{{"error": ...}}
-    with a 4xx/5xx status).
+    with a 4xx/5xx status). The paths, methods and their handlers are the
+    same on a node (L{AdminAPI}) and on a supervisor of workers
+    (L{relaynet.admin.fleet.FleetAPI}); a subclass gives the handlers. Each
+    handler is called with the request, the JSON body (C{{}} unless
+    C{POST}) and the path's queue id if any, and answers a JSON object, a
+    L{Deferred} of one, or raises (or fails with) L{ApiError}.
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, views: AdminViews) -> None:
+    def __init__(self) -> None:
         Resource.__init__(self)
-        self.queue = views.queue
-        self.sessions = views.sessions
-        self.node = views.node
-        self.metrics = views.metrics
 
     def render(self, request: Request) -> Any:
         path = [p.decode("utf-8", "replace") for p in request.postpath or () if p]
@@ -351,6 +392,87 @@ class AdminAPI(Resource):
             raise ApiError(405, f"method {method} not allowed on /api/{'/'.join(path)}")
         raise ApiError(404, f"no such API resource: /api/{'/'.join(path)}")
 
+    # -- the handlers, given by a subclass --------------------------------
+
+    def status(self, request: Request, body: Any) -> Any:
+        """C{GET /api/status}."""
+        raise NotImplementedError
+
+    def list(self, request: Request, body: Any) -> Any:
+        """C{GET /api/queue}."""
+        raise NotImplementedError
+
+    def show(self, request: Request, body: Any, queue_id: str) -> Any:
+        """C{GET /api/queue/ID}."""
+        raise NotImplementedError
+
+    def summary(self, request: Request, body: Any) -> Any:
+        """C{GET /api/summary}."""
+        raise NotImplementedError
+
+    def shape(self, request: Request, body: Any) -> Any:
+        """C{GET /api/shape}."""
+        raise NotImplementedError
+
+    def routes(self, request: Request, body: Any) -> Any:
+        """C{GET /api/routes}."""
+        raise NotImplementedError
+
+    def hops(self, request: Request, body: Any) -> Any:
+        """C{GET /api/hops}."""
+        raise NotImplementedError
+
+    def history(self, request: Request, body: Any) -> Any:
+        """C{GET /api/history}."""
+        raise NotImplementedError
+
+    def flush(self, request: Request, body: dict[str, Any]) -> Any:
+        """C{POST /api/queue/flush}."""
+        raise NotImplementedError
+
+    def reroute(self, request: Request, body: dict[str, Any]) -> Any:
+        """C{POST /api/queue/reroute}."""
+        raise NotImplementedError
+
+    def reload(self, request: Request, body: Any) -> Any:
+        """C{POST /api/reload}."""
+        raise NotImplementedError
+
+    def flush_one(self, request: Request, body: Any, queue_id: str) -> Any:
+        """C{POST /api/queue/ID/flush}."""
+        raise NotImplementedError
+
+    def reroute_one(self, request: Request, body: Any, queue_id: str) -> Any:
+        """C{POST /api/queue/ID/reroute}."""
+        raise NotImplementedError
+
+    def hold(self, request: Request, body: Any, queue_id: str) -> Any:
+        """C{POST /api/queue/ID/hold}."""
+        raise NotImplementedError
+
+    def release(self, request: Request, body: Any, queue_id: str) -> Any:
+        """C{POST /api/queue/ID/release}."""
+        raise NotImplementedError
+
+    def delete(self, request: Request, body: Any, queue_id: str) -> Any:
+        """C{POST /api/queue/ID/delete} and C{DELETE /api/queue/ID}."""
+        raise NotImplementedError
+
+    def bounce(self, request: Request, body: dict[str, Any], queue_id: str) -> Any:
+        """C{POST /api/queue/ID/bounce}."""
+        raise NotImplementedError
+
+
+class AdminAPI(JsonAPI):
+    """The admin API of one node, over the L{AdminViews} it is given."""
+
+    def __init__(self, views: AdminViews) -> None:
+        JsonAPI.__init__(self)
+        self.queue = views.queue
+        self.sessions = views.sessions
+        self.node = views.node
+        self.metrics = views.metrics
+
     # -- helpers -------------------------------------------------------
 
     def _queued(self, queue_id: str) -> None:
@@ -369,33 +491,10 @@ class AdminAPI(Resource):
     # -- reading ---------------------------------------------------------
 
     def status(self, request: Request, body: Any) -> dict[str, Any]:
-        config = self.node.config
-        started = self.node.started_at
-        return {
-            "api_version": API_VERSION, "version": __version__, "node": config.name,
-            "hostname": config.hostname, "pid": os.getpid(), "config": config.source,
-            "started": started, "uptime": None if started is None else round(time.time() - started, 3),
-            "listeners": [{"endpoint": lst.endpoint, "mode": lst.mode} for lst in config.listeners],
-            "admin_endpoint": config.admin_endpoint,
-            "queue": dict(self.queue.counts()),
-            "sessions": self.sessions.count(),
-            "last_reload": self.node.last_reload,
-        }
+        return status_json(self.node, dict(self.queue.counts()), self.sessions.count())
 
     def _filters(self, request: Request) -> dict[str, Any]:
-        state = _arg(request, "state")
-        if state is not None and state not in STATES:
-            raise ApiError(400, f"state must be one of {', '.join(STATES)}")
-        min_age = _arg(request, "min_age")
-        try:
-            age = parse_age(min_age) if min_age is not None else None
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        return {
-            "state": state, "sender": _arg(request, "sender"),
-            "recipient": _arg(request, "recipient"), "domain": _arg(request, "domain"),
-            "min_age": age,
-        }
+        return query_filters(request)
 
     def list(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:
         limit = _int_arg(request, "limit", None)
@@ -425,21 +524,16 @@ class AdminAPI(Resource):
     def shape(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:
         filters = self._filters(request)
         top = _int_arg(request, "top", None)
-        try:
-            builder = ShapeBuilder(
-                _arg(request, "by") or "recipient", _int_arg(request, "buckets", 10) or 10,
-                float(_arg(request, "scale") or 5),
-            )
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
+        builder = shape_builder(request)
         return self.queue.collect(builder.add, **filters).addCallback(lambda _: builder.result(top))
 
     def routes(self, request: Request, body: Any) -> dict[str, Any]:
         return routes_json(self.node.config)
 
     def hops(self, request: Request, body: Any) -> dict[str, Any]:
-        hops = self.metrics.hop_health(configured_hops(self.node.config))
-        return {"hops": [h.to_json() for h in hops]}
+        states = hop_reachability(self.metrics.hop_states())
+        hops = self.metrics.hop_health([*configured_hops(self.node.config), *states])
+        return {"hops": hop_entries(hops, states)}
 
     def history(self, request: Request, body: Any) -> dict[str, Any]:
         history = self.metrics.history
@@ -502,9 +596,7 @@ class AdminAPI(Resource):
         return self._simple("delete", queue_id, lambda: self.queue.delete(queue_id), "deleted")
 
     def bounce(self, request: Request, body: dict[str, Any], queue_id: str) -> Deferred[dict[str, Any]]:
-        reason = body.get("reason") if isinstance(body, dict) else None
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 500 or "\n" in reason):
-            raise ApiError(400, "reason must be one line of text (at most 500 characters)")
+        reason = bounce_reason(body)
         if reason:
             return self._simple("bounce", queue_id, lambda: self.queue.bounce(queue_id, reason), "bounced")
         return self._simple("bounce", queue_id, lambda: self.queue.bounce(queue_id), "bounced")
@@ -515,6 +607,74 @@ class AdminAPI(Resource):
             error = self.node.last_reload_error or "reload not possible"
             raise ApiError(422, f"reload refused, the old configuration stays in force: {error}")
         return {"reloaded": True, "config": self.node.config.source}
+
+
+def query_filters(request: Request) -> dict[str, Any]:
+    """
+    The queue filters of a request's query (C{state}, C{sender},
+    C{recipient}, C{domain}, C{min_age} in seconds; C{None} when absent).
+
+    @raise ApiError: a state or an age that is not valid (400).
+    """
+    state = _arg(request, "state")
+    if state is not None and state not in STATES:
+        raise ApiError(400, f"state must be one of {', '.join(STATES)}")
+    min_age = _arg(request, "min_age")
+    try:
+        age = parse_age(min_age) if min_age is not None else None
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    return {
+        "state": state, "sender": _arg(request, "sender"),
+        "recipient": _arg(request, "recipient"), "domain": _arg(request, "domain"),
+        "min_age": age,
+    }
+
+
+def status_json(node: NodeIdentity, queue: dict[str, int], sessions: int) -> dict[str, Any]:
+    """
+    C{GET /api/status}: who C{node} is (this process's pid), its queue
+    counts by state and its open sessions.
+    """
+    config = node.config
+    started = node.started_at
+    return {
+        "api_version": API_VERSION, "version": __version__, "node": config.name,
+        "hostname": config.hostname, "pid": os.getpid(), "config": config.source,
+        "started": started, "uptime": None if started is None else round(time.time() - started, 3),
+        "listeners": [{"endpoint": lst.endpoint, "mode": lst.mode} for lst in config.listeners],
+        "admin_endpoint": config.admin_endpoint,
+        "queue": queue,
+        "sessions": sessions,
+        "last_reload": node.last_reload,
+    }
+
+
+def shape_builder(request: Request) -> ShapeBuilder:
+    """
+    A L{ShapeBuilder} with the request's C{by}, C{buckets} and C{scale}.
+
+    @raise ApiError: one of them is not valid (400).
+    """
+    try:
+        return ShapeBuilder(
+            _arg(request, "by") or "recipient", _int_arg(request, "buckets", 10) or 10,
+            float(_arg(request, "scale") or 5),
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def bounce_reason(body: Any) -> str | None:
+    """
+    The C{reason} of a bounce's body, if any.
+
+    @raise ApiError: it is not one line of at most 500 characters (400).
+    """
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 500 or "\n" in reason):
+        raise ApiError(400, "reason must be one line of text (at most 500 characters)")
+    return reason
 
 
 def _target(body: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -585,23 +745,37 @@ class MetricsResource(Resource):
         return self.metrics.exposition()
 
 
-class StatusPage(Resource):
-    """C{/}: the status page, one server-rendered HTML document."""
+class PageResource(Resource):
+    """C{/}: a server-rendered HTML page (L{page}); nothing is below it (404)."""
 
     isLeaf = True
 
-    def __init__(self, views: AdminViews, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         Resource.__init__(self)
-        self.views = views
         self.clock = clock
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> Any:
         if request.postpath and any(request.postpath):
             request.setResponseCode(404)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"not found\n"
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
+        return self.page(request)
+
+    def page(self, request: Request) -> Any:
+        """The page's bytes, or C{NOT_DONE_YET} when it is written later."""
+        raise NotImplementedError
+
+
+class StatusPage(PageResource):
+    """C{/}: the status page, one server-rendered HTML document."""
+
+    def __init__(self, views: AdminViews, clock: Callable[[], float] = time.time) -> None:
+        PageResource.__init__(self, clock)
+        self.views = views
+
+    def page(self, request: Request) -> bytes:
         return render_status(self.views, self.clock()).encode("utf-8")
 
 
@@ -642,24 +816,36 @@ class AdminSite(Site):
 
     noisy = False
 
-    def __init__(self, resource: IResource) -> None:
-        Site.__init__(self, resource)
+    def __init__(self, resource: IResource, reactor: Any = None) -> None:
+        Site.__init__(self, resource, reactor=reactor)
 
     def log(self, request: http.Request) -> None:
         pass
 
 
-def make_site(views: AdminViews, read_only: bool = False) -> Site:
+def make_site(views: AdminViews, read_only: bool = False, reactor: Any = None) -> Site:
     """
     The resource tree: C{/} (status page), C{/metrics} and, unless
     C{read_only}, C{/api/}.
+
+    @param reactor: times the site's connections (C{None}: the global one).
     """
-    root = _Guard(check_host=not read_only)
-    root.putChild(b"", StatusPage(views))
-    root.putChild(b"metrics", MetricsResource(views.metrics))
-    if not read_only:
-        root.putChild(b"api", AdminAPI(views))
-    site = AdminSite(root)
+    return guarded_site({b"": StatusPage(views), b"metrics": MetricsResource(views.metrics)},
+                        None if read_only else AdminAPI(views), reactor)
+
+
+def guarded_site(children: Mapping[bytes, IResource], api: IResource | None, reactor: Any = None) -> Site:
+    """
+    A site of C{children} and, unless C{api} is C{None}, C{/api/}: the admin
+    site (its TCP requests must name a loopback C{Host:}), or without an
+    API the read-only site (any C{Host:}).
+    """
+    root = _Guard(check_host=api is not None)
+    for name, child in children.items():
+        root.putChild(name, child)
+    if api is not None:
+        root.putChild(b"api", api)
+    site = AdminSite(root, reactor)
     site.displayTracebacks = False
     return site
 
@@ -668,7 +854,9 @@ def web_service(
     views: AdminViews, endpoint: str, reactor: IReactorCore, read_only: bool = False
 ) -> IService:
     """An L{EndpointService} listening on C{endpoint} with L{make_site}'s tree."""
-    return EndpointService(serverFromString(reactor, endpoint), make_site(views, read_only), f"{endpoint} (admin site)")
+    return EndpointService(
+        serverFromString(reactor, endpoint), make_site(views, read_only, reactor), f"{endpoint} (admin site)"
+    )
 
 
 # -- rendering ------------------------------------------------------------
@@ -796,12 +984,65 @@ def _per_minute(nominal: float, count: Callable[[Sample], int]) -> Callable[[Sam
     return lambda s: count(s) * 60.0 / max(s.interval, nominal)
 
 
-def render_status(views: AdminViews, now: float) -> str:
-    """The status page of the node seen through C{views}, at time C{now}."""
+@frozen
+class StatusData:
+    """
+    What the status page shows: of one node (L{status_data}), or of a node's
+    workers together (L{relaynet.admin.fleet}).
+
+    @ivar pid: the process shown in the header.
+    @ivar summary: the queue's summary (L{summarize}'s schema), top 8 rows.
+    @ivar sessions: open SMTP sessions.
+    @ivar interval: the history's nominal interval in seconds.
+    @ivar span: how far back the history goes, in seconds.
+    @ivar samples: the history's whole intervals, oldest first.
+    @ivar points: C{samples} and the interval in progress.
+    @ivar hops: next-hop health, by name.
+    @ivar hop_states: the hop-state cache by next-hop name (L{hop_reachability}).
+    @ivar sections: HTML sections shown above the chart (a supervisor's workers).
+    @ivar notes: warnings shown above everything (shards not answering).
+    """
+
+    config: NodeConfig
+    pid: int
+    started: float | None
+    summary: dict[str, Any]
+    sessions: int
+    interval: float
+    span: float
+    samples: Sequence[Sample]
+    points: Sequence[Sample]
+    hops: Sequence[HopHealth]
+    hop_states: Mapping[str, Mapping[str, Any]]
+    sections: Sequence[str] = ()
+    notes: Sequence[str] = ()
+
+
+def status_data(views: AdminViews) -> StatusData:
+    """What the status page shows of the node seen through C{views}."""
     config = views.node.config
     metrics = views.metrics
-    summary = views.queue.summary(top=8)  # the queue's counters: no walk
-    started = views.node.started_at
+    hist = metrics.history
+    states = hop_reachability(metrics.hop_states())
+    return StatusData(
+        config=config, pid=os.getpid(), started=views.node.started_at,
+        summary=views.queue.summary(top=8),  # the queue's counters: no walk
+        sessions=views.sessions.count(), interval=hist.interval, span=hist.span,
+        samples=list(hist.samples), points=hist.points(),
+        hops=metrics.hop_health([*configured_hops(config), *states]), hop_states=states,
+    )
+
+
+def render_status(views: AdminViews, now: float) -> str:
+    """The status page of the node seen through C{views}, at time C{now}."""
+    return render_page(status_data(views), now)
+
+
+def render_page(data: StatusData, now: float) -> str:
+    """The status page showing C{data}, at time C{now}."""
+    config = data.config
+    summary = data.summary
+    started = data.started
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -809,38 +1050,40 @@ def render_status(views: AdminViews, now: float) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>relaynet {_E(config.name)} status</title><style>{_CSS}</style></head><body>",
         f"<header><h1>relaynet node {_E(config.name)}</h1><div class=\"meta\">{_E(config.hostname)}"
-        f" &middot; relaynet {_E(__version__)} &middot; pid {os.getpid()}"
+        f" &middot; relaynet {_E(__version__)} &middot; pid {data.pid}"
         f" &middot; up {human_age(now - started) if started else '-'}"
         f" &middot; config {_E(config.source)}"
         f" &middot; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now))}</div></header><main>",
     ]
+    for note in data.notes:
+        parts.append(f'<section class="err" id="missing">{_E(note)}</section>')
     oldest = summary["oldest"]
     cards = [
         ("queued", summary["messages"]), ("incoming", summary["states"]["incoming"]),
         ("active", summary["states"]["active"]), ("deferred", summary["states"]["deferred"]),
         ("hold", summary["states"]["hold"]), ("queue size", _size(summary["bytes"])),
         ("oldest", human_age(oldest["age"]) if oldest else "-"),
-        ("sessions", views.sessions.count()),
+        ("sessions", data.sessions),
     ]
     parts.append('<div class="cards" id="counts">' + "".join(
         f'<div class="card"><div class="v">{_E(str(v))}</div><div class="k">{_E(k)}</div></div>'
         for k, v in cards
     ) + "</div>")
-    hist = metrics.history
-    points = hist.points()
+    parts.extend(data.sections)
+    points = list(data.points)
     # The window grows with the history, from 5 minutes up to its span.
     first = min((p.time - p.interval for p in points), default=now)
-    span = min(hist.span, max(300.0, math.ceil((now - first) / 60) * 60))
+    span = min(data.span, max(300.0, math.ceil((now - first) / 60) * 60))
     depth = svg_chart(
         "Queue depth (messages)", now, span, points,
         [("queued", "#3465a4", lambda s: s.depth), ("deferred", "#d98c00", lambda s: s.deferred),
          ("hold", "#8a93a6", lambda s: s.hold)],
         fill_first=True, dashed=("deferred", "hold"),
     )
-    nominal = hist.interval
+    nominal = data.interval
     # Rates only over whole intervals: the one in progress would dip.
     rate = svg_chart(
-        "Throughput (per minute)", now, span, list(hist.samples) or points,
+        "Throughput (per minute)", now, span, list(data.samples) or points,
         [("received", "#3465a4", _per_minute(nominal, lambda s: s.received)),
          ("delivered", "#2e8540", _per_minute(nominal, lambda s: s.delivered)),
          ("deferred", "#d98c00", _per_minute(nominal, lambda s: s.deferrals)),
@@ -853,7 +1096,7 @@ def render_status(views: AdminViews, now: float) -> str:
         "</section>"
     )
     parts.append(_routing_section(config))
-    parts.append(_hops_section(metrics.hop_health(configured_hops(config)), config, now))
+    parts.append(_hops_section(data.hops, config, now, data.hop_states))
     parts.append(_queue_section(summary))
     parts.append(
         "</main><footer>Also: <a href=\"/metrics\">/metrics</a> (Prometheus) &middot; "
@@ -896,7 +1139,22 @@ def _routing_section(config: NodeConfig) -> str:
     )
 
 
-def _hops_section(hops: Iterable[Any], config: NodeConfig, now: float) -> str:
+def _connection_cell(state: Mapping[str, Any] | None, now: float) -> str:
+    """The hop-state cache's word on a hop: up, or down until when and why."""
+    if state is None:
+        return '<span class="muted">-</span>'
+    if state["connection"] == "up":
+        return '<span class="state up">up</span>'
+    until = state.get("down_until")
+    when = f" for {human_age(until - now)}" if isinstance(until, (int, float)) and until > now else ""
+    why = state.get("down_reason") or ""
+    return (f'<span class="state failing">{_E(state["connection"])}</span>{when}'
+            + (f'<div class="err">{_E(why[:300])}</div>' if why else ""))
+
+
+def _hops_section(
+    hops: Iterable[Any], config: NodeConfig, now: float, states: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
     users: dict[str, list[str]] = {"local": ["local delivery"]}
     for i, rule in enumerate(config.routes):
         for h in rule.next_hops:
@@ -911,18 +1169,20 @@ def _hops_section(hops: Iterable[Any], config: NodeConfig, now: float) -> str:
         rows.append(
             f"<tr><td><code>{_E(hop.name)}</code></td>"
             f"<td><span class=\"state {hop.state}\">{hop.state}</span></td>"
+            f"<td>{_connection_cell((states or {}).get(hop.name), now)}</td>"
             f"<td>{_E(' '.join(users.get(hop.name, [])) or '-')}</td>"
             f"<td class=\"n\">{hop.sent}</td><td class=\"n\">{hop.deferred}</td><td class=\"n\">{hop.bounced}</td>"
             f"<td>{_ago(now, hop.last_success)}</td><td>{err or '<span class=muted>-</span>'}</td></tr>"
         )
     if not rows:
-        rows.append('<tr><td colspan="8" class="muted">no next hops yet</td></tr>')
+        rows.append('<tr><td colspan="9" class="muted">no next hops yet</td></tr>')
     return (
         '<section id="hops"><h2>Next hops</h2><table><thead><tr><th>next hop</th><th>state</th>'
-        "<th>routes</th><th>sent</th><th>deferred</th><th>bounced</th><th>last success</th>"
+        "<th>connections</th><th>routes</th><th>sent</th><th>deferred</th><th>bounced</th><th>last success</th>"
         "<th>last error</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
         f'<div class="muted">counts are recipients since the node started; failing = {FAILING_AFTER} or more '
-        "deferrals in a row</div></section>"
+        "deferrals in a row; connections: down while the node tries no connection to the hop "
+        "(its mail is deferred at once)</div></section>"
     )
 
 

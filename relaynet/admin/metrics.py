@@ -7,7 +7,8 @@ L{NodeMetrics} is fed by the node's event log (every event dict passes
 through L{NodeMetrics.observe}) and by the spool's group commits; gauges that
 describe the present (queue depth, open sessions, next-hop state) are read at
 scrape time from the views it is given (L{relaynet.admin.views}), never from
-the runner or the intake. Each node has its own
+the runner or the intake (the hop-state cache is read through the queue
+runner's outbound manager, L{outbound_hop_states}). Each node has its own
 L{CollectorRegistry}: the global one of C{prometheus_client} is never used.
 The metric names are documented in C{docs/operations.md}.
 """
@@ -27,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from relaynet import __version__
+from relaynet.admin.adapters import outbound_hop_states
 from relaynet.admin.views import QueueStats, SessionsView
 
 #: Delivery outcomes of a recipient, as event names.
@@ -256,6 +258,19 @@ class _PresentCollector(Collector):
             streak.add_metric([name], hop.consecutive_deferrals)
         yield up
         yield streak
+        reachable = GaugeMetricFamily(
+            "relaynet_next_hop_reachable",
+            "0 while the hop-state cache has the next hop down (no connection tried, its mail deferred at once)",
+            labels=["next_hop"],
+        )
+        rank = {"up": 1, "probing": 0, "down": 0}
+        seen: dict[str, int] = {}
+        for st in self.metrics.hop_states():
+            name = str(st.get("relay"))
+            seen[name] = min(seen.get(name, 1), rank.get(str(st.get("state")), 0))
+        for name, value in sorted(seen.items()):
+            reachable.add_metric([name], value)
+        yield reachable
 
 
 class NodeMetrics:
@@ -276,6 +291,7 @@ class NodeMetrics:
         now: Callable[[], float] = time.time, history_interval: float = 10.0,
         history_span: float = 1800.0, domain_labels: int = DOMAIN_LABELS,
         listener_modes: Callable[[], Iterable[str]] = lambda: (),
+        hop_states: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
     ) -> None:
         """
         @param clock: schedules the history's samples.
@@ -284,8 +300,12 @@ class NodeMetrics:
         @param listener_modes: the modes of the listeners in force, read at
             scrape time (a reload may change them): each gets
             C{relaynet_smtp_sessions} series at 0 while it has no session.
+        @param hop_states: the hop-state cache of the next hops
+            (C{OutboundManager.hop_states}), read at scrape time; by
+            default L{outbound_hop_states} of C{queue}.
         """
         self.queue = queue
+        self.hop_states = hop_states or outbound_hop_states(queue)
         self.sessions = sessions
         self.listener_modes = listener_modes
         self.now = now

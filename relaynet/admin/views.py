@@ -7,7 +7,8 @@ views they are given, never the node, its runner or its intake.
  - L{QueueView}: L{QueueStats} plus listing and steering messages (the admin
    API and the status page, and so C{relaynet queue}).
  - L{SessionsView}: the open SMTP sessions.
- - L{NodeFacts}: who the node is, the configuration in force, reloading it.
+ - L{NodeFacts}: who the node is, the configuration in force (L{NodeIdentity}),
+   reloading it.
 
 They are L{typing.Protocol}s: the queue runner provides L{QueueView} by
 having its methods, the node provides L{NodeFacts} by having its attributes,
@@ -140,11 +141,11 @@ class SessionsView(Protocol):
         """Open sessions by C{(listener mode, TLS up)}; only keys with sessions."""
 
 
-class NodeFacts(Protocol):
+class NodeIdentity(Protocol):
     """
     Who the node is and the configuration in force. Name, host name, config
     source, listeners, admin endpoint and routes are read from L{config},
-    which a reload replaces.
+    which a reload replaces. (A node with workers: the supervisor's.)
     """
 
     @property
@@ -158,6 +159,10 @@ class NodeFacts(Protocol):
     @property
     def last_reload(self) -> Mapping[str, Any] | None:
         """The last reload: C{time}, C{status} and C{source} or C{error}."""
+
+
+class NodeFacts(NodeIdentity, Protocol):
+    """L{NodeIdentity} of a node that reloads itself."""
 
     @property
     def last_reload_error(self) -> str | None:
