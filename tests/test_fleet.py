@@ -443,9 +443,16 @@ class Fleet:
         return code, out.getvalue()
 
     def stop_node(self, shard: int) -> None:
+        """
+        Stop a worker as if its process ended: its admin site stops
+        listening and the connections to it close (the fleet's pooled ones
+        with them; an in-process node would keep serving those).
+        """
         node = self.nodes[shard]
         if node.running:
             self.wait(node.stopService(), f"worker {shard} stopped")
+        for svc in self.services:
+            self.wait(svc.client.close(), "the pooled connections closed")
 
     def stop(self) -> None:
         for svc in self.services:
@@ -704,6 +711,12 @@ def test_reload_fans_out(fleet: Fleet) -> None:
     e = fleet.error("POST", "/api/reload", {})
     assert e.status == 422 and "queue.minimal_backoff" in e.message and "old configuration stays" in e.message
     assert fleet.facts.reloads == 1
+    # A worker down: the others and the supervisor reload, and the answer says which did not.
+    fleet.write_config(2, backoff=1200)
+    fleet.stop_node(1)
+    answer = fleet.api("POST", "/api/reload", {})
+    assert answer["workers"] == 2 and answer["missing_shards"] == [1] and fleet.facts.reloads == 2
+    assert fleet.nodes[2].config.queue.minimal_backoff == 1200
 
 
 def test_relaynet_queue_works_against_the_fleet(fleet: Fleet) -> None:
