@@ -16,8 +16,9 @@ and for the hop-state cache in a node's own C{/api/hops} and C{/metrics}.
 
 from __future__ import annotations
 
-import io
 import argparse
+import functools
+import io
 import json
 import socket
 import subprocess
@@ -244,7 +245,7 @@ def render(site_facts: Facts, method: str, path: str, host: str, ctype: str = "a
     req.requestHeaders.addRawHeader(b"host", host.encode())
     if method == "POST":
         req.requestHeaders.addRawHeader(b"content-type", ctype.encode())
-        req.content = io.BytesIO(b"{}")
+        req.content = io.BytesIO(b"{}")  # type: ignore[attr-defined]
     result = getChildForRequest(site.resource, req).render(req)
     if isinstance(result, bytes):
         req.write(result)
@@ -363,7 +364,7 @@ class Fleet:
             config = load_config(path)
             self.ids.append([queue_message(config.queue_dir, now - ago, sender, rcpts)
                              for ago, sender, rcpts in mail])
-            node = RelayNode(config, self.reactor, threads=2, load_config=lambda p=path: load_config(p))
+            node = RelayNode(config, self.reactor, threads=2, load_config=functools.partial(load_config, path))
             node.privilegedStartService()
             node.startService()
             self.nodes.append(node)
