@@ -540,9 +540,14 @@ def merge_metrics(texts: Iterable[str]) -> dict[str, _Family]:
 
     @raise ValueError: a text is not in the Prometheus text format.
     """
+    return merge_families(list(text_string_to_metric_families(text)) for text in texts)
+
+
+def merge_families(scrapes: Iterable[Iterable[Metric]]) -> dict[str, _Family]:
+    """L{merge_metrics} of scrapes already parsed."""
     families: dict[str, _Family] = {}
-    for text in texts:
-        for fam in text_string_to_metric_families(text):
+    for scrape in scrapes:
+        for fam in scrape:
             rule = "min" if fam.name.endswith("_created") else METRIC_MERGE.get(fam.name, "sum")
             entry = families.setdefault(fam.name, _Family(fam.type, fam.documentation))
             for s in fam.samples:
@@ -577,18 +582,16 @@ class _MergedCollector(Collector):
 
 def exposition(gathered: Gathered) -> bytes:
     """The merged metrics of the workers' scrapes, in the Prometheus text format."""
-    texts, missing = [], list(gathered.missing)
+    scrapes, missing = [], list(gathered.missing)
     for a in gathered.answers:
         try:
             if a.status != 200 or not isinstance(a.body, str):
                 raise ValueError(a.error())
-            list(text_string_to_metric_families(a.body))
+            scrapes.append(list(text_string_to_metric_families(a.body)))
         except ValueError:
             missing.append(a.shard)
-            continue
-        texts.append(a.body)
     registry = CollectorRegistry()
-    registry.register(_MergedCollector(merge_metrics(texts), gathered.links, missing))
+    registry.register(_MergedCollector(merge_families(scrapes), gathered.links, missing))
     return generate_latest(registry)
 
 
