@@ -401,8 +401,13 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v * 1000:.1f}"
 
 
-def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list[dict], described: dict) -> None:
-    """Run every group; C{runs} and C{described} fill as it goes (kept on errors)."""
+def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list[dict], described: dict,
+            revivals: list[dict] | None = None) -> None:
+    """
+    Run every group; C{runs}, C{described} and C{revivals} (nodes started
+    again, see L{revive}) fill as it goes (kept on errors).
+    """
+    revivals = [] if revivals is None else revivals
     total_runs = sum(len(g["items"]) * _chains_in(g) for g in groups) * args.rounds
     total_est = estimate(groups, args)
     done = 0
@@ -438,6 +443,7 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
                             runs.append(skipped)
                             continue
                         t_run = time.monotonic()
+                        revived = revive(chain, args, latency, revivals)
                         if item["kind"] == "latency":
                             tag = f"{name}-{hops}h-r{rnd}-{uuid.uuid4().hex[:8]}"
                             run = latency_run(chain, item, args, tag)
@@ -445,6 +451,8 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
                             run = throughput_run(chain, item, args)
                         run["round"] = rnd
                         run["order"] = order.index(name)
+                        if revived:
+                            run["nodes_restarted_before"] = revived
                         run["wall_seconds"] = time.monotonic() - t_run
                         runs.append(run)
                         done += 1
@@ -466,6 +474,35 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
         finally:
             for chain in reversed(started):
                 chain.stop()
+
+
+MAX_REVIVALS = 2
+
+
+def revive(chain, args, latency: bool, revivals: list[dict]) -> list[str]:
+    """
+    Before a run: if a node of C{chain} is no longer running (something
+    outside the bench stopped it, or it died), start it again, warm it up and
+    note it in C{revivals} (the report warns), up to L{MAX_REVIVALS} times
+    per chain; then the run goes on as planned.
+
+    @return: the names of the nodes started again.
+    @raise RuntimeError: a node is dead and cannot (or may no more) be revived.
+    """
+    try:
+        chain.check_alive()
+        return []
+    except RuntimeError as e:
+        done = sum(1 for r in revivals if r["chain"] == chain.workdir.name)
+        names = chain.restart_dead() if done < MAX_REVIVALS else []
+        if not names:
+            raise
+        why = [line for line in str(e).splitlines()[1:] if "SIGTERM" in line or "rror" in line][:3]
+        revivals.append({"chain": chain.workdir.name, "nodes": names, "time": time.time(), "log": why})
+        log(f"warning: {chain.workdir.name}: {', '.join(names)} had stopped ({'; '.join(why) or 'no reason logged'}); "
+            "started again")
+        warm_up(chain, args, latency)
+        return names
 
 
 # -- summary ----------------------------------------------------------------
@@ -864,9 +901,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs: list[dict] = []
     described: dict = {}
+    revivals: list[dict] = []
     interrupted = None
     try:
-        execute(groups, args, workdir, t0 + args.max_minutes * 60, runs, described)
+        execute(groups, args, workdir, t0 + args.max_minutes * 60, runs, described, revivals)
     except PeerUnavailable as e:
         log(f"cannot run: {e}")
         return 2
@@ -902,6 +940,9 @@ def main(argv: list[str] | None = None) -> int:
     size_figures = sizing(rows)
     print()
     print(format_sizing(size_figures))
+    for r in revivals:
+        print(f"\nwarning: {r['chain']}: node(s) {', '.join(r['nodes'])} had stopped and were started again "
+              f"at {time.strftime('%H:%M:%S', time.gmtime(r['time']))} UTC ({'; '.join(r['log']) or 'no reason logged'})")
     print(f"\nelapsed {elapsed / 60:.1f} min (first estimate {est / 60:.1f}); "
           f"load average {environment['loadavg_start'][0]:.2f} at start, {environment['loadavg_end'][0]:.2f} at end")
     result = {
@@ -910,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         "estimate_seconds": est,
         "elapsed_seconds": elapsed,
         "interrupted": interrupted,
+        "nodes_restarted": revivals,
         "systems": described,
         "summary": rows,
         "sizing": size_figures,

@@ -130,6 +130,13 @@ class Chain:
     def check_alive(self) -> None:
         pass
 
+    def restart_dead(self) -> list[str]:
+        """
+        Start again the nodes that are not running; @return: their names
+        (none: this chain cannot, the caller gives up).
+        """
+        return []
+
     def hwm_kb(self) -> dict[str, int | None]:
         return {}
 
@@ -556,6 +563,23 @@ class RelaynetChain(Chain):
         for node in self.nodes:
             if node.pid() is None:
                 raise RuntimeError(f"relaynet node {node.name} died:\n{_tail(node.log_path)}")
+
+    def restart_dead(self) -> list[str]:
+        """
+        Start again every node that is not running, on its port, config and
+        spool; its log so far is kept as C{node.log.1} (C{.2}, ...).
+        """
+        names = []
+        for node in self.nodes:
+            if node.pid() is None:
+                k = 1
+                while node.log_path.with_name(f"{node.log_path.name}.{k}").exists():
+                    k += 1
+                if node.log_path.exists():
+                    node.log_path.rename(node.log_path.with_name(f"{node.log_path.name}.{k}"))
+                node.start()
+                names.append(node.name)
+        return names
 
     def hwm_kb(self) -> dict[str, int | None]:
         """Per node, the sum of its processes' C{VmHWM} (root and workers)."""

@@ -436,3 +436,42 @@ def test_bench_hopdown_with_workers(tmp_path: Path) -> None:
         assert set(result["systems"][key]["processes_per_node"].values()) == {3}
         assert 'workers = 2' in result["systems"][key]["configs"]["rn1"]
     assert result["environment"]["usable_cpus"] == usable_cpus()
+
+
+class _FakeChain:
+    """A chain whose node keeps dying: L{run.revive} starts it again twice, then gives up."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.workdir = tmp_path / "relaynet-1hop"
+        self.alive = False
+        self.restarts = 0
+
+    def check_alive(self) -> None:
+        if not self.alive:
+            raise RuntimeError("relaynet node rn1 died:\nx [twisted.internet.base#info] Received SIGTERM, shutting down.")
+
+    def restart_dead(self) -> list[str]:
+        self.restarts += 1
+        self.alive = True
+        return ["rn1"]
+
+
+def test_revive_a_stopped_node(tmp_path: Path) -> None:
+    """
+    A node found stopped before a run is started again (and noted, with
+    the log line saying why) at most L{run.MAX_REVIVALS} times per chain;
+    a live chain is left alone.
+    """
+    args = run.parse_args(["--warmup", "0"])
+    chain = _FakeChain(tmp_path)
+    revivals: list[dict] = []
+    for _ in range(run.MAX_REVIVALS):
+        chain.alive = False
+        assert run.revive(chain, args, False, revivals) == ["rn1"]
+        assert run.revive(chain, args, False, revivals) == []
+    assert [r["nodes"] for r in revivals] == [["rn1"]] * run.MAX_REVIVALS
+    assert "Received SIGTERM" in revivals[0]["log"][0]
+    chain.alive = False
+    with pytest.raises(RuntimeError):
+        run.revive(chain, args, False, revivals)
+    assert chain.restarts == run.MAX_REVIVALS
