@@ -1760,10 +1760,10 @@ DOTTY = b"Subject: dots\r\n\r\n.first\r\n..two\r\n.\r\n.\r\nMAIL FROM:<evil@exam
 
 def test_bdat_after_pipelined_mail_and_rcpt(tmp_path: Path) -> None:
     """
-    To a peer offering CHUNKING and PIPELINING, MAIL and every RCPT go in
-    one write without DATA; after their replies the message goes as one
-    C{BDAT n LAST} with exactly its octets, dot lines not stuffed; the reply
-    to it is each recipient's result.
+    To a peer offering CHUNKING and PIPELINING, a message of one chunk goes
+    in the same write as MAIL and every RCPT (RFC 3030 4.2; no DATA): one
+    C{BDAT n LAST} with exactly its octets, dot lines not stuffed; one round
+    trip per message. The reply to it is each accepted recipient's result.
     """
     hop = Hop(tmp_path)
     out = hop.submit(message=DOTTY, recipients=("a@example.net", "b@example.net"))
@@ -1771,13 +1771,23 @@ def test_bdat_after_pipelined_mail_and_rcpt(tmp_path: Path) -> None:
     sent = wire.greet(CHUNKING)
     assert sent == (
         b"MAIL FROM:<sender@example.org> SIZE=%d\r\nRCPT TO:<a@example.net>\r\nRCPT TO:<b@example.net>\r\n"
-        % len(DOTTY)
+        % len(DOTTY) + b"BDAT %d LAST\r\n" % len(DOTTY) + DOTTY
     )
     assert wire.reply(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n") == b""
-    assert wire.reply(b"250 2.1.5 Ok\r\n") == b"BDAT %d LAST\r\n" % len(DOTTY) + DOTTY
+    assert wire.reply(b"250 2.1.5 Ok\r\n") == b""
     assert not out.fired
     wire.reply(b"250 2.0.0 Ok: queued as X\r\n")
     assert results_of(out) == {"a@example.net": (250, "2.0.0"), "b@example.net": (250, "2.0.0")}
+
+
+def test_pipelined_bdat_with_a_refused_recipient(tmp_path: Path) -> None:
+    """One RCPT of two refused: it keeps its own reply, the other gets the chunk's."""
+    hop = Hop(tmp_path)
+    out = hop.submit(recipients=("a@example.net", "b@example.net"))
+    wire = hop.wire()
+    assert wire.greet(CHUNKING).endswith(b"BDAT %d LAST\r\n" % len(MESSAGE) + MESSAGE)
+    wire.reply(b"250 2.1.0 Ok\r\n550 5.1.1 no such user\r\n250 2.1.5 Ok\r\n250 2.0.0 queued as Y\r\n")
+    assert results_of(out) == {"a@example.net": (550, "5.1.1"), "b@example.net": (250, "2.0.0")}
 
 
 def test_bdat_without_pipelining(tmp_path: Path) -> None:
@@ -1839,12 +1849,31 @@ def test_refused_middle_chunk_ends_the_transaction(
     assert [m.data for m in server.messages] == [b"Subject: s\r\n\r\nx\r\n"]
 
 
-def test_no_recipient_accepted_sends_no_bdat(tmp_path: Path) -> None:
-    """Every RCPT refused: no BDAT at all; the next transaction starts with RSET."""
+def test_no_recipient_accepted_pipelined_chunk_is_refused(tmp_path: Path) -> None:
+    """
+    Every RCPT refused, the one chunk pipelined with them: the peer reads and
+    refuses it (503), each recipient has its RCPT reply, and the next
+    transaction starts with RSET.
+    """
     hop = Hop(tmp_path, concurrency=1)
     out = hop.submit(recipients=("gone@example.net",))
     nxt = hop.submit()
     hop.serve(lambda: ChunkingServer(replies={b"RCPT TO:<gone@": b"550 5.1.1 unknown"}))
+    assert results_of(out) == {"gone@example.net": (550, "5.1.1")}
+    assert results_of(nxt) == {"rcpt@example.net": (250, "2.0.0")}
+    server = hop.servers[0]
+    assert [c.startswith(b"BDAT") for c in server.commands].count(True) == 2
+    assert server.commands[server.commands.index(b"RCPT TO:<gone@example.net>") + 2] == b"RSET"
+    assert len(server.messages) == 1
+
+
+def test_no_recipient_accepted_sends_no_bdat_without_pipelining(tmp_path: Path) -> None:
+    """Without PIPELINING, every RCPT refused: no BDAT at all; the next transaction starts with RSET."""
+    hop = Hop(tmp_path, concurrency=1)
+    out = hop.submit(recipients=("gone@example.net",))
+    nxt = hop.submit()
+    hop.serve(lambda: ChunkingServer((b"CHUNKING", b"ENHANCEDSTATUSCODES"),
+                                     replies={b"RCPT TO:<gone@": b"550 5.1.1 unknown"}))
     assert results_of(out) == {"gone@example.net": (550, "5.1.1")}
     assert results_of(nxt) == {"rcpt@example.net": (250, "2.0.0")}
     cmds = hop.servers[0].commands
@@ -1853,12 +1882,18 @@ def test_no_recipient_accepted_sends_no_bdat(tmp_path: Path) -> None:
 
 
 def test_refused_mail_with_chunking(tmp_path: Path) -> None:
-    """MAIL refused (pipelined RCPTs get 503): its reply for every recipient, no BDAT."""
-    hop = Hop(tmp_path)
+    """
+    MAIL refused (the pipelined RCPTs and the chunk get 503): MAIL's reply
+    for every recipient, nothing delivered, RSET before the next transaction.
+    """
+    hop = Hop(tmp_path, concurrency=1)
     out = hop.submit(recipients=("a@example.net", "b@example.net"))
+    nxt = hop.submit()
     hop.serve(lambda: ChunkingServer(replies={b"MAIL": b"553 5.7.1 sender rejected"}))
     assert results_of(out) == {"a@example.net": (553, "5.7.1"), "b@example.net": (553, "5.7.1")}
-    assert not any(c.startswith(b"BDAT") for c in hop.servers[0].commands)
+    assert results_of(nxt) == {"rcpt@example.net": (553, "5.7.1")}
+    assert hop.servers[0].messages == []
+    assert hop.servers[0].commands.count(b"RSET") >= 1
 
 
 @pytest.mark.parametrize("which", ["middle", "last"])
@@ -1895,11 +1930,11 @@ def test_connection_lost_mid_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     hop = Hop(tmp_path)
     out = hop.submit()
     wire = hop.wire()
-    wire.greet(CHUNKING)
-    first = wire.reply(b"250 Ok\r\n250 Ok\r\n", drive=False)
+    assert wire.reply(GREETING) == b"EHLO client.test\r\n"
+    first = wire.reply(ehlo(*CHUNKING), drive=False)
     assert wire.transport.producer is not None
     wire.transport.producer.resumeProducing()
-    assert (first + wire.take()).startswith(b"BDAT %d LAST\r\n" % len(MESSAGE))
+    assert b"BDAT %d LAST\r\n" % len(MESSAGE) in first + wire.take()
     wire.transport.connection_lost()
     assert_temporary(out)
     assert out.calls == 1

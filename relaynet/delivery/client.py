@@ -21,7 +21,8 @@ C{shared/TWISTED-TRAPS.md}):
    SIZE fails permanently (5.3.4);
  - to a peer offering CHUNKING the message goes in C{BDAT} chunks of up to
    L{RelayClient.BDAT_CHUNK} octets (RFC 3030), without dot-stuffing, one
-   chunk in flight at a time; otherwise with DATA, dot-stuffed correctly
+   chunk in flight at a time (a message of one chunk pipelined with MAIL and
+   RCPT when the peer offers PIPELINING: one round trip); otherwise with DATA, dot-stuffed correctly
    across read boundaries and on its first line (trap 16);
  - plaintext that arrived with the 220 to STARTTLS is discarded (trap 17);
  - every step has a timeout (RFC 5321 4.5.3.2), and a failure never triggers
@@ -728,6 +729,13 @@ class RelayClient(smtp.ESMTPClient):
         self.setTimeout(self.timeouts.mail_timeout)
         if self._pipelined:
             send_now(self.transport, b"".join(line + b"\r\n" for line in lines))
+            size = env.size if payload is None else len(payload)
+            if plan.chunking and size <= self.BDAT_CHUNK:
+                # A message of one chunk goes in the same round trip as MAIL
+                # and RCPT (RFC 3030 4.2: BDAT may be pipelined; the server
+                # reads the chunk whatever its replies to MAIL and RCPT):
+                # one round trip per message, not two.
+                self._send_chunk(job)
         else:
             self._unsent = deque(lines[1:])
             self.sendLine(lines[0])
@@ -898,6 +906,15 @@ class RelayClient(smtp.ESMTPClient):
     def _chunk_reply(self, job: Job, kind: str, code: int, resp: bytes) -> None:
         """The reply to a chunk: the next chunk, or the transaction's end."""
         if kind == "LAST" and (200 <= code < 300 or 400 <= code < 600):
+            mail_code, mail_resp = self._mail_reply or (0, b"")
+            if not 200 <= mail_code < 300:
+                # Pipelined with MAIL, which was refused: that is the answer.
+                self._needs_rset = True
+                code, resp = mail_code, mail_resp
+            elif not self._accepted:
+                # Pipelined, and every RCPT was refused: each recipient has
+                # its own reply; the chunk's refusal (503/554) is not news.
+                self._needs_rset = True
             self._log_transfer(job, code)
             self._complete(code, resp)
         elif kind == "BDAT" and 200 <= code < 300:
