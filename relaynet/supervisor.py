@@ -63,6 +63,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
+from relaynet.admin.fleet import WorkerLink, fleet_web_service
 from relaynet.config import ConfigError, NodeConfig, shard_queue_dir, split_endpoint, worker_admin_endpoint
 from relaynet.queue.spool import fsync_dir, makedirs_durable
 
@@ -385,11 +386,6 @@ class Supervisor(MultiService):
             )
 
     def _start_admin(self) -> None:
-        try:
-            from relaynet.admin.fleet import fleet_web_service
-        except ImportError:  # TEMP until fleet lands
-            return
-
         for endpoint, read_only in ((self.config.admin_endpoint, False), (self.config.admin.metrics_endpoint, True)):
             if endpoint:
                 web = fleet_web_service(self, endpoint, self.reactor, read_only)
@@ -441,9 +437,7 @@ class Supervisor(MultiService):
 
     # -- what the admin site reads (relaynet.admin.fleet.FleetFacts) -------------
 
-    def workers(self) -> list[Any]:
-        from relaynet.admin.fleet import WorkerLink
-
+    def workers(self) -> list[WorkerLink]:
         out = []
         for shard in range(self.count):
             proto = self.procs.get(shard)
