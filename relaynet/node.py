@@ -52,6 +52,7 @@ from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory, drain
 from relaynet.smtp.netio import AdoptedEndpoint, EndpointService, ReusePortEndpoint
 from relaynet.runner import QueueRunner
+from relaynet.queue.shards import adopt_orphan_shards
 from relaynet.queue.spool import QueueEntry, Spool, makedirs_durable
 from relaynet.queue.window import TransferWindow
 from relaynet.smtp.tls import TLSConfigError, server_options
@@ -351,8 +352,6 @@ class RelayNode(MultiService):
         try:
             if config.shard is None:
                 # Mail of the shards of a node that ran with workers.
-                from relaynet.supervisor import adopt_orphan_shards
-
                 moved = adopt_orphan_shards(config.spool, 1)
                 if moved:
                     self.log.warn("{count} queued message(s) of former worker shards moved into the queue",

@@ -44,7 +44,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import signal
 import socket
 import stat
@@ -64,8 +63,9 @@ from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPubl
 from twisted.python.failure import Failure
 
 from relaynet.admin.fleet import WorkerLink, fleet_web_service
-from relaynet.config import ConfigError, NodeConfig, shard_queue_dir, split_endpoint, worker_admin_endpoint
-from relaynet.queue.spool import fsync_dir, makedirs_durable
+from relaynet.config import ConfigError, NodeConfig, split_endpoint, worker_admin_endpoint
+from relaynet.queue.shards import adopt_orphan_shards
+from relaynet.queue.spool import makedirs_durable
 
 STOP_GRACE = 60.0
 """Seconds a worker has to stop after SIGTERM before it is killed."""
@@ -75,9 +75,6 @@ STABLE_AFTER = 30.0
 """A worker that ran this long before dying is restarted after the shortest backoff."""
 INHERITABLE_KINDS = ("tcp", "tcp6", "unix")
 FIRST_LISTENER_FD = 3
-
-_SHARD_DIR = re.compile(r"^queue\.([1-9][0-9]*)$")
-
 
 class SupervisorError(Exception):
     """The node cannot start its workers; the message is one line."""
@@ -143,58 +140,6 @@ def _remove_stale_socket(path: str) -> None:
         pass
     finally:
         probe.close()
-
-
-def adopt_orphan_shards(spool: Path, workers: int) -> int:
-    """
-    Move the mail of every shard C{queue.K} with K >= C{workers} into shard
-    K mod C{workers}, and remove the emptied shard. Blocking: run at start,
-    before any worker (or the single node) recovers its queue.
-
-    Each message's state file is moved before its queue file: a crash in
-    between leaves the queue file behind, and the next start moves it after
-    its state (recovery never sees a queue file without the state it had).
-    The transfer-window journal of an orphan shard is dropped (a
-    retransmission of one of its transfers is then queued again: at least
-    once, as with another MTA).
-
-    @return: the number of messages moved.
-    """
-    moved = 0
-    if not spool.is_dir():
-        return 0
-    for entry in sorted(spool.iterdir()):
-        match = _SHARD_DIR.match(entry.name)
-        if match is None or not entry.is_dir() or int(match.group(1)) < workers:
-            continue
-        target = shard_queue_dir(spool, int(match.group(1)) % workers)
-        for sub in ("state", "new", "corrupt"):
-            src = entry / sub
-            if not src.is_dir():
-                continue
-            dst = target / sub
-            makedirs_durable(dst)
-            names = sorted(os.listdir(src))
-            for name in names:
-                os.replace(src / name, dst / name)
-                if sub == "new":
-                    moved += 1
-            if names:
-                fsync_dir(dst)
-                fsync_dir(src)
-        _remove_tree(entry)
-        fsync_dir(spool)
-    return moved
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove what is left of an emptied shard (tmp files, window journal)."""
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            os.unlink(os.path.join(root, name))
-        for name in dirs:
-            os.rmdir(os.path.join(root, name))
-    os.rmdir(path)
 
 
 def worker_log_event(shard: int, line: bytes) -> dict[str, Any]:

@@ -32,8 +32,9 @@ LAYERS: dict[str, int] = {
     "relaynet.delivery": 2,
     "relaynet.intake": 3, "relaynet.admin": 3, "relaynet.runner": 3,
     "relaynet.node": 4, "relaynet.lab": 4, "relaynet.testing": 4,
-    "relaynet.tap": 5, "relaynet.cli": 5,
-    "relaynet.demo": 6,
+    "relaynet.supervisor": 5,
+    "relaynet.tap": 6, "relaynet.cli": 6,
+    "relaynet.worker": 7, "relaynet.demo": 7,
 }
 
 

@@ -21,7 +21,7 @@ import pytest
 from harness.nodeproc import NodeProcess, wait_for
 from harness.peers import free_port
 from relaynet.admin.queuecli import AdminClient, AdminError
-from relaynet.supervisor import adopt_orphan_shards
+from relaynet.queue.shards import adopt_orphan_shards
 
 CONFIG = """\
 [node]
