@@ -199,6 +199,10 @@ class WorkerProtocol(ProcessProtocol):
             lines.append(rest)
             rest = b""
         self._buffers[fd] = rest
+        if fd == 1 and self.supervisor.log_out is not None:
+            if lines:
+                self.supervisor.write_log(b"\n".join(lines) + b"\n")
+            return
         for line in lines:
             if line.strip():
                 self.supervisor.worker_logged(self.shard, line)
@@ -239,6 +243,10 @@ class Supervisor(MultiService):
         self.run_as = run_as
         self.log_observer = log_observer
         self.count = config.worker_count
+        # Where our log goes (stdout, a twistd log file): workers format
+        # their lines as ours are and we write them there; without one
+        # (syslog, a custom logger) they send events as JSON to log here.
+        self.log_out: Any = None if log_observer is None else getattr(log_observer, "out", None)
         self.sockets: list[socket.socket] = []
         self.procs: dict[int, WorkerProtocol] = {}
         self.restarts: dict[int, int] = {}
@@ -348,7 +356,8 @@ class Supervisor(MultiService):
             child_fds[FIRST_LISTENER_FD + i] = sock.fileno()
         args = [
             sys.executable, "-m", "relaynet.worker", "--shard", str(shard),
-            "--listeners", str(len(self.sockets)), *self.argv,
+            "--listeners", str(len(self.sockets)), *(["--log-lines"] if self.log_out is not None else []),
+            *self.argv,
         ]
         env = dict(os.environ)
         self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
@@ -357,6 +366,14 @@ class Supervisor(MultiService):
 
     def worker_logged(self, shard: int, line: bytes) -> None:
         globalLogPublisher(worker_log_event(shard, line))
+
+    def write_log(self, lines: bytes) -> None:
+        """Whole log lines of a worker, formatted there: into our log as they are."""
+        out = self.log_out
+        if out is None:
+            return
+        out.write(lines.decode("utf-8", "replace"))
+        out.flush()
 
     def worker_ended(self, proto: WorkerProtocol, reason: Failure) -> None:
         shard = proto.shard

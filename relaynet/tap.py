@@ -127,8 +127,14 @@ class NodeLogObserver:
     reloaded C{[log]} section.
     """
 
-    def __init__(self, out: IO[str], settings: LogSettings) -> None:
+    def __init__(self, out: IO[str], settings: LogSettings, worker: int | None = None) -> None:
+        """
+        @param worker: the shard of the worker process logging (a node with
+            workers): its lines say so (C{.../wK} after the namespace, or
+            C{"worker": K} in JSON), and its supervisor writes them as they are.
+        """
         self.out = out
+        self.worker = worker
         self._text = textFileLogObserver(out)
         self._stamp_second: int | None = None
         self._stamp_text = "-"
@@ -142,17 +148,23 @@ class NodeLogObserver:
         level = event.get("log_level", LogLevel.info)
         if _PRIORITY.get(level, 1) < _PRIORITY[self.level]:
             return
+        worker = self.worker
         if self.format == "json":
-            self.out.write(json_log_line(event))
+            self.out.write(json_log_line(event if worker is None else {**event, "worker": worker}))
             self.out.flush()
         elif "log_line" in event and "log_system" not in event and "log_failure" not in event:
             # A per-message event line, already formatted (relaynet.events):
             # the same text as Twisted's classic format, without its
             # generic formatter.
             namespace = event.get("log_namespace", "-")
+            if worker is not None:
+                namespace = f"{namespace}/w{worker}"
             line = event["log_line"].replace("\n", "\n\t")
             self.out.write(f"{self._stamp(event.get('log_time'))} [{namespace}#{level.name}] {line}\n")
             self.out.flush()
+        elif worker is not None:
+            system = event.get("log_system") or event.get("log_namespace", "-")
+            self._text({**event, "log_system": f"{system}/w{worker}"})
         else:
             self._text(event)
 

@@ -79,19 +79,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relaynet.worker", add_help=False, allow_abbrev=False)
     parser.add_argument("--shard", type=int, required=True)
     parser.add_argument("--listeners", type=int, required=True)
+    parser.add_argument("--log-lines", action="store_true")
     ours, rest = parser.parse_known_args(argv)
 
-    from relaynet.tap import Options, json_log_line
+    from relaynet.tap import NodeLogObserver, Options, json_log_line
 
-    observer = FileLogObserver(sys.stdout, json_log_line)
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    shard = ours.shard
     options = Options()
     try:
         options.parseOptions(rest)
     except SystemExit as e:
         print(f"{e}", file=sys.stderr)
         return 1
-    shard = ours.shard
+    node_observer = None
+    if ours.log_lines:
+        # Lines as the node's log has them ([log] format and level): the
+        # supervisor writes them to its log as they come.
+        node_observer = NodeLogObserver(sys.stdout, options.config.log, worker=shard)
+        globalLogBeginner.beginLoggingTo([node_observer], redirectStandardIO=False)
+    else:
+        # Events as JSON objects, for the supervisor to log through its own
+        # observer (syslog, a custom twistd logger).
+        globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, json_log_line)], redirectStandardIO=False)
 
     def load() -> NodeConfig:
         return worker_config(options.load(), shard)
@@ -106,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relaynet worker {shard}: {e}", file=sys.stderr)
         return 1
     fds = list(range(FIRST_LISTENER_FD, FIRST_LISTENER_FD + ours.listeners))
-    node = RelayNode(config, reactor, load_config=load, inherited=fds)
+    node = RelayNode(config, reactor, load_config=load, inherited=fds, log_observer=node_observer)
     failed: list[str] = []
 
     def start() -> None:

@@ -330,3 +330,38 @@ def test_adopt_orphan_shards_moves_state_and_queue_files(tmp_path: Path) -> None
     assert adopt_orphan_shards(spool, 1) == 2
     assert sorted(p.name for p in spool.iterdir()) == ["queue"]
     assert adopt_orphan_shards(spool, 1) == 0
+
+
+def test_worker_log_lines() -> None:
+    """
+    A worker formats its lines as the node's log has them, tagged with its
+    shard; without a stream to write to (syslog), it sends JSON events that
+    the supervisor logs as its own, with C{worker=K}.
+    """
+    import io
+    import json as jsonlib
+
+    from twisted.logger import LogLevel
+
+    from relaynet.config import LogSettings
+    from relaynet.supervisor import worker_log_event
+    from relaynet.tap import NodeLogObserver, json_log_line
+
+    out = io.StringIO()
+    NodeLogObserver(out, LogSettings(), worker=3)({
+        "log_namespace": "relaynet.events.EventLog", "log_level": LogLevel.info, "log_time": 0.0,
+        "log_format": "x", "log_line": "received queue_id=Q",
+    })
+    assert "[relaynet.events.EventLog/w3#info] received queue_id=Q" in out.getvalue()
+    out = io.StringIO()
+    NodeLogObserver(out, LogSettings(format="json"), worker=3)({
+        "log_namespace": "n", "log_level": LogLevel.warn, "log_time": 1.0, "log_format": "hi {x}", "x": 1,
+    })
+    assert jsonlib.loads(out.getvalue())["worker"] == 3
+    line = json_log_line({"log_namespace": "relaynet.node", "log_level": LogLevel.warn, "log_time": 5.0,
+                          "log_format": "disk {what}", "what": "full"})
+    event = worker_log_event(1, line.encode())
+    assert (event["log_level"], event["log_line"], event["worker"], event["what"]) == (LogLevel.warn, "disk full", 1, "full")
+    assert event["log_namespace"] == "relaynet.node/w1" and event["log_time"] == 5.0
+    junk = worker_log_event(2, b"Traceback (most recent call last):")
+    assert junk["log_level"] == LogLevel.error and "worker 2: Traceback" in junk["log_line"]
