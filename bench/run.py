@@ -938,8 +938,9 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {args.relaynet_processes} nodes per hop" if args.relaynet_processes > 1 else ""))
     print(table)
     size_figures = sizing(rows)
-    print()
-    print(format_sizing(size_figures))
+    if any(d["delivered_rate"] or d["cpu_per_1000"] for d in size_figures.values()):
+        print()
+        print(format_sizing(size_figures))
     for r in revivals:
         print(f"\nwarning: {r['chain']}: node(s) {', '.join(r['nodes'])} had stopped and were started again "
               f"at {time.strftime('%H:%M:%S', time.gmtime(r['time']))} UTC ({'; '.join(r['log']) or 'no reason logged'})")
