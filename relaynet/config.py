@@ -383,6 +383,20 @@ def split_endpoint(endpoint: str) -> tuple[str, list[str], dict[str, str]]:
     return parts[0], args, kw
 
 
+def hop_name(endpoint: str) -> str:
+    """
+    A readable C{host:port} for an endpoint string (escaped colons of IPv6
+    addresses honoured; IPv6 hosts in brackets): the name a next hop has in
+    events, DSNs, metrics and the admin API.
+    """
+    _, args, kw = split_endpoint(endpoint)
+    host = kw.get("host") or (args[0] if args else "?")
+    port = kw.get("port") or (args[1] if len(args) > 1 else "?")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 def _check_admin_endpoint(value: str, local_only: bool) -> str | None:
     kind, args, kw = split_endpoint(value)
     if kind not in ADMIN_ENDPOINT_KINDS:

@@ -65,6 +65,7 @@ from twisted.python.failure import Failure
 from relaynet.admin.fleet import WorkerLink, fleet_web_service
 from relaynet.config import ConfigError, NodeConfig, split_endpoint, worker_admin_endpoint
 from relaynet.queue.shards import adopt_orphan_shards
+from relaynet.smtp.netio import FIRST_INHERITED_FD
 from relaynet.queue.spool import makedirs_durable
 
 STOP_GRACE = 60.0
@@ -74,7 +75,6 @@ RESTART_MIN, RESTART_MAX = 0.5, 30.0
 STABLE_AFTER = 30.0
 """A worker that ran this long before dying is restarted after the shortest backoff."""
 INHERITABLE_KINDS = ("tcp", "tcp6", "unix")
-FIRST_LISTENER_FD = 3
 
 class SupervisorError(Exception):
     """The node cannot start its workers; the message is one line."""
@@ -353,7 +353,7 @@ class Supervisor(MultiService):
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for i, sock in enumerate(self.sockets):
             os.set_inheritable(sock.fileno(), True)
-            child_fds[FIRST_LISTENER_FD + i] = sock.fileno()
+            child_fds[FIRST_INHERITED_FD + i] = sock.fileno()
         args = [
             sys.executable, "-m", "relaynet.worker", "--shard", str(shard),
             "--listeners", str(len(self.sockets)), *(["--log-lines"] if self.log_out is not None else []),

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaynet.config import AdminSettings, ConfigError, NodeConfig, worker_admin_endpoint
-from relaynet.supervisor import FIRST_LISTENER_FD
+from relaynet.smtp.netio import FIRST_INHERITED_FD
 
 log = Logger(namespace="relaynet.worker")
 
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"relaynet worker {shard}: {e}", file=sys.stderr)
         return 1
-    fds = list(range(FIRST_LISTENER_FD, FIRST_LISTENER_FD + ours.listeners))
+    fds = list(range(FIRST_INHERITED_FD, FIRST_INHERITED_FD + ours.listeners))
     node = RelayNode(config, reactor, load_config=load, inherited=fds, log_observer=node_observer)
     failed: list[str] = []
 

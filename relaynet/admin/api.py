@@ -51,7 +51,7 @@ from relaynet.config import NodeConfig
 from relaynet.admin.metrics import FAILING_AFTER, HopHealth, NodeMetrics, Sample
 from relaynet.admin.text import human_age, parse_age
 from relaynet.admin.views import STATES, NodeFacts, NodeIdentity, QueueView, SessionsView
-from relaynet.delivery.client import hop_name
+from relaynet.config import hop_name
 from relaynet.queue.states import FINAL_STATUSES
 from relaynet.smtp.netio import EndpointService
 

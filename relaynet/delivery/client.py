@@ -60,7 +60,7 @@ from twisted.internet.interfaces import IHandshakeListener, IPullProducer, ITCPT
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relaynet.config import Outbound, split_endpoint
+from relaynet.config import Outbound, hop_name, split_endpoint
 from relaynet.delivery.downgrade import ConversionError, has_eight_bit, needs_smtputf8, to_seven_bit
 from relaynet.smtp.datastream import DotStuffer
 from relaynet.smtp.netio import no_delay, send_now
@@ -1579,20 +1579,6 @@ class HopPool:
         self._idle.clear()
         while self.queue:
             self.queue.popleft().fail(0, "4.3.2", "node shutting down", self.name)
-
-
-def hop_name(endpoint: str) -> str:
-    """
-    A readable C{host:port} for an endpoint string (escaped colons of IPv6
-    addresses honoured; IPv6 hosts in brackets): the name a next hop has in
-    events, DSNs, metrics and the admin API.
-    """
-    _, args, kw = split_endpoint(endpoint)
-    host = kw.get("host") or (args[0] if args else "?")
-    port = kw.get("port") or (args[1] if len(args) > 1 else "?")
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}"
 
 
 def credentials_id(auth: tuple[str, str] | None) -> str | None:

@@ -56,7 +56,8 @@ from twisted.python.failure import Failure
 
 from relaynet.config import NodeConfig, Outbound, split_endpoint
 from relaynet.delivery.downgrade import has_eight_bit, needs_smtputf8
-from relaynet.delivery.client import BodySender, DeliveryResult, hop_name, reply_status
+from relaynet.delivery.client import BodySender, DeliveryResult, reply_status
+from relaynet.config import hop_name
 from relaynet.queue.spool import QueueEntry, Recipient
 from relaynet.smtp.netio import no_delay, send_now
 

@@ -211,6 +211,10 @@ class EndpointService(Service):
         return listening.addCallback(stop)
 
 
+FIRST_INHERITED_FD = 3
+"""A worker's listening sockets are descriptors 3, 4, ... in listener order (L{relaynet.supervisor})."""
+
+
 @implementer(IStreamServerEndpoint)
 class AdoptedEndpoint:
     """
