@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -76,6 +77,9 @@ class ParentWatch:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A SIGHUP passed on while we start must not end us (its default action):
+    # the node installs its reload handler once started.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="relaynet.worker", add_help=False, allow_abbrev=False)
     parser.add_argument("--shard", type=int, required=True)
     parser.add_argument("--listeners", type=int, required=True)
