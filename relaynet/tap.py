@@ -127,14 +127,23 @@ class NodeLogObserver:
     reloaded C{[log]} section.
     """
 
-    def __init__(self, out: IO[str], settings: LogSettings, worker: int | None = None) -> None:
+    def __init__(
+        self, out: IO[str], settings: LogSettings, worker: int | None = None,
+        later: Callable[[Callable[[], None]], Any] | None = None,
+    ) -> None:
         """
         @param worker: the shard of the worker process logging (a node with
             workers): its lines say so (C{.../wK} after the namespace, or
             C{"worker": K} in JSON), and its supervisor writes them as they are.
+        @param later: flush the lines of a reactor turn together, at its end
+            (C{lambda f: reactor.callLater(0, f)}): one write, not one per
+            line (a worker's pipe to its supervisor, under load). C{None}:
+            each line is flushed as it is written.
         """
         self.out = out
         self.worker = worker
+        self._later = later
+        self._flush_pending = False
         self._text = textFileLogObserver(out)
         self._stamp_second: int | None = None
         self._stamp_text = "-"
@@ -151,7 +160,7 @@ class NodeLogObserver:
         worker = self.worker
         if self.format == "json":
             self.out.write(json_log_line(event if worker is None else {**event, "worker": worker}))
-            self.out.flush()
+            self._flush()
         elif "log_line" in event and "log_system" not in event and "log_failure" not in event:
             # A per-message event line, already formatted (relaynet.events):
             # the same text as Twisted's classic format, without its
@@ -161,12 +170,23 @@ class NodeLogObserver:
                 namespace = f"{namespace}/w{worker}"
             line = event["log_line"].replace("\n", "\n\t")
             self.out.write(f"{self._stamp(event.get('log_time'))} [{namespace}#{level.name}] {line}\n")
-            self.out.flush()
+            self._flush()
         elif worker is not None:
             system = event.get("log_system") or event.get("log_namespace", "-")
             self._text({**event, "log_system": f"{system}/w{worker}"})
         else:
             self._text(event)
+
+    def _flush(self) -> None:
+        if self._later is None:
+            self.out.flush()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._later(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
+        self.out.flush()
 
     def _stamp(self, when: float | None) -> str:
         """Twisted's C{formatTime}, computed once per second."""

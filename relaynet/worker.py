@@ -99,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ours.log_lines:
         # Lines as the node's log has them ([log] format and level): the
         # supervisor writes them to its log as they come.
-        node_observer = NodeLogObserver(sys.stdout, options.config.log, worker=shard)
+        from twisted.internet import reactor as clock
+
+        node_observer = NodeLogObserver(
+            sys.stdout, options.config.log, worker=shard, later=lambda f: clock.callLater(0, f)
+        )
         globalLogBeginner.beginLoggingTo([node_observer], redirectStandardIO=False)
     else:
         # Events as JSON objects, for the supervisor to log through its own
@@ -135,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor.addReader(ParentWatch(reactor))
     reactor.callWhenRunning(start)
     reactor.run()
+    sys.stdout.flush()  # the last lines (a flush the stopped reactor will not run)
     if failed:
         print(f"relaynet worker {shard}: {failed[0]}", file=sys.stderr)
         return 1
