@@ -85,11 +85,14 @@ def inheritable(config: NodeConfig) -> bool:
     return all(split_endpoint(lst.endpoint)[0] in INHERITABLE_KINDS for lst in config.listeners)
 
 
-def bind_listener(endpoint: str, backlog: int) -> socket.socket:
+def bind_listener(endpoint: str, backlog: int, reuse_port: bool = False) -> socket.socket:
     """
     Bind and listen on a C{tcp:}, C{tcp6:} or C{unix:} server endpoint string,
     as Twisted's endpoint would (interface, backlog, a UNIX socket's mode), and
     return the socket (non-blocking, for the workers to adopt).
+
+    @param reuse_port: with C{SO_REUSEPORT} (the listener's C{reuse_port}:
+        several nodes, each with its workers, on one port).
 
     @raise OSError: it cannot listen (address in use, ...).
     """
@@ -115,6 +118,8 @@ def bind_listener(endpoint: str, backlog: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((interface, port))
             sock.listen(backlog)
         except BaseException:
@@ -298,7 +303,7 @@ class Supervisor(MultiService):
 
         for listener in self.config.listeners:
             try:
-                sock = bind_listener(listener.endpoint, LISTEN_BACKLOG)
+                sock = bind_listener(listener.endpoint, LISTEN_BACKLOG, listener.reuse_port)
             except OSError as e:
                 self._close_sockets()
                 kind, args, kw = split_endpoint(listener.endpoint)

@@ -365,3 +365,30 @@ def test_worker_log_lines() -> None:
     assert event["log_namespace"] == "relaynet.node/w1" and event["log_time"] == 5.0
     junk = worker_log_event(2, b"Traceback (most recent call last):")
     assert junk["log_level"] == LogLevel.error and "worker 2: Traceback" in junk["log_line"]
+
+
+def test_bind_listener_honours_reuse_port_and_mode(tmp_path: Path) -> None:
+    """The supervisor binds as the listener says: SO_REUSEPORT when asked, a UNIX socket's mode."""
+    import socket
+    import stat as statmod
+
+    from relaynet.supervisor import bind_listener
+
+    a = bind_listener("tcp:0:interface=127.0.0.1", 16, reuse_port=True)
+    try:
+        port = a.getsockname()[1]
+        b = bind_listener(f"tcp:{port}:interface=127.0.0.1", 16, reuse_port=True)
+        b.close()
+        with pytest.raises(OSError):
+            bind_listener(f"tcp:{port}:interface=127.0.0.1", 16).close()
+    finally:
+        a.close()
+    path = tmp_path / "smtp.sock"
+    u = bind_listener(f"unix:{path}:mode=640", 16)
+    try:
+        assert u.family == socket.AF_UNIX
+        assert statmod.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        u.close()
+    # A stale socket file (its listener gone) is replaced, as Twisted would.
+    bind_listener(f"unix:{path}:mode=600", 16).close()
