@@ -31,7 +31,8 @@ class Options(usage.Options):
         "Run one relaynet SMTP relay node. With no --config, an embedded default "
         "listens on tcp:2525:interface=127.0.0.1, queues under ./var/relaynet, "
         "relays only for loopback clients and delivers every user@localhost into "
-        "./var/relaynet/mailboxes/localhost/<user>/Maildir/."
+        "./var/relaynet/mailboxes/localhost/<user>/Maildir/. [node] workers "
+        "(default: one worker process per CPU) sets how many processes serve it."
     )
     optParameters = [
         ["config", "c", None, "Node configuration file (TOML); see docs/config.md."],
