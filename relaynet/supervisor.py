@@ -65,7 +65,10 @@ from twisted.python.failure import Failure
 from relaynet.admin.fleet import WorkerLink, fleet_web_service
 from relaynet.config import ConfigError, NodeConfig, split_endpoint, worker_admin_endpoint
 from relaynet.queue.shards import adopt_orphan_shards
-from relaynet.smtp.netio import FIRST_INHERITED_FD
+from relaynet.node import (
+    LISTEN_BACKLOG, NodeStartError, attach_log_observer, disk_problem, listen_problem, lock_spool, own_spool,
+)
+from relaynet.smtp.netio import FIRST_INHERITED_FD, tcp_listening_socket
 from relaynet.queue.spool import makedirs_durable
 
 STOP_GRACE = 60.0
@@ -75,10 +78,6 @@ RESTART_MIN, RESTART_MAX = 0.5, 30.0
 STABLE_AFTER = 30.0
 """A worker that ran this long before dying is restarted after the shortest backoff."""
 INHERITABLE_KINDS = ("tcp", "tcp6", "unix")
-
-class SupervisorError(Exception):
-    """The node cannot start its workers; the message is one line."""
-
 
 def inheritable(config: NodeConfig) -> bool:
     """Whether every listener is a socket the supervisor can bind and pass on."""
@@ -115,16 +114,7 @@ def bind_listener(endpoint: str, backlog: int, reuse_port: bool = False) -> sock
         family = socket.AF_INET6 if kind == "tcp6" or ":" in interface else socket.AF_INET
         if not interface:
             interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((interface, port))
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
+        sock = tcp_listening_socket(family, interface, port, backlog, reuse_port)
     sock.setblocking(False)
     return sock
 
@@ -204,6 +194,10 @@ class WorkerProtocol(ProcessProtocol):
             lines.append(rest)
             rest = b""
         self._buffers[fd] = rest
+        self._deliver(fd, lines)
+
+    def _deliver(self, fd: int, lines: list[bytes]) -> None:
+        """Whole lines of the worker's stdout (formatted log lines, or JSON events) or stderr."""
         if fd == 1 and self.supervisor.log_out is not None:
             if lines:
                 self.supervisor.write_log(b"\n".join(lines) + b"\n")
@@ -215,7 +209,7 @@ class WorkerProtocol(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._buffers.items():
             if rest.strip():
-                self.supervisor.worker_logged(self.shard, rest)
+                self._deliver(fd, [rest])
         self._buffers = {}
         self.supervisor.worker_ended(self, reason)
         self.ended.callback(None)
@@ -278,15 +272,11 @@ class Supervisor(MultiService):
         return out
 
     def setServiceParent(self, parent: Any) -> Any:
-        from relaynet.node import attach_log_observer
-
         attach_log_observer(parent, self.log_observer)
         return MultiService.setServiceParent(self, parent)
 
     def privilegedStartService(self) -> None:
         """Take the spool, bind the listeners (as root if twistd starts as root)."""
-        from relaynet.node import NodeStartError, disk_problem, listen_problem, lock_spool, own_spool
-
         uid, gid = self.run_as
         owner = None
         if uid is not None or gid is not None:
@@ -299,8 +289,6 @@ class Supervisor(MultiService):
                 os.fchown(self._lock_fd, *owner)
         except OSError as e:
             raise NodeStartError(disk_problem(e, self.config.spool)) from e
-        from relaynet.node import LISTEN_BACKLOG
-
         for listener in self.config.listeners:
             try:
                 sock = bind_listener(listener.endpoint, LISTEN_BACKLOG, listener.reuse_port)
@@ -320,8 +308,6 @@ class Supervisor(MultiService):
         MultiService.privilegedStartService(self)
 
     def startService(self) -> None:
-        from relaynet.node import NodeStartError, disk_problem
-
         if not self.sockets:
             self.privilegedStartService()
         try:

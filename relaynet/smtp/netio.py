@@ -78,6 +78,44 @@ def send_now(transport: Any, data: bytes) -> None:
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
+def tcp_listening_socket(
+    family: int, interface: str, port: int, backlog: int, reuse_port: bool = False
+) -> socket.socket:
+    """
+    A listening TCP socket (C{SO_REUSEADDR}, and C{SO_REUSEPORT} if asked),
+    non-blocking, for the reactor to adopt (L{adopt}) or to pass to workers.
+
+    @raise OSError: it cannot listen (address in use, ...).
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def adopt(reactor: Any, sock: socket.socket, factory: Any) -> Deferred[Any]:
+    """
+    Serve C{factory} on the listening C{sock}: the reactor listens on a
+    duplicate of its descriptor, and C{sock} is closed.
+    """
+    try:
+        sock.setblocking(False)
+        port = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+    except OSError as e:
+        return fail(e)
+    finally:
+        sock.close()
+    return succeed(port)
+
+
 @implementer(IStreamServerEndpoint)
 class ReusePortEndpoint:
     """
@@ -114,20 +152,10 @@ class ReusePortEndpoint:
 
     def listen(self, factory: Any) -> Deferred[Any]:
         try:
-            sock = socket.socket(self._family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((self._interface, self._port))
-                sock.listen(self._backlog)
-                sock.setblocking(False)
-                # The reactor listens on a duplicate of the descriptor.
-                port = self._reactor.adoptStreamPort(sock.fileno(), self._family, factory)
-            finally:
-                sock.close()
+            sock = tcp_listening_socket(self._family, self._interface, self._port, self._backlog, reuse_port=True)
         except OSError as e:
             return fail(e)
-        return succeed(port)
+        return adopt(self._reactor, sock, factory)
 
 
 class EndpointService(Service):
@@ -230,11 +258,6 @@ class AdoptedEndpoint:
     def listen(self, factory: Any) -> Deferred[Any]:
         try:
             sock = socket.socket(fileno=self._fd)
-            try:
-                sock.setblocking(False)
-                port = self._reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
-            finally:
-                sock.close()
         except OSError as e:
             return fail(e)
-        return succeed(port)
+        return adopt(self._reactor, sock, factory)
