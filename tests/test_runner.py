@@ -391,6 +391,12 @@ next_hops = ["tcp:127.0.0.1:{sink.port}"]
 [queue]
 minimal_backoff = 1
 maximal_backoff = 2
+
+[outbound]
+# DATA, which the sink answers after a second (-w 1): the messages are
+# still in flight while the admin bursts run (a BDAT pipelined with MAIL
+# and RCPT is not delayed, and would relay them before they are listed).
+chunking = false
 """
         with NodeProcess(tmp_path / "node", extra_toml=route, name="burst") as node:
             with smtplib.SMTP(HOST, node.port, timeout=30) as s:

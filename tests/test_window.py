@@ -224,6 +224,12 @@ def test_xtxn_is_parsed_only_when_offered() -> None:
 QUEUED = re.compile(r"queued as ([0-9A-Z]+)")
 
 
+def offers_xtxn(port: int) -> bool:
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+        s.ehlo("upstream.test")
+        return bool(s.has_extn("xtxn"))
+
+
 def send(port: int, origin: str | None, body: bytes, rcpts: list[str]) -> tuple[int, str]:
     with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
         s.ehlo("upstream.test")
@@ -257,6 +263,9 @@ def test_real_node_recognises_a_retransmission_across_kill_9(tmp_path: Path) -> 
         assert code == 250 and first.group(1) in reply
         node.kill9()
         node.start()
+        # XTXN is offered once the queue is recovered (in the background,
+        # after the first 220): wait for it, bounded.
+        wait_for(lambda: offers_xtxn(node.port), 30, "XTXN offered after the restart")
         code, reply = send(node.port, "hop0/QID1", body, ["user@localhost"])
         assert code == 250 and first.group(1) in reply, reply
         # Not duplicates: another transfer name; a recipient not yet accepted.
