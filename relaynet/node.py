@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import itertools
 import os
 import signal
@@ -178,6 +179,27 @@ RECOVERY_BATCH = 1000
 """Queue files read per worker-thread job at start (then handed to the runner on the reactor)."""
 
 
+RECOVERY_FREEZE_FROM = 10 * RECOVERY_BATCH
+"""
+From this many recovered messages on, the recovery keeps them out of the
+cyclic GC's full collections (C{gc.freeze}, then L{settle_heap}); a small
+queue costs the GC little.
+"""
+
+
+def settle_heap() -> None:
+    """
+    After a recovery: one full collection of the cyclic GC over everything,
+    frozen meanwhile batch by batch (garbage cycles caught in a freeze are
+    collected now), then freeze what is left: the queue as recovered and the
+    node's own long-lived objects, which later full collections then skip
+    (a frozen object is still freed when its last reference goes).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class LoopService(Service):
     """Runs C{start()} and C{stop()} (a periodic sampler) with the service."""
 
@@ -229,7 +251,7 @@ class RelayNode(MultiService):
         self.pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}")
         self.commit_pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}-commit")
         self.spool = Spool(config.queue_dir, reactor, self.pool, commit_pool=self.commit_pool, shard=config.shard)
-        self.events = EventLog(None, config.name)
+        self.events = EventLog(None, config.name, background=True)
         self.window = TransferWindow(
             config.queue_dir / "window", config.queue.duplicate_window,
             config.queue.duplicate_window_size, time.time,
@@ -405,12 +427,20 @@ class RelayNode(MultiService):
                 # reactor and make it many times longer.
                 self.runner.load(batch, schedule=False)
                 count += len(batch)
+                if count >= RECOVERY_FREEZE_FROM:
+                    # The recovered messages stay as long as they are queued:
+                    # out of the cyclic GC's way. Its full collections
+                    # otherwise walk every queued object, more often as the
+                    # queue grows (bench/recovery.py).
+                    gc.freeze()
         except Exception:
             self.log.failure("Recovering the queue failed after {count} message(s)", count=count)
         finally:
             self.intake.recovering = False
             if not self._stopping:
                 self.runner.schedule_all()
+            if count >= RECOVERY_FREEZE_FROM:
+                settle_heap()
         self.log.info(
             "relaynet node {name}: {count} queued message(s) recovered in {seconds:.2f} s",
             name=self.config.name, count=count, seconds=self.reactor.seconds() - started,
