@@ -152,6 +152,7 @@ def worker_log_event(shard: int, line: bytes) -> dict[str, Any]:
         return {
             "log_time": time.time(), "log_level": LogLevel.error, "log_namespace": "relaynet.worker",
             "log_format": "{log_line}", "log_line": f"worker {shard}: {text}", "worker": shard,
+            "log_system": f"relaynet.worker/w{shard}",
         }
     try:
         level = LogLevel.levelWithName(str(rec.pop("level", "info")))
@@ -163,9 +164,12 @@ def worker_log_event(shard: int, line: bytes) -> dict[str, Any]:
         message = f"{message}\n{traceback}"
     when = rec.pop("time", None)
     event = {k: v for k, v in rec.items() if not k.startswith("log_")}
+    namespace = f"{rec.get('namespace') or 'relaynet.worker'}/w{shard}"
     event.update(
         log_time=when if isinstance(when, (int, float)) else time.time(), log_level=level,
-        log_namespace=f"{rec.get('namespace') or 'relaynet.worker'}/w{shard}",
+        # log_system too: syslog and other classic observers print only
+        # "[system] text", and would not say which worker logged the line.
+        log_namespace=namespace, log_system=namespace,
         log_format="{log_line}", log_line=message, worker=shard,
     )
     event.pop("namespace", None)

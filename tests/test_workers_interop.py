@@ -620,12 +620,6 @@ def test_worker_events_reach_syslog_through_the_supervisor(syslog_run: dict[str,
 
 
 @requires_unshare
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker's event reaches syslog untagged: relaynet.supervisor.worker_log_event puts the "
-    "shard in log_namespace ('.../wK') and a 'worker' key, but twistd's syslog observer "
-    "(twisted.python.syslog.SyslogObserver) prints only '[system] text', system being "
-    "log_system, which it does not set: every worker line reads '[-] ...', like the supervisor's"
-))
 def test_worker_lines_in_syslog_name_their_worker(syslog_run: dict[str, Any]) -> None:
     """
     In syslog, a worker's event line names the worker that logged it (as the
