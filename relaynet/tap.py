@@ -279,9 +279,24 @@ def makeService(options: Options) -> Any:
         Logger(namespace="relaynet.tap").info(
             "workers = \"auto\": one process (a listener is not tcp:, tcp6: or unix:)"
         )
+    if out is not None:
+        # The lines of one reactor turn reach the log file in one write, at
+        # the end of the turn (after the turn's replies have gone out).
+        observer = NodeLogObserver(out, config.log, later=_end_of_turn(reactor))
     return RelayNode(
         config, reactor, run_as=run_as, load_config=options.load, log_observer=observer
     )
+
+
+def _end_of_turn(reactor: Any) -> Callable[[Callable[[], None]], Any]:
+    """Run a flush at the end of the reactor's turn, or at once if it is not running."""
+
+    def later(f: Callable[[], None]) -> Any:
+        if reactor.running:
+            return reactor.callLater(0, f)
+        return f()
+
+    return later
 
 
 def worker_options(options: Options) -> list[str]:
