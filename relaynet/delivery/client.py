@@ -617,7 +617,10 @@ class RelayClient(smtp.ESMTPClient):
         # type is the list[int] of its first assignment.
         self._expected = range(0, 1000)  # type: ignore[assignment]
         self._okresponse = self._failresponse = self.smtpState_disconnect
-        self.sendLine(b"QUIT")
+        # Sent now, not queued for the next reactor pass: at a node's stop
+        # the reactor ends without writing what is queued, and the peer
+        # saw the connection drop without QUIT.
+        send_now(self.transport, b"QUIT\r\n")
 
     def start(self, job: Job) -> None:
         """Send one message to its recipients on this connection."""
