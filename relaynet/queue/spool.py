@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from attrs import define, evolve, field, frozen
+from attrs import Converter, define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
@@ -202,20 +202,68 @@ def _intern(value: Any) -> Any:
     return sys.intern(value) if type(value) is str else value
 
 
+_SHARED_MAX = 4096
+_shared: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
 def _compact(data: dict[str, Any] | None) -> dict[str, Any]:
     """
     A params or client mapping as kept in memory for a queued message: keys
     and string values shared between messages, C{None} values left out (the
     code reads them with C{.get}). A queue of 100,000 messages then holds
     one copy of C{"listener"} or C{"127.0.0.1"}, not 100,000.
+
+    Equal mappings are one dict: the params of most messages are alike, and
+    the client mappings of the messages of one session (the same port)
+    are equal. Recovery reads the queue in arrival order, so a cache of the
+    last few thousand distinct mappings finds them. The in-memory params
+    and client of an envelope are therefore never changed in place (nothing
+    does: L{SpoolWriter.commit} evolves a new envelope with a new dict).
     """
     if not data:
-        return {}
-    return {
+        return _EMPTY
+    out = {
         sys.intern(k): tuple(map(_intern, v)) if type(v) is list else _intern(v)
         for k, v in data.items()
         if v is not None
     }
+    try:
+        # With the types: 1, 1.0 and True are equal keys but not equal values.
+        key = (*out.items(), *map(type, out.values()))
+        shared = _shared.get(key)
+    except TypeError:  # an unhashable value (a nested object): kept as it is
+        return out
+    if shared is not None:
+        return shared
+    if len(_shared) >= _SHARED_MAX:
+        _shared.clear()
+    _shared[key] = out
+    return out
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+def resident(envelope: Envelope, size: int, hops: int) -> Envelope:
+    """
+    C{envelope} as a queued message keeps it in memory, with its final
+    C{size} and C{hops}: as L{Envelope.from_json} reads it back at
+    recovery (strings shared, C{None} values left out of C{params} and
+    C{client}, lists made tuples), so a message costs the same whether it
+    was just received or recovered.
+    """
+    return evolve(
+        envelope,
+        sender=_intern(envelope.sender),
+        recipients=tuple(
+            Recipient(_intern(r.address), _intern(r.route), r.notify, r.orcpt) for r in envelope.recipients
+        ),
+        params=_compact(envelope.params),
+        client=_compact(envelope.client),
+        node=_intern(envelope.node),
+        size=size,
+        hops=hops,
+    )
 
 
 @define
@@ -275,9 +323,17 @@ class QueueState:
         )
 
 
-def _fspath(path: str | os.PathLike[str]) -> str:
-    """C{os.fspath}, typed for C{str} paths (attrs takes a converter's signature)."""
-    return os.fspath(path)
+def _where(path: str | os.PathLike[str], entry: Any) -> str:
+    """
+    What a L{QueueEntry} keeps of its C{path}: the directory (shared by
+    every entry in it, ending with a separator) when the file is named by
+    the queue id, as queue files are, else the whole path.
+    """
+    path = os.fspath(path)
+    directory, sep, name = path.rpartition(os.sep)
+    if sep and name == entry.envelope.queue_id:
+        return sys.intern(directory + sep)
+    return path
 
 
 @define
@@ -285,18 +341,27 @@ class QueueEntry:
     """
     A committed message: its envelope, recorded state and file.
 
-    @ivar path: the queue file, a C{str} (a C{Path} per queued message costs
-        ~300 bytes, a third of an idle entry's memory).
+    @ivar path: the queue file, a C{str} (given as a C{str} or a C{Path}).
+        An entry keeps only its directory, shared by all, when the file is
+        named by the queue id: a path per queued message costs ~110 bytes,
+        a tenth of a queued message's memory.
     @ivar recovered: read back from the spool at start (a crash may have come
         after a delivery and before its outcome was recorded).
     """
 
     envelope: Envelope
     state: QueueState
-    path: str = field(converter=_fspath)
+    # mypy's attrs plugin knows no Converter(takes_self=True): path's type is Any to it.
+    _where: str = field(alias="path", converter=Converter(_where, takes_self=True))  # type: ignore[misc]
     body_offset: int
     state_written: bool = True
     recovered: bool = False
+
+    @property
+    def path(self) -> str:
+        """The queue file."""
+        where = self._where
+        return where + self.envelope.queue_id if where.endswith(os.sep) else where
 
     @property
     def queue_id(self) -> str:
@@ -355,15 +420,21 @@ def _header(env_len: int, size: int, hops: int) -> bytes:
     return b"%s %d %010d %012d %04d\n" % (_MAGIC, FORMAT_VERSION, env_len, size, min(hops, 9999))
 
 
-def read_queue_file(path: Path) -> tuple[Envelope, int]:
+def read_queue_file(path: str | os.PathLike[str]) -> tuple[Envelope, int]:
     """
     Parse the header record and envelope of a queue file (blocking).
+
+    One C{open}, one C{read} of the first 4 KiB (the header record and, but
+    for a long recipient list, the envelope; more is read if it is longer)
+    and one C{close}: recovery reads every queue file this way.
 
     @return: the envelope and the offset of the message's first byte.
     @raise CorruptQueueFile: the file is not a complete queue file.
     """
-    with open(path, "rb") as f:
-        head = f.read(HEADER_LEN)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, _FIRST_READ)
+        head = data[:HEADER_LEN]
         parts = head.split()
         if len(head) != HEADER_LEN or len(parts) != 5 or parts[0] != _MAGIC:
             raise CorruptQueueFile(f"{path}: bad header record")
@@ -371,20 +442,31 @@ def read_queue_file(path: Path) -> tuple[Envelope, int]:
             env_len, size, hops = int(parts[2]), int(parts[3]), int(parts[4])
         except ValueError:
             raise CorruptQueueFile(f"{path}: bad header record") from None
-        raw = f.read(env_len)
-        if len(raw) != env_len:
-            raise CorruptQueueFile(f"{path}: truncated envelope")
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise CorruptQueueFile(f"{path}: envelope is not JSON: {e}") from None
+        end = HEADER_LEN + env_len
+        while len(data) < end:
+            more = os.read(fd, end - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    raw = data[HEADER_LEN:end]
+    if len(raw) != env_len:
+        raise CorruptQueueFile(f"{path}: truncated envelope")
     try:
-        envelope = Envelope.from_json(data, size=size, hops=hops)
+        loaded = json.loads(raw)
+    except ValueError as e:
+        raise CorruptQueueFile(f"{path}: envelope is not JSON: {e}") from None
+    try:
+        envelope = Envelope.from_json(loaded, size=size, hops=hops)
     except CorruptQueueFile:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptQueueFile(f"{path}: not an envelope: {e!r}") from None
     return envelope, HEADER_LEN + env_len + 1
+
+
+_FIRST_READ = 4096
 
 
 def makedirs_durable(path: Path, mode: int = 0o700) -> list[Path]:
@@ -749,7 +831,7 @@ class SpoolWriter:
         d = self._then(lambda: self.spool._in_commit_thread(durable))
         d.addCallback(
             lambda _: QueueEntry(
-                envelope=evolve(envelope, size=self.size, hops=hops),
+                envelope=resident(envelope, size=self.size, hops=hops),
                 state=QueueState(),
                 path=new_path,
                 body_offset=HEADER_LEN + len(self._env) + 1,
@@ -882,27 +964,41 @@ class Spool:
 
     def recover(self) -> Iterator[QueueEntry]:
         """
-        Yield every committed message with its recorded state (blocking). State
-        files without a queue file (left by a crash during removal) are
-        removed; corrupt queue files are moved aside to C{corrupt/}.
+        Yield every committed message with its recorded state (blocking), in
+        queue id order (arrival order). State files without a queue file
+        (left by a crash during removal) are removed; corrupt queue files are
+        moved aside to C{corrupt/}.
+
+        The directories are listed by name (no C{Path} per message), and a
+        state file is read only for a message that had one when recovery
+        began (most queued messages have none): a message costs one open,
+        read and close.
         """
-        names = set()
-        for p in sorted(self.new_dir.iterdir()):
+        new_dir = os.fspath(self.new_dir)
+        prefix = new_dir + os.sep
+        names = os.listdir(new_dir)
+        names.sort()
+        with_state = set(os.listdir(self.state_dir))
+        for name in names:
+            path = prefix + name
             try:
-                envelope, offset = read_queue_file(p)
+                envelope, offset = read_queue_file(path)
             except CorruptQueueFile as e:
                 self.log.error("Moving aside corrupt queue file: {error}", error=str(e))
                 aside = self.root / "corrupt"
                 aside.mkdir(mode=0o700, exist_ok=True)
-                os.rename(p, aside / p.name)
+                os.rename(path, aside / name)
                 continue
-            names.add(p.name)
-            yield QueueEntry(envelope, self._read_state(p.name), p, offset, recovered=True)
+            state = self._read_state(name) if name in with_state else QueueState()
+            yield QueueEntry(envelope, state, path, offset, recovered=True)
+        del with_state
+        listed = set(names)
+        del names
         for p in self.state_dir.iterdir():
             # The queue file is looked for now, not in the listing above: the
             # node recovers in the background while it accepts mail, and a
             # message committed meanwhile has a state file of its own.
-            if p.name not in names and not (self.new_dir / p.name).exists():
+            if p.name not in listed and not (self.new_dir / p.name).exists():
                 try:
                     p.unlink()
                 except FileNotFoundError:

@@ -5,7 +5,8 @@ whole queue, instead of a C{DelayedCall} per message.
 
 A deferred backlog of 100,000 messages held 100,000 C{DelayedCall}s (each an
 object with its own dict and argument tuple, ~0.5 KB, and a slot in the
-reactor's own heap); here a message costs one heap tuple and one dict entry.
+reactor's own heap); here a message costs one tuple (in the heap and in a
+dict) and one dict entry.
 The timetable also meters the firing: due messages wait in the heap until the
 runner says it has room (C{ready}), so a flush of the whole queue starts as
 many attempts as the runner runs at once, not 100,000 Deferreds.
@@ -49,7 +50,10 @@ class Timetable:
         self._clock = clock
         self._fire = fire
         self._ready = ready
-        self._due: dict[str, tuple[float, int]] = {}
+        # key -> its heap tuple C{(due, sequence, key)}: the same object, so
+        # a key costs one tuple, and a heap tuple is live when it is the one
+        # its key maps to.
+        self._due: dict[str, tuple[float, int, str]] = {}
         # Changed in place only (a kick in progress reads it while fire()
         # may reschedule, cancel or clear).
         self._heap: list[tuple[float, int, str]] = []
@@ -70,9 +74,9 @@ class Timetable:
 
     def set(self, key: str, delay: float) -> None:
         """Make C{key} due C{delay} seconds from now (replacing an earlier time)."""
-        slot = (self._clock.seconds() + max(0.0, delay), next(self._seq))
+        slot = (self._clock.seconds() + max(0.0, delay), next(self._seq), key)
         self._due[key] = slot
-        heapq.heappush(self._heap, (slot[0], slot[1], key))
+        heapq.heappush(self._heap, slot)
         self._compact()
         if delay <= 0:
             self.kick()
@@ -106,8 +110,9 @@ class Timetable:
         try:
             heap = self._heap
             while heap:
-                due, seq, key = heap[0]
-                if self._due.get(key) != (due, seq):
+                top = heap[0]
+                due, _, key = top
+                if self._due.get(key) is not top:
                     heapq.heappop(heap)  # cancelled or rescheduled
                     continue
                 # Time passes while keys fire: read the clock for each.
@@ -128,8 +133,8 @@ class Timetable:
         """Pop stale tuples off the top of the heap."""
         heap = self._heap
         while heap:
-            due, seq, key = heap[0]
-            if self._due.get(key) == (due, seq):
+            top = heap[0]
+            if self._due.get(top[2]) is top:
                 return
             heapq.heappop(heap)
 
@@ -137,7 +142,7 @@ class Timetable:
         """Rebuild the heap from the live keys when stale tuples dominate it."""
         heap = self._heap
         if len(heap) > self.COMPACT_MIN and len(heap) > 2 * len(self._due):
-            heap[:] = [(d, s, k) for k, (d, s) in self._due.items()]
+            heap[:] = self._due.values()
             heapq.heapify(heap)
 
     def _arm(self) -> None:
