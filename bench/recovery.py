@@ -137,7 +137,7 @@ class GcMeter:
             self.seconds[g] += time.perf_counter() - self._t
 
 
-def measure(spool_dir: Path, n: int, trace: bool, profile: str | None) -> dict[str, Any]:
+def measure(spool_dir: Path, n: int, trace: bool, profile: str | None, hop_down: bool = False) -> dict[str, Any]:
     """Recover C{spool_dir} as a node does; the figures."""
     import itertools
 
@@ -146,13 +146,20 @@ def measure(spool_dir: Path, n: int, trace: bool, profile: str | None) -> dict[s
     from relaynet.queue.spool import Spool
     from relaynet.runner import QueueRunner
     from relaynet.testing import EPOCH, ManualThreadPool, ThreadlessReactor, make_config
-    from twisted.internet.defer import Deferred
+    from twisted.internet.defer import Deferred, succeed
 
     class DeadHop:
-        """A next hop that never answers."""
+        """A next hop that never answers (or, if C{down}, defers at once, as a hop known down)."""
 
-        def deliver(self, *args: Any, **kw: Any) -> Deferred[Any]:
-            return Deferred()
+        def __init__(self, down: bool) -> None:
+            self.down = down
+
+        def deliver(self, endpoint: str, entry: Any, recipients: list[Any], *args: Any, **kw: Any) -> Deferred[Any]:
+            if not self.down:
+                return Deferred()
+            from relaynet.delivery.client import SUSPENDED, DeliveryResult
+            return succeed([DeliveryResult(r.address, 0, "4.4.1", SUSPENDED + "connect to " + endpoint
+                                           + " failed: Connection refused", endpoint) for r in recipients])
 
         def close(self) -> None:
             pass
@@ -163,7 +170,7 @@ def measure(spool_dir: Path, n: int, trace: bool, profile: str | None) -> dict[s
     config = make_config(spool_dir.parent / "cfg", toml=ROUTE)
     spool = Spool(spool_dir, reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
     runner = QueueRunner(config, spool, EventLog(None, "bench", clock=reactor.seconds), reactor, pool,
-                         outbound=DeadHop(), now=reactor.seconds)
+                         outbound=DeadHop(hop_down), now=reactor.seconds)
     runner.start([])
     gc.collect()
     meter = GcMeter()
@@ -239,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=5000)
     p.add_argument("--state-every", type=int, default=100)
     p.add_argument("--tracemalloc", action="store_true")
+    p.add_argument("--hop-down", action="store_true",
+                   help="the next hop defers every attempt at once (as one known down): schedule_all attempts"
+                        " every message, and the memory is that of a queue of deferred messages")
     p.add_argument("--profile", help="cProfile output (with one --messages value; .N appended)")
     p.add_argument("--src", type=Path, help="the source tree whose relaynet to measure (default: this one)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         (n,) = args.messages
-        r = measure(args.dir / f"spool-{n}", n, args.tracemalloc, args.profile)
+        r = measure(args.dir / f"spool-{n}", n, args.tracemalloc, args.profile, args.hop_down)
         print(json.dumps(r))
         return 0
     rows = []
@@ -255,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--child", "--messages", str(n), "--dir", str(args.dir)]
         if args.tracemalloc:
             cmd.append("--tracemalloc")
+        if args.hop_down:
+            cmd.append("--hop-down")
         if args.profile:
             cmd += ["--profile", f"{args.profile}.{n}"]
         if args.src:

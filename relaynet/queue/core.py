@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import enum
 import re
+import sys
 from typing import Iterable, Iterator
 
 from attrs import evolve, field, frozen
@@ -490,9 +491,11 @@ class QueueCore:
             st = entry.state.recipients.setdefault(o.address, RecipientState())
             st.attempts += 1
             st.last_attempt = now
-            st.dsn = o.dsn
-            st.diagnostic = o.diagnostic or None
-            st.remote = o.remote
+            # Shared strings: a hop that is down defers every message queued
+            # for it with the same diagnostic, made anew for each.
+            st.dsn = sys.intern(o.dsn)
+            st.diagnostic = sys.intern(o.diagnostic) if o.diagnostic else None
+            st.remote = sys.intern(o.remote) if o.remote else o.remote
             st.status = o.status
             retry = retry or o.status is RecipientStatus.DEFERRED
             events.append(Event(str(o.event), {
