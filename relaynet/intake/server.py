@@ -1179,11 +1179,6 @@ class RelayESMTP(smtp.ESMTP):
             cut_through = self.intake.cut_through is not None and _wants_cut_through(self.intake.routing(), env)
             if window is not None and not cut_through:
                 window.note_envelope(env)
-            ack_delay = round(self.intake.reactor.seconds() - started, 6)
-            if not cut_through:
-                # The reply first: the event costs ~0.1 ms (log line,
-                # metrics) that the client need not wait for.
-                self.reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
             try:
                 self.intake.events.emit(
                     "received", queue_id=entry.queue_id, message_id=message_id,
@@ -1191,7 +1186,8 @@ class RelayESMTP(smtp.ESMTP):
                     size=env.size, client=self.client_ip, client_port=self.client_port,
                     helo=self._helo_name, protocol=env.client.get("protocol"), hops=hops,
                     tls=" ".join(self.tls_info) if self.tls_info else None, auth=self.auth_user,
-                    ack_delay=ack_delay, **({"chunking": True} if chunked else {}),
+                    ack_delay=round(self.intake.reactor.seconds() - started, 6),
+                    **({"chunking": True} if chunked else {}),
                 )
             except Exception:
                 self.log.failure("Could not log the received event of {queue_id}", queue_id=entry.queue_id)
@@ -1215,6 +1211,7 @@ class RelayESMTP(smtp.ESMTP):
                     self.reply(*r)
 
                 return self.intake.cut_through(entry).addErrback(fallback).addCallback(answer)
+            self.reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
             try:
                 self.intake.queued(entry)
             except Exception:
