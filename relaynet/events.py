@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,30 +40,13 @@ class EventLog:
 
     log = Logger()
 
-    def __init__(
-        self, path: Path | None, node: str, clock: Callable[[], float] = time.time,
-        background: bool = False,
-    ) -> None:
-        """
-        @param background: write the lines in a thread of the event log's
-            own (a node), not in the thread that emits them: on ext4 an
-            append can wait for the journal commit that the spool's fsyncs
-            start (57 us per event on average, in a profile of a node at 20
-            sessions), and the reactor must not. Lines keep their order and
-            stay whole; those emitted together are written in one
-            C{os.write}. L{sync} and L{close} write everything emitted before
-            them first.
-        """
+    def __init__(self, path: Path | None, node: str, clock: Callable[[], float] = time.time) -> None:
         self.node = node
         self._clock = clock
         self.observers: list[Callable[[dict[str, Any]], None]] = []
         self._fd: int | None = None
         self.dropped = 0
         self.unsynced = 0
-        self._background = background
-        self._lines: queue.SimpleQueue[bytes | threading.Event | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._errors: list[str] = []
         if path is not None:
             self.open(path)
 
@@ -84,29 +65,15 @@ class EventLog:
                 os.close(dirfd)
         except OSError as e:
             self.log.error("Event log: cannot fsync {path}: {error}", path=str(path), error=str(e))
-        if self._background:
-            self._writer = threading.Thread(
-                target=self._write_lines, args=(self._fd,), name="relaynet-events", daemon=True
-            )
-            self._writer.start()
-
-    def _settle(self) -> None:
-        """Wait until the writer thread has written every line emitted so far (blocking)."""
-        writer = self._writer
-        if writer is not None and writer.is_alive():
-            done = threading.Event()
-            self._lines.put(done)
-            done.wait()
 
     def sync(self) -> None:
         """
-        Make the lines emitted so far durable (blocking: call from a worker
+        Make the lines written so far durable (blocking: call from a worker
         thread). An error is logged, never raised: events are diagnostics.
         """
         fd = self._fd
         if fd is None:
             return
-        self._settle()
         try:
             os.fsync(fd)
         except OSError as e:
@@ -116,15 +83,9 @@ class EventLog:
         """Record one event, and pass it to every observer (metrics, status)."""
         record = {"time": round(self._clock(), 6), "node": self.node, "event": event}
         record.update((k, v) for k, v in fields.items() if v is not None)
-        if self._errors:
-            self._report_errors()
         if self._fd is not None:
-            line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
-            if self._writer is not None:
-                self._lines.put(line)
-                self.unsynced += 1
-            else:
-                self._append(self._fd, line)
+            line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+            self._append(self._fd, line.encode("utf-8"))
         for observer in self.observers:
             try:
                 observer(record)
@@ -145,86 +106,25 @@ class EventLog:
         Write C{line} whole to the end of the file, or not at all (dropping
         the event with a log line).
         """
-        error = self._write_whole(fd, line, 1)
-        if error is None:
-            self.unsynced += 1
-        else:
-            self.log.error("{error}", error=error)
-
-    def _write_whole(self, fd: int, data: bytes, lines: int) -> str | None:
-        """
-        Write C{data} (C{lines} whole lines) to the end of the file, or none
-        of it: the lines are dropped (counted in L{dropped}).
-
-        @return: what went wrong, or L{None}.
-        """
         written = 0
         try:
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            return None
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            self.unsynced += 1
         except OSError as e:
-            self.dropped += lines
-            what = f"Event log: {lines} event(s) dropped, cannot write: {e}"
+            self.dropped += 1
             if written:
-                # O_APPEND: the partial write is the file's tail.
+                # O_APPEND and one writer: the partial line is the file's tail.
                 try:
                     os.ftruncate(fd, os.fstat(fd).st_size - written)
                 except OSError as e2:
-                    what += f"; cannot remove a partial line: {e2}"
-            return what
-
-    def _write_lines(self, fd: int) -> None:
-        """
-        The writer thread: write what L{emit} queued, in order, every line
-        queued meanwhile in one write. Errors are logged by the next
-        L{emit}, on its thread (log observers need not be thread-safe).
-        """
-        lines = self._lines
-        while True:
-            item = lines.get()
-            batch: list[bytes] = []
-            markers: list[threading.Event] = []
-            stop = False
-            while True:
-                if item is None:
-                    stop = True
-                elif isinstance(item, threading.Event):
-                    markers.append(item)
-                else:
-                    batch.append(item)
-                if stop:
-                    break
-                try:
-                    item = lines.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                try:
-                    error = self._write_whole(fd, b"".join(batch), len(batch))
-                except Exception as e:  # never let the thread die: emit would queue forever
-                    self.dropped += len(batch)
-                    error = f"Event log: {len(batch)} event(s) dropped: {e!r}"
-                if error is not None:
-                    self._errors.append(error)
-            for marker in markers:
-                marker.set()
-            if stop:
-                return
-
-    def _report_errors(self) -> None:
-        errors, self._errors = self._errors, []
-        for error in errors:
-            self.log.error("{error}", error=error)
+                    self.log.error(
+                        "Event log: cannot remove a partial line: {error}", error=str(e2)
+                    )
+            self.log.error("Event log: event dropped, cannot write: {error}", error=str(e))
 
     def close(self) -> None:
-        """Stop writing events to a file (after writing every line emitted so far)."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            self._lines.put(None)
-            writer.join()
-        if self._errors:
-            self._report_errors()
+        """Stop writing events to a file."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
