@@ -251,7 +251,7 @@ class RelayNode(MultiService):
         self.pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}")
         self.commit_pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}-commit")
         self.spool = Spool(config.queue_dir, reactor, self.pool, commit_pool=self.commit_pool, shard=config.shard)
-        self.events = EventLog(None, config.name, background=True)
+        self.events = EventLog(None, config.name)
         self.window = TransferWindow(
             config.queue_dir / "window", config.queue.duplicate_window,
             config.queue.duplicate_window_size, time.time,
