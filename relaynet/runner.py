@@ -595,23 +595,64 @@ class QueueRunner(Service):
         summary["envelope"] = entry.envelope.to_json()
         return d.addCallback(lambda h: {**summary, "headers": h})
 
-    def flush(self, queue_id: str | None = None, domain: str | None = None) -> int:
+    FLUSH_BATCH = 5000
+    """Messages a flush handles per reactor turn: a queue-wide flush of a big queue does not stall intake."""
+
+    def flush(self, queue_id: str | None = None, domain: str | None = None) -> Deferred[int]:
         """
-        Attempt queued messages now (all, one, or those for a domain); return
-        how many. Next hops that are down get their probe now.
+        Attempt queued messages now (all, one, or those for a domain). Next
+        hops that are down get their probe now.
+
+        The messages are taken L{FLUSH_BATCH} at a time, one batch per
+        reactor turn (a flush of 500,000 messages in one go held the reactor
+        for seconds); a queue that fits in one batch is flushed at once.
+
+        @return: fires with how many were flushed.
         """
         if isinstance(self.outbound, OutboundManager):
             self.outbound.probe_down_hops()
+        if queue_id is not None:
+            return succeed(self._flush_batch(listing.selected(self.core, queue_id, None)))
+        # A snapshot of the queue (references only): what arrives meanwhile
+        # is attempted anyway, what leaves meanwhile is skipped.
+        entries = list(self.core)
+        d: Deferred[int] = Deferred()
+        state = {"at": 0, "count": 0}
+
+        def step() -> None:
+            try:
+                at = state["at"]
+                batch = entries[at:at + self.FLUSH_BATCH]
+                state["at"] = at + len(batch)
+                if domain is not None:
+                    batch = listing.for_domain(batch, domain)
+                state["count"] += self._flush_batch(batch)
+            except BaseException:
+                d.errback()
+                return
+            if state["at"] < len(entries):
+                self.reactor.callLater(0, step)
+            else:
+                d.callback(state["count"])
+
+        step()
+        return d
+
+    def _flush_batch(self, entries: Iterable[QueueEntry]) -> int:
         n = 0
         now = self.now()
-        for entry in listing.selected(self.core, queue_id, domain):
-            decision = self.core.flush(entry.queue_id, now)
+        core = self.core
+        for entry in entries:
+            qid = entry.queue_id
+            if qid not in core:
+                continue  # gone since the flush began
+            decision = core.flush(qid, now)
             if decision.ok:
                 self._reschedule(decision)
                 n += 1
         return n
 
-    def reroute(self, queue_id: str | None = None, domain: str | None = None) -> int:
+    def reroute(self, queue_id: str | None = None, domain: str | None = None) -> Deferred[int]:
         """
         Route queued messages again with the current table: routes are looked
         up at each attempt, so this is a flush.

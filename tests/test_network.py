@@ -840,6 +840,35 @@ def test_attempts_that_raise_do_not_stall_the_queue(breakage: str, dsn: str) -> 
 
 
 
+def test_flush_of_a_big_queue_takes_it_a_batch_per_reactor_turn() -> None:
+    """
+    A flush of the whole queue takes L{QueueRunner.FLUSH_BATCH} messages
+    per reactor turn (a flush of 500,000 messages in one go stalled intake
+    for seconds) and answers once all are taken: a message that left the
+    queue meanwhile is not counted, every other one is attempted.
+    """
+    net = Network()
+    hop1 = net.add_node("hop1", routes=[relay(net, ["dest.test"], "hop2")], queue=BACKOFF)
+    hop2 = net.add_node("hop2", local_domains=["dest.test"], start=False)
+    for i in range(10):
+        submit(hop1, "sender@src.test", ["user@dest.test"], message(f"batch{i}"))
+    net.advance(30)
+    queued = hop1.queued()
+    assert len(queued) == 10
+    hop2.start()
+    hop1.runner.FLUSH_BATCH = 3
+    flushed: list[int] = []
+    hop1.runner.flush().addCallback(flushed.append)
+    assert flushed == []  # 3 taken; the rest on later turns
+    deleted: list[bool] = []
+    hop1.runner.delete(queued[-1]).addCallback(deleted.append)
+    net.run(until=lambda: flushed)
+    assert deleted == [True] and flushed == [9]
+    net.run()
+    assert len(hop2.mailboxes.delivered("user@dest.test")) == 9
+    assert hop1.queued() == []
+
+
 def test_due_messages_wait_for_a_free_attempt_slot() -> None:
     """
     With one attempt slot ([queue] concurrency = 1), messages that fall due
@@ -855,7 +884,9 @@ def test_due_messages_wait_for_a_free_attempt_slot() -> None:
     net.advance(30)
     hop2.start()
     now = net.reactor.seconds()
-    assert hop1.runner.flush() == 5
+    flushed: list[int] = []
+    hop1.runner.flush().addCallback(flushed.append)
+    assert flushed == [5]  # a queue of one batch: at once
     net.run()
     assert len(hop2.mailboxes.delivered("user@dest.test")) == 5
     assert [e["time"] for e in hop1.events_named("sent")] == [now] * 5
@@ -977,7 +1008,9 @@ def test_connection_reuse_burst(reuse: bool) -> None:
         submit(hop1, "sender@src.test", ["user@dest.test"], message(f"burst{i}"))
     assert len(hop1.queued()) == 20
     hop2.start()
-    assert hop1.runner.flush() == 20
+    flushed: list[int] = []
+    hop1.runner.flush().addCallback(flushed.append)
+    assert flushed == [20]  # a queue of one batch: at once
     net.run()
     mail = hop2.mailboxes.delivered("user@dest.test")
     assert sorted(parse(m.data)["Message-ID"] for m in mail) == sorted(f"<burst{i}@client.test>" for i in range(20))

@@ -541,28 +541,32 @@ class AdminAPI(JsonAPI):
 
     # -- acting ----------------------------------------------------------
 
-    def flush(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    def flush(self, request: Request, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
         return self._attempt_now(body, self.queue.flush, "flush", "flushed")
 
-    def flush_one(self, request: Request, body: Any, queue_id: str) -> dict[str, Any]:
+    def flush_one(self, request: Request, body: Any, queue_id: str) -> Deferred[dict[str, Any]]:
         return self.flush(request, {"queue_id": queue_id})
 
-    def reroute(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    def reroute(self, request: Request, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
         return self._attempt_now(body, self.queue.reroute, "reroute", "rerouted")
 
     def _attempt_now(
-        self, body: dict[str, Any], action: Callable[[str | None, str | None], int], verb: str, key: str
-    ) -> dict[str, Any]:
-        """Flush or reroute: one message, a domain's or all; answer how many."""
+        self, body: dict[str, Any], action: Callable[[str | None, str | None], Any],
+        verb: str, key: str,
+    ) -> Deferred[dict[str, Any]]:
+        """Flush or reroute: one message, a domain's or all; answer how many (once all are taken)."""
         queue_id, domain = _target(body)
         if queue_id is not None:
             self._queued(queue_id)
-        n = action(queue_id, domain)
-        self.log.info("Admin {verb} of {target}: {count} message(s)",
-                      verb=verb, target=queue_id or domain or "all", count=n)
-        return {key: n}
 
-    def reroute_one(self, request: Request, body: Any, queue_id: str) -> dict[str, Any]:
+        def done(n: int) -> dict[str, Any]:
+            self.log.info("Admin {verb} of {target}: {count} message(s)",
+                          verb=verb, target=queue_id or domain or "all", count=n)
+            return {key: n}
+
+        return maybeDeferred(action, queue_id, domain).addCallback(done)
+
+    def reroute_one(self, request: Request, body: Any, queue_id: str) -> Deferred[dict[str, Any]]:
         return self.reroute(request, {"queue_id": queue_id})
 
     def _simple(

@@ -112,10 +112,10 @@ class QueueView(QueueStats, Protocol):
     def show(self, queue_id: str) -> Deferred[dict[str, Any]] | None:
         """One message's summary with its envelope and headers; C{None} if not queued."""
 
-    def flush(self, queue_id: str | None = None, domain: str | None = None) -> int:
-        """Attempt messages now (one, a domain's, or all); @return: how many."""
+    def flush(self, queue_id: str | None = None, domain: str | None = None) -> int | Deferred[int]:
+        """Attempt messages now (one, a domain's, or all); @return: how many (a big queue: once all are taken)."""
 
-    def reroute(self, queue_id: str | None = None, domain: str | None = None) -> int:
+    def reroute(self, queue_id: str | None = None, domain: str | None = None) -> int | Deferred[int]:
         """Route messages again with the table in force and attempt them; @return: how many."""
 
     def hold(self, queue_id: str) -> Deferred[bool]:

@@ -148,12 +148,17 @@ def selected(core: QueueCore, queue_id: str | None, domain: str | None) -> list[
         return [entry] if entry is not None else []
     entries = list(core)
     if domain is not None:
-        d = domain.lower()
-        entries = [
-            e for e in entries
-            if any(r.address.rpartition("@")[2].lower() == d for r in e.pending_recipients())
-        ]
+        entries = for_domain(entries, domain)
     return entries
+
+
+def for_domain(entries: Iterable[QueueEntry], domain: str) -> list[QueueEntry]:
+    """Those of C{entries} with a pending recipient in C{domain}."""
+    d = domain.lower()
+    return [
+        e for e in entries
+        if any(r.address.rpartition("@")[2].lower() == d for r in e.pending_recipients())
+    ]
 
 
 def summaries(core: QueueCore, entries: Iterable[QueueEntry], now: float) -> list[dict[str, Any]]:
