@@ -320,6 +320,9 @@ class QueueRunner(Service):
         def done(result: object) -> object:
             self._slots -= 1
             self._attempts.pop(queue_id, None)
+            if plan.entry.fresh is not None:
+                # The first attempt is over: later ones read the queue file.
+                self.spool.drop_fresh(plan.entry)
             if isinstance(result, Failure):
                 self.log.failure("Recording the attempt of {queue_id} failed", result, queue_id=queue_id)
                 result = []

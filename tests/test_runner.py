@@ -292,6 +292,8 @@ def test_admin_verbs_during_attempts_maildir_spool_real_threads(tmp_path: Path) 
         expected = _race(runner, spool, hop, settle, rng, 150, reactor.seconds)
         reactor.drain(pool)
         assert not spool.failures, spool.failures[0].getTraceback()
+        # Every message had its first attempt (or left): none keeps its bytes in memory.
+        assert inner.fresh_bytes == 0
         for p in (tmp_path / "queue" / "state").iterdir():
             json.loads(p.read_bytes())  # every state file parses
         assert not list((tmp_path / "queue" / "tmp").iterdir())

@@ -38,6 +38,7 @@ from relaynet.queue.spool import (
     RecipientState,
     Spool,
     SpoolError,
+    SpoolWriter,
     read_queue_file,
 )
 from relaynet.testing import EPOCH, ManualThreadPool, MemorySpool, ThreadlessReactor
@@ -479,6 +480,44 @@ class MaildirSpoolTests(SynchronousTestCase):
         d = writer.commit(hops=1)
         self.pool.run_all()
         return self.successResultOf(d)
+
+    def test_fresh_message_bytes_kept_for_the_first_attempt(self) -> None:
+        """
+        A message committed whole from memory keeps its bytes with its entry
+        (its first attempt sends them without reading the file on the
+        reactor), within L{Spool.FRESH_BUDGET}: reading it gives what the
+        file holds, with no file opened; C{drop_fresh} and C{remove} let go.
+        A message that does not fit the budget, or streamed out in chunks,
+        is read from its file.
+        """
+        body = b"Subject: s\r\n\r\nbody\r\n"
+        entry = self.commit("a@localhost")
+        self.assertEqual(entry.fresh, body)
+        self.assertEqual(self.spool.fresh_bytes, len(body))
+        os.rename(entry.path, str(entry.path) + ".aside")  # not read while fresh
+        self.assertEqual(read_all(entry), body)
+        self.assertEqual(read_all(entry, skip=9), body[9:])
+        os.rename(str(entry.path) + ".aside", entry.path)
+        self.spool.drop_fresh(entry)
+        self.assertIsNone(entry.fresh)
+        self.assertEqual(self.spool.fresh_bytes, 0)
+        self.assertEqual(read_all(entry), body)
+
+        self.spool.FRESH_BUDGET = len(body) + 1
+        first, second = self.commit("a@localhost"), self.commit("b@localhost")
+        self.assertEqual((first.fresh, second.fresh), (body, None))
+        self.spool.remove(first)
+        self.assertEqual(self.spool.fresh_bytes, 0)
+
+        self.spool.FRESH_BUDGET = 10 * SpoolWriter.FLUSH_AT
+        big = b"x" * (SpoolWriter.FLUSH_AT + 10)
+        writer = self.spool.begin(envelope(self.spool, "c@localhost"))
+        writer.write(big)
+        d = writer.commit(hops=1)
+        self.pool.run_all()
+        streamed = self.successResultOf(d)
+        self.assertIsNone(streamed.fresh)
+        self.assertEqual(read_all(streamed), big)
 
     def test_directories(self) -> None:
         """C{prepare} creates C{tmp/}, C{new/} and C{state/}, mode 0700."""

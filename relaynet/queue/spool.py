@@ -31,6 +31,7 @@ threads, which the filesystem journal batches.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -356,6 +357,10 @@ class QueueEntry:
     body_offset: int
     state_written: bool = True
     recovered: bool = False
+    # The message bytes of a message just committed, kept for its first
+    # attempt (Spool.FRESH_BUDGET), so that it is sent without reading the
+    # queue file back on the reactor thread; Spool.drop_fresh lets go.
+    fresh: bytes | None = field(default=None, eq=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -379,8 +384,14 @@ class QueueEntry:
     def open_message(self, skip: int = 0) -> BoundedReader:
         """
         Open the stored message, positioned C{skip} bytes after its first byte,
-        bounded to its recorded size.
+        bounded to its recorded size (the bytes in memory if the entry still
+        has them: no file I/O).
         """
+        fresh = self.fresh
+        if fresh is not None:
+            view = io.BytesIO(fresh)
+            view.seek(skip)
+            return BoundedReader(view, self.envelope.size - skip)
         f = open(self.path, "rb")
         f.seek(self.body_offset + skip)
         return BoundedReader(f, self.envelope.size - skip)
@@ -828,16 +839,24 @@ class SpoolWriter:
                 self._unlink()
                 raise
 
-        d = self._then(lambda: self.spool._in_commit_thread(durable))
-        d.addCallback(
-            lambda _: QueueEntry(
+        body_offset = HEADER_LEN + len(self._env) + 1
+        spool = self.spool
+
+        def committed(_: object) -> QueueEntry:
+            entry = QueueEntry(
                 envelope=resident(envelope, size=self.size, hops=hops),
                 state=QueueState(),
                 path=new_path,
-                body_offset=HEADER_LEN + len(self._env) + 1,
+                body_offset=body_offset,
                 state_written=False,
             )
-        )
+            if not rewrite_header and spool.fresh_bytes + self.size <= spool.FRESH_BUDGET:
+                entry.fresh = data[body_offset:]
+                spool.fresh_bytes += self.size
+            return entry
+
+        d = self._then(lambda: spool._in_commit_thread(durable))
+        d.addCallback(committed)
 
         def wrap(failure: Any) -> Any:
             # An fsync that failed (EIO) is never retried on the same
@@ -884,9 +903,20 @@ class Spool:
     The maildir queue of one node.
 
     @ivar root: the queue directory.
+    @ivar fresh_bytes: message bytes kept in memory for first attempts
+        (L{QueueEntry.fresh}), at most L{FRESH_BUDGET}.
     """
 
     log = Logger()
+
+    FRESH_BUDGET = 16 * 1024 * 1024
+    """
+    Bytes of just-committed messages kept in memory until their first
+    attempt is over: the attempt sends them without reading the queue file
+    back on the reactor thread (an open and reads that can wait behind the
+    journal commits of the spool's fsyncs). Beyond it (a burst while the
+    attempt slots are all busy), messages are read from their files.
+    """
 
     def __init__(
         self,
@@ -912,6 +942,7 @@ class Spool:
         self._clock = clock
         self._new_sync = GroupSync(self.new_dir)
         self._unlinks = UnlinkBatch(self._in_thread)
+        self.fresh_bytes = 0
         self._state_sync = GroupSync(self.state_dir)
         # Four random hex digits per process keep ids from two processes
         # sharing a spool apart (one getrandom at start, not one per message);
@@ -1076,10 +1107,21 @@ class Spool:
         unlinks of messages finishing together share one job of a worker
         thread (an unlink on the reactor thread can wait for a journal commit).
         """
+        self.drop_fresh(entry)
         paths: list[str | Path] = [entry.path]
         if entry.state_written:
             paths.append(self.state_dir / entry.queue_id)
         return self._unlinks.submit(paths)
+
+    def drop_fresh(self, entry: QueueEntry) -> None:
+        """
+        Let go of the message bytes kept in memory with C{entry} (its first
+        attempt is over): later attempts read the queue file.
+        """
+        fresh = entry.fresh
+        if fresh is not None:
+            entry.fresh = None
+            self.fresh_bytes -= len(fresh)
 
     def count(self) -> int:
         """Committed messages on disk (blocking directory listing)."""
