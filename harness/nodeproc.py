@@ -508,3 +508,20 @@ class NodeProcess:
                 self.proc.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self._kill_quietly()
+
+
+def worker_pids(supervisor: int) -> dict[int, int]:
+    """The worker processes of a supervisor: shard -> pid (from /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == supervisor and b"relaynet.worker" in argv and b"--shard" in argv:
+            out[int(argv[argv.index(b"--shard") + 1])] = int(entry)
+    return out

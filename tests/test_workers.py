@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from harness.nodeproc import NodeProcess, wait_for
+from harness.nodeproc import NodeProcess, wait_for, worker_pids
 from harness.peers import free_port
 from relaynet.admin.queuecli import AdminClient, AdminError
 from relaynet.queue.shards import adopt_orphan_shards
@@ -49,23 +49,6 @@ domains = ["remote.test"]
 action = "relay"
 next_hops = [{{ endpoint = "tcp:127.0.0.1:{dead}" }}]
 """
-
-
-def worker_pids(supervisor: int) -> dict[int, int]:
-    """The worker processes of a supervisor: shard -> pid (from /proc)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == supervisor and b"relaynet.worker" in argv and b"--shard" in argv:
-            out[int(argv[argv.index(b"--shard") + 1])] = int(entry)
-    return out
 
 
 def alive(pid: int) -> bool:

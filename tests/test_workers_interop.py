@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from harness.nodeproc import HOST, NodeProcess, wait_for
+from harness.nodeproc import HOST, NodeProcess, wait_for, worker_pids
 from harness.peers import (
     PostfixInstance,
     allow_postfix_search,
@@ -278,23 +278,6 @@ next_hops = ["tcp:127.0.0.1:PF_PORT"]
 """
 
 MESSAGES = 200
-
-
-def worker_pids(supervisor: int) -> dict[int, int]:
-    """The worker processes of a supervisor: shard -> pid (from /proc)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == supervisor and b"relaynet.worker" in argv and b"--shard" in argv:
-            out[int(argv[argv.index(b"--shard") + 1])] = int(entry)
-    return out
 
 
 def two_workers(supervisor: int) -> dict[int, int]:
