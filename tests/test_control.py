@@ -952,6 +952,8 @@ def test_reload_reroute_and_drain(tmp_path: Path, dead_port: int) -> None:
         assert {a, b} <= listed(node)
         assert f"{a}: rerouted" in queue(node, "reroute", a)
         wait_for(lambda: maildir_new(node.mailroot, "a", "dead.test"), TIMEOUT, "a@dead.test delivered")
+        # In the mailbox is not yet out of the queue (its outcome is recorded after).
+        wait_for(lambda: a not in listed(node), TIMEOUT, "the queue to drop a")
         assert qjson(node, "reroute", "--domain", "dead.test")["rerouted"] == 1
         wait_for(lambda: maildir_new(node.mailroot, "b", "dead.test"), TIMEOUT, "b@dead.test delivered")
         wait_for(lambda: not {a, b} & listed(node), TIMEOUT, "the queue to drop both")
