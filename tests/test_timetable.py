@@ -301,3 +301,30 @@ def test_due_key_without_room_gets_no_timer() -> None:
     assert [c.getTime() for c in h.clock.getDelayedCalls()] == [50]
     h.clock.advance(50)
     assert h.fired == ["a", "b"]
+
+
+def test_one_kick_fires_at_most_fire_per_turn_keys() -> None:
+    """
+    Keys whose attempts end at once (a next hop known to be down) give their
+    room back while the kick runs: one kick still fires at most
+    C{FIRE_PER_TURN} of them, and the rest on the next reactor turns, so a
+    restart with a backlog of such messages all due does not hold the
+    reactor until every one has fired.
+    """
+    clock = Clock()
+    fired: list[str] = []
+    room = [False]
+    table = Timetable(clock, fired.append, lambda: room[0])
+    table.FIRE_PER_TURN = 100
+    for i in range(250):
+        table.set(f"K{i:03}", 0.0)
+    assert fired == []  # no room yet
+    room[0] = True
+    table.kick()
+    assert fired == [f"K{i:03}" for i in range(100)]
+    # The rest on a timer due at once (a later reactor turn).
+    (call,) = clock.getDelayedCalls()
+    assert call.getTime() == clock.seconds()
+    clock.advance(0)
+    assert fired == [f"K{i:03}" for i in range(250)] and len(table) == 0
+    assert not clock.getDelayedCalls()
