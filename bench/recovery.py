@@ -137,7 +137,9 @@ class GcMeter:
             self.seconds[g] += time.perf_counter() - self._t
 
 
-def measure(spool_dir: Path, n: int, trace: bool, profile: str | None, hop_down: bool = False) -> dict[str, Any]:
+def measure(
+    spool_dir: Path, n: int, trace: bool, profile: str | None, hop_down: bool = False, drain: bool = False,
+) -> dict[str, Any]:
     """Recover C{spool_dir} as a node does; the figures."""
     import itertools
 
@@ -153,11 +155,15 @@ def measure(spool_dir: Path, n: int, trace: bool, profile: str | None, hop_down:
 
         def __init__(self, down: bool) -> None:
             self.down = down
+            self.up = False  # the drain: every attempt delivered at once
 
         def deliver(self, endpoint: str, entry: Any, recipients: list[Any], *args: Any, **kw: Any) -> Deferred[Any]:
+            from relaynet.delivery.client import SUSPENDED, DeliveryResult
+            if self.up:
+                return succeed([DeliveryResult(r.address, 250, "2.0.0", "250 2.0.0 Ok", endpoint)
+                                for r in recipients])
             if not self.down:
                 return Deferred()
-            from relaynet.delivery.client import SUSPENDED, DeliveryResult
             return succeed([DeliveryResult(r.address, 0, "4.4.1", SUSPENDED + "connect to " + endpoint
                                            + " failed: Connection refused", endpoint) for r in recipients])
 
@@ -169,8 +175,9 @@ def measure(spool_dir: Path, n: int, trace: bool, profile: str | None, hop_down:
     pool = ManualThreadPool()
     config = make_config(spool_dir.parent / "cfg", toml=ROUTE)
     spool = Spool(spool_dir, reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
+    hop = DeadHop(hop_down)
     runner = QueueRunner(config, spool, EventLog(None, "bench", clock=reactor.seconds), reactor, pool,
-                         outbound=DeadHop(hop_down), now=reactor.seconds)
+                         outbound=hop, now=reactor.seconds)
     runner.start([])
     gc.collect()
     meter = GcMeter()
@@ -234,8 +241,28 @@ def measure(spool_dir: Path, n: int, trace: bool, profile: str | None, hop_down:
         top = snap.statistics("lineno")[:12]
         result["heap_top"] = [f"{s.size / max(count, 1):7.1f} B/msg  {s.traceback[0]}" for s in top]
     gc.collect()
-    result["rss_per_message"] = (rss_kb() - base_rss) * 1024 / max(count, 1)
+    queued_rss = rss_kb()
+    result["rss_per_message"] = (queued_rss - base_rss) * 1024 / max(count, 1)
     result["gc_objects"] = len(gc.get_objects()) + gc.get_freeze_count()
+    if drain:
+        # The next hop is back: a flush of the whole queue, every attempt
+        # delivered at once; the peak RSS on the way (sampled per turn).
+        hop.up = True
+        (spool_dir / "built.json").unlink(missing_ok=True)  # its files go: built again next time
+        peak = queued_rss
+        t0 = time.perf_counter()
+        done: list[int] = []
+        runner.flush().addCallback(done.append)
+        for _ in range(100 * n + 1000):
+            if not len(runner.core) and done:
+                break
+            reactor.advance(0)
+            pool.run_all()
+            peak = max(peak, rss_kb())
+        result["drain_s"] = time.perf_counter() - t0
+        result["drain_left"] = len(runner.core)
+        result["drain_peak_rss_over_queued_kb"] = peak - queued_rss
+        result["drain_peak_per_message"] = (peak - base_rss) * 1024 / max(count, 1)
     return result
 
 
@@ -249,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hop-down", action="store_true",
                    help="the next hop defers every attempt at once (as one known down): schedule_all attempts"
                         " every message, and the memory is that of a queue of deferred messages")
+    p.add_argument("--drain", action="store_true",
+                   help="then the next hop comes back: a flush of the whole queue, each attempt delivered at"
+                        " once (the spool's files are removed: the spool is built again next time); peak RSS")
     p.add_argument("--profile", help="cProfile output (with one --messages value; .N appended)")
     p.add_argument("--src", type=Path, help="the source tree whose relaynet to measure (default: this one)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -256,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         (n,) = args.messages
-        r = measure(args.dir / f"spool-{n}", n, args.tracemalloc, args.profile, args.hop_down)
+        r = measure(args.dir / f"spool-{n}", n, args.tracemalloc, args.profile, args.hop_down, args.drain)
         print(json.dumps(r))
         return 0
     rows = []
@@ -267,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append("--tracemalloc")
         if args.hop_down:
             cmd.append("--hop-down")
+        if args.drain:
+            cmd.append("--drain")
         if args.profile:
             cmd += ["--profile", f"{args.profile}.{n}"]
         if args.src:
@@ -282,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
               f"  schedule {r['schedule_s']:5.2f}  settle {r['settle_s']:5.2f}"
               f"  gc {sum(r['gc_s']):6.2f} s {r['gc_collections']}"
               f"  RSS {r['rss_per_message']:6.0f} B/msg  objects {r['gc_objects']}", flush=True)
+        if "drain_s" in r:
+            print(f"   drain {r['drain_s']:.2f} s ({r['drain_left']} left), peak RSS {r['drain_peak_rss_over_queued_kb'] / 1024:.0f}"
+                  f" MiB over the queued node's ({r['drain_peak_per_message']:.0f} B/msg in all)", flush=True)
         if "heap_per_message" in r:
             print(f"   heap {r['heap_per_message']:.0f} B/msg (tracemalloc):")
             for line in r["heap_top"]:
