@@ -206,6 +206,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         result["admin_full"] = {
             "summary_s": t_sum, "list20_s": t_list, "list_all_ids_s": t_all,
             "listed": len(out_all.split()),
+            # Listing every message is the costliest request: its own peak.
+            "rss_peak_kb": rss.take(),
         }
         del out_all
         log(f"backlog: {admin.queued()} queued; RSS (all processes) {result['rss_kb'] / 1024:.0f} MiB, "
@@ -229,6 +231,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 
         log("backlog: next hop up, flush")
         sink.start()
+        rss.take()  # the drain's peak from here on (the restart's is in result["restart"])
         t0 = time.monotonic()
         queue_cli(node.config, "flush", timeout=cli_timeout)
         drained = _wait(lambda: admin.queued() == 0, max(args.drain_timeout, scaled(0, n, 500)),
@@ -303,7 +306,8 @@ def report(r: dict) -> str:
         f"  admin while receiving ({a['probes']} probes): summary <= {a['summary_max_s']:.2f} s, "
         f"list --limit 20 <= {a['list20_max_s']:.2f} s",
         f"  admin with the backlog: summary {f['summary_s']:.2f} s, list --limit 20 {f['list20_s']:.2f} s, "
-        f"list --ids (all {f['listed']}) {f['list_all_ids_s']:.2f} s",
+        f"list --ids (all {f['listed']}) {f['list_all_ids_s']:.2f} s"
+        + (f", sampled peak RSS {mib(f['rss_peak_kb'])}" if f.get("rss_peak_kb") else ""),
         f"  restart: first 220 after {rs['greeting_s']:.2f} s, every worker up after "
         f"{rs.get('workers_up_s', rs['greeting_s']):.2f} s, whole backlog known (recovered) after "
         f"{rs['all_known_s']:.2f} s",
