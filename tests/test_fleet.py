@@ -512,6 +512,10 @@ def test_list_merges_the_shards_in_arrival_order(fleet: Fleet) -> None:
     oldest_first = [fleet.ids[2][0], fleet.ids[0][0], fleet.ids[1][0], fleet.ids[0][1]]
     page = fleet.api("GET", "/api/queue", limit=4)
     assert page["count"] == 7 and [m["queue_id"] for m in page["messages"]] == oldest_first
+    # ids=1 (relaynet queue list --ids): each message as its id and arrival, in the same order.
+    ids = fleet.api("GET", "/api/queue", ids="1")
+    assert ids["count"] == 7 and ids["messages"] == [
+        {"queue_id": m["queue_id"], "arrival": m["arrival"]} for m in listing["messages"]]
     y = fleet.api("GET", "/api/queue", domain="y.test")
     assert y["count"] == 4 and {m["queue_id"] for m in y["messages"]} == {
         fleet.ids[0][1], fleet.ids[0][2], fleet.ids[1][1], fleet.ids[2][0]}
@@ -660,6 +664,10 @@ def test_a_worker_that_is_down(fleet: Fleet) -> None:
     assert [w["up"] for w in status["workers"]] == [True, False, True]
     listing = fleet.api("GET", "/api/queue")
     assert listing["count"] == 5 and listing["missing_shards"] == [1]
+    # relaynet queue list prints what it has and fails with one line.
+    with pytest.raises(AdminError) as failed:
+        fleet.queue_cli("list", "--ids")
+    assert failed.value.status == 503 and "incomplete: worker shard(s) 1 did not answer" in failed.value.message
     for path in (f"/api/queue/{fleet.ids[1][0]}", "/api/queue/NOPE"):
         e = fleet.error("GET", path)
         assert e.status == 503 and "shard 1 is not answering; try again" in e.message

@@ -498,9 +498,16 @@ class AdminAPI(JsonAPI):
 
     def list(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:
         limit = _int_arg(request, "limit", None)
+        ids_only = _arg(request, "ids") in ("1", "true", "yes")
 
         def listed(found: tuple[int, Any]) -> dict[str, Any]:
             count, shown = found
+            if ids_only:
+                # Each message as its queue id and arrival (the order):
+                # ~60 bytes, where a summary takes ~400.
+                return {"count": count, "messages": [
+                    {"queue_id": e.queue_id, "arrival": e.envelope.arrival} for e in shown
+                ]}
             return {"count": count, "messages": self.queue.summaries(shown)}
 
         return self.queue.page(limit, **self._filters(request)).addCallback(listed)

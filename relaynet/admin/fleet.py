@@ -681,7 +681,7 @@ class FleetAPI(JsonAPI):
                 "missing_shards": g.missing,
             }
 
-        query = {**_forwarded(request, *_FILTERS), "limit": limit}
+        query = {**_forwarded(request, *_FILTERS, "ids"), "limit": limit}
         return self.client.gather("GET", "/api/queue", query).addCallback(merged)
 
     def summary(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:

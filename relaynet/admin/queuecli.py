@@ -288,6 +288,18 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _missing_shards(result: Any) -> None:
+    """
+    A node with workers lists what every worker answered: if some did not
+    (down, restarting, too slow), what was printed is incomplete: say so,
+    and exit non-zero.
+    """
+    missing = result.get("missing_shards") if isinstance(result, dict) else None
+    if missing:
+        shards = ", ".join(str(k) for k in missing)
+        raise AdminError(503, f"incomplete: worker shard(s) {shards} did not answer (the node's log says why)")
+
+
 def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextIO) -> int:
     """Run one C{relaynet queue} subcommand; @return: the exit status."""
     cmd = args.queue_command
@@ -299,11 +311,16 @@ def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextI
             out.write(text + "\n")
 
     if cmd == "list":
-        result = client.request("GET", "/api/queue", query={**_filters(args), "limit": args.limit})
+        query = {**_filters(args), "limit": args.limit}
+        if args.ids and not args.json:
+            # Ids only: a listing of a million messages stays a few MB.
+            query["ids"] = "1"
+        result = client.request("GET", "/api/queue", query=query)
         if args.ids and not args.json:
             out.writelines(m["queue_id"] + "\n" for m in result["messages"])
         else:
             emit(result, format_list(result))
+        _missing_shards(result)
         return 0
     if cmd == "show":
         result = client.request("GET", f"/api/queue/{urllib.parse.quote(args.queue_id)}")
