@@ -909,7 +909,7 @@ class Spool:
 
     log = Logger()
 
-    FRESH_BUDGET = 16 * 1024 * 1024
+    FRESH_BUDGET = 2 * 1024 * 1024
     """
     Bytes of just-committed messages kept in memory until their first
     attempt is over: the attempt sends them without reading the queue file
