@@ -24,7 +24,7 @@ always given back and the timetable kicked.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from attrs import evolve
 from twisted.application.service import Service
@@ -43,6 +43,7 @@ from relaynet.events import EventLog
 from relaynet.queue import listing
 from relaynet.queue.bounce import build_dsn, split_headers
 from relaynet.queue.core import Decision, Notice, Outcome, Plan, QueueCore, Write
+from relaynet.queue.ordering import Key
 from relaynet.queue.retry import RetryPolicy
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient
 from relaynet.queue.states import QueueTotals, RecipientStatus
@@ -55,6 +56,8 @@ Summaries = list[dict[str, Any]]
 
 #: Messages summarised per reactor turn by L{QueueRunner.collect}.
 COLLECT_SLICE = 1000
+
+T = TypeVar("T")
 
 
 class SerialWrites:
@@ -534,20 +537,31 @@ class QueueRunner(Service):
         those of a snapshot of the queue's order taken at once; each is read
         when its slice runs (one that left by then is left out).
         """
-        keys = self.core.snapshot(state)
         core, now = self.core, self.now()
+
+        def summarise(chunk: list[Key]) -> None:
+            for entry in listing.scan(core, chunk, now, sender, recipient, domain, min_age):
+                each(listing.entry_summary(entry, core.state(entry), now))
+
+        return self._in_slices(core.snapshot(state), COLLECT_SLICE, summarise)
+
+    def _in_slices(self, items: list[T], size: int, work: Callable[[list[T]], object]) -> Deferred[None]:
+        """
+        Call C{work} with C{items} C{size} at a time, the first slice at once
+        and each next one on a later reactor turn (C{callLater(0)}), so that
+        a walk over a long queue never holds the reactor for more than a
+        slice. Fires once all are done, or fails with C{work}'s exception.
+        """
         done: Deferred[None] = Deferred()
 
         def step(start: int) -> None:
             try:
-                chunk = keys[start:start + COLLECT_SLICE]
-                for entry in listing.scan(core, chunk, now, sender, recipient, domain, min_age):
-                    each(listing.entry_summary(entry, core.state(entry), now))
+                work(items[start:start + size])
             except BaseException:
                 done.errback()
                 return
-            if start + COLLECT_SLICE < len(keys):
-                self.reactor.callLater(0, step, start + COLLECT_SLICE)
+            if start + size < len(items):
+                self.reactor.callLater(0, step, start + size)
             else:
                 done.callback(None)
 
@@ -618,28 +632,14 @@ class QueueRunner(Service):
             return succeed(self._flush_batch(listing.selected(self.core, queue_id, None)))
         # A snapshot of the queue (references only): what arrives meanwhile
         # is attempted anyway, what leaves meanwhile is skipped.
-        entries = list(self.core)
-        d: Deferred[int] = Deferred()
-        state = {"at": 0, "count": 0}
+        flushed = [0]
 
-        def step() -> None:
-            try:
-                at = state["at"]
-                batch = entries[at:at + self.FLUSH_BATCH]
-                state["at"] = at + len(batch)
-                if domain is not None:
-                    batch = listing.for_domain(batch, domain)
-                state["count"] += self._flush_batch(batch)
-            except BaseException:
-                d.errback()
-                return
-            if state["at"] < len(entries):
-                self.reactor.callLater(0, step)
-            else:
-                d.callback(state["count"])
+        def flush(batch: list[QueueEntry]) -> None:
+            if domain is not None:
+                batch = listing.for_domain(batch, domain)
+            flushed[0] += self._flush_batch(batch)
 
-        step()
-        return d
+        return self._in_slices(list(self.core), self.FLUSH_BATCH, flush).addCallback(lambda _: flushed[0])
 
     def _flush_batch(self, entries: Iterable[QueueEntry]) -> int:
         n = 0

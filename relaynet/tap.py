@@ -262,7 +262,9 @@ def makeService(options: Options) -> Any:
     run_as = (parent.get("uid"), parent.get("gid")) if hasattr(parent, "get") else (None, None)
     out = _log_output(parent)
     config = options.config
-    observer = NodeLogObserver(out, config.log) if out is not None else None
+    # The lines of one reactor turn reach the log in one write, at the end
+    # of the turn (after the turn's replies have gone out).
+    observer = NodeLogObserver(out, config.log, later=end_of_turn(reactor)) if out is not None else None
     if config.worker_count > 1:
         from relaynet.supervisor import Supervisor, inheritable
 
@@ -279,17 +281,17 @@ def makeService(options: Options) -> Any:
         Logger(namespace="relaynet.tap").info(
             "workers = \"auto\": one process (a listener is not tcp:, tcp6: or unix:)"
         )
-    if out is not None:
-        # The lines of one reactor turn reach the log file in one write, at
-        # the end of the turn (after the turn's replies have gone out).
-        observer = NodeLogObserver(out, config.log, later=_end_of_turn(reactor))
     return RelayNode(
         config, reactor, run_as=run_as, load_config=options.load, log_observer=observer
     )
 
 
-def _end_of_turn(reactor: Any) -> Callable[[Callable[[], None]], Any]:
-    """Run a flush at the end of the reactor's turn, or at once if it is not running."""
+def end_of_turn(reactor: Any) -> Callable[[Callable[[], None]], Any]:
+    """
+    A C{later} for L{NodeLogObserver}: run a flush at the end of the
+    reactor's turn, or at once if the reactor is not running (start-up and
+    shutdown lines).
+    """
 
     def later(f: Callable[[], None]) -> Any:
         if reactor.running:

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-lines", action="store_true")
     ours, rest = parser.parse_known_args(argv)
 
-    from relaynet.tap import NodeLogObserver, Options, json_log_line
+    from relaynet.tap import NodeLogObserver, Options, end_of_turn, json_log_line
 
     shard = ours.shard
     options = Options()
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twisted.internet import reactor as clock
 
         node_observer = NodeLogObserver(
-            sys.stdout, options.config.log, worker=shard, later=lambda f: clock.callLater(0, f)
+            sys.stdout, options.config.log, worker=shard, later=end_of_turn(clock)
         )
         globalLogBeginner.beginLoggingTo([node_observer], redirectStandardIO=False)
     else:
