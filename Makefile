@@ -45,15 +45,23 @@ venv: $(STAMP)
 # policy-rc.d stops the start, and a freshly installed dovecot is disabled.
 # sasl2-bin (saslpasswd2) and libsasl2-modules: Cyrus SASL for a private Postfix
 # with AUTH (tests/test_smarthost_auth.py: a private sasldb; saslauthd unused).
-PEERS_APT := postfix swaks libnet-ssleay-perl fuse3 nsd ldnsutils dovecot-core dovecot-lmtpd sasl2-bin libsasl2-modules
+# opendkim and opendkim-tools: OpenDKIM, the verifier of relaynet's DKIM
+# signatures that shares no code with the signer (tests/test_dkim_interop.py
+# runs its own, with a private config). unbound: a DNSSEC-validating resolver
+# for DANE (tests run their own on a private port). Both postinsts would
+# start and enable a system service: the same policy-rc.d stops the start,
+# and freshly installed ones are disabled, as nsd.
+PEERS_APT := postfix swaks libnet-ssleay-perl fuse3 nsd ldnsutils dovecot-core dovecot-lmtpd sasl2-bin libsasl2-modules opendkim opendkim-tools unbound
 POLICY_RC := /usr/sbin/policy-rc.d
 peers:
-	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null && command -v nsd >/dev/null && command -v drill >/dev/null && command -v dovecot >/dev/null && [ -x /usr/lib/dovecot/lmtp ] && command -v saslpasswd2 >/dev/null && ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1; then \
-	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS), fuse3, nsd, drill, dovecot (LMTP) and Cyrus SASL (saslpasswd2, PLAIN/LOGIN) are installed"; \
+	@if command -v postfix >/dev/null && command -v smtp-source >/dev/null && command -v swaks >/dev/null && perl -MNet::SSLeay -e1 2>/dev/null && command -v fusermount3 >/dev/null && command -v nsd >/dev/null && command -v drill >/dev/null && command -v dovecot >/dev/null && [ -x /usr/lib/dovecot/lmtp ] && command -v saslpasswd2 >/dev/null && ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1 && command -v opendkim >/dev/null && command -v opendkim-testmsg >/dev/null && command -v unbound >/dev/null; then \
+	  echo "peers: postfix, smtp-source, smtp-sink, swaks (with TLS), fuse3, nsd, drill, dovecot (LMTP), Cyrus SASL (saslpasswd2, PLAIN/LOGIN), opendkim and unbound are installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "make: installing $(PEERS_APT) (apt-get update, apt-get install; the system Postfix stays unconfigured, the system NSD and Dovecot neither started nor enabled) ..."; \
+	  echo "make: installing $(PEERS_APT) (apt-get update, apt-get install; the system Postfix stays unconfigured, the system NSD, Dovecot, OpenDKIM and Unbound neither started nor enabled) ..."; \
 	  had_nsd=; dpkg-query -W -f='$${Status}' nsd 2>/dev/null | grep -q ' installed$$' && had_nsd=1; \
 	  had_dovecot=; dpkg-query -W -f='$${Status}' dovecot-core 2>/dev/null | grep -q ' installed$$' && had_dovecot=1; \
+	  had_opendkim=; dpkg-query -W -f='$${Status}' opendkim 2>/dev/null | grep -q ' installed$$' && had_opendkim=1; \
+	  had_unbound=; dpkg-query -W -f='$${Status}' unbound 2>/dev/null | grep -q ' installed$$' && had_unbound=1; \
 	  if [ ! -e $(POLICY_RC) ]; then \
 	    trap 'rm -f $(POLICY_RC)' EXIT; trap 'exit 130' INT TERM HUP; \
 	    printf '#!/bin/sh\n# make peers: no service starts while it installs packages\nexit 101\n' >$(POLICY_RC) && chmod 755 $(POLICY_RC); \
@@ -69,6 +77,14 @@ peers:
 	  if [ "$$rc" = 0 ] && [ -z "$$had_dovecot" ]; then \
 	    update-rc.d dovecot disable >/dev/null 2>&1 || true; \
 	    deb-systemd-helper disable dovecot.service dovecot.socket >/dev/null 2>&1 || true; \
+	  fi; \
+	  if [ "$$rc" = 0 ] && [ -z "$$had_opendkim" ]; then \
+	    update-rc.d opendkim disable >/dev/null 2>&1 || true; \
+	    deb-systemd-helper disable opendkim.service >/dev/null 2>&1 || true; \
+	  fi; \
+	  if [ "$$rc" = 0 ] && [ -z "$$had_unbound" ]; then \
+	    update-rc.d unbound disable >/dev/null 2>&1 || true; \
+	    deb-systemd-helper disable unbound.service unbound-resolvconf.service >/dev/null 2>&1 || true; \
 	  fi; \
 	  if [ "$$rc" != 0 ]; then echo "peers: apt-get failed (exit $$rc)" >&2; exit "$$rc"; fi; \
 	  echo "peers: installed $(PEERS_APT)"; \
