@@ -6,6 +6,7 @@ The C{relaynet} command.
     relaynet route CONFIG ADDRESS...     how each address would be routed, and why
     relaynet gen-cert --dir D NAME...    a lab CA (made once) and a certificate for NAMEs
     relaynet passwd FILE USER            add or change a submission user (scrypt hash)
+    relaynet dkim keygen DOMAIN SELECTOR a DKIM key (0600) and the DNS TXT record to publish
     relaynet queue COMMAND ...           a running node's queue: list, show, flush, hold, ... (queuecli)
     relaynet version
 """
@@ -149,6 +150,53 @@ def _gen_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dkim_keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+
+    from relaynet.delivery.dkim import KeyFileError, generate_key, signing_key, zone_record
+
+    domain = args.domain.strip().rstrip(".").lower()
+    selector = args.selector
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        print(f"relaynet: {args.domain!r} is not a domain name", file=sys.stderr)
+        return 2
+    labels = selector.split(".") + domain.split(".")
+    if not all(part and all(c.isalnum() or c == "-" for c in part) for part in labels) or "." not in domain:
+        print(f"relaynet: {selector!r} / {args.domain!r}: selector and domain must be DNS names "
+              "(letters, digits, '-', dots between labels)", file=sys.stderr)
+        return 2
+    if args.algorithm == "rsa" and not 1024 <= args.bits <= 8192:
+        print(f"relaynet: --bits must be 1024 to 8192 (2048 advised), not {args.bits}", file=sys.stderr)
+        return 2
+    path = Path(args.out or f"{domain}.{selector}.key")
+    pem = generate_key(args.algorithm, args.bits)
+    try:
+        key = signing_key(serialization.load_pem_private_key(pem, None), domain, selector, path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"relaynet: {path} exists; not overwriting a key (give another --out)", file=sys.stderr)
+        return 1
+    except (OSError, KeyFileError) as e:
+        print(f"relaynet: {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    print(zone_record(key))
+    kind = f"RSA {args.bits} bits" if args.algorithm == "rsa" else "Ed25519"
+    print(
+        f"relaynet: {kind} key written to {path} (mode 0600); publish the TXT record above, then add"
+        f' to the node config: [[dkim.keys]] domain = "{domain}", selector = "{selector}",'
+        f' key_file = "{path}"', file=sys.stderr,
+    )
+    return 0
+
+
 def _passwd(args: argparse.Namespace) -> int:
     import getpass
     import warnings
@@ -273,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user", help="user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.set_defaults(func=_passwd)
+    p = sub.add_parser("dkim", help="DKIM signing keys (docs/outbound-security.md)")
+    dsub = p.add_subparsers(dest="dkim_command", metavar="COMMAND", required=True)
+    k = dsub.add_parser(
+        "keygen", help="make a signing key (mode 0600) and print the DNS TXT record to publish"
+    )
+    k.add_argument("domain", help="the signing domain (d=), e.g. example.org")
+    k.add_argument("selector", help="the selector (s=), e.g. 2026a")
+    k.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                   help="rsa (rsa-sha256, default) or ed25519 (ed25519-sha256, RFC 8463)")
+    k.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    k.add_argument("--out", help="where the key goes (default ./DOMAIN.SELECTOR.key; never overwritten)")
+    k.set_defaults(func=_dkim_keygen)
     p = sub.add_parser("bench", help="benchmark relaynet against Postfix (see bench/README.md)",
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)

@@ -111,6 +111,22 @@ class TLSSettings:
 
 
 @frozen
+class DKIMSettings:
+    """
+    DKIM signing of mail leaving by relay and mx routes
+    (L{relaynet.delivery.dkim}).
+
+    @ivar sign: routes sign unless they say C{dkim = false}.
+    @ivar keys: L{relaynet.delivery.dkim.SigningKey}s, read at load time.
+    @ivar signing_table: C{(From: domain pattern, signing domain)} pairs.
+    """
+
+    sign: bool = False
+    keys: tuple[Any, ...] = ()
+    signing_table: tuple[tuple[str, str], ...] = ()
+
+
+@frozen
 class AuthSettings:
     """
     SMTP AUTH (submission): the password file, failure handling and which
@@ -173,6 +189,8 @@ class RouteRule:
     auth_file: Path | None = None
     auth: tuple[str, str] | None = field(default=None, repr=False)
     auth_cleartext: bool = False
+    dkim: bool | None = None
+    """Sign what this route sends (C{None}: as C{[dkim] sign} says)."""
 
 
 @frozen
@@ -275,6 +293,7 @@ class NodeConfig:
     auth: AuthSettings = AuthSettings()
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
+    dkim: DKIMSettings = DKIMSettings()
     source: str = "<default>"
     workers: int = 0
     shard: int | None = None
@@ -651,12 +670,15 @@ def _parse_route(source: str, key: str, data: Any, base: Path | None = None) -> 
         except ValueError as e:
             raise table.error("auth_file", str(e)) from None
     auth_cleartext = table.get("auth_cleartext", bool, False)
+    dkim = table.get("dkim", bool, None)
+    if dkim is not None and action not in ("relay", "mx"):
+        raise table.error("dkim", "only relay and mx routes sign (mail leaving the node)")
     table.finish()
     return RouteRule(
         domains=domains, action=action, next_hops=tuple(hops),
         code=code, enhanced=enhanced, text=text, ack=ack, concurrency=concurrency,
         source_address=source_address, tls=tls, mx_port=mx_port,
-        auth_file=auth_path, auth=auth, auth_cleartext=auth_cleartext,
+        auth_file=auth_path, auth=auth, auth_cleartext=auth_cleartext, dkim=dkim,
     )
 
 
@@ -1025,6 +1047,11 @@ def parse_config(
                      lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"),
     )
     lg.finish()
+    dkim = _parse_dkim(source, top.sub("dkim"), base)
+    if not dkim.keys:
+        for i, rule in enumerate(routes):
+            if rule.dkim:
+                raise ConfigError(source, f"route[{i}].dkim", "signs, but [dkim] has no keys")
     top.finish()
 
     return NodeConfig(
@@ -1032,8 +1059,62 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, log=log,
-        source=source, workers=0 if workers == "auto" else int(workers),
+        dkim=dkim, source=source, workers=0 if workers == "auto" else int(workers),
     )
+
+
+def _parse_dkim(source: str, d: TableReader, base: Path | None) -> DKIMSettings:
+    """
+    C{[dkim]}: the switch, the keys (each read now: a key that cannot be
+    read is an error of the configuration, so the node does not start) and
+    the signing table.
+    """
+    from relaynet.delivery.dkim import KeyFileError, load_key
+
+    sign = d.get("sign", bool, False)
+    keys = []
+    seen = set()
+    for i, item in enumerate(d.get("keys", list, [])):
+        k = TableReader(source, f"dkim.keys[{i}]", item)
+        domain = k.get("domain", str, "").strip().rstrip(".").lower()
+        if not domain:
+            raise k.error("domain", "is required: the signing domain (d=)")
+        domain = _domain_pattern(source, k.key("domain"), domain)
+        if domain.startswith("*"):
+            raise k.error("domain", "must be a domain, not a pattern (use [dkim.signing_table])")
+        selector = k.get("selector", str, "")
+        if not selector or not all(
+            part and part.isascii() and all(c.isalnum() or c == "-" for c in part)
+            for part in selector.split(".")
+        ):
+            raise k.error("selector", "is required: DNS labels of letters, digits and '-'")
+        if (domain, selector.lower()) in seen:
+            raise k.error("selector", f"{selector!r} of {domain} is already configured")
+        seen.add((domain, selector.lower()))
+        key_file = k.get("key_file", str, None)
+        if not key_file:
+            raise k.error("key_file", "is required: the private key (PEM), e.g. from 'relaynet dkim keygen'")
+        try:
+            keys.append(load_key(_resolve(base, key_file), domain, selector))
+        except KeyFileError as e:
+            raise k.error("key_file", str(e)) from None
+        k.finish()
+    table = []
+    st = d.get("signing_table", dict, {})
+    domains = {k.domain for k in keys}
+    for pattern, target in st.items():
+        key = f"dkim.signing_table.{pattern}"
+        if not isinstance(target, str):
+            raise ConfigError(source, key, f"must be a signing domain, not {toml_kind(target)}")
+        pattern = _domain_pattern(source, key, pattern.lower())
+        target = target.strip().rstrip(".").lower()
+        if target not in domains:
+            raise ConfigError(source, key, f"{target!r} has no key in [[dkim.keys]]")
+        table.append((pattern, target))
+    if sign and not keys:
+        raise d.error("sign", "is true, but there are no [[dkim.keys]]")
+    d.finish()
+    return DKIMSettings(sign=sign, keys=tuple(keys), signing_table=tuple(table))
 
 
 def _check_loops(source: str, listeners: tuple[Listener, ...], routes: tuple[RouteRule, ...]) -> None:
@@ -1165,6 +1246,17 @@ def describe(config: NodeConfig) -> str:
     if config.admin.metrics_endpoint:
         lines.append(f"metrics_endpoint = {_toml(config.admin.metrics_endpoint)}")
     lines += [""] + _table("log", config.log)
+    if config.dkim.keys:
+        lines += ["[dkim]", f"sign = {_toml(config.dkim.sign)}", ""]
+        for k in config.dkim.keys:
+            lines += [
+                "[[dkim.keys]]", f"domain = {_toml(k.domain)}", f"selector = {_toml(k.selector)}",
+                f"key_file = {_toml(str(k.key_file))}  # {k.algorithm}", "",
+            ]
+        if config.dkim.signing_table:
+            lines.append("[dkim.signing_table]")
+            lines += [f"{_toml(p)} = {_toml(d)}" for p, d in config.dkim.signing_table]
+            lines.append("")
     for rule in config.routes:
         lines += ["[[route]]", f"domains = {_toml(list(rule.domains))}", f"action = {_toml(rule.action)}"]
         if rule.next_hops:
@@ -1182,6 +1274,8 @@ def describe(config: NodeConfig) -> str:
                 lines.append(f"auth_file = {_toml(str(rule.auth_file))}")
             if rule.auth_cleartext:
                 lines.append("auth_cleartext = true")
+            if rule.dkim is not None:
+                lines.append(f"dkim = {_toml(rule.dkim)}")
         if rule.action == "mx":
             lines.append(f"mx_port = {rule.mx_port}")
         lines.append("")

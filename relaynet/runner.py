@@ -37,6 +37,7 @@ from twisted.python.threadpool import ThreadPool
 from relaynet.config import NodeConfig
 from relaynet.delivery.attempt import Delivery, ThreadedMailboxes, system_resolver
 from relaynet.delivery.client import SUSPENDED, OutboundManager
+from relaynet.delivery.dkim import Signer
 from relaynet.delivery.lmtp import LMTPAgent
 from relaynet.delivery.routing import Route, RoutingTable
 from relaynet.events import EventLog
@@ -143,7 +144,7 @@ class QueueRunner(Service):
         self.core = QueueCore(_retry_policy(config), config.queue.delay_warning)
         self.outbound = outbound or OutboundManager(
             reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file,
-            events=events,
+            events=events, signer=Signer.from_settings(config.dkim),
         )
         if isinstance(self.outbound, OutboundManager) and self.outbound.flush is None:
             # A next hop that reopens flushes the mail it deferred while down.
@@ -221,6 +222,7 @@ class QueueRunner(Service):
         if isinstance(self.outbound, OutboundManager):
             self.outbound.timeouts = config.outbound
             self.outbound.ca_file = config.tls.ca_file
+            self.outbound.signer = Signer.from_settings(config.dkim)
             self.outbound.close_idle()
 
     def resolver(self) -> Any:

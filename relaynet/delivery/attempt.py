@@ -56,13 +56,14 @@ class IOutbound(Protocol):
     def deliver(
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
-        auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
+        auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
     ) -> Deferred[list[DeliveryResult]]:
         """
         One L{DeliveryResult} per recipient the hop was tried for.
 
         @param auth: the route's SMTP AUTH C{(username, password)}, if any.
         @param auth_cleartext: the route allows AUTH without TLS.
+        @param dkim: the route signs (given only when it does).
         """
 
 
@@ -292,6 +293,8 @@ class Delivery:
                 auth: dict[str, Any] = (
                     {} if rule.auth is None else {"auth": rule.auth, "auth_cleartext": rule.auth_cleartext}
                 )
+                if self._signs(rule):
+                    auth["dkim"] = True
                 results = yield self.outbound.deliver(
                     hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **auth
                 )
@@ -320,6 +323,10 @@ class Delivery:
             # The final event names the last hop; the ones before it are in tried.
             final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ()))[:-1])
         return [final[r.address] for r in rcpts if r.address in final]
+
+    def _signs(self, rule: RouteRule) -> bool:
+        """Whether C{rule}'s mail goes DKIM-signed: its C{dkim}, else C{[dkim] sign}."""
+        return self._config().dkim.sign if rule.dkim is None else rule.dkim
 
     def mx(self) -> MXLookup:
         """The MX lookup (made on first use, over the resolver)."""

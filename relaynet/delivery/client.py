@@ -19,6 +19,11 @@ C{shared/TWISTED-TRAPS.md}):
    RFC 6152 3), or bounces (5.6.3) where it cannot be converted (8-bit
    header fields) or C{[outbound] eight_bit = "bounce"}; one over the peer's
    SIZE fails permanently (5.3.4);
+ - on a route that signs (C{[dkim]}), the message is DKIM-signed in a
+   worker thread just before it is sent, after any 7-bit conversion, so
+   that what the peer gets is what was signed
+   (L{relaynet.delivery.dkim.Signer}); a message whose From: domain has no
+   key goes unsigned, with a C{dkim_unsigned} event;
  - to a peer offering CHUNKING the message goes in C{BDAT} chunks of up to
    L{RelayClient.BDAT_CHUNK} octets (RFC 3030), without dot-stuffing, one
    chunk in flight at a time (a message of one chunk pipelined with MAIL and
@@ -61,6 +66,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaynet.config import Outbound, hop_name, split_endpoint
+from relaynet.delivery.dkim import Signed, Signer
 from relaynet.delivery.downgrade import ConversionError, has_eight_bit, needs_smtputf8, to_seven_bit
 from relaynet.smtp.datastream import DotStuffer
 from relaynet.smtp.netio import no_delay, send_now
@@ -161,12 +167,14 @@ class _Plan:
     @ivar body8: MAIL carries C{BODY=8BITMIME}.
     @ivar convert: the 7-bit conversion is sent instead of the stored message.
     @ivar chunking: BDAT instead of DATA.
+    @ivar sign: the message goes DKIM-signed (by the pool's signer).
     """
 
     smtputf8: bool
     body8: bool
     convert: bool
     chunking: bool
+    sign: bool = False
 
 
 class _Reader(Protocol):
@@ -201,18 +209,26 @@ class _BytesReader:
         pass
 
 
-def _seven_bit_copy(entry: QueueEntry) -> bytes:
+def _prepared_copy(entry: QueueEntry, convert: bool, signer: Signer | None) -> tuple[bytes, Signed | None]:
     """
-    The stored message converted to 7 bits (blocking: run in a worker thread).
+    The stored message as it is to be sent: converted to 7 bits if
+    C{convert}, then DKIM-signed if C{signer} (blocking: run in a worker
+    thread).
 
-    @raise ConversionError: it cannot be (8-bit header fields).
+    @return: the message and what signing gave (C{None} without a signer).
+    @raise ConversionError: it cannot be converted (8-bit header fields).
     @raise OSError: the queue file cannot be read, or is short.
     """
     with entry.open_message() as f:
         data = f.read()
     if len(data) != entry.envelope.size:
         raise OSError("queue file shorter than its recorded size")
-    return to_seven_bit(data)
+    if convert:
+        data = to_seven_bit(data)
+    if signer is None:
+        return data, None
+    signed = signer.sign(data)
+    return (signed.fields + data if signed.fields else data), signed
 
 
 def _b64(text: str) -> bytes:
@@ -593,6 +609,7 @@ class RelayClient(smtp.ESMTPClient):
             body8=offers8 and (eight or params.get("body") == "8BITMIME"),
             convert=convert,
             chunking=b"CHUNKING" in ext and self.timeouts.chunking,
+            sign=self.pool.signer is not None,
         )
 
     def _too_big(self, size: int) -> tuple[str, str] | None:
@@ -627,32 +644,36 @@ class RelayClient(smtp.ESMTPClient):
         self._next(job)
 
     def _start_job(self, job: Job, plan: _Plan) -> None:
-        """Send C{job} as planned: at once, or once converted to 7 bits."""
-        if not plan.convert:
+        """Send C{job} as planned: at once, or once converted to 7 bits and/or signed."""
+        if not plan.convert and not plan.sign:
             self._begin(job, plan, None)
             return
         # The connection is taken meanwhile (self.job); if it ends before
         # the conversion does, the job gets its result from that.
         self.job = job
-        d = maybeDeferred(self.pool.run_in_thread, lambda: _seven_bit_copy(job.entry))
+        signer = self.pool.signer if plan.sign else None
+        d = maybeDeferred(self.pool.run_in_thread, lambda: _prepared_copy(job.entry, plan.convert, signer))
         d.addCallbacks(
-            lambda data: self._converted(job, plan, data),
-            lambda reason: self._conversion_failed(job, reason),
+            lambda prepared: self._converted(job, plan, *prepared),
+            lambda reason: self._conversion_failed(job, plan, reason),
         )
 
-    def _converted(self, job: Job, plan: _Plan, data: bytes) -> None:
+    def _converted(self, job: Job, plan: _Plan, data: bytes, signed: Signed | None) -> None:
         if self.job is not job or self._quitting:
             return
+        if signed is not None:
+            self.pool.dkim_event(job, signed)
         problem = self._too_big(len(data))
         if problem is not None:
             self.job = None
-            job.fail(554, problem[0], problem[1] + " (converted to 7 bits)", self.pool.name, local=True)
+            how = " (converted to 7 bits)" if plan.convert else " (DKIM-signed)"
+            job.fail(554, problem[0], problem[1] + how, self.pool.name, local=True)
             self._sent += 1
             self._next()
             return
         self._begin(job, plan, data)
 
-    def _conversion_failed(self, job: Job, reason: Failure) -> None:
+    def _conversion_failed(self, job: Job, plan: _Plan, reason: Failure) -> None:
         if self.job is not job or self._quitting:
             return
         self.job = None
@@ -664,12 +685,11 @@ class RelayClient(smtp.ESMTPClient):
                 f" converted to 7 bits: {reason.getErrorMessage()} (RFC 6152)", remote, local=True,
             )
         else:
+            what = "convert the message to 7 bits" if plan.convert else "sign the message"
             self.pool.log.failure(
-                "converting {queue_id} to 7 bits for {relay}", reason,
-                queue_id=job.entry.queue_id, relay=remote,
+                "preparing {queue_id} for {relay}", reason, queue_id=job.entry.queue_id, relay=remote,
             )
-            job.fail(0, "4.3.0", f"cannot convert the message to 7 bits for {remote}: "
-                     f"{reason.getErrorMessage()}", remote)
+            job.fail(0, "4.3.0", f"cannot {what} for {remote}: {reason.getErrorMessage()}", remote)
         self._sent += 1
         self._next()
 
@@ -943,10 +963,12 @@ class RelayClient(smtp.ESMTPClient):
         size = job.entry.envelope.size if self._payload is None else len(self._payload)
         self.pool.log.debug(
             "transfer queue_id={queue_id} relay={relay} method={method} chunks={chunks}"
-            " octets={octets} converted={converted} smtputf8={smtputf8} body8={body8} reply={code}",
+            " octets={octets} converted={converted} signed={signed} smtputf8={smtputf8}"
+            " body8={body8} reply={code}",
             queue_id=job.entry.queue_id, relay=self.pool.name,
             method="BDAT" if plan is not None and plan.chunking else "DATA",
-            chunks=self._chunks, octets=size, converted=self._payload is not None,
+            chunks=self._chunks, octets=size, converted=plan is not None and plan.convert,
+            signed=plan is not None and plan.sign,
             smtputf8=plan is not None and plan.smtputf8, body8=plan is not None and plan.body8,
             code=code,
         )
@@ -1334,13 +1356,15 @@ class HopPool:
         auth_cleartext: bool = False,
         auth_penalty: float | None = None,
         events: Any = None,
-        run_in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]] | None = None,
+        run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
         hop: HopState | None = None,
+        signer: Signer | None = None,
     ) -> None:
         """
-        @param run_in_thread: runs blocking work (the 7-bit conversion of a
-            message) off the reactor thread; by default in the reactor's
-            thread pool. Tests inject one.
+        @param run_in_thread: runs blocking work (the 7-bit conversion and
+            the DKIM signing of a message) off the reactor thread; by
+            default in the reactor's thread pool. Tests inject one.
+        @param signer: DKIM-signs every message sent through this pool.
         @param hop: the hop's up/down state, shared by every pool to the
             same endpoint (by default its own, with C{timeouts.hop_down_time}).
         @param auth: C{(username, password)} for SMTP AUTH, or C{None}.
@@ -1359,6 +1383,7 @@ class HopPool:
         self.auth_penalty = self.AUTH_PENALTY if auth_penalty is None else auth_penalty
         self.events = events
         self._run_in_thread = run_in_thread
+        self.signer = signer
         # (until, dsn, diagnostic) of the last failed AUTH.
         self._auth_block: tuple[float, str, str] | None = None
         # Credentials go only over TLS: a route with tls = "none" still asks
@@ -1390,11 +1415,30 @@ class HopPool:
         self._connecting = 0
         self.connections_made = 0
 
-    def run_in_thread(self, work: Callable[[], bytes]) -> Deferred[bytes]:
+    def run_in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
         """Run C{work} in a worker thread; its result, in the reactor thread."""
         if self._run_in_thread is not None:
             return self._run_in_thread(work)
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+
+    def dkim_event(self, job: Job, signed: Signed) -> None:
+        """
+        The event of signing C{job}'s message: C{dkim_signed} (the domain and
+        selectors), or C{dkim_unsigned} (why not: no key for the From:
+        domain, no usable From:).
+        """
+        if self.events is None:
+            return
+        if signed.unsigned is None:
+            self.events.emit(
+                "dkim_signed", queue_id=job.entry.queue_id, relay=self.name,
+                domain=signed.domain, selectors=list(signed.selectors),
+            )
+        else:
+            self.events.emit(
+                "dkim_unsigned", queue_id=job.entry.queue_id, relay=self.name,
+                from_domain=signed.from_domain, reason=signed.unsigned,
+            )
 
     def submit(self, entry: QueueEntry, recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
         """Queue delivery of C{entry} to C{recipients} through this hop."""
@@ -1605,12 +1649,16 @@ class OutboundManager:
     def __init__(
         self, reactor: Any, timeouts: Outbound, helo_name: str, ca_file: Any = None,
         events: Any = None, auth_penalty: float | None = None,
-        run_in_thread: Callable[[Callable[[], bytes]], Deferred[bytes]] | None = None,
+        run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
         flush: Callable[[list[str], int | None], int] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         """
-        @param events: where the pools emit C{auth_failed}, C{hop_down} and
-            C{hop_up} events (an L{relaynet.events.EventLog}), or C{None}.
+        @param events: where the pools emit C{auth_failed}, C{hop_down},
+            C{hop_up} and C{dkim_signed}/C{dkim_unsigned} events (an
+            L{relaynet.events.EventLog}), or C{None}.
+        @param signer: signs what goes by the routes that sign (L{deliver}'s
+            C{dkim}); settable (a reload makes a new one).
         @param auth_penalty: see L{HopPool}.
         @param run_in_thread: see L{HopPool}.
         @param flush: see L{HopState} (the queue runner's; settable later).
@@ -1622,7 +1670,8 @@ class OutboundManager:
         self.events = events
         self.auth_penalty = auth_penalty
         self.run_in_thread = run_in_thread
-        self.pools: dict[tuple[str, str | None, str, str | None, bool], HopPool] = {}
+        self.signer = signer
+        self.pools: dict[tuple[str, str | None, str, str | None, bool, bool], HopPool] = {}
         # Per endpoint, shared by its pools; kept across reloads.
         self.hops: dict[str, HopState] = {}
         self.flush = flush
@@ -1650,35 +1699,40 @@ class OutboundManager:
     def pool(
         self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
         tls_policy: str = "none", auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
+        dkim: bool = False,
     ) -> HopPool:
         """
         The pool for a hop with these settings. Credentials are part of its
         identity (by a digest, never the password itself): other credentials
         for the same hop, after a reload, use other connections.
+
+        @param dkim: its messages are signed (when there is a signer).
         """
-        key = (endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext)
+        signs = dkim and self.signer is not None
+        key = (endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs)
         p = self.pools.get(key)
         if p is None:
             p = self.pools[key] = HopPool(
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
                 tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
-                self.run_in_thread, self.hop(endpoint),
+                self.run_in_thread, self.hop(endpoint), self.signer if signs else None,
             )
         return p
 
     def deliver(
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
-        auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
+        auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
     ) -> Deferred[list[DeliveryResult]]:
         """
         Deliver C{entry} to C{recipients} through the hop at C{endpoint}.
 
         @param auth: the route's C{(username, password)} for SMTP AUTH.
         @param auth_cleartext: the route allows AUTH without TLS.
+        @param dkim: the route signs (with L{signer}).
         """
         return self.pool(
-            endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext
+            endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext, dkim
         ).submit(entry, recipients)
 
     def close(self) -> None:
