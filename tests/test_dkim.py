@@ -340,3 +340,39 @@ def test_pool_without_a_signer_sends_the_file_unchanged(tmp_path: Path) -> None:
     hop.serve()
     assert results_of(out) == {"rcpt@example.net": (250, "2.0.0")}
     assert hop.servers[0].messages[0].data == MESSAGE and not hop.thread_work
+
+
+# -- which routes sign (the in-memory network of relaynet.testing) ------------
+
+
+def test_only_the_egress_routes_sign(keys: dict[str, Any]) -> None:
+    """
+    An egress node with C{[dkim] sign = true}: mail relayed out is signed
+    once (the next node, without [dkim], adds none), mail its local route
+    delivers and mail of a route with C{dkim = false} is not; the signature
+    still verifies at the last hop, below that node's Received field.
+    """
+    from relaynet.testing.network import Network
+
+    net = Network()
+    dkim_table = {"sign": True, "keys": [
+        {"domain": "example.org", "selector": "rsa1", "key_file": str(keys["rsa"].key_file)},
+        {"domain": "example.org", "selector": "ed1", "key_file": str(keys["ed"].key_file)},
+    ]}
+    net.add_node("inside", local_domains=["dest.test"])
+    net.add_node("outside", local_domains=["world.test"])
+    egress = net.add_node("egress", local_domains=["egress.test"], routes=[
+        {"domains": ["world.test"], "action": "relay", "next_hops": [net.endpoint("outside")]},
+        {"domains": ["dest.test"], "action": "relay", "next_hops": [net.endpoint("inside")], "dkim": False},
+    ], dkim=dkim_table)
+    for rcpt in ("far@world.test", "near@dest.test", "me@egress.test"):
+        egress.submit("alice@example.org", [rcpt], MESSAGE)
+    net.run()
+    (far,) = net.nodes["outside"].mailboxes.delivered("far@world.test")
+    assert far.data.count(b"DKIM-Signature:") == 2
+    assert verify_all(far.data, keys["records"]) == [True, True]
+    (near,) = net.nodes["inside"].mailboxes.delivered("near@dest.test")
+    (me,) = egress.mailboxes.delivered("me@egress.test")
+    assert b"DKIM-Signature" not in near.data and b"DKIM-Signature" not in me.data
+    (signed,) = egress.events_named("dkim_signed")
+    assert signed["domain"] == "example.org" and signed["selectors"] == ["rsa1", "ed1"]

@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from attrs import define, field, frozen
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
@@ -58,6 +58,7 @@ from zope.interface import implementer
 from relaynet.config import NextHop, NodeConfig, parse_config
 from relaynet.delivery.attempt import Delivery
 from relaynet.delivery.client import OutboundManager
+from relaynet.delivery.dkim import Signer
 from relaynet.delivery.mailbox import LocalResult
 from relaynet.delivery.routing import resolve_local, split_address
 from relaynet.events import EventLog
@@ -266,7 +267,13 @@ class NetNode:
             config=self.config, spool=gate, events=events,  # type: ignore[arg-type]
             reactor=reactor, now=reactor.seconds, window=self.window,
         )
-        outbound = OutboundManager(reactor, self.config.outbound, self.config.hostname, events=events)
+        outbound = OutboundManager(
+            reactor, self.config.outbound, self.config.hostname, events=events,
+            signer=Signer.from_settings(self.config.dkim),
+            # The conversion and the signing run at once, as the node's other
+            # "thread" work does here (ManualThreadPool(immediate=True)).
+            run_in_thread=maybeDeferred,
+        )
         self.runner = QueueRunner(
             self.config, gate, events, reactor, threads,  # type: ignore[arg-type]
             outbound=outbound, now=reactor.seconds, resolver=_NetworkResolver(self.network),
