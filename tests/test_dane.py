@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import CertificateOptions
 from twisted.names import dns
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from harness.dns import NSDServer, free_dns_port, zone_text
 from harness.dnssec import UnboundServer, query, sign_zone, unavailable_reason
@@ -49,7 +58,9 @@ from relaynet.delivery.dane import (
     MATCH,
     NO_DANE,
     TLS_UNAUTHENTICATED,
+    DaneClientTLS,
     DaneRequirement,
+    DaneVerificationError,
     DNSSECLookupError,
     TLSARecord,
     ValidatingResolver,
@@ -185,7 +196,7 @@ def test_record_text_and_wire_forms() -> None:
     ("3 1 1 " + "00" * 32, True),
     ("2 0 2 " + "00" * 64, True),
     ("3 0 0 00", True),
-    ("3 1 1 " + "00" * 31, False),  # a SHA-256 digest of the wrong length (RFC 7671 section 4)
+    ("3 1 1 " + "00" * 31, False),  # a SHA-256 digest of the wrong length
     ("3 1 2 " + "00" * 32, False),
     ("0 0 1 " + "00" * 32, False),  # PKIX-TA: unusable for SMTP (RFC 7672 section 3.1.3)
     ("1 1 1 " + "00" * 32, False),  # PKIX-EE
@@ -221,7 +232,7 @@ def test_tlsa_name_and_resolver_address() -> None:
     ("mx.example.test", "mx2.example.test", False),
 ])
 def test_name_matching(pattern: str, host: str, ok: bool) -> None:
-    """Certificate names match exactly or by a whole-leftmost-label wildcard (RFC 7672 section 3.2.3)."""
+    """Certificate names match exactly or by a whole-leftmost-label wildcard (RFC 7672 section 3.2)."""
     assert name_matches(pattern, host) is ok
 
 
@@ -428,10 +439,10 @@ def _handshake(server_chain: list[Issued]) -> SSL.Connection:
     """A pyOpenSSL client and server over memory BIOs, shaken hands; the client's connection."""
     leaf = server_chain[0]
     sctx = SSL.Context(SSL.TLS_METHOD)
-    sctx.use_certificate(leaf.cert)  # type: ignore[arg-type]
-    sctx.use_privatekey(leaf.key)  # type: ignore[arg-type]
+    sctx.use_certificate(leaf.cert)
+    sctx.use_privatekey(leaf.key)
     for extra in server_chain[1:]:
-        sctx.add_extra_chain_cert(extra.cert)  # type: ignore[arg-type]
+        sctx.add_extra_chain_cert(extra.cert)
     cctx = SSL.Context(SSL.TLS_METHOD)
     cctx.set_verify(SSL.VERIFY_NONE)  # DANE checks the chain itself, after the handshake
     server, client = SSL.Connection(sctx, None), SSL.Connection(cctx, None)
@@ -474,6 +485,107 @@ def test_peer_chain_without_a_certificate() -> None:
     assert peer_chain(NoChain()) == []
 
 
+# -- DANE in a real TLS handshake (loopback, private reactor) ----------------------
+
+
+@implementer(IHandshakeListener)
+class _Client(Protocol):
+    """Records whether the TLS handshake completed and why the connection ended."""
+
+    def __init__(self) -> None:
+        self.handshake = False
+        self.reason: Failure | None = None
+        self.lost: Deferred[None] = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+def _wait(reactor: Any, d: Deferred[Any], timeout: float = TIMEOUT) -> Any:
+    """Iterate C{reactor} until C{d} fires (at most C{timeout} seconds); its result, or raise its failure."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    end = time.monotonic() + timeout
+    while not out:
+        if time.monotonic() > end:
+            raise AssertionError(f"no result within {timeout} s")
+        reactor.iterate(0.01)
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.fixture
+def tls_server(pki: dict[str, Issued]) -> Iterator[Callable[[list[Issued]], tuple[Any, int]]]:
+    """Start a TLS server on loopback presenting a given chain (leaf first); stopped at the end."""
+    reactor = EPollReactor()
+    ports: list[Any] = []
+
+    def start(chain: list[Issued]) -> tuple[Any, int]:
+        options = CertificateOptions(
+            privateKey=chain[0].key,  # type: ignore[arg-type]
+            certificate=chain[0].cert,  # type: ignore[arg-type]
+            extraCertChain=[c.cert for c in chain[1:]],  # type: ignore[misc]
+        )
+        port = reactor.listenSSL(0, Factory.forProtocol(Protocol), options, interface="127.0.0.1")
+        ports.append(port)
+        return reactor, port.getHost().port
+
+    yield start
+    for port in ports:
+        stopped = port.stopListening()
+        if stopped is not None:
+            _wait(reactor, stopped)
+
+
+def _connect(reactor: Any, port: int, options: DaneClientTLS) -> _Client:
+    client = _Client()
+    endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+    _wait(reactor, connectProtocol(endpoint, client))
+    _wait(reactor, client.lost)
+    return client
+
+
+def test_tls_handshake_matching_record(pki: dict[str, Issued], tls_server: Any) -> None:
+    """DaneClientTLS with a matching 2 1 1 record: the handshake completes; the result names the record."""
+    reactor, port = tls_server([pki["deep"], pki["inter"]])
+    record = TLSARecord.for_certificate(pki["inter"].der, 2, 1, 1)
+    options = DaneClientTLS(DaneRequirement(MATCH, HOST, 25, records=(record,), names=(HOST,)), now=lambda: NOW)
+    client = _connect(reactor, port, options)
+    assert client.handshake
+    assert options.result is not None and options.result.ok and options.result.record == record
+
+
+def test_tls_handshake_mismatch_is_aborted(pki: dict[str, Issued], tls_server: Any) -> None:
+    """A record of another key: the handshake is aborted, the connection lost with DaneVerificationError (4.7.5)."""
+    reactor, port = tls_server([pki["leaf"], pki["root"]])
+    options = DaneClientTLS(DaneRequirement(
+        MATCH, HOST, 25, records=(TLSARecord.for_certificate(pki["stranger"].der),), names=(HOST,)))
+    client = _connect(reactor, port, options)
+    assert not client.handshake
+    assert client.reason is not None
+    error = client.reason.value
+    assert isinstance(error, DaneVerificationError)
+    assert error.result.reason == f"TLSA 3 1 1 did not match the certificate of {HOST}"
+    assert error.result.dsn == "4.7.5"
+    assert options.result == error.result
+
+
+def test_tls_handshake_all_unusable(pki: dict[str, Issued], tls_server: Any) -> None:
+    """TLS without authentication: any certificate completes the handshake; no-DANE and defer make no options."""
+    reactor, port = tls_server([pki["stranger"]])
+    options = DaneClientTLS(DaneRequirement(TLS_UNAUTHENTICATED, HOST, 25))
+    assert _connect(reactor, port, options).handshake
+    for kind in (NO_DANE, DEFER):
+        with pytest.raises(ValueError):
+            DaneClientTLS(DaneRequirement(kind, HOST, 25))
+
+
 # -- a real validating resolver -----------------------------------------------------
 
 _MISSING = unavailable_reason()
@@ -491,16 +603,7 @@ class Lab:
 
     def wait(self, d: Deferred[Any], timeout: float = TIMEOUT) -> Any:
         """Iterate the private reactor until C{d} fires (at most C{timeout} seconds); its result, or raise its failure."""
-        out: list[Any] = []
-        d.addBoth(out.append)
-        end = time.monotonic() + timeout
-        while not out:
-            if time.monotonic() > end:
-                raise AssertionError(f"no result within {timeout} s")
-            self.reactor.iterate(0.01)
-        if isinstance(out[0], Failure):
-            out[0].raiseException()
-        return out[0]
+        return _wait(self.reactor, d, timeout)
 
     def resolver(self, port: int | None = None, timeout: tuple[float, ...] = (2.0, 2.0)) -> ValidatingResolver:
         return ValidatingResolver(self.reactor, ("127.0.0.1", self.unbound.port if port is None else port), timeout)
@@ -509,10 +612,10 @@ class Lab:
         return DANE(self.resolver(port))
 
 
-def _zones(base: Path, certs: dict[str, Issued]) -> tuple[dict[str, str], list[str]]:
+def _zones(base: Path, certs: dict[str, Issued], many: list[Issued]) -> tuple[dict[str, str], list[str]]:
     """The zone texts for NSD and the trust anchors (DS lines) for Unbound."""
     ee = TLSARecord.for_certificate(certs["mx"].der).to_text()
-    full = [TLSARecord.for_certificate(c.der, 3, 0, 0).to_text() for c in certs["many"]]
+    full = [TLSARecord.for_certificate(c.der, 3, 0, 0).to_text() for c in many]
     # The bogus child: signed, its DS in dane.test, its signatures long expired.
     child = sign_zone(base, "_tcp.mxb.dane.test", zone_text("_tcp.mxb.dane.test", [f"_25 TLSA {ee}"]),
                       inception="20200101", expiration="20200201")
@@ -564,7 +667,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         "stranger": make_leaf(["bad.dane.test"]),
     }
     many = [make_leaf([f"many{i}.dane.test"], not_before=now - DAY, not_after=now + 30 * DAY) for i in range(4)]
-    zones, anchors = _zones(base, {**certs, "many": many})  # type: ignore[dict-item]
+    zones, anchors = _zones(base, certs, many)
     certs.update({f"many{i}": c for i, c in enumerate(many)})
     with NSDServer(base / "nsd", zones) as nsd:
         stubs = {origin: nsd.port for origin in ("dane.test", "expired.test", "plain.test")}
@@ -646,6 +749,11 @@ class TestValidatingResolver:
         r = lab.resolver()
         first = lab.wait(r.query("_25._tcp.mx.dane.test", dane.TLSA))
         assert lab.wait(r.query("_25._tcp.MX.dane.test.", dane.TLSA)) is first
+        # The cache is bounded: at the bound, what has not expired is dropped too.
+        small = ValidatingResolver(lab.reactor, ("127.0.0.1", lab.unbound.port), (2.0,), max_cached=2)
+        for host in ("mx", "bad", "ta"):
+            lab.wait(small.query(f"{host}.dane.test", dns.A))
+        assert len(small._cache) <= 2
 
     def test_no_answer_is_a_failure(self, lab: Lab) -> None:
         """Nothing answers at the resolver's address: the lookup fails after the configured tries."""

@@ -17,17 +17,21 @@ Trust in DNS:
    or to unauthenticated TLS (RFC 7672 section 2.2).
 
 When DANE applies (RFC 7672 section 2.2):
- - only when the MX RRset was secure (section 2.2.1; the MX code asks
-   L{DANE.mx_secure}) and the exchanger's address records were secure
-   (section 2.2.2; L{DANE.requirement_for} asks);
- - the TLSA RRset is looked up at C{_PORT._tcp.HOST} (section 2.2.3). A
-   secure answer with records: TLS is required and must match them. A
-   secure NXDOMAIN or NODATA, or an insecure answer: no DANE for that host.
- - A CNAME at the TLSA name is followed by the resolver; the records of the
+ - when the MX RRset was secure (section 2.2.1; the MX code asks
+   L{DANE.mx_secure} and passes the answer to L{DANE.requirement_for}).
+   The RFC allows (MAY) DANE for the hosts of an insecure MX RRset too;
+   relaynet does not, unless the caller says the MX RRset was secure;
+ - and the exchanger's address records were secure (L{DANE.requirement_for}
+   asks: A and AAAA; of the two, those that answered must all be secure);
+ - then the TLSA RRset is looked up at C{_PORT._tcp.HOST} (section 2.2.3).
+   A secure answer with records: TLS is required and must match them. A
+   secure NXDOMAIN or NODATA, or an insecure answer: no DANE for that host
+   (the route's own TLS policy applies).
+ - A CNAME at the TLSA name is followed by the resolver; the records at the
    end of the chain are used, secure only if the whole answer is. The
    address lookup's CNAME target (when secure) is a reference identifier
-   besides the MX host name (section 3.2.3). The TLSA lookup at the expanded
-   name first (section 2.2.3's first choice) is not done.
+   besides the MX host name (section 3.2). The TLSA lookup at the expanded
+   name first, which section 2.2.3 prefers, is not done.
 
 Matching (RFC 7672 section 3, RFC 7671):
  - DANE-EE(3): the leaf certificate (selector 0) or its SubjectPublicKeyInfo
@@ -40,13 +44,12 @@ Matching (RFC 7672 section 3, RFC 7671):
    anchor's own dates are not checked: it is trusted by DNS, as a bare key
    in a C{2 1 0} record is); and the leaf must name the MX host (a DNS
    subjectAltName, or the common name when there is none; a wildcard only as
-   the whole leftmost label) (sections 3.1.2, 3.2.2, 3.2.3). A C{2 1 0}
-   record may carry a key that the server does not send as a certificate.
+   the whole leftmost label) (sections 3.1.2 and 3.2). A C{2 1 0} record
+   may carry a key that the server does not send as a certificate.
  - PKIX-TA(0) and PKIX-EE(1) are unusable for SMTP (section 3.1.3), as are
-   unknown selectors and matching types and digests of the wrong length
-   (RFC 7671 section 4). Some usable records: one of them must match. Only
-   unusable records: TLS is still required, without authentication
-   (section 2.2).
+   unknown usages, selectors and matching types, and digests of the wrong
+   length. Some usable records: one of them must match. Only unusable
+   records: TLS is still required, without authentication (section 2.2).
 
 The pieces:
  - L{TLSARecord} and L{match_chain} are pure: no reactor, no I/O.
@@ -55,6 +58,9 @@ The pieces:
  - L{DANE.requirement_for} gives a host's L{DaneRequirement} before
    connecting; L{verify_chain} checks the certificate chain after the TLS
    handshake (L{peer_chain} takes it from a pyOpenSSL connection).
+ - L{DaneClientTLS} is the client TLS options for STARTTLS under such a
+   requirement: it runs L{verify_chain} inside the handshake and aborts it
+   on a mismatch (L{DaneVerificationError}).
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from attrs import frozen
@@ -78,15 +84,25 @@ from cryptography.hazmat.primitives.asymmetric import (
     rsa,
 )
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     connectProtocol,
 )
-from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUDP
+from twisted.internet.error import CannotListenError, ConnectError
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IReactorTCP,
+    IReactorTime,
+    IReactorUDP,
+)
 from twisted.names import dns, error
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 TLSA: Final = 52
 """The TLSA record type (RFC 6698 section 7.1)."""
@@ -116,6 +132,9 @@ MAX_TTL: Final = 86400.0
 
 DNS_TIMEOUT: Final = (1.0, 3.0)
 """Seconds to wait for each try of a query over UDP (then over TCP, the sum)."""
+
+MAX_CACHED: Final = 10000
+"""The most answers a L{ValidatingResolver} keeps."""
 
 EDNS_PAYLOAD: Final = 1232
 """The UDP payload size announced with EDNS0 (the DNS flag day 2020 value)."""
@@ -180,7 +199,7 @@ class TLSARecord:
         """
         The record that matches the certificate C{der} (DER) with the given
         parameters: what a domain publishes (C{3 1 1} by default, the
-        common choice, RFC 7671 section 10).
+        common choice, RFC 7672 section 3.1.1).
         """
         cert = x509.load_der_x509_certificate(der)
         return cls(usage, selector, mtype, _digest(mtype, _selected(cert, selector)))
@@ -201,9 +220,9 @@ class TLSARecord:
     @property
     def usable(self) -> bool:
         """
-        Whether an SMTP client may use it: DANE-TA or DANE-EE, a known
-        selector and matching type, a digest of the right length (RFC 7672
-        section 3.1.3, RFC 7671 section 4).
+        Whether an SMTP client may use it: DANE-TA or DANE-EE (RFC 7672
+        section 3.1.3), a known selector and matching type, a digest of the
+        right length.
         """
         if self.usage not in (DANE_TA, DANE_EE) or self.selector not in (SELECTOR_CERT, SELECTOR_SPKI):
             return False
@@ -259,7 +278,7 @@ def _matches(record: TLSARecord, cert: x509.Certificate) -> bool:
 def certificate_names(cert: x509.Certificate) -> list[str]:
     """
     The DNS names of C{cert}: its DNS subjectAltNames, or its common names
-    when it has none (RFC 7672 section 3.2.3), lower case.
+    when it has none (RFC 7672 section 3.2), lower case.
     """
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -275,7 +294,7 @@ def name_matches(pattern: str, host: str) -> bool:
     """
     Whether the certificate name C{pattern} covers C{host}: equal (case
     folded, no trailing dot), or a wildcard C{*.rest} that stands for the
-    whole leftmost label of C{host} (RFC 7672 section 3.2.3, RFC 6125
+    whole leftmost label of C{host} (RFC 7672 section 3.2, RFC 6125
     section 6.4.3 as narrowed there).
     """
     pattern = pattern.rstrip(".").lower()
@@ -525,6 +544,96 @@ def peer_chain(connection: Any) -> list[bytes]:
     return [c.public_bytes(serialization.Encoding.DER) for c in chain]
 
 
+class DaneVerificationError(Exception):
+    """
+    The certificate chain of a server did not satisfy its TLSA records; the
+    TLS handshake was aborted.
+
+    @ivar result: the L{MatchResult} (C{reason}, C{dsn} 4.7.5).
+    """
+
+    def __init__(self, result: MatchResult) -> None:
+        super().__init__(result.reason)
+        self.result = result
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class DaneClientTLS:
+    """
+    Client TLS options for one connection under a L{DaneRequirement} that
+    requires TLS: for C{transport.startTLS(...)} after STARTTLS, or
+    L{twisted.internet.endpoints.wrapClientTLS}.
+
+    No PKIX validation (DANE replaces it; RFC 7672 section 3.1.3); SNI names
+    the host, as RFC 7672 asks of DANE clients; TLS 1.2 at least. For L{MATCH}, the
+    chain is checked by L{verify_chain} from OpenSSL's verification callback,
+    so that a mismatch aborts the handshake before the client's Finished
+    message, hence before any SMTP command is sent under TLS: the
+    connection is lost with a L{DaneVerificationError} (as Twisted's own
+    host name check fails a connection). For L{TLS_UNAUTHENTICATED}, any
+    certificate is accepted.
+
+    @ivar result: the L{MatchResult} of the last handshake (C{None} before;
+        for L{TLS_UNAUTHENTICATED}, set when the handshake ends) for events.
+    """
+
+    def __init__(
+        self,
+        requirement: DaneRequirement,
+        *,
+        now: Callable[[], datetime.datetime] | None = None,
+        options: ssl.CertificateOptions | None = None,
+    ) -> None:
+        """
+        @param requirement: L{MATCH} or L{TLS_UNAUTHENTICATED}.
+        @param now: the time for DANE-TA validity checks (default: the wall clock, UTC).
+        @param options: the options to start from (default: no verification, TLS 1.2 at least).
+        @raise ValueError: the requirement does not call for TLS.
+        """
+        if not requirement.tls_required:
+            raise ValueError(f"DANE requirement {requirement.kind!r} does not call for TLS")
+        self.requirement = requirement
+        self._now = now
+        self._options = options or ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        self.result: MatchResult | None = None
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """The pyOpenSSL connection for C{tlsProtocol}, with SNI and the DANE check."""
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        try:
+            connection.set_tlsext_host_name(self.requirement.host.encode("idna"))
+        except UnicodeError:
+            pass  # not a name SNI can carry; the check below does not depend on it
+        if self.requirement.authenticated:
+            connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify_callback(tlsProtocol))
+        else:
+            connection.set_verify(SSL.VERIFY_NONE)
+            self.result = verify_chain(self.requirement, [])
+        return connection
+
+    def _verify_callback(
+        self, tlsProtocol: TLSMemoryBIOProtocol,
+    ) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
+        checked: list[MatchResult] = []
+
+        def callback(connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+            # OpenSSL's own verdict (no trust anchors here) is ignored: the
+            # chain is judged once, when OpenSSL reaches the leaf (depth 0,
+            # called last), with every certificate the server sent.
+            if depth != 0:
+                return True
+            if not checked:
+                when = self._now() if self._now is not None else None
+                result = verify_chain(self.requirement, peer_chain(connection), now=when)
+                checked.append(result)
+                self.result = result
+                if not result.ok:
+                    tlsProtocol.failVerification(Failure(DaneVerificationError(result)))
+            return checked[0].ok
+
+        return callback
+
+
 # -- asking the validating resolver ------------------------------------------
 
 
@@ -643,6 +752,9 @@ class ValidatingResolver:
         resolver: RFC 4035 section 4.9.3).
     @param timeout: seconds to wait for each UDP try.
     @param dnssec_ok: set the EDNS0 DO bit too (not only AD in the query).
+    @param payload: the UDP payload size announced with EDNS0.
+    @param max_cached: the most answers kept (then expired ones are
+        dropped, or all if none has expired).
     """
 
     def __init__(
@@ -652,6 +764,7 @@ class ValidatingResolver:
         timeout: Sequence[float] = DNS_TIMEOUT,
         dnssec_ok: bool = True,
         payload: int = EDNS_PAYLOAD,
+        max_cached: int = MAX_CACHED,
     ) -> None:
         host, port = server
         ipaddress.ip_address(host)  # ValueError if it is not a literal address
@@ -661,6 +774,7 @@ class ValidatingResolver:
         self.dnssec_ok = dnssec_ok
         self.payload = payload
         self._v6 = ":" in host
+        self.max_cached = max_cached
         self._cache: dict[tuple[str, int], _Cached] = {}
 
     def __repr__(self) -> str:
@@ -689,14 +803,22 @@ class ValidatingResolver:
             message = await self._tcp(question)
         answer = self._read(name, qtype, message)
         if answer.ttl > 0:
-            self._cache[(name, qtype)] = _Cached(self._now() + answer.ttl, answer)
+            now = self._now()
+            if len(self._cache) >= self.max_cached:
+                self._cache = {k: v for k, v in self._cache.items() if v.expires > now}
+                if len(self._cache) >= self.max_cached:
+                    self._cache.clear()
+            self._cache[(name, qtype)] = _Cached(now + answer.ttl, answer)
         return answer
 
     async def _udp(self, question: dns.Query) -> dns.Message:
         protocol = _ADQuerier(self.reactor, self.dnssec_ok, self.payload)
-        port = IReactorUDP(self.reactor).listenUDP(
-            0, protocol, interface="::" if self._v6 else "", maxPacketSize=65535,
-        )
+        try:
+            port = IReactorUDP(self.reactor).listenUDP(
+                0, protocol, interface="::" if self._v6 else "", maxPacketSize=65535,
+            )
+        except CannotListenError as e:
+            raise DNSSECLookupError(f"cannot open a UDP socket to ask the resolver: {e}") from None
         try:
             for seconds in self.timeout:
                 try:
@@ -704,6 +826,9 @@ class ValidatingResolver:
                     return message
                 except error.DNSQueryTimeoutError:
                     continue
+                except OSError as e:  # sendto failed: no route, no such interface
+                    raise DNSSECLookupError(
+                        f"cannot ask the resolver {self.server[0]}:{self.server[1]}: {e}") from None
         finally:
             stopped = port.stopListening()
             if stopped is not None:
@@ -838,7 +963,7 @@ class DANE:
     def address_secure(self, host: str) -> Deferred[bool]:
         """
         Whether the address records of C{host} were validated (RFC 7672
-        section 2.2.2): of the A and AAAA lookups that answered, each was
+        section 2.2): of the A and AAAA lookups that answered, each was
         secure; C{False} when some was insecure.
 
         @return: a L{Deferred} firing with C{True} or C{False}, or failing
@@ -858,9 +983,10 @@ class DANE:
         """C{(secure, canonical names)} of the host's A and AAAA answers."""
         answers: list[SecureAnswer] = []
         failures: list[DNSSECLookupError] = []
-        for qtype in (dns.A, dns.AAAA):
+        asked = [self.resolver.query(host, qtype) for qtype in (dns.A, dns.AAAA)]  # both at once
+        for d in asked:
             try:
-                answers.append(await self.resolver.query(host, qtype))
+                answers.append(await d)
             except DNSSECLookupError as e:
                 failures.append(e)
         if not answers:
@@ -885,6 +1011,12 @@ class DANE:
         return Deferred.fromCoroutine(self._requirement(mx_host.rstrip(".").lower(), int(port), mx_secure))
 
     async def _requirement(self, host: str, port: int, mx_secure: bool) -> DaneRequirement:
+        try:
+            return await self._decide(host, port, mx_secure)
+        except Exception as e:  # noqa: BLE001 -- fail closed: an unforeseen error defers, it never skips DANE
+            return DaneRequirement(DEFER, host, port, reason=f"DANE check for {host} failed: {e!r}", dsn=DSN)
+
+    async def _decide(self, host: str, port: int, mx_secure: bool) -> DaneRequirement:
         name = tlsa_name(host, port)
         if not mx_secure:
             return DaneRequirement(NO_DANE, host, port, reason=f"no DANE for {host}: the MX lookup was not DNSSEC-secure")
@@ -944,7 +1076,9 @@ __all__ = [
     "TLSA",
     "TLS_UNAUTHENTICATED",
     "DNSSECLookupError",
+    "DaneClientTLS",
     "DaneRequirement",
+    "DaneVerificationError",
     "MatchResult",
     "SecureAnswer",
     "TLSARecord",
