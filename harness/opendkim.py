@@ -362,6 +362,10 @@ class OpenDKIMVerifier:
             '    chroot: ""',
             '    username: ""',
             "    use-syslog: no",
+            # Unbound answers names under the special-use domains of
+            # RFC 6761 and RFC 8375 itself (NXDOMAIN): labs and tests use
+            # .test, so those go to our NSD like the rest.
+            *(f'    local-zone: "{zone}" nodefault' for zone in ("test.", "invalid.", "onion.", "home.arpa.")),
             "forward-zone:",
             '    name: "."',
             f"    forward-addr: {host}@{port}",

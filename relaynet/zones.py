@@ -24,6 +24,7 @@ answer (NODATA), as a real authoritative server answers.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from twisted.names import authority, dns, resolve
@@ -93,9 +94,12 @@ def _absolute(name: str, origin: str) -> str:
     return f"{name}.{origin}".lower() if origin else name.lower()
 
 
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
 def parse_record(line: str, origin: str, default_ttl: int = DEFAULT_TTL) -> tuple[str, Any]:
     """
-    One record line: C{NAME [TTL] TYPE DATA...}.
+    One record line: C{NAME [TTL] [IN] TYPE DATA...}.
 
     @return: the absolute owner name and a L{twisted.names.dns} record.
     @raise ZoneError: the line is not a record we know.
@@ -109,6 +113,8 @@ def parse_record(line: str, origin: str, default_ttl: int = DEFAULT_TTL) -> tupl
     if rest[0].isdigit():
         ttl = int(rest[0])
         rest = rest[1:]
+    if len(rest) > 2 and rest[0].upper() == "IN":
+        rest = rest[1:]  # the class, as a zone file may give it
     if len(rest) < 2:
         raise ZoneError("expected TYPE DATA after the name")
     kind, data = rest[0].upper(), rest[1:]
@@ -129,9 +135,16 @@ def parse_record(line: str, origin: str, default_ttl: int = DEFAULT_TTL) -> tupl
             return name, dns.Record_NS(target(data[0]), ttl=ttl)
         if kind == "TXT":
             text = line.split(rest[0], 1)[1].strip()
-            if len(text) >= 2 and text[0] == text[-1] == '"':
-                text = text[1:-1]
-            raw = text.encode("utf-8")
+            if text.startswith('"'):
+                # One or more quoted character-strings (RFC 1035 5.1), as
+                # a zone file has them: a DKIM record's are joined by the
+                # reader, so the record is their concatenation.
+                strings = _QUOTED.findall(text)
+                if _QUOTED.sub("", text).strip():
+                    raise ValueError(f"not a sequence of quoted strings: {text}")
+                raw = "".join(s.replace('\\"', '"').replace("\\\\", "\\") for s in strings).encode("utf-8")
+            else:
+                raw = text.encode("utf-8")
             return name, dns.Record_TXT(*[raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""], ttl=ttl)
         if kind == "TLSA":
             return name, Record_TLSA(int(data[0]), int(data[1]), int(data[2]), bytes.fromhex("".join(data[3:])), ttl)

@@ -79,9 +79,14 @@ def test_shipped_topologies_generate_valid_node_configs(path: Path, tmp_path: Pa
     """Every shipped topology parses, and every generated node config passes the node's own parser."""
     from relaynet.lab.topology import load_topology
 
+    from relaynet.lab.control import _make_files
+
     topo = load_topology(path)
     plans = allocate(topo, _always_free, _no_free_port)
     for name in topo.names:
+        # The files the lab makes (certificates, password files, DKIM keys)
+        # first, as 'lab up' does: the node's parser reads some of them.
+        _make_files(topo, name, plans[name].address, [], tmp_path / name)
         data = node_config(topo, plans, name, tmp_path / name)
         assert tomllib.loads(dumps(data)) == data
         config = validate_node_config(topo, name, data, tmp_path / name)

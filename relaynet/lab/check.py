@@ -239,6 +239,8 @@ class CheckReport:
     unexpected: list[str] = field(factory=list)
     latencies: list[float] = field(factory=list)
     waited: float = 0.0
+    dkim: Any = None
+    """A L{relaynet.lab.dkimcheck.DKIMReport} when some node signs, else None."""
 
     @property
     def ok(self) -> bool:
@@ -246,7 +248,10 @@ class CheckReport:
         Whether nothing is lost, in flight, or duplicated (unless
         C{allow_duplicates}): the exit status and the last line follow it.
         """
-        return not self.lost and not self.in_flight and (self.allow_duplicates or not self.duplicated)
+        return (
+            not self.lost and not self.in_flight and (self.allow_duplicates or not self.duplicated)
+            and (self.dkim is None or self.dkim.ok)
+        )
 
     def verdict(self) -> str:
         """
@@ -259,6 +264,8 @@ class CheckReport:
                 parts.append(f"{self.bounced} bounced with a DSN to the sender")
             if self.duplicated:
                 parts.append(f"{len(self.duplicated)} duplicated (allowed)")
+            if self.dkim is not None:
+                parts.append(f"{self.dkim.verified} DKIM-verified")
             return "OK: " + ", ".join(parts + ["nothing lost", "nothing in flight"])
         bad = []
         if self.lost:
@@ -270,6 +277,10 @@ class CheckReport:
             if self.stopped:
                 flight += " (held by stopped " + ", ".join(sorted(self.stopped)) + ")"
             bad.append(flight)
+        if self.dkim is not None and self.dkim.failed:
+            bad.append(f"{len(self.dkim.failed)} failed DKIM verification")
+        if self.dkim is not None and self.dkim.unsigned:
+            bad.append(f"{len(self.dkim.unsigned)} left a signing node unsigned")
         return "FAIL: " + ", ".join(bad)
 
     def stopped_note(self) -> str | None:
@@ -302,6 +313,7 @@ class CheckReport:
             "unexpected_ids": self.unexpected,
             "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
             "latency_max": lat[-1] if lat else None, "waited": round(self.waited, 3),
+            "dkim": None if self.dkim is None else self.dkim.to_json(),
             "verdict": self.verdict(),
         }
 
@@ -337,6 +349,8 @@ class CheckReport:
                 lines += [f"  {i}" for i in items[:show]]
                 if len(items) > show:
                     lines.append(f"  ... and {len(items) - show} more")
+        if self.dkim is not None:
+            lines += self.dkim.lines(show)
         note = self.stopped_note()
         if note:
             lines.append(note)

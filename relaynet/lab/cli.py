@@ -409,6 +409,9 @@ def _check(args: argparse.Namespace) -> int:
     report = check.verify(sent, ev, EventIndex(lab_events(lab.nodes), lab.endpoint_map()))
     report.waited = waited
     report.allow_duplicates = args.allow_duplicates
+    from relaynet.lab.dkimcheck import check_lab
+
+    report.dkim = check_lab(lab.nodes, lab.data.get("dns"))
     if report.stopped:
         report.start_command = start
     if args.json:

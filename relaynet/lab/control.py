@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -21,7 +22,8 @@ from relaynet.hints import command
 from relaynet.lab.state import Lab, LabError
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.topology import (
-    Topology, allocate, link_subnets, load_topology, node_config, node_files, validate_node_config, zone_spec,
+    Topology, allocate, dkim_keys, link_subnets, load_topology, node_config, node_files, validate_node_config,
+    zone_spec,
 )
 
 START_ATTEMPTS = 3
@@ -164,6 +166,35 @@ def _make_files(topology: Topology, name: str, address: str, more: list[str], no
         files["password_file"].unlink(missing_ok=True)
         for user, password in topology.node(name).auth_users.items():
             set_password(files["password_file"], user, password)
+    keys = dkim_keys(topology, name, node_dir)
+    if keys:
+        from relaynet.delivery.dkim import generate_key
+
+        for _, _, algorithm, path in keys:
+            # Made once: the lab's DNS publishes the same key at every 'lab up'.
+            if not path.exists():
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(generate_key(algorithm))
+
+
+def dkim_records(topology: Topology, lab_dir: Path) -> dict[str, list[str]]:
+    """
+    The DKIM key records (TXT at C{<selector>._domainkey.<domain>.}) of the
+    keys the lab made, by domain, for the lab's DNS server.
+    """
+    from relaynet.delivery.dkim import load_key, zone_record
+
+    out: dict[str, list[str]] = {}
+    for n in topology.nodes:
+        for domain, selector, _, path in dkim_keys(topology, n.name, lab_dir / n.name):
+            try:
+                key = load_key(path, domain, selector)
+            except ValueError as e:
+                raise LabError(f"node {n.name}: DKIM key: {e}") from None
+            out.setdefault(domain, []).append(zone_record(key))
+    return out
 
 
 def _links(lab: Lab, topology: Topology) -> list[dict[str, Any]]:
@@ -292,7 +323,10 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
             dns_server = f"{dns_rec['address']}:{dns_rec['port']}" if dns_rec else None
             recs = _records(lab, topology, use_netns, power_fs, dns_server)
             if dns_rec is not None:
-                spec = zone_spec(topology, {name: rec["address"] for name, rec in recs.items()})
+                spec = zone_spec(
+                    topology, {name: rec["address"] for name, rec in recs.items()},
+                    dkim_records(topology, lab.dir),
+                )
                 Path(dns_rec["zones"]).write_text(json.dumps(spec, indent=2), "utf-8")
             for rec in recs.values():
                 _adopt_spool(rec)

@@ -47,10 +47,10 @@ def serve(spec: Mapping[str, Sequence[str]], host: str, port: int, reactor: Any)
     ]
 
 
-def query(host: str, port: int, name: str, qtype: int, timeout: float = 1.0) -> int | None:
+def ask(host: str, port: int, name: str, qtype: int, timeout: float = 1.0) -> Any:
     """
-    One UDP query (blocking, for readiness checks): the response code, or
-    None when nothing answered within C{timeout}.
+    One UDP query (blocking): the answer (a C{twisted.names.dns.Message}),
+    or None when nothing answered within C{timeout}.
     """
     from twisted.names import dns
 
@@ -60,12 +60,34 @@ def query(host: str, port: int, name: str, qtype: int, timeout: float = 1.0) -> 
         s.settimeout(timeout)
         try:
             s.sendto(message.toStr(), (host, port))
-            data, _ = s.recvfrom(4096)
+            data, _ = s.recvfrom(65535)
         except OSError:
             return None
     answer = dns.Message()
     answer.fromStr(data)
-    return int(answer.rCode)
+    return answer
+
+
+def query(host: str, port: int, name: str, qtype: int, timeout: float = 1.0) -> int | None:
+    """
+    One UDP query (blocking, for readiness checks): the response code, or
+    None when nothing answered within C{timeout}.
+    """
+    answer = ask(host, port, name, qtype, timeout)
+    return None if answer is None else int(answer.rCode)
+
+
+def txt(host: str, port: int, name: str, timeout: float = 1.0) -> list[bytes] | None:
+    """
+    The TXT records of C{name} (each its strings joined), blocking; None
+    when the server did not answer.
+    """
+    from twisted.names import dns
+
+    answer = ask(host, port, name, dns.TXT, timeout)
+    if answer is None:
+        return None
+    return [b"".join(rr.payload.data) for rr in answer.answers if rr.type == dns.TXT]
 
 
 def free_port(host: str = "127.0.0.1", tries: int = 50) -> int:

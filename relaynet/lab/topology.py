@@ -19,7 +19,7 @@ import copy
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from attrs import field, frozen
 
@@ -41,7 +41,7 @@ _LAB_OWNED = {("node", "name"), ("node", "spool"), ("local", "mailroot")}
 # Keys of a route that are passed to the node config verbatim.
 _ROUTE_PASSTHROUGH = (
     "ack", "concurrency", "tls", "source_address", "code", "enhanced", "text",
-    "mx_port", "next_hops",
+    "mx_port", "next_hops", "dkim",
 )
 
 
@@ -97,6 +97,7 @@ class NodeSpec:
     config: Mapping[str, Any] = field(factory=dict)
     tls: bool = False
     auth_users: Mapping[str, str] = field(factory=dict)
+    dkim: tuple[str, ...] = ()
 
     def neighbours(self) -> list[str]:
         """The nodes this node relays to, in route order, without repeats."""
@@ -335,6 +336,12 @@ def _read_node(source: str, key: str, name: str, data: Any, defaults: _Reader,
         _read_config_table(source, f"{key}.config", n.get("config", dict, {})),
     )
     tls = n.get("tls", bool, defaults.data.get("tls", False))
+    dkim = tuple(d.strip().rstrip(".").lower() for d in n.strings("dkim"))
+    for i, d in enumerate(dkim):
+        if not d or "*" in d or "@" in d or " " in d or "." not in d:
+            raise ConfigError(source, f"{key}.dkim[{i}]", f"{d!r} is not a domain name")
+    if dkim and "dkim" in config:
+        raise ConfigError(source, f"{key}.dkim", "the lab makes [dkim] from this list; no [dkim] in config too")
     auth_users = n.get("auth_users", dict, {})
     for user, password in auth_users.items():
         if not isinstance(password, str) or not password:
@@ -353,7 +360,7 @@ def _read_node(source: str, key: str, name: str, data: Any, defaults: _Reader,
     return NodeSpec(
         name=name, role=role, address=address, port=port, domains=domains, users=users,
         aliases=aliases, catch_all=catch_all, routes=routes, listeners=listeners, config=config,
-        tls=tls, auth_users=auth_users,
+        tls=tls, auth_users=auth_users, dkim=dkim,
     )
 
 
@@ -449,6 +456,10 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
     )
     c.finish()
     zones = _read_zones(source, top.sub("dns"), names)
+    for n in nodes:
+        if n.dkim and not zones:
+            raise ConfigError(source, f"node.{n.name}.dkim",
+                              "needs [dns] zones: the lab's DNS server publishes the DKIM keys")
     lab.finish()
     top.finish()
     return Topology(
@@ -487,12 +498,25 @@ def _read_zones(source: str, d: TableReader, names: list[str]) -> tuple[tuple[st
     return tuple(out)
 
 
-def zone_spec(topology: Topology, addresses: Mapping[str, str]) -> dict[str, list[str]]:
-    """The topology's zones with each C{{NODE}} replaced by that node's address."""
-    return {
+def zone_spec(
+    topology: Topology, addresses: Mapping[str, str], extra: Mapping[str, Sequence[str]] = {},
+) -> dict[str, list[str]]:
+    """
+    The topology's zones with each C{{NODE}} replaced by that node's address.
+
+    @param extra: more record lines (absolute owner names) by domain: each
+        goes into the zone of that domain or of its closest enclosing one,
+        or a zone of its own (the lab's DKIM key records).
+    """
+    spec = {
         origin: [_NODE_REF.sub(lambda m: addresses[m.group(1)], line) for line in lines]
         for origin, lines in topology.zones
     }
+    for domain, lines in extra.items():
+        labels = domain.split(".")
+        enclosing = [".".join(labels[i:]) for i in range(len(labels)) if ".".join(labels[i:]) in spec]
+        spec.setdefault(enclosing[0] if enclosing else domain, []).extend(lines)
+    return spec
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -713,6 +737,12 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
         base["tls"] = {k: str(files[k]) for k in ("cert", "key", "ca_file") if k in files}
     if "password_file" in files:
         base["auth"] = {"password_file": str(files["password_file"])}
+    keys = dkim_keys(topology, name, node_dir)
+    if keys:
+        base["dkim"] = {"sign": True, "keys": [
+            {"domain": domain, "selector": selector, "key_file": str(path)}
+            for domain, selector, _, path in keys
+        ]}
     return _deep_merge(base, n.config)
 
 
@@ -734,6 +764,22 @@ def node_files(topology: Topology, name: str, node_dir: Path) -> dict[str, Path]
     if n.auth_users:
         out["password_file"] = node_dir / "passwd"
     return out
+
+
+DKIM_SELECTORS = (("lab-rsa", "rsa"), ("lab-ed", "ed25519"))
+"""The lab signs with an RSA and an Ed25519 key per domain (dual signing)."""
+
+
+def dkim_keys(topology: Topology, name: str, node_dir: Path) -> list[tuple[str, str, str, Path]]:
+    """
+    The DKIM keys the lab makes for a node with C{dkim = [domains]}:
+    C{(domain, selector, algorithm, key file)}, an RSA and an Ed25519 key
+    per domain, in C{<node>/dkim/}.
+    """
+    return [
+        (domain, selector, algorithm, node_dir / "dkim" / f"{domain}.{selector}.key")
+        for domain in topology.node(name).dkim for selector, algorithm in DKIM_SELECTORS
+    ]
 
 
 def validate_node_config(topology: Topology, name: str, data: Mapping[str, Any],
