@@ -35,7 +35,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.names import error
 from twisted.protocols.policies import WrappingFactory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -536,6 +536,47 @@ def test_cache_write_failure_does_not_fail_delivery(tmp_path: Path) -> None:
     assert (state.source, state.policy) == ("fetched", parse_policy(ENFORCE))
 
 
+LONG = "version: STSv1\nmode: enforce\nmx: mx1.example.test\nmax_age: 604800\n"
+
+
+def test_refresh_cached_daily(tmp_path: Path) -> None:
+    """Proactive refresh: a policy cached more than a day ago is fetched again (same id), extending its life."""
+    dns, fetcher, clock = Zones(zone()), FakeFetcher(LONG), Clock()
+    sts = manager(tmp_path, dns, fetcher, clock)
+    assert state_of(sts).expires == 604800
+    clock.advance(3600)
+    assert result_of(sts.refresh_cached()) == []
+    assert len(fetcher.calls) == 1, "refreshed before a day had passed"
+    clock.advance(86400)
+    (state,) = result_of(sts.refresh_cached())
+    assert (state.source, state.expires) == ("fetched", 3600 + 86400 + 604800)
+    assert len(fetcher.calls) == 2
+
+
+def test_refresh_cached_after_restart_and_failure(tmp_path: Path) -> None:
+    """The refresh covers domains only on disk (a restart); a failure keeps the cached policy."""
+    clock = Clock()
+    state_of(manager(tmp_path, Zones(zone()), FakeFetcher(LONG), clock))
+    clock.advance(2 * 86400)
+    fetcher = FakeFetcher(FetchError(FETCH_ERROR, "HTTP 503"))
+    sts = manager(tmp_path, Zones(zone()), fetcher, clock)
+    (state,) = result_of(sts.refresh_cached())
+    assert (state.source, state.policy_id, fetcher.calls) == ("cache", "one", ["example.test"])
+    assert state.failure is not None and state.failure.result_type == FETCH_ERROR
+    assert result_of(sts.refresh_cached()) == [], "a failed id is not fetched again at once"
+
+
+def test_refresh_cached_skips_domain_without_txt(tmp_path: Path) -> None:
+    """A domain whose TXT record is gone is not fetched; its cached policy runs out."""
+    dns, fetcher, clock = Zones(zone()), FakeFetcher(LONG), Clock()
+    sts = manager(tmp_path, dns, fetcher, clock)
+    state_of(sts)
+    dns.set(zone(None))
+    clock.advance(2 * 86400)
+    assert result_of(sts.refresh_cached()) == []
+    assert len(fetcher.calls) == 1
+
+
 def test_state_requirement() -> None:
     """L{PolicyState.requirement} applies the state's policy."""
     state = PolicyState("example.test", parse_policy(ENFORCE), "cache")
@@ -780,6 +821,38 @@ class FetchTests(TestCase):
         self.dns.set({"example.test": ["_mta-sts TXT v=STSv1; id=one"]})
         self.port = 9  # never connected to
         yield self.check_failure(FETCH_ERROR, "mta-sts.example.test")
+
+    @inlineCallbacks
+    def test_next_address_after_refused(self) -> Generator[Deferred[Any], Any, None]:
+        """The policy host's first address refuses the connection: the next one (from the node's DNS) is used."""
+        self.dns.set({"example.test": [
+            "_mta-sts TXT v=STSv1; id=one", "mta-sts A 127.0.0.2", "mta-sts A 127.0.0.1",
+        ]})
+        answers, _, _ = yield self.dns.lookupAddress("mta-sts.example.test")
+        self.assertEqual([a.payload.dottedQuad() for a in answers], ["127.0.0.2", "127.0.0.1"])
+        self.serve(["mta-sts.example.test"])
+        state = yield self.sts().policy_for("example.test")
+        self.assertEqual(state.source, "fetched", state.failure)
+
+    @inlineCallbacks
+    def test_ipv6_policy_host(self) -> Generator[Deferred[Any], Any, None]:
+        """A policy host with only an AAAA record is reached over IPv6."""
+        try:
+            probe = global_reactor.listenTCP(0, Factory(), interface="::1")  # type: ignore[attr-defined]
+        except Exception as e:
+            raise SkipTest(f"no IPv6 loopback: {e}") from None
+        yield probe.stopListening()
+        self.dns.set({"example.test": ["_mta-sts TXT v=STSv1; id=one", "mta-sts AAAA ::1"]})
+        cert, key = generate_cert(self.dir, self.ca, self.ca_key, ["mta-sts.example.test"])
+        tracking = Tracking(Site(self.resource))
+        port = global_reactor.listenSSL(  # type: ignore[attr-defined]
+            0, tracking, server_options(cert, key), interface="::1",
+        )
+        self.addCleanup(tracking.closed)
+        self.addCleanup(port.stopListening)
+        self.port = port.getHost().port
+        state = yield self.sts().policy_for("example.test")
+        self.assertEqual(state.source, "fetched", state.failure)
 
     @inlineCallbacks
     def test_cache_across_restart(self) -> Generator[Deferred[Any], Any, None]:

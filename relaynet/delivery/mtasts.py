@@ -30,9 +30,12 @@ The rules followed, by section of RFC 8461:
    fetch fails, a fresh cached policy is used, else the domain is treated
    as having none. A TXT record that disappeared does not end a fresh
    cached policy: it is used until C{max_age} runs out.
- - 3.3 (draft 06's advice, kept by implementations): after a failed fetch
-   the same id is not fetched again for L{FETCH_RETRY} seconds, so that a
-   dead policy host does not hold every delivery for the fetch timeout.
+ - 3.3 Proactive refresh: L{MTASTS.refresh_cached} fetches again each
+   cached policy older than a day (the node runs it from a timer).
+ - Rate limit (advice of the MTA-STS drafts, "five minutes or longer per
+   version ID"): after a failed fetch the same id is not fetched again for
+   L{FETCH_RETRY} seconds, so that a dead policy host does not hold every
+   delivery for the fetch timeout.
  - 4.1 MX patterns: an exact name, or C{*.} plus a name where C{*} stands
    for exactly one whole left-most label; compared case-insensitively,
    trailing dots ignored.
@@ -112,6 +115,9 @@ FETCH_TIMEOUT = 60.0
 
 FETCH_RETRY = 300.0
 """Seconds before an id whose fetch failed is fetched again."""
+
+REFRESH_INTERVAL = 86400.0
+"""Age after which L{MTASTS.refresh_cached} fetches a cached policy again (RFC 8461 3.3: daily)."""
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
 
@@ -721,6 +727,18 @@ class PolicyCache:
         self._run = run_in_thread
         self._last_write: dict[str, Deferred[None]] = {}
 
+    def run_in_thread(self, work: Callable[[], _T]) -> Deferred[_T]:
+        """Run blocking C{work} as this cache does (in a thread)."""
+        return self._run(work)
+
+    def domains(self) -> list[str]:
+        """The domains with a cache file (blocking: call it in a thread)."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return [n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")]
+
     def path(self, domain: str) -> Path:
         """The file of C{domain} (a normalised domain: letters, digits, C{-}, C{.})."""
         return self.directory / f"{domain}.json"
@@ -1079,12 +1097,35 @@ class MTASTS:
             self.log.failure("cannot write the MTA-STS cache for {domain}", domain=domain)
         return self._state(domain, entry, "fetched")
 
-    def forget(self, domain: str) -> None:
-        """Drop what is known in memory of C{domain} (TXT answer, failures); the disk cache stays."""
-        name = normalise_domain(domain) or domain
-        self._txt.pop(name, None)
-        self._failures.pop(name, None)
-        self._memory.pop(name, None)
+    @inlineCallbacks
+    def refresh_cached(self, interval: float = REFRESH_INTERVAL) -> Generator[Deferred[Any], Any, list[PolicyState]]:
+        """
+        Proactive refresh (RFC 8461 3.3: "MTAs SHOULD proactively refresh
+        cached policies before they expire", once a day): every cached
+        policy fetched more than C{interval} seconds ago whose domain still
+        publishes a TXT record is fetched again, one domain at a time (a
+        failure keeps the cached policy, as in L{policy_for}). The node calls
+        this from a timer, e.g. hourly.
+
+        @return: a Deferred firing with the states of the domains fetched.
+        """
+        listed: list[str] = yield maybeDeferred(self.cache.run_in_thread, self.cache.domains)
+        done: list[PolicyState] = []
+        for domain in sorted(set(listed) | {d for d, e in self._memory.items() if e is not None}):
+            cached = yield self._cached(domain)
+            if cached is None or cached.fetched + interval > self.clock.seconds():
+                continue
+            self._txt.pop(domain, None)  # ask DNS now, not from the TTL cache
+            txt = yield self._lookup_txt(domain)
+            failed = self._failures.get(domain)
+            if txt.policy_id is None or (
+                failed is not None and failed.policy_id == txt.policy_id
+                and self.clock.seconds() < failed.when + self.retry_after
+            ):
+                continue
+            state = yield _copy(self._fetch(domain, txt.policy_id))
+            done.append(state)
+        return done
 
 
 def _copy(d: Deferred[_T]) -> Deferred[_T]:
@@ -1105,6 +1146,7 @@ def _copy(d: Deferred[_T]) -> Deferred[_T]:
 __all__ = [
     "CachedPolicy", "ENFORCE_DSN", "FETCH_ERROR", "FETCH_RETRY", "FETCH_TIMEOUT", "Failed", "FetchError",
     "HostRequirement", "MAX_AGE_LIMIT", "MAX_POLICY_SIZE", "MTASTS", "POLICY_INVALID", "Policy",
-    "PolicyCache", "PolicyError", "PolicyFetcher", "PolicyState", "VALIDATION_FAILURE", "WEBPKI_INVALID",
+    "PolicyCache", "PolicyError", "PolicyFetcher", "PolicyState", "REFRESH_INTERVAL", "VALIDATION_FAILURE",
+    "WEBPKI_INVALID",
     "host_requirement", "load_trust", "normalise_domain", "parse_policy", "parse_sts_txt",
 ]
