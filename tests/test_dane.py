@@ -426,6 +426,8 @@ def test_verify_chain_by_requirement(pki: dict[str, Issued]) -> None:
     assert not verify_chain(ta, [pki["wrong_name"].der, pki["root"].der], now=NOW).ok
     # mx_host overrides the name checked (and named in reasons).
     assert not verify_chain(ta, chain, mx_host="mx.other.test", now=NOW).ok
+    # A MATCH requirement without a usable record fails closed (it is not "all unusable").
+    assert not verify_chain(DaneRequirement(MATCH, HOST, 25, records=(TLSARecord(1, 1, 1, b"\0" * 32),)), chain).ok
     assert DaneRequirement(MATCH, HOST, 25).tls_required and DaneRequirement(MATCH, HOST, 25).authenticated
     assert DaneRequirement(TLS_UNAUTHENTICATED, HOST, 25).tls_required
     assert not DaneRequirement(NO_DANE, HOST, 25).tls_required

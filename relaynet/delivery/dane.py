@@ -69,6 +69,7 @@ import datetime
 import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
+from io import BytesIO
 from typing import Any, Final
 
 from attrs import frozen
@@ -351,7 +352,7 @@ def _describe(cert: x509.Certificate) -> str:
 
 
 def _match_ta(
-    record: TLSARecord, certs: list[x509.Certificate], ders: list[bytes], names: Sequence[str], now: datetime.datetime,
+    record: TLSARecord, certs: list[x509.Certificate], names: Sequence[str], now: datetime.datetime,
 ) -> str | None:
     """
     Check a DANE-TA record against the chain: C{None} if it is satisfied,
@@ -427,7 +428,6 @@ def match_chain(
         certs = [x509.load_der_x509_certificate(bytes(d)) for d in der_chain]
     except ValueError as e:
         return MatchResult.failed(f"the certificate chain of {host} does not parse: {e}")
-    ders = [bytes(d) for d in der_chain]
     when = now if now is not None else datetime.datetime.now(datetime.UTC)
     reasons = []
     for record in usable:
@@ -436,7 +436,7 @@ def match_chain(
                 return MatchResult(True, f"TLSA {record.params} matched the certificate of {host}", record)
             reasons.append(f"TLSA {record.params} did not match the certificate of {host}")
         else:
-            why = _match_ta(record, certs, ders, names or [host], when)
+            why = _match_ta(record, certs, names or [host], when)
             if why is None:
                 return MatchResult(True, f"TLSA {record.params} matched the trust anchor of {host}", record)
             reasons.append(why)
@@ -523,6 +523,10 @@ def verify_chain(
         return MatchResult(True, requirement.reason or f"TLS without authentication for {requirement.host}")
     if requirement.kind == DEFER:
         return MatchResult.failed(requirement.reason)
+    if not any(r.usable for r in requirement.records):
+        # Fail closed: a MATCH requirement without a usable record is a
+        # caller's mistake, not "all unusable" (that is TLS_UNAUTHENTICATED).
+        return MatchResult.failed(f"no usable TLSA record to check the certificate of {requirement.host}")
     names: tuple[str, ...] = requirement.names or (requirement.host,)
     if mx_host is not None:
         host = mx_host.rstrip(".").lower()
@@ -896,6 +900,13 @@ class ValidatingResolver:
         )
 
 
+def _rdata(payload: Any) -> bytes:
+    """The wire-format RDATA of a record (Twisted parses TLSA as an C{UnknownRecord}; any record can encode itself)."""
+    out = BytesIO()
+    payload.encode(out)
+    return out.getvalue()
+
+
 def parse_resolver(text: str, default_port: int = 53) -> tuple[str, int]:
     """
     Parse a resolver's address: C{"127.0.0.1"}, C{"127.0.0.1:5353"},
@@ -1039,7 +1050,7 @@ class DANE:
         records = []
         for payload in answer.payloads:
             try:
-                records.append(TLSARecord.from_rdata(bytes(getattr(payload, "data", b""))))
+                records.append(TLSARecord.from_rdata(_rdata(payload)))
             except ValueError:
                 continue  # malformed: unusable
         usable = tuple(r for r in records if r.usable)
