@@ -28,7 +28,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 from attrs import define, field, frozen
 
@@ -194,17 +194,22 @@ def collect(nodes: Mapping[str, Mapping[str, Any]], stopped: Collection[str] = (
     """
     ev = Evidence()
     for name, rec in nodes.items():
-        root = Path(rec["mailroot"])
-        for box in root.glob("*/*/Maildir"):
-            for sub in ("new", "cur"):
-                try:
-                    names = os.listdir(box / sub)
-                except FileNotFoundError:
-                    continue
-                for fname in names:
-                    scan_mailbox_file(box / sub / fname, ev)
+        for path in mailbox_files(rec):
+            scan_mailbox_file(path, ev)
         scan_queue(spool_on_disk(rec), ev, name, name in stopped)
     return ev
+
+
+def mailbox_files(rec: Mapping[str, Any]) -> Iterator[Path]:
+    """Every message file in the Maildirs (C{new} and C{cur}) of a node's lab record C{rec}."""
+    for box in Path(rec["mailroot"]).glob("*/*/Maildir"):
+        for sub in ("new", "cur"):
+            try:
+                names = os.listdir(box / sub)
+            except FileNotFoundError:
+                continue
+            for fname in names:
+                yield box / sub / fname
 
 
 @define

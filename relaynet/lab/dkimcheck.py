@@ -19,7 +19,6 @@ keys, C{[dkim.signing_table]}).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +28,7 @@ from dkim.util import parse_tag_value
 from attrs import define, field
 
 from relaynet.delivery.dkim import from_domain
+from relaynet.lab.check import _REPORT, HEADER_LIMIT, mailbox_files
 from relaynet.lab.dns import txt
 
 _RECEIVED_BY = re.compile(rb"^received:(?:[^\r\n]|\r?\n[ \t])*?\bby[ \t]+([^\s;()]+)", re.IGNORECASE | re.MULTILINE)
@@ -201,17 +201,12 @@ def check_lab(nodes: Mapping[str, Mapping[str, Any]], dns: Mapping[str, Any] | N
         return None
     verifier = Verifier(dns["address"], int(dns["port"]), signing)
     for name, rec in nodes.items():
-        for box in Path(rec["mailroot"]).glob("*/*/Maildir"):
-            for sub in ("new", "cur"):
-                try:
-                    names = os.listdir(box / sub)
-                except FileNotFoundError:
-                    continue
-                for fname in names:
-                    path = box / sub / fname
-                    with open(path, "rb") as f:
-                        head = f.read(65536)
-                    if re.search(rb"^content-type[ \t]*:[ \t]*multipart/report", head, re.IGNORECASE | re.MULTILINE):
-                        continue
-                    verifier.check_file(path, name)
+        for path in mailbox_files(rec):
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(HEADER_LIMIT)
+            except OSError:
+                continue
+            if not _REPORT.search(head):  # a DSN is not DKIM's business here
+                verifier.check_file(path, name)
     return verifier.report
