@@ -15,7 +15,8 @@ Three tiers:
 
 The zones: C{dane.test} (signed, trusted), C{plain.test} (unsigned: insecure),
 C{expired.test} (signed with signatures that expired in 2020: bogus, Unbound
-answers SERVFAIL) and C{_tcp.mxb.dane.test} (a signed child of
+answers SERVFAIL), C{wrongkey.test} (validly signed, but Unbound trusts
+another key: bogus) and C{_tcp.mxb.dane.test} (a signed child of
 C{dane.test} with expired signatures: the exchanger's address is secure but
 its TLSA RRset is bogus).
 """
@@ -649,9 +650,13 @@ def _zones(base: Path, certs: dict[str, Issued], many: list[Issued]) -> tuple[di
         "@ MX 10 mx", "mx A 127.0.0.10", f"_25._tcp.mx TLSA {ee}",
     ]), inception="20200101", expiration="20200201")
     plain = zone_text("plain.test", ["@ MX 10 mx", "mx A 127.0.0.11", f"_25._tcp.mx TLSA {ee}"])
+    # Signed with valid signatures, but the resolver trusts another key: bogus too.
+    wrongkey_text = zone_text("wrongkey.test", ["@ MX 10 mx", "mx A 127.0.0.12", f"_25._tcp.mx TLSA {ee}"])
+    decoy = sign_zone(base / "decoy", "wrongkey.test", wrongkey_text)
+    wrongkey = sign_zone(base, "wrongkey.test", wrongkey_text)
     zones = {"dane.test": secure.text, "_tcp.mxb.dane.test": child.text,
-             "expired.test": expired.text, "plain.test": plain}
-    return zones, [secure.ds, expired.ds]
+             "expired.test": expired.text, "plain.test": plain, "wrongkey.test": wrongkey.text}
+    return zones, [secure.ds, expired.ds, decoy.ds]
 
 
 @pytest.fixture(scope="module")
@@ -672,7 +677,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     zones, anchors = _zones(base, certs, many)
     certs.update({f"many{i}": c for i, c in enumerate(many)})
     with NSDServer(base / "nsd", zones) as nsd:
-        stubs = {origin: nsd.port for origin in ("dane.test", "expired.test", "plain.test")}
+        stubs = {origin: nsd.port for origin in ("dane.test", "expired.test", "plain.test", "wrongkey.test")}
         with UnboundServer(base / "unbound", stubs, anchors, probe="dane.test") as unbound:
             lab = Lab(nsd, unbound, certs)
             yield lab
@@ -724,6 +729,18 @@ class TestValidatingResolver:
         """Expired signatures: Unbound answers SERVFAIL, the lookup fails."""
         with pytest.raises(DNSSECLookupError, match="SERVFAIL from the resolver for _25._tcp.mx.expired.test"):
             lab.wait(lab.resolver().query("_25._tcp.mx.expired.test", dane.TLSA))
+
+    def test_trust_anchor_mismatch_fails(self, lab: Lab) -> None:
+        """A zone signed with a key the resolver does not trust (its DS names another key): SERVFAIL."""
+        with pytest.raises(DNSSECLookupError, match="SERVFAIL"):
+            lab.wait(lab.resolver().query("_25._tcp.mx.wrongkey.test", dane.TLSA))
+        assert lab.wait(lab.dane().requirement_for("mx.wrongkey.test")).kind == DEFER
+
+    @pytest.mark.parametrize("dnssec_ok", [True, False])
+    def test_ad_in_the_query_is_enough(self, lab: Lab, dnssec_ok: bool) -> None:
+        """Unbound sets AD for a query with AD set, with or without EDNS0's DO bit (RFC 6840 section 5.7)."""
+        r = ValidatingResolver(lab.reactor, ("127.0.0.1", lab.unbound.port), (2.0,), dnssec_ok=dnssec_ok)
+        assert lab.wait(r.query("_25._tcp.mx.dane.test", dane.TLSA)).secure
 
     def test_authoritative_server_never_sets_ad(self, lab: Lab) -> None:
         """NSD asked directly (it does not validate): the same signed records, no AD, so insecure."""
