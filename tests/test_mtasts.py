@@ -459,6 +459,27 @@ def test_fetch_failure_keeps_cached_policy_and_backs_off(tmp_path: Path) -> None
     assert len(fetcher.calls) == 3
 
 
+def test_failure_not_reported_once_stale(tmp_path: Path) -> None:
+    """A failure for an id is no longer reported when the TXT id is back to the cached one, or gone."""
+    dns, fetcher, clock = Zones(zone()), FakeFetcher(), Clock()
+    sts = manager(tmp_path, dns, fetcher, clock)
+    state_of(sts)
+    dns.set(zone("v=STSv1; id=two"))
+    fetcher.answer = FetchError(FETCH_ERROR, "HTTP 500")
+    clock.advance(301)
+    assert state_of(sts).failure is not None
+    dns.set(zone("v=STSv1; id=one"))
+    clock.advance(301)
+    assert (state_of(sts).policy_id, state_of(sts).failure) == ("one", None)
+    dns.set(zone("v=STSv1; id=three"))
+    clock.advance(301)
+    assert state_of(sts).failure is not None
+    dns.set(zone(None))
+    clock.advance(301)
+    state = state_of(sts)
+    assert (state.source, state.policy_id, state.failure) == ("cache", "one", None)
+
+
 def test_invalid_policy_is_a_failure(tmp_path: Path) -> None:
     """A fetched policy that does not parse: C{sts-policy-invalid}, no policy."""
     fetcher = FakeFetcher(FetchError(POLICY_INVALID, "no mode"))

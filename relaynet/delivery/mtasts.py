@@ -968,8 +968,9 @@ class MTASTS:
         work.addCallback(answer)
         return d
 
-    def _state(self, domain: str, cached: CachedPolicy | None, source: Source = "cache") -> PolicyState:
-        failure = self._failures.get(domain)
+    def _state(
+        self, domain: str, cached: CachedPolicy | None, source: Source = "cache", failure: Failed | None = None,
+    ) -> PolicyState:
         if cached is None:
             return PolicyState(domain, None, "none", failure=failure)
         return PolicyState(domain, cached.policy, source, cached.policy_id, cached.expires, failure)
@@ -989,7 +990,7 @@ class MTASTS:
             failed is not None and failed.policy_id == txt.policy_id
             and self.clock.seconds() < failed.when + self.retry_after
         ):
-            return self._state(domain, cached)
+            return self._state(domain, cached, failure=failed)
         fetching = self._fetch(domain, txt.policy_id)
         if cached is not None and self.background_refresh:
             return self._state(domain, cached)
@@ -1077,7 +1078,7 @@ class MTASTS:
                 self.log.failure("MTA-STS fetch for {domain} went wrong", domain=domain)
                 e = FetchError(FETCH_ERROR, f"{type(raised).__name__}: {raised}")
             now = self.clock.seconds()
-            self._failures[domain] = Failed(e.result_type, e.detail, policy_id, now)
+            failed = self._failures[domain] = Failed(e.result_type, e.detail, policy_id, now)
             cached = self._fresh(domain, self._memory.get(domain))
             # RFC 8461 3.3: alert on a failed refresh unless the cached mode is none.
             if cached is None or cached.policy.mode != "none":
@@ -1085,7 +1086,7 @@ class MTASTS:
                     "MTA-STS policy fetch for {domain} (id {id}) failed: {result_type}: {detail}",
                     domain=domain, id=policy_id, result_type=e.result_type, detail=e.detail,
                 )
-            return self._state(domain, cached)
+            return self._state(domain, cached, failure=failed)
         now = self.clock.seconds()
         entry = CachedPolicy(domain, policy_id, policy, now, now + policy.max_age)
         self._memory[domain] = entry
