@@ -263,7 +263,7 @@ def test_dane_ee_does_not_match_another_certificate(pki: dict[str, Issued], sele
     result = check([record], [pki["leaf"], pki["root"]])
     assert not result.ok
     assert result.reason == f"TLSA 3 {selector} {mtype} did not match the certificate of {HOST}"
-    assert result.dsn == "4.7.5"
+    assert (result.dsn, result.result_type) == ("4.7.5", "validation-failure")
 
 
 def test_dane_ee_ignores_names_and_dates(pki: dict[str, Issued]) -> None:
@@ -334,7 +334,7 @@ def test_dane_ta_wrong_name_fails(pki: dict[str, Issued]) -> None:
             f"TLSA 2 {selector} {mtype} matched, but the certificate of {HOST} does not name {HOST}"
             " (it names elsewhere.test)"
         )
-        assert result.dsn == "4.7.5"
+        assert (result.dsn, result.result_type) == ("4.7.5", "certificate-host-mismatch")
 
 
 def test_dane_ta_names(pki: dict[str, Issued]) -> None:
@@ -361,6 +361,7 @@ def test_dane_ta_sent_but_not_the_issuer_fails(pki: dict[str, Issued]) -> None:
     result = check([record], [pki["foreign"], pki["root"]])
     assert not result.ok
     assert "does not chain to it" in result.reason
+    assert result.result_type == "certificate-not-trusted"
     # A forged leaf: the root's name as issuer, another key's signature.
     forged = make_leaf([HOST], issuer=Issued(pki["root"].cert, pki["other_ca"].key))
     assert not check([record], [forged, pki["root"]]).ok
@@ -372,15 +373,17 @@ def test_dane_ta_checks_dates_below_the_anchor(pki: dict[str, Issued]) -> None:
     result = check([record], [pki["expired"], pki["root"]])
     assert not result.ok
     assert "is not valid at 2026-06-01" in result.reason
+    assert result.result_type == "certificate-expired"
     assert check([TLSARecord.for_certificate(pki["expired"].der)], [pki["expired"], pki["root"]]).ok
 
 
 def test_dane_ta_issuer_must_be_a_ca(pki: dict[str, Issued]) -> None:
-    """A leaf "issued" by another leaf (no CA basic constraint) does not chain."""
-    parent = pki["self"]
+    """An intermediate must be a CA (basic constraints); the trust anchor itself is trusted by DNS."""
+    parent = pki["self"]  # not a CA
     child = make_leaf([HOST], issuer=parent)
-    record = TLSARecord.for_certificate(parent.der, 2, 0, 1)
-    assert not check([record], [child, parent]).ok
+    grandchild = make_leaf([HOST], issuer=child)
+    assert not check([TLSARecord.for_certificate(parent.der, 2, 0, 1)], [grandchild, child, parent]).ok
+    assert check([TLSARecord.for_certificate(parent.der, 2, 0, 1)], [child, parent]).ok
 
 
 # -- unusable records -------------------------------------------------------------
@@ -421,6 +424,7 @@ def test_verify_chain_by_requirement(pki: dict[str, Issued]) -> None:
     assert verify_chain(DaneRequirement(TLS_UNAUTHENTICATED, HOST, 25), []).ok
     deferred = verify_chain(DaneRequirement(DEFER, HOST, 25, reason="TLSA lookup failed", dsn="4.7.5"), chain)
     assert (deferred.ok, deferred.reason, deferred.dsn) == (False, "TLSA lookup failed", "4.7.5")
+    assert deferred.result_type == "dnssec-invalid"
     ta = DaneRequirement(MATCH, HOST, 25, records=(TLSARecord.for_certificate(pki["root"].der, 2, 0, 1),),
                          names=(HOST,))
     assert verify_chain(ta, chain, now=NOW).ok

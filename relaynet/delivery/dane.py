@@ -242,16 +242,23 @@ class MatchResult:
         match the certificate of mx.example.test"}.
     @ivar record: the record that matched, if one did.
     @ivar dsn: C{"4.7.5"} when not C{ok}, else C{""}.
+    @ivar result_type: when not C{ok}, the failure's result type for TLS
+        reports (RFC 8460 section 4.3): C{certificate-host-mismatch},
+        C{certificate-expired}, C{certificate-not-trusted},
+        C{validation-failure} (no record matched) or C{dnssec-invalid}
+        (the lookup failed); else C{""}.
     """
 
     ok: bool
     reason: str
     record: TLSARecord | None = None
     dsn: str = ""
+    result_type: str = ""
 
     @classmethod
-    def failed(cls, reason: str) -> MatchResult:
-        return cls(False, reason, None, DSN)
+    def failed(cls, reason: str, result_type: str = "validation-failure") -> MatchResult:
+        """A failure: C{dsn} 4.7.5."""
+        return cls(False, reason, None, DSN, result_type)
 
 
 def _selected(cert: x509.Certificate, selector: int) -> bytes:
@@ -332,15 +339,20 @@ def _signed_by(cert: x509.Certificate, key: Any) -> bool:
     return True
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether C{issuer} (a CA by its basic constraints) issued C{cert} (names and signature)."""
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate, anchor: bool = False) -> bool:
+    """
+    Whether C{issuer} issued C{cert} (names and signature), and may: a CA by
+    its basic constraints, unless it is the trust anchor (trusted by DNS).
+    """
     if cert.issuer != issuer.subject:
         return False
-    try:
-        bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    return bc.ca and _signed_by(cert, issuer.public_key())
+    if not anchor:
+        try:
+            if not issuer.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                return False
+        except x509.ExtensionNotFound:
+            return False
+    return _signed_by(cert, issuer.public_key())
 
 
 def _within_validity(cert: x509.Certificate, now: datetime.datetime) -> bool:
@@ -353,10 +365,10 @@ def _describe(cert: x509.Certificate) -> str:
 
 def _match_ta(
     record: TLSARecord, certs: list[x509.Certificate], names: Sequence[str], now: datetime.datetime,
-) -> str | None:
+) -> tuple[str, str] | None:
     """
     Check a DANE-TA record against the chain: C{None} if it is satisfied,
-    else why not.
+    else C{(why not, RFC 8460 result type)}.
     """
     host = names[0]
     anchors = {i for i, c in enumerate(certs) if _matches(record, c)}
@@ -367,7 +379,7 @@ def _match_ta(
         except (ValueError, TypeError):  # not a key we can use
             bare_key = None
     if not anchors and bare_key is None:
-        return f"TLSA {record.params} did not match a certificate of the chain of {host}"
+        return f"TLSA {record.params} did not match a certificate of the chain of {host}", "validation-failure"
     # Walk up from the leaf through the presented certificates.
     path = [0]
     while True:
@@ -377,24 +389,27 @@ def _match_ta(
         if bare_key is not None and _signed_by(current, bare_key):
             break
         if len(path) > _MAX_CHAIN:
-            return f"TLSA {record.params}: the chain of {host} is longer than {_MAX_CHAIN}"
+            return f"TLSA {record.params}: the chain of {host} is longer than {_MAX_CHAIN}", "certificate-not-trusted"
         issuer = next(
-            (i for i, c in enumerate(certs) if i not in path and _issued_by(current, c)), None,
+            (i for i, c in enumerate(certs) if i not in path and _issued_by(current, c, anchor=i in anchors)), None,
         )
         if issuer is None:
-            return (f"TLSA {record.params} matched, but the certificate of {host}"
-                    f" does not chain to it ({_describe(current)} has no issuer in the chain)")
+            why = (f"TLSA {record.params} matched, but the certificate of {host}"
+                   f" does not chain to it ({_describe(current)} has no issuer in the chain)")
+            return why, "certificate-not-trusted"
         path.append(issuer)
     # The trust anchor is trusted by DNS; the certificates below it must be in date.
     below = path[:-1] if path[-1] in anchors else path
     for i in below:
         if not _within_validity(certs[i], now):
-            return (f"TLSA {record.params} matched, but {_describe(certs[i])} in the chain of {host}"
-                    f" is not valid at {now:%Y-%m-%d %H:%M:%S} UTC")
+            why = (f"TLSA {record.params} matched, but {_describe(certs[i])} in the chain of {host}"
+                   f" is not valid at {now:%Y-%m-%d %H:%M:%S} UTC")
+            return why, "certificate-expired"
     presented = certificate_names(certs[0])
     if not any(name_matches(p, n) for p in presented for n in names):
-        return (f"TLSA {record.params} matched, but the certificate of {host} does not name"
-                f" {' or '.join(names)} (it names {', '.join(presented) or 'nothing'})")
+        why = (f"TLSA {record.params} matched, but the certificate of {host} does not name"
+               f" {' or '.join(names)} (it names {', '.join(presented) or 'nothing'})")
+        return why, "certificate-host-mismatch"
     return None
 
 
@@ -429,20 +444,23 @@ def match_chain(
     except ValueError as e:
         return MatchResult.failed(f"the certificate chain of {host} does not parse: {e}")
     when = now if now is not None else datetime.datetime.now(datetime.UTC)
-    reasons = []
+    failures: list[tuple[str, str]] = []
     for record in usable:
         if record.usage == DANE_EE:
             if _matches(record, certs[0]):
                 return MatchResult(True, f"TLSA {record.params} matched the certificate of {host}", record)
-            reasons.append(f"TLSA {record.params} did not match the certificate of {host}")
+            failures.append((f"TLSA {record.params} did not match the certificate of {host}", "validation-failure"))
         else:
             why = _match_ta(record, certs, names or [host], when)
             if why is None:
                 return MatchResult(True, f"TLSA {record.params} matched the trust anchor of {host}", record)
-            reasons.append(why)
-    if len(reasons) == 1:
-        return MatchResult.failed(reasons[0])
-    return MatchResult.failed(f"no TLSA record matched for {host}: " + "; ".join(reasons))
+            failures.append(why)
+    types = {t for _, t in failures}
+    result_type = types.pop() if len(types) == 1 else "validation-failure"
+    if len(failures) == 1:
+        return MatchResult.failed(failures[0][0], result_type)
+    return MatchResult.failed(
+        f"no TLSA record matched for {host}: " + "; ".join(r for r, _ in failures), result_type)
 
 
 # -- what the delivery code is told -----------------------------------------
@@ -522,7 +540,7 @@ def verify_chain(
     if requirement.kind == TLS_UNAUTHENTICATED:
         return MatchResult(True, requirement.reason or f"TLS without authentication for {requirement.host}")
     if requirement.kind == DEFER:
-        return MatchResult.failed(requirement.reason)
+        return MatchResult.failed(requirement.reason, "dnssec-invalid")
     if not any(r.usable for r in requirement.records):
         # Fail closed: a MATCH requirement without a usable record is a
         # caller's mistake, not "all unusable" (that is TLS_UNAUTHENTICATED).
