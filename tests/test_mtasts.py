@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import (
     Deferred,
@@ -203,6 +205,64 @@ def test_pattern_with_trailing_dot() -> None:
     """A pattern written with a trailing dot matches as without."""
     policy = parse_policy("version: STSv1\nmode: enforce\nmx: *.Example.Test.\nmax_age: 1\n")
     assert policy.matches("mx.example.test") and not policy.matches("example.test")
+
+
+# -- the same, by property -------------------------------------------------------
+
+_labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+_names = st.lists(_labels, min_size=1, max_size=4).map(".".join)
+_ws = st.sampled_from(["", " ", "\t", "  "])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    policy_id=st.from_regex(r"[A-Za-z0-9]{1,32}", fullmatch=True),
+    spaces=st.lists(_ws, min_size=4, max_size=4),
+    ext=st.lists(st.tuples(
+        st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", fullmatch=True).filter(lambda n: n != "id"),
+        st.from_regex(r"[\x21-\x3a\x3c\x3e-\x7e]{1,20}", fullmatch=True),
+    ), max_size=3),
+    final=st.booleans(),
+    others=st.lists(st.text(max_size=20).filter(lambda t: not t.startswith("v=STSv1")), max_size=3),
+)
+def test_sts_txt_property(
+    policy_id: str, spaces: list[str], ext: list[tuple[str, str]], final: bool, others: list[str],
+) -> None:
+    """Any record the ABNF allows gives its id, among any records that are not STS ones."""
+    fields = [f"id={policy_id}"] + [f"{n}={v}" for n, v in ext]
+    delim = f"{spaces[0]};{spaces[1]}"
+    record = "v=STSv1" + "".join(delim + f for f in fields) + (f"{spaces[2]};{spaces[3]}" if final else "")
+    assert parse_sts_txt([*others, record]) == policy_id
+    assert parse_sts_txt([*others, record, record]) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mode=st.sampled_from(["enforce", "testing", "none"]),
+    max_age=st.integers(0, MAX_AGE_LIMIT),
+    patterns=st.lists(st.tuples(st.booleans(), _names), min_size=1, max_size=4),
+    eol=st.sampled_from(["\n", "\r\n"]),
+    order=st.randoms(use_true_random=False),
+)
+def test_policy_property(mode: str, max_age: int, patterns: list[tuple[bool, str]], eol: str, order: Any) -> None:
+    """Any valid policy, its lines in any order with either line end, parses to its values."""
+    mx = [("*." if wild else "") + name for wild, name in patterns]
+    lines = ["version: STSv1", f"mode: {mode}", f"max_age: {max_age}"] + [f"mx: {m}" for m in mx]
+    order.shuffle(lines)
+    policy = parse_policy(eol.join(lines) + eol)
+    in_order = tuple(line[4:] for line in lines if line.startswith("mx: "))
+    assert (policy.mode, policy.max_age, policy.mx) == (mode, max_age, in_order)
+
+
+@settings(max_examples=200, deadline=None)
+@given(label=_labels, extra=_labels, suffix=_names, upper=st.booleans(), dot=st.booleans())
+def test_wildcard_property(label: str, extra: str, suffix: str, upper: bool, dot: bool) -> None:
+    """C{*.suffix} matches one label before the suffix, in any case, with or without a final dot; never two, never none."""
+    policy = Policy("enforce", 1, (f"*.{suffix}",))
+    host = f"{label}.{suffix}" + ("." if dot else "")
+    assert policy.matches(host.upper() if upper else host)
+    assert not policy.matches(f"{extra}.{label}.{suffix}")
+    assert not policy.matches(suffix)
 
 
 # -- what a policy asks of an MX host (RFC 8461 5) --------------------------------
