@@ -1,17 +1,20 @@
 """
 DANE for SMTP (RFC 7672; C{relaynet/delivery/dane.py}).
 
-Three tiers:
+Four tiers:
  - matching (L{match_chain}, L{verify_chain}), pure: certificates made here
    with C{cryptography}, no reactor;
  - the certificate chain read from a real pyOpenSSL handshake over memory
    BIOs (L{peer_chain}), as the delivery code will read it;
- - lookups against a real validating resolver on loopback: zones signed
-   here with C{ldns-signzone} (L{harness.dnssec.sign_zone}), served by NSD
-   (L{harness.dns.NSDServer}) and validated by a private Unbound
-   (L{harness.dnssec.UnboundServer}) that trusts their DS records. The
-   Twisted side runs on a private reactor, iterated until each Deferred
-   fires (bounded), never the global one.
+ - L{DaneClientTLS} in real TLS handshakes on loopback;
+ - lookups against a real validating resolver on loopback (marked slow:
+   real peers): zones signed here with C{ldns-signzone}
+   (L{harness.dnssec.sign_zone}), served by NSD (L{harness.dns.NSDServer})
+   and validated by a private Unbound (L{harness.dnssec.UnboundServer}) that
+   trusts their DS records.
+
+The Twisted side runs on private reactors, iterated until each Deferred
+fires (bounded), never the global one.
 
 The zones: C{dane.test} (signed, trusted), C{plain.test} (unsigned: insecure),
 C{expired.test} (signed with signatures that expired in 2020: bogus, Unbound
@@ -694,6 +697,7 @@ def _der(lab: Lab, *names: str) -> list[bytes]:
     return [lab.certs[n].der for n in names]
 
 
+@pytest.mark.slow
 @requires_dnssec
 class TestValidatingResolver:
     """Answers of Unbound (validating) and NSD (not validating), read by their AD bit."""
@@ -786,6 +790,7 @@ class TestValidatingResolver:
             lab.wait(r.query("_25._tcp.mx.dane.test", dane.TLSA))
 
 
+@pytest.mark.slow
 @requires_dnssec
 class TestRequirement:
     """DANE.requirement_for and verify_chain against the real resolver."""
