@@ -29,6 +29,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import (
     Deferred,
     fail,
+    gatherResults,
     inlineCallbacks,
     maybeDeferred,
     succeed,
@@ -981,15 +982,9 @@ class FetchTests(TestCase):
         """Ten calls at once: one HTTPS request, the same policy for all."""
         server = self.serve(["mta-sts.example.test"])
         sts = self.sts()
-        states = yield gather([sts.policy_for("example.test") for _ in range(10)])
+        states = yield gatherResults([sts.policy_for("example.test") for _ in range(10)])
         self.assertEqual({(s.source, s.policy) for s in states}, {("fetched", parse_policy(ENFORCE))})
         self.assertEqual((len(self.resource.requests), server.connections), (1, 1))
-
-
-def gather(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:
-    from twisted.internet.defer import gatherResults
-
-    return gatherResults(ds)
 
 
 def test_module_has_no_global_reactor() -> None:
