@@ -892,6 +892,12 @@ class TestRequirement:
         req = lab.wait(d.requirement_for("mx.dane.test"))
         assert req.kind == DEFER and req.dsn == "4.7.5"
 
+    def test_address_literal_means_no_dane(self, lab: Lab) -> None:
+        """A next hop given as an address has no TLSA base domain: no DANE, nothing looked up."""
+        d = DANE(ValidatingResolver(lab.reactor, ("127.0.0.1", free_dns_port()), timeout=(0.1,)))
+        for host in ("192.0.2.1", "[2001:db8::1]"):
+            assert lab.wait(d.requirement_for(host)).kind == NO_DANE
+
     def test_for_address(self, lab: Lab) -> None:
         """DANE.for_address parses the configured resolver address."""
         d = DANE.for_address(lab.reactor, f"127.0.0.1:{lab.unbound.port}")

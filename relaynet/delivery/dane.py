@@ -918,6 +918,14 @@ class ValidatingResolver:
         )
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _rdata(payload: Any) -> bytes:
     """The wire-format RDATA of a record (Twisted parses TLSA as an C{UnknownRecord}; any record can encode itself)."""
     out = BytesIO()
@@ -1047,6 +1055,8 @@ class DANE:
 
     async def _decide(self, host: str, port: int, mx_secure: bool) -> DaneRequirement:
         name = tlsa_name(host, port)
+        if _is_address(host):
+            return DaneRequirement(NO_DANE, host, port, reason=f"no DANE for {host}: an address, not a host name")
         if not mx_secure:
             return DaneRequirement(NO_DANE, host, port, reason=f"no DANE for {host}: the MX lookup was not DNSSEC-secure")
         try:
