@@ -11,6 +11,11 @@ Scenarios (see bench/README.md):
   hopdown  one hop; the accept rate of a node whose next hop is down (a
            loopback port nobody listens on) against one whose next hop is up,
            reported as the ratio down/up
+  dkim     one hop, relaynet only; the CPU per 1000 messages of a node that
+           DKIM-signs what it relays ([dkim], --dkim-keys) against one that
+           does not, per size, reported as the ratio dkim/plain; every
+           message must be signed (the node's dkim_signed events).  Runs
+           only when named in --scenarios.
 
 Relaynet nodes run with [node] workers = --workers (default "auto": one
 worker process per usable CPU).
@@ -46,6 +51,8 @@ from pathlib import Path
 from bench.latency import SmtpError, latency_stats, paced_send
 from bench.procstat import PeakSampler, cpu_of
 from bench.systems import (
+    DKIM_KEY_SETS,
+    DKIM_SENDER,
     HOPDOWN_POSTFIX,
     HOPDOWN_QUEUE_SETTINGS,
     HOST,
@@ -68,22 +75,28 @@ from harness.peers import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-SCENARIOS = ("accept", "chain3", "latency", "hopdown")
+SCENARIOS = ("accept", "chain3", "latency", "hopdown", "dkim")
+DEFAULT_SCENARIOS = ("accept", "chain3", "latency", "hopdown")
+"""What runs without C{--scenarios}: C{dkim} only when asked for."""
 # The hopdown group's chains, in the order of the first round: each system
 # with its next hop up, and with it down.
 HOPDOWN_CHAINS = (("relaynet", False), ("relaynet", True), ("postfix", False), ("postfix", True))
 SYSTEM_NAMES = ("relaynet", "postfix")
+# The dkim group's chains (both relaynet, one hop, the same sender), in the
+# order of the first round: without [dkim], and signing.
+DKIM_CHAINS = ("plain", "dkim")
+DKIM_EVENTS = ("dkim_signed", "dkim_unsigned")
 HELO = "source.relaynet.test"
 
 DEFAULTS = dict(
     rounds=3, messages=5000, chain_messages=2000, sizes="5120,102400", sessions="1,20,100",
     latency_messages=200, latency_rate=20.0, latency_size=5120, warmup=200,
-    hopdown_size=5120, hopdown_sessions=20,
+    hopdown_size=5120, hopdown_sessions=20, dkim_sessions=20,
 )
 QUICK = dict(
     rounds=2, messages=250, chain_messages=None, sizes="5120,102400", sessions="1,20",
     latency_messages=40, latency_rate=20.0, latency_size=5120, warmup=50,
-    hopdown_size=5120, hopdown_sessions=20,
+    hopdown_size=5120, hopdown_sessions=20, dkim_sessions=20,
 )
 
 # For the time estimate only: seconds per 1000 messages for one run of each
@@ -97,6 +110,11 @@ _SECONDS_PER_1000 = {
 }
 _RUN_OVERHEAD = 1.0
 _START_SECONDS = {"postfix": 2.5, "relaynet": 0.8}
+_KEYGEN_SECONDS = 2.0  # relaynet dkim keygen: a Python start and an RSA-2048 key
+# The dkim group's runs against _SECONDS_PER_1000 (a relaynet run and a
+# Postfix run): two relaynet runs, one of them signing, which takes about
+# five times the CPU of the plain one (RSA-2048, 5 KB; see bench/README.md).
+_DKIM_PACE = 3.0
 
 
 class Interrupted(BaseException):
@@ -134,6 +152,10 @@ def plan(args) -> list[dict]:
         groups.append({"hops": 1, "kind": "hopdown", "items": [
             {"kind": "throughput", "scenario": "hopdown", "hops": 1, "size": args.hopdown_size,
              "sessions": args.hopdown_sessions, "messages": args.messages}]})
+    if "dkim" in args.scenarios:
+        groups.append({"hops": 1, "kind": "dkim", "items": [
+            {"kind": "throughput", "scenario": "dkim", "hops": 1, "size": size,
+             "sessions": args.dkim_sessions, "messages": args.messages} for size in args.sizes]})
     return groups
 
 
@@ -141,7 +163,10 @@ def group_chains(group: dict, args, workdir: Path) -> dict:
     """
     The chains of a group of work, by label, in the order of the first run:
     C{relaynet} and C{postfix}; for the C{hopdown} group each of them with
-    its next hop up (C{relaynet/up}) and down (C{relaynet/down}).
+    its next hop up (C{relaynet/up}) and down (C{relaynet/down}); for the
+    C{dkim} group relaynet without C{[dkim]} (C{relaynet/plain}) and
+    signing with the keys of C{--dkim-keys} (C{relaynet/dkim}), both fed
+    mail from L{DKIM_SENDER}, the domain the keys are for.
     """
     hops = group["hops"]
 
@@ -149,6 +174,11 @@ def group_chains(group: dict, args, workdir: Path) -> dict:
         return SYSTEMS["relaynet"](workdir, hops, backlog=args.relaynet_backlog,
                                    processes=args.relaynet_processes, workers=args.workers, **kw)
 
+    if group.get("kind") == "dkim":
+        return {f"relaynet/{variant}": relaynet(
+            tag=f"-{variant}", sender=DKIM_SENDER,
+            dkim_keys=DKIM_KEY_SETS[args.dkim_keys] if variant == "dkim" else ())
+            for variant in DKIM_CHAINS}
     if group.get("kind") != "hopdown":
         return {"relaynet": relaynet(), "postfix": SYSTEMS["postfix"](workdir, hops)}
     chains = {}
@@ -177,19 +207,33 @@ def estimate_pair(item: dict) -> float:
     per_1000 = _SECONDS_PER_1000[(item["hops"], _size_class(item["size"]), sessions)]
     if item["scenario"] == "hopdown":
         return 1.75 * item["messages"] / 1000 * per_1000 + 4 * _RUN_OVERHEAD
+    if item["scenario"] == "dkim":
+        return _DKIM_PACE * item["messages"] / 1000 * per_1000 + 2 * _RUN_OVERHEAD
     return item["messages"] / 1000 * per_1000 + 2 * _RUN_OVERHEAD
 
 
 def _chains_in(group: dict) -> int:
-    return len(HOPDOWN_CHAINS) if group.get("kind") == "hopdown" else len(SYSTEM_NAMES)
+    if group.get("kind") == "hopdown":
+        return len(HOPDOWN_CHAINS)
+    if group.get("kind") == "dkim":
+        return len(DKIM_CHAINS)
+    return len(SYSTEM_NAMES)
+
+
+def start_seconds(group: dict) -> float:
+    """Seconds to start and warm up every chain of C{group}."""
+    if group.get("kind") == "dkim":
+        # Two relaynet chains; the signing one makes its keys first.
+        return len(DKIM_CHAINS) * (group["hops"] * _START_SECONDS["relaynet"] + 5.0) + _KEYGEN_SECONDS
+    starts = group["hops"] * sum(_START_SECONDS.values()) + 2 * 5.0  # start + warm-up
+    return starts * _chains_in(group) / len(SYSTEM_NAMES)
 
 
 def estimate(groups: list[dict], args) -> float:
     """Seconds for the whole plan at the paces of C{_SECONDS_PER_1000} (not scaled for load)."""
     total = 0.0
     for g in groups:
-        starts = g["hops"] * sum(_START_SECONDS.values()) + 2 * 5.0  # start + warm-up
-        total += starts * _chains_in(g) / len(SYSTEM_NAMES)
+        total += start_seconds(g)
         total += args.rounds * sum(estimate_pair(item) for item in g["items"])
     return total
 
@@ -258,6 +302,11 @@ def throughput_run(chain, item: dict, args) -> dict:
            "loadavg_before": os.getloadavg()[0]}
     if item["scenario"] == "hopdown":
         run["next_hop"] = "down" if chain.next_hop_down else "up"
+    signing = item["scenario"] == "dkim"
+    if signing:
+        run["variant"] = dkim_variant(chain)
+        run["sender"] = chain.sender
+        events0 = chain.event_counts(DKIM_EVENTS)
     probes = chain.probes()
     before = chain.sink.received()
     watch = _Watch(chain.sink.received, before + n, args.smtp_timeout + args.drain_timeout)
@@ -269,7 +318,7 @@ def throughput_run(chain, item: dict, args) -> dict:
         try:
             res = run_smtp_source(
                 HOST, chain.entry_port, messages=n, sessions=item["sessions"], size=item["size"],
-                recipient=f"user@{SINK_DOMAIN}", helo=HELO,
+                recipient=f"user@{SINK_DOMAIN}", sender=chain.sender, helo=HELO,
                 reuse_connection=args.reuse_connection, timeout=args.smtp_timeout,
             )
         except SmtpSourceError as e:
@@ -296,7 +345,36 @@ def throughput_run(chain, item: dict, args) -> dict:
     run["pss"] = sampler.result()
     run["peak_pss_kb"] = run["pss"]["peak_total_kb"]
     run["sink_total"] = chain.sink.received()
+    if signing:
+        events1 = chain.event_counts(DKIM_EVENTS)
+        for name in DKIM_EVENTS:
+            run[name] = events1[name] - events0[name]
+        problem = dkim_problem(run)
+        if problem:
+            log(f"ERROR: {chain.workdir.name}: {problem}")
+            run["error"] = problem + (f"; {run['error']}" if run.get("error") else "")
     return run
+
+
+def dkim_variant(chain) -> str:
+    """C{"dkim"} for a chain that signs, C{"plain"} for one that does not."""
+    return "dkim" if getattr(chain, "dkim_keys", ()) else "plain"
+
+
+def dkim_problem(run: dict) -> str | None:
+    """
+    What is wrong with the signing of a C{dkim} run, or L{None}: the signing
+    chain must log one C{dkim_signed} event per message and no
+    C{dkim_unsigned}; the plain one neither.
+    """
+    n, signed, unsigned = run["messages"], run.get("dkim_signed"), run.get("dkim_unsigned")
+    if run.get("variant") == "dkim":
+        if signed != n or unsigned:
+            return (f"dkim: {signed} of {n} messages signed (dkim_signed events), "
+                    f"{unsigned} dkim_unsigned: not every message was signed")
+    elif signed or unsigned:
+        return f"dkim: the plain chain logged {signed} dkim_signed, {unsigned} dkim_unsigned events"
+    return None
 
 
 def latency_run(chain, item: dict, args, tag: str) -> dict:
@@ -366,11 +444,23 @@ def warm_up(chain, args, latency: bool) -> None:
     if args.warmup <= 0:
         return
     before = chain.sink.received()
+    events0 = chain.event_counts(DKIM_EVENTS)
     run_smtp_source(HOST, chain.entry_port, messages=args.warmup, sessions=min(10, args.warmup),
-                    size=5120, recipient=f"user@{SINK_DOMAIN}", helo=HELO, timeout=args.smtp_timeout)
+                    size=5120, recipient=f"user@{SINK_DOMAIN}", sender=chain.sender, helo=HELO,
+                    timeout=args.smtp_timeout)
     if chain.next_hop_down:
         return
     chain.sink.wait_received(before + args.warmup, timeout=args.drain_timeout)
+    if getattr(chain, "dkim_keys", ()):
+        # Before anything is measured: a chain that does not sign every
+        # message would measure nothing worth having.
+        chain.wait_idle(args.drain_timeout)
+        events1 = chain.event_counts(DKIM_EVENTS)
+        signed, unsigned = (events1[k] - events0[k] for k in DKIM_EVENTS)
+        if signed != args.warmup or unsigned:
+            raise RuntimeError(f"{chain.workdir.name}: warm-up: {signed} of {args.warmup} messages "
+                               f"DKIM-signed, {unsigned} unsigned (the node's events.jsonl); "
+                               f"sender {chain.sender}")
     if latency:
         paced_send(HOST, chain.entry_port, count=10, rate=50, size=args.latency_size,
                    recipient=f"user@{STAMP_DOMAIN}", tag=f"warmup-{uuid.uuid4().hex[:8]}")
@@ -378,7 +468,8 @@ def warm_up(chain, args, latency: bool) -> None:
 
 
 def describe_run(run: dict) -> str:
-    system = run["system"] + (f"/{run['next_hop']}" if run.get("next_hop") else "")
+    system = run["system"] + (f"/{run['next_hop']}" if run.get("next_hop") else "") \
+        + (f"/{run['variant']}" if run.get("variant") else "")
     head = f"{system:8} {run['scenario']:7} {run['hops']}h size={run['size']:<6}"
     if run["scenario"] == "latency":
         lat = run.get("latency") or {}
@@ -387,6 +478,8 @@ def describe_run(run: dict) -> str:
     else:
         head += f" s={run['sessions']:<3}"
         body = f"accept {_f(run.get('accept_rate'))} msg/s  delivered {_f(run.get('delivered_rate'))} msg/s"
+        if run.get("variant"):
+            body += f"  signed {_f(run.get('dkim_signed'), 'd')}"
     tail = f"  cpu/1000 {_f(run.get('cpu_per_1000'), '.2f')} s  pss {_f((run.get('peak_pss_kb') or 0) / 1024)} MiB"
     if run.get("error"):
         tail += f"  ERROR {run['error'].splitlines()[0][:200]}"
@@ -421,11 +514,12 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
         started = []
         try:
             for name in labels:
-                log(f"starting {name}, {hops} hop(s)" + (" (hopdown)" if g.get("kind") == "hopdown" else ""))
+                log(f"starting {name}, {hops} hop(s)"
+                    + (f" ({g['kind']})" if g.get("kind") in ("hopdown", "dkim") else ""))
                 chains[name].start()
                 started.append(chains[name])
                 warm_up(chains[name], args, latency)
-            done_est += (hops * sum(_START_SECONDS.values()) + 2 * 5.0) * len(labels) / len(SYSTEM_NAMES)
+            done_est += start_seconds(g)
             code_at_start = _git_describe()
             idle = {name: chains[name].probes() for name in labels}
             idle_pss = {name: sum(p.pss_kb() for p in pr.values()) for name, pr in idle.items()}
@@ -440,6 +534,8 @@ def execute(groups: list[dict], args, workdir: Path, deadline: float, runs: list
                                        "round": rnd, "skipped": "--max-minutes reached"}
                             if item["scenario"] == "hopdown":
                                 skipped["next_hop"] = "down" if chain.next_hop_down else "up"
+                            if item["scenario"] == "dkim":
+                                skipped["variant"] = dkim_variant(chain)
                             runs.append(skipped)
                             continue
                         t_run = time.monotonic()
@@ -574,15 +670,15 @@ def summarize(runs: list[dict], args) -> list[dict]:
                                   lambda r: r.get("accept_rate") if not r.get("error") else None)))
         rows.append(_row("hopdown", "accept down/up", "x", "higher", args.hopdown_size,
                          args.hopdown_sessions, 1, {name: hopdown_ratios(ok, name) for name in SYSTEM_NAMES}))
-    for hops in sorted({r["hops"] for r in ok if r["scenario"] != "hopdown"}):
+    for hops in sorted({r["hops"] for r in ok if r["scenario"] not in ("hopdown", "dkim")}):
         # Peak PSS of the whole chain in each round, then the median over rounds
-        # (the hopdown scenario's nodes are others: not counted).
+        # (the hopdown and dkim scenarios' nodes are others: not counted).
         per_round = {}
         for name in SYSTEM_NAMES:
             peaks = {}
             for r in ok:
                 if r["system"] == name and r["hops"] == hops and r.get("peak_pss_kb") \
-                        and r["scenario"] != "hopdown":
+                        and r["scenario"] not in ("hopdown", "dkim"):
                     peaks[r["round"]] = max(peaks.get(r["round"], 0), r["peak_pss_kb"])
             per_round[name] = [kb / 1024 for kb in peaks.values()]
         what = "peak PSS" if hops == 1 else f"peak PSS, sum of {hops}"
@@ -595,6 +691,101 @@ def summarize(runs: list[dict], args) -> list[dict]:
             rows.append(_row("cpu", f"{scenario}: CPU per 1000 msg", "s", "lower", size, None, hops,
                              pick(sel, lambda r: r.get("cpu_per_1000") if not r.get("error") else None)))
     return rows
+
+
+# The dkim rows: (metric, unit, better, the run's key).
+DKIM_METRICS = (
+    ("CPU per 1000 msg", "s", "lower", "cpu_per_1000"),
+    ("accept rate", "msg/s", "higher", "accept_rate"),
+    ("delivered rate", "msg/s", "higher", "delivered_rate"),
+)
+DKIM_KEYS_TEXT = {"rsa": "RSA-2048", "ed25519": "Ed25519", "both": "RSA-2048 + Ed25519 (dual signing)"}
+
+
+def dkim_summary(runs: list[dict], args) -> list[dict]:
+    """
+    The C{dkim} rows, per size: each metric of L{DKIM_METRICS} for the
+    plain and the signing chain (medians over rounds), their ratio
+    dkim/plain, the median of each round's ratio (C{paired}: the two runs
+    of a round ran back to back), and for the CPU row the extra CPU of
+    signing in milliseconds per message (the difference of the medians: s
+    per 1000 messages is ms per message). Runs with an error (a message not
+    signed among them) are left out.
+    """
+    ok = [r for r in runs if r["scenario"] == "dkim" and "skipped" not in r and not r.get("error")]
+    rows = []
+    for size in args.sizes:
+        for metric, unit, better, key in DKIM_METRICS:
+            by_round: dict[str, dict[int, float]] = {v: {} for v in DKIM_CHAINS}
+            for r in ok:
+                if r["size"] == size and r.get(key) is not None and r.get("variant") in by_round:
+                    by_round[r["variant"]][r["round"]] = r[key]
+            row = {"section": "dkim", "metric": metric, "unit": unit, "better": better, "size": size,
+                   "sessions": args.dkim_sessions, "hops": 1, "keys": args.dkim_keys}
+            for v in DKIM_CHAINS:
+                row[v] = _stats(list(by_round[v].values()))
+            plain, dkim = row["plain"]["median"], row["dkim"]["median"]
+            row["ratio"] = dkim / plain if plain and dkim is not None else None
+            row["paired"] = _stats([d / by_round["plain"][k] for k, d in sorted(by_round["dkim"].items())
+                                    if by_round["plain"].get(k)])
+            if key == "cpu_per_1000":
+                row["extra_ms_per_message"] = dkim - plain if plain is not None and dkim is not None else None
+            rows.append(row)
+    return rows
+
+
+def dkim_signing(runs: list[dict]) -> dict:
+    """Per chain of the dkim scenario: messages sent and C{dkim_signed}/C{dkim_unsigned} events, over its runs."""
+    out = {f"relaynet/{v}": {"messages": 0, "dkim_signed": 0, "dkim_unsigned": 0, "runs": 0}
+           for v in DKIM_CHAINS}
+    for r in runs:
+        if r["scenario"] != "dkim" or "skipped" in r or r.get("variant") not in DKIM_CHAINS:
+            continue
+        d = out[f"relaynet/{r['variant']}"]
+        d["runs"] += 1
+        d["messages"] += r["messages"]
+        for name in DKIM_EVENTS:
+            d[name] += r.get(name) or 0
+    return out
+
+
+def format_dkim(rows: list[dict], signing: dict, args) -> str:
+    """The dkim table, the extra CPU per message, and the signed counts."""
+    header = ["size", "metric", "plain", "dkim", "dkim/plain", "paired", "better if", "spread", "runs"]
+    lines = [header]
+    for row in rows:
+        spreads = [(row[v]["max"] - row[v]["min"]) / row[v]["median"] for v in DKIM_CHAINS if row[v]["median"]]
+        spec = ".2f" if row["unit"] == "s" else ".1f"
+        lines.append([
+            _size(row["size"]), f"{row['metric']} ({row['unit']})",
+            _f(row["plain"]["median"], spec), _f(row["dkim"]["median"], spec),
+            _f(row["ratio"], ".2f"), _f(row["paired"]["median"], ".2f"),
+            ">1" if row["better"] == "higher" else "<1",
+            f"{max(spreads) * 100:.0f}%" if spreads else "-",
+            f"{row['plain']['n']}+{row['dkim']['n']}",
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    title = (f"DKIM signing cost: relaynet without [dkim] (plain) and signing with "
+             f"{DKIM_KEYS_TEXT[args.dkim_keys]} (dkim), 1 hop, {args.dkim_sessions} sessions, "
+             f"{args.messages} messages per run, relaynet nodes with {describe_workers(args.workers)}; "
+             f"medians of {args.rounds} alternating rounds; paired = median of each round's dkim/plain")
+    out = [title]
+    for k, line in enumerate(lines):
+        cells = [c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    extra = [f"{_size(r['size'])} {r['extra_ms_per_message']:+.2f} ms" for r in rows
+             if r.get("extra_ms_per_message") is not None]
+    out.append("CPU of signing per message (dkim - plain, medians): " + (", ".join(extra) if extra else "-"))
+    d, p = signing["relaynet/dkim"], signing["relaynet/plain"]
+    out.append(f"signed (the nodes' events.jsonl): relaynet/dkim {d['dkim_signed']} dkim_signed of "
+               f"{d['messages']} messages, {d['dkim_unsigned']} dkim_unsigned; relaynet/plain "
+               f"{p['dkim_signed'] + p['dkim_unsigned']} dkim events")
+    if d["dkim_signed"] != d["messages"] or d["dkim_unsigned"]:
+        out.append(f"ERROR: {d['messages'] - d['dkim_signed']} message(s) of the signing chain went "
+                   "unsigned: its figures are not the cost of signing every message")
+    return "\n".join(out)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -696,8 +887,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "with --quick or --messages alone: as --messages)")
     p.add_argument("--sizes", help=f"message sizes in bytes (default {DEFAULTS['sizes']})")
     p.add_argument("--sessions", help=f"concurrent smtp-source sessions (default {DEFAULTS['sessions']})")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"which of {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                   help=f"which of {','.join(SCENARIOS)} (default: {','.join(DEFAULT_SCENARIOS)}; "
+                   "dkim only when named)")
     p.add_argument("--latency-messages", type=int,
                    help=f"messages per latency run (default {DEFAULTS['latency_messages']})")
     p.add_argument("--latency-rate", type=float,
@@ -717,6 +909,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"message bytes in the hopdown scenario (default {DEFAULTS['hopdown_size']})")
     p.add_argument("--hopdown-sessions", type=int,
                    help=f"smtp-source sessions in the hopdown scenario (default {DEFAULTS['hopdown_sessions']})")
+    p.add_argument("--dkim-sessions", type=int,
+                   help=f"smtp-source sessions in the dkim scenario (default {DEFAULTS['dkim_sessions']}; "
+                   "its sizes are --sizes, its messages --messages)")
+    p.add_argument("--dkim-keys", choices=tuple(DKIM_KEY_SETS), default="rsa",
+                   help="the signing node's keys in the dkim scenario: rsa (RSA-2048, the default), "
+                   "ed25519, or both (dual signing)")
     p.add_argument("--relaynet-processes", type=int, default=1, metavar="N",
                    help="relaynet nodes per hop, sharing its port (reuse_port = true), each with its "
                    "own spool: a node per core (default 1; figures are per hop, summed over its nodes)")
@@ -748,7 +946,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not args.scenarios:
         p.error(f"--scenarios: choose from {','.join(SCENARIOS)}")
     for name in ("rounds", "messages", "chain_messages", "latency_messages", "latency_size",
-                 "relaynet_processes", "hopdown_size", "hopdown_sessions"):
+                 "relaynet_processes", "hopdown_size", "hopdown_sessions", "dkim_sessions"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     args.workers = parse_workers(args.workers, p)
@@ -782,6 +980,8 @@ def row_label(r: dict) -> str:
         bits = ["peak PSS", f"{r['hops']} hop{'s' if r['hops'] > 1 else ''}"]
     elif r["section"] == "hopdown":
         bits = [r["metric"].replace("accept rate, next hop", "accept, hop")]
+    elif r["section"] == "dkim":
+        bits = ["dkim", r["metric"].replace(" per 1000 msg", "/1000 msg")]
     else:
         bits = ["CPU/1000 msg", "1 hop" if r["hops"] == 1 else f"{r['hops']} hops"]
     if r["size"] and r["section"] != "latency":
@@ -867,7 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
     est = estimate(groups, args) * factor
     runs_planned = sum(len(g["items"]) * _chains_in(g) for g in groups) * args.rounds
     log(f"relaynet bench: {runs_planned} runs ({args.rounds} rounds x 2 systems"
-        + (", x2 for the next hop up and down in hopdown" if "hopdown" in args.scenarios else "") + "), "
+        + (", x2 for the next hop up and down in hopdown" if "hopdown" in args.scenarios else "")
+        + ("; dkim: relaynet without and with signing" if "dkim" in args.scenarios else "") + "), "
         f"scenarios {','.join(args.scenarios)}; estimate: about {est / 60:.1f} min "
         f"(reference paces x{factor:.1f} for load average {load:.1f} on {cpus} CPUs; "
         f"refined from the measured pace after each run)")
@@ -928,15 +1129,23 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warning: relaynet's code changed during the run ({environment['relaynet_git']} -> "
             f"{environment['relaynet_git_end']}); nodes started at different times may differ")
     rows = summarize(runs, args)
-    table = format_table(rows)
-    print()
-    print(f"relaynet bench: medians of {args.rounds} alternating rounds; "
-          f"{args.messages} messages per accept run, {args.chain_messages} per chain3 run, "
-          f"{args.latency_messages} at {args.latency_rate:g} msg/s per latency run; "
-          + ("one connection per session" if args.reuse_connection else "one connection per message")
-          + f"; relaynet nodes with {describe_workers(args.workers)}"
-          + (f", {args.relaynet_processes} nodes per hop" if args.relaynet_processes > 1 else ""))
-    print(table)
+    table = format_table(rows) if rows else ""
+    if table:
+        print()
+        print(f"relaynet bench: medians of {args.rounds} alternating rounds; "
+              f"{args.messages} messages per accept run, {args.chain_messages} per chain3 run, "
+              f"{args.latency_messages} at {args.latency_rate:g} msg/s per latency run; "
+              + ("one connection per session" if args.reuse_connection else "one connection per message")
+              + f"; relaynet nodes with {describe_workers(args.workers)}"
+              + (f", {args.relaynet_processes} nodes per hop" if args.relaynet_processes > 1 else ""))
+        print(table)
+    dkim = None
+    if "dkim" in args.scenarios:
+        dkim_rows, signing = dkim_summary(runs, args), dkim_signing(runs)
+        dkim = {"keys": args.dkim_keys, "sender": DKIM_SENDER, "rows": dkim_rows, "signing": signing,
+                "table": format_dkim(dkim_rows, signing, args)}
+        print()
+        print(dkim["table"])
     size_figures = sizing(rows)
     if any(d["delivered_rate"] or d["cpu_per_1000"] for d in size_figures.values()):
         print()
@@ -957,11 +1166,16 @@ def main(argv: list[str] | None = None) -> int:
         "summary": rows,
         "sizing": size_figures,
         "table": table,
+        "dkim": dkim,
         "runs": runs,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"raw results: {json_path}")
+    if png_path is not None and not any(r["ratio"] for r in rows) \
+            and not any(r["section"] == "latency" for r in rows):
+        log("no relaynet/Postfix figures (dkim only): no chart drawn")
+        png_path = None
     if png_path is not None:
         try:
             draw_chart(png_path, rows, args)

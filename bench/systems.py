@@ -14,11 +14,18 @@ durably, then forward over SMTP, hop after hop, to a sink that discards.
 
 With C{next_hop_down=True} (the C{hopdown} scenario) a one-hop chain's next
 hop is a loopback port nobody listens on instead: its mail stays queued.
+
+With C{dkim_keys} (the C{dkim} scenario) a relaynet chain's last hop signs
+what it sends (C{[dkim] sign = true}) with keys made by C{relaynet dkim
+keygen} in the chain's directory, for L{DKIM_DOMAIN}: the domain of the
+From: field C{smtp-source} writes (C{From: <SENDER>}, from its C{-f}) when
+the sender is L{DKIM_SENDER}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -29,6 +36,7 @@ from pathlib import Path
 
 from bench.procstat import NodeProbe, process_table, tree_pids, tree_status_kb
 from bench.stampsink import StampSink
+from harness.nodeproc import relaynet_command
 from harness.peers import PostfixInstance, SmtpSink, free_port, relayhost_for, wait_for_smtp
 from relaynet.admin.queuecli import AdminClient, AdminError
 from relaynet.config import default_admin_endpoint
@@ -37,6 +45,14 @@ REPO = Path(__file__).resolve().parent.parent
 SINK_DOMAIN = "sink.test"
 STAMP_DOMAIN = "stamp.test"
 HOST = "127.0.0.1"
+SENDER = "bench@localhost"
+"""The envelope sender (and, through C{smtp-source}, the From:) of every scenario but C{dkim}."""
+DKIM_DOMAIN = "bench.relaynet.test"
+DKIM_SENDER = f"bench@{DKIM_DOMAIN}"
+"""The C{dkim} scenario's sender: C{smtp-source -f} also writes it as C{From: <...>}."""
+DKIM_SELECTORS = {"rsa": "rsa1", "ed25519": "ed1"}
+DKIM_KEY_SETS = {"rsa": ("rsa",), "ed25519": ("ed25519",), "both": ("rsa", "ed25519")}
+"""C{--dkim-keys}: the algorithms of the keys of the signing node (C{both}: dual signing)."""
 
 
 def log(msg: str) -> None:
@@ -73,14 +89,18 @@ class Chain:
 
     name = "?"
 
-    def __init__(self, workdir: Path, hops: int, next_hop_down: bool = False, tag: str = ""):
+    def __init__(self, workdir: Path, hops: int, next_hop_down: bool = False, tag: str = "",
+                 sender: str = SENDER):
         """
         @param next_hop_down: the last hop's next hop is a loopback port
             nobody listens on (one free now), not the sinks: every message
             stays queued, deferred.
         @param tag: appended to the chain's directory (and Postfix instance
             names), to run two chains of one system side by side.
+        @param sender: the envelope sender the load generators use with this
+            chain (C{smtp-source} also writes it as the From: field).
         """
+        self.sender = sender
         self.hops = hops
         self.next_hop_down = next_hop_down
         self.tag = tag
@@ -140,16 +160,20 @@ class Chain:
     def hwm_kb(self) -> dict[str, int | None]:
         return {}
 
+    def event_counts(self, names: tuple[str, ...]) -> dict[str, int]:
+        """How many events of each of C{names} the hops have logged so far (none here)."""
+        return {name: 0 for name in names}
+
 
 class PostfixChain(Chain):
     name = "postfix"
 
     def __init__(self, workdir: Path, hops: int, next_hop_down: bool = False, tag: str = "",
-                 main_cf: dict[str, str] | None = None):
+                 main_cf: dict[str, str] | None = None, sender: str = SENDER):
         """
         @param main_cf: more C{main.cf} settings for every instance.
         """
-        super().__init__(workdir, hops, next_hop_down, tag)
+        super().__init__(workdir, hops, next_hop_down, tag, sender)
         self.instances: list[PostfixInstance] = []
         self.main_cf = dict(main_cf or {})
 
@@ -238,7 +262,7 @@ reuse_port = {reuse_port}
 {routes}
 [queue]
 {queue_settings}
-
+{dkim}
 [outbound]
 connect_timeout = 5
 helo_timeout = 30
@@ -271,6 +295,77 @@ domains = [{domains}]
 action = "relay"
 next_hops = ["tcp:127.0.0.1:{port}"]
 """
+
+
+def make_dkim_keys(directory: Path, algorithms: tuple[str, ...], domain: str = DKIM_DOMAIN,
+                   timeout: float = 120.0) -> list[tuple[str, str, Path]]:
+    """
+    Make a key for C{domain} per algorithm in C{algorithms} (C{"rsa"}:
+    RSA-2048, C{"ed25519"}), with the real C{relaynet dkim keygen DOMAIN
+    SELECTOR --out PATH [--algorithm ed25519]}, in C{directory}; a key
+    already there (a chain started again) is kept.
+
+    @return: C{(domain, selector, absolute key path)} per key.
+    @raise RuntimeError: the command failed (its output is in the message).
+    """
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for algorithm in algorithms:
+        selector = DKIM_SELECTORS[algorithm]
+        path = directory / f"{domain}.{selector}.key"
+        if not path.exists():
+            cmd = [*relaynet_command(), "dkim", "keygen", domain, selector, "--out", str(path)]
+            if algorithm != "rsa":
+                cmd += ["--algorithm", algorithm]
+            proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, timeout=timeout, check=False)
+            if proc.returncode != 0 or not path.exists():
+                raise RuntimeError(f"{shlex.join(cmd)}: exit {proc.returncode}: {proc.stdout}{proc.stderr}")
+        keys.append((domain, selector, path))
+    return keys
+
+
+def dkim_config(keys: list[tuple[str, str, Path]]) -> str:
+    """The C{[dkim]} table of a signing node: C{sign = true} and one C{[[dkim.keys]]} per key."""
+    if not keys:
+        return ""
+    lines = ["[dkim]", "sign = true"]
+    for domain, selector, path in keys:
+        lines += ["", "[[dkim.keys]]", f"domain = {json.dumps(domain)}", f"selector = {json.dumps(selector)}",
+                  f"key_file = {json.dumps(str(path))}"]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+class EventTally:
+    """
+    Counts events by name in a node's C{<spool>/events.jsonl}, reading only
+    what was appended since the last call (whole lines; the workers of a
+    node append to the same file).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.counts: dict[str, int] = {}
+
+    def update(self) -> dict[str, int]:
+        """Read the new lines; @return: the counts so far, by event name."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.counts
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            try:
+                event = json.loads(line).get("event")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(event, str):
+                self.counts[event] = self.counts.get(event, 0) + 1
+        self.offset += end
+        return self.counts
 
 
 def workers_setting(value: int | str | None) -> str:
@@ -334,12 +429,14 @@ class RelaynetNode:
     def __init__(
         self, base: Path, name: str, port: int, routes: str, backlog: int | None = None,
         queue_settings: str = QUEUE_SETTINGS, reuse_port: bool = False,
-        workers: int | str | None = None,
+        workers: int | str | None = None, dkim: str = "",
     ):
         """
         @param workers: C{[node] workers}: a count, C{"auto"}, or L{None}
             for the node's default (no line written).
+        @param dkim: the node's C{[dkim]} table (L{dkim_config}), or nothing.
         """
+        self.dkim = dkim
         workers_setting(workers)  # refuse a bad value before anything starts
         self.workers = workers
         self.queue_settings = queue_settings
@@ -354,6 +451,7 @@ class RelaynetNode:
         self.routes = routes
         self.process: subprocess.Popen | None = None
         self.command: list[str] = []
+        self.events = EventTally(self.spool / "events.jsonl")
 
     def config_text(self) -> str:
         """The node's config file, as L{start} writes it."""
@@ -361,7 +459,7 @@ class RelaynetNode:
             name=self.name, spool=self.spool, port=self.port, routes=self.routes,
             listen_options=f":backlog={self.backlog}" if self.backlog else "",
             queue_settings=self.queue_settings, reuse_port="true" if self.reuse_port else "false",
-            workers_line=workers_setting(self.workers),
+            workers_line=workers_setting(self.workers), dkim=self.dkim,
         )
 
     def admin(self, timeout: float = 10.0) -> AdminClient:
@@ -502,13 +600,19 @@ class RelaynetChain(Chain):
 
     def __init__(self, workdir: Path, hops: int, backlog: int | None = None, processes: int = 1,
                  workers: int | str | None = None, next_hop_down: bool = False, tag: str = "",
-                 queue_settings: str = QUEUE_SETTINGS):
+                 queue_settings: str = QUEUE_SETTINGS, sender: str = SENDER,
+                 dkim_keys: tuple[str, ...] = ()):
         """
         @param processes: nodes per hop, sharing its port.
         @param workers: each node's C{[node] workers} (L{None}: not written).
         @param queue_settings: the C{[queue]} table of every node.
+        @param dkim_keys: the algorithms of the keys the last hop signs with
+            (L{make_dkim_keys}, in the chain's C{dkim/} directory, for
+            L{DKIM_DOMAIN}); none: no node signs.
         """
-        super().__init__(workdir, hops, next_hop_down, tag)
+        super().__init__(workdir, hops, next_hop_down, tag, sender)
+        self.dkim_keys = tuple(dkim_keys)
+        self.dkim_key_files: list[tuple[str, str, Path]] = []
         self.backlog = backlog
         self.processes = processes
         self.workers = workers
@@ -518,9 +622,13 @@ class RelaynetChain(Chain):
     def start(self) -> None:
         self.start_sinks()
         try:
+            if self.dkim_keys:
+                self.dkim_key_files = make_dkim_keys(self.workdir / "dkim", self.dkim_keys)
             ports = [free_port(HOST) for _ in range(self.hops)]
             sink_port, stamp_port = self.last_relay_port()
             for i in reversed(range(self.hops)):
+                # Only the last hop signs: where mail leaves (docs/outbound-security.md).
+                dkim = dkim_config(self.dkim_key_files) if i == self.hops - 1 else ""
                 if i == self.hops - 1:
                     routes = (
                         ROUTE.format(domains=f'"{STAMP_DOMAIN}"', port=stamp_port)
@@ -535,7 +643,7 @@ class RelaynetChain(Chain):
                     name = f"rn{i + 1}" + (f"-{k + 1}" if self.processes > 1 else "")
                     node = RelaynetNode(self.workdir / name, name, ports[i], routes, self.backlog,
                                         reuse_port=self.processes > 1, workers=self.workers,
-                                        queue_settings=self.queue_settings)
+                                        queue_settings=self.queue_settings, dkim=dkim)
                     node.start()
                     self.nodes.insert(0, node)
             self.entry_port = ports[0]
@@ -581,6 +689,18 @@ class RelaynetChain(Chain):
                 names.append(node.name)
         return names
 
+    def event_counts(self, names: tuple[str, ...]) -> dict[str, int]:
+        """
+        How many events of each of C{names} (e.g. C{dkim_signed}) the nodes
+        have written to their C{events.jsonl} so far, summed over the nodes.
+        """
+        totals = {name: 0 for name in names}
+        for node in self.nodes:
+            counts = node.events.update()
+            for name in names:
+                totals[name] += counts.get(name, 0)
+        return totals
+
     def hwm_kb(self) -> dict[str, int | None]:
         """Per node, the sum of its processes' C{VmHWM} (root and workers)."""
         return {node.name: tree_status_kb(node.pid(), "VmHWM") for node in self.nodes}
@@ -592,6 +712,8 @@ class RelaynetChain(Chain):
             "next_hop_down": self.next_hop_down,
             "processes_per_hop": self.processes,
             "workers": self.workers,
+            "sender": self.sender,
+            "dkim_keys": [{"domain": d, "selector": s, "key_file": str(p)} for d, s, p in self.dkim_key_files],
             "processes_per_node": {node.name: len(node.probe().pids(table)) for node in self.nodes},
             "command": shlex.join(self.nodes[0].command) if self.nodes else None,
             "configs": {node.name: node.config.read_text() for node in self.nodes},

@@ -9,8 +9,9 @@ Also: how C{relaynet bench} finds the bench (the C{bench} package of the source
 checkout, run as C{python -m bench.run}), and what it says when there is none
 (an installed wheel ships neither C{bench/} nor C{harness/}); its C{--workers}
 option and the node configs it writes; the C{hopdown} scenario's plan and
-rows; how the memory and CPU figures find every process of a node with
-workers; and the large-backlog script (C{bench/backlog.py}) on a tiny backlog.
+rows; the C{dkim} scenario's plan, node configs, signed counts and rows; how
+the memory and CPU figures find every process of a node with workers; and the
+large-backlog script (C{bench/backlog.py}) on a tiny backlog.
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ import pytest
 from bench import backlog, run
 from bench.procstat import NodeProbe, descendants, process_table, tree_pids, tree_status_kb
 from bench.systems import (
+    DKIM_DOMAIN,
+    DKIM_SENDER,
     HOPDOWN_QUEUE_SETTINGS,
     ROUTE,
+    SENDER,
+    EventTally,
     PostfixChain,
     RelaynetChain,
     RelaynetNode,
+    dkim_config,
+    make_dkim_keys,
     queue_dirs,
     usable_cpus,
 )
@@ -196,8 +203,8 @@ def test_workers_option_refused(text: str, capsys: pytest.CaptureFixture[str]) -
 def test_workers_default_auto() -> None:
     """
     By default the nodes run with C{workers = "auto"} (the issue's rows), and
-    every scenario runs, C{hopdown} included; C{--relaynet-processes} still
-    defaults to one node per hop.
+    every scenario runs, C{hopdown} included, but C{dkim} (only when asked
+    for); C{--relaynet-processes} still defaults to one node per hop.
     """
     args = run.parse_args([])
     assert args.workers == "auto"
@@ -297,6 +304,148 @@ def test_hopdown_rows() -> None:
     table = run.format_table(list(rows.values()))
     assert "accept down/up (x)" in table and "1.00" in table
     assert run.row_label(ratio) == "accept down/up 5K s=20"
+
+
+# -- the dkim scenario -------------------------------------------------------
+
+
+def test_dkim_plan(tmp_path: Path) -> None:
+    """
+    C{--scenarios dkim} plans one one-hop group with an item per size
+    (C{--dkim-sessions}, C{--messages}) on two relaynet chains, plain and
+    signing (C{--dkim-keys}, RSA by default), in their own directories, both
+    sending from L{DKIM_SENDER}, whose domain the keys are for; the other
+    scenarios keep the harness's sender. C{--estimate} counts it.
+    """
+    args = run.parse_args(["--scenarios", "dkim", "--sizes", "5120,102400", "--messages", "700",
+                           "--workers", "1"])
+    groups = run.plan(args)
+    assert [(g["kind"], g["hops"]) for g in groups] == [("dkim", 1)]
+    assert [(i["scenario"], i["size"], i["sessions"], i["messages"]) for i in groups[0]["items"]] == [
+        ("dkim", 5120, 20, 700), ("dkim", 102400, 20, 700)]
+    chains = run.group_chains(groups[0], args, tmp_path)
+    assert list(chains) == ["relaynet/plain", "relaynet/dkim"]
+    assert [c.dkim_keys for c in chains.values()] == [(), ("rsa",)]
+    assert [run.dkim_variant(c) for c in chains.values()] == ["plain", "dkim"]
+    assert {c.sender for c in chains.values()} == {DKIM_SENDER}
+    assert DKIM_SENDER.endswith("@" + DKIM_DOMAIN)
+    assert len({c.workdir for c in chains.values()}) == 2
+    assert all(c.workers == 1 and c.hops == 1 for c in chains.values())
+    both = run.parse_args(["--scenarios", "dkim", "--dkim-keys", "both", "--dkim-sessions", "5"])
+    group = run.plan(both)[0]
+    assert group["items"][0]["sessions"] == 5
+    assert run.group_chains(group, both, tmp_path)["relaynet/dkim"].dkim_keys == ("rsa", "ed25519")
+    accept = run.parse_args(["--scenarios", "accept", "--sizes", "5120,102400", "--messages", "700"])
+    assert run.group_chains(run.plan(accept)[0], accept, tmp_path)["relaynet"].sender == SENDER
+    est = run.estimate(groups, args)
+    assert est > 0
+    with_accept = run.parse_args(["--scenarios", "accept,dkim", "--sizes", "5120,102400", "--messages", "700"])
+    assert run.estimate(run.plan(with_accept), with_accept) > est
+    assert run.main(["--scenarios", "dkim", "--estimate"]) == 0
+
+
+def test_dkim_option_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """C{--dkim-keys} is one of rsa, ed25519, both; C{--dkim-sessions} positive."""
+    for argv in (["--dkim-keys", "dsa"], ["--dkim-sessions", "0"]):
+        with pytest.raises(SystemExit) as e:
+            run.parse_args(["--scenarios", "dkim", *argv])
+        assert e.value.code == 2
+        assert argv[0] in capsys.readouterr().err
+
+
+def test_dkim_node_config(tmp_path: Path) -> None:
+    """
+    The signing node's config: C{[dkim] sign = true} and a C{[[dkim.keys]]}
+    per key, for L{DKIM_DOMAIN}, each with the absolute path of a key made
+    by C{relaynet dkim keygen} (readable: the node's own parser loads it,
+    RSA-2048 and Ed25519); made again, the keys are kept. A node without
+    keys has no C{[dkim]}.
+    """
+    keys = make_dkim_keys(tmp_path / "relative" / ".." / "keys", ("rsa", "ed25519"))
+    assert [(d, s) for d, s, _ in keys] == [(DKIM_DOMAIN, "rsa1"), (DKIM_DOMAIN, "ed1")]
+    node = RelaynetNode(tmp_path / "n", "n1", 2525, ROUTE.format(domains='"*"', port=2526),
+                        workers=1, dkim=dkim_config(keys))
+    data = tomllib.loads(node.config_text())
+    assert data["dkim"]["sign"] is True
+    for entry, (_, _, path) in zip(data["dkim"]["keys"], keys):
+        assert Path(entry["key_file"]).is_absolute() and Path(entry["key_file"]) == path
+        assert os.access(entry["key_file"], os.R_OK)
+    assert data["outbound"]["connect_timeout"] == 5  # the tables after [dkim] are still top-level
+    config = parse_config(data, "bench.toml")
+    assert config.dkim.sign
+    assert [(k.domain, k.selector, k.algorithm) for k in config.dkim.keys] == [
+        (DKIM_DOMAIN, "rsa1", "rsa-sha256"), (DKIM_DOMAIN, "ed1", "ed25519-sha256")]
+    before = [p.read_bytes() for _, _, p in keys]
+    assert [p.read_bytes() for _, _, p in make_dkim_keys(tmp_path / "keys", ("rsa", "ed25519"))] == before
+    plain = tomllib.loads(RelaynetNode(tmp_path / "p", "p1", 2525, "").config_text())
+    assert "dkim" not in plain
+
+
+def test_event_tally(tmp_path: Path) -> None:
+    """
+    L{EventTally} counts events by name in an C{events.jsonl}, reading only
+    what was appended since, and only whole lines (a line being written is
+    counted once it ends); a missing file counts nothing.
+    """
+    path = tmp_path / "events.jsonl"
+    tally = EventTally(path)
+    assert tally.update() == {}
+    path.write_text('{"event":"dkim_signed"}\n{"event":"delivered"}\n{"event":"dkim_sig')
+    assert tally.update() == {"dkim_signed": 1, "delivered": 1}
+    with path.open("a") as f:
+        f.write('ned"}\nnot json\n{"event":"dkim_unsigned"}\n')
+    assert tally.update() == {"dkim_signed": 2, "delivered": 1, "dkim_unsigned": 1}
+    assert tally.update()["dkim_signed"] == 2
+
+
+def _dkim_run(variant: str, rnd: int, size: int, cpu: float, signed: int | None = None, **kw: object) -> dict:
+    n = 1000
+    r = {"system": "relaynet", "scenario": "dkim", "hops": 1, "size": size, "sessions": 20, "messages": n,
+         "round": rnd, "variant": variant, "cpu_per_1000": cpu, "accept_rate": 100.0, "delivered_rate": 90.0,
+         "peak_pss_kb": 10 ** 6, "dkim_signed": (n if variant == "dkim" else 0) if signed is None else signed,
+         "dkim_unsigned": 0}
+    r.update(kw)
+    return r
+
+
+def test_dkim_rows() -> None:
+    """
+    The dkim rows, per size: CPU per 1000 messages, accept and delivered
+    rates of each chain (medians over rounds), dkim/plain, the median of the
+    rounds' ratios, and the CPU of signing per message in ms; a run with an
+    error (messages unsigned) is left out, and the signed counts say so. The
+    dkim runs are not in the relaynet-vs-Postfix memory rows.
+    """
+    args = run.parse_args(["--scenarios", "accept,dkim", "--sizes", "5120,102400", "--sessions", "20"])
+    runs = []
+    for rnd, (plain, dkim) in enumerate([(2.0, 3.0), (4.0, 5.0), (3.0, 6.0)]):
+        runs += [_dkim_run("plain", rnd, 5120, plain), _dkim_run("dkim", rnd, 5120, dkim)]
+        runs += [_dkim_run("plain", rnd, 102400, 10.0), _dkim_run("dkim", rnd, 102400, 12.0)]
+    bad = _dkim_run("dkim", 3, 5120, 100.0, signed=990, dkim_unsigned=10)
+    bad["error"] = run.dkim_problem(bad)
+    assert bad["error"] and "990 of 1000" in bad["error"]
+    runs.append(bad)
+    runs.append({"system": "relaynet", "scenario": "dkim", "hops": 1, "size": 5120, "sessions": 20,
+                 "round": 4, "variant": "plain", "skipped": "--max-minutes reached"})
+    rows = {(r["size"], r["metric"]): r for r in run.dkim_summary(runs, args)}
+    cpu = rows[(5120, "CPU per 1000 msg")]
+    assert (cpu["plain"]["median"], cpu["dkim"]["median"]) == (3.0, 5.0)
+    assert cpu["ratio"] == 5.0 / 3.0
+    assert cpu["paired"]["median"] == 1.5 and cpu["paired"]["n"] == 3  # 1.5, 1.25, 2.0
+    assert cpu["extra_ms_per_message"] == 2.0
+    assert rows[(102400, "CPU per 1000 msg")]["ratio"] == 1.2
+    assert rows[(5120, "delivered rate")]["ratio"] == 1.0
+    signing = run.dkim_signing(runs)
+    assert signing["relaynet/dkim"] == {"messages": 7000, "dkim_signed": 6990, "dkim_unsigned": 10, "runs": 7}
+    assert signing["relaynet/plain"]["dkim_signed"] == 0
+    text = run.format_dkim(list(rows.values()), signing, args)
+    assert "dkim/plain" in text and "1.67" in text and "+2.00 ms" in text
+    assert "6990 dkim_signed of 7000" in text and "ERROR: 10 message(s)" in text
+    assert run.row_label(cpu) == "dkim CPU/1000 msg 5K s=20"
+    assert not [r for r in run.summarize(runs, args) if r["section"] == "memory"]
+    assert run.dkim_problem(_dkim_run("dkim", 0, 5120, 1.0)) is None
+    assert run.dkim_problem(_dkim_run("plain", 0, 5120, 1.0)) is None
+    assert "plain chain" in run.dkim_problem(_dkim_run("plain", 0, 5120, 1.0, signed=3))
 
 
 # -- process trees -----------------------------------------------------------
