@@ -586,6 +586,27 @@ def test_tls_handshake_mismatch_is_aborted(pki: dict[str, Issued], tls_server: A
     assert options.result == error.result
 
 
+def test_handshake_without_a_judged_chain_fails_closed(pki: dict[str, Issued]) -> None:
+    """The guard: a handshake that ends before any chain was judged (a resumed session) is judged then, and fails."""
+
+    class FakeTLS:
+        failure: Failure | None = None
+
+        def failVerification(self, reason: Failure) -> None:
+            self.failure = reason
+
+    class NoChain:
+        def get_peer_cert_chain(self, as_cryptography: bool = False) -> None:
+            return None
+
+    options = DaneClientTLS(DaneRequirement(MATCH, HOST, 25, records=(TLSARecord.for_certificate(pki["leaf"].der),)))
+    tls = FakeTLS()
+    done = options._done_callback(tls, [])  # type: ignore[arg-type]
+    done(NoChain(), SSL.SSL_CB_HANDSHAKE_DONE, 1)  # type: ignore[arg-type]
+    assert tls.failure is not None and tls.failure.check(DaneVerificationError)
+    assert options.result == dane.MatchResult.failed(f"{HOST} presented no certificate")
+
+
 def test_tls_handshake_all_unusable(pki: dict[str, Issued], tls_server: Any) -> None:
     """TLS without authentication: any certificate completes the handshake; no-DANE and defer make no options."""
     reactor, port = tls_server([pki["stranger"]])

@@ -466,9 +466,13 @@ def match_chain(
 # -- what the delivery code is told -----------------------------------------
 
 NO_DANE: Final = "none"
+"""No DANE for this host: the route's own TLS policy (and MTA-STS) applies."""
 TLS_UNAUTHENTICATED: Final = "tls-unauthenticated"
+"""TLS required, any certificate: the host's TLSA records are all unusable."""
 MATCH: Final = "match"
+"""TLS required, and the certificate chain must match the host's TLSA records."""
 DEFER: Final = "defer"
+"""Do not connect: a lookup failed (bogus or no answer); the delivery to this host defers, 4.7.5."""
 
 
 @frozen
@@ -627,31 +631,48 @@ class DaneClientTLS:
         except UnicodeError:
             pass  # not a name SNI can carry; the check below does not depend on it
         if self.requirement.authenticated:
-            connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify_callback(tlsProtocol))
+            checked: list[MatchResult] = []
+            connection.set_verify(
+                SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify_callback(tlsProtocol, checked),
+            )
+            connection.set_info_callback(self._done_callback(tlsProtocol, checked))
         else:
             connection.set_verify(SSL.VERIFY_NONE)
             self.result = verify_chain(self.requirement, [])
         return connection
 
-    def _verify_callback(
-        self, tlsProtocol: TLSMemoryBIOProtocol,
-    ) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
-        checked: list[MatchResult] = []
+    def _judge(self, tlsProtocol: TLSMemoryBIOProtocol, chain: list[bytes], checked: list[MatchResult]) -> None:
+        when = self._now() if self._now is not None else None
+        result = verify_chain(self.requirement, chain, now=when)
+        checked.append(result)
+        self.result = result
+        if not result.ok:
+            tlsProtocol.failVerification(Failure(DaneVerificationError(result)))
 
+    def _verify_callback(
+        self, tlsProtocol: TLSMemoryBIOProtocol, checked: list[MatchResult],
+    ) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
         def callback(connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
-            # OpenSSL's own verdict (no trust anchors here) is ignored: the
-            # chain is judged once, when OpenSSL reaches the leaf (depth 0,
-            # called last), with every certificate the server sent.
-            if depth != 0:
-                return True
+            # OpenSSL's own verdict (no trust anchors here) is ignored. The
+            # whole chain the server sent is known at the first call (OpenSSL
+            # 3 keeps it in the session while verifying): it is judged then,
+            # once, and the answer repeated for every certificate.
             if not checked:
-                when = self._now() if self._now is not None else None
-                result = verify_chain(self.requirement, peer_chain(connection), now=when)
-                checked.append(result)
-                self.result = result
-                if not result.ok:
-                    tlsProtocol.failVerification(Failure(DaneVerificationError(result)))
+                self._judge(tlsProtocol, peer_chain(connection), checked)
             return checked[0].ok
+
+        return callback
+
+    def _done_callback(
+        self, tlsProtocol: TLSMemoryBIOProtocol, checked: list[MatchResult],
+    ) -> Callable[[SSL.Connection, int, int], None]:
+        def callback(connection: SSL.Connection, where: int, ret: int) -> None:
+            # A guard: a handshake that ends with no chain judged (a resumed
+            # session sends no certificate) is judged now, and fails closed
+            # if there is nothing to judge. Twisted drops what the
+            # application writes after the abort.
+            if where & SSL.SSL_CB_HANDSHAKE_DONE and not checked:
+                self._judge(tlsProtocol, peer_chain(connection), checked)
 
         return callback
 
