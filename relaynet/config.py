@@ -111,6 +111,22 @@ class TLSSettings:
 
 
 @frozen
+class MTASTSSettings:
+    """
+    MTA-STS (RFC 8461) for mx routes (L{relaynet.delivery.mtasts}).
+
+    @ivar enabled: look policies up and apply them.
+    @ivar policy_port: the policy hosts' HTTPS port (443; labs and tests
+        serve policies elsewhere).
+    @ivar fetch_timeout: seconds for a whole policy fetch.
+    """
+
+    enabled: bool = True
+    policy_port: int = 443
+    fetch_timeout: float = 60.0
+
+
+@frozen
 class DKIMSettings:
     """
     DKIM signing of mail leaving by relay and mx routes
@@ -294,6 +310,8 @@ class NodeConfig:
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
     dkim: DKIMSettings = DKIMSettings()
+    mta_sts: MTASTSSettings = MTASTSSettings()
+    dnssec_resolver: tuple[str, int] | None = None
     source: str = "<default>"
     workers: int = 0
     shard: int | None = None
@@ -988,7 +1006,31 @@ def parse_config(
         if parsed is None:
             raise ConfigError(source, f"dns.servers[{i}]", f"{server!r} is not IP, IP:port or [IPv6]:port")
         servers.append(parsed)
+    dnssec_resolver = None
+    if "dnssec_resolver" in dns.data:
+        raw = dns.get("dnssec_resolver", str, "")
+        dnssec_resolver = _host_port(raw, 53)
+        if dnssec_resolver is None:
+            raise dns.error("dnssec_resolver", f"{raw!r} is not IP, IP:port or [IPv6]:port")
+        try:
+            loopback = ipaddress.ip_address(dnssec_resolver[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise dns.error(
+                "dnssec_resolver", "must be a loopback address: the AD bit is trusted only from a"
+                " validating resolver on this host (RFC 6698 4, RFC 7672 2.1)",
+            )
     dns.finish()
+    st = top.sub("mta_sts")
+    std = MTASTSSettings()
+    mta_sts = MTASTSSettings(
+        enabled=st.get("enabled", bool, std.enabled),
+        policy_port=st.get("policy_port", int, std.policy_port,
+                           lambda v: None if 0 < v < 65536 else "must be a port"),
+        fetch_timeout=float(st.get("fetch_timeout", (int, float), std.fetch_timeout, _positive)),
+    )
+    st.finish()
 
     t = top.sub("tls")
     tls = TLSSettings(
@@ -1059,7 +1101,7 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, log=log,
-        dkim=dkim, source=source, workers=0 if workers == "auto" else int(workers),
+        dkim=dkim, mta_sts=mta_sts, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
     )
 
 
@@ -1069,7 +1111,7 @@ def _parse_dkim(source: str, d: TableReader, base: Path | None) -> DKIMSettings:
     read is an error of the configuration, so the node does not start) and
     the signing table.
     """
-    from relaynet.delivery.dkim import KeyFileError, load_key
+    from relaynet.dkimkeys import KeyFileError, load_key
 
     sign = d.get("sign", bool, False)
     keys = []
@@ -1236,9 +1278,17 @@ def describe(config: NodeConfig) -> str:
             lines.append("")
     lines += _table("queue", config.queue)
     lines += _table("outbound", config.outbound)
-    if config.dns_servers:
-        servers = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.dns_servers]
-        lines += ["[dns]", f"servers = {_toml(servers)}", ""]
+    if config.dns_servers or config.dnssec_resolver:
+        def hp(h: str, p: int) -> str:
+            return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+
+        lines += ["[dns]"]
+        if config.dns_servers:
+            lines.append(f"servers = {_toml([hp(h, p) for h, p in config.dns_servers])}")
+        if config.dnssec_resolver:
+            lines.append(f"dnssec_resolver = {_toml(hp(*config.dnssec_resolver))}")
+        lines.append("")
+    lines += _table("mta_sts", config.mta_sts)
     lines += [
         "[admin]", f"enabled = {_toml(config.admin.enabled)}",
         f"endpoint = {_toml(config.admin_endpoint)}",

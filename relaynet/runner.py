@@ -37,7 +37,10 @@ from twisted.python.threadpool import ThreadPool
 from relaynet.config import NodeConfig
 from relaynet.delivery.attempt import Delivery, ThreadedMailboxes, system_resolver
 from relaynet.delivery.client import SUSPENDED, OutboundManager
+from relaynet.delivery.dane import DANE
 from relaynet.delivery.dkim import Signer
+from relaynet.delivery.mtasts import MTASTS
+from relaynet.delivery.tlspolicy import OutboundSecurity
 from relaynet.delivery.lmtp import LMTPAgent
 from relaynet.delivery.routing import Route, RoutingTable
 from relaynet.events import EventLog
@@ -153,8 +156,9 @@ class QueueRunner(Service):
         self.delivery = delivery or Delivery(
             lambda: self.table, self.outbound,
             ThreadedMailboxes(reactor, threadpool, lambda: self.config.local),
-            self.resolver, lmtp=LMTPAgent(reactor, lambda: self.config),
+            self.resolver, lmtp=LMTPAgent(reactor, lambda: self.config), security=self.security,
         )
+        self._security: OutboundSecurity | None = None
         self._slots = 0
         self._attempts: dict[str, Deferred[list[Outcome]]] = {}
         self._writes = SerialWrites()
@@ -224,6 +228,28 @@ class QueueRunner(Service):
             self.outbound.ca_file = config.tls.ca_file
             self.outbound.signer = Signer.from_settings(config.dkim)
             self.outbound.close_idle()
+        self._security = None
+
+    def security(self) -> OutboundSecurity | None:
+        """
+        DANE (with C{[dns] dnssec_resolver}) and MTA-STS (C{[mta_sts]}) for
+        mx routes, made on first use (and again after a reload); C{None}
+        when both are off.
+        """
+        config = self.config
+        if self._security is None and (config.mta_sts.enabled or config.dnssec_resolver):
+            mtasts = None
+            if config.mta_sts.enabled:
+                mtasts = MTASTS(
+                    self.resolver(), config.spool / "mta-sts", self.reactor, ca_file=config.tls.ca_file,
+                    port=config.mta_sts.policy_port, timeout=config.mta_sts.fetch_timeout,
+                )
+            dane = None
+            if config.dnssec_resolver is not None:
+                host, port = config.dnssec_resolver
+                dane = DANE.for_address(self.reactor, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            self._security = OutboundSecurity(mtasts, dane)
+        return self._security
 
     def resolver(self) -> Any:
         """The DNS resolver: C{[dns].servers}, else the system's."""

@@ -6,7 +6,10 @@ source with C{ast}; nothing is imported.
 
 Layers, lowest first (docs/architecture.md):
 
- 0. C{relaynet}, C{config}, C{events}, C{hints}: the ground every stage
+ -1. C{dkimkeys}: a leaf that imports nothing of relaynet (the
+    configuration reads DKIM keys with it);
+
+ 0. C{relaynet}, C{config}, C{events}, C{hints}, C{zones}: the ground every stage
     stands on;
  1. C{smtp/} (the wire) and C{queue/} (spool, core, DSNs): they do not
     import each other;
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent / "relaynet"
 
 LAYERS: dict[str, int] = {
     "relaynet": 0, "relaynet.config": 0, "relaynet.events": 0, "relaynet.hints": 0, "relaynet.zones": 0,
+    "relaynet.dkimkeys": -1,
     "relaynet.smtp": 1, "relaynet.queue": 1,
     "relaynet.delivery": 2,
     "relaynet.intake": 3, "relaynet.admin": 3, "relaynet.runner": 3,

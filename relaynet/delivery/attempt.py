@@ -44,6 +44,7 @@ from relaynet.config import LocalDelivery, NextHop, NodeConfig, RouteRule
 from relaynet.delivery.client import DeliveryResult
 from relaynet.delivery.mailbox import LocalResult, deliver_local
 from relaynet.delivery.mx import MXLookup, relay_name
+from relaynet.delivery.tlspolicy import DSN as TLS_DSN, HopDecision, HopTLS, OutboundSecurity
 from relaynet.delivery.routing import Refusal, Route, RouteKind, RoutingTable, order_hops
 from relaynet.queue.core import Outcome
 from relaynet.queue.spool import QueueEntry, Recipient
@@ -57,6 +58,7 @@ class IOutbound(Protocol):
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
+        hop_tls: HopTLS | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         One L{DeliveryResult} per recipient the hop was tried for.
@@ -64,6 +66,8 @@ class IOutbound(Protocol):
         @param auth: the route's SMTP AUTH C{(username, password)}, if any.
         @param auth_cleartext: the route allows AUTH without TLS.
         @param dkim: the route signs (given only when it does).
+        @param hop_tls: what DANE or MTA-STS asks of the connection (given
+            only when something does).
         """
 
 
@@ -170,8 +174,11 @@ class Delivery:
         shuffle: Callable[[list[Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
         lmtp: ILMTP | None = None,
+        security: Callable[[], OutboundSecurity | None] | None = None,
     ) -> None:
         """
+        @param security: returns DANE and MTA-STS for C{mx} routes (or
+            C{None}: the routes' own TLS policies only).
         @param resolver: returns the DNS resolver (created on first use).
         @param lmtp: delivers C{lmtp} routes (without one, their recipients
             are deferred: C{4.3.5}).
@@ -186,6 +193,7 @@ class Delivery:
         self._resolver = resolver
         self._shuffle = shuffle
         self._clock = clock
+        self._security = security
         self._mx: MXLookup | None = None
         self._order: Callable[[Sequence[NextHop]], list[NextHop]] = (
             order_hops if shuffle is None else (lambda hops: order_hops(hops, shuffle))
@@ -252,10 +260,38 @@ class Delivery:
                     out += [make(r.address, dsn, text) for r in rs]
                     continue
                 tries = answer.hops(rule.mx_port, outbound.mx_address_limit)
+                names = [relay_name(ex, address, rule.mx_port) for ex, address, _ in tries]
+                security = self._security() if self._security is not None else None
+                if security is None:
+                    out += yield self._try_hops(
+                        entry, rule, [hop for _, _, hop in tries], rs, names=names,
+                        session_limit=outbound.mx_session_limit,
+                    )
+                    continue
+                decision = yield security.decide(domain, [ex.name for ex, _, _ in tries], rule.mx_port)
+                if decision.failure is not None:
+                    out += [Outcome.deferred(r.address, TLS_DSN, decision.failure) for r in rs]
+                    continue
+                usable, hop_tls, skipped = [], [], []
+                for (ex, _, hop), name in zip(tries, names):
+                    d = decision.hosts.get(ex.name, HopDecision())
+                    if d.skip is not None:
+                        skipped.append((name, TLS_DSN, d.skip))
+                    else:
+                        usable.append((hop, name))
+                        hop_tls.append(d.tls)
+                if not usable:
+                    # Nowhere DANE or the domain's MTA-STS policy lets the
+                    # mail go: deferred, never sent without the TLS asked for.
+                    last = skipped[-1]
+                    out += [
+                        evolve(Outcome.deferred(r.address, TLS_DSN, last[2], last[0]), tried=tuple(skipped[:-1]))
+                        for r in rs
+                    ]
+                    continue
                 out += yield self._try_hops(
-                    entry, rule, [hop for _, _, hop in tries], rs,
-                    names=[relay_name(ex, address, rule.mx_port) for ex, address, _ in tries],
-                    session_limit=outbound.mx_session_limit,
+                    entry, rule, [hop for hop, _ in usable], rs, names=[n for _, n in usable],
+                    session_limit=outbound.mx_session_limit, hop_tls=hop_tls, skipped=skipped,
                 )
             return out
         result = yield self._try_hops(entry, rule, self._order(rule.next_hops), rcpts)
@@ -265,6 +301,7 @@ class Delivery:
     def _try_hops(
         self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient],
         names: list[str] | None = None, session_limit: int = 0, lmtp: bool = False,
+        hop_tls: Sequence[HopTLS | None] = (), skipped: Sequence[tuple[str, str, str]] = (),
     ) -> Any:
         """
         Try C{hops} in order until every recipient has a final answer.
@@ -274,11 +311,14 @@ class Delivery:
         @param session_limit: stop after this many hops that answered in
             SMTP but deferred (0: no limit; Postfix's C{smtp_mx_session_limit}).
         @param lmtp: the hops are LMTP servers (L{ILMTP}; a 2xx is final delivery).
+        @param hop_tls: per hop, what DANE or MTA-STS asks of its TLS (or C{None}).
+        @param skipped: C{(hop, dsn, why)} of hops DANE or MTA-STS ruled
+            out, for each recipient's C{tried}.
         """
         remaining = list(rcpts)
         final: dict[str, Outcome] = {}
         last: dict[str, Outcome] = {}
-        tried: dict[str, list[tuple[str, str, str]]] = {}
+        tried: dict[str, list[tuple[str, str, str]]] = {r.address: list(skipped) for r in rcpts} if skipped else {}
         sessions = 0
         judge = lmtp_outcome if lmtp else outcome_of
         for i, hop in enumerate(hops):
@@ -295,6 +335,8 @@ class Delivery:
                 )
                 if self._signs(rule):
                     auth["dkim"] = True
+                if i < len(hop_tls) and hop_tls[i] is not None:
+                    auth["hop_tls"] = hop_tls[i]
                 results = yield self.outbound.deliver(
                     hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **auth
                 )

@@ -67,6 +67,7 @@ from zope.interface import implementer
 
 from relaynet.config import Outbound, hop_name, split_endpoint
 from relaynet.delivery.dkim import Signed, Signer
+from relaynet.delivery.tlspolicy import HopTLS
 from relaynet.delivery.downgrade import ConversionError, has_eight_bit, needs_smtputf8, to_seven_bit
 from relaynet.smtp.datastream import DotStuffer
 from relaynet.smtp.netio import no_delay, send_now
@@ -259,7 +260,8 @@ class RelayClient(smtp.ESMTPClient):
         smtp.ESMTPClient.__init__(
             self, secret=None, contextFactory=pool.tls_context, identity=pool.helo_name
         )
-        self.requireTransportSecurity = pool.tls_policy in ("required", "verify")
+        # DANE and MTA-STS enforce require TLS whatever the route says.
+        self.requireTransportSecurity = pool.tls_policy in ("required", "verify") or pool.hop_tls is not None
         # With credentials, never fall back to HELO (it has no AUTH).
         self.requireAuthentication = pool.auth is not None
         self.authenticated = False
@@ -321,6 +323,10 @@ class RelayClient(smtp.ESMTPClient):
     def handshakeCompleted(self) -> None:
         info = connection_info(self.transport)
         self.tls_info = f"{info[0]} {info[1]}" if info else "TLS"
+        if self.pool.hop_tls is not None:
+            # The policy that decided this session's TLS, for events (the
+            # handshake got here: the certificate passed its check).
+            self.tls_info += f" ({self.pool.hop_tls.label})"
 
     # -- SMTP AUTH (RFC 4954) ----------------------------------------------
 
@@ -459,6 +465,12 @@ class RelayClient(smtp.ESMTPClient):
 
     def sendError(self, exc: Exception) -> None:
         if isinstance(exc, smtp.TLSRequiredError):
+            if self.pool.hop_tls is not None:
+                # RFC 7672 2.2, RFC 8461 5: not delivered to this host, 4.7.5.
+                self._end_connection(
+                    0, "4.7.5", f"{self.pool.hop_tls.label} requires TLS, but {self.pool.hop_tls.host}"
+                    f" ({self.pool.name}) did not offer STARTTLS")
+                return
             self._end_connection(0, "4.7.4", f"TLS is required, but was not offered by {self.pool.name}")
             return
         code = getattr(exc, "code", -1)
@@ -1359,12 +1371,16 @@ class HopPool:
         run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
         hop: HopState | None = None,
         signer: Signer | None = None,
+        hop_tls: HopTLS | None = None,
     ) -> None:
         """
         @param run_in_thread: runs blocking work (the 7-bit conversion and
             the DKIM signing of a message) off the reactor thread; by
             default in the reactor's thread pool. Tests inject one.
         @param signer: DKIM-signs every message sent through this pool.
+        @param hop_tls: what DANE or MTA-STS asks of the connections (then
+            STARTTLS is required whatever C{tls_policy} says, and its
+            certificate check replaces the route's).
         @param hop: the hop's up/down state, shared by every pool to the
             same endpoint (by default its own, with C{timeouts.hop_down_time}).
         @param auth: C{(username, password)} for SMTP AUTH, or C{None}.
@@ -1384,6 +1400,7 @@ class HopPool:
         self.events = events
         self._run_in_thread = run_in_thread
         self.signer = signer
+        self.hop_tls = hop_tls
         # (until, dsn, diagnostic) of the last failed AUTH.
         self._auth_block: tuple[float, str, str] | None = None
         # Credentials go only over TLS: a route with tls = "none" still asks
@@ -1391,8 +1408,9 @@ class HopPool:
         context_policy = tls_policy
         if auth is not None and tls_policy == "none" and not auth_cleartext:
             context_policy = "opportunistic"
-        self.tls_context = client_options(
-            context_policy, self.name.rpartition(":")[0].strip("[]"), ca_file
+        self.tls_context = (
+            hop_tls.context(ca_file) if hop_tls is not None else
+            client_options(context_policy, self.name.rpartition(":")[0].strip("[]"), ca_file)
         )
         self.reactor = reactor
         self.timeouts = timeouts
@@ -1671,7 +1689,7 @@ class OutboundManager:
         self.auth_penalty = auth_penalty
         self.run_in_thread = run_in_thread
         self.signer = signer
-        self.pools: dict[tuple[str, str | None, str, str | None, bool, bool], HopPool] = {}
+        self.pools: dict[tuple[str, str | None, str, str | None, bool, bool, HopTLS | None], HopPool] = {}
         # Per endpoint, shared by its pools; kept across reloads.
         self.hops: dict[str, HopState] = {}
         self.flush = flush
@@ -1699,7 +1717,7 @@ class OutboundManager:
     def pool(
         self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
         tls_policy: str = "none", auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
-        dkim: bool = False,
+        dkim: bool = False, hop_tls: HopTLS | None = None,
     ) -> HopPool:
         """
         The pool for a hop with these settings. Credentials are part of its
@@ -1707,15 +1725,16 @@ class OutboundManager:
         for the same hop, after a reload, use other connections.
 
         @param dkim: its messages are signed (when there is a signer).
+        @param hop_tls: what DANE or MTA-STS asks of this host's connections.
         """
         signs = dkim and self.signer is not None
-        key = (endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs)
+        key = (endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs, hop_tls)
         p = self.pools.get(key)
         if p is None:
             p = self.pools[key] = HopPool(
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
                 tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
-                self.run_in_thread, self.hop(endpoint), self.signer if signs else None,
+                self.run_in_thread, self.hop(endpoint), self.signer if signs else None, hop_tls,
             )
         return p
 
@@ -1723,6 +1742,7 @@ class OutboundManager:
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
+        hop_tls: HopTLS | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         Deliver C{entry} to C{recipients} through the hop at C{endpoint}.
@@ -1730,9 +1750,10 @@ class OutboundManager:
         @param auth: the route's C{(username, password)} for SMTP AUTH.
         @param auth_cleartext: the route allows AUTH without TLS.
         @param dkim: the route signs (with L{signer}).
+        @param hop_tls: what DANE or MTA-STS asks of the connection.
         """
         return self.pool(
-            endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext, dkim
+            endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext, dkim, hop_tls
         ).submit(entry, recipients)
 
     def close(self) -> None:

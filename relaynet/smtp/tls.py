@@ -81,20 +81,29 @@ def client_options(
         return None
     if policy in ("opportunistic", "required"):
         return ssl.CertificateOptions(verify=False, raiseMinimumTo=TLS_FLOOR)
-    trust: Any = None
-    if ca_file is not None:
-        try:
-            certs = [ssl.Certificate.loadPEM(b) for b in _pem_blocks(Path(ca_file).read_bytes())]
-        except Exception as e:
-            raise TLSConfigError(f"cannot load CA bundle {ca_file}: {e}") from None
-        if not certs:
-            raise TLSConfigError(f"no certificate in CA bundle {ca_file}")
-        trust = ssl.trustRootFromCertificates(certs)
     return ssl.optionsForClientTLS(
-        hostname, trustRoot=trust or ssl.platformTrust(), extraCertificateOptions={
+        hostname, trustRoot=trust_root(ca_file), extraCertificateOptions={
             "raiseMinimumTo": TLS_FLOOR,
         }
     )
+
+
+def trust_root(ca_file: Path | None = None) -> Any:
+    """
+    The certificates of the PEM bundle C{ca_file} as a trust root, or the
+    system's trust store when C{None}.
+
+    @raise TLSConfigError: the bundle cannot be read or holds no certificate.
+    """
+    if ca_file is None:
+        return ssl.platformTrust()
+    try:
+        certs = [ssl.Certificate.loadPEM(b) for b in _pem_blocks(Path(ca_file).read_bytes())]
+    except Exception as e:
+        raise TLSConfigError(f"cannot load CA bundle {ca_file}: {e}") from None
+    if not certs:
+        raise TLSConfigError(f"no certificate in CA bundle {ca_file}")
+    return ssl.trustRootFromCertificates(certs)
 
 
 def connection_info(transport: Any) -> tuple[str, str] | None:
