@@ -200,6 +200,36 @@ def collect(nodes: Mapping[str, Mapping[str, Any]], stopped: Collection[str] = (
     return ev
 
 
+_POLICY = re.compile(r"\(([^()]+)\)$")
+
+
+def tls_used(nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """
+    Per node, the TLS each delivery it relayed (its C{sent} events) used:
+    the policy that decided it (C{DANE}, C{MTA-STS}: the C{(...)} at the end
+    of the event's C{tls}), C{TLS} (the route's own policy) or C{no TLS}.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for name, rec in nodes.items():
+        try:
+            f = open(rec["events"], "rb")
+        except (OSError, KeyError):
+            continue
+        with f:
+            for line in f:
+                if b'"event":"sent"' not in line and b'"event": "sent"' not in line:
+                    continue
+                try:
+                    tls = json.loads(line).get("tls")
+                except ValueError:
+                    continue
+                m = _POLICY.search(tls) if tls else None
+                label = m.group(1) if m else ("TLS" if tls else "no TLS")
+                counts = out.setdefault(name, {})
+                counts[label] = counts.get(label, 0) + 1
+    return out
+
+
 def mailbox_files(rec: Mapping[str, Any]) -> Iterator[Path]:
     """Every message file in the Maildirs (C{new} and C{cur}) of a node's lab record C{rec}."""
     for box in Path(rec["mailroot"]).glob("*/*/Maildir"):
@@ -246,6 +276,8 @@ class CheckReport:
     waited: float = 0.0
     dkim: Any = None
     """A L{relaynet.lab.dkimcheck.DKIMReport} when some node signs, else None."""
+    tls_used: dict[str, dict[str, int]] = field(factory=dict)
+    """Per node, the TLS its relayed deliveries used (L{tls_used}): label -> count."""
 
     @property
     def ok(self) -> bool:
@@ -319,6 +351,7 @@ class CheckReport:
             "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
             "latency_max": lat[-1] if lat else None, "waited": round(self.waited, 3),
             "dkim": None if self.dkim is None else self.dkim.to_json(),
+            "tls_used": self.tls_used,
             "verdict": self.verdict(),
         }
 
@@ -356,6 +389,9 @@ class CheckReport:
                     lines.append(f"  ... and {len(items) - show} more")
         if self.dkim is not None:
             lines += self.dkim.lines(show)
+        for node, used in sorted(self.tls_used.items()):
+            lines.append(f"TLS used by {node}:" + " " * max(1, 16 - len(node)) + ", ".join(
+                f"{label} {n}" for label, n in sorted(used.items(), key=lambda kv: (-kv[1], kv[0]))))
         note = self.stopped_note()
         if note:
             lines.append(note)

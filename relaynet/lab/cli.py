@@ -412,6 +412,7 @@ def _check(args: argparse.Namespace) -> int:
     from relaynet.lab.dkimcheck import check_lab
 
     report.dkim = check_lab(lab.nodes, lab.data.get("dns"))
+    report.tls_used = check.tls_used(lab.nodes)
     if report.stopped:
         report.start_command = start
     if args.json:

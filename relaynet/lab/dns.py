@@ -10,6 +10,11 @@ C{ZONES.json} maps each origin to its record lines (L{relaynet.zones}), with
 node names already replaced by addresses. C{relaynet lab up} writes it,
 starts this server before the nodes (each node's C{[dns] servers} names it),
 restarts it when it finds it stopped, and C{lab down} stops it.
+
+With C{--policies FILE --https HOST:PORT --cert C --key K} the same process
+serves the topology's MTA-STS policies (C{[mta_sts."DOMAIN"]}) over HTTPS,
+with a certificate from the lab CA for every C{mta-sts.DOMAIN}; the nodes'
+C{[mta_sts] policy_port} names that port (a lab cannot take 443).
 """
 
 from __future__ import annotations
@@ -129,9 +134,13 @@ def start(rec: dict[str, Any], timeout: float = START_TIMEOUT) -> int:
         return int(rec["pid"])
     log = open(rec["log"], "ab")
     with log:
+        policies = [
+            "--policies", rec["policies"], "--https", f"{rec['address']}:{rec['https_port']}",
+            "--cert", rec["cert"], "--key", rec["key"],
+        ] if rec.get("policies") else []
         proc = subprocess.Popen(
             [sys.executable, "-m", "relaynet.lab.dns", "--zones", rec["zones"],
-             "--listen", f"{rec['address']}:{rec['port']}"],
+             "--listen", f"{rec['address']}:{rec['port']}", *policies],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     rec["pid"] = proc.pid
@@ -177,10 +186,47 @@ def _reap(pid: int) -> None:
         pass
 
 
+def serve_policies(policies: Mapping[str, str], host: str, port: int, cert: Path, key: Path,
+                   reactor: Any) -> Any:
+    """
+    Serve MTA-STS policy files over HTTPS on C{host:port}: C{GET
+    /.well-known/mta-sts.txt} with C{Host: mta-sts.DOMAIN} answers that
+    host's policy (C{text/plain}, RFC 8461 3.3); anything else is 404.
+
+    @param policies: policy host name -> policy text.
+    @return: the listening port.
+    """
+    from twisted.web import resource, server
+
+    from relaynet.smtp.tls import server_options
+
+    class Policy(resource.Resource):
+        isLeaf = True
+
+        def __init__(self) -> None:
+            resource.Resource.__init__(self)
+
+        def render_GET(self, request: Any) -> bytes:  # noqa: N802 - Twisted's name
+            name = (request.getRequestHostname() or b"").decode("ascii", "replace").lower()
+            text = policies.get(name)
+            if request.path != b"/.well-known/mta-sts.txt" or text is None:
+                request.setResponseCode(404)
+                request.setHeader(b"content-type", b"text/plain")
+                return b"no such policy\n"
+            request.setHeader(b"content-type", b"text/plain")
+            return text.encode("utf-8")
+
+    return reactor.listenSSL(port, server.Site(Policy()), server_options(cert, key), interface=host)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relaynet.lab.dns", description=__doc__.split("\n\n")[0])
     parser.add_argument("--zones", required=True, help="JSON: origin -> record lines")
     parser.add_argument("--listen", required=True, help="HOST:PORT (loopback)")
+    parser.add_argument("--policies", help="JSON: mta-sts.DOMAIN -> MTA-STS policy text (served over HTTPS)")
+    parser.add_argument("--https", help="HOST:PORT for the policies (loopback)")
+    parser.add_argument("--cert", help="the policy server's certificate (PEM)")
+    parser.add_argument("--key", help="its key (PEM)")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     try:
@@ -188,6 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from twisted.internet import reactor
 
         serve(spec, host, int(port), reactor)
+        if args.policies:
+            policies = json.loads(Path(args.policies).read_text("utf-8"))
+            https_host, _, https_port = args.https.rpartition(":")
+            serve_policies(policies, https_host, int(https_port), Path(args.cert), Path(args.key), reactor)
+            print(f"relaynet lab dns: MTA-STS policies of {', '.join(policies)} on https://{args.https}",
+                  flush=True)
     except (OSError, ValueError, ZoneError) as e:
         print(f"relaynet lab dns: {e}", file=sys.stderr)
         return 1

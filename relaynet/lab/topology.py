@@ -137,6 +137,29 @@ class ChaosSpec:
 
 
 @frozen
+class STSPolicySpec:
+    """An MTA-STS policy the lab publishes for C{domain} (RFC 8461 3.2)."""
+
+    domain: str
+    mode: str
+    mx: tuple[str, ...]
+    max_age: int = 86400
+
+    @property
+    def text(self) -> str:
+        """The policy file, as served at C{https://mta-sts.DOMAIN/.well-known/mta-sts.txt}."""
+        lines = ["version: STSv1", f"mode: {self.mode}"] + [f"mx: {m}" for m in self.mx]
+        return "\r\n".join(lines + [f"max_age: {self.max_age}", ""])
+
+    @property
+    def policy_id(self) -> str:
+        """The TXT record's C{id}: changes whenever the policy does."""
+        import hashlib
+
+        return hashlib.sha256(self.text.encode()).hexdigest()[:20]
+
+
+@frozen
 class Topology:
     """A parsed, validated topology file."""
 
@@ -150,6 +173,7 @@ class Topology:
     traffic: Traffic
     chaos: ChaosSpec
     zones: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    mta_sts: tuple[STSPolicySpec, ...] = ()
 
     def node(self, name: str) -> NodeSpec:
         """The node called C{name}; @raise KeyError: no such node."""
@@ -456,6 +480,9 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
     )
     c.finish()
     zones = _read_zones(source, top.sub("dns"), names)
+    mta_sts = _read_sts(source, top.sub("mta_sts"))
+    if mta_sts and not zones:
+        raise ConfigError(source, "mta_sts", "needs [dns] zones: the lab's DNS server publishes the policies")
     for n in nodes:
         if n.dkim and not zones:
             raise ConfigError(source, f"node.{n.name}.dkim",
@@ -464,8 +491,64 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
     top.finish()
     return Topology(
         name=name, source=source, description=description, port=port, first_address=first,
-        layout=layout, nodes=nodes, traffic=traffic, chaos=chaos, zones=zones,
+        layout=layout, nodes=nodes, traffic=traffic, chaos=chaos, zones=zones, mta_sts=mta_sts,
     )
+
+
+def _read_sts(source: str, t: TableReader) -> tuple[STSPolicySpec, ...]:
+    """
+    C{[mta_sts."DOMAIN"] mode = "enforce", mx = ["mx.DOMAIN"]}: the MTA-STS
+    policies the lab serves (its DNS server: C{_mta-sts} TXT and the
+    C{mta-sts} host; its HTTPS server: the policy file).
+    """
+    out = []
+    for domain in list(t.data):
+        key = f"mta_sts.{domain}"
+        d = _Reader(source, key, t.get(domain, dict, {}))
+        mode = d.get("mode", str, "enforce",
+                     lambda v: None if v in ("enforce", "testing", "none") else "must be enforce, testing or none")
+        mx = d.strings("mx", ())
+        if not mx and mode != "none":
+            raise d.error("mx", "is required: the MX host name patterns (e.g. \"mx.example.test\", \"*.example.test\")")
+        for i, m in enumerate(mx):
+            body = m[2:] if m.startswith("*.") else m
+            if not body or "*" in body or " " in body or "." not in body:
+                raise ConfigError(source, f"{key}.mx[{i}]", f"{m!r} is not a host name or *.domain pattern")
+        max_age = d.get("max_age", int, 86400, lambda v: None if 0 <= v <= 31557600 else "must be 0 to 31557600")
+        d.finish()
+        out.append(STSPolicySpec(domain.rstrip(".").lower(), mode, tuple(m.lower() for m in mx), max_age))
+    t.finish()
+    return tuple(out)
+
+
+def sts_records(topology: Topology) -> dict[str, list[str]]:
+    """The DNS records of the lab's MTA-STS policies, by domain: the TXT and the policy host."""
+    return {
+        p.domain: [
+            f'_mta-sts.{p.domain}. IN TXT "v=STSv1; id={p.policy_id}"',
+            f"mta-sts.{p.domain}. IN A 127.0.0.1",
+        ]
+        for p in topology.mta_sts
+    }
+
+
+def zone_names(topology: Topology, name: str) -> list[str]:
+    """
+    The host names the topology's zones give node C{name} (C{"mx A {mx-a}"}
+    in zone alpha.test: mx.alpha.test): its certificate names them, so that
+    a sender checking the MX name (MTA-STS, tls = "verify") accepts it.
+    """
+    from relaynet.zones import _absolute
+
+    out = []
+    for origin, lines in topology.zones:
+        for line in lines:
+            parts = line.split()
+            if len(parts) >= 3 and parts[-1] == "{" + name + "}" and parts[-2].upper() in ("A", "AAAA"):
+                host = _absolute(parts[0], origin).rstrip(".")
+                if host not in out:
+                    out.append(host)
+    return out
 
 
 _NODE_REF = re.compile(r"\{([a-z][a-z0-9-]*)\}")
@@ -670,7 +753,8 @@ def endpoint_to(plans: Mapping[str, NodePlan], src: str, dst: str, netns: bool) 
 
 
 def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
-                node_dir: Path, netns: bool = False, dns: str | None = None) -> dict[str, Any]:
+                node_dir: Path, netns: bool = False, dns: str | None = None,
+                policy_port: int | None = None) -> dict[str, Any]:
     """
     The node config (a TOML-ready mapping) of node C{name}.
 
@@ -733,6 +817,9 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
         base["route"] = routes
     if dns is not None:
         base["dns"] = {"servers": [dns]}
+    if policy_port is not None:
+        # The lab's MTA-STS policies are served on this port, not 443.
+        base["mta_sts"] = {"policy_port": policy_port}
     if "ca_file" in files:
         base["tls"] = {k: str(files[k]) for k in ("cert", "key", "ca_file") if k in files}
     if "password_file" in files:
@@ -755,7 +842,7 @@ def node_files(topology: Topology, name: str, node_dir: Path) -> dict[str, Path]
     """
     n = topology.node(name)
     out: dict[str, Path] = {}
-    if any(m.tls for m in topology.nodes):
+    if any(m.tls for m in topology.nodes) or topology.mta_sts:
         out["ca_file"] = node_dir.parent / "ca" / "ca.pem"
     if n.tls:
         host = f"{name}.{topology.name}.test"

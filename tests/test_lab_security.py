@@ -1,16 +1,22 @@
 """
-DKIM in labs: C{topologies/outbound-security.toml} run as real processes.
-C{lab up} makes the egress node's keys and publishes them in the lab's DNS
-server; the node signs what it sends by MX; C{lab check} verifies every
-delivered copy against the keys it looks up in that DNS server, and fails
-when one does not verify. Independent checks: C{drill} reads the published
-records, OpenDKIM verifies a delivered copy with them.
+Outbound security in labs: C{topologies/outbound-security.toml} run as real
+processes. C{lab up} makes the egress node's DKIM keys and publishes them in
+the lab's DNS server, with the domains' MTA-STS records, and serves their
+policies over HTTPS; the node signs what it sends by MX and applies the
+policies; C{lab check} verifies every delivered copy's signatures against
+the keys it looks up in that DNS server (and fails when one does not
+verify) and reports the TLS each delivery used. Independent checks: C{drill}
+reads the published records, OpenDKIM verifies a delivered copy with them,
+Python's C{ssl} and C{urllib} fetch a policy with the lab CA.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
+import socket
+import ssl
 import subprocess
 import tomllib
 from pathlib import Path
@@ -18,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from harness.nodeproc import wait_for
 from harness.opendkim import OpenDKIMVerifier, opendkim_unavailable_reason
 from relaynet.config import ConfigError
 from relaynet.delivery.dkim import load_key, zone_record
@@ -102,3 +109,50 @@ def test_lab_signs_publishes_and_checks_dkim(lab_dirs: Any) -> None:
     assert bad.returncode == 1, bad.stdout
     failed = json.loads(bad.stdout)["dkim"]["failed"]
     assert [f["file"] for f in failed] == [str(copies[0])], failed
+    copies[0].write_bytes(data)
+
+
+@pytest.mark.slow
+def test_lab_applies_mta_sts_policies(lab_dirs: Any) -> None:
+    """
+    The lab publishes each domain's _mta-sts TXT (drill reads it) and serves
+    its policy over HTTPS with a lab-CA certificate for mta-sts.DOMAIN
+    (Python's ssl and urllib fetch it, checking the certificate); mail to
+    alpha.test (enforce) goes with TLS checked for mx.alpha.test, and lab
+    check reports it as MTA-STS; mail to gamma.test (enforce, no pattern
+    matches its MX) is deferred 4.7.5 and mx-c never gets it.
+    """
+    if shutil.which("drill") is None:
+        pytest.skip("drill (ldnsutils) is not installed: make peers")
+    labdir = lab_dirs("sts")
+    relaynet("lab", "up", str(TOPOLOGIES / "outbound-security.toml"), "--dir", str(labdir))
+    server = json.loads((labdir / "lab.json").read_text())["dns"]
+    txt = _drill_txt(server, "_mta-sts.alpha.test")
+    assert txt.startswith("v=STSv1; id="), txt
+
+    context = ssl.create_default_context(cafile=str(labdir / "ca" / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", server["https_port"]), timeout=30) as raw:
+        # SNI and the certificate check are for the policy host, as a sender's.
+        with context.wrap_socket(raw, server_hostname="mta-sts.alpha.test") as tls:
+            tls.sendall(b"GET /.well-known/mta-sts.txt HTTP/1.0\r\nHost: mta-sts.alpha.test\r\n\r\n")
+            response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+            response.begin()
+            assert response.status == 200 and response.headers.get_content_type() == "text/plain"
+            policy = response.read().decode()
+    assert "mode: enforce" in policy and "mx: mx.alpha.test" in policy
+
+    relaynet("lab", "send", "--dir", str(labdir), "-n", "4", "--json")
+    report = json.loads(relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", "--json").stdout)
+    assert report["ok"] and report["tls_used"]["outbound"] == {"MTA-STS": 2, "no TLS": 2}, report
+
+    relaynet("lab", "send", "--dir", str(labdir), "-n", "1", "--to", "erin@gamma.test", "--json")
+    events = labdir / "outbound" / "spool" / "events.jsonl"
+    deferred = wait_for(lambda: [
+        e for e in map(json.loads, events.read_text().splitlines())
+        if e["event"] == "deferred" and e["recipient"] == "erin@gamma.test"
+    ], 30, "the deferral of the message to gamma.test")
+    assert deferred[0]["dsn"] == "4.7.5", deferred
+    assert "matches no MTA-STS pattern" in deferred[0]["diagnostic"]
+    assert not list((labdir / "mx-c" / "mailboxes").glob("*/*/Maildir/new/*"))
+    held = json.loads(relaynet("lab", "check", "--dir", str(labdir), "--json", check_rc=False).stdout)
+    assert held["in_flight"] == 1 and held["tls_used"]["outbound"]["MTA-STS"] == 2
