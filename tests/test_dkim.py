@@ -116,6 +116,29 @@ def test_signature_verifies(keys: dict[str, Any], which: str) -> None:
     assert verify_all(out.replace(b"the body", b"the bodY"), keys["records"]) == [False] * len(chosen)
 
 
+def test_rsa_step_by_openssl_gives_dkimpys_signature(keys: dict[str, Any]) -> None:
+    """
+    The RSA step done by OpenSSL (for speed) gives exactly the bytes
+    dkimpy's own Python arithmetic gives (PKCS#1 v1.5 is deterministic); a
+    key that is not ours still goes to dkimpy's code.
+    """
+    import hashlib
+
+    from dkim import HashThrough
+    from dkim.crypto import parse_pem_private_key
+
+    dkim.Signer([keys["rsa"]])  # registers the key
+    pk = parse_pem_private_key(keys["rsa"].private)
+    ours = dkim._rsa_sign(HashThrough(hashlib.sha256(b"headers")), pk)
+    assert ours == dkim._PURE_RSA_SIGN(HashThrough(hashlib.sha256(b"headers")), pk)
+    from cryptography.hazmat.primitives import serialization
+
+    stranger = serialization.load_pem_private_key(dkim.generate_key("rsa", 1024), None)
+    other = parse_pem_private_key(dkim.signing_key(stranger, "x.test", "s", Path("k")).private)
+    assert dkim._rsa_sign(HashThrough(hashlib.sha256(b"h")), other) == dkim._PURE_RSA_SIGN(
+        HashThrough(hashlib.sha256(b"h")), other)
+
+
 def test_signature_is_relaxed_and_oversigns_from_subject_to(keys: dict[str, Any]) -> None:
     """
     c=relaxed/relaxed; h= has From, Subject and To once more than they

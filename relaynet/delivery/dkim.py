@@ -45,8 +45,13 @@ import fnmatch
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+import threading
+
 import dkim
 from attrs import frozen
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from relaynet.dkimkeys import (
     ED25519, RSA, KeyFileError, SigningKey, generate_key, load_key, signing_key, zone_record,
@@ -106,6 +111,38 @@ def from_domain(message: bytes) -> tuple[str | None, str | None]:
     return domain, None
 
 
+_RSA_KEYS: dict[int, rsa.RSAPrivateKey] = {}
+"""Our RSA keys by modulus, for L{_rsa_sign}."""
+_PURE_RSA_SIGN = dkim.RSASSA_PKCS1_v1_5_sign
+_PATCH = threading.Lock()
+
+
+def _rsa_sign(digest: Any, private_key: Any) -> bytes:
+    """
+    dkimpy's RSASSA-PKCS1-v1_5 signing step, done by OpenSSL (through
+    C{cryptography}) for our own keys: dkimpy does it with Python integers,
+    6.3 ms of the 7.1 ms a 5 KB message took to sign with RSA-2048, against
+    0.26 ms here (bench/README.md, "The dkim rows"). The signature is the
+    same (PKCS#1 v1.5 is deterministic); dkimpy still canonicalises, hashes
+    and builds the header. Any other key or hash: dkimpy's own code.
+    """
+    key = _RSA_KEYS.get(int(private_key.get("modulus") or 0)) if isinstance(private_key, dict) else None
+    if key is None or getattr(digest, "name", None) != "sha256":
+        return bytes(_PURE_RSA_SIGN(digest, private_key))
+    return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def _use_openssl_for(keys: Iterable[SigningKey]) -> None:
+    """Register our RSA keys with L{_rsa_sign}, and put it in dkimpy's place (once)."""
+    with _PATCH:
+        for k in keys:
+            if k.algorithm == RSA:
+                key = serialization.load_pem_private_key(k.private, password=None)
+                assert isinstance(key, rsa.RSAPrivateKey)
+                _RSA_KEYS[key.private_numbers().public_numbers.n] = key
+        dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
+
+
 class Signer:
     """
     Signs messages with the keys of their From: domain.
@@ -128,6 +165,7 @@ class Signer:
         self.keys: dict[str, list[SigningKey]] = {}
         for k in keys:
             self.keys.setdefault(k.domain.lower(), []).append(k)
+        _use_openssl_for(k for ks in self.keys.values() for k in ks)
         self.signing_table = tuple((p.lower(), d.lower()) for p, d in signing_table)
         self.clock = clock
 
