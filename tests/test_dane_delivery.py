@@ -39,7 +39,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from twisted.names import dns
 
-from harness.dns import NSDServer, zone_text
+from harness.dns import NSDServer, free_dns_port, zone_text
 from harness.dnssec import UnboundServer, query, sign_zone, unavailable_reason
 from harness.nodeproc import HOST, NodeProcess, wait_for
 from relaynet.delivery import dane
@@ -95,16 +95,23 @@ catch_all = true
     return text
 
 
-def sender_config(resolver_port: int, tls_port: int, clear_port: int) -> str:
+def sender_config(resolver_port: int, tls_port: int, clear_port: int, dnssec_port: int | None = -1) -> str:
     """
     The sending node: DANE on (its resolver and validating resolver are the
     private Unbound), MTA-STS off, every domain by MX with opportunistic TLS;
     the no-STARTTLS MX's domains through a route of their own to its port.
+
+    @param resolver_port: C{[dns] servers}.
+    @param dnssec_port: C{[dns] dnssec_resolver} (C{-1}: C{resolver_port};
+        C{None}: not set, DANE off).
     """
+    if dnssec_port == -1:
+        dnssec_port = resolver_port
+    dnssec = "" if dnssec_port is None else f'dnssec_resolver = "{HOST}:{dnssec_port}"\n'
     return f"""\
 [node]
-name = "sender"
-hostname = "sender.test"
+name = "{{name}}"
+hostname = "{{name}}.sender.test"
 spool = "spool"
 
 [[listener]]
@@ -124,8 +131,7 @@ connect_timeout = 5
 
 [dns]
 servers = ["{HOST}:{resolver_port}"]
-dnssec_resolver = "{HOST}:{resolver_port}"
-
+{dnssec}
 [mta_sts]
 enabled = false
 
@@ -226,6 +232,7 @@ class Lab:
     clear_mx: NodeProcess
     sender: NodeProcess
     certs: dict[str, Issued]
+    base: Path
 
     def events(self, node: NodeProcess, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
         return [
@@ -233,23 +240,25 @@ class Lab:
             if (event is None or e["event"] == event) and all(e.get(k) == v for k, v in match.items())
         ]
 
-    def describe(self) -> str:
+    def describe(self, sender: NodeProcess | None = None) -> str:
         parts = []
-        for node in (self.sender, self.mx, self.clear_mx):
+        for node in (sender or self.sender, self.mx, self.clear_mx):
             parts.append(f"--- {node._name} events:\n" + "\n".join(json.dumps(e) for e in node.events()[-15:]))
             parts.append(f"--- {node._name} log:\n{node.log_tail(20)}")
         parts.append(self.unbound.log_tail(15))
         return "\n".join(parts)
 
-    def outcome(self, rcpt: str) -> dict[str, Any]:
+    def outcome(self, rcpt: str, sender: NodeProcess | None = None) -> dict[str, Any]:
         """The sending node's one delivery event for C{rcpt} (sent, deferred or bounced), polled."""
+        node = sender or self.sender
+
         def final() -> list[dict[str, Any]]:
-            return [e for e in self.events(self.sender, recipient=rcpt)
+            return [e for e in self.events(node, recipient=rcpt)
                     if e["event"] in ("sent", "deferred", "bounced", "expired")]
         try:
             (event,) = wait_for(final, TIMEOUT, f"a delivery event for {rcpt}")
         except (AssertionError, ValueError) as e:
-            raise AssertionError(f"{e}\n{self.describe()}") from None
+            raise AssertionError(f"{e}\n{self.describe(node)}") from None
         return event
 
     def mailbox(self, node: NodeProcess, rcpt: str) -> list[Path]:
@@ -293,7 +302,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                              name="sender")
         started.append(sender)
         sender.start()
-        yield Lab(nsd, unbound, mx, clear_mx, sender, certs)
+        yield Lab(nsd, unbound, mx, clear_mx, sender, certs, base)
     finally:
         for proc in reversed(started):
             if isinstance(proc, NodeProcess):
@@ -302,7 +311,31 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 proc.stop()
 
 
-def send(lab: Lab, rcpt: str) -> str:
+@pytest.fixture
+def other_sender(lab: Lab) -> Iterator[Any]:
+    """
+    Starts a sending node with another C{[dns]} (same routes as the main
+    one) for one test: C{other_sender(name, servers_port, dnssec_port)};
+    stopped at the end of the test.
+    """
+    nodes: list[NodeProcess] = []
+
+    def start(name: str, resolver_port: int, dnssec_port: int | None) -> NodeProcess:
+        node = NodeProcess(
+            lab.base / name, name=name,
+            config_toml=sender_config(resolver_port, lab.mx.port, lab.clear_mx.port, dnssec_port),
+        )
+        nodes.append(node)
+        return node.start()
+
+    try:
+        yield start
+    finally:
+        for node in nodes:
+            node.__exit__(None, None, None)
+
+
+def send(lab: Lab, rcpt: str, sender: NodeProcess | None = None) -> str:
     """One message from s@src.test to C{rcpt} through the sending node; @return: its Message-ID."""
     tok = uuid.uuid4().hex[:16]
     mid = f"<{tok}@client.test>"
@@ -310,7 +343,7 @@ def send(lab: Lab, rcpt: str) -> str:
         f"From: <s@src.test>\r\nTo: <{rcpt}>\r\nSubject: dane {tok}\r\n"
         f"Message-ID: {mid}\r\nDate: {formatdate(localtime=True)}\r\n\r\nDANE test {tok}\r\n"
     ).encode()
-    with smtplib.SMTP(HOST, lab.sender.port, local_hostname="client.test", timeout=30) as s:
+    with smtplib.SMTP(HOST, (sender or lab.sender).port, local_hostname="client.test", timeout=30) as s:
         code, resp = s.ehlo()
         assert code == 250, resp
         s.mail("s@src.test")
@@ -589,3 +622,71 @@ def test_exchanger_with_bogus_tlsa_is_skipped(lab: Lab) -> None:
     assert tried["dsn"] == "4.7.5", event
     assert "TLSA lookup for" in tried["diagnostic"] and "failed" in tried["diagnostic"], event
     assert_delivered(lab, lab.mx, rcpt, mid)
+
+
+# -- other resolver settings of the sending node --------------------------------------
+
+
+def test_without_dnssec_resolver_dane_is_off(lab: Lab, other_sender: Any) -> None:
+    """
+    A sender without C{[dns] dnssec_resolver} (its DNS the same validating
+    Unbound): DANE is off, bad.dane.test's non-matching record is not
+    looked at, the message goes out with opportunistic TLS.
+    """
+    node = other_sender("nodane", lab.unbound.port, None)
+    rcpt = "nodane@bad.dane.test"
+    mid = send(lab, rcpt, node)
+    event = lab.outcome(rcpt, node)
+    assert event["event"] == "sent", event
+    assert event["tls"] and "DANE" not in event["tls"], event
+    assert_delivered(lab, lab.mx, rcpt, mid)
+
+
+def test_resolver_that_does_not_validate_gives_no_dane(lab: Lab, other_sender: Any) -> None:
+    """
+    C{dnssec_resolver} pointed at NSD (authoritative, it never sets AD): the
+    signed records come without AD, so they are not trusted; no DANE,
+    bad.dane.test's mail goes out with opportunistic TLS.
+    """
+    answer = query(lab.nsd.port, f"_{lab.mx.port}._tcp.mx.bad.dane.test", dane.TLSA, recursion=False)
+    assert answer is not None and answer.answers and not answer.authenticData, answer
+    node = other_sender("nsdasvalidator", lab.unbound.port, lab.nsd.port)
+    rcpt = "nonvalidating@bad.dane.test"
+    mid = send(lab, rcpt, node)
+    event = lab.outcome(rcpt, node)
+    assert event["event"] == "sent", event
+    assert event["tls"] and "DANE" not in event["tls"], event
+    assert_delivered(lab, lab.mx, rcpt, mid)
+
+
+def test_bogus_mx_rrset_seen_by_dane_defers_4_7_5(lab: Lab, other_sender: Any) -> None:
+    """
+    The sender's plain DNS is NSD (no validation: expired.test's MX is
+    found) and its validating resolver is Unbound: DANE finds the MX RRset
+    bogus and the domain is deferred 4.7.5 without a connection.
+    """
+    node = other_sender("plaindns", lab.nsd.port, lab.unbound.port)
+    rcpt = "plaindns@expired.test"
+    send(lab, rcpt, node)
+    event = lab.outcome(rcpt, node)
+    assert event["event"] == "deferred", event
+    assert_not_delivered(lab, lab.mx, rcpt)
+    assert event["dsn"] == "4.7.5", event
+    assert "the MX lookup for expired.test failed DNSSEC validation" in event["diagnostic"], event
+
+
+def test_validating_resolver_down_defers(lab: Lab, other_sender: Any) -> None:
+    """
+    C{dnssec_resolver} names a loopback port where nothing answers: the
+    DNSSEC lookups fail, ok.dane.test's mail is deferred 4.7.5, not sent
+    without DANE.
+    """
+    dead = free_dns_port()
+    node = other_sender("deadvalidator", lab.unbound.port, dead)
+    rcpt = "deadvalidator@ok.dane.test"
+    send(lab, rcpt, node)
+    event = lab.outcome(rcpt, node)
+    assert event["event"] == "deferred", event
+    assert_not_delivered(lab, lab.mx, rcpt)
+    assert event["dsn"] == "4.7.5", event
+    assert f"no answer from the resolver {HOST}:{dead}" in event["diagnostic"], event
