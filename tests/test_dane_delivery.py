@@ -20,13 +20,17 @@ C{received} events (the TLS of the session that carried the message) and
 from the MX Maildirs.
 
 Everything is started once per module (one NSD, one Unbound, three nodes);
-no test sleeps: every wait polls with a deadline.
+the tests of other C{[dns]} settings (no C{dnssec_resolver}, a resolver that
+does not validate or does not answer, a reload) start a sending node of their
+own, stopped when the test ends. No test sleeps: every wait polls with a
+deadline.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import signal
 import smtplib
 import uuid
 from collections.abc import Iterator
@@ -41,7 +45,7 @@ from twisted.names import dns
 
 from harness.dns import NSDServer, free_dns_port, zone_text
 from harness.dnssec import UnboundServer, query, sign_zone, unavailable_reason
-from harness.nodeproc import HOST, NodeProcess, wait_for
+from harness.nodeproc import HOST, NodeProcess, single_worker, wait_for
 from relaynet.delivery import dane
 from relaynet.delivery.dane import TLSARecord
 
@@ -690,3 +694,33 @@ def test_validating_resolver_down_defers(lab: Lab, other_sender: Any) -> None:
     assert_not_delivered(lab, lab.mx, rcpt)
     assert event["dsn"] == "4.7.5", event
     assert f"no answer from the resolver {HOST}:{dead}" in event["diagnostic"], event
+
+
+def test_reload_turns_dane_on(lab: Lab, other_sender: Any) -> None:
+    """
+    A sender started without C{dnssec_resolver} delivers to bad.dane.test
+    (no DANE); its configuration gains C{dnssec_resolver} and it is sent
+    SIGHUP: the next message to bad.dane.test is deferred and never reaches
+    the MX, although a connection to that MX made without DANE may still be
+    idle in the connection cache.
+    """
+    node = other_sender("reloading", lab.unbound.port, None)
+    before = "before-reload@bad.dane.test"
+    mid = send(lab, before, node)
+    assert lab.outcome(before, node)["event"] == "sent"
+    assert_delivered(lab, lab.mx, before, mid)
+
+    assert node.config_path is not None
+    text = sender_config(lab.unbound.port, lab.mx.port, lab.clear_mx.port, lab.unbound.port)
+    node.config_path.write_text(
+        single_worker(text.replace("{port}", str(node.port)).replace("{name}", "reloading")), encoding="utf-8",
+    )
+    node.signal(signal.SIGHUP)
+    (reload,) = wait_for(lambda: lab.events(node, "reload"), TIMEOUT, "the reload event")
+    assert reload["status"] == "reloaded", reload
+
+    after = "after-reload@bad.dane.test"
+    send(lab, after, node)
+    event = lab.outcome(after, node)
+    assert event["event"] == "deferred", event
+    assert_not_delivered(lab, lab.mx, after)
