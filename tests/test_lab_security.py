@@ -28,6 +28,7 @@ from harness.nodeproc import wait_for
 from harness.opendkim import OpenDKIMVerifier, opendkim_unavailable_reason
 from relaynet.config import ConfigError
 from relaynet.delivery.dkim import load_key, zone_record
+from relaynet.lab.dnssec import missing_tools
 from relaynet.lab.topology import parse_topology, zone_spec
 from relaynet.zones import parse_record
 
@@ -56,6 +57,12 @@ def test_dkim_node_needs_zones_and_records_go_to_the_enclosing_zone() -> None:
                     "other.test": ['s._domainkey.other.test. IN TXT "v=DKIM1"']}
 
 
+def _need_tools() -> None:
+    missing = [t for t in ["drill", *missing_tools()] if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: make peers")
+
+
 def _drill_txt(server: dict[str, Any], name: str) -> str:
     """The TXT record of C{name} as drill (ldnsutils) reads it from the lab's DNS server, joined."""
     out = subprocess.run(
@@ -76,8 +83,7 @@ def test_lab_signs_publishes_and_checks_dkim(lab_dirs: Any) -> None:
     verifies a delivered copy with the records drill read; a copy changed
     after delivery fails lab check (exit 1).
     """
-    if shutil.which("drill") is None:
-        pytest.skip("drill (ldnsutils) is not installed: make peers")
+    _need_tools()
     labdir = lab_dirs("security")
     relaynet("lab", "up", str(TOPOLOGIES / "outbound-security.toml"), "--dir", str(labdir))
     server = json.loads((labdir / "lab.json").read_text())["dns"]
@@ -113,17 +119,19 @@ def test_lab_signs_publishes_and_checks_dkim(lab_dirs: Any) -> None:
 
 
 @pytest.mark.slow
-def test_lab_applies_mta_sts_policies(lab_dirs: Any) -> None:
+def test_lab_applies_mta_sts_policies_and_dane(lab_dirs: Any) -> None:
     """
     The lab publishes each domain's _mta-sts TXT (drill reads it) and serves
     its policy over HTTPS with a lab-CA certificate for mta-sts.DOMAIN
     (Python's ssl and urllib fetch it, checking the certificate); mail to
     alpha.test (enforce) goes with TLS checked for mx.alpha.test, and lab
     check reports it as MTA-STS; mail to gamma.test (enforce, no pattern
-    matches its MX) is deferred 4.7.5 and mx-c never gets it.
+    matches its MX) is deferred 4.7.5 and mx-c never gets it; delta.test
+    goes by DANE (a TLSA record of mx-d's key in the signed zone, validated
+    by the lab's Unbound); eps.test's TLSA record does not match: deferred
+    4.7.5, mx-e never gets it.
     """
-    if shutil.which("drill") is None:
-        pytest.skip("drill (ldnsutils) is not installed: make peers")
+    _need_tools()
     labdir = lab_dirs("sts")
     relaynet("lab", "up", str(TOPOLOGIES / "outbound-security.toml"), "--dir", str(labdir))
     server = json.loads((labdir / "lab.json").read_text())["dns"]
@@ -141,9 +149,10 @@ def test_lab_applies_mta_sts_policies(lab_dirs: Any) -> None:
             policy = response.read().decode()
     assert "mode: enforce" in policy and "mx: mx.alpha.test" in policy
 
-    relaynet("lab", "send", "--dir", str(labdir), "-n", "4", "--json")
+    relaynet("lab", "send", "--dir", str(labdir), "-n", "6", "--json")
     report = json.loads(relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", "--json").stdout)
-    assert report["ok"] and report["tls_used"]["outbound"] == {"MTA-STS": 2, "no TLS": 2}, report
+    # alpha.test by MTA-STS, delta.test by DANE (its signed TLSA record), beta.test as the route says.
+    assert report["ok"] and report["tls_used"]["outbound"] == {"MTA-STS": 2, "DANE": 2, "no TLS": 2}, report
 
     relaynet("lab", "send", "--dir", str(labdir), "-n", "1", "--to", "erin@gamma.test", "--json")
     events = labdir / "outbound" / "spool" / "events.jsonl"
@@ -156,3 +165,14 @@ def test_lab_applies_mta_sts_policies(lab_dirs: Any) -> None:
     assert not list((labdir / "mx-c" / "mailboxes").glob("*/*/Maildir/new/*"))
     held = json.loads(relaynet("lab", "check", "--dir", str(labdir), "--json", check_rc=False).stdout)
     assert held["in_flight"] == 1 and held["tls_used"]["outbound"]["MTA-STS"] == 2
+
+    # DANE: eps.test's signed TLSA record does not match mx-e's key: the
+    # handshake is aborted, deferred 4.7.5, never delivered.
+    relaynet("lab", "send", "--dir", str(labdir), "-n", "1", "--to", "finn@eps.test", "--json")
+    dane = wait_for(lambda: [
+        e for e in map(json.loads, events.read_text().splitlines())
+        if e["event"] == "deferred" and e["recipient"] == "finn@eps.test"
+    ], 30, "the deferral of the message to eps.test")
+    assert dane[0]["dsn"] == "4.7.5" and "(DANE)" in dane[0]["diagnostic"], dane
+    assert "TLSA 3 1 1 did not match" in dane[0]["diagnostic"]
+    assert not list((labdir / "mx-e" / "mailboxes").glob("*/*/Maildir/new/*"))

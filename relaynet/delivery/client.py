@@ -67,6 +67,7 @@ from zope.interface import implementer
 
 from relaynet.config import Outbound, hop_name, split_endpoint
 from relaynet.delivery.dkim import Signed, Signer
+from relaynet.delivery.dane import DaneVerificationError
 from relaynet.delivery.tlspolicy import HopTLS
 from relaynet.delivery.downgrade import ConversionError, has_eight_bit, needs_smtputf8, to_seven_bit
 from relaynet.smtp.datastream import DotStuffer
@@ -510,8 +511,9 @@ class RelayClient(smtp.ESMTPClient):
         job, self.job = self.job, None
         self._close_reader()
         why = f"lost connection with {self.pool.name}"
-        if reason is not None and reason.check(SSL.Error, VerificationError):
-            why = f"TLS with {self.pool.name} failed: {reason.getErrorMessage()}"
+        if reason is not None and reason.check(SSL.Error, VerificationError, DaneVerificationError):
+            policy = f" ({self.pool.hop_tls.label})" if self.pool.hop_tls is not None else ""
+            why = f"TLS with {self.pool.name} failed{policy}: {reason.getErrorMessage()}"
         enhanced = "4.7.5" if "TLS" in why else "4.4.2"
         if self.session_error is None and not self._quitting:
             self.session_error = (0, enhanced, why)

@@ -244,7 +244,36 @@ def _dns_record(lab: Lab, topology: Topology) -> dict[str, Any] | None:
             "https_port": labdns.free_port(), "policies": str(d / "mta-sts.json"),
             "cert": str(d / "mta-sts.pem"), "key": str(d / "mta-sts.key"),
         })
+    if topology.dnssec:
+        # Unbound listens on "port" (what the nodes ask); NSD behind it.
+        rec.update({"dnssec": str(d / "dnssec"), "nsd_port": labdns.free_port()})
     return rec
+
+
+def tlsa_records(topology: Topology, lab_dir: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+    """
+    The TLSA records of nodes with C{tlsa = "match"} (DANE-EE, SPKI,
+    SHA-256 of their certificate: 3 1 1) or C{"mismatch"} (a 3 1 1 record
+    of another key), at C{_PORT._tcp.NAME} for every name the zones give
+    them, by domain.
+    """
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    out: dict[str, list[str]] = {}
+    for n in topology.nodes:
+        if n.tlsa is None:
+            continue
+        cert = node_files(topology, n.name, lab_dir / n.name)["cert"]
+        spki = x509.load_pem_x509_certificate(cert.read_bytes()).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        digest = hashlib.sha256(spki if n.tlsa == "match" else b"not the key of " + spki).hexdigest()
+        for host in zone_names(topology, n.name):
+            domain = host.split(".", 1)[1] if "." in host else host
+            out.setdefault(domain, []).append(f"_{ports[n.name]}._tcp.{host}. IN TLSA 3 1 1 {digest}")
+    return out
 
 
 def _policy_files(lab: Lab, topology: Topology, rec: dict[str, Any]) -> None:
@@ -350,10 +379,12 @@ def up(topology_path: str | Path, lab_dir: str | Path | None, use_netns: bool = 
             recs = _records(lab, topology, use_netns, power_fs, dns_server,
                             dns_rec.get("https_port") if dns_rec else None)
             if dns_rec is not None:
-                spec = zone_spec(
-                    topology, {name: rec["address"] for name, rec in recs.items()},
-                    {**dkim_records(topology, lab.dir), **sts_records(topology)},
-                )
+                extra: dict[str, list[str]] = {}
+                for more in (dkim_records(topology, lab.dir), sts_records(topology),
+                             tlsa_records(topology, lab.dir, {n: r["ports"][0] for n, r in recs.items()})):
+                    for domain, lines in more.items():
+                        extra.setdefault(domain, []).extend(lines)
+                spec = zone_spec(topology, {name: rec["address"] for name, rec in recs.items()}, extra)
                 Path(dns_rec["zones"]).write_text(json.dumps(spec, indent=2), "utf-8")
                 _policy_files(lab, topology, dns_rec)
             for rec in recs.values():

@@ -59,7 +59,9 @@ def ask(host: str, port: int, name: str, qtype: int, timeout: float = 1.0) -> An
     """
     from twisted.names import dns
 
-    message = dns.Message(id=os.getpid() & 0xFFFF, recDes=0)
+    # Recursion desired: with [dns] dnssec the server is a validating
+    # resolver in front of NSD (an authoritative server ignores the bit).
+    message = dns.Message(id=os.getpid() & 0xFFFF, recDes=1)
     message.queries = [dns.Query(name.encode(), qtype, dns.IN)]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
@@ -138,6 +140,8 @@ def start(rec: dict[str, Any], timeout: float = START_TIMEOUT) -> int:
             "--policies", rec["policies"], "--https", f"{rec['address']}:{rec['https_port']}",
             "--cert", rec["cert"], "--key", rec["key"],
         ] if rec.get("policies") else []
+        if rec.get("dnssec"):
+            policies += ["--dnssec", rec["dnssec"], "--nsd-port", str(rec["nsd_port"])]
         proc = subprocess.Popen(
             [sys.executable, "-m", "relaynet.lab.dns", "--zones", rec["zones"],
              "--listen", f"{rec['address']}:{rec['port']}", *policies],
@@ -148,7 +152,15 @@ def start(rec: dict[str, Any], timeout: float = START_TIMEOUT) -> int:
     from twisted.names import dns
 
     deadline = time.monotonic() + timeout
-    while query(rec["address"], rec["port"], first, dns.SOA, timeout=POLL * 4) is None:
+
+    def answers() -> bool:
+        if rec.get("dnssec"):
+            from relaynet.lab.dnssec import validated
+
+            return validated(rec["address"], rec["port"], first)
+        return query(rec["address"], rec["port"], first, dns.SOA, timeout=POLL * 4) is not None
+
+    while not answers():
         if proc.poll() is not None or time.monotonic() >= deadline:
             stop(rec)
             tail = Path(rec["log"]).read_text("utf-8", "replace").strip().splitlines()[-3:]
@@ -227,13 +239,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--https", help="HOST:PORT for the policies (loopback)")
     parser.add_argument("--cert", help="the policy server's certificate (PEM)")
     parser.add_argument("--key", help="its key (PEM)")
+    parser.add_argument("--dnssec", metavar="DIR",
+                        help="sign the zones (work files in DIR), serve them with NSD on --nsd-port and"
+                             " validate them with Unbound on --listen (relaynet.lab.dnssec)")
+    parser.add_argument("--nsd-port", type=int, help="NSD's port, with --dnssec")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     try:
         spec = json.loads(Path(args.zones).read_text("utf-8"))
         from twisted.internet import reactor
 
-        serve(spec, host, int(port), reactor)
+        if args.dnssec:
+            from relaynet.lab.dnssec import DNSSECError, DNSSECServers
+
+            servers = DNSSECServers(Path(args.dnssec), spec, host, int(port), args.nsd_port)
+            try:
+                servers.start()
+            except DNSSECError as e:
+                raise ValueError(str(e)) from None
+            reactor.addSystemEventTrigger("before", "shutdown", servers.stop)
+            print(f"relaynet lab dns: zones signed, NSD on {host}:{args.nsd_port}, validating Unbound"
+                  f" on {host}:{port}", flush=True)
+        else:
+            serve(spec, host, int(port), reactor)
         if args.policies:
             policies = json.loads(Path(args.policies).read_text("utf-8"))
             https_host, _, https_port = args.https.rpartition(":")

@@ -98,6 +98,7 @@ class NodeSpec:
     tls: bool = False
     auth_users: Mapping[str, str] = field(factory=dict)
     dkim: tuple[str, ...] = ()
+    tlsa: str | None = None
 
     def neighbours(self) -> list[str]:
         """The nodes this node relays to, in route order, without repeats."""
@@ -174,6 +175,7 @@ class Topology:
     chaos: ChaosSpec
     zones: tuple[tuple[str, tuple[str, ...]], ...] = ()
     mta_sts: tuple[STSPolicySpec, ...] = ()
+    dnssec: bool = False
 
     def node(self, name: str) -> NodeSpec:
         """The node called C{name}; @raise KeyError: no such node."""
@@ -364,6 +366,9 @@ def _read_node(source: str, key: str, name: str, data: Any, defaults: _Reader,
     for i, d in enumerate(dkim):
         if not d or "*" in d or "@" in d or " " in d or "." not in d:
             raise ConfigError(source, f"{key}.dkim[{i}]", f"{d!r} is not a domain name")
+    tlsa = n.get("tlsa", str, None, lambda v: None if v in ("match", "mismatch") else "must be match or mismatch")
+    if tlsa is not None and not tls:
+        raise ConfigError(source, f"{key}.tlsa", "publishes the TLSA record of the node's certificate: needs tls = true")
     if dkim and "dkim" in config:
         raise ConfigError(source, f"{key}.dkim", "the lab makes [dkim] from this list; no [dkim] in config too")
     auth_users = n.get("auth_users", dict, {})
@@ -384,7 +389,7 @@ def _read_node(source: str, key: str, name: str, data: Any, defaults: _Reader,
     return NodeSpec(
         name=name, role=role, address=address, port=port, domains=domains, users=users,
         aliases=aliases, catch_all=catch_all, routes=routes, listeners=listeners, config=config,
-        tls=tls, auth_users=auth_users, dkim=dkim,
+        tls=tls, auth_users=auth_users, dkim=dkim, tlsa=tlsa,
     )
 
 
@@ -479,7 +484,15 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
         links=c.get("links", bool, False),
     )
     c.finish()
-    zones = _read_zones(source, top.sub("dns"), names)
+    dns_table = top.sub("dns")
+    dnssec = dns_table.get("dnssec", bool, False)
+    zones = _read_zones(source, dns_table, names)
+    if dnssec and not zones:
+        raise ConfigError(source, "dns.dnssec", "signs the lab's zones: needs [dns] zones")
+    for n in nodes:
+        if n.tlsa is not None and not dnssec:
+            raise ConfigError(source, f"node.{n.name}.tlsa",
+                              "TLSA records mean nothing without DNSSEC: set [dns] dnssec = true")
     mta_sts = _read_sts(source, top.sub("mta_sts"))
     if mta_sts and not zones:
         raise ConfigError(source, "mta_sts", "needs [dns] zones: the lab's DNS server publishes the policies")
@@ -492,6 +505,7 @@ def parse_topology(data: Mapping[str, Any], source: str = "<topology>") -> Topol
     return Topology(
         name=name, source=source, description=description, port=port, first_address=first,
         layout=layout, nodes=nodes, traffic=traffic, chaos=chaos, zones=zones, mta_sts=mta_sts,
+        dnssec=dnssec,
     )
 
 
@@ -817,6 +831,9 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
         base["route"] = routes
     if dns is not None:
         base["dns"] = {"servers": [dns]}
+        if topology.dnssec:
+            # The lab's resolver validates the signed zones: DANE is on.
+            base["dns"]["dnssec_resolver"] = dns
     if policy_port is not None:
         # The lab's MTA-STS policies are served on this port, not 443.
         base["mta_sts"] = {"policy_port": policy_port}
