@@ -52,16 +52,19 @@ def serve(spec: Mapping[str, Sequence[str]], host: str, port: int, reactor: Any)
     ]
 
 
-def ask(host: str, port: int, name: str, qtype: int, timeout: float = 1.0) -> Any:
+def ask(host: str, port: int, name: str, qtype: int, timeout: float = 1.0, ad: bool = False) -> Any:
     """
     One UDP query (blocking): the answer (a C{twisted.names.dns.Message}),
     or None when nothing answered within C{timeout}.
+
+    @param ad: ask for the AD bit (RFC 6840 5.7): a validating resolver says
+        whether the answer was validated.
     """
     from twisted.names import dns
 
     # Recursion desired: with [dns] dnssec the server is a validating
     # resolver in front of NSD (an authoritative server ignores the bit).
-    message = dns.Message(id=os.getpid() & 0xFFFF, recDes=1)
+    message = dns.Message(id=os.getpid() & 0xFFFF, recDes=1, authenticData=int(ad))
     message.queries = [dns.Query(name.encode(), qtype, dns.IN)]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)

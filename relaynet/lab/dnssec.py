@@ -171,19 +171,9 @@ class DNSSECServers:
 
 def validated(host: str, port: int, name: str, timeout: float = 0.5) -> bool:
     """Whether the resolver at C{host:port} answers C{name} SOA with the AD bit (a recursive query asking for it)."""
-    import socket
-
     from twisted.names import dns
 
-    m = dns.Message(id=4242, recDes=1, authenticData=1)
-    m.queries = [dns.Query(name.encode(), dns.SOA, dns.IN)]
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.sendto(m.toStr(), (host, port))
-            data, _ = s.recvfrom(65535)
-        except OSError:
-            return False
-    answer = dns.Message()
-    answer.fromStr(data)
-    return bool(answer.authenticData) and answer.rCode == dns.OK and bool(answer.answers)
+    from relaynet.lab.dns import ask
+
+    answer = ask(host, port, name, dns.SOA, timeout, ad=True)
+    return answer is not None and bool(answer.authenticData) and answer.rCode == dns.OK and bool(answer.answers)
