@@ -102,7 +102,7 @@ class DomainDecision:
 
     @ivar hosts: exchanger name -> L{HopDecision}.
     @ivar failure: the whole domain defers with this reason (the MX lookup
-        failed DNSSEC validation), or C{None}.
+        could not be DNSSEC-validated: bogus, or no answer), or C{None}.
     @ivar sts: the MTA-STS state that applied (C{None}: MTA-STS is off).
     """
 
@@ -141,7 +141,7 @@ class OutboundSecurity:
                 mx_secure = yield self.dane.mx_secure(domain)
             except DNSSECLookupError as e:
                 return DomainDecision(
-                    {}, f"the MX lookup for {domain} failed DNSSEC validation: {e}", sts,
+                    {}, f"the MX lookup for {domain} could not be DNSSEC-validated: {e}", sts,
                 )
         hosts: dict[str, HopDecision] = {}
         for name in exchangers:
