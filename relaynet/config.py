@@ -32,6 +32,7 @@ TLS_POLICIES = ("none", "opportunistic", "required", "verify")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 ADMIN_ENDPOINT_KINDS = ("unix", "tcp", "tcp6")
+TLS_RPT_SEND = ("mail", "https", "both", "none")
 
 
 class ConfigError(Exception):
@@ -124,6 +125,34 @@ class MTASTSSettings:
     enabled: bool = True
     policy_port: int = 443
     fetch_timeout: float = 60.0
+
+
+@frozen
+class TLSRPTSettings:
+    """
+    SMTP TLS reporting (RFC 8460) of mx deliveries
+    (L{relaynet.delivery.tlsrpt}).
+
+    @ivar enabled: count TLS outcomes per policy domain and day.
+    @ivar organization_name: the reports' C{organization-name}.
+    @ivar contact_info: the reports' C{contact-info} (an address or URI).
+    @ivar submitter: the reports' submitter (C{TLS-Report-Submitter}, file
+        names); the node's hostname by default.
+    @ivar send: deliver the reports to the domains' C{rua} by C{mail},
+        C{https}, C{both}, or C{none} (written to the spool only).
+    @ivar report_sender: envelope sender and C{From:} of mailed reports;
+        C{postmaster@<hostname>} by default.
+    @ivar flush_interval: seconds between writes of the counters to disk
+        (what a crash can lose).
+    """
+
+    enabled: bool = False
+    organization_name: str = ""
+    contact_info: str = ""
+    submitter: str = ""
+    send: str = "mail"
+    report_sender: str = ""
+    flush_interval: float = 60.0
 
 
 @frozen
@@ -311,6 +340,7 @@ class NodeConfig:
     log: LogSettings = LogSettings()
     dkim: DKIMSettings = DKIMSettings()
     mta_sts: MTASTSSettings = MTASTSSettings()
+    tls_rpt: TLSRPTSettings = TLSRPTSettings()
     dnssec_resolver: tuple[str, int] | None = None
     source: str = "<default>"
     workers: int = 0
@@ -560,6 +590,13 @@ class TableReader:
 
 
 _Table = TableReader
+
+
+def _check_address(value: str) -> str | None:
+    local, _, domain = value.partition("@")
+    if not local or not domain or "@" in domain or any(c.isspace() or c in "<>,;" for c in value):
+        return "must be an address, local@domain"
+    return None
 
 
 def _positive(value: Any) -> str | None:
@@ -1031,6 +1068,23 @@ def parse_config(
         fetch_timeout=float(st.get("fetch_timeout", (int, float), std.fetch_timeout, _positive)),
     )
     st.finish()
+    rp = top.sub("tls_rpt")
+    rpd = TLSRPTSettings()
+    tls_rpt = TLSRPTSettings(
+        enabled=rp.get("enabled", bool, rpd.enabled),
+        organization_name=rp.get("organization_name", str, "").strip(),
+        contact_info=rp.get("contact_info", str, "").strip(),
+        submitter=rp.get("submitter", str, "").strip().rstrip(".").lower() or hostname,
+        send=rp.get("send", str, rpd.send,
+                    lambda v: None if v in TLS_RPT_SEND else f"must be one of {', '.join(TLS_RPT_SEND)}"),
+        report_sender=rp.get("report_sender", str, "", _check_address) or f"postmaster@{hostname}",
+        flush_interval=float(rp.get("flush_interval", (int, float), rpd.flush_interval, _positive)),
+    )
+    if tls_rpt.enabled:
+        for name in ("organization_name", "contact_info"):
+            if not getattr(tls_rpt, name):
+                raise rp.error(name, "is required when enabled (RFC 8460 4.4 report field)")
+    rp.finish()
 
     t = top.sub("tls")
     tls = TLSSettings(
@@ -1101,7 +1155,7 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, log=log,
-        dkim=dkim, mta_sts=mta_sts, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
+        dkim=dkim, mta_sts=mta_sts, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
     )
 
 
@@ -1289,6 +1343,7 @@ def describe(config: NodeConfig) -> str:
             lines.append(f"dnssec_resolver = {_toml(hp(*config.dnssec_resolver))}")
         lines.append("")
     lines += _table("mta_sts", config.mta_sts)
+    lines += _table("tls_rpt", config.tls_rpt)
     lines += [
         "[admin]", f"enabled = {_toml(config.admin.enabled)}",
         f"endpoint = {_toml(config.admin_endpoint)}",
