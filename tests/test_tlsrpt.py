@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import (
     Deferred,
@@ -294,11 +296,39 @@ def test_failure_rows_are_bounded() -> None:
     (["v=TLSRPTv1; rua=mailto:a@example.test; junk"], None),
     (["v=TLSRPTv1; rua=mailto:a@example.test; rua=mailto:b@example.test"], None),
     (["v=TLSRPTv1x; rua=mailto:a@example.test"], None),
+    (["v=TLSRPTv10; rua=mailto:b@example.test", "v=TLSRPTv1; rua=mailto:a@example.test"],
+     ("mailto:a@example.test",)),
     ([], None),
 ])
 def test_parse_txt(records: list[str], expected: tuple[str, ...] | None) -> None:
     """Exactly one v=TLSRPTv1 record with a rua gives its mailto/https URIs; anything else: no reports."""
     assert parse_tlsrpt_txt(records) == expected
+
+
+_label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_uri = st.one_of(
+    st.builds(lambda a, b, c: f"mailto:{a}@{b}.{c}", _label, _label, _label),
+    st.builds(lambda a, b: f"https://{a}.{b}/tlsrpt", _label, _label),
+)
+_ws = st.sampled_from(["", " ", "\t", " \t "])
+
+
+@given(st.lists(_uri, min_size=1, max_size=4), _ws, _ws, st.booleans(), st.booleans())
+def test_parse_txt_property(uris: list[str], before: str, after: str, ext: bool, trailing: bool) -> None:
+    """Any well-formed record (white space around ';', an extension, a trailing ';') gives its URIs back."""
+    record = f"v=TLSRPTv1{before};{after}rua={','.join(uris)}"
+    if ext:
+        record += f"{before};{after}x_ext.1=value"
+    if trailing:
+        record += f"{before};"
+    assert parse_tlsrpt_txt([record]) == tuple(uris)
+
+
+@given(st.lists(st.text(max_size=60), max_size=3))
+def test_parse_txt_never_raises(records: list[str]) -> None:
+    """Arbitrary TXT strings give URIs or None, never an exception."""
+    result = parse_tlsrpt_txt(records)
+    assert result is None or all(u.lower().startswith(("mailto:", "https:")) for u in result)
 
 
 @pytest.mark.parametrize("uri, address", [
@@ -759,3 +789,22 @@ def test_config_errors(table: dict[str, Any], key: str, words: str) -> None:
         parse_config({"tls_rpt": table}, source="node.toml")
     assert (e.value.source, e.value.key) == ("node.toml", key)
     assert words in str(e.value)
+
+
+def test_tls_failure_result() -> None:
+    """Handshake failures map to result types, through Failures and Twisted's wrapped reasons."""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+
+    from relaynet.delivery.dane import DaneVerificationError, MatchResult
+
+    dane = DaneVerificationError(MatchResult.failed("no TLSA record matched", "certificate-expired"))
+    assert tlsrpt.tls_failure_result(dane) == "certificate-expired"
+    assert tlsrpt.tls_failure_result(Failure(VerificationError([]))) == "certificate-host-mismatch"
+    verify = SSL.Error([("SSL routines", "", "certificate verify failed")])
+    assert tlsrpt.tls_failure_result(ResponseNeverReceived([Failure(verify)])) == "certificate-not-trusted"
+    expired = SSL.Error([("SSL routines", "", "sslv3 alert certificate expired")])
+    assert tlsrpt.tls_failure_result(expired) == "certificate-expired"
+    assert tlsrpt.tls_failure_result(ConnectionResetError()) == "validation-failure"

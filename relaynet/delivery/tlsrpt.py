@@ -7,8 +7,8 @@ sent to the domain's C{rua} addresses.
 The rules followed, by section of RFC 8460:
 
  - 3 The TXT record at C{_smtp._tls.<policy domain>} (L{parse_tlsrpt_txt}):
-   the strings of one record are joined; records that do not begin with
-   C{v=TLSRPTv1} are discarded; if not exactly one is left, the domain
+   the strings of one record are joined; records whose first field is not
+   C{v=TLSRPTv1} are discarded (so C{v=TLSRPTv10} is another record); if not exactly one is left, the domain
    does not take reports. Fields are C{name=value} separated by C{;} with
    optional white space; C{rua} is required, a comma-separated list of
    URIs; unknown fields (C{name} of letters, digits, C{_-.}) are ignored;
@@ -640,12 +640,10 @@ def parse_tlsrpt_txt(records: Iterable[str]) -> tuple[str, ...] | None:
         one C{v=TLSRPTv1} record, or it does not parse, or it has no
         C{rua}).
     """
-    ours = [r for r in records if r.startswith("v=TLSRPTv1")]
+    ours = [r for r in records if _FIELD_DELIM.split(r, 1)[0] == "v=TLSRPTv1"]
     if len(ours) != 1:
         return None
     fields = _FIELD_DELIM.split(ours[0].rstrip(" \t"))
-    if fields[0] != "v=TLSRPTv1":
-        return None
     if fields[-1] == "":
         fields.pop()
     rua: list[str] | None = None
@@ -1157,6 +1155,49 @@ def webpki_result(
     return None
 
 
+def tls_failure_result(error: BaseException | Failure) -> str:
+    """
+    The RFC 8460 result type of a failed TLS handshake (best effort), for a
+    session's L{TLSResult}.
+
+    @param error: the exception (or L{Failure}) the connection failed with;
+        wrapped ones (C{reasons} of Twisted's connection errors) are looked
+        into.
+    @return: a DANE mismatch's own result type
+        (L{relaynet.delivery.dane.DaneVerificationError}); a name not in the
+        certificate (service_identity): L{CERTIFICATE_HOST_MISMATCH}; an
+        OpenSSL verification failure: L{CERTIFICATE_EXPIRED} when it says
+        so, else L{CERTIFICATE_NOT_TRUSTED} (OpenSSL 3 often says only
+        "certificate verify failed": judging the chain after the handshake
+        with L{webpki_result} is exact); anything else:
+        L{VALIDATION_FAILURE}.
+    """
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    from relaynet.delivery.dane import DaneVerificationError
+
+    pending: list[Any] = [error]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, Failure):
+            pending.append(e.value)
+            continue
+        if isinstance(e, DaneVerificationError):
+            return e.result.result_type or VALIDATION_FAILURE
+        if isinstance(e, VerificationError):
+            return CERTIFICATE_HOST_MISMATCH
+        if isinstance(e, SSL.Error):
+            text = str(e).lower()
+            if "expired" in text or "not yet valid" in text:
+                return CERTIFICATE_EXPIRED
+            if "verify failed" in text or "unknown ca" in text or "self-signed" in text or "self signed" in text:
+                return CERTIFICATE_NOT_TRUSTED
+        for r in getattr(e, "reasons", None) or ():
+            pending.append(r)
+    return VALIDATION_FAILURE
+
+
 __all__ = [
     "CERTIFICATE_EXPIRED",
     "CERTIFICATE_HOST_MISMATCH",
@@ -1187,5 +1228,6 @@ __all__ = [
     "report_json",
     "report_message",
     "sts_policy_strings",
+    "tls_failure_result",
     "webpki_result",
 ]
