@@ -1193,8 +1193,7 @@ def tls_failure_result(error: BaseException | Failure) -> str:
                 return CERTIFICATE_EXPIRED
             if "verify failed" in text or "unknown ca" in text or "self-signed" in text or "self signed" in text:
                 return CERTIFICATE_NOT_TRUSTED
-        for r in getattr(e, "reasons", None) or ():
-            pending.append(r)
+        pending.extend(getattr(e, "reasons", None) or ())
     return VALIDATION_FAILURE
 
 
