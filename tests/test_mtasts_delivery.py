@@ -83,6 +83,7 @@ TIMEOUT = 20.0
 #: The domains whose exchanger is the good MX node (certificate from the trusted CA).
 GOOD_MX_DOMAINS = (
     "good.test", "mismatch.test", "cache.test", "idchange.test", "wrongname.test", "twomx.test", "webpki.test",
+    "verify.test",
 )
 #: ... of those, the MX names its certificate is valid for (not mx.wrongname.test).
 GOOD_CERT_NAMES = tuple(f"mx.{d}" for d in GOOD_MX_DOMAINS if d != "wrongname.test") + ("legacy.twomx.test",)
@@ -132,7 +133,7 @@ def zones() -> dict[str, str]:
     """
     Every domain's zone; idchange.test's with TTL 0 (its TXT record is
     changed mid-test); twomx.test with a preferred second MX the policy
-    does not name; nosts.test without MTA-STS.
+    does not name; nosts.test and verify.test without MTA-STS.
     """
     out = {d: domain_zone(d, ttl=0 if d == "idchange.test" else 300) for d in ALL_DOMAINS}
     out["twomx.test"] = zone_text("twomx.test", [
@@ -140,6 +141,7 @@ def zones() -> dict[str, str]:
         '_mta-sts TXT "v=STSv1; id=1"', f"mta-sts A {HOST}",
     ])
     out["nosts.test"] = zone_text("nosts.test", ["@ MX 10 mx", f"mx A {HOST}"])
+    out["verify.test"] = zone_text("verify.test", ["@ MX 10 mx", f"mx A {HOST}"])
     return out
 
 
@@ -347,14 +349,16 @@ catch_all = true
 
 def sender_config(
     dns_port: int, policy_port: int, ca_file: Path, mx_ports: dict[str, int], mta_sts: bool = True,
+    tls: str = "opportunistic",
 ) -> str:
     """
     The sending node: every domain by MX (its exchanger's port per domain),
-    C{tls = "opportunistic"}, DNS from NSD only, MTA-STS policies from
-    C{policy_port}, trust C{ca_file}. A deferred message waits 10 minutes
-    (tests retry with C{relaynet queue flush}).
+    DNS from NSD only, MTA-STS policies from C{policy_port}, trust
+    C{ca_file}. A deferred message waits 10 minutes (tests retry with
+    C{relaynet queue flush}).
 
     @param mta_sts: C{[mta_sts] enabled}.
+    @param tls: the routes' C{tls}.
     """
     text = f"""\
 [node]
@@ -393,7 +397,7 @@ fetch_timeout = 10
 domains = ["{domain}"]
 action = "mx"
 mx_port = {port}
-tls = "opportunistic"
+tls = "{tls}"
 """
     return text
 
@@ -826,6 +830,70 @@ def test_new_txt_id_fetches_the_new_policy(world: World) -> None:
     wait_for(lambda: delivered(mx, rcpt), TIMEOUT, "the message at the MX")
     cached = json.loads(cache_file(world.sender, "idchange.test").read_text())
     assert cached["id"] == "2" and "mx: mx.idchange.test" in cached["policy"], cached
+
+
+# -- the route's own tls ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", ["none", "verify"])
+def test_route_tls_setting_neither_weakens_nor_breaks_enforce(world: World, tls: str) -> None:
+    """
+    A node whose mx routes say C{tls = "none"} (the default) or C{"verify"}
+    applies enforce policies the same: good.test is sent under MTA-STS
+    (STARTTLS although the route says none; the certificate checked for
+    mx.good.test, not for the route's endpoint address), notls.test is
+    deferred 4.7.5 (never clear text), mismatch.test deferred without a
+    connection.
+    """
+    domains = ["good.test", "notls.test", "mismatch.test"]
+    mismatch = world.proxies["mismatch.test"]
+    connections = mismatch.count()
+    with PolicyServer(*world.policy_cert, {d: POLICIES[d] for d in domains}) as policies:
+        sender = NodeProcess(
+            world.base / f"tls-{tls}-sender", name=f"tls{tls}sender",
+            config_toml=sender_config(
+                world.nsd.port, policies.port, world.ca, {d: world.proxies[d].port for d in domains}, tls=tls,
+            ),
+        )
+        with sender:
+            for domain in domains:
+                send(sender, f"route-{tls}@{domain}")
+            sent = wait_outcome(sender, f"route-{tls}@good.test", world.mx["good"])
+            assert sent["event"] == "sent" and sent["tls"].endswith(" (MTA-STS)"), sent
+            for domain in ("notls.test", "mismatch.test"):
+                deferred = wait_outcome(sender, f"route-{tls}@{domain}", world.mx_for(domain))
+                assert (deferred["event"], deferred["dsn"]) == ("deferred", "4.7.5"), deferred
+            wait_for(lambda: delivered(world.mx["good"], f"route-{tls}@good.test"), TIMEOUT, "the message at the MX")
+            assert delivered(world.mx["plain"], f"route-{tls}@notls.test") == []
+            assert delivered(world.mx["good"], f"route-{tls}@mismatch.test") == []
+            assert mismatch.count() == connections
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an mx route's tls = 'verify' checks the certificate against the exchanger's IP address"
+    " (client.py HopPool: client_options(policy, self.name.rpartition(':')[0], ...), the endpoint"
+    " tcp:127.0.0.1:PORT that mx.MXAnswer.hops makes), not against the MX host name"
+))
+def test_verify_route_checks_the_mx_name(world: World) -> None:
+    """
+    Without MTA-STS, an mx route with C{tls = "verify"} checks the MX's
+    certificate for the MX host name (the next hop's host, as Postfix's
+    C{smtp_tls_security_level = verify} does): verify.test's MX has a
+    certificate for mx.verify.test from the trusted CA, so the message is
+    sent.
+    """
+    rcpt = "user@verify.test"
+    sender = NodeProcess(
+        world.base / "verify-sender", name="verifysender",
+        config_toml=sender_config(
+            world.nsd.port, world.policies.port, world.ca, {"verify.test": world.proxies["verify.test"].port},
+            tls="verify",
+        ),
+    )
+    with sender:
+        send(sender, rcpt)
+        sent = wait_outcome(sender, rcpt, world.mx["good"])
+        assert sent["event"] == "sent", sent
 
 
 # -- control -------------------------------------------------------------------
