@@ -142,6 +142,8 @@ class TLSRPTSettings:
         C{https}, C{both}, or C{none} (written to the spool only).
     @ivar report_sender: envelope sender and C{From:} of mailed reports;
         C{postmaster@<hostname>} by default.
+    @ivar send_interval: seconds between looks for finished days' reports
+        to send (and retries of failed ones).
     @ivar flush_interval: seconds between writes of the counters to disk
         (what a crash can lose).
     """
@@ -153,6 +155,7 @@ class TLSRPTSettings:
     send: str = "mail"
     report_sender: str = ""
     flush_interval: float = 60.0
+    send_interval: float = 3600.0
 
 
 @frozen
@@ -1079,6 +1082,7 @@ def parse_config(
                     lambda v: None if v in TLS_RPT_SEND else f"must be one of {', '.join(TLS_RPT_SEND)}"),
         report_sender=rp.get("report_sender", str, "", _check_address) or f"postmaster@{hostname}",
         flush_interval=float(rp.get("flush_interval", (int, float), rpd.flush_interval, _positive)),
+        send_interval=float(rp.get("send_interval", (int, float), rpd.send_interval, _positive)),
     )
     if tls_rpt.enabled:
         for name in ("organization_name", "contact_info"):

@@ -280,6 +280,8 @@ class RelayNode(MultiService):
         self.recovery: Any = None
         for svc in (*self._pools, self._event_sync, self.runner, self._history):
             svc.setServiceParent(self)
+        if self.runner.tls_report_service is not None:
+            self.runner.tls_report_service.setServiceParent(self)  # type: ignore[no-untyped-call]
         if config.admin.enabled:
             views = AdminViews(queue=self.runner, sessions=sessions, node=self, metrics=self.metrics)
             for endpoint, read_only in ((config.admin_endpoint, False), (config.admin.metrics_endpoint, True)):

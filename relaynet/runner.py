@@ -41,6 +41,7 @@ from relaynet.delivery.dane import DANE
 from relaynet.delivery.dkim import Signer
 from relaynet.delivery.mtasts import MTASTS
 from relaynet.delivery.tlspolicy import OutboundSecurity
+from relaynet.delivery.tlsrpt import TLSReports, TLSReportSender, TLSReportService
 from relaynet.delivery.lmtp import LMTPAgent
 from relaynet.delivery.routing import Route, RoutingTable
 from relaynet.events import EventLog
@@ -153,6 +154,9 @@ class QueueRunner(Service):
             # A next hop that reopens flushes the mail it deferred while down.
             self.outbound.flush = self.flush_ids
         self._resolver = resolver
+        self.tls_reports, self.tls_report_service = self._tls_reporting(config)
+        if isinstance(self.outbound, OutboundManager):
+            self.outbound.tls_reports = self.tls_reports
         self.delivery = delivery or Delivery(
             lambda: self.table, self.outbound,
             ThreadedMailboxes(reactor, threadpool, lambda: self.config.local),
@@ -230,6 +234,62 @@ class QueueRunner(Service):
             self.outbound.close_idle()
         self._security = None
 
+    def _tls_reporting(self, config: NodeConfig) -> tuple[TLSReports | None, TLSReportService | None]:
+        """
+        TLS reporting (C{[tls_rpt]}, RFC 8460): the counters, and the
+        service that writes them to C{<spool>/tls-rpt} (C{tls-rpt.K} in
+        worker K) and sends the finished days' reports. Not reloaded: a
+        change needs a restart.
+        """
+        settings = config.tls_rpt
+        if not settings.enabled:
+            return None, None
+        shard = config.shard or 0
+        reports = TLSReports(
+            config.spool / ("tls-rpt" if not shard else f"tls-rpt.{shard}"), self.reactor,
+            lambda work: deferToThreadPool(self.reactor, self.pool, work),
+            organization_name=settings.organization_name, contact_info=settings.contact_info,
+            submitter=settings.submitter or config.hostname, unique=str(shard) if shard else "",
+        )
+        sender = None
+        if settings.send != "none":
+            sender = TLSReportSender(
+                reports, self.resolver(), self.reactor, self.submit_local, mode=settings.send,
+                report_sender=settings.report_sender or f"postmaster@{config.hostname}",
+                ca_file=config.tls.ca_file,
+            )
+        return reports, TLSReportService(
+            reports, self.reactor, settings.flush_interval, sender, send_interval=settings.send_interval,
+        )
+
+    @inlineCallbacks
+    def submit_local(self, sender: str, recipients: list[str], data: bytes) -> Any:
+        """
+        Queue a message the node itself writes (a TLS report) to
+        C{recipients}, as a DSN is queued: committed (fsync), then delivered
+        by the routing table. A TLS report (C{params["tlsrpt"]}) goes
+        whatever DANE or MTA-STS say (RFC 8460 5.3).
+
+        @return: a Deferred firing with the new L{QueueEntry}.
+        """
+        rcpts = []
+        for address in recipients:
+            route = self.table.route(address)
+            rcpts.append(Recipient(address=address, route=str(getattr(route, "name", ""))))
+        env = Envelope(
+            queue_id=self.spool.new_id(), sender=sender, recipients=tuple(rcpts), arrival=self.now(),
+            params={"body": None if data.isascii() else "8BITMIME", "tlsrpt": True},
+            client={"protocol": "local", "helo": self.config.hostname, "ip": "127.0.0.1"},
+            node=self.config.name,
+        )
+        writer = self.spool.begin(env)
+        writer.write(data)
+        new = yield writer.commit(hops=0)
+        self.events.emit("received", queue_id=new.queue_id, sender=sender, recipients=list(recipients),
+                         size=len(data), protocol="local", client="127.0.0.1")
+        self.enqueue(new)
+        return new
+
     def security(self) -> OutboundSecurity | None:
         """
         DANE (with C{[dns] dnssec_resolver}) and MTA-STS (C{[mta_sts]}) for
@@ -237,7 +297,7 @@ class QueueRunner(Service):
         when both are off.
         """
         config = self.config
-        if self._security is None and (config.mta_sts.enabled or config.dnssec_resolver):
+        if self._security is None and (config.mta_sts.enabled or config.dnssec_resolver or self.tls_reports):
             mtasts = None
             if config.mta_sts.enabled:
                 mtasts = MTASTS(
@@ -248,7 +308,7 @@ class QueueRunner(Service):
             if config.dnssec_resolver is not None:
                 host, port = config.dnssec_resolver
                 dane = DANE.for_address(self.reactor, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-            self._security = OutboundSecurity(mtasts, dane)
+            self._security = OutboundSecurity(mtasts, dane, self.tls_reports)
         return self._security
 
     def resolver(self) -> Any:

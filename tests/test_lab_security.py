@@ -176,3 +176,61 @@ def test_lab_applies_mta_sts_policies_and_dane(lab_dirs: Any) -> None:
     assert dane[0]["dsn"] == "4.7.5" and "(DANE)" in dane[0]["diagnostic"], dane
     assert "TLSA 3 1 1 did not match" in dane[0]["diagnostic"]
     assert not list((labdir / "mx-e" / "mailboxes").glob("*/*/Maildir/new/*"))
+
+
+@pytest.mark.slow
+def test_lab_counts_and_mails_tls_reports(lab_dirs: Any) -> None:
+    """
+    TLS reporting (RFC 8460) at the egress: today's counts per recipient
+    domain are written as the RFC's JSON (alpha.test: sts, successes;
+    beta.test: its testing policy, starttls-not-supported failures;
+    delta.test: tlsa, successes); a finished day's report (here: today's
+    file put under yesterday's date) is mailed to the rua the domain
+    publishes, and arrives at mx-a as multipart/report; report-type=tlsrpt
+    with the gzipped JSON, read back with Python's email, gzip and json.
+    """
+    import datetime
+    import email
+    import email.policy
+    import gzip
+
+    _need_tools()
+    labdir = lab_dirs("rpt")
+    relaynet("lab", "up", str(TOPOLOGIES / "outbound-security.toml"), "--dir", str(labdir))
+    relaynet("lab", "send", "--dir", str(labdir), "-n", "6", "--json")
+    assert json.loads(relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", "--json").stdout)["ok"]
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    reports = labdir / "outbound" / "spool" / "tls-rpt"
+
+    def counts(domain: str) -> Any:
+        path = reports / today.isoformat() / f"{domain}.json"
+        if not path.exists():
+            return None
+        policy = json.loads(path.read_text())["policies"][0]
+        s = policy["summary"]
+        total = s["total-successful-session-count"] + s["total-failure-session-count"]
+        return (policy, s) if total >= 2 else None
+
+    alpha, s = wait_for(lambda: counts("alpha.test"), 30, "alpha.test's TLS report counts")
+    assert alpha["policy"]["policy-type"] == "sts" and alpha["policy"]["mx-host"] == ["mx.alpha.test"]
+    assert s == {"total-successful-session-count": 2, "total-failure-session-count": 0}
+    beta, s = wait_for(lambda: counts("beta.test"), 30, "beta.test's TLS report counts")
+    assert beta["policy"]["policy-type"] == "sts" and s["total-failure-session-count"] == 2
+    assert [d["result-type"] for d in beta["failure-details"]] == ["starttls-not-supported"]
+    delta, s = wait_for(lambda: counts("delta.test"), 30, "delta.test's TLS report counts")
+    assert delta["policy"]["policy-type"] == "tlsa" and s["total-successful-session-count"] == 2
+    assert delta["policy"]["policy-string"][0].startswith("3 1 1 ")
+
+    yesterday = reports / (today - datetime.timedelta(days=1)).isoformat()
+    yesterday.mkdir(parents=True, exist_ok=True)
+    (yesterday / "alpha.test.json").write_bytes((reports / today.isoformat() / "alpha.test.json").read_bytes())
+    box = labdir / "mx-a" / "mailboxes" / "alpha.test" / "tlsrpt" / "Maildir" / "new"
+    (mail,) = wait_for(lambda: list(box.glob("*")) if box.exists() else [], 60, "the TLS report mail")
+    msg = email.message_from_bytes(mail.read_bytes(), policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "tlsrpt"
+    assert msg["TLS-Report-Domain"] == "alpha.test" and msg["Subject"].startswith("Report Domain: alpha.test")
+    (part,) = [p for p in msg.iter_attachments() if p.get_content_type() == "application/tlsrpt+gzip"]
+    assert part.get_filename().endswith(".json.gz") and "!alpha.test!" in part.get_filename()
+    report = json.loads(gzip.decompress(part.get_content()))
+    assert report["policies"][0]["summary"]["total-successful-session-count"] == 2
+    assert (yesterday / "alpha.test.sent").exists()

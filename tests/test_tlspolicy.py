@@ -13,7 +13,7 @@ from twisted.internet.defer import fail, succeed
 from relaynet.delivery import dane
 from relaynet.delivery.dane import DaneRequirement, DNSSECLookupError, TLSARecord
 from relaynet.delivery.mtasts import PolicyState, parse_policy
-from relaynet.delivery.tlspolicy import HopDecision, HopTLS, OutboundSecurity
+from relaynet.delivery.tlspolicy import HopDecision, HopTLS, OutboundSecurity, ReportContext
 
 RECORD = TLSARecord(3, 1, 1, b"\x00" * 32)
 ENFORCE = parse_policy("version: STSv1\nmode: enforce\nmx: *.example.test\nmax_age: 86400\n")
@@ -57,13 +57,18 @@ def decide(sts: Any, dn: Any, hosts: list[str]) -> Any:
 def test_nothing_published_leaves_the_routes_policy() -> None:
     """No TLSA, no MTA-STS policy: every host gets the route's own TLS policy."""
     d = decide(FakeSTS(None), FakeDANE({}), ["mx1.example.test"])
-    assert d.failure is None and d.hosts == {"mx1.example.test": HopDecision()}
+    assert d.failure is None and d.hosts == {"mx1.example.test": HopDecision(
+        report=ReportContext("example.test", "no-policy-found", mx_host="mx1.example.test"))}
 
 
 def test_enforce_skips_unmatched_hosts_and_requires_verified_tls() -> None:
     """MTA-STS enforce: a matching host needs TLS verified for its name; one that matches no pattern is skipped."""
     d = decide(FakeSTS(ENFORCE), None, ["mx1.example.test", "mx.elsewhere.test"])
-    assert d.hosts["mx1.example.test"] == HopDecision(HopTLS("mta-sts", "mx1.example.test"))
+    assert d.hosts["mx1.example.test"].tls == HopTLS("mta-sts", "mx1.example.test")
+    report = d.hosts["mx1.example.test"].report
+    assert report is not None and (report.policy_type, report.mx_patterns, report.testing) == (
+        "sts", ("*.example.test",), False)
+    assert report.policy_string == ("version: STSv1", "mode: enforce", "mx: *.example.test", "max_age: 86400")
     skip = d.hosts["mx.elsewhere.test"].skip
     assert skip is not None and "matches no MTA-STS pattern" in skip and d.hosts["mx.elsewhere.test"].tls is None
 
@@ -71,8 +76,10 @@ def test_enforce_skips_unmatched_hosts_and_requires_verified_tls() -> None:
 def test_testing_mode_changes_nothing_but_the_note() -> None:
     """MTA-STS testing: delivery as the route says (noted for reports), even to a host matching no pattern."""
     d = decide(FakeSTS(TESTING), None, ["mx1.example.test", "other.test"])
-    assert d.hosts["mx1.example.test"] == HopDecision(note="MTA-STS testing")
-    assert d.hosts["other.test"] == HopDecision(note="MTA-STS testing")
+    for name in ("mx1.example.test", "other.test"):
+        h = d.hosts[name]
+        assert (h.tls, h.skip, h.note) == (None, None, "MTA-STS testing")
+        assert h.report is not None and h.report.testing and h.report.mx_host == name
 
 
 def test_dane_overrides_mta_sts() -> None:
@@ -177,3 +184,37 @@ def test_hosts_without_dane_or_sts_go_as_the_route_says() -> None:
     hops = TLSHops(ok="tcp:192.0.2.10:2525")
     o = mx_attempt(hops, OutboundSecurity(FakeSTS(None), FakeDANE({})))  # type: ignore[arg-type]
     assert hops.tried == [("tcp:192.0.2.10:2525", None)] and o.dsn == "2.0.0"
+
+
+class Reports:
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+
+    def record(self, result: Any) -> None:
+        self.results.append(result)
+
+
+def test_ruled_out_hosts_and_failed_fetches_are_reported() -> None:
+    """
+    With TLS reporting: a host matching no enforce pattern counts as a
+    validation-failure under the sts policy, a failed DANE lookup as
+    dnssec-invalid under tlsa, a failed policy fetch under the cached policy.
+    """
+    from relaynet.delivery.mtasts import Failed
+
+    class FailingSTS(FakeSTS):
+        def policy_for(self, domain: str) -> Any:
+            failed = Failed("sts-policy-fetch-error", "HTTP 404", "2", 0.0)
+            return succeed(PolicyState(domain, ENFORCE, "cache", failure=failed))
+
+    reports = Reports()
+    dn = FakeDANE({"mx.dane.test": dane.DEFER})
+    out: list[Any] = []
+    OutboundSecurity(FailingSTS(ENFORCE), dn, reports).decide(  # type: ignore[arg-type]
+        "example.test", ["mx.dane.test", "mx.elsewhere.test", "mx1.example.test"], 25).addBoth(out.append)
+    got = [(r.policy_type, r.receiving_mx_hostname, r.result_type) for r in reports.results]
+    assert got == [
+        ("sts", None, "sts-policy-fetch-error"),
+        ("tlsa", "mx.dane.test", "dnssec-invalid"),
+        ("sts", "mx.elsewhere.test", "validation-failure"),
+    ]

@@ -44,7 +44,7 @@ from relaynet.config import LocalDelivery, NextHop, NodeConfig, RouteRule
 from relaynet.delivery.client import DeliveryResult
 from relaynet.delivery.mailbox import LocalResult, deliver_local
 from relaynet.delivery.mx import MXLookup, relay_name
-from relaynet.delivery.tlspolicy import DSN as TLS_DSN, HopDecision, HopTLS, OutboundSecurity
+from relaynet.delivery.tlspolicy import DSN as TLS_DSN, HopDecision, HopTLS, OutboundSecurity, ReportContext
 from relaynet.delivery.routing import Refusal, Route, RouteKind, RoutingTable, order_hops
 from relaynet.queue.core import Outcome
 from relaynet.queue.spool import QueueEntry, Recipient
@@ -58,7 +58,7 @@ class IOutbound(Protocol):
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
-        hop_tls: HopTLS | None = None,
+        hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         One L{DeliveryResult} per recipient the hop was tried for.
@@ -68,6 +68,8 @@ class IOutbound(Protocol):
         @param dkim: the route signs (given only when it does).
         @param hop_tls: what DANE or MTA-STS asks of the connection (given
             only when something does).
+        @param tls_report: what the session counts under in TLS reports
+            (given only with C{[tls_rpt]}).
         """
 
 
@@ -262,6 +264,9 @@ class Delivery:
                 tries = answer.hops(rule.mx_port, outbound.mx_address_limit)
                 names = [relay_name(ex, address, rule.mx_port) for ex, address, _ in tries]
                 security = self._security() if self._security is not None else None
+                if entry.envelope.params.get("tlsrpt"):
+                    # A TLS report goes whatever TLS fails (RFC 8460 5.3).
+                    security = None
                 if security is None:
                     out += yield self._try_hops(
                         entry, rule, [hop for _, _, hop in tries], rs, names=names,
@@ -272,7 +277,7 @@ class Delivery:
                 if decision.failure is not None:
                     out += [Outcome.deferred(r.address, TLS_DSN, decision.failure) for r in rs]
                     continue
-                usable, hop_tls, skipped = [], [], []
+                usable, hop_tls, reports, skipped = [], [], [], []
                 for (ex, _, hop), name in zip(tries, names):
                     d = decision.hosts.get(ex.name, HopDecision())
                     if d.skip is not None:
@@ -280,6 +285,7 @@ class Delivery:
                     else:
                         usable.append((hop, name))
                         hop_tls.append(d.tls)
+                        reports.append(d.report if security.reports is not None else None)
                 if not usable:
                     # Nowhere DANE or the domain's MTA-STS policy lets the
                     # mail go: deferred, never sent without the TLS asked for.
@@ -292,6 +298,7 @@ class Delivery:
                 out += yield self._try_hops(
                     entry, rule, [hop for hop, _ in usable], rs, names=[n for _, n in usable],
                     session_limit=outbound.mx_session_limit, hop_tls=hop_tls, skipped=skipped,
+                    tls_reports=reports,
                 )
             return out
         result = yield self._try_hops(entry, rule, self._order(rule.next_hops), rcpts)
@@ -302,6 +309,7 @@ class Delivery:
         self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient],
         names: list[str] | None = None, session_limit: int = 0, lmtp: bool = False,
         hop_tls: Sequence[HopTLS | None] = (), skipped: Sequence[tuple[str, str, str]] = (),
+        tls_reports: Sequence[ReportContext | None] = (),
     ) -> Any:
         """
         Try C{hops} in order until every recipient has a final answer.
@@ -314,6 +322,7 @@ class Delivery:
         @param hop_tls: per hop, what DANE or MTA-STS asks of its TLS (or C{None}).
         @param skipped: C{(hop, dsn, why)} of hops DANE or MTA-STS ruled
             out, for each recipient's C{tried}.
+        @param tls_reports: per hop, what its session counts under in TLS reports.
         """
         remaining = list(rcpts)
         final: dict[str, Outcome] = {}
@@ -337,6 +346,8 @@ class Delivery:
                     auth["dkim"] = True
                 if i < len(hop_tls) and hop_tls[i] is not None:
                     auth["hop_tls"] = hop_tls[i]
+                if i < len(tls_reports) and tls_reports[i] is not None:
+                    auth["tls_report"] = tls_reports[i]
                 results = yield self.outbound.deliver(
                     hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **auth
                 )

@@ -68,7 +68,8 @@ from zope.interface import implementer
 from relaynet.config import Outbound, hop_name, split_endpoint
 from relaynet.delivery.dkim import Signed, Signer
 from relaynet.delivery.dane import DaneVerificationError
-from relaynet.delivery.tlspolicy import HopTLS
+from relaynet.delivery.tlspolicy import HopTLS, ReportContext
+from relaynet.delivery.tlsrpt import STARTTLS_NOT_SUPPORTED, tls_failure_result, webpki_result
 from relaynet.delivery.downgrade import ConversionError, has_eight_bit, needs_smtputf8, to_seven_bit
 from relaynet.smtp.datastream import DotStuffer
 from relaynet.smtp.netio import no_delay, send_now
@@ -313,6 +314,11 @@ class RelayClient(smtp.ESMTPClient):
             parts = line.split(None, 1)
             if parts:
                 self.peer_ext[parts[0].upper()] = parts[1] if len(parts) > 1 else None
+        if b"STARTTLS" not in self.peer_ext and not self._tlsMode and not self.requireTransportSecurity:
+            # MTA-STS testing: no STARTTLS is a failure to report, not to enforce.
+            ctx = self.pool.tls_report
+            if ctx is not None and ctx.testing:
+                self.pool.report_tls(self, STARTTLS_NOT_SUPPORTED, "no STARTTLS offered")
         smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
 
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:
@@ -328,6 +334,19 @@ class RelayClient(smtp.ESMTPClient):
             # The policy that decided this session's TLS, for events (the
             # handshake got here: the certificate passed its check).
             self.tls_info += f" ({self.pool.hop_tls.label})"
+        ctx = self.pool.tls_report
+        if ctx is not None:
+            failure = None
+            if ctx.testing:
+                # MTA-STS testing: the certificate judged now, reported only.
+                try:
+                    from relaynet.delivery.dane import peer_chain
+
+                    chain = peer_chain(self.transport.getHandle())  # type: ignore[union-attr]
+                    failure = webpki_result(chain, ctx.mx_host, self.pool.ca_file)
+                except Exception as e:  # noqa: BLE001 - a report, never a reason to fail the session
+                    failure = tls_failure_result(e)
+            self.pool.report_tls(self, failure, None if failure is None else f"certificate of {ctx.mx_host}")
 
     # -- SMTP AUTH (RFC 4954) ----------------------------------------------
 
@@ -467,6 +486,7 @@ class RelayClient(smtp.ESMTPClient):
     def sendError(self, exc: Exception) -> None:
         if isinstance(exc, smtp.TLSRequiredError):
             if self.pool.hop_tls is not None:
+                self.pool.report_tls(self, STARTTLS_NOT_SUPPORTED, "no STARTTLS offered")
                 # RFC 7672 2.2, RFC 8461 5: not delivered to this host, 4.7.5.
                 self._end_connection(
                     0, "4.7.5", f"{self.pool.hop_tls.label} requires TLS, but {self.pool.hop_tls.host}"
@@ -514,6 +534,7 @@ class RelayClient(smtp.ESMTPClient):
         if reason is not None and reason.check(SSL.Error, VerificationError, DaneVerificationError):
             policy = f" ({self.pool.hop_tls.label})" if self.pool.hop_tls is not None else ""
             why = f"TLS with {self.pool.name} failed{policy}: {reason.getErrorMessage()}"
+            self.pool.report_tls(self, tls_failure_result(reason), reason.getErrorMessage())
         enhanced = "4.7.5" if "TLS" in why else "4.4.2"
         if self.session_error is None and not self._quitting:
             self.session_error = (0, enhanced, why)
@@ -1374,6 +1395,8 @@ class HopPool:
         hop: HopState | None = None,
         signer: Signer | None = None,
         hop_tls: HopTLS | None = None,
+        tls_report: ReportContext | None = None,
+        tls_reports: Any = None,
     ) -> None:
         """
         @param run_in_thread: runs blocking work (the 7-bit conversion and
@@ -1383,6 +1406,9 @@ class HopPool:
         @param hop_tls: what DANE or MTA-STS asks of the connections (then
             STARTTLS is required whatever C{tls_policy} says, and its
             certificate check replaces the route's).
+        @param tls_report: what this host's sessions count under in TLS
+            reports (RFC 8460), recorded in C{tls_reports} (a
+            L{relaynet.delivery.tlsrpt.TLSReports}).
         @param hop: the hop's up/down state, shared by every pool to the
             same endpoint (by default its own, with C{timeouts.hop_down_time}).
         @param auth: C{(username, password)} for SMTP AUTH, or C{None}.
@@ -1403,6 +1429,9 @@ class HopPool:
         self._run_in_thread = run_in_thread
         self.signer = signer
         self.hop_tls = hop_tls
+        self.tls_report = tls_report if tls_reports is not None else None
+        self.tls_reports = tls_reports
+        self.ca_file = ca_file
         # (until, dsn, diagnostic) of the last failed AUTH.
         self._auth_block: tuple[float, str, str] | None = None
         # Credentials go only over TLS: a route with tls = "none" still asks
@@ -1440,6 +1469,19 @@ class HopPool:
         if self._run_in_thread is not None:
             return self._run_in_thread(work)
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+
+    def report_tls(self, client: RelayClient, result_type: str | None, detail: str | None) -> None:
+        """Count one session of C{client} in the TLS reports (C{result_type} C{None}: success)."""
+        ctx = self.tls_report
+        if ctx is None or self.tls_reports is None:
+            return
+        peer = host = None
+        try:
+            peer = client.transport.getPeer().host  # type: ignore[union-attr]
+            host = client.transport.getHost().host  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - addresses are optional in a report
+            pass
+        self.tls_reports.record(ctx.result(result_type, detail, peer, host))
 
     def dkim_event(self, job: Job, signed: Signed) -> None:
         """
@@ -1672,8 +1714,11 @@ class OutboundManager:
         run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
         flush: Callable[[list[str], int | None], int] | None = None,
         signer: Signer | None = None,
+        tls_reports: Any = None,
     ) -> None:
         """
+        @param tls_reports: where sessions under a L{ReportContext} are
+            counted (a L{relaynet.delivery.tlsrpt.TLSReports}), or C{None}.
         @param events: where the pools emit C{auth_failed}, C{hop_down},
             C{hop_up} and C{dkim_signed}/C{dkim_unsigned} events (an
             L{relaynet.events.EventLog}), or C{None}.
@@ -1691,7 +1736,8 @@ class OutboundManager:
         self.auth_penalty = auth_penalty
         self.run_in_thread = run_in_thread
         self.signer = signer
-        self.pools: dict[tuple[str, str | None, str, str | None, bool, bool, HopTLS | None], HopPool] = {}
+        self.tls_reports = tls_reports
+        self.pools: dict[tuple[Any, ...], HopPool] = {}
         # Per endpoint, shared by its pools; kept across reloads.
         self.hops: dict[str, HopState] = {}
         self.flush = flush
@@ -1719,7 +1765,7 @@ class OutboundManager:
     def pool(
         self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
         tls_policy: str = "none", auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
-        dkim: bool = False, hop_tls: HopTLS | None = None,
+        dkim: bool = False, hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None,
     ) -> HopPool:
         """
         The pool for a hop with these settings. Credentials are part of its
@@ -1728,15 +1774,19 @@ class OutboundManager:
 
         @param dkim: its messages are signed (when there is a signer).
         @param hop_tls: what DANE or MTA-STS asks of this host's connections.
+        @param tls_report: what its sessions count under in TLS reports.
         """
         signs = dkim and self.signer is not None
-        key = (endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs, hop_tls)
+        if self.tls_reports is None:
+            tls_report = None
+        key = (endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs, hop_tls, tls_report)
         p = self.pools.get(key)
         if p is None:
             p = self.pools[key] = HopPool(
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
                 tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
                 self.run_in_thread, self.hop(endpoint), self.signer if signs else None, hop_tls,
+                tls_report, self.tls_reports,
             )
         return p
 
@@ -1744,7 +1794,7 @@ class OutboundManager:
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
-        hop_tls: HopTLS | None = None,
+        hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         Deliver C{entry} to C{recipients} through the hop at C{endpoint}.
@@ -1753,9 +1803,10 @@ class OutboundManager:
         @param auth_cleartext: the route allows AUTH without TLS.
         @param dkim: the route signs (with L{signer}).
         @param hop_tls: what DANE or MTA-STS asks of the connection.
+        @param tls_report: what the session counts under in TLS reports.
         """
         return self.pool(
-            endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext, dkim, hop_tls
+            endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext, dkim, hop_tls, tls_report,
         ).submit(entry, recipients)
 
     def close(self) -> None:
