@@ -176,6 +176,9 @@ class ThreadPoolService(Service):
 
 EVENT_SYNC_INTERVAL = 1.0
 RECOVERY_BATCH = 1000
+STS_REFRESH_INTERVAL = 3600.0
+"""Seconds between looks for cached MTA-STS policies due for a refresh."""
+
 """Queue files read per worker-thread job at start (then handed to the runner on the reactor)."""
 
 
@@ -282,6 +285,11 @@ class RelayNode(MultiService):
             svc.setServiceParent(self)
         if self.runner.tls_report_service is not None:
             self.runner.tls_report_service.setServiceParent(self)  # type: ignore[no-untyped-call]
+        # MTA-STS policies refreshed before they expire (RFC 8461 3.3: each
+        # fetched again once a day, looked at hourly).
+        refresh = TimerService(STS_REFRESH_INTERVAL, self.runner.refresh_sts)
+        refresh.clock = reactor
+        refresh.setServiceParent(self)
         if config.admin.enabled:
             views = AdminViews(queue=self.runner, sessions=sessions, node=self, metrics=self.metrics)
             for endpoint, read_only in ((config.admin_endpoint, False), (config.admin.metrics_endpoint, True)):

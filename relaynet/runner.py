@@ -290,6 +290,14 @@ class QueueRunner(Service):
         self.enqueue(new)
         return new
 
+    def refresh_sts(self) -> Deferred[Any] | None:
+        """Refresh the cached MTA-STS policies fetched more than a day ago (RFC 8461 3.3), if MTA-STS is in use."""
+        security = self._security
+        if security is None or security.mtasts is None:
+            return None
+        return security.mtasts.refresh_cached().addErrback(
+            lambda f: self.log.failure("MTA-STS policy refresh failed", f))
+
     def security(self) -> OutboundSecurity | None:
         """
         DANE (with C{[dns] dnssec_resolver}) and MTA-STS (C{[mta_sts]}) for

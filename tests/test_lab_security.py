@@ -151,7 +151,9 @@ def test_lab_applies_mta_sts_policies_and_dane(lab_dirs: Any) -> None:
 
     relaynet("lab", "send", "--dir", str(labdir), "-n", "6", "--json")
     report = json.loads(relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", "--json").stdout)
-    # alpha.test by MTA-STS, delta.test by DANE (its signed TLSA record), beta.test as the route says.
+    # alpha.test by MTA-STS, delta.test by DANE (its signed TLSA record; its
+    # MTA-STS policy, which matches no MX, does not apply: RFC 8461 2),
+    # beta.test as the route says.
     assert report["ok"] and report["tls_used"]["outbound"] == {"MTA-STS": 2, "DANE": 2, "no TLS": 2}, report
 
     relaynet("lab", "send", "--dir", str(labdir), "-n", "1", "--to", "erin@gamma.test", "--json")
