@@ -91,12 +91,18 @@ GOOD_MX_DOMAINS = (
     "verify.test",
 )
 #: ... of those, the MX names its certificate is valid for (not mx.wrongname.test).
-GOOD_CERT_NAMES = tuple(f"mx.{d}" for d in GOOD_MX_DOMAINS if d != "wrongname.test") + ("legacy.twomx.test",)
+GOOD_CERT_NAMES = tuple(f"mx.{d}" for d in GOOD_MX_DOMAINS if d != "wrongname.test") + (
+    "legacy.twomx.test", "mx2.fallback.test",
+)
 #: ... the MX node whose certificate is from another CA.
 BAD_MX_DOMAINS = ("badcert.test", "testing.test", "shared.test", "nosts.test")
 #: ... the MX node without [tls] (no STARTTLS).
 PLAIN_MX_DOMAINS = ("notls.test",)
-ALL_DOMAINS = GOOD_MX_DOMAINS + BAD_MX_DOMAINS + PLAIN_MX_DOMAINS
+#: Two MX hosts: mx1 (127.0.0.2) is the MX node of BAD_MX_DOMAINS, mx2 (127.0.0.1) the good one.
+FALLBACK = "fallback.test"
+#: The second loopback address (mx1.fallback.test).
+HOST2 = "127.0.0.2"
+ALL_DOMAINS = GOOD_MX_DOMAINS + BAD_MX_DOMAINS + PLAIN_MX_DOMAINS + (FALLBACK,)
 #: Domains routed through another domain's proxy (one exchanger endpoint for both).
 SAME_ENDPOINT = {"nosts.test": "shared.test"}
 
@@ -115,6 +121,7 @@ POLICIES = {
     "wrongname.test": policy_text("enforce", "mx.wrongname.test"),
     "shared.test": policy_text("enforce", "mx.shared.test"),
     "twomx.test": policy_text("enforce", "mx.twomx.test"),
+    FALLBACK: policy_text("enforce", f"*.{FALLBACK}"),
     # Served with a certificate from another CA: never applied.
     "webpki.test": policy_text("enforce", "other.webpki.test"),
     "notls.test": policy_text("enforce", "*.notls.test"),
@@ -138,7 +145,8 @@ def zones() -> dict[str, str]:
     """
     Every domain's zone; idchange.test's with TTL 0 (its TXT record is
     changed mid-test); twomx.test with a preferred second MX the policy
-    does not name; nosts.test and verify.test without MTA-STS.
+    does not name; nosts.test and verify.test without MTA-STS; fallback.test
+    with two MX hosts on two loopback addresses.
     """
     out = {d: domain_zone(d, ttl=0 if d == "idchange.test" else 300) for d in ALL_DOMAINS}
     out["twomx.test"] = zone_text("twomx.test", [
@@ -146,6 +154,10 @@ def zones() -> dict[str, str]:
         '_mta-sts TXT "v=STSv1; id=1"', f"mta-sts A {HOST}",
     ])
     out["nosts.test"] = zone_text("nosts.test", ["@ MX 10 mx", f"mx A {HOST}"])
+    out[FALLBACK] = zone_text(FALLBACK, [
+        "@ MX 10 mx1", "@ MX 20 mx2", f"mx1 A {HOST2}", f"mx2 A {HOST}",
+        '_mta-sts TXT "v=STSv1; id=1"', f"mta-sts A {HOST}",
+    ])
     out["verify.test"] = zone_text("verify.test", ["@ MX 10 mx", f"mx A {HOST}"])
     return out
 
@@ -264,14 +276,23 @@ class CountingProxy:
     node did not even connect.
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, host: str = HOST, port: int = 0) -> None:
+        """
+        @param host: the (IPv4 loopback) address to listen on.
+        @param port: the port (0: a free one).
+        @raise OSError: C{host:port} cannot be bound.
+        """
         self.target_port = target_port
         self.connections = 0
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._sockets: list[socket.socket] = []
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind((HOST, 0))
+        try:
+            self._listener.bind((host, port))
+        except OSError:
+            self._listener.close()
+            raise
         self._listener.listen(16)
         self._listener.settimeout(0.05)
         self.port = self._listener.getsockname()[1]
@@ -354,7 +375,7 @@ catch_all = true
 
 def sender_config(
     dns_port: int, policy_port: int, ca_file: Path, mx_ports: dict[str, int], mta_sts: bool = True,
-    tls: str = "opportunistic",
+    tls: str = "opportunistic", fetch_timeout: float = 10,
 ) -> str:
     """
     The sending node: every domain by MX (its exchanger's port per domain),
@@ -364,6 +385,7 @@ def sender_config(
 
     @param mta_sts: C{[mta_sts] enabled}.
     @param tls: the routes' C{tls}.
+    @param fetch_timeout: C{[mta_sts] fetch_timeout}.
     """
     text = f"""\
 [node]
@@ -394,7 +416,7 @@ ca_file = "{ca_file}"
 [mta_sts]
 enabled = {"true" if mta_sts else "false"}
 policy_port = {policy_port}
-fetch_timeout = 10
+fetch_timeout = {fetch_timeout}
 """
     for domain, port in mx_ports.items():
         text += f"""
@@ -420,6 +442,8 @@ class World:
     mx: dict[str, NodeProcess]
     proxies: dict[str, CountingProxy]
     sender: NodeProcess
+    #: In front of mx1.fallback.test ({HOST2}; mx2's is C{proxies[FALLBACK]}).
+    fallback_first: CountingProxy
 
     @property
     def mx_ports(self) -> dict[str, int]:
@@ -427,6 +451,9 @@ class World:
         return {d: p.port for d, p in self.proxies.items()}
 
     def mx_for(self, domain: str) -> NodeProcess:
+        """The exchanger node of C{domain} (of fallback.test: mx1's, the preferred)."""
+        if domain == FALLBACK:
+            return self.mx["bad"]
         for role, domains in (("good", GOOD_MX_DOMAINS), ("bad", BAD_MX_DOMAINS), ("plain", PLAIN_MX_DOMAINS)):
             if domain in domains:
                 return self.mx[role]
@@ -516,19 +543,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     policy_cert = make_cert(base / "policy-cert", ca, [f"mta-sts.{d}" for d in ALL_DOMAINS])
     untrusted_policy_cert = make_cert(base / "policy-cert-other-ca", other_ca, ["mta-sts.webpki.test"])
     good_cert = make_cert(base / "mx-good-cert", ca, list(GOOD_CERT_NAMES))
-    bad_cert = make_cert(base / "mx-bad-cert", other_ca, [f"mx.{d}" for d in BAD_MX_DOMAINS])
+    bad_cert = make_cert(base / "mx-bad-cert", other_ca, [f"mx.{d}" for d in BAD_MX_DOMAINS] + [f"mx1.{FALLBACK}"])
     started: list[NodeProcess] = []
     proxies: dict[str, CountingProxy] = {}
+    fallback_first: CountingProxy | None = None
     with NSDServer(base / "nsd", zones()) as nsd, PolicyServer(
         *policy_cert, POLICIES, untrusted=untrusted_policy_cert, untrusted_names=("mta-sts.webpki.test",),
     ) as policies:
         try:
             mx = {}
-            for role, domains, tls in (
-                ("good", GOOD_MX_DOMAINS, good_cert), ("bad", BAD_MX_DOMAINS, bad_cert),
+            mx_nodes: list[tuple[str, tuple[str, ...], tuple[Path, Path] | None]] = [
+                ("good", GOOD_MX_DOMAINS + (FALLBACK,), good_cert), ("bad", BAD_MX_DOMAINS + (FALLBACK,), bad_cert),
                 ("plain", PLAIN_MX_DOMAINS, None),
-            ):
-                node = NodeProcess(base / f"mx-{role}", config_toml=mx_config(domains, tls), name=f"mx{role}")
+            ]
+            for role, local, tls in mx_nodes:
+                node = NodeProcess(base / f"mx-{role}", config_toml=mx_config(local, tls), name=f"mx{role}")
                 started.append(node)
                 mx[role] = node.start()
             for domains, role in ((GOOD_MX_DOMAINS, "good"), (BAD_MX_DOMAINS, "bad"), (PLAIN_MX_DOMAINS, "plain")):
@@ -537,17 +566,30 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                         proxies[d] = CountingProxy(mx[role].port).start()
             for d, other in SAME_ENDPOINT.items():
                 proxies[d] = proxies[other]
+            # fallback.test: one port on two addresses (the route's mx_port).
+            for _ in range(20):
+                second = CountingProxy(mx["good"].port)
+                try:
+                    first = CountingProxy(mx["bad"].port, host=HOST2, port=second.port)
+                except OSError:
+                    second.stop()
+                    continue
+                proxies[FALLBACK] = second.start()
+                fallback_first = first.start()
+                break
+            else:
+                raise AssertionError(f"no port free on both {HOST} and {HOST2}")
             ports = {d: p.port for d, p in proxies.items()}
             sender = NodeProcess(
                 base / "sender", config_toml=sender_config(nsd.port, policies.port, ca[0], ports), name="sender",
             )
             started.append(sender)
             sender.start()
-            yield World(base, ca[0], ca[1], policy_cert, nsd, policies, mx, proxies, sender)
+            yield World(base, ca[0], ca[1], policy_cert, nsd, policies, mx, proxies, sender, fallback_first)
         finally:
             for node in started:
                 node.__exit__(None, None, None)
-            for proxy in set(proxies.values()):
+            for proxy in set(proxies.values()) | ({fallback_first} if fallback_first is not None else set()):
                 proxy.stop()
 
 
@@ -643,6 +685,29 @@ def test_enforce_invalid_certificate_defers(world: World, domain: str) -> None:
     assert delivered(mx, rcpt) == []
 
 
+def test_enforce_tries_the_next_mx_after_a_certificate_failure(world: World) -> None:
+    """
+    fallback.test's enforce policy lists both its MX hosts: mx1 (preferred,
+    127.0.0.2) presents a certificate from an untrusted CA, mx2 a valid one.
+    In one attempt the node fails the handshake with mx1 and delivers to
+    mx2 under MTA-STS; the event lists mx1 in C{tried} with 4.7.5, and mx1's
+    exchanger has nothing.
+    """
+    rcpt = f"user@{FALLBACK}"
+    first, second = world.fallback_first, world.proxies[FALLBACK]
+    tok = send(world.sender, rcpt)
+    sent = wait_outcome(world.sender, rcpt, world.mx["good"], world.mx["bad"])
+    assert sent["event"] == "sent", sent
+    assert sent["relay"] == f"mx2.{FALLBACK}[{HOST}]:{second.port}" and sent["tls"].endswith(" (MTA-STS)"), sent
+    (tried,) = sent.get("tried") or [None]
+    assert tried is not None and tried["relay"] == f"mx1.{FALLBACK}[{HOST2}]:{first.port}", sent
+    assert tried["dsn"] == "4.7.5" and "TLS" in tried["diagnostic"], sent
+    assert first.count() >= 1
+    (msg,) = wait_for(lambda: delivered(world.mx["good"], rcpt), TIMEOUT, "the message at mx2")
+    assert tok.encode() in msg
+    assert delivered(world.mx["bad"], rcpt) == []
+
+
 def test_enforce_without_starttls_defers_never_clear_text(world: World) -> None:
     """
     notls.test's MX offers no STARTTLS: under enforce the node defers
@@ -710,6 +775,34 @@ def test_policy_host_with_untrusted_certificate_is_no_policy(world: World) -> No
     assert "mta-sts.webpki.test" in world.policies.server_names, world.policies.server_names
     assert world.policies.count("webpki.test") == 0, world.policies.requests
     assert not cache_file(world.sender, "webpki.test").exists()
+
+
+def test_policy_host_that_never_answers_costs_fetch_timeout_then_no_policy(world: World) -> None:
+    """
+    A node whose policy port accepts connections but never answers (the TLS
+    handshake hangs) with C{[mta_sts] fetch_timeout = 1}: the fetch gives up
+    after about a second, the domain is treated as having no policy
+    (mismatch.test's enforce policy could not be had), and the message goes
+    out with the route's opportunistic TLS.
+    """
+    rcpt = "slow@mismatch.test"
+    mx = world.mx["good"]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind((HOST, 0))
+        silent.listen(16)
+        sender = NodeProcess(
+            world.base / "slow-policy-sender", name="slowpolicysender",
+            config_toml=sender_config(
+                world.nsd.port, silent.getsockname()[1], world.ca,
+                {"mismatch.test": world.proxies["mismatch.test"].port}, fetch_timeout=1,
+            ),
+        )
+        with sender:
+            send(sender, rcpt)
+            sent = wait_outcome(sender, rcpt, mx)
+    assert sent["event"] == "sent" and "MTA-STS" not in sent["tls"], sent
+    assert 0.9 <= sent["delay"] < 10, sent
+    wait_for(lambda: delivered(mx, rcpt), TIMEOUT, "the message at the MX")
 
 
 # -- testing -------------------------------------------------------------------
@@ -956,11 +1049,12 @@ def test_control_without_mta_sts(world: World) -> None:
     """
     The same domains through a node with C{[mta_sts] enabled = false}: every
     message the tests above saw deferred is delivered (mismatched pattern,
-    untrusted or misnamed certificate, no STARTTLS), and no policy is
+    untrusted or misnamed certificate, no STARTTLS), fallback.test's to its
+    preferred MX, the one with the untrusted certificate; and no policy is
     fetched or cached. So the exchangers would take the mail, and the
     deferrals are MTA-STS's doing.
     """
-    domains = ["mismatch.test", "badcert.test", "wrongname.test", "notls.test", "shared.test", "cache.test"]
+    domains = ["mismatch.test", "badcert.test", "wrongname.test", "notls.test", "shared.test", "cache.test", FALLBACK]
     fetched = len(world.policies.fetches)
     sender = NodeProcess(
         world.base / "control-sender", name="controlsender",
