@@ -15,8 +15,9 @@ did not even connect.
 What is read: the sending node's events (C{sent} with C{tls} ending in
 C{(MTA-STS)}, C{deferred} with C{dsn} 4.7.5 and a C{diagnostic}, C{tried}),
 the exchangers' Maildirs, the forwarders' connection counts, the policy
-server's record of fetches and TLS server names, and the sending node's
-policy cache (C{<spool>/mta-sts/<domain>.json}).
+server's record of fetches and TLS server names, the sending node's policy
+cache (C{<spool>/mta-sts/<domain>.json}) and its TLS reports (RFC 8460,
+C{<spool>/tls-rpt/<day>/<domain>.json}, files only).
 
 Domains (all exchangers at 127.0.0.1; one route per domain gives its
 forwarder's port as C{mx_port}):
@@ -375,7 +376,7 @@ catch_all = true
 
 def sender_config(
     dns_port: int, policy_port: int, ca_file: Path, mx_ports: dict[str, int], mta_sts: bool = True,
-    tls: str = "opportunistic", fetch_timeout: float = 10,
+    tls: str = "opportunistic", fetch_timeout: float = 10, tls_rpt: bool = False,
 ) -> str:
     """
     The sending node: every domain by MX (its exchanger's port per domain),
@@ -386,6 +387,8 @@ def sender_config(
     @param mta_sts: C{[mta_sts] enabled}.
     @param tls: the routes' C{tls}.
     @param fetch_timeout: C{[mta_sts] fetch_timeout}.
+    @param tls_rpt: TLS reporting (RFC 8460) on: files only (C{send =
+        "none"}), written every half second.
     """
     text = f"""\
 [node]
@@ -417,6 +420,15 @@ ca_file = "{ca_file}"
 enabled = {"true" if mta_sts else "false"}
 policy_port = {policy_port}
 fetch_timeout = {fetch_timeout}
+"""
+    if tls_rpt:
+        text += """
+[tls_rpt]
+enabled = true
+organization_name = "relaynet tests"
+contact_info = "tlsrpt@src.test"
+send = "none"
+flush_interval = 0.5
 """
     for domain, port in mx_ports.items():
         text += f"""
@@ -530,6 +542,43 @@ def cache_file(node: NodeProcess, domain: str) -> Path:
     return node.spool / "mta-sts" / f"{domain}.json"
 
 
+def reported(
+    node: NodeProcess, domain: str, policy_type: str, result_type: str | None, mx_host: str | None = None,
+) -> dict[str, Any]:
+    """
+    Poll (bounded) C{node}'s TLS report of today for C{domain}
+    (C{<spool>/tls-rpt/<day>/<domain>.json}, RFC 8460 4.4) until its policy of
+    C{policy_type} counts a session with C{result_type} (at
+    C{mx_host}, if given), or a successful one (C{result_type} C{None}).
+
+    @return: that policy's entry (C{policy}, C{summary}, C{failure-details}).
+    """
+    def find() -> dict[str, Any]:
+        """The entry, or C{{}} (not yet)."""
+        for path in sorted(node.spool.glob(f"tls-rpt/*/{domain}.json"), reverse=True):
+            try:
+                report = json.loads(path.read_text())
+            except ValueError:
+                continue
+            for entry in report.get("policies", []):
+                if entry["policy"]["policy-type"] != policy_type:
+                    continue
+                if result_type is None:
+                    if entry["summary"]["total-successful-session-count"] >= 1:
+                        return dict(entry)
+                    continue
+                for detail in entry.get("failure-details", []):
+                    if detail["result-type"] == result_type and mx_host in (None, detail.get("receiving-mx-hostname")):
+                        return dict(entry)
+        return {}
+
+    try:
+        return wait_for(find, TIMEOUT, f"a {policy_type} {result_type or 'success'} in the TLS report of {domain}")
+    except AssertionError as e:
+        found = [p.read_text() for p in node.spool.glob(f"tls-rpt/*/{domain}.json")]
+        raise AssertionError(f"{e}\n{found}") from None
+
+
 def make_cert(directory: Path, ca: tuple[Path, Path], names: list[str]) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     return generate_cert(directory, ca[0], ca[1], names)
@@ -581,7 +630,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 raise AssertionError(f"no port free on both {HOST} and {HOST2}")
             ports = {d: p.port for d, p in proxies.items()}
             sender = NodeProcess(
-                base / "sender", config_toml=sender_config(nsd.port, policies.port, ca[0], ports), name="sender",
+                base / "sender", config_toml=sender_config(nsd.port, policies.port, ca[0], ports, tls_rpt=True),
+                name="sender",
             )
             started.append(sender)
             sender.start()
@@ -616,6 +666,8 @@ def test_enforce_matching_pattern_and_valid_certificate_delivers(world: World) -
     assert (cached["domain"], cached["id"]) == ("good.test", "1"), cached
     assert "mode: enforce" in cached["policy"] and "mx: mx.good.test" in cached["policy"], cached
     assert world.policies.count("good.test") == 1, world.policies.requests
+    entry = reported(world.sender, "good.test", "sts", None)
+    assert "mode: enforce" in entry["policy"]["policy-string"], entry
 
 
 def test_enforce_pattern_mismatch_defers_without_connecting(world: World) -> None:
@@ -638,6 +690,7 @@ def test_enforce_pattern_mismatch_defers_without_connecting(world: World) -> Non
     assert set(outcomes(world.sender, rcpt)) == {"deferred"}
     assert proxy.count() == connections
     assert delivered(mx, rcpt) == []
+    reported(world.sender, "mismatch.test", "sts", "validation-failure", "mx.mismatch.test")
 
 
 def test_enforce_skips_the_unlisted_mx_and_uses_the_listed_one(world: World) -> None:
@@ -663,15 +716,18 @@ def test_enforce_skips_the_unlisted_mx_and_uses_the_listed_one(world: World) -> 
     assert tok.encode() in msg
 
 
-@pytest.mark.parametrize("domain", ["badcert.test", "wrongname.test"])
-def test_enforce_invalid_certificate_defers(world: World, domain: str) -> None:
+@pytest.mark.parametrize(("domain", "result_type"), [
+    ("badcert.test", "certificate-not-trusted"), ("wrongname.test", "certificate-host-mismatch"),
+])
+def test_enforce_invalid_certificate_defers(world: World, domain: str, result_type: str) -> None:
     """
     Under enforce, an MX whose certificate does not validate is not
     delivered to: badcert.test's MX presents a certificate for its name from
     a CA the node does not trust; wrongname.test's MX one from the trusted
     CA that does not name mx.wrongname.test. The node connects, the
     handshake fails, the message is deferred 4.7.5 and nothing reaches the
-    mailbox (no fallback to unverified TLS or clear text).
+    mailbox (no fallback to unverified TLS or clear text). The TLS report
+    names the failure (RFC 8460 result types).
     """
     rcpt = f"user@{domain}"
     mx, proxy = world.mx_for(domain), world.proxies[domain]
@@ -683,6 +739,7 @@ def test_enforce_invalid_certificate_defers(world: World, domain: str) -> None:
     assert proxy.count() >= 1
     assert set(outcomes(world.sender, rcpt)) == {"deferred"}
     assert delivered(mx, rcpt) == []
+    reported(world.sender, domain, "sts", result_type, f"mx.{domain}")
 
 
 def test_enforce_tries_the_next_mx_after_a_certificate_failure(world: World) -> None:
@@ -706,6 +763,8 @@ def test_enforce_tries_the_next_mx_after_a_certificate_failure(world: World) -> 
     (msg,) = wait_for(lambda: delivered(world.mx["good"], rcpt), TIMEOUT, "the message at mx2")
     assert tok.encode() in msg
     assert delivered(world.mx["bad"], rcpt) == []
+    reported(world.sender, FALLBACK, "sts", "certificate-not-trusted", f"mx1.{FALLBACK}")
+    reported(world.sender, FALLBACK, "sts", None)
 
 
 def test_enforce_without_starttls_defers_never_clear_text(world: World) -> None:
@@ -724,6 +783,7 @@ def test_enforce_without_starttls_defers_never_clear_text(world: World) -> None:
     assert proxy.count() >= 1
     assert set(outcomes(world.sender, rcpt)) == {"deferred"}
     assert delivered(mx, rcpt) == []
+    reported(world.sender, "notls.test", "sts", "starttls-not-supported", "mx.notls.test")
 
 
 def test_enforce_does_not_reuse_another_domains_unverified_connection(world: World) -> None:
@@ -763,7 +823,7 @@ def test_policy_host_with_untrusted_certificate_is_no_policy(world: World) -> No
     not trust (RFC 8460 sts-webpki-invalid): its enforce policy (which
     names another MX) is not taken, the domain is treated as having none,
     and the message goes out with the route's opportunistic TLS. Nothing
-    is cached.
+    is cached; the TLS report says sts-webpki-invalid.
     """
     rcpt = "user@webpki.test"
     mx = world.mx["good"]
@@ -775,6 +835,7 @@ def test_policy_host_with_untrusted_certificate_is_no_policy(world: World) -> No
     assert "mta-sts.webpki.test" in world.policies.server_names, world.policies.server_names
     assert world.policies.count("webpki.test") == 0, world.policies.requests
     assert not cache_file(world.sender, "webpki.test").exists()
+    reported(world.sender, "webpki.test", "no-policy-found", "sts-webpki-invalid")
 
 
 def test_policy_host_that_never_answers_costs_fetch_timeout_then_no_policy(world: World) -> None:
@@ -808,12 +869,14 @@ def test_policy_host_that_never_answers_costs_fetch_timeout_then_no_policy(world
 # -- testing -------------------------------------------------------------------
 
 
-def test_testing_mode_delivers_despite_bad_certificate(world: World) -> None:
+def test_testing_mode_delivers_and_reports_the_bad_certificate(world: World) -> None:
     """
     testing.test's policy is in mode testing, its MX's certificate from an
     untrusted CA: the message is delivered anyway (the route's opportunistic
-    TLS), and the event does not claim MTA-STS secured it. The policy was
-    fetched and cached all the same.
+    TLS; the event does not claim MTA-STS secured it), and the failure
+    enforce would have refused is reported (RFC 8461 5): the node's TLS
+    report for testing.test counts a certificate-not-trusted session with
+    mx.testing.test under the testing policy.
     """
     rcpt = "user@testing.test"
     mx = world.mx["bad"]
@@ -826,29 +889,9 @@ def test_testing_mode_delivers_despite_bad_certificate(world: World) -> None:
     assert world.policies.count("testing.test") == 1, world.policies.requests
     cached = json.loads(cache_file(world.sender, "testing.test").read_text())
     assert cached["id"] == "1" and "mode: testing" in cached["policy"], cached
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "testing mode is not reported: tlspolicy._decision returns HopDecision(note='MTA-STS testing')"
-    " but attempt.py never puts the note into an event, and the certificate is not even checked"
-    " (the route's opportunistic TLS does not verify), so the failure is not known"
-))
-def test_testing_mode_reports_what_enforce_would_have_refused(world: World) -> None:
-    """
-    RFC 8461 5: in testing mode a failure is reported, not enforced. The
-    delivery to testing.test (certificate from an untrusted CA) says so in
-    the events about its recipient: the policy mode that applied
-    ("MTA-STS testing", the note L{relaynet.delivery.tlspolicy.HopDecision}
-    carries for events), and that the certificate did not validate.
-    """
-    rcpt = "report@testing.test"
-    send(world.sender, rcpt)
-    sent = wait_outcome(world.sender, rcpt, world.mx["bad"])
-    assert sent["event"] == "sent", sent
-    mine = [e for e in world.sender.events(strict=False) if rcpt in json.dumps(e) and e["event"] != "received"]
-    text = json.dumps(mine)
-    assert "MTA-STS testing" in text, mine
-    assert "certificate" in text.lower(), mine
+    entry = reported(world.sender, "testing.test", "sts", "certificate-not-trusted", "mx.testing.test")
+    assert "mode: testing" in entry["policy"]["policy-string"], entry
+    assert entry["policy"]["mx-host"] == ["mx.testing.test"], entry
 
 
 # -- the cache -----------------------------------------------------------------
