@@ -34,11 +34,12 @@ forwarder's port as C{mx_port}):
  - C{nosts.test} (no MTA-STS) and C{shared.test} (enforce): one exchanger
    endpoint, certificate from another CA.
  - C{webpki.test}: its policy host's certificate is from another CA.
- - C{testing.test}: mode testing, the MX's certificate is from another CA.
+ - C{testing.test}: mode testing, the MX's certificate is from another CA;
+   C{testingplain.test}: mode testing, the MX offers no STARTTLS.
  - C{cache.test}: enforce, mismatch; its own sending node and policy
    server (stopped mid-test).
  - C{idchange.test}: enforce, mismatch, then a matching policy with a new
-   TXT id (zone TTL 0, so that the node asks DNS each time).
+   TXT id (zone TTL 0, so that the node asks DNS each time), then mode none.
 
 Nodes of their own (own spool, own policy server) check the cache across a
 restart, C{[mta_sts] enabled} across reloads (SIGHUP), and routes with
@@ -98,7 +99,7 @@ GOOD_CERT_NAMES = tuple(f"mx.{d}" for d in GOOD_MX_DOMAINS if d != "wrongname.te
 #: ... the MX node whose certificate is from another CA.
 BAD_MX_DOMAINS = ("badcert.test", "testing.test", "shared.test", "nosts.test")
 #: ... the MX node without [tls] (no STARTTLS).
-PLAIN_MX_DOMAINS = ("notls.test",)
+PLAIN_MX_DOMAINS = ("notls.test", "testingplain.test")
 #: Two MX hosts: mx1 (127.0.0.2) is the MX node of BAD_MX_DOMAINS, mx2 (127.0.0.1) the good one.
 FALLBACK = "fallback.test"
 #: The second loopback address (mx1.fallback.test).
@@ -127,6 +128,7 @@ POLICIES = {
     "webpki.test": policy_text("enforce", "other.webpki.test"),
     "notls.test": policy_text("enforce", "*.notls.test"),
     "testing.test": policy_text("testing", "mx.testing.test"),
+    "testingplain.test": policy_text("testing", "mx.testingplain.test"),
     "cache.test": policy_text("enforce", "other.cache.test"),
     "idchange.test": policy_text("enforce", "other.idchange.test"),
 }
@@ -869,6 +871,24 @@ def test_policy_host_that_never_answers_costs_fetch_timeout_then_no_policy(world
 # -- testing -------------------------------------------------------------------
 
 
+def test_testing_mode_without_starttls_delivers_and_reports(world: World) -> None:
+    """
+    testingplain.test's policy is in mode testing and its MX offers no
+    STARTTLS: the message is delivered (in clear text, as the route's
+    opportunistic TLS does without a policy), and the TLS report counts a
+    starttls-not-supported session under the testing policy.
+    """
+    rcpt = "user@testingplain.test"
+    mx = world.mx["plain"]
+    tok = send(world.sender, rcpt)
+    sent = wait_outcome(world.sender, rcpt, mx)
+    assert sent["event"] == "sent" and not sent.get("tls"), sent
+    (msg,) = wait_for(lambda: delivered(mx, rcpt), TIMEOUT, "the message at the MX")
+    assert tok.encode() in msg
+    entry = reported(world.sender, "testingplain.test", "sts", "starttls-not-supported", "mx.testingplain.test")
+    assert "mode: testing" in entry["policy"]["policy-string"], entry
+
+
 def test_testing_mode_delivers_and_reports_the_bad_certificate(world: World) -> None:
     """
     testing.test's policy is in mode testing, its MX's certificate from an
@@ -943,7 +963,8 @@ def test_new_txt_id_fetches_the_new_policy(world: World) -> None:
     after a flush the cached policy still applies (deferred again, no new
     fetch, no connection). Then the TXT id becomes 2: the next flush
     fetches the new policy and the message is sent under it; the cache
-    holds id 2.
+    holds id 2. Last, id 3 publishes mode none (with a pattern naming
+    another host): the next message is sent, not under MTA-STS.
     """
     rcpt = "user@idchange.test"
     mx, proxy = world.mx["good"], world.proxies["idchange.test"]
@@ -971,6 +992,18 @@ def test_new_txt_id_fetches_the_new_policy(world: World) -> None:
     wait_for(lambda: delivered(mx, rcpt), TIMEOUT, "the message at the MX")
     cached = json.loads(cache_file(world.sender, "idchange.test").read_text())
     assert cached["id"] == "2" and "mx: mx.idchange.test" in cached["policy"], cached
+
+    # RFC 8461 8.3, retiring MTA-STS: a "none" policy under a new id ends
+    # the enforce one (its mx line, which names another host, is ignored).
+    world.policies.policies["idchange.test"] = policy_text("none", "other.idchange.test")
+    world.restart_nsd({"idchange.test": domain_zone("idchange.test", policy_id="3", ttl=0)})
+    after = "after@idchange.test"
+    send(world.sender, after)
+    sent = wait_outcome(world.sender, after, mx)
+    assert sent["event"] == "sent" and "MTA-STS" not in sent["tls"], sent
+    assert world.policies.count("idchange.test") == 3, world.policies.requests
+    cached = json.loads(cache_file(world.sender, "idchange.test").read_text())
+    assert cached["id"] == "3" and "mode: none" in cached["policy"], cached
 
 
 def test_reload_switches_mta_sts_off_and_on(world: World) -> None:
