@@ -1091,11 +1091,6 @@ def test_route_tls_setting_neither_weakens_nor_breaks_enforce(world: World, tls:
             assert mismatch.count() == connections
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an mx route's tls = 'verify' checks the certificate against the exchanger's IP address"
-    " (client.py HopPool: client_options(policy, self.name.rpartition(':')[0], ...), the endpoint"
-    " tcp:127.0.0.1:PORT that mx.MXAnswer.hops makes), not against the MX host name"
-))
 def test_verify_route_checks_the_mx_name(world: World) -> None:
     """
     Without MTA-STS, an mx route with C{tls = "verify"} checks the MX's

@@ -58,7 +58,7 @@ class IOutbound(Protocol):
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
-        hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None,
+        hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None, tls_name: str | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         One L{DeliveryResult} per recipient the hop was tried for.
@@ -70,6 +70,7 @@ class IOutbound(Protocol):
             only when something does).
         @param tls_report: what the session counts under in TLS reports
             (given only with C{[tls_rpt]}).
+        @param tls_name: the name C{tls = "verify"} checks (given for MX hosts).
         """
 
 
@@ -270,7 +271,7 @@ class Delivery:
                 if security is None:
                     out += yield self._try_hops(
                         entry, rule, [hop for _, _, hop in tries], rs, names=names,
-                        session_limit=outbound.mx_session_limit,
+                        session_limit=outbound.mx_session_limit, tls_names=[ex.name for ex, _, _ in tries],
                     )
                     continue
                 decision = yield security.decide(domain, [ex.name for ex, _, _ in tries], rule.mx_port)
@@ -283,7 +284,7 @@ class Delivery:
                     if d.skip is not None:
                         skipped.append((name, TLS_DSN, d.skip))
                     else:
-                        usable.append((hop, name))
+                        usable.append((hop, name, ex.name))
                         hop_tls.append(d.tls)
                         reports.append(d.report if security.reports is not None else None)
                 if not usable:
@@ -296,9 +297,9 @@ class Delivery:
                     ]
                     continue
                 out += yield self._try_hops(
-                    entry, rule, [hop for hop, _ in usable], rs, names=[n for _, n in usable],
+                    entry, rule, [hop for hop, _, _ in usable], rs, names=[n for _, n, _ in usable],
                     session_limit=outbound.mx_session_limit, hop_tls=hop_tls, skipped=skipped,
-                    tls_reports=reports,
+                    tls_reports=reports, tls_names=[x for _, _, x in usable],
                 )
             return out
         result = yield self._try_hops(entry, rule, self._order(rule.next_hops), rcpts)
@@ -309,7 +310,7 @@ class Delivery:
         self, entry: QueueEntry, rule: RouteRule, hops: list[NextHop], rcpts: list[Recipient],
         names: list[str] | None = None, session_limit: int = 0, lmtp: bool = False,
         hop_tls: Sequence[HopTLS | None] = (), skipped: Sequence[tuple[str, str, str]] = (),
-        tls_reports: Sequence[ReportContext | None] = (),
+        tls_reports: Sequence[ReportContext | None] = (), tls_names: Sequence[str] = (),
     ) -> Any:
         """
         Try C{hops} in order until every recipient has a final answer.
@@ -323,6 +324,9 @@ class Delivery:
         @param skipped: C{(hop, dsn, why)} of hops DANE or MTA-STS ruled
             out, for each recipient's C{tried}.
         @param tls_reports: per hop, what its session counts under in TLS reports.
+        @param tls_names: per hop, the host name its certificate must have
+            under C{tls = "verify"} (an MX host's name: its endpoint is an
+            address); by default the endpoint's host.
         """
         remaining = list(rcpts)
         final: dict[str, Outcome] = {}
@@ -348,6 +352,8 @@ class Delivery:
                     auth["hop_tls"] = hop_tls[i]
                 if i < len(tls_reports) and tls_reports[i] is not None:
                     auth["tls_report"] = tls_reports[i]
+                if rule.tls == "verify" and i < len(tls_names):
+                    auth["tls_name"] = tls_names[i]
                 results = yield self.outbound.deliver(
                     hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **auth
                 )

@@ -532,8 +532,10 @@ class RelayClient(smtp.ESMTPClient):
         self._close_reader()
         why = f"lost connection with {self.pool.name}"
         if reason is not None and reason.check(SSL.Error, VerificationError, DaneVerificationError):
-            policy = f" ({self.pool.hop_tls.label})" if self.pool.hop_tls is not None else ""
-            why = f"TLS with {self.pool.name} failed{policy}: {reason.getErrorMessage()}"
+            hop_tls = self.pool.hop_tls
+            policy = f" ({hop_tls.label})" if hop_tls is not None else ""
+            peer = f"{hop_tls.host} ({self.pool.name})" if hop_tls is not None else self.pool.name
+            why = f"TLS with {peer} failed{policy}: {reason.getErrorMessage()}"
             self.pool.report_tls(self, tls_failure_result(reason), reason.getErrorMessage())
         enhanced = "4.7.5" if "TLS" in why else "4.4.2"
         if self.session_error is None and not self._quitting:
@@ -1397,6 +1399,7 @@ class HopPool:
         hop_tls: HopTLS | None = None,
         tls_report: ReportContext | None = None,
         tls_reports: Any = None,
+        tls_name: str | None = None,
     ) -> None:
         """
         @param run_in_thread: runs blocking work (the 7-bit conversion and
@@ -1409,6 +1412,8 @@ class HopPool:
         @param tls_report: what this host's sessions count under in TLS
             reports (RFC 8460), recorded in C{tls_reports} (a
             L{relaynet.delivery.tlsrpt.TLSReports}).
+        @param tls_name: the host name C{tls_policy = "verify"} checks the
+            certificate for (an MX host's name); by default the endpoint's host.
         @param hop: the hop's up/down state, shared by every pool to the
             same endpoint (by default its own, with C{timeouts.hop_down_time}).
         @param auth: C{(username, password)} for SMTP AUTH, or C{None}.
@@ -1441,7 +1446,7 @@ class HopPool:
             context_policy = "opportunistic"
         self.tls_context = (
             hop_tls.context(ca_file) if hop_tls is not None else
-            client_options(context_policy, self.name.rpartition(":")[0].strip("[]"), ca_file)
+            client_options(context_policy, tls_name or self.name.rpartition(":")[0].strip("[]"), ca_file)
         )
         self.reactor = reactor
         self.timeouts = timeouts
@@ -1766,6 +1771,7 @@ class OutboundManager:
         self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
         tls_policy: str = "none", auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
         dkim: bool = False, hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None,
+        tls_name: str | None = None,
     ) -> HopPool:
         """
         The pool for a hop with these settings. Credentials are part of its
@@ -1779,14 +1785,17 @@ class OutboundManager:
         signs = dkim and self.signer is not None
         if self.tls_reports is None:
             tls_report = None
-        key = (endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs, hop_tls, tls_report)
+        key = (
+            endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs, hop_tls, tls_report,
+            tls_name,
+        )
         p = self.pools.get(key)
         if p is None:
             p = self.pools[key] = HopPool(
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
                 tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
                 self.run_in_thread, self.hop(endpoint), self.signer if signs else None, hop_tls,
-                tls_report, self.tls_reports,
+                tls_report, self.tls_reports, tls_name,
             )
         return p
 
@@ -1794,7 +1803,7 @@ class OutboundManager:
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
-        hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None,
+        hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None, tls_name: str | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         Deliver C{entry} to C{recipients} through the hop at C{endpoint}.
@@ -1804,9 +1813,11 @@ class OutboundManager:
         @param dkim: the route signs (with L{signer}).
         @param hop_tls: what DANE or MTA-STS asks of the connection.
         @param tls_report: what the session counts under in TLS reports.
+        @param tls_name: the name C{tls_policy = "verify"} checks (an MX host's).
         """
         return self.pool(
             endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext, dkim, hop_tls, tls_report,
+            tls_name,
         ).submit(entry, recipients)
 
     def close(self) -> None:
