@@ -120,11 +120,16 @@ class MTASTSSettings:
     @ivar policy_port: the policy hosts' HTTPS port (443; labs and tests
         serve policies elsewhere).
     @ivar fetch_timeout: seconds for a whole policy fetch.
+    @ivar refresh: when the TXT id changes while a cached policy is still
+        valid: C{wait} for the new policy before delivering (RFC 8461 5.1:
+        a new id usually means new MX hosts), or deliver under the cached
+        one and fetch in the C{background}.
     """
 
     enabled: bool = True
     policy_port: int = 443
     fetch_timeout: float = 60.0
+    refresh: str = "wait"
 
 
 @frozen
@@ -1069,6 +1074,8 @@ def parse_config(
         policy_port=st.get("policy_port", int, std.policy_port,
                            lambda v: None if 0 < v < 65536 else "must be a port"),
         fetch_timeout=float(st.get("fetch_timeout", (int, float), std.fetch_timeout, _positive)),
+        refresh=st.get("refresh", str, std.refresh,
+                       lambda v: None if v in ("wait", "background") else "must be wait or background"),
     )
     st.finish()
     rp = top.sub("tls_rpt")

@@ -311,6 +311,7 @@ class QueueRunner(Service):
                 mtasts = MTASTS(
                     self.resolver(), config.spool / "mta-sts", self.reactor, ca_file=config.tls.ca_file,
                     port=config.mta_sts.policy_port, timeout=config.mta_sts.fetch_timeout,
+                    background_refresh=config.mta_sts.refresh == "background",
                 )
             dane = None
             if config.dnssec_resolver is not None:

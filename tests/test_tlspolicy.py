@@ -218,3 +218,20 @@ def test_ruled_out_hosts_and_failed_fetches_are_reported() -> None:
         ("tlsa", "mx.dane.test", "dnssec-invalid"),
         ("sts", "mx.elsewhere.test", "validation-failure"),
     ]
+
+
+def test_mta_sts_and_dane_settings() -> None:
+    """[mta_sts] refresh is wait or background; [dns] dnssec_resolver must be loopback (its AD bit is trusted)."""
+    from relaynet.config import ConfigError, parse_config
+
+    config = parse_config({"mta_sts": {"refresh": "background", "policy_port": 8443},
+                           "dns": {"dnssec_resolver": "127.0.0.1:5353"}})
+    assert (config.mta_sts.refresh, config.mta_sts.policy_port, config.dnssec_resolver) == (
+        "background", 8443, ("127.0.0.1", 5353))
+    assert parse_config({}).mta_sts.refresh == "wait" and parse_config({}).dnssec_resolver is None
+    with pytest.raises(ConfigError) as e:
+        parse_config({"mta_sts": {"refresh": "later"}})
+    assert e.value.key == "mta_sts.refresh"
+    with pytest.raises(ConfigError) as e:
+        parse_config({"dns": {"dnssec_resolver": "192.0.2.1"}})
+    assert e.value.key == "dns.dnssec_resolver" and "loopback" in e.value.problem
