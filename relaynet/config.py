@@ -1092,9 +1092,9 @@ def parse_config(
         send_interval=float(rp.get("send_interval", (int, float), rpd.send_interval, _positive)),
     )
     if tls_rpt.enabled:
-        for name in ("organization_name", "contact_info"):
-            if not getattr(tls_rpt, name):
-                raise rp.error(name, "is required when enabled (RFC 8460 4.4 report field)")
+        for required in ("organization_name", "contact_info"):
+            if not getattr(tls_rpt, required):
+                raise rp.error(required, "is required when enabled (RFC 8460 4.4 report field)")
     rp.finish()
 
     t = top.sub("tls")

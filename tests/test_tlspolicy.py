@@ -235,3 +235,15 @@ def test_mta_sts_and_dane_settings() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"dns": {"dnssec_resolver": "192.0.2.1"}})
     assert e.value.key == "dns.dnssec_resolver" and "loopback" in e.value.problem
+
+
+def test_tls_rpt_settings_leave_the_node_name_alone() -> None:
+    """[tls_rpt] enabled: its required fields are checked, and the node keeps its own name (a loop variable once took it)."""
+    from relaynet.config import ConfigError, parse_config
+
+    config = parse_config({"node": {"name": "edge"}, "tls_rpt": {
+        "enabled": True, "organization_name": "Org", "contact_info": "tlsrpt@example.org"}})
+    assert config.name == "edge" and config.tls_rpt.enabled
+    with pytest.raises(ConfigError) as e:
+        parse_config({"tls_rpt": {"enabled": True, "organization_name": "Org"}})
+    assert e.value.key == "tls_rpt.contact_info"
