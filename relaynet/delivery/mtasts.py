@@ -64,7 +64,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import socket
 from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
@@ -99,6 +98,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from relaynet.delivery.mx import DNS_TIMEOUT, NEGATIVE_TTL
+from relaynet.queue.spool import write_file_durably
 
 _T = TypeVar("_T")
 
@@ -812,27 +812,7 @@ class PolicyCache:
         return result
 
     def _write(self, domain: str, data: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.path(domain)
-        tmp = self.directory / f".{domain}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_file_durably(self.path(domain), data)
 
 
 # -- the manager ----------------------------------------------------------------

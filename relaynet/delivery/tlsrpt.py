@@ -70,7 +70,7 @@ import hashlib
 import json
 import os
 import re
-import secrets
+import io
 import shutil
 import ssl as stdlib_ssl
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -99,13 +99,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from relaynet.delivery.mtasts import normalise_domain
 from relaynet.delivery.mx import DNS_TIMEOUT
+from relaynet.queue.spool import write_file_durably
 from relaynet.smtp.tls import TLS_FLOOR, trust_root
 
 # -- result types (RFC 8460 4.3) ------------------------------------------------
@@ -379,27 +380,7 @@ def compress(report: dict[str, Any]) -> bytes:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write C{data} to C{path}: temporary file, fsync, rename, fsync of the directory."""
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_file_durably(path, data)
 
 
 def _after(d: Deferred[Any]) -> Deferred[None]:
@@ -721,26 +702,6 @@ def report_message(
 # -- HTTPS (RFC 8460 5.4) -------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
-class _BytesProducer:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _Discard(Protocol):
     """Takes a response body and drops the connection (the pool is not persistent)."""
 
@@ -1023,7 +984,7 @@ class TLSReportSender:
         d: Deferred[IResponse] = self._https_agent().request(
             b"POST", uri.encode("ascii"),
             Headers({b"content-type": [MEDIA_TYPE.encode("ascii")], b"user-agent": [b"relaynet TLSRPT"]}),
-            _BytesProducer(body),
+            FileBodyProducer(io.BytesIO(body)),
         )
 
         def answered(response: IResponse) -> None:

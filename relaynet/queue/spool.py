@@ -596,6 +596,30 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_file_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """
+    Replace the file C{path} with C{data} so that a crash leaves the old
+    file or the new one, never a part (blocking: a worker thread's work): a
+    temporary file in the same directory, written and fsynced, renamed over
+    C{path}, and the directory fsynced. The directory is made if missing.
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+
+
 class UnlinkBatch:
     """
     Unlink files in a worker thread, many requests per job: while one job
