@@ -112,6 +112,17 @@ class TLSSettings:
 
 
 @frozen
+class EgressPoolSpec:
+    """
+    C{[egress.NAME]}: source addresses a route's connections leave from,
+    with weights (L{relaynet.delivery.egress}).
+    """
+
+    name: str
+    addresses: tuple[tuple[str, int], ...]
+
+
+@frozen
 class MTASTSSettings:
     """
     MTA-STS (RFC 8461) for mx routes (L{relaynet.delivery.mtasts}).
@@ -244,6 +255,8 @@ class RouteRule:
     auth_cleartext: bool = False
     dkim: bool | None = None
     """Sign what this route sends (C{None}: as C{[dkim] sign} says)."""
+    source_pool: str | None = None
+    """The C{[egress]} pool its connections leave from (instead of C{source_address})."""
 
 
 @frozen
@@ -350,6 +363,7 @@ class NodeConfig:
     mta_sts: MTASTSSettings = MTASTSSettings()
     tls_rpt: TLSRPTSettings = TLSRPTSettings()
     dnssec_resolver: tuple[str, int] | None = None
+    egress: tuple[EgressPoolSpec, ...] = ()
     source: str = "<default>"
     workers: int = 0
     shard: int | None = None
@@ -733,6 +747,11 @@ def _parse_route(source: str, key: str, data: Any, base: Path | None = None) -> 
         except ValueError as e:
             raise table.error("auth_file", str(e)) from None
     auth_cleartext = table.get("auth_cleartext", bool, False)
+    source_pool = table.get("source_pool", str, None)
+    if source_pool is not None and action not in ("relay", "mx"):
+        raise table.error("source_pool", "only relay and mx routes connect out")
+    if source_pool is not None and source_address is not None:
+        raise table.error("source_pool", "a route has a source_address or a source_pool, not both")
     dkim = table.get("dkim", bool, None)
     if dkim is not None and action not in ("relay", "mx"):
         raise table.error("dkim", "only relay and mx routes sign (mail leaving the node)")
@@ -741,7 +760,7 @@ def _parse_route(source: str, key: str, data: Any, base: Path | None = None) -> 
         domains=domains, action=action, next_hops=tuple(hops),
         code=code, enhanced=enhanced, text=text, ack=ack, concurrency=concurrency,
         source_address=source_address, tls=tls, mx_port=mx_port,
-        auth_file=auth_path, auth=auth, auth_cleartext=auth_cleartext, dkim=dkim,
+        auth_file=auth_path, auth=auth, auth_cleartext=auth_cleartext, dkim=dkim, source_pool=source_pool,
     )
 
 
@@ -980,6 +999,12 @@ def parse_config(
         for i, item in enumerate(top.get("route", list, []))
     )
     _check_loops(source, listeners, routes)
+    egress = _parse_egress(source, top.sub("egress"))
+    pools = {p.name for p in egress}
+    for i, rule in enumerate(routes):
+        if rule.source_pool is not None and rule.source_pool not in pools:
+            raise ConfigError(source, f"route[{i}].source_pool",
+                              f"no [egress.{rule.source_pool}] pool (pools: {', '.join(sorted(pools)) or 'none'})")
 
     q = top.sub("queue")
     qd = QueuePolicy()
@@ -1166,8 +1191,38 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, log=log,
-        dkim=dkim, mta_sts=mta_sts, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
+        dkim=dkim, mta_sts=mta_sts, egress=egress, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
     )
+
+
+def _parse_egress(source: str, e: TableReader) -> tuple[EgressPoolSpec, ...]:
+    """C{[egress.NAME] addresses = ["192.0.2.10", { address = "192.0.2.11", weight = 2 }]}."""
+    out = []
+    for name in list(e.data):
+        t = TableReader(source, f"egress.{name}", e.get(name, dict, {}))
+        items = t.get("addresses", list, [])
+        if not items:
+            raise t.error("addresses", "is required: the pool's source addresses")
+        addresses: list[tuple[str, int]] = []
+        for i, item in enumerate(items):
+            key = f"addresses[{i}]"
+            if isinstance(item, str):
+                address, weight = item, 1
+            else:
+                a = TableReader(source, t.key(key), item)
+                address = a.get("address", str, "")
+                weight = a.get("weight", int, 1, lambda v: None if 1 <= v <= 1000 else "must be 1 to 1000")
+                a.finish()
+            problem = _ip_literal(address)
+            if problem:
+                raise t.error(key, problem)
+            if any(address == x for x, _ in addresses):
+                raise t.error(key, f"{address} is in the pool twice")
+            addresses.append((address, weight))
+        t.finish()
+        out.append(EgressPoolSpec(name, tuple(addresses)))
+    e.finish()
+    return tuple(out)
 
 
 def _parse_dkim(source: str, d: TableReader, base: Path | None) -> DKIMSettings:
@@ -1354,6 +1409,9 @@ def describe(config: NodeConfig) -> str:
             lines.append(f"dnssec_resolver = {_toml(hp(*config.dnssec_resolver))}")
         lines.append("")
     lines += _table("mta_sts", config.mta_sts)
+    for pool in config.egress:
+        items = ", ".join(f"{{ address = {_toml(a)}, weight = {w} }}" for a, w in pool.addresses)
+        lines += [f"[egress.{pool.name}]", f"addresses = [{items}]", ""]
     lines += _table("tls_rpt", config.tls_rpt)
     lines += [
         "[admin]", f"enabled = {_toml(config.admin.enabled)}",
@@ -1392,6 +1450,8 @@ def describe(config: NodeConfig) -> str:
                 lines.append("auth_cleartext = true")
             if rule.dkim is not None:
                 lines.append(f"dkim = {_toml(rule.dkim)}")
+            if rule.source_pool is not None:
+                lines.append(f"source_pool = {_toml(rule.source_pool)}")
         if rule.action == "mx":
             lines.append(f"mx_port = {rule.mx_port}")
         lines.append("")

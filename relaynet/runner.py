@@ -150,6 +150,8 @@ class QueueRunner(Service):
             reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file,
             events=events, signer=Signer.from_settings(config.dkim),
         )
+        if isinstance(self.outbound, OutboundManager):
+            self.outbound.configure_egress(config.egress)
         if isinstance(self.outbound, OutboundManager) and self.outbound.flush is None:
             # A next hop that reopens flushes the mail it deferred while down.
             self.outbound.flush = self.flush_ids
@@ -231,6 +233,7 @@ class QueueRunner(Service):
             self.outbound.timeouts = config.outbound
             self.outbound.ca_file = config.tls.ca_file
             self.outbound.signer = Signer.from_settings(config.dkim)
+            self.outbound.configure_egress(config.egress)
             self.outbound.close_idle()
         self._security = None
 

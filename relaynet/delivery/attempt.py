@@ -59,6 +59,7 @@ class IOutbound(Protocol):
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
         hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None, tls_name: str | None = None,
+        source_pool: str | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         One L{DeliveryResult} per recipient the hop was tried for.
@@ -71,6 +72,7 @@ class IOutbound(Protocol):
         @param tls_report: what the session counts under in TLS reports
             (given only with C{[tls_rpt]}).
         @param tls_name: the name C{tls = "verify"} checks (given for MX hosts).
+        @param source_pool: the route's C{[egress]} pool (given only when it has one).
         """
 
 
@@ -354,6 +356,8 @@ class Delivery:
                     auth["tls_report"] = tls_reports[i]
                 if rule.tls == "verify" and i < len(tls_names):
                     auth["tls_name"] = tls_names[i]
+                if rule.source_pool is not None:
+                    auth["source_pool"] = rule.source_pool
                 results = yield self.outbound.deliver(
                     hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **auth
                 )

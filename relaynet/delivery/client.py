@@ -55,7 +55,7 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.error import ConnectBindError, ConnectingCancelledError
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -68,6 +68,7 @@ from zope.interface import implementer
 from relaynet.config import Outbound, hop_name, split_endpoint
 from relaynet.delivery.dkim import Signed, Signer
 from relaynet.delivery.dane import DaneVerificationError
+from relaynet.delivery.egress import EgressPool
 from relaynet.delivery.tlspolicy import HopTLS, ReportContext
 from relaynet.delivery.tlsrpt import STARTTLS_NOT_SUPPORTED, tls_failure_result, webpki_result
 from relaynet.delivery.downgrade import ConversionError, has_eight_bit, needs_smtputf8, to_seven_bit
@@ -1400,8 +1401,11 @@ class HopPool:
         tls_report: ReportContext | None = None,
         tls_reports: Any = None,
         tls_name: str | None = None,
+        egress: EgressPool | None = None,
     ) -> None:
         """
+        @param egress: the pool of source addresses its connections leave
+            from, one chosen per connection (instead of C{source_address}).
         @param run_in_thread: runs blocking work (the 7-bit conversion and
             the DKIM signing of a message) off the reactor thread; by
             default in the reactor's thread pool. Tests inject one.
@@ -1453,10 +1457,10 @@ class HopPool:
         self.helo_name = helo_name.encode("ascii", "replace")
         self.concurrency = concurrency
         self.reuse = timeouts.connection_reuse
-        ep = endpoint
-        if source_address and ep.split(":", 1)[0] in ("tcp", "tcp6") and "bindAddress" not in ep:
-            ep += ":bindAddress=" + source_address.replace(":", "\\:")
-        self._endpoint = clientFromString(reactor, ep)
+        self.egress = egress
+        self._endpoints: dict[str | None, Any] = {}
+        self._plain_endpoint = endpoint
+        self._endpoint = self._endpoint_from(source_address)
         self.queue: deque[Job] = deque()
         self.clients: set[RelayClient] = set()
         self._starting: set[RelayClient] = set()
@@ -1544,16 +1548,46 @@ class HopPool:
         for _ in range(max(0, min(need, room))):
             self._connect()
 
-    def _connect(self) -> None:
+    def _endpoint_from(self, source: str | None) -> Any:
+        """The client endpoint to the hop, bound to C{source} (cached)."""
+        ep = self._endpoints.get(source)
+        if ep is None:
+            text = self._plain_endpoint
+            if source and text.split(":", 1)[0] in ("tcp", "tcp6") and "bindAddress" not in text:
+                text += ":bindAddress=" + source.replace(":", "\\:")
+            ep = self._endpoints[source] = clientFromString(self.reactor, text)
+        return ep
+
+    def _connect(self, tries: int = 0) -> None:
+        source = None
+        endpoint = self._endpoint
+        if self.egress is not None:
+            source = self.egress.choose(self.reactor.seconds())
+            endpoint = self._endpoint_from(source)
         self._connecting += 1
-        d = self._endpoint.connect(_Factory(self))
+        d = endpoint.connect(_Factory(self))
         d.addTimeout(self.timeouts.connect_timeout, self.reactor)
 
         def done(_: object) -> None:
             self._connecting -= 1
+            if self.egress is not None and source is not None:
+                self.egress.connected(source)
 
         def failed(reason: Failure) -> None:
             self._connecting -= 1
+            egress = self.egress
+            if egress is not None and source is not None and reason.check(ConnectBindError):
+                # Not this hop's fault: the address is not ours to bind.
+                # Left out for a while, and the next one tried at once.
+                egress.unavailable(source, self.reactor.seconds())
+                if self.events is not None:
+                    self.events.emit(
+                        "egress_unavailable", pool=egress.name, source=source, relay=self.name,
+                        error=reason.getErrorMessage(), retry_after=egress.RETRY,
+                    )
+                if tries + 1 < len(egress.addresses):
+                    self._connect(tries + 1)
+                    return
             if reason.check(DeferredTimeout, ConnectingCancelledError):
                 text = f"connect to {self.name}: timed out"
             else:
@@ -1742,6 +1776,8 @@ class OutboundManager:
         self.run_in_thread = run_in_thread
         self.signer = signer
         self.tls_reports = tls_reports
+        self.egress_pools: dict[str, EgressPool] = {}
+        """The C{[egress]} pools by name (set from the configuration)."""
         self.pools: dict[tuple[Any, ...], HopPool] = {}
         # Per endpoint, shared by its pools; kept across reloads.
         self.hops: dict[str, HopState] = {}
@@ -1771,7 +1807,7 @@ class OutboundManager:
         self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
         tls_policy: str = "none", auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
         dkim: bool = False, hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None,
-        tls_name: str | None = None,
+        tls_name: str | None = None, source_pool: str | None = None,
     ) -> HopPool:
         """
         The pool for a hop with these settings. Credentials are part of its
@@ -1781,13 +1817,15 @@ class OutboundManager:
         @param dkim: its messages are signed (when there is a signer).
         @param hop_tls: what DANE or MTA-STS asks of this host's connections.
         @param tls_report: what its sessions count under in TLS reports.
+        @param source_pool: the egress pool its connections leave from.
         """
         signs = dkim and self.signer is not None
+        egress = self.egress_pools.get(source_pool) if source_pool else None
         if self.tls_reports is None:
             tls_report = None
         key = (
             endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs, hop_tls, tls_report,
-            tls_name,
+            tls_name, egress.name if egress is not None else None,
         )
         p = self.pools.get(key)
         if p is None:
@@ -1795,7 +1833,7 @@ class OutboundManager:
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
                 tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
                 self.run_in_thread, self.hop(endpoint), self.signer if signs else None, hop_tls,
-                tls_report, self.tls_reports, tls_name,
+                tls_report, self.tls_reports, tls_name, egress,
             )
         return p
 
@@ -1804,6 +1842,7 @@ class OutboundManager:
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
         hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None, tls_name: str | None = None,
+        source_pool: str | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         Deliver C{entry} to C{recipients} through the hop at C{endpoint}.
@@ -1814,11 +1853,28 @@ class OutboundManager:
         @param hop_tls: what DANE or MTA-STS asks of the connection.
         @param tls_report: what the session counts under in TLS reports.
         @param tls_name: the name C{tls_policy = "verify"} checks (an MX host's).
+        @param source_pool: the C{[egress]} pool the connection leaves from.
         """
         return self.pool(
             endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext, dkim, hop_tls, tls_report,
-            tls_name,
+            tls_name, source_pool,
         ).submit(entry, recipients)
+
+    def configure_egress(self, specs: Any) -> None:
+        """
+        The C{[egress]} pools of a (new) configuration: a pool whose
+        addresses did not change keeps its spreading and its counts.
+        """
+        pools = {}
+        for spec in specs:
+            old = self.egress_pools.get(spec.name)
+            same = old is not None and old.addresses == tuple(spec.addresses)
+            pools[spec.name] = old if same and old is not None else EgressPool(spec.name, spec.addresses)
+        self.egress_pools = pools
+
+    def egress_use(self) -> dict[tuple[str, str], int]:
+        """Connections made per C{(pool, source address)} (for metrics)."""
+        return {(p.name, a): n for p in self.egress_pools.values() for a, n in p.used.items()}
 
     def close(self) -> None:
         for p in self.pools.values():
