@@ -50,7 +50,8 @@ from relaynet.queue.bounce import build_dsn, split_headers
 from relaynet.queue.core import Decision, Notice, Outcome, Plan, QueueCore, Write
 from relaynet.queue.ordering import Key
 from relaynet.queue.retry import RetryPolicy
-from relaynet.queue.spool import Envelope, QueueEntry, Recipient
+from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool
+from relaynet.queue.suppression import SuppressionList, suppression_settings
 from relaynet.queue.states import QueueTotals, RecipientStatus
 from relaynet.queue.timetable import Timetable
 from relaynet.queue.window import TransferWindow
@@ -125,6 +126,7 @@ class QueueRunner(Service):
         resolver: Any = None,
         delivery: Delivery | None = None,
         window: TransferWindow | None = None,
+        suppression: SuppressionList | None = None,
     ) -> None:
         """
         @param spool: a L{Spool} (or L{relaynet.testing.MemorySpool}).
@@ -136,6 +138,10 @@ class QueueRunner(Service):
         @param delivery: the delivery stage (made from the above when not given).
         @param window: the transfers accepted from relaynet upstreams; a
             message that came by one is journalled there before it is removed.
+        @param suppression: the suppression list (by default
+            C{<spool>/suppression.jsonl} with a disk spool, in memory with
+            another); recipients whose delivery fails permanently with a
+            class of C{[suppression] classes} are added to it.
         """
         self.config = config
         self.spool = spool
@@ -145,7 +151,16 @@ class QueueRunner(Service):
         self.pool = threadpool
         self.now = now
         self.table = RoutingTable(config)
-        self.core = QueueCore(_retry_policy(config), config.queue.delay_warning)
+        settings = suppression_settings(config)
+        self.core = QueueCore(_retry_policy(config), config.queue.delay_warning, settings.classifier())
+        if suppression is None:
+            suppression = SuppressionList(
+                config.spool / "suppression.jsonl" if isinstance(spool, Spool) else None, now=now,
+                run_in_thread=lambda work: deferToThreadPool(reactor, threadpool, work),
+                expiry_days=settings.expiry_days,
+            )
+        #: The suppression list (the intake and the admin API read it).
+        self.suppression = suppression
         self.outbound = outbound or OutboundManager(
             reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file,
             events=events, signer=Signer.from_settings(config.dkim),
@@ -210,11 +225,15 @@ class QueueRunner(Service):
         self._timetable.clear()
         self.outbound.close()
         running = [self._after(d) for d in self._attempts.values()]
+        # Suppression entries asked for so far reach the file before the node stops.
+        running.append(self.suppression.flushed().addErrback(lambda _: None))
         return gatherResults(running).addCallback(lambda _: None)
 
     def startService(self) -> None:
-        """Begin delivering what L{load} gave (a child service of the node)."""
+        """Begin delivering what L{load} gave (a child service of the node); read the suppression list."""
         super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted 26.10
+        self.suppression.load().addErrback(
+            lambda f: self.log.failure("Could not read the suppression list", f))
         if not self._started:
             self.start()
 
@@ -229,6 +248,9 @@ class QueueRunner(Service):
         self.table = RoutingTable(config)
         self.core.policy = _retry_policy(config)
         self.core.delay_warning = config.queue.delay_warning
+        settings = suppression_settings(config)
+        self.core.classify = settings.classifier()
+        self.suppression.expiry_days = settings.expiry_days
         if isinstance(self.outbound, OutboundManager):
             self.outbound.timeouts = config.outbound
             self.outbound.ca_file = config.tls.ca_file
@@ -505,6 +527,32 @@ class QueueRunner(Service):
     def _emit(self, decision: Decision) -> None:
         for event in decision.events:
             self.events.emit(event.name, **event.fields)
+            if event.name == "bounced":
+                self._suppress(event.fields)
+
+    def _suppress(self, bounce: dict[str, Any]) -> None:
+        """
+        Put the recipient of a C{bounced} event on the suppression list if
+        its failure was permanent (5.x.x) and of a class C{[suppression]}
+        names (an invalid recipient, by default).
+        """
+        settings = suppression_settings(self.config)
+        kind, dsn, recipient = bounce.get("class"), str(bounce.get("dsn") or ""), bounce.get("recipient")
+        if not (settings.enabled and kind in settings.classes and dsn.startswith("5") and recipient):
+            return
+        try:
+            entry = self.suppression.add(
+                str(recipient), reason=f"{dsn} {bounce.get('diagnostic') or ''}".strip()[:500],
+                kind=str(kind), source="bounce",
+            )
+        except Exception:
+            self.log.failure("Could not suppress {recipient}", recipient=recipient)
+            return
+        self.events.emit(
+            "suppression_added", queue_id=bounce.get("queue_id"), recipient=entry.address,
+            sender=bounce.get("sender"), dsn=dsn, reason=entry.reason, source="bounce", expires=entry.expires,
+            **{"class": entry.kind},
+        )
 
     def _reschedule(self, decision: Decision) -> None:
         if decision.due is not None and self._started and decision.queue_id in self.core:

@@ -63,6 +63,7 @@ from relaynet.queue.spool import (
     CONTENT_PLACEHOLDER, DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, QueueEntry, Recipient, Spool, SpoolError,
     SpoolFull, SpoolWriter,
 )
+from relaynet.queue.suppression import Suppression, SuppressionList, suppression_settings
 from relaynet.queue.window import TransferWindow
 from relaynet.smtp.tls import connection_info
 
@@ -108,6 +109,8 @@ class Intake:
     @ivar queued: called with each L{QueueEntry} once it is durable.
     @ivar window: the transfers accepted from relaynet upstreams (C{XTXN}
         is offered while it is set and C{[queue].duplicate_window} is not 0).
+    @ivar suppression: the suppression list: its recipients are refused at
+        C{RCPT} (L{suppressed}) while C{[suppression] enabled}.
     """
 
     config: NodeConfig
@@ -120,6 +123,7 @@ class Intake:
     tls: IOpenSSLServerConnectionCreator | None = None
     portal: Portal | None = None
     window: TransferWindow | None = None
+    suppression: SuppressionList | None = None
     sessions: set["RelayESMTP"] = field(factory=set)
     per_ip: dict[str, int] = field(factory=dict)
     auth_failures: dict[str, int] = field(factory=dict)
@@ -132,6 +136,16 @@ class Intake:
         if self._table is None or self._table.config is not self.config:
             self._table = RoutingTable(self.config)
         return self._table
+
+    def suppressed(self, address: str) -> Suppression | None:
+        """
+        The suppression entry that refuses mail to C{address}, or C{None}
+        (no list, C{[suppression] enabled = false}, not on it, expired). An
+        in-memory lookup: any intake (SMTP, HTTP injection) may call it.
+        """
+        if self.suppression is None or not suppression_settings(self.config).enabled:
+            return None
+        return self.suppression.get(address)
 
     def transfers(self) -> TransferWindow | None:
         """
@@ -838,12 +852,34 @@ class RelayESMTP(smtp.ESMTP):
         address = str(box)
         if not box.domain and self.intake.config.local.domains:
             address = f"{box.local}@{self.intake.config.local.domains[0]}"
+        entry = self.intake.suppressed(address)
+        if entry is not None:
+            self._refuse_suppressed(txn, address, entry)
+            return
         if all(r.address != address for r in txn.recipients):
             txn.recipients.append(
                 Recipient(address=address, route=verdict.route.name if verdict.route else "local",
                           notify=req.notify, orcpt=req.orcpt)
             )
         self.reply(250, "2.1.5", "Ok")
+
+    def _refuse_suppressed(self, txn: Transaction, address: str, entry: Suppression) -> None:
+        """
+        C{550 5.1.1} for a recipient on the suppression list, and a
+        C{suppressed} event. The reply names the class, the source and the
+        day, not the reason (a remote server's words stay in the log).
+        """
+        day = time.strftime("%Y-%m-%d", time.gmtime(entry.time))
+        self.reply(550, "5.1.1", f"<{address}>: recipient suppressed ({entry.kind}, {entry.source} {day})")
+        try:
+            self.intake.events.emit(
+                "suppressed", stage="RCPT", code=550, dsn="5.1.1", sender=str(txn.mail.sender),
+                recipient=address, client=self.client_ip, helo=self._helo_name, reason=entry.reason,
+                source=entry.source, since=entry.time, expires=entry.expires, status="suppressed",
+                **{"class": entry.kind},
+            )
+        except Exception:
+            self.log.failure("Could not log a suppressed event")
 
     def do_DATA(self, rest: bytes) -> None:
         txn = self._txn

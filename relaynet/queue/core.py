@@ -46,6 +46,7 @@ from typing import Iterable, Iterator
 from attrs import evolve, field, frozen
 
 from relaynet.queue.bounce import RecipientReport, is_bounce_worthy, mta_name
+from relaynet.queue.classify import BounceClass, Classifier
 from relaynet.queue.ordering import ArrivalOrder, Key
 from relaynet.queue.retry import RetryPolicy
 from relaynet.queue.spool import QueueEntry, Recipient, RecipientState
@@ -185,15 +186,21 @@ class QueueCore:
     @ivar policy: the retry policy (backoff and lifetime).
     @ivar delay_warning: seconds after arrival at which a "delayed" DSN is
         sent once (0: never).
+    @ivar classify: gives each failure its class (the C{class} of the
+        C{deferred}, C{bounced} and C{expired} events).
     """
 
-    def __init__(self, policy: RetryPolicy, delay_warning: float = 0.0) -> None:
+    def __init__(
+        self, policy: RetryPolicy, delay_warning: float = 0.0, classify: Classifier | None = None,
+    ) -> None:
         """
         @param policy: see L{QueueCore.policy}.
         @param delay_warning: see L{QueueCore.delay_warning}.
+        @param classify: see L{QueueCore.classify} (the built-in rules by default).
         """
         self.policy = policy
         self.delay_warning = delay_warning
+        self.classify = classify or Classifier()
         self._entries: dict[str, QueueEntry] = {}
         self._active: set[str] = set()
         self._keys: dict[str, Key] = {}
@@ -506,6 +513,7 @@ class QueueCore:
                 "next_queue_id": queued_as(o.text) if o.status is RecipientStatus.RELAYED else None,
                 "duration": round(now - started, 6) if started is not None else None,
                 "tried": [{"relay": h, "dsn": d, "diagnostic": t} for h, d, t in o.tried] or None,
+                "class": self._class(o),
             }))
         if not entry.pending_recipients():
             if current is not None:
@@ -522,6 +530,14 @@ class QueueCore:
             if not entry.state.held:
                 due = now + delay
         return Decision(qid, entry, Write.STATE, notices, tuple(events), due=due)
+
+
+    def _class(self, o: Outcome) -> str | None:
+        """The bounce class of a failure (C{None} for a success)."""
+        if o.status not in (RecipientStatus.BOUNCED, RecipientStatus.DEFERRED):
+            return None
+        kind: BounceClass = self.classify(o.dsn, o.code, o.diagnostic or o.text)
+        return kind.value
 
 
 def queued_as(text: str) -> str | None:

@@ -1,0 +1,589 @@
+# -*- test-case-name: tests.test_suppression -*-
+"""
+The suppression list: recipients that mail is no longer sent to.
+
+A recipient whose delivery failed permanently as an invalid recipient
+(L{relaynet.queue.classify}) is added by the runner; an administrator adds,
+removes, imports and exports entries (C{relaynet suppress}, the admin API).
+The intake refuses a suppressed recipient at C{RCPT} with C{550 5.1.1} and
+a C{suppressed} event. Each entry has an address (lower-cased), a reason,
+a class, the time it was added, when it expires (C{None}: never) and its
+source (C{bounce}, C{admin}, C{import}). An expired entry no longer
+suppresses and is dropped at the next compaction.
+
+Lookups are in memory (a dict). The list is kept in
+C{<spool>/suppression.jsonl}, one JSON object per line, appended to (and
+fsynced) in a worker thread, never on the reactor::
+
+    {"v":1,"op":"add","address":"a@b.example","reason":"...","class":"invalid-recipient",
+     "time":1764000000.0,"expires":1795536000.0,"source":"bounce"}
+    {"v":1,"op":"remove","address":"a@b.example","time":1764000100.0}
+
+Reading the file replays it in order; a line that cannot be read is skipped
+(a torn last line after a crash). When the file holds many more lines than
+live entries, it is rewritten with only the live ones
+(L{relaynet.queue.spool.write_file_durably}: temporary file, fsync, rename).
+Writes run one at a time, in the order they were asked for.
+
+L{SuppressionSettings} is the C{[suppression]} table of the node
+configuration (L{parse_suppression}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from attrs import field, frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relaynet.config import ConfigError, TableReader
+from relaynet.queue.classify import CLASSES, BounceClass, Classifier
+from relaynet.queue.spool import fsync_dir, write_file_durably
+
+T = TypeVar("T")
+RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+#: Sources of an entry.
+SOURCES = ("bounce", "admin", "import")
+#: Days an entry lasts by default.
+DEFAULT_EXPIRY_DAYS = 365.0
+#: The file rewritten once it has this many lines more than live entries.
+COMPACT_SLACK = 1000
+_DAY = 86400.0
+
+
+# -- configuration --------------------------------------------------------
+
+
+@frozen
+class SuppressionSettings:
+    """
+    The C{[suppression]} table.
+
+    @ivar enabled: refuse suppressed recipients at C{RCPT}, and add
+        recipients whose delivery failed permanently with one of
+        C{classes}. Off: the list is kept and administered, nothing is
+        added by bounces and nothing is refused.
+    @ivar expiry_days: how long an entry lasts unless given its own expiry
+        (0: for ever).
+    @ivar classes: the bounce classes that put a recipient on the list (a
+        5xx outcome of one of them).
+    @ivar patterns: C{(class, regular expression)} pairs tried before the
+        built-in rules of L{relaynet.queue.classify}, in order.
+    """
+
+    enabled: bool = True
+    expiry_days: float = DEFAULT_EXPIRY_DAYS
+    classes: tuple[str, ...] = (BounceClass.INVALID_RECIPIENT.value,)
+    patterns: tuple[tuple[str, str], ...] = ()
+
+    def classifier(self) -> Classifier:
+        """The L{Classifier} with these patterns."""
+        grouped: dict[str, list[str]] = {}
+        for name, expr in self.patterns:
+            grouped.setdefault(name, []).append(expr)
+        return Classifier.from_patterns(grouped)
+
+
+def parse_suppression(table: TableReader) -> SuppressionSettings:
+    """
+    Read C{[suppression]}::
+
+        [suppression]
+        enabled = true
+        expiry_days = 365
+        classes = ["invalid-recipient"]
+        [suppression.patterns]
+        reputation = ["listed at rbl\\\\.example"]
+
+    @raise ConfigError: a key of the wrong type, an unknown class, an
+        invalid regular expression, an unknown key.
+    """
+    d = SuppressionSettings()
+    enabled = table.get("enabled", bool, d.enabled)
+    expiry = float(table.get(
+        "expiry_days", (int, float), d.expiry_days, lambda v: None if v >= 0 else "must be 0 or more",
+    ))
+    classes = table.strings("classes", d.classes)
+    for i, name in enumerate(classes):
+        if name not in CLASSES:
+            raise ConfigError(table.source, f"{table.key('classes')}[{i}]",
+                              f"{name!r} is not a bounce class ({', '.join(CLASSES)})")
+    pt = table.sub("patterns")
+    pairs: list[tuple[str, str]] = []
+    for name in list(pt.data):
+        if name not in CLASSES:
+            raise pt.error(name, f"not a bounce class ({', '.join(CLASSES)})")
+        exprs = pt.strings(name, ())
+        for i, expr in enumerate(exprs):
+            try:
+                Classifier.from_patterns({name: [expr]})
+            except ValueError as e:
+                raise ConfigError(table.source, f"{pt.key(name)}[{i}]", str(e)) from None
+            pairs.append((name, expr))
+    pt.finish()
+    table.finish()
+    return SuppressionSettings(enabled=enabled, expiry_days=expiry, classes=tuple(classes), patterns=tuple(pairs))
+
+
+def describe_suppression(settings: SuppressionSettings) -> list[str]:
+    """The C{[suppression]} table as TOML lines, for C{relaynet check-config}."""
+    lines = [
+        "[suppression]",
+        f"enabled = {'true' if settings.enabled else 'false'}",
+        f"expiry_days = {settings.expiry_days!r}",
+        "classes = [" + ", ".join(json.dumps(c) for c in settings.classes) + "]",
+        "",
+    ]
+    if settings.patterns:
+        lines.append("[suppression.patterns]")
+        grouped: dict[str, list[str]] = {}
+        for name, expr in settings.patterns:
+            grouped.setdefault(name, []).append(expr)
+        for name, exprs in grouped.items():
+            lines.append(f"{json.dumps(name)} = [" + ", ".join(json.dumps(e) for e in exprs) + "]")
+        lines.append("")
+    return lines
+
+
+# -- entries ---------------------------------------------------------------
+
+
+def normalise(address: str) -> str:
+    """The key of an address: without angle brackets and surrounding space, lower-cased."""
+    return address.strip().strip("<>").strip().lower()
+
+
+@frozen
+class Suppression:
+    """
+    One suppressed recipient.
+
+    @ivar address: lower-cased.
+    @ivar reason: why (the bounce's diagnostic, or the administrator's words).
+    @ivar kind: the bounce class (C{class} in JSON).
+    @ivar time: when it was added (Unix seconds).
+    @ivar expires: when it stops suppressing (C{None}: never).
+    @ivar source: C{bounce}, C{admin} or C{import}.
+    """
+
+    address: str
+    reason: str = ""
+    kind: str = BounceClass.INVALID_RECIPIENT.value
+    time: float = 0.0
+    expires: float | None = None
+    source: str = "admin"
+
+    def live(self, now: float) -> bool:
+        """Whether it still suppresses at C{now}."""
+        return self.expires is None or self.expires > now
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as the admin API and the file show it."""
+        return {"address": self.address, "reason": self.reason, "class": self.kind,
+                "time": self.time, "expires": self.expires, "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: Any, now: float, default_source: str = "import",
+                  default_expiry: float | None = None) -> "Suppression":
+        """
+        An entry from a JSON object (an import line, a file line, an API
+        body): C{address} is required; C{time} defaults to C{now},
+        C{expires} to C{default_expiry} (a time).
+
+        @raise ValueError: not an object, no address, a field of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("an entry must be a JSON object")
+        address = data.get("address")
+        if not isinstance(address, str) or "@" not in address or any(c.isspace() for c in address.strip()):
+            raise ValueError(f"not an address: {address!r}")
+        reason = data.get("reason") or ""
+        kind = data.get("class") or BounceClass.INVALID_RECIPIENT.value
+        source = data.get("source") or default_source
+        when = data.get("time", now)
+        expires = data.get("expires", default_expiry)
+        if not isinstance(reason, str):
+            raise ValueError("reason must be a string")
+        if kind not in CLASSES:
+            raise ValueError(f"{kind!r} is not a bounce class")
+        if source not in SOURCES:
+            raise ValueError(f"{source!r} is not a source ({', '.join(SOURCES)})")
+        for name, value in (("time", when), ("expires", expires)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number (Unix seconds)")
+        if when is None:
+            raise ValueError("time must be a number (Unix seconds)")
+        return cls(normalise(address), reason, kind, float(when),
+                   None if expires is None else float(expires), source)
+
+
+# -- the list --------------------------------------------------------------
+
+
+def _immediately(work: Callable[[], T]) -> "Deferred[T]":
+    from twisted.internet.defer import maybeDeferred
+    return maybeDeferred(work)
+
+
+class SuppressionList:
+    """
+    The suppression list of a node: lookups in memory, the file written in
+    a worker thread (module docstring).
+
+    @ivar path: the file (C{None}: in memory only, for tests and fakes).
+    @ivar expiry_days: the default lifetime of a new entry (0: for ever).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, path: Path | None, now: Callable[[], float] = time.time,
+        run_in_thread: RunInThread = _immediately, expiry_days: float = DEFAULT_EXPIRY_DAYS,
+        compact_slack: int = COMPACT_SLACK,
+    ) -> None:
+        """
+        @param run_in_thread: runs blocking file work, e.g.
+            C{lambda f: deferToThreadPool(reactor, pool, f)}.
+        @param compact_slack: lines beyond the live entries that trigger a rewrite.
+        """
+        self.path = path
+        self.now = now
+        self.run_in_thread = run_in_thread
+        self.expiry_days = expiry_days
+        self.compact_slack = compact_slack
+        self._entries: dict[str, Suppression] = {}
+        self._touched: dict[str, Suppression | None] = {}
+        self._loading = False
+        self._lines = 0
+        self._pending: list[dict[str, Any]] = []
+        self._rewrite = False
+        self._writing = False
+        self._waiters: list[Deferred[None]] = []
+
+    # -- reading --------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, address: str) -> Suppression | None:
+        """The live entry of C{address}, or C{None}."""
+        entry = self._entries.get(normalise(address))
+        if entry is None or not entry.live(self.now()):
+            return None
+        return entry
+
+    def is_suppressed(self, address: str) -> bool:
+        """Whether mail to C{address} is refused (in memory: call it anywhere)."""
+        return self.get(address) is not None
+
+    def entries(self) -> list[Suppression]:
+        """The live entries, by address."""
+        now = self.now()
+        return sorted((e for e in self._entries.values() if e.live(now)), key=lambda e: e.address)
+
+    def counts(self) -> dict[str, int]:
+        """Live entries by source."""
+        out = {s: 0 for s in SOURCES}
+        now = self.now()
+        for e in self._entries.values():
+            if e.live(now):
+                out[e.source] = out.get(e.source, 0) + 1
+        return out
+
+    # -- changing -------------------------------------------------------
+
+    def default_expiry(self, now: float, days: float | None = None) -> float | None:
+        """When an entry added at C{now} expires: after C{days} (default L{expiry_days}); 0: never."""
+        days = self.expiry_days if days is None else days
+        return None if days <= 0 else now + days * _DAY
+
+    def add(
+        self, address: str, reason: str = "", kind: str = BounceClass.INVALID_RECIPIENT.value,
+        source: str = "admin", expires_days: float | None = None,
+    ) -> Suppression:
+        """
+        Suppress C{address} (replacing any entry of it) from now on; the
+        file is written in the background (L{flushed}).
+        """
+        now = self.now()
+        entry = Suppression(normalise(address), reason, kind, now, self.default_expiry(now, expires_days), source)
+        self.put(entry)
+        return entry
+
+    def put(self, entry: Suppression) -> None:
+        """Keep C{entry} (replacing any of its address) and write it."""
+        self._entries[entry.address] = entry
+        if self._loading:
+            self._touched[entry.address] = entry
+        self._append({"v": 1, "op": "add", **entry.to_json()})
+
+    def put_many(self, entries: Iterable[Suppression]) -> int:
+        """Keep each of C{entries} (an import); written together. @return: how many."""
+        n = 0
+        for entry in entries:
+            self.put(entry)
+            n += 1
+        return n
+
+    def remove(self, address: str) -> bool:
+        """Stop suppressing C{address}. @return: whether it was on the list (live)."""
+        key = normalise(address)
+        was = self.get(key) is not None
+        entry = self._entries.pop(key, None)
+        if self._loading:
+            self._touched[key] = None
+        if entry is not None or self._loading:
+            self._append({"v": 1, "op": "remove", "address": key, "time": self.now()})
+        return was
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once every change made so far is in the file (at once without a file)."""
+        if self.path is None or (not self._pending and not self._writing and not self._rewrite):
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    # -- the file -------------------------------------------------------
+
+    def load(self) -> Deferred[int]:
+        """
+        Read the file in a worker thread and take its entries; changes made
+        meanwhile win over the file's. @return: fires with the live entries.
+        """
+        if self.path is None:
+            return succeed(len(self))
+        path = self.path
+        self._loading = True
+
+        def loaded(result: tuple[dict[str, Suppression], int]) -> int:
+            found, lines = result
+            self._loading = False
+            for key, entry in self._touched.items():
+                if entry is None:
+                    found.pop(key, None)
+                else:
+                    found[key] = entry
+            self._touched.clear()
+            self._entries = found
+            self._lines += lines
+            self._maybe_compact()
+            self._write()  # what was asked for while reading
+            return len(self)
+
+        def failed(f: Failure) -> Failure:
+            self._loading = False
+            self._touched.clear()
+            return f
+
+        return self.run_in_thread(lambda: read_file(path)).addCallbacks(loaded, failed)
+
+    def load_now(self) -> int:
+        """L{load}, blocking (before the reactor runs, or in a command)."""
+        if self.path is not None:
+            self._entries, self._lines = read_file(self.path)
+        return len(self)
+
+    def _maybe_compact(self) -> None:
+        if self.path is not None and self._lines > len(self._entries) + self.compact_slack:
+            self._rewrite = True
+            self._write()
+
+    def compact(self) -> Deferred[None]:
+        """Rewrite the file with only the live entries (now, in a worker thread)."""
+        if self.path is None:
+            return succeed(None)
+        self._rewrite = True
+        self._write()
+        return self.flushed()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self._pending.append(record)
+        self._lines += 1
+        if self._lines > len(self._entries) + self.compact_slack:
+            self._rewrite = True
+        self._write()
+
+    def _write(self) -> None:
+        """Start the next write unless one runs (each write takes everything asked for so far)."""
+        if self._writing or self.path is None or self._loading:
+            return
+        if not self._pending and not self._rewrite:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+            return
+        path = self.path
+        if self._rewrite:
+            now = self.now()
+            live = [e for e in self._entries.values() if e.live(now)]
+            self._entries = {e.address: e for e in live}
+            data = "".join(_line({"v": 1, "op": "add", **e.to_json()}) for e in live).encode("utf-8")
+            self._pending.clear()
+            self._rewrite = False
+            self._lines = len(live)
+            job: Callable[[], None] = lambda: write_file_durably(path, data)
+        else:
+            data = "".join(_line(r) for r in self._pending).encode("utf-8")
+            self._pending.clear()
+            job = lambda: append_durably(path, data)
+        self._writing = True
+
+        def done(result: object) -> None:
+            self._writing = False
+            if isinstance(result, Failure):
+                self.log.failure("Could not write the suppression list {path}", result, path=str(path))
+                # The list in memory is right: write all of it next time.
+                self._rewrite = True
+                waiters, self._waiters = self._waiters, []
+                for d in waiters:
+                    d.errback(result)
+                return
+            self._write()
+
+        self.run_in_thread(job).addBoth(done)
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    """Append C{data} to C{path} and fsync it (and its directory when the file is new). Blocking."""
+    new = not path.exists()
+    if new:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        fsync_dir(path.parent)
+
+
+def read_file(path: Path) -> tuple[dict[str, Suppression], int]:
+    """
+    Replay the file (blocking): the entries it leaves (expired ones too) and
+    its number of lines. A missing file is an empty list; unreadable lines
+    are skipped.
+    """
+    entries: dict[str, Suppression] = {}
+    lines = 0
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return entries, 0
+    with f:
+        for raw in f:
+            lines += 1
+            try:
+                record = json.loads(raw)
+                op = record.get("op")
+                if op == "add":
+                    entry = Suppression.from_json(record, 0.0, default_source="admin")
+                    entries[entry.address] = entry
+                elif op == "remove":
+                    entries.pop(normalise(str(record["address"])), None)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+    return entries, lines
+
+
+# -- import and export ------------------------------------------------------
+
+CSV_FIELDS = ("address", "reason", "class", "time", "expires", "source")
+
+
+def parse_import(text: str, now: float, default_expiry: float | None) -> Iterator[Suppression]:
+    """
+    The entries of an import file: JSON lines (each an object with at least
+    C{address}), or CSV with a header line naming some of L{CSV_FIELDS}
+    (C{address} required), or plain lines of one address each. Blank lines
+    and lines starting with C{#} are skipped. Every entry gets source
+    C{import} unless it names one.
+
+    @raise ValueError: a line that cannot be read, naming its number.
+    """
+    import csv
+
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        return
+    first = lines[0][1].strip()
+    if first.startswith("{"):
+        for n, line in lines:
+            try:
+                yield Suppression.from_json(json.loads(line), now, "import", default_expiry)
+            except ValueError as e:
+                raise ValueError(f"line {n}: {e}") from None
+        return
+    header = [h.strip().lower() for h in next(csv.reader([first]))]
+    if "address" in header:
+        unknown = [h for h in header if h not in CSV_FIELDS]
+        if unknown:
+            raise ValueError(f"line {lines[0][0]}: unknown column {unknown[0]!r} ({', '.join(CSV_FIELDS)})")
+        for n, line in lines[1:]:
+            row = next(csv.reader([line]))
+            record: dict[str, Any] = {}
+            for name, value in zip(header, row):
+                value = value.strip()
+                if not value:
+                    continue
+                if name in ("time", "expires"):
+                    try:
+                        record[name] = float(value)
+                    except ValueError:
+                        raise ValueError(f"line {n}: {name} must be a number (Unix seconds)") from None
+                else:
+                    record[name] = value
+            try:
+                yield Suppression.from_json(record, now, "import", default_expiry)
+            except ValueError as e:
+                raise ValueError(f"line {n}: {e}") from None
+        return
+    for n, line in lines:
+        try:
+            yield Suppression.from_json({"address": line.strip()}, now, "import", default_expiry)
+        except ValueError as e:
+            raise ValueError(f"line {n}: {e}") from None
+
+
+def export_csv(entries: Iterable[dict[str, Any]]) -> str:
+    """Entries (as L{Suppression.to_json}) as CSV with a header line of L{CSV_FIELDS}."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for e in entries:
+        w.writerow(["" if e.get(k) is None else e.get(k) for k in CSV_FIELDS])
+    return out.getvalue()
+
+
+def export_jsonl(entries: Iterable[dict[str, Any]]) -> str:
+    """Entries (as L{Suppression.to_json}) as JSON lines."""
+    return "".join(_line(e) for e in entries)
+
+
+def suppression_settings(config: Any) -> SuppressionSettings:
+    """
+    C{config.suppression} (a L{relaynet.config.NodeConfig}), or the
+    defaults while the configuration has no such field.
+    """
+    settings = getattr(config, "suppression", None)
+    return settings if isinstance(settings, SuppressionSettings) else SuppressionSettings()
