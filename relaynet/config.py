@@ -330,6 +330,26 @@ class AdminSettings:
 
 
 @frozen
+class HTTPAPISettings:
+    """
+    The HTTP injection API (C{POST /api/v1/messages}, L{relaynet.intake.http},
+    C{docs/http-api.md}): its own listener, which may face the network.
+
+    @ivar endpoint: a server endpoint string (C{tcp:8025:interface=0.0.0.0},
+        C{ssl:8443:...}); C{None}: no HTTP API.
+    @ivar tokens_file: the bearer tokens (C{relaynet api-token}); required
+        with an endpoint.
+    @ivar max_request_size: the largest request body in octets (413 above).
+    @ivar max_recipients: the most recipients of one request (422 above).
+    """
+
+    endpoint: str | None = None
+    tokens_file: Path | None = None
+    max_request_size: int = 10_240_000
+    max_recipients: int = 1000
+
+
+@frozen
 class LogSettings:
     """The node's own log: C{text} or C{json} lines, and the least level shown."""
 
@@ -358,6 +378,7 @@ class NodeConfig:
     tls: TLSSettings = TLSSettings()
     auth: AuthSettings = AuthSettings()
     admin: AdminSettings = AdminSettings()
+    http_api: HTTPAPISettings = HTTPAPISettings()
     log: LogSettings = LogSettings()
     dkim: DKIMSettings = DKIMSettings()
     mta_sts: MTASTSSettings = MTASTSSettings()
@@ -1171,6 +1192,21 @@ def parse_config(
         if problem:
             raise ConfigError(source, "admin.endpoint", f"the default {problem}; set one")
 
+    ha = top.sub("http_api")
+    had = HTTPAPISettings()
+    http_endpoint = ha.get("endpoint", str, None)
+    if http_endpoint is not None:
+        check_endpoint(source, ha.key("endpoint"), http_endpoint, server=True)
+    http_api = HTTPAPISettings(
+        endpoint=http_endpoint,
+        tokens_file=_resolve(base, ha.get("tokens_file", str, "")) if "tokens_file" in ha.data else None,
+        max_request_size=ha.get("max_request_size", int, had.max_request_size, _positive),
+        max_recipients=ha.get("max_recipients", int, had.max_recipients, _positive),
+    )
+    if http_api.endpoint is not None and http_api.tokens_file is None:
+        raise ha.error("tokens_file", "is required with an endpoint (make one with `relaynet api-token add`)")
+    ha.finish()
+
     lg = top.sub("log")
     log = LogSettings(
         format=lg.get("format", str, "text",
@@ -1190,7 +1226,7 @@ def parse_config(
         name=name, hostname=hostname, spool=spool, listeners=listeners, limits=limits,
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
-        outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, log=log,
+        outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, http_api=http_api, log=log,
         dkim=dkim, mta_sts=mta_sts, egress=egress, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
     )
 
@@ -1419,6 +1455,8 @@ def describe(config: NodeConfig) -> str:
     ]
     if config.admin.metrics_endpoint:
         lines.append(f"metrics_endpoint = {_toml(config.admin.metrics_endpoint)}")
+    if config.http_api.endpoint:
+        lines += [""] + _table("http_api", config.http_api)[:-1]
     lines += [""] + _table("log", config.log)
     if config.dkim.keys:
         lines += ["[dkim]", f"sign = {_toml(config.dkim.sign)}", ""]

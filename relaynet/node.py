@@ -48,6 +48,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from relaynet.intake.auth import RelayRealm, ScryptChecker
+from relaynet.intake.http import api_site
 from relaynet.config import ConfigError, NodeConfig
 from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory, drain
@@ -297,6 +298,22 @@ class RelayNode(MultiService):
                     web = web_service(views, endpoint, reactor, read_only)
                     web.setServiceParent(self)
                     self._web.append(web)
+        if config.http_api.endpoint:
+            # The HTTP injection API (relaynet.intake.http): its own listener,
+            # committing through the same spool, events and runner as SMTP.
+            # Workers of one node share its port with SO_REUSEPORT.
+            site = api_site(
+                lambda: self.config, self.spool, self.events, self.runner.enqueue, self.intake.routing,
+                reactor, lambda f, *a: deferToThreadPool(reactor, self.pool, f, *a),
+            )
+            api_endpoint = config.http_api.endpoint
+            if config.shard is not None and api_endpoint.split(":", 1)[0] in ("tcp", "tcp6"):
+                http_endpoint: Any = ReusePortEndpoint.from_string(reactor, with_backlog(api_endpoint))
+            else:
+                http_endpoint = serverFromString(reactor, with_backlog(api_endpoint))
+            web = EndpointService(http_endpoint, site, f"{api_endpoint} (HTTP API)")
+            web.setServiceParent(self)
+            self._web.append(web)
 
     @property
     def ports(self) -> list[Any]:
