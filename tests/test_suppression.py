@@ -357,3 +357,194 @@ def test_suppression_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     (bounced,) = edge.events_named("bounced")
     assert bounced["class"] == "invalid-recipient" and not edge.events_named("suppression_added")
     assert not edge.runner.suppression.is_suppressed("unknown@dest.test")
+
+
+# -- the admin API and relaynet suppress against a node process ----------------------------
+
+
+def suppress(node: Any, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """C{relaynet suppress --config NODE ARGS}."""
+    from harness.nodeproc import relaynet_command
+
+    return subprocess.run([*relaynet_command(), "suppress", "--config", str(node.config_path), *args],
+                          capture_output=True, text=True, timeout=60, input=stdin)
+
+
+def test_suppress_command_against_a_node(tmp_path: Path) -> None:
+    """
+    list, add, remove, import and export through the admin API of a running
+    node; changes apply at once and reach C{<spool>/suppression.jsonl};
+    errors are one line with a non-zero exit; the list's size is a metric.
+    """
+    import smtplib
+
+    from harness.nodeproc import HOST, NodeProcess
+
+    with NodeProcess(tmp_path / "node", name="suppress") as node:
+        r = suppress(node, "list")
+        assert r.returncode == 0 and "empty" in r.stdout, r
+        r = suppress(node, "add", "Bad@Example.test", "--reason", "complained", "--expires", "0")
+        assert r.returncode == 0 and "bad@example.test suppressed, expires never" in r.stdout, r
+        r = suppress(node, "list", "--json")
+        listed = json.loads(r.stdout)
+        assert listed["count"] == 1 and listed["entries"][0]["reason"] == "complained"
+        assert listed["entries"][0]["source"] == "admin" and listed["entries"][0]["expires"] is None
+
+        imports = tmp_path / "in.csv"
+        imports.write_text("address,reason\none@example.test,old list\ntwo@example.test,\n")
+        r = suppress(node, "import", str(imports))
+        assert r.returncode == 0 and "2 address(es) imported" in r.stdout, r
+        r = suppress(node, "import", "-", stdin='{"address":"three@example.test","class":"policy"}\n')
+        assert r.returncode == 0, r
+        r = suppress(node, "list")
+        assert [line.split()[0] for line in r.stdout.splitlines()[1:-1]] == [
+            "bad@example.test", "one@example.test", "three@example.test", "two@example.test"]
+
+        r = suppress(node, "remove", "one@example.test")
+        assert r.returncode == 0 and "one@example.test removed" in r.stdout, r
+        r = suppress(node, "remove", "one@example.test")
+        assert r.returncode == 1 and r.stderr.strip() == "relaynet: one@example.test is not suppressed", r
+        bad = tmp_path / "bad.csv"
+        bad.write_text("address\nnot an address\n")
+        r = suppress(node, "import", str(bad))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "line 2" in r.stderr, r
+        r = suppress(node, "add", "x@example.test", "--expires", "soon")
+        assert r.returncode == 2, r
+
+        out = tmp_path / "out.jsonl"
+        r = suppress(node, "export", str(out), "--format", "jsonl")
+        assert r.returncode == 0, r
+        exported = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [e["address"] for e in exported] == ["bad@example.test", "three@example.test", "two@example.test"]
+        r = suppress(node, "export")
+        assert r.stdout.splitlines()[0] == "address,reason,class,time,expires,source"
+        assert len(r.stdout.splitlines()) == 4
+
+        entries, _ = read_file(node.spool / "suppression.jsonl")
+        assert sorted(entries) == ["bad@example.test", "three@example.test", "two@example.test"]
+        metrics = _metrics(node)
+        assert "relaynet_suppression_entries" in metrics
+
+    node_dead = suppress(node, "list")
+    assert node_dead.returncode == 3 and len(node_dead.stderr.strip().splitlines()) == 1
+
+
+def _metrics(node: Any) -> str:
+    from relaynet.admin.queuecli import AdminClient
+
+    return AdminClient(node.config.admin_endpoint).get_text("/metrics")
+
+
+# -- metrics and the status page ------------------------------------------------------------
+
+
+def test_bounce_metrics_and_list_health() -> None:
+    """
+    Bounces count by class, per sending domain and per destination domain
+    (bounded label sets: later domains are "other"); refusals of suppressed
+    recipients and additions by bounces count; the status page shows the
+    list health with bounce rates.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+    from twisted.internet.task import Clock as TClock
+
+    from relaynet.admin.api import _health_section
+    from relaynet.admin.metrics import NodeMetrics
+
+    class Queue:
+        def counts(self) -> dict[str, int]:
+            return {"incoming": 0, "active": 0, "deferred": 0, "hold": 0}
+
+        def totals(self) -> Any:
+            from relaynet.admin.views import QueueTotals
+            return QueueTotals()
+
+    class Sessions:
+        def count(self) -> int:
+            return 0
+
+        def by_mode_and_tls(self) -> dict[tuple[str, bool], int]:
+            return {}
+
+    m = NodeMetrics(Queue(), Sessions(), TClock(), domain_labels=2, suppression=lambda: {"bounce": 3, "admin": 1})
+    for sender, rcpt, kind, klass in [
+        ("a@shop.test", "x@gmail.test", "sent", None),
+        ("a@shop.test", "y@gmail.test", "bounced", "invalid-recipient"),
+        ("a@shop.test", "z@yahoo.test", "bounced", "reputation"),
+        ("b@news.test", "z@yahoo.test", "expired", "dns"),
+        ("c@third.test", "w@third.test", "bounced", "policy"),
+        ("a@shop.test", "q@gmail.test", "deferred", "rate-limit"),
+    ]:
+        m.observe({"event": kind, "sender": sender, "recipient": rcpt, "class": klass, "relay": "mx:25"})
+    m.observe({"event": "suppressed", "stage": "RCPT", "recipient": "y@gmail.test", "class": "invalid-recipient"})
+    m.observe({"event": "suppression_added", "recipient": "y@gmail.test", "class": "invalid-recipient"})
+    got = {}
+    for family in text_string_to_metric_families(m.exposition().decode()):
+        for s in family.samples:
+            got[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert got[("relaynet_sender_domain_bounces_total", (("class", "invalid-recipient"), ("domain", "shop.test")))] == 1
+    assert got[("relaynet_sender_domain_bounces_total", (("class", "dns"), ("domain", "news.test")))] == 1
+    assert got[("relaynet_sender_domain_bounces_total", (("class", "policy"), ("domain", "other")))] == 1
+    assert got[("relaynet_destination_bounces_total", (("class", "reputation"), ("domain", "yahoo.test")))] == 1
+    assert got[("relaynet_destination_bounces_total", (("class", "policy"), ("domain", "other")))] == 1
+    assert got[("relaynet_sender_domain_deliveries_total", (("domain", "shop.test"), ("result", "sent")))] == 1
+    assert got[("relaynet_failures_total", (("class", "rate-limit"), ("result", "deferred")))] == 1
+    assert got[("relaynet_suppressed_recipients_total", (("stage", "RCPT"),))] == 1
+    assert got[("relaynet_suppression_added_total", (("class", "invalid-recipient"),))] == 1
+    assert got[("relaynet_suppression_entries", (("source", "bounce"),))] == 3
+
+    shop = {h.domain: h for h in m.health.top("sender")}["shop.test"]
+    assert (shop.delivered, shop.bounced, round(shop.bounce_rate, 3)) == (1, 2, 0.667)
+    assert shop.classes == {"invalid-recipient": 1, "reputation": 1}
+    assert [h.domain for h in m.health.top("destination")] == ["yahoo.test", "gmail.test", "other"]
+    html = _health_section(m.health, {"bounce": 3, "admin": 1})
+    assert "List health" in html and "shop.test" in html and "66.7%" in html
+    assert "suppression list: 4 address(es) (admin 1, bounce 3)" in html
+
+
+def test_admin_api_suppression(tmp_path: Path) -> None:
+    """
+    The admin API over a runner's list, in process: add (checked fields),
+    show, list, import (each entry checked, naming its index), remove; the
+    list is on disk when the answer comes.
+    """
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from relaynet.admin.api import AdminAPI, AdminViews
+
+    sup = SuppressionList(tmp_path / "s.jsonl", now=Clock())
+
+    class Views:
+        queue = type("Q", (), {"suppression": sup})()
+
+    api = AdminAPI(AdminViews(queue=Views.queue, sessions=None, node=None, metrics=None))  # type: ignore[arg-type]
+
+    def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        req = DummyRequest([p.encode() for p in path.split("/")])
+        req.method = method.encode()
+        if body is not None:
+            import io
+            req.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
+            req.content = io.BytesIO(json.dumps(body).encode())
+        api.render(req)
+        return req.responseCode or 200, json.loads(b"".join(req.written))
+
+    assert call("POST", "suppression", {"address": "A@x.test", "reason": "r", "expires_days": 2})[0] == 200
+    assert read_file(tmp_path / "s.jsonl")[0]["a@x.test"].reason == "r"
+    code, e = call("GET", "suppression/a%40X.test")
+    assert code == 200 and e["address"] == "a@x.test" and e["source"] == "admin"
+    assert call("POST", "suppression", {"address": "nope"}) == (400, {"error": "address: must be an address, local@domain"})
+    assert call("POST", "suppression", {"address": "b@x.test", "class": "bad"})[0] == 400
+    assert call("POST", "suppression", {"address": "b@x.test", "expires_days": -1})[0] == 400
+    code, r = call("POST", "suppression/import", {"entries": [{"address": "b@x.test"}, {"address": 3}]})
+    assert code == 400 and r["error"].startswith("entries[1]:")
+    assert call("POST", "suppression/import", {"entries": [{"address": "b@x.test"}, {"address": "c@x.test"}]}) == (
+        200, {"imported": 2, "count": 3})
+    code, listed = call("GET", "suppression")
+    assert [e["address"] for e in listed["entries"]] == ["a@x.test", "b@x.test", "c@x.test"]
+    assert listed["by_source"] == {"bounce": 0, "admin": 1, "import": 2}
+    assert call("DELETE", "suppression/b@x.test") == (200, {"address": "b@x.test", "removed": True})
+    assert call("DELETE", "suppression/b@x.test")[0] == 404
+    assert call("PUT", "suppression")[0] == 405
+    assert call("GET", "suppression/a/b")[0] == 404
+    assert sorted(read_file(tmp_path / "s.jsonl")[0]) == ["a@x.test", "c@x.test"]

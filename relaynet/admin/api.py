@@ -31,8 +31,9 @@ import os
 import re
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
+from urllib.parse import unquote
 
-from attrs import frozen
+from attrs import field, frozen
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.application.service import IService
 from twisted.internet.address import UNIXAddress
@@ -48,11 +49,13 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relaynet import __version__
 from relaynet.config import NodeConfig
-from relaynet.admin.metrics import FAILING_AFTER, HopHealth, NodeMetrics, Sample
+from relaynet.admin.metrics import FAILING_AFTER, HopHealth, ListHealth, NodeMetrics, Sample
 from relaynet.admin.text import human_age, parse_age
-from relaynet.admin.views import STATES, NodeFacts, NodeIdentity, QueueView, SessionsView
+from relaynet.admin.views import STATES, NodeFacts, NodeIdentity, QueueView, SessionsView, SuppressionView
 from relaynet.config import hop_name
+from relaynet.queue.classify import CLASSES
 from relaynet.queue.states import FINAL_STATUSES
+from relaynet.queue.suppression import Suppression
 from relaynet.smtp.netio import EndpointService
 
 #: Version of the JSON schema in C{docs/admin-api.md}.
@@ -69,12 +72,15 @@ class AdminViews:
     @ivar sessions: the open SMTP sessions.
     @ivar node: who the node is, its configuration, reload.
     @ivar metrics: the node's metrics, next-hop health and history.
+    @ivar suppression: the suppression list (by default the queue's
+        C{suppression}, the runner's list, if it has one).
     """
 
     queue: QueueView
     sessions: SessionsView
     node: NodeFacts
     metrics: NodeMetrics
+    suppression: SuppressionView | None = None
 
 
 class ApiError(Exception):
@@ -376,6 +382,8 @@ class JsonAPI(Resource):
             "bounce": self.bounce, "flush": self.flush_one, "reroute": self.reroute_one,
         }
         key = tuple(path)
+        if path and path[0] == "suppression":
+            return self._suppression_route(method, path)
         if method == "GET" and key in get:
             return get[key], []
         if method == "POST" and key in post:
@@ -392,7 +400,48 @@ class JsonAPI(Resource):
             raise ApiError(405, f"method {method} not allowed on /api/{'/'.join(path)}")
         raise ApiError(404, f"no such API resource: /api/{'/'.join(path)}")
 
+    def _suppression_route(self, method: str, path: list[str]) -> tuple[Callable[..., Any], list[str]]:
+        """C{/api/suppression}, C{/api/suppression/import}, C{/api/suppression/ADDRESS}."""
+        where = "/api/" + "/".join(path)
+        if len(path) == 1:
+            if method == "GET":
+                return self.suppression_list, []
+            if method == "POST":
+                return self.suppression_add, []
+        elif len(path) == 2 and path[1] == "import":
+            if method == "POST":
+                return self.suppression_import, []
+        elif len(path) == 2:
+            address = unquote(path[1])
+            if method == "GET":
+                return self.suppression_show, [address]
+            if method == "DELETE":
+                return self.suppression_remove, [address]
+        else:
+            raise ApiError(404, f"no such API resource: {where}")
+        raise ApiError(405, f"method {method} not allowed on {where}")
+
     # -- the handlers, given by a subclass --------------------------------
+
+    def suppression_list(self, request: Request, body: Any) -> Any:
+        """C{GET /api/suppression}."""
+        raise ApiError(501, "the suppression list is not served here (a supervisor of workers)")
+
+    def suppression_show(self, request: Request, body: Any, address: str) -> Any:
+        """C{GET /api/suppression/ADDRESS}."""
+        raise ApiError(501, "the suppression list is not served here (a supervisor of workers)")
+
+    def suppression_add(self, request: Request, body: dict[str, Any]) -> Any:
+        """C{POST /api/suppression}."""
+        raise ApiError(501, "the suppression list is not served here (a supervisor of workers)")
+
+    def suppression_import(self, request: Request, body: dict[str, Any]) -> Any:
+        """C{POST /api/suppression/import}."""
+        raise ApiError(501, "the suppression list is not served here (a supervisor of workers)")
+
+    def suppression_remove(self, request: Request, body: Any, address: str) -> Any:
+        """C{DELETE /api/suppression/ADDRESS}."""
+        raise ApiError(501, "the suppression list is not served here (a supervisor of workers)")
 
     def status(self, request: Request, body: Any) -> Any:
         """C{GET /api/status}."""
@@ -472,6 +521,8 @@ class AdminAPI(JsonAPI):
         self.sessions = views.sessions
         self.node = views.node
         self.metrics = views.metrics
+        found = views.suppression or getattr(views.queue, "suppression", None)
+        self.suppression: SuppressionView | None = found
 
     # -- helpers -------------------------------------------------------
 
@@ -611,6 +662,65 @@ class AdminAPI(JsonAPI):
         if reason:
             return self._simple("bounce", queue_id, lambda: self.queue.bounce(queue_id, reason), "bounced")
         return self._simple("bounce", queue_id, lambda: self.queue.bounce(queue_id), "bounced")
+
+    # -- the suppression list ------------------------------------------
+
+    def _list(self) -> SuppressionView:
+        if self.suppression is None:
+            raise ApiError(404, "this node keeps no suppression list")
+        return self.suppression
+
+    def suppression_list(self, request: Request, body: Any) -> dict[str, Any]:
+        sup = self._list()
+        entries = sup.entries()
+        return {"count": len(entries), "by_source": sup.counts(), "expiry_days": sup.expiry_days,
+                "entries": [e.to_json() for e in entries]}
+
+    def suppression_show(self, request: Request, body: Any, address: str) -> dict[str, Any]:
+        entry = self._list().get(address)
+        if entry is None:
+            raise ApiError(404, f"{address} is not suppressed")
+        return entry.to_json()
+
+    def suppression_add(self, request: Request, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        sup = self._list()
+        address, reason, kind = body.get("address"), body.get("reason", ""), body.get("class", CLASSES[0])
+        days = body.get("expires_days")
+        if not isinstance(address, str) or "@" not in address or any(c.isspace() for c in address.strip()):
+            raise ApiError(400, "address: must be an address, local@domain")
+        if not isinstance(reason, str):
+            raise ApiError(400, "reason: must be a string")
+        if kind not in CLASSES:
+            raise ApiError(400, f"class: must be one of {', '.join(CLASSES)}")
+        if days is not None and (isinstance(days, bool) or not isinstance(days, (int, float)) or days < 0):
+            raise ApiError(400, "expires_days: must be a number of days, 0 or more (0: never)")
+        entry = sup.add(address, reason=reason or "added by the administrator", kind=kind, source="admin",
+                        expires_days=None if days is None else float(days))
+        self.log.info("Admin suppression of {address}", address=entry.address)
+        return sup.flushed().addCallback(lambda _: {"added": True, **entry.to_json()})
+
+    def suppression_import(self, request: Request, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        sup = self._list()
+        records = body.get("entries")
+        if not isinstance(records, list):
+            raise ApiError(400, "entries: must be an array of objects with an address")
+        now = time.time()
+        entries = []
+        for i, record in enumerate(records):
+            try:
+                entries.append(Suppression.from_json(record, now, "import", sup.default_expiry(now)))
+            except ValueError as e:
+                raise ApiError(400, f"entries[{i}]: {e}") from None
+        n = sup.put_many(entries)
+        self.log.info("Admin import of {count} suppression entries", count=n)
+        return sup.flushed().addCallback(lambda _: {"imported": n, "count": len(sup.entries())})
+
+    def suppression_remove(self, request: Request, body: Any, address: str) -> Deferred[dict[str, Any]]:
+        sup = self._list()
+        if not sup.remove(address):
+            raise ApiError(404, f"{address} is not suppressed")
+        self.log.info("Admin removal of {address} from the suppression list", address=address)
+        return sup.flushed().addCallback(lambda _: {"address": address.strip().strip("<>").lower(), "removed": True})
 
     def reload(self, request: Request, body: Any) -> dict[str, Any]:
         ok = self.node.reload()
@@ -1012,6 +1122,9 @@ class StatusData:
     @ivar hop_states: the hop-state cache by next-hop name (L{hop_reachability}).
     @ivar sections: HTML sections shown above the chart (a supervisor's workers).
     @ivar notes: warnings shown above everything (shards not answering).
+    @ivar health: bounce rates by sending and destination domain (the
+        "list health" section; C{None}: not shown).
+    @ivar suppressed: the suppression list's live entries by source.
     """
 
     config: NodeConfig
@@ -1027,6 +1140,8 @@ class StatusData:
     hop_states: Mapping[str, Mapping[str, Any]]
     sections: Sequence[str] = ()
     notes: Sequence[str] = ()
+    health: ListHealth | None = None
+    suppressed: Mapping[str, int] = field(factory=dict)
 
 
 def status_data(views: AdminViews) -> StatusData:
@@ -1041,6 +1156,7 @@ def status_data(views: AdminViews) -> StatusData:
         sessions=views.sessions.count(), interval=hist.interval, span=hist.span,
         samples=list(hist.samples), points=hist.points(),
         hops=metrics.hop_health([*configured_hops(config), *states]), hop_states=states,
+        health=metrics.health, suppressed=metrics.suppression(),
     )
 
 
@@ -1109,6 +1225,8 @@ def render_page(data: StatusData, now: float) -> str:
     parts.append(_routing_section(config))
     parts.append(_hops_section(data.hops, config, now, data.hop_states))
     parts.append(_queue_section(summary))
+    if data.health is not None:
+        parts.append(_health_section(data.health, data.suppressed))
     parts.append(
         "</main><footer>Also: <a href=\"/metrics\">/metrics</a> (Prometheus) &middot; "
         "<code>relaynet queue summary</code> &middot; this page reloads every 10 s</footer></body></html>"
@@ -1194,6 +1312,40 @@ def _hops_section(
         f'<div class="muted">counts are recipients since the node started; failing = {FAILING_AFTER} or more '
         "deferrals in a row; connections: down while the node tries no connection to the hop "
         "(its mail is deferred at once)</div></section>"
+    )
+
+
+def _health_section(health: ListHealth, suppressed: Mapping[str, int], top: int = 10) -> str:
+    """
+    "List health": bounce rates by sending domain and by destination domain
+    (final outcomes since the node started), the classes of the bounces,
+    and the size of the suppression list.
+    """
+
+    def rows(side: str) -> str:
+        out = []
+        for h in health.top(side, top):
+            classes = ", ".join(f"{k} {v}" for k, v in sorted(h.classes.items(), key=lambda kv: -kv[1]))
+            warn = ' class="err"' if h.bounce_rate >= 0.05 and h.bounced >= 5 else ""
+            out.append(
+                f"<tr><td>{_E(h.domain)}</td><td class=\"n\">{h.delivered}</td><td class=\"n\">{h.bounced}</td>"
+                f"<td class=\"n\"><span{warn}>{h.bounce_rate * 100:.1f}%</span></td>"
+                f"<td>{_E(classes) or '<span class=muted>-</span>'}</td></tr>"
+            )
+        return "".join(out) or '<tr><td colspan="5" class="muted">no final outcomes yet</td></tr>'
+
+    head = ("<thead><tr><th>{}</th><th>delivered</th><th>bounced</th><th>bounce rate</th>"
+            "<th>bounce classes</th></tr></thead>")
+    total = sum(suppressed.values())
+    by = ", ".join(f"{k} {v}" for k, v in sorted(suppressed.items()) if v)
+    return (
+        '<section id="health"><h2>List health</h2><div class="charts"><div style="flex:1 1 420px">'
+        f"<table>{head.format('sending domain')}<tbody>{rows('sender')}</tbody></table></div>"
+        f'<div style="flex:1 1 420px"><table>{head.format("destination")}<tbody>{rows("destination")}'
+        "</tbody></table></div></div>"
+        f'<div class="muted">recipients since the node started (bounced includes expired); '
+        f"suppression list: {total} address(es){' (' + _E(by) + ')' if by else ''}; "
+        "<code>relaynet suppress list</code></div></section>"
     )
 
 

@@ -216,6 +216,78 @@ def zero_session_series(modes: Iterable[str]) -> list[tuple[str, bool]]:
     return keys
 
 
+@define
+class DomainHealth:
+    """Final outcomes of one domain's recipients since the node started (the status page's list health)."""
+
+    domain: str
+    delivered: int = 0
+    bounced: int = 0
+    classes: dict[str, int] = field(factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Recipients with a final outcome."""
+        return self.delivered + self.bounced
+
+    @property
+    def bounce_rate(self) -> float:
+        """Bounced (and expired) over every final outcome (0 with none)."""
+        return self.bounced / self.total if self.total else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """As the status page and the API read it."""
+        return {"domain": self.domain, "delivered": self.delivered, "bounced": self.bounced,
+                "bounce_rate": round(self.bounce_rate, 4), "classes": dict(self.classes)}
+
+
+@define
+class ListHealth:
+    """
+    Bounce rates by sending domain and by destination domain: final
+    outcomes (delivered or relayed, bounced or expired) and the classes of
+    the bounces. At most C{limit} domains of each side are kept; later ones
+    count under C{other} (bounded memory and label sets).
+    """
+
+    limit: int = DOMAIN_LABELS
+    senders: dict[str, DomainHealth] = field(factory=dict)
+    destinations: dict[str, DomainHealth] = field(factory=dict)
+
+    def record(self, sender_domain: str, destination: str, bounced: bool, kind: str | None) -> None:
+        """One final outcome."""
+        for table, domain in ((self.senders, sender_domain), (self.destinations, destination)):
+            if domain not in table and len(table) >= self.limit:
+                domain = "other"
+            h = table.get(domain)
+            if h is None:
+                h = table[domain] = DomainHealth(domain)
+            if bounced:
+                h.bounced += 1
+                k = kind or "other"
+                h.classes[k] = h.classes.get(k, 0) + 1
+            else:
+                h.delivered += 1
+
+    def top(self, side: str, n: int = 10) -> list[DomainHealth]:
+        """The C{n} domains of C{side} (C{sender}, C{destination}) with most bounces, then most outcomes."""
+        table = self.senders if side == "sender" else self.destinations
+        return sorted(table.values(), key=lambda h: (-h.bounced, -h.total, h.domain))[:n]
+
+
+def suppression_counts(queue: object) -> Callable[[], Mapping[str, int]]:
+    """
+    The live entries of a queue runner's suppression list by source, read
+    when called (C{{}} for a queue without one).
+    """
+
+    def read() -> Mapping[str, int]:
+        counts = getattr(getattr(queue, "suppression", None), "counts", None)
+        return dict(counts()) if callable(counts) else {}
+
+    return read
+
+
 class _PresentCollector(Collector):
     """Gauges read at scrape time: the queue, the sessions, the next hops."""
 
@@ -271,6 +343,12 @@ class _PresentCollector(Collector):
         for name, value in sorted(seen.items()):
             reachable.add_metric([name], value)
         yield reachable
+        suppressed = GaugeMetricFamily(
+            "relaynet_suppression_entries", "Addresses on the suppression list by source", labels=["source"],
+        )
+        for source, n in sorted(self.metrics.suppression().items()):
+            suppressed.add_metric([source], n)
+        yield suppressed
 
 
 class NodeMetrics:
@@ -292,6 +370,7 @@ class NodeMetrics:
         history_span: float = 1800.0, domain_labels: int = DOMAIN_LABELS,
         listener_modes: Callable[[], Iterable[str]] = lambda: (),
         hop_states: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+        suppression: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         """
         @param clock: schedules the history's samples.
@@ -306,6 +385,9 @@ class NodeMetrics:
         """
         self.queue = queue
         self.hop_states = hop_states or outbound_hop_states(queue)
+        self.suppression = suppression or suppression_counts(queue)
+        self.health = ListHealth(domain_labels)
+        self._senders: set[str] = set()
         self.sessions = sessions
         self.listener_modes = listener_modes
         self.now = now
@@ -347,6 +429,31 @@ class NodeMetrics:
         )
         self.reloads = Counter(
             "relaynet_config_reloads", "Configuration reloads by result", ["result"], registry=r
+        )
+        self.failures = Counter(
+            "relaynet_failures", "Failed recipient outcomes (deferred, bounced, expired) by bounce class",
+            ["result", "class"], registry=r,
+        )
+        self.sender_deliveries = Counter(
+            "relaynet_sender_domain_deliveries",
+            "Final recipient outcomes by sending domain (bounce rate: bounced+expired over all)",
+            ["domain", "result"], registry=r,
+        )
+        self.sender_bounces = Counter(
+            "relaynet_sender_domain_bounces", "Bounced and expired recipients by sending domain and bounce class",
+            ["domain", "class"], registry=r,
+        )
+        self.destination_bounces = Counter(
+            "relaynet_destination_bounces", "Bounced and expired recipients by destination domain and bounce class",
+            ["domain", "class"], registry=r,
+        )
+        self.suppressed = Counter(
+            "relaynet_suppressed_recipients", "Recipients refused because they are on the suppression list",
+            ["stage"], registry=r,
+        )
+        self.suppression_added = Counter(
+            "relaynet_suppression_added", "Addresses put on the suppression list by bounces, by class",
+            ["class"], registry=r,
         )
         self.ack = Histogram(
             "relaynet_intake_ack_seconds", "Final dot to 250 (spool write and fsync)",
@@ -390,6 +497,10 @@ class NodeMetrics:
             self.admin.labels(kind).inc()
         elif kind == "reload":
             self.reloads.labels(str(event.get("status", "reloaded"))).inc()
+        elif kind == "suppressed":
+            self.suppressed.labels(str(event.get("stage") or "unknown")).inc()
+        elif kind == "suppression_added":
+            self.suppression_added.labels(str(event.get("class") or "other")).inc()
 
     def _delivery(self, kind: str, event: dict[str, Any]) -> None:
         hop = str(event.get("relay") or "none")
@@ -401,7 +512,19 @@ class NodeMetrics:
             self.hops.setdefault(ehop, HopHealth(ehop)).record(
                 "deferred", event.get("time") or self.now(), earlier.get("diagnostic")
             )
-        self.domains.labels(self._domain(event.get("recipient")), kind).inc()
+        destination = self._domain(event.get("recipient"))
+        self.domains.labels(destination, kind).inc()
+        klass = str(event.get("class") or "other")
+        if kind in ("deferred", "bounced", "expired"):
+            self.failures.labels(kind, klass).inc()
+        if kind in FINAL:
+            sender = self._sender_domain(event.get("sender"))
+            bounced = kind in ("bounced", "expired")
+            self.sender_deliveries.labels(sender, kind).inc()
+            if bounced:
+                self.sender_bounces.labels(sender, klass).inc()
+                self.destination_bounces.labels(destination, klass).inc()
+            self.health.record(sender, destination, bounced, klass if bounced else None)
         delay = event.get("delay")
         if kind in FINAL and isinstance(delay, (int, float)):
             self.residence.labels(kind).observe(delay)
@@ -423,6 +546,18 @@ class NodeMetrics:
             return domain
         if len(self._domains) < self._domain_labels:
             self._domains.add(domain)
+            return domain
+        return "other"
+
+    def _sender_domain(self, address: Any) -> str:
+        """The sending domain's label (C{<>} for the null sender), bounded as L{_domain}."""
+        if not address:
+            return "<>"
+        domain = str(address).rpartition("@")[2].lower() or "none"
+        if domain in self._senders:
+            return domain
+        if len(self._senders) < self._domain_labels:
+            self._senders.add(domain)
             return domain
         return "other"
 

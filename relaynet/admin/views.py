@@ -9,6 +9,7 @@ views they are given, never the node, its runner or its intake.
  - L{SessionsView}: the open SMTP sessions.
  - L{NodeFacts}: who the node is, the configuration in force (L{NodeIdentity}),
    reloading it.
+ - L{SuppressionView}: the suppression list (C{relaynet suppress}).
 
 They are L{typing.Protocol}s: the queue runner provides L{QueueView} by
 having its methods, the node provides L{NodeFacts} by having its attributes,
@@ -22,7 +23,7 @@ or prometheus_client.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from relaynet.queue.states import MessageState, QueueTotals as QueueTotals
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from relaynet.config import NodeConfig
     from relaynet.queue.spool import QueueEntry
+    from relaynet.queue.suppression import Suppression
 
 #: The queue states of a message, as L{QueueStats.counts} and the API name them.
 STATES: tuple[str, ...] = tuple(str(s) for s in MessageState)
@@ -170,3 +172,43 @@ class NodeFacts(NodeIdentity, Protocol):
 
     def reload(self) -> bool:
         """Re-read the configuration; @return: whether it was applied."""
+
+
+class SuppressionView(Protocol):
+    """
+    The suppression list as the admin API changes it
+    (L{relaynet.queue.suppression.SuppressionList} provides it). Changes
+    apply at once in memory; L{flushed} fires once they are on disk.
+    """
+
+    expiry_days: float
+
+    def __len__(self) -> int:
+        """How many entries (expired ones not yet dropped included)."""
+
+    def get(self, address: str) -> "Suppression | None":
+        """The live entry of C{address}, or C{None}."""
+
+    def entries(self) -> "list[Suppression]":
+        """The live entries, by address."""
+
+    def counts(self) -> dict[str, int]:
+        """Live entries by source."""
+
+    def add(
+        self, address: str, reason: str = ..., kind: str = ..., source: str = ...,
+        expires_days: float | None = None,
+    ) -> "Suppression":
+        """Suppress C{address} from now on."""
+
+    def put_many(self, entries: "Iterable[Suppression]") -> int:
+        """Keep each of C{entries} (an import); @return: how many."""
+
+    def remove(self, address: str) -> bool:
+        """Stop suppressing C{address}; @return: whether it was on the list."""
+
+    def default_expiry(self, now: float, days: float | None = None) -> float | None:
+        """When an entry added at C{now} expires by default."""
+
+    def flushed(self) -> "Deferred[None]":
+        """Fires once every change so far is on disk."""

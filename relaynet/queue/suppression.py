@@ -509,11 +509,26 @@ CSV_FIELDS = ("address", "reason", "class", "time", "expires", "source")
 
 def parse_import(text: str, now: float, default_expiry: float | None) -> Iterator[Suppression]:
     """
-    The entries of an import file: JSON lines (each an object with at least
-    C{address}), or CSV with a header line naming some of L{CSV_FIELDS}
-    (C{address} required), or plain lines of one address each. Blank lines
-    and lines starting with C{#} are skipped. Every entry gets source
-    C{import} unless it names one.
+    The entries of an import file (L{parse_import_records}), with C{time}
+    C{now} and C{expires} C{default_expiry} unless a record gives them, and
+    source C{import} unless it names one.
+
+    @raise ValueError: a line that cannot be read, naming its number.
+    """
+    for n, record in parse_import_records(text):
+        try:
+            yield Suppression.from_json(record, now, "import", default_expiry)
+        except ValueError as e:
+            raise ValueError(f"line {n}: {e}") from None
+
+
+def parse_import_records(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """
+    The records of an import file, each with its line number, checked: JSON
+    lines (each an object with at least C{address}), or CSV with a header
+    line naming some of L{CSV_FIELDS} (C{address} required), or plain lines
+    of one address each. Blank lines and lines starting with C{#} are
+    skipped. A record has only the fields the file gives.
 
     @raise ValueError: a line that cannot be read, naming its number.
     """
@@ -524,42 +539,41 @@ def parse_import(text: str, now: float, default_expiry: float | None) -> Iterato
     if not lines:
         return
     first = lines[0][1].strip()
+    rows: list[tuple[int, Any]] = []
     if first.startswith("{"):
         for n, line in lines:
             try:
-                yield Suppression.from_json(json.loads(line), now, "import", default_expiry)
+                rows.append((n, json.loads(line)))
             except ValueError as e:
-                raise ValueError(f"line {n}: {e}") from None
-        return
-    header = [h.strip().lower() for h in next(csv.reader([first]))]
-    if "address" in header:
-        unknown = [h for h in header if h not in CSV_FIELDS]
-        if unknown:
-            raise ValueError(f"line {lines[0][0]}: unknown column {unknown[0]!r} ({', '.join(CSV_FIELDS)})")
-        for n, line in lines[1:]:
-            row = next(csv.reader([line]))
-            record: dict[str, Any] = {}
-            for name, value in zip(header, row):
-                value = value.strip()
-                if not value:
-                    continue
-                if name in ("time", "expires"):
-                    try:
-                        record[name] = float(value)
-                    except ValueError:
-                        raise ValueError(f"line {n}: {name} must be a number (Unix seconds)") from None
-                else:
-                    record[name] = value
-            try:
-                yield Suppression.from_json(record, now, "import", default_expiry)
-            except ValueError as e:
-                raise ValueError(f"line {n}: {e}") from None
-        return
-    for n, line in lines:
+                raise ValueError(f"line {n}: not JSON: {e}") from None
+    else:
+        header = [h.strip().lower() for h in next(csv.reader([first]))]
+        if "address" in header:
+            unknown = [h for h in header if h not in CSV_FIELDS]
+            if unknown:
+                raise ValueError(f"line {lines[0][0]}: unknown column {unknown[0]!r} ({', '.join(CSV_FIELDS)})")
+            for n, line in lines[1:]:
+                record: dict[str, Any] = {}
+                for name, value in zip(header, next(csv.reader([line]))):
+                    value = value.strip()
+                    if not value:
+                        continue
+                    if name in ("time", "expires"):
+                        try:
+                            record[name] = float(value)
+                        except ValueError:
+                            raise ValueError(f"line {n}: {name} must be a number (Unix seconds)") from None
+                    else:
+                        record[name] = value
+                rows.append((n, record))
+        else:
+            rows = [(n, {"address": line.strip()}) for n, line in lines]
+    for n, row in rows:
         try:
-            yield Suppression.from_json({"address": line.strip()}, now, "import", default_expiry)
+            Suppression.from_json(row, 0.0, "import")
         except ValueError as e:
             raise ValueError(f"line {n}: {e}") from None
+        yield n, row
 
 
 def export_csv(entries: Iterable[dict[str, Any]]) -> str:
