@@ -6,6 +6,7 @@ The C{relaynet} command.
     relaynet route CONFIG ADDRESS...     how each address would be routed, and why
     relaynet gen-cert --dir D NAME...    a lab CA (made once) and a certificate for NAMEs
     relaynet passwd FILE USER            add or change a submission user (scrypt hash)
+    relaynet api-token add|list|remove   bearer tokens of the HTTP injection API (docs/http-api.md)
     relaynet dkim keygen DOMAIN SELECTOR a DKIM key (0600) and the DNS TXT record to publish
     relaynet queue COMMAND ...           a running node's queue: list, show, flush, hold, ... (queuecli)
     relaynet suppress COMMAND ...        a running node's suppression list: list, add, remove, import, export
@@ -244,6 +245,33 @@ def _passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_token(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from relaynet.intake.http import add_token, read_tokens_file, remove_token
+
+    path = Path(args.file)
+    try:
+        if args.token_command == "add":
+            token = add_token(path, args.name, args.domain)
+            print(token)
+            print(f"relaynet: token {args.name} written to {path} (hashed; the token above is shown only now)",
+                  file=sys.stderr)
+        elif args.token_command == "list":
+            tokens = read_tokens_file(path) if path.exists() else {}
+            for entry in tokens.values():
+                print(f"{entry.name}\t{','.join(entry.domains)}")
+        else:
+            if not remove_token(path, args.name):
+                print(f"relaynet: {path}: no token {args.name}", file=sys.stderr)
+                return 1
+            print(f"{path}: token {args.name} removed")
+    except (ValueError, OSError) as e:
+        print(f"relaynet: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     """
     Run the benchmarks, C{python -m bench.run ARGS}, from the source checkout
@@ -322,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user", help="user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.set_defaults(func=_passwd)
+    p = sub.add_parser("api-token", help="bearer tokens of the HTTP injection API (docs/http-api.md)")
+    tsub = p.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    t = tsub.add_parser("add", help="make a token (printed once; the file keeps its scrypt hash)")
+    t.add_argument("file", help="tokens file ([http_api] tokens_file; created if missing, mode 0600)")
+    t.add_argument("name", help="token name (letters, digits, '-', '_'); an existing one is replaced")
+    t.add_argument("--domain", action="append", required=True,
+                   help="an envelope sender domain the token may use (example.org, *.example.org, *); repeatable")
+    t.set_defaults(func=_api_token)
+    t = tsub.add_parser("list", help="token names and their sender domains")
+    t.add_argument("file", help="tokens file")
+    t.set_defaults(func=_api_token)
+    t = tsub.add_parser("remove", help="remove a token")
+    t.add_argument("file", help="tokens file")
+    t.add_argument("name", help="token name")
+    t.set_defaults(func=_api_token)
     p = sub.add_parser("dkim", help="DKIM signing keys (docs/outbound-security.md)")
     dsub = p.add_subparsers(dest="dkim_command", metavar="COMMAND", required=True)
     k = dsub.add_parser(
