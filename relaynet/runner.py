@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, TypeVar
 from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,6 +63,9 @@ Summaries = list[dict[str, Any]]
 
 #: Messages summarised per reactor turn by L{QueueRunner.collect}.
 COLLECT_SLICE = 1000
+
+#: Seconds between two reads of the suppression list's file by a worker (the others' changes).
+SUPPRESSION_REFRESH = 5.0
 
 T = TypeVar("T")
 
@@ -161,6 +165,7 @@ class QueueRunner(Service):
             )
         #: The suppression list (the intake and the admin API read it).
         self.suppression = suppression
+        self._suppression_refresh: LoopingCall | None = None
         self.outbound = outbound or OutboundManager(
             reactor, config.outbound, config.outbound.helo_name or config.hostname, config.tls.ca_file,
             events=events, signer=Signer.from_settings(config.dkim),
@@ -224,6 +229,10 @@ class QueueRunner(Service):
         self._started = False
         self._timetable.clear()
         self.outbound.close()
+        if self._suppression_refresh is not None:
+            if self._suppression_refresh.running:
+                self._suppression_refresh.stop()
+            self._suppression_refresh = None
         running = [self._after(d) for d in self._attempts.values()]
         # Suppression entries asked for so far reach the file before the node stops.
         running.append(self.suppression.flushed().addErrback(lambda _: None))
@@ -234,6 +243,16 @@ class QueueRunner(Service):
         super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted 26.10
         self.suppression.load().addErrback(
             lambda f: self.log.failure("Could not read the suppression list", f))
+        if self.config.shard is not None and self._suppression_refresh is None:
+            # The workers of a node share the list's file: each takes what
+            # the others wrote (their bounces, the admin API) every few seconds.
+            def refresh() -> Deferred[Any]:
+                return self.suppression.refresh().addErrback(
+                    lambda f: self.log.failure("Could not read the suppression list", f))
+
+            loop = self._suppression_refresh = LoopingCall(refresh)
+            loop.clock = self.reactor
+            loop.start(SUPPRESSION_REFRESH, now=False)
         if not self._started:
             self.start()
 

@@ -548,3 +548,81 @@ def test_admin_api_suppression(tmp_path: Path) -> None:
     assert call("PUT", "suppression")[0] == 405
     assert call("GET", "suppression/a/b")[0] == 404
     assert sorted(read_file(tmp_path / "s.jsonl")[0]) == ["a@x.test", "c@x.test"]
+
+
+def test_store_shared_by_processes(tmp_path: Path) -> None:
+    """
+    Two lists over one file (the workers of a node): each sees the other's
+    adds and removes after a refresh; a rewrite by one (a new file) keeps
+    every process's entries and the other reads it whole; a line being
+    written (no newline yet) waits for the next refresh.
+    """
+    path = tmp_path / "s.jsonl"
+    clock = Clock()
+    a = SuppressionList(path, now=clock)
+    b = SuppressionList(path, now=clock)
+    assert a.load().called and b.load().called
+    a.add("x@w.test", reason="from a")
+    clock.t += 1
+    b.add("y@w.test")
+    assert b.refresh().result == 2 and b.get("x@w.test").reason == "from a"  # type: ignore[union-attr]
+    clock.t += 1
+    b.remove("x@w.test")
+    a.refresh()
+    assert [e.address for e in a.entries()] == ["y@w.test"]
+    clock.t += 1
+    a.add("z@w.test")
+    inode = path.stat().st_ino
+    assert a.compact().called
+    assert path.stat().st_ino != inode
+    clock.t += 1
+    b.add("v@w.test")  # appended to the new file, under the lock
+    b.refresh()
+    a.refresh()
+    assert [e.address for e in a.entries()] == [e.address for e in b.entries()] == ["v@w.test", "y@w.test", "z@w.test"]
+    with path.open("ab") as f:
+        f.write(b'{"v":1,"op":"add","address":"half@w.test"')
+    a.refresh()
+    assert not a.is_suppressed("half@w.test")
+    with path.open("ab") as f:
+        f.write(b',"time":1}\n')
+    a.refresh()
+    assert a.is_suppressed("half@w.test")
+
+
+def test_worker_runner_refreshes_the_shared_list(tmp_path: Path) -> None:
+    """
+    A worker's runner (a config with a shard) reads the shared file every
+    SUPPRESSION_REFRESH seconds, so another worker's entries refuse mail
+    here too; the loop stops with the runner. A node without workers
+    starts no loop.
+    """
+    import attrs
+    from twisted.internet.task import Clock as TClock
+
+    from relaynet.config import parse_config
+    from relaynet.events import EventLog
+    from relaynet.runner import SUPPRESSION_REFRESH, QueueRunner
+    from relaynet.testing import ManualThreadPool
+    from relaynet.testing.spool import MemorySpool
+
+    reactor = TClock()
+    config = parse_config({"node": {"name": "w", "spool": str(tmp_path)}, "admin": {"enabled": False}})
+    path = tmp_path / "suppression.jsonl"
+    other = SuppressionList(path)
+    runners = []
+    for shard in (None, 1):
+        runner = QueueRunner(attrs.evolve(config, shard=shard), MemorySpool(), EventLog(None, "w"), reactor,
+                             ManualThreadPool(immediate=True),  # type: ignore[arg-type]
+                             suppression=SuppressionList(path))
+        runner.startService()
+        runners.append(runner)
+    single, worker = runners
+    assert len(reactor.getDelayedCalls()) == 1
+    other.add("late@x.test")
+    reactor.advance(SUPPRESSION_REFRESH)
+    assert worker.suppression.is_suppressed("late@x.test")
+    assert not single.suppression.is_suppressed("late@x.test")
+    for runner in runners:
+        runner.stopService()
+    assert reactor.getDelayedCalls() == []

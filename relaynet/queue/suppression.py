@@ -23,7 +23,11 @@ Reading the file replays it in order; a line that cannot be read is skipped
 (a torn last line after a crash). When the file holds many more lines than
 live entries, it is rewritten with only the live ones
 (L{relaynet.queue.spool.write_file_durably}: temporary file, fsync, rename).
-Writes run one at a time, in the order they were asked for.
+Writes run one at a time, in the order they were asked for, under an
+exclusive C{flock} of C{suppression.jsonl.lock}: the workers of a node share
+the file, and each takes what the others appended with
+L{SuppressionList.refresh} (the runner of a worker calls it every few
+seconds).
 
 L{SuppressionSettings} is the C{[suppression]} table of the node
 configuration (L{parse_suppression}).
@@ -237,6 +241,15 @@ class SuppressionList:
     The suppression list of a node: lookups in memory, the file written in
     a worker thread (module docstring).
 
+    File work runs one job at a time, in order: appending the changes
+    asked for, rewriting the file (compaction), or reading what other
+    processes (the workers of a node, which share the file) appended since
+    the last read (L{refresh}). Appends and rewrites hold an exclusive
+    C{flock} on C{<file>.lock}, so a rewrite replays every process's lines
+    and none is appended to a file being replaced. While a read or a
+    rewrite runs, the addresses changed meanwhile are remembered, and the
+    memory's word on them wins over the file's.
+
     @ivar path: the file (C{None}: in memory only, for tests and fakes).
     @ivar expiry_days: the default lifetime of a new entry (0: for ever).
     """
@@ -260,12 +273,15 @@ class SuppressionList:
         self.compact_slack = compact_slack
         self._entries: dict[str, Suppression] = {}
         self._touched: dict[str, Suppression | None] = {}
-        self._loading = False
+        self._reading = False
         self._lines = 0
+        self._position = FilePosition()
         self._pending: list[dict[str, Any]] = []
         self._rewrite = False
-        self._writing = False
+        self._sync = False
+        self._busy = False
         self._waiters: list[Deferred[None]] = []
+        self._read_waiters: list[Deferred[int]] = []
 
     # -- reading --------------------------------------------------------
 
@@ -320,7 +336,7 @@ class SuppressionList:
     def put(self, entry: Suppression) -> None:
         """Keep C{entry} (replacing any of its address) and write it."""
         self._entries[entry.address] = entry
-        if self._loading:
+        if self._reading:
             self._touched[entry.address] = entry
         self._append({"v": 1, "op": "add", **entry.to_json()})
 
@@ -337,15 +353,15 @@ class SuppressionList:
         key = normalise(address)
         was = self.get(key) is not None
         entry = self._entries.pop(key, None)
-        if self._loading:
+        if self._reading:
             self._touched[key] = None
-        if entry is not None or self._loading:
+        if entry is not None or self._reading:
             self._append({"v": 1, "op": "remove", "address": key, "time": self.now()})
         return was
 
     def flushed(self) -> Deferred[None]:
         """Fires once every change made so far is in the file (at once without a file)."""
-        if self.path is None or (not self._pending and not self._writing and not self._rewrite):
+        if self.path is None or (not self._pending and not self._busy and not self._rewrite):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
@@ -355,53 +371,38 @@ class SuppressionList:
 
     def load(self) -> Deferred[int]:
         """
-        Read the file in a worker thread and take its entries; changes made
-        meanwhile win over the file's. @return: fires with the live entries.
+        Read the whole file in a worker thread and take its entries; changes
+        made meanwhile win over the file's. @return: fires with the entries.
+        """
+        self._position = FilePosition()
+        return self.refresh()
+
+    def refresh(self) -> Deferred[int]:
+        """
+        Take what other processes wrote since the last read (all of the file
+        if it was replaced, or at the first read), in a worker thread after
+        the writes asked for so far. @return: fires with the entries then.
         """
         if self.path is None:
             return succeed(len(self))
-        path = self.path
-        self._loading = True
-
-        def loaded(result: tuple[dict[str, Suppression], int]) -> int:
-            found, lines = result
-            self._loading = False
-            for key, entry in self._touched.items():
-                if entry is None:
-                    found.pop(key, None)
-                else:
-                    found[key] = entry
-            self._touched.clear()
-            self._entries = found
-            self._lines += lines
-            self._maybe_compact()
-            self._write()  # what was asked for while reading
-            return len(self)
-
-        def failed(f: Failure) -> Failure:
-            self._loading = False
-            self._touched.clear()
-            return f
-
-        return self.run_in_thread(lambda: read_file(path)).addCallbacks(loaded, failed)
+        d: Deferred[int] = Deferred()
+        self._read_waiters.append(d)
+        self._sync = True
+        self._next()
+        return d
 
     def load_now(self) -> int:
         """L{load}, blocking (before the reactor runs, or in a command)."""
         if self.path is not None:
-            self._entries, self._lines = read_file(self.path)
+            self._entries, self._lines, self._position = read_file_at(self.path)
         return len(self)
-
-    def _maybe_compact(self) -> None:
-        if self.path is not None and self._lines > len(self._entries) + self.compact_slack:
-            self._rewrite = True
-            self._write()
 
     def compact(self) -> Deferred[None]:
         """Rewrite the file with only the live entries (now, in a worker thread)."""
         if self.path is None:
             return succeed(None)
         self._rewrite = True
-        self._write()
+        self._next()
         return self.flushed()
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -411,67 +412,221 @@ class SuppressionList:
         self._lines += 1
         if self._lines > len(self._entries) + self.compact_slack:
             self._rewrite = True
-        self._write()
+        self._next()
 
-    def _write(self) -> None:
-        """Start the next write unless one runs (each write takes everything asked for so far)."""
-        if self._writing or self.path is None or self._loading:
+    def _next(self) -> None:
+        """Start the next file job unless one runs: a rewrite, else an append, else a read."""
+        if self._busy or self.path is None:
             return
-        if not self._pending and not self._rewrite:
+        path = self.path
+        records, self._pending = self._pending, []
+        data = "".join(_line(r) for r in records).encode("utf-8")
+        job: Callable[[], Any]
+        if self._rewrite:
+            self._rewrite = self._sync = False
+            now = self.now()
+            job, reads = (lambda: rewrite_file(path, data, now)), True
+        elif records:
+            job, reads = (lambda: append_durably(path, data)), False
+        elif self._sync:
+            self._sync = False
+            position = self._position
+            job, reads = (lambda: read_changes(path, position)), True
+        else:
             waiters, self._waiters = self._waiters, []
             for d in waiters:
                 d.callback(None)
             return
-        path = self.path
-        if self._rewrite:
-            now = self.now()
-            live = [e for e in self._entries.values() if e.live(now)]
-            self._entries = {e.address: e for e in live}
-            data = "".join(_line({"v": 1, "op": "add", **e.to_json()}) for e in live).encode("utf-8")
-            self._pending.clear()
-            self._rewrite = False
-            self._lines = len(live)
-            job: Callable[[], None] = lambda: write_file_durably(path, data)
-        else:
-            data = "".join(_line(r) for r in self._pending).encode("utf-8")
-            self._pending.clear()
-            job = lambda: append_durably(path, data)
-        self._writing = True
+        self._busy = True
+        self._reading = reads
+        self._touched.clear()
 
         def done(result: object) -> None:
-            self._writing = False
+            self._busy = False
+            self._reading = False
+            touched, self._touched = self._touched, {}
             if isinstance(result, Failure):
-                self.log.failure("Could not write the suppression list {path}", result, path=str(path))
-                # The list in memory is right: write all of it next time.
-                self._rewrite = True
+                self.log.failure("Could not write or read the suppression list {path}", result, path=str(path))
+                # Written again with the next change (not in a loop while the disk fails).
+                self._pending[:0] = records
                 waiters, self._waiters = self._waiters, []
                 for d in waiters:
                     d.errback(result)
+                readers, self._read_waiters = self._read_waiters, []
+                for r in readers:
+                    r.errback(result)
                 return
-            self._write()
+            if isinstance(result, FileState):
+                self._take(result, touched)
+            self._next()
 
         self.run_in_thread(job).addBoth(done)
 
+    def _take(self, state: "FileState", touched: dict[str, Suppression | None]) -> None:
+        """Apply what a read or a rewrite found; the addresses changed meanwhile keep their memory."""
+        if state.whole:
+            self._entries = {k: v for k, v in state.changes.items() if v is not None}
+            self._lines = state.lines
+        entries = self._entries
+        changes = () if state.whole else state.changes.items()
+        for key, change in changes:
+            if key in touched:
+                continue
+            if change is None:
+                entries.pop(key, None)
+            else:
+                entries[key] = change
+        for key, entry in touched.items():
+            if entry is None:
+                entries.pop(key, None)
+            else:
+                entries[key] = entry
+        self._position = state.position
+        if self._lines > len(entries) + self.compact_slack:
+            self._rewrite = True
+        readers, self._read_waiters = self._read_waiters, []
+        for r in readers:
+            r.callback(len(self))
 
-def _line(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+@frozen
+class FilePosition:
+    """How far a process has read the file: its inode and the offset after the last whole line."""
+
+    inode: int = -1
+    offset: int = 0
+
+
+@frozen
+class FileState:
+    """
+    What a read found: all of the file (C{whole}: C{changes} is every entry)
+    or the lines after the last read (C{changes}: the last word on each
+    address they name, C{None} for a removal).
+    """
+
+    whole: bool
+    changes: dict[str, Any]
+    lines: int
+    position: FilePosition
+
+
+def _lock(path: Path) -> int:
+    """An exclusive C{flock} on C{<path>.lock} (the file of the list is replaced by rewrites; its lock is not)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def append_durably(path: Path, data: bytes) -> None:
-    """Append C{data} to C{path} and fsync it (and its directory when the file is new). Blocking."""
-    new = not path.exists()
-    if new:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append C{data} to C{path} under the lock and fsync it (and its directory when the file is new). Blocking."""
+    lock = _lock(path)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        new = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            fsync_dir(path.parent)
     finally:
-        os.close(fd)
-    if new:
-        fsync_dir(path.parent)
+        os.close(lock)
+
+
+def rewrite_file(path: Path, data: bytes, now: float) -> FileState:
+    """
+    Under the lock: append C{data}, replay the whole file (every process's
+    lines), and replace it with one line per live entry
+    (L{write_file_durably}). Blocking.
+    """
+    lock = _lock(path)
+    try:
+        if data:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        entries, _, _ = read_file_at(path)
+        live = [e for e in entries.values() if e.live(now)]
+        body = "".join(_line({"v": 1, "op": "add", **e.to_json()}) for e in live).encode("utf-8")
+        write_file_durably(path, body)
+        st = os.stat(path)
+        return FileState(True, {e.address: e for e in live}, len(live), FilePosition(st.st_ino, st.st_size))
+    finally:
+        os.close(lock)
+
+
+def read_changes(path: Path, since: FilePosition) -> FileState:
+    """
+    The lines after C{since} (blocking), or the whole file when it is not
+    the file read then (replaced by a rewrite, or never read).
+    """
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return FileState(True, {}, 0, FilePosition())
+    with f:
+        st = os.fstat(f.fileno())
+        if st.st_ino != since.inode or st.st_size < since.offset:
+            entries, lines, offset = _replay(f)
+            return FileState(True, dict(entries), lines, FilePosition(st.st_ino, offset))
+        f.seek(since.offset)
+        changes: dict[str, Suppression | None] = {}
+        lines, offset = 0, since.offset
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # being written: read it next time
+            lines += 1
+            offset += len(raw)
+            _apply(raw, changes)
+        return FileState(False, changes, lines, FilePosition(st.st_ino, offset))
+
+
+def _apply(raw: bytes, into: dict[str, Any]) -> None:
+    try:
+        record = json.loads(raw)
+        op = record.get("op")
+        if op == "add":
+            entry = Suppression.from_json(record, 0.0, default_source="admin")
+            into[entry.address] = entry
+        elif op == "remove":
+            into[normalise(str(record["address"]))] = None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+
+
+def _replay(f: Any) -> tuple[dict[str, Suppression], int, int]:
+    changes: dict[str, Suppression | None] = {}
+    lines = offset = 0
+    for raw in f:
+        lines += 1
+        offset += len(raw)
+        _apply(raw, changes)
+    return {k: v for k, v in changes.items() if v is not None}, lines, offset
+
+
+def read_file_at(path: Path) -> tuple[dict[str, Suppression], int, FilePosition]:
+    """L{read_file} and the position after its last line."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return {}, 0, FilePosition()
+    with f:
+        st = os.fstat(f.fileno())
+        entries, lines, offset = _replay(f)
+        return entries, lines, FilePosition(st.st_ino, offset)
 
 
 def read_file(path: Path) -> tuple[dict[str, Suppression], int]:
@@ -480,26 +635,12 @@ def read_file(path: Path) -> tuple[dict[str, Suppression], int]:
     its number of lines. A missing file is an empty list; unreadable lines
     are skipped.
     """
-    entries: dict[str, Suppression] = {}
-    lines = 0
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return entries, 0
-    with f:
-        for raw in f:
-            lines += 1
-            try:
-                record = json.loads(raw)
-                op = record.get("op")
-                if op == "add":
-                    entry = Suppression.from_json(record, 0.0, default_source="admin")
-                    entries[entry.address] = entry
-                elif op == "remove":
-                    entries.pop(normalise(str(record["address"])), None)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
+    entries, lines, _ = read_file_at(path)
     return entries, lines
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 # -- import and export ------------------------------------------------------
