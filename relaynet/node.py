@@ -305,6 +305,7 @@ class RelayNode(MultiService):
             site = api_site(
                 lambda: self.config, self.spool, self.events, self.runner.enqueue, self.intake.routing,
                 reactor, lambda f, *a: deferToThreadPool(reactor, self.pool, f, *a),
+                suppressed=self.intake.suppressed,
             )
             api_endpoint = config.http_api.endpoint
             if config.shard is not None and api_endpoint.split(":", 1)[0] in ("tcp", "tcp6"):

@@ -406,3 +406,44 @@ def test_cli_api_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["api-token", "remove", str(path), "shop"]) == 0
     assert main(["api-token", "remove", str(path), "shop"]) == 1
     assert read_tokens_file(path) == {}
+
+
+def test_prepare_suppressed_recipients_left_out() -> None:
+    """Suppressed recipients are left out and listed; when all are, no message is built."""
+    from types import SimpleNamespace
+
+    config = parse_config({})
+    token = APIToken("t", "", ("*",))
+    entry = SimpleNamespace(kind="invalid-recipient", source="bounce", time=0.0, reason="550 no such user")
+
+    def suppressed(address: str) -> Any:
+        return entry if address == "gone@localhost" else None
+
+    body = {"sender": "a@example.org", "recipients": ["u@localhost", {"address": "gone@localhost"}],
+            "content": {"from": "a@example.org", "text": "t"}}
+    inj = prepare(json.dumps(body).encode(), token, config, RoutingTable(config), 10, suppressed)
+    assert [m.recipients[0].address for m in inj.messages] == ["u@localhost"]
+    assert [(r.field, r.address) for r in inj.suppressed] == [("recipients[1].address", "gone@localhost")]
+    assert "5.1.1" in inj.suppressed[0].error
+    body["recipients"] = ["gone@localhost"]
+    inj = prepare(json.dumps(body).encode(), token, config, RoutingTable(config), 10, suppressed)
+    assert inj.messages == () and len(inj.suppressed) == 1
+
+
+def test_prepare_deeply_nested_json() -> None:
+    """JSON nested beyond the parser's recursion limit is a 400, not an internal error."""
+    config = parse_config({})
+    with pytest.raises(APIError) as e:
+        prepare(b"[" * 100000 + b"]" * 100000, APIToken("t", "", ("*",)), config, RoutingTable(config), 10)
+    assert e.value.status == 400
+
+
+def test_token_file_changes_apply(node: Node) -> None:
+    """A token added to the file of a running node works at once; once removed it is refused (the cache is dropped)."""
+    path = node.proc.dir / "tokens"
+    token = add_token(path, "temp", ["example.org"])
+    status, reply, _ = node.post(message(), token)
+    assert status == 201, reply
+    assert remove_token(path, "temp")
+    status, reply, _ = node.post(message(), token)
+    assert status == 401

@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from attrs import frozen
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -62,13 +62,16 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relaynet.config import NodeConfig
 from relaynet.delivery.routing import RoutingTable, domain_matches
-from relaynet.intake.auth import _DUMMY_HASH, hash_password, verify_password
+from relaynet.intake.auth import hash_password, verify_password
 from relaynet.intake.policy import check_recipient
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient, SpoolFull
 from relaynet.smtp.parse import CommandError, parse_mail, parse_rcpt
 
 DISCARD_FACTOR = 4
 """An oversized body is read and dropped up to this many times the limit, then the connection is cut."""
+
+SCRYPT_CHECKS = 2
+"""Token secrets checked with scrypt at once (others wait their turn)."""
 
 MAX_SUBSTITUTIONS = 100
 """Keys of one C{substitutions} object."""
@@ -198,9 +201,9 @@ class TokenStore:
     """
     The tokens of a tokens file, re-read when its modification time changes
     (an unreadable file keeps the copy read before). A presented token is
-    checked with scrypt in a worker thread once; then its SHA-256 is
-    remembered until the file changes, so a client's requests after the
-    first cost no scrypt.
+    checked with scrypt in a worker thread once (at most L{SCRYPT_CHECKS}
+    at a time); then its SHA-256 is remembered until the file changes, so a
+    client's requests after the first cost no scrypt.
     """
 
     def __init__(self, path: Path, run_in_thread: Callable[..., Deferred[Any]]) -> None:
@@ -209,6 +212,9 @@ class TokenStore:
         self._tokens: dict[str, APIToken] = {}
         self._mtime: float | None = None
         self._verified: dict[bytes, APIToken] = {}
+        # Wrong secrets each cost a scrypt: at most this many at once, so a
+        # flood of them cannot take every thread of the node's pool.
+        self._checks = DeferredSemaphore(SCRYPT_CHECKS)
 
     def tokens(self) -> dict[str, APIToken]:
         """The current tokens."""
@@ -231,7 +237,11 @@ class TokenStore:
             return succeed(known)
         name, _, secret = presented.partition(".")
         token = tokens.get(name)
-        stored = token.hashed if token is not None else _DUMMY_HASH
+        if token is None:
+            # A token's name is not a secret (its 256-bit secret is): an
+            # unknown name is refused without the cost of scrypt.
+            return succeed(None)
+        stored = token.hashed
 
         def verify() -> bool:
             return verify_password(secret, stored)
@@ -242,7 +252,7 @@ class TokenStore:
             self._verified[key] = token
             return token
 
-        return self._run(verify).addCallback(checked)
+        return self._checks.run(self._run, verify).addCallback(checked)
 
 
 # -- validation and building (pure) -------------------------------------------
@@ -261,11 +271,25 @@ class Prepared:
 
 
 @frozen
+class Refused:
+    """A recipient left out of a request because it is on the suppression list."""
+
+    field: str
+    address: str
+    error: str
+    entry: Any
+
+
+@frozen
 class Injection:
-    """A validated request: the envelope sender and the messages to queue."""
+    """
+    A validated request: the envelope sender, the messages to queue, and
+    the recipients left out because they are suppressed.
+    """
 
     sender: str
     messages: tuple[Prepared, ...]
+    suppressed: tuple[Refused, ...] = ()
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], field: str, what: str) -> Any:
@@ -442,15 +466,21 @@ def _build(
 
 def prepare(
     body: bytes, token: APIToken, config: NodeConfig, table: RoutingTable, max_recipients: int,
+    suppressed: Callable[[str], Any] | None = None,
 ) -> Injection:
     """
     Validate a request body and build its message(s). Pure (no reactor, no
     disk): run in a worker thread.
 
+    @param suppressed: the suppression list's in-memory lookup (an entry or
+        C{None}); a suppressed recipient is left out, and listed in
+        L{Injection.suppressed}.
     @raise APIError: what to answer instead of queueing.
     """
     try:
         req = json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the body is not JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not JSON: {e}") from None
     if not isinstance(req, dict):
@@ -477,6 +507,7 @@ def prepare(
                        "message" if has_message else "content")
     shared = _substitutions(req["substitutions"], "substitutions") if "substitutions" in req else {}
     parsed: list[tuple[Recipient, dict[str, str] | None, str, bool]] = []
+    refused: list[Refused] = []
     for i, item in enumerate(rcpts):
         field = f"recipients[{i}]"
         subs = None
@@ -495,8 +526,16 @@ def prepare(
         verdict = check_recipient(config, local, domain, "", authenticated=True, table=table)
         if not verdict.accepted:
             raise APIError(422, f"refused: {verdict.code} {verdict.enhanced} {verdict.text}", afield)
+        entry = suppressed(address) if suppressed is not None else None
+        if entry is not None:
+            day = time.strftime("%Y-%m-%d", time.gmtime(getattr(entry, "time", 0.0)))
+            refused.append(Refused(afield, address, f"550 5.1.1 <{address}>: recipient suppressed "
+                                   f"({getattr(entry, 'kind', '')}, {getattr(entry, 'source', '')} {day})", entry))
+            continue
         route = verdict.route.name if verdict.route is not None else "local"
         parsed.append((Recipient(address=address, route=route), subs, afield, utf8))
+    if not parsed:
+        return Injection(sender=sender, messages=(), suppressed=tuple(refused))
     personal = any(subs is not None for _, subs, _, _ in parsed)
     groups: list[tuple[list[Recipient], dict[str, str] | None, str, bool]]
     if personal:
@@ -537,7 +576,7 @@ def prepare(
             recipients=tuple(recipients), data=data, message_id=message_id, hops=hops,
             smtputf8=sender_utf8 or utf8 or not head.isascii(), eight_bit=not data.isascii(),
         ))
-    return Injection(sender=sender, messages=tuple(messages))
+    return Injection(sender=sender, messages=tuple(messages), suppressed=tuple(refused))
 
 
 # -- the web side -----------------------------------------------------------
@@ -638,9 +677,11 @@ class InjectionAPI(Resource):
     C{/api/v1/messages} and C{/api/v1/openapi.json}; everything else is a
     JSON 404 (or 405).
 
-    @param injector: commits a validated L{Injection}: a callable taking it,
+    @param commit: commits a validated L{Injection}: a callable taking it,
         the token and the request, returning a Deferred list of
-        C{(Prepared, QueueEntry)}.
+        L{QueueEntry}s (an L{Injector}).
+    @param suppressed: the suppression list's lookup (L{relaynet.intake.server.Intake.suppressed}).
+    @param events: the node's event log, for C{suppressed} events.
     """
 
     isLeaf = True
@@ -650,8 +691,11 @@ class InjectionAPI(Resource):
         self, config: Callable[[], NodeConfig], tokens: Callable[[], TokenStore | None],
         routing: Callable[[], RoutingTable], run_in_thread: Callable[..., Deferred[Any]],
         commit: Callable[[Injection, APIToken, Request], Deferred[list[QueueEntry]]],
+        suppressed: Callable[[str], Any] | None = None, events: Any = None,
     ) -> None:
         Resource.__init__(self)
+        self.suppressed = suppressed
+        self.events = events
         self.config = config
         self.tokens = tokens
         self.routing = routing
@@ -704,14 +748,27 @@ class InjectionAPI(Resource):
             config = self.config()
             settings = config.http_api
             table = self.routing()
-            return self.run(prepare, body, token, config, table, settings.max_recipients).addCallback(
-                lambda injection: self.commit(injection, token, request))
+            return self.run(
+                prepare, body, token, config, table, settings.max_recipients, self.suppressed,
+            ).addCallback(prepared, token)
 
-        def done(entries: list[QueueEntry]) -> None:
-            reply = {"messages": [
+        def prepared(injection: Injection, token: APIToken) -> Any:
+            for r in injection.suppressed:
+                self._suppressed_event(r, injection.sender, request, token)
+            if not injection.messages:
+                first = injection.suppressed[0]
+                raise APIError(422, f"every recipient is suppressed; first: {first.error}", first.field)
+            left_out = [{"field": r.field, "address": r.address, "error": r.error} for r in injection.suppressed]
+            return self.commit(injection, token, request).addCallback(lambda entries: (entries, left_out))
+
+        def done(result: tuple[list[QueueEntry], list[dict[str, str]]]) -> None:
+            entries, left_out = result
+            reply: dict[str, Any] = {"messages": [
                 {"queue_id": e.queue_id, "recipients": [r.address for r in e.envelope.recipients]}
                 for e in entries
             ], "queue_ids": [e.queue_id for e in entries]}
+            if left_out:
+                reply["suppressed"] = left_out
             self._write(request, finished, 201, reply)
 
         def refused(failure: Failure) -> None:
@@ -731,6 +788,22 @@ class InjectionAPI(Resource):
         store.check(presented.strip()).addCallback(authorised).addCallbacks(done, refused).addErrback(
             lambda f: self.log.failure("HTTP API reply failed", f))
         return NOT_DONE_YET
+
+    def _suppressed_event(self, r: Refused, sender: str, request: Request, token: APIToken) -> None:
+        """A C{suppressed} event, as the SMTP intake logs one at RCPT (stage C{http})."""
+        if self.events is None:
+            return
+        e = r.entry
+        try:
+            self.events.emit(
+                "suppressed", stage="http", code=550, dsn="5.1.1", sender=sender, recipient=r.address,
+                client=str(getattr(request.getClientAddress(), "host", "")), token=token.name,
+                reason=getattr(e, "reason", None), source=getattr(e, "source", None),
+                since=getattr(e, "time", None), expires=getattr(e, "expires", None), status="suppressed",
+                **{"class": getattr(e, "kind", None)},
+            )
+        except Exception:
+            self.log.failure("Could not log a suppressed event")
 
     def _write(self, request: Request, finished: list[bool], status: int, body: Any) -> None:
         if finished[0]:
@@ -849,6 +922,7 @@ class Injector:
 def api_site(
     config: Callable[[], NodeConfig], spool: Any, events: Any, queued: Callable[[QueueEntry], None],
     routing: Callable[[], RoutingTable], reactor: Any, run_in_thread: Callable[..., Deferred[Any]],
+    suppressed: Callable[[str], Any] | None = None,
 ) -> APISite:
     """
     The API's site for a node: its tokens file (C{[http_api] tokens_file}),
@@ -859,7 +933,7 @@ def api_site(
     if store is not None:
         store.tokens()  # read now: before twistd drops privileges it may be root's only
     injector = Injector(spool, events, queued, config, reactor, settings.endpoint or "")
-    resource = InjectionAPI(config, lambda: store, routing, run_in_thread, injector)
+    resource = InjectionAPI(config, lambda: store, routing, run_in_thread, injector, suppressed, events)
     return APISite(resource, lambda: config().http_api.max_request_size, reactor)
 
 
@@ -940,6 +1014,10 @@ def openapi() -> dict[str, Any]:
                         "schema": {"type": "object", "properties": {
                             "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Queued"}},
                             "queue_ids": {"type": "array", "items": {"type": "string"}},
+                            "suppressed": {"type": "array", "description": "recipients left out: suppressed",
+                                           "items": {"type": "object", "properties": {
+                                               "field": {"type": "string"}, "address": {"type": "string"},
+                                               "error": {"type": "string"}}}},
                         }}}}},
                     "400": _error_response("the body is not a JSON object"),
                     "401": _error_response("no, unknown or wrong bearer token"),
