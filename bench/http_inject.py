@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """
 Injection over HTTP against injection over SMTP, into one relaynet node, in
 one run (issue 14).

@@ -22,7 +22,12 @@ from harness.nodeproc import HOST, NodeProcess, free_port, parse_message, wait_f
 from relaynet.config import ConfigError, parse_config
 from relaynet.delivery.routing import RoutingTable
 from relaynet.intake.http import (
-    APIError, APIToken, add_token, prepare, read_tokens_file, remove_token,
+    APIError,
+    APIToken,
+    add_token,
+    prepare,
+    read_tokens_file,
+    remove_token,
 )
 
 LIMIT = 65536
@@ -33,7 +38,7 @@ endpoint = "tcp:{http}:interface=127.0.0.1"
 tokens_file = "tokens"
 max_request_size = %d
 max_recipients = 5
-""" % LIMIT
+""".replace("%d", str(LIMIT))
 
 
 class Node:
@@ -46,7 +51,7 @@ class Node:
         self.other = add_token(tmp / "tokens", "other", ["other.test"])
         self.proc = NodeProcess(tmp, extra_toml=EXTRA.replace("{http}", str(self.http_port)), name="httpapi")
 
-    def start(self) -> "Node":
+    def start(self) -> Node:
         self.proc.start()
         wait_for(lambda: _connects(self.http_port), 10, "the HTTP API listener")
         return self
@@ -447,3 +452,19 @@ def test_token_file_changes_apply(node: Node) -> None:
     assert remove_token(path, "temp")
     status, reply, _ = node.post(message(), token)
     assert status == 401
+
+
+def test_config_describe_round_trip(tmp_path: Path) -> None:
+    """relaynet check-config renders [http_api]; loading the rendering gives the same settings."""
+    import tomllib
+
+    from relaynet.config import describe
+
+    config = parse_config({"http_api": {"endpoint": "tcp:8025:interface=0.0.0.0", "tokens_file": "tok",
+                                        "max_request_size": 4096, "max_recipients": 7}},
+                          source="node.toml", base=tmp_path)
+    assert config.http_api.tokens_file == tmp_path / "tok"
+    again = parse_config(tomllib.loads(describe(config)), source="described.toml")
+    assert again.http_api == config.http_api
+    assert parse_config({}).http_api.endpoint is None
+    assert "[http_api]" not in describe(parse_config({}))

@@ -46,13 +46,13 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from attrs import frozen
-
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -176,7 +176,7 @@ def add_token(path: Path, name: str, domains: Sequence[str]) -> str:
     clean = []
     for d in domains:
         d = d.strip().lower().rstrip(".")
-        body = d[2:] if d.startswith("*.") else d
+        body = d.removeprefix("*.")
         if d != "*" and (not body or any(c in body for c in "*:, \t@")):
             raise ValueError(f"{d!r} is not a domain, '*.domain' or '*'")
         clean.append(d)
@@ -707,7 +707,7 @@ class InjectionAPI(Resource):
             return self._render(request)
         except APIError as e:
             return _json(request, e.status, e.body())
-        except Exception:
+        except Exception:  # noqa: BLE001 -- never a traceback: whatever fails is a JSON 500, logged
             self.log.failure("HTTP API request failed")
             return _json(request, 500, {"error": "internal error", "field": None})
 
@@ -802,7 +802,7 @@ class InjectionAPI(Resource):
                 since=getattr(e, "time", None), expires=getattr(e, "expires", None), status="suppressed",
                 **{"class": getattr(e, "kind", None)},
             )
-        except Exception:
+        except Exception:  # noqa: BLE001 -- an event is diagnostics: its failure must not fail the request
             self.log.failure("Could not log a suppressed event")
 
     def _write(self, request: Request, finished: list[bool], status: int, body: Any) -> None:
@@ -863,7 +863,7 @@ class Injector:
         for msg in injection.messages:
             env = Envelope(
                 queue_id=self.spool.new_id(), sender=injection.sender, recipients=msg.recipients,
-                arrival=time.time(),
+                arrival=self.reactor.seconds(),
                 params={"body": "8BITMIME" if msg.eight_bit else None, "smtputf8": msg.smtputf8},
                 client={"ip": ip, "port": port, "protocol": protocol, "listener": self.listener,
                         "token": token.name},
@@ -875,13 +875,13 @@ class Injector:
                 f"Received: from {literal} (token {token.name})\r\n"
                 f"\tby {config.hostname} (relaynet) with {protocol} id {env.queue_id}{rcpt};"
                 f" {formatdate(env.arrival, localtime=True)}\r\n"
-            ).encode("utf-8")
+            ).encode()
             try:
                 writer = self.spool.begin(env)
                 writer.write(received)
                 writer.write(msg.data)
                 d = writer.commit(msg.hops)
-            except Exception:
+            except Exception:  # noqa: BLE001 -- any error of the spool writer becomes that message's failed commit
                 d = Deferred()
                 d.errback(Failure())
             pending.append(d.addCallback(self._committed, msg, token, ip, port, started))
@@ -910,11 +910,11 @@ class Injector:
                 client_port=port, protocol="http", token=token.name, hops=msg.hops,
                 ack_delay=round(self.reactor.seconds() - started, 6),
             )
-        except Exception:
+        except Exception:  # noqa: BLE001 -- an event is diagnostics: the message is committed whatever happens
             self.log.failure("Could not log the received event of {queue_id}", queue_id=entry.queue_id)
         try:
             self.queued(entry)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- committed is committed: the recovery schedules it at the next start
             self.log.failure("Could not schedule {queue_id}", queue_id=entry.queue_id)
         return entry
 
@@ -1036,6 +1036,18 @@ def openapi() -> dict[str, Any]:
 
 
 __all__ = [
-    "APIError", "APIToken", "APISite", "InjectionAPI", "Injector", "Injection", "Prepared",
-    "TokenStore", "add_token", "api_site", "openapi", "prepare", "read_tokens_file", "remove_token",
+    "APIError",
+    "APISite",
+    "APIToken",
+    "Injection",
+    "InjectionAPI",
+    "Injector",
+    "Prepared",
+    "TokenStore",
+    "add_token",
+    "api_site",
+    "openapi",
+    "prepare",
+    "read_tokens_file",
+    "remove_token",
 ]
