@@ -52,7 +52,7 @@ from relaynet.queue.core import Decision, Notice, Outcome, Plan, QueueCore, Writ
 from relaynet.queue.ordering import Key
 from relaynet.queue.retry import RetryPolicy
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool
-from relaynet.queue.suppression import SuppressionList, suppression_settings
+from relaynet.queue.suppression import SuppressionList, classifier_for, suppression_settings
 from relaynet.queue.states import QueueTotals, RecipientStatus
 from relaynet.queue.timetable import Timetable
 from relaynet.queue.window import TransferWindow
@@ -156,7 +156,7 @@ class QueueRunner(Service):
         self.now = now
         self.table = RoutingTable(config)
         settings = suppression_settings(config)
-        self.core = QueueCore(_retry_policy(config), config.queue.delay_warning, settings.classifier())
+        self.core = QueueCore(_retry_policy(config), config.queue.delay_warning, classifier_for(settings))
         if suppression is None:
             suppression = SuppressionList(
                 config.spool / "suppression.jsonl" if isinstance(spool, Spool) else None, now=now,
@@ -268,7 +268,7 @@ class QueueRunner(Service):
         self.core.policy = _retry_policy(config)
         self.core.delay_warning = config.queue.delay_warning
         settings = suppression_settings(config)
-        self.core.classify = settings.classifier()
+        self.core.classify = classifier_for(settings)
         self.suppression.expiry_days = settings.expiry_days
         if isinstance(self.outbound, OutboundManager):
             self.outbound.timeouts = config.outbound

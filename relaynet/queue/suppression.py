@@ -62,13 +62,23 @@ COMPACT_SLACK = 1000
 _DAY = 86400.0
 
 
-# -- configuration --------------------------------------------------------
+# -- configuration (to move into relaynet/config.py as it stands) ----------
+#
+# This block depends only on the standard library, attrs, TableReader and
+# ConfigError, so that it can move into relaynet/config.py unchanged (that
+# file imports nothing of queue/); then this module imports the four names
+# from relaynet.config instead.
+
+#: The bounce classes (L{relaynet.queue.classify.BounceClass}'s values, in order).
+BOUNCE_CLASSES: tuple[str, ...] = (
+    "invalid-recipient", "mailbox-full", "policy", "reputation", "dns", "tls", "content", "rate-limit", "other",
+)
 
 
 @frozen
 class SuppressionSettings:
     """
-    The C{[suppression]} table.
+    The C{[suppression]} table (docs/suppression.md).
 
     @ivar enabled: refuse suppressed recipients at C{RCPT}, and add
         recipients whose delivery failed permanently with one of
@@ -83,16 +93,9 @@ class SuppressionSettings:
     """
 
     enabled: bool = True
-    expiry_days: float = DEFAULT_EXPIRY_DAYS
-    classes: tuple[str, ...] = (BounceClass.INVALID_RECIPIENT.value,)
+    expiry_days: float = 365.0
+    classes: tuple[str, ...] = ("invalid-recipient",)
     patterns: tuple[tuple[str, str], ...] = ()
-
-    def classifier(self) -> Classifier:
-        """The L{Classifier} with these patterns."""
-        grouped: dict[str, list[str]] = {}
-        for name, expr in self.patterns:
-            grouped.setdefault(name, []).append(expr)
-        return Classifier.from_patterns(grouped)
 
 
 def parse_suppression(table: TableReader) -> SuppressionSettings:
@@ -109,6 +112,9 @@ def parse_suppression(table: TableReader) -> SuppressionSettings:
     @raise ConfigError: a key of the wrong type, an unknown class, an
         invalid regular expression, an unknown key.
     """
+    import re
+
+    known = ", ".join(BOUNCE_CLASSES)
     d = SuppressionSettings()
     enabled = table.get("enabled", bool, d.enabled)
     expiry = float(table.get(
@@ -116,20 +122,19 @@ def parse_suppression(table: TableReader) -> SuppressionSettings:
     ))
     classes = table.strings("classes", d.classes)
     for i, name in enumerate(classes):
-        if name not in CLASSES:
-            raise ConfigError(table.source, f"{table.key('classes')}[{i}]",
-                              f"{name!r} is not a bounce class ({', '.join(CLASSES)})")
+        if name not in BOUNCE_CLASSES:
+            raise ConfigError(table.source, f"{table.key('classes')}[{i}]", f"{name!r} is not a bounce class ({known})")
     pt = table.sub("patterns")
     pairs: list[tuple[str, str]] = []
     for name in list(pt.data):
-        if name not in CLASSES:
-            raise pt.error(name, f"not a bounce class ({', '.join(CLASSES)})")
-        exprs = pt.strings(name, ())
-        for i, expr in enumerate(exprs):
+        if name not in BOUNCE_CLASSES:
+            raise pt.error(name, f"not a bounce class ({known})")
+        for i, expr in enumerate(pt.strings(name, ())):
             try:
-                Classifier.from_patterns({name: [expr]})
-            except ValueError as e:
-                raise ConfigError(table.source, f"{pt.key(name)}[{i}]", str(e)) from None
+                re.compile(expr)
+            except re.error as e:
+                raise ConfigError(table.source, f"{pt.key(name)}[{i}]",
+                                  f"{expr!r} is not a regular expression: {e}") from None
             pairs.append((name, expr))
     pt.finish()
     table.finish()
@@ -137,7 +142,9 @@ def parse_suppression(table: TableReader) -> SuppressionSettings:
 
 
 def describe_suppression(settings: SuppressionSettings) -> list[str]:
-    """The C{[suppression]} table as TOML lines, for C{relaynet check-config}."""
+    """The C{[suppression]} table as TOML lines, for C{relaynet check-config} (JSON strings are TOML strings)."""
+    import json
+
     lines = [
         "[suppression]",
         f"enabled = {'true' if settings.enabled else 'false'}",
@@ -154,6 +161,16 @@ def describe_suppression(settings: SuppressionSettings) -> list[str]:
             lines.append(f"{json.dumps(name)} = [" + ", ".join(json.dumps(e) for e in exprs) + "]")
         lines.append("")
     return lines
+
+# -- end of the configuration block -------------------------------------------
+
+
+def classifier_for(settings: SuppressionSettings) -> Classifier:
+    """The L{Classifier} with the configured patterns of C{settings}."""
+    grouped: dict[str, list[str]] = {}
+    for name, expr in settings.patterns:
+        grouped.setdefault(name, []).append(expr)
+    return Classifier.from_patterns(grouped)
 
 
 # -- entries ---------------------------------------------------------------
