@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,8 @@ class DeliveryTests(TestCase):
             name="app", url=f"http://127.0.0.1:{port.getHost().port}/hook", secret=SECRET,
             batch_size=4, flush_interval=0.05, timeout=5.0,
         )
-        tmp = Path(self.mktemp())
+        tmp = Path(tempfile.mkdtemp(prefix="relaynet-webhooks-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
         hook = Webhook(settings, tmp, reactor, now, "node-0")
         hook.startService()
         self.addCleanup(hook.stopService)
