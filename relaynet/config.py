@@ -18,7 +18,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from attrs import field, frozen
 
@@ -385,6 +385,7 @@ class NodeConfig:
     tls_rpt: TLSRPTSettings = TLSRPTSettings()
     dnssec_resolver: tuple[str, int] | None = None
     egress: tuple[EgressPoolSpec, ...] = ()
+    webhooks: tuple["WebhookSettings", ...] = ()
     source: str = "<default>"
     workers: int = 0
     shard: int | None = None
@@ -1021,6 +1022,7 @@ def parse_config(
     )
     _check_loops(source, listeners, routes)
     egress = _parse_egress(source, top.sub("egress"))
+    webhooks = parse_webhooks(source, top.get("webhook", list, []), base)
     pools = {p.name for p in egress}
     for i, rule in enumerate(routes):
         if rule.source_pool is not None and rule.source_pool not in pools:
@@ -1227,8 +1229,81 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, http_api=http_api, log=log,
-        dkim=dkim, mta_sts=mta_sts, egress=egress, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
+        dkim=dkim, mta_sts=mta_sts, egress=egress, webhooks=webhooks, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
     )
+
+
+DELIVERY_EVENTS = (
+    "received", "sent", "delivered", "deferred", "bounced", "expired", "suppressed", "dsn", "duplicate",
+)
+"""The events sent by default: a message's life (docs/events.md)."""
+
+@frozen
+class WebhookSettings:
+    """
+    One C{[[webhook]]}: where, which events, how.
+
+    @ivar secret: the HMAC-SHA256 key (from C{secret_file}).
+    """
+
+    name: str
+    url: str
+    secret: bytes = field(repr=False)
+    events: frozenset[str] = frozenset(DELIVERY_EVENTS)
+    secret_file: Path | None = None
+    batch_size: int = 100
+    flush_interval: float = 1.0
+    timeout: float = 10.0
+
+
+def parse_webhooks(source: str, items: Iterable[Any], base: Path | None) -> tuple[WebhookSettings, ...]:
+    """
+    C{[[webhook]]} tables: C{name}, C{url} (http or https), C{secret_file}
+    (the HMAC key, first line; mode 0600 or stricter), C{events},
+    C{batch_size}, C{flush_interval}, C{timeout}.
+
+    @raise ConfigError: naming the key.
+    """
+    out: list[WebhookSettings] = []
+    for i, data in enumerate(items):
+        t = TableReader(source, f"webhook[{i}]", data)
+        name = t.get("name", str, "")
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise t.error("name", "is required: letters, digits, '-' and '_'")
+        if any(w.name == name for w in out):
+            raise t.error("name", f"{name!r} is used twice")
+        url = t.get("url", str, "")
+        if not url.startswith(("http://", "https://")):
+            raise t.error("url", "is required: an http:// or https:// URL")
+        secret_file = t.get("secret_file", str, "")
+        if not secret_file:
+            raise t.error("secret_file", "is required: the file holding the HMAC-SHA256 key")
+        path = Path(os.path.expanduser(secret_file))
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        try:
+            if os.stat(path).st_mode & 0o077:
+                raise t.error("secret_file", f"{path} may be read by others: chmod 600 it")
+            secret = path.read_text("utf-8").splitlines()[0].strip().encode("utf-8") if path.stat().st_size else b""
+        except OSError as e:
+            raise t.error("secret_file", f"cannot read {path}: {e.strerror}") from None
+        if len(secret) < 16:
+            raise t.error("secret_file", f"{path}: the key must be at least 16 characters")
+        events = t.strings("events", DELIVERY_EVENTS)
+        unknown = sorted(set(events) - set(DELIVERY_EVENTS) - {"hop_down", "hop_up", "auth_failed", "reject",
+                                                                "dkim_signed", "dkim_unsigned", "egress_unavailable"})
+        if unknown:
+            raise t.error("events", f"unknown event {unknown[0]!r} (docs/events.md)")
+        settings = WebhookSettings(
+            name=name, url=url, secret=secret, events=frozenset(events), secret_file=path,
+            batch_size=t.get("batch_size", int, 100, lambda v: None if 1 <= v <= 10000 else "must be 1 to 10000"),
+            flush_interval=float(t.get("flush_interval", (int, float), 1.0,
+                                       lambda v: None if v > 0 else "must be positive")),
+            timeout=float(t.get("timeout", (int, float), 10.0, lambda v: None if v > 0 else "must be positive")),
+        )
+        t.finish()
+        out.append(settings)
+    return tuple(out)
 
 
 def _parse_egress(source: str, e: TableReader) -> tuple[EgressPoolSpec, ...]:
@@ -1445,6 +1520,13 @@ def describe(config: NodeConfig) -> str:
             lines.append(f"dnssec_resolver = {_toml(hp(*config.dnssec_resolver))}")
         lines.append("")
     lines += _table("mta_sts", config.mta_sts)
+    for hook in config.webhooks:
+        lines += [
+            "[[webhook]]", f"name = {_toml(hook.name)}", f"url = {_toml(hook.url)}",
+            f"secret_file = {_toml(str(hook.secret_file))}", f"events = {_toml(sorted(hook.events))}",
+            f"batch_size = {hook.batch_size}", f"flush_interval = {_toml(hook.flush_interval)}",
+            f"timeout = {_toml(hook.timeout)}", "",
+        ]
     for pool in config.egress:
         items = ", ".join(f"{{ address = {_toml(a)}, weight = {w} }}" for a, w in pool.addresses)
         lines += [f"[egress.{pool.name}]", f"addresses = [{items}]", ""]

@@ -62,6 +62,7 @@ from relaynet.smtp.tls import TLSConfigError, server_options
 from relaynet.admin.adapters import IntakeSessions
 from relaynet.admin.api import AdminViews, web_service
 from relaynet.admin.metrics import NodeMetrics
+from relaynet.admin.webhooks import Webhook
 
 LISTEN_BACKLOG = 256
 SPOOL_LOCK = "node.lock"
@@ -286,6 +287,18 @@ class RelayNode(MultiService):
             svc.setServiceParent(self)
         if self.runner.tls_report_service is not None:
             self.runner.tls_report_service.setServiceParent(self)  # type: ignore[no-untyped-call]
+        # Delivery webhooks: each observes the event log and keeps its own
+        # durable outbox (<spool>/webhooks, webhooks.K in worker K).
+        shard = config.shard or 0
+        self.webhooks: list[Webhook] = []
+        for hook in config.webhooks:
+            w = Webhook(
+                hook, config.spool / ("webhooks" if not shard else f"webhooks.{shard}"), reactor,
+                lambda work: deferToThreadPool(reactor, self.pool, work), f"{config.name}-{shard}",
+            )
+            self.events.observers.append(w.observe)
+            w.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.webhooks.append(w)
         # MTA-STS policies refreshed before they expire (RFC 8461 3.3: each
         # fetched again once a day, looked at hourly).
         refresh = TimerService(STS_REFRESH_INTERVAL, self.runner.refresh_sts)

@@ -166,3 +166,77 @@ class DeliveryTests(TestCase):
             self.assertEqual(signature(SECRET, body), expected)
         self.assertGreaterEqual(hook.failures, 2)
         self.assertEqual(hook.outbox.backlog, 0)
+
+
+@pytest.mark.slow
+def test_node_webhook_survives_kill_9_and_a_dead_receiver(tmp_path: Path) -> None:
+    """
+    A real node with a [[webhook]]: the receiver answers 503 while five
+    messages go through; the node is killed with SIGKILL once their events
+    are in its outbox, restarted, and two more messages go; then the
+    receiver answers 200 and gets every event of the seven messages (two
+    each: received, delivered), each id once, each message's in order.
+    """
+    import http.server
+    import smtplib
+    import threading
+
+    from harness.nodeproc import NodeProcess, wait_for
+
+    state = {"up": False, "events": [], "bad_signatures": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if not state["up"]:
+                self.send_response(503)
+                self.end_headers()
+                return
+            if self.headers["X-Relaynet-Signature"] != signature(SECRET, body):
+                state["bad_signatures"] += 1
+            state["events"].extend(json.loads(body)["events"])
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    key = tmp_path / "hook.key"
+    key.write_text(SECRET.decode())
+    key.chmod(0o600)
+    node = NodeProcess(tmp_path / "node", extra_toml=f"""
+[[webhook]]
+name = "app"
+url = "http://127.0.0.1:{httpd.server_address[1]}/events"
+secret_file = "{key}"
+events = ["received", "delivered"]
+flush_interval = 0.2
+""", name="hooks")
+
+    def send(n: int, start: int) -> None:
+        for i in range(start, start + n):
+            with smtplib.SMTP("127.0.0.1", node.port, timeout=30) as s:
+                s.sendmail("a@x.test", [f"u{i}@localhost"], f"Message-ID: <m{i}@x.test>\r\n\r\n{i}\r\n".encode())
+
+    outbox = node.spool / "webhooks" / "app.jsonl"
+    try:
+        with node:
+            send(5, 0)
+            wait_for(lambda: outbox.exists() and len(outbox.read_bytes().splitlines()) >= 10, 30,
+                     "ten events in the outbox")
+            node.kill9()
+            node.start()
+            send(2, 5)
+            state["up"] = True
+            wait_for(lambda: len(state["events"]) >= 14, 60, "the 14 events at the receiver")
+    finally:
+        httpd.shutdown()
+    events = state["events"]
+    assert len(events) == 14 and len({e["id"] for e in events}) == 14, events
+    assert state["bad_signatures"] == 0
+    by_message: dict[str, list[str]] = {}
+    for e in events:
+        by_message.setdefault(e["queue_id"], []).append(e["event"])
+    assert len(by_message) == 7 and all(v == ["received", "delivered"] for v in by_message.values()), by_message

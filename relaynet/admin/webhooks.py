@@ -36,9 +36,8 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from attrs import field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -49,83 +48,11 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from relaynet.config import TableReader
-
-DELIVERY_EVENTS = (
-    "received", "sent", "delivered", "deferred", "bounced", "expired", "suppressed", "dsn", "duplicate",
-)
-"""The events sent by default: a message's life (docs/events.md)."""
+from relaynet.config import DELIVERY_EVENTS, WebhookSettings, parse_webhooks
 
 MAX_BACKOFF = 300.0
 COMPACT_OVER = 1 << 20
 """A fully acknowledged outbox larger than this is truncated."""
-
-
-@frozen
-class WebhookSettings:
-    """
-    One C{[[webhook]]}: where, which events, how.
-
-    @ivar secret: the HMAC-SHA256 key (from C{secret_file}).
-    """
-
-    name: str
-    url: str
-    secret: bytes = field(repr=False)
-    events: frozenset[str] = frozenset(DELIVERY_EVENTS)
-    batch_size: int = 100
-    flush_interval: float = 1.0
-    timeout: float = 10.0
-
-
-def parse_webhooks(source: str, items: Iterable[Any], base: Path | None) -> tuple[WebhookSettings, ...]:
-    """
-    C{[[webhook]]} tables: C{name}, C{url} (http or https), C{secret_file}
-    (the HMAC key, first line; mode 0600 or stricter), C{events},
-    C{batch_size}, C{flush_interval}, C{timeout}.
-
-    @raise ConfigError: naming the key.
-    """
-    out: list[WebhookSettings] = []
-    for i, data in enumerate(items):
-        t = TableReader(source, f"webhook[{i}]", data)
-        name = t.get("name", str, "")
-        if not name or not all(c.isalnum() or c in "-_" for c in name):
-            raise t.error("name", "is required: letters, digits, '-' and '_'")
-        if any(w.name == name for w in out):
-            raise t.error("name", f"{name!r} is used twice")
-        url = t.get("url", str, "")
-        if not url.startswith(("http://", "https://")):
-            raise t.error("url", "is required: an http:// or https:// URL")
-        secret_file = t.get("secret_file", str, "")
-        if not secret_file:
-            raise t.error("secret_file", "is required: the file holding the HMAC-SHA256 key")
-        path = Path(os.path.expanduser(secret_file))
-        if not path.is_absolute() and base is not None:
-            path = base / path
-        try:
-            if os.stat(path).st_mode & 0o077:
-                raise t.error("secret_file", f"{path} may be read by others: chmod 600 it")
-            secret = path.read_text("utf-8").splitlines()[0].strip().encode("utf-8") if path.stat().st_size else b""
-        except OSError as e:
-            raise t.error("secret_file", f"cannot read {path}: {e.strerror}") from None
-        if len(secret) < 16:
-            raise t.error("secret_file", f"{path}: the key must be at least 16 characters")
-        events = t.strings("events", DELIVERY_EVENTS)
-        unknown = sorted(set(events) - set(DELIVERY_EVENTS) - {"hop_down", "hop_up", "auth_failed", "reject",
-                                                                "dkim_signed", "dkim_unsigned", "egress_unavailable"})
-        if unknown:
-            raise t.error("events", f"unknown event {unknown[0]!r} (docs/events.md)")
-        settings = WebhookSettings(
-            name=name, url=url, secret=secret, events=frozenset(events),
-            batch_size=t.get("batch_size", int, 100, lambda v: None if 1 <= v <= 10000 else "must be 1 to 10000"),
-            flush_interval=float(t.get("flush_interval", (int, float), 1.0,
-                                       lambda v: None if v > 0 else "must be positive")),
-            timeout=float(t.get("timeout", (int, float), 10.0, lambda v: None if v > 0 else "must be positive")),
-        )
-        t.finish()
-        out.append(settings)
-    return tuple(out)
 
 
 def signature(secret: bytes, body: bytes) -> str:
@@ -294,16 +221,29 @@ class Webhook(Service):
         self._timer: Any = None
         self._busy = False
         self._loaded: Deferred[None] | None = None
+        self._early: list[dict[str, Any]] | None = []
 
     def observe(self, record: dict[str, Any]) -> None:
         """The event log's observer: queue the event if this webhook wants it."""
-        if record.get("event") in self.settings.events:
+        if record.get("event") not in self.settings.events:
+            return
+        if self._early is not None:
+            # The outbox is still being read back: ids are given after it,
+            # so that they go on from the last one written before.
+            self._early.append(record)
+            return
+        self.outbox.add(record, self.prefix)
+
+    def _ready(self, _: object) -> None:
+        early, self._early = self._early or [], None
+        for record in early:
             self.outbox.add(record, self.prefix)
+        self._schedule(0.0)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted 26.10
         self._loaded = self.outbox.load()
-        self._loaded.addCallbacks(lambda _: self._schedule(0.0), self._log("reading the outbox"))
+        self._loaded.addCallbacks(self._ready, self._log("reading the outbox"))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]  # unannotated in Twisted 26.10
