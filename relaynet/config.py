@@ -357,6 +357,35 @@ class LogSettings:
     level: str = "info"
 
 
+#: The bounce classes (L{relaynet.queue.classify.BounceClass}'s values, in order).
+BOUNCE_CLASSES: tuple[str, ...] = (
+    "invalid-recipient", "mailbox-full", "policy", "reputation", "dns", "tls", "content", "rate-limit", "other",
+)
+
+
+@frozen
+class SuppressionSettings:
+    """
+    The C{[suppression]} table (docs/suppression.md).
+
+    @ivar enabled: refuse suppressed recipients at C{RCPT}, and add
+        recipients whose delivery failed permanently with one of
+        C{classes}. Off: the list is kept and administered, nothing is
+        added by bounces and nothing is refused.
+    @ivar expiry_days: how long an entry lasts unless given its own expiry
+        (0: for ever).
+    @ivar classes: the bounce classes that put a recipient on the list (a
+        5xx outcome of one of them).
+    @ivar patterns: C{(class, regular expression)} pairs tried before the
+        built-in rules of L{relaynet.queue.classify}, in order.
+    """
+
+    enabled: bool = True
+    expiry_days: float = 365.0
+    classes: tuple[str, ...] = ("invalid-recipient",)
+    patterns: tuple[tuple[str, str], ...] = ()
+
+
 @frozen
 class NodeConfig:
     """
@@ -383,6 +412,7 @@ class NodeConfig:
     dkim: DKIMSettings = DKIMSettings()
     mta_sts: MTASTSSettings = MTASTSSettings()
     tls_rpt: TLSRPTSettings = TLSRPTSettings()
+    suppression: SuppressionSettings = SuppressionSettings()
     dnssec_resolver: tuple[str, int] | None = None
     egress: tuple[EgressPoolSpec, ...] = ()
     webhooks: tuple["WebhookSettings", ...] = ()
@@ -1023,6 +1053,7 @@ def parse_config(
     _check_loops(source, listeners, routes)
     egress = _parse_egress(source, top.sub("egress"))
     webhooks = parse_webhooks(source, top.get("webhook", list, []), base)
+    suppression = parse_suppression(top.sub("suppression"))
     pools = {p.name for p in egress}
     for i, rule in enumerate(routes):
         if rule.source_pool is not None and rule.source_pool not in pools:
@@ -1229,7 +1260,7 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, http_api=http_api, log=log,
-        dkim=dkim, mta_sts=mta_sts, egress=egress, webhooks=webhooks, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
+        dkim=dkim, mta_sts=mta_sts, egress=egress, webhooks=webhooks, suppression=suppression, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
     )
 
 
@@ -1304,6 +1335,71 @@ def parse_webhooks(source: str, items: Iterable[Any], base: Path | None) -> tupl
         t.finish()
         out.append(settings)
     return tuple(out)
+
+
+def parse_suppression(table: TableReader) -> SuppressionSettings:
+    """
+    Read C{[suppression]}::
+
+        [suppression]
+        enabled = true
+        expiry_days = 365
+        classes = ["invalid-recipient"]
+        [suppression.patterns]
+        reputation = ["listed at rbl\\\\.example"]
+
+    @raise ConfigError: a key of the wrong type, an unknown class, an
+        invalid regular expression, an unknown key.
+    """
+    import re
+
+    known = ", ".join(BOUNCE_CLASSES)
+    d = SuppressionSettings()
+    enabled = table.get("enabled", bool, d.enabled)
+    expiry = float(table.get(
+        "expiry_days", (int, float), d.expiry_days, lambda v: None if v >= 0 else "must be 0 or more",
+    ))
+    classes = table.strings("classes", d.classes)
+    for i, name in enumerate(classes):
+        if name not in BOUNCE_CLASSES:
+            raise ConfigError(table.source, f"{table.key('classes')}[{i}]", f"{name!r} is not a bounce class ({known})")
+    pt = table.sub("patterns")
+    pairs: list[tuple[str, str]] = []
+    for name in list(pt.data):
+        if name not in BOUNCE_CLASSES:
+            raise pt.error(name, f"not a bounce class ({known})")
+        for i, expr in enumerate(pt.strings(name, ())):
+            try:
+                re.compile(expr)
+            except re.error as e:
+                raise ConfigError(table.source, f"{pt.key(name)}[{i}]",
+                                  f"{expr!r} is not a regular expression: {e}") from None
+            pairs.append((name, expr))
+    pt.finish()
+    table.finish()
+    return SuppressionSettings(enabled=enabled, expiry_days=expiry, classes=tuple(classes), patterns=tuple(pairs))
+
+
+def describe_suppression(settings: SuppressionSettings) -> list[str]:
+    """The C{[suppression]} table as TOML lines, for C{relaynet check-config} (JSON strings are TOML strings)."""
+    import json
+
+    lines = [
+        "[suppression]",
+        f"enabled = {'true' if settings.enabled else 'false'}",
+        f"expiry_days = {settings.expiry_days!r}",
+        "classes = [" + ", ".join(json.dumps(c) for c in settings.classes) + "]",
+        "",
+    ]
+    if settings.patterns:
+        lines.append("[suppression.patterns]")
+        grouped: dict[str, list[str]] = {}
+        for name, expr in settings.patterns:
+            grouped.setdefault(name, []).append(expr)
+        for name, exprs in grouped.items():
+            lines.append(f"{json.dumps(name)} = [" + ", ".join(json.dumps(e) for e in exprs) + "]")
+        lines.append("")
+    return lines
 
 
 def _parse_egress(source: str, e: TableReader) -> tuple[EgressPoolSpec, ...]:
@@ -1531,6 +1627,7 @@ def describe(config: NodeConfig) -> str:
         items = ", ".join(f"{{ address = {_toml(a)}, weight = {w} }}" for a, w in pool.addresses)
         lines += [f"[egress.{pool.name}]", f"addresses = [{items}]", ""]
     lines += _table("tls_rpt", config.tls_rpt)
+    lines += describe_suppression(config.suppression)
     lines += [
         "[admin]", f"enabled = {_toml(config.admin.enabled)}",
         f"endpoint = {_toml(config.admin_endpoint)}",

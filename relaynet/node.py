@@ -266,6 +266,7 @@ class RelayNode(MultiService):
         self.intake = Intake(
             config=config, spool=self.spool, events=self.events, reactor=reactor,
             queued=self.runner.enqueue, cut_through=self.runner.cut_through, window=self.window,
+            suppression=self.runner.suppression,
         )
         sessions = IntakeSessions(self.intake.sessions)
         self.metrics = NodeMetrics(self.runner, sessions, reactor, name=config.name,

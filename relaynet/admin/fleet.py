@@ -779,6 +779,36 @@ class FleetAPI(JsonAPI):
         reason = bounce_reason(body)
         return self._one(queue_id, "POST", f"/api/queue/{queue_id}/bounce", {"reason": reason} if reason else {})
 
+    # The suppression list is one file shared by the workers (each re-reads
+    # what the others wrote): one worker answers for the node.
+
+    def _suppression(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Deferred[Any]:
+        links = sorted((w for w in self.facts.workers() if w.pid is not None), key=lambda w: w.shard)
+        if not links:
+            raise ApiError(503, "no worker is answering; try again")
+
+        def answered(a: Answer) -> Any:
+            if a.status != 200:
+                raise ApiError(a.status, a.error())
+            return a.body
+
+        return self.client.call(links[0], method, path, body=body).addCallback(answered)
+
+    def suppression_list(self, request: Request, body: Any) -> Deferred[Any]:
+        return self._suppression("GET", "/api/suppression")
+
+    def suppression_show(self, request: Request, body: Any, address: str) -> Deferred[Any]:
+        return self._suppression("GET", "/api/suppression/" + urllib.parse.quote(address, safe="@"))
+
+    def suppression_add(self, request: Request, body: dict[str, Any]) -> Deferred[Any]:
+        return self._suppression("POST", "/api/suppression", body)
+
+    def suppression_import(self, request: Request, body: dict[str, Any]) -> Deferred[Any]:
+        return self._suppression("POST", "/api/suppression/import", body)
+
+    def suppression_remove(self, request: Request, body: Any, address: str) -> Deferred[Any]:
+        return self._suppression("DELETE", "/api/suppression/" + urllib.parse.quote(address, safe="@"))
+
     def reload(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:
         """
         Every worker reloads; if all that answer did, the supervisor re-reads

@@ -46,7 +46,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relaynet.config import ConfigError, TableReader
+from relaynet.config import BOUNCE_CLASSES, SuppressionSettings, describe_suppression, parse_suppression
 from relaynet.queue.classify import CLASSES, BounceClass, Classifier
 from relaynet.queue.spool import fsync_dir, write_file_durably
 
@@ -62,107 +62,6 @@ COMPACT_SLACK = 1000
 _DAY = 86400.0
 
 
-# -- configuration (to move into relaynet/config.py as it stands) ----------
-#
-# This block depends only on the standard library, attrs, TableReader and
-# ConfigError, so that it can move into relaynet/config.py unchanged (that
-# file imports nothing of queue/); then this module imports the four names
-# from relaynet.config instead.
-
-#: The bounce classes (L{relaynet.queue.classify.BounceClass}'s values, in order).
-BOUNCE_CLASSES: tuple[str, ...] = (
-    "invalid-recipient", "mailbox-full", "policy", "reputation", "dns", "tls", "content", "rate-limit", "other",
-)
-
-
-@frozen
-class SuppressionSettings:
-    """
-    The C{[suppression]} table (docs/suppression.md).
-
-    @ivar enabled: refuse suppressed recipients at C{RCPT}, and add
-        recipients whose delivery failed permanently with one of
-        C{classes}. Off: the list is kept and administered, nothing is
-        added by bounces and nothing is refused.
-    @ivar expiry_days: how long an entry lasts unless given its own expiry
-        (0: for ever).
-    @ivar classes: the bounce classes that put a recipient on the list (a
-        5xx outcome of one of them).
-    @ivar patterns: C{(class, regular expression)} pairs tried before the
-        built-in rules of L{relaynet.queue.classify}, in order.
-    """
-
-    enabled: bool = True
-    expiry_days: float = 365.0
-    classes: tuple[str, ...] = ("invalid-recipient",)
-    patterns: tuple[tuple[str, str], ...] = ()
-
-
-def parse_suppression(table: TableReader) -> SuppressionSettings:
-    """
-    Read C{[suppression]}::
-
-        [suppression]
-        enabled = true
-        expiry_days = 365
-        classes = ["invalid-recipient"]
-        [suppression.patterns]
-        reputation = ["listed at rbl\\\\.example"]
-
-    @raise ConfigError: a key of the wrong type, an unknown class, an
-        invalid regular expression, an unknown key.
-    """
-    import re
-
-    known = ", ".join(BOUNCE_CLASSES)
-    d = SuppressionSettings()
-    enabled = table.get("enabled", bool, d.enabled)
-    expiry = float(table.get(
-        "expiry_days", (int, float), d.expiry_days, lambda v: None if v >= 0 else "must be 0 or more",
-    ))
-    classes = table.strings("classes", d.classes)
-    for i, name in enumerate(classes):
-        if name not in BOUNCE_CLASSES:
-            raise ConfigError(table.source, f"{table.key('classes')}[{i}]", f"{name!r} is not a bounce class ({known})")
-    pt = table.sub("patterns")
-    pairs: list[tuple[str, str]] = []
-    for name in list(pt.data):
-        if name not in BOUNCE_CLASSES:
-            raise pt.error(name, f"not a bounce class ({known})")
-        for i, expr in enumerate(pt.strings(name, ())):
-            try:
-                re.compile(expr)
-            except re.error as e:
-                raise ConfigError(table.source, f"{pt.key(name)}[{i}]",
-                                  f"{expr!r} is not a regular expression: {e}") from None
-            pairs.append((name, expr))
-    pt.finish()
-    table.finish()
-    return SuppressionSettings(enabled=enabled, expiry_days=expiry, classes=tuple(classes), patterns=tuple(pairs))
-
-
-def describe_suppression(settings: SuppressionSettings) -> list[str]:
-    """The C{[suppression]} table as TOML lines, for C{relaynet check-config} (JSON strings are TOML strings)."""
-    import json
-
-    lines = [
-        "[suppression]",
-        f"enabled = {'true' if settings.enabled else 'false'}",
-        f"expiry_days = {settings.expiry_days!r}",
-        "classes = [" + ", ".join(json.dumps(c) for c in settings.classes) + "]",
-        "",
-    ]
-    if settings.patterns:
-        lines.append("[suppression.patterns]")
-        grouped: dict[str, list[str]] = {}
-        for name, expr in settings.patterns:
-            grouped.setdefault(name, []).append(expr)
-        for name, exprs in grouped.items():
-            lines.append(f"{json.dumps(name)} = [" + ", ".join(json.dumps(e) for e in exprs) + "]")
-        lines.append("")
-    return lines
-
-# -- end of the configuration block -------------------------------------------
 
 
 def classifier_for(settings: SuppressionSettings) -> Classifier:
