@@ -40,12 +40,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relaynet.config import LocalDelivery, NextHop, NodeConfig, RouteRule
+from relaynet.config import LocalDelivery, NextHop, NodeConfig, RouteRule, split_endpoint
 from relaynet.delivery.client import DeliveryResult
 from relaynet.delivery.mailbox import LocalResult, deliver_local
 from relaynet.delivery.mx import MXLookup, relay_name
 from relaynet.delivery.tlspolicy import DSN as TLS_DSN, HopDecision, HopTLS, OutboundSecurity, ReportContext
 from relaynet.delivery.routing import Refusal, Route, RouteKind, RoutingTable, order_hops
+from relaynet.delivery.shaping import Destination, Shaper
 from relaynet.queue.core import Outcome
 from relaynet.queue.spool import QueueEntry, Recipient
 from relaynet.queue.states import OutcomeEvent, RecipientStatus
@@ -59,7 +60,7 @@ class IOutbound(Protocol):
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
         hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None, tls_name: str | None = None,
-        source_pool: str | None = None,
+        source_pool: str | None = None, destination: Destination | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         One L{DeliveryResult} per recipient the hop was tried for.
@@ -73,6 +74,8 @@ class IOutbound(Protocol):
             (given only with C{[tls_rpt]}).
         @param tls_name: the name C{tls = "verify"} checks (given for MX hosts).
         @param source_pool: the route's C{[egress]} pool (given only when it has one).
+        @param destination: the traffic-shaping destination (given only with
+            C{[shaping]}: L{relaynet.delivery.shaping}).
         """
 
 
@@ -180,8 +183,12 @@ class Delivery:
         clock: Callable[[], float] = time.time,
         lmtp: ILMTP | None = None,
         security: Callable[[], OutboundSecurity | None] | None = None,
+        shaper: Callable[[], Shaper | None] | None = None,
     ) -> None:
         """
+        @param shaper: returns the traffic shaping in force (or C{None}); by
+            default the outbound agent's C{shaper} attribute, if it has one
+            (L{relaynet.delivery.client.OutboundManager.configure_shaping}).
         @param security: returns DANE and MTA-STS for C{mx} routes (or
             C{None}: the routes' own TLS policies only).
         @param resolver: returns the DNS resolver (created on first use).
@@ -199,6 +206,9 @@ class Delivery:
         self._shuffle = shuffle
         self._clock = clock
         self._security = security
+        self._shaper: Callable[[], Shaper | None] = (
+            shaper if shaper is not None else (lambda: getattr(self.outbound, "shaper", None))
+        )
         self._mx: MXLookup | None = None
         self._order: Callable[[Sequence[NextHop]], list[NextHop]] = (
             order_hops if shuffle is None else (lambda hops: order_hops(hops, shuffle))
@@ -266,6 +276,9 @@ class Delivery:
                     continue
                 tries = answer.hops(rule.mx_port, outbound.mx_address_limit)
                 names = [relay_name(ex, address, rule.mx_port) for ex, address, _ in tries]
+                shaper = self._shaper()
+                # Shaped by the domain, or by a rule matching its MX hosts.
+                dest = shaper.destination(domain, [ex.name for ex, _, _ in tries]) if shaper is not None else None
                 security = self._security() if self._security is not None else None
                 if entry.envelope.params.get("tlsrpt"):
                     # A TLS report goes whatever TLS fails (RFC 8460 5.3).
@@ -274,6 +287,7 @@ class Delivery:
                     out += yield self._try_hops(
                         entry, rule, [hop for _, _, hop in tries], rs, names=names,
                         session_limit=outbound.mx_session_limit, tls_names=[ex.name for ex, _, _ in tries],
+                        destination=dest,
                     )
                     continue
                 decision = yield security.decide(domain, [ex.name for ex, _, _ in tries], rule.mx_port)
@@ -301,11 +315,24 @@ class Delivery:
                 out += yield self._try_hops(
                     entry, rule, [hop for hop, _, _ in usable], rs, names=[n for _, n, _ in usable],
                     session_limit=outbound.mx_session_limit, hop_tls=hop_tls, skipped=skipped,
-                    tls_reports=reports, tls_names=[x for _, _, x in usable],
+                    tls_reports=reports, tls_names=[x for _, _, x in usable], destination=dest,
                 )
             return out
-        result = yield self._try_hops(entry, rule, self._order(rule.next_hops), rcpts)
-        return result
+        shaper = self._shaper()
+        if shaper is None:
+            result = yield self._try_hops(entry, rule, self._order(rule.next_hops), rcpts)
+            return result
+        # Shaped: one transaction per destination (a recipient domain, or a
+        # rule matching the domain or the next hops' host names).
+        hosts = [_endpoint_host(h.endpoint) for h in rule.next_hops]
+        by_dest: dict[tuple[str, ...], tuple[Destination, list[Recipient]]] = {}
+        for r in rcpts:
+            dest = shaper.destination(r.address.rpartition("@")[2].lower(), hosts)
+            by_dest.setdefault(dest.key, (dest, []))[1].append(r)
+        shaped: list[Outcome] = []
+        for dest, rs in by_dest.values():
+            shaped += yield self._try_hops(entry, rule, self._order(rule.next_hops), rs, destination=dest)
+        return shaped
 
     @inlineCallbacks
     def _try_hops(
@@ -313,6 +340,7 @@ class Delivery:
         names: list[str] | None = None, session_limit: int = 0, lmtp: bool = False,
         hop_tls: Sequence[HopTLS | None] = (), skipped: Sequence[tuple[str, str, str]] = (),
         tls_reports: Sequence[ReportContext | None] = (), tls_names: Sequence[str] = (),
+        destination: Destination | None = None,
     ) -> Any:
         """
         Try C{hops} in order until every recipient has a final answer.
@@ -329,6 +357,8 @@ class Delivery:
         @param tls_names: per hop, the host name its certificate must have
             under C{tls = "verify"} (an MX host's name: its endpoint is an
             address); by default the endpoint's host.
+        @param destination: the traffic-shaping destination of every hop
+            (given to the outbound agent only when there is one).
         """
         remaining = list(rcpts)
         final: dict[str, Outcome] = {}
@@ -358,6 +388,8 @@ class Delivery:
                     auth["tls_name"] = tls_names[i]
                 if rule.source_pool is not None:
                     auth["source_pool"] = rule.source_pool
+                if destination is not None:
+                    auth["destination"] = destination
                 results = yield self.outbound.deliver(
                     hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **auth
                 )
@@ -402,6 +434,12 @@ class Delivery:
     def _config(self) -> NodeConfig:
         """The configuration in force (the routing table's)."""
         return self.routing().config
+
+
+def _endpoint_host(endpoint: str) -> str:
+    """The host of a next hop's endpoint string (for C{mx} shaping patterns)."""
+    _, args, kw = split_endpoint(endpoint)
+    return (kw.get("host") or (args[0] if args else "")).lower()
 
 
 def system_resolver(reactor: Any, servers: Sequence[tuple[str, int]] = ()) -> Any:

@@ -69,6 +69,7 @@ from relaynet.config import Outbound, hop_name, split_endpoint
 from relaynet.delivery.dkim import Signed, Signer
 from relaynet.delivery.dane import DaneVerificationError
 from relaynet.delivery.egress import EgressPool
+from relaynet.delivery.shaping import Destination, Shaper, ShapingSettings
 from relaynet.delivery.tlspolicy import HopTLS, ReportContext
 from relaynet.delivery.tlsrpt import STARTTLS_NOT_SUPPORTED, tls_failure_result, webpki_result
 from relaynet.delivery.downgrade import ConversionError, has_eight_bit, needs_smtputf8, to_seven_bit
@@ -481,6 +482,8 @@ class RelayClient(smtp.ESMTPClient):
 
     def smtpConnectionFailed(self, code: int, resp: bytes) -> None:
         self.greeting_refused = True
+        if 400 <= code < 500:
+            self.pool.reply_seen(self, code, resp)
         enhanced, text = reply_status(code, resp)
         self._end_connection(code if code >= 400 else 421, enhanced, f"greeting: {text}")
 
@@ -500,6 +503,8 @@ class RelayClient(smtp.ESMTPClient):
         if isinstance(resp, str):
             resp = resp.encode("utf-8", "replace")
         if code >= 400:
+            if code < 500:
+                self.pool.reply_seen(self, code, resp)
             enhanced, text = reply_status(code, resp)
         else:
             code, enhanced, text = 0, "4.4.2", resp.decode("utf-8", "replace") or str(exc)
@@ -582,10 +587,11 @@ class RelayClient(smtp.ESMTPClient):
             while not self._quitting:
                 job, first = first, None
                 if job is None and (self.pool.reuse or self._sent == 0):
-                    if self._sent < self.pool.timeouts.max_messages_per_connection:
+                    if self._sent < self.pool.max_messages:
                         job = self.pool.take(self)
                 if job is None:
-                    if self.pool.reuse and self._sent < self.pool.timeouts.max_messages_per_connection:
+                    # A fresh connection waits (idle) for a token even without reuse.
+                    if (self.pool.reuse or self._sent == 0) and self._sent < self.pool.max_messages:
                         self.pool.idle(self)
                         return
                     self.quit()
@@ -813,6 +819,8 @@ class RelayClient(smtp.ESMTPClient):
         job = self.job
         if job is None or not self._pending:
             return
+        if 400 <= code < 500:
+            self.pool.reply_seen(self, code, resp)
         kind, rcpt = self._pending.popleft()
         ok = 200 <= code < 300
         chunking = self._plan is not None and self._plan.chunking
@@ -1379,6 +1387,9 @@ class HopPool:
     log = Logger()
     INITIAL_CONCURRENCY = 5
     AUTH_PENALTY = 300.0
+    #: The traffic-shaping destination (a class default too: pools built
+    #: without __init__ in tests have none).
+    destination: Destination | None = None
 
     def __init__(
         self,
@@ -1402,8 +1413,13 @@ class HopPool:
         tls_reports: Any = None,
         tls_name: str | None = None,
         egress: EgressPool | None = None,
+        destination: Destination | None = None,
     ) -> None:
         """
+        @param destination: the traffic-shaping state of the destination
+            this pool delivers to (L{relaynet.delivery.shaping}), shared by
+            every pool to it: jobs start only with its tokens, connections
+            open only within its limit, its throttling replies pause it.
         @param egress: the pool of source addresses its connections leave
             from, one chosen per connection (instead of C{source_address}).
         @param run_in_thread: runs blocking work (the 7-bit conversion and
@@ -1472,6 +1488,52 @@ class HopPool:
         self._idle: dict[RelayClient, Any] = {}
         self._connecting = 0
         self.connections_made = 0
+        self.destination = destination
+        if destination is not None:
+            destination.attach(self)
+
+    # -- traffic shaping (relaynet.delivery.shaping) -----------------------
+
+    @property
+    def max_messages(self) -> int:
+        """Messages per connection: C{[outbound]}'s, or the destination's if lower."""
+        most = self.timeouts.max_messages_per_connection
+        d = self.destination
+        if d is not None and d.messages_per_connection:
+            most = min(most, d.messages_per_connection)
+        return most
+
+    def connection_count(self) -> int:
+        """Connections open and being opened."""
+        return len(self.clients) + self._connecting
+
+    def shaping_changed(self) -> None:
+        """Tokens came, a connection closed, or the destination was released."""
+        self._kick()
+
+    def defer_queued(self) -> None:
+        """
+        The destination is paused: defer every queued job (remembered, so
+        flushed at the release) and QUIT the idle connections.
+        """
+        d = self.destination
+        assert d is not None
+        while self.queue:
+            job = self.queue.popleft()
+            d.remember(job.entry.queue_id)
+            d.deferred += 1
+            job.fail(0, d.enhanced, d.suspended_diagnostic(), self.name)
+        self.close_idle()
+
+    def reply_seen(self, client: RelayClient, code: int, resp: bytes) -> None:
+        """A 4xx reply from the hop: the destination's throttles may pause or slow it."""
+        d = self.destination
+        if d is None:
+            return
+        enhanced, text = reply_status(code, resp)
+        if d.reply(code, enhanced, text, self.name) and client.job is not None:
+            # The message the reply was about goes again at the release.
+            d.remember(client.job.entry.queue_id)
 
     def run_in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
         """Run C{work} in a worker thread; its result, in the reactor thread."""
@@ -1514,12 +1576,27 @@ class HopPool:
     def submit(self, entry: QueueEntry, recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
         """Queue delivery of C{entry} to C{recipients} through this hop."""
         job = Job(entry, list(recipients))
+        if self.destination is not None:
+            self.destination.attach(self)
+            refused = self.destination.admit(entry.queue_id)
+            if refused is not None:
+                # Paused, or more waiting than the rate lets go soon: deferred
+                # now (and flushed later), never a long wait in an attempt slot.
+                job.fail(0, refused[0], refused[1], self.name)
+                return job.deferred
         self.queue.append(job)
         self._kick()
         return job.deferred
 
     def _kick(self) -> None:
+        dest = self.destination
+        if dest is not None and dest.paused:
+            if self.queue or self._idle:
+                self.defer_queued()
+            return
         while self.queue and self._idle:
+            if dest is not None and not dest.may_start():
+                break  # no token yet: the destination wakes the pool
             client, timer = self._idle.popitem()
             if timer.active():
                 timer.cancel()
@@ -1543,8 +1620,11 @@ class HopPool:
             return
         # Connections being set up will each take a job: count them before
         # opening more, and open no more than the slow-start limit allows.
-        need = len(self.queue) - self._connecting - len(self._starting)
+        need = len(self.queue) - self._connecting - len(self._starting) - len(self._idle)
         room = self._limit - len(self.clients) - self._connecting
+        shared = dest.connection_room() if dest is not None else None
+        if shared is not None:
+            room = min(room, shared)
         for _ in range(max(0, min(need, room))):
             self._connect()
 
@@ -1621,6 +1701,9 @@ class HopPool:
             timer.cancel()
         if client.session_error is not None and client._sent == 0:
             self._limit = self._initial
+        if self.destination is not None and self.destination.rule.max_connections:
+            # A connection to the destination is free: any of its pools may open one.
+            self.reactor.callLater(0, self.destination.kick)
         if client.greeting_refused and not self.clients:
             error = client.session_error
             self.hop.failed(f"host {self.name} refused to talk to me: {error[2] if error else 'greeting'}")
@@ -1696,12 +1779,19 @@ class HopPool:
         self.hop.up()
         if client._sent and self._limit < self.concurrency:
             self._limit += 1
-        return self.queue.popleft() if self.queue else None
+        if not self.queue:
+            return None
+        if self.destination is not None and not self.destination.may_start():
+            return None  # no token yet (or paused): it idles until one comes
+        return self.queue.popleft()
 
     def idle(self, client: RelayClient) -> None:
         """C{client} has nothing to do: keep it briefly for reuse."""
         self._starting.discard(client)
         self.hop.up()
+        if self.destination is not None and self.destination.paused:
+            client.quit()
+            return
         self._idle[client] = self.reactor.callLater(
             self.timeouts.reuse_idle_time, self._expire, client
         )
@@ -1782,6 +1872,33 @@ class OutboundManager:
         # Per endpoint, shared by its pools; kept across reloads.
         self.hops: dict[str, HopState] = {}
         self.flush = flush
+        self.shaper: Shaper | None = None
+        """The traffic shaping of C{[shaping]} (L{configure_shaping}), or C{None}."""
+
+    def configure_shaping(self, settings: ShapingSettings | None) -> None:
+        """
+        The C{[shaping]} settings of a (new) configuration (C{None}: no
+        shaping). Destinations whose key stays keep their state (tokens,
+        pause, deferred ids) under the new limits; the pools made from now
+        on use them (a reload forgets the pools, L{close_idle}).
+        """
+        if settings is None:
+            if self.shaper is not None:
+                self.shaper.close()
+            self.shaper = None
+            return
+        if self.shaper is None:
+            self.shaper = Shaper(
+                settings, self.reactor, self.events,
+                lambda ids, limit: self.flush(ids, limit) if self.flush is not None else 0,
+                log=HopPool.log,
+            )
+        else:
+            self.shaper.configure(settings)
+
+    def destination_states(self) -> list[dict[str, Any]]:
+        """Every shaped destination's state (for the admin API, status page and metrics)."""
+        return self.shaper.snapshot() if self.shaper is not None else []
 
     def hop(self, endpoint: str) -> HopState:
         """The up/down state of the next hop at C{endpoint}."""
@@ -1807,7 +1924,7 @@ class OutboundManager:
         self, endpoint: str, concurrency: int = 20, source_address: str | None = None,
         tls_policy: str = "none", auth: tuple[str, str] | None = None, auth_cleartext: bool = False,
         dkim: bool = False, hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None,
-        tls_name: str | None = None, source_pool: str | None = None,
+        tls_name: str | None = None, source_pool: str | None = None, destination: Destination | None = None,
     ) -> HopPool:
         """
         The pool for a hop with these settings. Credentials are part of its
@@ -1818,6 +1935,8 @@ class OutboundManager:
         @param hop_tls: what DANE or MTA-STS asks of this host's connections.
         @param tls_report: what its sessions count under in TLS reports.
         @param source_pool: the egress pool its connections leave from.
+        @param destination: the shaping destination it delivers to (part of
+            its identity: each destination counts its own connections).
         """
         signs = dkim and self.signer is not None
         egress = self.egress_pools.get(source_pool) if source_pool else None
@@ -1826,6 +1945,7 @@ class OutboundManager:
         key = (
             endpoint, source_address, tls_policy, credentials_id(auth), auth_cleartext, signs, hop_tls, tls_report,
             tls_name, egress.name if egress is not None else None,
+            destination.key if destination is not None else None,
         )
         p = self.pools.get(key)
         if p is None:
@@ -1833,7 +1953,7 @@ class OutboundManager:
                 endpoint, self.reactor, self.timeouts, self.helo_name, concurrency, source_address,
                 tls_policy, self.ca_file, auth, auth_cleartext, self.auth_penalty, self.events,
                 self.run_in_thread, self.hop(endpoint), self.signer if signs else None, hop_tls,
-                tls_report, self.tls_reports, tls_name, egress,
+                tls_report, self.tls_reports, tls_name, egress, destination,
             )
         return p
 
@@ -1842,7 +1962,7 @@ class OutboundManager:
         concurrency: int = 20, source_address: str | None = None, tls_policy: str = "none",
         auth: tuple[str, str] | None = None, auth_cleartext: bool = False, dkim: bool = False,
         hop_tls: HopTLS | None = None, tls_report: ReportContext | None = None, tls_name: str | None = None,
-        source_pool: str | None = None,
+        source_pool: str | None = None, destination: Destination | None = None,
     ) -> Deferred[list[DeliveryResult]]:
         """
         Deliver C{entry} to C{recipients} through the hop at C{endpoint}.
@@ -1854,10 +1974,11 @@ class OutboundManager:
         @param tls_report: what the session counts under in TLS reports.
         @param tls_name: the name C{tls_policy = "verify"} checks (an MX host's).
         @param source_pool: the C{[egress]} pool the connection leaves from.
+        @param destination: the shaping destination (L{shaper}'s), if shaped.
         """
         return self.pool(
             endpoint, concurrency, source_address, tls_policy, auth, auth_cleartext, dkim, hop_tls, tls_report,
-            tls_name, source_pool,
+            tls_name, source_pool, destination,
         ).submit(entry, recipients)
 
     def configure_egress(self, specs: Any) -> None:
@@ -1881,6 +2002,8 @@ class OutboundManager:
             p.close()
         for h in self.hops.values():
             h.close()
+        if self.shaper is not None:
+            self.shaper.close()
 
     def close_idle(self) -> None:
         """Forget the pools (new settings apply to new connections); idle ones QUIT."""
