@@ -387,6 +387,25 @@ class SuppressionSettings:
 
 
 @frozen
+class SinkRule:
+    """One rule: the pattern, the reply (C{None}: accept), its delay and how many times it applies."""
+
+    match: str
+    code: int | None = None
+    enhanced: str = ""
+    text: str = ""
+    delay: float = 0.0
+    times: int = 0
+
+
+@frozen
+class SinkSettings:
+    """C{[sink]}: a test sink's rules (L{relaynet.intake.sink}); none: a normal node."""
+
+    rules: tuple[SinkRule, ...] = ()
+
+
+@frozen
 class NodeConfig:
     """
     The whole configuration of one node.
@@ -413,6 +432,7 @@ class NodeConfig:
     mta_sts: MTASTSSettings = MTASTSSettings()
     tls_rpt: TLSRPTSettings = TLSRPTSettings()
     suppression: SuppressionSettings = SuppressionSettings()
+    sink: SinkSettings = SinkSettings()
     dnssec_resolver: tuple[str, int] | None = None
     egress: tuple[EgressPoolSpec, ...] = ()
     webhooks: tuple["WebhookSettings", ...] = ()
@@ -1054,6 +1074,7 @@ def parse_config(
     egress = _parse_egress(source, top.sub("egress"))
     webhooks = parse_webhooks(source, top.get("webhook", list, []), base)
     suppression = parse_suppression(top.sub("suppression"))
+    sink = _parse_sink(source, top.sub("sink"))
     pools = {p.name for p in egress}
     for i, rule in enumerate(routes):
         if rule.source_pool is not None and rule.source_pool not in pools:
@@ -1260,7 +1281,7 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, http_api=http_api, log=log,
-        dkim=dkim, mta_sts=mta_sts, egress=egress, webhooks=webhooks, suppression=suppression, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
+        dkim=dkim, mta_sts=mta_sts, egress=egress, webhooks=webhooks, suppression=suppression, sink=sink, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
     )
 
 
@@ -1400,6 +1421,45 @@ def describe_suppression(settings: SuppressionSettings) -> list[str]:
             lines.append(f"{json.dumps(name)} = [" + ", ".join(json.dumps(e) for e in exprs) + "]")
         lines.append("")
     return lines
+
+
+def parse_reply(reply: str) -> tuple[int | None, str, str]:
+    """
+    C{"accept"} or C{"CODE X.Y.Z text"} (a 4xx or 5xx code; the enhanced
+    status must agree with its class).
+
+    @raise ValueError: anything else.
+    """
+    if reply.strip().lower() == "accept":
+        return None, "", ""
+    parts = reply.split(None, 2)
+    if len(parts) < 2 or not parts[0].isdigit() or not 400 <= int(parts[0]) <= 599:
+        raise ValueError(f"{reply!r}: 'accept' or 'CODE X.Y.Z text' with a 4xx or 5xx code")
+    code, enhanced = int(parts[0]), parts[1]
+    pieces = enhanced.split(".")
+    if len(pieces) != 3 or not all(p.isdigit() for p in pieces) or pieces[0] != str(code // 100):
+        raise ValueError(f"{reply!r}: the enhanced status must be {code // 100}.X.Y (RFC 3463)")
+    return code, enhanced, parts[2] if len(parts) > 2 else "refused by the test sink"
+
+
+def _parse_sink(source: str, t: TableReader) -> SinkSettings:
+    """C{[sink] rules = [{ match, reply, delay, times }, ...]} (L{relaynet.intake.sink})."""
+    rules = []
+    for i, item in enumerate(t.get("rules", list, [])):
+        r = TableReader(source, f"sink.rules[{i}]", item)
+        match = r.get("match", str, "")
+        if not match:
+            raise r.error("match", "is required: a shell pattern of addresses, e.g. 'gone*@*' or '*'")
+        try:
+            code, enhanced, text = parse_reply(r.get("reply", str, "accept"))
+        except ValueError as e:
+            raise r.error("reply", str(e)) from None
+        delay = float(r.get("delay", (int, float), 0.0, lambda v: None if 0 <= v <= 600 else "must be 0 to 600"))
+        times = r.get("times", int, 0, lambda v: None if v >= 0 else "must be 0 (always) or more")
+        r.finish()
+        rules.append(SinkRule(match, code, enhanced, text, delay, times))
+    t.finish()
+    return SinkSettings(tuple(rules))
 
 
 def _parse_egress(source: str, e: TableReader) -> tuple[EgressPoolSpec, ...]:
@@ -1628,6 +1688,14 @@ def describe(config: NodeConfig) -> str:
         lines += [f"[egress.{pool.name}]", f"addresses = [{items}]", ""]
     lines += _table("tls_rpt", config.tls_rpt)
     lines += describe_suppression(config.suppression)
+    if config.sink.rules:
+        lines.append("[sink]")
+        lines.append("rules = [")
+        for sr in config.sink.rules:
+            reply = "accept" if sr.code is None else f"{sr.code} {sr.enhanced} {sr.text}"
+            lines.append(f"  {{ match = {_toml(sr.match)}, reply = {_toml(reply)}, delay = {_toml(sr.delay)},"
+                         f" times = {sr.times} }},")
+        lines += ["]", ""]
     lines += [
         "[admin]", f"enabled = {_toml(config.admin.enabled)}",
         f"endpoint = {_toml(config.admin_endpoint)}",

@@ -58,6 +58,7 @@ from relaynet.events import EventLog
 from relaynet.smtp.netio import no_delay, send_now
 from relaynet.delivery.routing import Route, RouteKind, RoutingTable
 from relaynet.intake.policy import check_recipient, is_trusted
+from relaynet.intake.sink import SinkAnswer, SinkRules
 from relaynet.smtp.parse import CommandError, MailRequest, parse_mail, parse_rcpt
 from relaynet.queue.spool import (
     CONTENT_PLACEHOLDER, DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, QueueEntry, Recipient, Spool, SpoolError,
@@ -130,6 +131,16 @@ class Intake:
     accepting: bool = True
     recovering: bool = False
     _table: RoutingTable | None = field(default=None, init=False, repr=False)
+    _sink: tuple[Any, SinkRules] | None = field(default=None, init=False, repr=False)
+
+    def sink(self) -> SinkRules | None:
+        """The test sink's rules (C{[sink]}), made again when the configuration changes; C{None}: a normal node."""
+        rules = self.config.sink.rules
+        if not rules:
+            return None
+        if self._sink is None or self._sink[0] is not rules:
+            self._sink = (rules, SinkRules(rules))
+        return self._sink[1]
 
     def routing(self) -> RoutingTable:
         """The routing table of the configuration in force (built once per configuration)."""
@@ -819,16 +830,16 @@ class RelayESMTP(smtp.ESMTP):
         self._txn = Transaction(mail)
         self.reply(250, "2.1.0", "Ok")
 
-    def do_RCPT(self, rest: bytes) -> None:
+    def do_RCPT(self, rest: bytes) -> Deferred[None] | None:
         txn = self._txn
         if txn is None:
             self.reply(503, "5.5.1", "Error: need MAIL command")
-            return
+            return None
         try:
             req = parse_rcpt(rest, smtputf8=txn.mail.smtputf8)
         except CommandError as e:
             self.reply(e.code, e.enhanced, e.text)
-            return
+            return None
         if len(txn.recipients) >= self.limits.max_recipients:
             # RFC 5321 4.5.3.1.10: the client sends the rest later. As
             # Postfix (smtpd_recipient_overshoot_limit), the excess counts
@@ -839,7 +850,7 @@ class RelayESMTP(smtp.ESMTP):
                 452, "4.5.3", "Error: too many recipients",
                 error=txn.overshoot > self.limits.recipient_overshoot_limit,
             )
-            return
+            return None
         box = req.recipient
         verdict = check_recipient(
             self.intake.config, box.local, box.domain, self.client_ip, self.authenticated,
@@ -848,20 +859,54 @@ class RelayESMTP(smtp.ESMTP):
         if not verdict.accepted:
             self.reply(verdict.code, verdict.enhanced, verdict.text)
             self._rejected("RCPT", verdict.code, verdict.enhanced, recipient=str(box))
-            return
+            return None
         address = str(box)
         if not box.domain and self.intake.config.local.domains:
             address = f"{box.local}@{self.intake.config.local.domains[0]}"
         entry = self.intake.suppressed(address)
         if entry is not None:
             self._refuse_suppressed(txn, address, entry)
-            return
-        if all(r.address != address for r in txn.recipients):
-            txn.recipients.append(
-                Recipient(address=address, route=verdict.route.name if verdict.route else "local",
-                          notify=req.notify, orcpt=req.orcpt)
-            )
+            return None
+        recipient = Recipient(address=address, route=verdict.route.name if verdict.route else "local",
+                              notify=req.notify, orcpt=req.orcpt)
+        sink = self.intake.sink()
+        if sink is not None:
+            return self._sink_answer(txn, recipient, sink.decide(address))
+        self._accept_recipient(txn, recipient)
+        return None
+
+    def _accept_recipient(self, txn: Transaction, recipient: Recipient) -> None:
+        if all(r.address != recipient.address for r in txn.recipients):
+            txn.recipients.append(recipient)
         self.reply(250, "2.1.5", "Ok")
+
+    def _sink_answer(self, txn: Transaction, recipient: Recipient, answer: SinkAnswer) -> Deferred[None] | None:
+        """
+        A test sink's answer to this RCPT (C{[sink]}): accept, refuse, or a
+        421 that ends the session, after the rule's delay (the session's
+        next command waits for it, pipelined or not).
+        """
+
+        def answer_now() -> None:
+            if answer.code is None:
+                self._accept_recipient(txn, recipient)
+                return
+            self.reply(answer.code, answer.enhanced, answer.text)
+            self._rejected("RCPT", answer.code, answer.enhanced, recipient=recipient.address, reason="sink rule")
+            if answer.closes:
+                self._close()
+
+        if not answer.delay:
+            answer_now()
+            return None
+        done: Deferred[None] = Deferred()
+
+        def later() -> None:
+            answer_now()
+            done.callback(None)
+
+        self.intake.reactor.callLater(answer.delay, later)
+        return done
 
     def _refuse_suppressed(self, txn: Transaction, address: str, entry: Suppression) -> None:
         """

@@ -41,7 +41,7 @@ _LAB_OWNED = {("node", "name"), ("node", "spool"), ("local", "mailroot")}
 # Keys of a route that are passed to the node config verbatim.
 _ROUTE_PASSTHROUGH = (
     "ack", "concurrency", "tls", "source_address", "code", "enhanced", "text",
-    "mx_port", "next_hops", "dkim",
+    "mx_port", "next_hops", "dkim", "source_pool",
 )
 
 
@@ -806,7 +806,7 @@ def node_config(topology: Topology, plans: Mapping[str, NodePlan], name: str,
         if r.action == "mx" and "mx_port" not in route:
             # Exchangers are lab nodes, listening on the lab's common relay port.
             route["mx_port"] = plan.ports[0]
-        if r.via and not netns and "source_address" not in route:
+        if r.via and not netns and "source_address" not in route and "source_pool" not in route:
             # Connect from the node's own address, so each hop is seen as itself.
             route["source_address"] = plan.address
         routes.append(route)

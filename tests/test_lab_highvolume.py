@@ -1,0 +1,51 @@
+"""
+C{topologies/high-volume.toml} run as real processes: an outbound relay with
+an egress pool and suppression, to a provider played by a test sink
+(C{[sink]} rules): unknown users bounce (a DSN to the sender) and are
+suppressed, mailbox-full and throttling replies are retried until
+delivered, connections leave from both pool addresses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from test_lab import TOPOLOGIES, lab_dirs, relaynet  # noqa: F401 - lab_dirs is a fixture
+
+
+def _events(path: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_high_volume_lab(lab_dirs: Any) -> None:
+    """
+    10 messages over five recipients: 8 delivered once, 2 to gone@ bounced
+    with a DSN (lab check OK); the outbound's events carry the classes
+    (invalid-recipient, mailbox-full, rate-limit); gone@ is on its
+    suppression list (relaynet suppress list); the provider saw connections
+    from both egress addresses.
+    """
+    labdir = lab_dirs("hv")
+    relaynet("lab", "up", str(TOPOLOGIES / "high-volume.toml"), "--dir", str(labdir))
+    sent = json.loads(relaynet("lab", "send", "--dir", str(labdir), "-n", "10", "--json").stdout)
+    assert sent["accepted"] == 10, sent
+    report = json.loads(relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", "--json").stdout)
+    assert report["ok"] and (report["delivered_once"], report["bounced"]) == (8, 2), report
+
+    outbound = _events(labdir / "outbound" / "spool" / "events.jsonl")
+    classes = {(e["event"], e["recipient"].split("@")[0], e.get("class"))
+               for e in outbound if e["event"] in ("bounced", "deferred")}
+    assert ("bounced", "gone", "invalid-recipient") in classes, classes
+    assert ("deferred", "full", "mailbox-full") in classes and ("deferred", "busy", "rate-limit") in classes, classes
+
+    listed = relaynet("suppress", "--config", str(labdir / "outbound" / "node.toml"), "list", "--json")
+    assert "gone@provider.test" in listed.stdout, listed.stdout
+
+    provider = _events(labdir / "provider" / "spool" / "events.jsonl")
+    sources = Counter(e["client"] for e in provider if e["event"] == "received")
+    assert set(sources) == {"127.0.0.70", "127.0.0.71"}, sources
