@@ -16,32 +16,45 @@ Tests for L{relaynet.delivery.shaping}: traffic shaping per destination.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer, reactor as global_reactor
-from twisted.internet.defer import Deferred
+from twisted.internet import defer
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
-from relaynet.config import ConfigError, TableReader
-from relaynet.delivery.client import HopPool
+from relaynet import zones
+from relaynet.config import ConfigError, TableReader, parse_config
+from relaynet.delivery.attempt import Delivery
+from relaynet.delivery.client import DeliveryResult, HopPool
+from relaynet.delivery.routing import RoutingTable
 from relaynet.delivery.shaping import (
-    Destination, Rate, Shaper, ShapingRule, ShapingSettings, ThrottleRule, TokenBucket, describe_shaping,
-    parse_shaping, shaping_gauges,
+    Destination,
+    Rate,
+    Shaper,
+    ShapingRule,
+    ShapingSettings,
+    ThrottleRule,
+    TokenBucket,
+    describe_shaping,
+    parse_shaping,
 )
 from relaynet.events import EventLog
-from relaynet.queue.spool import Envelope, QueueEntry, Recipient
+from relaynet.queue.spool import Envelope, QueueEntry, QueueState, Recipient
+from relaynet.queue.states import RecipientStatus
 from relaynet.testing import FakeSMTPServer, make_config
 from relaynet.testing.spool import MemorySpool
 from tests.test_outbound import Hop, Outcome
-
 
 # -- helpers -----------------------------------------------------------------
 
@@ -289,15 +302,83 @@ def test_reload_keeps_state_of_unchanged_keys() -> None:
     small.close()
 
 
-def test_gauges() -> None:
-    """The metrics lines of destination states."""
+def test_snapshot_and_worker_share() -> None:
+    """
+    What the views read of a destination; with the limits shared by 4
+    workers, each allows a quarter of the rate, burst and connections.
+    """
     clock = Clock()
     shaper = Shaper(settings_from(RULES), clock)
-    shaper.destination("example.com").reply(451, "4.7.1", "go away", "mx:25")
-    text = "\n".join(shaping_gauges(shaper.snapshot()))
-    assert 'relaynet_destination_paused{destination="rule[1]"} 1' in text
-    assert 'relaynet_destination_tokens{destination="rule[1]"} 10.0' in text
-    assert 'relaynet_destination_throttles_total{destination="rule[1]"} 1' in text
+    d = shaper.destination("example.com")
+    d.reply(451, "4.7.1", "go away", "mx:25")
+    (snap,) = [x for x in shaper.snapshot() if x["destination"] == "rule[1]"]
+    assert snap["state"] == "paused" and snap["until"] == 120.0 and snap["reason"] == "451 4.7.1 go away"
+    assert (snap["rate"], snap["tokens"], snap["burst"], snap["max_connections"]) == ("10/s", 10.0, 10, 2)
+    assert snap["throttles"] == 1 and snap["connections"] == 0
+    quarter = Shaper(settings_from(RULES), clock, share=4).destination("example.com")
+    assert quarter.bucket is not None and (quarter.bucket.rate, quarter.bucket.size) == (2.5, 3)
+    assert quarter.connection_room() == 1
+
+
+# -- the delivery attempt ------------------------------------------------------------
+
+
+class ShapedHops:
+    """An outbound agent that accepts everything and records the destination of each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], Destination | None]] = []
+
+    def deliver(self, endpoint: str, entry: QueueEntry, recipients: list[Recipient], concurrency: int = 20,
+                source_address: str | None = None, tls_policy: str = "none",
+                destination: Destination | None = None, **kw: Any) -> Deferred[list[DeliveryResult]]:
+        self.calls.append((endpoint, [r.address for r in recipients], destination))
+        return succeed([DeliveryResult(r.address, 250, "2.0.0", "ok", endpoint) for r in recipients])
+
+
+def shaped_attempt(shaper: Shaper | None, resolver: Any, *rcpts: str) -> ShapedHops:
+    table = RoutingTable(parse_config({
+        "route": [
+            {"domains": ["a.test", "b.test"], "action": "relay", "next_hops": ["tcp:smarthost.test:25"]},
+            {"domains": ["*"], "action": "mx"},
+        ],
+    }, source="<test>"))
+    hops = ShapedHops()
+    delivery = Delivery(lambda: table, hops, None, lambda: resolver,  # type: ignore[arg-type]
+                        shuffle=lambda h: None, shaper=lambda: shaper)
+    env = Envelope("Q1", "s@src.test", tuple(Recipient(r) for r in rcpts), 0.0)
+    out: list[Any] = []
+    delivery.attempt(QueueEntry(env, QueueState(), "/nonexistent", 0), [Recipient(r) for r in rcpts]).addBoth(
+        out.append)
+    [result] = out
+    assert isinstance(result, list) and all(o.status is RecipientStatus.RELAYED for o in result), result
+    return hops
+
+
+def test_attempt_passes_the_destination_by_mx_host_or_domain() -> None:
+    """
+    An mx route's destination is matched after the MX lookup: two domains
+    whose MX hosts are under C{*.provider.test} share the rule's
+    destination; a relay route's recipients go in one transaction per
+    destination; without shaping no destination is passed.
+    """
+    resolver = zones.resolver({
+        "one.test": ["@ MX 10 mx1.provider.test."], "two.test": ["@ MX 10 mx2.provider.test."],
+        "own.test": ["@ MX 10 mx", "mx A 192.0.2.30"],
+        "provider.test": ["mx1 A 192.0.2.10", "mx2 A 192.0.2.20"],
+    })
+    shaper = Shaper(settings_from("[[shaping.rule]]\nname = 'provider'\nmx = ['*.provider.test']\n"), Clock())
+    hops = shaped_attempt(shaper, resolver, "u@one.test", "v@two.test", "w@own.test")
+    dests = {rcpts[0]: d for _, rcpts, d in hops.calls}
+    assert dests["u@one.test"] is dests["v@two.test"] and dests["u@one.test"] is not None
+    assert dests["u@one.test"].name == "provider"
+    own = dests["w@own.test"]
+    assert own is not None and own.name == "own.test"
+    hops = shaped_attempt(shaper, None, "x@a.test", "y@b.test", "z@a.test")
+    assert sorted((rcpts, d.name if d else None) for _, rcpts, d in hops.calls) == [
+        (["x@a.test", "z@a.test"], "a.test"), (["y@b.test"], "b.test")]
+    hops = shaped_attempt(None, None, "x@a.test", "y@b.test")
+    assert [(rcpts, d) for _, rcpts, d in hops.calls] == [(["x@a.test", "y@b.test"], None)]
 
 
 # -- the connection pool ----------------------------------------------------------
@@ -345,7 +426,7 @@ def test_jobs_beyond_the_rate_are_deferred_remembered_and_flushed(tmp_path: Path
 
     dest.flush = resubmit
     hop.serve()
-    sent = lambda: sum(len(s.messages) for s in hop.servers)  # noqa: E731
+    sent = lambda: sum(len(s.messages) for s in hop.servers)
     assert sent() == 2
     times = [0.0, 0.0]
     for _ in range(60):
@@ -524,8 +605,8 @@ class RealSocketShaping(unittest.TestCase):
         """
         sink = SinkFactory()
         port = yield TCP4ServerEndpoint(global_reactor, 0, interface="127.0.0.1").listen(sink)
-        tmp = Path(self.mktemp()).absolute()
-        tmp.mkdir(parents=True)
+        tmp = Path(tempfile.mkdtemp(prefix="shaping-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
         config = make_config(tmp, toml=f"""
 [[route]]
 domains = ["*"]

@@ -1875,12 +1875,16 @@ class OutboundManager:
         self.shaper: Shaper | None = None
         """The traffic shaping of C{[shaping]} (L{configure_shaping}), or C{None}."""
 
-    def configure_shaping(self, settings: ShapingSettings | None) -> None:
+    def configure_shaping(self, settings: ShapingSettings | None, share: int = 1) -> None:
         """
         The C{[shaping]} settings of a (new) configuration (C{None}: no
         shaping). Destinations whose key stays keep their state (tokens,
         pause, deferred ids) under the new limits; the pools made from now
         on use them (a reload forgets the pools, L{close_idle}).
+
+        @param share: the worker processes that share the limits
+            (C{config.worker_count} in a worker, 1 without workers): each
+            allows its fraction of every rate, burst and connection limit.
         """
         if settings is None:
             if self.shaper is not None:
@@ -1891,7 +1895,7 @@ class OutboundManager:
             self.shaper = Shaper(
                 settings, self.reactor, self.events,
                 lambda ids, limit: self.flush(ids, limit) if self.flush is not None else 0,
-                log=HopPool.log,
+                log=HopPool.log, share=share,
             )
         else:
             self.shaper.configure(settings)

@@ -46,7 +46,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import field, frozen
 
@@ -83,7 +84,7 @@ class Rate:
         return f"{self.count}/{unit}"
 
     @classmethod
-    def parse(cls, text: str) -> "Rate":
+    def parse(cls, text: str) -> Rate:
         """
         C{"10/s"}, C{"600/m"}, C{"3600/h"} (also C{/sec}, C{/min}, C{/hour}).
 
@@ -135,7 +136,7 @@ class ThrottleRule:
 
     @classmethod
     def make(cls, pause: float, code: int | None = None, enhanced: str | None = None,
-             pattern: str | None = None, rate: Rate | None = None) -> "ThrottleRule":
+             pattern: str | None = None, rate: Rate | None = None) -> ThrottleRule:
         """One with its pattern compiled. @raise re.error: a bad pattern."""
         return cls(pause, code, enhanced, pattern, rate, regex=re.compile(pattern) if pattern else None)
 
@@ -147,9 +148,7 @@ class ThrottleRule:
             return False
         if self.enhanced is not None and not _parts_prefix(self.enhanced, enhanced):
             return False
-        if self._regex is not None and self._regex.search(f"{code} {enhanced} {text}") is None:
-            return False
-        return True
+        return self._regex is None or self._regex.search(f"{code} {enhanced} {text}") is not None
 
 
 DEFAULT_THROTTLE = (ThrottleRule.make(60.0, code=421), ThrottleRule.make(60.0, enhanced="4.7"))
@@ -213,15 +212,15 @@ class ShapingSettings:
     rules: tuple[ShapingRule, ...] = ()
 
 
-def _pattern(t: "TableReader", name: str, value: str, i: int) -> str:
+def _pattern(t: TableReader, name: str, value: str, i: int) -> str:
     p = value.strip().lower().rstrip(".")
-    body = p[2:] if p.startswith("*.") else p
+    body = p.removeprefix("*.")
     if p != "*" and (not body or "*" in body or " " in body or ".." in body):
         raise t.error(f"{name}[{i}]", f"{value!r} is not a domain, '*.domain' or '*'")
     return p
 
 
-def _parse_rate(t: "TableReader", name: str) -> Rate | None:
+def _parse_rate(t: TableReader, name: str) -> Rate | None:
     text = t.get(name, str, None)
     if text is None:
         return None
@@ -231,7 +230,7 @@ def _parse_rate(t: "TableReader", name: str) -> Rate | None:
         raise t.error(name, str(e)) from None
 
 
-def _parse_throttle(t: "TableReader") -> tuple[ThrottleRule, ...]:
+def _parse_throttle(t: TableReader) -> tuple[ThrottleRule, ...]:
     items = t.get("throttle", list, None)
     if items is None:
         return DEFAULT_THROTTLE
@@ -258,7 +257,7 @@ def _parse_throttle(t: "TableReader") -> tuple[ThrottleRule, ...]:
     return tuple(out)
 
 
-def _parse_limits(t: "TableReader", name: str, matching: bool) -> ShapingRule:
+def _parse_limits(t: TableReader, name: str, matching: bool) -> ShapingRule:
     domains = tuple(_pattern(t, "domains", d, i) for i, d in enumerate(t.strings("domains", ()))) if matching else ()
     mx = tuple(_pattern(t, "mx", d, i) for i, d in enumerate(t.strings("mx", ()))) if matching else ()
     if matching and not domains and not mx:
@@ -278,7 +277,7 @@ def _parse_limits(t: "TableReader", name: str, matching: bool) -> ShapingRule:
     return rule
 
 
-def parse_shaping(table: "TableReader") -> ShapingSettings:
+def parse_shaping(table: TableReader) -> ShapingSettings:
     """
     The C{[shaping]} table (see the module docstring).
 
@@ -420,9 +419,15 @@ class Destination:
 
     def __init__(
         self, key: tuple[str, ...], name: str, rule: ShapingRule, reactor: Any, events: Any = None,
-        flush: Callable[[list[str], int | None], int] | None = None, log: Any = None,
+        flush: Callable[[list[str], int | None], int] | None = None, log: Any = None, share: int = 1,
     ) -> None:
+        """
+        @param share: how many processes share the limits (C{[node]
+            workers}, each shaping its own shard's mail): each one allows
+            this fraction of the rate, burst and connections (rounded up).
+        """
         self.key = key
+        self.share = max(1, share)
         self.name = name
         self.rule = rule
         self.reactor = reactor
@@ -460,11 +465,12 @@ class Destination:
             self.bucket = None
             return
         size = self.rule.bucket_size if self.slowed is None else max(1, math.ceil(rate.per_second))
-        size = max(1, min(size, self.rule.bucket_size or size))
+        size = max(1, math.ceil(min(size, self.rule.bucket_size or size) / self.share))
+        per_second = rate.per_second / self.share
         if self.bucket is None:
-            self.bucket = TokenBucket(rate.per_second, size, self.reactor.seconds)
+            self.bucket = TokenBucket(per_second, size, self.reactor.seconds)
         else:
-            self.bucket.change(rate.per_second, size)
+            self.bucket.change(per_second, size)
 
     def reconfigure(self, rule: ShapingRule) -> None:
         """New limits for the same destination (a reload): the state stays."""
@@ -543,7 +549,7 @@ class Destination:
             return 0
         if not self.rule.max_connections:
             return None
-        return max(0, self.rule.max_connections - self.connections())
+        return max(0, math.ceil(self.rule.max_connections / self.share) - self.connections())
 
     def remember(self, queue_id: str) -> None:
         if queue_id not in self.remembered and len(self.remembered) < self.REMEMBER:
@@ -714,8 +720,13 @@ class Shaper:
 
     def __init__(
         self, settings: ShapingSettings, reactor: Any, events: Any = None,
-        flush: Callable[[list[str], int | None], int] | None = None, log: Any = None,
+        flush: Callable[[list[str], int | None], int] | None = None, log: Any = None, share: int = 1,
     ) -> None:
+        """
+        @param flush: the runner's C{flush_ids(queue_ids, limit)}.
+        @param share: see L{Destination} (C{[node] workers}; 1 without).
+        """
+        self.share = share
         self.settings = settings
         self.reactor = reactor
         self.events = events
@@ -745,7 +756,7 @@ class Shaper:
             if len(self.destinations) >= self.MAX_IDLE:
                 self._prune()
             d = self.destinations[key] = Destination(
-                key, name, rule, self.reactor, self.events, self.flush, self._log,
+                key, name, rule, self.reactor, self.events, self.flush, self._log, self.share,
             )
         return d
 
@@ -789,37 +800,15 @@ class Shaper:
             d.close()
 
 
-def shaping_gauges(states: Iterable[dict[str, Any]]) -> list[str]:
-    """
-    Prometheus text lines for destination states (L{Shaper.snapshot}):
-    C{relaynet_destination_paused}, C{_tokens}, C{_connections},
-    C{_throttles_total}.
-    """
-    lines = [
-        "# HELP relaynet_destination_paused 1 while a destination is paused by a throttling reply (2: slowed).",
-        "# TYPE relaynet_destination_paused gauge",
-    ]
-    rows = list(states)
-
-    def label(s: dict[str, Any]) -> str:
-        name = str(s["destination"]).replace("\\", "\\\\").replace('"', '\\"')
-        return f'{{destination="{name}"}}'
-
-    for s in rows:
-        lines.append(f"relaynet_destination_paused{label(s)} {dict(open=0, paused=1, slowed=2)[s['state']]}")
-    lines += ["# HELP relaynet_destination_tokens Tokens in a destination's rate bucket.",
-              "# TYPE relaynet_destination_tokens gauge"]
-    lines += [f"relaynet_destination_tokens{label(s)} {s['tokens']}" for s in rows if s["tokens"] is not None]
-    lines += ["# HELP relaynet_destination_connections Connections open to a destination.",
-              "# TYPE relaynet_destination_connections gauge"]
-    lines += [f"relaynet_destination_connections{label(s)} {s['connections']}" for s in rows]
-    lines += ["# HELP relaynet_destination_throttles_total Throttling replies that paused or slowed a destination.",
-              "# TYPE relaynet_destination_throttles_total counter"]
-    lines += [f"relaynet_destination_throttles_total{label(s)} {s['throttles']}" for s in rows]
-    return lines
-
-
 __all__ = [
-    "Destination", "Rate", "SUSPENDED", "Shaper", "ShapingRule", "ShapingSettings", "ThrottleRule",
-    "TokenBucket", "describe_shaping", "parse_shaping", "shaping_gauges",
+    "SUSPENDED",
+    "Destination",
+    "Rate",
+    "Shaper",
+    "ShapingRule",
+    "ShapingSettings",
+    "ThrottleRule",
+    "TokenBucket",
+    "describe_shaping",
+    "parse_shaping",
 ]
