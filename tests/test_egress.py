@@ -132,3 +132,35 @@ source_pool = "bulk"
             assert len(unavailable) == 1 and unavailable[0]["source"] == "192.0.2.77", unavailable
             sent = [e for e in sender.events(strict=False) if e.get("event") == "sent"]
             assert len(sent) == 12
+
+
+def test_metrics_count_connections_per_pool_address() -> None:
+    """relaynet_egress_connections_total{pool, source}: the pool's use, read from the outbound at scrape time."""
+    from twisted.internet.task import Clock
+
+    from relaynet.admin.metrics import NodeMetrics
+    from tests.test_metrics import FakeQueue, FakeSessions
+
+    pool = EgressPool("bulk", [("127.0.0.2", 2), ("127.0.0.3", 1)])
+    for _ in range(3):
+        pool.connected(pool.choose(0.0))
+
+    class Outbound:
+        def egress_use(self) -> dict[tuple[str, str], int]:
+            return {(pool.name, a): n for a, n in pool.used.items()}
+
+    class Queue:
+        outbound = Outbound()
+        fake = FakeQueue()
+
+        def counts(self) -> dict[str, int]:
+            return self.fake.counts()
+
+        def totals(self) -> Any:
+            return self.fake.totals()
+
+    clock = Clock()
+    metrics = NodeMetrics(Queue(), FakeSessions(), clock, name="unit", now=clock.seconds)  # type: ignore[arg-type]
+    text = metrics.exposition().decode()
+    assert 'relaynet_egress_connections_total{pool="bulk",source="127.0.0.2"} 2.0' in text, text
+    assert 'relaynet_egress_connections_total{pool="bulk",source="127.0.0.3"} 1.0' in text

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from attrs import define, field
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -294,7 +294,7 @@ class _PresentCollector(Collector):
     def __init__(self, metrics: "NodeMetrics") -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         queue, sessions = self.metrics.queue, self.metrics.sessions
         q = GaugeMetricFamily("relaynet_queue_messages", "Queued messages by state", labels=["state"])
         for state, n in sorted(queue.counts().items()):
@@ -349,6 +349,14 @@ class _PresentCollector(Collector):
         for source, n in sorted(self.metrics.suppression().items()):
             suppressed.add_metric([source], n)
         yield suppressed
+        egress = CounterMetricFamily(
+            "relaynet_egress_connections", "Connections made from each address of an egress pool",
+            labels=["pool", "source"],
+        )
+        use = getattr(getattr(self.metrics.queue, "outbound", None), "egress_use", None)
+        for (pool, source), n in sorted((use() if callable(use) else {}).items()):
+            egress.add_metric([pool, source], n)
+        yield egress
 
 
 class NodeMetrics:
