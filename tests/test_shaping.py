@@ -384,7 +384,8 @@ def test_attempt_passes_the_destination_by_mx_host_or_domain() -> None:
 # -- the connection pool ----------------------------------------------------------
 
 
-def shaped_hop(tmp_path: Path, toml: str, **outbound: Any) -> tuple[Hop, Destination, Events, Flusher]:
+def shaped_hop(tmp_path: Path, toml: str, concurrency: int = 20, **outbound: Any,
+               ) -> tuple[Hop, Destination, Events, Flusher]:
     """A L{Hop} whose pool delivers to destination C{example.net} shaped by C{toml}."""
     hop = Hop(tmp_path, **outbound)
     events, flusher = Events(), Flusher()
@@ -392,7 +393,7 @@ def shaped_hop(tmp_path: Path, toml: str, **outbound: Any) -> tuple[Hop, Destina
     shaper = Shaper(settings_from(toml), hop.reactor, events, flusher)
     dest = shaper.destination("example.net")
     hop.pool = HopPool(
-        "tcp:mx.test:25", hop.reactor, hop.timeouts, "client.test", 20,
+        "tcp:mx.test:25", hop.reactor, hop.timeouts, "client.test", concurrency,
         run_in_thread=hop.run_in_thread, destination=dest,
     )
     return hop, dest, events, flusher
@@ -455,16 +456,34 @@ def test_max_connections_is_shared_by_the_pools_of_a_destination(tmp_path: Path)
     other.submit(e, list(e.envelope.recipients)).addCallbacks(b.done, b.failed)
     assert hop.connects == 1 and dest.connections() == 1
     hop.serve()
-    assert a.fired and not b.fired and hop.connects == 1
-    hop.reactor.advance(hop.timeouts.reuse_idle_time)  # the idle connection QUITs
+    # The first pool's connection is not kept idle while the other waits.
+    assert a.fired and b.fired and hop.connects == 2
+    assert b.by_address() == {"rcpt@example.net": (250, "2.0.0")}
+    assert hop.max_in_flight == 1
+
+
+def test_few_connections_hold_few_attempt_slots(tmp_path: Path) -> None:
+    """
+    With max_connections = 1 (and no rate) two jobs may wait; the others
+    are deferred at once ("connection limit") and flushed one by one as
+    jobs leave for the connection.
+    """
+    hop, _, _, flusher = shaped_hop(tmp_path, "[shaping.default]\nmax_connections = 1\n")
+    entries = {e.queue_id: e for e in (hop.entry() for _ in range(5))}
+    outs = {qid: hop.submit(e) for qid, e in entries.items()}
+    deferred = [qid for qid, o in outs.items() if o.fired]
+    assert len(deferred) == 3
+    (r,) = outs[deferred[0]].results or []
+    assert (r.enhanced, r.text) == ("4.4.5", "connection limit: example.net, 1 connections busy")
+    assert not flusher.flushed
     hop.serve()
-    assert hop.connects == 2 and b.fired and b.by_address() == {"rcpt@example.net": (250, "2.0.0")}
+    assert 1 <= len(flusher.flushed) <= 2 and flusher.flushed[0][0] == deferred[0]
     assert hop.max_in_flight == 1
 
 
 def test_messages_per_connection(tmp_path: Path) -> None:
     """A destination's messages_per_connection below [outbound]'s: a new connection after it."""
-    hop, _, _, _ = shaped_hop(tmp_path, "[shaping.default]\nmessages_per_connection = 2\nmax_connections = 1\n")
+    hop, _, _, _ = shaped_hop(tmp_path, "[shaping.default]\nmessages_per_connection = 2\n", concurrency=1)
     outs = [hop.submit() for _ in range(5)]
     for _ in range(5):
         hop.serve()

@@ -1601,6 +1601,8 @@ class HopPool:
             if timer.active():
                 timer.cancel()
             client.start(self.queue.popleft())
+            if dest is not None:
+                dest.job_started()
         if self.queue and self.hop.down and not self.clients:
             # The hop is down: no connection while its down time lasts; then
             # one probe (its jobs wait for it; other pools' are deferred).
@@ -1622,9 +1624,13 @@ class HopPool:
         # opening more, and open no more than the slow-start limit allows.
         need = len(self.queue) - self._connecting - len(self._starting) - len(self._idle)
         room = self._limit - len(self.clients) - self._connecting
-        shared = dest.connection_room() if dest is not None else None
-        if shared is not None:
-            room = min(room, shared)
+        if dest is not None:
+            shared = dest.connection_room()
+            if shared is not None:
+                room = min(room, shared)
+            if dest.bucket is not None:
+                # No more connections than tokens to use them (one at least).
+                need = min(need, max(1, int(dest.bucket.tokens)))
         for _ in range(max(0, min(need, room))):
             self._connect()
 
@@ -1701,7 +1707,7 @@ class HopPool:
             timer.cancel()
         if client.session_error is not None and client._sent == 0:
             self._limit = self._initial
-        if self.destination is not None and self.destination.rule.max_connections:
+        if self.destination is not None and self.destination.max_connections:
             # A connection to the destination is free: any of its pools may open one.
             self.reactor.callLater(0, self.destination.kick)
         if client.greeting_refused and not self.clients:
@@ -1781,15 +1787,22 @@ class HopPool:
             self._limit += 1
         if not self.queue:
             return None
-        if self.destination is not None and not self.destination.may_start():
-            return None  # no token yet (or paused): it idles until one comes
+        if self.destination is not None:
+            if not self.destination.may_start():
+                return None  # no token yet (or paused): it idles until one comes
+            job = self.queue.popleft()
+            self.destination.job_started()
+            return job
         return self.queue.popleft()
 
     def idle(self, client: RelayClient) -> None:
         """C{client} has nothing to do: keep it briefly for reuse."""
         self._starting.discard(client)
         self.hop.up()
-        if self.destination is not None and self.destination.paused:
+        dest = self.destination
+        if dest is not None and (dest.paused or (dest.max_connections and dest.others_waiting(self))):
+            # Paused; or another pool of the destination waits for a
+            # connection this one would keep idle: it goes.
             client.quit()
             return
         self._idle[client] = self.reactor.callLater(

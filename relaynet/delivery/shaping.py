@@ -416,6 +416,10 @@ class Destination:
     #: Seconds a remembered id that cannot be flushed yet (its attempt is
     #: still being recorded) is tried again.
     GRACE = 60.0
+    #: Jobs that may wait in the pools per connection allowed (with
+    #: C{max_connections} and no rate): the rest are deferred, so that a
+    #: destination with few connections holds few attempt slots.
+    WAIT_PER_CONNECTION = 2
 
     def __init__(
         self, key: tuple[str, ...], name: str, rule: ShapingRule, reactor: Any, events: Any = None,
@@ -521,16 +525,44 @@ class Destination:
             self.remember(queue_id)
             self.deferred += 1
             return self.enhanced, self.suspended_diagnostic()
+        capacity = self.capacity()
+        if capacity is None or self.queued() < capacity:
+            return None
+        self.remember(queue_id)
+        self.deferred += 1
+        rate = self.rate
+        if self.bucket is not None and rate is not None:
+            slowed = f" (slowed: {self.reason})" if self.slowed is not None else ""
+            return "4.4.5", f"rate limited: {self.name}, {rate.text}{slowed}"
+        return "4.4.5", f"connection limit: {self.name}, {self.max_connections} connections busy"
+
+    @property
+    def max_connections(self) -> int:
+        """This process's connection limit (0: none)."""
+        most = self.rule.max_connections
+        return math.ceil(most / self.share) if most else 0
+
+    def capacity(self) -> int | None:
+        """
+        How many jobs may wait in the pools: what the bucket lets go within
+        about a burst's time (its tokens and its size), or
+        L{WAIT_PER_CONNECTION} per connection allowed; C{None}: no limit.
+        """
         if self.bucket is not None:
-            room = self.bucket.size + int(self.bucket.tokens) - self.queued()
-            if room <= 0:
-                self.remember(queue_id)
-                self.deferred += 1
-                rate = self.rate
-                assert rate is not None
-                slowed = f" (slowed: {self.reason})" if self.slowed is not None else ""
-                return "4.4.5", f"rate limited: {self.name}, {rate.text}{slowed}"
+            return self.bucket.size + int(self.bucket.tokens)
+        if self.max_connections:
+            return self.max_connections * self.WAIT_PER_CONNECTION
         return None
+
+    def job_started(self) -> None:
+        """A queued job left for a connection: room for a remembered one."""
+        if self.remembered and self.capacity() is not None:
+            self._cancel("_wake")  # a later wake-up (waiting for room) comes now
+            self._arm_wake()
+
+    def others_waiting(self, pool: ShapedPool) -> bool:
+        """Another pool of this destination has jobs waiting (for a connection)."""
+        return any(p is not pool and p.queue for p in self.pools)
 
     def may_start(self) -> bool:
         """May a queued job start now? Takes a token if so; else a wake-up is set."""
@@ -547,9 +579,9 @@ class Destination:
         """How many more connections may open (C{None}: no limit)."""
         if self.paused:
             return 0
-        if not self.rule.max_connections:
+        if not self.max_connections:
             return None
-        return max(0, math.ceil(self.rule.max_connections / self.share) - self.connections())
+        return max(0, self.max_connections - self.connections())
 
     def remember(self, queue_id: str) -> None:
         if queue_id not in self.remembered and len(self.remembered) < self.REMEMBER:
@@ -646,11 +678,10 @@ class Destination:
         for qid, at in list(self._flushed.items()):
             if now - at > 5.0:
                 del self._flushed[qid]  # flushed, but it never came back here
+        busy = False
         if self.remembered and self.flush is not None:
-            if self.bucket is not None:
-                room = self.bucket.size + int(self.bucket.tokens) - self.queued() - len(self._flushed)
-            else:
-                room = len(self.remembered)
+            capacity = self.capacity()
+            room = len(self.remembered) if capacity is None else capacity - self.queued() - len(self._flushed)
             for qid, at in list(self.remembered.items()):
                 if room <= 0:
                     break
@@ -664,16 +695,17 @@ class Destination:
                 self._flushed.pop(qid, None)
                 if now - at <= self.GRACE:
                     self.remembered[qid] = at  # busy (its attempt is still being recorded): later
+                    busy = True
                 # else gone (delivered, deleted), or busy for too long: its own retry takes it
         waiting = self.bucket is not None and self.queued() > 0
         self._cancel("_wake")  # one wake-up at a time (the kick may have armed one)
-        if self.remembered or waiting:
-            if self.bucket is None:
-                # Ids whose attempt is still being recorded: try again shortly.
-                self._wake = self.reactor.callLater(0.5, self._wake_up)
-            else:
-                delay = max(self.bucket.wait(), 1.0 / self.bucket.rate)
-                self._wake = self.reactor.callLater(delay, self._wake_up)
+        if self.bucket is not None and (self.remembered or waiting):
+            delay = max(self.bucket.wait(), 1.0 / self.bucket.rate)
+            self._wake = self.reactor.callLater(delay, self._wake_up)
+        elif self.remembered:
+            # Ids still being recorded: again shortly; else when a job
+            # leaves (job_started), or when flushed ones never came back.
+            self._wake = self.reactor.callLater(0.5 if busy else 5.0, self._wake_up)
 
     def _cancel(self, name: str) -> None:
         timer = getattr(self, name)
@@ -701,7 +733,7 @@ class Destination:
             "rate": rate.text if rate is not None else None,
             "tokens": round(self.bucket.tokens, 3) if self.bucket is not None else None,
             "burst": self.bucket.size if self.bucket is not None else None,
-            "connections": self.connections(), "max_connections": self.rule.max_connections,
+            "connections": self.connections(), "max_connections": self.max_connections,
             "queued": self.queued(), "deferred": self.deferred, "remembered": len(self.remembered),
             "throttles": self.throttles,
         }
