@@ -820,12 +820,13 @@ class Shaper:
                 d.reconfigure(rule)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """Every destination that is limited, paused or busy (for views and metrics)."""
-        out = []
-        for d in self.destinations.values():
-            if d.key[0] == "rule" or not d.idle() or d.rule.rate is not None or d.rule.max_connections:
-                out.append(d.snapshot())
-        return sorted(out, key=lambda s: s["destination"])
+        """
+        The destinations of the rules, and the per-domain ones that are
+        paused, busy or hold deferred messages (for views and metrics):
+        paused and slowed ones first, then by name.
+        """
+        out = [d.snapshot() for d in self.destinations.values() if d.key[0] == "rule" or not d.idle()]
+        return sorted(out, key=lambda s: (s["state"] == "open", s["destination"]))
 
     def close(self) -> None:
         for d in self.destinations.values():
