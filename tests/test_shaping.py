@@ -524,6 +524,44 @@ def test_421_pauses_the_destination_and_it_resumes(tmp_path: Path) -> None:
     assert again.by_address() == {"rcpt@example.net": (250, "2.0.0")}
 
 
+def test_421_greeting_pauses_the_destination(tmp_path: Path) -> None:
+    """A 421 greeting is a throttling reply too: the destination pauses, the queued jobs are deferred."""
+    hop, dest, events, _ = shaped_hop(tmp_path, "[shaping.default]\nthrottle = [{ code = 421, pause = 10 }]\n",
+                                      hop_down_time=0)
+    outs = [hop.submit() for _ in range(3)]
+    hop.serve(lambda: FakeSMTPServer(greeting=b"421 4.7.0 mx.test busy, try later"))
+    assert all(o.fired for o in outs) and dest.paused
+    (t,) = events.named("throttled")
+    assert t["reply"] == "421 4.7.0 mx.test busy, try later"
+    assert len(dest.remembered) == 3
+    hop.reactor.advance(10)
+    assert not dest.paused and len(events.named("released")) == 1
+
+
+def test_outbound_manager_keeps_shaping_across_a_reload(tmp_path: Path) -> None:
+    """
+    configure_shaping again (a reload) keeps the destinations and their
+    pause; the pools made after it use the same destination; None turns
+    shaping off.
+    """
+    from relaynet.delivery.client import OutboundManager
+
+    hop = Hop(tmp_path)
+    manager = OutboundManager(hop.reactor, hop.timeouts, "client.test")
+    manager.configure_shaping(settings_from("[shaping.default]\nrate = '1/s'\n"))
+    assert manager.shaper is not None
+    d = manager.shaper.destination("example.net")
+    d.reply(421, "4.7.0", "later", "mx:25")
+    manager.configure_shaping(settings_from("[shaping.default]\nrate = '2/s'\n"))
+    assert manager.shaper.destination("example.net") is d and d.paused and d.rule.rate == Rate(2, 1.0)
+    manager.close_idle()
+    pool = manager.pool("tcp:mx.test:25", destination=d)
+    assert pool.destination is d and manager.pool("tcp:mx.test:25") is not pool
+    assert [s["destination"] for s in manager.destination_states()] == ["example.net"]
+    manager.configure_shaping(None)
+    assert manager.shaper is None and manager.destination_states() == []
+
+
 # -- over real sockets ------------------------------------------------------------
 
 
