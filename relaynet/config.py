@@ -14,13 +14,16 @@ The format is documented in C{docs/config.md}.
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from attrs import field, frozen
+
 
 T = TypeVar("T")
 
@@ -405,6 +408,287 @@ class SinkSettings:
     rules: tuple[SinkRule, ...] = ()
 
 
+# -- traffic shaping settings ([shaping]; relaynet.delivery.shaping applies them)
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h|sec|second|min|minute|hour)\s*$", re.IGNORECASE)
+
+
+@frozen
+class Rate:
+    """
+    A message rate: C{count} per C{per} seconds.
+
+    @ivar text: as configured, normalised (C{"10/s"}).
+    """
+
+    count: int
+    per: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per
+
+    @property
+    def text(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.per]
+        return f"{self.count}/{unit}"
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """
+        C{"10/s"}, C{"600/m"}, C{"3600/h"} (also C{/sec}, C{/min}, C{/hour}).
+
+        @raise ValueError: anything else, or a count of 0.
+        """
+        m = _RATE.match(text)
+        if m is None:
+            raise ValueError(f"{text!r} is not a rate like '10/s', '600/m' or '3600/h'")
+        count = int(m.group(1))
+        if count <= 0:
+            raise ValueError("the count must be positive")
+        return cls(count, _UNITS[m.group(2)[0].lower()])
+
+
+def domain_matches(pattern: str, domain: str) -> bool:
+    """C{"*"}, C{"*.sub.example"} (strict subdomains) or an exact domain (as routing's)."""
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return domain.endswith(pattern[1:])
+    return domain == pattern
+
+
+def _parts_prefix(prefix: str, enhanced: str) -> bool:
+    """C{"4.7"} is a prefix of C{"4.7.28"} by whole parts (not of C{"4.70.1"})."""
+    want = [p for p in prefix.split(".") if p]
+    have = enhanced.split(".")
+    return len(want) <= len(have) and have[: len(want)] == want
+
+
+@frozen
+class ThrottleRule:
+    """
+    A reply that pauses (or slows) a destination.
+
+    @ivar code: the reply code that matches (C{None}: any).
+    @ivar enhanced: a prefix of the RFC 3463 code, by parts (C{None}: any).
+    @ivar pattern: a regular expression searched in the reply text (C{None}: any).
+    @ivar pause: for how long, in seconds.
+    @ivar rate: slow down to this rate for C{pause} instead of stopping.
+    """
+
+    pause: float
+    code: int | None = None
+    enhanced: str | None = None
+    pattern: str | None = None
+    rate: Rate | None = None
+    _regex: re.Pattern[str] | None = field(default=None, eq=False, repr=False, alias="regex")
+
+    @classmethod
+    def make(cls, pause: float, code: int | None = None, enhanced: str | None = None,
+             pattern: str | None = None, rate: Rate | None = None) -> ThrottleRule:
+        """One with its pattern compiled. @raise re.error: a bad pattern."""
+        return cls(pause, code, enhanced, pattern, rate, regex=re.compile(pattern) if pattern else None)
+
+    def matches(self, code: int, enhanced: str, text: str) -> bool:
+        """Whether the reply C{code enhanced text} matches (only 4xx replies ever do)."""
+        if not 400 <= code < 500:
+            return False
+        if self.code is not None and code != self.code:
+            return False
+        if self.enhanced is not None and not _parts_prefix(self.enhanced, enhanced):
+            return False
+        return self._regex is None or self._regex.search(f"{code} {enhanced} {text}") is not None
+
+
+DEFAULT_THROTTLE = (ThrottleRule.make(60.0, code=421), ThrottleRule.make(60.0, enhanced="4.7"))
+
+
+@frozen
+class ShapingRule:
+    """
+    The limits of one destination (a rule of C{[[shaping.rule]]}, or
+    C{[shaping.default]}).
+
+    @ivar name: in events and views.
+    @ivar domains: recipient domain patterns it matches.
+    @ivar mx: MX host name patterns it matches (any of the MX hosts; for a
+        C{relay} route, its next hops' host names).
+    @ivar max_connections: at once, across all hops (0: no limit).
+    @ivar messages_per_connection: then the connection QUITs (0: C{[outbound]}'s).
+    @ivar rate: messages started per unit of time (C{None}: no limit).
+    @ivar burst: the token bucket's size.
+    @ivar throttle: replies that pause or slow it, the first matching wins.
+    """
+
+    name: str = "default"
+    domains: tuple[str, ...] = ()
+    mx: tuple[str, ...] = ()
+    max_connections: int = 0
+    messages_per_connection: int = 0
+    rate: Rate | None = None
+    burst: int = 0
+    throttle: tuple[ThrottleRule, ...] = DEFAULT_THROTTLE
+
+    def matches(self, domain: str, mx_hosts: Sequence[str]) -> bool:
+        if any(domain_matches(p, domain) for p in self.domains):
+            return True
+        return any(domain_matches(p, h.lower().rstrip(".")) for p in self.mx for h in mx_hosts)
+
+    @property
+    def bucket_size(self) -> int:
+        """C{burst}, or one second's worth of the rate (at least 1)."""
+        if self.burst:
+            return self.burst
+        return max(1, math.ceil(self.rate.per_second)) if self.rate is not None else 0
+
+    def throttle_for(self, code: int, enhanced: str, text: str) -> ThrottleRule | None:
+        for t in self.throttle:
+            if t.matches(code, enhanced, text):
+                return t
+        return None
+
+    @property
+    def limits(self) -> tuple[Any, ...]:
+        """What a reload compares to keep a destination's state."""
+        return (self.max_connections, self.messages_per_connection, self.rate, self.burst, self.throttle)
+
+
+@frozen
+class ShapingSettings:
+    """The C{[shaping]} table: the default and the rules, in order."""
+
+    default: ShapingRule = ShapingRule()
+    rules: tuple[ShapingRule, ...] = ()
+
+
+def _pattern(t: TableReader, name: str, value: str, i: int) -> str:
+    p = value.strip().lower().rstrip(".")
+    body = p.removeprefix("*.")
+    if p != "*" and (not body or "*" in body or " " in body or ".." in body):
+        raise t.error(f"{name}[{i}]", f"{value!r} is not a domain, '*.domain' or '*'")
+    return p
+
+
+def _parse_rate(t: TableReader, name: str) -> Rate | None:
+    text = t.get(name, str, None)
+    if text is None:
+        return None
+    try:
+        return Rate.parse(text)
+    except ValueError as e:
+        raise t.error(name, str(e)) from None
+
+
+def _parse_throttle(t: TableReader) -> tuple[ThrottleRule, ...]:
+    items = t.get("throttle", list, None)
+    if items is None:
+        return DEFAULT_THROTTLE
+    out = []
+    for i, item in enumerate(items):
+        r = type(t)(t.source, f"{t.key('throttle')}[{i}]", item)
+        code = r.get("code", int, None, lambda v: None if 400 <= v < 500 else "must be a 4xx reply code")
+        enhanced = r.get(
+            "enhanced", str, None,
+            lambda v: None if re.fullmatch(r"4(\.\d{1,3}){0,2}", v) else "must be like '4.7' or '4.7.1'",
+        )
+        pattern = r.get("pattern", str, None)
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise r.error("pattern", f"not a regular expression: {e}") from None
+        pause = float(r.get("pause", (int, float), 60.0, lambda v: None if v > 0 else "must be positive"))
+        rate = _parse_rate(r, "rate")
+        if code is None and enhanced is None and pattern is None:
+            raise r.error("code", "a throttle entry needs code, enhanced or pattern")
+        r.finish()
+        out.append(ThrottleRule.make(pause, code, enhanced, pattern, rate))
+    return tuple(out)
+
+
+def _parse_limits(t: TableReader, name: str, matching: bool) -> ShapingRule:
+    domains = tuple(_pattern(t, "domains", d, i) for i, d in enumerate(t.strings("domains", ()))) if matching else ()
+    mx = tuple(_pattern(t, "mx", d, i) for i, d in enumerate(t.strings("mx", ()))) if matching else ()
+    if matching and not domains and not mx:
+        raise t.error("domains", "a rule needs domains or mx patterns")
+    non_negative = (lambda v: None if v >= 0 else "must not be negative")
+    rule = ShapingRule(
+        name=name, domains=domains, mx=mx,
+        max_connections=t.get("max_connections", int, 0, non_negative),
+        messages_per_connection=t.get("messages_per_connection", int, 0, non_negative),
+        rate=_parse_rate(t, "rate"),
+        burst=t.get("burst", int, 0, lambda v: None if v > 0 else "must be positive"),
+        throttle=_parse_throttle(t),
+    )
+    if rule.burst and rule.rate is None:
+        raise t.error("burst", "needs a rate")
+    t.finish()
+    return rule
+
+
+def parse_shaping(table: TableReader) -> ShapingSettings:
+    """
+    The C{[shaping]} table (see the module docstring).
+
+    @param table: C{top.sub("shaping")} of L{relaynet.config.parse_config}.
+    @raise relaynet.config.ConfigError: naming the file and the key (C{shaping.rule[0].rate}).
+    """
+    default = _parse_limits(table.sub("default"), "default", matching=False)
+    rules: list[ShapingRule] = []
+    for i, item in enumerate(table.get("rule", list, [])):
+        r = type(table)(table.source, f"{table.key('rule')}[{i}]", item)
+        name = r.get("name", str, f"rule[{i}]", lambda v: None if v.strip() else "must not be empty")
+        if name == "default" or any(x.name == name for x in rules):
+            raise r.error("name", f"{name!r} is used twice")
+        rules.append(_parse_limits(r, name, matching=True))
+    table.finish()
+    return ShapingSettings(default, tuple(rules))
+
+
+def describe_shaping(settings: ShapingSettings) -> list[str]:
+    """TOML lines for C{relaynet check-config} (loading them gives the same settings)."""
+
+    def limits(rule: ShapingRule) -> list[str]:
+        out = []
+        if rule.max_connections:
+            out.append(f"max_connections = {rule.max_connections}")
+        if rule.messages_per_connection:
+            out.append(f"messages_per_connection = {rule.messages_per_connection}")
+        if rule.rate is not None:
+            out.append(f'rate = "{rule.rate.text}"')
+        if rule.burst:
+            out.append(f"burst = {rule.burst}")
+        items = []
+        for t in rule.throttle:
+            parts = [f"pause = {t.pause!r}"]
+            if t.code is not None:
+                parts.append(f"code = {t.code}")
+            if t.enhanced is not None:
+                parts.append(f'enhanced = "{t.enhanced}"')
+            if t.pattern is not None:
+                parts.append("pattern = " + '"' + t.pattern.replace("\\", "\\\\").replace('"', '\\"') + '"')
+            if t.rate is not None:
+                parts.append(f'rate = "{t.rate.text}"')
+            items.append("{ " + ", ".join(parts) + " }")
+        out.append(f"throttle = [{', '.join(items)}]")
+        return out
+
+    def strings(values: tuple[str, ...]) -> str:
+        return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+    lines = ["[shaping.default]", *limits(settings.default), ""]
+    for rule in settings.rules:
+        lines += ["[[shaping.rule]]", f'name = "{rule.name}"']
+        if rule.domains:
+            lines.append(f"domains = {strings(rule.domains)}")
+        if rule.mx:
+            lines.append(f"mx = {strings(rule.mx)}")
+        lines += [*limits(rule), ""]
+    return lines
+
+
 @frozen
 class NodeConfig:
     """
@@ -435,6 +719,7 @@ class NodeConfig:
     sink: SinkSettings = SinkSettings()
     dnssec_resolver: tuple[str, int] | None = None
     egress: tuple[EgressPoolSpec, ...] = ()
+    shaping: ShapingSettings | None = None
     webhooks: tuple["WebhookSettings", ...] = ()
     source: str = "<default>"
     workers: int = 0
@@ -1072,6 +1357,7 @@ def parse_config(
     )
     _check_loops(source, listeners, routes)
     egress = _parse_egress(source, top.sub("egress"))
+    shaping = parse_shaping(top.sub("shaping")) if "shaping" in data else None
     webhooks = parse_webhooks(source, top.get("webhook", list, []), base)
     suppression = parse_suppression(top.sub("suppression"))
     sink = _parse_sink(source, top.sub("sink"))
@@ -1281,7 +1567,7 @@ def parse_config(
         local=local, trusted_networks=tuple(nets), routes=routes, relay_domains=relay_domains,
         queue=queue,
         outbound=outbound, dns_servers=tuple(servers), tls=tls, auth=auth, admin=admin, http_api=http_api, log=log,
-        dkim=dkim, mta_sts=mta_sts, egress=egress, webhooks=webhooks, suppression=suppression, sink=sink, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
+        dkim=dkim, mta_sts=mta_sts, egress=egress, shaping=shaping, webhooks=webhooks, suppression=suppression, sink=sink, tls_rpt=tls_rpt, dnssec_resolver=dnssec_resolver, source=source, workers=0 if workers == "auto" else int(workers),
     )
 
 
@@ -1686,6 +1972,8 @@ def describe(config: NodeConfig) -> str:
     for pool in config.egress:
         items = ", ".join(f"{{ address = {_toml(a)}, weight = {w} }}" for a, w in pool.addresses)
         lines += [f"[egress.{pool.name}]", f"addresses = [{items}]", ""]
+    if config.shaping is not None:
+        lines += describe_shaping(config.shaping)
     lines += _table("tls_rpt", config.tls_rpt)
     lines += describe_suppression(config.suppression)
     if config.sink.rules:

@@ -172,6 +172,7 @@ class QueueRunner(Service):
         )
         if isinstance(self.outbound, OutboundManager):
             self.outbound.configure_egress(config.egress)
+            self.outbound.configure_shaping(config.shaping, _shaping_share(config))
         if isinstance(self.outbound, OutboundManager) and self.outbound.flush is None:
             # A next hop that reopens flushes the mail it deferred while down.
             self.outbound.flush = self.flush_ids
@@ -275,6 +276,7 @@ class QueueRunner(Service):
             self.outbound.ca_file = config.tls.ca_file
             self.outbound.signer = Signer.from_settings(config.dkim)
             self.outbound.configure_egress(config.egress)
+            self.outbound.configure_shaping(config.shaping, _shaping_share(config))
             self.outbound.close_idle()
         self._security = None
 
@@ -865,6 +867,11 @@ class QueueRunner(Service):
         if running is None:  # BUSY without a running attempt: cannot happen
             return succeed(False)
         return self._after(running).addCallback(lambda _: self._when_idle(queue_id, decide))
+
+
+def _shaping_share(config: NodeConfig) -> int:
+    """How many processes share the [shaping] limits: the workers, in a worker; else 1."""
+    return config.worker_count if config.shard is not None else 1
 
 
 def _retry_policy(config: NodeConfig) -> RetryPolicy:

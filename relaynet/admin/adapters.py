@@ -52,6 +52,20 @@ class IntakeSessions:
         return out
 
 
+def outbound_destination_states(queue: object) -> Callable[[], list[dict[str, Any]]]:
+    """
+    The traffic-shaping destinations of a queue runner
+    (C{queue.outbound.destination_states()}, L{relaynet.delivery.shaping}),
+    read when called; C{[]} for a queue without them.
+    """
+
+    def read() -> list[dict[str, Any]]:
+        states = getattr(getattr(queue, "outbound", None), "destination_states", None)
+        return list(states()) if callable(states) else []
+
+    return read
+
+
 def outbound_hop_states(queue: object) -> Callable[[], list[dict[str, Any]]]:
     """
     The hop-state cache of the next hops of a queue runner: a callable that

@@ -583,7 +583,8 @@ class AdminAPI(JsonAPI):
         filters = self._filters(request)
         top = _int_arg(request, "top", None)
         builder = shape_builder(request)
-        return self.queue.collect(builder.add, **filters).addCallback(lambda _: builder.result(top))
+        return self.queue.collect(builder.add, **filters).addCallback(
+            lambda _: {**builder.result(top), "destinations": list(self.metrics.destination_states())})
 
     def routes(self, request: Request, body: Any) -> dict[str, Any]:
         return routes_json(self.node.config)
@@ -1142,6 +1143,7 @@ class StatusData:
     notes: Sequence[str] = ()
     health: ListHealth | None = None
     suppressed: Mapping[str, int] = field(factory=dict)
+    destinations: Sequence[Mapping[str, Any]] = ()
 
 
 def status_data(views: AdminViews) -> StatusData:
@@ -1157,6 +1159,7 @@ def status_data(views: AdminViews) -> StatusData:
         samples=list(hist.samples), points=hist.points(),
         hops=metrics.hop_health([*configured_hops(config), *states]), hop_states=states,
         health=metrics.health, suppressed=metrics.suppression(),
+        destinations=list(metrics.destination_states()),
     )
 
 
@@ -1224,6 +1227,8 @@ def render_page(data: StatusData, now: float) -> str:
     )
     parts.append(_routing_section(config))
     parts.append(_hops_section(data.hops, config, now, data.hop_states))
+    if data.destinations:
+        parts.append(_destinations_section(data.destinations, now))
     parts.append(_queue_section(summary))
     if data.health is not None:
         parts.append(_health_section(data.health, data.suppressed))
@@ -1312,6 +1317,33 @@ def _hops_section(
         f'<div class="muted">counts are recipients since the node started; failing = {FAILING_AFTER} or more '
         "deferrals in a row; connections: down while the node tries no connection to the hop "
         "(its mail is deferred at once)</div></section>"
+    )
+
+
+def _destinations_section(states: Iterable[Mapping[str, Any]], now: float) -> str:
+    """Traffic shaping ([shaping]): each destination's state, rate, tokens and connections."""
+    rows = []
+    for st in states:
+        state = str(st["state"])
+        until = st.get("until")
+        why = _E(str(st.get("reason") or "")) or '<span class="muted">-</span>'
+        left = f" ({_num(max(0.0, float(until) - now))} s left)" if until is not None else ""
+        css = "down" if state == "paused" else "probing" if state == "slowed" else "up"
+        tokens = "-" if st.get("tokens") is None else f"{float(st['tokens']):.1f} / {st['burst']}"
+        conns = f"{st['connections']}" + (f" / {st['max_connections']}" if st.get("max_connections") else "")
+        rows.append(
+            f"<tr><td>{_E(str(st['destination']))}</td>"
+            f"<td><span class=\"state {css}\">{_E(state)}</span>{left}</td>"
+            f"<td>{_E(str(st.get('rate') or '-'))}</td><td class=\"n\">{tokens}</td>"
+            f"<td class=\"n\">{conns}</td><td class=\"n\">{st['queued']}</td>"
+            f"<td class=\"n\">{st['remembered']}</td><td class=\"n\">{st['throttles']}</td><td>{why}</td></tr>"
+        )
+    return (
+        '<section id="destinations"><h2>Traffic shaping</h2><table><thead><tr><th>destination</th>'
+        "<th>state</th><th>rate</th><th>tokens</th><th>connections</th><th>waiting</th><th>deferred</th>"
+        "<th>throttles</th><th>reason</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        '<div class="muted">paused: a throttling reply stopped new mail to the destination until the time shown; '
+        "deferred: messages waiting for room, flushed when it comes</div></section>"
     )
 
 

@@ -695,7 +695,10 @@ class FleetAPI(JsonAPI):
         builder = shape_builder(request)
 
         def merged(g: Gathered) -> dict[str, Any]:
-            return {**merge_shapes((a.body for a in g.ok()), builder, top), "missing_shards": g.missing}
+            answers = g.ok()
+            destinations = [dict(d, shard=a.shard) for a in answers for d in a.body.get("destinations", [])]
+            return {**merge_shapes((a.body for a in answers), builder, top), "destinations": destinations,
+                    "missing_shards": g.missing}
 
         query = {**_forwarded(request, *_FILTERS), "by": builder.by, "buckets": builder.buckets,
                  "scale": builder.scale}

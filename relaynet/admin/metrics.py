@@ -28,7 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from relaynet import __version__
-from relaynet.admin.adapters import outbound_hop_states
+from relaynet.admin.adapters import outbound_destination_states, outbound_hop_states
 from relaynet.admin.views import QueueStats, SessionsView
 
 #: Delivery outcomes of a recipient, as event names.
@@ -288,6 +288,28 @@ def suppression_counts(queue: object) -> Callable[[], Mapping[str, int]]:
     return read
 
 
+def destination_families(states: Iterable[Mapping[str, Any]]) -> list[GaugeMetricFamily]:
+    """The traffic-shaping gauges (L{relaynet.delivery.shaping.Destination.snapshot})."""
+    paused = GaugeMetricFamily(
+        "relaynet_destination_paused",
+        "1 while a destination is paused by a throttling reply, 2 while slowed, else 0", labels=["destination"])
+    tokens = GaugeMetricFamily(
+        "relaynet_destination_tokens", "Tokens in a destination's rate bucket", labels=["destination"])
+    conns = GaugeMetricFamily(
+        "relaynet_destination_connections", "Connections open to a destination", labels=["destination"])
+    throttles = GaugeMetricFamily(
+        "relaynet_destination_throttles", "Throttling replies that paused or slowed a destination since start",
+        labels=["destination"])
+    for st in states:
+        name = str(st["destination"])
+        paused.add_metric([name], {"open": 0, "paused": 1, "slowed": 2}.get(str(st["state"]), 0))
+        if st.get("tokens") is not None:
+            tokens.add_metric([name], float(st["tokens"]))
+        conns.add_metric([name], int(st["connections"]))
+        throttles.add_metric([name], int(st["throttles"]))
+    return [paused, tokens, conns, throttles]
+
+
 class _PresentCollector(Collector):
     """Gauges read at scrape time: the queue, the sessions, the next hops."""
 
@@ -343,6 +365,7 @@ class _PresentCollector(Collector):
         for name, value in sorted(seen.items()):
             reachable.add_metric([name], value)
         yield reachable
+        yield from destination_families(self.metrics.destination_states())
         suppressed = GaugeMetricFamily(
             "relaynet_suppression_entries", "Addresses on the suppression list by source", labels=["source"],
         )
@@ -379,6 +402,7 @@ class NodeMetrics:
         listener_modes: Callable[[], Iterable[str]] = lambda: (),
         hop_states: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
         suppression: Callable[[], Mapping[str, int]] | None = None,
+        destination_states: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
     ) -> None:
         """
         @param clock: schedules the history's samples.
@@ -393,6 +417,7 @@ class NodeMetrics:
         """
         self.queue = queue
         self.hop_states = hop_states or outbound_hop_states(queue)
+        self.destination_states = destination_states or outbound_destination_states(queue)
         self.suppression = suppression or suppression_counts(queue)
         self.health = ListHealth(domain_labels)
         self._senders: set[str] = set()

@@ -267,7 +267,21 @@ def format_summary(s: dict[str, Any]) -> str:
 def format_shape(s: dict[str, Any]) -> str:
     header = ["SENDER DOMAIN" if s["by"] == "sender" else "DOMAIN", "T", *s["columns"]]
     rows = [[r["domain"], str(r["total"]), *map(str, r["counts"])] for r in s["rows"]]
-    return table(rows, header, right=range(1, len(header)))
+    text = table(rows, header, right=range(1, len(header)))
+    dests = s.get("destinations") or []
+    if not dests:
+        return text
+    lines = []
+    for d in dests:
+        until = "" if d.get("until") is None else time.strftime("%H:%M:%S", time.gmtime(d["until"]))
+        tokens = "-" if d.get("tokens") is None else f"{d['tokens']:.1f}/{d['burst']}"
+        lines.append([
+            d["destination"], d["state"] + (f" until {until}" if until else ""), d.get("rate") or "-", tokens,
+            str(d["connections"]), str(d["queued"]), str(d["remembered"]), d.get("reason") or "",
+        ])
+    shaping = table(lines, ["DESTINATION", "STATE", "RATE", "TOKENS", "CONN", "WAITING", "DEFERRED", "REASON"],
+                    right=range(3, 7))
+    return text + "\n\n" + shaping
 
 
 # -- commands ---------------------------------------------------------------
