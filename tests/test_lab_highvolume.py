@@ -26,9 +26,10 @@ def test_high_volume_lab(lab_dirs: Any) -> None:
     """
     10 messages over five recipients: 8 delivered once, 2 to gone@ bounced
     with a DSN (lab check OK); the outbound's events carry the classes
-    (invalid-recipient, mailbox-full, rate-limit); gone@ is on its
-    suppression list (relaynet suppress list); the provider saw connections
-    from both egress addresses.
+    (invalid-recipient, mailbox-full, rate-limit); the provider's 421 paused
+    the destination (throttled, then released); gone@ is on its suppression
+    list (relaynet suppress list); the provider saw connections from both
+    egress addresses.
     """
     labdir = lab_dirs("hv")
     relaynet("lab", "up", str(TOPOLOGIES / "high-volume.toml"), "--dir", str(labdir))
@@ -45,6 +46,11 @@ def test_high_volume_lab(lab_dirs: Any) -> None:
 
     listed = relaynet("suppress", "--config", str(labdir / "outbound" / "node.toml"), "list", "--json")
     assert "gone@provider.test" in listed.stdout, listed.stdout
+
+    # The provider's 421 to busy@ paused the destination (shaping), which was released after 2 s.
+    throttled = [e for e in outbound if e["event"] == "throttled"]
+    released = [e for e in outbound if e["event"] == "released"]
+    assert throttled and throttled[0]["reply"].startswith("421") and released, (throttled, released)
 
     provider = _events(labdir / "provider" / "spool" / "events.jsonl")
     sources = Counter(e["client"] for e in provider if e["event"] == "received")
