@@ -253,14 +253,14 @@ def _api_token(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
         if args.token_command == "add":
-            token = add_token(path, args.name, args.domain)
+            token = add_token(path, args.name, args.domain, args.pool)
             print(token)
             print(f"relaynet: token {args.name} written to {path} (hashed; the token above is shown only now)",
                   file=sys.stderr)
         elif args.token_command == "list":
             tokens = read_tokens_file(path) if path.exists() else {}
             for entry in tokens.values():
-                print(f"{entry.name}\t{','.join(entry.domains)}")
+                print(f"{entry.name}\t{','.join(entry.domains)}" + (f"\tpool={entry.pool}" if entry.pool else ""))
         else:
             if not remove_token(path, args.name):
                 print(f"relaynet: {path}: no token {args.name}", file=sys.stderr)
@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("name", help="token name (letters, digits, '-', '_'); an existing one is replaced")
     t.add_argument("--domain", action="append", required=True,
                    help="an envelope sender domain the token may use (example.org, *.example.org, *); repeatable")
+    t.add_argument("--pool", help="the [egress] pool its mail leaves from (instead of the route's source_pool)")
     t.set_defaults(func=_api_token)
     t = tsub.add_parser("list", help="token names and their sender domains")
     t.add_argument("file", help="tokens file")

@@ -164,3 +164,94 @@ def test_metrics_count_connections_per_pool_address() -> None:
     text = metrics.exposition().decode()
     assert 'relaynet_egress_connections_total{pool="bulk",source="127.0.0.2"} 2.0' in text, text
     assert 'relaynet_egress_connections_total{pool="bulk",source="127.0.0.3"} 1.0' in text
+
+
+@pytest.mark.slow
+def test_an_injection_token_names_the_pool(tmp_path: Path) -> None:
+    """
+    HTTP injection with a token made with --pool: its mail leaves from that
+    pool's address (127.0.0.5), SMTP mail by the same route from the route's
+    pool (127.0.0.4); the tokens file keeps the pool (relaynet api-token list).
+    """
+    import http.client
+    import json
+    import subprocess
+    import sys
+
+    from harness.nodeproc import free_port
+    from relaynet.intake.http import read_tokens_file
+
+    receiver = NodeProcess(tmp_path / "receiver", config_toml="""
+[node]
+name = "{name}"
+hostname = "receiver.test"
+spool = "spool"
+workers = 1
+[[listener]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+[relay]
+trusted_networks = ["127.0.0.0/8"]
+[local]
+domains = ["dest.test"]
+catch_all = true
+""", name="receiver")
+    tokens = tmp_path / "sender" / "tokens"
+    tokens.parent.mkdir(parents=True)
+    made = subprocess.run(
+        [sys.executable, "-m", "relaynet.cli", "api-token", "add", str(tokens), "newsletter",
+         "--domain", "app.test", "--pool", "news"], capture_output=True, text=True, timeout=60, check=True)
+    token = made.stdout.strip()
+    assert read_tokens_file(tokens)["newsletter"].pool == "news"
+    http_port = free_port()
+    with receiver:
+        sender = NodeProcess(tmp_path / "sender", config_toml=f"""
+[node]
+name = "{{name}}"
+hostname = "sender.test"
+spool = "spool"
+workers = 1
+[[listener]]
+endpoint = "tcp:{{port}}:interface=127.0.0.1"
+[http_api]
+endpoint = "tcp:{http_port}:interface=127.0.0.1"
+tokens_file = "tokens"
+[egress.transactional]
+addresses = ["127.0.0.4"]
+[egress.news]
+addresses = ["127.0.0.5"]
+[[route]]
+domains = ["dest.test"]
+action = "relay"
+next_hops = ["tcp:127.0.0.1:{receiver.port}"]
+source_pool = "transactional"
+""", name="sender")
+        with sender:
+            wait_for(lambda: _connects(http_port), 20, "the HTTP API")
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+            body = {"sender": "news@app.test", "recipients": ["reader@dest.test"],
+                    "content": {"from": "news@app.test", "subject": "news", "text": "hello"}}
+            conn.request("POST", "/api/v1/messages", body=json.dumps(body),
+                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+            resp = conn.getresponse()
+            assert resp.status == 201, resp.read()
+            conn.close()
+            with smtplib.SMTP("127.0.0.1", sender.port, timeout=30) as s:
+                s.sendmail("app@app.test", ["buyer@dest.test"], b"Subject: receipt\r\n\r\nthanks\r\n")
+
+            def received() -> dict[str, str]:
+                got = {e["recipients"][0]: e["client"] for e in receiver.events(strict=False)
+                       if e.get("event") == "received"}
+                return got if len(got) >= 2 else {}
+
+            got = wait_for(received, 60, "both messages at the receiver")
+            assert got == {"reader@dest.test": "127.0.0.5", "buyer@dest.test": "127.0.0.4"}, got
+
+
+def _connects(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

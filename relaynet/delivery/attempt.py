@@ -386,8 +386,10 @@ class Delivery:
                     auth["tls_report"] = tls_reports[i]
                 if rule.tls == "verify" and i < len(tls_names):
                     auth["tls_name"] = tls_names[i]
-                if rule.source_pool is not None:
-                    auth["source_pool"] = rule.source_pool
+                # The injection token's pool (HTTP API), else the route's.
+                pool = entry.envelope.params.get("source_pool") or rule.source_pool
+                if pool is not None:
+                    auth["source_pool"] = pool
                 if destination is not None:
                     auth["destination"] = destination
                 results = yield self.outbound.deliver(

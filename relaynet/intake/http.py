@@ -110,15 +110,18 @@ class APIError(Exception):
 @frozen
 class APIToken:
     """
-    One line of the tokens file: C{name:$scrypt$...:domain,domain}.
+    One line of the tokens file: C{name:$scrypt$...:domain,domain[:pool]}.
 
     @ivar domains: envelope sender domains the token may use: C{example.org},
         C{*.example.org}, or C{*} for any.
+    @ivar pool: the C{[egress]} pool its mail leaves from (over the route's
+        C{source_pool}), or C{None}.
     """
 
     name: str
     hashed: str
     domains: tuple[str, ...]
+    pool: str | None = None
 
     def allows(self, sender: str) -> bool:
         """May this token send with envelope sender C{sender}?"""
@@ -134,10 +137,11 @@ def read_tokens_file(path: Path) -> dict[str, APIToken]:
         if not line or line.startswith("#"):
             continue
         parts = line.split(":")
-        if len(parts) != 3 or not _NAME.fullmatch(parts[0]):
+        if len(parts) not in (3, 4) or not _NAME.fullmatch(parts[0]):
             continue
         domains = tuple(d.strip().lower() for d in parts[2].split(",") if d.strip())
-        tokens[parts[0]] = APIToken(parts[0], parts[1], domains)
+        pool = parts[3].strip() if len(parts) == 4 and parts[3].strip() else None
+        tokens[parts[0]] = APIToken(parts[0], parts[1], domains, pool)
     return tokens
 
 
@@ -164,9 +168,10 @@ def _other_lines(path: Path, name: str) -> tuple[list[str], bool]:
     return lines, found
 
 
-def add_token(path: Path, name: str, domains: Sequence[str]) -> str:
+def add_token(path: Path, name: str, domains: Sequence[str], pool: str | None = None) -> str:
     """
-    Make a new token C{name} (replacing one of that name) for C{domains}.
+    Make a new token C{name} (replacing one of that name) for C{domains};
+    its mail leaves from the C{[egress]} pool C{pool}, if given.
 
     @return: the token to give the client, C{NAME.SECRET}; only its hash is stored.
     @raise ValueError: a bad name or domain.
@@ -182,9 +187,11 @@ def add_token(path: Path, name: str, domains: Sequence[str]) -> str:
         clean.append(d)
     if not clean:
         raise ValueError("give at least one sender domain (or '*' for any)")
+    if pool is not None and not _NAME.fullmatch(pool):
+        raise ValueError(f"{pool!r} is not a pool name (letters, digits, '-', '_')")
     secret = secrets.token_urlsafe(32)
     lines, _ = _other_lines(path, name)
-    lines.append(f"{name}:{hash_password(secret)}:{','.join(clean)}")
+    lines.append(f"{name}:{hash_password(secret)}:{','.join(clean)}" + (f":{pool}" if pool else ""))
     _write_tokens(path, lines)
     return f"{name}.{secret}"
 
@@ -864,7 +871,8 @@ class Injector:
             env = Envelope(
                 queue_id=self.spool.new_id(), sender=injection.sender, recipients=msg.recipients,
                 arrival=self.reactor.seconds(),
-                params={"body": "8BITMIME" if msg.eight_bit else None, "smtputf8": msg.smtputf8},
+                params={"body": "8BITMIME" if msg.eight_bit else None, "smtputf8": msg.smtputf8,
+                        **({"source_pool": token.pool} if token.pool else {})},
                 client={"ip": ip, "port": port, "protocol": protocol, "listener": self.listener,
                         "token": token.name},
                 node=config.name,
