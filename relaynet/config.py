@@ -373,8 +373,10 @@ class SuppressionSettings:
 
     @ivar enabled: refuse suppressed recipients at C{RCPT}, and add
         recipients whose delivery failed permanently with one of
-        C{classes}. Off: the list is kept and administered, nothing is
-        added by bounces and nothing is refused.
+        C{classes}. Off (the default, as a relay that is not a bulk
+        sender's wants: an address that bounced once, a mailbox not made
+        yet, is not refused for a year): the list is kept and administered,
+        nothing is added by bounces and nothing is refused.
     @ivar expiry_days: how long an entry lasts unless given its own expiry
         (0: for ever).
     @ivar classes: the bounce classes that put a recipient on the list (a
@@ -383,7 +385,7 @@ class SuppressionSettings:
         built-in rules of L{relaynet.queue.classify}, in order.
     """
 
-    enabled: bool = True
+    enabled: bool = False
     expiry_days: float = 365.0
     classes: tuple[str, ...] = ("invalid-recipient",)
     patterns: tuple[tuple[str, str], ...] = ()

@@ -63,7 +63,7 @@ def test_a_sink_provider_shows_retries_bounce_classes_and_suppression() -> None:
     net.add_node("provider", local_domains=["prov.test"], sink={"rules": RULES})
     sender = net.add_node("sender", routes=[
         {"domains": ["prov.test"], "action": "relay", "next_hops": [net.endpoint("provider")]},
-    ], queue={"minimal_backoff": 60, "maximal_backoff": 120, "lifetime": 86400})
+    ], queue={"minimal_backoff": 60, "maximal_backoff": 120, "lifetime": 86400}, suppression={"enabled": True})
     sender.intake.suppression = sender.runner.suppression
     for rcpt in ("gone@prov.test", "full@prov.test", "busy@prov.test", "ok@prov.test"):
         sender.submit("app@send.test", [rcpt], f"Subject: to {rcpt}\r\n\r\nhello\r\n".encode())

@@ -302,7 +302,8 @@ def test_hard_bounce_suppresses_the_recipient() -> None:
     """
     net = Network()
     edge = net.add_node("edge", local_domains=["src.test"],
-                        routes=[{"domains": ["dest.test"], "action": "relay", "next_hops": [net.endpoint("mx")]}])
+                        routes=[{"domains": ["dest.test"], "action": "relay", "next_hops": [net.endpoint("mx")]}],
+                        suppression={"enabled": True})
     mx = net.add_node("mx", local_domains=["dest.test"], users=["known", "other"])
     _wire(edge)
     replies = edge.submit("sender@src.test", ["known@dest.test", "Unknown@dest.test"], b"Subject: 1\r\n\r\nx\r\n")
@@ -642,7 +643,7 @@ def test_node_refuses_a_suppressed_recipient(tmp_path: Path) -> None:
     from harness.nodeproc import HOST, NodeProcess, wait_for
     from relaynet.admin.queuecli import AdminClient
 
-    with NodeProcess(tmp_path / "node", name="refuse") as node:
+    with NodeProcess(tmp_path / "node", name="refuse", extra_toml="[suppression]\nenabled = true\n") as node:
         assert suppress(node, "add", "gone@localhost").returncode == 0
         with smtplib.SMTP(HOST, node.port, timeout=30) as s:
             s.ehlo("client.test")
