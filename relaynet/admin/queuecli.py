@@ -430,7 +430,8 @@ def _again(args: argparse.Namespace, *words: str) -> str:
     return command("queue", *words)
 
 
-def _endpoint(args: argparse.Namespace) -> str:
+def admin_endpoint_of(args: argparse.Namespace) -> str:
+    """The admin endpoint a command talks to: C{--admin}, else the one of C{--config}'s node."""
     if args.admin:
         return str(args.admin)
     config = load_config(args.config)
@@ -447,7 +448,7 @@ def _main(args: argparse.Namespace) -> int:
         if not hasattr(args, name):
             setattr(args, name, default)
     try:
-        client = AdminClient(_endpoint(args))
+        client = AdminClient(admin_endpoint_of(args))
     except (ConfigError, ValueError) as e:
         print(f"relaynet: {e}", file=sys.stderr)
         return 2

@@ -19,8 +19,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, TextIO
 
-from relaynet.admin.queuecli import AdminClient, AdminError, table
-from relaynet.config import ConfigError, load_config
+from relaynet.admin.queuecli import AdminClient, AdminError, admin_endpoint_of, table
+from relaynet.config import ConfigError
 from relaynet.queue.classify import CLASSES
 from relaynet.queue.suppression import export_csv, export_jsonl, parse_import_records
 
@@ -129,15 +129,6 @@ class UsageError(Exception):
     """A usage, file or config problem: exit status 2."""
 
 
-def _endpoint(args: argparse.Namespace) -> str:
-    if args.admin:
-        return str(args.admin)
-    config = load_config(args.config)
-    if not config.admin.enabled:
-        raise ConfigError(config.source, "admin.enabled", "the admin API is disabled on this node")
-    return config.admin_endpoint
-
-
 def _main(args: argparse.Namespace) -> int:
     if not getattr(args, "suppress_command", None):
         args.suppress_parser.print_help()
@@ -146,7 +137,7 @@ def _main(args: argparse.Namespace) -> int:
         if not hasattr(args, name):
             setattr(args, name, default)
     try:
-        client = AdminClient(_endpoint(args))
+        client = AdminClient(admin_endpoint_of(args))
         return run(args, client, sys.stdout, sys.stdin)
     except (ConfigError, ValueError, UsageError) as e:
         print(f"relaynet: {e}", file=sys.stderr)

@@ -121,15 +121,10 @@ class Outbox:
         data = b"".join(lines)
 
         def write() -> None:
+            from relaynet.queue.spool import append_durably
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_durably(self.path, data, 0o600)
             self.size += len(data)
 
         return self._locked(write)

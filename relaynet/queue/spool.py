@@ -596,6 +596,22 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def append_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """
+    Append C{data} to the file C{path} and fsync it (and its directory when
+    the append created the file), blocking: a worker thread's work.
+    """
+    new = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        fsync_dir(path.parent)
+
+
 def write_file_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
     """
     Replace the file C{path} with C{data} so that a crash leaves the old

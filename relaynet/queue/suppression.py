@@ -41,14 +41,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from attrs import field, frozen
+from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relaynet.config import BOUNCE_CLASSES, SuppressionSettings, describe_suppression, parse_suppression
+from relaynet.config import (  # noqa: F401 - the settings' names, re-exported
+    BOUNCE_CLASSES, SuppressionSettings, describe_suppression, parse_suppression,
+)
 from relaynet.queue.classify import CLASSES, BounceClass, Classifier
-from relaynet.queue.spool import fsync_dir, write_file_durably
+from relaynet.queue.spool import append_durably as append_and_sync, write_file_durably
 
 T = TypeVar("T")
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
@@ -445,17 +447,7 @@ def append_durably(path: Path, data: bytes) -> None:
     """Append C{data} to C{path} under the lock and fsync it (and its directory when the file is new). Blocking."""
     lock = _lock(path)
     try:
-        new = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if new:
-            fsync_dir(path.parent)
+        append_and_sync(path, data)
     finally:
         os.close(lock)
 
