@@ -366,6 +366,20 @@ class Delivery:
         tried: dict[str, list[tuple[str, str, str]]] = {r.address: list(skipped) for r in rcpts} if skipped else {}
         sessions = 0
         judge = lmtp_outcome if lmtp else outcome_of
+        # Keywords the same for every hop of this route and message, given
+        # only when used (outbound agents without a feature need not know
+        # its keyword): credentials, DKIM signing, the egress pool (the
+        # injection token's, else the route's), the shaping destination.
+        common: dict[str, Any] = {}
+        if rule.auth is not None:
+            common.update(auth=rule.auth, auth_cleartext=rule.auth_cleartext)
+        if not lmtp and self._signs(rule):
+            common["dkim"] = True
+        pool = entry.envelope.params.get("source_pool") or rule.source_pool
+        if pool is not None:
+            common["source_pool"] = pool
+        if destination is not None:
+            common["destination"] = destination
         for i, hop in enumerate(hops):
             if session_limit and sessions >= session_limit:
                 break
@@ -373,27 +387,17 @@ class Delivery:
                 assert self.lmtp is not None
                 results = yield self.lmtp.deliver(hop.endpoint, entry, remaining, rule.concurrency)
             else:
-                # Credentials only when the route has some (agents without
-                # AUTH need not know the keywords).
-                auth: dict[str, Any] = (
-                    {} if rule.auth is None else {"auth": rule.auth, "auth_cleartext": rule.auth_cleartext}
-                )
-                if self._signs(rule):
-                    auth["dkim"] = True
+                # Per hop: what DANE/MTA-STS ask of it, its TLS report
+                # context, the name tls = "verify" checks.
+                options = dict(common)
                 if i < len(hop_tls) and hop_tls[i] is not None:
-                    auth["hop_tls"] = hop_tls[i]
+                    options["hop_tls"] = hop_tls[i]
                 if i < len(tls_reports) and tls_reports[i] is not None:
-                    auth["tls_report"] = tls_reports[i]
+                    options["tls_report"] = tls_reports[i]
                 if rule.tls == "verify" and i < len(tls_names):
-                    auth["tls_name"] = tls_names[i]
-                # The injection token's pool (HTTP API), else the route's.
-                pool = entry.envelope.params.get("source_pool") or rule.source_pool
-                if pool is not None:
-                    auth["source_pool"] = pool
-                if destination is not None:
-                    auth["destination"] = destination
+                    options["tls_name"] = tls_names[i]
                 results = yield self.outbound.deliver(
-                    hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **auth
+                    hop.endpoint, entry, remaining, rule.concurrency, rule.source_address, rule.tls, **options
                 )
             if names is not None:
                 results = [evolve(r, remote=names[i]) for r in results]
