@@ -518,7 +518,8 @@ def worker_pids(supervisor: int) -> dict[int, int]:
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            # A forked worker's title (setproctitle) is one string: words, not argv.
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").split()
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])

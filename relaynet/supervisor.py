@@ -4,6 +4,12 @@ A node with workers (C{[node] workers = N}, C{"auto"}): the C{twistd relaynet}
 process supervises N worker processes, as Postfix's master runs its smtpd,
 qmgr and smtp processes, so that one node uses every core.
 
+Workers are forks of the supervisor (L{ForkedWorker}), not new
+interpreters: they start from the modules the supervisor has imported, on
+memory pages they share with it and with each other until written, so a
+node with two workers costs about half of three separate interpreters. A
+worker's process title says which it is (C{relaynet.worker --shard K ...}).
+
 The supervisor owns what makes the workers one node:
 
   - the listening sockets: bound once, here (before twistd drops
@@ -42,6 +48,9 @@ next start, before any worker starts (L{adopt_orphan_shards}).
 from __future__ import annotations
 
 import errno
+import gc
+import importlib
+import io
 import json
 import os
 import signal
@@ -49,17 +58,21 @@ import socket
 import stat
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import attrs
 
+import twisted.internet
+from setproctitle import setproctitle
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.process import Process, reapProcessHandlers
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogBeginner, globalLogPublisher
 from twisted.python.failure import Failure
 
 from relaynet.admin.fleet import WorkerLink, fleet_web_service
@@ -176,6 +189,114 @@ def worker_log_event(shard: int, line: bytes) -> dict[str, Any]:
     return event
 
 
+WORKER_MODULE = "relaynet.worker"
+"""The module a worker runs (C{main(argv)}), named, not imported: it is a higher layer."""
+
+
+_LEFT_BEHIND: list[Any] = []
+
+
+def prepare_to_fork() -> None:
+    """
+    Before the first worker is forked: import what a worker runs, and move
+    every object alive now (modules, classes, functions: nearly all of a
+    worker's memory at rest) into the collector's permanent generation, so
+    that neither this process's collections nor the workers' touch them.
+    The pages they lie on stay shared between the supervisor and every
+    worker (copy-on-write) instead of being copied into each.
+    """
+    importlib.import_module(WORKER_MODULE)
+    gc.collect()
+    gc.freeze()
+
+
+class ForkedWorker(Process):
+    """
+    A worker started as a fork of the supervisor, without exec: the same
+    fork, descriptors and process watching as C{reactor.spawnProcess}
+    (L{Process}), but the child, instead of exec'ing a new interpreter that
+    would import everything again into memory of its own, starts from this
+    process's modules (see L{prepare_to_fork}) and runs the worker in place
+    (L{become_worker}).
+    """
+
+    def __init__(self, reactor: Any, args: list[str], proto: ProcessProtocol, child_fds: dict[int, Any]) -> None:
+        self.worker_args = args
+        Process.__init__(
+            self, reactor, sys.executable, [sys.executable, "-m", WORKER_MODULE, *args],
+            dict(os.environ), None, proto, childFDs=child_fds,
+        )
+
+    def _trySpawnInsteadOfFork(self, *args: Any) -> bool:
+        return False
+
+    def _execChild(self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any) -> None:
+        os._exit(become_worker(self.worker_args))
+
+
+def become_worker(args: list[str]) -> int:
+    """
+    In a forked child (descriptors already in place: 0-2 the pipes to the
+    supervisor, the listening sockets from 3): leave the supervisor's state
+    behind as an exec would, then run the worker's C{main(args)}; its exit
+    status.
+
+    Left behind: the supervisor's reactor (its epoll and waker descriptors
+    are closed already; a new reactor is installed by the worker), its
+    processes to reap, its signal handlers and wakeup descriptor, its log
+    observers and redirected standard streams, and the garbage collector
+    disabled for the fork.
+    """
+    gc.enable()
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    # What a new interpreter starts with (the fork reset them to default).
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The old reactor is kept alive: finalising it would close descriptor
+    # numbers of its own that are now the worker's (its epoll's, say).
+    _LEFT_BEHIND.append(sys.modules.pop("twisted.internet.reactor", None))
+    if "reactor" in vars(twisted.internet):
+        delattr(twisted.internet, "reactor")
+    reapProcessHandlers.clear()
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+        buffered: Any = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        stream = io.TextIOWrapper(
+            buffered,
+            encoding="utf-8", errors="backslashreplace", line_buffering=fd == 2,
+        )
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    sys.excepthook = sys.__excepthook__
+    # No observer of the supervisor's: logging begins again, as in a new process.
+    for observer in list(globalLogPublisher._observers):
+        globalLogPublisher.removeObserver(observer)
+    warnings.showwarning = getattr(warnings, "_showwarning_orig", warnings.showwarning)
+    globalLogBeginner.__init__(globalLogPublisher, sys.stderr, sys, warnings)  # type: ignore[misc]
+    sys.argv = [WORKER_MODULE, *args]
+    try:
+        setproctitle(" ".join([WORKER_MODULE, *args]))
+    except Exception:
+        pass
+    try:
+        code = importlib.import_module(WORKER_MODULE).main(args)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    for out in (sys.stdout, sys.stderr):
+        try:
+            out.flush()
+        except (OSError, ValueError):
+            pass
+    return int(code)
+
+
 class WorkerProtocol(ProcessProtocol):
     """One worker process: its log lines in, its end out."""
 
@@ -233,10 +354,13 @@ class Supervisor(MultiService):
         load_config: Callable[[], NodeConfig] | None = None,
         run_as: tuple[int | None, int | None] = (None, None),
         log_observer: Any = None,
+        fork: bool = True,
     ) -> None:
         """
         @param argv: the options a worker gets besides its shard (the same
             C{--config}, C{--listen} and C{--spool} as this process).
+        @param fork: start workers as forks of this process (L{ForkedWorker}),
+            or, if false, as new interpreters (C{python -m relaynet.worker}).
         """
         MultiService.__init__(self)
         self.config = config
@@ -262,6 +386,8 @@ class Supervisor(MultiService):
         self._lock_fd: int | None = None
         self._web: list[IService] = []
         self._previous_hup: Any = None
+        self.fork = fork
+        self._forked_once = False
 
     # -- start -----------------------------------------------------------
 
@@ -347,15 +473,22 @@ class Supervisor(MultiService):
         proto = WorkerProtocol(self, shard)
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for i, sock in enumerate(self.sockets):
-            os.set_inheritable(sock.fileno(), True)
             child_fds[FIRST_INHERITED_FD + i] = sock.fileno()
         args = [
-            sys.executable, "-m", "relaynet.worker", "--shard", str(shard),
-            "--listeners", str(len(self.sockets)), *(["--log-lines"] if self.log_out is not None else []),
-            *self.argv,
+            "--shard", str(shard), "--listeners", str(len(self.sockets)),
+            *(["--log-lines"] if self.log_out is not None else []), *self.argv,
         ]
-        env = dict(os.environ)
-        self.reactor.spawnProcess(proto, sys.executable, args, env=env, childFDs=child_fds)
+        if self.fork:
+            if not self._forked_once:
+                prepare_to_fork()
+                self._forked_once = True
+            ForkedWorker(self.reactor, args, proto, child_fds)
+        else:
+            for fd in child_fds.values():
+                if isinstance(fd, int):
+                    os.set_inheritable(fd, True)
+            argv = [sys.executable, "-m", WORKER_MODULE, *args]
+            self.reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), childFDs=child_fds)
         self.procs[shard] = proto
         self.log.info("Worker {shard} started (pid {pid})", shard=shard, pid=proto.pid)
 

@@ -558,7 +558,7 @@ def syslog_run(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
         for k in (0, 1):
             wait_for(functools.partial(serving, k), 30, f"worker {k}'s admin socket")
-        argv = {k: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for k, pid in workers.items()}
+        argv = {k: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split() for k, pid in workers.items()}
         ids = send_until_both_shards(node.port)
         for qid in ids.values():
             wait_for(functools.partial(delivered, qid), 20, f"the delivery of {qid}")
