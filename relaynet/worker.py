@@ -76,6 +76,36 @@ class ParentWatch:
             self.reactor.stop()
 
 
+class WholeLines:
+    """
+    Standard output when it is the supervisor's log stream itself
+    (C{--shared-log}: a file or terminal that the supervisor and the other
+    workers write to as well): text gathers until L{flush}, which writes it
+    in one C{write} -- whole lines, never a part of one that another process
+    could split.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        data = "".join(self._parts).encode("utf-8", "backslashreplace")
+        self._parts = []
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            pass  # a full disk: the lines are lost, and there is nowhere to say so
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # A SIGHUP passed on while we start must not end us (its default action):
     # the node installs its reload handler once started.
@@ -84,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard", type=int, required=True)
     parser.add_argument("--listeners", type=int, required=True)
     parser.add_argument("--log-lines", action="store_true")
+    parser.add_argument("--shared-log", action="store_true")
     ours, rest = parser.parse_known_args(argv)
 
     from relaynet.tap import NodeLogObserver, Options, end_of_turn, json_log_line
@@ -101,9 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # supervisor writes them to its log as they come.
         from twisted.internet import reactor as clock
 
-        node_observer = NodeLogObserver(
-            sys.stdout, options.config.log, worker=shard, later=end_of_turn(clock)
-        )
+        out: Any = WholeLines(sys.stdout.fileno()) if ours.shared_log else sys.stdout
+        node_observer = NodeLogObserver(out, options.config.log, worker=shard, later=end_of_turn(clock))
         globalLogBeginner.beginLoggingTo([node_observer], redirectStandardIO=False)
     else:
         # Events as JSON objects, for the supervisor to log through its own
@@ -139,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor.addReader(ParentWatch(reactor))
     reactor.callWhenRunning(start)
     reactor.run()
+    if node_observer is not None:
+        node_observer.out.flush()
     sys.stdout.flush()  # the last lines (a flush the stopped reactor will not run)
     if failed:
         print(f"relaynet worker {shard}: {failed[0]}", file=sys.stderr)

@@ -8,6 +8,7 @@ sockets, on loopback.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import threading
@@ -387,6 +388,87 @@ def test_worker_log_lines() -> None:
     assert event["log_namespace"] == "relaynet.node/w1" and event["log_time"] == 5.0
     junk = worker_log_event(2, b"Traceback (most recent call last):")
     assert junk["log_level"] == LogLevel.error and "worker 2: Traceback" in junk["log_line"]
+
+
+class StdoutLogNode(NodeProcess):
+    """C{twistd -n} with no C{--logfile}: the log goes to standard output, a file."""
+
+    def command(self) -> list[str]:
+        return [c for c in super().command() if not c.startswith("--logfile=")]
+
+    def log_text(self) -> str:
+        return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
+
+
+def test_workers_write_their_lines_to_a_shared_log_file_whole(tmp_path: Path) -> None:
+    """
+    With the supervisor's log on standard output, a regular file, each
+    worker writes its lines to that file itself (its descriptor 1 is the
+    file, not a pipe to the supervisor), and every line in the file is
+    whole: a timestamp, a system in brackets, no line cut by another
+    process's, under concurrent load from both workers.
+    """
+    node = StdoutLogNode(tmp_path, CONFIG, name="w")
+    try:
+        node.start()
+        pids = wait_for(lambda: (p := worker_pids(node.pid)) and len(p) == 2 and p, 20, "two workers")
+        workers_up(node)
+        for pid in pids.values():
+            assert os.readlink(f"/proc/{pid}/fd/1") == str(node.out_path), os.readlink(f"/proc/{pid}/fd/1")
+        tokens: list[str] = []
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            for i in range(25):
+                token = f"s{k}-{i}"
+                send(node.port, "bob@localhost", token)
+                with lock:
+                    tokens.append(token)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        wait_for(lambda: len(delivered_tokens(node)) >= len(tokens), 60, "the deliveries")
+        wait_for(lambda: node.log_text().count(" delivered queue_id=") >= len(tokens), 30, "the delivered lines")
+        node.terminate()
+    finally:
+        node._kill_quietly()
+    lines = node.log_text().splitlines()
+    stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] ")
+    bad = [line for line in lines if line and not line.startswith("\t") and not stamp.match(line)]
+    assert not bad, bad[:5]
+    assert any("/w0#info] received queue_id=" in line for line in lines)
+    assert any("/w1#info] received queue_id=" in line for line in lines)
+    assert any("[relaynet.supervisor.Supervisor#info] relaynet node w started with 2 workers" in line for line in lines)
+
+
+def test_shareable_log_fd_only_for_a_file_or_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipes (journald, collectors) and twistd's rotated log file keep the relay through the supervisor."""
+    import sys
+
+    from relaynet.supervisor import shareable_log_fd
+    from relaynet.worker import WholeLines
+
+    assert shareable_log_fd(None) is None
+    with open(tmp_path / "f", "w") as f:
+        assert shareable_log_fd(f) is None  # a file, but not our standard output (twistd's LogFile)
+        monkeypatch.setattr(sys, "stdout", f)
+        assert shareable_log_fd(f) == f.fileno()
+    r, w = os.pipe()
+    with os.fdopen(w, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert shareable_log_fd(pipe) is None
+    os.close(r)
+    out = os.open(tmp_path / "lines", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    lines = WholeLines(out)
+    lines.write("one\n")
+    lines.write("two\n")
+    assert (tmp_path / "lines").read_text() == ""
+    lines.flush()
+    os.close(out)
+    assert (tmp_path / "lines").read_text() == "one\ntwo\n"
 
 
 def test_bind_listener_honours_reuse_port_and_mode(tmp_path: Path) -> None:
