@@ -62,6 +62,7 @@ import socket
 import stat
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -293,6 +294,11 @@ def become_worker(args: list[str]) -> int:
         else:
             print(e.code, file=sys.stderr)
             code = 1
+    except Exception:
+        # As an interpreter prints an uncaught exception (the supervisor
+        # logs our stderr), not Twisted's "Upon execvpe" of a failed exec.
+        traceback.print_exc()
+        code = 1
     for out in (sys.stdout, sys.stderr):
         try:
             out.flush()
