@@ -53,5 +53,13 @@ def test_high_volume_lab(lab_dirs: Any) -> None:
     assert throttled and throttled[0]["reply"].startswith("421") and released, (throttled, released)
 
     provider = _events(labdir / "provider" / "spool" / "events.jsonl")
-    sources = Counter(e["client"] for e in provider if e["event"] == "received")
-    assert set(sources) == {"127.0.0.70", "127.0.0.71"}, sources
+    # The pool spreads connections (smooth weighted round robin, 2:1): the
+    # first from .70, the second from .71. The messages may all go over one
+    # reused connection (seen once in a fresh-clone CI run), so both
+    # addresses are required only when there were two connections or more.
+    received = [e for e in provider if e["event"] == "received"]
+    sources = Counter(e["client"] for e in received)
+    connections = {(e["client"], e.get("client_port")) for e in received}
+    assert set(sources) <= {"127.0.0.70", "127.0.0.71"} and sources, sources
+    if len(connections) >= 2:
+        assert set(sources) == {"127.0.0.70", "127.0.0.71"}, (sources, connections)
