@@ -415,11 +415,12 @@ def test_cli_api_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_prepare_suppressed_recipients_left_out() -> None:
     """Suppressed recipients are left out and listed; when all are, no message is built."""
-    from types import SimpleNamespace
+    from relaynet.queue.suppression import Suppression
 
     config = parse_config({})
     token = APIToken("t", "", ("*",))
-    entry = SimpleNamespace(kind="invalid-recipient", source="bounce", time=0.0, reason="550 no such user")
+    entry = Suppression("gone@localhost", kind="invalid-recipient", source="bounce", time=0.0,
+                        reason="550 no such user")
 
     def suppressed(address: str) -> Any:
         return entry if address == "gone@localhost" else None

@@ -45,7 +45,6 @@ import json
 import os
 import re
 import secrets
-import time
 from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -65,6 +64,7 @@ from relaynet.delivery.routing import RoutingTable, domain_matches
 from relaynet.intake.auth import hash_password, verify_password
 from relaynet.intake.policy import check_recipient
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient, SpoolFull
+from relaynet.queue.suppression import Suppression
 from relaynet.smtp.parse import CommandError, parse_mail, parse_rcpt
 
 DISCARD_FACTOR = 4
@@ -284,7 +284,7 @@ class Refused:
     field: str
     address: str
     error: str
-    entry: Any
+    entry: Suppression
 
 
 @frozen
@@ -473,7 +473,7 @@ def _build(
 
 def prepare(
     body: bytes, token: APIToken, config: NodeConfig, table: RoutingTable, max_recipients: int,
-    suppressed: Callable[[str], Any] | None = None,
+    suppressed: Callable[[str], Suppression | None] | None = None,
 ) -> Injection:
     """
     Validate a request body and build its message(s). Pure (no reactor, no
@@ -535,9 +535,7 @@ def prepare(
             raise APIError(422, f"refused: {verdict.code} {verdict.enhanced} {verdict.text}", afield)
         entry = suppressed(address) if suppressed is not None else None
         if entry is not None:
-            day = time.strftime("%Y-%m-%d", time.gmtime(getattr(entry, "time", 0.0)))
-            refused.append(Refused(afield, address, f"550 5.1.1 <{address}>: recipient suppressed "
-                                   f"({getattr(entry, 'kind', '')}, {getattr(entry, 'source', '')} {day})", entry))
+            refused.append(Refused(afield, address, f"550 5.1.1 {entry.refusal(address)}", entry))
             continue
         route = verdict.route.name if verdict.route is not None else "local"
         parsed.append((Recipient(address=address, route=route), subs, afield, utf8))
@@ -698,7 +696,7 @@ class InjectionAPI(Resource):
         self, config: Callable[[], NodeConfig], tokens: Callable[[], TokenStore | None],
         routing: Callable[[], RoutingTable], run_in_thread: Callable[..., Deferred[Any]],
         commit: Callable[[Injection, APIToken, Request], Deferred[list[QueueEntry]]],
-        suppressed: Callable[[str], Any] | None = None, events: Any = None,
+        suppressed: Callable[[str], Suppression | None] | None = None, events: Any = None,
     ) -> None:
         Resource.__init__(self)
         self.suppressed = suppressed
@@ -800,14 +798,11 @@ class InjectionAPI(Resource):
         """A C{suppressed} event, as the SMTP intake logs one at RCPT (stage C{http})."""
         if self.events is None:
             return
-        e = r.entry
         try:
             self.events.emit(
                 "suppressed", stage="http", code=550, dsn="5.1.1", sender=sender, recipient=r.address,
                 client=str(getattr(request.getClientAddress(), "host", "")), token=token.name,
-                reason=getattr(e, "reason", None), source=getattr(e, "source", None),
-                since=getattr(e, "time", None), expires=getattr(e, "expires", None), status="suppressed",
-                **{"class": getattr(e, "kind", None)},
+                status="suppressed", **r.entry.event_fields(),
             )
         except Exception:  # noqa: BLE001 -- an event is diagnostics: its failure must not fail the request
             self.log.failure("Could not log a suppressed event")
@@ -930,7 +925,7 @@ class Injector:
 def api_site(
     config: Callable[[], NodeConfig], spool: Any, events: Any, queued: Callable[[QueueEntry], None],
     routing: Callable[[], RoutingTable], reactor: Any, run_in_thread: Callable[..., Deferred[Any]],
-    suppressed: Callable[[str], Any] | None = None,
+    suppressed: Callable[[str], Suppression | None] | None = None,
 ) -> APISite:
     """
     The API's site for a node: its tokens file (C{[http_api] tokens_file}),

@@ -910,18 +910,15 @@ class RelayESMTP(smtp.ESMTP):
 
     def _refuse_suppressed(self, txn: Transaction, address: str, entry: Suppression) -> None:
         """
-        C{550 5.1.1} for a recipient on the suppression list, and a
-        C{suppressed} event. The reply names the class, the source and the
-        day, not the reason (a remote server's words stay in the log).
+        C{550 5.1.1} for a recipient on the suppression list
+        (L{Suppression.refusal}), and a C{suppressed} event.
         """
-        day = time.strftime("%Y-%m-%d", time.gmtime(entry.time))
-        self.reply(550, "5.1.1", f"<{address}>: recipient suppressed ({entry.kind}, {entry.source} {day})")
+        self.reply(550, "5.1.1", entry.refusal(address))
         try:
             self.intake.events.emit(
                 "suppressed", stage="RCPT", code=550, dsn="5.1.1", sender=str(txn.mail.sender),
-                recipient=address, client=self.client_ip, helo=self._helo_name, reason=entry.reason,
-                source=entry.source, since=entry.time, expires=entry.expires, status="suppressed",
-                **{"class": entry.kind},
+                recipient=address, client=self.client_ip, helo=self._helo_name, status="suppressed",
+                **entry.event_fields(),
             )
         except Exception:
             self.log.failure("Could not log a suppressed event")

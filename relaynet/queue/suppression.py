@@ -106,6 +106,20 @@ class Suppression:
         """Whether it still suppresses at C{now}."""
         return self.expires is None or self.expires > now
 
+    def refusal(self, address: str) -> str:
+        """
+        The text of the C{550 5.1.1} refusing C{address} (after the codes):
+        the class, the source and the day, not the reason (a remote
+        server's words stay in the log).
+        """
+        day = time.strftime("%Y-%m-%d", time.gmtime(self.time))
+        return f"<{address}>: recipient suppressed ({self.kind}, {self.source} {day})"
+
+    def event_fields(self) -> dict[str, Any]:
+        """What a C{suppressed} event says of the entry (the intakes add the stage and the session)."""
+        return {"reason": self.reason, "source": self.source, "since": self.time, "expires": self.expires,
+                "class": self.kind}
+
     def to_json(self) -> dict[str, Any]:
         """The entry as the admin API and the file show it."""
         return {"address": self.address, "reason": self.reason, "class": self.kind,
