@@ -69,7 +69,7 @@ def walked(core: QueueCore) -> dict[str, Any]:
                 assert s is not None
                 reason = reason_of(s.diagnostic, s.dsn)
                 reasons[reason] = reasons.get(reason, 0) + 1
-    oldest = min(core, key=lambda e: e.envelope.arrival, default=None)
+    oldest = min(core, key=lambda e: (e.envelope.arrival, e.queue_id), default=None)
     return {
         "states": states, "size": size, "recipients": recipients, "pending": pending,
         "destinations": dests, "reasons": reasons, "messages": len(core),
@@ -105,7 +105,7 @@ def check_readers(core: QueueCore, now: float) -> None:
     for top in (1, 3, 10):
         assert listing.summary(core, now, top) == summarize(everything, top)
     for state in (None, *MessageState):
-        every = [e for e in sorted(core, key=lambda e: e.envelope.arrival) if not state or core.state(e) == state]
+        every = [e for e in sorted(core, key=lambda e: (e.envelope.arrival, e.queue_id)) if not state or core.state(e) == state]
         for limit in (0, 1, 5, None):
             count, shown = listing.page(core, now, limit, state)
             assert count == len(every)
@@ -229,13 +229,13 @@ def test_top_destinations_and_reasons() -> None:
 def test_arrival_order_is_sorted(ops: list[tuple[bool, int]]) -> None:
     """L{ArrivalOrder} stays sorted through adds and removes that split and empty blocks."""
     order = ArrivalOrder()
-    present: set[tuple[float, int, str]] = set()
+    present: set[tuple[float, str]] = set()
     seq = 0
     for add, value in ops:
         if add or not present:
             for _ in range(value % 7 + 1):  # bursts, so that blocks split
                 seq += 1
-                key = (float(value % 50), seq, f"Q{seq}")
+                key = (float(value % 50), f"Q{seq:05d}")
                 order.add(key)
                 present.add(key)
         else:
@@ -250,7 +250,7 @@ def test_arrival_order_is_sorted(ops: list[tuple[bool, int]]) -> None:
 def test_arrival_order_splits_large_blocks() -> None:
     """Thousands of keys, in and out of order, then removed: always sorted."""
     order = ArrivalOrder()
-    keys = [(float(i % 977), i, f"Q{i}") for i in range(5000)]
+    keys = [(float(i % 977), f"Q{i:05d}") for i in range(5000)]
     for k in keys:
         order.add(k)
     assert list(order) == sorted(keys)

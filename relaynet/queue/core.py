@@ -203,10 +203,11 @@ class QueueCore:
         self.classify = classify or Classifier()
         self._entries: dict[str, QueueEntry] = {}
         self._active: set[str] = set()
-        self._keys: dict[str, Key] = {}
+        # The arrival orders hold C{(arrival, queue id)} keys, made again from
+        # the entry when one is taken out: no key per message kept aside
+        # (with a sequence number, ~100 bytes a queued message).
         self._order = ArrivalOrder()
         self._by_state = {state: ArrivalOrder() for state in MessageState}
-        self._seq = 0
         #: The counters of the queue (read them, never change them).
         self.tally = QueueTally()
 
@@ -224,16 +225,17 @@ class QueueCore:
     def oldest_first(self, state: str | None = None) -> Iterator[QueueEntry]:
         """
         The queued messages (in queue state C{state}, or all) by arrival,
-        then by when the core took them, lazily: reading the first M costs
-        O(M). Do not change the queue while iterating.
+        then by queue id (for those arriving in the same microsecond),
+        lazily: reading the first M costs O(M). Do not change the queue
+        while iterating.
         """
         entries = self._entries
         for key in self._by_state[MessageState(state)] if state else self._order:
-            yield entries[key[2]]
+            yield entries[key[1]]
 
     def snapshot(self, state: str | None = None) -> list[Key]:
         """
-        The keys of L{oldest_first} (C{(arrival, sequence, queue id)}) as a
+        The keys of L{oldest_first} (C{(arrival, queue id)}) as a
         list made at once (a copy of pointers: about a millisecond per
         100,000 messages), for a worker thread to filter while the queue
         changes.
@@ -264,7 +266,7 @@ class QueueCore:
         t = self.tally
         return QueueTotals(
             t.size, dict(t.recipients), None if first is None else first[0],
-            oldest_id=None if first is None else first[2], messages=len(self._entries),
+            oldest_id=None if first is None else first[1], messages=len(self._entries),
             pending=t.pending,
         )
 
@@ -274,18 +276,17 @@ class QueueCore:
         """Take C{entry}'s share out of the counters and its state's order (before changing it)."""
         state = self.state(entry)
         self.tally.count(entry, state, -1)
-        self._by_state[state].remove(self._keys[entry.queue_id])
+        self._by_state[state].remove(_key(entry))
 
     def _in(self, entry: QueueEntry) -> None:
         """Put C{entry}'s share back (after changing it, if it stays queued)."""
         state = self.state(entry)
         self.tally.count(entry, state, 1)
-        self._by_state[state].add(self._keys[entry.queue_id])
+        self._by_state[state].add(_key(entry))
 
     def _forget(self, queue_id: str) -> None:
         """Drop C{queue_id} from the entries and the arrival order (its share already out)."""
-        del self._entries[queue_id]
-        self._order.remove(self._keys.pop(queue_id))
+        self._order.remove(_key(self._entries.pop(queue_id)))
 
     # -- messages arriving -----------------------------------------------
 
@@ -301,11 +302,8 @@ class QueueCore:
         if old is not None:
             self._out(old)
             self._forget(qid)
-        self._seq += 1
-        key = (entry.envelope.arrival, self._seq, qid)
         self._entries[qid] = entry
-        self._keys[qid] = key
-        self._order.add(key)
+        self._order.add(_key(entry))
         self._in(entry)
         return self.due(entry, now)
 
@@ -538,6 +536,15 @@ class QueueCore:
             return None
         kind: BounceClass = self.classify(o.dsn, o.code, o.diagnostic or o.text)
         return kind.value
+
+
+def _key(entry: QueueEntry) -> Key:
+    """
+    C{entry}'s place in the arrival orders: by arrival time, then (for
+    messages arriving in the same microsecond) by queue id.
+    """
+    env = entry.envelope
+    return (env.arrival, env.queue_id)
 
 
 def queued_as(text: str) -> str | None:

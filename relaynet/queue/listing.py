@@ -79,7 +79,7 @@ def scan(
     domain = domain.lower() if domain else None
     get = core.get
     out = []
-    for arrival, _, qid in keys:
+    for arrival, qid in keys:
         if min_age is not None and now - arrival < min_age:
             break  # in order: every later one is younger
         entry = get(qid)

@@ -16,8 +16,8 @@ from bisect import bisect_left, insort
 from itertools import chain
 from typing import Iterator
 
-#: An ordering key: C{(arrival, sequence number, queue id)}.
-Key = tuple[float, int, str]
+#: An ordering key: C{(arrival, queue id)}.
+Key = tuple[float, str]
 
 _LOAD = 512
 
