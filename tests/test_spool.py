@@ -19,11 +19,13 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Union
 
+from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -480,6 +482,36 @@ class MaildirSpoolTests(SynchronousTestCase):
         d = writer.commit(hops=1)
         self.pool.run_all()
         return self.successResultOf(d)
+
+    def test_queued_messages_of_one_client_share_its_mapping(self) -> None:
+        """
+        Messages from one client, each on a connection of its own (another
+        port), keep one C{client} mapping between them in memory, as
+        committed and as recovered; each still shows its own port (in
+        C{client}, in the queue file and in its JSON), and its queue id is
+        not made an interned string by the paths of its files.
+        """
+        entries = []
+        for port in (40001, 40002):
+            env = evolve(envelope(self.spool, "a@localhost"),
+                         client={"ip": "127.0.0.1", "port": port, "helo": "c.test", "protocol": "ESMTP"})
+            writer = self.spool.begin(env)
+            writer.write(b"Subject: s\r\n\r\nbody\r\n")
+            d = writer.commit(hops=1)
+            self.pool.run_all()
+            entry = self.successResultOf(d)
+            self.spool.record(entry)
+            self.pool.run_all()
+            entries.append(entry)
+        recovered = list(self.spool.recover())
+        for a, b in (entries, recovered):
+            self.assertIs(a.envelope._client, b.envelope._client)
+            self.assertEqual([a.envelope.client["port"], b.envelope.client["port"]], [40001, 40002])
+            self.assertEqual(a.envelope.to_json()["client"]["port"], 40001)
+        self.assertEqual(read_queue_file(Path(entries[1].path))[0].client["port"], 40002)
+        for entry in entries + recovered:
+            qid = entry.queue_id
+            self.assertIsNot(sys.intern("".join(qid)), qid)
 
     def test_fresh_message_bytes_kept_for_the_first_attempt(self) -> None:
         """
