@@ -145,6 +145,15 @@ def test_cancelling_most_keys_shrinks_the_heap() -> None:
     assert h.fired == ["first"] + [f"k{i}" for i in range(990, 1000)]
 
 
+def test_keys_due_at_one_instant_fire_in_key_order() -> None:
+    """Keys due at the same instant fire in key order, whatever order they were set in."""
+    h = Harness()
+    for key in ("q3", "q1", "q2"):
+        h.table.set(key, 5)
+    h.clock.advance(5)
+    assert h.fired == ["q1", "q2", "q3"]
+
+
 def test_heap_rebuilt_while_firing() -> None:
     """
     A rebuild of the heap caused by C{fire} (which reschedules keys) does
@@ -152,7 +161,7 @@ def test_heap_rebuilt_while_firing() -> None:
     """
     h = Harness()
     for i in range(50):
-        h.table.set(f"due{i}", 10)
+        h.table.set(f"due{i:02d}", 10)
     for j in range(100):
         h.table.set(f"later{j}", 1000 + j)
 
@@ -164,7 +173,7 @@ def test_heap_rebuilt_while_firing() -> None:
 
     h.table._fire = fire
     h.clock.advance(10)
-    assert h.fired == [f"due{i}" for i in range(50)]
+    assert h.fired == [f"due{i:02d}" for i in range(50)]
     assert len(h.table._heap) <= heap_bound(h.table)
     assert h.table.due("later0") == 1000
     h.clock.advance(1100)

@@ -15,7 +15,6 @@ many attempts as the runner runs at once, not 100,000 Deferreds.
 from __future__ import annotations
 
 import heapq
-import itertools
 from typing import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -60,14 +59,16 @@ class Timetable:
         self._clock = clock
         self._fire = fire
         self._ready = ready
-        # key -> its heap tuple C{(due, sequence, key)}: the same object, so
+        # key -> its heap tuple C{(due, key)}: the same object, so
         # a key costs one tuple, and a heap tuple is live when it is the one
         # its key maps to.
-        self._due: dict[str, tuple[float, int, str]] = {}
+        self._due: dict[str, tuple[float, str]] = {}
         # Changed in place only (a kick in progress reads it while fire()
         # may reschedule, cancel or clear).
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
+        # Keys due at the same instant fire in key order: no sequence number
+        # per key (an int object, 32 bytes a queued message). The reactor's
+        # clock tells apart keys scheduled one after the other.
+        self._heap: list[tuple[float, str]] = []
         self._timer: IDelayedCall | None = None
         self._firing = False
 
@@ -84,7 +85,7 @@ class Timetable:
 
     def set(self, key: str, delay: float) -> None:
         """Make C{key} due C{delay} seconds from now (replacing an earlier time)."""
-        slot = (self._clock.seconds() + max(0.0, delay), next(self._seq), key)
+        slot = (self._clock.seconds() + max(0.0, delay), key)
         self._due[key] = slot
         heapq.heappush(self._heap, slot)
         self._compact()
@@ -123,7 +124,7 @@ class Timetable:
             heap = self._heap
             while heap and fired < self.FIRE_PER_TURN:
                 top = heap[0]
-                due, _, key = top
+                due, key = top
                 if self._due.get(key) is not top:
                     heapq.heappop(heap)  # cancelled or rescheduled
                     continue
@@ -147,7 +148,7 @@ class Timetable:
         heap = self._heap
         while heap:
             top = heap[0]
-            if self._due.get(top[2]) is top:
+            if self._due.get(top[1]) is top:
                 return
             heapq.heappop(heap)
 
