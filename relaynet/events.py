@@ -172,10 +172,13 @@ class EventLog:
     def flush(self) -> None:
         """
         Write the lines not written yet (reactor thread: the node flushes
-        before each L{sync}, and at stop).
+        before each L{sync} and at stop, the SMTP intake before it sends a
+        reply itself, ahead of the end of the turn).
         """
+        if not self._pending:
+            return
         lines, self._pending, self._pending_chars = self._pending, [], 0
-        if lines and self._fd is not None:
+        if self._fd is not None:
             self._append(self._fd, "".join(lines).encode("utf-8"), len(lines))
 
     def _append(self, fd: int, data: bytes, lines: int) -> None:

@@ -445,6 +445,10 @@ class RelayESMTP(smtp.ESMTP):
         if self._out:
             data = b"".join(self._out)
             self._out = []
+            # The event log writes a turn's lines at its end; a reply sent
+            # now (send_now) would leave before them. Events first: a client
+            # that has its 250 finds the received event in events.jsonl.
+            self.intake.events.flush()
             send_now(self.transport, data)
 
     # -- input -----------------------------------------------------------
