@@ -256,7 +256,9 @@ class RelayNode(MultiService):
         self.pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}")
         self.commit_pool = ThreadPool(minthreads=2, maxthreads=threads, name=f"relaynet-{config.name}-commit")
         self.spool = Spool(config.queue_dir, reactor, self.pool, commit_pool=self.commit_pool, shard=config.shard)
-        self.events = EventLog(None, config.name)
+        # The events of one reactor turn reach events.jsonl in one write, at
+        # the end of the turn (after its replies), not one write per event.
+        self.events = EventLog(None, config.name, later=lambda f: reactor.callLater(0, f))
         self.window = TransferWindow(
             config.queue_dir / "window", config.queue.duplicate_window,
             config.queue.duplicate_window_size, time.time,
@@ -491,6 +493,7 @@ class RelayNode(MultiService):
 
     def _sync_events(self) -> Any:
         """Fsync the event log in a worker thread, if lines were written since the last time."""
+        self.events.flush()
         if not self.events.unsynced:
             return None
         self.events.unsynced = 0
@@ -578,6 +581,7 @@ class RelayNode(MultiService):
         yield maybeDeferred(self._event_sync.stopService)
         for pool in reversed(self._pools):
             pool.stopService()
+        self.events.flush()
         self.events.sync()  # the last second of events too (blocking, at stop)
         self.events.close()
         self._unlock()

@@ -1487,6 +1487,27 @@ def test_one_reply_when_bookkeeping_fails(
     assert replies[1] == (250, "2.0.0 Ok")
 
 
+def test_received_event_is_written_before_the_250(tmp_path: Path) -> None:
+    """
+    The node's event log writes a reactor turn's lines at the end of the
+    turn; the 250 after the final dot is sent before that, so the intake
+    writes the pending lines first: a client holding its 250 finds the
+    received event in events.jsonl (found by tests/test_security.py, which
+    reads the file right after the reply).
+    """
+    h = RelayHarness.open(tmp_path)
+    path = tmp_path / "events.jsonl"
+    turn_end: list[Callable[[], None]] = []  # never run: the turn has not ended
+    h.intake.events = EventLog(path, "test", later=turn_end.append)
+    h.begin_data()
+    replies = h.chat(MESSAGE + b".\r\n")
+    assert [code for code, _ in replies] == [250]
+    lines = path.read_text().splitlines()
+    assert [line for line in lines if queued_id(replies[0]) in line and '"received"' in line]
+    assert turn_end  # the end of the turn would have written it otherwise
+    h.intake.events.close()
+
+
 # -- draining -----------------------------------------------------------------
 
 

@@ -402,6 +402,23 @@ def test_ehlo_reply_is_parsed(tmp_path: Path) -> None:
     }
 
 
+def test_deprecated_tls_mode_still_maps_to_tls_mode(tmp_path: Path) -> None:
+    """
+    RelayClient assigns attributes with C{object.__setattr__} (ESMTPClient's
+    own C{__setattr__} is a Python call per assignment); the deprecated
+    C{tlsMode} still warns and reads and writes C{_tlsMode}, as there.
+    """
+    hop = Hop(tmp_path)
+    hop.submit()
+    client = hop.wire().client
+    assert type(client).__setattr__ is object.__setattr__
+    with pytest.warns(DeprecationWarning, match="tlsMode"):
+        client.tlsMode = True
+    assert client._tlsMode is True and "tlsMode" not in vars(client)
+    with pytest.warns(DeprecationWarning, match="tlsMode"):
+        assert client.tlsMode is True
+
+
 def test_mail_parameters_when_offered(tmp_path: Path) -> None:
     """
     To a peer offering everything, MAIL carries SIZE (the stored size),

@@ -248,6 +248,12 @@ class Delivery:
             d = maybeDeferred(self.mailboxes.deliver, entry, [r.address for r in rcpts]).addCallback(
                 lambda results: [local_outcome(res) for res in results]
             )
+        elif route.kind is RouteKind.RELAY and self._shaper() is None:
+            # The common case, straight to the hops: one generator less
+            # than through _relay, which would only pass the result on.
+            rule = route.rule
+            assert rule is not None
+            d = maybeDeferred(self._try_hops, entry, rule, self._order(rule.next_hops), rcpts)
         else:
             d = maybeDeferred(self._relay, entry, route, rcpts)
         return d.addErrback(failed)
@@ -415,7 +421,9 @@ class Delivery:
                     still.append(r)
                     tried.setdefault(r.address, []).append((res.remote, o.dsn, o.diagnostic))
                 else:
-                    final[r.address] = evolve(o, tried=tuple(tried.get(r.address, ())))
+                    earlier = tried.get(r.address)
+                    # attrs' evolve costs microseconds: only when it changes something.
+                    final[r.address] = evolve(o, tried=tuple(earlier or ())) if earlier or o.tried else o
             remaining = still
             if not remaining:
                 break

@@ -30,6 +30,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
 import re
 import time
@@ -244,7 +245,7 @@ class RelayESMTP(smtp.ESMTP):
         # same user and password again (smtplib falls back from PLAIN to
         # LOGIN after a 535) is the same guess, counted once.
         self._failed_guesses: set[bytes] = set()
-        self._guess_key = os.urandom(16)
+        self._guess_key: bytes | None = None  # made at the first AUTH (a getrandom call)
         self._counted = False
         self._abort_call: Any = None
         self._producing = False
@@ -444,6 +445,10 @@ class RelayESMTP(smtp.ESMTP):
         if self._out:
             data = b"".join(self._out)
             self._out = []
+            # The event log writes a turn's lines at its end; a reply sent
+            # now (send_now) would leave before them. Events first: a client
+            # that has its 250 finds the received event in events.jsonl.
+            self.intake.events.flush()
             send_now(self.transport, data)
 
     # -- input -----------------------------------------------------------
@@ -521,7 +526,9 @@ class RelayESMTP(smtp.ESMTP):
             self.log.failure("Error handling {verb}", verb=verb.decode("ascii"))
             self.reply(451, "4.3.0", "Error: local error in processing")
             return
-        if isinstance(result, Deferred):
+        # Most commands answer at once and return None: no isinstance check
+        # then (Deferred is an ABC through Awaitable, so it is not cheap).
+        if result is not None and isinstance(result, Deferred):
             self._wait_for(result)
 
     def _forbid_pipelining(self) -> bool:
@@ -734,6 +741,8 @@ class RelayESMTP(smtp.ESMTP):
             self.reply(454, "4.7.0", "Temporary authentication failure")
             return None
         creds = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        if self._guess_key is None:
+            self._guess_key = os.urandom(16)
         guess = hmac.new(self._guess_key, creds.username + b"\0" + creds.password, hashlib.sha256).digest()
         d = portal.login(creds, None, IRelayUser)
 
@@ -1095,7 +1104,7 @@ class RelayESMTP(smtp.ESMTP):
         rcpt = ""
         if len(envelope.recipients) == 1:
             rcpt = f"\r\n\tfor <{envelope.recipients[0].address}>"
-        date = formatdate(envelope.arrival, localtime=True)
+        date = _received_date(envelope.arrival)
         tls = ""
         if self.tls_info:
             tls = f"\r\n\t(using {self.tls_info[0]} with cipher {self.tls_info[1]})"
@@ -1304,6 +1313,25 @@ class RelayESMTP(smtp.ESMTP):
             self.reply(451, "4.3.0", "Error: queue file write error")
 
         return d.addCallbacks(committed, failed)
+
+
+_DATES: dict[int, str] = {}
+
+
+def _received_date(when: float) -> str:
+    """
+    C{formatdate(when, localtime=True)}, made once per second (it drops the
+    fraction): the trace field's date costs a time zone lookup and a
+    strftime, the same for every message of that second.
+    """
+    second = math.floor(when)
+    date = _DATES.get(second)
+    if date is None:
+        date = formatdate(second, localtime=True)
+        if len(_DATES) > 4:
+            _DATES.clear()
+        _DATES[second] = date
+    return date
 
 
 def _wants_cut_through(table: RoutingTable, env: Envelope) -> bool:
