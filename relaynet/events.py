@@ -84,7 +84,6 @@ class EventLog:
     def open(self, path: Path) -> None:
         """Append events to C{path} from now on (created with mode 0600)."""
         self.close()
-        self._pending, self._pending_chars = [], 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         # The file itself survives a power loss from the start (at node start: blocking is fine).

@@ -245,6 +245,9 @@ def _addr(address: str) -> bytes:
     return b"<" + address.encode("utf-8") + b">"
 
 
+_TLSMODE_DEPRECATED = "tlsMode attribute of twisted.mail.smtp.ESMTPClient is deprecated since Twisted 13.0"
+
+
 @implementer(IHandshakeListener)
 class RelayClient(smtp.ESMTPClient):
     """
@@ -270,18 +273,12 @@ class RelayClient(smtp.ESMTPClient):
 
     @property
     def tlsMode(self) -> bool:
-        warnings.warn(
-            "tlsMode attribute of twisted.mail.smtp.ESMTPClient is deprecated since Twisted 13.0",
-            category=DeprecationWarning, stacklevel=2,
-        )
+        warnings.warn(_TLSMODE_DEPRECATED, category=DeprecationWarning, stacklevel=2)
         return self._tlsMode
 
     @tlsMode.setter
     def tlsMode(self, value: bool) -> None:
-        warnings.warn(
-            "tlsMode attribute of twisted.mail.smtp.ESMTPClient is deprecated since Twisted 13.0",
-            category=DeprecationWarning, stacklevel=2,
-        )
+        warnings.warn(_TLSMODE_DEPRECATED, category=DeprecationWarning, stacklevel=2)
         self._tlsMode = value
 
     def __init__(self, pool: "HopPool") -> None:

@@ -203,9 +203,10 @@ class QueueCore:
         self.classify = classify or Classifier()
         self._entries: dict[str, QueueEntry] = {}
         self._active: set[str] = set()
-        # The arrival orders hold C{(arrival, queue id)} keys, made again from
-        # the entry when one is taken out: no key per message kept aside
-        # (with a sequence number, ~100 bytes a queued message).
+        # The arrival orders hold C{(arrival, queue id)} keys: one tuple per
+        # message, the same object in the order of all and in its state's
+        # (L{_out} hands it to L{_in}), and no key kept aside (a dict of
+        # keys with sequence numbers was ~100 bytes a queued message).
         self._order = ArrivalOrder()
         self._by_state = {state: ArrivalOrder() for state in MessageState}
         #: The counters of the queue (read them, never change them).
@@ -272,17 +273,22 @@ class QueueCore:
 
     # -- keeping the counters ---------------------------------------------
 
-    def _out(self, entry: QueueEntry) -> None:
-        """Take C{entry}'s share out of the counters and its state's order (before changing it)."""
+    def _out(self, entry: QueueEntry) -> Key:
+        """
+        Take C{entry}'s share out of the counters and its state's order
+        (before changing it).
+
+        @return: its key, for L{_in} to put back.
+        """
         state = self.state(entry)
         self.tally.count(entry, state, -1)
-        self._by_state[state].remove(_key(entry))
+        return self._by_state[state].remove(_key(entry))
 
-    def _in(self, entry: QueueEntry) -> None:
-        """Put C{entry}'s share back (after changing it, if it stays queued)."""
+    def _in(self, entry: QueueEntry, key: Key) -> None:
+        """Put C{entry}'s share back (after changing it, if it stays queued), under C{key}."""
         state = self.state(entry)
         self.tally.count(entry, state, 1)
-        self._by_state[state].add(_key(entry))
+        self._by_state[state].add(key)
 
     def _forget(self, queue_id: str) -> None:
         """Drop C{queue_id} from the entries and the arrival order (its share already out)."""
@@ -303,8 +309,9 @@ class QueueCore:
             self._out(old)
             self._forget(qid)
         self._entries[qid] = entry
-        self._order.add(_key(entry))
-        self._in(entry)
+        key = _key(entry)
+        self._order.add(key)
+        self._in(entry, key)
         return self.due(entry, now)
 
     def due(self, entry: QueueEntry, now: float) -> float | None:
@@ -344,9 +351,9 @@ class QueueCore:
                     f" last error: {last}", st.remote if st is not None else None,
                 ))
             return self._apply(entry, outcomes, now)
-        self._out(entry)
+        key = self._out(entry)
         self._active.add(queue_id)
-        self._in(entry)
+        self._in(entry, key)
         return Plan(entry, tuple(pending), now)
 
     def finish(
@@ -363,11 +370,12 @@ class QueueCore:
         """
         entry = plan.entry
         current = self._entries.get(entry.queue_id)
-        if current is not None:
-            self._out(current)
-        self._active.discard(entry.queue_id)
-        if current is not None:
-            self._in(current)
+        if current is None:
+            self._active.discard(entry.queue_id)
+        else:
+            key = self._out(current)
+            self._active.discard(entry.queue_id)
+            self._in(current, key)
         by_addr = {o.address: o for o in outcomes}
         complete = [
             by_addr.get(r.address) or Outcome.deferred(
@@ -388,9 +396,9 @@ class QueueCore:
         entry = self._entries.get(queue_id)
         if entry is None:
             return Decision(queue_id, None, ok=False)
-        self._out(entry)
+        key = self._out(entry)
         entry.state.held = True
-        self._in(entry)
+        self._in(entry, key)
         return Decision(
             queue_id, entry, Write.STATE, unschedule=True,
             events=(Event("hold", {"queue_id": queue_id, "sender": entry.envelope.sender}),),
@@ -401,10 +409,10 @@ class QueueCore:
         entry = self._entries.get(queue_id)
         if entry is None:
             return Decision(queue_id, None, ok=False)
-        self._out(entry)
+        key = self._out(entry)
         entry.state.held = False
         entry.state.next_attempt = None
-        self._in(entry)
+        self._in(entry, key)
         return Decision(
             queue_id, entry, Write.STATE, due=now,
             events=(Event("release", {"queue_id": queue_id, "sender": entry.envelope.sender}),),
@@ -490,8 +498,7 @@ class QueueCore:
         retry = False
         events = []
         current = self._entries.get(qid)
-        if current is not None:
-            self._out(current)
+        key = self._out(current) if current is not None else None
         for o in outcomes:
             st = entry.state.recipients.setdefault(o.address, RecipientState())
             st.attempts += 1
@@ -517,8 +524,8 @@ class QueueCore:
             if current is not None:
                 self._forget(qid)
             return Decision(qid, entry, Write.REMOVE, notices, tuple(events), unschedule=True)
-        if current is not None:
-            self._in(current)
+        if current is not None and key is not None:
+            self._in(current, key)
         due = None
         if retry:
             attempts = max(s.attempts for s in entry.state.recipients.values())

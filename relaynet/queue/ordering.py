@@ -52,8 +52,12 @@ class ArrivalOrder:
             self._blocks[i:i + 1] = [block[:_LOAD], block[_LOAD:]]
             self._maxes[i:i + 1] = [block[_LOAD - 1], block[-1]]
 
-    def remove(self, key: Key) -> None:
-        """Remove C{key}; @raise KeyError: it is not present."""
+    def remove(self, key: Key) -> Key:
+        """
+        Remove C{key}; @raise KeyError: it is not present.
+
+        @return: the key object that was held (equal to C{key}).
+        """
         i = bisect_left(self._maxes, key)
         if i == len(self._blocks):
             raise KeyError(key)
@@ -61,6 +65,7 @@ class ArrivalOrder:
         j = bisect_left(block, key)
         if j == len(block) or block[j] != key:
             raise KeyError(key)
+        held = block[j]
         del block[j]
         self._len -= 1
         if not block:
@@ -68,6 +73,7 @@ class ArrivalOrder:
             del self._maxes[i]
         elif j == len(block):
             self._maxes[i] = block[-1]
+        return held
 
     def first(self) -> Key | None:
         """The smallest key (the oldest message), or C{None}."""

@@ -228,8 +228,8 @@ def _compact(data: dict[str, Any] | None) -> dict[str, Any]:
 
     Equal mappings are one dict: the params of most messages are alike, and
     so are the client mappings of one client (its port is kept apart: see
-    L{_compact_client}). Recovery reads the queue in arrival order, so a cache of the
-    last few thousand distinct mappings finds them. The in-memory params
+    L{_compact_client}). Recovery reads the queue in arrival order, so a
+    cache of the last few thousand distinct mappings finds them. The in-memory params
     and client of an envelope are therefore never changed in place (nothing
     does: L{SpoolWriter.commit} evolves a new envelope with a new dict).
     """
