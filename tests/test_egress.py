@@ -130,8 +130,13 @@ source_pool = "bulk"
             assert by_source == {"127.0.0.2": 8, "127.0.0.3": 4}, by_source
             unavailable = [e for e in sender.events(strict=False) if e.get("event") == "egress_unavailable"]
             assert len(unavailable) == 1 and unavailable[0]["source"] == "192.0.2.77", unavailable
-            sent = [e for e in sender.events(strict=False) if e.get("event") == "sent"]
-            assert len(sent) == 12
+            # The receiver logs a message before its 250 reaches the sender, which logs
+            # "sent" only then: wait for the last ones with a deadline.
+            def sent() -> list[dict[str, Any]]:
+                return [e for e in sender.events(strict=False) if e.get("event") == "sent"]
+
+            wait_for(lambda: len(sent()) >= 12, 10, "12 sent events")
+            assert len(sent()) == 12
 
 
 def test_metrics_count_connections_per_pool_address() -> None:
