@@ -55,7 +55,7 @@ from relaynet.intake.server import Intake, RelayFactory, drain
 from relaynet.smtp.netio import AdoptedEndpoint, EndpointService, ReusePortEndpoint
 from relaynet.runner import QueueRunner
 from relaynet.queue.shards import adopt_orphan_shards
-from relaynet.queue.spool import QueueEntry, Spool, makedirs_durable
+from relaynet.queue.spool import CommitProcess, QueueEntry, Spool, makedirs_durable
 from relaynet.queue.window import TransferWindow
 from relaynet.smtp.tls import TLSConfigError, server_options
 
@@ -237,15 +237,21 @@ class RelayNode(MultiService):
         load_config: Callable[[], NodeConfig] | None = None,
         log_observer: Any = None,
         inherited: list[int] | None = None,
+        commit_process: bool = False,
     ) -> None:
         """
         @param inherited: listening sockets (descriptors, in listener order)
             to serve instead of binding the listeners: a worker's, passed on by
             its supervisor (L{relaynet.supervisor}).
+        @param commit_process: commit small messages through a commit
+            process (L{CommitProcess}; twistd's nodes and workers do), not in
+            the commit threads (in-process tests).
         """
         MultiService.__init__(self)
         self.config = config
         self.inherited = inherited
+        self.commit_process = commit_process
+        self.committer: CommitProcess | None = None
         self.log_observer = log_observer
         self.started_at: float | None = None
         self.last_reload: dict[str, Any] | None = None
@@ -424,6 +430,8 @@ class RelayNode(MultiService):
                                   count=moved)
             self.events.open(config.event_log)
             self.spool.prepare()
+            if self.commit_process:
+                self._start_committer()
             self.window.load()
             # Nothing is read yet: the queue is recovered in the background,
             # once the node listens (a big queue does not delay the first 220).
@@ -448,6 +456,17 @@ class RelayNode(MultiService):
             self._previous_hup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
+    def _start_committer(self) -> None:
+        """Start the commit process; if it cannot start, the commit threads do its work."""
+        committer = CommitProcess(self.reactor, lambda f: deferToThreadPool(self.reactor, self.pool, f))
+        try:
+            committer.start()
+        except OSError as e:
+            self.log.error("Cannot start the commit process, committing in threads: {error}", error=str(e))
+            return
+        self.committer = committer
+        self.spool.use_commit_process(committer)
+
     @inlineCallbacks
     def _recover(self, entries: Iterator[QueueEntry]) -> Any:
         """
@@ -579,6 +598,10 @@ class RelayNode(MultiService):
         yield self.runner.stopService()
         self._history.stopService()
         yield maybeDeferred(self._event_sync.stopService)
+        if self.committer is not None:
+            # After the last commit (the sessions are drained); before the
+            # pools, which clean up after a batch it would leave unanswered.
+            yield self.committer.stop()
         for pool in reversed(self._pools):
             pool.stopService()
         self.events.flush()

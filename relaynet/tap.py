@@ -282,7 +282,8 @@ def makeService(options: Options) -> Any:
             "workers = \"auto\": one process (a listener is not tcp:, tcp6: or unix:)"
         )
     return RelayNode(
-        config, reactor, run_as=run_as, load_config=options.load, log_observer=observer
+        config, reactor, run_as=run_as, load_config=options.load, log_observer=observer,
+        commit_process=True,
     )
 
 

@@ -153,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relaynet worker {shard}: {e}", file=sys.stderr)
         return 1
     fds = list(range(FIRST_INHERITED_FD, FIRST_INHERITED_FD + ours.listeners))
-    node = RelayNode(config, reactor, load_config=load, inherited=fds, log_observer=node_observer)
+    node = RelayNode(config, reactor, load_config=load, inherited=fds, log_observer=node_observer,
+                     commit_process=True)
     failed: list[str] = []
 
     def start() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import smtplib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
-from harness.nodeproc import TWISTD, free_port
+from harness.nodeproc import DEFAULT_CONFIG, TWISTD, NodeProcess, free_port, wait_for
 from relaynet.delivery.client import DeliveryResult
 from relaynet.events import EventLog
 from relaynet.node import NodeStartError, RelayNode
@@ -438,3 +439,39 @@ def test_full_disk_replies_are_not_client_errors(small_fs: Path) -> None:
         assert codes == [250, 250, 354, 452], codes
     assert not transport.disconnecting
     filler.free()
+
+
+@pytest.mark.slow
+def test_full_disk_through_a_twistd_node(tmp_path: Path) -> None:
+    """
+    The same with a real node (C{twistd relaynet}, whose commit process
+    writes small messages, docs/spool-format.md): with its spool's disk full,
+    the end of DATA is answered C{452 4.3.1}, nothing of the message stays
+    in the queue, the session goes on, and once space returns the next
+    message is accepted and delivered, without a restart.
+    """
+    where = tmp_path / "small"
+    _mount_tmpfs(where, size="4m")
+    node = NodeProcess(tmp_path / "node", DEFAULT_CONFIG.replace('spool = "spool"', f'spool = "{where}"'),
+                       name="full")
+    try:
+        with node:
+            filler = Filler(where)
+            with smtplib.SMTP("127.0.0.1", node.port, timeout=TIMEOUT) as s:
+                s.ehlo("client.test")
+                filler.fill()
+                s.mail("a@localhost")
+                s.rcpt("b@localhost")
+                code, reply = s.data(b"Subject: full\r\n\r\nfirst\r\n")
+                assert (code, reply.split()[0]) == (452, b"4.3.1"), (code, reply)
+                queue = node.spool / "queue"
+                assert list((queue / "new").iterdir()) == [] and list((queue / "tmp").iterdir()) == []
+                filler.free()
+                s.mail("a@localhost")
+                s.rcpt("b@localhost")
+                code, reply = s.data(b"Subject: room\r\n\r\nsecond\r\n")
+                assert code == 250, reply
+            (delivered,) = wait_for(lambda: node.maildir_new("b"), TIMEOUT, "the delivery")
+            assert b"second" in delivered.read_bytes()
+    finally:
+        _umount(where)

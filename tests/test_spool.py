@@ -34,6 +34,7 @@ from relaynet.queue.spool import (
     HEADER_LEN,
     BoundedReader,
     Envelope,
+    GroupSync,
     QueueEntry,
     QueueState,
     Recipient,
@@ -797,53 +798,123 @@ class MaildirSpoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual((self.ls("new"), self.ls("state")), ([], []))
 
-    def test_group_commit(self) -> None:
+    def test_group_sync_shares_flushes(self) -> None:
         """
-        Commits whose jobs run in parallel threads share directory flushes:
-        while one flush of C{new/} runs, every commit reaching it waits and
-        the next flush serves them all (here 20 commits, 2 flushes).
+        Callers of L{GroupSync.sync} in parallel threads share directory
+        flushes: while one flush runs, every caller reaching it waits and the
+        next flush serves them all (here 20 callers, 2 flushes). Each caller
+        speaks for as many messages as it says (2 here): the observers and
+        the statistics count messages.
 
-        The first flush is held until the 19 other commits wait for it, so
+        The first flush is held until the 19 other callers wait for it, so
         the batching does not depend on timing.
         """
         n = 20
-        reactor = _QueueingReactor()
-        spool = Spool(self.root, reactor, self.pool, clock=lambda: EPOCH)  # type: ignore[arg-type]
+        group = GroupSync(self.root / "new")
         waiting = threading.Semaphore(0)
-        spool._new_sync._cond = _CountingCondition(waiting)
+        group._cond = _CountingCondition(waiting)
         real_fsync_dir = spool_module.fsync_dir
         gate_problems: list[str] = []
         first = threading.Lock()
 
         def fsync_dir(path: Path | str) -> None:
-            if Path(path) == spool.new_dir and first.acquire(blocking=False):
+            if first.acquire(blocking=False):
                 for _ in range(n - 1):
                     if not waiting.acquire(timeout=30):
-                        gate_problems.append("the other commits did not reach the flush")
+                        gate_problems.append("the other callers did not reach the flush")
                         break
             real_fsync_dir(path)
 
         self.patch(spool_module, "fsync_dir", fsync_dir)
         batches: list[int] = []
-        spool.observe_commits(batches.append)
-        ds = []
-        for i in range(n):
-            w = spool.begin(envelope(spool))
-            w.write(b"Subject: %d\r\n\r\nx\r\n" % i)
-            ds.append(w.commit(hops=1))
-        self.assertEqual(self.pool.pending, n)
-        threads = [threading.Thread(target=self.pool.run_one) for _ in range(n)]
+        group.observers.append(batches.append)
+        threads = [threading.Thread(target=group.sync, args=(2,)) for _ in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=60)
         self.assertFalse(any(t.is_alive() for t in threads))
-        reactor.run_calls()
         self.assertEqual(gate_problems, [])
+        self.assertEqual((group.flushes, group.synced), (2, 2 * n))
+        self.assertEqual(sorted(batches), [2, 2 * (n - 1)])
+
+    def test_commits_gather_while_jobs_run(self) -> None:
+        """
+        Commits made while the commit jobs are busy gather for one job: of 20
+        commits made together, the first two start a job each
+        (the two jobs of the commit threads); the other 18 wait and are written, renamed
+        and flushed by one job once a thread is free -- 3 jobs and 3
+        directory flushes for 20 messages, each acknowledged only after the
+        flush that covers it.
+        """
+        n = 20
+        batches: list[int] = []
+        self.spool.observe_commits(batches.append)
+        ds = []
+        for i in range(n):
+            w = self.spool.begin(envelope(self.spool))
+            w.write(b"Subject: %d\r\n\r\nx\r\n" % i)
+            ds.append(w.commit(hops=1))
+        self.assertEqual(self.pool.pending, self.spool._thread_commits.jobs)
+        self.pool.run_one()
+        # The first job's message is durable; the 18 waiting went to one new job.
+        self.assertEqual([d.called for d in ds[:3]], [True, False, False])
+        self.assertEqual(self.pool.pending, 2)
+        self.pool.run_all()
         entries = [self.successResultOf(d) for d in ds]
-        self.assertEqual(spool.group_commit_stats, (2, n))
-        self.assertEqual(sorted(batches), [1, n - 1])
+        self.assertEqual(self.pool.ran, 3)
+        self.assertEqual(self.spool.group_commit_stats, (3, n))
+        self.assertEqual(sorted(batches), [1, 1, n - 2])
         self.assertEqual(self.ls("new"), sorted(e.queue_id for e in entries))
+        self.assertEqual(self.ls("tmp"), [])
+
+    def test_one_failed_commit_leaves_its_batch_alone(self) -> None:
+        """
+        In a job of several commits, one whose file cannot be renamed fails
+        alone (L{SpoolError}, nothing of it left); the others of its job are
+        committed.
+        """
+        ds = []
+        for i in range(5):
+            w = self.spool.begin(envelope(self.spool))
+            w.write(b"Subject: %d\r\n\r\nx\r\n" % i)
+            ds.append((w.envelope.queue_id, w.commit(hops=1)))
+        bad = ds[3][0]
+        real_rename = os.rename
+
+        def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+            if os.fspath(src).endswith(bad):
+                raise OSError(28, "No space left on device")
+            real_rename(src, dst)
+
+        self.patch(os, "rename", rename)
+        self.pool.run_all()
+        self.failureResultOf(ds[3][1], SpoolError)
+        good = [qid for qid, d in ds if qid != bad]
+        for qid, d in ds:
+            if qid != bad:
+                self.assertEqual(self.successResultOf(d).queue_id, qid)
+        self.assertEqual((self.ls("new"), self.ls("tmp")), (sorted(good), []))
+
+    def test_failed_directory_fsync_fails_its_whole_batch(self) -> None:
+        """
+        If the flush of C{new/} after a job of several commits fails, none of
+        them is acknowledged, and every file of the job is taken back out.
+        """
+        ds = []
+        for i in range(5):
+            w = self.spool.begin(envelope(self.spool))
+            w.write(b"Subject: %d\r\n\r\nx\r\n" % i)
+            ds.append(w.commit(hops=1))
+
+        def fsync_dir(path: Path | str) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.patch(spool_module, "fsync_dir", fsync_dir)
+        self.pool.run_all()
+        for d in ds:
+            self.failureResultOf(d, SpoolError)
+        self.assertEqual((self.ls("tmp"), self.ls("new")), ([], []))
 
 
 class _QueueingReactor(ThreadlessReactor):

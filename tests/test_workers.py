@@ -60,6 +60,22 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def committers(parent: int) -> list[int]:
+    """The commit processes (relaynet/queue/committer.py) whose parent is C{parent}."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == parent and b"committer.py" in cmdline and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 def send(port: int, rcpt: str, token: str) -> str:
     """One message; the queue id of its 250."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
@@ -204,12 +220,19 @@ def test_workers_are_forks_sharing_the_supervisors_memory(node: NodeProcess) -> 
         assert title[:3] == [b"relaynet.worker", b"--shard", str(shard).encode()], title
         # Most of a worker's ~50 MiB at rest is the modules: well over 10 MiB shared.
         assert smaps_kb(pid, "Shared_Dirty") > 10 * 1024, (shard, Path(f"/proc/{pid}/smaps_rollup").read_text())
+    # Each worker commits small messages through a commit process of its own.
+    old_committers = {shard: committers(pid) for shard, pid in pids.items()}
+    assert all(len(c) == 1 for c in old_committers.values()), old_committers
     os.kill(pids[0], signal.SIGKILL)
     replaced = wait_for(
         lambda: (p := worker_pids(node.pid)).get(0) not in (None, pids[0]) and p, 30, "worker 0 replaced"
     )
     workers_up(node)
     assert smaps_kb(replaced[0], "Shared_Dirty") > 10 * 1024
+    # The killed worker's commit process died with it (PR_SET_PDEATHSIG);
+    # its replacement has its own.
+    wait_for(lambda: not alive(old_committers[0][0]), 30, "the killed worker's commit process gone")
+    assert len(committers(replaced[0])) == 1 and alive(old_committers[1][0])
     token = f"f-{uuid.uuid4().hex[:8]}"
     send(node.port, "bob@localhost", token)
     wait_for(lambda: token in delivered_tokens(node), 30, "the delivery")
@@ -255,9 +278,13 @@ def test_sigterm_stops_the_workers_then_the_supervisor(node: NodeProcess) -> Non
     node.start()
     workers_up(node)
     pids = worker_pids(node.pid)
+    their_committers = [c for pid in pids.values() for c in committers(pid)]
+    assert len(their_committers) == 2
     send(node.port, "bob@localhost", "before-stop")
     assert node.terminate() in (0, -signal.SIGTERM)  # twistd ends with the signal
     for pid in pids.values():
+        assert not alive(pid)
+    for pid in their_committers:
         assert not alive(pid)
     log = node.log_text()
     stopped = [log.index(f"Worker {k} (pid {pids[k]}) stopped (exit status 0)") for k in (0, 1)]

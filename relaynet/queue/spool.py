@@ -19,13 +19,14 @@ The header record has a fixed width so the final size and hop count can be
 written in place once DATA ends (Postfix does the same with its size record).
 
 Commit: the message gathers in memory (in chunks written by worker threads
-once it grows large); at the final dot one worker-thread job creates or
-completes C{tmp/ID}, fills in the header, fsyncs the file and renames it into
-C{new/}, and the C{new/} directory is fsynced by a group commit shared by every
-message renamed meanwhile. No file operation runs on the reactor thread. Only then does the
-returned Deferred fire (and the intake say 250). Many sessions finishing DATA
-together share directory flushes, and their file fsyncs run in parallel
-threads, which the filesystem journal batches.
+once it grows large); at the final dot it joins a commit batch
+(L{CommitBatch}: the messages whose final dot came while the previous batch
+was out), whose job creates or completes each C{tmp/ID}, fills in the
+header, fsyncs the file and renames it into C{new/}, then fsyncs C{new/}
+once for the batch. Small messages are committed by the node's commit
+process (L{CommitProcess}, L{relaynet.queue.committer}), the others (and
+all, without one) by commit threads. No file operation runs on the reactor
+thread. Only then does the returned Deferred fire (and the intake say 250).
 """
 
 from __future__ import annotations
@@ -34,17 +35,20 @@ import errno
 import io
 import json
 import os
-import shutil
-import threading
 import secrets
+import shutil
+import struct
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from attrs import Converter, define, evolve, field, frozen
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -573,20 +577,25 @@ class GroupSync:
         self._requested = 0
         self._done = 0
         self._running = False
+        self._counted = 0
+        self._counted_done = 0
         self._failures: list[tuple[int, int, OSError]] = []
         self.flushes = 0
         self.synced = 0
         self.observers: list[Callable[[int], None]] = []
 
-    def sync(self) -> None:
+    def sync(self, count: int = 1) -> None:
         """
         Make every rename or unlink done in the directory before this call
         durable (blocking; call from a worker thread).
 
+        @param count: the messages this call makes durable (a caller may
+            speak for several), for L{synced} and the observers.
         @raise OSError: the flush that covered this call failed.
         """
         with self._cond:
             self._requested += 1
+            self._counted += count
             mine = self._requested
             while True:
                 if self._done >= mine:
@@ -597,6 +606,7 @@ class GroupSync:
                 if not self._running:
                     self._running = True
                     low, cover = self._done, self._requested
+                    counted = self._counted
                     break
                 self._cond.wait()
         error: OSError | None = None
@@ -607,13 +617,15 @@ class GroupSync:
         with self._cond:
             self._running = False
             self._done = cover
+            batch = counted - self._counted_done
+            self._counted_done = counted
             self.flushes += 1
-            self.synced += cover - low
+            self.synced += batch
             if error is not None:
                 self._failures = (self._failures + [(low, cover, error)])[-16:]
             self._cond.notify_all()
         for observer in self.observers:
-            observer(cover - low)
+            observer(batch)
         if error is not None:
             raise error
 
@@ -721,6 +733,244 @@ class UnlinkBatch:
         self._run(work).addBoth(done)
 
 
+class PendingCommit:
+    """
+    One message waiting in a L{CommitBatch}: its paths and bytes (for the
+    commit process) and the same work as two functions (for a commit
+    thread): C{durable} (file written and fsynced, renamed into C{new/}; on
+    failure it cleans up and raises) and C{undo} (take the renamed file back
+    out).
+    """
+
+    __slots__ = ("tmp", "new", "data", "durable", "undo", "done")
+
+    def __init__(
+        self, tmp: str, new: str, data: bytes | None,
+        durable: Callable[[], None], undo: Callable[[], None],
+    ) -> None:
+        self.tmp = tmp
+        self.new = new
+        self.data = data
+        self.durable = durable
+        self.undo = undo
+        self.done: Deferred[None] = Deferred()
+
+
+class CommitBatch:
+    """
+    Commit messages many per job: while L{jobs} jobs run, the commits
+    arriving gather for the next, so under load one hand-off (to a thread
+    or to the commit process, and back to the reactor) serves a batch of
+    messages, not one, while a lone message on an idle spool starts at once.
+    A job makes each of its messages durable in C{new/}, then fsyncs C{new/}
+    once for them all; if that fails, none of them is acknowledged.
+
+    @ivar jobs: jobs at once.
+    """
+
+    def __init__(
+        self, run: Callable[[list[PendingCommit]], Deferred[list[BaseException | None]]], jobs: int,
+    ) -> None:
+        """
+        @param run: start a job: a Deferred firing with one result per
+            commit, in order (L{None}: durable; else the exception).
+        """
+        self._run = run
+        self.jobs = jobs
+        self._queued: list[PendingCommit] = []
+        self._running = 0
+
+    def submit(self, commit: PendingCommit) -> Deferred[None]:
+        """
+        @return: C{commit.done}: it fires once the message is durable in
+            C{new/}, or fails with the exception that stopped it.
+        """
+        self._queued.append(commit)
+        if self._running < self.jobs:
+            self._next()
+        return commit.done
+
+    def _next(self) -> None:
+        batch, self._queued = self._queued, []
+        if not batch:
+            return
+        self._running += 1
+
+        def done(results: Any) -> None:
+            self._running -= 1
+            if not isinstance(results, list):
+                results = [results.value] * len(batch)
+            if self._queued:
+                self._next()
+            for commit, error in zip(batch, results):
+                if error is None:
+                    commit.done.callback(None)
+                else:
+                    commit.done.errback(error)
+
+        self._run(batch).addBoth(done)
+
+
+def thread_job(
+    batch: list[PendingCommit], sync: GroupSync,
+) -> Callable[[], list[BaseException | None]]:
+    """
+    A commit thread's job for C{batch}: each message's C{durable}, then one
+    fsync of C{new/} (L{GroupSync}: shared with a job running beside it),
+    or, if that fails, the C{undo} of each.
+    """
+
+    def work() -> list[BaseException | None]:
+        results: list[BaseException | None] = []
+        renamed = 0
+        for commit in batch:
+            try:
+                commit.durable()
+            except BaseException as e:
+                results.append(e)
+            else:
+                results.append(None)
+                renamed += 1
+        if renamed:
+            try:
+                sync.sync(renamed)
+            except BaseException as e:
+                # The flush failed: the renames may not be durable, so none
+                # of them is acknowledged; their files go back out.
+                for i, commit in enumerate(batch):
+                    if results[i] is None:
+                        commit.undo()
+                        results[i] = e
+        return results
+
+    return work
+
+
+class CommitProcess(ProcessProtocol):
+    """
+    The node's end of its commit process (L{relaynet.queue.committer}): a
+    small interpreter that makes small messages durable in C{new/} with the
+    same file operations as a commit thread, but without taking the node's
+    interpreter lock from the reactor thread at each of them. Batches go
+    down its standard input; one reply per batch comes back, in order.
+
+    If the process ends while batches are out, they fail with
+    L{SpoolError} (their files, if any, are removed first: nothing was
+    acknowledged), and L{alive} turns false: the spool commits in threads
+    from then on.
+
+    @ivar alive: the process runs and answers.
+    @ivar flushes: batches that fsynced C{new/}.
+    @ivar synced: messages those made durable.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]]) -> None:
+        self._reactor = reactor
+        self._in_thread = run_in_thread
+        self._waiting: deque[tuple[list[PendingCommit], Deferred[list[BaseException | None]]]] = deque()
+        self._buffer = b""
+        self._ended: Deferred[None] | None = None
+        self._closing = False
+        self.alive = False
+        self.flushes = 0
+        self.synced = 0
+        self.observers: list[Callable[[int], None]] = []
+
+    def start(self) -> None:
+        """Start the process (C{python -I -S committer.py PARENT})."""
+        from relaynet.queue import committer
+
+        argv = [sys.executable, "-I", "-S", committer.__file__, str(os.getpid())]
+        self._ended = Deferred()
+        self._reactor.spawnProcess(self, sys.executable, argv, env={}, childFDs={0: "w", 1: "r", 2: 2})
+        self.alive = True
+
+    def run(self, batch: list[PendingCommit]) -> Deferred[list[BaseException | None]]:
+        """Send C{batch}; the Deferred fires with its results."""
+        from relaynet.queue.committer import encode_batch
+
+        d: Deferred[list[BaseException | None]] = Deferred()
+        if not self.alive or self.transport is None:
+            return fail(SpoolError("the commit process is not running"))
+        items = []
+        for c in batch:
+            assert c.data is not None
+            items.append((c.tmp, c.new, c.data))
+        payload = encode_batch(items)
+        self._waiting.append((batch, d))
+        self.transport.writeSequence([struct.pack("!I", len(payload)), payload])
+        return d
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        from relaynet.queue.committer import decode_results
+
+        self._buffer += data
+        while len(self._buffer) >= 4:
+            (length,) = struct.unpack_from("!I", self._buffer)
+            if len(self._buffer) < 4 + length:
+                return
+            payload, self._buffer = self._buffer[4:4 + length], self._buffer[4 + length:]
+            if not self._waiting:
+                self.log.error("The commit process answered a batch never sent")
+                continue
+            batch, d = self._waiting.popleft()
+            try:
+                results: list[BaseException | None] = list(decode_results(payload))
+            except ValueError as e:
+                results = [SpoolError(f"broken reply from the commit process: {e}")] * len(batch)
+            if len(results) != len(batch):
+                results = [SpoolError("the commit process answered for another batch")] * len(batch)
+            ok = sum(1 for r in results if r is None)
+            if ok:
+                self.flushes += 1
+                self.synced += ok
+                for observer in self.observers:
+                    observer(ok)
+            d.callback(results)
+
+    def processEnded(self, reason: Any) -> None:
+        self.alive = False
+        if not self._closing:
+            self.log.error(
+                "The commit process ended ({reason}); committing in threads from now on",
+                reason=reason.getErrorMessage(),
+            )
+        waiting, self._waiting = self._waiting, deque()
+        for batch, d in waiting:
+            self._abandon(batch, d)
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended.callback(None)
+
+    def _abandon(self, batch: list[PendingCommit], d: Deferred[list[BaseException | None]]) -> None:
+        """Fail the batch that got no answer, once none of its files is left."""
+        paths = [p for c in batch for p in (c.new, c.tmp)]
+
+        def work() -> None:
+            for p in paths:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+
+        error = SpoolError("the commit process ended")
+        self._in_thread(work).addBoth(lambda _: d.callback([error] * len(batch)))
+
+    def stop(self) -> Deferred[None]:
+        """End the process (its input closed, after the batches out): fires when it has."""
+        ended = self._ended
+        if ended is None or not self.alive:
+            return succeed(None)
+        self._closing = True
+        assert self.transport is not None
+        self.transport.closeStdin()
+        d: Deferred[None] = Deferred()
+        ended.addBoth(lambda _: d.callback(None))
+        return d
+
+
 class SpoolWriter:
     """
     One message being received. Created by L{Spool.begin}.
@@ -731,8 +981,8 @@ class SpoolWriter:
     sessions showed the reactor spending 60% of its samples in the
     C{open(O_CREAT)} of C{tmp/ID}. So the bytes gather in memory, up to
     L{FLUSH_AT}; a message that stays below it (most mail) is created,
-    written, fsynced and renamed by one job of the commit thread pool at the
-    final dot. A larger one streams out in L{FLUSH_AT} chunks, written in
+    written, fsynced and renamed at the final dot, in a batch (L{CommitBatch})
+    of the commit process or the commit threads. A larger one streams out in L{FLUSH_AT} chunks, written in
     order by jobs of the general pool, so memory per session stays bounded
     (L{pending} says how much has not reached the page cache yet, for flow
     control).
@@ -896,17 +1146,15 @@ class SpoolWriter:
             except BaseException:
                 self._discard()
                 raise
+
+        def undo() -> None:
+            # The directory flush failed: the rename may not be durable, so
+            # we must not acknowledge; take the file back out of new/.
             try:
-                self.spool._new_sync.sync()
-            except BaseException:
-                # The directory flush failed: the rename may not be durable, so
-                # we must not acknowledge; take the file back out of new/.
-                try:
-                    os.rename(new_path, self.tmp_path)
-                except OSError:
-                    pass
-                self._unlink()
-                raise
+                os.rename(new_path, self.tmp_path)
+            except OSError:
+                pass
+            self._unlink()
 
         body_offset = HEADER_LEN + len(self._env) + 1
         spool = self.spool
@@ -924,7 +1172,9 @@ class SpoolWriter:
                 spool.fresh_bytes += self.size
             return entry
 
-        d = self._then(lambda: spool._in_commit_thread(durable))
+        d = self._then(lambda: spool._commit(
+            PendingCommit(self.tmp_path, new_path, None if rewrite_header else data, durable, undo)
+        ))
         d.addCallback(committed)
 
         def wrap(failure: Any) -> Any:
@@ -1011,6 +1261,11 @@ class Spool:
         self._clock = clock
         self._new_sync = GroupSync(self.new_dir)
         self._unlinks = UnlinkBatch(self._in_thread)
+        self._thread_commits = CommitBatch(
+            lambda batch: self._in_commit_thread(thread_job(batch, self._new_sync)), jobs=2,
+        )
+        self._committer: CommitProcess | None = None
+        self._process_commits: CommitBatch | None = None
         self.fresh_bytes = 0
         self._state_sync = GroupSync(self.state_dir)
         # Four random hex digits per process keep ids from two processes
@@ -1032,14 +1287,37 @@ class Spool:
         """
         return deferToThreadPool(self._reactor, self._commit_pool, f)
 
+    def use_commit_process(self, committer: CommitProcess) -> None:
+        """
+        Commit small messages (those never written out in chunks) through
+        C{committer}, started, from now on; the others, and all of them
+        once it has ended, in the commit threads.
+        """
+        self._committer = committer
+        committer.observers.extend(self._new_sync.observers)
+        self._process_commits = CommitBatch(committer.run, jobs=1)
+
+    def _commit(self, commit: PendingCommit) -> Deferred[None]:
+        if commit.data is not None and self._process_commits is not None:
+            assert self._committer is not None
+            if self._committer.alive:
+                return self._process_commits.submit(commit)
+        return self._thread_commits.submit(commit)
+
     def observe_commits(self, observer: Callable[[int], None]) -> None:
         """Call C{observer} with the batch size of every group commit of C{new/}."""
         self._new_sync.observers.append(observer)
+        if self._committer is not None:
+            self._committer.observers.append(observer)
 
     @property
     def group_commit_stats(self) -> tuple[int, int]:
         """C{(directory flushes, messages committed by them)} so far."""
-        return self._new_sync.flushes, self._new_sync.synced
+        flushes, synced = self._new_sync.flushes, self._new_sync.synced
+        if self._committer is not None:
+            flushes += self._committer.flushes
+            synced += self._committer.synced
+        return flushes, synced
 
     def new_id(self) -> str:
         """

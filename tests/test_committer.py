@@ -1,0 +1,214 @@
+"""
+The commit process (relaynet.queue.committer) and the node's end of it
+(relaynet.queue.spool.CommitProcess): messages made durable in C{new/} by
+another process, with the spool's commit contract.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+import struct
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+
+from relaynet.queue import committer
+from relaynet.queue.spool import CommitProcess, Envelope, Recipient, Spool, SpoolError, read_queue_file
+
+
+def _dirs(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "new").mkdir()
+    return tmp_path / "tmp", tmp_path / "new"
+
+
+def _items(tmp: Path, new: Path, *names: str) -> list[tuple[bytes, bytes, memoryview]]:
+    return [
+        (os.fsencode(tmp / n), os.fsencode(new / n), memoryview(f"message {n}\r\n".encode()))
+        for n in names
+    ]
+
+
+def test_commit_writes_renames_and_reports_each(tmp_path: Path) -> None:
+    """Each message lands in new/ with its bytes, mode 0600; tmp/ is left empty."""
+    tmp, new = _dirs(tmp_path)
+    assert committer.commit(_items(tmp, new, "A", "B")) == [None, None]
+    assert sorted(os.listdir(new)) == ["A", "B"] and os.listdir(tmp) == []
+    assert (new / "B").read_bytes() == b"message B\r\n"
+    assert stat.S_IMODE((new / "A").stat().st_mode) == 0o600
+
+
+def test_a_failed_message_fails_alone(tmp_path: Path) -> None:
+    """A message whose tmp file exists already (O_EXCL) fails; the others of the batch commit."""
+    tmp, new = _dirs(tmp_path)
+    (tmp / "B").write_bytes(b"someone else's")
+    results = committer.commit(_items(tmp, new, "A", "B", "C"))
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], OSError) and results[1].errno == errno.EEXIST
+    assert sorted(os.listdir(new)) == ["A", "C"]
+
+
+def test_failed_directory_fsync_takes_every_renamed_file_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    If new/ cannot be fsynced, the renames may not be durable: every message
+    of the batch fails with the error, and none of their files is left.
+    """
+    tmp, new = _dirs(tmp_path)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    results = committer.commit(_items(tmp, new, "A", "B"))
+    assert [getattr(r, "errno", None) for r in results] == [errno.EIO, errno.EIO]
+    assert os.listdir(new) == [] and os.listdir(tmp) == []
+
+
+def test_requests_and_replies_round_trip() -> None:
+    items = [("/q/tmp/A", "/q/new/A", b"x" * 10), ("/q/tmp/\u00e9", "/q/new/\u00e9", b"")]
+    decoded = committer.decode_batch(committer.encode_batch(items))
+    assert [(t, n, bytes(d)) for t, n, d in decoded] == [
+        (os.fsencode(t), os.fsencode(n), d) for t, n, d in items
+    ]
+    results = committer.decode_results(committer.encode_results([None, OSError(errno.ENOSPC, "No space left")]))
+    assert results[0] is None
+    assert isinstance(results[1], OSError) and (results[1].errno, results[1].strerror) == (errno.ENOSPC, "No space left")
+    with pytest.raises(ValueError):
+        committer.decode_batch(committer.encode_batch(items)[:-3])
+    with pytest.raises(ValueError):
+        committer.decode_results(b"\x00")
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def _read_frame(fd: int) -> bytes:
+    head = committer._read_exact(fd, 4)
+    assert head is not None
+    body = committer._read_exact(fd, struct.unpack("!I", head)[0])
+    assert body is not None
+    return body
+
+
+def test_serve_answers_each_request_in_order_and_ends_with_its_input(tmp_path: Path) -> None:
+    tmp, new = _dirs(tmp_path)
+    requests_r, requests_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    status: list[int] = []
+    t = threading.Thread(target=lambda: status.append(committer.serve(requests_r, replies_w)))
+    t.start()
+    try:
+        for name in ("A", "B"):
+            os.write(requests_w, _frame(committer.encode_batch([(str(tmp / name), str(new / name), b"x")])))
+            assert committer.decode_results(_read_frame(replies_r)) == [None]
+        os.close(requests_w)
+        t.join(timeout=30)
+        assert not t.is_alive() and status == [0]
+    finally:
+        for fd in (requests_r, replies_r, replies_w):
+            os.close(fd)
+    assert sorted(os.listdir(new)) == ["A", "B"]
+
+
+def test_serve_refuses_a_broken_request_and_stops_for_a_new_parent() -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, struct.pack("!I", committer.MAX_FRAME + 1))
+        assert committer.serve(r, w) == 2
+        # Our parent is not who the node said: it died; stop before reading.
+        assert committer.serve(r, w, parent=os.getppid() + 1) == 0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _envelope(spool: Spool) -> Envelope:
+    return Envelope(
+        queue_id=spool.new_id(), sender="a@example.com", recipients=(Recipient("b@example.net", route="relay:0"),),
+        arrival=1.0, client={"ip": "127.0.0.1", "helo": "c.test", "protocol": "ESMTP"}, node="n1",
+    )
+
+
+class CommitProcessTests(TestCase):
+    """A spool committing through a real commit process, on the real reactor."""
+
+    def setUp(self) -> None:
+        root = Path(tempfile.mkdtemp(prefix="relaynet-committer-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-committer")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.spool = Spool(root / "queue", reactor, self.pool)
+        self.spool.prepare()
+        self.batches: list[int] = []
+        self.spool.observe_commits(self.batches.append)
+        self.committer = CommitProcess(reactor, self.spool._in_thread)
+        self.committer.start()
+        self.spool.use_commit_process(self.committer)
+        self.addCleanup(self.committer.stop)
+
+    def commit(self, text: bytes) -> "Deferred[Any]":
+        w = self.spool.begin(_envelope(self.spool))
+        w.write(text)
+        return w.commit(hops=1)
+
+    def ls(self, name: str) -> list[str]:
+        return sorted(os.listdir(self.spool.root / name))
+
+    @inlineCallbacks
+    def test_commits_go_through_the_process(self) -> Any:
+        """
+        Messages committed together are durable in new/ when their Deferreds
+        fire, byte for byte, counted by the process's directory flushes.
+        """
+        results = yield DeferredList([self.commit(b"Subject: %d\r\n\r\nbody\r\n" % i) for i in range(5)],
+                                     fireOnOneErrback=True)
+        entries = [entry for _, entry in results]
+        self.assertEqual(self.ls("new"), sorted(e.queue_id for e in entries))
+        self.assertEqual(self.ls("tmp"), [])
+        envelope, _ = read_queue_file(entries[3].path)
+        self.assertEqual(envelope.queue_id, entries[3].queue_id)
+        self.assertEqual(sum(self.batches), 5)
+        self.assertEqual((self.committer.synced, self.spool.group_commit_stats[1]), (5, 5))
+        self.assertTrue(self.committer.flushes <= 5)
+
+    @inlineCallbacks
+    def test_a_batch_the_process_leaves_unanswered_fails_and_leaves_nothing(self) -> Any:
+        """
+        The process is killed with a batch out: the commit fails with
+        SpoolError and none of its files stays; the spool then commits in
+        threads, and says so once in the log.
+        """
+        assert self.committer.transport is not None
+        pid = self.committer.transport.pid
+        d = self.commit(b"Subject: lost\r\n\r\nx\r\n")
+        os.kill(pid, signal.SIGKILL)
+        yield self.assertFailure(d, SpoolError)
+        self.assertFalse(self.committer.alive)
+        self.assertEqual((self.ls("new"), self.ls("tmp")), ([], []))
+        entry = yield self.commit(b"Subject: after\r\n\r\nx\r\n")
+        self.assertEqual(self.ls("new"), [entry.queue_id])
+
+    @inlineCallbacks
+    def test_stop_ends_the_process_after_its_batches(self) -> Any:
+        d = self.commit(b"Subject: last\r\n\r\nx\r\n")
+        stopped = self.committer.stop()
+        entry = yield d
+        yield stopped
+        self.assertFalse(self.committer.alive)
+        self.assertEqual(self.ls("new"), [entry.queue_id])
