@@ -24,7 +24,16 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from relaynet.queue import committer
-from relaynet.queue.spool import CommitProcess, Envelope, Recipient, Spool, SpoolError, read_queue_file
+from relaynet.queue.spool import (
+    CommitBatch,
+    CommitProcess,
+    Envelope,
+    PendingCommit,
+    Recipient,
+    Spool,
+    SpoolError,
+    read_queue_file,
+)
 
 
 def _dirs(tmp_path: Path) -> tuple[Path, Path]:
@@ -93,6 +102,22 @@ def test_requests_and_replies_round_trip() -> None:
         committer.decode_results(b"\x00")
 
 
+def test_unlink_requests(tmp_path: Path) -> None:
+    """An unlink request: each path gone, one already gone is fine, another error reported."""
+    (tmp_path / "a").write_bytes(b"x")
+    (tmp_path / "dir").mkdir()
+    paths = [str(tmp_path / "a"), str(tmp_path / "never"), str(tmp_path / "dir")]
+    decoded = committer.decode_unlinks(committer.encode_unlinks(paths))
+    assert decoded == [os.fsencode(p) for p in paths]
+    results = committer.unlink(decoded)
+    assert results[:2] == [None, None] and isinstance(results[2], OSError)
+    assert sorted(os.listdir(tmp_path)) == ["dir"]
+    with pytest.raises(ValueError):
+        committer.decode_unlinks(committer.encode_unlinks(paths)[:-1])
+    with pytest.raises(ValueError):
+        committer.decode_batch(committer.encode_unlinks(paths))
+
+
 def _frame(payload: bytes) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
@@ -113,9 +138,11 @@ def test_serve_answers_each_request_in_order_and_ends_with_its_input(tmp_path: P
     t = threading.Thread(target=lambda: status.append(committer.serve(requests_r, replies_w)))
     t.start()
     try:
-        for name in ("A", "B"):
+        for name in ("A", "B", "C"):
             os.write(requests_w, _frame(committer.encode_batch([(str(tmp / name), str(new / name), b"x")])))
             assert committer.decode_results(_read_frame(replies_r)) == [None]
+        os.write(requests_w, _frame(committer.encode_unlinks([str(new / "C")])))
+        assert committer.decode_results(_read_frame(replies_r)) == [None]
         os.close(requests_w)
         t.join(timeout=30)
         assert not t.is_alive() and status == [0]
@@ -205,6 +232,34 @@ class CommitProcessTests(TestCase):
         self.assertEqual(self.ls("new"), [entry.queue_id])
 
     @inlineCallbacks
+    def test_removals_go_through_the_process(self) -> Any:
+        """Retired messages' files are unlinked by the process, with their state files."""
+        entries = yield DeferredList([self.commit(b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3)],
+                                     fireOnOneErrback=True)
+        first, second, third = [entry for _, entry in entries]
+        yield self.spool.record(second)
+        assert self.committer.transport is not None
+        pid = self.committer.transport.pid
+        before = Path(f"/proc/{pid}/io").read_text()
+        yield DeferredList([self.spool.remove(first), self.spool.remove(second)], fireOnOneErrback=True)
+        self.assertEqual(self.ls("new"), [third.queue_id])
+        self.assertEqual(self.ls("state"), [])
+        # The process did it: its count of system calls moved.
+        self.assertNotEqual(Path(f"/proc/{pid}/io").read_text(), before)
+
+    @inlineCallbacks
+    def test_removals_left_unanswered_are_done_in_a_thread(self) -> Any:
+        """The process is killed with an unlink out: the files are unlinked all the same."""
+        entry = yield self.commit(b"Subject: gone\r\n\r\nx\r\n")
+        assert self.committer.transport is not None
+        pid = self.committer.transport.pid
+        d = self.spool.remove(entry)
+        os.kill(pid, signal.SIGKILL)
+        yield d
+        self.assertFalse(self.committer.alive)
+        self.assertEqual(self.ls("new"), [])
+
+    @inlineCallbacks
     def test_stop_ends_the_process_after_its_batches(self) -> Any:
         d = self.commit(b"Subject: last\r\n\r\nx\r\n")
         stopped = self.committer.stop()
@@ -212,3 +267,26 @@ class CommitProcessTests(TestCase):
         yield stopped
         self.assertFalse(self.committer.alive)
         self.assertEqual(self.ls("new"), [entry.queue_id])
+
+
+def test_a_batch_for_the_process_takes_up_to_its_bytes() -> None:
+    """
+    A job of the commit process takes queued messages up to max_bytes of
+    data (at least one, however large): the rest wait for the next job.
+    """
+    jobs: list[tuple[list[int], Deferred[list[BaseException | None]]]] = []
+
+    def run(batch: list[PendingCommit]) -> Deferred[list[BaseException | None]]:
+        d: Deferred[list[BaseException | None]] = Deferred()
+        jobs.append(([len(c.data or b"") for c in batch], d))
+        return d
+
+    batches = CommitBatch(run, jobs=1, max_bytes=10)
+    done = [batches.submit(PendingCommit("t", "n", b"x" * size, lambda: None, lambda: None))
+            for size in (6, 6, 3, 20, 1)]
+    for _ in range(3):
+        sizes, d = jobs[-1]
+        d.callback([None] * len(sizes))
+    assert [sizes for sizes, _ in jobs] == [[6], [6, 3], [20], [1]]
+    jobs[-1][1].callback([None])
+    assert all(d.called for d in done)

@@ -23,9 +23,10 @@ Linux, when its parent dies (C{PR_SET_PDEATHSIG}): a commit of a dead
 node is never finished behind its replacement's back.
 
 Framing: each request and each reply is a 4-byte big-endian length and that
-many bytes (Twisted's C{Int32StringReceiver} framing).
+many bytes (Twisted's C{Int32StringReceiver} framing). A request's first
+byte says what it asks for: C{C} (commit) or C{U} (unlink).
 
-A request is a batch of messages, each::
+A commit request is a batch of messages, each::
 
     <tmp path length:2> <new path length:2> <data length:4> tmp path, new path, data
 
@@ -36,11 +37,16 @@ up (its C{tmp} file unlinked) and fails alone; if the directory fsync fails,
 every renamed message of the batch is taken back out (renamed back and
 unlinked) and fails with that error.
 
-The reply has, for each message in order::
+An unlink request is a list of paths, each C{<length:2> path}, to unlink
+(a path already gone is fine): the queue files of delivered messages, whose
+directory is not fsynced (docs/spool-format.md).
+
+The reply has, for each message or path in order::
 
     <errno:2> <message length:2> message
 
-errno 0 (and an empty message) for a message that is durable in C{new/}.
+errno 0 (and an empty message) for a message that is durable in C{new/}, or
+a path that is gone.
 """
 
 from __future__ import annotations
@@ -59,24 +65,66 @@ _LENGTH = struct.Struct("!I")
 MAX_FRAME = 256 * 1024 * 1024
 
 
-def encode_batch(items: list[tuple[str, str, bytes]]) -> bytes:
-    """A request (without its length prefix) for C{(tmp, new, data)} items."""
-    parts = []
+COMMIT = b"C"
+UNLINK = b"U"
+_PATH = struct.Struct("!H")
+
+
+def encode_batch_parts(items: list[tuple[str, str, bytes]]) -> list[bytes]:
+    """
+    A commit request (without its length prefix) for C{(tmp, new, data)}
+    items, in parts to write one after the other: the messages' bytes are
+    not copied into one string.
+    """
+    parts = [COMMIT]
     for tmp, new, data in items:
         t = os.fsencode(tmp)
         n = os.fsencode(new)
-        parts.append(_ITEM.pack(len(t), len(n), len(data)))
-        parts.append(t)
-        parts.append(n)
+        parts.append(_ITEM.pack(len(t), len(n), len(data)) + t + n)
         parts.append(data)
+    return parts
+
+
+def encode_batch(items: list[tuple[str, str, bytes]]) -> bytes:
+    """L{encode_batch_parts} joined."""
+    return b"".join(encode_batch_parts(items))
+
+
+def encode_unlinks(paths: list[str]) -> bytes:
+    """An unlink request (without its length prefix)."""
+    parts = [UNLINK]
+    for path in paths:
+        p = os.fsencode(path)
+        parts.append(_PATH.pack(len(p)))
+        parts.append(p)
     return b"".join(parts)
 
 
-def decode_batch(payload: bytes) -> list[tuple[bytes, bytes, memoryview]]:
-    """The items of a request; L{ValueError} if it is malformed."""
+def decode_unlinks(payload: bytes | bytearray) -> list[bytes]:
+    """The paths of an unlink request; L{ValueError} if it is malformed."""
+    if payload[:1] != UNLINK:
+        raise ValueError("not an unlink request")
+    paths = []
+    at = 1
+    while at < len(payload):
+        if at + _PATH.size > len(payload):
+            raise ValueError("truncated path")
+        (length,) = _PATH.unpack_from(payload, at)
+        at += _PATH.size
+        if at + length > len(payload):
+            raise ValueError("truncated path")
+        paths.append(bytes(payload[at:at + length]))
+        at += length
+    return paths
+
+
+def decode_batch(payload: bytes | bytearray) -> list[tuple[bytes, bytes, memoryview]]:
+    """The items of a commit request; L{ValueError} if it is malformed."""
     view = memoryview(payload)
+    if view[:1] != COMMIT:
+        raise ValueError("not a commit request")
     items = []
-    at = 0
+    at = 1
     while at < len(view):
         if at + _ITEM.size > len(view):
             raise ValueError("truncated item")
@@ -179,16 +227,32 @@ def commit(items: list[tuple[bytes, bytes, memoryview]]) -> list[OSError | None]
     return results
 
 
-def _read_exact(fd: int, n: int) -> bytes | None:
-    """C{n} bytes from C{fd}, or L{None} at the end of input."""
-    chunks = []
-    while n:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
+def unlink(paths: "list[bytes] | list[str]") -> list[OSError | None]:
+    """Carry out an unlink request: each path gone (already gone is fine)."""
+    results: list[OSError | None] = []
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            results.append(None)
+        except OSError as e:
+            results.append(e)
+        else:
+            results.append(None)
+    return results
+
+
+def _read_exact(fd: int, n: int) -> bytearray | None:
+    """C{n} bytes from C{fd} (read into one buffer), or L{None} at the end of input."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    at = 0
+    while at < n:
+        got = os.readv(fd, [view[at:]])
+        if not got:
             return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+        at += got
+    return buf
 
 
 def _die_with_parent() -> None:
@@ -227,11 +291,14 @@ def serve(rfd: int, wfd: int, parent: int | None = None) -> int:
         if payload is None:
             return 0
         try:
-            items = decode_batch(payload)
+            if payload[:1] == UNLINK:
+                results = unlink(decode_unlinks(payload))
+            else:
+                results = commit(decode_batch(payload))
         except ValueError as e:
             print(f"relaynet committer: broken request: {e}", file=sys.stderr)
             return 2
-        reply = encode_results(commit(items))
+        reply = encode_results(results)
         out = memoryview(_LENGTH.pack(len(reply)) + reply)
         while out:
             out = out[os.write(wfd, out):]
