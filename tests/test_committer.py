@@ -290,3 +290,38 @@ def test_a_batch_for_the_process_takes_up_to_its_bytes() -> None:
     assert [sizes for sizes, _ in jobs] == [[6], [6, 3], [20], [1]]
     jobs[-1][1].callback([None])
     assert all(d.called for d in done)
+
+
+class CommitProcessStopTests(TestCase):
+    """Stopping a commit process that does not end (its disk hangs)."""
+
+    @inlineCallbacks
+    def test_stop_kills_a_process_that_does_not_end(self) -> Any:
+        """
+        A process that ignores the end of its input (here: stopped with
+        SIGSTOP) is killed after STOP_TIMEOUT, and stop() fires.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+
+        class ClockedReactor:
+            """The real reactor's processes, a fake clock's timers."""
+
+            def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+                return reactor.spawnProcess(*args, **kwargs)
+
+            def callLater(self, *args: Any, **kwargs: Any) -> Any:
+                return clock.callLater(*args, **kwargs)
+
+        committer_process = CommitProcess(ClockedReactor(), lambda f: Deferred())
+        committer_process.start()
+        assert committer_process.transport is not None
+        pid = committer_process.transport.pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped = committer_process.stop()
+        self.assertFalse(stopped.called)
+        clock.advance(CommitProcess.STOP_TIMEOUT)
+        yield stopped
+        self.assertFalse(committer_process.alive)
+

@@ -47,6 +47,7 @@ from typing import Any, BinaryIO, Callable, Iterator, cast
 
 from attrs import Converter, define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThreadPool
@@ -995,16 +996,39 @@ class CommitProcess(ProcessProtocol):
         error = SpoolError("the commit process ended")
         self._in_thread(work).addBoth(lambda _: d.callback([error] * len(batch)))
 
+    STOP_TIMEOUT = 30.0
+    """Seconds L{stop} waits for the process to end before it kills it (a disk that hangs)."""
+
     def stop(self) -> Deferred[None]:
-        """End the process (its input closed, after the batches out): fires when it has."""
+        """
+        End the process (its input closed, after the batches out; killed if
+        it has not ended after L{STOP_TIMEOUT}): fires when it has.
+        """
         ended = self._ended
         if ended is None or not self.alive:
             return succeed(None)
         self._closing = True
         assert self.transport is not None
         self.transport.closeStdin()
+        transport = self.transport
+
+        def kill() -> None:
+            self.log.error("The commit process did not end within {seconds:.0f} s; killing it",
+                           seconds=self.STOP_TIMEOUT)
+            try:
+                transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+
+        timer = self._reactor.callLater(self.STOP_TIMEOUT, kill)
         d: Deferred[None] = Deferred()
-        ended.addBoth(lambda _: d.callback(None))
+
+        def done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            d.callback(None)
+
+        ended.addBoth(done)
         return d
 
 
