@@ -215,6 +215,24 @@ class CommitProcessTests(TestCase):
         self.assertTrue(self.committer.flushes <= 5)
 
     @inlineCallbacks
+    def test_batches_larger_than_the_pipe(self) -> Any:
+        """
+        Batches of several messages just under the process's limit (more
+        than a pipe holds: written partly at once, the rest by the
+        transport) arrive whole: every queue file holds its message byte
+        for byte.
+        """
+        line = b"y" * 78 + b"\r\n"
+        bodies = [b"Subject: %d\r\n\r\n" % i + line * (60 * 1024 // len(line)) for i in range(12)]
+        results = yield DeferredList([self.commit(body) for body in bodies], fireOnOneErrback=True)
+        for body, (_, entry) in zip(bodies, results):
+            with entry.open_message() as f:
+                self.assertTrue(f.read().endswith(body))
+        # They went through the process (three or four to a batch), not the threads.
+        self.assertEqual(self.committer.synced, 12)
+        self.assertTrue(self.committer.flushes < 12)
+
+    @inlineCallbacks
     def test_a_batch_the_process_leaves_unanswered_fails_and_leaves_nothing(self) -> Any:
         """
         The process is killed with a batch out: the commit fails with

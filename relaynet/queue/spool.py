@@ -49,6 +49,7 @@ from attrs import Converter, define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.process import ProcessWriter
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -931,8 +932,45 @@ class CommitProcess(ProcessProtocol):
             return fail(SpoolError("the commit process is not running"))
         d: Deferred[Any] = Deferred()
         self._waiting.append((what, count, d))
-        self.transport.writeSequence([struct.pack("!I", sum(map(len, payload)))] + payload)
+        self._send([struct.pack("!I", sum(map(len, payload)))] + payload)
         return d
+
+    def _send(self, parts: list[bytes]) -> None:
+        """
+        Write C{parts} to the process's input: at once when nothing is
+        queued before them (one C{writev}), the rest through the transport.
+
+        Twisted's process writer queues every write for the next reactor
+        turn and arms and disarms the pipe in epoll around it (three
+        C{epoll_ctl}s a request, and a turn of delay before the commit
+        process even starts: measurable in a message's time to its 250).
+        Reads the writer's buffers as L{relaynet.smtp.netio.send_now} reads
+        a TCP transport's; anything unusual goes through the transport.
+        """
+        assert self.transport is not None
+        writer = getattr(self.transport, "pipes", {}).get(0)
+        if (
+            type(writer) is ProcessWriter
+            and writer.connected
+            and not writer.disconnecting
+            and not writer._tempDataBuffer
+            and writer.offset == len(writer.dataBuffer)
+        ):
+            if len(parts) > 256:
+                parts = [b"".join(parts)]
+            try:
+                sent = os.writev(writer.fd, parts)
+            except OSError:
+                # EAGAIN, or an error the writer will find and report itself.
+                sent = 0
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                parts = parts[1:]
+            if not parts:
+                return
+            if sent:
+                parts = [parts[0][sent:]] + parts[1:]
+        self.transport.writeSequence(parts)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         from relaynet.queue.committer import decode_results
