@@ -456,6 +456,7 @@ class RelayNode(MultiService):
             self._previous_hup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
+
     def _start_committer(self) -> None:
         """Start the commit process; if it cannot start, the commit threads do its work."""
         committer = CommitProcess(self.reactor, lambda f: deferToThreadPool(self.reactor, self.pool, f))

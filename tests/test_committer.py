@@ -250,6 +250,23 @@ class CommitProcessTests(TestCase):
         self.assertEqual(self.ls("new"), [entry.queue_id])
 
     @inlineCallbacks
+    def test_commits_waiting_when_the_process_dies_go_to_the_threads(self) -> Any:
+        """
+        The process is killed with one batch out and more commits waiting
+        behind it: the batch out fails (451 for its client), the waiting
+        ones are committed by the threads.
+        """
+        assert self.committer.transport is not None
+        pid = self.committer.transport.pid
+        out = self.commit(b"Subject: out\r\n\r\nx\r\n")
+        waiting = [self.commit(b"Subject: w%d\r\n\r\nx\r\n" % i) for i in range(2)]
+        os.kill(pid, signal.SIGKILL)
+        yield self.assertFailure(out, SpoolError)
+        entries = yield DeferredList(waiting, fireOnOneErrback=True)
+        self.assertEqual(self.ls("new"), sorted(entry.queue_id for _, entry in entries))
+        self.assertEqual(self.committer.synced, 0)
+
+    @inlineCallbacks
     def test_removals_go_through_the_process(self) -> Any:
         """Retired messages' files are unlinked by the process, with their state files."""
         entries = yield DeferredList([self.commit(b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(3)],

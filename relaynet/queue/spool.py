@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, cast
+from typing import Any, BinaryIO, Callable, Iterator
 
 from attrs import Converter, define, evolve, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
@@ -860,11 +860,6 @@ def thread_job(
     return work
 
 
-def _is_paths(what: Any) -> bool:
-    """Whether a request of the commit process was an unlink (a list of paths)."""
-    return bool(what) and isinstance(what[0], str)
-
-
 def unlink_paths(paths: list[str]) -> list[OSError | None]:
     """Unlink C{paths} (blocking); a result per path, L{None} once it is gone."""
     return committer_module.unlink(paths)
@@ -893,7 +888,8 @@ class CommitProcess(ProcessProtocol):
     def __init__(self, reactor: Any, run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]]) -> None:
         self._reactor = reactor
         self._in_thread = run_in_thread
-        self._waiting: deque[tuple[list[PendingCommit] | list[str], int, Deferred[Any]]] = deque()
+        # Requests sent and not answered yet, in order: (unlink?, what, count, Deferred).
+        self._waiting: deque[tuple[bool, Any, int, Deferred[Any]]] = deque()
         self._buffer = b""
         self._ended: Deferred[None] | None = None
         self._closing = False
@@ -904,34 +900,28 @@ class CommitProcess(ProcessProtocol):
 
     def start(self) -> None:
         """Start the process (C{python -I -S committer.py PARENT})."""
-        from relaynet.queue import committer
-
-        argv = [sys.executable, "-I", "-S", committer.__file__, str(os.getpid())]
+        argv = [sys.executable, "-I", "-S", committer_module.__file__, str(os.getpid())]
         self._ended = Deferred()
         self._reactor.spawnProcess(self, sys.executable, argv, env={}, childFDs={0: "w", 1: "r", 2: 2})
         self.alive = True
 
     def run(self, batch: list[PendingCommit]) -> Deferred[list[BaseException | None]]:
         """Send C{batch}; the Deferred fires with its results."""
-        from relaynet.queue.committer import encode_batch_parts
-
         items = []
         for c in batch:
             assert c.data is not None
             items.append((c.tmp, c.new, c.data))
-        return self._request(encode_batch_parts(items), len(batch), batch)
+        return self._request(committer_module.encode_batch_parts(items), len(batch), batch, False)
 
     def unlink(self, paths: list[str]) -> Deferred[list[OSError | None]]:
         """Unlink C{paths} (gone already is fine); the Deferred fires with a result per path."""
-        from relaynet.queue.committer import encode_unlinks
+        return self._request([committer_module.encode_unlinks(paths)], len(paths), paths, True)
 
-        return self._request([encode_unlinks(paths)], len(paths), paths)
-
-    def _request(self, payload: list[bytes], count: int, what: Any) -> Deferred[Any]:
+    def _request(self, payload: list[bytes], count: int, what: Any, unlinks: bool) -> Deferred[Any]:
         if not self.alive or self.transport is None:
             return fail(SpoolError("the commit process is not running"))
         d: Deferred[Any] = Deferred()
-        self._waiting.append((what, count, d))
+        self._waiting.append((unlinks, what, count, d))
         self._send([struct.pack("!I", sum(map(len, payload)))] + payload)
         return d
 
@@ -973,8 +963,6 @@ class CommitProcess(ProcessProtocol):
         self.transport.writeSequence(parts)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        from relaynet.queue.committer import decode_results
-
         self._buffer += data
         while len(self._buffer) >= 4:
             (length,) = struct.unpack_from("!I", self._buffer)
@@ -984,15 +972,15 @@ class CommitProcess(ProcessProtocol):
             if not self._waiting:
                 self.log.error("The commit process answered a batch never sent")
                 continue
-            what, count, d = self._waiting.popleft()
+            unlinks, what, count, d = self._waiting.popleft()
             try:
-                results: list[BaseException | None] = list(decode_results(payload))
+                results: list[BaseException | None] = list(committer_module.decode_results(payload))
             except ValueError as e:
                 results = [SpoolError(f"broken reply from the commit process: {e}")] * count
             if len(results) != count:
                 results = [SpoolError("the commit process answered for another request")] * count
             ok = sum(1 for r in results if r is None)
-            if ok and not _is_paths(what):
+            if ok and not unlinks:
                 self.flushes += 1
                 self.synced += ok
                 for observer in self.observers:
@@ -1007,12 +995,12 @@ class CommitProcess(ProcessProtocol):
                 reason=reason.getErrorMessage(),
             )
         waiting, self._waiting = self._waiting, deque()
-        for what, _, d in waiting:
-            if _is_paths(what):
+        for unlinks, what, _, d in waiting:
+            if unlinks:
                 # Unlinks are safe to do again: in a thread.
-                self._unlink_in_thread(cast("list[str]", what)).chainDeferred(d)
+                self._unlink_in_thread(what).chainDeferred(d)
             else:
-                self._abandon(cast("list[PendingCommit]", what), d)
+                self._abandon(what, d)
         ended, self._ended = self._ended, None
         if ended is not None:
             ended.callback(None)
@@ -1408,7 +1396,14 @@ class Spool:
         """
         self._committer = committer
         committer.observers.extend(self._new_sync.observers)
-        self._process_commits = CommitBatch(committer.run, jobs=1, max_bytes=self.PROCESS_BATCH_BYTES)
+
+        def run(batch: list[PendingCommit]) -> Deferred[list[BaseException | None]]:
+            # Commits that were waiting when the process ended go to the threads.
+            if committer.alive:
+                return committer.run(batch)
+            return self._in_commit_thread(thread_job(batch, self._new_sync))
+
+        self._process_commits = CommitBatch(run, jobs=1, max_bytes=self.PROCESS_BATCH_BYTES)
 
     def _unlink_paths(self, paths: list[str]) -> Deferred[list[OSError | None]]:
         if self._committer is not None and self._committer.alive:
