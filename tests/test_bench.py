@@ -531,7 +531,7 @@ def _needs_smtp_tools() -> None:
 def test_backlog_tiny_with_workers(tmp_path: Path) -> None:
     """
     C{bench backlog} on a tiny backlog with two workers: it counts the
-    supervisor and both workers, polls the supervisor's admin socket for the
+    supervisor, both workers and their commit processes, polls the supervisor's admin socket for the
     whole backlog (every shard) after the restart, and sees it drain.
     """
     _needs_smtp_tools()
@@ -544,7 +544,7 @@ def test_backlog_tiny_with_workers(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "first 220 after" in proc.stdout and "issue 15 targets" in proc.stdout
     r = json.loads(out_json.read_text())
-    assert r["workers"] == 2 and r["processes"] == 3
+    assert r["workers"] == 2 and r["processes"] == 5
     assert len(r["restart"]["status"]["workers"]) == 2
     assert r["admin_full"]["listed"] == 200
     assert r["drain"]["sink_received"] >= 200 and r["drain"]["files_left"] == 0
@@ -557,7 +557,8 @@ def test_bench_hopdown_with_workers(tmp_path: Path) -> None:
     A tiny C{--scenarios hopdown} run with C{--workers 2}: four runs (each
     system, next hop up and down), the three hopdown rows in the table and
     the JSON, the next hop's state in every run, and the relaynet nodes
-    counted with their workers (three processes each).
+    counted with their workers and the workers' commit processes (five
+    processes each).
     """
     _needs_smtp_tools()
     out_json = tmp_path / "bench.json"
@@ -582,7 +583,7 @@ def test_bench_hopdown_with_workers(tmp_path: Path) -> None:
     assert result["parameters"]["workers"] == 2
     for key in ("relaynet-1hop-hopup", "relaynet-1hop-hopdown"):
         assert result["systems"][key]["workers"] == 2
-        assert set(result["systems"][key]["processes_per_node"].values()) == {3}
+        assert set(result["systems"][key]["processes_per_node"].values()) == {5}
         assert 'workers = 2' in result["systems"][key]["configs"]["rn1"]
     assert result["environment"]["usable_cpus"] == usable_cpus()
 
