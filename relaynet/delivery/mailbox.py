@@ -37,6 +37,7 @@ from attrs import frozen
 
 from relaynet.config import LocalDelivery
 from relaynet.delivery.routing import resolve_local
+from relaynet.queue.committer import write_all
 from relaynet.queue.spool import QueueEntry, fsync_dir, makedirs_durable
 
 _counter = itertools.count()
@@ -166,12 +167,6 @@ def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield held
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _read_chunks(path: str | Path, offset: int, size: int) -> Iterator[bytes]:
     with open(path, "rb") as src:
         src.seek(offset)
@@ -216,10 +211,10 @@ def write_maildir_copy(
     lines = prefix.count(b"\n")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        _write_all(fd, prefix)
+        write_all(fd, prefix)
         size += len(prefix)
         for piece in crlf_to_lf(_read_chunks(entry.path, entry.body_offset, entry.envelope.size)):
-            _write_all(fd, piece)
+            write_all(fd, piece)
             size += len(piece)
             lines += piece.count(b"\n")
         os.fsync(fd)

@@ -169,9 +169,11 @@ def decode_results(payload: bytes) -> list[OSError | None]:
     return results
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """C{os.write} until every byte of C{data} is written (the spool and the mailbox writer use it too)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def commit(items: list[tuple[bytes, bytes, memoryview]]) -> list[OSError | None]:
@@ -186,7 +188,7 @@ def commit(items: list[tuple[bytes, bytes, memoryview]]) -> list[OSError | None]
             continue
         try:
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

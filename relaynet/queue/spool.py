@@ -56,6 +56,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from relaynet.queue import committer as committer_module
+from relaynet.queue.committer import write_all
 from relaynet.queue.states import FINAL_STATUSES as FINAL_STATUSES, RecipientStatus
 
 FORMAT_VERSION = 1
@@ -633,13 +634,6 @@ class GroupSync:
             raise error
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """C{os.write} until every byte of C{data} is written."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def append_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
     """
     Append C{data} to the file C{path} and fsync it (and its directory when
@@ -648,7 +642,7 @@ def append_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
     new = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -669,7 +663,7 @@ def write_file_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -860,11 +854,6 @@ def thread_job(
     return work
 
 
-def unlink_paths(paths: list[str]) -> list[OSError | None]:
-    """Unlink C{paths} (blocking); a result per path, L{None} once it is gone."""
-    return committer_module.unlink(paths)
-
-
 class CommitProcess(ProcessProtocol):
     """
     The node's end of its commit process (L{relaynet.queue.committer}): a
@@ -1006,7 +995,7 @@ class CommitProcess(ProcessProtocol):
             ended.callback(None)
 
     def _unlink_in_thread(self, paths: list[str]) -> Deferred[Any]:
-        return self._in_thread(lambda: unlink_paths(paths))
+        return self._in_thread(lambda: committer_module.unlink(paths))
 
     def _abandon(self, batch: list[PendingCommit], d: Deferred[list[BaseException | None]]) -> None:
         """Fail the batch that got no answer, once none of its files is left."""
@@ -1124,7 +1113,7 @@ class SpoolWriter:
             try:
                 self._open()
                 assert self._fd is not None
-                _write_all(self._fd, data)
+                write_all(self._fd, data)
             except BaseException:
                 self._discard()
                 raise
@@ -1221,7 +1210,7 @@ class SpoolWriter:
                 self._open()
                 fd = self._fd
                 assert fd is not None
-                _write_all(fd, data)
+                write_all(fd, data)
                 if rewrite_header:
                     os.pwrite(fd, header, 0)
                     for at, stamp in stamps:
@@ -1408,7 +1397,7 @@ class Spool:
     def _unlink_paths(self, paths: list[str]) -> Deferred[list[OSError | None]]:
         if self._committer is not None and self._committer.alive:
             return self._committer.unlink(paths)
-        return self._in_thread(lambda: unlink_paths(paths))
+        return self._in_thread(lambda: committer_module.unlink(paths))
 
     def _commit(self, commit: PendingCommit) -> Deferred[None]:
         if (
@@ -1543,7 +1532,7 @@ class Spool:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
-                    _write_all(fd, data)
+                    write_all(fd, data)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
