@@ -118,6 +118,131 @@ def test_unlink_requests(tmp_path: Path) -> None:
         committer.decode_batch(committer.encode_unlinks(paths))
 
 
+def _queue(tmp_path: Path) -> tuple[Path, Path, committer.Recycler]:
+    tmp, new = _dirs(tmp_path)
+    return tmp, new, committer.Recycler(limit=2, max_bytes=100)
+
+
+def test_a_delivered_queue_file_is_written_over_by_the_next_commit(tmp_path: Path) -> None:
+    """
+    An unlinked queue file is kept in tmp/ and the next commit writes over
+    it: the same inode, only the new message's bytes (a shorter message
+    truncates it), mode 0600, nothing left in tmp/.
+    """
+    tmp, new, recycler = _queue(tmp_path)
+    long = [(os.fsencode(tmp / "A"), os.fsencode(new / "A"), memoryview(b"a" * 80))]
+    assert committer.commit(long, recycler) == [None]
+    inode = (new / "A").stat().st_ino
+    assert recycler.unlink([os.fsencode(new / "A")]) == [None]
+    assert os.listdir(new) == [] and len(os.listdir(tmp)) == 1 and recycler.kept == 1
+    assert committer.commit(_items(tmp, new, "B"), recycler) == [None]
+    assert os.listdir(new) == ["B"] and os.listdir(tmp) == [] and recycler.kept == 0
+    assert (new / "B").read_bytes() == b"message B\r\n"
+    assert (new / "B").stat().st_ino == inode
+    assert stat.S_IMODE((new / "B").stat().st_mode) == 0o600
+
+
+def test_what_is_not_kept(tmp_path: Path) -> None:
+    """
+    Only small queue files in new/ are kept, up to the limit; the rest
+    (a large file, a state file, one past the limit) are unlinked as
+    before, and a path already gone is fine.
+    """
+    tmp, new, recycler = _queue(tmp_path)
+    (tmp_path / "state").mkdir()
+    (new / "big").write_bytes(b"x" * 101)
+    (tmp_path / "state" / "S").write_bytes(b"{}")
+    for name in "CDE":
+        (new / name).write_bytes(b"x")
+    paths = [os.fsencode(p) for p in (new / "big", tmp_path / "state" / "S", new / "C", new / "D", new / "E", new / "gone")]
+    assert recycler.unlink(paths) == [None] * 6
+    assert os.listdir(new) == [] and os.listdir(tmp_path / "state") == []
+    assert len(os.listdir(tmp)) == 2 and recycler.kept == 2
+    recycler.purge()
+    assert os.listdir(tmp) == [] and recycler.kept == 0
+
+
+def test_a_full_disk_gives_the_kept_files_back_and_tries_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp, new, recycler = _queue(tmp_path)
+    for name in "CD":
+        (new / name).write_bytes(b"x")
+        recycler.unlink([os.fsencode(new / name)])
+    real = committer.write_all
+    failures = []
+
+    def write_all(fd: int, data: Any) -> None:
+        if not failures:
+            failures.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(committer, "write_all", write_all)
+    assert committer.commit(_items(tmp, new, "A"), recycler) == [None]
+    assert failures and recycler.kept == 0
+    assert os.listdir(new) == ["A"] and os.listdir(tmp) == []
+    # Without kept files, a full disk is the message's error.
+    failures.clear()
+    results = committer.commit(_items(tmp, new, "B"), recycler)
+    assert getattr(results[0], "errno", None) == errno.ENOSPC
+    assert os.listdir(new) == ["A"] and os.listdir(tmp) == []
+
+
+def _serving(idle: float) -> tuple[Any, Any, Any]:
+    """serve() in a thread: (ask(payload) -> results, end() -> exit status, wait_for(predicate))."""
+    requests_r, requests_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    status: list[int] = []
+    t = threading.Thread(target=lambda: status.append(committer.serve(requests_r, replies_w, idle=idle)))
+    t.start()
+
+    def ask(payload: bytes) -> list[OSError | None]:
+        os.write(requests_w, _frame(payload))
+        return committer.decode_results(_read_frame(replies_r))
+
+    def end() -> int:
+        os.close(requests_w)
+        t.join(timeout=30)
+        for fd in (requests_r, replies_r, replies_w):
+            os.close(fd)
+        assert not t.is_alive()
+        return status[0]
+
+    def wait_for(predicate: Any) -> None:
+        deadline = threading.Event()
+        for _ in range(1500):
+            if predicate():
+                return
+            deadline.wait(0.02)
+        raise AssertionError("not within 30 s")
+
+    return ask, end, wait_for
+
+
+def test_serve_keeps_delivered_files_and_unlinks_them_at_the_end(tmp_path: Path) -> None:
+    tmp, new = _dirs(tmp_path)
+    ask, end, _ = _serving(idle=600)
+    assert ask(committer.encode_batch([(str(tmp / "A"), str(new / "A"), b"x")])) == [None]
+    assert ask(committer.encode_unlinks([str(new / "A")])) == [None]
+    assert len(os.listdir(tmp)) == 1 and os.listdir(new) == []
+    assert ask(committer.encode_batch([(str(tmp / "B"), str(new / "B"), b"y")])) == [None]
+    assert ask(committer.encode_unlinks([str(new / "B")])) == [None]
+    assert len(os.listdir(tmp)) == 1
+    assert end() == 0
+    assert os.listdir(tmp) == [] and os.listdir(new) == []
+
+
+def test_serve_unlinks_kept_files_when_idle(tmp_path: Path) -> None:
+    tmp, new = _dirs(tmp_path)
+    ask, end, wait_for = _serving(idle=0.2)
+    assert ask(committer.encode_batch([(str(tmp / "A"), str(new / "A"), b"x")])) == [None]
+    assert ask(committer.encode_unlinks([str(new / "A")])) == [None]
+    # No request for 0.2 s: the kept file goes, the process still serving.
+    wait_for(lambda: os.listdir(tmp) == [])
+    assert ask(committer.encode_batch([(str(tmp / "C"), str(new / "C"), b"x")])) == [None]
+    assert end() == 0
+    assert os.listdir(new) == ["C"]
+
+
 def _frame(payload: bytes) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
@@ -281,6 +406,35 @@ class CommitProcessTests(TestCase):
         self.assertEqual(self.ls("state"), [])
         # The process did it: its count of system calls moved.
         self.assertNotEqual(Path(f"/proc/{pid}/io").read_text(), before)
+
+    @inlineCallbacks
+    def test_the_process_commits_over_delivered_files(self) -> Any:
+        """
+        A delivered message's queue file is kept by the process and the next
+        commit is written over it: same inode, the new message's bytes only.
+        """
+        first = yield self.commit(b"Subject: first\r\n\r\n" + b"x" * 500 + b"\r\n")
+        inode = os.stat(first.path).st_ino
+        yield self.spool.remove(first)
+        self.assertEqual(self.ls("new"), [])
+        self.assertEqual(len(self.ls("tmp")), 1)
+        second = yield self.commit(b"Subject: second\r\n\r\nshort\r\n")
+        self.assertEqual(os.stat(second.path).st_ino, inode)
+        self.assertEqual(self.ls("tmp"), [])
+        reader = second.open_message()
+        try:
+            self.assertEqual(reader.read(), b"Subject: second\r\n\r\nshort\r\n")
+        finally:
+            reader.close()
+        # Read back from the file itself, not from the entry's memory.
+        recovered = [e for e in self.spool.recover() if e.queue_id == second.queue_id]
+        self.assertEqual(len(recovered), 1)
+        reader = recovered[0].open_message()
+        try:
+            self.assertEqual(reader.read(), b"Subject: second\r\n\r\nshort\r\n")
+        finally:
+            reader.close()
+        self.assertEqual(os.path.getsize(second.path), recovered[0].body_offset + second.envelope.size)
 
     @inlineCallbacks
     def test_removals_left_unanswered_are_done_in_a_thread(self) -> Any:
