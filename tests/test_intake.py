@@ -575,6 +575,25 @@ def test_bdat_pipelined_in_one_write(relay: RelayHarness) -> None:
     assert h.stored() == [(("b@localhost",), b"abc")]
 
 
+def test_replies_before_a_pipelined_bdat_last_go_with_its_reply(relay: RelayHarness) -> None:
+    """
+    MAIL, RCPT and BDAT LAST in one write: the replies to MAIL and RCPT are
+    held until the message is durable and go with its 250, in one write
+    (RFC 2920 3.1 lets a server send the replies of a group as a unit).
+    """
+    h = relay
+    h.chat(b"EHLO client.test\r\n")
+    writes: list[bytes] = []
+    real_write = h.transport.write
+    h.transport.write = lambda data: (writes.append(data), real_write(data))[1]  # type: ignore[method-assign]
+    assert h.send(b"MAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nBDAT 3 LAST\r\nabc") == []
+    assert codes(h.settle()) == [250, 250, 250]
+    assert len(writes) == 1, writes
+    assert h.stored() == [(("b@localhost",), b"abc")]
+    # DATA's 354 is never held (RFC 2920 3.1), nor the replies before it.
+    assert codes(h.chat(b"MAIL FROM:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n")) == [250, 250, 354]
+
+
 @pytest.mark.parametrize(("setup", "expected"), [
     (b"", (503, "5.5.1")),                                   # no MAIL
     (b"MAIL FROM:<a@localhost>\r\n", (554, "5.5.1")),        # no recipient

@@ -1790,6 +1790,8 @@ def test_bdat_after_pipelined_mail_and_rcpt(tmp_path: Path) -> None:
         b"MAIL FROM:<sender@example.org> SIZE=%d\r\nRCPT TO:<a@example.net>\r\nRCPT TO:<b@example.net>\r\n"
         % len(DOTTY) + b"BDAT %d LAST\r\n" % len(DOTTY) + DOTTY
     )
+    # In one write: apart, the commands woke the peer before the chunk was written.
+    assert len(wire.writes) == 1, wire.writes
     assert wire.reply(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n") == b""
     assert wire.reply(b"250 2.1.5 Ok\r\n") == b""
     assert not out.fired

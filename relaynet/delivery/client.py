@@ -816,14 +816,19 @@ class RelayClient(smtp.ESMTPClient):
         self._pipelined = b"PIPELINING" in ext
         self.setTimeout(self.timeouts.mail_timeout)
         if self._pipelined:
-            send_now(self.transport, b"".join(line + b"\r\n" for line in lines))
+            commands = b"".join(line + b"\r\n" for line in lines)
             size = env.size if payload is None else len(payload)
             if plan.chunking and size <= self.BDAT_CHUNK:
                 # A message of one chunk goes in the same round trip as MAIL
                 # and RCPT (RFC 3030 4.2: BDAT may be pipelined; the server
                 # reads the chunk whatever its replies to MAIL and RCPT):
-                # one round trip per message, not two.
-                self._send_chunk(job)
+                # one round trip per message, not two. And in the same
+                # write: sent apart, the commands woke the next hop, which
+                # took this CPU to read them before the chunk was even
+                # written (0.3 ms per hop at light load).
+                self._send_chunk(job, commands)
+            else:
+                send_now(self.transport, commands)
         else:
             self._unsent = deque(lines[1:])
             self.sendLine(lines[0])
@@ -947,10 +952,12 @@ class RelayClient(smtp.ESMTPClient):
 
     # -- the body: BDAT (RFC 3030) -----------------------------------------
 
-    def _send_chunk(self, job: Job) -> None:
+    def _send_chunk(self, job: Job, commands: bytes = b"") -> None:
         """
         Send the next C{BDAT} chunk of up to L{BDAT_CHUNK} octets (the last
-        one C{BDAT n LAST}) and wait for its reply: one chunk in flight.
+        one C{BDAT n LAST}), after C{commands} (the transaction's pipelined
+        MAIL and RCPT, for its first chunk), and wait for its reply: one
+        chunk in flight.
         Its writing is timed by C{data_block_timeout} (reset as it
         progresses), the wait for a reply by C{data_block_timeout}, the
         reply to the last chunk by C{data_done_timeout}.
@@ -968,7 +975,7 @@ class RelayClient(smtp.ESMTPClient):
         self._pending.append(("LAST" if last else "BDAT", None))
         self._chunk_writing = True
         self.setTimeout(self.timeouts.data_block_timeout)
-        header = b"BDAT %d%s\r\n" % (size, b" LAST" if last else b"")
+        header = commands + b"BDAT %d%s\r\n" % (size, b" LAST" if last else b"")
 
         def sent(_: object) -> None:
             self._chunk_writing = False

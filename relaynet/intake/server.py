@@ -210,6 +210,8 @@ class RelayESMTP(smtp.ESMTP):
         self.callLater = intake.reactor.callLater  # type: ignore[method-assign, assignment]
         self._inbuf = b""
         self._waiting = False
+        # Replies held back until the transaction's own (see _process).
+        self._hold_replies = False
         self._processing = False
         self._out: list[bytes] = []
         self._closing = False
@@ -503,7 +505,8 @@ class RelayESMTP(smtp.ESMTP):
                     self.shutdown()
         finally:
             self._processing = False
-        self._send_replies()
+        if not self._hold_replies:
+            self._send_replies()
         self._flow()
 
     def _command(self, line: bytes) -> None:
@@ -553,16 +556,25 @@ class RelayESMTP(smtp.ESMTP):
         self._inbuf = b""
         self._close()
 
-    def _wait_for(self, d: Deferred[Any]) -> None:
+    def _wait_for(self, d: Deferred[Any], hold_replies: bool = False) -> None:
         """
         Hold further input until C{d} fires (its callbacks send the reply). The
         idle timer is off meanwhile: the wait is ours, not the client's.
+
+        @param hold_replies: the replies to the commands before it in this
+            input (a pipelined MAIL and RCPT before C{BDAT LAST}) go with
+            C{d}'s reply, in one write (RFC 2920 3.1: a server may buffer
+            the replies to MAIL and RCPT and send them as a unit). Sent
+            apart, they cost both ends a write, a wake-up and a read for
+            replies the client cannot act on before the last one.
         """
         self._waiting = True
+        self._hold_replies = hold_replies
         self.setTimeout(None)
 
         def resume(result: object) -> None:
             self._waiting = False
+            self._hold_replies = False
             if not self._closing:
                 self.setTimeout(self.limits.idle_timeout)
             if isinstance(result, Failure):
@@ -1191,7 +1203,10 @@ class RelayESMTP(smtp.ESMTP):
             if self._retransmission(txn, writer, digest, scanner.message_id):
                 return
         content = ("8" if scanner.eight_bit_headers else "7") + ("8" if scanner.eight_bit else "7")
-        self._wait_for(self._commit(writer, hops, scanner.message_id, digest, content, chunked=stage == "BDAT"))
+        self._wait_for(
+            self._commit(writer, hops, scanner.message_id, digest, content, chunked=stage == "BDAT"),
+            hold_replies=stage == "BDAT",
+        )
 
     def _disk_drained(self) -> None:
         self._disk_blocked = False
