@@ -1307,17 +1307,20 @@ class Spool:
     PROCESS_BATCH_BYTES = 256 * 1024
     """Message bytes a batch of the commit process takes at most (or one message)."""
 
-    PROCESS_MAX_BYTES = 256 * 1024
+    PROCESS_MAX_BYTES = 64 * 1024
     """
     The largest message (queue file bytes) the commit process writes; larger
-    ones (streamed to C{tmp/} while they arrive) are committed by the
-    commit threads. It was 64 KiB while every commit created a file: 100 KB
-    messages from 100 sessions then peaked at 117 MiB PSS through the
-    process against 104 MiB in threads, at the same rate. Since the process
-    writes over delivered files (L{relaynet.queue.committer.Recycler}), 100
-    KB messages through it are about 10% cheaper in CPU than in threads
-    (/tmp/ab/ab.sh, 5 pairs of 6 won, 20 sessions) and peak at 118 MiB
-    against 116 MiB (bench, 100 sessions, one round each).
+    ones are committed by the commit threads. For those the hand-offs of
+    the interpreter's lock are a small part of the work, and copying them
+    down a pipe costs more memory (both ends buffer a batch) than it saves
+    CPU: bench, 100 KB from 100 sessions, peak PSS 117 MiB through the
+    process against 104 MiB in threads, at the same rate. Tried again once
+    the process wrote over delivered files (256 KiB here and in
+    L{relaynet.queue.committer.RECYCLE_MAX_BYTES}): 100 KB from 20 sessions
+    took about 10% less CPU, but from 100 sessions the node peaked at 121-125
+    MiB PSS against 116-118 MiB (the bench's memory row went to 0.52x
+    Postfix), at no better rate; a larger pipe (C{F_SETPIPE_SZ}, 1 MiB) did
+    not change that.
     """
 
     FRESH_BUDGET = 2 * 1024 * 1024
