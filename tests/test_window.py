@@ -283,3 +283,18 @@ def test_real_node_recognises_a_retransmission_across_kill_9(tmp_path: Path) -> 
         events = [json.loads(line) for line in node.events_path.read_text().splitlines()]
         dups = [e for e in events if e["event"] == "duplicate"]
         assert len(dups) == 2 and {e["queue_id"] for e in dups} == {first.group(1)}
+
+        # The journal, read with Python's json line by line: every transfer
+        # that left the queue, the one before the kill and the two after.
+        def journalled() -> list[str]:
+            origins = []
+            for f in sorted((node.queue / "window").glob("*.jsonl")):
+                for line in f.read_bytes().splitlines():
+                    try:
+                        origins.append(json.loads(line)["origin"])
+                    except ValueError:
+                        pass  # empty, or the torn end of a write cut by kill -9
+            return origins
+
+        wait_for(lambda: len(journalled()) >= 3, 20, "three transfers in the journal")
+        assert sorted(journalled()) == ["hop0/QID1", "hop0/QID1", "hop0/QID2"]
