@@ -258,23 +258,11 @@ def _read_frame(fd: int) -> bytes:
 
 def test_serve_answers_each_request_in_order_and_ends_with_its_input(tmp_path: Path) -> None:
     tmp, new = _dirs(tmp_path)
-    requests_r, requests_w = os.pipe()
-    replies_r, replies_w = os.pipe()
-    status: list[int] = []
-    t = threading.Thread(target=lambda: status.append(committer.serve(requests_r, replies_w)))
-    t.start()
-    try:
-        for name in ("A", "B", "C"):
-            os.write(requests_w, _frame(committer.encode_batch([(str(tmp / name), str(new / name), b"x")])))
-            assert committer.decode_results(_read_frame(replies_r)) == [None]
-        os.write(requests_w, _frame(committer.encode_unlinks([str(new / "C")])))
-        assert committer.decode_results(_read_frame(replies_r)) == [None]
-        os.close(requests_w)
-        t.join(timeout=30)
-        assert not t.is_alive() and status == [0]
-    finally:
-        for fd in (requests_r, replies_r, replies_w):
-            os.close(fd)
+    ask, end, _ = _serving(idle=committer.RECYCLE_IDLE)
+    for name in ("A", "B", "C"):
+        assert ask(committer.encode_batch([(str(tmp / name), str(new / name), b"x")])) == [None]
+    assert ask(committer.encode_unlinks([str(new / "C")])) == [None]
+    assert end() == 0
     assert sorted(os.listdir(new)) == ["A", "B"]
 
 

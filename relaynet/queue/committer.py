@@ -279,18 +279,13 @@ class Recycler:
 def _commit_one(tmp: bytes, new: bytes, data: memoryview, recycler: Recycler | None) -> OSError | None:
     """Make one message durable at C{new} (not yet its directory): C{None}, or the error."""
     kept = recycler.take(os.path.dirname(tmp)) if recycler is not None else None
-    path = tmp
-    fd = -1
+    path, old_size, fd = tmp, 0, -1
     if kept is not None:
         try:
             fd = os.open(kept[0], os.O_WRONLY | os.O_CLOEXEC)
-            path = kept[0]
+            path, old_size = kept
         except OSError:
-            fd = -1
-            try:
-                os.unlink(kept[0])
-            except OSError:
-                pass
+            unlink([kept[0]])
     if fd < 0:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -299,7 +294,7 @@ def _commit_one(tmp: bytes, new: bytes, data: memoryview, recycler: Recycler | N
     try:
         try:
             write_all(fd, data)
-            if kept is not None and path == kept[0] and kept[1] > len(data):
+            if old_size > len(data):
                 os.ftruncate(fd, len(data))
             os.fsync(fd)
         finally:

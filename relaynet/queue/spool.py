@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from collections import deque
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -987,29 +988,18 @@ class CommitProcess(ProcessProtocol):
         for unlinks, what, _, d in waiting:
             if unlinks:
                 # Unlinks are safe to do again: in a thread.
-                self._unlink_in_thread(what).chainDeferred(d)
+                self._in_thread(partial(committer_module.unlink, what)).chainDeferred(d)
             else:
                 self._abandon(what, d)
         ended, self._ended = self._ended, None
         if ended is not None:
             ended.callback(None)
 
-    def _unlink_in_thread(self, paths: list[str]) -> Deferred[Any]:
-        return self._in_thread(lambda: committer_module.unlink(paths))
-
     def _abandon(self, batch: list[PendingCommit], d: Deferred[list[BaseException | None]]) -> None:
         """Fail the batch that got no answer, once none of its files is left."""
         paths = [p for c in batch for p in (c.new, c.tmp)]
-
-        def work() -> None:
-            for p in paths:
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
-
         error = SpoolError("the commit process ended")
-        self._in_thread(work).addBoth(lambda _: d.callback([error] * len(batch)))
+        self._in_thread(partial(committer_module.unlink, paths)).addBoth(lambda _: d.callback([error] * len(batch)))
 
     STOP_TIMEOUT = 30.0
     """Seconds L{stop} waits for the process to end before it kills it (a disk that hangs)."""
