@@ -38,9 +38,14 @@ from relaynet.queue.spool import (
 
 
 def _dirs(tmp_path: Path) -> tuple[Path, Path]:
-    (tmp_path / "tmp").mkdir()
-    (tmp_path / "new").mkdir()
+    for name in ("tmp", "new", "recycled"):
+        (tmp_path / name).mkdir()
     return tmp_path / "tmp", tmp_path / "new"
+
+
+def _kept(tmp: Path) -> list[str]:
+    """The files kept for reuse beside C{tmp} (in C{recycled/})."""
+    return os.listdir(tmp.parent / "recycled")
 
 
 def _items(tmp: Path, new: Path, *names: str) -> list[tuple[bytes, bytes, memoryview]]:
@@ -126,18 +131,20 @@ def _queue(tmp_path: Path) -> tuple[Path, Path, committer.Recycler]:
 
 def test_a_delivered_queue_file_is_written_over_by_the_next_commit(tmp_path: Path) -> None:
     """
-    An unlinked queue file is kept in tmp/ and the next commit writes over
-    it: the same inode, only the new message's bytes (a shorter message
-    truncates it), mode 0600, nothing left in tmp/.
+    An unlinked queue file is kept in recycled/ and the next commit writes
+    over it: the same inode, only the new message's bytes (a shorter
+    message truncates it), mode 0600, nothing left in recycled/ or tmp/.
     """
     tmp, new, recycler = _queue(tmp_path)
     long = [(os.fsencode(tmp / "A"), os.fsencode(new / "A"), memoryview(b"a" * 80))]
     assert committer.commit(long, recycler) == [None]
     inode = (new / "A").stat().st_ino
     assert recycler.unlink([os.fsencode(new / "A")]) == [None]
-    assert os.listdir(new) == [] and len(os.listdir(tmp)) == 1 and recycler.kept == 1
+    assert os.listdir(new) == [] and len(_kept(tmp)) == 1 and recycler.kept == 1
+    assert os.listdir(tmp) == []
     assert committer.commit(_items(tmp, new, "B"), recycler) == [None]
-    assert os.listdir(new) == ["B"] and os.listdir(tmp) == [] and recycler.kept == 0
+    assert os.listdir(new) == ["B"] and _kept(tmp) == [] and recycler.kept == 0
+    assert os.listdir(tmp) == []
     assert (new / "B").read_bytes() == b"message B\r\n"
     assert (new / "B").stat().st_ino == inode
     assert stat.S_IMODE((new / "B").stat().st_mode) == 0o600
@@ -158,9 +165,9 @@ def test_what_is_not_kept(tmp_path: Path) -> None:
     paths = [os.fsencode(p) for p in (new / "big", tmp_path / "state" / "S", new / "C", new / "D", new / "E", new / "gone")]
     assert recycler.unlink(paths) == [None] * 6
     assert os.listdir(new) == [] and os.listdir(tmp_path / "state") == []
-    assert len(os.listdir(tmp)) == 2 and recycler.kept == 2
+    assert len(_kept(tmp)) == 2 and recycler.kept == 2
     recycler.purge()
-    assert os.listdir(tmp) == [] and recycler.kept == 0
+    assert _kept(tmp) == [] and recycler.kept == 0
 
 
 def test_a_full_disk_gives_the_kept_files_back_and_tries_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,13 +186,27 @@ def test_a_full_disk_gives_the_kept_files_back_and_tries_again(tmp_path: Path, m
 
     monkeypatch.setattr(committer, "write_all", write_all)
     assert committer.commit(_items(tmp, new, "A"), recycler) == [None]
-    assert failures and recycler.kept == 0
+    assert failures and recycler.kept == 0 and _kept(tmp) == []
     assert os.listdir(new) == ["A"] and os.listdir(tmp) == []
     # Without kept files, a full disk is the message's error.
     failures.clear()
     results = committer.commit(_items(tmp, new, "B"), recycler)
     assert getattr(results[0], "errno", None) == errno.ENOSPC
     assert os.listdir(new) == ["A"] and os.listdir(tmp) == []
+
+
+def test_a_start_empties_recycled(tmp_path: Path) -> None:
+    """
+    Kept files left by a commit process killed with its node (no purge) are
+    removed by the next start, like tmp/'s leftovers; new/ is untouched.
+    """
+    spool = Spool(tmp_path / "queue", reactor, ThreadPool(minthreads=0, maxthreads=1))
+    spool.prepare()
+    (spool.recycled_dir / "123-1").write_bytes(b"a delivered message")
+    (spool.new_dir / "Q1").write_bytes(b"not touched")
+    spool.prepare()
+    assert os.listdir(spool.recycled_dir) == [] and os.listdir(spool.tmp_dir) == []
+    assert os.listdir(spool.new_dir) == ["Q1"]
 
 
 def _serving(idle: float) -> tuple[Any, Any, Any]:
@@ -224,12 +245,12 @@ def test_serve_keeps_delivered_files_and_unlinks_them_at_the_end(tmp_path: Path)
     ask, end, _ = _serving(idle=600)
     assert ask(committer.encode_batch([(str(tmp / "A"), str(new / "A"), b"x")])) == [None]
     assert ask(committer.encode_unlinks([str(new / "A")])) == [None]
-    assert len(os.listdir(tmp)) == 1 and os.listdir(new) == []
+    assert len(_kept(tmp)) == 1 and os.listdir(new) == []
     assert ask(committer.encode_batch([(str(tmp / "B"), str(new / "B"), b"y")])) == [None]
     assert ask(committer.encode_unlinks([str(new / "B")])) == [None]
-    assert len(os.listdir(tmp)) == 1
+    assert len(_kept(tmp)) == 1
     assert end() == 0
-    assert os.listdir(tmp) == [] and os.listdir(new) == []
+    assert _kept(tmp) == [] and os.listdir(tmp) == [] and os.listdir(new) == []
 
 
 def test_serve_unlinks_kept_files_when_idle(tmp_path: Path) -> None:
@@ -238,7 +259,7 @@ def test_serve_unlinks_kept_files_when_idle(tmp_path: Path) -> None:
     assert ask(committer.encode_batch([(str(tmp / "A"), str(new / "A"), b"x")])) == [None]
     assert ask(committer.encode_unlinks([str(new / "A")])) == [None]
     # No request for 0.2 s: the kept file goes, the process still serving.
-    wait_for(lambda: os.listdir(tmp) == [])
+    wait_for(lambda: _kept(tmp) == [])
     assert ask(committer.encode_batch([(str(tmp / "C"), str(new / "C"), b"x")])) == [None]
     assert end() == 0
     assert os.listdir(new) == ["C"]
@@ -415,10 +436,11 @@ class CommitProcessTests(TestCase):
         inode = os.stat(first.path).st_ino
         yield self.spool.remove(first)
         self.assertEqual(self.ls("new"), [])
-        self.assertEqual(len(self.ls("tmp")), 1)
+        self.assertEqual(len(self.ls("recycled")), 1)
+        self.assertEqual(self.ls("tmp"), [])
         second = yield self.commit(b"Subject: second\r\n\r\nshort\r\n")
         self.assertEqual(os.stat(second.path).st_ino, inode)
-        self.assertEqual(self.ls("tmp"), [])
+        self.assertEqual(self.ls("recycled"), [])
         reader = second.open_message()
         try:
             self.assertEqual(reader.read(), b"Subject: second\r\n\r\nshort\r\n")

@@ -43,7 +43,7 @@ directory is not fsynced (docs/spool-format.md).
 
 Recycling: a queue file this process unlinks for an unlink request (a path
 C{<queue>/new/ID} of at most L{RECYCLE_MAX_BYTES}) is instead renamed into
-C{<queue>/tmp/} as C{recycled-PID-N}, up to L{RECYCLE_FILES} of them, and a
+C{<queue>/recycled/} as C{PID-N}, up to L{RECYCLE_FILES} of them, and a
 later commit writes its message over one of them (from offset 0, then
 truncated to its length) instead of creating C{tmp/ID}: the same write,
 fsync, rename and directory fsync, but no inode to allocate and free, and
@@ -54,10 +54,12 @@ every inode freed in the last few seconds before it reuses one
 about 40% of this process's CPU (C{perf}); with a journal it still
 allocates and frees an inode and its blocks per message. A kept file is
 what an unlinked one would be: gone from the queue (C{new/} no longer
-names it; recovery never reads C{tmp/}). Kept files are unlinked when no
-request came for L{RECYCLE_IDLE} seconds, at the end of input, and all at
-once when a commit finds the disk full (the commit is then tried again);
-a node's start empties C{tmp/} in any case.
+names it; recovery never reads C{recycled/}), and C{tmp/} still holds only
+messages being received. Kept files are unlinked when no request came for
+L{RECYCLE_IDLE} seconds, at the end of input, and all at once when a
+commit finds the disk full (the commit is then tried again); a node's
+start empties C{recycled/} in any case. Without a C{recycled/} directory
+nothing is kept.
 
 The reply has, for each message or path in order::
 
@@ -86,7 +88,7 @@ _LENGTH = struct.Struct("!I")
 MAX_FRAME = 256 * 1024 * 1024
 
 
-#: Queue files kept for reuse (per C{tmp/} directory), the largest kept,
+#: Queue files kept for reuse (over every queue directory), the largest kept,
 #: and the seconds without a request after which they are unlinked.
 RECYCLE_FILES = 64
 RECYCLE_MAX_BYTES = 64 * 1024
@@ -206,10 +208,10 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 class Recycler:
     """
-    The queue files of delivered messages kept in C{tmp/} for new commits
-    to write over (see the module's docstring).
+    The queue files of delivered messages kept in C{<queue>/recycled/} for
+    new commits to write over (see the module's docstring).
 
-    @ivar kept: how many files are kept, over every C{tmp/} directory.
+    @ivar kept: how many files are kept, over every queue directory.
     """
 
     def __init__(self, limit: int = RECYCLE_FILES, max_bytes: int = RECYCLE_MAX_BYTES) -> None:
@@ -221,8 +223,8 @@ class Recycler:
 
     def keep(self, path: bytes) -> bool:
         """
-        Take C{path} out of the queue into its C{tmp/} if it is a small
-        queue file and there is room; C{False}: unlink it as usual.
+        Take C{path} out of the queue into its C{recycled/} if it is a
+        small queue file and there is room; C{False}: unlink it as usual.
         """
         if self.kept >= self.limit:
             return False
@@ -236,20 +238,19 @@ class Recycler:
             return False
         if not stat.S_ISREG(st.st_mode) or st.st_size > self.max_bytes:
             return False
-        tmp = os.path.join(queue, b"tmp")
         self._serial += 1
-        kept = os.path.join(tmp, b"recycled-%d-%d" % (os.getpid(), self._serial))
+        kept = os.path.join(queue, b"recycled", b"%d-%d" % (os.getpid(), self._serial))
         try:
             os.rename(path, kept)
         except OSError:
             return False
-        self._pools.setdefault(tmp, []).append((kept, st.st_size))
+        self._pools.setdefault(queue, []).append((kept, st.st_size))
         self.kept += 1
         return True
 
-    def take(self, tmp: bytes) -> tuple[bytes, int] | None:
-        """A kept file of the directory C{tmp} and its size, no longer kept; or C{None}."""
-        pool = self._pools.get(tmp)
+    def take(self, queue: bytes) -> tuple[bytes, int] | None:
+        """A kept file of the queue directory C{queue} and its size, no longer kept; or C{None}."""
+        pool = self._pools.get(queue)
         if not pool:
             return None
         self.kept -= 1
@@ -278,7 +279,7 @@ class Recycler:
 
 def _commit_one(tmp: bytes, new: bytes, data: memoryview, recycler: Recycler | None) -> OSError | None:
     """Make one message durable at C{new} (not yet its directory): C{None}, or the error."""
-    kept = recycler.take(os.path.dirname(tmp)) if recycler is not None else None
+    kept = recycler.take(os.path.dirname(os.path.dirname(tmp))) if recycler is not None else None
     path, old_size, fd = tmp, 0, -1
     if kept is not None:
         try:

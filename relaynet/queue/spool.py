@@ -1340,6 +1340,7 @@ class Spool:
         self.tmp_dir = self.root / "tmp"
         self.new_dir = self.root / "new"
         self.state_dir = self.root / "state"
+        self.recycled_dir = self.root / "recycled"
         self._reactor = reactor
         self._pool = threadpool
         self._commit_pool = commit_pool or threadpool
@@ -1431,16 +1432,18 @@ class Spool:
     def prepare(self) -> None:
         """
         Create the directories (mode 0700) and remove what a crash left in
-        C{tmp/}. Blocking; run before the node accepts connections.
+        C{tmp/}, and the delivered files a commit process kept in
+        C{recycled/}. Blocking; run before the node accepts connections.
         """
-        for d in (self.root, self.tmp_dir, self.new_dir, self.state_dir):
+        for d in (self.root, self.tmp_dir, self.new_dir, self.state_dir, self.recycled_dir):
             makedirs_durable(d)
-        for p in self.tmp_dir.iterdir():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        fsync_dir(self.tmp_dir)
+        for leftovers in (self.tmp_dir, self.recycled_dir):
+            for p in leftovers.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            fsync_dir(leftovers)
 
     def recover(self) -> Iterator[QueueEntry]:
         """
