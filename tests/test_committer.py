@@ -131,9 +131,10 @@ def _queue(tmp_path: Path) -> tuple[Path, Path, committer.Recycler]:
 
 def test_a_delivered_queue_file_is_written_over_by_the_next_commit(tmp_path: Path) -> None:
     """
-    An unlinked queue file is kept in recycled/ and the next commit writes
-    over it: the same inode, only the new message's bytes (a shorter
-    message truncates it), mode 0600, nothing left in recycled/ or tmp/.
+    An unlinked queue file is kept in recycled/, and once new/ has been
+    fsynced since (by the next commit), a commit writes over it: the same
+    inode, only the new message's bytes (a shorter message truncates it),
+    mode 0600, nothing left in recycled/ or tmp/.
     """
     tmp, new, recycler = _queue(tmp_path)
     long = [(os.fsencode(tmp / "A"), os.fsencode(new / "A"), memoryview(b"a" * 80))]
@@ -142,12 +143,16 @@ def test_a_delivered_queue_file_is_written_over_by_the_next_commit(tmp_path: Pat
     assert recycler.unlink([os.fsencode(new / "A")]) == [None]
     assert os.listdir(new) == [] and len(_kept(tmp)) == 1 and recycler.kept == 1
     assert os.listdir(tmp) == []
+    # A's removal from new/ is not durable yet: B gets a file of its own.
     assert committer.commit(_items(tmp, new, "B"), recycler) == [None]
-    assert os.listdir(new) == ["B"] and _kept(tmp) == [] and recycler.kept == 0
+    assert (new / "B").stat().st_ino != inode and recycler.kept == 1
+    # B's commit fsynced new/: C is written over A's file.
+    assert committer.commit(_items(tmp, new, "C"), recycler) == [None]
+    assert sorted(os.listdir(new)) == ["B", "C"] and _kept(tmp) == [] and recycler.kept == 0
     assert os.listdir(tmp) == []
-    assert (new / "B").read_bytes() == b"message B\r\n"
-    assert (new / "B").stat().st_ino == inode
-    assert stat.S_IMODE((new / "B").stat().st_mode) == 0o600
+    assert (new / "C").read_bytes() == b"message C\r\n"
+    assert (new / "C").stat().st_ino == inode
+    assert stat.S_IMODE((new / "C").stat().st_mode) == 0o600
 
 
 def test_what_is_not_kept(tmp_path: Path) -> None:
@@ -248,7 +253,10 @@ def test_serve_keeps_delivered_files_and_unlinks_them_at_the_end(tmp_path: Path)
     assert len(_kept(tmp)) == 1 and os.listdir(new) == []
     assert ask(committer.encode_batch([(str(tmp / "B"), str(new / "B"), b"y")])) == [None]
     assert ask(committer.encode_unlinks([str(new / "B")])) == [None]
-    assert len(_kept(tmp)) == 1
+    assert len(_kept(tmp)) == 2  # A was kept after new/'s last fsync: not written over
+    assert ask(committer.encode_batch([(str(tmp / "C"), str(new / "C"), b"z")])) == [None]
+    assert len(_kept(tmp)) == 1  # C over A (B's commit fsynced new/)
+    assert ask(committer.encode_unlinks([str(new / "C")])) == [None]
     assert end() == 0
     assert _kept(tmp) == [] and os.listdir(tmp) == [] and os.listdir(new) == []
 
@@ -438,6 +446,9 @@ class CommitProcessTests(TestCase):
         self.assertEqual(self.ls("new"), [])
         self.assertEqual(len(self.ls("recycled")), 1)
         self.assertEqual(self.ls("tmp"), [])
+        # The first commit after the removal fsyncs new/; the next writes over.
+        between = yield self.commit(b"Subject: between\r\n\r\nx\r\n")
+        self.assertNotEqual(os.stat(between.path).st_ino, inode)
         second = yield self.commit(b"Subject: second\r\n\r\nshort\r\n")
         self.assertEqual(os.stat(second.path).st_ino, inode)
         self.assertEqual(self.ls("recycled"), [])

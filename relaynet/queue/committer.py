@@ -61,6 +61,13 @@ commit finds the disk full (the commit is then tried again); a node's
 start empties C{recycled/} in any case. Without a C{recycled/} directory
 nothing is kept.
 
+A kept file is written over only once C{new/} has been fsynced since it
+was kept (by a commit: kept files wait for the next batch). Until then its
+removal from C{new/} may not be durable: written over earlier, a power
+loss could bring back C{new/OLD} holding another message's bytes (the
+power-loss tests found it: a message delivered twice, another's state
+lost).
+
 The reply has, for each message or path in order::
 
     <errno:2> <message length:2> message
@@ -218,7 +225,11 @@ class Recycler:
         self.limit = limit
         self.max_bytes = max_bytes
         self.kept = 0
-        self._pools: dict[bytes, list[tuple[bytes, int]]] = {}
+        # Per queue directory: kept files, oldest first, each (path, size,
+        # the count of new/ fsyncs when it was kept); and that count.
+        # (A list: at most RECYCLE_FILES long, and collections is one import more.)
+        self._pools: dict[bytes, list[tuple[bytes, int, int]]] = {}
+        self._syncs: dict[bytes, int] = {}
         self._serial = 0
 
     def keep(self, path: bytes) -> bool:
@@ -244,23 +255,31 @@ class Recycler:
             os.rename(path, kept)
         except OSError:
             return False
-        self._pools.setdefault(queue, []).append((kept, st.st_size))
+        self._pools.setdefault(queue, []).append((kept, st.st_size, self._syncs.get(queue, 0)))
         self.kept += 1
         return True
 
     def take(self, queue: bytes) -> tuple[bytes, int] | None:
-        """A kept file of the queue directory C{queue} and its size, no longer kept; or C{None}."""
+        """
+        A kept file of the queue directory C{queue} whose removal from
+        C{new/} is durable, and its size, no longer kept; or C{None}.
+        """
         pool = self._pools.get(queue)
-        if not pool:
+        if not pool or pool[0][2] >= self._syncs.get(queue, 0):
             return None
         self.kept -= 1
-        return pool.pop()
+        path, size, _ = pool.pop(0)
+        return path, size
+
+    def synced(self, queue: bytes) -> None:
+        """C{<queue>/new/} was fsynced: the files kept until now may be written over."""
+        self._syncs[queue] = self._syncs.get(queue, 0) + 1
 
     def purge(self) -> None:
         """Unlink every kept file."""
         pools, self._pools, self.kept = self._pools, {}, 0
         for pool in pools.values():
-            for path, _ in pool:
+            for path, _, _ in pool:
                 try:
                     os.unlink(path)
                 except OSError:
@@ -337,6 +356,8 @@ def commit(items: list[tuple[bytes, bytes, memoryview]], recycler: Recycler | No
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if recycler is not None:
+                recycler.synced(os.path.dirname(directory))
         except OSError as e:
             # The renames may not be durable: none is acknowledged.
             for i in renamed:
