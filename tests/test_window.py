@@ -255,6 +255,9 @@ def test_real_node_recognises_a_retransmission_across_kill_9(tmp_path: Path) -> 
     """
     body = b"From: <sender@src.test>\r\nSubject: once\r\nMessage-ID: <once@src.test>\r\n\r\nhello\r\n"
     with NodeProcess(tmp_path, name="window") as node:
+        # XTXN is offered once the (empty) queue is recovered, just after
+        # the first 220: wait for it, bounded, as after the restart below.
+        wait_for(lambda: offers_xtxn(node.port), 30, "XTXN offered after the start")
         code, reply = send(node.port, "hop0/QID1", body, ["user@localhost"])
         assert code == 250
         first = QUEUED.search(reply)
