@@ -539,6 +539,13 @@ class QueueRunner(Service):
             # records it. Retry the message later rather than never.
             self.log.failure("Could not record the state of {queue_id}", f, queue_id=qid)
             self._emit(decision)
+            if decision.write is Write.REMOVE and entry is not None and qid not in self.core:
+                # Its file is still queued (a full disk kept the window's
+                # journal or the unlink from happening): the message stays
+                # known, with its recipients' outcomes in memory, so that a
+                # later attempt removes it. Forgotten, it would sit in the
+                # queue until a restart recovered and delivered it again.
+                self.core.add(entry, self.now())
             if qid in self.core and self._started:
                 self._schedule(qid, self.now() + self.core.policy.minimal_backoff)
             return False

@@ -338,6 +338,55 @@ def test_an_attempt_that_raises_defers_that_message_alone(tmp_path: Path) -> Non
     assert bad.queue_id not in runner
 
 
+def one_message_attempted(tmp_path: Path) -> tuple[ThreadlessReactor, MemorySpool, QueueRunner, SlowHop,
+                                                 list[dict[str, Any]], QueueEntry]:
+    """A runner over a L{MemorySpool} whose one message (to a@x.test) waits for the hop's answer."""
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = MemorySpool(clock=reactor.seconds)
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True))
+    e = commit(spool, "s@src.test", ("a@x.test",), reactor.seconds(), lambda: None)
+    runner.enqueue(e)
+    return reactor, spool, runner, hop, events, e
+
+
+def test_a_removal_the_disk_refuses_is_tried_again_without_delivering_again(tmp_path: Path) -> None:
+    """
+    The last recipient is accepted but removing the message fails (a full
+    disk: the window's journal or the unlink): the message stays known to
+    the runner, its file stays queued, and once the disk has room it is
+    removed at its next attempt, not delivered again. (Found by the power
+    and disk-full soak: the runner forgot the message, whose file then sat
+    in the queue until a restart would deliver it a second time.)
+    """
+    reactor, spool, runner, hop, events, e = one_message_attempted(tmp_path)
+    spool.broken = "No space left on device"
+    hop.answer(0, 250)
+    assert e.queue_id in runner and spool.count() == 1
+    assert [ev["event"] for ev in events if ev.get("queue_id") == e.queue_id] == ["sent"]
+    reactor.advance(61)  # minimal_backoff 60: tried again, the disk still full
+    assert e.queue_id in runner and spool.count() == 1 and not hop.pending
+    spool.broken = None
+    reactor.advance(61)
+    assert e.queue_id not in runner and spool.count() == 0
+    assert not hop.pending and hop.accepted[(e.queue_id, "a@x.test")] == 1
+    assert [ev["event"] for ev in events if ev.get("queue_id") == e.queue_id] == ["sent"]
+
+
+def test_a_delete_the_disk_refuses_leaves_the_message_queued(tmp_path: Path) -> None:
+    """A delete whose removal fails answers C{False} and the message stays listed, as on disk."""
+    reactor, spool, runner, hop, events, e = one_message_attempted(tmp_path)
+    hop.answer(0, 451)
+    spool.broken = "No space left on device"
+    result: list[Any] = []
+    runner.delete(e.queue_id).addBoth(result.append)
+    assert result == [False]
+    assert e.queue_id in runner and spool.count() == 1
+    spool.broken = None
+    runner.delete(e.queue_id).addBoth(result.append)
+    assert result == [False, True] and e.queue_id not in runner and spool.count() == 0
+
+
 @pytest.mark.parametrize("verb", ["bounce", "delete"])
 def test_bounce_or_delete_during_an_attempt_waits_for_it(tmp_path: Path, verb: str) -> None:
     """
