@@ -285,3 +285,40 @@ def test_raw_chunks_are_checked_across_boundaries() -> None:
     long = DataScanner(max_line_length=10)
     assert long.feed_raw(b"x" * 25) == b"x" * 25  # not held back without a line end
     assert long.long_line
+
+
+def counted_flags(raw: bytes, max_line: int) -> tuple[bool, bool, bool]:
+    """
+    C{(bare_lf, bare_cr, long_line)} of a run the way the scanner worked
+    them out before it used C{splitlines}: count CRLFs, LFs and CRs, split
+    at every LF (each piece keeps its CR).
+    """
+    crlf = raw.count(b"\r\n")
+    long = bool(raw) and max(map(len, raw.split(b"\n"))) >= max_line
+    return raw.count(b"\n") != crlf, raw.count(b"\r") != crlf, long
+
+
+_run_pieces = st.sampled_from([b"\r\n", b"\r", b"\n", b"\n\r", b"\r\r\n", b"x", b"y" * 7, b"z" * 18, b"."])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_run_pieces, max_size=40), st.integers(3, 30))
+def test_run_check_matches_counting(parts: list[bytes], max_line: int) -> None:
+    """
+    The checks of a run of lines (one C{splitlines}, two counts) give
+    exactly the bare CR, bare LF and long-line flags of counting and
+    splitting, for runs with and without a last line end and lines on
+    either side of the limit.
+    """
+    raw = b"".join(parts)
+    s = DataScanner(max_line_length=max_line)
+    s._check(raw)
+    assert (s.bare_lf, s.bare_cr, s.long_line) == counted_flags(raw, max_line)
+
+
+def test_run_check_on_clean_lines_at_the_limit() -> None:
+    """A line of max_line_length octets with its CRLF passes; one more octet is long, also as a last unended line."""
+    for content, ended, long in ((8, True, False), (9, True, True), (9, False, False), (10, False, True)):
+        s = DataScanner(max_line_length=10)
+        s._check(b"ab\r\n" + b"x" * content + (b"\r\n" if ended else b""))
+        assert (s.long_line, s.bare_cr, s.bare_lf) == (long, False, False), (content, ended)
