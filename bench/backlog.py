@@ -202,12 +202,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         result["rss_peak_kb"] = rss.take()
         t_sum, _ = queue_cli(node.config, "summary", timeout=cli_timeout)
         t_list, _ = queue_cli(node.config, "list", "--limit", "20", timeout=cli_timeout)
-        t_all, out_all = queue_cli(node.config, "list", "--ids", timeout=cli_timeout)
+        # Listing every message is the costliest request: its own peak,
+        # sampled every 50 ms (the transient can last less than a second).
+        listing_rss = RssPeak(node.pid, interval=0.05)
+        listing_rss.start()
+        try:
+            t_all, out_all = queue_cli(node.config, "list", "--ids", timeout=cli_timeout)
+        finally:
+            listing_rss.stopped.set()
         result["admin_full"] = {
             "summary_s": t_sum, "list20_s": t_list, "list_all_ids_s": t_all,
             "listed": len(out_all.split()),
-            # Listing every message is the costliest request: its own peak.
-            "rss_peak_kb": rss.take(),
+            "rss_peak_kb": max(listing_rss.take(), rss.take()),
         }
         del out_all
         log(f"backlog: {admin.queued()} queued; RSS (all processes) {result['rss_kb'] / 1024:.0f} MiB, "

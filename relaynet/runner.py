@@ -24,6 +24,7 @@ always given back and the timetable kicked.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from typing import Any, Callable, Iterable, TypeVar
 
 from attrs import evolve
@@ -675,6 +676,7 @@ class QueueRunner(Service):
     def page(
         self, limit: int | None, state: str | None = None, sender: str | None = None,
         recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+        after: Key | None = None,
     ) -> Deferred[tuple[int, Entries]]:
         """
         How many messages L{matching} would return, and the first C{limit}
@@ -682,12 +684,15 @@ class QueueRunner(Service):
         C{state}, at once and in O(limit) (the count is a counter). Filters
         on the envelope walk a snapshot of the queue's order in a worker
         thread (L{listing.scan}): the reactor only copies the order's
-        pointers and builds the page.
+        pointers and builds the page. C{after} is a cursor (see
+        L{listing.page}): the page and the count start after it.
         """
         now = self.now()
         if not listing.by_envelope(sender, recipient, domain, min_age):
-            return succeed(listing.page(self.core, now, limit, state))
+            return succeed(listing.page(self.core, now, limit, state, after=after))
         keys = self.core.snapshot(state)
+        if after is not None:
+            del keys[:bisect_right(keys, after)]
         core = self.core
 
         def found(entries: Entries) -> tuple[int, Entries]:

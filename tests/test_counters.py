@@ -110,6 +110,17 @@ def check_readers(core: QueueCore, now: float) -> None:
             count, shown = listing.page(core, now, limit, state)
             assert count == len(every)
             assert [e.queue_id for e in shown] == [e.queue_id for e in every[:limit]]
+        # Paged with a cursor (the last message of each page): the same messages, once each.
+        paged: list[QueueEntry] = []
+        after = None
+        for _ in range(len(every) // 3 + 2):
+            count, shown = listing.page(core, now, 3, state, after=after)
+            assert count == len(every) - len(paged)
+            paged += shown
+            if len(shown) < 3:
+                break
+            after = (shown[-1].envelope.arrival, shown[-1].queue_id)
+        assert paged == every
     for state in (None, MessageState.DEFERRED):
         count, shown = listing.page(core, now, 2, state, domain="a.test", min_age=1)
         every = [e for e in listing.matching(core, now, state) if now - e.envelope.arrival >= 1
@@ -245,6 +256,10 @@ def test_arrival_order_is_sorted(ops: list[tuple[bool, int]]) -> None:
         assert list(order) == sorted(present)
         assert len(order) == len(present)
         assert order.first() == (min(present) if present else None)
+        # A cursor at, between and past the keys: what follows it, and how many.
+        for cursor in ((float(value % 50), f"Q{seq // 2:05d}"), (float(value % 50), ""), (-1.0, ""), (99.0, "")):
+            later = [k for k in sorted(present) if k > cursor]
+            assert list(order.after(cursor)) == later and order.count_after(cursor) == len(later)
 
 
 def test_arrival_order_splits_large_blocks() -> None:
@@ -327,3 +342,8 @@ def test_page_with_envelope_filters_runs_in_a_thread() -> None:
     runner.page(3, state="incoming").addCallback(pages.append)
     every = runner.matching(state="incoming")
     assert pool.jobs == 1 and pages[1] == (len(every), every[:3])
+    # With a cursor, in the thread too: the page and the count start after it.
+    every = runner.matching(domain="c.test")
+    cursor = (every[4].envelope.arrival, every[4].queue_id)
+    runner.page(5, domain="c.test", after=cursor).addCallback(pages.append)
+    assert pool.jobs == 2 and pages[2] == (len(every) - 5, every[5:10])

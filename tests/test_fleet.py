@@ -41,6 +41,7 @@ from relaynet.admin.fleet import (
     FleetFacts, WorkerClient, WorkerLink, client_endpoint, fleet_web_service, make_fleet_site,
     merge_history, merge_hops, merge_metrics, merge_pages, merge_shapes, merge_summaries,
 )
+from relaynet.admin import queuecli
 from relaynet.admin.queuecli import AdminClient, AdminError, add_queue_parser, run
 from relaynet.config import NodeConfig, load_config
 from relaynet.node import RelayNode
@@ -522,6 +523,47 @@ def test_list_merges_the_shards_in_arrival_order(fleet: Fleet) -> None:
     assert fleet.api("GET", "/api/queue", sender="two.test")["count"] == 2
     assert fleet.api("GET", "/api/queue", min_age="350")["count"] == 3
     assert fleet.error("GET", "/api/queue", state="lost").status == 400
+
+
+def test_list_pages_with_a_cursor_across_shards(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    C{after} (the last item's arrival and queue id) pages through the
+    merged listing: every message once, in order, the count of those after
+    the cursor; C{relaynet queue list --ids} prints the whole listing a
+    page at a time; a cursor that is not one is refused.
+    """
+    every = [m["queue_id"] for m in fleet.api("GET", "/api/queue", ids="1")["messages"]]
+    seen: list[str] = []
+    after = None
+    for _ in range(5):
+        page = fleet.api("GET", "/api/queue", ids="1", limit=2, **({"after": after} if after else {}))
+        assert page["count"] == 7 - len(seen) and page["missing_shards"] == []
+        seen += [m["queue_id"] for m in page["messages"]]
+        if len(page["messages"]) < 2:
+            break
+        after = f"{page['messages'][-1]['arrival']!r}:{page['messages'][-1]['queue_id']}"
+    assert seen == every and len(every) == 7
+    y = fleet.api("GET", "/api/queue", domain="y.test", ids="1")["messages"]
+    later = fleet.api("GET", "/api/queue", domain="y.test", ids="1", after=f"{y[1]['arrival']!r}:{y[1]['queue_id']}")
+    assert later["count"] == 2 and later["messages"] == y[2:]
+
+    requests: list[dict[str, Any]] = []
+    request = AdminClient.request
+
+    def counted(self: AdminClient, method: str, path: str, *a: Any, **kw: Any) -> Any:
+        requests.append(dict(kw.get("query") or {}))
+        return request(self, method, path, *a, **kw)
+
+    monkeypatch.setattr(queuecli, "IDS_PAGE", 2)
+    monkeypatch.setattr(AdminClient, "request", counted)
+    code, out = fleet.queue_cli("list", "--ids")
+    assert code == 0 and out.split() == every
+    assert [q["limit"] for q in requests] == [2, 2, 2, 2] and "after" not in requests[0]
+    del requests[:]
+    code, out = fleet.queue_cli("list", "--ids", "--limit", "3")
+    assert out.split() == every[:3] and [q["limit"] for q in requests] == [2, 1]
+    for bad in ("nope", "1.5", "inf:Q1", "1.5:../x", ":Q1"):
+        assert fleet.error("GET", "/api/queue", after=bad).status == 400
 
 
 def test_verbs_on_one_message_find_its_shard(fleet: Fleet) -> None:

@@ -550,6 +550,7 @@ class AdminAPI(JsonAPI):
     def list(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:
         limit = _int_arg(request, "limit", None)
         ids_only = _arg(request, "ids") in ("1", "true", "yes")
+        after = list_cursor(request)
 
         def listed(found: tuple[int, Any]) -> dict[str, Any]:
             count, shown = found
@@ -561,7 +562,7 @@ class AdminAPI(JsonAPI):
                 ]}
             return {"count": count, "messages": self.queue.summaries(shown)}
 
-        return self.queue.page(limit, **self._filters(request)).addCallback(listed)
+        return self.queue.page(limit, **self._filters(request), after=after).addCallback(listed)
 
     def show(self, request: Request, body: Any, queue_id: str) -> Any:
         self._queued(queue_id)
@@ -729,6 +730,27 @@ class AdminAPI(JsonAPI):
             error = self.node.last_reload_error or "reload not possible"
             raise ApiError(422, f"reload refused, the old configuration stays in force: {error}")
         return {"reloaded": True, "config": self.node.config.source}
+
+
+def list_cursor(request: Request) -> tuple[float, str] | None:
+    """
+    The C{after} cursor of a listing request, C{ARRIVAL:QUEUE_ID} (the
+    C{arrival} and C{queue_id} of the previous page's last item), as its
+    ordering key; C{None} when absent.
+
+    @raise ApiError: it is not of that form (400).
+    """
+    after = _arg(request, "after")
+    if after is None:
+        return None
+    arrival, _, queue_id = after.rpartition(":")
+    try:
+        at = float(arrival)
+    except ValueError:
+        at = float("nan")
+    if at != at or at in (float("inf"), float("-inf")) or not _QUEUE_ID.match(queue_id):
+        raise ApiError(400, "after must be ARRIVAL:QUEUE_ID, the arrival and queue id of a listed message")
+    return (at, queue_id)
 
 
 def query_filters(request: Request) -> dict[str, Any]:

@@ -15,7 +15,7 @@ L{WORKER_TIMEOUT} -- and merging their answers:
    listeners, admin endpoint, last reload), the workers' queue counts and
    sessions summed, and C{workers}: C{{shard, pid, up, started, restarts}}.
  - C{/api/queue}: counts summed; the pages merged by arrival (each worker
-   lists oldest first; equal arrivals keep shard order), cut to C{limit}.
+   lists oldest first; equal arrivals by queue id), cut to C{limit}.
  - C{/api/queue/ID} and the verbs on one message (also a flush or reroute
    with a C{queue_id}): every worker is asked; the one that does not answer
    404 gives the answer.
@@ -98,8 +98,8 @@ from zope.interface import implementer
 
 from relaynet.admin.api import (
     _QUEUE_ID, HOP_STATE_FIELDS, ApiError, JsonAPI, PageResource, ShapeBuilder, StatusData, SummaryBuilder,
-    _arg, _int_arg, _target, bounce_reason, guarded_site, hop_entries, query_filters, render_page, routes_json,
-    shape_builder, status_json,
+    _arg, _int_arg, _target, bounce_reason, guarded_site, hop_entries, list_cursor, query_filters, render_page,
+    routes_json, shape_builder, status_json,
 )
 from relaynet.admin.metrics import HopHealth, Sample
 from relaynet.admin.text import human_age
@@ -393,8 +393,12 @@ class WorkerClient:
 
 
 def merge_pages(pages: Iterable[Sequence[dict[str, Any]]], limit: int | None) -> list[dict[str, Any]]:
-    """Listing pages (each oldest first) as one, oldest first; equal arrivals in the pages' order."""
-    merged = heapq.merge(*pages, key=lambda m: m["arrival"])
+    """
+    Listing pages (each oldest first) as one, in the workers' order: by
+    arrival, then queue id (so that a page's last item is a cursor for the
+    next, C{after}).
+    """
+    merged = heapq.merge(*pages, key=lambda m: (m["arrival"], m["queue_id"]))
     out: list[dict[str, Any]] = []
     for m in merged:
         if limit is not None and len(out) >= limit:
@@ -671,6 +675,7 @@ class FleetAPI(JsonAPI):
 
     def list(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:
         query_filters(request)  # 400 here, not from every worker
+        list_cursor(request)
         limit = _int_arg(request, "limit", None)
 
         def merged(g: Gathered) -> dict[str, Any]:
@@ -681,7 +686,7 @@ class FleetAPI(JsonAPI):
                 "missing_shards": g.missing,
             }
 
-        query = {**_forwarded(request, *_FILTERS, "ids"), "limit": limit}
+        query = {**_forwarded(request, *_FILTERS, "ids", "after"), "limit": limit}
         return self.client.gather("GET", "/api/queue", query).addCallback(merged)
 
     def summary(self, request: Request, body: Any) -> Deferred[dict[str, Any]]:

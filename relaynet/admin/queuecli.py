@@ -314,6 +314,46 @@ def _missing_shards(result: Any) -> None:
         raise AdminError(503, f"incomplete: worker shard(s) {shards} did not answer (the node's log says why)")
 
 
+IDS_PAGE = 50_000
+"""Queue ids asked for per request by C{queue list --ids}."""
+
+
+def list_ids(client: AdminClient, filters: dict[str, Any], limit: int | None, out: TextIO) -> dict[str, Any]:
+    """
+    Print the queue ids of a listing, one a line, oldest first, a page of
+    L{IDS_PAGE} at a time: each request carries the previous page's last
+    message as its cursor (C{after}), so neither the node nor this process
+    ever holds the whole listing (a million ids in one answer took the
+    node's RSS from 1411 to 1832 MiB). Messages that arrive while it runs
+    may be listed (up to a page more than the first answer counted); one
+    that leaves meanwhile may be too.
+
+    @return: C{{"missing_shards": [...]}}, the worker shards that did not
+        answer some page.
+    """
+    missing: set[int] = set()
+    printed, after, total = 0, None, None
+    pages = 1
+    while total is None or pages <= total // IDS_PAGE + 2:
+        want = IDS_PAGE if limit is None else min(IDS_PAGE, limit - printed)
+        if want <= 0:
+            break
+        query = {**filters, "ids": "1", "limit": want, **({"after": after} if after else {})}
+        page = client.request("GET", "/api/queue", query=query)
+        msgs = page["messages"]
+        out.writelines(m["queue_id"] + "\n" for m in msgs)
+        printed += len(msgs)
+        missing.update(page.get("missing_shards") or ())
+        if total is None:
+            total = int(page["count"])
+        if len(msgs) < want:
+            break
+        last = msgs[-1]
+        after = f"{last['arrival']!r}:{last['queue_id']}"
+        pages += 1
+    return {"missing_shards": sorted(missing)}
+
+
 def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextIO) -> int:
     """Run one C{relaynet queue} subcommand; @return: the exit status."""
     cmd = args.queue_command
@@ -325,15 +365,11 @@ def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextI
             out.write(text + "\n")
 
     if cmd == "list":
-        query = {**_filters(args), "limit": args.limit}
         if args.ids and not args.json:
-            # Ids only: a listing of a million messages stays a few MB.
-            query["ids"] = "1"
-        result = client.request("GET", "/api/queue", query=query)
-        if args.ids and not args.json:
-            out.writelines(m["queue_id"] + "\n" for m in result["messages"])
-        else:
-            emit(result, format_list(result))
+            _missing_shards(list_ids(client, _filters(args), args.limit, out))
+            return 0
+        result = client.request("GET", "/api/queue", query={**_filters(args), "limit": args.limit})
+        emit(result, format_list(result))
         _missing_shards(result)
         return 0
     if cmd == "show":

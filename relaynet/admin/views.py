@@ -76,11 +76,14 @@ class QueueView(QueueStats, Protocol):
     def page(
         self, limit: int | None, state: str | None = None, sender: str | None = None,
         recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+        after: tuple[float, str] | None = None,
     ) -> Deferred[tuple[int, list[QueueEntry]]]:
         """
         How many messages L{matching} would return, and the first C{limit}
         of them (all if C{None}). With no filter but C{state} this costs
-        O(limit), not O(queue); envelope filters run off the reactor.
+        O(limit), not O(queue); envelope filters run off the reactor. With
+        C{after} (C{(arrival, queue id)} of a page's last message), only the
+        messages after it are counted and listed.
         """
 
     def collect(

@@ -223,16 +223,23 @@ class QueueCore:
     def __iter__(self) -> Iterator[QueueEntry]:
         return iter(list(self._entries.values()))
 
-    def oldest_first(self, state: str | None = None) -> Iterator[QueueEntry]:
+    def oldest_first(self, state: str | None = None, after: Key | None = None) -> Iterator[QueueEntry]:
         """
         The queued messages (in queue state C{state}, or all) by arrival,
         then by queue id (for those arriving in the same microsecond),
         lazily: reading the first M costs O(M). Do not change the queue
         while iterating.
+
+        @param after: only the messages after this key (a listing's cursor).
         """
         entries = self._entries
-        for key in self._by_state[MessageState(state)] if state else self._order:
+        order = self._by_state[MessageState(state)] if state else self._order
+        for key in order if after is None else order.after(after):
             yield entries[key[1]]
+
+    def count_after(self, state: str | None, after: Key) -> int:
+        """How many messages L{oldest_first} would give for C{state} and C{after}, without walking them."""
+        return (self._by_state[MessageState(state)] if state else self._order).count_after(after)
 
     def snapshot(self, state: str | None = None) -> list[Key]:
         """

@@ -38,18 +38,26 @@ def matching(
 def page(
     core: QueueCore, now: float, limit: int | None, state: str | None = None, sender: str | None = None,
     recipient: str | None = None, domain: str | None = None, min_age: float | None = None,
+    after: Key | None = None,
 ) -> tuple[int, list[QueueEntry]]:
     """
     How many queued messages match (see L{matching}) and the first C{limit}
     of them (all when C{None}), oldest first. With no filter but C{state},
     the count is the core's counter and the page costs O(limit) (plus the
     messages of other states before them).
+
+    @param after: a cursor, the key C{(arrival, queue id)} of the last
+        message of the previous page: only the messages after it count and
+        are listed (found by a binary search, not a walk).
     """
-    found = _filtered(core, now, state, sender, recipient, domain, min_age)
+    found = _filtered(core, now, state, sender, recipient, domain, min_age, after)
     if by_envelope(sender, recipient, domain, min_age) or limit is None:
         entries = list(found)
         return len(entries), entries if limit is None else entries[:limit]
-    count = core.tally.states.get(state, 0) if state else len(core)
+    if after is not None:
+        count = core.count_after(state, after)
+    else:
+        count = core.tally.states.get(state, 0) if state else len(core)
     return count, list(islice(found, limit))
 
 
@@ -126,12 +134,12 @@ def summary(core: QueueCore, now: float, top: int = 10) -> dict[str, Any]:
 
 def _filtered(
     core: QueueCore, now: float, state: str | None, sender: str | None,
-    recipient: str | None, domain: str | None, min_age: float | None,
+    recipient: str | None, domain: str | None, min_age: float | None, after: Key | None = None,
 ) -> Iterator[QueueEntry]:
     sender = sender.lower() if sender else None
     recipient = recipient.lower() if recipient else None
     domain = domain.lower() if domain else None
-    for entry in core.oldest_first(state):
+    for entry in core.oldest_first(state, after):
         if min_age is not None and now - entry.envelope.arrival < min_age:
             return  # oldest first: every later one is younger
         if _envelope_matches(entry, sender, recipient, domain):

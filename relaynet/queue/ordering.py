@@ -12,7 +12,7 @@ order, so an add is nearly always an append to the last block.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from itertools import chain
 from typing import Iterator
 
@@ -83,6 +83,24 @@ class ArrivalOrder:
         """The keys in order (do not add or remove while iterating)."""
         for block in self._blocks:
             yield from block
+
+    def after(self, key: Key) -> Iterator[Key]:
+        """The keys greater than C{key}, in order (do not add or remove while iterating)."""
+        i = bisect_right(self._maxes, key)
+        if i == len(self._blocks):
+            return
+        block = self._blocks[i]
+        yield from block[bisect_right(block, key):]
+        for block in self._blocks[i + 1:]:
+            yield from block
+
+    def count_after(self, key: Key) -> int:
+        """How many keys are greater than C{key}: O(blocks), about 2,000 at 1,000,000 keys."""
+        i = bisect_right(self._maxes, key)
+        if i == len(self._blocks):
+            return 0
+        below = sum(len(b) for b in self._blocks[:i]) + bisect_right(self._blocks[i], key)
+        return self._len - below
 
     def keys(self) -> list[Key]:
         """The keys in order, as a new list (copied at C speed)."""
