@@ -278,7 +278,7 @@ class FakeQueue:
     def summaries(self, entries: list[Any]) -> list[dict[str, Any]]:
         return list(entries)
 
-    def page(self, limit: int | None, **filters: Any) -> Deferred[tuple[int, list[Any]]]:
+    def page(self, limit: int | None, after: Any = None, **filters: Any) -> Deferred[tuple[int, list[Any]]]:
         entries = self.matching(**filters)
         return succeed((len(entries), entries if limit is None else entries[:limit]))
 
