@@ -24,6 +24,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import io
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +48,7 @@ from relaynet.admin.api import (
     web_service,
 )
 from relaynet.admin.metrics import NodeMetrics
+from relaynet.admin import queuecli
 from relaynet.admin.queuecli import AdminClient, AdminError
 from relaynet.admin.text import parse_age
 from relaynet.admin.views import QueueTotals
@@ -231,6 +233,68 @@ def test_admin_client_endpoints() -> None:
     for bad in ("tcp:0:interface=127.0.0.1", "ssl:443", "unix:"):
         with pytest.raises(ValueError):
             AdminClient(bad)
+
+
+class PagedNode:
+    """An L{AdminClient} stand-in: C{GET /api/queue} answered from C{items} as a node pages them."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = sorted(items, key=lambda i: (i["arrival"], i["queue_id"]))
+        self.queries: list[dict[str, Any]] = []
+
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        assert (method, path) == ("GET", "/api/queue") and query is not None
+        self.queries.append(query)
+        rest = self.items
+        if query.get("after"):
+            arrival, qid = query["after"].split(":")
+            rest = [i for i in rest if (i["arrival"], i["queue_id"]) > (float(arrival), qid)]
+        if query["limit"] < 0:
+            raise AdminError(400, "limit must be a non-negative integer")
+        return {"count": len(rest), "messages": rest[:query["limit"]], "missing_shards": []}
+
+
+def test_queue_list_table_pages_through_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    C{queue list} prints its table a page at a time: one page prints as
+    L{format_list} does; more keep the first page's widths (a wider cell
+    widens its own line only), in order, with one footer counting them all;
+    C{--limit} stops it; a limit the node refuses is its error.
+    """
+    items = [item(f"Q{k}", 600 - k, [(f"r{k}@x.test", "deferred")]) for k in range(7)]
+    items[5]["sender"] = "a-much-longer-sender@somewhere.example"
+    one = queuecli.format_list({"count": 7, "messages": sorted(items, key=lambda i: i["arrival"])})
+    node = PagedNode(items)
+    out = io.StringIO()
+    assert queuecli.list_table(node, {"state": None}, None, out) == {"missing_shards": []}
+    assert out.getvalue() == one + "\n" and len(node.queries) == 1
+    monkeypatch.setattr(queuecli, "LIST_PAGE", 2)
+    node, out = PagedNode(items), io.StringIO()
+    queuecli.list_table(node, {"state": None}, None, out)
+    lines = out.getvalue().splitlines()
+    assert [q["limit"] for q in node.queries] == [2, 2, 2, 2] and "after" not in node.queries[0]
+    assert [line.split() for line in lines] == [line.split() for line in one.splitlines()]
+    first = sorted(items, key=lambda i: i["arrival"])[:2]
+    assert lines[:3] == queuecli.table(queuecli.list_rows(first), queuecli.LIST_HEADER, queuecli.LIST_RIGHT).splitlines()
+    wide = next(line for line in lines if "a-much-longer" in line)
+    assert len(wide) > len(lines[1])
+    assert all(len(line) == len(lines[1]) for line in lines[1:-1] if line != wide)
+    assert lines[-1] == "-- 7 message(s), 700 bytes"
+    node, out = PagedNode(items), io.StringIO()
+    queuecli.list_table(node, {}, 3, out)
+    assert [line.split()[0] for line in out.getvalue().splitlines()[1:-1]] == ["Q0", "Q1", "Q2"]
+    assert out.getvalue().splitlines()[-1] == "-- 3 of 7 message(s), 300 bytes"
+    assert [q["limit"] for q in node.queries] == [2, 1]
+    out = io.StringIO()
+    queuecli.list_table(PagedNode([]), {}, None, out)
+    assert out.getvalue() == "The queue is empty.\n"
+    out = io.StringIO()
+    queuecli.list_table(PagedNode(items), {}, 0, out)
+    assert out.getvalue() == ""
+    with pytest.raises(AdminError):
+        queuecli.list_table(PagedNode(items), {}, -1, io.StringIO())
+    with pytest.raises(AdminError):
+        queuecli.list_ids(PagedNode(items), {}, -1, io.StringIO())
 
 
 def test_unreachable_node_exit_status(tmp_path: Path) -> None:

@@ -562,6 +562,13 @@ def test_list_pages_with_a_cursor_across_shards(fleet: Fleet, monkeypatch: pytes
     del requests[:]
     code, out = fleet.queue_cli("list", "--ids", "--limit", "3")
     assert out.split() == every[:3] and [q["limit"] for q in requests] == [2, 1]
+    # The table too, a page at a time, its last line counting every page.
+    monkeypatch.setattr(queuecli, "LIST_PAGE", 2)
+    del requests[:]
+    code, out = fleet.queue_cli("list")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("QUEUE ID") and [line.split()[0] for line in lines[1:-1]] == every
+    assert lines[-1].startswith("-- 7 message(s), ") and [q["limit"] for q in requests] == [2, 2, 2, 2]
     for bad in ("nope", "1.5", "inf:Q1", "1.5:../x", ":Q1"):
         assert fleet.error("GET", "/api/queue", after=bad).status == 400
 

@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 import urllib.parse
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 from relaynet.config import ConfigError, load_config, split_endpoint
 from relaynet.admin.text import human_age, human_size, parse_age
@@ -175,22 +175,33 @@ class AdminClient:
 
 def table(rows: list[list[str]], header: list[str], right: Iterable[int] = ()) -> str:
     """A plain text table: columns as wide as their widest cell."""
+    widths = column_widths(rows, header)
+    return "\n".join(table_lines([header, *rows], widths, right))
+
+
+def column_widths(rows: list[list[str]], header: list[str]) -> list[int]:
+    """The width of each column: its widest cell, the header's included."""
+    return [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+
+def table_lines(rows: list[list[str]], widths: list[int], right: Iterable[int] = ()) -> list[str]:
+    """C{rows} as lines, each cell padded to its column's width (a wider one is not cut)."""
     right = set(right)
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    out = []
-    for row in [header, *rows]:
-        cells = [
+    return [
+        "  ".join(
             str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i])
             for i, c in enumerate(row)
-        ]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out)
+        ).rstrip()
+        for row in rows
+    ]
 
 
-def format_list(result: dict[str, Any]) -> str:
-    msgs = result["messages"]
-    if not msgs:
-        return "The queue is empty." if result["count"] == 0 else ""
+LIST_HEADER = ["QUEUE ID", "STATE", "SIZE", "AGE", "SENDER", "RECIPIENTS"]
+LIST_RIGHT = (2, 3)
+
+
+def list_rows(msgs: list[dict[str, Any]]) -> list[list[str]]:
+    """The C{queue list} table's rows of C{msgs}."""
     rows = []
     for m in msgs:
         rcpts = m["recipients"]
@@ -205,10 +216,21 @@ def format_list(result: dict[str, Any]) -> str:
             m["queue_id"], m["state"], human_size(m["size"]), human_age(m["age"]),
             m["sender"] or "<>", rdesc,
         ])
-    total = sum(m["size"] for m in msgs)
-    text = table(rows, ["QUEUE ID", "STATE", "SIZE", "AGE", "SENDER", "RECIPIENTS"], right=(2, 3))
-    shown = f"{len(msgs)} of {result['count']}" if len(msgs) != result["count"] else str(len(msgs))
-    return text + f"\n-- {shown} message(s), {human_size(total)} bytes"
+    return rows
+
+
+def list_footer(shown: int, count: int, size: int) -> str:
+    """The last line of the C{queue list} table."""
+    of = f"{shown} of {count}" if shown != count else str(shown)
+    return f"-- {of} message(s), {human_size(size)} bytes"
+
+
+def format_list(result: dict[str, Any]) -> str:
+    msgs = result["messages"]
+    if not msgs:
+        return "The queue is empty." if result["count"] == 0 else ""
+    text = table(list_rows(msgs), LIST_HEADER, right=LIST_RIGHT)
+    return text + "\n" + list_footer(len(msgs), result["count"], sum(m["size"] for m in msgs))
 
 
 def format_show(m: dict[str, Any]) -> str:
@@ -317,40 +339,89 @@ def _missing_shards(result: Any) -> None:
 IDS_PAGE = 50_000
 """Queue ids asked for per request by C{queue list --ids}."""
 
+LIST_PAGE = 5_000
+"""Messages asked for per request by the C{queue list} table."""
+
+
+def pages(
+    client: AdminClient, query: dict[str, Any], limit: int | None, size: int, missing: set[int],
+) -> Iterator[dict[str, Any]]:
+    """
+    The answers to C{GET /api/queue?query}, oldest first, up to C{limit}
+    messages in all, C{size} a request: each request carries the previous
+    page's last message as its cursor (C{after}), so neither the node nor
+    this process ever holds the whole listing (a million ids in one answer
+    took the node's RSS from 1411 to 1832 MiB). Messages that arrive while
+    it runs may be listed (up to a page more than the first answer
+    counted); one that leaves meanwhile may be too. The loop is bounded by
+    the first answer's count. The worker shards that did not answer some
+    page are added to C{missing}.
+    """
+    got, after, total = 0, None, None
+    count = 1
+    while total is None or count <= total // size + 2:
+        want = size if limit is None else min(size, limit - got)
+        if want <= 0 and total is not None:
+            return  # (the first request is made whatever the limit: the node judges it, and counts)
+        page = client.request("GET", "/api/queue", query={
+            **query, "limit": want, **({"after": after} if after else {}),
+        })
+        msgs = page["messages"]
+        got += len(msgs)
+        missing.update(page.get("missing_shards") or ())
+        if total is None:
+            total = int(page["count"])
+        yield page
+        if not msgs or len(msgs) < want:
+            return
+        last = msgs[-1]
+        after = f"{last['arrival']!r}:{last['queue_id']}"
+        count += 1
+
 
 def list_ids(client: AdminClient, filters: dict[str, Any], limit: int | None, out: TextIO) -> dict[str, Any]:
     """
     Print the queue ids of a listing, one a line, oldest first, a page of
-    L{IDS_PAGE} at a time: each request carries the previous page's last
-    message as its cursor (C{after}), so neither the node nor this process
-    ever holds the whole listing (a million ids in one answer took the
-    node's RSS from 1411 to 1832 MiB). Messages that arrive while it runs
-    may be listed (up to a page more than the first answer counted); one
-    that leaves meanwhile may be too.
+    L{IDS_PAGE} at a time (L{pages}).
 
     @return: C{{"missing_shards": [...]}}, the worker shards that did not
         answer some page.
     """
     missing: set[int] = set()
-    printed, after, total = 0, None, None
-    pages = 1
-    while total is None or pages <= total // IDS_PAGE + 2:
-        want = IDS_PAGE if limit is None else min(IDS_PAGE, limit - printed)
-        if want <= 0:
-            break
-        query = {**filters, "ids": "1", "limit": want, **({"after": after} if after else {})}
-        page = client.request("GET", "/api/queue", query=query)
+    for page in pages(client, {**filters, "ids": "1"}, limit, IDS_PAGE, missing):
+        out.writelines(m["queue_id"] + "\n" for m in page["messages"])
+    return {"missing_shards": sorted(missing)}
+
+
+def list_table(client: AdminClient, filters: dict[str, Any], limit: int | None, out: TextIO) -> dict[str, Any]:
+    """
+    Print the C{queue list} table a page of L{LIST_PAGE} messages at a time
+    (L{pages}), as C{mailq} streams its output: a listing that fits one page
+    is printed as L{format_list} prints it; a longer one keeps the first
+    page's column widths (a wider cell later widens its own line only), and
+    its last line counts every page.
+
+    @return: C{{"missing_shards": [...]}}, as L{list_ids}.
+    """
+    missing: set[int] = set()
+    widths: list[int] | None = None
+    shown = size = count = 0
+    for page in pages(client, filters, limit, LIST_PAGE, missing):
         msgs = page["messages"]
-        out.writelines(m["queue_id"] + "\n" for m in msgs)
-        printed += len(msgs)
-        missing.update(page.get("missing_shards") or ())
-        if total is None:
-            total = int(page["count"])
-        if len(msgs) < want:
-            break
-        last = msgs[-1]
-        after = f"{last['arrival']!r}:{last['queue_id']}"
-        pages += 1
+        if widths is None:
+            count = int(page["count"])
+            if not msgs:
+                out.write("The queue is empty.\n" if count == 0 else "")
+                break
+        rows = list_rows(msgs)
+        if widths is None:
+            widths = column_widths(rows, LIST_HEADER)
+            rows = [LIST_HEADER, *rows]
+        out.writelines(line + "\n" for line in table_lines(rows, widths, LIST_RIGHT))
+        shown += len(msgs)
+        size += sum(m["size"] for m in msgs)
+    if shown:
+        out.write(list_footer(shown, count, size) + "\n")
     return {"missing_shards": sorted(missing)}
 
 
@@ -365,8 +436,9 @@ def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextI
             out.write(text + "\n")
 
     if cmd == "list":
-        if args.ids and not args.json:
-            _missing_shards(list_ids(client, _filters(args), args.limit, out))
+        if not args.json:
+            show = list_ids if args.ids else list_table
+            _missing_shards(show(client, _filters(args), args.limit, out))
             return 0
         result = client.request("GET", "/api/queue", query={**_filters(args), "limit": args.limit})
         emit(result, format_list(result))
