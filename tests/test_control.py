@@ -251,19 +251,21 @@ class PagedNode:
             rest = [i for i in rest if (i["arrival"], i["queue_id"]) > (float(arrival), qid)]
         if query["limit"] < 0:
             raise AdminError(400, "limit must be a non-negative integer")
-        return {"count": len(rest), "messages": rest[:query["limit"]], "missing_shards": []}
+        return {"count": len(rest), "messages": rest[:query["limit"]]}
 
 
 def test_queue_list_table_pages_through_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     C{queue list} prints its table a page at a time: one page prints as
-    L{format_list} does; more keep the first page's widths (a wider cell
-    widens its own line only), in order, with one footer counting them all;
-    C{--limit} stops it; a limit the node refuses is its error.
+    one L{table} (the whole listing's widths); more keep the first page's
+    widths (a wider cell widens its own line only), in order, with one
+    footer counting them all; C{--limit} stops it; a limit the node
+    refuses is its error.
     """
     items = [item(f"Q{k}", 600 - k, [(f"r{k}@x.test", "deferred")]) for k in range(7)]
     items[5]["sender"] = "a-much-longer-sender@somewhere.example"
-    one = queuecli.format_list({"count": 7, "messages": sorted(items, key=lambda i: i["arrival"])})
+    rows = queuecli.list_rows(sorted(items, key=lambda i: i["arrival"]))
+    one = queuecli.table(rows, queuecli.LIST_HEADER, queuecli.LIST_RIGHT) + "\n" + queuecli.list_footer(7, 7, 700)
     node = PagedNode(items)
     out = io.StringIO()
     assert queuecli.list_table(node, {"state": None}, None, out) == {"missing_shards": []}
@@ -295,6 +297,38 @@ def test_queue_list_table_pages_through_the_queue(monkeypatch: pytest.MonkeyPatc
         queuecli.list_table(PagedNode(items), {}, -1, io.StringIO())
     with pytest.raises(AdminError):
         queuecli.list_ids(PagedNode(items), {}, -1, io.StringIO())
+
+
+def test_queue_list_json_pages_through_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    C{queue list --json} writes, a page at a time, the very text that
+    C{json.dumps(indent=2)} makes of the whole answer; a node with workers
+    gets its C{missing_shards} last; an empty queue is an empty list.
+    """
+    items = [item(f"Q{k}", 600 - k, [(f"r{k}@x.test", "deferred")]) for k in range(5)]
+    items[1]["sender"] = "b\u00e9\u2028\"x\"@s.example"  # a line separator: not a line of the JSON
+    whole = {"count": 5, "messages": sorted(items, key=lambda i: i["arrival"])}
+    for page in (1000, 2, 1):
+        monkeypatch.setattr(queuecli, "LIST_PAGE", page)
+        out = io.StringIO()
+        assert queuecli.list_json(PagedNode(items), {}, None, out) == {"missing_shards": []}
+        assert out.getvalue() == json.dumps(whole, indent=2, ensure_ascii=False) + "\n"
+    out = io.StringIO()
+    queuecli.list_json(PagedNode(items), {}, 3, out)
+    assert json.loads(out.getvalue()) == {"count": 5, "messages": whole["messages"][:3]}
+
+    class Workers(PagedNode):
+        def request(self, *a: Any, **kw: Any) -> Any:
+            return {**super().request(*a, **kw), "missing_shards": [2] if len(self.queries) == 2 else []}
+
+    out = io.StringIO()
+    assert queuecli.list_json(Workers(items), {}, None, out) == {"missing_shards": [2]}
+    assert out.getvalue() == json.dumps({**whole, "missing_shards": [2]}, indent=2, ensure_ascii=False) + "\n"
+    for node in (PagedNode([]), Workers([])):
+        out = io.StringIO()
+        queuecli.list_json(node, {}, None, out)
+        empty = {"count": 0, "messages": [], **({"missing_shards": []} if isinstance(node, Workers) else {})}
+        assert out.getvalue() == json.dumps(empty, indent=2) + "\n"
 
 
 def test_unreachable_node_exit_status(tmp_path: Path) -> None:

@@ -569,6 +569,17 @@ def test_list_pages_with_a_cursor_across_shards(fleet: Fleet, monkeypatch: pytes
     lines = out.splitlines()
     assert code == 0 and lines[0].startswith("QUEUE ID") and [line.split()[0] for line in lines[1:-1]] == every
     assert lines[-1].startswith("-- 7 message(s), ") and [q["limit"] for q in requests] == [2, 2, 2, 2]
+    # And --json: the same document as the whole listing's, a page at a time.
+    del requests[:]
+    code, out = fleet.queue_cli("list", "--json")
+    asked = [q["limit"] for q in requests]
+    whole = fleet.api("GET", "/api/queue")
+
+    def timeless(listing: dict[str, Any]) -> dict[str, Any]:
+        return {**listing, "messages": [{k: v for k, v in m.items() if k != "age"} for m in listing["messages"]]}
+
+    assert code == 0 and timeless(json.loads(out)) == timeless(whole)
+    assert [m["queue_id"] for m in whole["messages"]] == every and asked == [2, 2, 2, 2]
     for bad in ("nope", "1.5", "inf:Q1", "1.5:../x", ":Q1"):
         assert fleet.error("GET", "/api/queue", after=bad).status == 400
 

@@ -225,14 +225,6 @@ def list_footer(shown: int, count: int, size: int) -> str:
     return f"-- {of} message(s), {human_size(size)} bytes"
 
 
-def format_list(result: dict[str, Any]) -> str:
-    msgs = result["messages"]
-    if not msgs:
-        return "The queue is empty." if result["count"] == 0 else ""
-    text = table(list_rows(msgs), LIST_HEADER, right=LIST_RIGHT)
-    return text + "\n" + list_footer(len(msgs), result["count"], sum(m["size"] for m in msgs))
-
-
 def format_show(m: dict[str, Any]) -> str:
     now = time.time()
     lines = [
@@ -397,7 +389,7 @@ def list_table(client: AdminClient, filters: dict[str, Any], limit: int | None, 
     """
     Print the C{queue list} table a page of L{LIST_PAGE} messages at a time
     (L{pages}), as C{mailq} streams its output: a listing that fits one page
-    is printed as L{format_list} prints it; a longer one keeps the first
+    is one plain L{table}; a longer one keeps the first
     page's column widths (a wider cell later widens its own line only), and
     its last line counts every page.
 
@@ -425,6 +417,38 @@ def list_table(client: AdminClient, filters: dict[str, Any], limit: int | None, 
     return {"missing_shards": sorted(missing)}
 
 
+def list_json(client: AdminClient, filters: dict[str, Any], limit: int | None, out: TextIO) -> dict[str, Any]:
+    """
+    Print C{queue list --json}: the API's answer as one JSON document, the
+    same text as C{json.dumps(answer, indent=2)} of one whole listing, but
+    asked for and written a page of L{LIST_PAGE} at a time (L{pages}).
+    The count is the first answer's; C{missing_shards} (a node with
+    workers) closes it: the shards that did not answer some page.
+
+    @return: C{{"missing_shards": [...]}}, as L{list_ids}.
+    """
+    missing: set[int] = set()
+    items = 0
+    fleet = None
+    for page in pages(client, filters, limit, LIST_PAGE, missing):
+        if fleet is None:
+            out.write('{\n  "count": ' + _nested(page["count"], 1) + ',\n  "messages": [')
+        fleet = "missing_shards" in page
+        for m in page["messages"]:
+            out.write((",\n    " if items else "\n    ") + _nested(m, 2))
+            items += 1
+    out.write("\n  ]" if items else "]")
+    if fleet:
+        out.write(',\n  "missing_shards": ' + _nested(sorted(missing), 1))
+    out.write("\n}\n")
+    return {"missing_shards": sorted(missing)}
+
+
+def _nested(value: Any, level: int) -> str:
+    """C{value} as C{json.dumps(..., indent=2)} writes it C{level} levels deep."""
+    return json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n" + "  " * level)
+
+
 def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextIO) -> int:
     """Run one C{relaynet queue} subcommand; @return: the exit status."""
     cmd = args.queue_command
@@ -436,13 +460,9 @@ def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextI
             out.write(text + "\n")
 
     if cmd == "list":
-        if not args.json:
-            show = list_ids if args.ids else list_table
-            _missing_shards(show(client, _filters(args), args.limit, out))
-            return 0
-        result = client.request("GET", "/api/queue", query={**_filters(args), "limit": args.limit})
-        emit(result, format_list(result))
-        _missing_shards(result)
+        # --json: summaries whether or not --ids is given, as the API's answer.
+        show = list_json if args.json else list_ids if args.ids else list_table
+        _missing_shards(show(client, _filters(args), args.limit, out))
         return 0
     if cmd == "show":
         result = client.request("GET", f"/api/queue/{urllib.parse.quote(args.queue_id)}")
