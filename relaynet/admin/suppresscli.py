@@ -22,7 +22,6 @@ from typing import Any, TextIO
 from relaynet.admin.queuecli import AdminClient, AdminError, admin_endpoint_of, table
 from relaynet.config import ConfigError
 from relaynet.queue.classify import CLASSES
-from relaynet.queue.suppression import export_csv, export_jsonl, parse_import_records
 
 DESCRIPTION = """\
 The suppression list of a running node (docs/suppression.md): recipients
@@ -101,6 +100,8 @@ def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextI
     if cmd == "import":
         try:
             text = stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+            from relaynet.queue.suppression import parse_import_records
+
             records = [r for _, r in parse_import_records(text)]
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise UsageError(f"{args.file}: {e}") from None
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextI
         return 0
     if cmd == "export":
         entries = client.request("GET", "/api/suppression")["entries"]
+        from relaynet.queue.suppression import export_csv, export_jsonl
+
         data = export_jsonl(entries) if args.format == "jsonl" else export_csv(entries)
         if args.file in (None, "-"):
             out.write(data)
