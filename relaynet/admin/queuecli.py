@@ -350,8 +350,8 @@ def pages(
     page are added to C{missing}.
     """
     got, after, total = 0, None, None
-    count = 1
-    while total is None or count <= total // size + 2:
+    requests = 1
+    while total is None or requests <= total // size + 2:
         want = size if limit is None else min(size, limit - got)
         if want <= 0 and total is not None:
             return  # (the first request is made whatever the limit: the node judges it, and counts)
@@ -368,7 +368,7 @@ def pages(
             return
         last = msgs[-1]
         after = f"{last['arrival']!r}:{last['queue_id']}"
-        count += 1
+        requests += 1
 
 
 def list_ids(client: AdminClient, filters: dict[str, Any], limit: int | None, out: TextIO) -> dict[str, Any]:
@@ -389,9 +389,9 @@ def list_table(client: AdminClient, filters: dict[str, Any], limit: int | None, 
     """
     Print the C{queue list} table a page of L{LIST_PAGE} messages at a time
     (L{pages}), as C{mailq} streams its output: a listing that fits one page
-    is one plain L{table}; a longer one keeps the first
-    page's column widths (a wider cell later widens its own line only), and
-    its last line counts every page.
+    is one plain L{table}; a longer one keeps the first page's column widths
+    (a wider cell later widens its own line only), and its last line counts
+    every page.
 
     @return: C{{"missing_shards": [...]}}, as L{list_ids}.
     """
