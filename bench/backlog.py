@@ -69,14 +69,15 @@ def queue_cli(config: Path, *args: str, timeout: float = 120.0) -> tuple[float, 
 
 
 # Paces for the estimate (2-core VM, 5 KB, 20 sessions): messages per second.
-_PACE = {"accept_down": 700.0, "drain": 2000.0, "steady": 700.0, "recover": 12000.0, "list_ids": 30000.0}
+_PACE = {"accept_down": 700.0, "drain": 2000.0, "steady": 700.0, "recover": 12000.0, "list_ids": 30000.0,
+         "list_table": 12000.0}
 
 
 def estimate_seconds(messages: int) -> float:
     """Seconds a run of C{messages} should take on the 2-core reference VM."""
     return (messages / _PACE["accept_down"] + messages / _PACE["drain"]
             + min(messages, 20000) / _PACE["steady"] + messages / _PACE["recover"]
-            + messages / _PACE["list_ids"] + 30.0)
+            + messages / _PACE["list_ids"] + messages / _PACE["list_table"] + 30.0)
 
 
 def scaled(base: float, messages: int, per_second: float) -> float:
@@ -210,12 +211,24 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             t_all, out_all = queue_cli(node.config, "list", "--ids", timeout=cli_timeout)
         finally:
             listing_rss.stopped.set()
+        ids_peak = max(listing_rss.take(), rss.take())
+        listed = len(out_all.split())
+        del out_all
+        # And the table of every message (pages of 5,000 with summaries).
+        table_rss = RssPeak(node.pid, interval=0.05)
+        table_rss.start()
+        try:
+            t_table, out_table = queue_cli(node.config, "list", timeout=cli_timeout)
+        finally:
+            table_rss.stopped.set()
         result["admin_full"] = {
             "summary_s": t_sum, "list20_s": t_list, "list_all_ids_s": t_all,
-            "listed": len(out_all.split()),
-            "rss_peak_kb": max(listing_rss.take(), rss.take()),
+            "listed": listed,
+            "rss_peak_kb": ids_peak,
+            "list_all_table_s": t_table, "table_lines": out_table.count("\n"),
+            "table_rss_peak_kb": max(table_rss.take(), rss.take()),
         }
-        del out_all
+        del out_table
         log(f"backlog: {admin.queued()} queued; RSS (all processes) {result['rss_kb'] / 1024:.0f} MiB, "
             f"peak {result['rss_peak_kb'] / 1024:.0f} MiB; summary {t_sum:.2f} s, list --ids {t_all:.2f} s")
 
@@ -320,7 +333,9 @@ def report(r: dict) -> str:
         f"list --limit 20 <= {a['list20_max_s']:.2f} s",
         f"  admin with the backlog: summary {f['summary_s']:.2f} s, list --limit 20 {f['list20_s']:.2f} s, "
         f"list --ids (all {f['listed']}) {f['list_all_ids_s']:.2f} s"
-        + (f", sampled peak RSS {mib(f['rss_peak_kb'])}" if f.get("rss_peak_kb") else ""),
+        + (f", sampled peak RSS {mib(f['rss_peak_kb'])}" if f.get("rss_peak_kb") else "")
+        + (f"; list (the table, {f['table_lines']} lines) {f['list_all_table_s']:.2f} s, sampled peak RSS "
+           f"{mib(f['table_rss_peak_kb'])}" if "list_all_table_s" in f else ""),
         f"  restart: first 220 after {rs['greeting_s']:.2f} s, every worker up after "
         f"{rs.get('workers_up_s', rs['greeting_s']):.2f} s, whole backlog known (recovered) after "
         f"{rs['all_known_s']:.2f} s",

@@ -547,6 +547,7 @@ def test_backlog_tiny_with_workers(tmp_path: Path) -> None:
     assert r["workers"] == 2 and r["processes"] == 5
     assert len(r["restart"]["status"]["workers"]) == 2
     assert r["admin_full"]["listed"] == 200
+    assert r["admin_full"]["table_lines"] == 202 and "list (the table, 202 lines)" in proc.stdout  # header, footer
     assert r["drain"]["sink_received"] >= 200 and r["drain"]["files_left"] == 0
     assert r["rss_kb"] > 0 and r["rss_peak_kb"] >= r["rss_kb"]
 
