@@ -323,17 +323,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """
-    The argument parser of the C{relaynet} command.
-
-    @param command: the command the parser is for (the first argument), if
-        it is not C{lab}: C{lab}'s many subcommands then get no parser of
-        their own. Building them imports the lab's modules (the soak's
-        parser, in its module, brings the lab's control and DNS code):
-        about 0.25 s of each C{relaynet queue} command's 0.4 s, which an
-        admin feels on a busy node.
-    """
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the C{relaynet} command."""
     parser = Parser(
         prog="relaynet", description="relaynet: a store-and-forward SMTP relay network."
     )
@@ -391,12 +382,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
-    from relaynet.lab import cli as lab_cli
+    from relaynet.lab.cli import add_lab_parser
 
-    if command is None or command == "lab":
-        lab_cli.add_lab_parser(sub)
-    else:
-        sub.add_parser("lab", help=lab_cli.HELP)
+    add_lab_parser(sub)
     from relaynet.admin.queuecli import add_queue_parser
 
     add_queue_parser(sub)
@@ -451,7 +439,7 @@ def _run(argv: list[str]) -> int:
         # Everything after "bench" belongs to bench/run.py (argparse would
         # reject its options here).
         return _bench(argparse.Namespace(args=argv[1:]))
-    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else None)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -26,7 +26,6 @@ from relaynet.lab.soak import (
     MAX_SIZE,
     MIN_SIZE,
     SoakReport,
-    add_soak_parser,
     overlay_config,
     percentile,
     pick_recipients,
@@ -35,6 +34,7 @@ from relaynet.lab.soak import (
     soak_message,
     summarise,
 )
+from relaynet.lab.soakcli import add_soak_parser
 from relaynet.lab.state import Lab
 
 TOPOLOGIES = Path(__file__).parent.parent / "topologies"

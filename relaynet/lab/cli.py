@@ -532,13 +532,10 @@ def _where(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lab", help="the lab's name: same as --dir var/lab/NAME")
 
 
-HELP = "run and drive lab topologies (see topologies/ and docs/lab.md)"
-"""What C{relaynet --help} says of C{relaynet lab}."""
-
-
 def add_lab_parser(sub: Any) -> None:
     """Register C{relaynet lab} and its subcommands on C{sub}."""
-    p = sub.add_parser("lab", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("lab", help="run and drive lab topologies (see topologies/ and docs/lab.md)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     p.error = _OneLineParser.error.__get__(p)
     lab = p.add_subparsers(dest="lab_command", metavar="LAB-COMMAND", parser_class=_OneLineParser)
@@ -629,7 +626,7 @@ def add_lab_parser(sub: Any) -> None:
     s.add_argument("-o", "--output", help="SVG file (default <labdir>/topology.svg)")
     s.set_defaults(func=_guard(_draw))
 
-    from relaynet.lab.soak import add_soak_parser
+    from relaynet.lab.soakcli import add_soak_parser
 
     add_soak_parser(lab)
 

@@ -60,6 +60,7 @@ from relaynet.lab import check, control, netns, procs
 from relaynet.lab.observe import EventIndex, lab_events, read_events
 from relaynet.lab.traffic import percentile
 from relaynet.lab.state import Lab, LabError, node_alive, pid_state
+from relaynet.lab.soakcli import FAULT_KINDS
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.traffic import QUEUED_AS, _close, _transaction, read_sent
 
@@ -71,7 +72,6 @@ MAX_SIZE = 1024 * 1024
 USER_PREFIX = "soak-r"
 NOUSER_PREFIX = "soak-nouser-"
 DEFER_LABEL = "soak-defer"
-FAULT_KINDS = ("kill", "power", "disk", "link")
 RELOAD_TIMEOUT = 15.0
 POLL = 0.05
 
@@ -1048,15 +1048,8 @@ def run_soak(lab: Lab, plan: SoakPlan, say: Say = _quiet) -> SoakReport:
 # -- command line ------------------------------------------------------------
 
 
-def _fault_list(text: str) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    bad = [k for k in kinds if k not in FAULT_KINDS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown fault kind(s) {', '.join(bad)} (known: {', '.join(FAULT_KINDS)})")
-    return kinds
-
-
-def _soak(args: argparse.Namespace) -> int:
+def soak_command(args: argparse.Namespace) -> int:
+    """C{relaynet lab soak} (its arguments: L{relaynet.lab.soakcli.add_soak_parser})."""
     import inspect
 
     from relaynet.lab.cli import _ranges, _say
@@ -1091,46 +1084,3 @@ def _soak(args: argparse.Namespace) -> int:
         print(report.format())
     sys.stdout.flush()
     return 0 if report.ok else 1
-
-
-def add_soak_parser(lab_subparsers: Any) -> None:
-    """
-    Register C{relaynet lab soak} on the subparsers of C{relaynet lab}
-    (C{relaynet.lab.cli.add_lab_parser} calls it).
-    """
-    from relaynet.lab.cli import (
-        _guard,
-        _number,
-        _positive_int,
-        _positive_seconds,
-        _seconds,
-    )
-
-    s = lab_subparsers.add_parser(
-        "soak", help="steady mixed load under a seeded fault schedule, then drain and check: a self-checking soak")
-    s.add_argument("topology", help="topology file (TOML), e.g. topologies/chain3.toml")
-    s.add_argument("--minutes", type=_number(float, 0, strict=True), default=10.0,
-                   help="minutes of load and faults (default 10), before the drain")
-    s.add_argument("--dir", help="lab directory (default ./var/lab/<topology name>, as lab up)")
-    s.add_argument("--netns", action="store_true", help="start the lab with --netns (needed for link faults)")
-    s.add_argument("--power-fs", action="store_true", help="start the lab with --power-fs (power and disk faults)")
-    s.add_argument("--rate", type=_positive_seconds, default=1.0, help="messages per second (default 1)")
-    s.add_argument("-c", "--concurrency", type=_positive_int, default=4, help="SMTP sessions (default 4)")
-    s.add_argument("--seed", type=int, default=None, help="random seed: replays the load and the fault schedule")
-    s.add_argument("--faults", type=_fault_list, default=FAULT_KINDS, metavar="KINDS",
-                   help="comma-separated fault kinds: kill,power,disk,link (default all; those the lab"
-                        " cannot do are skipped with one line)")
-    s.add_argument("--target", action="append", metavar="NODE",
-                   help="node faults may hit (repeatable; default every node but the entry)")
-    s.add_argument("--interval", type=_seconds, nargs=2, metavar=("MIN", "MAX"),
-                   help="seconds between faults (default 20 40)")
-    s.add_argument("--down", type=_seconds, nargs=2, metavar=("MIN", "MAX"),
-                   help="seconds a node stays dead, a link cut, a disk full (default 1 5)")
-    s.add_argument("--drain", type=_seconds, default=300.0, metavar="S",
-                   help="at most S seconds to wait for the queues to empty after the load (default 300)")
-    s.add_argument("--defer-window", type=_positive_seconds, default=30.0, metavar="S",
-                   help="the last hop defers soak-defer.DOMAIN for S seconds, then delivers it for S, ... (default 30)")
-    s.add_argument("--json", action="store_true", help="print the report as JSON")
-    s.epilog = ("exit status: 0 only when nothing is lost, duplicated or in flight after the drain and every"
-                " bounce was expected; 1 otherwise. The report also goes to <labdir>/soak-RUN.json")
-    s.set_defaults(func=_guard(_soak))
