@@ -517,22 +517,45 @@ class QueueRunner(Service):
             self._reschedule(decision)
             return succeed(decision.ok)
 
+        # What is written: the decision's state, or, if a notice could not
+        # be queued, the state that owes it (QueueCore.unnotified).
+        carried = [decision]
+        unqueued: list[Notice] = []
+
         def write() -> Deferred[Any]:
             d = self._notify(decision.notices)
-            if decision.write is Write.REMOVE:
-                if self.window is not None:
-                    window = self.window
-                    d.addCallback(lambda _: window.retire(entry.envelope))
-                d.addCallback(lambda _: self.spool.remove(entry))
-            else:
-                d.addCallback(lambda _: self.spool.record(entry))
-            return d
+
+            def store(failed: list[Notice]) -> Any:
+                if failed:
+                    unqueued.extend(failed)
+                    owing = carried[0] = self.core.unnotified(decision, failed, self.now())
+                    return None if owing.write is Write.NOTHING else self.spool.record(entry)
+                if decision.write is Write.REMOVE:
+                    rd: Deferred[Any] = succeed(None)
+                    if self.window is not None:
+                        window = self.window
+                        rd.addCallback(lambda _: window.retire(entry.envelope))
+                    return rd.addCallback(lambda _: self.spool.remove(entry))
+                return self.spool.record(entry)
+
+            return d.addCallback(store)
 
         d = self._writes.run(qid, write)
 
+        def owed() -> None:
+            if unqueued and carried[0].write is not Write.NOTHING:
+                due = carried[0].due
+                self.events.emit(
+                    "dsn_deferred", queue_id=qid, sender=entry.envelope.sender,
+                    actions=sorted({n.action for n in unqueued}),
+                    recipients=[r.address for n in unqueued for r in n.reports],
+                    retry_after=None if due is None else round(max(0.0, due - self.now()), 3),
+                )
+
         def written(_: object) -> bool:
             self._emit(decision)
-            self._reschedule(decision)
+            owed()
+            self._reschedule(carried[0])
             return decision.ok
 
         def failed(f: Failure) -> bool:
@@ -540,7 +563,8 @@ class QueueRunner(Service):
             # records it. Retry the message later rather than never.
             self.log.failure("Could not record the state of {queue_id}", f, queue_id=qid)
             self._emit(decision)
-            if decision.write is Write.REMOVE and entry is not None and qid not in self.core:
+            owed()
+            if carried[0].write is Write.REMOVE and entry is not None and qid not in self.core:
                 # Its file is still queued (a full disk kept the window's
                 # journal or the unlink from happening): the message stays
                 # known, with its recipients' outcomes in memory, so that a
@@ -589,11 +613,20 @@ class QueueRunner(Service):
 
     @inlineCallbacks
     def _notify(self, notices: tuple[Notice, ...]) -> Any:
+        """
+        Queue C{notices}, each a DSN message of its own.
+
+        @return: (a Deferred firing with) those that could not be queued.
+        """
+        unqueued = []
         for notice in notices:
             try:
                 yield self._send_dsn(notice)
             except Exception:
-                self.log.failure("Could not queue a DSN for {queue_id}", queue_id=notice.entry.queue_id)
+                self.log.failure("Could not queue a DSN for {queue_id}; it is owed and tried again",
+                                 queue_id=notice.entry.queue_id)
+                unqueued.append(notice)
+        return unqueued
 
     @inlineCallbacks
     def _send_dsn(self, notice: Notice) -> Any:

@@ -162,13 +162,20 @@ def new_entry(rng: random.Random, n: int, now: float, recovered: bool = False) -
     return _Entry(env, state, f"/nonexistent/Q{n}", 0)
 
 
+def unnotified(rng: random.Random, core: QueueCore, decision: Decision | None, now: float) -> None:
+    """Now and then, some notices of C{decision} could not be queued (a full disk): the message owes them."""
+    if decision is not None and decision.entry is not None and decision.notices and rng.random() < 0.5:
+        core.unnotified(decision, rng.sample(decision.notices, rng.randint(1, len(decision.notices))), now)
+
+
 @settings(max_examples=150, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 120))
 def test_counters_equal_a_walk_after_random_operations(seed: int, steps: int) -> None:
     """
     After any sequence of adds (new, recovered, re-added), attempts begun and
     finished (any outcomes, forgotten recipients), expiries, holds, releases,
-    deletes and bounces, the kept counters and order equal a walk's.
+    deletes and bounces, and notices that could not be queued (owed), the
+    kept counters and order equal a walk's.
     """
     rng = random.Random(seed)
     core = QueueCore(POLICY, delay_warning=rng.choice([0.0, 60.0]))
@@ -195,10 +202,11 @@ def test_counters_equal_a_walk_after_random_operations(seed: int, steps: int) ->
                 plans[qid] = got
             else:
                 assert got is None or isinstance(got, Decision)
+                unnotified(rng, core, got, now)
         elif op == "finish" and plans:
             plan = plans.pop(rng.choice(sorted(plans)))
             outs = [o for o in (outcome(rng, r.address) for r in plan.recipients) if o is not None]
-            core.finish(plan, outs, now)
+            unnotified(rng, core, core.finish(plan, outs, now), now)
         elif op == "hold":
             core.hold(qid)
         elif op == "release":
@@ -207,8 +215,11 @@ def test_counters_equal_a_walk_after_random_operations(seed: int, steps: int) ->
             if core.delete(qid) is not BUSY:
                 plans.pop(qid, None)
         elif op == "bounce":
-            if core.bounce(qid, "returned", now) is not BUSY:
+            got = core.bounce(qid, "returned", now)
+            if got is not BUSY:
                 plans.pop(qid, None)
+                assert isinstance(got, Decision)
+                unnotified(rng, core, got, now)
         elif op == "flush":
             core.flush(qid, now)
         check(core)

@@ -12,6 +12,7 @@ threads runs in the test's own thread (L{ManualThreadPool}); nothing sleeps.
 from __future__ import annotations
 
 import errno
+import mailbox
 import json
 import os
 import smtplib
@@ -358,14 +359,16 @@ maximal_backoff = 600
 
 
 class DeferringHop:
-    """A next hop (the runner's outbound agent) that answers 451 to every recipient."""
+    """A next hop (the runner's outbound agent) that answers 451 (or C{reply}) to every recipient."""
 
-    def __init__(self, first: Callable[[], None]) -> None:
+    def __init__(self, first: Callable[[], None], reply: tuple[int, str, str] = (451, "4.3.0", "try later")) -> None:
         """
         @param first: called as the first attempt starts.
+        @param reply: the code, enhanced code and text of every answer.
         """
         self.attempts = 0
         self._first = first
+        self._reply = reply
 
     def deliver(
         self, endpoint: str, entry: QueueEntry, recipients: list[Recipient],
@@ -374,13 +377,41 @@ class DeferringHop:
         self.attempts += 1
         if self.attempts == 1:
             self._first()
-        return succeed([DeliveryResult(r.address, 451, "4.3.0", "try later", "hop:25") for r in recipients])
+        return succeed([DeliveryResult(r.address, *self._reply, "hop.test:25") for r in recipients])
 
     def close(self) -> None:
         pass
 
     def close_idle(self) -> None:
         pass
+
+
+def attempted_as_the_disk_fills(
+    small_fs: Path, reply: tuple[int, str, str] = (451, "4.3.0", "try later"),
+) -> tuple[ThreadlessReactor, Spool, Filler, DeferringHop, QueueRunner, QueueEntry, list[dict[str, object]]]:
+    """
+    A runner over a Maildir spool on C{small_fs} with one message to
+    b@x.test, attempted once: the hop answers C{reply} and fills the file
+    system as the attempt starts. Also the runner's events.
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    pool = ManualThreadPool(immediate=True)
+    spool = Spool(small_fs / "queue", reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
+    spool.prepare()
+    config = make_config(small_fs, toml=ROUTE)
+    filler = Filler(small_fs)
+    hop = DeferringHop(filler.fill, reply)
+    events: list[dict[str, object]] = []
+    log = EventLog(None, "t", clock=reactor.seconds)
+    log.observers.append(events.append)
+    runner = QueueRunner(config, spool, log, reactor, pool, outbound=hop, now=reactor.seconds)
+    runner.start([])
+    entry = commit(spool, Recipient("b@x.test", route="relay:*"))
+    runner.enqueue(entry)
+    reactor.advance(0)
+    assert hop.attempts == 1
+    return reactor, spool, filler, hop, runner, entry, events
 
 
 def test_runner_records_outcome_after_full_disk(small_fs: Path) -> None:
@@ -391,21 +422,7 @@ def test_runner_records_outcome_after_full_disk(small_fs: Path) -> None:
     attempt's write records both attempts (the first outcome was kept in
     memory, not lost).
     """
-    reactor = ThreadlessReactor()
-    reactor.advance(EPOCH)
-    pool = ManualThreadPool(immediate=True)
-    spool = Spool(small_fs / "queue", reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
-    spool.prepare()
-    config = make_config(small_fs, toml=ROUTE)
-    filler = Filler(small_fs)
-    hop = DeferringHop(filler.fill)
-    runner = QueueRunner(config, spool, EventLog(None, "t", clock=reactor.seconds), reactor, pool,
-                         outbound=hop, now=reactor.seconds)
-    runner.start([])
-    entry = commit(spool, Recipient("b@x.test", route="relay:*"))
-    runner.enqueue(entry)
-    reactor.advance(0)
-    assert hop.attempts == 1
+    reactor, spool, filler, hop, runner, entry, _ = attempted_as_the_disk_fills(small_fs)
     assert list(spool.tmp_dir.iterdir()) == []
     assert not (spool.state_dir / entry.queue_id).exists()
 
@@ -415,6 +432,46 @@ def test_runner_records_outcome_after_full_disk(small_fs: Path) -> None:
     [recovered] = list(spool.recover())
     assert recovered.state.recipients["b@x.test"].attempts == 2
     assert list(spool.tmp_dir.iterdir()) == []
+    runner.stopService()
+
+
+def test_a_dsn_the_full_disk_refuses_is_owed_then_sent(small_fs: Path) -> None:
+    """
+    The next hop refuses the recipient as the disk fills up: neither the
+    DSN (C{ENOSPC} from a real file system) nor the state can be written.
+    The message stays queued, owing its DSN; tried again while the disk is
+    full, its recipient is not tried again. Once there is space, the next
+    attempt writes the DSN and removes the message, and the DSN reaches the
+    sender's Maildir: a multipart/report whose delivery-status part the
+    standard library's mailbox and email parsers read as the recipient's
+    failure.
+    """
+    reactor, spool, filler, hop, runner, entry, events = attempted_as_the_disk_fills(
+        small_fs, (550, "5.1.1", "no such user"))
+    assert [e.queue_id for e in spool.recover()] == [entry.queue_id]
+    assert [ev["event"] for ev in events] == ["bounced", "dsn_deferred"]
+
+    reactor.advance(60)  # the disk is still full
+    assert hop.attempts == 1 and entry.queue_id in runner
+    assert [e.queue_id for e in spool.recover()] == [entry.queue_id]
+
+    filler.free()
+    reactor.advance(60)
+    assert entry.queue_id not in runner
+    reactor.advance(0)
+    assert hop.attempts == 1  # the recipient was tried once
+    assert list(spool.recover()) == []
+    # The DSN went to the sender's mailbox (localhost is local).
+    [dsn] = [ev for ev in events if ev["event"] == "dsn"]
+    assert (dsn["original_queue_id"], dsn["recipient"], dsn["action"]) == (entry.queue_id, "a@localhost", "failed")
+    [report] = list(mailbox.Maildir(runner.config.local.mailroot / "localhost" / "a" / "Maildir", create=False))
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    per_message, per_recipient = status.get_payload()
+    assert per_recipient["Final-Recipient"] == "rfc822; b@x.test"
+    assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "5.1.1")
+    assert per_recipient["Remote-MTA"] == "dns; hop.test"
     runner.stopService()
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relaynet.delivery.client import DeliveryResult
 from relaynet.events import EventLog
-from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool
+from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool, SpoolFull
 from relaynet.runner import QueueRunner, SerialWrites
 from relaynet.testing import EPOCH, ManualThreadPool, PumpedReactor, ThreadlessReactor, make_config
 from relaynet.testing.spool import MemorySpool
@@ -371,6 +371,82 @@ def test_a_removal_the_disk_refuses_is_tried_again_without_delivering_again(tmp_
     assert e.queue_id not in runner and spool.count() == 0
     assert not hop.pending and hop.accepted[(e.queue_id, "a@x.test")] == 1
     assert [ev["event"] for ev in events if ev.get("queue_id") == e.queue_id] == ["sent"]
+
+
+@pytest.mark.parametrize("how", ["refused", "admin bounce"])
+def test_a_dsn_the_disk_refuses_is_owed_not_lost(tmp_path: Path, how: str) -> None:
+    """
+    A recipient bounces (the hop refuses it, or the admin bounces the
+    message) while the disk is full, so its DSN cannot be queued: the
+    message stays queued, deferred, owing the DSN. Attempted again while
+    the disk is still full, its recipient is not tried again (it has
+    bounced) and the DSN stays owed; once the disk has room, the next
+    attempt queues the DSN and removes the message. (Found by the power
+    and disk-full soak: the runner logged the DSN as not queued and then
+    removed the message, so the sender never heard of the failure.)
+    """
+    reactor, spool, runner, hop, events, e = one_message_attempted(tmp_path)
+    qid = e.queue_id
+    spool.broken = "No space left on device"
+    if how == "refused":
+        hop.answer(0, 550)
+    else:
+        hop.answer(0, 451)
+        done: list[Any] = []
+        runner.bounce(qid).addBoth(done.append)
+        assert done == [False]  # not recorded: the disk is full
+    [owed] = [ev for ev in events if ev["event"] == "dsn_deferred"]
+    assert (owed["queue_id"], owed["recipients"], owed["actions"]) == (qid, ["a@x.test"], ["failed"])
+    assert qid in runner and spool.count() == 1 and runner.counts()["deferred"] == 1
+    reactor.advance(61)  # minimal_backoff 60: tried again, the disk still full
+    assert qid in runner and spool.count() == 1 and not hop.pending
+    assert not [ev for ev in events if ev["event"] == "dsn"]
+    spool.broken = None
+    reactor.advance(61)
+    assert qid not in runner
+    [dsn] = [ev for ev in events if ev["event"] == "dsn"]
+    assert (dsn["original_queue_id"], dsn["action"], dsn["recipient"]) == (qid, "failed", "s@src.test")
+    # Only the DSN is queued (and on its way to the hop); the bounced recipient was tried once.
+    assert [entry.queue_id for entry in spool.recover()] == [dsn["queue_id"]]
+    assert [(entry.queue_id, [r.address for r in rcpts]) for _, entry, rcpts in hop.pending] == [
+        (dsn["queue_id"], ["s@src.test"])]
+
+
+def test_an_owed_dsn_is_recorded_and_queued_after_a_restart(tmp_path: Path) -> None:
+    """
+    The DSN cannot be queued but the state can be recorded: the state
+    file says which notice is owed, and a node restarted from it queues
+    that DSN (the report the failure gave: status, diagnostic, Remote-MTA)
+    and removes the message, without delivering anything again.
+    """
+    reactor, spool, runner, hop, events, e = one_message_attempted(tmp_path)
+    qid = e.queue_id
+
+    def full(notice: Any) -> Deferred[None]:
+        return fail(SpoolFull("No space left on device"))
+
+    runner._send_dsn = full  # type: ignore[method-assign]
+    hop.answer(0, 550)
+    assert qid in runner and not [ev for ev in events if ev["event"] == "dsn"]
+    [recovered] = spool.recover()
+    assert recovered.state.owed_notices == {"a@x.test": {
+        "action": "failed", "status": "5.1.1", "original_recipient": None, "remote_mta": "hop",
+        "diagnostic": "550 5.1.1 hop says so", "last_attempt": EPOCH,
+    }}
+    assert recovered.state.next_attempt == EPOCH + 60
+    runner.stop()  # the node stops; another starts from the spool
+    restarted, hop2, events2 = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True))
+    restarted.load([recovered])
+    reactor.advance(61)
+    assert qid not in restarted
+    [dsn] = [ev for ev in events2 if ev["event"] == "dsn"]
+    assert (dsn["original_queue_id"], dsn["action"]) == (qid, "failed")
+    assert [entry.queue_id for entry in spool.recover()] == [dsn["queue_id"]]
+    [(_, message, _)] = hop2.pending
+    with message.open_message() as f:
+        text = f.read()
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 hop says so" in text and b"Remote-MTA: dns; hop" in text
+    assert not hop.pending and [ev["event"] for ev in events].count("dsn_deferred") == 1
 
 
 def test_a_delete_the_disk_refuses_leaves_the_message_queued(tmp_path: Path) -> None:

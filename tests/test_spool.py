@@ -285,7 +285,8 @@ class _SpoolContractMixin(_Base):
     def test_record_then_recover(self) -> None:
         """
         A recorded state is recovered with the message: per-recipient
-        outcomes, next attempt, held and delay-warned flags.
+        outcomes, next attempt, held and delay-warned flags, the notices
+        the message owes.
         """
         entry = self.commit("a@localhost", "b@localhost", "c@localhost")
         self.assertFalse(entry.state_written)
@@ -300,6 +301,10 @@ class _SpoolContractMixin(_Base):
             next_attempt=EPOCH + 600.5,
             held=True,
             delay_warned=True,
+            owed_notices={"a@localhost": {
+                "action": "delivered", "status": "2.0.0", "original_recipient": "rfc822;a@localhost",
+                "remote_mta": None, "diagnostic": "delivered to maildir", "last_attempt": EPOCH + 1,
+            }},
         )
         d = self.spool.record(entry)
         self.assertTrue(entry.state_written)

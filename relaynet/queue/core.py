@@ -27,7 +27,10 @@ The transitions of a recipient (L{RecipientStatus}), per attempt outcome::
     any non-final --lifetime over--> bounced      (event "expired", 4.4.7)
     any non-final --admin bounce-->  bounced      (5.0.0)
 
-A message leaves the queue when every recipient is final.
+A message leaves the queue when every recipient is final and every
+delivery status notification it causes is queued. A notice that cannot be
+queued (a full disk) is owed (L{QueueCore.unnotified}): the message stays,
+deferred, and the notice goes with its next attempt.
 
 The core also keeps what the status page, the metrics and the listings read
 without walking the queue: a L{QueueTally} (counts by state, octets,
@@ -141,7 +144,8 @@ class Decision:
     """
     What the runner must do for one message, in this order: queue the
     L{notices} (before the state that causes them is recorded: a crash can
-    repeat a DSN, never lose one), carry out L{write}, emit the L{events},
+    repeat a DSN, never lose one; one that cannot be queued is owed, see
+    L{QueueCore.unnotified}), carry out L{write}, emit the L{events},
     then schedule the message at L{due} (a time; C{None}: do not schedule)
     or, if L{unschedule}, take it off the timetable.
     """
@@ -260,7 +264,7 @@ class QueueCore:
             return MessageState.ACTIVE
         if entry.state.held:
             return MessageState.HOLD
-        if any(s.status is RecipientStatus.DEFERRED for s in entry.state.recipients.values()):
+        if entry.state.owed_notices or any(s.status is RecipientStatus.DEFERRED for s in entry.state.recipients.values()):
             return MessageState.DEFERRED
         return MessageState.INCOMING
 
@@ -345,8 +349,9 @@ class QueueCore:
         pending = entry.pending_recipients()
         if not pending:
             self._out(entry)
+            notices = self._owed(entry, {})
             self._forget(queue_id)
-            return Decision(queue_id, entry, Write.REMOVE, unschedule=True)
+            return Decision(queue_id, entry, Write.REMOVE, notices, unschedule=True)
         if self.policy.expired(entry.envelope.arrival, now):
             outcomes = []
             for r in pending:
@@ -498,7 +503,6 @@ class QueueCore:
                     remote_mta=mta_name(o.remote) if o.remote and o.remote != "local" and o.code else None,
                     diagnostic=o.diagnostic or None, last_attempt=now,
                 ))
-        notices = tuple(Notice(entry, action, tuple(reps)) for action, reps in reports.items())
         if warn and "delayed" in reports:
             entry.state.delay_warned = True
 
@@ -506,6 +510,7 @@ class QueueCore:
         events = []
         current = self._entries.get(qid)
         key = self._out(current) if current is not None else None
+        notices = self._owed(entry, reports)
         for o in outcomes:
             st = entry.state.recipients.setdefault(o.address, RecipientState())
             st.attempts += 1
@@ -543,6 +548,64 @@ class QueueCore:
                 due = now + delay
         return Decision(qid, entry, Write.STATE, notices, tuple(events), due=due)
 
+
+    def _owed(self, entry: QueueEntry, reports: dict[str, list[RecipientReport]]) -> tuple[Notice, ...]:
+        """
+        The notices of C{reports} and those C{entry} owes from earlier
+        (L{unnotified}), which are queued now: C{entry}'s debt is cleared.
+        Call it with C{entry}'s share out of the counters.
+        """
+        owed = entry.state.owed_notices
+        if owed:
+            entry.state.owed_notices = None
+            for address, fields in owed.items():
+                report = RecipientReport(address=address, **fields)
+                reports.setdefault(report.action, []).append(report)
+        return tuple(Notice(entry, action, tuple(reps)) for action, reps in reports.items())
+
+    def unnotified(self, decision: Decision, failed: Iterable[Notice], now: float) -> Decision:
+        """
+        The notices C{failed} of C{decision} could not be queued (a full
+        disk): the message owes them. It stays queued (or is taken back, if
+        C{decision} removed it), in the deferred state, and its next attempt
+        queues them (L{begin} or L{_apply}); until then its state file
+        records them. A delay warning is simply not marked as sent, so a
+        later attempt sends it if it is still due. As Postfix keeps a
+        message whose bounce could not be logged: a notice is never lost;
+        a crash may repeat one.
+
+        @return: the decision to carry out instead of C{decision}'s write:
+            the state recorded, the message attempted again at its due time
+            (C{decision}'s, or after the minimal backoff if it had none).
+        """
+        entry = decision.entry
+        assert entry is not None
+        qid = entry.queue_id
+        current = self._entries.get(qid)
+        if current is None and decision.write is not Write.REMOVE:
+            # Deleted while its notices were being queued: it owes nothing.
+            return Decision(qid, entry, Write.NOTHING, ok=decision.ok)
+        if current is not None:
+            self._out(current)
+            self._forget(qid)
+        owed = dict(entry.state.owed_notices or {})
+        for notice in failed:
+            if notice.action == "delayed":
+                entry.state.delay_warned = False
+                continue
+            for r in notice.reports:
+                owed[r.address] = {
+                    "action": r.action, "status": r.status, "original_recipient": r.original_recipient,
+                    "remote_mta": r.remote_mta, "diagnostic": r.diagnostic, "last_attempt": r.last_attempt,
+                }
+        entry.state.owed_notices = owed or None
+        due = decision.due
+        if due is None and (owed or entry.pending_recipients()):
+            due = now + self.policy.minimal_backoff
+        if due is not None:
+            entry.state.next_attempt = due
+        due = self.add(entry, now)
+        return Decision(qid, entry, Write.STATE, due=due)
 
     def _class(self, o: Outcome) -> str | None:
         """The bounce class of a failure (C{None} for a success)."""

@@ -335,9 +335,13 @@ class QueueState:
     next_attempt: float | None = None
     held: bool = False
     delay_warned: bool = False
+    #: Delivery status notifications owed for final recipients: address ->
+    #: the report (C{RecipientReport}'s fields) of a notice that could not
+    #: be queued (a full disk). The message stays queued until they are.
+    owed_notices: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "version": FORMAT_VERSION,
             "next_attempt": self.next_attempt,
             "held": self.held,
@@ -351,14 +355,19 @@ class QueueState:
                 for a, s in self.recipients.items()
             },
         }
+        if self.owed_notices:
+            data["owed_notices"] = self.owed_notices
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "QueueState":
+        owed = data.get("owed_notices")
         return cls(
             recipients={a: RecipientState(**s) for a, s in data.get("recipients", {}).items()},
             next_attempt=data.get("next_attempt"),
             held=bool(data.get("held", False)),
             delay_warned=bool(data.get("delay_warned", False)),
+            owed_notices={str(a): dict(r) for a, r in owed.items()} if owed else None,
         )
 
 
