@@ -49,7 +49,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relaynet.intake.auth import RelayRealm, ScryptChecker
 from relaynet.intake.http import api_site
-from relaynet.config import ConfigError, NodeConfig
+from relaynet.config import ConfigError, NodeConfig, worker_admin_endpoint
 from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory, drain
 from relaynet.smtp.netio import AdoptedEndpoint, EndpointService, ReusePortEndpoint
@@ -61,6 +61,7 @@ from relaynet.smtp.tls import TLSConfigError, server_options
 
 from relaynet.admin.adapters import IntakeSessions
 from relaynet.admin.api import AdminViews, web_service
+from relaynet.admin.fleet import PeerWindows
 from relaynet.admin.metrics import NodeMetrics
 from relaynet.admin.webhooks import Webhook
 
@@ -276,6 +277,15 @@ class RelayNode(MultiService):
             queued=self.runner.enqueue, cut_through=self.runner.cut_through, window=self.window,
             suppression=self.runner.suppression,
         )
+        # A worker of several: a transfer made again (XTXNAGAIN) may have
+        # been accepted by another worker; it asks their own sites.
+        self.peers: PeerWindows | None = None
+        if config.shard is not None and config.worker_count > 1 and config.admin.enabled:
+            self.peers = PeerWindows(
+                {k: worker_admin_endpoint(config.spool, k) for k in range(config.worker_count) if k != config.shard},
+                reactor,
+            )
+            self.intake.peer_transfers = self.peers.lookup
         sessions = IntakeSessions(self.intake.sessions)
         self.metrics = NodeMetrics(self.runner, sessions, reactor, name=config.name,
                                    listener_modes=lambda: [lst.mode for lst in self.config.listeners])
@@ -592,6 +602,8 @@ class RelayNode(MultiService):
         for svc in self._listeners:
             yield maybeDeferred(svc.stopService)
         yield drain(self.intake, self.reactor)
+        if self.peers is not None:
+            yield self.peers.close()
         for web in self._web:
             yield maybeDeferred(web.stopService)
         if self.recovery is not None:

@@ -37,6 +37,7 @@ from twisted.names import dns, error
 from relaynet.config import NextHop
 from relaynet.queue.core import Outcome
 from relaynet.queue.spool import QueueEntry, Recipient
+from relaynet.queue.window import TransferWindow
 from relaynet.testing.network import NetNode, Network, StoredMail
 
 JITTER = 0.1
@@ -660,6 +661,53 @@ def test_retransmission_after_the_next_hop_restarted_is_recognised() -> None:
     net.advance(60)
     assert len(hop2.mailboxes.delivered("user@dest.test")) == 1
     assert len(hop2.events_named("duplicate")) == 1 and hop1.queued() == []
+
+
+@pytest.mark.parametrize("peer_holds_it", [True, False])
+def test_a_transfer_made_again_may_be_recognised_by_another_worker(peer_holds_it: bool) -> None:
+    """
+    In a node with workers, a transfer made again may reach another worker
+    than the first time (they accept on the same sockets). hop1, restarted
+    after a kill -9, marks its recovered message's transfer C{XTXNAGAIN};
+    the worker of hop2 that gets it does not know it and asks the other
+    workers (C{Intake.peer_transfers}; here, the first worker's window):
+    the answer is 250 with the first worker's queue id, delivered once. If
+    no worker holds it, it is queued again (at least once). A first
+    transfer is not marked, so nobody is asked for it.
+    """
+    net = Network()
+    hop1 = net.add_node("hop1", routes=[relay(net, ["dest.test"], "hop2")], queue=BACKOFF)
+    hop2 = net.add_node("hop2", local_domains=["dest.test"])
+    first_worker = hop2.window
+    asked: list[tuple[str, list[str]]] = []
+
+    def peers(origin: str, digest: str, recipients: list[str]) -> Deferred[str | None]:
+        asked.append((origin, recipients))
+        found = first_worker.match(origin, digest)
+        return succeed(found.queue_id if peer_holds_it and found.all(recipients) else None)
+
+    hop2.intake.peer_transfers = peers
+    hop1.submit("sender@src.test", ["user@dest.test"], message("again"),
+                until=lambda: hop2.events_named("received"))
+    (received,) = hop2.events_named("received")
+    assert asked == []
+    # The transfer made again reaches another worker: its window is empty.
+    hop2.intake.window = TransferWindow(None, 86400, 1000, hop2.reactor.seconds)
+    (qid,) = hop1.queued()
+    hop1.stop()
+    hop1.start()
+    net.advance(60)
+    assert asked == [(f"hop1/{qid}", ["user@dest.test"])]
+    copies = hop2.mailboxes.delivered("user@dest.test")
+    (sent,) = hop1.events_named("sent")
+    if peer_holds_it:
+        assert len(copies) == 1
+        (duplicate,) = hop2.events_named("duplicate")
+        assert duplicate["queue_id"] == received["queue_id"] == sent["next_queue_id"]
+    else:
+        assert len(copies) == 2 and hop2.events_named("duplicate") == []
+        assert sent["next_queue_id"] != received["queue_id"]
+    assert hop1.queued() == []
 
 
 def test_retransmission_is_queued_again_without_the_window() -> None:

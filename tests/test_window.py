@@ -217,6 +217,20 @@ def test_xtxn_is_parsed_only_when_offered() -> None:
     with pytest.raises(CommandError) as e:
         parse_mail(b"FROM:<a@x.test> XTXN=no-slash", size_limit=None, transfer_allowed=True)
     assert (e.value.code, e.value.enhanced) == (501, "5.5.4")
+    assert not req.again
+
+
+def test_xtxnagain_goes_with_xtxn() -> None:
+    """C{XTXNAGAIN}: no value, only beside C{XTXN}, only when offered."""
+    req = parse_mail(b"FROM:<a@x.test> XTXN=hop1/ABC xtxnagain", size_limit=None, transfer_allowed=True)
+    assert (req.transfer, req.again) == ("hop1/ABC", True)
+    for bad, code in ((b"FROM:<a@x.test> XTXNAGAIN", 501), (b"FROM:<a@x.test> XTXN=hop1/A XTXNAGAIN=1", 501)):
+        with pytest.raises(CommandError) as e:
+            parse_mail(bad, size_limit=None, transfer_allowed=True)
+        assert (e.value.code, e.value.enhanced) == (code, "5.5.4")
+    with pytest.raises(CommandError) as e:
+        parse_mail(b"FROM:<a@x.test> XTXN=hop1/ABC XTXNAGAIN", size_limit=None)
+    assert (e.value.code, e.value.enhanced) == (555, "5.5.4")
 
 
 # -- a real node ------------------------------------------------------------------

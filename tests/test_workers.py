@@ -196,6 +196,57 @@ def test_kill9_of_a_worker_under_load_loses_no_acknowledged_message(node: NodePr
     assert node.running()
 
 
+def test_a_transfer_made_again_is_recognised_by_either_worker(node: NodeProcess) -> None:
+    """
+    Exactly once between relaynet hops with workers: a transfer made again
+    (C{XTXN} with C{XTXNAGAIN}, as an upstream sends a message it recovered
+    or attempted before) is answered 250 with the first queue id whichever
+    worker accepts it: the one that took it looks in its own window, the
+    other asks it over its site (C{GET /api/transfer}). Sent again 24
+    times from 8 concurrent clients, both workers answer some (their text
+    log lines name them); one copy is queued and delivered. Without the
+    lookup, each one the other worker took was queued again.
+    """
+    node.start()
+    wait_for(lambda: (p := worker_pids(node.pid)) and len(p) == 2 and p, 20, "two workers")
+    body = b"Subject: again\r\nMessage-ID: <again@test>\r\n\r\nonce\r\n"
+
+    def transfer(again: bool) -> str:
+        with smtplib.SMTP("127.0.0.1", node.port, timeout=30) as s:
+            s.ehlo("upstream.test")
+            assert (s.esmtp_features.get("xtxn") or "").split() == ["AGAIN"]
+            assert s.mail("sender@localhost", ["XTXN=up/Q1"] + (["XTXNAGAIN"] if again else []))[0] == 250
+            assert s.rcpt("bob@localhost")[0] == 250
+            code, reply = s.data(body)
+            assert code == 250, reply
+            return reply.decode().rsplit(" ", 1)[1]
+
+    # The first transfer's window entry is noted once the queue is recovered (XTXN offered).
+    first = transfer(False)
+    answers: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(3):
+            qid = transfer(True)
+            with lock:
+                answers.append(qid)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == [first] * 24
+    wait_for(lambda: delivered_tokens(node) == ["again"] or None, 30, "one delivery")
+    dups = [e for e in node.events() if e["event"] == "duplicate"]
+    assert len(dups) == 24 and {e["queue_id"] for e in dups} == {first}
+    by_worker = {w: len(re.findall(rf"/w{w}#info\] duplicate queue_id={first}", node.log_text())) for w in (0, 1)}
+    assert by_worker[0] and by_worker[1], by_worker
+    received = [e for e in node.events() if e["event"] == "received" and e.get("message_id") == "<again@test>"]
+    assert [e["queue_id"] for e in received] == [first]  # queued once
+
+
 def smaps_kb(pid: int, field: str) -> int:
     """A field of C{/proc/PID/smaps_rollup} (kB)."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():

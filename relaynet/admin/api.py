@@ -56,6 +56,7 @@ from relaynet.config import hop_name
 from relaynet.queue.classify import CLASSES
 from relaynet.queue.states import FINAL_STATUSES
 from relaynet.queue.suppression import Suppression
+from relaynet.queue.window import TransferWindow
 from relaynet.smtp.netio import EndpointService
 
 #: Version of the JSON schema in C{docs/admin-api.md}.
@@ -371,7 +372,7 @@ class JsonAPI(Resource):
         get: dict[tuple[str, ...], Callable[..., Any]] = {
             ("status",): self.status, ("queue",): self.list, ("summary",): self.summary,
             ("shape",): self.shape, ("routes",): self.routes, ("hops",): self.hops,
-            ("history",): self.history,
+            ("history",): self.history, ("transfer",): self.transfer,
         }
         post: dict[tuple[str, ...], Callable[..., Any]] = {
             ("queue", "flush"): self.flush, ("queue", "reroute"): self.reroute,
@@ -475,6 +476,10 @@ class JsonAPI(Resource):
         """C{GET /api/history}."""
         raise NotImplementedError
 
+    def transfer(self, request: Request, body: Any) -> Any:
+        """C{GET /api/transfer}: a worker's own site answers it (L{AdminAPI.transfer})."""
+        raise ApiError(404, "no such API resource: /api/transfer (a worker's own site answers it)")
+
     def flush(self, request: Request, body: dict[str, Any]) -> Any:
         """C{POST /api/queue/flush}."""
         raise NotImplementedError
@@ -523,6 +528,7 @@ class AdminAPI(JsonAPI):
         self.metrics = views.metrics
         found = views.suppression or getattr(views.queue, "suppression", None)
         self.suppression: SuppressionView | None = found
+        self.window: TransferWindow | None = getattr(views.queue, "window", None)
 
     # -- helpers -------------------------------------------------------
 
@@ -543,6 +549,21 @@ class AdminAPI(JsonAPI):
 
     def status(self, request: Request, body: Any) -> dict[str, Any]:
         return status_json(self.node, dict(self.queue.counts()), self.sessions.count())
+
+    def transfer(self, request: Request, body: Any) -> dict[str, Any]:
+        """
+        C{GET /api/transfer?origin=NODE/ID&digest=D}: the transfer C{origin}
+        with these bytes as this node's window holds it (its queue id and the
+        recipients accepted for it); 404 if it does not. The other workers of
+        a node ask it for a transfer made again (C{XTXNAGAIN}).
+        """
+        origin, digest = _arg(request, "origin"), _arg(request, "digest")
+        if not origin or not digest:
+            raise ApiError(400, "origin and digest are required")
+        found = self.window.match(origin, digest) if self.window is not None else None
+        if found is None or found.queue_id is None:
+            raise ApiError(404, f"no transfer {origin} with those bytes here")
+        return {"origin": origin, "queue_id": found.queue_id, "recipients": sorted(found.covered)}
 
     def _filters(self, request: Request) -> dict[str, Any]:
         return query_filters(request)

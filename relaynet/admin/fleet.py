@@ -109,6 +109,9 @@ from relaynet.smtp.netio import EndpointService
 
 #: Seconds a worker has to answer one request.
 WORKER_TIMEOUT = 30.0
+#: Seconds the other workers have to say whether they hold a transfer (a
+#: final dot waits for them, rarely: only for a transfer made again).
+PEER_TIMEOUT = 5.0
 #: The longest answer read from a worker (a listing of many messages is long).
 MAX_ANSWER = 256 << 20
 #: The C{top} asked of each worker for summaries: every row, so that the merged top is exact.
@@ -319,7 +322,10 @@ class WorkerClient:
 
     log = Logger()
 
-    def __init__(self, facts: FleetFacts, reactor: Any, timeout: float = WORKER_TIMEOUT) -> None:
+    def __init__(self, facts: FleetFacts | None, reactor: Any, timeout: float = WORKER_TIMEOUT) -> None:
+        """
+        @param facts: the workers, for L{gather} (C{None}: L{call} only).
+        """
         self.facts = facts
         self.reactor = reactor
         self.timeout = timeout
@@ -364,6 +370,7 @@ class WorkerClient:
         body: Mapping[str, Any] | None = None,
     ) -> Deferred[Gathered]:
         """The same request to every worker that is up, at once; never fails."""
+        assert self.facts is not None
         links = sorted(self.facts.workers(), key=lambda w: w.shard)
         up = [w for w in links if w.pid is not None]
         missing = [w.shard for w in links if w.pid is None]
@@ -387,6 +394,52 @@ class WorkerClient:
         """Close the pooled connections."""
         closed: Deferred[None] = self.pool.closeCachedConnections()
         return closed
+
+
+class PeerWindows:
+    """
+    A worker's way to the transfer windows of the other workers of its node
+    (their own sites, C{GET /api/transfer}): a transfer that an upstream
+    makes again may come to another worker than the first time, since every
+    worker accepts on the same sockets.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoints: Mapping[int, str], reactor: Any, timeout: float = PEER_TIMEOUT) -> None:
+        """
+        @param endpoints: the other workers' admin site endpoints, by shard.
+        """
+        self.links = [WorkerLink(shard, endpoint, None, None, 0) for shard, endpoint in sorted(endpoints.items())]
+        self.client = WorkerClient(None, reactor, timeout)
+
+    def lookup(self, origin: str, digest: str, recipients: list[str]) -> Deferred[str | None]:
+        """
+        The queue id under which another worker accepted the transfer
+        C{origin} with these bytes for every one of C{recipients}, or
+        C{None} (also when a worker does not answer: the transfer is then
+        queued again, at least once). Never fails.
+        """
+        query = {"origin": origin, "digest": digest}
+        calls = [self.client.call(link, "GET", "/api/transfer", query) for link in self.links]
+
+        def found(results: list[tuple[bool, Any]]) -> str | None:
+            for link, (ok, answer) in zip(self.links, results):
+                if not ok:
+                    self.log.warn("Worker {shard} did not say whether it holds transfer {origin}: {why}",
+                                  shard=link.shard, origin=origin, why=answer.getErrorMessage())
+                    continue
+                body = answer.body
+                if answer.status == 200 and isinstance(body, dict) and isinstance(body.get("queue_id"), str) \
+                        and set(recipients) <= set(body.get("recipients") or ()):
+                    return str(body["queue_id"])
+            return None
+
+        return DeferredList(calls, consumeErrors=True).addCallback(found)
+
+    def close(self) -> Deferred[None]:
+        """Close the pooled connections."""
+        return self.client.close()
 
 
 # -- merging (pure) ---------------------------------------------------------

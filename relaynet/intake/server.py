@@ -113,6 +113,11 @@ class Intake:
         is offered while it is set and C{[queue].duplicate_window} is not 0).
     @ivar suppression: the suppression list: its recipients are refused at
         C{RCPT} (L{suppressed}) while C{[suppression] enabled}.
+    @ivar peer_transfers: in a worker of a node with several, asks the other
+        workers' windows for a transfer the upstream may have made before
+        (C{XTXNAGAIN}): C{(origin, digest, recipients)} gives (a Deferred
+        firing with) the queue id of the worker that accepted it for all of
+        them, or C{None}; it never fails.
     """
 
     config: NodeConfig
@@ -126,6 +131,7 @@ class Intake:
     portal: Portal | None = None
     window: TransferWindow | None = None
     suppression: SuppressionList | None = None
+    peer_transfers: Callable[[str, str, list[str]], Deferred[str | None]] | None = None
     sessions: set["RelayESMTP"] = field(factory=set)
     per_ip: dict[str, int] = field(factory=dict)
     auth_failures: dict[str, int] = field(factory=dict)
@@ -633,8 +639,9 @@ class RelayESMTP(smtp.ESMTP):
             ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
         if self.intake.transfers() is not None:
             # relaynet's own: the upstream names each transfer (MAIL ... XTXN=node/queue-id)
-            # so that a retransmission is recognised (relaynet.queue.window).
-            ext[b"XTXN"] = None
+            # so that a retransmission is recognised (relaynet.queue.window);
+            # AGAIN: it may say XTXNAGAIN when it may have made the transfer before.
+            ext[b"XTXN"] = [b"AGAIN"]
         return ext
 
     def ext_STARTTLS(self, rest: bytes) -> None:
@@ -1203,6 +1210,20 @@ class RelayESMTP(smtp.ESMTP):
             if self._retransmission(txn, writer, digest, scanner.message_id):
                 return
         content = ("8" if scanner.eight_bit_headers else "7") + ("8" if scanner.eight_bit else "7")
+        origin, ask = txn.mail.transfer, self.intake.peer_transfers
+        if (digest is not None and origin is not None and txn.mail.again and ask is not None
+                and self.intake.transfers() is not None):
+            # Maybe made before, and accepted by another worker of this node.
+            addresses = [r.address for r in txn.recipients]
+
+            def decide(queue_id: str | None) -> Deferred[None] | None:
+                if queue_id is not None:
+                    self._duplicate(txn, writer, queue_id, scanner.message_id)
+                    return None
+                return self._commit(writer, hops, scanner.message_id, digest, content, chunked=stage == "BDAT")
+
+            self._wait_for(ask(origin, digest, addresses).addCallback(decide), hold_replies=stage == "BDAT")
+            return
         self._wait_for(
             self._commit(writer, hops, scanner.message_id, digest, content, chunked=stage == "BDAT"),
             hold_replies=stage == "BDAT",
@@ -1247,24 +1268,29 @@ class RelayESMTP(smtp.ESMTP):
         origin = txn.mail.transfer
         if window is None or origin is None:
             return False
-        addresses = [r.address for r in txn.recipients]
         found = window.match(origin, digest)
-        if not found.all(addresses):
+        if found.queue_id is None or not found.all(r.address for r in txn.recipients):
             return False
-        writer.abort()
-        window.duplicates += 1
-        self.reply(250, "2.0.0", f"Ok: queued as {found.queue_id}")
+        self._duplicate(txn, writer, found.queue_id, message_id)
         if self._shutdown_after_reply:
             self.shutdown()
+        return True
+
+    def _duplicate(self, txn: Transaction, writer: SpoolWriter, queue_id: str, message_id: str | None) -> None:
+        """Acknowledge a transfer accepted before (as C{queue_id}, by this worker or another) without queueing it."""
+        writer.abort()
+        window = self.intake.window
+        if window is not None:
+            window.duplicates += 1
+        self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         try:
             self.intake.events.emit(
-                "duplicate", queue_id=found.queue_id, origin=origin, message_id=message_id,
-                sender=str(txn.mail.sender), recipients=addresses, client=self.client_ip,
-                client_port=self.client_port, helo=self._helo_name,
+                "duplicate", queue_id=queue_id, origin=txn.mail.transfer, message_id=message_id,
+                sender=str(txn.mail.sender), recipients=[r.address for r in txn.recipients],
+                client=self.client_ip, client_port=self.client_port, helo=self._helo_name,
             )
         except Exception:
-            self.log.failure("Could not log the duplicate event of {queue_id}", queue_id=found.queue_id)
-        return True
+            self.log.failure("Could not log the duplicate event of {queue_id}", queue_id=queue_id)
 
     def _commit(
         self, writer: SpoolWriter, hops: int, message_id: str | None, digest: str | None = None,

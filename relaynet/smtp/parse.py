@@ -113,6 +113,10 @@ class MailRequest:
     @ivar transfer: relaynet's C{XTXN=} (the upstream node's C{node/queue-id}
         for this transfer, xtext-decoded), or L{None}; see
         L{relaynet.queue.window}.
+    @ivar again: relaynet's C{XTXNAGAIN}: the upstream may have made this
+        transfer before (the message was recovered at its start, or
+        attempted before), so every worker's window is asked, not only the
+        receiving one's.
     """
 
     sender: Mailbox
@@ -122,6 +126,7 @@ class MailRequest:
     ret: str | None
     envid: str | None
     transfer: str | None = None
+    again: bool = False
 
 
 @frozen
@@ -421,7 +426,7 @@ def parse_mail(
     raw, tokens = _split(arg, _MAIL)
     allowed = _MAIL_PARAMS if smtputf8_allowed else _MAIL_PARAMS - {"SMTPUTF8"}
     if transfer_allowed:
-        allowed = allowed | {"XTXN"}
+        allowed = allowed | {"XTXN", "XTXNAGAIN"}
     params = _parse_params(tokens, allowed)
 
     size = None
@@ -469,9 +474,12 @@ def parse_mail(
         transfer = _xtext_param(transfer, "XTXN", _MAX_TRANSFER)
         if not _TRANSFER_RE.fullmatch(transfer):
             raise _syntax("XTXN must be node/queue-id")
+    again = "XTXNAGAIN" in params
+    if again and (params["XTXNAGAIN"] is not None or transfer is None):
+        raise _syntax("XTXNAGAIN takes no value and goes with XTXN")
 
     sender = _parse_path(raw, _MAIL, smtputf8)
-    return MailRequest(sender, size, body, smtputf8, ret, envid, transfer)
+    return MailRequest(sender, size, body, smtputf8, ret, envid, transfer, again)
 
 
 def parse_rcpt(arg: bytes, *, smtputf8: bool = False) -> RcptRequest:
