@@ -136,6 +136,55 @@ def test_permanent_failure_asks_for_a_dsn() -> None:
     assert (report.address, report.status, report.remote_mta) == ("b@y.test", "5.1.1", "hop2.test")
 
 
+def test_a_notice_not_queued_is_owed_until_the_next_attempt() -> None:
+    """
+    The 'failed' DSN of a message whose last recipient bounced could not be
+    queued (L{QueueCore.unnotified}): the message is taken back, deferred,
+    due after the minimal backoff, owing the notice; its next attempt
+    queues the same report and removes it, attempting nobody.
+    """
+    c = core()
+    c.add(entry(), T0)
+    bounce = Outcome.bounced("b@y.test", "5.1.1", "550 5.1.1 unknown", remote="hop2.test:25", code=550)
+    d = c.finish(begin(c, "Q1"), [relayed("a@x.test"), bounce], T0)
+    assert d.write is Write.REMOVE and "Q1" not in c
+    owing = c.unnotified(d, d.notices, T0)
+    assert (owing.write, owing.due, owing.notices) == (Write.STATE, T0 + 300, ())
+    e = c.get("Q1")
+    assert e is not None and c.state(e) is MessageState.DEFERRED and c.counts()["deferred"] == 1
+    assert e.state.owed_notices is not None and list(e.state.owed_notices) == ["b@y.test"]
+    again = c.begin("Q1", T0 + 300)
+    assert isinstance(again, Decision) and again.write is Write.REMOVE and "Q1" not in c
+    assert [n.action for n in again.notices] == ["failed"]
+    assert again.notices[0].reports == d.notices[0].reports
+    assert e.state.owed_notices is None
+
+
+def test_a_delay_warning_not_queued_is_sent_later() -> None:
+    """A 'delayed' DSN that could not be queued is not marked as sent: the next deferral past the time sends it."""
+    c = core(delay_warning=3600)
+    c.add(entry(rcpts=("a@x.test",)), T0)
+    defer = Outcome.deferred("a@x.test", "4.4.1", "down")
+    d = c.finish(begin(c, "Q1", T0 + 3700), [defer], T0 + 3700)
+    assert [n.action for n in d.notices] == ["delayed"]
+    owing = c.unnotified(d, d.notices, T0 + 3700)
+    assert owing.due == d.due
+    e = c.get("Q1")
+    assert e is not None and not e.state.delay_warned and e.state.owed_notices is None
+    assert [n.action for n in c.finish(begin(c, "Q1", T0 + 9000), [defer], T0 + 9000).notices] == ["delayed"]
+
+
+def test_a_message_deleted_while_its_notice_was_queued_owes_nothing() -> None:
+    """An admin delete between the attempt and its DSN's failure wins: the message is not taken back."""
+    c = core()
+    c.add(entry(), T0)
+    bounce = Outcome.bounced("b@y.test", "5.1.1", "550 5.1.1 unknown", code=550)
+    d = c.finish(begin(c, "Q1"), [bounce], T0)  # a@x.test still pending: the state is written
+    assert d.write is Write.STATE and d.notices
+    assert isinstance(c.delete("Q1"), Decision)
+    assert c.unnotified(d, d.notices, T0).write is Write.NOTHING and "Q1" not in c
+
+
 @pytest.mark.parametrize(
     ("sender", "notify", "dsn"),
     [("", None, False), ("s@src.test", ("NEVER",), False), ("s@src.test", ("SUCCESS",), False),
