@@ -175,6 +175,9 @@ class Plan:
 
 _QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9]+)")
 
+#: The fields of an owed notice's report, as the state file keeps them (C{owed_notices}).
+_REPORT_FIELDS = ("action", "status", "original_recipient", "remote_mta", "diagnostic", "last_attempt")
+
 _ACTIONS = {
     RecipientStatus.BOUNCED: "failed",
     RecipientStatus.DELIVERED: "delivered",
@@ -264,7 +267,9 @@ class QueueCore:
             return MessageState.ACTIVE
         if entry.state.held:
             return MessageState.HOLD
-        if entry.state.owed_notices or any(s.status is RecipientStatus.DEFERRED for s in entry.state.recipients.values()):
+        if entry.state.owed_notices or any(
+            s.status is RecipientStatus.DEFERRED for s in entry.state.recipients.values()
+        ):
             return MessageState.DEFERRED
         return MessageState.INCOMING
 
@@ -548,7 +553,6 @@ class QueueCore:
                 due = now + delay
         return Decision(qid, entry, Write.STATE, notices, tuple(events), due=due)
 
-
     def _owed(self, entry: QueueEntry, reports: dict[str, list[RecipientReport]]) -> tuple[Notice, ...]:
         """
         The notices of C{reports} and those C{entry} owes from earlier
@@ -559,7 +563,10 @@ class QueueCore:
         if owed:
             entry.state.owed_notices = None
             for address, fields in owed.items():
-                report = RecipientReport(address=address, **fields)
+                report = RecipientReport(
+                    address, str(fields["action"]), str(fields["status"]), fields.get("original_recipient"),
+                    fields.get("remote_mta"), fields.get("diagnostic"), fields.get("last_attempt"),
+                )
                 reports.setdefault(report.action, []).append(report)
         return tuple(Notice(entry, action, tuple(reps)) for action, reps in reports.items())
 
@@ -594,10 +601,7 @@ class QueueCore:
                 entry.state.delay_warned = False
                 continue
             for r in notice.reports:
-                owed[r.address] = {
-                    "action": r.action, "status": r.status, "original_recipient": r.original_recipient,
-                    "remote_mta": r.remote_mta, "diagnostic": r.diagnostic, "last_attempt": r.last_attempt,
-                }
+                owed[r.address] = {k: getattr(r, k) for k in _REPORT_FIELDS}
         entry.state.owed_notices = owed or None
         due = decision.due
         if due is None and (owed or entry.pending_recipients()):
