@@ -710,6 +710,44 @@ def test_a_transfer_made_again_may_be_recognised_by_another_worker(peer_holds_it
     assert hop1.queued() == []
 
 
+def test_a_lost_final_reply_marks_the_retry_a_deferral_does_not() -> None:
+    """
+    hop2 is killed after committing a message, before its 250 reaches
+    hop1: hop1 (not restarted) lost the connection with the whole message
+    sent, so its retry is marked C{XTXNAGAIN} and the worker that gets it
+    asks the others. A message that hop2 never took (hop2 down at the
+    time: a deferral) is retried unmarked: nobody is asked.
+    """
+    net = Network()
+    hop1 = net.add_node("hop1", routes=[relay(net, ["dest.test"], "hop2")], queue=BACKOFF)
+    hop2 = net.add_node("hop2", local_domains=["dest.test"])
+    hop1.submit("sender@src.test", ["user@dest.test"], message("lost-reply"),
+                until=lambda: hop2.events_named("received"))
+    (lost,) = hop1.queued()
+    hop2.stop()
+    hop1.submit("sender@src.test", ["user@dest.test"], message("while-down"))
+    (lost2, down) = sorted(hop1.queued())
+    assert lost2 == lost
+    hop2.start()
+    # The retries reach a worker whose window is empty; the other worker's is hop2's.
+    other_worker = hop2.window
+    hop2.intake.window = TransferWindow(None, 86400, 1000, hop2.reactor.seconds)
+    asked: list[str] = []
+
+    def peers(origin: str, digest: str, recipients: list[str]) -> Deferred[str | None]:
+        asked.append(origin)
+        found = other_worker.match(origin, digest)
+        return succeed(found.queue_id if found.all(recipients) else None)
+
+    hop2.intake.peer_transfers = peers
+    net.advance(60)
+    assert hop1.queued() == []
+    assert asked == [f"hop1/{lost}"]
+    # One copy of each: the first recognised through the other worker.
+    assert len(hop2.mailboxes.delivered("user@dest.test")) == 2
+    assert [d["origin"] for d in hop2.events_named("duplicate")] == [f"hop1/{lost}"]
+
+
 def test_retransmission_is_queued_again_without_the_window() -> None:
     """C{[queue] duplicate_window = 0}: XTXN is not offered; at least once, as with any MTA."""
     net = Network()

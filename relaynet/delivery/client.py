@@ -578,6 +578,10 @@ class RelayClient(smtp.ESMTPClient):
         """
         if job.deferred.called:
             return
+        if any(kind in ("DOT", "LAST") for kind, _ in self._pending):
+            # The whole message was sent and its reply never came: the next
+            # hop may hold it. A later attempt says so (XTXNAGAIN).
+            job.entry.recovered = True
         known = self._rcpt_results if job is self._rcpt_job else {}
         job.deferred.callback([
             known.get(r.address) or DeliveryResult(r.address, code, enhanced, text, self.pool.name)
@@ -788,7 +792,7 @@ class RelayClient(smtp.ESMTPClient):
             # A relaynet next hop: name the transfer, so that sending it again
             # (we crashed before recording its 250) is recognised there.
             mail += b" XTXN=" + xtext_encode(f"{env.node}/{env.queue_id}").encode()
-            if b"AGAIN" in (ext[b"XTXN"] or b"").upper().split() and job.entry.tried_before:
+            if b"AGAIN" in (ext[b"XTXN"] or b"").upper().split() and job.entry.recovered:
                 # ... by whichever of its workers took it the first time.
                 mail += b" XTXNAGAIN"
         lines = [mail]

@@ -393,8 +393,10 @@ class QueueEntry:
         An entry keeps only its directory, shared by all, when the file is
         named by the queue id: a path per queued message costs ~110 bytes,
         a tenth of a queued message's memory.
-    @ivar recovered: read back from the spool at start (a crash may have come
-        after a delivery and before its outcome was recorded).
+    @ivar recovered: it may have been delivered without our knowing: read
+        back from the spool at start (a crash may have come after a delivery
+        and before its outcome was recorded), or an attempt lost its
+        connection after sending the whole message, before the reply.
     """
 
     envelope: Envelope

@@ -114,9 +114,9 @@ class MailRequest:
         for this transfer, xtext-decoded), or L{None}; see
         L{relaynet.queue.window}.
     @ivar again: relaynet's C{XTXNAGAIN}: the upstream may have made this
-        transfer before (the message was recovered at its start, or
-        attempted before), so every worker's window is asked, not only the
-        receiving one's.
+        transfer before (it recovered the message at its start, or an
+        earlier attempt lost the connection after sending the whole message),
+        so every worker's window is asked, not only the receiving one's.
     """
 
     sender: Mailbox
