@@ -740,7 +740,7 @@ def test_a_lost_final_reply_marks_the_retry_a_deferral_does_not() -> None:
         return succeed(found.queue_id if found.all(recipients) else None)
 
     hop2.intake.peer_transfers = peers
-    net.advance(60)
+    net.advance(300)  # the retries: minimal_backoff 60 s, with jitter
     assert hop1.queued() == []
     assert asked == [f"hop1/{lost}"]
     # One copy of each: the first recognised through the other worker.
