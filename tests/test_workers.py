@@ -221,7 +221,10 @@ def test_a_transfer_made_again_is_recognised_by_either_worker(node: NodeProcess)
             assert code == 250, reply
             return reply.decode().rsplit(" ", 1)[1]
 
-    # The first transfer's window entry is noted once the queue is recovered (XTXN offered).
+    # A worker offers XTXN once it has recovered its shard (its log line says so).
+    for k in (0, 1):
+        wait_for(lambda: re.search(rf"/w{k}\] relaynet node \S+: \d+ queued message\(s\) recovered",
+                                   node.log_text()), 30, f"worker {k} recovered")
     first = transfer(False)
     answers: list[str] = []
     lock = threading.Lock()
