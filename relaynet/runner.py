@@ -519,17 +519,18 @@ class QueueRunner(Service):
 
         # What is written: the decision's state, or, if a notice could not
         # be queued, the state that owes it (QueueCore.unnotified).
-        carried = [decision]
+        carried = decision
         unqueued: list[Notice] = []
 
         def write() -> Deferred[Any]:
             d = self._notify(decision.notices)
 
             def store(failed: list[Notice]) -> Any:
+                nonlocal carried
                 if failed:
                     unqueued.extend(failed)
-                    owing = carried[0] = self.core.unnotified(decision, failed, self.now())
-                    return None if owing.write is Write.NOTHING else self.spool.record(entry)
+                    carried = self.core.unnotified(decision, failed, self.now())
+                    return None if carried.write is Write.NOTHING else self.spool.record(entry)
                 if decision.write is Write.REMOVE:
                     rd: Deferred[Any] = succeed(None)
                     if self.window is not None:
@@ -543,8 +544,8 @@ class QueueRunner(Service):
         d = self._writes.run(qid, write)
 
         def owed() -> None:
-            if unqueued and carried[0].write is not Write.NOTHING:
-                due = carried[0].due
+            if unqueued and carried.write is not Write.NOTHING:
+                due = carried.due
                 self.events.emit(
                     "dsn_deferred", queue_id=qid, sender=entry.envelope.sender,
                     actions=sorted({n.action for n in unqueued}),
@@ -555,7 +556,7 @@ class QueueRunner(Service):
         def written(_: object) -> bool:
             self._emit(decision)
             owed()
-            self._reschedule(carried[0])
+            self._reschedule(carried)
             return decision.ok
 
         def failed(f: Failure) -> bool:
@@ -564,7 +565,7 @@ class QueueRunner(Service):
             self.log.failure("Could not record the state of {queue_id}", f, queue_id=qid)
             self._emit(decision)
             owed()
-            if carried[0].write is Write.REMOVE and entry is not None and qid not in self.core:
+            if carried.write is Write.REMOVE and entry is not None and qid not in self.core:
                 # Its file is still queued (a full disk kept the window's
                 # journal or the unlink from happening): the message stays
                 # known, with its recipients' outcomes in memory, so that a

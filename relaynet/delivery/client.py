@@ -792,7 +792,7 @@ class RelayClient(smtp.ESMTPClient):
             # A relaynet next hop: name the transfer, so that sending it again
             # (we crashed before recording its 250) is recognised there.
             mail += b" XTXN=" + xtext_encode(f"{env.node}/{env.queue_id}").encode()
-            if b"AGAIN" in (ext[b"XTXN"] or b"").upper().split() and job.entry.recovered:
+            if job.entry.recovered and b"AGAIN" in (ext[b"XTXN"] or b"").upper().split():
                 # ... by whichever of its workers took it the first time.
                 mail += b" XTXNAGAIN"
         lines = [mail]

@@ -246,7 +246,7 @@ def deliver_local(
     sender = entry.envelope.sender
     # Only a message recovered at start or attempted before can have a copy
     # in a mailbox already; a first attempt need not list the mailboxes.
-    may_exist = entry.tried_before
+    may_exist = entry.recovered or any(st.attempts for st in entry.state.recipients.values())
     for address in addresses:
         localpart, _, domain = address.rpartition("@")
         boxes = resolve_local(local, localpart, domain)

@@ -421,15 +421,6 @@ class QueueEntry:
     def queue_id(self) -> str:
         return self.envelope.queue_id
 
-    @property
-    def tried_before(self) -> bool:
-        """
-        It may have been delivered before, in part: recovered at start (a
-        crash may have come after a delivery and before its outcome was
-        recorded) or attempted before.
-        """
-        return self.recovered or any(st.attempts for st in self.state.recipients.values())
-
     def pending_recipients(self) -> list[Recipient]:
         """Recipients that have no final outcome recorded yet."""
         out = []
