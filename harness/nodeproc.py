@@ -526,3 +526,14 @@ def worker_pids(supervisor: int) -> dict[int, int]:
         if ppid == supervisor and b"relaynet.worker" in argv and b"--shard" in argv:
             out[int(argv[argv.index(b"--shard") + 1])] = int(entry)
     return out
+
+
+def stop_node(node: NodeProcess) -> None:
+    """SIGKILL a node's supervisor and its workers, if any are left."""
+    workers = worker_pids(node.proc.pid) if node.proc is not None else {}
+    node._kill_quietly()
+    for pid in workers.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

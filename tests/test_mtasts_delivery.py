@@ -9,7 +9,7 @@ are served over HTTPS by a small server in this process (a thread;
 certificate from a test CA, the node's C{[tls] ca_file}); the exchangers are
 relaynet nodes too, with STARTTLS certificates from that CA, from another
 CA, or without TLS at all. Between the node and each exchanger sits a
-counting TCP forwarder (L{CountingProxy}), so a test can tell that the node
+counting TCP forwarder (L{TcpForwarder}), so a test can tell that the node
 did not even connect.
 
 What is read: the sending node's events (C{sent} with C{tls} ending in
@@ -74,6 +74,7 @@ import attrs
 import pytest
 
 from harness.dns import NSDServer, nsd_unavailable_reason, zone_text
+from harness.forwarder import TcpForwarder
 from harness.nodeproc import HOST, NodeProcess, relaynet_command, wait_for
 from relaynet.smtp.tls import generate_ca, generate_cert
 
@@ -268,91 +269,6 @@ class PolicyServer:
         self.stop()
 
 
-# -- a connection counter in front of each exchanger ---------------------------
-
-
-class CountingProxy:
-    """
-    A TCP forwarder on 127.0.0.1 (threads of this process) in front of an
-    exchanger: it counts the connections it accepts and passes the bytes
-    through both ways (STARTTLS and all), so that a test can tell that a
-    node did not even connect.
-    """
-
-    def __init__(self, target_port: int, host: str = HOST, port: int = 0) -> None:
-        """
-        @param host: the (IPv4 loopback) address to listen on.
-        @param port: the port (0: a free one).
-        @raise OSError: C{host:port} cannot be bound.
-        """
-        self.target_port = target_port
-        self.connections = 0
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self._listener.bind((host, port))
-        except OSError:
-            self._listener.close()
-            raise
-        self._listener.listen(16)
-        self._listener.settimeout(0.05)
-        self.port = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, name=f"proxy :{self.port}", daemon=True)
-
-    def count(self) -> int:
-        with self._lock:
-            return self.connections
-
-    def start(self) -> Self:
-        self._thread.start()
-        return self
-
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            with self._lock:
-                self.connections += 1
-            try:
-                upstream = socket.create_connection((HOST, self.target_port), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=5)
-        self._listener.close()
-        with self._lock:
-            for s in self._sockets:
-                s.close()
-
-
 # -- the nodes -----------------------------------------------------------------
 
 
@@ -454,10 +370,10 @@ class World:
     nsd: NSDServer
     policies: PolicyServer
     mx: dict[str, NodeProcess]
-    proxies: dict[str, CountingProxy]
+    proxies: dict[str, TcpForwarder]
     sender: NodeProcess
     #: In front of mx1.fallback.test ({HOST2}; mx2's is C{proxies[FALLBACK]}).
-    fallback_first: CountingProxy
+    fallback_first: TcpForwarder
 
     @property
     def mx_ports(self) -> dict[str, int]:
@@ -596,8 +512,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     good_cert = make_cert(base / "mx-good-cert", ca, list(GOOD_CERT_NAMES))
     bad_cert = make_cert(base / "mx-bad-cert", other_ca, [f"mx.{d}" for d in BAD_MX_DOMAINS] + [f"mx1.{FALLBACK}"])
     started: list[NodeProcess] = []
-    proxies: dict[str, CountingProxy] = {}
-    fallback_first: CountingProxy | None = None
+    proxies: dict[str, TcpForwarder] = {}
+    fallback_first: TcpForwarder | None = None
     with NSDServer(base / "nsd", zones()) as nsd, PolicyServer(
         *policy_cert, POLICIES, untrusted=untrusted_policy_cert, untrusted_names=("mta-sts.webpki.test",),
     ) as policies:
@@ -614,14 +530,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             for domains, role in ((GOOD_MX_DOMAINS, "good"), (BAD_MX_DOMAINS, "bad"), (PLAIN_MX_DOMAINS, "plain")):
                 for d in domains:
                     if d not in SAME_ENDPOINT:
-                        proxies[d] = CountingProxy(mx[role].port).start()
+                        proxies[d] = TcpForwarder(mx[role].port).start()
             for d, other in SAME_ENDPOINT.items():
                 proxies[d] = proxies[other]
             # fallback.test: one port on two addresses (the route's mx_port).
             for _ in range(20):
-                second = CountingProxy(mx["good"].port)
+                second = TcpForwarder(mx["good"].port)
                 try:
-                    first = CountingProxy(mx["bad"].port, host=HOST2, port=second.port)
+                    first = TcpForwarder(mx["bad"].port, host=HOST2, port=second.port)
                 except OSError:
                     second.stop()
                     continue

@@ -11,15 +11,18 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness.nodeproc import NodeProcess, wait_for, worker_pids
+from harness.forwarder import TcpForwarder, close
+from harness.nodeproc import NodeProcess, stop_node, wait_for, worker_pids
 from harness.peers import free_port
 from relaynet.admin.queuecli import AdminClient, AdminError
 from relaynet.queue.shards import adopt_orphan_shards
@@ -92,9 +95,9 @@ def when(value: Any, ok: bool) -> Any:
     return value if ok else None
 
 
-def delivered_tokens(node: NodeProcess, user: str = "bob") -> list[str]:
+def delivered_tokens(node: NodeProcess, user: str = "bob", domain: str = "localhost") -> list[str]:
     out = []
-    for path in node.maildir_new(user):
+    for path in node.maildir_new(user, domain):
         for line in path.read_bytes().splitlines():
             if line.startswith(b"Subject: "):
                 out.append(line[9:].decode())
@@ -106,9 +109,7 @@ def delivered_tokens(node: NodeProcess, user: str = "bob") -> list[str]:
 def node(tmp_path: Path) -> Any:
     n = NodeProcess(tmp_path, CONFIG, name="w")
     yield n
-    n._kill_quietly()
-    for pid in worker_pids(n.proc.pid if n.proc else -1).values():
-        os.kill(pid, signal.SIGKILL)
+    stop_node(n)
 
 
 def status(node: NodeProcess) -> dict[str, Any]:
@@ -554,7 +555,6 @@ def test_shareable_log_fd_only_for_a_file_or_terminal(tmp_path: Path, monkeypatc
 
 def test_bind_listener_honours_reuse_port_and_mode(tmp_path: Path) -> None:
     """The supervisor binds as the listener says: SO_REUSEPORT when asked, a UNIX socket's mode."""
-    import socket
     import stat as statmod
 
     from relaynet.supervisor import bind_listener
@@ -577,3 +577,134 @@ def test_bind_listener_honours_reuse_port_and_mode(tmp_path: Path) -> None:
         u.close()
     # A stale socket file (its listener gone) is replaced, as Twisted would.
     bind_listener(f"unix:{path}:mode=600", 16).close()
+
+
+class ReplyCuttingProxy(TcpForwarder):
+    """
+    A TCP forwarder between two nodes that loses the reply to a transfer:
+    when the next hop's final reply to a message (C{... queued as ID})
+    comes and the transaction's C{MAIL} did not carry C{XTXNAGAIN}, it
+    closes both connections instead of passing that reply on. The next hop
+    has committed the message; its upstream never hears so, as when a link
+    or a process dies at that instant. Transfers made again pass through.
+
+    @ivar cut: the replies lost so far.
+    """
+
+    cut = 0
+
+    def serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        again = threading.Event()  # this connection's current MAIL carried XTXNAGAIN
+        threading.Thread(target=self._commands, args=(client, upstream, again), daemon=True).start()
+        threading.Thread(target=self._replies, args=(upstream, client, again), daemon=True).start()
+
+    def _commands(self, src: socket.socket, dst: socket.socket, again: threading.Event) -> None:
+        """Client to server: note each MAIL's XTXNAGAIN before passing it on."""
+        try:
+            for data, lines in received_lines(src):
+                for line in lines:
+                    if line[:10].upper() == b"MAIL FROM:":
+                        (again.set if b" XTXNAGAIN" in line.upper() else again.clear)()
+                dst.sendall(data)
+        except OSError:
+            pass
+        close(src, dst)
+
+    def _replies(self, src: socket.socket, dst: socket.socket, again: threading.Event) -> None:
+        """Server to client, whole lines; a first transfer's final reply is lost."""
+        try:
+            for _, lines in received_lines(src):
+                lost = [i for i, line in enumerate(lines) if b" queued as " in line and not again.is_set()]
+                kept = lines[:lost[0]] if lost else lines
+                dst.sendall(b"".join(line + b"\r\n" for line in kept))
+                if lost:
+                    with self._lock:
+                        self.cut += 1
+                    break
+        except OSError:
+            pass
+        close(src, dst)
+
+
+def received_lines(sock: socket.socket) -> Iterator[tuple[bytes, list[bytes]]]:
+    """Each chunk read from C{sock}, with the lines it completes (without CRLF), until the peer closes."""
+    rest = b""
+    while data := sock.recv(65536):
+        lines = (rest + data).split(b"\r\n")
+        rest = lines.pop()
+        yield data, lines
+
+
+UPSTREAM = """\
+[node]
+name = "{name}"
+hostname = "up.test"
+spool = "spool"
+workers = 1
+
+[[listener]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+
+[queue]
+minimal_backoff = 1
+maximal_backoff = 2
+delay_warning = 0
+
+[[route]]
+domains = ["dest.test"]
+action = "relay"
+next_hops = [{ endpoint = "tcp:127.0.0.1:PROXY" }]
+"""
+
+
+def test_a_transfer_whose_reply_was_lost_is_delivered_once_through_two_workers(tmp_path: Path) -> None:
+    """
+    The real path of C{XTXNAGAIN}: a relaynet node relays to a node with
+    two workers, and the reply to each first transfer is lost after the
+    next hop committed it (L{ReplyCuttingProxy}). The upstream, which
+    cannot know whether the next hop holds the message, sends it again
+    marked; whichever worker takes the retransmission answers 250 with the
+    first copy's queue id (its own window, or the other worker's through
+    C{GET /api/transfer}), and each message is delivered once. Without
+    the mark after a lost reply, or without the lookup between workers, a
+    retransmission reaching the other worker would be queued and delivered
+    a second time.
+    """
+    node = NodeProcess(tmp_path / "next", CONFIG.replace('["localhost"]', '["dest.test"]'), name="next")
+    node.start()
+    for k in (0, 1):
+        wait_for(lambda: re.search(rf"/w{k}\] relaynet node \S+: \d+ queued message\(s\) recovered",
+                                   node.log_text()), 30, f"worker {k} recovered")
+    proxy = ReplyCuttingProxy(node.port).start()
+    up = NodeProcess(tmp_path / "up", UPSTREAM.replace("PROXY", str(proxy.port)), name="up")
+    try:
+        up.start()
+        tokens = [f"lost-{i}-{uuid.uuid4().hex[:8]}" for i in range(16)]
+        threads = [threading.Thread(target=send, args=(up.port, "bob@dest.test", t)) for t in tokens]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        def delivered() -> list[str]:
+            return sorted(delivered_tokens(node, domain="dest.test"))
+
+        wait_for(lambda: set(delivered()) == set(tokens) or None, 60, "every message delivered")
+        # The upstream's queue empties once each retransmission got its 250.
+        wait_for(lambda: not up.queue_files("new") or None, 30, "the upstream's queue empty")
+        assert delivered() == sorted(tokens)  # once each
+        assert proxy.cut == len(tokens)  # each first transfer's reply was lost
+        events = node.events()
+        received = {e["queue_id"] for e in events if e["event"] == "received"}
+        dups = [e for e in events if e["event"] == "duplicate"]
+        assert len(received) == len(tokens)
+        assert len(dups) == len(tokens) and {e["queue_id"] for e in dups} == received
+        # Some retransmissions reached the worker that does not hold the
+        # message (a queue id ends with its shard's number, in hex).
+        log = node.log_text()
+        crossed = [qid for qid in received
+                   if re.search(rf"/w{1 - int(qid[-2:], 16)}#info\] duplicate queue_id={qid}", log)]
+        assert crossed, "no retransmission reached the other worker"
+    finally:
+        stop_node(up)
+        stop_node(node)
+        proxy.stop()

@@ -24,7 +24,6 @@ import functools
 import os
 import re
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from harness.nodeproc import HOST, NodeProcess, wait_for, worker_pids
+from harness.nodeproc import HOST, NodeProcess, stop_node, wait_for, worker_pids
 from harness.peers import (
     PostfixInstance,
     allow_postfix_search,
@@ -284,17 +283,6 @@ def two_workers(supervisor: int) -> dict[int, int]:
     """C{worker_pids(supervisor)} once both workers run, else empty."""
     pids = worker_pids(supervisor)
     return pids if len(pids) == 2 else {}
-
-
-def stop_node(node: NodeProcess) -> None:
-    """SIGKILL a node's supervisor and its workers, if any are left."""
-    workers = worker_pids(node.proc.pid) if node.proc is not None else {}
-    node._kill_quietly()
-    for pid in workers.values():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def maildir_messages(pf: PostfixInstance) -> list[bytes]:
