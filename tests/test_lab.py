@@ -836,3 +836,48 @@ def test_check_reads_a_stopped_power_fs_node_from_its_backing_directory(
     _queue_file(backing, "Q1", "<held@x>", {"u@c.test": "deferred"})
     assert main(["lab", "check", "--dir", str(d)]) == 1
     assert _last_line(capsys.readouterr().out) == "FAIL: 1 in flight (held by stopped a)"
+
+
+FAKE_NODE = """
+import subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdin=subprocess.PIPE)
+print(helper.pid, flush=True)
+time.sleep(60)
+"""
+
+# A commit process's way out: it ignores SIGTERM, ends at the end of its
+# input (its node is gone), and cleans up for a moment first.
+FAKE_HELPER = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+sys.stdin.buffer.read()
+time.sleep(0.3)
+open(sys.argv[1], "w").close()
+"""
+
+
+def test_stopping_a_node_waits_for_its_helper_processes(tmp_path: Path) -> None:
+    """
+    C{lab down} (L{procs.stop}) returns once the node's helper processes
+    (its commit processes) are gone too, not only its own: one that was
+    still cleaning up made C{lab down --clean} fail with C{ENOENT} in the
+    directory it was removing.
+    """
+    from relaynet.lab import procs
+
+    config = str(tmp_path / "node.toml")
+    done = tmp_path / "helper-done"
+    helper_code = FAKE_HELPER.replace("sys.argv[1]", repr(str(done)))
+    node = subprocess.Popen([sys.executable, "-c", FAKE_NODE, helper_code, "--config", config],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        helper = int(node.stdout.readline())
+        rec = {"name": "n1", "config": config, "pid": node.pid, "dir": str(tmp_path)}
+        assert node_alive(node.pid, config)
+        assert procs.stop(rec) == "stopped"
+        assert done.exists()  # the helper had finished ...
+        assert pid_state(helper) in (None, "Z", "X")  # ... and is gone
+    finally:
+        node.kill()
+        node.wait(10)

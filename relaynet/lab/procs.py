@@ -186,23 +186,92 @@ def stop(rec: Mapping[str, Any], timeout: float = STOP_TIMEOUT) -> str:
     pids = node_pids(rec)
     if not pids:
         return "not running"
+    helpers = descendants(pids)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     left = _wait_gone(pids, rec["config"], timeout)
-    if not left:
-        return "stopped"
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    left = _wait_gone(left, rec["config"], 5.0)
+    how = "stopped"
     if left:
-        raise OSError(f"node {rec['name']}: pid(s) {left} survived SIGKILL")
-    return "killed"
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        left = _wait_gone(left, rec["config"], 5.0)
+        if left:
+            raise OSError(f"node {rec['name']}: pid(s) {left} survived SIGKILL")
+        how = "killed"
+    _end_helpers(rec, helpers)
+    return how
+
+
+def descendants(pids: Iterable[int]) -> dict[int, bytes]:
+    """
+    The live descendants of C{pids} (a node's workers and commit
+    processes): pid -> its start time (C{/proc/PID/stat}), which tells it
+    from a later process given the same pid.
+    """
+    children: dict[int, list[int]] = {}
+    started: dict[int, bytes] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] in (b"Z", b"X"):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        started[int(entry)] = fields[19]
+    found: dict[int, bytes] = {}
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found[child] = started[child]
+                todo.append(child)
+    return found
+
+
+def _same_process_alive(pid: int, started: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] not in (b"Z", b"X") and fields[19] == started
+
+
+def _end_helpers(rec: Mapping[str, Any], helpers: Mapping[int, bytes], timeout: float = 5.0) -> None:
+    """
+    Wait (bounded) until a stopped node's helper processes are gone too,
+    SIGKILL those left. A commit process ends at the end of its input or
+    with its parent (C{PR_SET_PDEATHSIG}), and on its way out unlinks the
+    queue files it kept for reuse (C{queue/recycled/}): C{lab down --clean}
+    removing the directory beside it failed with C{ENOENT} (seen once).
+    """
+    for attempt in (timeout, 5.0):
+        deadline = time.monotonic() + attempt
+        left = dict(helpers)
+        while left:
+            left = {p: t for p, t in left.items() if _same_process_alive(p, t)}
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        helpers = left
+    raise OSError(f"node {rec['name']}: helper pid(s) {sorted(helpers)} survived SIGKILL")
 
 
 def kill9(rec: Mapping[str, Any]) -> list[int]:
@@ -212,6 +281,7 @@ def kill9(rec: Mapping[str, Any]) -> list[int]:
     @return: the pids killed.
     """
     pids = node_pids(rec)
+    helpers = descendants(pids)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -231,6 +301,7 @@ def kill9(rec: Mapping[str, Any]) -> list[int]:
         if all(pid_state(p) is None for p in pids):
             break
         time.sleep(POLL)
+    _end_helpers(rec, helpers)
     return pids
 
 
