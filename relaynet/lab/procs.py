@@ -187,25 +187,26 @@ def stop(rec: Mapping[str, Any], timeout: float = STOP_TIMEOUT) -> str:
     if not pids:
         return "not running"
     helpers = descendants(pids)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _signal(pids, signal.SIGTERM)
     left = _wait_gone(pids, rec["config"], timeout)
     how = "stopped"
     if left:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _signal(left, signal.SIGKILL)
         left = _wait_gone(left, rec["config"], 5.0)
         if left:
             raise OSError(f"node {rec['name']}: pid(s) {left} survived SIGKILL")
         how = "killed"
     _end_helpers(rec, helpers)
     return how
+
+
+def _signal(pids: Iterable[int], sig: int) -> None:
+    """Send C{sig} to each of C{pids} (one already gone is fine)."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def descendants(pids: Iterable[int]) -> dict[int, bytes]:
@@ -265,11 +266,7 @@ def _end_helpers(rec: Mapping[str, Any], helpers: Mapping[int, bytes], timeout: 
             time.sleep(POLL)
         if not left:
             return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _signal(left, signal.SIGKILL)
         helpers = left
     raise OSError(f"node {rec['name']}: helper pid(s) {sorted(helpers)} survived SIGKILL")
 
@@ -282,11 +279,7 @@ def kill9(rec: Mapping[str, Any]) -> list[int]:
     """
     pids = node_pids(rec)
     helpers = descendants(pids)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _signal(pids, signal.SIGKILL)
     _wait_gone(pids, rec["config"], 5.0)
     # Until its parent reaps it, a killed process is a zombie that kill(pid, 0)
     # still finds, and lock files naming it (twistd's pid file, the node's
@@ -413,19 +406,11 @@ def stop_powerfs(rec: dict[str, Any], timeout: float = STOP_TIMEOUT) -> str:
             # still mounted elsewhere (a lazy unmount waits for its last
             # user; a mount namespace made meanwhile, e.g. by 'ip netns
             # exec', holds a copy). libfuse ends its loop on SIGTERM.
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            _signal(left, signal.SIGTERM)
             signalled = True
             how = "stopped (SIGTERM)"
         if time.monotonic() >= deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _signal(left, signal.SIGKILL)
             unmount(pfs["mount"], timeout)
             how = "killed"
             break
