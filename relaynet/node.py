@@ -49,6 +49,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relaynet.intake.auth import RelayRealm, ScryptChecker
 from relaynet.intake.http import api_site
+from relaynet.hangup import install_sighup
 from relaynet.config import ConfigError, NodeConfig, worker_admin_endpoint
 from relaynet.events import EventLog
 from relaynet.intake.server import Intake, RelayFactory, drain
@@ -463,9 +464,7 @@ class RelayNode(MultiService):
         self.log.info("relaynet node {name} started; recovering the queue", name=config.name)
         self.recovery = self._recover(recovery)
         if self.load_config is not None:
-            self._previous_hup = signal.signal(
-                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
-            )
+            self._previous_hup = install_sighup(self.reactor, self.reload)
 
     def _start_committer(self) -> None:
         """Start the commit process; if it cannot start, the commit threads do its work."""

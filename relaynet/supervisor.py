@@ -86,6 +86,7 @@ from relaynet.queue.shards import adopt_orphan_shards
 from relaynet.node import (
     LISTEN_BACKLOG, NodeStartError, attach_log_observer, disk_problem, listen_problem, lock_spool, own_spool,
 )
+from relaynet.hangup import hold_sighup, install_sighup
 from relaynet.smtp.netio import FIRST_INHERITED_FD, tcp_listening_socket
 from relaynet.queue.spool import makedirs_durable
 
@@ -259,7 +260,7 @@ def become_worker(args: list[str]) -> int:
     # What a new interpreter starts with (the fork reset them to default).
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    hold_sighup()
     # The old reactor is kept alive: finalising it would close descriptor
     # numbers of its own that are now the worker's (its epoll's, say).
     _LEFT_BEHIND.append(sys.modules.pop("twisted.internet.reactor", None))
@@ -495,9 +496,7 @@ class Supervisor(MultiService):
             self._spawn(shard)
         self.log.info("relaynet node {name} started with {n} workers", name=self.config.name, n=self.count)
         if self.load_config is not None:
-            self._previous_hup = signal.signal(
-                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
-            )
+            self._previous_hup = install_sighup(self.reactor, self.reload)
 
     def _start_admin(self) -> None:
         for endpoint, read_only in ((self.config.admin_endpoint, False), (self.config.admin.metrics_endpoint, True)):
@@ -522,17 +521,23 @@ class Supervisor(MultiService):
         args = [
             "--shard", str(shard), "--listeners", str(len(self.sockets)), *log_options, *self.argv,
         ]
-        if self.fork:
-            if not self._forked_once:
-                prepare_to_fork()
-                self._forked_once = True
-            ForkedWorker(self.reactor, args, proto, child_fds)
-        else:
-            for fd in child_fds.values():
-                if isinstance(fd, int):
-                    os.set_inheritable(fd, True)
-            argv = [sys.executable, "-m", WORKER_MODULE, *args]
-            self.reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), childFDs=child_fds)
+        # A SIGHUP (a reload) sent while the worker starts waits, blocked,
+        # for the handler it installs first thing (hold_sighup).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            if self.fork:
+                if not self._forked_once:
+                    prepare_to_fork()
+                    self._forked_once = True
+                ForkedWorker(self.reactor, args, proto, child_fds)
+            else:
+                for fd in child_fds.values():
+                    if isinstance(fd, int):
+                        os.set_inheritable(fd, True)
+                argv = [sys.executable, "-m", WORKER_MODULE, *args]
+                self.reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), childFDs=child_fds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self.procs[shard] = proto
         self.log.info("Worker {shard} started (pid {pid})", shard=shard, pid=proto.pid)
 

@@ -254,9 +254,12 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
+    from relaynet.hangup import hold_sighup
     from relaynet.node import RelayNode
 
     sys.excepthook = _one_line_start_errors(sys.excepthook)
+    # A SIGHUP before the node (or supervisor) has started is a reload once it has.
+    hold_sighup()
 
     parent = getattr(options, "parent", None) or {}
     run_as = (parent.get("uid"), parent.get("gid")) if hasattr(parent, "get") else (None, None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaynet.config import AdminSettings, ConfigError, NodeConfig, worker_admin_endpoint
+from relaynet.hangup import hold_sighup
 from relaynet.smtp.netio import FIRST_INHERITED_FD
 
 log = Logger(namespace="relaynet.worker")
@@ -107,9 +107,9 @@ class WholeLines:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # A SIGHUP passed on while we start must not end us (its default action):
-    # the node installs its reload handler once started.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A SIGHUP passed on while we start must not end us (its default action)
+    # nor be lost: the node reloads once it has started.
+    hold_sighup()
     parser = argparse.ArgumentParser(prog="relaynet.worker", add_help=False, allow_abbrev=False)
     parser.add_argument("--shard", type=int, required=True)
     parser.add_argument("--listeners", type=int, required=True)

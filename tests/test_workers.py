@@ -12,6 +12,7 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from harness.forwarder import TcpForwarder, close
-from harness.nodeproc import NodeProcess, stop_node, wait_for, worker_pids
+from harness.nodeproc import NodeProcess, read_greeting, stop_node, wait_for, worker_pids
 from harness.peers import free_port
 from relaynet.admin.queuecli import AdminClient, AdminError
 from relaynet.queue.shards import adopt_orphan_shards
@@ -327,6 +328,67 @@ def test_sighup_reaches_every_worker(node: NodeProcess) -> None:
     node.signal(signal.SIGHUP)
     wait_for(lambda: "Reload refused" in node.log_text(), 20, "the refusal logged")
     assert [worker_status(node, k)["last_reload"]["status"] for k in (0, 1)] == ["reloaded", "reloaded"]
+
+
+def test_a_sighup_while_the_workers_start_is_a_reload_once_they_have(node: NodeProcess) -> None:
+    """
+    A reload asked for while the workers are still starting (here: as soon
+    as both exist, long before they serve) is carried out by each once it
+    has started: before, a starting worker ignored the SIGHUP its supervisor
+    passed on and kept its old configuration until the next one (a lab soak
+    found a last hop refusing the users just added to it).
+    """
+    out = open(node.out_path, "ab")
+    try:
+        node.proc = subprocess.Popen(node.command(), cwd=node.dir, stdin=subprocess.DEVNULL,
+                                     stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        out.close()
+    wait_for(lambda: len(worker_pids(node.pid)) == 2, 20, "two workers forked", interval=0.001)
+    node.signal(signal.SIGHUP)
+
+    def reloaded(k: int) -> bool:
+        try:
+            return (worker_status(node, k)["last_reload"] or {}).get("status") == "reloaded"
+        except (AdminError, OSError):
+            return False  # not serving its site yet
+
+    for k in (0, 1):
+        wait_for(lambda: reloaded(k), 20, f"worker {k} reloaded")
+    assert read_greeting(node.port, "127.0.0.1", timeout=5)
+    assert node.running()
+
+
+def test_hold_sighup_notes_a_hangup_for_install_sighup() -> None:
+    """
+    In-process: a SIGHUP before the reload handler is installed, or while
+    SIGHUP was blocked (a supervisor blocks it while it forks a worker), is
+    one reload as soon as the handler is.
+    """
+    from twisted.internet.task import Clock
+
+    from relaynet.hangup import hold_sighup, install_sighup
+
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        os.kill(os.getpid(), signal.SIGHUP)  # waits, blocked
+        hold_sighup()  # unblocks: noted
+        os.kill(os.getpid(), signal.SIGHUP)  # noted again: still one reload
+        reloads: list[int] = []
+        clock = Clock()
+        install_sighup(clock, lambda: reloads.append(1))
+        assert reloads == []
+        clock.advance(0)
+        assert reloads == [1]
+        clock.advance(60)
+        assert reloads == [1]
+        install_sighup(clock, lambda: reloads.append(2))  # nothing noted since
+        clock.advance(0)
+        assert reloads == [1]
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_sigterm_stops_the_workers_then_the_supervisor(node: NodeProcess) -> None:
