@@ -588,9 +588,18 @@ class Supervisor(MultiService):
             ))
         return out
 
-    def reloaded(self) -> None:
-        """Every worker reloaded (through the admin API): re-read ours too."""
-        self._reload_self()
+    def reloaded(self, missing: list[int]) -> None:
+        """
+        Every worker that answered reloaded (through the admin API): re-read
+        ours too, and send SIGHUP to the running workers that did not answer
+        (still starting, say: each reloads once it has started).
+        """
+        if not self._reload_self():
+            return
+        for shard in missing:
+            proto = self.procs.get(shard)
+            if proto is not None:
+                self._signal(proto, signal.SIGHUP)
 
     # -- signals ---------------------------------------------------------------
 

@@ -223,12 +223,14 @@ class Facts:
     started_at: float | None = field(factory=time.time)
     last_reload: dict[str, Any] | None = None
     reloads: int = 0
+    reload_missing: list[int] | None = None
 
     def workers(self) -> list[WorkerLink]:
         return list(self.links)
 
-    def reloaded(self) -> None:
+    def reloaded(self, missing: list[int]) -> None:
         self.reloads += 1
+        self.reload_missing = missing
         self.last_reload = {"time": time.time(), "status": "reloaded", "source": self.config.source}
 
 
@@ -775,6 +777,9 @@ def test_reload_fans_out(fleet: Fleet) -> None:
     assert answer == {"reloaded": True, "config": str(fleet.config_path(0)), "workers": 3, "missing_shards": []}
     assert fleet.facts.reloads == 1
     assert all(n.config.queue.minimal_backoff == 1800 for n in fleet.nodes)
+    # The status says which worker reloaded when.
+    workers = fleet.api("GET", "/api/status")["workers"]
+    assert [(w["last_reload"] or {}).get("status") for w in workers] == ["reloaded"] * 3
     fleet.config_path(2).write_text(fleet.config_path(2).read_text().replace("minimal_backoff = 1800",
                                                                              "minimal_backoff = -1"))
     e = fleet.error("POST", "/api/reload", {})
@@ -786,6 +791,7 @@ def test_reload_fans_out(fleet: Fleet) -> None:
     answer = fleet.api("POST", "/api/reload", {})
     assert answer["workers"] == 2 and answer["missing_shards"] == [1] and fleet.facts.reloads == 2
     assert fleet.nodes[2].config.queue.minimal_backoff == 1200
+    assert fleet.facts.reload_missing == [1]  # the supervisor passes the reload on to it (SIGHUP)
 
 
 def test_relaynet_queue_works_against_the_fleet(fleet: Fleet) -> None:

@@ -31,8 +31,9 @@ L{WORKER_TIMEOUT} -- and merging their answers:
    connects to it (C{down_shards} lists those that do not).
  - C{/api/history}: the samples summed point by point, aligned from the
    newest (each worker's last sample is the interval in progress) back.
- - C{POST /api/reload}: every worker reloads; if all did, the supervisor
-   re-reads its own configuration (L{FleetFacts.reloaded}); a refusal is
+ - C{POST /api/reload}: every worker reloads; if all that answered did, the
+   supervisor re-reads its own configuration and passes the reload on to
+   the workers that did not answer (L{FleetFacts.reloaded}); a refusal is
    answered 422 with that worker's error.
 
 A worker that is down (no pid: being restarted) or does not answer in time
@@ -158,8 +159,13 @@ class FleetFacts(NodeIdentity, Protocol):
     def workers(self) -> list[WorkerLink]:
         """The workers, one per shard."""
 
-    def reloaded(self) -> None:
-        """Every worker reloaded: re-read the supervisor's own configuration."""
+    def reloaded(self, missing: list[int]) -> None:
+        """
+        Every worker that answered reloaded: re-read the supervisor's own
+        configuration, and pass the reload (SIGHUP) to the workers of the
+        C{missing} shards that run (one still starting reloads once it has
+        started; one that was being restarted reads the file as it starts).
+        """
 
 
 def client_endpoint(endpoint: str) -> str:
@@ -682,11 +688,12 @@ class FleetAPI(JsonAPI):
                 for k, v in a.body["queue"].items():
                     queue[k] = queue.get(k, 0) + v
                 sessions += a.body["sessions"]
+            reloads = {a.shard: a.body.get("last_reload") for a in g.ok()}
             return {
                 **status_json(self.facts, queue, sessions),
                 "workers": [
                     {"shard": w.shard, "pid": w.pid, "up": w.pid is not None and w.shard not in g.missing,
-                     "started": w.started, "restarts": w.restarts}
+                     "started": w.started, "restarts": w.restarts, "last_reload": reloads.get(w.shard)}
                     for w in g.links
                 ],
                 "missing_shards": g.missing,
@@ -888,7 +895,7 @@ class FleetAPI(JsonAPI):
                 return {"reloaded": True, "config": self.facts.config.source, "workers": len(g.answers),
                         "missing_shards": g.missing}
 
-            return maybeDeferred(self.facts.reloaded).addCallback(answer)
+            return maybeDeferred(self.facts.reloaded, g.missing).addCallback(answer)
 
         return self.client.gather("POST", "/api/reload", body={}).addCallback(reloaded)
 
