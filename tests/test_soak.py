@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import random
 import tomllib
 from pathlib import Path
@@ -232,15 +233,26 @@ def test_unknown_fault_kind_is_a_one_line_usage_error(capsys: pytest.CaptureFixt
 
 
 @pytest.mark.slow
-def test_short_chain3_soak_under_kill_9(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_short_chain3_soak_under_kill_9(tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: int) -> None:
     """
     25 s of mixed load on chain3 with kill -9 of hop2 every 6-9 s and defer
     windows of 6 s: everything acknowledged is delivered once or bounced as
     expected, the exit status and last line agree, and the JSON report is in
-    the lab directory; the last hop's config is restored.
+    the lab directory; the last hop's config is restored. Also with two
+    workers per node: the soak then waits for each worker of the last hop
+    to reload its overlay (the admin API's status), where it used to go on
+    at the first worker's C{reload} event.
     """
     labdir = tmp_path / "chain3"
-    args = _parse(["soak", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir), "--minutes", "0.42",
+    topology = TOPOLOGIES / "chain3.toml"
+    if workers > 1:
+        text = re.sub(r"(?m)^\[defaults\.config\].*$", lambda m: f"{m[0]}\nnode = {{ workers = {workers} }}",
+                      topology.read_text(), count=1)
+        assert f"workers = {workers}" in text
+        topology = tmp_path / "chain3.toml"
+        topology.write_text(text)
+    args = _parse(["soak", str(topology), "--dir", str(labdir), "--minutes", "0.42",
                    "--rate", "2", "--seed", "11", "--faults", "kill,power,disk,link", "--target", "hop2",
                    "--interval", "6", "9", "--down", "0.5", "1.5", "--defer-window", "6", "--drain", "90"])
     try:

@@ -27,7 +27,7 @@ C{<labdir>/soak-RUN.json}.
 
 The last hop's extra mailboxes and the defer route are an overlay on its
 generated C{node.toml}, applied with a configuration reload (SIGHUP, waited
-for through its C{reload} event) and removed again once the soak has
+for until the node and each of its workers has reloaded) and removed again once the soak has
 drained; the original is kept as C{node.toml.soak-orig} meanwhile, so an
 interrupted soak is undone by the next one.
 
@@ -56,8 +56,9 @@ from typing import Any
 
 from attrs import define, field, frozen
 
+from relaynet.config import load_config
 from relaynet.lab import check, control, netns, procs
-from relaynet.lab.observe import EventIndex, lab_events, read_events
+from relaynet.lab.observe import EventIndex, lab_events
 from relaynet.lab.traffic import percentile
 from relaynet.lab.state import Lab, LabError, node_alive, pid_state
 from relaynet.lab.soakcli import FAULT_KINDS
@@ -197,7 +198,7 @@ class LastHop:
         rec = lab.node(name)
         self.config = Path(rec["config"])
         self.saved = self.config.with_name(self.config.name + ".soak-orig")
-        self.events = Path(rec["events"])
+        self.admin = load_config(self.config).admin_endpoint
         self.open = False
         self.toggles = 0
 
@@ -238,22 +239,35 @@ class LastHop:
         if not node_alive(pid, rec["config"]):
             return  # it reads the file when it starts
         assert pid is not None
-        try:
-            offset = self.events.stat().st_size
-        except FileNotFoundError:
-            offset = 0
+        since = time.time()
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while time.monotonic() < deadline:
-            for e in read_events(self.events, offset=offset):
-                if e.get("event") == "reload":
-                    if e.get("status") == "refused":
-                        raise LabError(f"node {self.name} refused the soak's configuration: {e.get('error')}")
-                    return
-            if not node_alive(pid, rec["config"]):
+            if self._reloaded(since) or not node_alive(pid, rec["config"]):
                 return
             time.sleep(POLL)
         raise LabError(f"node {self.name} did not reload its configuration within {RELOAD_TIMEOUT:.0f}s")
+
+    def _reloaded(self, since: float) -> bool:
+        """
+        Whether the node, and each of its workers that runs, has reloaded
+        since C{since} (its admin API's status; a worker being restarted
+        reads the file as it starts). A node with workers used to be taken
+        as reloaded at its first C{reload} event, one worker's.
+
+        @raise LabError: the node refused the configuration.
+        """
+        from relaynet.admin.queuecli import AdminClient, AdminError
+
+        try:
+            status = AdminClient(self.admin).request("GET", "/api/status")
+        except (AdminError, OSError):
+            return False  # not answering yet
+        reloads = [status.get("last_reload")] + [w.get("last_reload") for w in status.get("workers", []) if w["up"]]
+        for r in reloads:
+            if r and r["time"] >= since and r.get("status") == "refused":
+                raise LabError(f"node {self.name} refused the soak's configuration: {r.get('error')}")
+        return all(r and r["time"] >= since for r in reloads)
 
 
 def last_hop(lab: Lab, recipients: Sequence[str]) -> tuple[str, str]:
