@@ -27,9 +27,9 @@ C{<labdir>/soak-RUN.json}.
 
 The last hop's extra mailboxes and the defer route are an overlay on its
 generated C{node.toml}, applied with a configuration reload (SIGHUP, waited
-for until the node and each of its workers has reloaded) and removed again once the soak has
-drained; the original is kept as C{node.toml.soak-orig} meanwhile, so an
-interrupted soak is undone by the next one.
+for until the node and each of its workers has reloaded) and removed again
+once the soak has drained; the original is kept as C{node.toml.soak-orig}
+meanwhile, so an interrupted soak is undone by the next one.
 
 The schedule (fault times, kinds, targets) and every message's size and
 recipients come from the seed.
