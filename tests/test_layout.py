@@ -6,8 +6,9 @@ source with C{ast}; nothing is imported.
 
 Layers, lowest first (docs/architecture.md):
 
- -1. C{dkimkeys}: a leaf that imports nothing of relaynet (the
-    configuration reads DKIM keys with it);
+ -1. C{dkimkeys}, C{hangup}: leaves that import nothing of relaynet (the
+    configuration reads DKIM keys with the first; nodes, supervisors and
+    workers hold SIGHUP from their start with the second);
 
  0. C{relaynet}, C{config}, C{events}, C{hints}, C{zones}: the ground every stage
     stands on;
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent / "relaynet"
 
 LAYERS: dict[str, int] = {
     "relaynet": 0, "relaynet.config": 0, "relaynet.events": 0, "relaynet.hints": 0, "relaynet.zones": 0,
-    "relaynet.dkimkeys": -1,
+    "relaynet.dkimkeys": -1, "relaynet.hangup": -1,
     "relaynet.smtp": 1, "relaynet.queue": 1,
     "relaynet.delivery": 2,
     "relaynet.intake": 3, "relaynet.admin": 3, "relaynet.runner": 3,
