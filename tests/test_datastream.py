@@ -322,3 +322,25 @@ def test_run_check_on_clean_lines_at_the_limit() -> None:
         s = DataScanner(max_line_length=10)
         s._check(b"ab\r\n" + b"x" * content + (b"\r\n" if ended else b""))
         assert (s.long_line, s.bare_cr, s.bare_lf) == (long, False, False), (content, ended)
+
+
+def _bare_and_long(raw: bytes, limit: int) -> tuple[bool, bool, bool]:
+    """Byte by byte: a LF without its CR, a CR without its LF, a line (CR kept, LF not) of C{limit} or more."""
+    bare_lf = any(b == 0x0A and (i == 0 or raw[i - 1] != 0x0D) for i, b in enumerate(raw))
+    bare_cr = any(b == 0x0D and (i + 1 == len(raw) or raw[i + 1] != 0x0A) for i, b in enumerate(raw))
+    long_line = any(len(piece) >= limit for piece in raw.split(b"\n"))
+    return bare_lf, bare_cr, long_line
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r\n", b"\r", b"\n", b"x" * 24, b"y" * 47, b"\n\r"]), max_size=40))
+def test_check_finds_exactly_bare_line_ends_and_long_lines(parts: list[bytes]) -> None:
+    """
+    The whole-run checks (one C{splitlines}; counts only for a run with a
+    bare CR or LF) give the same three verdicts as a byte-by-byte reading,
+    for a BDAT message taken in one piece (its last line may lack its end).
+    """
+    raw = b"".join(parts)
+    s = DataScanner(max_line_length=50)
+    s.feed_raw(raw, last=True)
+    assert (s.bare_lf, s.bare_cr, s.long_line) == _bare_and_long(raw, 50)
