@@ -437,8 +437,28 @@ class QueueRunner(Service):
         self._timetable.set(queue_id, max(0.0, due - self.now()))
 
     def _fire(self, queue_id: str) -> None:
-        if self._started:
-            self._attempt(queue_id)
+        if not self._started:
+            return
+        running = self._attempts.get(queue_id)
+        if running is not None:
+            # Due while its last attempt is still being recorded (a due time
+            # that passed during the write: a short backoff behind a slow
+            # disk or a DSN). Attempted now, it would only wait for that
+            # attempt, and the timetable has let go of it: the message stayed
+            # deferred, never tried again until a restart (the lab soak found
+            # one). Scheduled again once that attempt is over instead.
+            self._after(running).addCallback(lambda _: self._resume(queue_id))
+            return
+        self._attempt(queue_id)
+
+    def _resume(self, queue_id: str) -> None:
+        """Schedule C{queue_id} by its state if nothing else has (after an attempt that outlived its due time)."""
+        entry = self.core.get(queue_id)
+        if entry is None or not self._started or queue_id in self._timetable or queue_id in self._attempts:
+            return
+        due = self.core.due(entry, self.now())
+        if due is not None:
+            self._schedule(queue_id, due)
 
     def _attempt(self, queue_id: str, cut_through: bool = False) -> Deferred[list[Outcome]]:
         """

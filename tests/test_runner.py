@@ -373,6 +373,54 @@ def test_a_removal_the_disk_refuses_is_tried_again_without_delivering_again(tmp_
     assert [ev["event"] for ev in events if ev.get("queue_id") == e.queue_id] == ["sent"]
 
 
+class SlowRecordSpool:
+    """A spool wrapper whose state writes wait until the test releases them (a slow disk)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.held: list[tuple[QueueEntry, Deferred[None]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def record(self, entry: QueueEntry) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.held.append((entry, d))
+        return d
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for entry, d in held:
+            self.inner.record(entry).chainDeferred(d)
+
+
+def test_a_deferral_whose_due_time_passes_while_it_is_written_is_tried_again(tmp_path: Path) -> None:
+    """
+    A deferral is written, then scheduled; when its due time has passed by
+    the time the write is done (a short backoff behind a slow disk or a
+    DSN), the message fires while its attempt is still being recorded. It
+    must be tried again once that attempt is over: it used to be dropped
+    from the timetable and stay deferred, never tried, until a restart
+    (the lab soak with minimal_backoff = 1 found one).
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = SlowRecordSpool(MemorySpool(clock=reactor.seconds))
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True))
+    e = commit(spool.inner, "s@src.test", ("a@x.test",), reactor.seconds(), lambda: None)
+    runner.enqueue(e)
+    hop.answer(0, 451)
+    assert len(spool.held) == 1  # the deferral is being written ...
+    reactor.advance(120)  # ... past its due time (minimal_backoff 60, +-10%)
+    assert not hop.pending
+    spool.release()
+    reactor.advance(0)
+    assert len(hop.pending) == 1, "the message was not tried again"
+    hop.answer(0, 250)
+    spool.release()
+    assert e.queue_id not in runner and hop.accepted[(e.queue_id, "a@x.test")] == 1
+
+
 @pytest.mark.parametrize("how", ["refused", "admin bounce"])
 def test_a_dsn_the_disk_refuses_is_owed_not_lost(tmp_path: Path, how: str) -> None:
     """
