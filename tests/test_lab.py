@@ -26,7 +26,7 @@ from relaynet.config import ConfigError
 from relaynet.hints import command
 from relaynet.lab import check, netns
 from relaynet.lab.draw import render
-from relaynet.lab.observe import EventIndex, LinkStat, link_stats, trace
+from relaynet.lab.observe import EventIndex, LinkStat, link_stats, queue_counts, trace
 from relaynet.lab.state import node_alive, pid_state
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.topology import allocate, node_config, parse_topology, validate_node_config
@@ -881,3 +881,26 @@ def test_stopping_a_node_waits_for_its_helper_processes(tmp_path: Path) -> None:
     finally:
         node.kill()
         node.wait(10)
+
+
+def test_check_reads_every_shard_queue_of_a_node_with_workers(tmp_path: Path) -> None:
+    """
+    A node with workers keeps a queue per shard (queue/, queue.1/, ...): a
+    message queued in any of them is in flight, not lost (the soak's drain
+    used to read queue/ alone and called a message deferred in queue.1 lost).
+    """
+    spool = tmp_path / "spool"
+    for shard, mid in (("queue", "<zero@x>"), ("queue.1", "<one@x>"), ("queue.12", "<twelve@x>")):
+        (spool / shard / "new").mkdir(parents=True)
+        (spool / shard / "new" / "Q").write_bytes(
+            b"RELAYNET-QUEUE 1 ".ljust(48, b"0")[:47] + b"\n" + b'{"version":1}' + b"\n"
+            + f"Received: x\r\nMessage-ID: {mid}\r\n\r\nbody\r\n".encode())
+    (spool / "queue.1.lock").write_bytes(b"")  # a shard's lock file is no queue
+    (tmp_path / "mail").mkdir()
+    ev = check.collect({"n": {"mailroot": str(tmp_path / "mail"), "spool": str(spool)}})
+    mids = ("<zero@x>", "<one@x>", "<twelve@x>")
+    sent = [{"message_id": m, "recipients": ["u@c.test"], "start": 0.0} for m in mids]
+    report = check.verify(sent, ev)
+    assert sorted(report.in_flight) == sorted((m, "u@c.test") for m in mids)
+    assert report.lost == []
+    assert queue_counts(spool)["active"] == 3  # lab status counts every shard too

@@ -11,8 +11,9 @@ counts for the recipients it reports C{Action: failed} for, and for the
 original C{Message-ID} it returns. A recipient still pending in some node's
 queue is "in flight", whether or not a copy was already delivered (a node that
 relayed it but died before recording that sends it again): not lost, not done
-either. Queues are read from disk (C{queue/new} and C{queue/state} of each
-spool), so the mail a stopped node holds counts too. The events give
+either. Queues are read from disk (C{new/} and C{state/} of each spool's
+C{queue/}, and of C{queue.1/}, ... of a node with workers), so the mail a
+stopped node holds counts too. The events give
 end-to-end latencies.
 
 The verdict's last line and C{lab check}'s exit status come from the same
@@ -32,7 +33,7 @@ from typing import Any, Collection, Iterable, Iterator, Mapping
 
 from attrs import define, field, frozen
 
-from relaynet.lab.observe import EventIndex
+from relaynet.lab.observe import EventIndex, queue_dirs
 from relaynet.lab.state import spool_on_disk
 from relaynet.lab.traffic import percentile
 
@@ -162,7 +163,14 @@ def scan_queue(spool: str | Path, ev: Evidence, node: str = "", stopped: bool = 
     @param node: the node's name, recorded in each L{Holder}.
     @param stopped: whether that node is not running.
     """
-    new = Path(spool) / "queue" / "new"
+    # A node with workers keeps a queue per shard: the soak's drain read
+    # queue/ alone, and took a message deferred in queue.1/ for lost.
+    for queue in queue_dirs(spool):
+        _scan_one_queue(queue, ev, node, stopped)
+
+
+def _scan_one_queue(queue: Path, ev: Evidence, node: str, stopped: bool) -> None:
+    new = queue / "new"
     try:
         names = os.listdir(new)
     except FileNotFoundError:
@@ -178,7 +186,7 @@ def scan_queue(spool: str | Path, ev: Evidence, node: str = "", stopped: bool = 
         m = _MID.search(_header_section(head[nl + 1:])) if nl >= 0 else None
         if not m:
             continue
-        pending = _pending(Path(spool) / "queue" / "state" / name)
+        pending = _pending(queue / "state" / name)
         if pending is not None and not pending:
             continue  # every recipient final: the file is about to go
         ev.queued.setdefault(m.group(1).decode("utf-8", "replace"), []).append(

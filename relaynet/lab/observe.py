@@ -311,35 +311,44 @@ def link_stats(index: EventIndex) -> list[LinkStat]:
 # -- status ------------------------------------------------------------------
 
 
+def queue_dirs(spool: str | Path) -> list[Path]:
+    """
+    A node's queue directories: C{queue/}, and C{queue.1/}, C{queue.2/}, ...
+    of a node with workers (one per shard: L{relaynet.config.shard_queue_dir}).
+    """
+    found = sorted(Path(spool).glob("queue")) + sorted(Path(spool).glob("queue.[0-9]*"))
+    return [q for q in found if q.is_dir()]
+
+
 def queue_counts(spool: str | Path) -> dict[str, int]:
     """
-    Messages in a node's queue by state: C{active} (no attempt recorded,
-    or every recorded recipient pending), C{deferred}, C{held}, plus
-    C{receiving} (C{tmp/}) and C{corrupt}.
+    Messages in a node's queues (every shard's) by state: C{active} (no
+    attempt recorded, or every recorded recipient pending), C{deferred},
+    C{held}, plus C{receiving} (C{tmp/}) and C{corrupt}.
     """
-    q = Path(spool) / "queue"
     counts = {"active": 0, "deferred": 0, "held": 0, "receiving": 0, "corrupt": 0}
-    try:
-        names = os.listdir(q / "new")
-    except FileNotFoundError:
-        names = []
-    for name in names:
+    for q in queue_dirs(spool):
         try:
-            state = json.loads((q / "state" / name).read_text("utf-8"))
-        except (OSError, ValueError):
-            counts["active"] += 1
-            continue
-        if state.get("held"):
-            counts["held"] += 1
-        elif any(r.get("status") == "deferred" for r in state.get("recipients", {}).values()):
-            counts["deferred"] += 1
-        else:
-            counts["active"] += 1
-    for sub, key in (("tmp", "receiving"), ("corrupt", "corrupt")):
-        try:
-            counts[key] = len([n for n in os.listdir(q / sub) if not n.endswith(".state")])
+            names = os.listdir(q / "new")
         except FileNotFoundError:
-            pass
+            names = []
+        for name in names:
+            try:
+                state = json.loads((q / "state" / name).read_text("utf-8"))
+            except (OSError, ValueError):
+                counts["active"] += 1
+                continue
+            if state.get("held"):
+                counts["held"] += 1
+            elif any(r.get("status") == "deferred" for r in state.get("recipients", {}).values()):
+                counts["deferred"] += 1
+            else:
+                counts["active"] += 1
+        for sub, key in (("tmp", "receiving"), ("corrupt", "corrupt")):
+            try:
+                counts[key] += len([n for n in os.listdir(q / sub) if not n.endswith(".state")])
+            except FileNotFoundError:
+                pass
     return counts
 
 
