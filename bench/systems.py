@@ -25,6 +25,8 @@ the sender is L{DKIM_SENDER}.
 from __future__ import annotations
 
 import argparse
+import compileall
+import functools
 import json
 import os
 import shlex
@@ -75,6 +77,20 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.05) -> float
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what}: not within {timeout:.0f}s")
         time.sleep(interval)
+
+
+@functools.cache
+def compile_relaynet() -> None:
+    """
+    Compile the bytecode of the code the nodes run (relaynet/ and the twistd
+    plugin) once per bench, as an installed package has it (pip compiles on
+    install). Otherwise, where C{PYTHONDONTWRITEBYTECODE} is set (some CI
+    images and sandboxes), every node start compiled every module from source
+    again: 0.3 s more CPU per start, and about 4 MiB more PSS per node (the
+    compiler's freed memory stays in the heap), which the memory row counted.
+    """
+    for sub in ("relaynet", "twisted"):
+        compileall.compile_dir(str(REPO / sub), quiet=2, workers=0)
 
 
 class Chain:
@@ -523,6 +539,7 @@ class RelaynetNode:
                 raise
 
     def _start(self, timeout: float) -> None:
+        compile_relaynet()
         twistd = Path(sys.executable).parent / "twistd"
         self.command = [str(twistd), "-n", "--pidfile=", "relaynet", "--config", str(self.config)]
         env = dict(os.environ)
