@@ -98,7 +98,7 @@ MAX_FRAME = 256 * 1024 * 1024
 #: Queue files kept for reuse (over every queue directory), the largest kept,
 #: and the seconds without a request after which they are unlinked.
 RECYCLE_FILES = 64
-RECYCLE_MAX_BYTES = 64 * 1024
+RECYCLE_MAX_BYTES = 256 * 1024
 RECYCLE_IDLE = 5.0
 
 
