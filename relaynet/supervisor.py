@@ -202,7 +202,7 @@ WORKER_MODULE = "relaynet.worker"
 _LEFT_BEHIND: list[Any] = []
 
 
-def prepare_to_fork() -> None:
+def prepare_to_fork(config: NodeConfig) -> None:
     """
     Before the first worker is forked: import what a worker runs, and move
     every object alive now (modules, classes, functions: nearly all of a
@@ -210,8 +210,14 @@ def prepare_to_fork() -> None:
     that neither this process's collections nor the workers' touch them.
     The pages they lie on stay shared between the supervisor and every
     worker (copy-on-write) instead of being copied into each.
+
+    What a worker imports only for a feature (dkimpy, for C{[[dkim.keys]]})
+    is imported here when C{config} has the feature: a node without it
+    does not carry it.
     """
     importlib.import_module(WORKER_MODULE)
+    if config.dkim.keys:
+        importlib.import_module("dkim")
     gc.collect()
     gc.freeze()
 
@@ -527,7 +533,7 @@ class Supervisor(MultiService):
         try:
             if self.fork:
                 if not self._forked_once:
-                    prepare_to_fork()
+                    prepare_to_fork(self.config)
                     self._forked_once = True
                 ForkedWorker(self.reactor, args, proto, child_fds)
             else:

@@ -262,6 +262,35 @@ def test_config_errors_name_the_key(keys: dict[str, Any], tmp_path: Path, mutate
     assert e.value.key == key and words in str(e.value)
 
 
+FORK_IMPORTS = """
+import sys
+import relaynet.node, relaynet.runner, relaynet.tap, relaynet.worker
+from relaynet.config import load_config
+from relaynet.supervisor import prepare_to_fork
+prepare_to_fork(load_config(sys.argv[1]))
+print(" ".join(sorted(m for m in ("dkim", "dns", "nacl") if m in sys.modules)))
+"""
+
+
+def test_dkimpy_is_loaded_only_by_a_node_with_keys(keys: dict[str, Any], tmp_path: Path) -> None:
+    """
+    A node without [[dkim.keys]] never imports dkimpy (nor its dnspython and
+    PyNaCl: about 4 MiB per process); a supervisor with keys imports it
+    before it forks, so its workers share it.
+    """
+    with_keys = tmp_path / "keys.toml"
+    with_keys.write_text(node_toml(keys))
+    without = tmp_path / "plain.toml"
+    without.write_text('[node]\nspool = "spool"\n')
+    seen = {}
+    for name, path in (("with", with_keys), ("without", without)):
+        proc = subprocess.run([sys.executable, "-c", FORK_IMPORTS, str(path)], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        seen[name] = proc.stdout.split()
+    assert seen == {"with": ["dkim", "dns", "nacl"], "without": []}
+
+
 def test_signing_without_keys_is_an_error() -> None:
     """[dkim] sign = true with no key, or a route with dkim = true and no key: refused."""
     with pytest.raises(ConfigError, match="no \\[\\[dkim.keys\\]\\]"):

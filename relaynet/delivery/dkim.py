@@ -47,7 +47,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import threading
 
-import dkim
 from attrs import frozen
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -60,8 +59,23 @@ from relaynet.dkimkeys import (
 OVERSIGNED = (b"from", b"subject", b"to")
 """Signed once more than they occur (RFC 6376 8.15)."""
 
-SIGNED = frozenset(dkim.DKIM.SHOULD) | frozenset(OVERSIGNED)
-"""The header fields signed when present (RFC 6376 5.4.1's list)."""
+
+def dkimpy() -> Any:
+    """
+    The C{dkim} module (dkimpy), imported on first use: a node without
+    C{[[dkim.keys]]} never loads it, nor the dnspython and PyNaCl it
+    imports (about 160 modules, 4 MiB of every process). A node with keys
+    imports it when its L{Signer} is made, and a supervisor before it forks
+    its workers, so that they share it (L{relaynet.supervisor.prepare_to_fork}).
+    """
+    import dkim
+
+    return dkim
+
+
+def signed_fields() -> frozenset[bytes]:
+    """The header fields signed when present (RFC 6376 5.4.1's list, and L{OVERSIGNED})."""
+    return frozenset(dkimpy().DKIM.SHOULD) | frozenset(OVERSIGNED)
 
 
 @frozen
@@ -113,7 +127,8 @@ def from_domain(message: bytes) -> tuple[str | None, str | None]:
 
 _RSA_KEYS: dict[int, rsa.RSAPrivateKey] = {}
 """Our RSA keys by modulus, for L{_rsa_sign}."""
-_PURE_RSA_SIGN = dkim.RSASSA_PKCS1_v1_5_sign
+_PURE_RSA_SIGN: Callable[[Any, Any], Any] | None = None
+"""dkimpy's own signing step, once L{_use_openssl_for} has taken its place."""
 _PATCH = threading.Lock()
 
 
@@ -128,13 +143,18 @@ def _rsa_sign(digest: Any, private_key: Any) -> bytes:
     """
     key = _RSA_KEYS.get(int(private_key.get("modulus") or 0)) if isinstance(private_key, dict) else None
     if key is None or getattr(digest, "name", None) != "sha256":
+        assert _PURE_RSA_SIGN is not None
         return bytes(_PURE_RSA_SIGN(digest, private_key))
     return key.sign(digest.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
 def _use_openssl_for(keys: Iterable[SigningKey]) -> None:
     """Register our RSA keys with L{_rsa_sign}, and put it in dkimpy's place (once)."""
+    global _PURE_RSA_SIGN
+    dkim = dkimpy()
     with _PATCH:
+        if _PURE_RSA_SIGN is None:
+            _PURE_RSA_SIGN = dkim.RSASSA_PKCS1_v1_5_sign
         for k in keys:
             if k.algorithm == RSA:
                 key = serialization.load_pem_private_key(k.private, password=None)
@@ -166,6 +186,7 @@ class Signer:
         for k in keys:
             self.keys.setdefault(k.domain.lower(), []).append(k)
         _use_openssl_for(k for ks in self.keys.values() for k in ks)
+        self._signed = signed_fields()
         self.signing_table = tuple((p.lower(), d.lower()) for p, d in signing_table)
         self.clock = clock
 
@@ -201,9 +222,10 @@ class Signer:
         if domain is None or not keys:
             return Signed(b"", domain_from, unsigned=f"no DKIM key for {domain or domain_from}")
         fields = []
+        dkim = dkimpy()
         for key in keys:
             signer = dkim.DKIM(message, signature_algorithm=key.algorithm.encode(), linesep=b"\r\n")
-            include = [name for name, _ in signer.headers if name.lower() in SIGNED]
+            include = [name for name, _ in signer.headers if name.lower() in self._signed]
             include += list(OVERSIGNED)
             value = signer.sign(
                 key.selector.encode("ascii"), domain.encode("ascii"), key.private,
