@@ -227,10 +227,13 @@ def cpu_of(probes: Mapping[str, NodeProbe]) -> dict[str, float | None]:
 class PeakSampler:
     """
     Sample the PSS of some nodes every C{interval} seconds in a thread, and
-    keep the peaks: per node, and of their sum.
+    keep the peaks: per node, and of their sum. With C{interval=None}, only
+    at the start and at the end: a sample reads C{smaps_rollup} of every
+    process (the kernel walks its page tables) and the process table, a
+    burst of CPU on the machine under test that runs that often.
     """
 
-    def __init__(self, probes: Mapping[str, NodeProbe], interval: float = 0.5, max_seconds: float = 7200):
+    def __init__(self, probes: Mapping[str, NodeProbe], interval: float | None = 0.5, max_seconds: float = 7200):
         self.probes = dict(probes)
         self.interval = interval
         self.max_seconds = max_seconds
@@ -264,6 +267,9 @@ class PeakSampler:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakSampler":
+        if self.interval is None:
+            self.sample()
+            return self
         self._thread = threading.Thread(target=self._run, name="pss-sampler", daemon=True)
         self._thread.start()
         return self

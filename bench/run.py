@@ -386,7 +386,9 @@ def latency_run(chain, item: dict, args, tag: str) -> dict:
     stamp = chain.stamp
     before = stamp.received()
     cpu0 = cpu_of(probes)
-    with PeakSampler(probes, args.sample_interval) as sampler:
+    # PSS before and after only: a sample every second delayed the messages
+    # in flight, in both systems (bench/README.md, "PSS sampling and latency").
+    with PeakSampler(probes, None) as sampler:
         try:
             res = paced_send(HOST, chain.entry_port, count=n, rate=item["rate"], size=item["size"],
                              recipient=f"user@{STAMP_DOMAIN}", tag=tag, timeout=args.smtp_timeout)
@@ -918,7 +920,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--relaynet-processes", type=int, default=1, metavar="N",
                    help="relaynet nodes per hop, sharing its port (reuse_port = true), each with its "
                    "own spool: a node per core (default 1; figures are per hop, summed over its nodes)")
-    p.add_argument("--sample-interval", type=float, default=1.0, help="PSS sampling period, seconds")
+    p.add_argument("--sample-interval", type=float, default=1.0, help="PSS sampling period of the rate runs, seconds (latency runs sample only before and after)")
     p.add_argument("--smtp-timeout", type=float, default=600, help="seconds allowed for one smtp-source run")
     p.add_argument("--drain-timeout", type=float, default=300,
                    help="seconds allowed for a run's mail to reach the sink and the queues to empty")

@@ -163,6 +163,8 @@ def test_bench_quick(tmp_path: Path) -> None:
         assert r["peak_pss_kb"] > 0
         if r["scenario"] == "latency":
             assert r["latency"]["n"] == 10 and r["latency"]["p50"] > 0
+            # PSS before and after the run only: no sampling burst among the timed messages.
+            assert r["pss"]["samples"] == 2
         else:
             assert r["delivered_rate"] > 0 and r["accept_rate"] > 0
     ratios = {(row["section"], row["metric"], row["hops"]): row["ratio"] for row in result["summary"]}
