@@ -57,9 +57,13 @@ def test_high_volume_lab(lab_dirs: Any) -> None:
     # first from .70, the second from .71. The messages may all go over one
     # reused connection (seen once in a fresh-clone CI run), so both
     # addresses are required only when there were two connections or more.
+    # A connection may carry only refused recipients (full@'s 452): it shows
+    # in the provider's reject events, not in its received ones (seen in a
+    # fresh-clone CI run: 5 connections with mail, all from .70; .71's
+    # carried full@ only).
     received = [e for e in provider if e["event"] == "received"]
-    sources = Counter(e["client"] for e in received)
+    sources = Counter(e["client"] for e in provider if e.get("client"))
     connections = {(e["client"], e.get("client_port")) for e in received}
-    assert set(sources) <= {"127.0.0.70", "127.0.0.71"} and sources, sources
+    assert set(sources) <= {"127.0.0.70", "127.0.0.71"} and received, (sources, received)
     if len(connections) >= 2:
         assert set(sources) == {"127.0.0.70", "127.0.0.71"}, (sources, connections)
