@@ -41,7 +41,7 @@ from bench.stampsink import StampSink
 from harness.nodeproc import relaynet_command
 from harness.peers import PostfixInstance, SmtpSink, free_port, relayhost_for, wait_for_smtp
 from relaynet.admin.queuecli import AdminClient, AdminError
-from relaynet.config import default_admin_endpoint
+from relaynet.config import default_admin_endpoint, shard_queue_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 SINK_DOMAIN = "sink.test"
@@ -434,9 +434,7 @@ def queue_dirs(spool: Path) -> list[Path]:
     K's shard; C{relaynet.config.shard_queue_dir}).  Lists the spool only,
     never a C{new} directory itself (it may hold 1,000,000 files).
     """
-    found = [spool / "queue" / "new"]
-    found.extend(spool.glob("queue.*/new"))
-    return sorted(p for p in found if p.is_dir())
+    return [q / "new" for q in shard_queue_dirs(spool).values() if (q / "new").is_dir()]
 
 
 class RelaynetNode:

@@ -796,6 +796,27 @@ def shard_queue_dir(spool: Path, shard: int) -> Path:
     return spool / ("queue" if shard == 0 else f"queue.{shard}")
 
 
+_SHARD_QUEUE = re.compile(r"^queue\.([1-9][0-9]*)$")
+
+
+def shard_queue_dirs(spool: Path) -> dict[int, Path]:
+    """
+    The shard queues in C{spool} now, by shard (whatever the number of
+    workers): C{queue} as 0 and every C{queue.K} directory (see
+    L{shard_queue_dir}). Lists the spool only, never a queue itself.
+    """
+    found: dict[int, Path] = {}
+    try:
+        entries = list(os.scandir(spool))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
+        match = _SHARD_QUEUE.match(entry.name)
+        if (entry.name == "queue" or match) and entry.is_dir():
+            found[int(match.group(1)) if match else 0] = Path(entry.path)
+    return dict(sorted(found.items()))
+
+
 def worker_admin_endpoint(spool: Path, shard: int) -> str:
     """Worker C{shard}'s private admin site, C{unix:<spool>/worker-<shard>.sock:mode=600}."""
     path = str(spool / f"worker-{shard}.sock").replace("\\", "\\\\").replace(":", "\\:")

@@ -212,19 +212,13 @@ class QueueRunner(Service):
         """Schedule every queued message that is not (after a recovery loaded without scheduling)."""
         now = self.now()
         for entry in self.core:
-            due = self.core.due(entry, now)
-            if due is not None:
-                self._schedule(entry.queue_id, due)
+            self._schedule_by_state(entry, now)
 
     def start(self, entries: Iterable[QueueEntry] = ()) -> None:
         """Take over recovered messages and begin delivering."""
         self.load(entries)
         self._started = True
-        now = self.now()
-        for entry in self.core:
-            due = self.core.due(entry, now)
-            if due is not None:
-                self._schedule(entry.queue_id, due)
+        self.schedule_all()
 
     def stop(self) -> Deferred[None]:
         """Stop scheduling; the Deferred fires when running attempts are done."""
@@ -456,9 +450,13 @@ class QueueRunner(Service):
         entry = self.core.get(queue_id)
         if entry is None or not self._started or queue_id in self._timetable or queue_id in self._attempts:
             return
-        due = self.core.due(entry, self.now())
+        self._schedule_by_state(entry, self.now())
+
+    def _schedule_by_state(self, entry: QueueEntry, now: float) -> None:
+        """Schedule C{entry} for when its state says it is due, if it is due at all."""
+        due = self.core.due(entry, now)
         if due is not None:
-            self._schedule(queue_id, due)
+            self._schedule(entry.queue_id, due)
 
     def _attempt(self, queue_id: str, cut_through: bool = False) -> Deferred[list[Outcome]]:
         """

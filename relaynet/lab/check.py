@@ -33,7 +33,8 @@ from typing import Any, Collection, Iterable, Iterator, Mapping
 
 from attrs import define, field, frozen
 
-from relaynet.lab.observe import EventIndex, queue_dirs
+from relaynet.config import shard_queue_dirs
+from relaynet.lab.observe import EventIndex
 from relaynet.lab.state import spool_on_disk
 from relaynet.lab.traffic import percentile
 
@@ -165,7 +166,7 @@ def scan_queue(spool: str | Path, ev: Evidence, node: str = "", stopped: bool = 
     """
     # A node with workers keeps a queue per shard: the soak's drain read
     # queue/ alone, and took a message deferred in queue.1/ for lost.
-    for queue in queue_dirs(spool):
+    for queue in shard_queue_dirs(Path(spool)).values():
         _scan_one_queue(queue, ev, node, stopped)
 
 

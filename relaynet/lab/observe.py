@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping
 
 from attrs import define, field, frozen
 
+from relaynet.config import shard_queue_dirs
+
 QUEUED_AS = re.compile(r"queued as ([0-9A-Za-z]+)")
 OUTCOMES = ("sent", "delivered", "deferred", "bounced", "expired")
 NAMED_RELAY = re.compile(r"^[^\[\]]+\[([^\]]+)\]:(\d+)$")
@@ -311,15 +313,6 @@ def link_stats(index: EventIndex) -> list[LinkStat]:
 # -- status ------------------------------------------------------------------
 
 
-def queue_dirs(spool: str | Path) -> list[Path]:
-    """
-    A node's queue directories: C{queue/}, and C{queue.1/}, C{queue.2/}, ...
-    of a node with workers (one per shard: L{relaynet.config.shard_queue_dir}).
-    """
-    found = sorted(Path(spool).glob("queue")) + sorted(Path(spool).glob("queue.[0-9]*"))
-    return [q for q in found if q.is_dir()]
-
-
 def queue_counts(spool: str | Path) -> dict[str, int]:
     """
     Messages in a node's queues (every shard's) by state: C{active} (no
@@ -327,7 +320,7 @@ def queue_counts(spool: str | Path) -> dict[str, int]:
     C{held}, plus C{receiving} (C{tmp/}) and C{corrupt}.
     """
     counts = {"active": 0, "deferred": 0, "held": 0, "receiving": 0, "corrupt": 0}
-    for q in queue_dirs(spool):
+    for q in shard_queue_dirs(Path(spool)).values():
         try:
             names = os.listdir(q / "new")
         except FileNotFoundError:

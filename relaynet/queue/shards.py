@@ -9,13 +9,10 @@ the shards no worker owns any more are merged into the others at start.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-from relaynet.config import shard_queue_dir
+from relaynet.config import shard_queue_dir, shard_queue_dirs
 from relaynet.queue.spool import fsync_dir, makedirs_durable
-
-_SHARD_DIR = re.compile(r"^queue\.([1-9][0-9]*)$")
 
 
 def adopt_orphan_shards(spool: Path, workers: int) -> int:
@@ -34,13 +31,10 @@ def adopt_orphan_shards(spool: Path, workers: int) -> int:
     @return: the number of messages moved.
     """
     moved = 0
-    if not spool.is_dir():
-        return 0
-    for entry in sorted(spool.iterdir()):
-        match = _SHARD_DIR.match(entry.name)
-        if match is None or not entry.is_dir() or int(match.group(1)) < workers:
+    for shard, entry in shard_queue_dirs(spool).items():
+        if shard < workers:
             continue
-        target = shard_queue_dir(spool, int(match.group(1)) % workers)
+        target = shard_queue_dir(spool, shard % workers)
         for sub in ("state", "new", "corrupt"):
             src = entry / sub
             if not src.is_dir():
