@@ -451,8 +451,10 @@ class RelayNode(MultiService):
             raise NodeStartError(disk_problem(e, config.spool)) from e
         self.started_at = time.time()
         # Until the whole queue is known, a retransmission from a relaynet
-        # upstream cannot be recognised: XTXN is not offered meanwhile.
-        self.intake.recovering = True
+        # upstream that the window does not hold yet cannot be told from a
+        # first transfer: it is answered 451 meanwhile. XTXN stays offered,
+        # so that the transfers accepted during recovery are named.
+        self.window.complete = False
         try:
             MultiService.startService(self)
         except BaseException as e:
@@ -509,7 +511,7 @@ class RelayNode(MultiService):
         except Exception:
             self.log.failure("Recovering the queue failed after {count} message(s)", count=count)
         finally:
-            self.intake.recovering = False
+            self.window.complete = True
             if not self._stopping:
                 self.runner.schedule_all()
             if count >= RECOVERY_FREEZE_FROM:

@@ -38,7 +38,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from relaynet.admin.api import ShapeBuilder, shape, summarize
 from relaynet.admin.fleet import (
-    FleetFacts, WorkerClient, WorkerLink, client_endpoint, fleet_web_service, make_fleet_site,
+    FleetFacts, PeerWindows, WorkerClient, WorkerLink, client_endpoint, fleet_web_service, make_fleet_site,
     merge_history, merge_hops, merge_metrics, merge_pages, merge_shapes, merge_summaries,
 )
 from relaynet.admin import queuecli
@@ -46,6 +46,7 @@ from relaynet.admin.queuecli import AdminClient, AdminError, add_queue_parser, r
 from relaynet.config import NodeConfig, load_config
 from relaynet.node import RelayNode
 from relaynet.queue.spool import Envelope, Recipient, Spool
+from relaynet.queue.window import PeerAnswer, Transfer
 from relaynet.testing import ManualThreadPool, ThreadlessReactor
 
 from harness.nodeproc import relaynet_command
@@ -763,6 +764,40 @@ def test_a_worker_that_does_not_answer_in_time(fleet: Fleet, tmp_path: Path) -> 
         fleet.wait(client.close(), "the pool closed")
     finally:
         mute.close()
+
+
+def test_peer_windows_say_who_holds_a_transfer_and_who_cannot_tell(fleet: Fleet) -> None:
+    """
+    A worker asks the others' sites (C{GET /api/transfer}) for a transfer
+    made again: the one that holds it gives its queue id; none holding it
+    is a plain no; a worker still recovering its queue (window not
+    complete) answers 503 and one that is stopped does not answer: both
+    are named as unsure, and the transfer then waits (451) rather than
+    being queued a second time.
+    """
+    held = Transfer("up/Q1", "d" * 32, frozenset({"bob@x.test"}), "QID1", time.time())
+    fleet.nodes[1].window.note(held)
+    peers = PeerWindows({k: fleet.nodes[k].config.admin_endpoint for k in (1, 2)}, fleet.reactor, timeout=2.0)
+    try:
+        def ask(origin: str, recipients: list[str]) -> PeerAnswer:
+            answer: PeerAnswer = fleet.wait(peers.lookup(origin, "d" * 32, recipients), f"the lookup of {origin}")
+            return answer
+
+        assert ask("up/Q1", ["bob@x.test"]) == PeerAnswer("QID1", ())
+        assert ask("up/Q1", ["bob@x.test", "new@x.test"]) == PeerAnswer(None, ())
+        assert ask("up/Q2", ["bob@x.test"]) == PeerAnswer(None, ())
+        fleet.nodes[2].window.complete = False
+        e = fleet.error("GET", "/api/transfer", sock=fleet.nodes[2].config.admin_endpoint.split(":", 1)[1],
+                        origin="up/Q2", digest="d" * 32)
+        assert e.status == 503 and "being recovered" in e.message
+        assert ask("up/Q1", ["bob@x.test"]) == PeerAnswer("QID1", ())
+        assert ask("up/Q2", ["bob@x.test"]) == PeerAnswer(None, (2,))
+        fleet.nodes[2].window.complete = True
+        fleet.stop_node(1)
+        fleet.wait(peers.close(), "the pooled connections closed")  # as a process that ended closes them
+        assert ask("up/Q1", ["bob@x.test"]) == PeerAnswer(None, (1,))
+    finally:
+        fleet.wait(peers.close(), "the pool closed")
 
 
 def test_reload_fans_out(fleet: Fleet) -> None:

@@ -37,7 +37,7 @@ from twisted.names import dns, error
 from relaynet.config import NextHop
 from relaynet.queue.core import Outcome
 from relaynet.queue.spool import QueueEntry, Recipient
-from relaynet.queue.window import TransferWindow
+from relaynet.queue.window import PeerAnswer, TransferWindow
 from relaynet.testing.network import NetNode, Network, StoredMail
 
 JITTER = 0.1
@@ -681,10 +681,10 @@ def test_a_transfer_made_again_may_be_recognised_by_another_worker(peer_holds_it
     first_worker = hop2.window
     asked: list[tuple[str, list[str]]] = []
 
-    def peers(origin: str, digest: str, recipients: list[str]) -> Deferred[str | None]:
+    def peers(origin: str, digest: str, recipients: list[str]) -> Deferred[PeerAnswer]:
         asked.append((origin, recipients))
         found = first_worker.match(origin, digest)
-        return succeed(found.queue_id if peer_holds_it and found.all(recipients) else None)
+        return succeed(PeerAnswer(found.queue_id if peer_holds_it and found.all(recipients) else None))
 
     hop2.intake.peer_transfers = peers
     hop1.submit("sender@src.test", ["user@dest.test"], message("again"),
@@ -734,10 +734,10 @@ def test_a_lost_final_reply_marks_the_retry_a_deferral_does_not() -> None:
     hop2.intake.window = TransferWindow(None, 86400, 1000, hop2.reactor.seconds)
     asked: list[str] = []
 
-    def peers(origin: str, digest: str, recipients: list[str]) -> Deferred[str | None]:
+    def peers(origin: str, digest: str, recipients: list[str]) -> Deferred[PeerAnswer]:
         asked.append(origin)
         found = other_worker.match(origin, digest)
-        return succeed(found.queue_id if found.all(recipients) else None)
+        return succeed(PeerAnswer(found.queue_id if found.all(recipients) else None))
 
     hop2.intake.peer_transfers = peers
     net.advance(300)  # the retries: minimal_backoff 60 s, with jitter
@@ -746,6 +746,114 @@ def test_a_lost_final_reply_marks_the_retry_a_deferral_does_not() -> None:
     # One copy of each: the first recognised through the other worker.
     assert len(hop2.mailboxes.delivered("user@dest.test")) == 2
     assert [d["origin"] for d in hop2.events_named("duplicate")] == [f"hop1/{lost}"]
+
+
+def test_a_transfer_made_again_waits_while_the_next_hop_recovers() -> None:
+    """
+    While hop2 recovers its queue (in the background, after its first 220)
+    it still offers XTXN: hop1's transfer is named and remembered as any
+    other. hop1 is then killed before recording hop2's 250, and hop2 is
+    restarted and has not read that message back yet (its window is not
+    complete): the transfer made again (C{XTXNAGAIN}) may be one it
+    accepted, so it is answered 451 4.3.0 and nothing is queued; hop1
+    keeps it. Once hop2's window is complete, the retry is recognised:
+    delivered exactly once. (The lab's power-cut test found the first
+    half: a transfer accepted unnamed during recovery, queued twice.)
+    """
+    net = Network()
+    hop1 = net.add_node("hop1", routes=[relay(net, ["dest.test"], "hop2")], queue=BACKOFF)
+    hop2 = net.add_node("hop2", local_domains=["dest.test"])
+    hop2.window.complete = False  # hop2 has just started: its queue is being read
+    hop1.submit("sender@src.test", ["user@dest.test"], message("recovering"),
+                until=lambda: hop2.events_named("received"))
+    (qid,) = hop1.queued()
+    (received,) = hop2.events_named("received")
+    assert hop2.window.holds(received["queue_id"], f"hop1/{qid}")
+    hop1.stop()
+    recovered = hop2.window
+    recovered.complete = True
+    unread = TransferWindow(None, 86400, 1000, hop2.reactor.seconds)
+    unread.complete = False
+    hop2.intake.window = unread  # restarted: the message's envelope not read yet
+    hop1.start()
+    net.advance(30)
+    refused = hop2.events_named("reject")
+    assert refused and all(r["code"] == 451 and r["dsn"] == "4.3.0" and r["origin"] == f"hop1/{qid}"
+                           for r in refused), refused
+    assert hop1.queued() == [qid] and len(hop2.mailboxes.delivered("user@dest.test")) == 1
+    deferred = hop1.events_named("deferred")
+    assert deferred and "451 4.3.0" in deferred[-1]["diagnostic"], deferred
+    hop2.intake.window = recovered  # its recovery is over
+    net.advance(600)
+    assert hop1.queued() == []
+    assert len(hop2.mailboxes.delivered("user@dest.test")) == 1
+    (duplicate,) = hop2.events_named("duplicate")
+    assert duplicate["queue_id"] == received["queue_id"]
+
+
+def test_a_first_transfer_is_queued_while_recovering_one_made_again_waits() -> None:
+    """
+    While the window is not complete, a transfer not marked C{XTXNAGAIN} is
+    a first one and is queued at once (intake runs at full speed during
+    recovery); one marked, that the window does not hold, gets 451 4.3.0;
+    one the window already holds is recognised. After recovery a marked
+    transfer the window does not hold is queued (it was never accepted).
+    """
+    net = Network()
+    hop2 = net.add_node("hop2", local_domains=["dest.test"])
+    hop2.window.complete = False
+    data = message("marks")
+
+    def send(name: str, again: bool) -> list[tuple[int, str]]:
+        return hop2.submit("sender@src.test", ["user@dest.test"], data,
+                           mail_params=f"XTXN={name}" + (" XTXNAGAIN" if again else ""))
+
+    assert any(code == 250 for code, _ in send("up/Q1", False))
+    assert any(code == 451 and "4.3.0" in text for code, text in send("up/Q2", True))
+    held = send("up/Q1", True)
+    assert any(code == 250 for code, _ in held)
+    assert len(hop2.events_named("received")) == 1 and len(hop2.events_named("duplicate")) == 1
+    hop2.window.complete = True
+    assert any(code == 250 for code, _ in send("up/Q2", True))
+    net.run()
+    assert len(hop2.events_named("received")) == 2
+    assert len(hop2.mailboxes.delivered("user@dest.test")) == 2
+
+
+def test_a_worker_that_cannot_tell_makes_a_transfer_made_again_wait() -> None:
+    """
+    In a node with workers, a transfer made again that the receiving worker
+    does not hold, while another worker cannot tell (it recovers its
+    queue, or does not answer: C{PeerAnswer.unsure}), is answered 451 4.3.0:
+    queued again it could be a second copy. Once that worker answers, the
+    retry is recognised: one copy.
+    """
+    net = Network()
+    hop1 = net.add_node("hop1", routes=[relay(net, ["dest.test"], "hop2")], queue=BACKOFF)
+    hop2 = net.add_node("hop2", local_domains=["dest.test"])
+    first_worker = hop2.window
+    hop1.submit("sender@src.test", ["user@dest.test"], message("unsure"),
+                until=lambda: hop2.events_named("received"))
+    hop2.intake.window = TransferWindow(None, 86400, 1000, hop2.reactor.seconds)
+    answers: list[PeerAnswer] = []
+
+    def peers(origin: str, digest: str, recipients: list[str]) -> Deferred[PeerAnswer]:
+        found = first_worker.match(origin, digest)
+        answers.append(PeerAnswer(found.queue_id) if first_worker.complete else PeerAnswer(None, (0,)))
+        return succeed(answers[-1])
+
+    hop2.intake.peer_transfers = peers
+    first_worker.complete = False
+    hop1.stop()
+    hop1.start()
+    net.advance(30)
+    assert answers and all(a.unsure == (0,) for a in answers)
+    assert [r["code"] for r in hop2.events_named("reject")] == [451] * len(answers)
+    assert len(hop1.queued()) == 1 and len(hop2.mailboxes.delivered("user@dest.test")) == 1
+    first_worker.complete = True
+    net.advance(600)
+    assert hop1.queued() == [] and len(hop2.mailboxes.delivered("user@dest.test")) == 1
+    assert len(hop2.events_named("duplicate")) == 1
 
 
 def test_retransmission_is_queued_again_without_the_window() -> None:

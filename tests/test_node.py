@@ -69,8 +69,8 @@ def test_recovery_after_listening(tmp_path: Path) -> None:
     admin site on its UNIX socket) and recovers its queue in the background
     (batches read in a worker thread): a message left in the spool is
     recovered and attempted (a connection to its next hop is made); XTXN is
-    offered only once the queue is recovered; a stop stops the pools after
-    the runner.
+    offered at once, and the transfer window is complete only once the
+    queue is recovered; a stop stops the pools after the runner.
     """
     config = make_config(tmp_path / "spool", toml=TOML)
     make_queue_entry(config.queue_dir, b"Subject: left over\r\n\r\nhi\r\n",
@@ -82,10 +82,10 @@ def test_recovery_after_listening(tmp_path: Path) -> None:
     n.startService()
     try:
         assert [u[0] for u in reactor.unixServers] == [str(config.queue_dir.parent / "admin.sock")]
-        assert n.intake.recovering and n.intake.transfers() is None
+        assert n.intake.transfers() is n.window and not n.window.complete
         reactor.drain(n.pool, n.commit_pool)
         assert n.recovery.called and n.recovery.result == 1
-        assert not n.intake.recovering and n.intake.transfers() is n.window
+        assert n.window.complete
         assert n.runner.counts()["active"] == 1
         assert [(c[0], c[1]) for c in reactor.tcpClients] == [("192.0.2.7", 2526)]
         assert len(n.ports) == 1

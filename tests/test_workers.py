@@ -223,7 +223,8 @@ def test_a_transfer_made_again_is_recognised_by_either_worker(node: NodeProcess)
             assert code == 250, reply
             return reply.decode().rsplit(" ", 1)[1]
 
-    # A worker offers XTXN once it has recovered its shard (its log line says so).
+    # Until both workers have recovered their shards (their log lines say so), a
+    # transfer made again that neither holds yet is answered 451: wait for them.
     for k in (0, 1):
         wait_for(lambda: re.search(rf"/w{k}\] relaynet node \S+: \d+ queued message\(s\) recovered",
                                    node.log_text()), 30, f"worker {k} recovered")

@@ -554,14 +554,18 @@ class AdminAPI(JsonAPI):
         """
         C{GET /api/transfer?origin=NODE/ID&digest=D}: the transfer C{origin}
         with these bytes as this node's window holds it (its queue id and the
-        recipients accepted for it); 404 if it does not. The other workers of
-        a node ask it for a transfer made again (C{XTXNAGAIN}).
+        recipients accepted for it); 404 if it does not; 503 if it does not
+        hold it yet but may (the node is still recovering its queue). The
+        other workers of a node ask it for a transfer made again
+        (C{XTXNAGAIN}).
         """
         origin, digest = _arg(request, "origin"), _arg(request, "digest")
         if not origin or not digest:
             raise ApiError(400, "origin and digest are required")
         found = self.window.match(origin, digest) if self.window is not None else None
         if found is None or found.queue_id is None:
+            if self.window is not None and not self.window.complete:
+                raise ApiError(503, f"no transfer {origin} with those bytes known yet: the queue is being recovered")
             raise ApiError(404, f"no transfer {origin} with those bytes here")
         return {"origin": origin, "queue_id": found.queue_id, "recipients": sorted(found.covered)}
 

@@ -106,6 +106,7 @@ from relaynet.admin.metrics import HopHealth, Sample
 from relaynet.admin.text import human_age
 from relaynet.admin.views import STATES, NodeIdentity
 from relaynet.config import split_endpoint
+from relaynet.queue.window import PeerAnswer
 from relaynet.smtp.netio import EndpointService
 
 #: Seconds a worker has to answer one request.
@@ -419,27 +420,34 @@ class PeerWindows:
         self.links = [WorkerLink(shard, endpoint, None, None, 0) for shard, endpoint in sorted(endpoints.items())]
         self.client = WorkerClient(None, reactor, timeout)
 
-    def lookup(self, origin: str, digest: str, recipients: list[str]) -> Deferred[str | None]:
+    def lookup(self, origin: str, digest: str, recipients: list[str]) -> Deferred[PeerAnswer]:
         """
         The queue id under which another worker accepted the transfer
-        C{origin} with these bytes for every one of C{recipients}, or
-        C{None} (also when a worker does not answer: the transfer is then
-        queued again, at least once). Never fails.
+        C{origin} with these bytes for every one of C{recipients}, if one
+        did; else the workers that could not tell (still recovering their
+        queue: 503; not answering, or any other answer than 200 or 404).
+        Never fails.
         """
         query = {"origin": origin, "digest": digest}
         calls = [self.client.call(link, "GET", "/api/transfer", query) for link in self.links]
 
-        def found(results: list[tuple[bool, Any]]) -> str | None:
+        def found(results: list[tuple[bool, Any]]) -> PeerAnswer:
+            unsure: list[int] = []
             for link, (ok, answer) in zip(self.links, results):
                 if not ok:
                     self.log.warn("Worker {shard} did not say whether it holds transfer {origin}: {why}",
                                   shard=link.shard, origin=origin, why=answer.getErrorMessage())
+                    unsure.append(link.shard)
                     continue
                 body = answer.body
-                if answer.status == 200 and isinstance(body, dict) and isinstance(body.get("queue_id"), str) \
-                        and set(recipients) <= set(body.get("recipients") or ()):
-                    return str(body["queue_id"])
-            return None
+                if answer.status == 200 and isinstance(body, dict) and isinstance(body.get("queue_id"), str):
+                    if set(recipients) <= set(body.get("recipients") or ()):
+                        return PeerAnswer(str(body["queue_id"]))
+                elif answer.status != 404:
+                    self.log.warn("Worker {shard} could not tell whether it holds transfer {origin}: {status} {body}",
+                                  shard=link.shard, origin=origin, status=answer.status, body=body)
+                    unsure.append(link.shard)
+            return PeerAnswer(None, tuple(unsure))
 
         return DeferredList(calls, consumeErrors=True).addCallback(found)
 

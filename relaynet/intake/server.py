@@ -66,7 +66,7 @@ from relaynet.queue.spool import (
     SpoolFull, SpoolWriter,
 )
 from relaynet.queue.suppression import Suppression, SuppressionList, suppression_settings
-from relaynet.queue.window import TransferWindow
+from relaynet.queue.window import PeerAnswer, TransferWindow
 from relaynet.smtp.tls import connection_info
 
 if TYPE_CHECKING:
@@ -116,8 +116,9 @@ class Intake:
     @ivar peer_transfers: in a worker of a node with several, asks the other
         workers' windows for a transfer the upstream may have made before
         (C{XTXNAGAIN}): C{(origin, digest, recipients)} gives (a Deferred
-        firing with) the queue id of the worker that accepted it for all of
-        them, or C{None}; it never fails.
+        firing with) their L{PeerAnswer}: the queue id of the worker that
+        accepted it for all of them, or the workers that could not tell;
+        it never fails.
     """
 
     config: NodeConfig
@@ -131,12 +132,11 @@ class Intake:
     portal: Portal | None = None
     window: TransferWindow | None = None
     suppression: SuppressionList | None = None
-    peer_transfers: Callable[[str, str, list[str]], Deferred[str | None]] | None = None
+    peer_transfers: Callable[[str, str, list[str]], Deferred[PeerAnswer]] | None = None
     sessions: set["RelayESMTP"] = field(factory=set)
     per_ip: dict[str, int] = field(factory=dict)
     auth_failures: dict[str, int] = field(factory=dict)
     accepting: bool = True
-    recovering: bool = False
     _table: RoutingTable | None = field(default=None, init=False, repr=False)
     _sink: tuple[Any, SinkRules] | None = field(default=None, init=False, repr=False)
 
@@ -167,10 +167,11 @@ class Intake:
 
     def transfers(self) -> TransferWindow | None:
         """
-        The transfer window, if exactly-once between relaynet hops is on
-        (and the queue is recovered: until then the window is incomplete).
+        The transfer window, if exactly-once between relaynet hops is on.
+        While the node recovers its queue it is not yet L{complete
+        <TransferWindow.complete>}.
         """
-        if self.window is None or self.recovering or self.config.queue.duplicate_window <= 0:
+        if self.window is None or self.config.queue.duplicate_window <= 0:
             return None
         return self.window
 
@@ -1209,6 +1210,14 @@ class RelayESMTP(smtp.ESMTP):
             self._digest = None
             if self._retransmission(txn, writer, digest, scanner.message_id):
                 return
+            window = self.intake.transfers()
+            if txn.mail.again and window is not None and not window.complete:
+                # Made before, maybe: its first transfer may be in the part of
+                # the queue not read yet. Queued again it could be a second copy.
+                self._undecided(txn, writer, stage, "this node is still recovering its queue")
+                if self._shutdown_after_reply:
+                    self.shutdown()
+                return
         content = ("8" if scanner.eight_bit_headers else "7") + ("8" if scanner.eight_bit else "7")
         origin, ask = txn.mail.transfer, self.intake.peer_transfers
         if (digest is not None and origin is not None and txn.mail.again and ask is not None
@@ -1216,9 +1225,13 @@ class RelayESMTP(smtp.ESMTP):
             # Maybe made before, and accepted by another worker of this node.
             addresses = [r.address for r in txn.recipients]
 
-            def decide(queue_id: str | None) -> Deferred[None] | None:
-                if queue_id is not None:
-                    self._duplicate(txn, writer, queue_id, scanner.message_id)
+            def decide(answer: PeerAnswer) -> Deferred[None] | None:
+                if answer.queue_id is not None:
+                    self._duplicate(txn, writer, answer.queue_id, scanner.message_id)
+                    return None
+                if answer.unsure:
+                    workers = ", ".join(str(k) for k in answer.unsure)
+                    self._undecided(txn, writer, stage, f"worker(s) {workers} of this node could not tell")
                     return None
                 return self._commit(writer, hops, scanner.message_id, digest, content, chunked=stage == "BDAT")
 
@@ -1275,6 +1288,18 @@ class RelayESMTP(smtp.ESMTP):
         if self._shutdown_after_reply:
             self.shutdown()
         return True
+
+    def _undecided(self, txn: Transaction, writer: SpoolWriter, stage: str, why: str) -> None:
+        """
+        A transfer made again (C{XTXNAGAIN}) that may or may not have been
+        accepted before: nothing is queued, and the upstream, which still
+        holds the message, tries again later (451 4.3.0). Queueing it could
+        make a second copy; refusing it for good would lose it.
+        """
+        writer.abort()
+        text = f"Try again later: cannot tell yet whether transfer {txn.mail.transfer} was accepted before ({why})"
+        self.reply(451, "4.3.0", text)
+        self._rejected(stage, 451, "4.3.0", reason=text, origin=txn.mail.transfer)
 
     def _duplicate(self, txn: Transaction, writer: SpoolWriter, queue_id: str, message_id: str | None) -> None:
         """Acknowledge a transfer accepted before (as C{queue_id}, by this worker or another) without queueing it."""

@@ -111,6 +111,23 @@ class Match:
         return self.queue_id is not None and set(recipients) <= self.covered
 
 
+@frozen
+class PeerAnswer:
+    """
+    What the other workers of a node said of a transfer made again
+    (C{XTXNAGAIN}) that the worker receiving it does not hold.
+
+    @ivar queue_id: the queue id under which one of them accepted it for
+        every recipient, or C{None}.
+    @ivar unsure: the workers (shards) that could not tell: still recovering
+        their queue, or not answering. Without a queue id, the transfer may
+        have been accepted by one of them: it must wait, not be queued again.
+    """
+
+    queue_id: str | None = None
+    unsure: tuple[int, ...] = ()
+
+
 class TransferWindow:
     """
     The transfers accepted from relaynet upstreams in the last C{span}
@@ -122,6 +139,11 @@ class TransferWindow:
     @param run_in_thread: runs a blocking journal write off the reactor.
     @param memory_journal: without a directory, the list that stands for the
         journal (it outlives the window, as a file outlives a process).
+
+    @ivar complete: every transfer of the window is known. A node clears it
+        while it recovers its queue (the recovered envelopes are noted as they
+        are read): a retransmission not found meanwhile may be one of those
+        not yet read, and cannot be told from a first transfer.
     """
 
     log = Logger()
@@ -147,6 +169,7 @@ class TransferWindow:
         self._busy = False
         self._durable_hours: set[int] = set()
         self.duplicates = 0
+        self.complete = True
 
     def __len__(self) -> int:
         return len(self._order)
@@ -310,4 +333,4 @@ class TransferWindow:
         return len(read)
 
 
-__all__ = ["DIGEST_LENGTH", "DIGEST_PLACEHOLDER", "Match", "Transfer", "TransferWindow"]
+__all__ = ["DIGEST_LENGTH", "DIGEST_PLACEHOLDER", "Match", "PeerAnswer", "Transfer", "TransferWindow"]
