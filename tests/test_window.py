@@ -16,6 +16,8 @@ import json
 import mailbox
 import re
 import smtplib
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from harness.nodeproc import NodeProcess, wait_for
 from relaynet.queue.spool import (
-    DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, Recipient, Spool, read_queue_file,
+    DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, QueueIds, Recipient, Spool, read_queue_file,
 )
 from relaynet.queue.window import Transfer, TransferWindow
 from relaynet.smtp.parse import CommandError, parse_mail
@@ -236,6 +238,7 @@ def test_xtxnagain_goes_with_xtxn() -> None:
 # -- a real node ------------------------------------------------------------------
 
 QUEUED = re.compile(r"queued as ([0-9A-Z]+)")
+RECOVERED = re.compile(r"relaynet node \S+: \d+ queued message\(s\) recovered in [\d.]+ s")
 
 
 def offers_xtxn(port: int) -> bool:
@@ -314,3 +317,108 @@ def test_real_node_recognises_a_retransmission_across_kill_9(tmp_path: Path) -> 
 
         wait_for(lambda: len(journalled()) >= 3, 20, "three transfers in the journal")
         assert sorted(journalled()) == ["hop0/QID1", "hop0/QID1", "hop0/QID2"]
+
+
+def fill_queue(queue_dir: Path, count: int, now: float) -> None:
+    """
+    Add C{count} held messages (nothing attempts them) to the queue of a
+    stopped node, as a node with a big queue has: one message committed
+    through L{Spool}, its queue file copied under new queue ids, each with
+    a state file that holds it.
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(now)
+    spool = Spool(queue_dir, reactor, ManualThreadPool(immediate=True), clock=reactor.seconds)  # type: ignore[arg-type]
+    spool.prepare()
+    env = Envelope(queue_id=spool.new_id(), sender="bulk@src.test",
+                   recipients=(Recipient("user@remote.test", route="relay:0"),), arrival=now, params={},
+                   client={"ip": "127.0.0.1", "helo": "src.test", "protocol": "ESMTP"}, node="source")
+    writer = spool.begin(env)
+    writer.write(b"Subject: filler\r\n\r\n" + b"x" * 76 + b"\r\n")
+    done: list[Any] = []
+    writer.commit(1).addBoth(done.append)
+    path = Path(done[0].path)
+    template, old = path.read_bytes(), env.queue_id
+    path.unlink()
+    held = json.dumps({"version": 1, "next_attempt": None, "held": True, "delay_warned": False,
+                       "recipients": {}}).encode()
+    ids = QueueIds(lambda: now, old[-4:])
+    for _ in range(count):
+        qid = ids.next()
+        assert len(qid) == len(old), (qid, old)
+        (queue_dir / "new" / qid).write_bytes(template.replace(old.encode(), qid.encode()))
+        (queue_dir / "state" / qid).write_bytes(held)
+
+
+def xtxn_transfer(port: int, origin: str, again: bool, body: bytes, rcpt: str) -> tuple[int, str]:
+    """One transfer named C{origin} (C{XTXNAGAIN} if C{again}); @return: the reply to its final dot."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("upstream.test")
+        assert (s.esmtp_features.get("xtxn") or "").split() == ["AGAIN"], s.esmtp_features
+        code, text = s.mail("sender@src.test", [f"XTXN={origin}"] + (["XTXNAGAIN"] if again else []))
+        assert code == 250, text
+        assert s.rcpt(rcpt)[0] == 250
+        try:
+            code, reply = s.data(body)
+        except smtplib.SMTPDataError as e:
+            error = e.smtp_error
+            return e.smtp_code, error.decode() if isinstance(error, bytes) else error
+        return code, reply.decode()
+
+
+@pytest.mark.slow
+def test_real_node_recovering_a_big_queue_names_transfers_and_makes_retransmissions_wait(
+        tmp_path: Path) -> None:
+    """
+    A real node restarted on a queue of 40,000 messages answers its first
+    220 at once and recovers the queue in the background. Meanwhile:
+     - it offers XTXN, and a first transfer is queued (a new queue id) and
+       remembered under its name: sent again after the recovery, it is
+       recognised (the lab's power-cut test found such a transfer accepted
+       unnamed during recovery, and queued twice);
+     - a transfer made again (XTXNAGAIN) that it does not hold yet gets
+       451 4.3.0 (it could be among the messages not read yet), and a reject
+       event; the one that is in the queue gets 451 or, once read, 250 with
+       its queue id: never a second copy.
+    After the recovery, a transfer made again that it never took is queued.
+    Mail for remote.test waits for a next hop that refuses: it stays queued.
+    """
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    route = (f'[[route]]\ndomains = ["remote.test"]\naction = "relay"\n'
+             f'[[route.next_hops]]\nendpoint = "tcp:127.0.0.1:{dead.getsockname()[1]}"\n')
+    body = b"From: <sender@src.test>\r\nSubject: named\r\n\r\nhello\r\n"
+    try:
+        with NodeProcess(tmp_path, name="recovering", extra_toml=route) as node:
+            code, reply = xtxn_transfer(node.port, "up/QUEUED", False, body, "user@remote.test")
+            assert code == 250, reply
+            queued = QUEUED.search(reply)
+            assert queued
+            node.kill9()
+            fill_queue(node.queue, 40_000, time.time())
+            node.start()
+            mark = len(node.log_text())
+            unknown = xtxn_transfer(node.port, "up/UNKNOWN", True, body, "user@remote.test")
+            first = xtxn_transfer(node.port, "up/FIRST", False, body, "user@remote.test")
+            again = xtxn_transfer(node.port, "up/QUEUED", True, body, "user@remote.test")
+            recovered = RECOVERED.search(node.log_text()[mark:])
+            assert recovered is None, f"the queue was recovered before the probes: {recovered}"
+            assert unknown[0] == 451 and unknown[1].startswith("4.3.0 Try again later"), unknown
+            assert first[0] == 250 and QUEUED.search(first[1]), first
+            first_id = QUEUED.search(first[1]).group(1)  # type: ignore[union-attr]
+            assert first_id != queued.group(1)
+            assert again[0] == 451 or (again[0] == 250 and queued.group(1) in again[1]), again
+            wait_for(lambda: RECOVERED.search(node.log_text()[mark:]), 120, "the queue recovered")
+            for origin, qid in (("up/FIRST", first_id), ("up/QUEUED", queued.group(1))):
+                code, reply = xtxn_transfer(node.port, origin, True, body, "user@remote.test")
+                assert code == 250 and qid in reply, (origin, reply)
+            code, reply = xtxn_transfer(node.port, "up/UNKNOWN", True, body, "user@remote.test")
+            assert code == 250 and QUEUED.search(reply), reply
+            events = node.events(strict=False)
+            rejects = [e for e in events if e["event"] == "reject" and e.get("origin") == "up/UNKNOWN"]
+            assert rejects and rejects[0]["code"] == 451 and rejects[0]["dsn"] == "4.3.0", rejects
+            received = [e["queue_id"] for e in events if e["event"] == "received"]
+            assert received.count(first_id) == 1 and received.count(queued.group(1)) == 1
+            assert len(received) == 3, received  # QUEUED, FIRST, and UNKNOWN after the recovery
+    finally:
+        dead.close()
