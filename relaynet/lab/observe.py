@@ -229,10 +229,12 @@ def trace(index: EventIndex, message_id: str, limit: int = 1000) -> list[TraceRo
         if sender is not None:
             # Relayed by a lab node that logged no outcome for it: it was
             # killed between the next hop's 250 and recording it, and will
-            # (or did) send the message again: a duplicate.
+            # (or did) send the message again. The next hop recognises the
+            # transfer by its XTXN name (a duplicate event) unless its
+            # transfer window is off: then it is a second copy.
             rows.append(TraceRow(max(0, depth - 1), sender, None, "?", root["_node"], root["queue_id"], None,
                                  "unrecorded", f"relayed to {root['_node']} but no outcome logged "
-                                 "(crashed before recording it: expect a duplicate)", None, False))
+                                 "(crashed before recording it: it sends it again)", None, False))
         walk(root["queue_id"], depth, False)
     return rows
 
