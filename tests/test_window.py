@@ -247,16 +247,24 @@ def offers_xtxn(port: int) -> bool:
         return bool(s.has_extn("xtxn"))
 
 
-def send(port: int, origin: str | None, body: bytes, rcpts: list[str]) -> tuple[int, str]:
-    with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+def send(port: int, origin: str | None, body: bytes, rcpts: list[str], again: bool = False) -> tuple[int, str]:
+    """
+    One transfer, named C{origin} if given (C{XTXNAGAIN} too if C{again}),
+    to a node offering C{XTXN AGAIN}; @return: the reply to its final dot.
+    """
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
         s.ehlo("upstream.test")
-        assert s.has_extn("xtxn")
-        options = [f"XTXN={origin}"] if origin else []
+        assert (s.esmtp_features.get("xtxn") or "").split() == ["AGAIN"], s.esmtp_features
+        options = ([f"XTXN={origin}"] if origin else []) + (["XTXNAGAIN"] if again else [])
         code, text = s.mail("sender@src.test", options)
         assert code == 250, text
         for r in rcpts:
             assert s.rcpt(r)[0] == 250
-        code, reply = s.data(body)
+        try:
+            code, reply = s.data(body)
+        except smtplib.SMTPDataError as e:
+            error = e.smtp_error
+            return e.smtp_code, error.decode() if isinstance(error, bytes) else error
         return code, reply.decode()
 
 
@@ -288,9 +296,9 @@ def test_real_node_recognises_a_retransmission_across_kill_9(tmp_path: Path) -> 
         code, reply = send(node.port, "hop0/QID1", body, ["user@localhost"])
         assert code == 250 and first.group(1) in reply, reply
         # Not duplicates: another transfer name; a recipient not yet accepted.
-        send(node.port, "hop0/QID2", body, ["user@localhost"])
-        send(node.port, "hop0/QID1", body, ["user@localhost", "other@localhost"])
-        send(node.port, None, body, ["user@localhost"])
+        assert send(node.port, "hop0/QID2", body, ["user@localhost"])[0] == 250
+        assert send(node.port, "hop0/QID1", body, ["user@localhost", "other@localhost"])[0] == 250
+        assert send(node.port, None, body, ["user@localhost"])[0] == 250
         box = mailbox.Maildir(node.mailroot / "localhost" / "user" / "Maildir", create=False)
 
         def settled() -> bool:
@@ -350,22 +358,6 @@ def fill_queue(queue_dir: Path, count: int, now: float) -> None:
         (queue_dir / "state" / qid).write_bytes(held)
 
 
-def xtxn_transfer(port: int, origin: str, again: bool, body: bytes, rcpt: str) -> tuple[int, str]:
-    """One transfer named C{origin} (C{XTXNAGAIN} if C{again}); @return: the reply to its final dot."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-        s.ehlo("upstream.test")
-        assert (s.esmtp_features.get("xtxn") or "").split() == ["AGAIN"], s.esmtp_features
-        code, text = s.mail("sender@src.test", [f"XTXN={origin}"] + (["XTXNAGAIN"] if again else []))
-        assert code == 250, text
-        assert s.rcpt(rcpt)[0] == 250
-        try:
-            code, reply = s.data(body)
-        except smtplib.SMTPDataError as e:
-            error = e.smtp_error
-            return e.smtp_code, error.decode() if isinstance(error, bytes) else error
-        return code, reply.decode()
-
-
 @pytest.mark.slow
 def test_real_node_recovering_a_big_queue_names_transfers_and_makes_retransmissions_wait(
         tmp_path: Path) -> None:
@@ -390,7 +382,7 @@ def test_real_node_recovering_a_big_queue_names_transfers_and_makes_retransmissi
     body = b"From: <sender@src.test>\r\nSubject: named\r\n\r\nhello\r\n"
     try:
         with NodeProcess(tmp_path, name="recovering", extra_toml=route) as node:
-            code, reply = xtxn_transfer(node.port, "up/QUEUED", False, body, "user@remote.test")
+            code, reply = send(node.port, "up/QUEUED", body, ["user@remote.test"])
             assert code == 250, reply
             queued = QUEUED.search(reply)
             assert queued
@@ -398,9 +390,9 @@ def test_real_node_recovering_a_big_queue_names_transfers_and_makes_retransmissi
             fill_queue(node.queue, 40_000, time.time())
             node.start()
             mark = len(node.log_text())
-            unknown = xtxn_transfer(node.port, "up/UNKNOWN", True, body, "user@remote.test")
-            first = xtxn_transfer(node.port, "up/FIRST", False, body, "user@remote.test")
-            again = xtxn_transfer(node.port, "up/QUEUED", True, body, "user@remote.test")
+            unknown = send(node.port, "up/UNKNOWN", body, ["user@remote.test"], again=True)
+            first = send(node.port, "up/FIRST", body, ["user@remote.test"])
+            again = send(node.port, "up/QUEUED", body, ["user@remote.test"], again=True)
             recovered = RECOVERED.search(node.log_text()[mark:])
             assert recovered is None, f"the queue was recovered before the probes: {recovered}"
             assert unknown[0] == 451 and unknown[1].startswith("4.3.0 Try again later"), unknown
@@ -410,9 +402,9 @@ def test_real_node_recovering_a_big_queue_names_transfers_and_makes_retransmissi
             assert again[0] == 451 or (again[0] == 250 and queued.group(1) in again[1]), again
             wait_for(lambda: RECOVERED.search(node.log_text()[mark:]), 120, "the queue recovered")
             for origin, qid in (("up/FIRST", first_id), ("up/QUEUED", queued.group(1))):
-                code, reply = xtxn_transfer(node.port, origin, True, body, "user@remote.test")
+                code, reply = send(node.port, origin, body, ["user@remote.test"], again=True)
                 assert code == 250 and qid in reply, (origin, reply)
-            code, reply = xtxn_transfer(node.port, "up/UNKNOWN", True, body, "user@remote.test")
+            code, reply = send(node.port, "up/UNKNOWN", body, ["user@remote.test"], again=True)
             assert code == 250 and QUEUED.search(reply), reply
             events = node.events(strict=False)
             rejects = [e for e in events if e["event"] == "reject" and e.get("origin") == "up/UNKNOWN"]

@@ -1208,15 +1208,7 @@ class RelayESMTP(smtp.ESMTP):
         if self._digest is not None:
             digest = self._digest.hexdigest()[:DIGEST_LENGTH]
             self._digest = None
-            if self._retransmission(txn, writer, digest, scanner.message_id):
-                return
-            window = self.intake.transfers()
-            if txn.mail.again and window is not None and not window.complete:
-                # Made before, maybe: its first transfer may be in the part of
-                # the queue not read yet. Queued again it could be a second copy.
-                self._undecided(txn, writer, stage, "this node is still recovering its queue")
-                if self._shutdown_after_reply:
-                    self.shutdown()
+            if self._retransmission(txn, writer, digest, scanner.message_id, stage):
                 return
         content = ("8" if scanner.eight_bit_headers else "7") + ("8" if scanner.eight_bit else "7")
         origin, ask = txn.mail.transfer, self.intake.peer_transfers
@@ -1270,21 +1262,28 @@ class RelayESMTP(smtp.ESMTP):
         return None
 
     def _retransmission(
-        self, txn: Transaction, writer: SpoolWriter, digest: str, message_id: str | None,
+        self, txn: Transaction, writer: SpoolWriter, digest: str, message_id: str | None, stage: str,
     ) -> bool:
         """
-        A transfer we already accepted, with the same bytes, for every one of
-        these recipients: acknowledge it with the original queue id and do
-        not queue it again (C{True}). Anything else is queued (C{False}).
+        Answer a transfer this node's window decides without queueing it
+        (C{True}): one we already accepted, with the same bytes, for every
+        one of these recipients, is acknowledged with the original queue id;
+        one made again (C{XTXNAGAIN}) that the window does not hold while it
+        is not complete waits (451). Anything else goes on (C{False}).
         """
         window = self.intake.transfers()
         origin = txn.mail.transfer
         if window is None or origin is None:
             return False
         found = window.match(origin, digest)
-        if found.queue_id is None or not found.all(r.address for r in txn.recipients):
+        if found.queue_id is not None and found.all(r.address for r in txn.recipients):
+            self._duplicate(txn, writer, found.queue_id, message_id)
+        elif txn.mail.again and not window.complete:
+            # Made before, maybe: its first transfer may be in the part of
+            # the queue not read yet. Queued again it could be a second copy.
+            self._undecided(txn, writer, stage, "this node is still recovering its queue")
+        else:
             return False
-        self._duplicate(txn, writer, found.queue_id, message_id)
         if self._shutdown_after_reply:
             self.shutdown()
         return True
