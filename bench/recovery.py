@@ -55,10 +55,9 @@ def rss_kb() -> int:
 
 def build(spool_dir: Path, n: int, size: int, state_every: int) -> None:
     """Write a spool of C{n} messages under C{spool_dir} (skipped if already there)."""
-    from relaynet.queue.spool import QueueIds, QueueState, RecipientState, Spool
+    from relaynet.queue.spool import Envelope, QueueState, Recipient, RecipientState
     from relaynet.queue.states import RecipientStatus
-    from relaynet.queue.spool import Envelope, Recipient
-    from relaynet.testing import EPOCH, ManualThreadPool, ThreadlessReactor
+    from relaynet.testing import EPOCH, replicate_queued
 
     marker = spool_dir / "built.json"
     want = {"messages": n, "size": size, "state_every": state_every}
@@ -66,13 +65,8 @@ def build(spool_dir: Path, n: int, size: int, state_every: int) -> None:
         return
     if spool_dir.exists():
         subprocess.run(["rm", "-rf", str(spool_dir)], check=True)
-    reactor = ThreadlessReactor()
-    reactor.advance(EPOCH)
-    pool = ManualThreadPool(immediate=True)
-    spool = Spool(spool_dir, reactor, pool, clock=reactor.seconds)  # type: ignore[arg-type]
-    spool.prepare()
     envelope = Envelope(
-        queue_id=spool.new_id(),
+        queue_id="",
         sender="sender@source.bench.test",
         recipients=(Recipient("user@sink.test", route="relay:*"),),
         arrival=EPOCH,
@@ -82,40 +76,24 @@ def build(spool_dir: Path, n: int, size: int, state_every: int) -> None:
                 "listener": "tcp:2525:interface=127.0.0.1", "tls": None, "auth": None},
         node="backlog",
     )
-    writer = spool.begin(envelope)
-    received = (b"Received: from source.bench.test (127.0.0.1) by relay.bench.test with ESMTP id "
-                + envelope.queue_id.encode() + b"; Thu, 1 Jan 2026 00:00:00 +0000\r\n")
     body = b"Subject: bench\r\n\r\n" + b"x" * 76 + b"\r\n"
-    writer.write(received)
-    writer.write(body * max(1, (size - len(received)) // len(body)))
-    out: list[Any] = []
-    writer.commit(hops=1, content="77").addBoth(out.append)
-    template_entry = out[0]
-    template = Path(template_entry.path).read_bytes()
-    os.unlink(template_entry.path)
-    old_id = envelope.queue_id.encode()
-    ids = QueueIds(lambda: EPOCH, "AB01")
+
+    def data(queue_id: str) -> bytes:
+        received = (b"Received: from source.bench.test (127.0.0.1) by relay.bench.test with ESMTP id "
+                    + queue_id.encode() + b"; Thu, 1 Jan 2026 00:00:00 +0000\r\n")
+        return received + body * max(1, (size - len(received)) // len(body))
+
     state = QueueState(recipients={"user@sink.test": RecipientState(
         status=RecipientStatus.DEFERRED, attempts=1, last_attempt=EPOCH + 1, dsn="4.4.1",
         diagnostic="connect to tcp:192.0.2.1:25 failed: Connection refused", remote="tcp:192.0.2.1:25",
     )}, next_attempt=EPOCH + 60)
     state_bytes = json.dumps(state.to_json(), separators=(",", ":")).encode()
-    new_dir, state_dir = spool_dir / "new", spool_dir / "state"
     t0 = time.monotonic()
-    for i in range(n):
-        qid = ids.next()
-        assert len(qid) == len(old_id), (qid, old_id)
-        data = template.replace(old_id, qid.encode())
-        fd = os.open(new_dir / qid, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, data)
-        os.close(fd)
-        if state_every and i % state_every == 0:
-            fd = os.open(state_dir / qid, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, state_bytes)
-            os.close(fd)
+    file_size = replicate_queued(spool_dir, envelope, data, n, now=EPOCH, hops=1, content="77",
+                                 state=state_bytes if state_every else None, state_every=state_every)
     os.sync()
     marker.write_text(json.dumps(want))
-    print(f"built {n} messages of {len(template)} octets in {time.monotonic() - t0:.1f} s under {spool_dir}",
+    print(f"built {n} messages of {file_size} octets in {time.monotonic() - t0:.1f} s under {spool_dir}",
           file=sys.stderr)
 
 

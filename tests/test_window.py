@@ -26,11 +26,11 @@ from twisted.internet.defer import Deferred, succeed
 
 from harness.nodeproc import NodeProcess, wait_for
 from relaynet.queue.spool import (
-    DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, QueueIds, Recipient, Spool, read_queue_file,
+    DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, Recipient, Spool, read_queue_file,
 )
 from relaynet.queue.window import Transfer, TransferWindow
 from relaynet.smtp.parse import CommandError, parse_mail
-from relaynet.testing import EPOCH, ManualThreadPool, MemorySpool, ThreadlessReactor
+from relaynet.testing import EPOCH, ManualThreadPool, MemorySpool, ThreadlessReactor, replicate_queued
 
 
 def transfer(origin: str = "up/Q1", digest: str = "a" * 32, rcpts: tuple[str, ...] = ("r@x.test",),
@@ -330,32 +330,15 @@ def test_real_node_recognises_a_retransmission_across_kill_9(tmp_path: Path) -> 
 def fill_queue(queue_dir: Path, count: int, now: float) -> None:
     """
     Add C{count} held messages (nothing attempts them) to the queue of a
-    stopped node, as a node with a big queue has: one message committed
-    through L{Spool}, its queue file copied under new queue ids, each with
-    a state file that holds it.
+    stopped node, as a node with a big queue has.
     """
-    reactor = ThreadlessReactor()
-    reactor.advance(now)
-    spool = Spool(queue_dir, reactor, ManualThreadPool(immediate=True), clock=reactor.seconds)  # type: ignore[arg-type]
-    spool.prepare()
-    env = Envelope(queue_id=spool.new_id(), sender="bulk@src.test",
+    env = Envelope(queue_id="", sender="bulk@src.test",
                    recipients=(Recipient("user@remote.test", route="relay:0"),), arrival=now, params={},
                    client={"ip": "127.0.0.1", "helo": "src.test", "protocol": "ESMTP"}, node="source")
-    writer = spool.begin(env)
-    writer.write(b"Subject: filler\r\n\r\n" + b"x" * 76 + b"\r\n")
-    done: list[Any] = []
-    writer.commit(1).addBoth(done.append)
-    path = Path(done[0].path)
-    template, old = path.read_bytes(), env.queue_id
-    path.unlink()
     held = json.dumps({"version": 1, "next_attempt": None, "held": True, "delay_warned": False,
                        "recipients": {}}).encode()
-    ids = QueueIds(lambda: now, old[-4:])
-    for _ in range(count):
-        qid = ids.next()
-        assert len(qid) == len(old), (qid, old)
-        (queue_dir / "new" / qid).write_bytes(template.replace(old.encode(), qid.encode()))
-        (queue_dir / "state" / qid).write_bytes(held)
+    replicate_queued(queue_dir, env, lambda _: b"Subject: filler\r\n\r\n" + b"x" * 76 + b"\r\n", count,
+                     now=now, state=held)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ Nothing here touches the global reactor, a socket or a real thread.
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import threading
@@ -26,7 +27,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorFromThreads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -43,7 +44,7 @@ from relaynet.testing.spool import MemorySpool
 __all__ = [
     "EPOCH", "ManualThreadPool", "MemorySpool", "PumpedReactor", "RecordingIntake", "Reply", "SpooledMessage",
     "ThreadlessReactor", "connect", "make_config", "make_intake", "send",
-    "spooled", "take_lines", "take_replies",
+    "replicate_queued", "spooled", "take_lines", "take_replies",
 ]
 
 EPOCH = 1_750_000_000.0
@@ -400,6 +401,52 @@ def spooled(spool: Spool) -> list[SpooledMessage]:
         envelope, offset = read_queue_file(path)
         out.append(SpooledMessage(path, envelope, path.read_bytes()[offset:]))
     return out
+
+
+def replicate_queued(
+    queue_dir: Path, envelope: Envelope, data: Callable[[str], bytes], count: int, *, now: float,
+    hops: int = 1, content: str | None = None, state: bytes | None = None, state_every: int = 1,
+) -> int:
+    """
+    A big queue, fast, as a stopped node would leave it: one message
+    committed through L{Spool} under C{queue_dir} (C{envelope} with a queue
+    id of the spool's, C{data(queue_id)} its bytes), its queue file then
+    copied under C{count} more of the spool's queue ids (the committed one
+    removed), every C{state_every}th with C{state} as its state file.
+    Nothing is fsynced.
+
+    @return: the size of one queue file.
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(now)
+    spool = Spool(queue_dir, reactor, ManualThreadPool(immediate=True), clock=reactor.seconds)  # type: ignore[arg-type]
+    spool.prepare()
+    queue_id = spool.new_id()
+    writer = spool.begin(evolve(envelope, queue_id=queue_id))
+    writer.write(data(queue_id))
+    done: list[Any] = []
+    writer.commit(hops, content=content).addBoth(done.append)
+    if not isinstance(done[0], QueueEntry):
+        done[0].raiseException()
+    template = Path(done[0].path).read_bytes()
+    os.unlink(done[0].path)
+    old = queue_id.encode()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for i in range(count):
+        qid = spool.new_id()
+        assert len(qid) == len(queue_id), (qid, queue_id)
+        fd = os.open(spool.new_dir / qid, flags, 0o600)
+        try:
+            os.write(fd, template.replace(old, qid.encode()))
+        finally:
+            os.close(fd)
+        if state is not None and state_every and i % state_every == 0:
+            fd = os.open(queue_dir / "state" / qid, flags, 0o600)
+            try:
+                os.write(fd, state)
+            finally:
+                os.close(fd)
+    return len(template)
 
 
 # -- the client side: queued messages, a scripted next hop ------------------
