@@ -38,6 +38,7 @@ from relaynet.config import NextHop
 from relaynet.queue.core import Outcome
 from relaynet.queue.spool import QueueEntry, Recipient
 from relaynet.queue.window import PeerAnswer, TransferWindow
+from relaynet.runner import SETTLE_DELAY
 from relaynet.testing.network import NetNode, Network, StoredMail
 
 JITTER = 0.1
@@ -661,6 +662,43 @@ def test_retransmission_after_the_next_hop_restarted_is_recognised() -> None:
     net.advance(60)
     assert len(hop2.mailboxes.delivered("user@dest.test")) == 1
     assert len(hop2.events_named("duplicate")) == 1 and hop1.queued() == []
+
+
+def test_a_relay_killed_while_its_outcome_waits_to_be_recorded_delivers_once() -> None:
+    """
+    hop1 records a named transfer's 250 only C{SETTLE_DELAY} after it
+    (QueueRunner._later), as a real node does. Killed in that interval, it
+    still has the message queued; after its restart it sends it again marked
+    C{XTXNAGAIN}, and hop2 (which has delivered it and kept the transfer in
+    its journal) recognises it: one copy, nothing left queued, and the
+    C{sent} event names hop2's first queue id. Recorded in time, the next
+    message is not sent again.
+    """
+    net = Network()
+    hop1 = net.add_node("hop1", routes=[relay(net, ["dest.test"], "hop2")], queue=BACKOFF,
+                        settle_delay=SETTLE_DELAY)
+    hop2 = net.add_node("hop2", local_domains=["dest.test"])
+    qid = submit(hop1, "sender@src.test", ["user@dest.test"], message("settle"))
+    net.run()  # the clock does not move: hop1's outcome waits to be recorded
+    (received,) = hop2.events_named("received")
+    assert len(hop2.mailboxes.delivered("user@dest.test")) == 1 and hop2.queued() == []
+    assert hop1.queued() == [qid] and hop1.events_named("sent") == []
+    hop1.stop()
+    hop1.start()
+    net.advance(120)
+    assert hop1.queued() == [] and hop2.queued() == []
+    assert len(hop2.mailboxes.delivered("user@dest.test")) == 1
+    assert [d["origin"] for d in hop2.events_named("duplicate")] == [f"hop1/{qid}"]
+    (sent,) = hop1.events_named("sent", queue_id=qid)
+    assert sent["next_queue_id"] == received["queue_id"]
+
+    # Recorded in time: nothing to send again.
+    qid = submit(hop1, "sender@src.test", ["user@dest.test"], message("settle-2"))
+    net.run()
+    assert hop1.queued() == [qid]
+    net.advance(SETTLE_DELAY)
+    assert hop1.queued() == [] and len(hop1.events_named("sent", queue_id=qid)) == 1
+    assert len(hop2.events_named("duplicate")) == 1 and len(hop2.mailboxes.delivered("user@dest.test")) == 2
 
 
 @pytest.mark.parametrize("peer_holds_it", [True, False])

@@ -29,7 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from relaynet.delivery.client import DeliveryResult
 from relaynet.events import EventLog
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool, SpoolFull
-from relaynet.runner import QueueRunner, SerialWrites
+from relaynet.runner import SETTLE_DELAY, QueueRunner, SerialWrites
 from relaynet.testing import EPOCH, ManualThreadPool, PumpedReactor, ThreadlessReactor, make_config
 from relaynet.testing.spool import MemorySpool
 
@@ -66,13 +66,20 @@ class SlowHop:
         self.pending.append((d, entry, list(recipients)))
         return d
 
-    def answer(self, index: int, code: int) -> None:
+    def answer(self, index: int, code: int, named: bool = False) -> None:
+        """
+        Answer the attempt at C{index} with C{code} for every recipient;
+        C{named}: the transfer was named (XTXN), as with a relaynet next hop.
+        """
         d, entry, rcpts = self.pending.pop(index)
         enhanced = {250: "2.0.0", 451: "4.3.0", 550: "5.1.1"}[code]
         if code == 250:
             for r in rcpts:
                 self.accepted[(entry.queue_id, r.address)] += 1
-        d.callback([DeliveryResult(r.address, code, enhanced, "hop says so", "hop:25") for r in rcpts])
+        d.callback([
+            DeliveryResult(r.address, code, enhanced, "hop says so", "hop:25", named=named and code == 250)
+            for r in rcpts
+        ])
 
     def close(self) -> None:
         pass
@@ -530,6 +537,100 @@ def test_bounce_or_delete_during_an_attempt_waits_for_it(tmp_path: Path, verb: s
     hop.answer(0, 250)
     assert result == [False]  # nothing left to bounce or delete: it was delivered
     assert [ev["event"] for ev in events if ev.get("queue_id") == e.queue_id] == ["sent"]
+
+
+# -- recording later what a crash could not duplicate ---------------------------------
+
+ONE_SLOT = ROUTE + "concurrency = 1\n"
+
+
+def two_messages_one_slot(tmp_path: Path) -> tuple[ThreadlessReactor, MemorySpool, QueueRunner, SlowHop,
+                                                  list[dict[str, Any]], QueueEntry, QueueEntry]:
+    """A runner with one attempt slot and two messages: the first is being attempted, the second waits."""
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = MemorySpool(clock=reactor.seconds)
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True), ONE_SLOT)
+    first = commit(spool, "s@src.test", ("a@x.test",), reactor.seconds(), lambda: None)
+    second = commit(spool, "s@src.test", ("b@x.test",), reactor.seconds(), lambda: None)
+    runner.enqueue(first)
+    runner.enqueue(second)
+    reactor.advance(0)
+    assert [entry.queue_id for _, entry, _ in hop.pending] == [first.queue_id]
+    return reactor, spool, runner, hop, events, first, second
+
+
+def sent(events: list[dict[str, Any]]) -> list[str]:
+    return [ev["queue_id"] for ev in events if ev["event"] == "sent"]
+
+
+def test_a_named_transfer_is_recorded_later_its_slot_given_back_at_once(tmp_path: Path) -> None:
+    """
+    The next hop accepted a named transfer (it recognises it if it is sent
+    again): the slot goes to the next message at once, and the outcome is
+    recorded (the removal, the C{sent} event) C{SETTLE_DELAY} later, with the
+    other outcomes of that time. Meanwhile the message is still queued, and
+    a delete asked then waits for the recording.
+    """
+    reactor, spool, runner, hop, events, first, second = two_messages_one_slot(tmp_path)
+    hop.answer(0, 250, named=True)
+    reactor.advance(0)
+    assert [entry.queue_id for _, entry, _ in hop.pending] == [second.queue_id]  # the slot is free
+    assert first.queue_id in runner and spool.count() == 2 and sent(events) == []
+    deleted: list[Any] = []
+    runner.delete(first.queue_id).addBoth(deleted.append)
+    hop.answer(0, 250, named=True)
+    reactor.advance(SETTLE_DELAY / 2)
+    assert deleted == [] and spool.count() == 2 and sent(events) == []
+    reactor.advance(SETTLE_DELAY / 2)
+    # Both recorded together; the delete found the message delivered.
+    assert deleted == [False] and spool.count() == 0
+    assert sent(events) == [first.queue_id, second.queue_id]
+    # Their delay ends at the hop's answer (both came at the arrival time), not at the recording.
+    assert [ev["delay"] for ev in events if ev["event"] == "sent"] == [0.0, 0.0]
+    assert first.queue_id not in runner and second.queue_id not in runner
+
+
+def test_an_outcome_a_crash_could_duplicate_is_recorded_at_once(tmp_path: Path) -> None:
+    """
+    A next hop that does not remember transfers by name (not relaynet: it
+    would take a message sent again as a new one), and a refusal: recorded
+    in the same turn as the answer, as before.
+    """
+    reactor, spool, runner, hop, events, first, second = two_messages_one_slot(tmp_path)
+    hop.answer(0, 250)
+    assert first.queue_id not in runner and spool.count() == 1 and sent(events) == [first.queue_id]
+    reactor.advance(0)
+    hop.answer(0, 550, named=True)  # named, but refused: a bounce, never delayed
+    assert second.queue_id not in runner
+    assert [ev["event"] for ev in events if ev.get("queue_id") == second.queue_id][:1] == ["bounced"]
+
+
+def test_stop_records_waiting_outcomes_at_once(tmp_path: Path) -> None:
+    """A node that stops records what waits to be recorded before it is done (no clock moves)."""
+    reactor, spool, runner, hop, events, first, second = two_messages_one_slot(tmp_path)
+    hop.answer(0, 250, named=True)
+    reactor.advance(0)
+    stopped: list[Any] = []
+    runner.stop().addBoth(stopped.append)
+    assert first.queue_id not in runner and sent(events) == [first.queue_id]
+    assert stopped == []  # the second message's attempt is still running
+    hop.answer(0, 451)
+    assert stopped == [None]
+    assert [e.queue_id for e in spool.recover()] == [second.queue_id]
+
+
+def test_cut_through_replies_without_waiting_for_the_delay(tmp_path: Path) -> None:
+    """With C{ack = "cut-through"} the client waits for the outcome: it is recorded at once."""
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = MemorySpool(clock=reactor.seconds)
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True))
+    e = commit(spool, "s@src.test", ("a@x.test",), reactor.seconds(), lambda: None)
+    replies: list[Any] = []
+    runner.cut_through(e).addBoth(replies.append)
+    hop.answer(0, 250, named=True)
+    assert [r[0] for r in replies] == [250] and spool.count() == 0 and sent(events) == [e.queue_id]
 
 
 # -- the same race through a real node's admin API -----------------------------------

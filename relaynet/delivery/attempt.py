@@ -123,6 +123,7 @@ def outcome_of(res: DeliveryResult) -> Outcome:
         # A refusal relaynet decided itself carries no reply code: the hop
         # said nothing, so it is not the DSN's Remote-MTA.
         res.dsn_peer and res.ok, 0 if res.local else res.code, res.text, res.tls,
+        named=res.named and res.ok,
     )
 
 

@@ -52,7 +52,7 @@ import warnings
 from collections import deque
 from typing import Any, Callable, Protocol
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.endpoints import clientFromString
@@ -104,6 +104,8 @@ class DeliveryResult:
     @ivar local: relaynet decided this itself before sending (the hop lacks
         SMTPUTF8 or 8BITMIME, or its SIZE is too small): the hop said
         nothing, so it is no DSN's Remote-MTA.
+    @ivar named: the transaction named its transfer (relaynet's C{XTXN}):
+        the next hop remembers it, and recognises it if it is sent again.
     """
 
     address: str
@@ -115,6 +117,7 @@ class DeliveryResult:
     tls: str | None = None
     auth_failed: bool = False
     local: bool = False
+    named: bool = False
 
     @property
     def ok(self) -> bool:
@@ -314,13 +317,15 @@ class RelayClient(smtp.ESMTPClient):
         self.greeting_refused = False
         # The current transaction: how it goes, the converted message (None:
         # the queue file), the BDAT reader, chunks sent, a chunk being
-        # written, a chunk reply that came before its chunk was all written.
+        # written, a chunk reply that came before its chunk was all written,
+        # whether MAIL named the transfer (XTXN).
         self._plan: _Plan | None = None
         self._payload: bytes | None = None
         self._reader: _Reader | None = None
         self._chunks = 0
         self._chunk_writing = False
         self._early_reply: tuple[str, int, bytes] | None = None
+        self._named = False
         self._in_next = False
         self._again = False
 
@@ -788,7 +793,8 @@ class RelayClient(smtp.ESMTPClient):
             mail += b" RET=" + params["ret"].encode()
         if dsn and params.get("envid"):
             mail += b" ENVID=" + xtext_encode(params["envid"]).encode()
-        if b"XTXN" in ext and env.node:
+        self._named = bool(b"XTXN" in ext and env.node)
+        if self._named:
             # A relaynet next hop: name the transfer, so that sending it again
             # (we crashed before recording its 250) is recognised there.
             mail += b" XTXN=" + xtext_encode(f"{env.node}/{env.queue_id}").encode()
@@ -1074,6 +1080,8 @@ class RelayClient(smtp.ESMTPClient):
                     res = DeliveryResult(
                         r.address, 0, "4.4.2", "no recipient accepted", self.pool.name, dsn, self.tls_info
                     )
+            if self._named and res.ok:
+                res = evolve(res, named=True)
             results.append(res)
         self._sent += 1
         job.deferred.callback(results)

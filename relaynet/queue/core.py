@@ -73,6 +73,10 @@ class Outcome:
     @ivar tls: the TLS version of the session, if any.
     @ivar tried: C{(next hop, dsn, diagnostic)} of hops tried before the
         one that gave this outcome (failover).
+    @ivar named: a transfer the next hop accepted and remembers by its name
+        (relaynet's C{XTXN}): sent again after a crash that came before this
+        outcome was recorded, it is recognised, not queued twice. Its
+        recording may wait (L{relaynet.runner.QueueRunner._later}).
     """
 
     address: str
@@ -86,6 +90,7 @@ class Outcome:
     text: str = ""
     tls: str | None = None
     tried: tuple[tuple[str, str, str], ...] = ()
+    named: bool = False
 
     @classmethod
     def deferred(

@@ -225,6 +225,11 @@ class NetNode:
         reached DATA, or a DSN was composed), committed or not: with
         L{Network.run}'s C{until}, a test can stop a node in the middle of
         receiving a message.
+    @ivar settle_delay: how long the outcome of a named transfer waits to
+        be recorded (L{QueueRunner}'s C{settle_delay}). C{0} by default here:
+        recorded in the next round of L{Network.run}, so that a run leaves
+        every relay recorded; a node made with the real delay
+        (L{relaynet.runner.SETTLE_DELAY}) needs the clock moved for it.
     """
 
     network: "Network"
@@ -235,6 +240,7 @@ class NetNode:
     events: list[dict[str, Any]] = field(factory=list)
     up: bool = False
     began: int = 0
+    settle_delay: float = 0.0
     journal: list[Transfer] = field(factory=list)
     intake: Intake = field(init=False)
     runner: QueueRunner = field(init=False)
@@ -277,7 +283,7 @@ class NetNode:
         self.runner = QueueRunner(
             self.config, gate, events, reactor, threads,  # type: ignore[arg-type]
             outbound=outbound, now=reactor.seconds, resolver=_NetworkResolver(self.network),
-            window=self.window,
+            window=self.window, settle_delay=self.settle_delay,
         )
         self.runner.delivery = Delivery(
             lambda: self.runner.table, outbound, self.mailboxes, self.runner.resolver,
@@ -471,6 +477,7 @@ class Network:
         routes: Sequence[Mapping[str, Any]] = (),
         address: str | None = None,
         start: bool = True,
+        settle_delay: float = 0.0,
         **tables: Any,
     ) -> NetNode:
         """
@@ -481,6 +488,7 @@ class Network:
             C{users} names the users.
         @param routes: its C{[[route]]} rules (parsed-TOML dicts).
         @param start: start it (else it is down until L{NetNode.start}).
+        @param settle_delay: see L{NetNode.settle_delay}.
         @param tables: more configuration tables merged in, e.g.
             C{queue={"minimal_backoff": 60}} or C{limits={"max_hops": 5}}.
         """
@@ -503,7 +511,7 @@ class Network:
         data = _merge(data, tables)
         config = parse_config(data, source=f"<network node {name}>")
         spool = MemorySpool(clock=self.reactor.seconds, suffix=name.upper()[:4].ljust(4, "0"))
-        node = NetNode(self, name, config, address, spool)
+        node = NetNode(self, name, config, address, spool, settle_delay=settle_delay)
         self.nodes[name] = node
         if start:
             node.start()
