@@ -643,6 +643,100 @@ def test_chain3_check_counts_mail_of_a_stopped_node_until_it_is_started(lab_dirs
     relaynet("lab", "down", "--dir", str(labdir))
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes under C{pid} (children, theirs, ...), from /proc."""
+    import os
+
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(name)] = int(stat.rpartition(")")[2].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.slow
+def test_trace_shows_a_relay_whose_sender_died_before_recording_it(lab_dirs: Any) -> None:
+    """
+    The real path of C{lab trace}'s "unrecorded" row: client relays a
+    message to hop1, hop1 accepts it and relays it on, and client cannot
+    record hop1's 250 (its commit process is stopped, so the removal never
+    completes and no C{sent} event is written) when it is killed with
+    C{kill -9}, commit process and all. C{lab trace} then shows the hop
+    from client to hop1 as unrecorded, with the reason and what follows;
+    after C{lab up} restarts client, it sends the message again, marked,
+    hop1 recognises it (a C{duplicate} event naming client's transfer),
+    C{lab check} finds it delivered exactly once, and the trace is whole.
+    """
+    import os
+    import signal
+
+    labdir = lab_dirs("unrecorded")
+    relaynet("lab", "up", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir))
+    nodes = {n["name"]: n for n in _status(labdir)["nodes"]}
+    spools = {name: Path(n["dirs"]["spool"]) for name, n in nodes.items()}
+
+    def events(name: str) -> list[dict[str, Any]]:
+        path = spools[name] / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    client = nodes["client"]["pid"]
+    os.kill(nodes["hop1"]["pid"], signal.SIGSTOP)  # client's relay waits for hop1's greeting
+    try:
+        sent = json.loads(relaynet("lab", "send", "--dir", str(labdir), "-n", "1", "--json").stdout)
+        assert sent["accepted"] == 1, sent
+        (queued,) = os.listdir(spools["client"] / "queue" / "new")
+        committers = [p for p in _descendants(client)
+                      if b"committer.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(committers) == 1, committers
+        os.kill(committers[0], signal.SIGSTOP)  # client can relay, not remove
+    finally:
+        os.kill(nodes["hop1"]["pid"], signal.SIGCONT)
+    mid = json.loads((labdir / "sent.jsonl").read_text().splitlines()[-1])["message_id"]
+    _until(lambda: any(e["event"] == "delivered" and e["queue_id"] in
+                       {r["queue_id"] for r in events("hop3") if r.get("message_id") == mid}
+                       for e in events("hop3")), 60, "the message delivered by hop3")
+    assert os.listdir(spools["client"] / "queue" / "new") == [queued]
+    assert not [e for e in events("client") if e["event"] == "sent"]
+    os.kill(committers[0], signal.SIGKILL)
+    os.kill(client, signal.SIGKILL)
+    _until(lambda: pid_state(client) is None, 30, "client to die and be reaped")
+
+    tr = json.loads(relaynet("lab", "trace", "--dir", str(labdir), "--json").stdout)
+    assert tr["message_id"] == mid
+    (lost,) = [h for h in tr["hops"] if h["status"] == "unrecorded"]
+    (at_hop1,) = [h for h in tr["hops"] if h["node"] == "hop1"]
+    assert (lost["node"], lost["next_hop"], lost["next_queue_id"]) == ("client", "hop1", at_hop1["queue_id"])
+    assert "crashed before recording it: it sends it again" in lost["detail"]
+    # client's own row: the message is still in its queue, no outcome yet.
+    assert [(h["node"], h["status"].split()[0]) for h in tr["hops"] if h is not lost] == \
+        [("client", "queued"), ("hop1", "sent"), ("hop2", "sent"), ("hop3", "delivered")]
+    text = relaynet("lab", "trace", "--dir", str(labdir)).stdout
+    print(text)
+    assert "unrecorded: relayed to hop1 but no outcome logged" in text, text
+
+    relaynet("lab", "up", str(TOPOLOGIES / "chain3.toml"), "--dir", str(labdir))
+    res = relaynet("lab", "check", "--dir", str(labdir), "--wait", "60", check_rc=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _last_line(res.stdout) == "OK: 1 delivered exactly once, nothing lost, nothing in flight"
+    (dup,) = [e for e in events("hop1") if e["event"] == "duplicate"]
+    assert dup["origin"] == f"client/{queued}" and dup["queue_id"] == at_hop1["queue_id"]
+    tr = json.loads(relaynet("lab", "trace", "--dir", str(labdir), "--json").stdout)
+    assert [(h["node"], h["status"].split()[0]) for h in tr["hops"]] == \
+        [("client", "sent"), ("hop1", "sent"), ("hop2", "sent"), ("hop3", "delivered")]
+    assert tr["hops"][0]["next_queue_id"] == at_hop1["queue_id"]
+    relaynet("lab", "down", "--dir", str(labdir))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(netns.unavailable_reason() is not None, reason=str(netns.unavailable_reason()))
 def test_netns_chain3_survives_cut_links(lab_dirs: Any) -> None:
