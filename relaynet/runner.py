@@ -547,8 +547,8 @@ class QueueRunner(Service):
         one journal write), the work is out of the message's way and costs
         less. Only named transfers wait: a crash in the meantime sends them
         again, and the next hop recognises them. The message keeps its place
-        in C{_attempts} until it is recorded (no second attempt; the admin
-        verbs wait for it), not its attempt slot. L{stop} records them at once.
+        in C{_attempts} until it is recorded (no second attempt; C{delete}
+        and C{bounce} wait for it), not its attempt slot. L{stop} records them at once.
         """
         d: Deferred[list[Outcome]] = Deferred()
         self._settling.append((d, outcomes))
