@@ -27,6 +27,7 @@ from relaynet.hints import command
 from relaynet.lab import check, netns
 from relaynet.lab.draw import render
 from relaynet.lab.observe import EventIndex, LinkStat, link_stats, queue_counts, trace
+from relaynet.lab.procs import descendants
 from relaynet.lab.state import node_alive, pid_state
 from relaynet.lab.tomlw import dumps
 from relaynet.lab.topology import allocate, node_config, parse_topology, validate_node_config
@@ -643,27 +644,6 @@ def test_chain3_check_counts_mail_of_a_stopped_node_until_it_is_started(lab_dirs
     relaynet("lab", "down", "--dir", str(labdir))
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes under C{pid} (children, theirs, ...), from /proc."""
-    import os
-
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(name)] = int(stat.rpartition(")")[2].split()[1])
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        found += kids
-        todo += kids
-    return found
-
-
 @pytest.mark.slow
 def test_trace_shows_a_relay_whose_sender_died_before_recording_it(lab_dirs: Any) -> None:
     """
@@ -695,7 +675,7 @@ def test_trace_shows_a_relay_whose_sender_died_before_recording_it(lab_dirs: Any
         sent = json.loads(relaynet("lab", "send", "--dir", str(labdir), "-n", "1", "--json").stdout)
         assert sent["accepted"] == 1, sent
         (queued,) = os.listdir(spools["client"] / "queue" / "new")
-        committers = [p for p in _descendants(client)
+        committers = [p for p in descendants([client])
                       if b"committer.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(committers) == 1, committers
         os.kill(committers[0], signal.SIGSTOP)  # client can relay, not remove

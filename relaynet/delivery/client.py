@@ -317,15 +317,13 @@ class RelayClient(smtp.ESMTPClient):
         self.greeting_refused = False
         # The current transaction: how it goes, the converted message (None:
         # the queue file), the BDAT reader, chunks sent, a chunk being
-        # written, a chunk reply that came before its chunk was all written,
-        # whether MAIL named the transfer (XTXN).
+        # written, a chunk reply that came before its chunk was all written.
         self._plan: _Plan | None = None
         self._payload: bytes | None = None
         self._reader: _Reader | None = None
         self._chunks = 0
         self._chunk_writing = False
         self._early_reply: tuple[str, int, bytes] | None = None
-        self._named = False
         self._in_next = False
         self._again = False
 
@@ -793,8 +791,7 @@ class RelayClient(smtp.ESMTPClient):
             mail += b" RET=" + params["ret"].encode()
         if dsn and params.get("envid"):
             mail += b" ENVID=" + xtext_encode(params["envid"]).encode()
-        self._named = bool(b"XTXN" in ext and env.node)
-        if self._named:
+        if self._names_transfer(job):
             # A relaynet next hop: name the transfer, so that sending it again
             # (we crashed before recording its 250) is recognised there.
             mail += b" XTXN=" + xtext_encode(f"{env.node}/{env.queue_id}").encode()
@@ -1039,6 +1036,10 @@ class RelayClient(smtp.ESMTPClient):
         else:
             self._end_connection(0, "4.5.0", f"{self.pool.name} answered BDAT with {code}")
 
+    def _names_transfer(self, job: Job) -> bool:
+        """Whether C{job}'s transaction names its transfer (XTXN): a relaynet next hop, a named node."""
+        return b"XTXN" in self.peer_ext and bool(job.entry.envelope.node)
+
     def _close_reader(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
@@ -1071,6 +1072,7 @@ class RelayClient(smtp.ESMTPClient):
         dsn = b"DSN" in self.peer_ext
         enhanced, text = reply_status(code, resp) if code else ("4.4.2", "no reply")
         results = []
+        named = self._names_transfer(job)
         for r in job.recipients:
             res = self._rcpt_results.get(r.address)
             if res is None:
@@ -1080,7 +1082,7 @@ class RelayClient(smtp.ESMTPClient):
                     res = DeliveryResult(
                         r.address, 0, "4.4.2", "no recipient accepted", self.pool.name, dsn, self.tls_info
                     )
-            if self._named and res.ok:
+            if named and res.ok:
                 res = evolve(res, named=True)
             results.append(res)
         self._sent += 1
