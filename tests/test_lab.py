@@ -26,7 +26,7 @@ from relaynet.config import ConfigError
 from relaynet.hints import command
 from relaynet.lab import check, netns
 from relaynet.lab.draw import render
-from relaynet.lab.observe import EventIndex, LinkStat, link_stats, queue_counts, trace
+from relaynet.lab.observe import EventIndex, LinkStat, link_stats, queue_counts, read_events, trace
 from relaynet.lab.procs import descendants
 from relaynet.lab.state import node_alive, pid_state
 from relaynet.lab.tomlw import dumps
@@ -666,8 +666,7 @@ def test_trace_shows_a_relay_whose_sender_died_before_recording_it(lab_dirs: Any
     spools = {name: Path(n["dirs"]["spool"]) for name, n in nodes.items()}
 
     def events(name: str) -> list[dict[str, Any]]:
-        path = spools[name] / "events.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return read_events(spools[name] / "events.jsonl")
 
     client = nodes["client"]["pid"]
     os.kill(nodes["hop1"]["pid"], signal.SIGSTOP)  # client's relay waits for hop1's greeting

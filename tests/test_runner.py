@@ -69,7 +69,9 @@ class SlowHop:
     def answer(self, index: int, code: int, named: bool = False) -> None:
         """
         Answer the attempt at C{index} with C{code} for every recipient;
-        C{named}: the transfer was named (XTXN), as with a relaynet next hop.
+        C{named}: the transfer was named (XTXN), as with a relaynet next hop
+        (every result of the transaction says so, accepted or not, as the
+        SMTP client reports it).
         """
         d, entry, rcpts = self.pending.pop(index)
         enhanced = {250: "2.0.0", 451: "4.3.0", 550: "5.1.1"}[code]
@@ -77,7 +79,7 @@ class SlowHop:
             for r in rcpts:
                 self.accepted[(entry.queue_id, r.address)] += 1
         d.callback([
-            DeliveryResult(r.address, code, enhanced, "hop says so", "hop:25", named=named and code == 250)
+            DeliveryResult(r.address, code, enhanced, "hop says so", "hop:25", named=named)
             for r in rcpts
         ])
 

@@ -105,7 +105,8 @@ class DeliveryResult:
         SMTPUTF8 or 8BITMIME, or its SIZE is too small): the hop said
         nothing, so it is no DSN's Remote-MTA.
     @ivar named: the transaction named its transfer (relaynet's C{XTXN}):
-        the next hop remembers it, and recognises it if it is sent again.
+        if the next hop accepted it, it remembers it and recognises it if
+        it is sent again (L{relaynet.queue.core.Outcome.named}).
     """
 
     address: str
@@ -1082,7 +1083,7 @@ class RelayClient(smtp.ESMTPClient):
                     res = DeliveryResult(
                         r.address, 0, "4.4.2", "no recipient accepted", self.pool.name, dsn, self.tls_info
                     )
-            if named and res.ok:
+            if named:
                 res = evolve(res, named=True)
             results.append(res)
         self._sent += 1
