@@ -104,6 +104,32 @@ def test_configured_patterns_come_first() -> None:
         Classifier.from_patterns({"dns": ["("]})
 
 
+def test_a_classifier_remembers_classes_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A classifier classifies one outcome's words once (a next hop known down
+    defers all its mail with one diagnostic): the same class, from its
+    memory, which is emptied when full, so it stays bounded.
+    """
+    import relaynet.queue.classify as module
+
+    calls: list[str] = []
+
+    def counting(dsn: str, code: int = 0, text: str = "", patterns: Any = ()) -> BounceClass:
+        calls.append(text)
+        return classify(dsn, code, text, patterns)
+
+    monkeypatch.setattr(module, "classify", counting)
+    c = Classifier.from_patterns({"rate-limit": ["slow please"]})
+    down = "delivery temporarily suspended: connect to 192.0.2.1:25 failed: Connection refused"
+    assert [c("4.4.1", 0, down) for _ in range(3)] == [classify("4.4.1", 0, down)] * 3
+    assert c("4.0.0", 451, "slow please") is C.RATE_LIMIT
+    assert calls == [down, "slow please"]
+    for i in range(Classifier.MEMO_SIZE + 10):
+        c("5.1.1", 550, f"user {i} unknown")
+    assert len(c._memo) <= Classifier.MEMO_SIZE
+    assert c == Classifier.from_patterns({"rate-limit": ["slow please"]})  # the memory is not compared
+
+
 # -- the [suppression] table -------------------------------------------------------------
 
 

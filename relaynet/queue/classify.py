@@ -40,7 +40,7 @@ import enum
 import re
 from typing import Iterable, Mapping
 
-from attrs import frozen
+from attrs import field, frozen
 
 
 class BounceClass(str, enum.Enum):
@@ -116,6 +116,15 @@ class Classifier:
     """
 
     patterns: tuple[tuple[BounceClass, "re.Pattern[str]"], ...] = ()
+    _memo: dict[tuple[str, int, str], BounceClass] = field(factory=dict, init=False, eq=False, repr=False)
+    """
+    Classes of outcomes already classified. Many failures share their
+    words: a next hop known to be down defers all its mail with one
+    diagnostic, and each classification tries up to eight expressions.
+    Emptied when it holds L{MEMO_SIZE}.
+    """
+
+    MEMO_SIZE = 1024
 
     @classmethod
     def from_patterns(cls, patterns: Mapping[str, Iterable[str]]) -> "Classifier":
@@ -139,7 +148,14 @@ class Classifier:
 
     def __call__(self, dsn: str, code: int = 0, text: str = "") -> BounceClass:
         """The class of an outcome: see L{classify}."""
-        return classify(dsn, code, text, self.patterns)
+        key = (dsn, code, text)
+        kind = self._memo.get(key)
+        if kind is None:
+            kind = classify(dsn, code, text, self.patterns)
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = kind
+        return kind
 
 
 def classify(
