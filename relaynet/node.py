@@ -10,8 +10,10 @@ the intake's sessions as a sessions view, and the node as its facts.
 Its child services, in start order: the two thread pools, the queue runner,
 the metrics history, the admin web site(s), then one L{EndpointService} per
 SMTP listener (bound before twistd drops privileges). Before any of them
-starts, the spool directories are made and crash recovery runs, so recovered
-messages are scheduled before the first connection is accepted.
+starts, the spool directories are made (what a crash left in C{tmp/} is
+removed) and the transfer window is read; once they listen, the queue is
+recovered in the background (L{RelayNode._recover}), and recovered messages
+are scheduled as they are found, while new mail is accepted.
 
 Stop order (SIGTERM) is explicit, one after the other: listeners stop
 accepting, open sessions are closed with 421 or allowed to finish their
@@ -180,10 +182,10 @@ class ThreadPoolService(Service):
 
 EVENT_SYNC_INTERVAL = 1.0
 RECOVERY_BATCH = 1000
+"""Queue files the recovery's thread reads per batch it hands to the reactor (the runner, the window)."""
+
 STS_REFRESH_INTERVAL = 3600.0
 """Seconds between looks for cached MTA-STS policies due for a refresh."""
-
-"""Queue files read per worker-thread job at start (then handed to the runner on the reactor)."""
 
 
 RECOVERY_FREEZE_FROM = 10 * RECOVERY_BATCH
@@ -482,38 +484,53 @@ class RelayNode(MultiService):
     @inlineCallbacks
     def _recover(self, entries: Iterator[QueueEntry]) -> Any:
         """
-        Read the queue in batches in a worker thread and hand each batch to
-        the runner (which schedules what is due) and the transfer window,
-        on the reactor between batches: intake runs at full speed meanwhile.
+        Read the queue in a worker thread, a batch at a time, and hand each
+        batch to the runner and the transfer window on the reactor as it is
+        read (the thread goes on reading meanwhile): intake runs at full
+        speed, and the due messages of each batch are scheduled as they are
+        found. The runner attempts them, in due-time order, while the rest
+        is read; the thread does not wait for those attempts.
         """
         started = self.reactor.seconds()
         count = 0
-        try:
-            while not self._stopping:
-                batch = yield deferToThreadPool(
-                    self.reactor, self.pool, lambda: list(itertools.islice(entries, RECOVERY_BATCH))
-                )
-                if not batch:
-                    break
+        failed = False
+
+        def take(batch: list[QueueEntry]) -> None:
+            # On the reactor, in the order the batches were read.
+            nonlocal count, failed
+            if failed or self._stopping:
+                return
+            try:
                 for entry in batch:
                     self.window.note_envelope(entry.envelope)
-                # Known at once (listings, counts); attempted once all is read:
-                # attempts would otherwise compete with the recovery for the
-                # reactor and make it many times longer.
-                self.runner.load(batch, schedule=False)
-                count += len(batch)
-                if count >= RECOVERY_FREEZE_FROM:
-                    # The recovered messages stay as long as they are queued:
-                    # out of the cyclic GC's way. Its full collections
-                    # otherwise walk every queued object, more often as the
-                    # queue grows (bench/recovery.py).
-                    gc.freeze()
+                self.runner.load(batch)
+            except Exception:
+                failed = True
+                self.log.failure("Recovering the queue failed after {count} message(s)", count=count)
+                return
+            count += len(batch)
+            if count >= RECOVERY_FREEZE_FROM:
+                # The recovered messages stay as long as they are queued:
+                # out of the cyclic GC's way. Its full collections
+                # otherwise walk every queued object, more often as the
+                # queue grows (bench/recovery.py).
+                gc.freeze()
+
+        def read() -> None:
+            # In the thread: stops at a stop, or when taking a batch failed.
+            while not (self._stopping or failed):
+                batch = list(itertools.islice(entries, RECOVERY_BATCH))
+                if not batch:
+                    return
+                self.reactor.callFromThread(take, batch)
+
+        try:
+            # Its result comes after every batch it handed over (one queue).
+            yield deferToThreadPool(self.reactor, self.pool, read)
         except Exception:
             self.log.failure("Recovering the queue failed after {count} message(s)", count=count)
         finally:
             self.window.complete = True
-            if not self._stopping:
-                self.runner.schedule_all()
             if count >= RECOVERY_FREEZE_FROM:
                 settle_heap()
         self.log.info(

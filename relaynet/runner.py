@@ -208,21 +208,24 @@ class QueueRunner(Service):
 
     # -- lifecycle -------------------------------------------------------
 
-    def load(self, entries: Iterable[QueueEntry], schedule: bool = True) -> None:
+    def load(self, entries: Iterable[QueueEntry]) -> None:
         """
-        Take over recovered messages (before or after starting).
-
-        @param schedule: schedule the due ones now; C{False} while a big
-            queue is still being recovered (L{schedule_all} follows), so that
-            attempts do not compete with the recovery.
+        Take over recovered messages (before or after starting). Once
+        started, the due ones are scheduled as they come, in one go: they
+        fire from the next reactor turn on, in due-time order, while the
+        rest of the queue is still being recovered (a batch at a time).
         """
+        now = self.now()
+        scheduled: list[tuple[str, float]] = []
         for entry in entries:
-            due = self.core.add(entry, self.now())
-            if schedule and self._started and due is not None:
-                self._schedule(entry.queue_id, due)
+            due = self.core.add(entry, now)
+            if self._started and due is not None:
+                scheduled.append((entry.queue_id, due - now))
+        if scheduled:
+            self._timetable.set_many(scheduled)
 
     def schedule_all(self) -> None:
-        """Schedule every queued message that is not (after a recovery loaded without scheduling)."""
+        """Schedule every queued message by its state (at start, for what was loaded before)."""
         now = self.now()
         for entry in self.core:
             self._schedule_by_state(entry, now)
@@ -391,7 +394,9 @@ class QueueRunner(Service):
         A message was just committed: deliver it now, or as soon as an
         attempt slot is free (it waits in the timetable, like any due message).
         """
-        self.load([entry])
+        due = self.core.add(entry, self.now())
+        if self._started and due is not None:
+            self._schedule(entry.queue_id, due)
 
     def cut_through(self, entry: QueueEntry) -> Deferred[tuple[int, str, str]]:
         """

@@ -86,6 +86,7 @@ def test_recovery_after_listening(tmp_path: Path) -> None:
         reactor.drain(n.pool, n.commit_pool)
         assert n.recovery.called and n.recovery.result == 1
         assert n.window.complete
+        reactor.advance(0)  # a recovered message due is attempted from the next reactor turn on
         assert n.runner.counts()["active"] == 1
         assert [(c[0], c[1]) for c in reactor.tcpClients] == [("192.0.2.7", 2526)]
         assert len(n.ports) == 1
@@ -100,6 +101,51 @@ def test_recovery_after_listening(tmp_path: Path) -> None:
         stop(n, reactor)
     assert not any(p.pool.started for p in pools)
     assert n.ports == []
+
+
+def test_recovered_mail_is_attempted_while_the_rest_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The recovery hands the queue to the runner a batch at a time, and the
+    due messages of a batch are attempted at once (a connection to their
+    next hop), while the thread still reads the next batch: old mail moves
+    from the first seconds of a restart, not once a big queue is all read.
+    The recovery is then complete with every message.
+    """
+    import threading
+
+    import relaynet.node as node_module
+
+    monkeypatch.setattr(node_module, "RECOVERY_BATCH", 2)
+    config = make_config(tmp_path / "spool", toml=TOML)
+    for i in range(5):
+        make_queue_entry(config.queue_dir, b"Subject: left over\r\n\r\nhi\r\n",
+                         recipients=(Recipient(f"u{i}@remote.test", "relay:*"),))
+    n, reactor = node(tmp_path)
+    n.runner.now = lambda: EPOCH + 10
+    real_recover = n.spool.recover
+    go_on = threading.Event()
+
+    def held_recover() -> Any:
+        for i, entry in enumerate(real_recover()):
+            if i == 2:  # the second batch's first read waits for the test
+                assert go_on.wait(10), "the test never let the recovery go on"
+            yield entry
+
+    n.spool.recover = held_recover  # type: ignore[method-assign]
+    n.privilegedStartService()
+    n.startService()
+    try:
+        reactor.run_until(lambda: len(reactor.tcpClients) >= 2)
+        assert len(reactor.tcpClients) == 2, "the first batch was not attempted"
+        assert not n.recovery.called and n.runner.counts()["active"] == 2
+        go_on.set()
+        reactor.drain(n.pool, n.commit_pool)
+        reactor.advance(0)
+        assert n.recovery.called and n.recovery.result == 5
+        assert len(reactor.tcpClients) == 5 and n.runner.counts()["active"] == 5
+    finally:
+        go_on.set()
+        stop(n, reactor)
 
 
 def test_a_listener_that_cannot_listen_fails_the_start(tmp_path: Path) -> None:

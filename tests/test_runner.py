@@ -562,6 +562,35 @@ def two_messages_one_slot(tmp_path: Path) -> tuple[ThreadlessReactor, MemorySpoo
     return reactor, spool, runner, hop, events, first, second
 
 
+def test_recovered_messages_are_scheduled_as_loaded_in_due_time_order(tmp_path: Path) -> None:
+    """
+    A batch the recovery hands over after the start (C{load}) is scheduled
+    at once, each message by its state: the due ones are attempted from the
+    next reactor turn on (not inside C{load}, which returns so that the next
+    batch is read), and every message in due-time order, not in the order
+    found.
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = MemorySpool(clock=reactor.seconds)
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True), ONE_SLOT)
+    found = [commit(spool, "s@src.test", (f"{name}@x.test",), reactor.seconds(), lambda: None)
+             for name in ("in30", "in10", "now")]
+    found[0].state.next_attempt = EPOCH + 30
+    found[1].state.next_attempt = EPOCH + 10
+    runner.load(found)
+    assert hop.pending == [] and all(e.queue_id in runner for e in found)
+    attempted: list[str] = []
+    for step in (0, 10, 20):
+        reactor.advance(step)
+        [(_, entry, rcpts)] = hop.pending
+        attempted.append(rcpts[0].address)
+        hop.answer(0, 250)
+    assert attempted == ["now@x.test", "in10@x.test", "in30@x.test"]
+    reactor.advance(0)
+    assert not any(e.queue_id in runner for e in found)
+
+
 def sent(events: list[dict[str, Any]]) -> list[str]:
     return [ev["queue_id"] for ev in events if ev["event"] == "sent"]
 

@@ -337,3 +337,22 @@ def test_one_kick_fires_at_most_fire_per_turn_keys() -> None:
     clock.advance(0)
     assert fired == [f"K{i:03}" for i in range(250)] and len(table) == 0
     assert not clock.getDelayedCalls()
+
+
+def test_set_many_fires_nothing_before_the_next_turn() -> None:
+    """
+    C{set_many} (a batch of recovered messages) schedules every key as
+    C{set} would, but fires none while it runs: the due ones fire from a
+    timer due at once (the next reactor turn), in due order; a later one at
+    its time.
+    """
+    clock = Clock()
+    fired: list[str] = []
+    table = Timetable(clock, fired.append, lambda: True)
+    table.set_many([("late", 5.0), ("b", 0.0), ("a", -3.0), ("c", 0.0)])
+    assert fired == [] and len(table) == 4
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [0.0]
+    clock.advance(0)
+    assert fired == ["a", "b", "c"]
+    clock.advance(5)
+    assert fired == ["a", "b", "c", "late"] and not clock.getDelayedCalls()

@@ -15,7 +15,7 @@ many attempts as the runner runs at once, not 100,000 Deferreds.
 from __future__ import annotations
 
 import heapq
-from typing import Callable
+from typing import Callable, Iterable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -93,6 +93,23 @@ class Timetable:
             self.kick()
         else:
             self._arm()
+
+    def set_many(self, delays: Iterable[tuple[str, float]]) -> None:
+        """
+        Make each C{key} due C{delay} seconds from now, as L{set} does, but
+        fire nothing now: what is due fires from the next reactor turn on
+        (L{FIRE_PER_TURN} a turn). For a batch of recovered messages, whose
+        loading is not held up by their attempts.
+        """
+        now = self._clock.seconds()
+        due = self._due
+        heap = self._heap
+        for key, delay in delays:
+            slot = (now + max(0.0, delay), key)
+            due[key] = slot
+            heapq.heappush(heap, slot)
+        self._compact()
+        self._arm()
 
     def cancel(self, key: str) -> None:
         """Forget C{key}'s due time (its heap tuple is dropped when reached)."""

@@ -198,6 +198,24 @@ class PumpedReactor(MemoryReactorClock):
             ran += 1
         raise AssertionError(f"worker threads did not finish within {deadline} s")
 
+    def run_until(self, done: Callable[[], bool], deadline: float = 10.0) -> bool:
+        """
+        Turn the reactor (the timers due now, then the calls the threads
+        queue) until C{done()} holds, for at most C{deadline} seconds, while
+        threads may still be busy (L{drain} waits for them to be idle).
+
+        @return: whether C{done()} holds.
+        """
+        end = time.monotonic() + deadline
+        while not done() and time.monotonic() < end:
+            self.advance(0)
+            try:
+                f, args, kw = self._from_threads.get(timeout=0.005)
+            except queue.Empty:
+                continue
+            f(*args, **kw)
+        return done()
+
 
 @define
 class RecordingIntake(Intake):
