@@ -118,6 +118,10 @@ class SerialWrites:
         return out
 
 
+PACE_TICK = 0.1
+"""Seconds between the refills of a paced runner (L{QueueRunner.pace})."""
+
+
 class QueueRunner(Service):
     """
     Schedules and performs delivery attempts for one node's queue, and is
@@ -205,6 +209,10 @@ class QueueRunner(Service):
         self._writes = SerialWrites()
         self._timetable = Timetable(reactor, self._fire, self._has_slot)
         self._started = False
+        # Pacing (L{pace}): attempts a second, those left in this tick, the refill.
+        self._pace_rate: float | None = None
+        self._tokens = 0.0
+        self._pacer: LoopingCall | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -236,9 +244,39 @@ class QueueRunner(Service):
         self._started = True
         self.schedule_all()
 
+    def pace(self, rate: float | None) -> None:
+        """
+        Start at most C{rate} attempts a second from the timetable, in
+        due-time order as always (L{None}: as many as there are slots, at
+        once). A node paces its attempts while it recovers its queue
+        (L{relaynet.node.RECOVERY_ATTEMPT_RATE}).
+        """
+        if self._pacer is not None:
+            if self._pacer.running:
+                self._pacer.stop()
+            self._pacer = None
+        self._pace_rate = rate
+        if rate is None:
+            self._tokens = 0.0
+            self._timetable.kick()
+            return
+        self._tokens = rate * PACE_TICK
+        loop = self._pacer = LoopingCall(self._refill)
+        loop.clock = self.reactor
+        loop.start(PACE_TICK, now=False)
+
+    def _refill(self) -> None:
+        """A pacing tick: one tick's worth of attempts may start (none saved up)."""
+        if self._pace_rate is not None:
+            self._tokens = self._pace_rate * PACE_TICK
+            self._timetable.kick()
+
     def stop(self) -> Deferred[None]:
         """Stop scheduling; the Deferred fires when running attempts are done."""
         self._started = False
+        if self._pacer is not None and self._pacer.running:
+            self._pacer.stop()
+        self._pacer = None
         self._timetable.clear()
         self.outbound.close()
         if self._settle_call is not None:
@@ -447,6 +485,8 @@ class QueueRunner(Service):
         return n
 
     def _has_slot(self) -> bool:
+        if self._pace_rate is not None and self._tokens < 1:
+            return False
         return self._slots < self.config.queue.concurrency
 
     def _schedule(self, queue_id: str, due: float) -> None:
@@ -455,6 +495,8 @@ class QueueRunner(Service):
     def _fire(self, queue_id: str) -> None:
         if not self._started:
             return
+        if self._pace_rate is not None:
+            self._tokens -= 1
         running = self._attempts.get(queue_id)
         if running is not None:
             # Due while its last attempt is still being recorded (a due time

@@ -29,7 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from relaynet.delivery.client import DeliveryResult
 from relaynet.events import EventLog
 from relaynet.queue.spool import Envelope, QueueEntry, Recipient, Spool, SpoolFull
-from relaynet.runner import SETTLE_DELAY, QueueRunner, SerialWrites
+from relaynet.runner import PACE_TICK, SETTLE_DELAY, QueueRunner, SerialWrites
 from relaynet.testing import EPOCH, ManualThreadPool, PumpedReactor, ThreadlessReactor, make_config
 from relaynet.testing.spool import MemorySpool
 
@@ -589,6 +589,31 @@ def test_recovered_messages_are_scheduled_as_loaded_in_due_time_order(tmp_path: 
     assert attempted == ["now@x.test", "in10@x.test", "in30@x.test"]
     reactor.advance(0)
     assert not any(e.queue_id in runner for e in found)
+
+
+def test_a_paced_runner_starts_so_many_attempts_a_second(tmp_path: Path) -> None:
+    """
+    Paced (as while a node recovers its queue), the runner starts at most
+    its rate of attempts a second, a tick's worth at a time, in due-time
+    order, free slots or not; unpaced again, the rest start at once.
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = MemorySpool(clock=reactor.seconds)
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True))
+    runner.pace(2 / PACE_TICK)  # two a tick
+    found = [commit(spool, "s@src.test", (f"m{i}@x.test",), reactor.seconds(), lambda: None) for i in range(5)]
+    runner.load(found)
+    reactor.advance(0)
+    assert len(hop.pending) == 2
+    reactor.advance(PACE_TICK / 2)
+    assert len(hop.pending) == 2  # nothing saved up, nothing before the tick
+    reactor.advance(PACE_TICK / 2)
+    assert len(hop.pending) == 4
+    runner.pace(None)
+    assert [rcpts[0].address for _, _, rcpts in hop.pending] == [f"m{i}@x.test" for i in range(5)]
+    runner.stop()
+    assert not reactor.getDelayedCalls()
 
 
 def sent(events: list[dict[str, Any]]) -> list[str]:
