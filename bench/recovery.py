@@ -10,8 +10,9 @@ and copied under fresh queue ids; every C{--state-every}th message also gets
 a state file (a deferred recipient). Then, in a fresh process per N, it
 recovers the spool as a node does (L{Spool.recover} in batches of
 C{RECOVERY_BATCH}, each handed to L{QueueRunner.load}, which schedules what
-is due as found, with a reactor turn between batches; the next hop never
-answers) and reports:
+is due as found, with a reactor turn between batches; unpaced, where the
+node paces its attempts while it recovers, so that their whole cost shows;
+the next hop never answers) and reports:
 seconds per phase, the RSS it added per queued message, the cyclic GC's
 collections and time (by generation), and, with C{--tracemalloc}, the
 Python heap per message. C{--profile FILE} writes a cProfile of the child.

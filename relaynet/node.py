@@ -542,7 +542,10 @@ class RelayNode(MultiService):
         except Exception:
             self.log.failure("Recovering the queue failed after {count} message(s)", count=count)
         finally:
-            self.runner.pace(None)
+            if not self._stopping:
+                # Full speed now (a stopping node starts nothing more: the
+                # runner's stop ends its pacing).
+                self.runner.pace(None)
             self.window.complete = True
             if count >= RECOVERY_FREEZE_FROM:
                 settle_heap()

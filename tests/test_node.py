@@ -6,6 +6,7 @@ with the spool on disk under a temporary directory.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 
+import relaynet.node as node_module
 from relaynet.node import RelayNode, ThreadPoolService
 from relaynet.queue.spool import Recipient
 from relaynet.runner import QueueRunner
@@ -103,18 +105,13 @@ def test_recovery_after_listening(tmp_path: Path) -> None:
     assert n.ports == []
 
 
-def test_recovered_mail_is_attempted_while_the_rest_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def started_with_held_recovery(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RelayNode, PumpedReactor, threading.Event]:
     """
-    The recovery hands the queue to the runner a batch at a time, and the
-    due messages of a batch are attempted at once (a connection to their
-    next hop), while the thread still reads the next batch: old mail moves
-    from the first seconds of a restart, not once a big queue is all read.
-    The recovery is then complete with every message.
+    A node started on a spool of 5 queued messages, recovered 2 a batch,
+    whose recovery's thread waits for the returned event before it reads
+    the second batch; its first batch attempted.
     """
-    import threading
-
-    import relaynet.node as node_module
-
     monkeypatch.setattr(node_module, "RECOVERY_BATCH", 2)
     config = make_config(tmp_path / "spool", toml=TOML)
     for i in range(5):
@@ -134,8 +131,20 @@ def test_recovered_mail_is_attempted_while_the_rest_is_read(tmp_path: Path, monk
     n.spool.recover = held_recover  # type: ignore[method-assign]
     n.privilegedStartService()
     n.startService()
+    reactor.run_until(lambda: len(reactor.tcpClients) >= 2)
+    return n, reactor, go_on
+
+
+def test_recovered_mail_is_attempted_while_the_rest_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The recovery hands the queue to the runner a batch at a time, and the
+    due messages of a batch are attempted at once (a connection to their
+    next hop), while the thread still reads the next batch: old mail moves
+    from the first seconds of a restart, not once a big queue is all read.
+    The recovery is then complete with every message.
+    """
+    n, reactor, go_on = started_with_held_recovery(tmp_path, monkeypatch)
     try:
-        reactor.run_until(lambda: len(reactor.tcpClients) >= 2)
         assert len(reactor.tcpClients) == 2, "the first batch was not attempted"
         assert not n.recovery.called and n.runner.counts()["active"] == 2
         go_on.set()
@@ -146,6 +155,27 @@ def test_recovered_mail_is_attempted_while_the_rest_is_read(tmp_path: Path, monk
     finally:
         go_on.set()
         stop(n, reactor)
+
+
+def test_a_stop_during_recovery_takes_no_more_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A stop while the queue is still being read: the batch being read is
+    not taken over (its messages stay on disk for the next start), and the
+    runner's pacing ends with the stop (no refill timer left).
+    """
+    n, reactor, go_on = started_with_held_recovery(tmp_path, monkeypatch)
+    assert len(reactor.tcpClients) == 2
+    out: list[Any] = []
+    n.stopService().addBoth(out.append)
+    go_on.set()
+    for _ in range(100):
+        if out:
+            break
+        reactor.drain(n.pool, n.commit_pool)
+        reactor.advance(0.5)
+    assert out == [None], out
+    assert len(n.runner.core) == 2 and len(reactor.tcpClients) == 2  # the first batch only
+    assert not [c for c in reactor.getDelayedCalls() if c.active() and "_refill" in repr(c)]
 
 
 def test_a_listener_that_cannot_listen_fails_the_start(tmp_path: Path) -> None:
