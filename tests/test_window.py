@@ -335,18 +335,52 @@ def test_real_node_recognises_a_retransmission_across_kill_9(tmp_path: Path) -> 
         assert sorted(journalled()) == ["hop0/QID1", "hop0/QID1", "hop0/QID2"]
 
 
-def fill_queue(queue_dir: Path, count: int, now: float) -> None:
+def fill_queue(queue_dir: Path, count: int, now: float, held: bool = True) -> None:
     """
-    Add C{count} held messages (nothing attempts them) to the queue of a
-    stopped node, as a node with a big queue has.
+    Add C{count} messages to the queue of a stopped node, as a node with a
+    big queue has: held (nothing attempts them), or due at once.
     """
     env = Envelope(queue_id="", sender="bulk@src.test",
                    recipients=(Recipient("user@remote.test", route="relay:0"),), arrival=now, params={},
                    client={"ip": "127.0.0.1", "helo": "src.test", "protocol": "ESMTP"}, node="source")
-    held = json.dumps({"version": 1, "next_attempt": None, "held": True, "delay_warned": False,
-                       "recipients": {}}).encode()
+    state = json.dumps({"version": 1, "next_attempt": None, "held": True, "delay_warned": False,
+                        "recipients": {}}).encode() if held else None
     replicate_queued(queue_dir, env, lambda _: b"Subject: filler\r\n\r\n" + b"x" * 76 + b"\r\n", count,
-                     now=now, state=held)
+                     now=now, state=state)
+
+
+@pytest.mark.slow
+def test_real_node_delivers_recovered_mail_while_it_still_reads_the_queue(tmp_path: Path) -> None:
+    """
+    A real node restarted on a queue of 20,000 messages due for a next hop
+    that is up (Postfix's smtp-sink) delivers the ones it has read while it
+    still reads the rest: its log shows C{sent} lines before its
+    "recovered" line (the node wrote both in order, on its reactor), and
+    the sink receives every message once the recovery is done.
+    """
+    from harness.peers import SMTP_SINK, SmtpSink, allow_postfix_search, free_port, missing_binaries
+
+    if missing_binaries([SMTP_SINK]):
+        pytest.skip("smtp-sink (Debian's postfix) is not installed")
+    port = free_port()
+    route = (f'[[route]]\ndomains = ["remote.test"]\naction = "relay"\n'
+             f'[[route.next_hops]]\nendpoint = "tcp:127.0.0.1:{port}"\n')
+    count = 20_000
+    with NodeProcess(tmp_path, name="recovering", extra_toml=route) as node:
+        node.terminate()
+        fill_queue(node.queue, count, time.time(), held=False)
+        with SmtpSink(allow_postfix_search(tmp_path) / "sink", port=port) as sink:
+            mark = len(node.log_text())
+            node.start()
+            wait_for(lambda: RECOVERED.search(node.log_text()[mark:]), 120, "the queue recovered")
+            log = node.log_text()[mark:]
+            recovered = RECOVERED.search(log)
+            assert recovered
+            sent_before = log[:recovered.start()].count("] sent queue_id=")
+            assert sent_before > 0, f"nothing was delivered while the queue was read: {recovered.group(0)}"
+            sink.wait_received(count, timeout=180)
+            wait_for(lambda: not node.queue_files("new"), 60, "the delivered queue files removed")
+            assert sink.received() == count
 
 
 @pytest.mark.slow
