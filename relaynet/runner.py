@@ -430,11 +430,17 @@ class QueueRunner(Service):
     def enqueue(self, entry: QueueEntry) -> None:
         """
         A message was just committed: deliver it now, or as soon as an
-        attempt slot is free (it waits in the timetable, like any due message).
+        attempt slot is free. It waits in the timetable's lane of new mail:
+        while older mail is due too (a recovered backlog, retries), the two
+        take free slots in turn, new mail first, as in Postfix.
         """
-        due = self.core.add(entry, self.now())
+        now = self.now()
+        due = self.core.add(entry, now)
         if self._started and due is not None:
-            self._schedule(entry.queue_id, due)
+            if due <= now:
+                self._timetable.arrive(entry.queue_id)
+            else:
+                self._schedule(entry.queue_id, due)
 
     def cut_through(self, entry: QueueEntry) -> Deferred[tuple[int, str, str]]:
         """

@@ -591,6 +591,33 @@ def test_recovered_messages_are_scheduled_as_loaded_in_due_time_order(tmp_path: 
     assert not any(e.queue_id in runner for e in found)
 
 
+def test_new_mail_takes_turns_with_a_recovered_backlog(tmp_path: Path) -> None:
+    """
+    Mail accepted while a recovered backlog is due does not wait behind the
+    whole backlog: the free slot goes to new mail and old mail in turn, new
+    mail first (as Postfix's queue manager feeds its incoming and deferred
+    queues in turn); each keeps its own order.
+    """
+    reactor = ThreadlessReactor()
+    reactor.advance(EPOCH)
+    spool = MemorySpool(clock=reactor.seconds)
+    runner, hop, events = make_runner(tmp_path, spool, reactor, ManualThreadPool(immediate=True), ONE_SLOT)
+    backlog = [commit(spool, "s@src.test", (f"old{i}@x.test",), reactor.seconds(), lambda: None) for i in range(4)]
+    runner.load(backlog)
+    reactor.advance(0)
+    reactor.advance(1)
+    for name in ("new0", "new1"):
+        runner.enqueue(commit(spool, "s@src.test", (f"{name}@x.test",), reactor.seconds(), lambda: None))
+    attempted: list[str] = []
+    for _ in range(6):
+        [(_, entry, rcpts)] = hop.pending
+        attempted.append(rcpts[0].address.split("@")[0])
+        hop.answer(0, 250)
+        reactor.advance(0)
+    assert attempted == ["old0", "new0", "old1", "new1", "old2", "old3"]
+    assert hop.pending == [] and len(sent(events)) == 6
+
+
 def test_a_paced_runner_starts_so_many_attempts_a_second(tmp_path: Path) -> None:
     """
     Paced (as while a node recovers its queue), the runner starts at most

@@ -356,3 +356,109 @@ def test_set_many_fires_nothing_before_the_next_turn() -> None:
     assert fired == ["a", "b", "c"]
     clock.advance(5)
     assert fired == ["a", "b", "c", "late"] and not clock.getDelayedCalls()
+
+
+def test_new_mail_and_older_due_mail_fire_in_turn_new_first() -> None:
+    """
+    While older keys are due (a recovered backlog), keys that C{arrive}
+    (mail just accepted) fire in turn with them, new mail first, as
+    Postfix's queue manager takes one incoming and one deferred message in
+    turn; each lane keeps its own order. Without the lane, new mail fired
+    after every older due key.
+    """
+    h = Harness(room=0)
+    for i in range(5):
+        h.table.set(f"old{i}", 0)
+    h.clock.advance(1)
+    h.table.arrive("new0")
+    h.table.arrive("new1")
+    assert h.fired == []  # no room: both lanes wait
+    h.room = 6
+    h.table.kick()
+    assert h.fired == ["new0", "old0", "new1", "old1", "old2", "old3"]
+    h.room = 10
+    h.table.kick()
+    assert h.fired[6:] == ["old4"] and len(h.table) == 0
+
+
+def test_new_mail_fires_at_once_when_there_is_room() -> None:
+    """
+    With room, a key that arrives fires in the same call (no reactor turn
+    in between: the hot path of every accepted message); a later key of the
+    heap keeps its timer.
+    """
+    h = Harness()
+    h.table.set("later", 30)
+    h.table.arrive("new")
+    assert h.fired == ["new"]
+    assert [c.getTime() for c in h.clock.getDelayedCalls()] == [30]
+
+
+def test_new_mail_waits_for_room_without_a_timer_then_fires_first() -> None:
+    """
+    Without room, new mail waits (no timer spins) and fires at the next kick
+    with room, ahead of older due keys; a new key not yet due in the heap
+    (a key set for later) does not overtake.
+    """
+    h = Harness(room=0)
+    h.table.set("old", 0)
+    h.table.set("later", 60)
+    h.table.arrive("new")
+    assert [c.getTime() for c in h.clock.getDelayedCalls()] == []
+    h.room = 1
+    h.table.kick()
+    assert h.fired == ["new"]
+    h.room = 1
+    h.table.kick()
+    assert h.fired == ["new", "old"]
+    assert [c.getTime() for c in h.clock.getDelayedCalls()] == [60]
+
+
+def test_new_mail_rescheduled_or_cancelled_leaves_its_lane() -> None:
+    """
+    A key that arrived and is then set for later (a hold, a shaping delay)
+    fires at its new time only, once; one cancelled never fires; C{clear}
+    empties the lane of new mail too.
+    """
+    h = Harness(room=0)
+    h.table.arrive("moved")
+    h.table.arrive("gone")
+    h.table.arrive("stays")
+    h.table.set("moved", 10)
+    h.table.cancel("gone")
+    assert h.table.due("moved") == 10 and "gone" not in h.table
+    h.room = 10
+    h.table.kick()
+    assert h.fired == ["stays"]
+    h.clock.advance(10)
+    assert h.fired == ["stays", "moved"] and len(h.table) == 0
+    h.room = 0
+    h.table.arrive("x")
+    h.table.clear()
+    h.room = 1
+    h.table.kick()
+    assert h.fired == ["stays", "moved"] and len(h.table) == 0
+
+
+def test_a_lane_of_new_mail_with_stale_tuples_is_rebuilt() -> None:
+    """
+    New mail cancelled over and over while there is no room (an admin
+    deleting what arrives) leaves no more than a bounded number of stale
+    tuples; the live keys keep their lanes and their order.
+    """
+    h = Harness(room=0)
+    for i in range(3):
+        h.table.set(f"old{i}", 0)
+    for i in range(1000):
+        h.table.arrive(f"n{i}")
+        if i % 10:
+            h.table.cancel(f"n{i}")
+    live = len(h.table)
+    assert live == 3 + 100
+    assert len(h.table._fresh) + len(h.table._heap) <= max(Timetable.COMPACT_MIN, 2 * live) + 1
+    h.room = 6
+    h.table.kick()
+    assert h.fired == ["n0", "old0", "n10", "old1", "n20", "old2"]
+    h.room = 1000
+    h.table.kick()
+    assert h.fired[6:] == [f"n{i}" for i in range(30, 1000, 10)] and len(h.table) == 0
