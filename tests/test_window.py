@@ -389,10 +389,10 @@ def test_real_node_delivers_new_mail_while_a_recovered_backlog_drains(tmp_path: 
     A real node restarted on 20,000 messages due for one next hop (an
     smtp-sink) takes a new message for another destination (a second
     smtp-sink) once the backlog is read and being delivered, and delivers
-    it long before the backlog is drained:
-    new mail and the backlog take free slots in turn, as in Postfix. Before,
-    it was attempted after every message of the backlog that was due before
-    it. The two sinks' own counters tell the order.
+    it long before the backlog is drained: new mail and the backlog take
+    free slots in turn, as in Postfix. Before, it was attempted after every
+    message of the backlog that was due before it. The two sinks' own
+    counters tell the order.
     """
     from harness.peers import SMTP_SINK, SmtpSink, allow_postfix_search, free_port, missing_binaries
 
