@@ -35,12 +35,13 @@ class Timetable:
     Due times by key (queue id), firing C{fire(key)} for keys that are due
     while C{ready()} holds.
 
-    Rescheduling or cancelling a key leaves its old heap tuple behind
-    (stale: it no longer matches C{_due}); stale tuples are dropped when they
-    reach the top, and the heap is rebuilt from the live keys whenever it
-    holds more than 64 tuples and more than twice as many as there are keys,
-    so a queue whose messages are rescheduled again and again keeps a heap of
-    the order of its size.
+    Rescheduling or cancelling a key leaves its old tuple behind, in the
+    heap or in the lane of new mail (stale: it no longer matches C{_due});
+    stale tuples are dropped when they reach the top or the front, and both
+    are rebuilt from the live keys whenever together they hold more than 64
+    tuples and more than twice as many as there are keys, so a queue whose
+    messages are rescheduled again and again keeps a heap of the order of
+    its size.
 
     A C{fire} that raises is logged and does not stop the others; after a
     kick the timer is always armed for the earliest key that is not due yet,
@@ -52,7 +53,7 @@ class Timetable:
     log = Logger()
 
     COMPACT_MIN = 64
-    """Below this many heap tuples the heap is never rebuilt."""
+    """Below this many tuples (heap and lane of new mail) neither is ever rebuilt."""
 
     FIRE_PER_TURN = 500
     """
