@@ -635,7 +635,12 @@ class QueueRunner(Service):
             # in memory and goes to disk with the next write of the message;
             # a crash before that only makes it due at once after recovery
             # (as Postfix's deferral of mail for a dead host, not fsynced).
+            # Its due time is left as a hint (the queue file's time, as
+            # Postfix keeps a deferred message's), so that a restart does
+            # not make all such mail due at once, to be deferred again.
             decision = evolve(decision, write=Write.NOTHING)
+            if decision.due is not None and decision.entry is not None:
+                self.spool.hint_due(decision.entry, decision.due)
         return self._carry_out(decision).addCallback(lambda _: outcomes)
 
     # -- carrying out decisions ------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import pytest
 
+from relaynet.queue.retry import RetryPolicy
 from relaynet.testing.network import NetNode, Network
 
 DOWN = 60.0
@@ -89,6 +90,41 @@ def test_down_hop_defers_without_connecting() -> None:
         assert "refused" in e["diagnostic"].lower()
     states = hop1.runner.outbound.hop_states()
     assert [s["state"] for s in states] == ["down"] and states[0]["suspended"] == 50
+
+
+def test_a_restart_keeps_the_retry_times_of_mail_deferred_for_a_down_hop() -> None:
+    """
+    Mail deferred for a hop known down (no state written) leaves its retry
+    time as a due-time hint: after a restart (kill -9) with the hop still
+    down, none of it is due at once and deferred again; each is attempted
+    at the retry time its deferral gave it (the minimal backoff, give or
+    take its jitter), as Postfix's deferred queue keeps it. Without the
+    hints, all 20 were deferred again at the restart.
+    """
+    low, high = (BACKOFF["minimal_backoff"] * (1 + k * RetryPolicy().jitter) for k in (-1, 1))
+    net = Network()
+    connects = count_connects(net)
+    hop1 = relay_node(net, [("hop2", 10)])
+    addr = net.address_of("hop2")
+    send(hop1, "first")
+    net.run()
+    for i in range(20):
+        send(hop1, f"m{i}")
+    net.run()
+    assert len(hop1.events_named("deferred")) == 21 and connects[addr] == 1
+    net.advance(10)
+    hop1.stop()
+    before = len(hop1.events_named("deferred"))
+    hop1.start()
+    net.run()
+    net.advance(low - 11, step=1)
+    assert hop1.events_named("deferred")[before:] == [], "mail deferred again before its retry time"
+    assert connects[addr] == 1
+    assert len(hop1.queued()) == 21
+    net.advance(high - low + 2, step=1)
+    again = hop1.events_named("deferred")[before:]
+    assert {e["queue_id"] for e in again} == set(hop1.queued()), again  # each tried again
+    assert connects[addr] >= 2  # a probe at the retry time (the rest suspended behind one)
 
 
 def test_failover_skips_a_down_hop() -> None:
@@ -278,3 +314,69 @@ hop_down_time = 1
             took = sink.wait_received(5, timeout=60)
             assert took < 30, took
         wait_for(lambda: len(events("hop_up")) == 1, 30, "a hop_up event")
+
+
+@pytest.mark.slow
+def test_real_node_restarted_with_its_next_hop_still_down_leaves_waiting_mail_alone(tmp_path: Path) -> None:
+    """
+    A twistd node whose next hop is a closed port defers 50 messages (one
+    tried, the rest suspended, no state written) and leaves each one's
+    retry time as its queue file's modification time: C{os.stat} sees it
+    about the minimal backoff ahead. Killed (-9) and started again with the
+    hop still down, it recovers the 50 and defers none of them again before
+    that time: a new message, sent once the queue is recovered, is the only
+    one deferred (the recovered ones, had they been due, would have been
+    attempted first, from the reactor turn after their recovery). Before,
+    every one was due at once after a restart and deferred again.
+    """
+    import re
+    import smtplib
+
+    from harness.nodeproc import HOST, NodeProcess, wait_for
+    from harness.peers import free_port
+
+    port = free_port(HOST)
+    backoff = 600
+    route = f"""
+[[route]]
+domains = ["*"]
+action = "relay"
+next_hops = ["tcp:127.0.0.1:{port}"]
+
+[queue]
+minimal_backoff = {backoff}
+maximal_backoff = {backoff}
+delay_warning = 0
+"""
+    recovered = re.compile(r"relaynet node \S+: \d+ queued message\(s\) recovered in")
+    with NodeProcess(tmp_path / "node", extra_toml=route, name="hopdown") as node:
+        with smtplib.SMTP(HOST, node.port, timeout=30) as s:
+            for i in range(50):
+                assert not s.sendmail("s@src.test", [f"r{i}@remote.test"], f"Subject: down {i}\r\n\r\nhi\r\n")
+
+        def deferred() -> list[dict[str, Any]]:
+            if not node.events_path.exists():
+                return []
+            lines = node.events_path.read_text().splitlines()
+            return [e for e in map(json.loads, lines) if e.get("event") == "deferred"]
+
+        wait_for(lambda: len(deferred()) >= 50, 30, "fifty deferred events")
+
+        def hinted() -> int:
+            soon = time.time() + backoff / 2
+            return sum(p.stat().st_mtime > soon for p in node.queue_files("new"))
+
+        wait_for(lambda: hinted() >= 49, 30, "the suspended messages' retry times on their queue files")
+        before = len(deferred())
+        node.kill9()
+        mark = len(node.log_text())
+        node.start()
+        with smtplib.SMTP(HOST, node.port, timeout=30) as s:
+            assert not s.sendmail("s@src.test", ["new@remote.test"], b"Subject: new\r\n\r\nhi\r\n")
+        wait_for(lambda: recovered.search(node.log_text()[mark:]), 60, "the queue recovered")
+        with smtplib.SMTP(HOST, node.port, timeout=30) as s:
+            assert not s.sendmail("s@src.test", ["last@remote.test"], b"Subject: last\r\n\r\nhi\r\n")
+        wait_for(lambda: any(e["recipient"] == "last@remote.test" for e in deferred()[before:]), 30,
+                 "the last message deferred")
+        again = [e["recipient"] for e in deferred()[before:]]
+        assert sorted(again) == ["last@remote.test", "new@remote.test"], again

@@ -31,6 +31,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import relaynet.queue.spool as spool_module
 from relaynet.queue.spool import (
+    DUE_HINT_LIMIT,
     HEADER_LEN,
     BoundedReader,
     Envelope,
@@ -365,6 +366,44 @@ class _SpoolContractMixin(_Base):
         got.state.recipients["a@localhost"] = RecipientState(status="delivered")
         [again] = self.recovered()
         self.assertEqual(again.state, QueueState())
+
+    # -- due-time hints ------------------------------------------------------
+
+    def hinted(self, hint: float, state: QueueState | None = None) -> QueueState:
+        """The state recovered after a restart for a message given C{state} (recorded) and C{hint}."""
+        entry = self.commit("a@localhost")
+        if state is not None:
+            entry.state = state
+            d = self.spool.record(entry)
+            self.settle()
+            self.successResultOf(d)
+        self.spool.hint_due(entry, hint)
+        self.settle()
+        [got] = [e for e in self.recovered(self.crash_and_restart()) if e.queue_id == entry.queue_id]
+        return got.state
+
+    def test_a_due_hint_delays_a_recovered_message(self) -> None:
+        """
+        A due-time hint (a deferral not worth a state write: a next hop
+        known down) is the recovered message's next attempt when nothing
+        recorded makes it due later; the recorded state is not rewritten.
+        """
+        got = self.hinted(EPOCH + 600)
+        self.assertEqual(got.next_attempt, EPOCH + 600)
+        self.assertEqual(got.recipients, {})
+        later = self.hinted(EPOCH + 600, QueueState(next_attempt=EPOCH + 900))
+        self.assertEqual(later.next_attempt, EPOCH + 900)
+
+    def test_a_due_hint_never_makes_a_message_due_sooner_nor_releases_it(self) -> None:
+        """
+        A hint already passed, or further ahead than L{DUE_HINT_LIMIT} (a
+        clock set back), is ignored; a held message stays held.
+        """
+        self.assertIsNone(self.hinted(EPOCH - 5).next_attempt)
+        self.assertIsNone(self.hinted(EPOCH + DUE_HINT_LIMIT + 1).next_attempt)
+        held = self.hinted(EPOCH + 600, QueueState(held=True))
+        self.assertTrue(held.held)
+        self.assertIsNone(held.next_attempt)
 
     # -- remove --------------------------------------------------------------
 

@@ -486,13 +486,28 @@ def read_queue_file(path: str | os.PathLike[str]) -> tuple[Envelope, int]:
 
     One C{open}, one C{read} of the first 4 KiB (the header record and, but
     for a long recipient list, the envelope; more is read if it is longer)
-    and one C{close}: recovery reads every queue file this way.
+    and one C{close}: recovery reads every queue file this way (with an
+    C{fstat} too: L{read_queue_file_and_mtime}).
 
     @return: the envelope and the offset of the message's first byte.
     @raise CorruptQueueFile: the file is not a complete queue file.
     """
+    envelope, offset, _ = _read_queue_file(path, False)
+    return envelope, offset
+
+
+def read_queue_file_and_mtime(path: str | os.PathLike[str]) -> tuple[Envelope, int, float]:
+    """
+    L{read_queue_file}, and the file's modification time (a due-time hint
+    if it is in the future: L{Spool.hint_due}).
+    """
+    return _read_queue_file(path, True)
+
+
+def _read_queue_file(path: str | os.PathLike[str], want_mtime: bool) -> tuple[Envelope, int, float]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        mtime = os.fstat(fd).st_mtime if want_mtime else 0.0
         data = os.read(fd, _FIRST_READ)
         head = data[:HEADER_LEN]
         parts = head.split()
@@ -523,7 +538,74 @@ def read_queue_file(path: str | os.PathLike[str]) -> tuple[Envelope, int]:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptQueueFile(f"{path}: not an envelope: {e!r}") from None
-    return envelope, HEADER_LEN + env_len + 1
+    return envelope, HEADER_LEN + env_len + 1, mtime
+
+
+DUE_HINT_LIMIT = 2 * 3600.0
+"""
+A due-time hint further ahead than this at recovery is ignored (a clock set
+back would make every queue file's time look like one): about twice the
+default C{[queue] maximal_backoff}.
+"""
+
+
+def apply_due_hint(state: QueueState, hint: float, now: float) -> None:
+    """
+    A recovered message's due-time hint (L{Spool.hint_due}): if it is
+    ahead of C{now} (but not beyond L{DUE_HINT_LIMIT}) and the recorded
+    state makes the message due sooner, it waits for the hint. Held
+    messages stay held; a hint never makes a message due sooner.
+    """
+    if state.held or not now < hint <= now + DUE_HINT_LIMIT:
+        return
+    if state.next_attempt is None or state.next_attempt < hint:
+        state.next_attempt = hint
+
+
+class DueHints:
+    """
+    Due-time hints written as queue files' modification times
+    (C{os.utime}), many per job in a worker thread, without an C{fsync}:
+    while one job runs, new hints gather for the next. A hint that cannot
+    be written (the message was removed meanwhile) is dropped: a lost hint
+    only makes its message due sooner after a restart.
+    """
+
+    def __init__(self, run: Callable[[Callable[[], Any]], Deferred[Any]]) -> None:
+        """@param run: run a function in a worker thread."""
+        self._run = run
+        self._queued: list[tuple[str, float]] = []
+        self._busy = False
+        self.written = 0
+
+    def submit(self, path: str, when: float) -> None:
+        self._queued.append((path, when))
+        if not self._busy:
+            self._next()
+
+    def _next(self) -> None:
+        batch, self._queued = self._queued, []
+        if not batch:
+            self._busy = False
+            return
+        self._busy = True
+
+        def job() -> int:
+            written = 0
+            for path, when in batch:
+                try:
+                    os.utime(path, (when, when))
+                    written += 1
+                except OSError:
+                    pass
+            return written
+
+        def done(result: Any) -> None:
+            if isinstance(result, int):
+                self.written += result
+            self._next()
+
+        self._run(job).addBoth(done)
 
 
 _FIRST_READ = 4096
@@ -1361,6 +1443,7 @@ class Spool:
         self._clock = clock
         self._new_sync = GroupSync(self.new_dir)
         self._unlinks = UnlinkBatch(self._unlink_paths)
+        self._hints = DueHints(self._in_thread)
         self._thread_commits = CommitBatch(
             lambda batch: self._in_commit_thread(thread_job(batch, self._new_sync)), jobs=2,
         )
@@ -1473,13 +1556,14 @@ class Spool:
         """
         new_dir = os.fspath(self.new_dir)
         prefix = new_dir + os.sep
+        started = self._clock()
         names = os.listdir(new_dir)
         names.sort()
         with_state = set(os.listdir(self.state_dir))
         for name in names:
             path = prefix + name
             try:
-                envelope, offset = read_queue_file(path)
+                envelope, offset, mtime = read_queue_file_and_mtime(path)
             except CorruptQueueFile as e:
                 self.log.error("Moving aside corrupt queue file: {error}", error=str(e))
                 aside = self.root / "corrupt"
@@ -1487,6 +1571,8 @@ class Spool:
                 os.rename(path, aside / name)
                 continue
             state = self._read_state(name) if name in with_state else QueueState()
+            if mtime > started:
+                apply_due_hint(state, mtime, started)
             yield QueueEntry(envelope, state, path, offset, recovered=True)
         del with_state
         listed = set(names)
@@ -1564,6 +1650,20 @@ class Spool:
                 raise spool_error(e) from e
 
         return self._in_thread(write)
+
+    def hint_due(self, entry: QueueEntry, when: float) -> None:
+        """
+        Leave C{when} as C{entry}'s due time for a recovery, without writing
+        its state: the queue file's modification time, as Postfix keeps a
+        deferred message's next retry (C{os.utime}, in a worker thread,
+        batched, no C{fsync}). For a deferral that contacted nobody (a next
+        hop known down), which is not worth a state write: without the
+        hint, every such message was due at once after a restart, and was
+        deferred again. A hint lost in a crash only makes the message due
+        sooner; recovery never lets one make a message due sooner
+        (L{apply_due_hint}).
+        """
+        self._hints.submit(entry.path, when)
 
     def remove(self, entry: QueueEntry) -> Deferred[None]:
         """

@@ -209,6 +209,11 @@ class _SpoolGate:
         """Record a state, unless the incarnation is dead (then: never)."""
         return self._spool.record(entry) if self.open else Deferred()
 
+    def hint_due(self, entry: QueueEntry, when: float) -> None:
+        """Leave a due-time hint, unless the incarnation is dead."""
+        if self.open:
+            self._spool.hint_due(entry, when)
+
     def remove(self, entry: QueueEntry) -> Deferred[None]:
         """Remove a message, unless the incarnation is dead (then: never)."""
         return self._spool.remove(entry) if self.open else Deferred()

@@ -41,6 +41,7 @@ from relaynet.queue.spool import (
     QueueState,
     SpoolError,
     SpoolWriter,
+    apply_due_hint,
 )
 
 __all__ = ["MemoryQueueEntry", "MemorySpool", "MemorySpoolWriter"]
@@ -87,6 +88,7 @@ class _Stored:
     hops: int
     data: bytes
     state_json: str | None = None
+    due_hint: float | None = None
 
 
 class MemorySpoolWriter:
@@ -195,6 +197,7 @@ class MemorySpool:
         self.immediate = immediate
         self.broken: str | None = None
         self._ids = QueueIds(clock, suffix)
+        self._clock = clock
         self._committed: dict[str, _Stored] = {}
         self._writers: set[MemorySpoolWriter] = set()
         self._queue: deque[Callable[[], None]] = deque()
@@ -225,9 +228,13 @@ class MemorySpool:
         its last recorded state (a fresh copy each time: changing a recovered
         entry changes nothing stored until it is recorded).
         """
+        now = self._clock()
         for queue_id in sorted(self._committed):
             stored = self._committed[queue_id]
-            yield self._entry(queue_id, stored)
+            entry = self._entry(queue_id, stored)
+            if stored.due_hint is not None:
+                apply_due_hint(entry.state, stored.due_hint, now)
+            yield entry
 
     def begin(self, envelope: Envelope) -> MemorySpoolWriter:
         """
@@ -258,6 +265,16 @@ class MemorySpool:
                 stored.state_json = text
 
         return self._submit(write)
+
+    def hint_due(self, entry: QueueEntry, when: float) -> None:
+        """
+        Keep C{when} as C{entry}'s due-time hint for L{recover}, as a queue
+        file's modification time (L{relaynet.queue.spool.Spool.hint_due}):
+        at once, never failing (a broken spool drops it).
+        """
+        stored = self._committed.get(entry.queue_id)
+        if stored is not None and self.broken is None:
+            stored.due_hint = when
 
     def remove(self, entry: QueueEntry) -> Deferred[None]:
         """
