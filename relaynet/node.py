@@ -643,6 +643,7 @@ class RelayNode(MultiService):
         if self.recovery is not None:
             yield self.recovery  # the batch being read; no more after it
         yield self.runner.stopService()
+        yield self.spool.flush_hints()  # before the pools stop
         self._history.stopService()
         yield maybeDeferred(self._event_sync.stopService)
         if self.committer is not None:

@@ -378,7 +378,9 @@ class _SpoolContractMixin(_Base):
             self.settle()
             self.successResultOf(d)
         self.spool.hint_due(entry, hint)
+        written = self.spool.flush_hints()
         self.settle()
+        self.successResultOf(written)
         [got] = [e for e in self.recovered(self.crash_and_restart()) if e.queue_id == entry.queue_id]
         return got.state
 
@@ -1175,3 +1177,49 @@ def test_recovery_keeps_the_state_of_a_message_committed_meanwhile(tmp_path: Pat
     spool.record(entry)
     assert list(recovery) == []
     assert (spool.state_dir / entry.queue_id).exists()
+
+
+def test_due_hints_gather_for_a_second_into_one_job(tmp_path: Path) -> None:
+    """
+    Hints given within L{DueHints.DELAY} are written by one job, one job at
+    a time (those given meanwhile wait for the next, a delay later); a file
+    gone meanwhile is skipped; C{flush} writes what is gathered at once.
+    """
+    from twisted.internet.task import Clock
+
+    from relaynet.queue.spool import DueHints
+
+    clock = Clock()
+    jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def run(f: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        jobs.append((f, d))
+        return d
+
+    def finish() -> None:
+        f, d = jobs.pop(0)
+        d.callback(f())
+
+    files = [tmp_path / f"q{i}" for i in range(4)]
+    for f in files:
+        f.write_bytes(b"x")
+    hints = DueHints(run, clock.callLater)
+    hints.submit(str(files[0]), EPOCH + 100)
+    hints.submit(str(tmp_path / "gone"), EPOCH + 100)
+    hints.submit(str(files[1]), EPOCH + 200)
+    assert jobs == []
+    clock.advance(DueHints.DELAY)
+    assert len(jobs) == 1
+    hints.submit(str(files[2]), EPOCH + 300)
+    finish()
+    assert files[0].stat().st_mtime == EPOCH + 100 and files[1].stat().st_mtime == EPOCH + 200
+    assert hints.written == 2 and jobs == []
+    clock.advance(DueHints.DELAY)
+    finish()
+    assert files[2].stat().st_mtime == EPOCH + 300
+    hints.submit(str(files[3]), EPOCH + 400)
+    flushed = hints.flush()
+    assert len(jobs) == 1 and not clock.getDelayedCalls()
+    finish()
+    assert flushed.called and files[3].stat().st_mtime == EPOCH + 400 and hints.written == 4

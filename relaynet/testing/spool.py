@@ -28,7 +28,7 @@ from collections import deque
 from typing import Callable, Iterator, TypeVar
 
 from attrs import define, evolve, field
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from relaynet.queue.spool import (
@@ -275,6 +275,10 @@ class MemorySpool:
         stored = self._committed.get(entry.queue_id)
         if stored is not None and self.broken is None:
             stored.due_hint = when
+
+    def flush_hints(self) -> Deferred[None]:
+        """Hints are kept at once here: nothing to write."""
+        return succeed(None)
 
     def remove(self, entry: QueueEntry) -> Deferred[None]:
         """
