@@ -633,11 +633,10 @@ class QueueRunner(Service):
             # Every recipient was deferred without contacting anyone (its next
             # hop is down): nothing worth an fsync happened. The state stays
             # in memory and goes to disk with the next write of the message;
-            # a crash before that only makes it due at once after recovery
-            # (as Postfix's deferral of mail for a dead host, not fsynced).
-            # Its due time is left as a hint (the queue file's time, as
-            # Postfix keeps a deferred message's), so that a restart does
-            # not make all such mail due at once, to be deferred again.
+            # its due time is left as a hint (the queue file's modification
+            # time, not fsynced, as Postfix keeps a deferred message's), so
+            # that a restart does not make all such mail due at once, to be
+            # deferred again. A crash that loses the hint only does that.
             decision = evolve(decision, write=Write.NOTHING)
             if decision.due is not None and decision.entry is not None:
                 self.spool.hint_due(decision.entry, decision.due)
