@@ -38,6 +38,9 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 POLL = 0.02
 
+RECOVERED = re.compile(r"relaynet node \S+: \d+ queued message\(s\) recovered in [\d.]+ s")
+"""A node's log line once it has recovered its queue (each worker's, with workers)."""
+
 BIN = Path(sys.executable).parent
 TWISTD = BIN / "twistd"
 

@@ -251,10 +251,7 @@ class QueueRunner(Service):
         once). A node paces its attempts while it recovers its queue
         (L{relaynet.node.RECOVERY_ATTEMPT_RATE}).
         """
-        if self._pacer is not None:
-            if self._pacer.running:
-                self._pacer.stop()
-            self._pacer = None
+        self._stop_pacer()
         self._pace_rate = rate
         if rate is None:
             self._tokens = 0.0
@@ -265,6 +262,11 @@ class QueueRunner(Service):
         loop.clock = self.reactor
         loop.start(PACE_TICK, now=False)
 
+    def _stop_pacer(self) -> None:
+        if self._pacer is not None and self._pacer.running:
+            self._pacer.stop()
+        self._pacer = None
+
     def _refill(self) -> None:
         """A pacing tick: one tick's worth of attempts may start (none saved up)."""
         if self._pace_rate is not None:
@@ -274,9 +276,7 @@ class QueueRunner(Service):
     def stop(self) -> Deferred[None]:
         """Stop scheduling; the Deferred fires when running attempts are done."""
         self._started = False
-        if self._pacer is not None and self._pacer.running:
-            self._pacer.stop()
-        self._pacer = None
+        self._stop_pacer()
         self._timetable.clear()
         self.outbound.close()
         if self._settle_call is not None:

@@ -10,7 +10,6 @@ deferred. In-process (L{relaynet.testing.network}), on one simulated clock.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -264,6 +263,26 @@ def test_hop_down_time_zero_turns_it_off() -> None:
     assert not hop1.events_named("hop_down")
 
 
+def relay_to(port: int, backoff: int, extra: str = "") -> str:
+    """Node config: all mail relayed to 127.0.0.1:C{port}, retried after C{backoff} seconds."""
+    return f"""
+[[route]]
+domains = ["*"]
+action = "relay"
+next_hops = ["tcp:127.0.0.1:{port}"]
+
+[queue]
+minimal_backoff = {backoff}
+maximal_backoff = {backoff}
+delay_warning = 0
+{extra}"""
+
+
+def events_named(node: Any, name: str) -> list[dict[str, Any]]:
+    """A real node's events called C{name}, from its events.jsonl."""
+    return [e for e in node.events(strict=False) if e.get("event") == name]
+
+
 @pytest.mark.slow
 def test_real_node_delivers_once_its_next_hop_comes_up(tmp_path: Path) -> None:
     """
@@ -280,30 +299,14 @@ def test_real_node_delivers_once_its_next_hop_comes_up(tmp_path: Path) -> None:
     if missing_binaries([SMTP_SINK]):
         pytest.skip("smtp-sink (Debian's postfix) is not installed")
     port = free_port(HOST)
-    route = f"""
-[[route]]
-domains = ["*"]
-action = "relay"
-next_hops = ["tcp:127.0.0.1:{port}"]
-
-[queue]
-minimal_backoff = 3600
-maximal_backoff = 3600
-delay_warning = 0
-
-[outbound]
-hop_down_time = 1
-"""
+    route = relay_to(port, 3600, "\n[outbound]\nhop_down_time = 1\n")
     with NodeProcess(tmp_path / "node", extra_toml=route, name="hopdown") as node:
         with smtplib.SMTP(HOST, node.port, timeout=30) as s:
             for i in range(5):
                 assert not s.sendmail("s@src.test", [f"r{i}@remote.test"], f"Subject: down {i}\r\n\r\nhi\r\n")
 
         def events(name: str) -> list[dict[str, Any]]:
-            if not node.events_path.exists():
-                return []
-            lines = node.events_path.read_text().splitlines()
-            return [e for e in map(json.loads, lines) if e.get("event") == name]
+            return events_named(node, name)
 
         wait_for(lambda: len(events("deferred")) >= 5, 30, "five deferred events")
         deferred = events("deferred")
@@ -329,36 +332,20 @@ def test_real_node_restarted_with_its_next_hop_still_down_leaves_waiting_mail_al
     attempted first, from the reactor turn after their recovery). Before,
     every one was due at once after a restart and deferred again.
     """
-    import re
     import smtplib
 
-    from harness.nodeproc import HOST, NodeProcess, wait_for
+    from harness.nodeproc import HOST, RECOVERED, NodeProcess, wait_for
     from harness.peers import free_port
 
     port = free_port(HOST)
     backoff = 600
-    route = f"""
-[[route]]
-domains = ["*"]
-action = "relay"
-next_hops = ["tcp:127.0.0.1:{port}"]
-
-[queue]
-minimal_backoff = {backoff}
-maximal_backoff = {backoff}
-delay_warning = 0
-"""
-    recovered = re.compile(r"relaynet node \S+: \d+ queued message\(s\) recovered in")
-    with NodeProcess(tmp_path / "node", extra_toml=route, name="hopdown") as node:
+    with NodeProcess(tmp_path / "node", extra_toml=relay_to(port, backoff), name="hopdown") as node:
         with smtplib.SMTP(HOST, node.port, timeout=30) as s:
             for i in range(50):
                 assert not s.sendmail("s@src.test", [f"r{i}@remote.test"], f"Subject: down {i}\r\n\r\nhi\r\n")
 
         def deferred() -> list[dict[str, Any]]:
-            if not node.events_path.exists():
-                return []
-            lines = node.events_path.read_text().splitlines()
-            return [e for e in map(json.loads, lines) if e.get("event") == "deferred"]
+            return events_named(node, "deferred")
 
         wait_for(lambda: len(deferred()) >= 50, 30, "fifty deferred events")
 
@@ -373,7 +360,7 @@ delay_warning = 0
         node.start()
         with smtplib.SMTP(HOST, node.port, timeout=30) as s:
             assert not s.sendmail("s@src.test", ["new@remote.test"], b"Subject: new\r\n\r\nhi\r\n")
-        wait_for(lambda: recovered.search(node.log_text()[mark:]), 60, "the queue recovered")
+        wait_for(lambda: RECOVERED.search(node.log_text()[mark:]), 60, "the queue recovered")
         with smtplib.SMTP(HOST, node.port, timeout=30) as s:
             assert not s.sendmail("s@src.test", ["last@remote.test"], b"Subject: last\r\n\r\nhi\r\n")
         wait_for(lambda: any(e["recipient"] == "last@remote.test" for e in deferred()[before:]), 30,

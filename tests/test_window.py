@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
-from harness.nodeproc import NodeProcess, wait_for
+from harness.nodeproc import RECOVERED, NodeProcess, wait_for
 from relaynet.queue.spool import (
     DIGEST_LENGTH, DIGEST_PLACEHOLDER, Envelope, Recipient, Spool, read_queue_file,
 )
@@ -238,7 +238,6 @@ def test_xtxnagain_goes_with_xtxn() -> None:
 # -- a real node ------------------------------------------------------------------
 
 QUEUED = re.compile(r"queued as ([0-9A-Z]+)")
-RECOVERED = re.compile(r"relaynet node \S+: \d+ queued message\(s\) recovered in [\d.]+ s")
 
 
 def offers_xtxn(port: int) -> bool:

@@ -492,7 +492,7 @@ def read_queue_file(path: str | os.PathLike[str]) -> tuple[Envelope, int]:
     @return: the envelope and the offset of the message's first byte.
     @raise CorruptQueueFile: the file is not a complete queue file.
     """
-    envelope, offset, _ = _read_queue_file(path, False)
+    envelope, offset, _ = read_queue_file_and_mtime(path)
     return envelope, offset
 
 
@@ -501,13 +501,9 @@ def read_queue_file_and_mtime(path: str | os.PathLike[str]) -> tuple[Envelope, i
     L{read_queue_file}, and the file's modification time (a due-time hint
     if it is in the future: L{Spool.hint_due}).
     """
-    return _read_queue_file(path, True)
-
-
-def _read_queue_file(path: str | os.PathLike[str], want_mtime: bool) -> tuple[Envelope, int, float]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        mtime = os.fstat(fd).st_mtime if want_mtime else 0.0
+        mtime = os.fstat(fd).st_mtime
         data = os.read(fd, _FIRST_READ)
         head = data[:HEADER_LEN]
         parts = head.split()
